@@ -1,0 +1,51 @@
+//! The channel model: what a state is, how it is hashed and signed, and
+//! which changes to it are allowed.
+//!
+//! Nothing here does I/O. The same rules run in the client before it signs
+//! and in tests against the Solidity contracts, so a state the client
+//! accepts is one the adjudicator accepts.
+//!
+//! # Layout
+//! - [`types`]: `Params`, `Asset`, `Allocation`, `State` declared once with
+//!   alloy's `sol!`, so their ABI encoding is Solidity's by construction.
+//! - [`hash`]: channel ids, state hashes, nonce derivation.
+//! - [`limits`]: the size limits every decoder and validator enforces.
+//! - [`rules`]: validity of params and states, and the transition rule.
+//! - [`signed`]: `SignedState` and signing / verification helpers.
+//! - [`machine`]: the channel's phases and the `Machine` that moves between them.
+//! - [`error`]: the crate's one error enum.
+//!
+//! # Example
+//! ```
+//! use perun_channel::{Params, State, Allocation, Asset, SignedState, Address, U256};
+//! use perun_wallet::{Account, LocalAccount};
+//!
+//! let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+//! let params = Params::payment(60, U256::from(1), vec![alice.address(), bob.address()]);
+//! let asset = Asset { chainId: U256::from(31337), holder: Address::repeat_byte(0xaa) };
+//! let alloc = Allocation::new(vec![asset], vec![vec![U256::from(10), U256::from(10)]]);
+//! let state = State::initial(&params, alloc);
+//! state.validate(&params)?;
+//!
+//! let mut signed = SignedState::new(state);
+//! signed.sign(&params, 0, &alice)?;
+//! signed.sign(&params, 1, &bob)?;
+//! signed.verify_all(&params)?;
+//! # Ok::<(), perun_channel::Error>(())
+//! ```
+
+pub mod error;
+pub mod hash;
+pub mod limits;
+pub mod machine;
+pub mod rules;
+pub mod signed;
+pub mod types;
+
+pub use alloy_primitives::{Address, B256, Bytes, U256};
+pub use error::{Error, Result};
+pub use hash::{ChannelId, derive_nonce};
+pub use machine::{Machine, Phase};
+pub use rules::{App, PaymentApp};
+pub use signed::SignedState;
+pub use types::{Allocation, Asset, Params, State};

@@ -1,0 +1,15 @@
+//! Size limits. They bound what a peer, a chain event or a file on disk can
+//! make us allocate or hash, and they are checked on decode and on validation.
+
+/// Fewest participants in a channel.
+pub const MIN_PARTICIPANTS: usize = 2;
+/// Most participants in a channel.
+pub const MAX_PARTICIPANTS: usize = 16;
+/// Fewest assets in a channel.
+pub const MIN_ASSETS: usize = 1;
+/// Most assets in a channel.
+pub const MAX_ASSETS: usize = 16;
+/// Largest `appData`, in bytes.
+pub const MAX_APP_DATA: usize = 64 * 1024;
+/// Shortest challenge duration, in seconds.
+pub const MIN_CHALLENGE_DURATION: u64 = 1;

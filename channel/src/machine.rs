@@ -1,0 +1,312 @@
+//! The channel's phases and the state machine that moves between them.
+//!
+//! [`Machine`] holds one participant's view of a channel: the latest fully
+//! signed state, at most one staged state under signature, and the phase.
+//! Every method either succeeds and changes the machine, or fails with an
+//! [`Error`] and leaves it exactly as it was.
+
+use alloy_primitives::{B256, Signature};
+use perun_wallet::Account;
+use serde::{Deserialize, Serialize};
+
+use crate::signed::verify_sig;
+use crate::{App, Error, Params, Result, SignedState, State};
+
+/// Where a channel is in its life.
+///
+/// `Proposing → Signing0 → Funding → Active ⇄ Updating → Final`; from any
+/// funded phase (and from `Funding`, to recover deposits) `→ Registered →
+/// Concluded → Withdrawn`; a final state can be concluded directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Phase {
+    /// Proposal sent or received; no state signed yet.
+    Proposing,
+    /// All accepted; collecting version-0 signatures.
+    Signing0,
+    /// Version 0 fully signed; deposits in progress.
+    Funding,
+    /// Funded; no update in flight.
+    Active,
+    /// Funded; one update is staged and collecting signatures.
+    Updating,
+    /// A final state is fully signed; ready for `concludeFinal`.
+    Final,
+    /// A state is registered on-chain; the dispute is running.
+    Registered,
+    /// The outcome is pushed to the asset holders.
+    Concluded,
+    /// This participant's funds are withdrawn.
+    Withdrawn,
+}
+
+impl Phase {
+    /// The transition table: whether `self → to` is legal.
+    pub fn can_transition_to(self, to: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, to),
+            (Proposing, Signing0)
+                | (Signing0, Funding)
+                | (Funding, Active)
+                | (Active, Updating)
+                | (Updating, Active)
+                | (Updating | Active, Final)
+                | (Funding | Active | Updating | Final, Registered)
+                | (Registered, Registered)
+                | (Registered | Final, Concluded)
+                | (Concluded, Withdrawn)
+        )
+    }
+
+    /// Whether deposits may be on-chain (so a dispute can be opened).
+    pub fn is_funded(self) -> bool {
+        !matches!(self, Phase::Proposing | Phase::Signing0)
+    }
+}
+
+/// One participant's state machine for one channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    params: Params,
+    index: usize,
+    phase: Phase,
+    current: Option<SignedState>,
+    staged: Option<SignedState>,
+    /// Version and hash of the last state this participant signed, so that a
+    /// second, different state of the same version is never signed.
+    last_signed: Option<(u64, B256)>,
+}
+
+impl Machine {
+    /// A machine in `Proposing` for participant `index`, with `initial`
+    /// (version 0) staged.
+    pub fn new(params: Params, index: usize, initial: State) -> Result<Self> {
+        initial.validate(&params)?;
+        if index >= params.participants.len() {
+            return Err(Error::Index(index));
+        }
+        if initial.version != 0 {
+            return Err(Error::Version {
+                expected: 0,
+                got: initial.version,
+            });
+        }
+        Ok(Self {
+            params,
+            index,
+            phase: Phase::Proposing,
+            current: None,
+            staged: Some(SignedState::new(initial)),
+            last_signed: None,
+        })
+    }
+
+    /// Rebuilds a machine from persisted parts, re-checking everything that
+    /// was stored: bytes from disk are not trusted.
+    pub fn restore(
+        params: Params,
+        index: usize,
+        phase: Phase,
+        current: Option<SignedState>,
+        staged: Option<SignedState>,
+    ) -> Result<Self> {
+        params.validate()?;
+        if index >= params.participants.len() {
+            return Err(Error::Index(index));
+        }
+        if let Some(c) = &current {
+            c.verify_all(&params)?;
+        }
+        let mut last_signed = current.as_ref().map(|c| (c.state.version, c.state.hash()));
+        if let Some(s) = &staged {
+            s.state.validate(&params)?;
+            for (i, sig) in s.sigs.iter().enumerate() {
+                if let Some(sig) = sig {
+                    verify_sig(&params, &s.state, i, sig)?;
+                    if i == index {
+                        last_signed = Some((s.state.version, s.state.hash()));
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            params,
+            index,
+            phase,
+            current,
+            staged,
+            last_signed,
+        })
+    }
+
+    /// The channel's parameters.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+    /// This participant's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    /// The latest fully signed state, once version 0 is fully signed.
+    pub fn current(&self) -> Option<&SignedState> {
+        self.current.as_ref()
+    }
+    /// The state under signature, if any.
+    pub fn staged(&self) -> Option<&SignedState> {
+        self.staged.as_ref()
+    }
+    /// Version and hash of the last state this participant signed.
+    pub fn last_signed(&self) -> Option<(u64, B256)> {
+        self.last_signed
+    }
+
+    /// Moves to `to` if the transition table allows it.
+    pub fn set_phase(&mut self, to: Phase) -> Result<()> {
+        if !self.phase.can_transition_to(to) {
+            return Err(Error::IllegalTransition {
+                from: self.phase,
+                to,
+            });
+        }
+        self.phase = to;
+        Ok(())
+    }
+
+    /// Stages `next`, proposed by participant `actor`, after checking the
+    /// full transition rule against the current state. Only in `Active`.
+    pub fn stage_update(&mut self, next: State, actor: usize, app: &dyn App) -> Result<()> {
+        if self.phase != Phase::Active {
+            return Err(if self.phase == Phase::Updating {
+                Error::Busy
+            } else {
+                Error::WrongPhase {
+                    op: "stage_update",
+                    phase: self.phase,
+                }
+            });
+        }
+        let cur = self.current.as_ref().ok_or(Error::WrongPhase {
+            op: "stage_update",
+            phase: self.phase,
+        })?;
+        cur.state
+            .validate_transition(&self.params, &next, actor, app)?;
+        self.check_double_sign(&next)?;
+        self.staged = Some(SignedState::new(next));
+        self.phase = Phase::Updating;
+        Ok(())
+    }
+
+    fn check_double_sign(&self, st: &State) -> Result<()> {
+        match self.last_signed {
+            Some((v, h)) if v == st.version && h != st.hash() => Err(Error::DoubleSign(v)),
+            Some((v, _)) if v > st.version => Err(Error::DoubleSign(st.version)),
+            _ => Ok(()),
+        }
+    }
+
+    fn staged_mut(&mut self, op: &'static str) -> Result<&mut SignedState> {
+        if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
+            return Err(Error::WrongPhase {
+                op,
+                phase: self.phase,
+            });
+        }
+        self.staged.as_mut().ok_or(Error::NothingStaged)
+    }
+
+    /// Signs the staged state as this participant. Refuses to sign a state
+    /// whose version was already signed with other contents.
+    pub fn sign_staged(&mut self, account: &dyn Account) -> Result<Signature> {
+        let index = self.index;
+        let last = self.last_signed;
+        let params = self.params.clone();
+        let staged = self.staged_mut("sign_staged")?;
+        let (version, hash) = (staged.state.version, staged.state.hash());
+        match last {
+            Some((v, h)) if v == version && h != hash => return Err(Error::DoubleSign(v)),
+            Some((v, _)) if v > version => return Err(Error::DoubleSign(version)),
+            _ => {}
+        }
+        let mut copy = staged.clone();
+        let sig = copy.sign(&params, index, account)?;
+        *staged = copy;
+        self.last_signed = Some((version, hash));
+        Ok(sig)
+    }
+
+    /// Verifies and adds participant `index`'s signature on the staged state.
+    pub fn add_signature(&mut self, index: usize, sig: Signature) -> Result<()> {
+        let params = self.params.clone();
+        self.staged_mut("add_signature")?
+            .add_signature(&params, index, sig)
+    }
+
+    /// Makes the fully signed staged state current: `Signing0 → Funding`,
+    /// `Updating → Active`, or `Updating → Final` for a final state.
+    pub fn commit_staged(&mut self) -> Result<&SignedState> {
+        let phase = self.phase;
+        let staged = self.staged_mut("commit_staged")?;
+        if !staged.is_fully_signed() {
+            let missing = staged.sigs.iter().position(Option::is_none).unwrap_or(0);
+            return Err(Error::MissingSignature(missing));
+        }
+        let next = match (phase, staged.state.isFinal) {
+            (Phase::Signing0, _) => Phase::Funding,
+            (_, true) => Phase::Final,
+            (_, false) => Phase::Active,
+        };
+        self.set_phase(next)?;
+        self.current = self.staged.take();
+        self.current.as_ref().ok_or(Error::NothingStaged)
+    }
+
+    /// Drops the staged update (`Updating → Active`).
+    ///
+    /// The record of what this participant signed survives, so the same
+    /// version can afterwards only be signed with the same contents.
+    pub fn discard_staged(&mut self) -> Result<()> {
+        if self.phase != Phase::Updating {
+            return Err(Error::WrongPhase {
+                op: "discard_staged",
+                phase: self.phase,
+            });
+        }
+        self.phase = Phase::Active;
+        self.staged = None;
+        Ok(())
+    }
+
+    /// Adopts a fully signed state newer than the current one (learned from
+    /// a peer's `Sync` or from the chain) after verifying every signature.
+    pub fn adopt(&mut self, st: SignedState) -> Result<()> {
+        st.verify_all(&self.params)?;
+        let cur_version = self.current.as_ref().map(|c| c.state.version);
+        if cur_version.is_some_and(|v| st.state.version <= v) {
+            return Err(Error::Version {
+                expected: cur_version.map_or(0, |v| v + 1),
+                got: st.state.version,
+            });
+        }
+        self.check_double_sign(&st.state)?;
+        if self
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.state.version <= st.state.version)
+        {
+            self.staged = None;
+            if self.phase == Phase::Updating {
+                self.phase = Phase::Active;
+            }
+        }
+        if st.state.isFinal && self.phase == Phase::Active {
+            self.set_phase(Phase::Final)?;
+        }
+        self.current = Some(st);
+        Ok(())
+    }
+}

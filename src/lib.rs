@@ -1,0 +1,22 @@
+//! perun: state channels on Ethereum.
+//!
+//! Parties lock funds in an on-chain contract once, trade signed state
+//! updates off-chain at network speed, and touch the chain again only to
+//! close a channel or to win a dispute. This crate re-exports the SDK's
+//! crates under one name:
+//!
+//! | module | crate | holds |
+//! |---|---|---|
+//! | [`wallet`] | `perun-wallet` | accounts, EIP-191 signatures, keystores |
+//! | [`channel`] | `perun-channel` | params, states, hashing, validity rules, phases |
+//! | [`wire`] | `perun-wire` | protocol messages and the libp2p transport |
+//! | [`persistence`] | `perun-persistence` | the durable store of channel states |
+//! | [`adjudicator`] | `perun-adjudicator` | contracts and chain backends |
+//! | [`client`] | `perun-client` | the client and channel controllers |
+
+pub use perun_adjudicator as adjudicator;
+pub use perun_channel as channel;
+pub use perun_client as client;
+pub use perun_persistence as persistence;
+pub use perun_wallet as wallet;
+pub use perun_wire as wire;

@@ -1,0 +1,52 @@
+//! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
+//!
+//! | command | does |
+//! |---|---|
+//! | `setup` | installs the pinned npm tools (anvil, solc, OpenZeppelin) into `tools/node_modules` |
+//! | `test` | setup, `cargo fmt --check`, clippy with `-D warnings`, every test |
+//! | `vectors` | regenerates `channel/tests/vectors.json` |
+
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("test") => test(),
+        Some("vectors") => util::cargo(&[
+            "run",
+            "--quiet",
+            "-p",
+            "perun-channel",
+            "--example",
+            "gen_vectors",
+        ]),
+        _ => {
+            eprintln!("usage: cargo xtask <setup|test|vectors>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The one test command: what `.ci/run` and the README run.
+fn test() -> util::Result {
+    setup::run()?;
+    util::step("cargo fmt --all --check");
+    util::cargo(&["fmt", "--all", "--check"])?;
+    util::step("cargo clippy --workspace --all-targets -- -D warnings");
+    util::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    util::step("cargo test --workspace");
+    util::cargo(&["test", "--workspace", "--all-targets"])?;
+    util::cargo(&["test", "--workspace", "--doc"])?;
+    Ok(())
+}
