@@ -20,3 +20,8 @@ pub use perun_client as client;
 pub use perun_persistence as persistence;
 pub use perun_wallet as wallet;
 pub use perun_wire as wire;
+
+/// The README's code blocks, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -38,7 +38,12 @@ impl SignedState {
     }
 
     /// Signs the state as participant `index` and stores the signature.
-    pub fn sign(&mut self, params: &Params, index: usize, account: &dyn Account) -> Result<Signature> {
+    pub fn sign(
+        &mut self,
+        params: &Params,
+        index: usize,
+        account: &dyn Account,
+    ) -> Result<Signature> {
         let addr = *params.participants.get(index).ok_or(Error::Index(index))?;
         if account.address() != addr {
             return Err(Error::BadSignature {

@@ -296,7 +296,26 @@ mod tests {
         "version": 3
     }"#;
 
+    // An scrypt keystore made independently (Python hashlib.scrypt + pycryptodome AES-CTR
+    // and Keccak) with geth's light parameters, for the same key and password.
     const SCRYPT_VECTOR: &str = r#"{
+        "crypto": {
+            "cipher": "aes-128-ctr",
+            "cipherparams": {"iv": "83dbcc02d8ccb40e466191a123791e0e"},
+            "ciphertext": "584f4eb2783472ec149b334c22d77ddbf118a0783ea24e66ca8a7883cd2b4bf5",
+            "kdf": "scrypt",
+            "kdfparams": {"dklen": 32, "n": 4096, "r": 8, "p": 6,
+                "salt": "ab0c7876052600dd703518d6fc3fe8984592145b591fc8fb5c6d43190334ba19"},
+            "mac": "860ad3ce9642f99d709abc696e25ede7cd35daf6a6041e975d14c53dae118886"
+        },
+        "id": "3198bc9c-6672-5ab3-d995-4942343ae5b6",
+        "version": 3
+    }"#;
+
+    // The scrypt example of the Web3 secret storage definition uses r = 1 with
+    // n = 2^18, which RFC 7914 forbids (n must be below 2^(16 r)); it is refused
+    // with a typed error rather than decrypted.
+    const SPEC_SCRYPT_EXAMPLE: &str = r#"{
         "crypto": {
             "cipher": "aes-128-ctr",
             "cipherparams": {"iv": "83dbcc02d8ccb40e466191a123791e0e"},
@@ -309,6 +328,14 @@ mod tests {
         "id": "3198bc9c-6672-5ab3-d995-4942343ae5b6",
         "version": 3
     }"#;
+
+    #[test]
+    fn rfc_violating_scrypt_params_are_refused() {
+        assert!(matches!(
+            decrypt_json(SPEC_SCRYPT_EXAMPLE, "testpassword"),
+            Err(Error::Keystore(_))
+        ));
+    }
 
     #[test]
     fn spec_vectors_decrypt() {
@@ -343,12 +370,13 @@ mod tests {
             "",
             "{}",
             "not json",
-            &SCRYPT_VECTOR.replace("262144", "1099511627776"),
-            &SCRYPT_VECTOR.replace("262144", "1000"),
+            &SCRYPT_VECTOR.replace("4096", "1099511627776"),
+            &SCRYPT_VECTOR.replace("4096", "1000"),
+            &SCRYPT_VECTOR.replace("\"r\": 8", "\"r\": 4096"),
             &SCRYPT_VECTOR.replace("aes-128-ctr", "aes-128-cbc"),
             &SCRYPT_VECTOR.replace("\"version\": 3", "\"version\": 4"),
             &SCRYPT_VECTOR.replace("83dbcc02d8ccb40e466191a123791e0e", "83dbcc"),
-            &SCRYPT_VECTOR.replace("d172bf", "zz72bf"),
+            &SCRYPT_VECTOR.replace("584f4e", "zz4f4e"),
             &PBKDF2_VECTOR.replace("262144", "0"),
             &PBKDF2_VECTOR.replace("hmac-sha256", "hmac-md5"),
         ];

@@ -147,7 +147,12 @@ mod tests {
             parse_signature(&bytes[..64]),
             Err(Error::SignatureLength(64))
         ));
-        let zero_r = [&[0u8; 32][..], &sig.s().to_be_bytes::<32>()[..], &[27u8][..]].concat();
+        let zero_r = [
+            &[0u8; 32][..],
+            &sig.s().to_be_bytes::<32>()[..],
+            &[27u8][..],
+        ]
+        .concat();
         assert!(matches!(
             parse_signature(&zero_r),
             Err(Error::ScalarOutOfRange)

@@ -5,7 +5,11 @@
 //! | `setup` | installs the pinned npm tools (anvil, solc, OpenZeppelin) into `tools/node_modules` |
 //! | `test` | setup, `cargo fmt --check`, clippy with `-D warnings`, every test |
 //! | `vectors` | regenerates `channel/tests/vectors.json` |
+//! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
+//! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
 
+mod contracts;
+mod gas;
 mod setup;
 mod util;
 
@@ -24,8 +28,10 @@ fn main() -> ExitCode {
             "--example",
             "gen_vectors",
         ]),
+        Some("contracts") => contracts::run(args.get(1).is_some_and(|a| a == "--check")),
+        Some("gas") => gas::run(),
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|vectors>");
+            eprintln!("usage: cargo xtask <setup|test|vectors|contracts [--check]|gas>");
             return ExitCode::from(2);
         }
     };
@@ -44,7 +50,14 @@ fn test() -> util::Result {
     util::step("cargo fmt --all --check");
     util::cargo(&["fmt", "--all", "--check"])?;
     util::step("cargo clippy --workspace --all-targets -- -D warnings");
-    util::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    util::cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     util::step("cargo test --workspace");
     util::cargo(&["test", "--workspace", "--all-targets"])?;
     util::cargo(&["test", "--workspace", "--doc"])?;

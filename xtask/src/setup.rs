@@ -26,7 +26,10 @@ pub(crate) fn run() -> Result {
     )
     .map_err(|e| format!("{e}\n(is Node.js with npm installed?)"))?;
     if !anvil.exists() {
-        return Err(format!("npm ci finished but {} is missing", anvil.display()));
+        return Err(format!(
+            "npm ci finished but {} is missing",
+            anvil.display()
+        ));
     }
     std::fs::write(&stamp, &lock).map_err(|e| format!("{}: {e}", stamp.display()))?;
     Ok(())

@@ -1,0 +1,218 @@
+//! The channel machine: phases, signing, double-sign protection, and that a
+//! failed operation leaves the machine unchanged.
+
+#![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+#[allow(dead_code, unreachable_pub, missing_docs)]
+mod support {
+    pub mod fixtures;
+}
+
+use perun_channel::{Error, Machine, PaymentApp, Phase, SignedState, U256};
+use perun_wallet::{Account, Signature};
+use support::fixtures::fixture;
+
+/// Two machines (one per participant) that have signed version 0 and are `Active`.
+fn active_pair() -> (Machine, Machine, Vec<perun_wallet::LocalAccount>) {
+    let (params, init, accs) = fixture(2, 1, 100);
+    let mut a = Machine::new(params.clone(), 0, init.clone()).unwrap();
+    let mut b = Machine::new(params, 1, init).unwrap();
+    for m in [&mut a, &mut b] {
+        m.set_phase(Phase::Signing0).unwrap();
+    }
+    let sa = a.sign_staged(&accs[0]).unwrap();
+    let sb = b.sign_staged(&accs[1]).unwrap();
+    a.add_signature(1, sb).unwrap();
+    b.add_signature(0, sa).unwrap();
+    for m in [&mut a, &mut b] {
+        m.commit_staged().unwrap();
+        assert_eq!(m.phase(), Phase::Funding);
+        m.set_phase(Phase::Active).unwrap();
+    }
+    (a, b, accs)
+}
+
+fn pay(m: &Machine, from: usize, to: usize, amount: u64) -> perun_channel::State {
+    let mut next = m.current().unwrap().state.next();
+    next.outcome.balances[0][from] -= U256::from(amount);
+    next.outcome.balances[0][to] += U256::from(amount);
+    next
+}
+
+#[test]
+fn update_round_trip() {
+    let (mut a, mut b, accs) = active_pair();
+    let next = pay(&a, 0, 1, 10);
+    a.stage_update(next.clone(), 0, &PaymentApp).unwrap();
+    assert_eq!(a.phase(), Phase::Updating);
+    let sa = a.sign_staged(&accs[0]).unwrap();
+    b.stage_update(next, 0, &PaymentApp).unwrap();
+    b.add_signature(0, sa).unwrap();
+    let sb = b.sign_staged(&accs[1]).unwrap();
+    a.add_signature(1, sb).unwrap();
+    let ca = a.commit_staged().unwrap().clone();
+    let cb = b.commit_staged().unwrap().clone();
+    assert_eq!(ca, cb);
+    assert_eq!(ca.state.version, 1);
+    ca.verify_all(a.params()).unwrap();
+    assert_eq!(a.phase(), Phase::Active);
+}
+
+#[test]
+fn one_update_in_flight() {
+    let (mut a, _, _) = active_pair();
+    a.stage_update(pay(&a, 0, 1, 1), 0, &PaymentApp).unwrap();
+    let snapshot = a.clone();
+    assert_eq!(
+        a.stage_update(pay(&a, 0, 1, 2), 0, &PaymentApp),
+        Err(Error::Busy)
+    );
+    assert_eq!(a, snapshot);
+}
+
+#[test]
+fn invalid_update_changes_nothing() {
+    let (mut a, _, accs) = active_pair();
+    let snapshot = a.clone();
+    let mut bad = pay(&a, 1, 0, 10); // actor 0 takes participant 1's funds
+    assert!(matches!(
+        a.stage_update(bad.clone(), 0, &PaymentApp),
+        Err(Error::TakesOthersFunds { .. })
+    ));
+    bad.version += 1;
+    assert!(a.stage_update(bad, 0, &PaymentApp).is_err());
+    assert!(matches!(
+        a.add_signature(1, accs[1].sign_hash(Default::default()).unwrap()),
+        Err(Error::WrongPhase { .. })
+    ));
+    assert!(matches!(a.commit_staged(), Err(Error::WrongPhase { .. })));
+    assert!(matches!(
+        a.set_phase(Phase::Withdrawn),
+        Err(Error::IllegalTransition { .. })
+    ));
+    assert_eq!(a, snapshot);
+}
+
+#[test]
+fn bad_signatures_are_rejected_and_commit_needs_all() {
+    let (mut a, _, accs) = active_pair();
+    let next = pay(&a, 0, 1, 5);
+    a.stage_update(next.clone(), 0, &PaymentApp).unwrap();
+    a.sign_staged(&accs[0]).unwrap();
+    // Participant 0's signature offered as participant 1's.
+    let wrong = accs[0].sign_hash(next.hash()).unwrap();
+    assert!(matches!(
+        a.add_signature(1, wrong),
+        Err(Error::BadSignature { index: 1, .. })
+    ));
+    // A signature over another state.
+    let other = accs[1].sign_hash(pay(&a, 0, 1, 6).hash()).unwrap();
+    assert!(a.add_signature(1, other).is_err());
+    // The malleable twin of a valid signature.
+    let good = accs[1].sign_hash(next.hash()).unwrap();
+    let n = U256::from_str_radix(
+        "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141",
+        16,
+    )
+    .unwrap();
+    let twin = Signature::new(good.r(), n - good.s(), !good.v());
+    assert!(matches!(
+        a.add_signature(1, twin),
+        Err(Error::BadSignature { index: 1, .. })
+    ));
+    assert_eq!(a.commit_staged().err(), Some(Error::MissingSignature(1)));
+    a.add_signature(1, good).unwrap();
+    a.commit_staged().unwrap();
+}
+
+#[test]
+fn never_signs_two_states_with_one_version() {
+    let (mut a, _, accs) = active_pair();
+    a.stage_update(pay(&a, 0, 1, 10), 0, &PaymentApp).unwrap();
+    a.sign_staged(&accs[0]).unwrap();
+    a.discard_staged().unwrap();
+    // A different version-1 state is refused before it can be signed.
+    assert_eq!(
+        a.stage_update(pay(&a, 0, 1, 1), 0, &PaymentApp),
+        Err(Error::DoubleSign(1))
+    );
+    assert_eq!(a.phase(), Phase::Active);
+    // The same state again is fine.
+    a.stage_update(pay(&a, 0, 1, 10), 0, &PaymentApp).unwrap();
+    a.sign_staged(&accs[0]).unwrap();
+}
+
+#[test]
+fn double_sign_guard_survives_restore() {
+    let (mut a, _, accs) = active_pair();
+    a.stage_update(pay(&a, 0, 1, 10), 0, &PaymentApp).unwrap();
+    a.sign_staged(&accs[0]).unwrap();
+    let mut r = Machine::restore(
+        a.params().clone(),
+        0,
+        a.phase(),
+        a.current().cloned(),
+        a.staged().cloned(),
+    )
+    .unwrap();
+    assert_eq!(r.last_signed(), a.last_signed());
+    r.discard_staged().unwrap();
+    assert_eq!(
+        r.stage_update(pay(&r, 0, 1, 3), 0, &PaymentApp),
+        Err(Error::DoubleSign(1))
+    );
+}
+
+#[test]
+fn restore_rejects_tampered_records() {
+    let (a, _, _) = active_pair();
+    let mut cur = a.current().cloned().unwrap();
+    cur.state.outcome.balances[0][0] += U256::from(1);
+    assert!(Machine::restore(a.params().clone(), 0, Phase::Active, Some(cur), None).is_err());
+    assert!(
+        Machine::restore(
+            a.params().clone(),
+            5,
+            Phase::Active,
+            a.current().cloned(),
+            None
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn final_update_moves_to_final_and_then_only_dispute_or_conclude() {
+    let (mut a, mut b, accs) = active_pair();
+    let mut next = pay(&a, 0, 1, 0);
+    next.isFinal = true;
+    a.stage_update(next.clone(), 0, &PaymentApp).unwrap();
+    b.stage_update(next, 0, &PaymentApp).unwrap();
+    let sa = a.sign_staged(&accs[0]).unwrap();
+    let sb = b.sign_staged(&accs[1]).unwrap();
+    a.add_signature(1, sb).unwrap();
+    a.commit_staged().unwrap();
+    assert_eq!(a.phase(), Phase::Final);
+    assert!(a.stage_update(pay(&a, 0, 1, 1), 0, &PaymentApp).is_err());
+    a.set_phase(Phase::Concluded).unwrap();
+    a.set_phase(Phase::Withdrawn).unwrap();
+    let _ = sa;
+}
+
+#[test]
+fn adopt_takes_only_newer_fully_signed_states() {
+    let (mut a, mut b, accs) = active_pair();
+    // b learns of a version-1 state that both signed (e.g. from a Sync).
+    let mut st = SignedState::new(pay(&a, 0, 1, 10));
+    st.sign(a.params(), 0, &accs[0]).unwrap();
+    assert!(matches!(
+        b.adopt(st.clone()),
+        Err(Error::MissingSignature(1) | Error::SignatureCount { .. })
+    ));
+    st.sign(a.params(), 1, &accs[1]).unwrap();
+    b.adopt(st.clone()).unwrap();
+    assert_eq!(b.current().unwrap().state.version, 1);
+    assert!(b.adopt(st.clone()).is_err(), "not newer");
+    a.adopt(st).unwrap();
+    assert_eq!(a.current(), b.current());
+}

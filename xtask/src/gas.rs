@@ -1,0 +1,20 @@
+//! `cargo xtask gas`: measures every contract operation on anvil and writes
+//! `target/bench/gas.json` (the `gas` example of the adjudicator crate).
+
+use crate::util::{self, Result};
+
+/// Runs the adjudicator's `gas` example in release mode.
+pub(crate) fn run() -> Result {
+    util::step("gas: deploy and run each operation on anvil");
+    util::cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "perun-adjudicator",
+        "--features",
+        "testing",
+        "--example",
+        "gas",
+    ])
+}
