@@ -1,6 +1,77 @@
-//! The on-chain half of perun.
+//! The on-chain half of perun: funding, disputes and payouts, behind two
+//! traits with an Ethereum backend and an in-memory one that follows the
+//! same rules.
 //!
-//! Not built yet. This crate will own the Solidity adjudicator and asset
-//! holders (`contracts/`) with their compiled artifacts, the `Funder` and
-//! `Adjudicator` traits, the Ethereum backend over alloy, `SimLedger` (an
-//! in-memory ledger with the same rules) and the anvil test harness.
+//! # Layout
+//! - `contracts/`: the Solidity adjudicator and asset holders, `build.js`
+//!   (pinned solc-js) and the committed `artifacts/` that `cargo xtask
+//!   contracts` rebuilds byte-for-byte.
+//! - [`traits`]: [`Funder`] and [`Adjudicator`], used by the client as `Arc<dyn _>`.
+//! - [`types`]: requests ([`FundingRequest`], [`SignedChannel`],
+//!   [`WithdrawRequest`]), [`Dispute`], [`AdjudicatorEvent`] and [`EventStream`].
+//! - [`bindings`]: `sol!` bindings generated from the artifacts, and [`deploy`].
+//! - [`eth`]: [`EthAdjudicator`] and [`EthFunder`] over an alloy websocket provider.
+//! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
+//! - `testing` (feature `testing`): the anvil harness for tests and benchmarks.
+//! - [`error`]: the crate's one error enum.
+//!
+//! # Rules both backends follow
+//! Funding deposits only what is missing of a participant's version-0 share,
+//! then waits for everybody (the funding timeout names who did not fund). A
+//! fully signed state can be registered; a strictly newer one refutes it until
+//! the timeout; afterwards the registered state concludes, and a fully signed
+//! final state concludes at once. Concluding pushes the payouts; a payout that
+//! cannot be delivered stays credited and is pulled with `withdraw`, which is
+//! idempotent. An under-funded channel pays back exactly the deposits.
+//!
+//! # Example
+//! ```
+//! use std::time::Duration;
+//! use perun_adjudicator::{Adjudicator, Funder, FundingRequest, SignedChannel, SimLedger};
+//! use perun_channel::{Address, Allocation, Asset, Params, SignedState, State, U256};
+//! use perun_wallet::{Account, LocalAccount};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let ledger = SimLedger::new(1337);
+//! let eth = Address::repeat_byte(0xee);
+//! ledger.add_asset(eth);
+//! let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+//! for who in [alice.address(), bob.address()] {
+//!     ledger.mint(eth, who, U256::from(100));
+//! }
+//! let params = Params::payment(60, U256::from(1), vec![alice.address(), bob.address()]);
+//! let asset = Asset { chainId: U256::from(1337), holder: eth };
+//! let state = State::initial(&params, Allocation::new(vec![asset], vec![vec![U256::from(10); 2]]));
+//! for index in 0..2 {
+//!     let req = FundingRequest { params: params.clone(), state: state.clone(), index, timeout: Duration::ZERO };
+//!     let _ = ledger.fund(req).await; // Alice alone times out; Bob completes it.
+//! }
+//! let mut fin = state.next();
+//! fin.isFinal = true;
+//! let mut signed = SignedState::new(fin);
+//! signed.sign(&params, 0, &alice)?;
+//! signed.sign(&params, 1, &bob)?;
+//! ledger.conclude(&SignedChannel { params, state: signed }).await?;
+//! assert_eq!(ledger.balance(eth, bob.address()), U256::from(100));
+//! # Ok::<(), perun_adjudicator::Error>(())
+//! # }).unwrap();
+//! ```
+
+pub mod bindings;
+pub mod error;
+pub mod eth;
+pub mod sim;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod traits;
+pub mod types;
+
+pub use bindings::{Deployment, deploy};
+pub use error::{Error, Result};
+pub use eth::{AssetKind, EthAdjudicator, EthConfig, EthFunder, ws_provider};
+pub use sim::SimLedger;
+pub use traits::{Adjudicator, Funder};
+pub use types::{
+    AdjudicatorEvent, Dispute, EventStream, FundingRequest, SignedChannel, WithdrawRequest,
+    funding_id,
+};

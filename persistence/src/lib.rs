@@ -1,6 +1,75 @@
 //! Durable storage of channel states.
 //!
-//! Not built yet. This crate will own the `Persister` trait and its
-//! durability contract (`Ok` means the data survives `kill -9` and power
-//! loss), the `MemoryPersister` for fast tests and the `RedbPersister`
-//! embedded default.
+//! A channel's funds are only as safe as its latest fully signed state: a
+//! participant who loses it cannot refute an older state registered
+//! on-chain. This crate stores that state (and everything else needed to
+//! rebuild a channel after a restart) so that it survives `kill -9` and
+//! power loss, and hands it back only after re-checking it, because bytes
+//! read from disk are not trusted.
+//!
+//! # Layout
+//! - [`persister`]: the [`Persister`] trait and its durability contract.
+//! - [`record`]: [`ChannelRecord`] (what is stored per channel), [`Change`]
+//!   and the rules both stores apply to them.
+//! - [`memory`]: [`MemoryPersister`], the contract without a disk, for tests.
+//! - [`redb_store`]: [`RedbPersister`], the embedded default: one redb file,
+//!   a writer thread and group commit.
+//! - [`codec`]: the versioned, checksummed encoding of records on disk.
+//! - [`error`]: the crate's one error enum.
+//!
+//! # Example
+//! ```
+//! use std::sync::Arc;
+//! use perun_channel::{Address, Allocation, Asset, Params, Phase, SignedState, State, U256};
+//! use perun_persistence::{ChannelRecord, MemoryPersister, Persister};
+//! use perun_wallet::{Account, LocalAccount};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+//! let params = Params::payment(60, U256::from(1), vec![alice.address(), bob.address()]);
+//! let asset = Asset { chainId: U256::from(31337), holder: Address::repeat_byte(0xaa) };
+//! let alloc = Allocation::new(vec![asset], vec![vec![U256::from(10), U256::from(10)]]);
+//! let mut initial = SignedState::new(State::initial(&params, alloc));
+//! initial.sign(&params, 0, &alice)?;
+//!
+//! let store: Arc<dyn Persister> = Arc::new(MemoryPersister::new());
+//! let record = ChannelRecord {
+//!     params: params.clone(),
+//!     index: 0,
+//!     phase: Phase::Signing0,
+//!     current: None,
+//!     staged: Some(initial.clone()),
+//!     peers: vec![b"alice-peer".to_vec(), b"bob-peer".to_vec()],
+//!     metadata: Vec::new(),
+//! };
+//! let id = record.id();
+//! store.channel_created(&record).await?;
+//!
+//! // Bob's signature arrives: persist the fully signed state and the new phase at once.
+//! initial.sign(&params, 1, &bob)?;
+//! store.update(id, vec![
+//!     perun_persistence::Change::Committed(initial.clone()),
+//!     perun_persistence::Change::Phase(Phase::Funding),
+//! ]).await?;
+//!
+//! // After a restart: every record comes back validated, ready for Machine::restore.
+//! let restored = store.load_all().await?;
+//! let machine = restored[0].to_machine()?;
+//! assert_eq!(machine.current(), Some(&initial));
+//! assert_eq!(machine.staged(), None);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+pub mod codec;
+pub mod error;
+pub mod memory;
+pub mod persister;
+pub mod record;
+pub mod redb_store;
+
+pub use error::{Error, Result};
+pub use memory::MemoryPersister;
+pub use persister::Persister;
+pub use record::{Change, ChannelRecord, MAX_METADATA_LEN, MAX_PEER_ID_LEN};
+pub use redb_store::{RedbOptions, RedbPersister, RedbStats, SCHEMA_VERSION};

@@ -3,13 +3,12 @@
 
 use crate::util::{self, Result};
 
-/// Runs the adjudicator's `gas` example in release mode.
+/// Runs the adjudicator's `gas` example (gas does not depend on the build profile).
 pub(crate) fn run() -> Result {
     util::step("gas: deploy and run each operation on anvil");
     util::cargo(&[
         "run",
         "--quiet",
-        "--release",
         "-p",
         "perun-adjudicator",
         "--features",

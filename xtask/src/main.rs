@@ -7,6 +7,7 @@
 //! | `vectors` | regenerates `channel/tests/vectors.json` |
 //! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
+//! | `demo [payment\|dispute]` | runs `examples/payment_channel.rs` (or `dispute.rs`) on a local anvil |
 
 mod contracts;
 mod gas;
@@ -30,8 +31,11 @@ fn main() -> ExitCode {
         ]),
         Some("contracts") => contracts::run(args.get(1).is_some_and(|a| a == "--check")),
         Some("gas") => gas::run(),
+        Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|vectors|contracts [--check]|gas>");
+            eprintln!(
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|demo [payment|dispute]>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -42,6 +46,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs an example end to end on a fresh local anvil.
+fn demo(which: Option<&str>) -> util::Result {
+    let example = match which.unwrap_or("payment") {
+        "payment" => "payment_channel",
+        "dispute" => "dispute",
+        other => return Err(format!("unknown demo {other:?}; try: payment, dispute")),
+    };
+    setup::run()?;
+    util::step(&format!("cargo run --example {example}"));
+    util::cargo(&["run", "--quiet", "--example", example])
 }
 
 /// The one test command: what `.ci/run` and the README run.

@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+pragma solidity 0.8.37;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {AssetHolder} from "./AssetHolder.sol";
+
+/// Holds one ERC20 token.
+contract AssetHolderERC20 is AssetHolder {
+    using SafeERC20 for IERC20;
+
+    /// The token this holder holds.
+    IERC20 public immutable token;
+
+    /// Gas a pushed token transfer may use.
+    uint256 private constant PUSH_GAS = 100_000;
+
+    error NoEther();
+    error PushGas();
+
+    constructor(address adjudicator_, IERC20 token_) AssetHolder(adjudicator_) {
+        token = token_;
+    }
+
+    function _receive(uint256 amount) internal override {
+        if (msg.value != 0) revert NoEther();
+        token.safeTransferFrom(msg.sender, address(this), amount);
+    }
+
+    function _pay(address to, uint256 amount) internal override {
+        if (!token.trySafeTransfer(to, amount)) revert PaymentFailed();
+    }
+
+    /// A token that refuses the receiver (a block list, say) leaves the amount credited. The push gets
+    /// a fixed gas budget, and a transaction with too little gas for it reverts rather than
+    /// silently turning a payment into a credit.
+    function _tryPay(address to, uint256 amount) internal override returns (bool) {
+        if (gasleft() < PUSH_GAS + PUSH_GAS / 63 + 5_000) revert PushGas();
+        (bool ok, bytes memory ret) = address(token).call{gas: PUSH_GAS}(abi.encodeCall(IERC20.transfer, (to, amount)));
+        if (!ok) return false;
+        if (ret.length == 0) return address(token).code.length > 0;
+        return ret.length == 32 && abi.decode(ret, (uint256)) == 1;
+    }
+}

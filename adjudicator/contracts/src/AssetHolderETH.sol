@@ -1,0 +1,27 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+pragma solidity 0.8.37;
+
+import {AssetHolder} from "./AssetHolder.sol";
+
+/// Holds ether.
+contract AssetHolderETH is AssetHolder {
+    error WrongValue();
+
+    constructor(address adjudicator_) AssetHolder(adjudicator_) {}
+
+    function _receive(uint256 amount) internal override {
+        if (msg.value != amount) revert WrongValue();
+    }
+
+    function _pay(address to, uint256 amount) internal override {
+        (bool ok,) = payable(to).call{value: amount}("");
+        if (!ok) revert PaymentFailed();
+    }
+
+    /// The 2300-gas stipend only: a receiver cannot re-enter with state changes or burn the caller's gas.
+    function _tryPay(address to, uint256 amount) internal override returns (bool ok) {
+        assembly ("memory-safe") {
+            ok := call(0, to, amount, 0, 0, 0, 0)
+        }
+    }
+}

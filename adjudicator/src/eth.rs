@@ -1,0 +1,718 @@
+//! The Ethereum backend: [`EthFunder`] and [`EthAdjudicator`] over an alloy
+//! websocket provider.
+//!
+//! Every operation re-reads the on-chain state it depends on (holdings, the
+//! dispute, the chain's time) right before acting, and checks what the
+//! contract would check, so a doomed transaction is refused with the same
+//! typed error as [`SimLedger`](crate::SimLedger) gives, without spending gas.
+//! A revert that still happens (a race with another party) is decoded into
+//! the same errors. Events and funding are only trusted `confirmations`
+//! blocks deep.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::eips::BlockId;
+use alloy::network::EthereumWallet;
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder, WsConnect};
+use alloy::rpc::types::{Filter, Log};
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::{SolEvent, SolInterface};
+use async_trait::async_trait;
+use perun_channel::{ChannelId, Params, State};
+use perun_wallet::{Account, LocalAccount};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::bindings::{
+    Adjudicator as AdjContract, AssetHolderETH as Holder, Deployment, TestToken as Token,
+};
+use crate::types::{WithdrawalAuth, withdrawal_hash};
+use crate::{
+    Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, Funder, FundingRequest, Result,
+    SignedChannel, WithdrawRequest, funding_id,
+};
+
+/// What an asset holder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssetKind {
+    /// Ether.
+    Eth,
+    /// An ERC20 token; deposits approve the holder first.
+    Erc20 {
+        /// The token contract.
+        token: Address,
+    },
+}
+
+/// Where the contracts are and how careful to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EthConfig {
+    /// The adjudicator contract.
+    pub adjudicator: Address,
+    /// Every asset holder this backend may deposit to or withdraw from.
+    pub assets: HashMap<Address, AssetKind>,
+    /// Blocks on top of a block before its events and deposits count (0: at once).
+    pub confirmations: u64,
+    /// The first block event subscriptions scan (the deployment block, say).
+    pub from_block: u64,
+    /// How long to wait for a sent transaction's receipt before giving up.
+    pub receipt_timeout: Duration,
+}
+
+impl EthConfig {
+    /// The configuration for a [`Deployment`], trusting blocks at once.
+    pub fn from_deployment(d: &Deployment) -> Self {
+        let assets = HashMap::from([
+            (d.eth_holder, AssetKind::Eth),
+            (d.erc20_holder, AssetKind::Erc20 { token: d.token }),
+        ]);
+        Self {
+            adjudicator: d.adjudicator,
+            assets,
+            confirmations: 0,
+            from_block: 0,
+            receipt_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What both Ethereum handles share: the provider, the sender and the config.
+#[derive(Debug, Clone)]
+struct Chain {
+    provider: DynProvider,
+    sender: Address,
+    chain_id: U256,
+    cfg: Arc<EthConfig>,
+}
+
+impl Chain {
+    async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
+        let chain_id = provider.get_chain_id().await.map_err(chain)?;
+        Ok(Self {
+            provider,
+            sender,
+            chain_id: U256::from(chain_id),
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
+        let provider = ws_provider(url, account).await?;
+        Self::new(provider, account.address(), cfg).await
+    }
+
+    fn adjudicator(&self) -> AdjContract::AdjudicatorInstance<DynProvider> {
+        AdjContract::new(self.cfg.adjudicator, self.provider.clone())
+    }
+
+    /// Every holder shares the ETH holder's interface for deposit, holdings and withdraw.
+    fn holder(
+        &self,
+        holder: Address,
+    ) -> Result<(Holder::AssetHolderETHInstance<DynProvider>, AssetKind)> {
+        match self.cfg.assets.get(&holder) {
+            Some(kind) => Ok((Holder::new(holder, self.provider.clone()), *kind)),
+            None => {
+                warn!(%holder, "unknown asset holder");
+                Err(Error::UnknownAsset(holder))
+            }
+        }
+    }
+
+    /// Same-chain assets with their row index; other chains' assets are not settled here.
+    fn local_assets(&self, state: &State) -> Vec<(usize, Address)> {
+        state
+            .outcome
+            .assets
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.chainId == self.chain_id)
+            .map(|(i, a)| (i, a.holder))
+            .collect()
+    }
+
+    async fn head(&self) -> Result<u64> {
+        self.provider.get_block_number().await.map_err(chain)
+    }
+
+    async fn now(&self) -> Result<u64> {
+        let block = self
+            .provider
+            .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+            .await
+            .map_err(chain)?
+            .ok_or_else(|| Error::Chain("no latest block".into()))?;
+        Ok(block.header.timestamp)
+    }
+
+    async fn holdings(&self, holder: Address, fid: B256, at: BlockId) -> Result<(U256, bool)> {
+        let (h, _) = self.holder(holder)?;
+        let r = h.holdings(fid).block(at).call().await.map_err(chain)?;
+        Ok((r.amount, r.settled))
+    }
+
+    /// Both dispute slots, read at the same block.
+    async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
+        let adj = self.adjudicator();
+        let at = BlockId::number(self.head().await?);
+        let d = adj.disputes(id).block(at).call().await.map_err(chain)?;
+        if d.timeout == 0 {
+            return Ok(None);
+        }
+        let state_hash = adj.stateHashes(id).block(at).call().await.map_err(chain)?;
+        Ok(Some(Dispute {
+            version: d.version,
+            timeout: d.timeout,
+            concluded: d.concluded,
+            state_hash,
+        }))
+    }
+
+    /// Who has not deposited their share at the confirmed height.
+    async fn missing(&self, params: &Params, state: &State) -> Result<Vec<(usize, Address)>> {
+        let head = self.head().await?;
+        let at = BlockId::number(head.saturating_sub(self.cfg.confirmations));
+        let mut missing = Vec::new();
+        for (i, p) in params.participants.iter().enumerate() {
+            let fid = funding_id(state.channelId, *p);
+            for (a, holder) in self.local_assets(state) {
+                let need = state.balance(a, i).unwrap_or_default();
+                if self.holdings(holder, fid, at).await?.0 < need {
+                    missing.push((i, *p));
+                    break;
+                }
+            }
+        }
+        Ok(missing)
+    }
+}
+
+/// A websocket provider that signs with `account`.
+///
+/// Nonces are read from the node for every transaction (alloy's default cache
+/// would skip a nonce after a failed submission and leave later transactions stuck).
+pub async fn ws_provider(url: &str, account: &LocalAccount) -> Result<DynProvider> {
+    let signer = PrivateKeySigner::from_slice(&account.secret_bytes()).map_err(chain)?;
+    let provider = ProviderBuilder::new()
+        .disable_recommended_fillers()
+        .with_gas_estimation()
+        .with_simple_nonce_management()
+        .fetch_chain_id()
+        .wallet(EthereumWallet::from(signer))
+        .connect_ws(WsConnect::new(url))
+        .await
+        .map_err(chain)?;
+    Ok(provider.erased())
+}
+
+/// Sends a prepared contract call and waits for its receipt, decoding reverts.
+///
+/// The call is simulated first (from the sender), so a revert is reported before
+/// any nonce is taken; the receipt wait is bounded by `receipt_timeout`.
+macro_rules! send {
+    ($chain:expr, $call:expr, $what:literal) => {{
+        let call = $call.from($chain.sender);
+        call.call_raw().await.map_err(|e| decode_revert(e, $what))?;
+        let pending = call.send().await.map_err(|e| decode_revert(e, $what))?;
+        let receipt = pending
+            .with_required_confirmations($chain.cfg.confirmations.max(1))
+            .with_timeout(Some($chain.cfg.receipt_timeout))
+            .get_receipt()
+            .await
+            .map_err(chain)?;
+        if !receipt.status() {
+            warn!(tx = %receipt.transaction_hash, "{} reverted", $what);
+            return Err(Error::Reverted(format!("{} in {}", $what, receipt.transaction_hash)));
+        }
+        debug!(tx = %receipt.transaction_hash, gas = receipt.gas_used, "{} mined", $what);
+        receipt
+    }};
+}
+
+/// Deposits to the asset holders over an alloy provider.
+#[derive(Debug, Clone)]
+pub struct EthFunder {
+    chain: Chain,
+}
+
+impl EthFunder {
+    /// A funder sending from `sender`, which must be the provider's signing account.
+    pub async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
+        Ok(Self {
+            chain: Chain::new(provider, sender, cfg).await?,
+        })
+    }
+
+    /// Connects to a websocket endpoint and sends from `account`.
+    pub async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
+        Ok(Self {
+            chain: Chain::connect(url, account, cfg).await?,
+        })
+    }
+
+    async fn deposit(&self, holder: Address, fid: B256, amount: U256) -> Result<()> {
+        let c = &self.chain;
+        let (h, kind) = c.holder(holder)?;
+        match kind {
+            AssetKind::Eth => {
+                let have = c.provider.get_balance(c.sender).await.map_err(chain)?;
+                if have < amount {
+                    return Err(Error::InsufficientFunds { need: amount, have });
+                }
+                send!(c, h.deposit(fid, amount).value(amount), "deposit");
+            }
+            AssetKind::Erc20 { token } => {
+                let t = Token::new(token, c.provider.clone());
+                let have = t.balanceOf(c.sender).call().await.map_err(chain)?;
+                if have < amount {
+                    return Err(Error::InsufficientFunds { need: amount, have });
+                }
+                send!(c, t.approve(holder, amount), "approve");
+                send!(c, h.deposit(fid, amount), "deposit");
+            }
+        }
+        info!(%holder, %amount, "deposited");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Funder for EthFunder {
+    async fn fund(&self, req: FundingRequest) -> Result<()> {
+        let span = info_span!("eth_fund", channel = %req.state.channelId, index = req.index);
+        async {
+            req.check()?;
+            let c = &self.chain;
+            let me = req.params.participants[req.index];
+            let fid = funding_id(req.state.channelId, me);
+            // Subscribe first so no deposit between the check and the wait is missed.
+            let mut blocks = c.provider.subscribe_blocks().await.map_err(chain)?;
+            for (a, holder) in c.local_assets(&req.state) {
+                c.holder(holder)?;
+                let need = req.state.balance(a, req.index).unwrap_or_default();
+                let (held, _) = c.holdings(holder, fid, BlockId::latest()).await?;
+                let missing = need.saturating_sub(held);
+                if !missing.is_zero() {
+                    self.deposit(holder, fid, missing).await?;
+                }
+            }
+            let wait = async {
+                loop {
+                    if c.missing(&req.params, &req.state).await?.is_empty() {
+                        return Ok::<(), Error>(());
+                    }
+                    next_block(&mut blocks).await?;
+                }
+            };
+            match tokio::time::timeout(req.timeout, wait).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let missing = c.missing(&req.params, &req.state).await?;
+                    if missing.is_empty() {
+                        return Ok(());
+                    }
+                    warn!(?missing, "funding timed out");
+                    Err(Error::FundingTimeout { missing })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Registers, concludes and withdraws through the contracts over an alloy provider.
+#[derive(Debug, Clone)]
+pub struct EthAdjudicator {
+    chain: Chain,
+}
+
+impl EthAdjudicator {
+    /// An adjudicator sending from `sender`, which must be the provider's signing account.
+    pub async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
+        Ok(Self {
+            chain: Chain::new(provider, sender, cfg).await?,
+        })
+    }
+
+    /// Connects to a websocket endpoint and sends from `account`.
+    pub async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
+        Ok(Self {
+            chain: Chain::connect(url, account, cfg).await?,
+        })
+    }
+
+    /// The chain id read at construction.
+    pub fn chain_id(&self) -> U256 {
+        self.chain.chain_id
+    }
+
+    /// The holders' `withdraw(auth, sig)` as sent by this backend's account.
+    pub async fn withdraw_signed(
+        &self,
+        holder: Address,
+        auth: &WithdrawalAuth,
+        sig: &Bytes,
+    ) -> Result<()> {
+        let c = &self.chain;
+        let (h, _) = c.holder(holder)?;
+        let call = h.withdraw(
+            crate::bindings::eth_holder::AssetHolder::WithdrawalAuth {
+                channelId: auth.channelId,
+                participant: auth.participant,
+                receiver: auth.receiver,
+                amount: auth.amount,
+            },
+            sig.clone(),
+        );
+        let sent: Result<()> = async {
+            send!(c, call, "withdraw");
+            Ok(())
+        }
+        .await;
+        sent.map_err(|e| match e {
+            Error::PaymentFailed(_) => Error::PaymentFailed(auth.receiver),
+            e => e,
+        })
+    }
+}
+
+fn sigs_bytes(req: &SignedChannel) -> Vec<Bytes> {
+    req.state
+        .sigs
+        .iter()
+        .map(|s| {
+            s.map(|s| Bytes::from(s.as_bytes().to_vec()))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Adjudicator for EthAdjudicator {
+    async fn register(&self, req: &SignedChannel) -> Result<()> {
+        let state = &req.state.state;
+        let span = info_span!("eth_register", channel = %state.channelId, version = state.version);
+        async {
+            req.check()?;
+            let c = &self.chain;
+            let dispute = c.dispute(state.channelId).await?;
+            if dispute.is_none() && !state.isFinal {
+                // The contract's `now + challengeDuration` must fit in 64 bits.
+                c.now()
+                    .await?
+                    .checked_add(req.params.challengeDuration)
+                    .ok_or(Error::Overflow)?;
+            }
+            if let Some(d) = dispute {
+                if d.concluded {
+                    return Err(Error::AlreadyConcluded);
+                }
+                if c.now().await? >= d.timeout {
+                    return Err(Error::TimeoutPassed);
+                }
+                if state.version <= d.version {
+                    return Err(Error::VersionTooLow {
+                        registered: d.version,
+                        got: state.version,
+                    });
+                }
+            }
+            let adj = c.adjudicator();
+            let call = adj.register((&req.params).into(), state.into(), sigs_bytes(req));
+            let sent: Result<()> = async {
+                send!(c, call, "register");
+                Ok(())
+            }
+            .await;
+            if let Err(Error::VersionTooLow { .. }) = sent {
+                // Someone refuted first: report the version that is on-chain now.
+                let registered = c.dispute(state.channelId).await?.map_or(0, |d| d.version);
+                return Err(Error::VersionTooLow {
+                    registered,
+                    got: state.version,
+                });
+            }
+            sent?;
+            info!("registered");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn conclude(&self, req: &SignedChannel) -> Result<()> {
+        let state = &req.state.state;
+        let span = info_span!("eth_conclude", channel = %state.channelId, version = state.version);
+        async {
+            let c = &self.chain;
+            let adj = c.adjudicator();
+            if state.isFinal && req.state.is_fully_signed() {
+                req.check()?;
+                if c.dispute(state.channelId)
+                    .await?
+                    .is_some_and(|d| d.concluded)
+                {
+                    return Err(Error::AlreadyConcluded);
+                }
+                let call = adj.concludeFinal((&req.params).into(), state.into(), sigs_bytes(req));
+                send!(c, call, "concludeFinal");
+                info!("concluded final state");
+                return Ok(());
+            }
+            req.check_unsigned()?;
+            let d = c
+                .dispute(state.channelId)
+                .await?
+                .ok_or(Error::NotRegistered)?;
+            if d.concluded {
+                return Err(Error::AlreadyConcluded);
+            }
+            let now = c.now().await?;
+            if now < d.timeout {
+                return Err(Error::TimeoutNotPassed {
+                    timeout: d.timeout,
+                    now,
+                });
+            }
+            if state.hash() != d.state_hash {
+                warn!("conclude with a state that is not the registered one");
+                return Err(Error::WrongState);
+            }
+            send!(
+                c,
+                adj.conclude((&req.params).into(), state.into()),
+                "conclude"
+            );
+            info!("concluded");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn withdraw(&self, req: &WithdrawRequest) -> Result<()> {
+        let span = info_span!("eth_withdraw", channel = %req.state.channelId, index = req.index);
+        async {
+            let me = req.check()?;
+            let c = &self.chain;
+            let fid = funding_id(req.state.channelId, me);
+            let mut credits = Vec::new();
+            for (_, holder) in c.local_assets(&req.state) {
+                let (credit, settled) = c.holdings(holder, fid, BlockId::latest()).await?;
+                if !settled {
+                    return Err(Error::NotConcluded);
+                }
+                credits.push((holder, credit));
+            }
+            for (holder, credit) in credits {
+                if credit.is_zero() {
+                    debug!(%holder, "nothing to withdraw");
+                    continue;
+                }
+                let auth = WithdrawalAuth {
+                    channelId: req.state.channelId,
+                    participant: me,
+                    receiver: req.receiver,
+                    amount: credit,
+                };
+                // The participant sending itself needs no signature.
+                let sig = if c.sender == me {
+                    Bytes::new()
+                } else {
+                    let hash = withdrawal_hash(holder, c.chain_id, &auth);
+                    let sig = req.account.sign_hash(hash)?;
+                    Bytes::from(sig.as_bytes().to_vec())
+                };
+                self.withdraw_signed(holder, &auth, &sig).await?;
+                info!(%holder, %credit, "withdrawn");
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn subscribe(&self, id: ChannelId) -> Result<EventStream> {
+        let c = self.chain.clone();
+        let mut blocks = c.provider.subscribe_blocks().await.map_err(chain)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut addresses = vec![c.cfg.adjudicator];
+        addresses.extend(c.cfg.assets.keys().copied());
+        let filter = Filter::new().address(addresses).topic1(id);
+        let span = info_span!("eth_events", channel = %id);
+        tokio::spawn(
+            async move {
+                let mut next = c.cfg.from_block;
+                loop {
+                    let scanned = async {
+                        let safe = c.head().await?.checked_sub(c.cfg.confirmations);
+                        match safe {
+                            Some(safe) if safe >= next => {
+                                let f = filter.clone().from_block(next).to_block(safe);
+                                let logs = c.provider.get_logs(&f).await.map_err(chain)?;
+                                Ok(Some((safe, logs)))
+                            }
+                            _ => Ok::<_, Error>(None),
+                        }
+                    }
+                    .await;
+                    match scanned {
+                        Ok(Some((safe, logs))) => {
+                            for log in logs {
+                                match decode_event(&c.cfg, id, &log) {
+                                    Ok(e) => {
+                                        if tx.send(Ok(e)).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(e) => warn!(%e, "skipping undecodable event"),
+                                }
+                            }
+                            next = safe + 1;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    tokio::select! {
+                        r = next_block(&mut blocks) => if let Err(e) = r {
+                            let _ = tx.send(Err(e));
+                            return;
+                        },
+                        () = tx.closed() => return,
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(EventStream::new(rx))
+    }
+
+    async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
+        self.chain.dispute(id).await
+    }
+}
+
+/// Waits for the next block header. Missed headers do not matter (every wake-up
+/// re-reads the chain), so a lagging subscription just continues.
+async fn next_block(
+    sub: &mut alloy::pubsub::Subscription<alloy::rpc::types::Header>,
+) -> Result<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match sub.recv().await {
+            Ok(_) => return Ok(()),
+            Err(RecvError::Lagged(n)) => debug!(n, "block subscription lagged"),
+            Err(RecvError::Closed) => return Err(Error::Chain("block subscription closed".into())),
+        }
+    }
+}
+
+/// Decodes one of the channel's logs; anything else is an error the stream skips.
+fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<AdjudicatorEvent> {
+    let topic0 = log.topic0().copied().unwrap_or_default();
+    let bad = |e: alloy::sol_types::Error| Error::BadEvent(e.to_string());
+    let event = if log.address() == cfg.adjudicator
+        && topic0 == AdjContract::Registered::SIGNATURE_HASH
+    {
+        let e = AdjContract::Registered::decode_log(&log.inner)
+            .map_err(bad)?
+            .data;
+        let state: State = e.state.into();
+        if e.channelId != id || state.channelId != id {
+            return Err(Error::BadEvent("Registered for another channel".into()));
+        }
+        AdjudicatorEvent::Registered {
+            id,
+            version: e.version,
+            timeout: e.timeout,
+            state,
+        }
+    } else if log.address() == cfg.adjudicator && topic0 == AdjContract::Concluded::SIGNATURE_HASH {
+        let e = AdjContract::Concluded::decode_log(&log.inner)
+            .map_err(bad)?
+            .data;
+        AdjudicatorEvent::Concluded {
+            id: e.channelId,
+            version: e.version,
+        }
+    } else if cfg.assets.contains_key(&log.address()) && topic0 == Holder::Withdrawn::SIGNATURE_HASH
+    {
+        let e = Holder::Withdrawn::decode_log(&log.inner).map_err(bad)?.data;
+        AdjudicatorEvent::Withdrawn {
+            id: e.channelId,
+            holder: log.address(),
+            participant: e.participant,
+            receiver: e.receiver,
+            amount: e.amount,
+        }
+    } else {
+        return Err(Error::BadEvent(format!(
+            "unexpected log {topic0} from {}",
+            log.address()
+        )));
+    };
+    Ok(event)
+}
+
+fn chain(e: impl std::fmt::Display) -> Error {
+    Error::Chain(e.to_string())
+}
+
+/// Maps a contract revert to the error the simulated ledger gives for the same rule.
+/// `what` names the call, which says whose errors to decode (both contracts share OpenZeppelin's).
+fn decode_revert(e: alloy::contract::Error, what: &str) -> Error {
+    use AdjContract::AdjudicatorErrors as A;
+    use Holder::AssetHolderETHErrors as H;
+    let adjudicator_call = matches!(what, "register" | "conclude" | "concludeFinal");
+    if let Some(data) = e.as_revert_data() {
+        let as_adjudicator = if adjudicator_call {
+            A::abi_decode(&data).ok()
+        } else {
+            None
+        };
+        if let Some(err) = as_adjudicator {
+            warn!(?err, "adjudicator reverted");
+            return match err {
+                A::AlreadyConcluded(_) => Error::AlreadyConcluded,
+                A::TimeoutPassed(_) => Error::TimeoutPassed,
+                A::VersionTooLow(_) => Error::VersionTooLow {
+                    registered: 0,
+                    got: 0,
+                },
+                A::NotRegistered(_) => Error::NotRegistered,
+                A::TimeoutNotPassed(_) => Error::TimeoutNotPassed { timeout: 0, now: 0 },
+                A::WrongState(_) => Error::WrongState,
+                A::NotFinal(_) => Error::NotFinal,
+                A::WrongSigner(w) => Error::BadSignature {
+                    index: usize::try_from(w.index).unwrap_or(usize::MAX),
+                },
+                // A malformed signature; the off-chain check names the index before this happens.
+                A::ECDSAInvalidSignature(_)
+                | A::ECDSAInvalidSignatureS(_)
+                | A::ECDSAInvalidSignatureLength(_) => Error::BadSignature { index: usize::MAX },
+                other => Error::Reverted(format!("{other:?}")),
+            };
+        }
+        if let Ok(err) = H::abi_decode(&data) {
+            warn!(?err, "asset holder reverted");
+            return match err {
+                H::NotSettled(_) => Error::NotConcluded,
+                H::WrongSigner(_)
+                | H::ECDSAInvalidSignature(_)
+                | H::ECDSAInvalidSignatureS(_)
+                | H::ECDSAInvalidSignatureLength(_) => Error::BadAuthorization,
+                H::PaymentFailed(_) => Error::PaymentFailed(Address::ZERO),
+                other => Error::Reverted(format!("{other:?}")),
+            };
+        }
+        return Error::Reverted(format!("revert data {data}"));
+    }
+    Error::Chain(e.to_string())
+}

@@ -1,0 +1,493 @@
+//! [`SimLedger`]: an in-memory chain with the contracts' rules, for fast
+//! protocol tests. The conformance suite runs against it and anvil alike, so
+//! the two cannot drift.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use alloy_primitives::{Address, B256, Signature, U256};
+use async_trait::async_trait;
+use perun_channel::{ChannelId, Params, State};
+use tokio::sync::{Notify, mpsc};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::types::{WithdrawalAuth, withdrawal_hash};
+use crate::{
+    Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, Funder, FundingRequest, Result,
+    SignedChannel, WithdrawRequest, funding_id,
+};
+
+/// An in-memory ledger: accounts with balances per asset, asset holders, the
+/// adjudicator's disputes, and a clock that only moves when told to.
+///
+/// Clones share the same ledger. Deposits are paid from the depositing
+/// participant's own balance (see [`SimLedger::mint`]).
+#[derive(Debug, Clone)]
+pub struct SimLedger {
+    inner: Arc<Mutex<Inner>>,
+    changed: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    chain_id: U256,
+    now: u64,
+    holders: HashSet<Address>,
+    /// (holder, account) => balance of that asset in the account.
+    wallets: HashMap<(Address, Address), U256>,
+    /// (holder, funding id) => (amount, outcome set).
+    holdings: HashMap<(Address, B256), (U256, bool)>,
+    disputes: HashMap<ChannelId, (Dispute, B256)>,
+    rejecting: HashSet<Address>,
+    history: HashMap<ChannelId, Vec<AdjudicatorEvent>>,
+    subscribers: HashMap<ChannelId, Vec<mpsc::UnboundedSender<Result<AdjudicatorEvent>>>>,
+}
+
+impl Inner {
+    fn emit(&mut self, id: ChannelId, event: AdjudicatorEvent) {
+        debug!(?event, "sim event");
+        self.history.entry(id).or_default().push(event.clone());
+        if let Some(subs) = self.subscribers.get_mut(&id) {
+            subs.retain(|s| s.send(Ok(event.clone())).is_ok());
+        }
+    }
+
+    fn holder(&self, holder: Address) -> Result<()> {
+        if self.holders.contains(&holder) {
+            Ok(())
+        } else {
+            warn!(%holder, "unknown asset holder");
+            Err(Error::UnknownAsset(holder))
+        }
+    }
+
+    fn held(&self, holder: Address, fid: B256) -> (U256, bool) {
+        self.holdings
+            .get(&(holder, fid))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Same-chain assets with their row index; other chains' assets are not settled here.
+    fn local_assets(&self, state: &State) -> Vec<(usize, Address)> {
+        state
+            .outcome
+            .assets
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.chainId == self.chain_id)
+            .map(|(i, a)| (i, a.holder))
+            .collect()
+    }
+
+    /// Who has not deposited their share yet, as `(index, address)`.
+    fn missing(&self, params: &Params, state: &State) -> Vec<(usize, Address)> {
+        let assets = self.local_assets(state);
+        params
+            .participants
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| {
+                assets.iter().any(|(a, holder)| {
+                    let need = state.balance(*a, *i).unwrap_or_default();
+                    self.held(*holder, funding_id(state.channelId, **p)).0 < need
+                })
+            })
+            .map(|(i, p)| (i, *p))
+            .collect()
+    }
+
+    /// The asset holders' `setOutcome`: refunds deposits if under-funded, then pushes,
+    /// leaving a failed push credited.
+    fn push_outcome(&mut self, id: ChannelId, params: &Params, state: &State) -> Result<()> {
+        let mut plan = Vec::new();
+        for (a, holder) in self.local_assets(state) {
+            self.holder(holder)?;
+            let row = state.outcome.balances.get(a).ok_or(Error::Overflow)?;
+            let mut deposited = U256::ZERO;
+            let mut owed = U256::ZERO;
+            let mut deposits = Vec::new();
+            for (p, amount) in params.participants.iter().zip(row) {
+                let fid = funding_id(id, *p);
+                let (held, settled) = self.held(holder, fid);
+                if settled {
+                    return Err(Error::AlreadyConcluded);
+                }
+                deposited = deposited.checked_add(held).ok_or(Error::Overflow)?;
+                owed = owed.checked_add(*amount).ok_or(Error::Overflow)?;
+                deposits.push(held);
+            }
+            let pay = if deposited < owed {
+                deposits
+            } else {
+                row.clone()
+            };
+            plan.push((holder, pay));
+        }
+        for (holder, pay) in plan {
+            for (p, amount) in params.participants.iter().zip(pay) {
+                let fid = funding_id(id, *p);
+                if amount.is_zero() || self.rejecting.contains(p) {
+                    self.holdings.insert((holder, fid), (amount, true));
+                } else {
+                    self.holdings.insert((holder, fid), (U256::ZERO, true));
+                    let w = self.wallets.entry((holder, *p)).or_default();
+                    *w = w.saturating_add(amount);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SimLedger {
+    /// An empty ledger for chain `chain_id`; the clock starts at 1 s (a chain's time is never 0).
+    pub fn new(chain_id: u64) -> Self {
+        let inner = Inner {
+            chain_id: U256::from(chain_id),
+            now: 1,
+            ..Inner::default()
+        };
+        Self {
+            inner: Arc::new(Mutex::new(inner)),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The chain id assets must name to be settled here.
+    pub fn chain_id(&self) -> U256 {
+        self.lock().chain_id
+    }
+
+    /// Registers an asset holder (the simulated counterpart of a deployed holder).
+    pub fn add_asset(&self, holder: Address) {
+        self.lock().holders.insert(holder);
+    }
+
+    /// Credits `amount` of the asset held by `holder` to `account`.
+    pub fn mint(&self, holder: Address, account: Address, amount: U256) {
+        let mut inner = self.lock();
+        let w = inner.wallets.entry((holder, account)).or_default();
+        *w = w.saturating_add(amount);
+    }
+
+    /// `account`'s balance of the asset held by `holder`.
+    pub fn balance(&self, holder: Address, account: Address) -> U256 {
+        self.lock()
+            .wallets
+            .get(&(holder, account))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// What `holder` holds for a funding id, and whether the outcome is set.
+    pub fn holdings(&self, holder: Address, fid: B256) -> (U256, bool) {
+        self.lock().held(holder, fid)
+    }
+
+    /// Makes `account` refuse payments, like a contract that reverts on receipt.
+    pub fn set_rejecting(&self, account: Address, rejecting: bool) {
+        let mut inner = self.lock();
+        if rejecting {
+            inner.rejecting.insert(account);
+        } else {
+            inner.rejecting.remove(&account);
+        }
+    }
+
+    /// The ledger's clock, in seconds.
+    pub fn now(&self) -> u64 {
+        self.lock().now
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, secs: u64) {
+        let mut inner = self.lock();
+        inner.now = inner.now.saturating_add(secs);
+    }
+
+    /// The holders' `withdraw(auth, sig)` for a caller that is not the participant:
+    /// `sig` must be the participant's signature of [`withdrawal_hash`].
+    pub fn withdraw_signed(
+        &self,
+        holder: Address,
+        auth: &WithdrawalAuth,
+        sig: &Signature,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        inner.holder(holder)?;
+        let hash = withdrawal_hash(holder, inner.chain_id, auth);
+        if perun_wallet::verify(hash, sig, auth.participant).is_err() {
+            warn!(participant = %auth.participant, "forged withdrawal authorisation");
+            return Err(Error::BadAuthorization);
+        }
+        withdraw_credit(&mut inner, holder, auth)
+    }
+}
+
+/// Pays up to `auth.amount` of the participant's credit to the receiver.
+fn withdraw_credit(inner: &mut Inner, holder: Address, auth: &WithdrawalAuth) -> Result<()> {
+    let fid = funding_id(auth.channelId, auth.participant);
+    let (credit, settled) = inner.held(holder, fid);
+    if !settled {
+        return Err(Error::NotConcluded);
+    }
+    let amount = credit.min(auth.amount);
+    if amount.is_zero() {
+        return Ok(());
+    }
+    if inner.rejecting.contains(&auth.receiver) {
+        return Err(Error::PaymentFailed(auth.receiver));
+    }
+    inner
+        .holdings
+        .insert((holder, fid), (credit - amount, true));
+    let w = inner.wallets.entry((holder, auth.receiver)).or_default();
+    *w = w.saturating_add(amount);
+    inner.emit(
+        auth.channelId,
+        AdjudicatorEvent::Withdrawn {
+            id: auth.channelId,
+            holder,
+            participant: auth.participant,
+            receiver: auth.receiver,
+            amount,
+        },
+    );
+    Ok(())
+}
+
+#[async_trait]
+impl Funder for SimLedger {
+    async fn fund(&self, req: FundingRequest) -> Result<()> {
+        let span = info_span!("sim_fund", channel = %req.state.channelId, index = req.index);
+        self.fund_inner(req).instrument(span).await
+    }
+}
+
+impl SimLedger {
+    async fn fund_inner(&self, req: FundingRequest) -> Result<()> {
+        req.check()?;
+        let me = req.params.participants[req.index];
+        let fid = funding_id(req.state.channelId, me);
+        {
+            let mut inner = self.lock();
+            let assets = inner.local_assets(&req.state);
+            let mut deposits = Vec::new();
+            for (a, holder) in &assets {
+                inner.holder(*holder)?;
+                let need = req.state.balance(*a, req.index).unwrap_or_default();
+                let held = inner.held(*holder, fid).0;
+                let missing = need.saturating_sub(held);
+                let have = inner
+                    .wallets
+                    .get(&(*holder, me))
+                    .copied()
+                    .unwrap_or_default();
+                if have < missing {
+                    return Err(Error::InsufficientFunds {
+                        need: missing,
+                        have,
+                    });
+                }
+                // The holders keep amounts below 2^255 (the top bit marks "settled").
+                if held.checked_add(missing).is_none_or(|t| t.bit(255)) {
+                    return Err(Error::Overflow);
+                }
+                deposits.push((*holder, missing));
+            }
+            for (holder, amount) in deposits {
+                if amount.is_zero() {
+                    continue;
+                }
+                *inner.wallets.entry((holder, me)).or_default() -= amount;
+                inner.holdings.entry((holder, fid)).or_default().0 += amount;
+            }
+        }
+        self.changed.notify_waiters();
+        let wait = async {
+            loop {
+                let notified = self.changed.notified();
+                if self.lock().missing(&req.params, &req.state).is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(req.timeout, wait).await.is_err() {
+            let missing = self.lock().missing(&req.params, &req.state);
+            if !missing.is_empty() {
+                warn!(?missing, "funding timed out");
+                return Err(Error::FundingTimeout { missing });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Adjudicator for SimLedger {
+    async fn register(&self, req: &SignedChannel) -> Result<()> {
+        let state = &req.state.state;
+        let _g = info_span!("sim_register", channel = %state.channelId, version = state.version)
+            .entered();
+        let hash = req.check()?;
+        let id = state.channelId;
+        let mut inner = self.lock();
+        let now = inner.now;
+        let (mut d, _) = inner.disputes.get(&id).copied().unwrap_or((
+            Dispute {
+                version: 0,
+                timeout: 0,
+                concluded: false,
+                state_hash: B256::ZERO,
+            },
+            B256::ZERO,
+        ));
+        if d.timeout == 0 {
+            d.timeout = if state.isFinal {
+                now
+            } else {
+                now.checked_add(req.params.challengeDuration)
+                    .ok_or(Error::Overflow)?
+            };
+        } else {
+            if d.concluded {
+                return Err(Error::AlreadyConcluded);
+            }
+            if now >= d.timeout {
+                return Err(Error::TimeoutPassed);
+            }
+            if state.version <= d.version {
+                return Err(Error::VersionTooLow {
+                    registered: d.version,
+                    got: state.version,
+                });
+            }
+            if state.isFinal {
+                d.timeout = now;
+            }
+        }
+        d.version = state.version;
+        d.state_hash = hash;
+        inner.disputes.insert(id, (d, hash));
+        inner.emit(
+            id,
+            AdjudicatorEvent::Registered {
+                id,
+                version: state.version,
+                timeout: d.timeout,
+                state: state.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn conclude(&self, req: &SignedChannel) -> Result<()> {
+        let state = &req.state.state;
+        let _g = info_span!("sim_conclude", channel = %state.channelId, version = state.version)
+            .entered();
+        let id = state.channelId;
+        if state.isFinal && req.state.is_fully_signed() {
+            req.check()?;
+            let mut inner = self.lock();
+            let prev = inner.disputes.get(&id).copied();
+            if prev.is_some_and(|(d, _)| d.concluded) {
+                return Err(Error::AlreadyConcluded);
+            }
+            let hash = prev.map(|(d, _)| d.state_hash).unwrap_or_default();
+            inner.push_outcome(id, &req.params, state)?;
+            let d = Dispute {
+                version: state.version,
+                timeout: inner.now,
+                concluded: true,
+                state_hash: hash,
+            };
+            inner.disputes.insert(id, (d, hash));
+            inner.emit(
+                id,
+                AdjudicatorEvent::Concluded {
+                    id,
+                    version: state.version,
+                },
+            );
+            return Ok(());
+        }
+        req.check_unsigned()?;
+        let mut inner = self.lock();
+        let (mut d, hash) = inner
+            .disputes
+            .get(&id)
+            .copied()
+            .ok_or(Error::NotRegistered)?;
+        if d.concluded {
+            return Err(Error::AlreadyConcluded);
+        }
+        if inner.now < d.timeout {
+            return Err(Error::TimeoutNotPassed {
+                timeout: d.timeout,
+                now: inner.now,
+            });
+        }
+        if state.hash() != hash {
+            warn!("conclude with a state that is not the registered one");
+            return Err(Error::WrongState);
+        }
+        inner.push_outcome(id, &req.params, state)?;
+        d.concluded = true;
+        inner.disputes.insert(id, (d, hash));
+        inner.emit(
+            id,
+            AdjudicatorEvent::Concluded {
+                id,
+                version: state.version,
+            },
+        );
+        Ok(())
+    }
+
+    async fn withdraw(&self, req: &WithdrawRequest) -> Result<()> {
+        let _g =
+            info_span!("sim_withdraw", channel = %req.state.channelId, index = req.index).entered();
+        let me = req.check()?;
+        let id = req.state.channelId;
+        let mut inner = self.lock();
+        let fid = funding_id(id, me);
+        let assets = inner.local_assets(&req.state);
+        for (_, holder) in &assets {
+            inner.holder(*holder)?;
+            if !inner.held(*holder, fid).1 {
+                return Err(Error::NotConcluded);
+            }
+        }
+        for (_, holder) in assets {
+            let auth = WithdrawalAuth {
+                channelId: id,
+                participant: me,
+                receiver: req.receiver,
+                amount: U256::MAX,
+            };
+            withdraw_credit(&mut inner, holder, &auth)?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, id: ChannelId) -> Result<EventStream> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inner = self.lock();
+        for e in inner.history.get(&id).into_iter().flatten() {
+            // The receiver is alive: we hold it.
+            let _ = tx.send(Ok(e.clone()));
+        }
+        inner.subscribers.entry(id).or_default().push(tx);
+        Ok(EventStream::new(rx))
+    }
+
+    async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
+        Ok(self.lock().disputes.get(&id).map(|(d, _)| *d))
+    }
+}

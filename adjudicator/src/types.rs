@@ -1,0 +1,244 @@
+//! What callers hand to the [`Funder`](crate::Funder) and
+//! [`Adjudicator`](crate::Adjudicator), and what they get back.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy_primitives::{Address, B256, U256, keccak256};
+use alloy_sol_types::SolValue;
+use perun_channel::{ChannelId, Params, SignedState, State};
+use perun_wallet::Account;
+use tokio::sync::mpsc;
+
+use crate::{Error, Result};
+
+/// Fund one participant's share of a channel and wait for everybody else's.
+#[derive(Debug, Clone)]
+pub struct FundingRequest {
+    /// The channel's parameters.
+    pub params: Params,
+    /// The version-0 state: its allocation is what every participant deposits.
+    pub state: State,
+    /// The index of the participant this funder deposits for.
+    pub index: usize,
+    /// How long to wait for the other participants' deposits (its own setting,
+    /// unrelated to the challenge duration).
+    pub timeout: Duration,
+}
+
+impl FundingRequest {
+    /// Checks the request before any money moves.
+    pub(crate) fn check(&self) -> Result<()> {
+        self.params.validate()?;
+        self.state.validate(&self.params)?;
+        check_assets(&self.state)?;
+        if self.state.version != 0 {
+            tracing::warn!(
+                version = self.state.version,
+                "funding a state other than version 0"
+            );
+            return Err(Error::Channel(perun_channel::Error::Version {
+                expected: 0,
+                got: self.state.version,
+            }));
+        }
+        if self.index >= self.params.participants.len() {
+            return Err(Error::Channel(perun_channel::Error::Index(self.index)));
+        }
+        Ok(())
+    }
+}
+
+/// A channel's params with a (fully) signed state, as registered or concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedChannel {
+    /// The channel's parameters.
+    pub params: Params,
+    /// The state and its signatures.
+    pub state: SignedState,
+}
+
+impl SignedChannel {
+    /// Checks that the state is valid for the params and every participant signed it,
+    /// mapping failures to the errors the contract would give.
+    pub(crate) fn check(&self) -> Result<B256> {
+        self.check_unsigned()?;
+        check_signatures(&self.params, &self.state)?;
+        Ok(self.state.state.hash())
+    }
+}
+
+impl SignedChannel {
+    /// Checks the params and the state, but not the signatures (`conclude` of a registered state).
+    pub(crate) fn check_unsigned(&self) -> Result<()> {
+        self.params.validate()?;
+        self.state.state.validate(&self.params)?;
+        check_assets(&self.state.state)
+    }
+}
+
+/// Rejects a state that names the same asset holder twice: each holder settles a
+/// channel once, so such a channel could never conclude and its deposits would be stuck.
+pub(crate) fn check_assets(state: &State) -> Result<()> {
+    let assets = &state.outcome.assets;
+    for (i, a) in assets.iter().enumerate() {
+        if assets[..i].iter().any(|b| b.holder == a.holder) {
+            tracing::warn!(holder = %a.holder, "asset listed twice");
+            return Err(Error::DuplicateAsset(a.holder));
+        }
+    }
+    Ok(())
+}
+
+/// Verifies one signature per participant, in order.
+pub(crate) fn check_signatures(params: &Params, signed: &SignedState) -> Result<()> {
+    let n = params.participants.len();
+    let got = signed.sigs.iter().filter(|s| s.is_some()).count();
+    if signed.sigs.len() != n || got != n {
+        tracing::warn!(expected = n, got, "state with too few signatures");
+        return Err(Error::TooFewSignatures { expected: n, got });
+    }
+    let hash = signed.state.hash();
+    for (index, (sig, addr)) in signed.sigs.iter().zip(&params.participants).enumerate() {
+        let ok = sig
+            .as_ref()
+            .is_some_and(|s| perun_wallet::verify(hash, s, *addr).is_ok());
+        if !ok {
+            tracing::warn!(index, "invalid state signature");
+            return Err(Error::BadSignature { index });
+        }
+    }
+    Ok(())
+}
+
+/// Withdraw one participant's share of a concluded channel.
+#[derive(Clone)]
+pub struct WithdrawRequest {
+    /// The channel's parameters.
+    pub params: Params,
+    /// The concluded state (its assets say which holders to withdraw from).
+    pub state: State,
+    /// The participant's index.
+    pub index: usize,
+    /// The participant's account: it signs the withdrawal authorisation.
+    pub account: Arc<dyn Account>,
+    /// Where the money goes.
+    pub receiver: Address,
+}
+
+impl fmt::Debug for WithdrawRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WithdrawRequest")
+            .field("channel", &self.state.channelId)
+            .field("index", &self.index)
+            .field("account", &self.account.address())
+            .field("receiver", &self.receiver)
+            .finish()
+    }
+}
+
+impl WithdrawRequest {
+    /// Checks that the account is the participant at `index` of a valid state.
+    pub(crate) fn check(&self) -> Result<Address> {
+        self.params.validate()?;
+        self.state.validate(&self.params)?;
+        let me = self.account.address();
+        if self.params.participants.get(self.index) != Some(&me) {
+            tracing::warn!(%me, index = self.index, "withdrawal by a non-participant");
+            return Err(Error::NotParticipant(me));
+        }
+        Ok(me)
+    }
+}
+
+/// A channel's dispute as stored on-chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispute {
+    /// The registered (or final) version.
+    pub version: u64,
+    /// Chain time (seconds) after which the dispute can be concluded.
+    pub timeout: u64,
+    /// Whether the outcome has been pushed to the asset holders.
+    pub concluded: bool,
+    /// `keccak256(abi.encode(state))` of the registered state; zero after a
+    /// direct `concludeFinal` (no state was registered).
+    pub state_hash: B256,
+}
+
+/// A chain event about one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdjudicatorEvent {
+    /// A state was registered or refuted.
+    Registered {
+        /// The channel.
+        id: ChannelId,
+        /// The registered version.
+        version: u64,
+        /// When the dispute can be concluded (chain seconds).
+        timeout: u64,
+        /// The registered state.
+        state: State,
+    },
+    /// The outcome was pushed to the asset holders.
+    Concluded {
+        /// The channel.
+        id: ChannelId,
+        /// The concluded version.
+        version: u64,
+    },
+    /// A participant's credit was paid out by a withdrawal.
+    Withdrawn {
+        /// The channel.
+        id: ChannelId,
+        /// The asset holder that paid.
+        holder: Address,
+        /// Whose credit.
+        participant: Address,
+        /// Who received it.
+        receiver: Address,
+        /// How much.
+        amount: U256,
+    },
+}
+
+/// The events of one channel, in chain order. Dropping it ends the subscription.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: mpsc::UnboundedReceiver<Result<AdjudicatorEvent>>,
+}
+
+impl EventStream {
+    pub(crate) fn new(rx: mpsc::UnboundedReceiver<Result<AdjudicatorEvent>>) -> Self {
+        Self { rx }
+    }
+
+    /// The next event; `None` once the backend has stopped. An `Err` reports a
+    /// broken connection; the stream ends after it.
+    pub async fn next(&mut self) -> Option<Result<AdjudicatorEvent>> {
+        self.rx.recv().await
+    }
+}
+
+/// `keccak256(abi.encode(channelId, participant))`: a participant's deposit slot.
+pub fn funding_id(channel: ChannelId, participant: Address) -> B256 {
+    keccak256((channel, participant).abi_encode())
+}
+
+alloy_sol_types::sol! {
+    /// A participant's authorisation to pay its credit in a channel to `receiver`
+    /// (the asset holders' `WithdrawalAuth`).
+    #[derive(Debug, PartialEq, Eq)]
+    struct WithdrawalAuth {
+        bytes32 channelId;
+        address participant;
+        address receiver;
+        uint256 amount;
+    }
+}
+
+/// The hash a participant signs (EIP-191) to authorise a withdrawal:
+/// `keccak256(abi.encode(holder, chainId, auth))`, bound to one holder on one chain.
+pub fn withdrawal_hash(holder: Address, chain_id: U256, auth: &WithdrawalAuth) -> B256 {
+    keccak256((holder, chain_id, auth.clone()).abi_encode())
+}

@@ -1,0 +1,591 @@
+//! The conformance suite: every scenario runs against SimLedger and anvil, with
+//! ether and with an ERC20 token, and must give the same results and errors.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy_primitives::{Address, Bytes, Signature, U256};
+use common::{Env, Kind, within};
+use perun_adjudicator::types::{WithdrawalAuth, withdrawal_hash};
+use perun_adjudicator::{AdjudicatorEvent, Error, FundingRequest, SignedChannel, WithdrawRequest};
+use perun_channel::{Params, State};
+use perun_wallet::{Account, LocalAccount};
+
+const CHALLENGE: u64 = 100;
+
+/// secp256k1's order: `(r, n - s, !v)` is the malleable twin of a signature.
+fn high_s_twin(sig: &Signature) -> Signature {
+    let n = U256::from_be_slice(&[
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xfe, 0xba, 0xae, 0xdc, 0xe6, 0xaf, 0x48, 0xa0, 0x3b, 0xbf, 0xd2, 0x5e, 0x8c, 0xd0, 0x36,
+        0x41, 0x41,
+    ]);
+    Signature::new(sig.r(), n - sig.s(), !sig.v())
+}
+
+async fn fund_all(env: &Env, params: &Params, state: &State) {
+    let reqs = (0..env.parties.len()).map(|i| {
+        env.funders[i].fund(FundingRequest {
+            params: params.clone(),
+            state: state.clone(),
+            index: i,
+            timeout: Duration::from_secs(20),
+        })
+    });
+    for r in futures_util::future::join_all(reqs).await {
+        r.unwrap();
+    }
+}
+
+fn withdraw_req(
+    env: &Env,
+    params: &Params,
+    state: &State,
+    i: usize,
+    receiver: Address,
+) -> WithdrawRequest {
+    WithdrawRequest {
+        params: params.clone(),
+        state: state.clone(),
+        index: i,
+        account: env.parties[i].clone(),
+        receiver,
+    }
+}
+
+fn signed(params: &Params, state: perun_channel::SignedState) -> SignedChannel {
+    SignedChannel {
+        params: params.clone(),
+        state,
+    }
+}
+
+/// Fund, close cooperatively with a final state: payouts arrive at once; withdrawing
+/// afterwards (twice) pays nothing and is Ok.
+async fn cooperative_close(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (params, state0) = env.channel(CHALLENGE, &[100, 50]);
+    fund_all(&env, &params, &state0).await;
+    assert_eq!(env.holdings(&state0, a).await, (U256::from(100), false));
+    assert_eq!(env.holdings(&state0, b).await, (U256::from(50), false));
+    // Funding again deposits nothing more.
+    fund_all(&env, &params, &state0).await;
+    assert_eq!(env.holdings(&state0, a).await, (U256::from(100), false));
+    let mut events = env.adj[0].subscribe(state0.channelId).await.unwrap();
+
+    let before = (env.balance(a).await, env.balance(b).await);
+    let mut fin = state0.next();
+    fin.outcome.balances[0] = vec![U256::from(30), U256::from(120)];
+    fin.isFinal = true;
+    let fin_signed = signed(&params, env.sign_all(&params, &fin));
+    env.adj[1].conclude(&fin_signed).await.unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before.0 + U256::from(30),
+        "{}",
+        env.name
+    );
+    assert_eq!(
+        env.balance(b).await,
+        before.1 + U256::from(120),
+        "{}",
+        env.name
+    );
+    let d = env.adj[0].dispute(state0.channelId).await.unwrap().unwrap();
+    assert!(d.concluded);
+    assert_eq!(d.version, 1);
+    assert!(matches!(
+        env.adj[0].conclude(&fin_signed).await,
+        Err(Error::AlreadyConcluded)
+    ));
+
+    for _ in 0..2 {
+        env.adj[0]
+            .withdraw(&withdraw_req(&env, &params, &fin, 0, a))
+            .await
+            .unwrap();
+        env.adj[1]
+            .withdraw(&withdraw_req(&env, &params, &fin, 1, b))
+            .await
+            .unwrap();
+    }
+    assert_eq!(env.balance(a).await, before.0 + U256::from(30));
+    assert_eq!(env.balance(b).await, before.1 + U256::from(120));
+    assert_eq!(env.holdings(&fin, a).await, (U256::ZERO, true));
+
+    let e = within("Concluded", events.next()).await.unwrap().unwrap();
+    assert_eq!(
+        e,
+        AdjudicatorEvent::Concluded {
+            id: state0.channelId,
+            version: 1
+        }
+    );
+}
+
+/// One party never funds: the funding timeout names it; the funded party then recovers
+/// its deposit by registering version 0 and concluding the under-funded channel.
+async fn funding_timeout_then_recover(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (params, state0) = env.channel(CHALLENGE, &[70, 30]);
+    let err = env.funders[0]
+        .fund(FundingRequest {
+            params: params.clone(),
+            state: state0.clone(),
+            index: 0,
+            timeout: Duration::from_millis(500),
+        })
+        .await
+        .unwrap_err();
+    match err {
+        Error::FundingTimeout { missing } => assert_eq!(missing, vec![(1, b)], "{}", env.name),
+        other => panic!("{}: expected FundingTimeout, got {other:?}", env.name),
+    }
+    assert_eq!(env.holdings(&state0, a).await, (U256::from(70), false));
+
+    let before = env.balance(a).await;
+    let s0 = signed(&params, env.sign_all(&params, &state0));
+    env.adj[0].register(&s0).await.unwrap();
+    env.ctl.advance(CHALLENGE + 1).await;
+    env.adj[0].conclude(&s0).await.unwrap();
+    // Under-funded: each gets back exactly its deposit (a: 70, b: nothing).
+    assert_eq!(
+        env.balance(a).await,
+        before + U256::from(70),
+        "{}",
+        env.name
+    );
+    assert_eq!(env.holdings(&state0, b).await, (U256::ZERO, true));
+    env.adj[0]
+        .withdraw(&withdraw_req(&env, &params, &state0, 0, a))
+        .await
+        .unwrap();
+    assert_eq!(env.balance(a).await, before + U256::from(70));
+}
+
+/// Register, refute, the version and timeout rules, conclude, events in chain order.
+async fn dispute_rules(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (params, state0) = env.channel(CHALLENGE, &[100, 100]);
+    fund_all(&env, &params, &state0).await;
+    let id = state0.channelId;
+    let mut events = env.adj[1].subscribe(id).await.unwrap();
+
+    let mut s1 = state0.next();
+    s1.outcome.balances[0] = vec![U256::from(90), U256::from(110)];
+    let mut s2 = s1.next();
+    s2.outcome.balances[0] = vec![U256::from(80), U256::from(120)];
+    let s3 = s2.next();
+    let (s1s, s2s, s3s) = (
+        signed(&params, env.sign_all(&params, &s1)),
+        signed(&params, env.sign_all(&params, &s2)),
+        signed(&params, env.sign_all(&params, &s3)),
+    );
+
+    assert!(matches!(
+        env.adj[0].conclude(&s1s).await,
+        Err(Error::NotRegistered)
+    ));
+    env.adj[0].register(&s1s).await.unwrap();
+    let d1 = env.adj[1].dispute(id).await.unwrap().unwrap();
+    assert_eq!(
+        (d1.version, d1.concluded, d1.state_hash),
+        (1, false, s1.hash())
+    );
+    // Refute with a higher version; the timeout stays.
+    env.adj[1].register(&s2s).await.unwrap();
+    let d2 = env.adj[0].dispute(id).await.unwrap().unwrap();
+    assert_eq!(
+        (d2.version, d2.timeout, d2.state_hash),
+        (2, d1.timeout, s2.hash())
+    );
+    // Equal and lower versions are rejected.
+    assert!(matches!(
+        env.adj[0].register(&s2s).await,
+        Err(Error::VersionTooLow {
+            registered: 2,
+            got: 2
+        })
+    ));
+    assert!(matches!(
+        env.adj[0].register(&s1s).await,
+        Err(Error::VersionTooLow {
+            registered: 2,
+            got: 1
+        })
+    ));
+    // Conclude before the timeout is rejected.
+    assert!(matches!(
+        env.adj[0].conclude(&s2s).await,
+        Err(Error::TimeoutNotPassed { .. })
+    ));
+
+    env.ctl.advance(CHALLENGE + 1).await;
+    // Refute after the timeout is rejected.
+    assert!(matches!(
+        env.adj[0].register(&s3s).await,
+        Err(Error::TimeoutPassed)
+    ));
+    // Only the registered state concludes.
+    assert!(matches!(
+        env.adj[0].conclude(&s1s).await,
+        Err(Error::WrongState)
+    ));
+    let before = (env.balance(a).await, env.balance(b).await);
+    env.adj[0].conclude(&s2s).await.unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before.0 + U256::from(80),
+        "{}",
+        env.name
+    );
+    assert_eq!(
+        env.balance(b).await,
+        before.1 + U256::from(120),
+        "{}",
+        env.name
+    );
+    assert!(matches!(
+        env.adj[1].conclude(&s2s).await,
+        Err(Error::AlreadyConcluded)
+    ));
+    assert!(matches!(
+        env.adj[1].register(&s3s).await,
+        Err(Error::AlreadyConcluded)
+    ));
+    assert!(env.adj[0].dispute(id).await.unwrap().unwrap().concluded);
+
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(within("events", events.next()).await.unwrap().unwrap());
+    }
+    assert!(
+        matches!(&got[0], AdjudicatorEvent::Registered { version: 1, state, timeout, .. } if *state == s1 && *timeout == d1.timeout)
+    );
+    assert!(
+        matches!(&got[1], AdjudicatorEvent::Registered { version: 2, state, .. } if *state == s2)
+    );
+    assert_eq!(got[2], AdjudicatorEvent::Concluded { id, version: 2 });
+    // A late subscriber sees the same history.
+    let mut late = env.adj[0].subscribe(id).await.unwrap();
+    for want in &got {
+        assert_eq!(&within("replay", late.next()).await.unwrap().unwrap(), want);
+    }
+}
+
+/// Too few signatures, forged and high-s signatures, non-participants, early withdrawal,
+/// a deposit larger than the depositor's funds.
+async fn bad_input(env: Env) {
+    let (params, mut big) = env.channel(CHALLENGE, &[1, 1]);
+    big.outcome.balances[0][0] = common::start_funds() * U256::from(10_000);
+    let err = env.funders[0]
+        .fund(FundingRequest {
+            params: params.clone(),
+            state: big.clone(),
+            index: 0,
+            timeout: Duration::from_millis(100),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InsufficientFunds { .. }),
+        "{}: {err:?}",
+        env.name
+    );
+    assert_eq!(
+        env.holdings(&big, env.parties[0].address()).await,
+        (U256::ZERO, false)
+    );
+    // The same holder twice: such a channel could never conclude, so nobody funds it.
+    let (params2, mut twice) = env.channel(CHALLENGE, &[1, 1]);
+    twice.outcome.assets.push(env.asset.clone());
+    twice
+        .outcome
+        .balances
+        .push(vec![U256::from(1), U256::from(1)]);
+    let err = env.funders[0]
+        .fund(FundingRequest {
+            params: params2,
+            state: twice,
+            index: 0,
+            timeout: Duration::from_millis(100),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DuplicateAsset(h) if h == env.asset.holder),
+        "{}: {err:?}",
+        env.name
+    );
+
+    let (params, state0) = env.channel(CHALLENGE, &[10, 10]);
+    fund_all(&env, &params, &state0).await;
+    let s1 = state0.next();
+    let full = env.sign_all(&params, &s1);
+
+    let mut partial = perun_channel::SignedState::new(s1.clone());
+    partial.sign(&params, 0, env.parties[0].as_ref()).unwrap();
+    partial.sigs[1] = None;
+    assert!(matches!(
+        env.adj[0].register(&signed(&params, partial)).await,
+        Err(Error::TooFewSignatures {
+            expected: 2,
+            got: 1
+        })
+    ));
+    let mut short = full.clone();
+    short.sigs.pop();
+    assert!(matches!(
+        env.adj[0].register(&signed(&params, short)).await,
+        Err(Error::TooFewSignatures { .. })
+    ));
+
+    let mallory = LocalAccount::random();
+    let mut forged = full.clone();
+    forged.sigs[1] = Some(mallory.sign_hash(s1.hash()).unwrap());
+    assert!(matches!(
+        env.adj[0].register(&signed(&params, forged)).await,
+        Err(Error::BadSignature { index: 1 })
+    ));
+    let mut twin = full.clone();
+    twin.sigs[0] = Some(high_s_twin(&full.sigs[0].unwrap()));
+    assert!(matches!(
+        env.adj[0].register(&signed(&params, twin)).await,
+        Err(Error::BadSignature { index: 0 })
+    ));
+    // Nothing was registered by the rejected calls.
+    assert_eq!(env.adj[0].dispute(state0.channelId).await.unwrap(), None);
+
+    // Withdrawing before conclusion, and by a non-participant.
+    let req = withdraw_req(&env, &params, &s1, 0, env.parties[0].address());
+    assert!(matches!(
+        env.adj[0].withdraw(&req).await,
+        Err(Error::NotConcluded)
+    ));
+    let stranger = WithdrawRequest {
+        account: Arc::new(mallory.clone()),
+        ..req.clone()
+    };
+    assert!(
+        matches!(env.adj[0].withdraw(&stranger).await, Err(Error::NotParticipant(x)) if x == mallory.address())
+    );
+    let wrong_index = WithdrawRequest { index: 1, ..req };
+    assert!(matches!(
+        env.adj[0].withdraw(&wrong_index).await,
+        Err(Error::NotParticipant(_))
+    ));
+}
+
+/// A participant whose address reverts on payment does not block the others: the push
+/// to it fails and leaves a credit, which it withdraws to another receiver with a
+/// signed authorisation; forged and high-s authorisations are refused.
+async fn reverting_receiver(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (params, state0) = env.channel(CHALLENGE, &[40, 60]);
+    fund_all(&env, &params, &state0).await;
+    env.ctl.set_rejecting(b).await;
+    let mut fin = state0.next();
+    fin.isFinal = true;
+    let before_a = env.balance(a).await;
+    env.adj[0]
+        .conclude(&signed(&params, env.sign_all(&params, &fin)))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before_a + U256::from(40),
+        "{}",
+        env.name
+    );
+    assert_eq!(
+        env.holdings(&fin, b).await,
+        (U256::from(60), true),
+        "{}",
+        env.name
+    );
+
+    let holder = env.asset.holder;
+    let receiver = LocalAccount::random().address();
+    let auth = WithdrawalAuth {
+        channelId: fin.channelId,
+        participant: b,
+        receiver,
+        amount: U256::from(60),
+    };
+    let hash = withdrawal_hash(holder, env.asset.chainId, &auth);
+    let mallory = LocalAccount::random();
+    let forged = mallory.sign_hash(hash).unwrap();
+    assert!(matches!(
+        env.ctl
+            .withdraw_signed(holder, &auth, Bytes::from(forged.as_bytes().to_vec()))
+            .await,
+        Err(Error::BadAuthorization)
+    ));
+    let good = env.parties[1].sign_hash(hash).unwrap();
+    let twin = high_s_twin(&good);
+    let r = env
+        .ctl
+        .withdraw_signed(holder, &auth, Bytes::from(twin.as_bytes().to_vec()))
+        .await;
+    assert!(
+        matches!(r, Err(Error::BadAuthorization)),
+        "{}: {r:?}",
+        env.name
+    );
+    // An authorisation for another receiver does not carry over.
+    let redirected = WithdrawalAuth {
+        receiver: mallory.address(),
+        ..auth.clone()
+    };
+    assert!(matches!(
+        env.ctl
+            .withdraw_signed(holder, &redirected, Bytes::from(good.as_bytes().to_vec()))
+            .await,
+        Err(Error::BadAuthorization)
+    ));
+    // Withdrawing to the reverting address itself fails and changes nothing.
+    assert!(matches!(
+        env.adj[1]
+            .withdraw(&withdraw_req(&env, &params, &fin, 1, b))
+            .await,
+        Err(Error::PaymentFailed(x)) if x == b
+    ));
+    assert_eq!(env.holdings(&fin, b).await, (U256::from(60), true));
+
+    env.adj[1]
+        .withdraw(&withdraw_req(&env, &params, &fin, 1, receiver))
+        .await
+        .unwrap();
+    assert_eq!(env.balance(receiver).await, U256::from(60), "{}", env.name);
+    env.adj[1]
+        .withdraw(&withdraw_req(&env, &params, &fin, 1, receiver))
+        .await
+        .unwrap();
+    assert_eq!(env.balance(receiver).await, U256::from(60));
+    assert_eq!(env.holdings(&fin, b).await, (U256::ZERO, true));
+    let mut events = env.adj[0].subscribe(fin.channelId).await.unwrap();
+    let e1 = within("Concluded", events.next()).await.unwrap().unwrap();
+    assert!(matches!(e1, AdjudicatorEvent::Concluded { version: 1, .. }));
+    let e2 = within("Withdrawn", events.next()).await.unwrap().unwrap();
+    assert_eq!(
+        e2,
+        AdjudicatorEvent::Withdrawn {
+            id: fin.channelId,
+            holder,
+            participant: b,
+            receiver,
+            amount: U256::from(60)
+        }
+    );
+}
+
+/// A channel over both assets, closed by dispute: every asset's outcome is pushed.
+async fn multi_asset_dispute(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let params = Params::payment(
+        CHALLENGE,
+        U256::from(rand::random::<u64>()),
+        env.addresses(),
+    );
+    let row = |x: u64, y: u64| vec![U256::from(x), U256::from(y)];
+    let alloc = perun_channel::Allocation::new(
+        vec![env.asset.clone(), env.other_asset.clone()],
+        vec![row(10, 20), row(30, 40)],
+    );
+    let state0 = State::initial(&params, alloc);
+    fund_all(&env, &params, &state0).await;
+    let mut s1 = state0.next();
+    s1.outcome.balances = vec![row(25, 5), row(0, 70)];
+    env.adj[1]
+        .register(&signed(&params, env.sign_all(&params, &s1)))
+        .await
+        .unwrap();
+    env.ctl.advance(CHALLENGE + 1).await;
+    let (h0, h1) = (env.asset.holder, env.other_asset.holder);
+    let before = [
+        env.ctl.balance(h0, a).await,
+        env.ctl.balance(h0, b).await,
+        env.ctl.balance(h1, a).await,
+        env.ctl.balance(h1, b).await,
+    ];
+    env.adj[1]
+        .conclude(&signed(&params, env.sign_all(&params, &s1)))
+        .await
+        .unwrap();
+    let after = [
+        env.ctl.balance(h0, a).await,
+        env.ctl.balance(h0, b).await,
+        env.ctl.balance(h1, a).await,
+        env.ctl.balance(h1, b).await,
+    ];
+    let gained: Vec<U256> = after.iter().zip(&before).map(|(x, y)| *x - *y).collect();
+    assert_eq!(
+        gained,
+        vec![U256::from(25), U256::from(5), U256::ZERO, U256::from(70)],
+        "{}",
+        env.name
+    );
+}
+
+/// Three parties, only the first funds: the timeout names both others; after the
+/// second funds, only the third. Concluding version 0 refunds exactly the deposits.
+async fn three_party_funding(env: Env) {
+    let addrs = env.addresses();
+    let (params, state0) = env.channel(CHALLENGE, &[5, 6, 7]);
+    let fund = |i: usize| {
+        env.funders[i].fund(FundingRequest {
+            params: params.clone(),
+            state: state0.clone(),
+            index: i,
+            timeout: Duration::from_millis(300),
+        })
+    };
+    match fund(0).await {
+        Err(Error::FundingTimeout { missing }) => {
+            assert_eq!(missing, vec![(1, addrs[1]), (2, addrs[2])], "{}", env.name)
+        }
+        other => panic!("{}: {other:?}", env.name),
+    }
+    match fund(1).await {
+        Err(Error::FundingTimeout { missing }) => assert_eq!(missing, vec![(2, addrs[2])]),
+        other => panic!("{}: {other:?}", env.name),
+    }
+    let before: Vec<U256> =
+        futures_util::future::join_all(addrs.iter().map(|a| env.balance(*a))).await;
+    let s0 = signed(&params, env.sign_all(&params, &state0));
+    env.adj[2].register(&s0).await.unwrap();
+    env.ctl.advance(CHALLENGE + 1).await;
+    env.adj[2].conclude(&s0).await.unwrap();
+    let after: Vec<U256> =
+        futures_util::future::join_all(addrs.iter().map(|a| env.balance(*a))).await;
+    let gained: Vec<U256> = after.iter().zip(&before).map(|(x, y)| *x - *y).collect();
+    assert_eq!(
+        gained,
+        vec![U256::from(5), U256::from(6), U256::ZERO],
+        "{}",
+        env.name
+    );
+}
+
+macro_rules! conformance {
+    ($($name:ident: $n:expr),* $(,)?) => {
+        mod sim_eth { use super::*; $(#[tokio::test] async fn $name() { super::$name(Env::sim(Kind::Eth, $n).await).await })* }
+        mod sim_erc20 { use super::*; $(#[tokio::test] async fn $name() { super::$name(Env::sim(Kind::Erc20, $n).await).await })* }
+        mod anvil_eth { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Env::anvil(Kind::Eth, $n).await).await })* }
+        mod anvil_erc20 { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Env::anvil(Kind::Erc20, $n).await).await })* }
+    };
+}
+
+conformance!(
+    cooperative_close: 2,
+    funding_timeout_then_recover: 2,
+    dispute_rules: 2,
+    bad_input: 2,
+    reverting_receiver: 2,
+    multi_asset_dispute: 2,
+    three_party_funding: 3,
+);

@@ -1,0 +1,39 @@
+//! The anvil harness: fails loudly without anvil, moves time, dies with its handle.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use alloy::providers::{Provider, ProviderBuilder, WsConnect};
+use perun_adjudicator::testing::Anvil;
+
+#[tokio::test]
+async fn missing_anvil_says_run_setup() {
+    let err = Anvil::spawn_at(PathBuf::from("/nonexistent/anvil"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("run cargo xtask setup"), "{err}");
+}
+
+#[tokio::test]
+async fn increase_time_moves_the_clock_and_drop_kills_anvil() {
+    let anvil = Anvil::spawn().await.unwrap();
+    let url = anvil.ws_url();
+    assert!(url.starts_with("ws://127.0.0.1:"));
+    let before = anvil.now().await.unwrap();
+    anvil.increase_time(1_000).await.unwrap();
+    let after = anvil.now().await.unwrap();
+    assert!(after >= before + 1_000, "{before} -> {after}");
+    let who = anvil.funded_account().await.unwrap();
+    let who = perun_wallet::Account::address(&who);
+    let bal = anvil.admin().get_balance(who).await.unwrap();
+    assert!(!bal.is_zero());
+    assert_eq!(anvil.eth_balance(who).await.unwrap(), bal);
+    drop(anvil);
+    assert!(
+        ProviderBuilder::new()
+            .connect_ws(WsConnect::new(url))
+            .await
+            .is_err()
+    );
+}

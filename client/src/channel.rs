@@ -1,0 +1,344 @@
+//! The `Channel` controller and the per-channel state it shares with the
+//! protocol tasks.
+
+use std::sync::Arc;
+
+use perun_channel::{ChannelId, Machine, Params, Phase, SignedState, State, U256};
+use perun_persistence::{Change, ChannelRecord};
+use perun_wire::PeerId;
+use std::sync::atomic::AtomicBool;
+
+use perun_adjudicator::AdjudicatorEvent;
+use tokio::sync::{Mutex, broadcast, watch};
+
+use crate::client::Inner;
+use crate::{Error, Result};
+
+/// The machine plus what the protocol needs to know about its staged state.
+#[derive(Debug)]
+pub(crate) struct Locked {
+    pub(crate) machine: Machine,
+    /// Who proposed the staged state.
+    pub(crate) staged_actor: Option<usize>,
+}
+
+/// Everything about one channel that the controller and the protocol tasks share.
+#[derive(Debug)]
+pub(crate) struct ChannelCore {
+    pub(crate) id: ChannelId,
+    pub(crate) params: Params,
+    pub(crate) index: usize,
+    pub(crate) peers: Vec<PeerId>,
+    /// Protocol steps take this lock; readers never do.
+    pub(crate) locked: Mutex<Locked>,
+    /// One local update at a time.
+    pub(crate) update_lock: Mutex<()>,
+    /// The latest fully signed state, for lock-free reads (before version 0
+    /// is fully signed: the staged version 0; no `Channel` exists yet then).
+    state: watch::Sender<SignedState>,
+    phase: watch::Sender<Phase>,
+    updates: broadcast::Sender<SignedState>,
+    /// Chain events, re-broadcast to the application.
+    pub(crate) events: broadcast::Sender<AdjudicatorEvent>,
+    /// Whether a watcher task runs for this channel.
+    pub(crate) watching: AtomicBool,
+    /// Serialises dispute steps (watcher, settle).
+    pub(crate) act_lock: Mutex<()>,
+    /// States seen in `Registered` events, to conclude with (bounded).
+    registered: std::sync::Mutex<Vec<State>>,
+}
+
+impl ChannelCore {
+    pub(crate) fn new(machine: Machine, peers: Vec<PeerId>) -> Result<Arc<Self>> {
+        let params = machine.params().clone();
+        let snapshot = machine
+            .current()
+            .or(machine.staged())
+            .cloned()
+            .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
+        let (state, _) = watch::channel(snapshot);
+        let (phase, _) = watch::channel(machine.phase());
+        let (updates, _) = broadcast::channel(1024);
+        let (events, _) = broadcast::channel(64);
+        Ok(Arc::new(Self {
+            id: params.channel_id(),
+            index: machine.index(),
+            params,
+            peers,
+            locked: Mutex::new(Locked {
+                machine,
+                staged_actor: None,
+            }),
+            update_lock: Mutex::new(()),
+            state,
+            phase,
+            updates,
+            events,
+            watching: AtomicBool::new(false),
+            act_lock: Mutex::new(()),
+            registered: std::sync::Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Remembers a state seen registered on-chain (the last few only).
+    pub(crate) fn note_registered(&self, state: State) {
+        let mut r = crate::client::lock(&self.registered);
+        if !r.contains(&state) {
+            if r.len() >= 8 {
+                r.remove(0);
+            }
+            r.push(state);
+        }
+    }
+
+    /// A remembered registered state with this hash.
+    pub(crate) fn registered_matching(&self, hash: perun_channel::B256) -> Option<State> {
+        crate::client::lock(&self.registered)
+            .iter()
+            .find(|s| s.hash() == hash)
+            .cloned()
+    }
+
+    /// The latest fully signed state.
+    pub(crate) async fn latest(&self) -> Option<SignedState> {
+        self.locked.lock().await.machine.current().cloned()
+    }
+
+    /// Publishes the machine's current state and phase to readers; announces
+    /// a new fully signed state on the updates stream.
+    pub(crate) fn publish(&self, m: &Machine) {
+        if let Some(cur) = m.current() {
+            let newer = {
+                let old = self.state.borrow();
+                cur.state.version > old.state.version || !old.is_fully_signed()
+            };
+            if newer {
+                self.state.send_replace(cur.clone());
+                let _ = self.updates.send(cur.clone());
+            }
+        }
+        self.phase.send_if_modified(|p| {
+            let changed = *p != m.phase();
+            *p = m.phase();
+            changed
+        });
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Waits until `pred(phase)` holds or `timeout` passes.
+    pub(crate) async fn wait_phase(
+        &self,
+        timeout: std::time::Duration,
+        what: &'static str,
+        pred: impl Fn(Phase) -> bool,
+    ) -> Result<Phase> {
+        let mut rx = self.phase.subscribe();
+        let res = tokio::time::timeout(timeout, rx.wait_for(|p| pred(*p))).await;
+        match res {
+            Ok(Ok(p)) => Ok(*p),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout(what)),
+        }
+    }
+
+    pub(crate) fn record(&self, m: &Machine) -> ChannelRecord {
+        ChannelRecord {
+            params: self.params.clone(),
+            index: self.index,
+            phase: m.phase(),
+            current: m.current().cloned(),
+            staged: m.staged().cloned(),
+            peers: self.peers.iter().map(|p| p.to_bytes()).collect(),
+            metadata: Vec::new(),
+        }
+    }
+
+    pub(crate) fn peer_index(&self, peer: &PeerId) -> Option<usize> {
+        self.peers.iter().position(|p| p == peer)
+    }
+}
+
+/// A handle on one open channel. Cheap to clone; all clones control the
+/// same channel.
+#[derive(Clone)]
+pub struct Channel {
+    pub(crate) core: Arc<ChannelCore>,
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("id", &self.core.id)
+            .field("index", &self.core.index)
+            .field("phase", &self.core.phase())
+            .finish()
+    }
+}
+
+/// New fully signed states of a channel, in version order.
+#[derive(Debug)]
+pub struct UpdateStream {
+    rx: broadcast::Receiver<SignedState>,
+}
+
+impl UpdateStream {
+    /// The next new state. States missed by a slow reader are skipped (the
+    /// latest one is always delivered); `None` once the client is gone.
+    pub async fn next(&mut self) -> Option<SignedState> {
+        loop {
+            match self.rx.recv().await {
+                Ok(s) => return Some(s),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// A channel's on-chain events, in chain order.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: broadcast::Receiver<AdjudicatorEvent>,
+}
+
+impl EventStream {
+    /// The next event; `None` once the client is gone. Events missed by a
+    /// slow reader are skipped.
+    pub async fn next(&mut self) -> Option<AdjudicatorEvent> {
+        loop {
+            match self.rx.recv().await {
+                Ok(e) => return Some(e),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl Channel {
+    pub(crate) fn new(core: Arc<ChannelCore>, inner: Arc<Inner>) -> Self {
+        Self { core, inner }
+    }
+
+    /// The channel id.
+    pub fn id(&self) -> ChannelId {
+        self.core.id
+    }
+
+    /// The channel's fixed parameters.
+    pub fn params(&self) -> &Params {
+        &self.core.params
+    }
+
+    /// Our participant index.
+    pub fn index(&self) -> usize {
+        self.core.index
+    }
+
+    /// The participants' network ids, in participant order.
+    pub fn peers(&self) -> &[PeerId] {
+        &self.core.peers
+    }
+
+    /// The latest fully signed state. Never waits for an update in flight.
+    pub fn state(&self) -> SignedState {
+        self.core.state.borrow().clone()
+    }
+
+    /// The channel's phase.
+    pub fn phase(&self) -> Phase {
+        self.core.phase()
+    }
+
+    /// The channel's on-chain events (registrations, conclusion,
+    /// withdrawals) as the watcher sees them, from now on.
+    pub fn events(&self) -> EventStream {
+        EventStream {
+            rx: self.core.events.subscribe(),
+        }
+    }
+
+    /// A stream of the channel's new fully signed states.
+    pub fn updates(&self) -> UpdateStream {
+        UpdateStream {
+            rx: self.core.updates.subscribe(),
+        }
+    }
+
+    /// Waits until the channel reaches `phase` (e.g. `Withdrawn` after a
+    /// dispute the watcher runs), or `timeout` passes.
+    pub async fn wait_for_phase(&self, phase: Phase, timeout: std::time::Duration) -> Result<()> {
+        self.core
+            .wait_phase(timeout, "phase", |p| p == phase)
+            .await
+            .map(|_| ())
+    }
+
+    /// Proposes the next state: `f` edits a copy of the current state whose
+    /// version is already incremented. Returns the new fully signed state
+    /// once every participant signed it and it is durably stored.
+    ///
+    /// Fails with [`Error::Rejected`] if a peer refuses, with the retryable
+    /// [`Error::Conflict`] if a peer with a lower index proposed at the same
+    /// time; in both cases the channel stays on its old state.
+    pub async fn update(&self, f: impl FnOnce(&mut State)) -> Result<SignedState> {
+        self.try_update(|s| {
+            f(s);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Like [`update`](Self::update), but `f` may refuse (with a reason),
+    /// in which case nothing is sent and [`Error::InvalidUpdate`] is returned.
+    pub async fn try_update(
+        &self,
+        f: impl FnOnce(&mut State) -> std::result::Result<(), String>,
+    ) -> Result<SignedState> {
+        crate::update::propose(&self.inner, &self.core, f).await
+    }
+
+    /// Moves `amount` of asset `asset` from us to participant `to`.
+    pub async fn pay(&self, to: usize, asset: usize, amount: U256) -> Result<SignedState> {
+        let me = self.core.index;
+        self.try_update(|s| {
+            let row = s
+                .outcome
+                .balances
+                .get_mut(asset)
+                .ok_or_else(|| format!("no asset {asset}"))?;
+            if to >= row.len() || to == me {
+                return Err(format!("cannot pay participant {to}"));
+            }
+            row[me] = row[me]
+                .checked_sub(amount)
+                .ok_or_else(|| format!("balance {} is below {amount}", row[me]))?;
+            row[to] += amount;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Closes the channel and withdraws our funds to our address.
+    ///
+    /// Cooperatively if the peers answer: a final update (unless the state
+    /// is final already), then `concludeFinal` (a no-op if a peer did it
+    /// first). If they do not, it registers our latest state, waits out the
+    /// challenge period and concludes. Returns once our funds are withdrawn.
+    pub async fn settle(&self) -> Result<()> {
+        crate::settle::settle(&self.inner, &self.core).await
+    }
+}
+
+/// Persists `changes` for channel `id`.
+pub(crate) async fn persist(inner: &Inner, id: ChannelId, changes: Vec<Change>) -> Result<()> {
+    inner
+        .persister
+        .update(id, changes)
+        .await
+        .map_err(Error::from)
+}

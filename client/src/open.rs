@@ -1,0 +1,542 @@
+//! The channel proposal protocol (DESIGN §8).
+//!
+//! Proposer: `Proposal` to every peer → all `ProposalAccept` (any reject or
+//! failure aborts and tells the others) → nonce from everyone's share →
+//! persist, then `Signing0` with our version-0 signature → every peer's
+//! signature → (n > 2) `UpdateCommit` with the full set → fund → active.
+
+use std::sync::Arc;
+
+use perun_adjudicator::FundingRequest;
+use perun_channel::{
+    Address, Allocation, B256, Bytes, Machine, Params, Phase, SignedState, State, derive_nonce,
+};
+use perun_persistence::Change;
+use perun_wire::{
+    Message, Participant, PeerId, Proposal, ProposalAccept, ProposalReject, Refusal, RefusalCode,
+    Responder, Signing0, UpdateAccept,
+};
+use rand::RngCore;
+use tokio::sync::oneshot;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::channel::{Channel, ChannelCore, persist};
+use crate::client::{Inner, lock};
+use crate::handler::{IncomingProposal, ProposalDecision, ProposalResponder};
+use crate::settle::set_phase;
+use crate::update::send_commit;
+use crate::{Error, Result};
+
+/// What the proposer wants: who, with how much, under which rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelProposal {
+    /// Every participant in index order, the proposer included.
+    pub participants: Vec<Participant>,
+    /// Initial balances, `balances[asset][participant]`.
+    pub allocation: Allocation,
+    /// Seconds a registered state can be refuted.
+    pub challenge_duration: u64,
+    /// The app contract; zero for a payment channel.
+    pub app: Address,
+    /// Initial app data (empty for payment channels).
+    pub app_data: Bytes,
+}
+
+impl ChannelProposal {
+    /// A payment channel proposal.
+    pub fn payment(
+        participants: Vec<Participant>,
+        allocation: Allocation,
+        challenge_duration: u64,
+    ) -> Self {
+        Self {
+            participants,
+            allocation,
+            challenge_duration,
+            app: Address::ZERO,
+            app_data: Bytes::new(),
+        }
+    }
+}
+
+/// An accepted proposal waiting for its `Signing0`.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    proposal: Proposal,
+    from: PeerId,
+    index: usize,
+    share: B256,
+    done: oneshot::Sender<Result<Channel>>,
+}
+
+fn random_word() -> B256 {
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    B256::from(b)
+}
+
+/// The params and version-0 state a proposal describes once the nonce is known.
+fn channel_of(p: &Proposal, nonce_shares: &[B256]) -> Result<(Params, State)> {
+    let params = Params {
+        challengeDuration: p.challenge_duration,
+        nonce: derive_nonce(nonce_shares),
+        participants: p.participants.iter().map(|x| x.address).collect(),
+        app: p.app,
+    };
+    let mut state = State::initial(&params, p.allocation.clone());
+    state.appData = p.app_data.clone();
+    state.validate(&params)?;
+    Ok((params, state))
+}
+
+/// Checks a proposal's shape, its sender, and finds our index in it.
+fn check_proposal(inner: &Inner, from: Option<PeerId>, p: &Proposal) -> Result<usize> {
+    let n = p.participants.len();
+    let me = (inner.account.address(), inner.wire.local_peer_id());
+    let index = p
+        .participants
+        .iter()
+        .position(|x| (x.address, x.peer) == me)
+        .ok_or(Error::Config("we are not among the participants".into()))?;
+    let proposer = p
+        .participants
+        .get(p.proposer)
+        .ok_or(Error::Channel(perun_channel::Error::Index(p.proposer)))?;
+    if let Some(from) = from
+        && (proposer.peer != from || index == p.proposer)
+    {
+        return Err(Error::Protocol {
+            peer: from,
+            reason: "proposal not sent by its proposer".into(),
+        });
+    }
+    let mut peers: Vec<PeerId> = p.participants.iter().map(|x| x.peer).collect();
+    peers.sort();
+    peers.dedup();
+    if peers.len() != n {
+        return Err(Error::Config("a peer appears twice".into()));
+    }
+    channel_of(p, &vec![B256::ZERO; n])?;
+    Ok(index)
+}
+
+/// Runs the proposer's side.
+pub(crate) async fn propose(inner: &Arc<Inner>, spec: ChannelProposal) -> Result<Channel> {
+    let proposal = Proposal {
+        proposal_id: random_word(),
+        challenge_duration: spec.challenge_duration,
+        proposer: 0,
+        participants: spec.participants,
+        allocation: spec.allocation,
+        app: spec.app,
+        app_data: spec.app_data,
+        nonce_share: random_word(),
+    };
+    let me = (inner.account.address(), inner.wire.local_peer_id());
+    let index = proposal
+        .participants
+        .iter()
+        .position(|x| (x.address, x.peer) == me)
+        .ok_or(Error::Config("we are not among the participants".into()))?;
+    let proposal = Proposal {
+        proposer: index,
+        ..proposal
+    };
+    check_proposal(inner, None, &proposal)?;
+    let span = info_span!("propose_channel", proposal = %proposal.proposal_id, me = index);
+    async move {
+        let n = proposal.participants.len();
+        let peers: Vec<PeerId> = proposal.participants.iter().map(|x| x.peer).collect();
+        let sends = peers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(i, peer)| {
+                let msg = Message::Proposal(proposal.clone());
+                async move { (i, *peer, inner.wire.send(*peer, &msg).await) }
+            });
+        let replies = futures::future::join_all(sends).await;
+        let mut shares = vec![B256::ZERO; n];
+        shares[index] = proposal.nonce_share;
+        let mut failure = None;
+        let mut accepted = Vec::new();
+        for (i, peer, reply) in replies {
+            match reply {
+                Ok(Message::ProposalAccept(a))
+                    if a.proposal_id == proposal.proposal_id
+                        && a.index == i
+                        && a.address == proposal.participants[i].address =>
+                {
+                    shares[i] = a.nonce_share;
+                    accepted.push(peer);
+                }
+                Ok(Message::ProposalReject(r)) if r.proposal_id == proposal.proposal_id => {
+                    failure.get_or_insert(Error::Rejected {
+                        index: i,
+                        reason: r.reason,
+                    });
+                }
+                Ok(other) => {
+                    warn!(%peer, ?other, "bad reply to a proposal");
+                    failure.get_or_insert(Error::Protocol {
+                        peer,
+                        reason: "bad reply to a proposal".into(),
+                    });
+                }
+                Err(e) => {
+                    failure.get_or_insert(e.into());
+                }
+            }
+        }
+        if let Some(e) = failure {
+            abort(inner, &proposal, index, &accepted, &e).await;
+            return Err(e);
+        }
+        let (params, state0) = channel_of(&proposal, &shares)?;
+        let mut machine = Machine::new(params, index, state0)?;
+        machine.set_phase(Phase::Signing0)?;
+        let signature = machine.sign_staged(inner.account.as_ref())?;
+        let core = ChannelCore::new(machine, peers)?;
+        {
+            let l = core.locked.lock().await;
+            inner
+                .persister
+                .channel_created(&core.record(&l.machine))
+                .await?;
+        }
+        inner.insert_channel(core.clone());
+        debug!(channel = %core.id, "version 0 signed and stored");
+
+        let msg = Message::Signing0(Signing0 {
+            proposal_id: proposal.proposal_id,
+            nonce_shares: shares,
+            signature,
+        });
+        let replies = inner.broadcast(&core, &msg).await;
+        let res = collect_signing0(inner, &core, replies).await;
+        let full = match res {
+            Ok(full) => full,
+            Err(e) => {
+                // Nothing is funded yet; forget the channel.
+                inner.remove_channel(&core.id);
+                let _ = inner.persister.channel_removed(core.id).await;
+                return Err(e);
+            }
+        };
+        if n > 2 {
+            send_commit(inner, &core, &full).await;
+        }
+        fund_and_activate(inner, core).await
+    }
+    .instrument(span)
+    .await
+}
+
+async fn collect_signing0(
+    inner: &Arc<Inner>,
+    core: &Arc<ChannelCore>,
+    replies: Vec<(PeerId, usize, perun_wire::Result<Message>)>,
+) -> Result<SignedState> {
+    let mut l = core.locked.lock().await;
+    let mut trial = l.machine.clone();
+    for (peer, i, reply) in replies {
+        match reply? {
+            Message::UpdateAccept(UpdateAccept {
+                channel_id,
+                version: 0,
+                index,
+                signature,
+            }) if channel_id == core.id && index == i => trial.add_signature(i, signature)?,
+            Message::UpdateReject(r) => {
+                return Err(Error::Rejected {
+                    index: i,
+                    reason: r.reason,
+                });
+            }
+            other => {
+                warn!(%peer, ?other, "bad reply to Signing0");
+                return Err(Error::Protocol {
+                    peer,
+                    reason: "bad reply to Signing0".into(),
+                });
+            }
+        }
+    }
+    let full = trial.commit_staged()?.clone();
+    persist(
+        inner,
+        core.id,
+        vec![
+            Change::Committed(full.clone()),
+            Change::Phase(trial.phase()),
+        ],
+    )
+    .await?;
+    l.machine = trial;
+    core.publish(&l.machine);
+    Ok(full)
+}
+
+/// Finishes funding a channel restored in `Funding` (deposits are
+/// idempotent: only what is still missing is paid).
+pub(crate) async fn resume_funding(inner: &Arc<Inner>, core: Arc<ChannelCore>) -> Result<Channel> {
+    fund_and_activate(inner, core).await
+}
+
+/// Deposits our share, waits for everyone's, and marks the channel active.
+async fn fund_and_activate(inner: &Arc<Inner>, core: Arc<ChannelCore>) -> Result<Channel> {
+    let state = {
+        let l = core.locked.lock().await;
+        l.machine
+            .current()
+            .map(|c| c.state.clone())
+            .ok_or(Error::Phase(l.machine.phase()))?
+    };
+    let req = FundingRequest {
+        params: core.params.clone(),
+        state,
+        index: core.index,
+        timeout: inner.timeouts.funding,
+    };
+    // Watch the chain from funding on: deposits are at stake from now.
+    crate::watcher::spawn(inner, &core);
+    let funded = inner
+        .funder
+        .fund(req)
+        .instrument(info_span!("fund", channel = %core.id))
+        .await;
+    if let Err(e) = funded {
+        warn!(channel = %core.id, error = %e, "funding failed; recovering deposits via version 0");
+        // Register version 0: once its challenge period is over the holders
+        // pay every deposit back (an under-funded channel refunds), and the
+        // watcher withdraws ours.
+        if let Err(close) = crate::watcher::force_close(inner, &core).await {
+            warn!(channel = %core.id, error = %close, "could not register version 0");
+        }
+        return Err(e.into());
+    }
+    set_phase(inner, &core, Phase::Active).await?;
+    info!(channel = %core.id, "channel active");
+    Ok(Channel::new(core, inner.clone()))
+}
+
+/// Tells the peers that accepted that the proposal is off.
+async fn abort(inner: &Arc<Inner>, p: &Proposal, index: usize, peers: &[PeerId], why: &Error) {
+    let msg = Message::ProposalReject(ProposalReject {
+        proposal_id: p.proposal_id,
+        index,
+        reason: format!("aborted: {why}"),
+    });
+    let sends = peers.iter().map(|peer| inner.wire.send(*peer, &msg));
+    futures::future::join_all(sends).await;
+}
+
+fn reject_proposal(p: &Proposal, index: usize, reason: String) -> Message {
+    Message::ProposalReject(ProposalReject {
+        proposal_id: p.proposal_id,
+        index,
+        reason,
+    })
+}
+
+/// Answers a `Proposal`: checks it, asks the handler, and on accept waits
+/// (in the background) for `Signing0`.
+pub(crate) async fn handle_proposal(
+    inner: Arc<Inner>,
+    peer: PeerId,
+    p: Proposal,
+    responder: Responder,
+) {
+    let span = info_span!("handle_proposal", proposal = %p.proposal_id, %peer);
+    async move {
+        let index = match check_proposal(&inner, Some(peer), &p) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "invalid proposal");
+                let _ = responder.reply(reject_proposal(&p, usize::MAX, e.to_string()));
+                return;
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let handler = inner.proposal_handler.clone();
+        let incoming = IncomingProposal {
+            proposal: p.clone(),
+            from: peer,
+            index,
+        };
+        tokio::spawn(async move {
+            handler
+                .handle_proposal(incoming, ProposalResponder { tx })
+                .await
+        });
+        let decision = tokio::time::timeout(inner.timeouts.handler, rx).await;
+        let done = match decision {
+            Ok(Ok(ProposalDecision::Accept(done))) => done,
+            Ok(Ok(ProposalDecision::Reject(reason))) => {
+                let _ = responder.reply(reject_proposal(&p, index, reason));
+                return;
+            }
+            Ok(Err(_)) | Err(_) => {
+                let _ = responder.reply(reject_proposal(&p, index, "no decision".into()));
+                return;
+            }
+        };
+        let share = random_word();
+        let id = p.proposal_id;
+        let address = inner.account.address();
+        lock(&inner.pending).insert(
+            id,
+            Pending {
+                proposal: p,
+                from: peer,
+                index,
+                share,
+                done,
+            },
+        );
+        let _ = responder.reply(Message::ProposalAccept(ProposalAccept {
+            proposal_id: id,
+            index,
+            nonce_share: share,
+            address,
+        }));
+        // Give up if Signing0 does not come. Hold only a weak reference
+        // meanwhile, so a client that shuts down is not kept alive.
+        let timeout = inner.timeouts.signing;
+        let weak = Arc::downgrade(&inner);
+        drop(inner);
+        tokio::time::sleep(timeout).await;
+        if let Some(inner) = weak.upgrade()
+            && let Some(p) = lock(&inner.pending).remove(&id)
+        {
+            warn!("no Signing0 in time; proposal dropped");
+            let _ = p.done.send(Err(Error::Timeout("version-0 signatures")));
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The proposer called a proposal off.
+pub(crate) fn handle_abort(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    r: ProposalReject,
+    responder: Responder,
+) {
+    let mut pending = lock(&inner.pending);
+    match pending.remove(&r.proposal_id) {
+        Some(p) if p.from == peer => {
+            let _ = p.done.send(Err(Error::Rejected {
+                index: r.index,
+                reason: r.reason,
+            }));
+        }
+        Some(p) => {
+            warn!(%peer, "abort from a peer that is not the proposer");
+            pending.insert(r.proposal_id, p);
+        }
+        None => {}
+    }
+    let _ = responder.reply(Message::Ack);
+}
+
+/// Answers `Signing0`: derives the channel, checks the proposer's
+/// signature, persists ours, replies with it, then funds in the background.
+pub(crate) async fn handle_signing0(
+    inner: Arc<Inner>,
+    peer: PeerId,
+    s: Signing0,
+    responder: Responder,
+) {
+    let pending = {
+        let mut map = lock(&inner.pending);
+        match map.remove(&s.proposal_id) {
+            Some(p) if p.from == peer => Some(p),
+            Some(p) => {
+                map.insert(s.proposal_id, p);
+                None
+            }
+            None => None,
+        }
+    };
+    let Some(pending) = pending else {
+        warn!(%peer, proposal = %s.proposal_id, "Signing0 for no pending proposal of this peer");
+        let _ = responder.refuse(Refusal::new(RefusalCode::Unauthorized, "no such proposal"));
+        return;
+    };
+    let span = info_span!("handle_signing0", proposal = %s.proposal_id, me = pending.index);
+    let _g = span.enter();
+    match sign0(&inner, &pending, &s).await {
+        Ok((core, signature)) => {
+            let _ = responder.reply(Message::UpdateAccept(UpdateAccept {
+                channel_id: core.id,
+                version: 0,
+                index: pending.index,
+                signature,
+            }));
+            let inner = inner.clone();
+            tokio::spawn(
+                async move {
+                    let res = async {
+                        core.wait_phase(inner.timeouts.signing, "version-0 commit", |p| {
+                            p != Phase::Signing0
+                        })
+                        .await?;
+                        fund_and_activate(&inner, core).await
+                    }
+                    .await;
+                    let _ = pending.done.send(res);
+                }
+                .instrument(span.clone()),
+            );
+        }
+        Err(e) => {
+            warn!(error = %e, "Signing0 refused");
+            let _ = responder.reply(Message::UpdateReject(perun_wire::UpdateReject {
+                channel_id: B256::ZERO,
+                version: 0,
+                index: pending.index,
+                reason: e.to_string(),
+                kind: perun_wire::RejectKind::Refused,
+            }));
+            let _ = pending.done.send(Err(e));
+        }
+    }
+}
+
+async fn sign0(
+    inner: &Arc<Inner>,
+    pending: &Pending,
+    s: &Signing0,
+) -> Result<(Arc<ChannelCore>, perun_wallet::Signature)> {
+    let p = &pending.proposal;
+    let n = p.participants.len();
+    if s.nonce_shares.len() != n || s.nonce_shares.get(pending.index) != Some(&pending.share) {
+        return Err(Error::Protocol {
+            peer: pending.from,
+            reason: "nonce shares do not include ours".into(),
+        });
+    }
+    let (params, state0) = channel_of(p, &s.nonce_shares)?;
+    let mut machine = Machine::new(params, pending.index, state0)?;
+    machine.set_phase(Phase::Signing0)?;
+    machine.add_signature(p.proposer, s.signature)?;
+    let signature = machine.sign_staged(inner.account.as_ref())?;
+    if n == 2 {
+        // We now hold both signatures: version 0 is complete.
+        machine.commit_staged()?;
+    }
+    let peers = p.participants.iter().map(|x| x.peer).collect();
+    let core = ChannelCore::new(machine, peers)?;
+    {
+        // Persist before our signature leaves this process.
+        let l = core.locked.lock().await;
+        inner
+            .persister
+            .channel_created(&core.record(&l.machine))
+            .await?;
+    }
+    inner.insert_channel(core.clone());
+    Ok((core, signature))
+}

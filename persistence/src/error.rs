@@ -1,0 +1,124 @@
+//! The persistence crate's error type.
+
+use perun_channel::ChannelId;
+
+/// Everything a [`Persister`](crate::Persister) can refuse or fail at.
+///
+/// Two kinds of error exist. *Rejections* (`UnknownChannel`, `AlreadyExists`,
+/// `StaleVersion`, `VersionConflict`, `InvalidInput`, `LimitExceeded`) mean
+/// the request was refused and nothing was written. *Failures* (`Storage`,
+/// `Io`, `Corrupt`, `Closed`, ...) mean the store could not answer; a write
+/// that failed this way may or may not be on disk, and the caller must not
+/// treat it as durable.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The channel is not in the store (never created, or removed).
+    #[error("unknown channel {0}")]
+    UnknownChannel(ChannelId),
+    /// `channel_created` for a channel that already exists with other contents.
+    #[error("channel {0} already exists with different contents")]
+    AlreadyExists(ChannelId),
+    /// A state older than the stored fully signed state: persisting it would
+    /// roll the channel back.
+    #[error("channel {id}: version {got} is not newer than stored version {stored}")]
+    StaleVersion {
+        /// The channel.
+        id: ChannelId,
+        /// Version of the stored fully signed state.
+        stored: u64,
+        /// Version that was offered.
+        got: u64,
+    },
+    /// A second, different fully signed state with the version already stored.
+    #[error("channel {id}: a different fully signed state with version {version} is stored")]
+    VersionConflict {
+        /// The channel.
+        id: ChannelId,
+        /// The version both states carry.
+        version: u64,
+    },
+    /// The caller passed a record or state that breaks a channel rule.
+    #[error("channel {id}: invalid input: {source}")]
+    InvalidInput {
+        /// The channel.
+        id: ChannelId,
+        /// The violated rule.
+        #[source]
+        source: perun_channel::Error,
+    },
+    /// The caller passed something outside this crate's own limits
+    /// (peer ids, metadata, participant indices).
+    #[error("channel {id}: {what}")]
+    LimitExceeded {
+        /// The channel.
+        id: ChannelId,
+        /// Which limit, and by how much.
+        what: String,
+    },
+    /// A stored record decoded but failed validation (bad signature, broken
+    /// channel rule): the bytes on disk cannot be trusted.
+    #[error("stored channel {id} is invalid: {reason}")]
+    InvalidRecord {
+        /// The channel.
+        id: ChannelId,
+        /// What check failed.
+        reason: String,
+    },
+    /// Stored bytes that do not decode: checksum mismatch, truncation,
+    /// unknown tag, or a database file redb cannot read.
+    #[error("corrupted store{}: {reason}", id.map(|id| format!(" (channel {id})")).unwrap_or_default())]
+    Corrupt {
+        /// The channel whose record is damaged, when known.
+        id: Option<ChannelId>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The file was written by a newer version of this crate.
+    #[error("store schema version {found} is newer than the supported {supported}; upgrade perun")]
+    SchemaTooNew {
+        /// Schema version in the file.
+        found: u64,
+        /// Highest schema version this build understands.
+        supported: u64,
+    },
+    /// A record encoded with a newer record format than this build understands.
+    #[error("record format {found} is newer than the supported {supported}; upgrade perun")]
+    FormatTooNew {
+        /// Format byte in the record.
+        found: u8,
+        /// Highest format this build understands.
+        supported: u8,
+    },
+    /// Another process (or handle) has the database file open.
+    #[error("database file is already open elsewhere")]
+    AlreadyOpen,
+    /// An I/O error from the file system.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// Any other error reported by the storage engine.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The store's writer thread has stopped (after a fatal error or a panic
+    /// inside the storage engine); reopen the store.
+    #[error("persister is closed")]
+    Closed,
+}
+
+impl Error {
+    /// Whether this is a rejection: the request was refused and the store
+    /// is unchanged.
+    pub fn is_rejection(&self) -> bool {
+        matches!(
+            self,
+            Error::UnknownChannel(_)
+                | Error::AlreadyExists(_)
+                | Error::StaleVersion { .. }
+                | Error::VersionConflict { .. }
+                | Error::InvalidInput { .. }
+                | Error::LimitExceeded { .. }
+        )
+    }
+}
+
+/// The persistence crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

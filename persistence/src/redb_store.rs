@@ -1,0 +1,804 @@
+//! [`RedbPersister`]: the embedded default store, on one redb file.
+//!
+//! # File layout (schema version 1)
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `perun_info` | `&str` | `u64`; key `"schema_version"` holds [`SCHEMA_VERSION`] |
+//! | `perun_channels` | channel id (32 bytes) | params, index, phase, peers, metadata ([`crate::codec`]) |
+//! | `perun_current` | channel id | the latest fully signed state |
+//! | `perun_staged` | channel id | the staged, partially signed state |
+//!
+//! States live in their own tables so a commit rewrites only the state it
+//! changes, not the params and peers.
+//!
+//! # Threads and group commit
+//!
+//! One dedicated writer thread owns the database. Calls send a request over
+//! a channel and await a one-shot reply, so no redb work (and no `fsync`)
+//! runs on the caller's async executor. The thread takes every request that
+//! is queued when it becomes free, applies all writes in one redb write
+//! transaction and commits it once with `Durability::Immediate` (and, by
+//! default, two-phase commit); only then does it reply. Concurrent channels
+//! therefore share one `fsync` per batch, and each caller's `Ok` still
+//! means its own write is durable.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use perun_channel::ChannelId;
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    Table, TableDefinition, TableError, WriteTransaction,
+};
+use tokio::sync::oneshot;
+use tracing::{debug, debug_span, error, info, instrument, warn};
+
+use crate::codec::{decode_meta, decode_state, encode_meta, encode_state};
+use crate::{Change, ChannelRecord, Error, Persister, Result};
+
+/// The schema version this build writes and the newest it opens.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const INFO: TableDefinition<&str, u64> = TableDefinition::new("perun_info");
+const SCHEMA_KEY: &str = "schema_version";
+const CHANNELS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_channels");
+const CURRENT: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_current");
+const STAGED: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_staged");
+
+/// Settings of a [`RedbPersister`].
+#[derive(Debug, Clone)]
+pub struct RedbOptions {
+    /// Commit in two phases (flush the new commit slot, then flip to it and
+    /// flush again). On by default: redb then never has to trust its
+    /// checksums to pick the valid commit after a crash, at the cost of a
+    /// second `fsync` per commit. Turning it off halves the commit latency
+    /// and stays crash safe for ordinary crashes and power loss (redb's
+    /// 1-phase commit is checksum based).
+    pub two_phase_commit: bool,
+    /// redb's page cache, in bytes.
+    pub cache_size: usize,
+    /// Most requests folded into one write transaction.
+    pub max_batch: usize,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self {
+            two_phase_commit: true,
+            cache_size: 64 * 1024 * 1024,
+            max_batch: 1024,
+        }
+    }
+}
+
+/// Counters of the writer thread, to see group commit at work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RedbStats {
+    /// Write transactions committed.
+    pub transactions: u64,
+    /// Write requests acknowledged by those transactions.
+    pub writes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    transactions: AtomicU64,
+    writes: AtomicU64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum Request {
+    Create(Box<ChannelRecord>, Reply<()>),
+    Update(ChannelId, Vec<Change>, Reply<()>),
+    Remove(ChannelId, Reply<()>),
+    Ids(Reply<Vec<ChannelId>>),
+    Load(ChannelId, Reply<Option<ChannelRecord>>),
+    LoadAll(Reply<Vec<ChannelRecord>>),
+}
+
+/// A [`Persister`] on one redb file, with group commit (see the module docs).
+///
+/// Dropping it stops the writer thread and waits for the batch in progress
+/// to finish, so the file can be reopened right after the drop.
+pub struct RedbPersister {
+    sender: Option<mpsc::Sender<Request>>,
+    worker: Option<JoinHandle<()>>,
+    path: PathBuf,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for RedbPersister {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbPersister")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedbPersister {
+    /// Opens (or creates) the store at `path` with default options, doing
+    /// the file work on the store's own thread.
+    ///
+    /// Fails with [`Error::SchemaTooNew`] for a file written by a newer
+    /// build, [`Error::Corrupt`] for a file that is not a readable perun
+    /// store, [`Error::AlreadyOpen`] if another handle holds it.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, RedbOptions::default()).await
+    }
+
+    /// [`open`](Self::open) with explicit options.
+    pub async fn open_with(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self> {
+        let (tx, rx) = oneshot::channel();
+        let mut this = Self::spawn(path.as_ref(), options, move |r| {
+            let _ = tx.send(r);
+        })?;
+        match rx.await {
+            Ok(Ok(())) => Ok(this),
+            Ok(Err(e)) => {
+                this.shutdown();
+                Err(e)
+            }
+            Err(_) => {
+                this.shutdown();
+                Err(Error::Closed)
+            }
+        }
+    }
+
+    /// [`open_with`](Self::open_with) for callers outside an async context;
+    /// blocks until the file is open.
+    pub fn open_blocking(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let mut this = Self::spawn(path.as_ref(), options, move |r| {
+            let _ = tx.send(r);
+        })?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(this),
+            Ok(Err(e)) => {
+                this.shutdown();
+                Err(e)
+            }
+            Err(_) => {
+                this.shutdown();
+                Err(Error::Closed)
+            }
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many transactions and acknowledged writes so far; `writes /
+    /// transactions` is the mean group-commit batch.
+    pub fn stats(&self) -> RedbStats {
+        RedbStats {
+            transactions: self.counters.transactions.load(Ordering::Relaxed),
+            writes: self.counters.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn spawn(
+        path: &Path,
+        options: RedbOptions,
+        ready: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Result<Self> {
+        let (sender, receiver) = mpsc::channel();
+        let file = path.to_path_buf();
+        let counters = Arc::new(Counters::default());
+        let writer_counters = counters.clone();
+        let worker = std::thread::Builder::new()
+            .name("perun-redb-writer".into())
+            .spawn(move || {
+                let opened = catch_unwind(AssertUnwindSafe(|| {
+                    Writer::open(&file, &options, writer_counters)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(Error::Corrupt {
+                        id: None,
+                        reason: "storage engine panicked while opening the file".into(),
+                    })
+                });
+                match opened {
+                    Ok(writer) => {
+                        ready(Ok(()));
+                        writer.run(receiver);
+                    }
+                    Err(e) => {
+                        warn!(path = %file.display(), error = %e, "persistence: cannot open store");
+                        ready(Err(e));
+                    }
+                }
+            })?;
+        Ok(Self {
+            sender: Some(sender),
+            worker: Some(worker),
+            path: path.to_path_buf(),
+            counters,
+        })
+    }
+
+    fn shutdown(&mut self) {
+        self.sender.take();
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            error!("persistence: writer thread panicked");
+        }
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.sender
+            .as_ref()
+            .ok_or(Error::Closed)?
+            .send(make(tx))
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+}
+
+impl Drop for RedbPersister {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[async_trait]
+impl Persister for RedbPersister {
+    #[instrument(level = "debug", skip_all, fields(channel = %ch.id()))]
+    async fn channel_created(&self, ch: &ChannelRecord) -> Result<()> {
+        // Signature checks are CPU work: do them here, in parallel across
+        // callers, rather than on the single writer thread.
+        ch.validate().inspect_err(
+            |e| warn!(channel = %ch.id(), error = %e, "persistence: record rejected"),
+        )?;
+        self.call(|r| Request::Create(Box::new(ch.clone()), r))
+            .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(channel = %id, changes = changes.len()))]
+    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> Result<()> {
+        self.call(|r| Request::Update(id, changes, r)).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(channel = %id))]
+    async fn channel_removed(&self, id: ChannelId) -> Result<()> {
+        self.call(|r| Request::Remove(id, r)).await
+    }
+
+    async fn channel_ids(&self) -> Result<Vec<ChannelId>> {
+        self.call(Request::Ids).await
+    }
+
+    async fn load(&self, id: ChannelId) -> Result<Option<ChannelRecord>> {
+        self.call(|r| Request::Load(id, r)).await
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn load_all(&self) -> Result<Vec<ChannelRecord>> {
+        self.call(Request::LoadAll).await
+    }
+}
+
+/// Maps a redb error to ours, keeping the distinctions a caller acts on.
+fn db_err(e: impl Into<redb::Error>) -> Error {
+    match e.into() {
+        redb::Error::DatabaseAlreadyOpen => Error::AlreadyOpen,
+        redb::Error::Corrupted(reason) => Error::Corrupt { id: None, reason },
+        redb::Error::Io(e) => Error::Io(e),
+        redb::Error::TableTypeMismatch { table, .. } => Error::Corrupt {
+            id: None,
+            reason: format!("table {table} has an unexpected type"),
+        },
+        other => Error::Storage(other.to_string()),
+    }
+}
+
+/// Why one request in a batch did not go through.
+enum Failure {
+    /// Refused before writing anything; the rest of the batch goes on.
+    Refused(Error),
+    /// The storage engine failed; the transaction is abandoned.
+    Fatal(String),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Refused(e)
+    }
+}
+
+fn fatal(e: impl Into<redb::Error>) -> Failure {
+    Failure::Fatal(db_err(e).to_string())
+}
+
+/// A write that passed every check, as the bytes to put in each table.
+/// `Some(None)` deletes the entry; `None` leaves it alone.
+#[derive(Default)]
+struct Plan {
+    meta: Option<Option<Vec<u8>>>,
+    current: Option<Option<Vec<u8>>>,
+    staged: Option<Option<Vec<u8>>>,
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.meta.is_none() && self.current.is_none() && self.staged.is_none()
+    }
+}
+
+struct Tables<'txn> {
+    channels: Table<'txn, &'static [u8; 32], &'static [u8]>,
+    current: Table<'txn, &'static [u8; 32], &'static [u8]>,
+    staged: Table<'txn, &'static [u8; 32], &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> std::result::Result<Self, TableError> {
+        Ok(Self {
+            channels: txn.open_table(CHANNELS)?,
+            current: txn.open_table(CURRENT)?,
+            staged: txn.open_table(STAGED)?,
+        })
+    }
+
+    /// The stored record of `id`, decoded but not validated.
+    fn read(&self, id: ChannelId) -> std::result::Result<Option<ChannelRecord>, Failure> {
+        read_record(&self.channels, &self.current, &self.staged, id)
+    }
+
+    fn apply(&mut self, id: ChannelId, plan: Plan) -> std::result::Result<(), Failure> {
+        let key = &id.0;
+        for (table, change) in [
+            (&mut self.channels, plan.meta),
+            (&mut self.current, plan.current),
+            (&mut self.staged, plan.staged),
+        ] {
+            match change {
+                Some(Some(bytes)) => {
+                    table.insert(key, bytes.as_slice()).map_err(fatal)?;
+                }
+                Some(None) => {
+                    table.remove(key).map_err(fatal)?;
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_record(
+    channels: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    current: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    staged: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    id: ChannelId,
+) -> std::result::Result<Option<ChannelRecord>, Failure> {
+    let key = &id.0;
+    let Some(meta) = channels.get(key).map_err(fatal)? else {
+        return Ok(None);
+    };
+    let meta = decode_meta(id, meta.value())?;
+    let cur = match current.get(key).map_err(fatal)? {
+        Some(v) => Some(decode_state(id, v.value())?),
+        None => None,
+    };
+    let stg = match staged.get(key).map_err(fatal)? {
+        Some(v) => Some(decode_state(id, v.value())?),
+        None => None,
+    };
+    Ok(Some(meta.into_record(cur, stg)))
+}
+
+/// Checks a record read from disk: its key must be its params' hash and it
+/// must pass every rule a freshly created record passes.
+fn check_loaded(id: ChannelId, rec: &ChannelRecord) -> Result<()> {
+    let actual = rec.id();
+    let result = if actual != id {
+        Err(format!("stored under {id} but its params hash to {actual}"))
+    } else {
+        rec.validate().map_err(|e| e.to_string())
+    };
+    result.map_err(|reason| {
+        warn!(channel = %id, %reason, "persistence: stored record failed validation");
+        Error::InvalidRecord { id, reason }
+    })
+}
+
+/// The writer thread's state: the open database.
+struct Writer {
+    db: Database,
+    options: RedbOptions,
+    counters: Arc<Counters>,
+}
+
+impl Writer {
+    fn open(path: &Path, options: &RedbOptions, counters: Arc<Counters>) -> Result<Self> {
+        let db = Database::builder()
+            .set_cache_size(options.cache_size)
+            .create(path)
+            .map_err(|e| match db_err(e) {
+                // redb reports a file it cannot parse as these I/O kinds.
+                Error::Io(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    Error::Corrupt {
+                        id: None,
+                        reason: format!("not a readable redb file: {e}"),
+                    }
+                }
+                other => other,
+            })?;
+        check_schema(&db)?;
+        // A new file's directory entry must be durable too, or a power loss
+        // could lose the whole file along with every commit in it.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+        info!(path = %path.display(), "persistence: store opened");
+        Ok(Self {
+            db,
+            options: options.clone(),
+            counters,
+        })
+    }
+
+    fn run(self, receiver: mpsc::Receiver<Request>) {
+        while let Ok(first) = receiver.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.options.max_batch.max(1) {
+                match receiver.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            // A panic inside the storage engine must not take the caller
+            // down; it stops this thread, every pending reply is dropped
+            // and callers see `Error::Closed`.
+            if catch_unwind(AssertUnwindSafe(|| self.process(batch))).is_err() {
+                error!("persistence: storage engine panicked; store closed");
+                return;
+            }
+        }
+        debug!("persistence: writer thread stopped");
+    }
+
+    fn process(&self, batch: Vec<Request>) {
+        let (mut writes, mut reads) = (Vec::new(), Vec::new());
+        for r in batch {
+            match r {
+                Request::Create(..) | Request::Update(..) | Request::Remove(..) => writes.push(r),
+                _ => reads.push(r),
+            }
+        }
+        if !writes.is_empty() {
+            self.write_batch(writes);
+        }
+        if !reads.is_empty() {
+            self.read_batch(reads);
+        }
+    }
+
+    fn write_batch(&self, writes: Vec<Request>) {
+        let span = debug_span!("persist_batch", writes = writes.len());
+        let _guard = span.enter();
+        let mut accepted: Vec<Reply<()>> = Vec::with_capacity(writes.len());
+        let mut pending = writes.into_iter();
+        let outcome = (|| -> std::result::Result<bool, String> {
+            let mut txn = self.db.begin_write().map_err(|e| db_err(e).to_string())?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| db_err(e).to_string())?;
+            txn.set_two_phase_commit(self.options.two_phase_commit);
+            let mut wrote = false;
+            {
+                let mut tables = Tables::open(&txn).map_err(|e| db_err(e).to_string())?;
+                for req in pending.by_ref() {
+                    let (result, reply) = match req {
+                        Request::Create(rec, reply) => (plan_create(&tables, &rec), reply),
+                        Request::Update(id, changes, reply) => {
+                            (plan_update(&tables, id, changes).map(|p| (id, p)), reply)
+                        }
+                        Request::Remove(id, reply) => (plan_remove(&tables, id), reply),
+                        _ => continue,
+                    };
+                    match result {
+                        Ok((id, plan)) => {
+                            if !plan.is_empty() {
+                                if let Err(f) = tables.apply(id, plan) {
+                                    let e = failure_to_error(f).to_string();
+                                    let _ = reply.send(Err(Error::Storage(e.clone())));
+                                    return Err(e);
+                                }
+                                wrote = true;
+                            }
+                            accepted.push(reply);
+                        }
+                        Err(Failure::Refused(e)) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        Err(Failure::Fatal(e)) => {
+                            let _ = reply.send(Err(Error::Storage(e.clone())));
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            if wrote {
+                txn.commit().map_err(|e| db_err(e).to_string())?;
+            } else {
+                txn.abort().map_err(|e| db_err(e).to_string())?;
+            }
+            Ok(wrote)
+        })();
+        match outcome {
+            Ok(wrote) => {
+                debug!(
+                    acked = accepted.len(),
+                    wrote, "persistence: batch committed"
+                );
+                if wrote {
+                    self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                }
+                self.counters
+                    .writes
+                    .fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                for reply in accepted {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "persistence: write transaction failed");
+                for reply in accepted {
+                    let _ = reply.send(Err(Error::Storage(e.clone())));
+                }
+                for req in pending {
+                    fail(req, &e);
+                }
+            }
+        }
+    }
+
+    fn read_batch(&self, reads: Vec<Request>) {
+        let txn = match self.db.begin_read() {
+            Ok(txn) => txn,
+            Err(e) => {
+                let msg = db_err(e).to_string();
+                for r in reads {
+                    fail(r, &msg);
+                }
+                return;
+            }
+        };
+        for r in reads {
+            match r {
+                Request::Ids(reply) => {
+                    let _ = reply.send(read_ids(&txn));
+                }
+                Request::Load(id, reply) => {
+                    let _ = reply.send(read_one(&txn, id));
+                }
+                Request::LoadAll(reply) => {
+                    let _ = reply.send(read_all(&txn));
+                }
+                other => fail(other, "internal: write request in read batch"),
+            }
+        }
+    }
+}
+
+fn fail(req: Request, msg: &str) {
+    let err = || Error::Storage(msg.to_owned());
+    match req {
+        Request::Create(_, r) | Request::Update(_, _, r) | Request::Remove(_, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Request::Ids(r) => {
+            let _ = r.send(Err(err()));
+        }
+        Request::Load(_, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Request::LoadAll(r) => {
+            let _ = r.send(Err(err()));
+        }
+    }
+}
+
+fn plan_create(
+    tables: &Tables<'_>,
+    rec: &ChannelRecord,
+) -> std::result::Result<(ChannelId, Plan), Failure> {
+    let id = rec.id();
+    if let Some(existing) = tables.read(id)? {
+        return if existing == *rec {
+            Ok((id, Plan::default()))
+        } else {
+            Err(Error::AlreadyExists(id).into())
+        };
+    }
+    let encode = |st: &Option<_>| st.as_ref().map(encode_state).transpose();
+    Ok((
+        id,
+        Plan {
+            meta: Some(Some(encode_meta(rec)?)),
+            current: Some(encode(&rec.current)?),
+            staged: Some(encode(&rec.staged)?),
+        },
+    ))
+}
+
+fn plan_update(
+    tables: &Tables<'_>,
+    id: ChannelId,
+    changes: Vec<Change>,
+) -> std::result::Result<Plan, Failure> {
+    let mut rec = tables.read(id)?.ok_or(Error::UnknownChannel(id))?;
+    let dirty = rec.apply_all(id, changes)?;
+    let mut plan = Plan::default();
+    if dirty.meta {
+        plan.meta = Some(Some(encode_meta(&rec)?));
+    }
+    if dirty.current {
+        plan.current = Some(rec.current.as_ref().map(encode_state).transpose()?);
+    }
+    if dirty.staged {
+        plan.staged = Some(rec.staged.as_ref().map(encode_state).transpose()?);
+    }
+    Ok(plan)
+}
+
+fn plan_remove(
+    tables: &Tables<'_>,
+    id: ChannelId,
+) -> std::result::Result<(ChannelId, Plan), Failure> {
+    if tables.channels.get(&id.0).map_err(fatal)?.is_none() {
+        return Err(Error::UnknownChannel(id).into());
+    }
+    Ok((
+        id,
+        Plan {
+            meta: Some(None),
+            current: Some(None),
+            staged: Some(None),
+        },
+    ))
+}
+
+fn failure_to_error(f: Failure) -> Error {
+    match f {
+        Failure::Refused(e) => e,
+        Failure::Fatal(msg) => Error::Storage(msg),
+    }
+}
+
+fn read_ids(txn: &ReadTransaction) -> Result<Vec<ChannelId>> {
+    let channels = txn.open_table(CHANNELS).map_err(db_err)?;
+    let mut ids = Vec::with_capacity(usize::try_from(channels.len().map_err(db_err)?).unwrap_or(0));
+    for entry in channels.iter().map_err(db_err)? {
+        let (key, _) = entry.map_err(db_err)?;
+        ids.push(ChannelId::from(*key.value()));
+    }
+    Ok(ids)
+}
+
+fn read_one(txn: &ReadTransaction, id: ChannelId) -> Result<Option<ChannelRecord>> {
+    let channels = txn.open_table(CHANNELS).map_err(db_err)?;
+    let current = txn.open_table(CURRENT).map_err(db_err)?;
+    let staged = txn.open_table(STAGED).map_err(db_err)?;
+    let rec = read_record(&channels, &current, &staged, id).map_err(failure_to_error)?;
+    if let Some(rec) = &rec {
+        check_loaded(id, rec)?;
+    }
+    Ok(rec)
+}
+
+fn read_all(txn: &ReadTransaction) -> Result<Vec<ChannelRecord>> {
+    let span = debug_span!("persist_load_all");
+    let _guard = span.enter();
+    let channels = txn.open_table(CHANNELS).map_err(db_err)?;
+    let current = txn.open_table(CURRENT).map_err(db_err)?;
+    let staged = txn.open_table(STAGED).map_err(db_err)?;
+    let mut out = Vec::new();
+    for entry in channels.iter().map_err(db_err)? {
+        let (key, _) = entry.map_err(db_err)?;
+        let id = ChannelId::from(*key.value());
+        let rec = read_record(&channels, &current, &staged, id)
+            .map_err(failure_to_error)
+            .inspect_err(|e| warn!(channel = %id, error = %e, "persistence: unreadable record"))?
+            .ok_or_else(|| Error::Storage(format!("channel {id} vanished during load")))?;
+        check_loaded(id, &rec)?;
+        out.push(rec);
+    }
+    // A state without its channel can only come from damage: report it
+    // rather than silently ignoring data.
+    for (name, table) in [("current", &current), ("staged", &staged)] {
+        for entry in table.iter().map_err(db_err)? {
+            let (key, _) = entry.map_err(db_err)?;
+            if channels.get(key.value()).map_err(db_err)?.is_none() {
+                let id = ChannelId::from(*key.value());
+                warn!(channel = %id, table = name, "persistence: state without channel");
+                return Err(Error::Corrupt {
+                    id: Some(id),
+                    reason: format!("{name} state stored without its channel record"),
+                });
+            }
+        }
+    }
+    debug!(channels = out.len(), "persistence: loaded");
+    Ok(out)
+}
+
+/// Reads the schema version without writing anything, then initialises a
+/// new file. A newer or missing version is an error, never overwritten.
+fn check_schema(db: &Database) -> Result<()> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let found = match txn.open_table(INFO) {
+        Ok(info) => Some(info.get(SCHEMA_KEY).map_err(db_err)?.map(|v| v.value())),
+        Err(TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(db_err(e)),
+    };
+    let has_data = match txn.open_table(CHANNELS) {
+        Ok(t) => !t.is_empty().map_err(db_err)?,
+        Err(TableError::TableDoesNotExist(_)) => false,
+        Err(e) => return Err(db_err(e)),
+    };
+    drop(txn);
+    match found {
+        Some(Some(v)) if v > SCHEMA_VERSION => Err(Error::SchemaTooNew {
+            found: v,
+            supported: SCHEMA_VERSION,
+        }),
+        Some(Some(SCHEMA_VERSION)) => {
+            // Open every table once to check its key and value types.
+            let txn = db.begin_read().map_err(db_err)?;
+            for def in [CHANNELS, CURRENT, STAGED] {
+                match txn.open_table(def) {
+                    Ok(_) | Err(TableError::TableDoesNotExist(_)) => {}
+                    Err(e) => return Err(db_err(e)),
+                }
+            }
+            Ok(())
+        }
+        Some(Some(v)) => Err(Error::Corrupt {
+            id: None,
+            reason: format!("unknown schema version {v}"),
+        }),
+        Some(None) => Err(Error::Corrupt {
+            id: None,
+            reason: "schema version missing".into(),
+        }),
+        None if has_data => Err(Error::Corrupt {
+            id: None,
+            reason: "channel records without a schema version".into(),
+        }),
+        None => {
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut info = txn.open_table(INFO).map_err(db_err)?;
+                info.insert(SCHEMA_KEY, SCHEMA_VERSION).map_err(db_err)?;
+                for def in [CHANNELS, CURRENT, STAGED] {
+                    txn.open_table(def).map_err(db_err)?;
+                }
+            }
+            txn.commit().map_err(db_err)?;
+            info!(
+                version = SCHEMA_VERSION,
+                "persistence: new store initialised"
+            );
+            Ok(())
+        }
+    }
+}

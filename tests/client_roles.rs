@@ -1,0 +1,202 @@
+//! Protocol role tests (DESIGN §9): each runs against `SimLedger` with the
+//! in-memory store, and against anvil (real contracts) with redb.
+
+#![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+mod common;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use common::{Ledger, Options, Party, open, parties, proposal};
+use perun::channel::{Phase, U256};
+use perun::client::{Error, IncomingUpdate, RejectAll, UpdateHandler, UpdateResponder};
+
+/// Runs a role test against both ledgers.
+macro_rules! on_both_ledgers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sim() {
+                super::$name(super::Ledger::sim().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn anvil() {
+                super::$name(super::Ledger::anvil().await).await
+            }
+        }
+    )*};
+}
+
+on_both_ledgers!(
+    two_parties_pay_both_ways_and_settle,
+    three_parties_open_update_settle,
+    rejected_proposal_moves_no_funds,
+    rejected_update_keeps_the_old_state,
+    concurrent_updates_never_diverge,
+);
+
+const MINT: u64 = 1_000_000;
+
+fn u(x: u64) -> U256 {
+    U256::from(x)
+}
+
+/// Settles every channel and checks each party got exactly its final balance.
+async fn settle_all_and_check(
+    ledger: &Ledger,
+    ps: &[Party],
+    chans: &[perun::client::Channel],
+    each: u64,
+) {
+    let final_state = chans[0].state();
+    for c in chans {
+        assert_eq!(c.state(), final_state, "all parties hold the same state");
+    }
+    for c in chans {
+        c.settle().await.unwrap();
+        assert_eq!(c.phase(), Phase::Withdrawn);
+    }
+    let fin = chans[0].state().state;
+    assert!(fin.isFinal);
+    for (i, p) in ps.iter().enumerate() {
+        let expect = u(MINT - each) + fin.outcome.balances[0][i];
+        assert_eq!(
+            ledger.balance(p.client.address()).await,
+            expect,
+            "{}: participant {i} on-chain balance equals the final state",
+            ledger.name()
+        );
+    }
+}
+
+async fn two_parties_pay_both_ways_and_settle(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(1000)).await;
+    let (a, b) = (&chans[0], &chans[1]);
+    assert_eq!(a.id(), b.id());
+    let mut updates = b.updates();
+    for i in 0..50u64 {
+        a.pay(1, 0, u(7 + i % 3)).await.unwrap();
+        b.pay(0, 0, u(3)).await.unwrap();
+    }
+    assert_eq!(a.state().state.version, 100);
+    assert_eq!(b.state(), a.state());
+    // Bob saw every new state, in order.
+    let mut last = 0;
+    while last < 100 {
+        let s = updates.next().await.unwrap();
+        assert!(s.state.version > last);
+        last = s.state.version;
+    }
+    let sent_by_a: u64 = (0..50).map(|i| 7 + i % 3).sum();
+    let bal = &a.state().state.outcome.balances[0];
+    assert_eq!(bal[0], u(1000 - sent_by_a + 150));
+    assert_eq!(bal[1], u(1000 + sent_by_a - 150));
+    settle_all_and_check(&ledger, &ps, &chans, 1000).await;
+}
+
+async fn three_parties_open_update_settle(ledger: Ledger) {
+    let mut ps = parties(&ledger, 3, u(MINT), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(100)).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    chans[1].pay(2, 0, u(20)).await.unwrap();
+    chans[2].pay(0, 0, u(5)).await.unwrap();
+    for c in &chans {
+        assert_eq!(c.state().state.version, 3);
+        assert_eq!(
+            c.state().state.outcome.balances[0],
+            vec![u(95), u(90), u(115)]
+        );
+        c.state().verify_all(c.params()).unwrap();
+    }
+    settle_all_and_check(&ledger, &ps, &chans, 100).await;
+}
+
+async fn rejected_proposal_moves_no_funds(ledger: Ledger) {
+    let mut ps = parties(&ledger, 1, u(MINT), &Options::default()).await;
+    let bob_opts = Options {
+        proposal_handler: Some(Arc::new(RejectAll)),
+        ..Options::default()
+    };
+    ps.push(common::party(&ledger, u(MINT), &bob_opts).await);
+    common::introduce(&ps).await;
+    let err = ps[0]
+        .client
+        .propose_channel(proposal(&ledger, &ps, u(100)))
+        .await
+        .unwrap_err();
+    match err {
+        Error::Rejected { index, reason } => {
+            assert_eq!(index, 1);
+            assert_eq!(reason, "not accepting channels");
+        }
+        other => panic!("expected a rejection, got {other}"),
+    }
+    for p in &ps {
+        assert_eq!(ledger.balance(p.client.address()).await, u(MINT));
+        assert!(p.client.channels().is_empty());
+    }
+}
+
+struct NoThanks;
+
+#[async_trait]
+impl UpdateHandler for NoThanks {
+    async fn handle_update(&self, _u: IncomingUpdate, responder: UpdateResponder) {
+        responder.reject("no thanks");
+    }
+}
+
+async fn rejected_update_keeps_the_old_state(ledger: Ledger) {
+    let mut ps = parties(&ledger, 1, u(MINT), &Options::default()).await;
+    let bob_opts = Options {
+        update_handler: Some(Arc::new(NoThanks)),
+        ..Options::default()
+    };
+    ps.push(common::party(&ledger, u(MINT), &bob_opts).await);
+    common::introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(100)).await;
+    let before = chans[0].state();
+    match chans[0].pay(1, 0, u(1)).await {
+        Err(Error::Rejected { index: 1, reason }) => assert_eq!(reason, "no thanks"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(chans[0].state(), before);
+    assert_eq!(chans[1].state(), before);
+    assert_eq!(chans[0].phase(), Phase::Active);
+    assert_eq!(chans[1].phase(), Phase::Active);
+    // Bob's own updates still work.
+    chans[1].pay(0, 0, u(1)).await.unwrap();
+    assert_eq!(chans[0].state().state.version, 1);
+}
+
+async fn concurrent_updates_never_diverge(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(10_000)).await;
+    let (a, b) = (chans[0].clone(), chans[1].clone());
+    let mut conflicts = 0;
+    for _ in 0..100 {
+        let (ra, rb) = tokio::join!(a.pay(1, 0, u(2)), b.pay(0, 0, u(1)));
+        for r in [ra, rb] {
+            match r {
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => conflicts += 1,
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+        // Both sides agree after every round.
+        let (sa, sb) = (a.state(), b.state());
+        assert_eq!(sa.state.version, sb.state.version);
+        assert_eq!(sa, sb);
+    }
+    let v = a.state().state.version;
+    eprintln!("{}: {v} committed, {conflicts} conflicts", ledger.name());
+    assert_eq!(
+        v + conflicts,
+        200,
+        "every attempt either committed or lost a conflict"
+    );
+    let bal = &a.state().state.outcome.balances[0];
+    assert_eq!(bal[0] + bal[1], u(20_000));
+}

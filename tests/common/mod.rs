@@ -1,0 +1,361 @@
+//! The functional test harness: n clients on one ledger (SimLedger, or
+//! anvil with the real contracts and redb), talking over real libp2p on
+//! 127.0.0.1.
+
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use perun::adjudicator::testing::Anvil;
+use perun::adjudicator::{
+    Adjudicator, Deployment, EthAdjudicator, EthConfig, EthFunder, Funder, SimLedger,
+};
+use perun::channel::{Address, Allocation, Asset, U256};
+use perun::client::{
+    AcceptAll, Channel, ChannelProposal, Client, Participant, ProposalHandler, Timeouts,
+    UpdateHandler,
+};
+use perun::persistence::{MemoryPersister, Persister, RedbPersister};
+use perun::wallet::{Account, LocalAccount};
+use perun::wire::Keypair;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Where the money is.
+pub enum Ledger {
+    /// In memory, with a controllable clock.
+    Sim(Arc<SimLedger>),
+    /// Real contracts on a real local node.
+    Anvil {
+        anvil: Box<Anvil>,
+        deployment: Deployment,
+        config: EthConfig,
+    },
+}
+
+/// The holder the simulated ledger uses for its one asset.
+const SIM_HOLDER: Address = Address::repeat_byte(0xaa);
+
+impl Ledger {
+    pub async fn sim() -> Self {
+        let sim = SimLedger::new(1337);
+        sim.add_asset(SIM_HOLDER);
+        Ledger::Sim(Arc::new(sim))
+    }
+
+    pub async fn anvil() -> Self {
+        let anvil = Anvil::spawn().await.expect("anvil (run cargo xtask setup)");
+        let deployer = anvil.funded_account().await.expect("deployer");
+        let provider = anvil.provider(&deployer).await.expect("provider");
+        let deployment = perun::adjudicator::deploy(&provider)
+            .await
+            .expect("deploy contracts");
+        let config = EthConfig::from_deployment(&deployment);
+        Ledger::Anvil {
+            anvil: Box::new(anvil),
+            deployment,
+            config,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Ledger::Sim(_) => "sim",
+            Ledger::Anvil { .. } => "anvil",
+        }
+    }
+
+    /// The asset channels are opened in: the test token on anvil (so
+    /// balances are exact, untouched by gas).
+    pub fn asset(&self) -> Asset {
+        match self {
+            Ledger::Sim(sim) => Asset {
+                chainId: sim.chain_id(),
+                holder: SIM_HOLDER,
+            },
+            Ledger::Anvil { deployment, .. } => Asset {
+                chainId: U256::from(perun::adjudicator::testing::CHAIN_ID),
+                holder: deployment.erc20_holder,
+            },
+        }
+    }
+
+    /// A new account holding `amount` of the asset (and gas money on anvil).
+    pub async fn account(&self, amount: U256) -> LocalAccount {
+        match self {
+            Ledger::Sim(sim) => {
+                let a = LocalAccount::random();
+                sim.mint(SIM_HOLDER, a.address(), amount);
+                a
+            }
+            Ledger::Anvil {
+                anvil, deployment, ..
+            } => {
+                let a = anvil.funded_account().await.unwrap();
+                anvil
+                    .mint_token(deployment.token, &a, amount)
+                    .await
+                    .unwrap();
+                a
+            }
+        }
+    }
+
+    /// `who`'s balance of the asset outside any channel.
+    pub async fn balance(&self, who: Address) -> U256 {
+        match self {
+            Ledger::Sim(sim) => sim.balance(SIM_HOLDER, who),
+            Ledger::Anvil {
+                anvil, deployment, ..
+            } => anvil.token_balance(deployment.token, who).await.unwrap(),
+        }
+    }
+
+    /// The chain backends for `account`.
+    pub async fn backends(
+        &self,
+        account: &LocalAccount,
+    ) -> (Arc<dyn Funder>, Arc<dyn Adjudicator>) {
+        match self {
+            Ledger::Sim(sim) => (sim.clone(), sim.clone()),
+            Ledger::Anvil { anvil, config, .. } => {
+                let url = anvil.ws_url();
+                let f = EthFunder::connect(&url, account, config.clone())
+                    .await
+                    .unwrap();
+                let a = EthAdjudicator::connect(&url, account, config.clone())
+                    .await
+                    .unwrap();
+                (Arc::new(f), Arc::new(a))
+            }
+        }
+    }
+
+    /// Moves the chain's clock forward.
+    pub async fn advance(&self, secs: u64) {
+        match self {
+            Ledger::Sim(sim) => sim.advance(secs),
+            Ledger::Anvil { anvil, .. } => anvil.increase_time(secs).await.unwrap(),
+        }
+    }
+}
+
+/// One participant: its client, key, and the channels it accepted.
+pub struct Party {
+    pub client: Client,
+    pub account: Arc<LocalAccount>,
+    pub key: Keypair,
+    pub persister: Arc<dyn Persister>,
+    pub opened: UnboundedReceiver<perun::client::Result<Channel>>,
+    pub dir: Option<tempfile::TempDir>,
+}
+
+impl Party {
+    pub fn participant(&self) -> Participant {
+        Participant {
+            address: self.client.address(),
+            peer: self.client.peer_id(),
+        }
+    }
+
+    /// The next channel this party accepted.
+    pub async fn accepted(&mut self) -> Channel {
+        tokio::time::timeout(Duration::from_secs(60), self.opened.recv())
+            .await
+            .expect("a channel within 60 s")
+            .expect("handler alive")
+            .expect("channel opened")
+    }
+}
+
+/// Wraps a party's store (e.g. to inject failures).
+pub type WrapPersister = Box<dyn Fn(Arc<dyn Persister>) -> Arc<dyn Persister>>;
+
+pub struct Options {
+    pub update_handler: Option<Arc<dyn UpdateHandler>>,
+    pub proposal_handler: Option<Arc<dyn ProposalHandler>>,
+    pub funder: Option<Arc<dyn Funder>>,
+    pub funding_timeout: Duration,
+    /// Wraps the party's store (e.g. to inject failures).
+    pub wrap_persister: Option<WrapPersister>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            update_handler: None,
+            proposal_handler: None,
+            funder: None,
+            funding_timeout: Duration::from_secs(30),
+            wrap_persister: None,
+        }
+    }
+}
+
+/// Logs to the test's output when `RUST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Builds one party on `ledger`, with a redb store on anvil.
+pub async fn party(ledger: &Ledger, deposit: U256, opts: &Options) -> Party {
+    init_logs();
+    let account = ledger.account(deposit).await;
+    let (funder, adjudicator) = ledger.backends(&account).await;
+    let funder = opts.funder.clone().unwrap_or(funder);
+    let (accept_all, opened) = AcceptAll::new();
+    let key = perun::wire::generate_key();
+    let (persister, dir): (Arc<dyn Persister>, _) = match ledger {
+        Ledger::Sim(_) => (Arc::new(MemoryPersister::new()), None),
+        Ledger::Anvil { .. } => {
+            let dir = tempfile::tempdir().unwrap();
+            let p = RedbPersister::open(dir.path().join("perun.redb"))
+                .await
+                .unwrap();
+            (Arc::new(p), Some(dir))
+        }
+    };
+    let account = Arc::new(account);
+    let persister = match &opts.wrap_persister {
+        Some(wrap) => wrap(persister),
+        None => persister,
+    };
+    let client = Client::builder()
+        .account(account.clone())
+        .network_key(key.clone())
+        .funder(funder)
+        .adjudicator(adjudicator)
+        .persister(persister.clone())
+        .proposal_handler(opts.proposal_handler.clone().unwrap_or(accept_all.clone()))
+        .update_handler(opts.update_handler.clone().unwrap_or(accept_all))
+        .timeouts(Timeouts {
+            funding: opts.funding_timeout,
+            dispute_poll: Duration::from_millis(50),
+            settle_cooperative: Duration::from_secs(3),
+            ..Timeouts::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    Party {
+        client,
+        account,
+        key,
+        persister,
+        opened,
+        dir,
+    }
+}
+
+/// Stops `p`'s client and starts a new one from the same key, account and
+/// store (on anvil the redb file is closed and reopened from disk), as after
+/// a crash of the process.
+pub async fn restart(ledger: &Ledger, p: Party) -> Party {
+    let Party {
+        client,
+        account,
+        key,
+        persister,
+        dir,
+        ..
+    } = p;
+    client.shutdown().await;
+    drop(client);
+    let persister = match &dir {
+        Some(dir) => {
+            drop(persister);
+            let path = dir.path().join("perun.redb");
+            // The old client's tasks release the file as they notice the shutdown.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let store = loop {
+                match RedbPersister::open(&path).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        assert!(std::time::Instant::now() < deadline, "reopen store: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            };
+            Arc::new(store) as Arc<dyn Persister>
+        }
+        None => persister,
+    };
+    let (funder, adjudicator) = ledger.backends(&account).await;
+    let (accept_all, opened) = AcceptAll::new();
+    let client = Client::builder()
+        .account(account.clone())
+        .network_key(key.clone())
+        .funder(funder)
+        .adjudicator(adjudicator)
+        .persister(persister.clone())
+        .proposal_handler(accept_all.clone())
+        .update_handler(accept_all)
+        .timeouts(Timeouts {
+            dispute_poll: Duration::from_millis(50),
+            settle_cooperative: Duration::from_secs(3),
+            ..Timeouts::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    Party {
+        client,
+        account,
+        key,
+        persister,
+        opened,
+        dir,
+    }
+}
+
+/// `n` parties that know each other's addresses.
+pub async fn parties(ledger: &Ledger, n: usize, deposit: U256, opts: &Options) -> Vec<Party> {
+    let mut ps = Vec::new();
+    for _ in 0..n {
+        ps.push(party(ledger, deposit, opts).await);
+    }
+    introduce(&ps).await;
+    ps
+}
+
+/// Tells every party where every other one listens.
+pub async fn introduce(ps: &[Party]) {
+    for a in ps {
+        for b in ps {
+            if a.client.peer_id() != b.client.peer_id() {
+                for addr in b.client.listen_addrs().await.unwrap() {
+                    a.client.add_peer(b.client.peer_id(), addr).await.unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// A payment channel proposal between `ps` with `each` per participant.
+pub fn proposal(ledger: &Ledger, ps: &[Party], each: U256) -> ChannelProposal {
+    ChannelProposal::payment(
+        ps.iter().map(Party::participant).collect(),
+        Allocation::new(vec![ledger.asset()], vec![vec![each; ps.len()]]),
+        60,
+    )
+}
+
+/// Party 0 proposes; every other party accepts. Returns one `Channel` per party.
+pub async fn open(ledger: &Ledger, ps: &mut [Party], each: U256) -> Vec<Channel> {
+    let prop = proposal(ledger, ps, each);
+    let (first, rest) = ps.split_first_mut().unwrap();
+    let proposer = first.client.clone();
+    let opening = tokio::spawn(async move { proposer.propose_channel(prop).await });
+    let mut chans = Vec::new();
+    for p in rest.iter_mut() {
+        chans.push(p.accepted().await);
+    }
+    let mine = opening.await.unwrap().expect("proposal succeeds");
+    chans.insert(0, mine);
+    chans
+}

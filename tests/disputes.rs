@@ -1,0 +1,259 @@
+//! Disputes (issue 7): the watcher refutes stale registrations, concludes
+//! and withdraws; `settle` closes alone when the peer is silent; a channel
+//! whose peer never funds fails with `FundingTimeout` and its deposits come
+//! back. Each test runs against `SimLedger` and against anvil with redb.
+
+#![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Ledger, Options, open, parties};
+use perun::adjudicator::{
+    Adjudicator, AdjudicatorEvent, Funder, FundingRequest, SignedChannel, WithdrawRequest,
+};
+use perun::channel::{Phase, SignedState, U256};
+use perun::client::{Channel, Error};
+use perun::wallet::Account;
+
+macro_rules! on_both_ledgers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sim() {
+                super::$name(super::Ledger::sim().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn anvil() {
+                super::$name(super::Ledger::anvil().await).await
+            }
+        }
+    )*};
+}
+
+on_both_ledgers!(
+    stale_registration_is_refuted,
+    latest_registration_is_only_withdrawn,
+    silent_peer_settles_on_chain,
+    funding_timeout_names_the_peer_and_refunds,
+);
+
+const MINT: u64 = 1_000_000;
+const EACH: u64 = 1_000;
+const CHALLENGE: u64 = 60;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn u(x: u64) -> U256 {
+    U256::from(x)
+}
+
+/// Waits for the next `Registered` event with `version`.
+async fn registered(events: &mut perun::client::EventStream, version: u64) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(AdjudicatorEvent::Registered { version: v, .. }) = events.next().await
+                && v == version
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("registration seen in time");
+}
+
+/// Waits until the chain's dispute holds `version`.
+async fn on_chain_version(adj: &Arc<dyn Adjudicator>, ch: &Channel, version: u64) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if adj
+                .dispute(ch.id())
+                .await
+                .unwrap()
+                .is_some_and(|d| d.version == version)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("dispute reaches the version in time");
+}
+
+/// Bob, gone rogue, registers `old` directly through his own chain backend.
+async fn bob_registers(
+    ledger: &Ledger,
+    p: &common::Party,
+    ch: &Channel,
+    old: SignedState,
+) -> Arc<dyn Adjudicator> {
+    let (_, adj) = ledger.backends(&p.account).await;
+    adj.register(&SignedChannel {
+        params: ch.params().clone(),
+        state: old,
+    })
+    .await
+    .unwrap();
+    adj
+}
+
+/// Bob withdraws what the concluded channel owes him.
+async fn bob_withdraws(
+    adj: &Arc<dyn Adjudicator>,
+    p: &common::Party,
+    ch: &Channel,
+    state: &SignedState,
+) {
+    adj.withdraw(&WithdrawRequest {
+        params: ch.params().clone(),
+        state: state.state.clone(),
+        index: 1,
+        account: p.account.clone(),
+        receiver: p.account.address(),
+    })
+    .await
+    .unwrap();
+}
+
+async fn check_balances(ledger: &Ledger, ps: &[common::Party], st: &SignedState) {
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(
+            ledger.balance(p.client.address()).await,
+            u(MINT - EACH) + st.state.outcome.balances[0][i],
+            "{}: participant {i} got exactly its share of the latest state",
+            ledger.name()
+        );
+    }
+}
+
+async fn stale_registration_is_refuted(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(EACH)).await;
+    let (alice, bob) = (&chans[0], &chans[1]);
+    bob.pay(0, 0, u(100)).await.unwrap();
+    let stale = bob.state(); // Bob still has 900 here ...
+    for _ in 0..5 {
+        bob.pay(0, 0, u(100)).await.unwrap(); // ... and 400 after these.
+    }
+    let latest = alice.state();
+    assert_eq!(latest.state.version, 6);
+    let mut events = alice.events();
+    ps[1].client.shutdown().await;
+    let adj = bob_registers(&ledger, &ps[1], bob, stale.clone()).await;
+
+    registered(&mut events, 1).await; // Alice's watcher saw Bob's cheat ...
+    on_chain_version(&adj, alice, 6).await; // ... and refuted it.
+    assert_eq!(alice.phase(), Phase::Registered);
+    ledger.advance(CHALLENGE + 1).await;
+    alice.wait_for_phase(Phase::Withdrawn, WAIT).await.unwrap();
+    bob_withdraws(&adj, &ps[1], bob, &latest).await;
+    check_balances(&ledger, &ps, &latest).await;
+}
+
+async fn latest_registration_is_only_withdrawn(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(EACH)).await;
+    let (alice, bob) = (&chans[0], &chans[1]);
+    alice.pay(1, 0, u(250)).await.unwrap();
+    let latest = alice.state();
+    let mut events = alice.events();
+    ps[1].client.shutdown().await;
+    let adj = bob_registers(&ledger, &ps[1], bob, latest.clone()).await;
+    registered(&mut events, 1).await;
+    ledger.advance(CHALLENGE + 1).await;
+    alice.wait_for_phase(Phase::Withdrawn, WAIT).await.unwrap();
+    bob_withdraws(&adj, &ps[1], bob, &latest).await;
+    check_balances(&ledger, &ps, &latest).await;
+    // Alice never registered anything herself.
+    let d = adj.dispute(alice.id()).await.unwrap().unwrap();
+    assert_eq!(d.version, 1);
+    assert!(d.concluded);
+}
+
+async fn silent_peer_settles_on_chain(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(EACH)).await;
+    let (alice, bob) = (chans[0].clone(), &chans[1]);
+    bob.pay(0, 0, u(300)).await.unwrap();
+    let latest = alice.state();
+    ps[1].client.shutdown().await; // Bob goes silent.
+    let settling = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.settle().await }
+    });
+    alice.wait_for_phase(Phase::Registered, WAIT).await.unwrap();
+    ledger.advance(CHALLENGE + 1).await;
+    tokio::time::timeout(WAIT, settling)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(alice.phase(), Phase::Withdrawn);
+    // Bob comes back later and takes his share.
+    let (_, adj) = ledger.backends(&ps[1].account).await;
+    bob_withdraws(&adj, &ps[1], bob, &latest).await;
+    check_balances(&ledger, &ps, &latest).await;
+}
+
+/// A funder that never deposits and reports a timeout naming itself.
+struct NeverFunds;
+
+#[async_trait]
+impl Funder for NeverFunds {
+    async fn fund(&self, req: FundingRequest) -> perun::adjudicator::Result<()> {
+        tokio::time::sleep(req.timeout).await;
+        Err(perun::adjudicator::Error::FundingTimeout {
+            missing: vec![(req.index, req.params.participants[req.index])],
+        })
+    }
+}
+
+async fn funding_timeout_names_the_peer_and_refunds(ledger: Ledger) {
+    let alice_opts = Options {
+        funding_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let bob_opts = Options {
+        funder: Some(Arc::new(NeverFunds)),
+        funding_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let mut ps = vec![
+        common::party(&ledger, u(MINT), &alice_opts).await,
+        common::party(&ledger, u(MINT), &bob_opts).await,
+    ];
+    common::introduce(&ps).await;
+    let bob_addr = ps[1].client.address();
+    let prop = common::proposal(&ledger, &ps, u(EACH));
+    let alice_client = ps[0].client.clone();
+    let err = alice_client.propose_channel(prop).await.unwrap_err();
+    match &err {
+        Error::Chain(perun::adjudicator::Error::FundingTimeout { missing }) => {
+            assert_eq!(missing, &vec![(1, bob_addr)], "names Bob")
+        }
+        other => panic!("expected FundingTimeout, got {other}"),
+    }
+    match tokio::time::timeout(WAIT, ps[1].opened.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Err(Error::Chain(perun::adjudicator::Error::FundingTimeout { .. })) => {}
+        other => panic!("Bob's accept fails too, got {other:?}"),
+    }
+    // Alice's deposit is locked until version 0's challenge period ends.
+    assert_eq!(ledger.balance(alice_client.address()).await, u(MINT - EACH));
+    let alice = alice_client
+        .channels()
+        .pop()
+        .expect("Alice keeps the channel to recover it");
+    alice.wait_for_phase(Phase::Registered, WAIT).await.unwrap();
+    ledger.advance(CHALLENGE + 1).await;
+    alice.wait_for_phase(Phase::Withdrawn, WAIT).await.unwrap();
+    assert_eq!(ledger.balance(alice_client.address()).await, u(MINT));
+    assert_eq!(ledger.balance(bob_addr).await, u(MINT));
+}

@@ -1,0 +1,158 @@
+//! Restore and sync (issue 7, §4): a restarted client rebuilds its channels
+//! from its store, and a `Sync` with the peer completes a half-done update
+//! on both sides. Against `SimLedger` (shared in-memory store) and against
+//! anvil (redb file closed and reopened).
+
+#![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Ledger, Options, introduce, open, parties, restart};
+use perun::channel::{ChannelId, Phase, U256};
+use perun::persistence::{Change, ChannelRecord, Persister};
+
+macro_rules! on_both_ledgers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sim() {
+                super::$name(super::Ledger::sim().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn anvil() {
+                super::$name(super::Ledger::anvil().await).await
+            }
+        }
+    )*};
+}
+
+on_both_ledgers!(restart_restores_channels, sync_completes_a_half_done_update);
+
+fn u(x: u64) -> U256 {
+    U256::from(x)
+}
+
+async fn restart_restores_channels(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(1000)).await;
+    for _ in 0..3 {
+        chans[0].pay(1, 0, u(10)).await.unwrap();
+    }
+    let before = chans[0].state();
+    let alice_ch = chans[0].clone();
+    drop(chans); // Bob's old `Channel` would keep his old client (and store) alive.
+    let chans = [alice_ch];
+    let bob = ps.remove(1);
+    ps.push(restart(&ledger, bob).await);
+    introduce(&ps).await;
+    let restored = ps[1]
+        .client
+        .channel(&chans[0].id())
+        .expect("channel restored");
+    assert_eq!(restored.state(), before);
+    assert_eq!(restored.phase(), Phase::Active);
+    // Both directions work with the restarted client.
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    restored.pay(0, 0, u(5)).await.unwrap();
+    assert_eq!(restored.state(), chans[0].state());
+    assert_eq!(restored.state().state.version, 5);
+    restored.settle().await.unwrap();
+    chans[0].settle().await.unwrap();
+}
+
+/// A store that fails the next write of a fully signed state once armed:
+/// the update's proposer "crashes" after its peer signed, before it did.
+struct FailNextCommit {
+    inner: Arc<dyn Persister>,
+    armed: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Persister for FailNextCommit {
+    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
+        self.inner.channel_created(ch).await
+    }
+    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
+        let commits = changes.iter().any(|c| matches!(c, Change::Committed(_)));
+        if commits && self.armed.swap(false, Ordering::SeqCst) {
+            return Err(perun::persistence::Error::Storage(
+                "injected failure".into(),
+            ));
+        }
+        self.inner.update(id, changes).await
+    }
+    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
+        self.inner.channel_removed(id).await
+    }
+    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
+        self.inner.channel_ids().await
+    }
+    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
+        self.inner.load(id).await
+    }
+    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
+        self.inner.load_all().await
+    }
+}
+
+async fn sync_completes_a_half_done_update(ledger: Ledger) {
+    let armed = Arc::new(AtomicBool::new(false));
+    let alice_opts = Options {
+        wrap_persister: Some(Box::new({
+            let armed = armed.clone();
+            move |inner| {
+                Arc::new(FailNextCommit {
+                    inner,
+                    armed: armed.clone(),
+                }) as Arc<dyn Persister>
+            }
+        })),
+        ..Options::default()
+    };
+    let mut ps = vec![
+        common::party(&ledger, u(1_000_000), &alice_opts).await,
+        common::party(&ledger, u(1_000_000), &Options::default()).await,
+    ];
+    introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(1000)).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+
+    armed.store(true, Ordering::SeqCst);
+    let err = chans[0].pay(1, 0, u(20)).await.unwrap_err();
+    assert!(matches!(err, perun::client::Error::Persistence(_)), "{err}");
+    // Alice stays on version 1; Bob signed version 2 and waits for the commit.
+    assert_eq!(chans[0].state().state.version, 1);
+    assert_eq!(chans[0].phase(), Phase::Active);
+    assert_eq!(chans[1].state().state.version, 1);
+    assert_eq!(chans[1].phase(), Phase::Updating);
+    let alice_ch = chans[0].clone();
+    drop(chans); // Bob's old `Channel` would keep his old client (and store) alive.
+    let chans = [alice_ch];
+
+    // Bob restarts; his Sync lets Alice complete the update she proposed.
+    let bob = ps.remove(1);
+    ps.push(restart(&ledger, bob).await);
+    introduce(&ps).await;
+    let bob_ch = ps[1].client.channel(&chans[0].id()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while bob_ch.state().state.version != 2 || chans[0].state().state.version != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both sides reach version 2");
+    assert_eq!(bob_ch.state(), chans[0].state());
+    assert_eq!(
+        bob_ch.state().state.outcome.balances[0],
+        vec![u(970), u(1030)]
+    );
+    bob_ch.state().verify_all(bob_ch.params()).unwrap();
+    // And the channel goes on.
+    bob_ch.pay(0, 0, u(1)).await.unwrap();
+    assert_eq!(chans[0].state().state.version, 3);
+}

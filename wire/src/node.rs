@@ -1,0 +1,706 @@
+//! The endpoint: a libp2p swarm in its own task, behind a cloneable [`Handle`].
+//!
+//! The swarm task owns all libp2p state and only moves pre-encoded frames;
+//! callers talk to it through an mpsc of commands, each with a oneshot for
+//! the answer (the shape of rust-libp2p's file-sharing example). Inbound
+//! requests come out of [`Incoming`], each with a [`Responder`] whose reply
+//! goes straight to the stream's writer, without another trip through the
+//! swarm task.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, InboundFailure, OutboundFailure, OutboundRequestId};
+use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, tcp, yamux};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tracing::{Instrument, debug, info_span, instrument, warn};
+
+use crate::codec::{Req, Resp, WireCodec, refusal_frame};
+use crate::frame::{self, DEFAULT_MAX_FRAME, PROTOCOL, Reply};
+use crate::message::{Message, Refusal, RefusalCode};
+use crate::{Error, Result, authorize};
+
+/// Most addresses remembered per peer.
+const MAX_ADDRS_PER_PEER: usize = 8;
+
+/// How an endpoint is set up. Start from [`Config::new`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The network identity; its public key is our `PeerId`.
+    pub keypair: Keypair,
+    /// Addresses to listen on (default `/ip4/127.0.0.1/tcp/0`).
+    pub listen: Vec<Multiaddr>,
+    /// Largest frame body accepted or sent, in bytes.
+    pub max_frame: usize,
+    /// How long a request may wait for its reply (both directions).
+    pub request_timeout: Duration,
+    /// How long an inbound frame may take to arrive once its stream opened;
+    /// keep it below `request_timeout` so a staller still gets its refusal.
+    pub read_timeout: Duration,
+    /// How long an unused connection is kept open.
+    pub idle_timeout: Duration,
+    /// Concurrent request streams per connection, inbound + outbound
+    /// (clamped to 2..=2048). Our own outstanding requests are capped at half
+    /// of it, so both directions fit when the peer uses the same setting;
+    /// further `send`s wait for a slot instead of failing.
+    pub max_concurrent_streams: usize,
+    /// Inbound requests queued for the application before we answer `Busy`.
+    pub incoming_capacity: usize,
+}
+
+impl Config {
+    /// Defaults: loopback on an OS-chosen port, 1 MiB frames, 10 s requests,
+    /// 5 s frame reads, 60 s idle connections, 1024 concurrent streams.
+    pub fn new(keypair: Keypair) -> Self {
+        Self {
+            keypair,
+            listen: vec![
+                Multiaddr::empty()
+                    .with(Protocol::Ip4([127, 0, 0, 1].into()))
+                    .with(Protocol::Tcp(0)),
+            ],
+            max_frame: DEFAULT_MAX_FRAME,
+            request_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 1024,
+            incoming_capacity: 4096,
+        }
+    }
+}
+
+/// A change in our connections to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The first connection to the peer is up.
+    Connected(PeerId),
+    /// The last connection to the peer is gone.
+    Disconnected(PeerId),
+}
+
+#[derive(NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+struct Behaviour {
+    rr: request_response::Behaviour<WireCodec>,
+    identify: identify::Behaviour,
+}
+
+enum Command {
+    Send {
+        peer: PeerId,
+        frame: Vec<u8>,
+        tx: oneshot::Sender<Result<Reply>>,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Dial {
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        tx: oneshot::Sender<Result<()>>,
+    },
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    IsConnected(PeerId, oneshot::Sender<bool>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The entry point: starts an endpoint.
+#[derive(Debug)]
+pub struct Node;
+
+impl Node {
+    /// Builds the swarm, starts listening, and spawns its task on the current
+    /// tokio runtime. Returns once every listen address is bound.
+    pub async fn start(config: Config) -> Result<(Handle, Incoming)> {
+        let mut swarm = build_swarm(&config)?;
+        let mut unbound = HashSet::new();
+        for addr in &config.listen {
+            let id = swarm
+                .listen_on(addr.clone())
+                .map_err(|e| Error::Transport(format!("listen on {addr}: {e}")))?;
+            unbound.insert(id);
+        }
+        while !unbound.is_empty() {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { listener_id, .. } => {
+                    unbound.remove(&listener_id);
+                }
+                SwarmEvent::ListenerError { error, .. } => {
+                    return Err(Error::Transport(format!("listener: {error}")));
+                }
+                SwarmEvent::ListenerClosed { reason, .. } => {
+                    return Err(Error::Transport(format!("listener closed: {reason:?}")));
+                }
+                _ => {}
+            }
+        }
+        let local = *swarm.local_peer_id();
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+        let (in_tx, in_rx) = mpsc::channel(config.incoming_capacity.max(1));
+        let (events, _) = broadcast::channel(256);
+        let event_loop = EventLoop {
+            swarm,
+            cmd_rx,
+            in_tx,
+            events: events.clone(),
+            pending: HashMap::new(),
+            dials: HashMap::new(),
+            book: HashMap::new(),
+            max_frame: config.max_frame,
+        };
+        tokio::spawn(
+            event_loop
+                .run()
+                .instrument(info_span!("wire", peer = %local)),
+        );
+        let handle = Handle {
+            permits: Arc::new(Semaphore::new(
+                config.max_concurrent_streams.clamp(2, MAX_STREAMS) / 2,
+            )),
+            cmd: cmd_tx,
+            local,
+            max_frame: config.max_frame,
+            events,
+        };
+        Ok((handle, Incoming { rx: in_rx }))
+    }
+}
+
+/// Most request streams per connection: yamux refuses more than 4096 streams
+/// with its default 1 GiB connection window, and we give yamux twice ours.
+const MAX_STREAMS: usize = 2048;
+
+fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>> {
+    let streams = config.max_concurrent_streams.clamp(2, MAX_STREAMS);
+    // yamux kills the whole connection when the remote opens one stream too
+    // many, so it gets headroom above the request-response limit for
+    // identify and for streams still closing.
+    let mut yamux_config = yamux::Config::default();
+    yamux_config.set_max_num_streams(streams * 2);
+    let codec = WireCodec {
+        max_frame: config.max_frame,
+        read_timeout: config.read_timeout,
+    };
+    let rr_config = request_response::Config::default()
+        .with_request_timeout(config.request_timeout)
+        .with_max_concurrent_streams(streams);
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            move || yamux_config.clone(),
+        )
+        .map_err(|e| Error::Transport(e.to_string()))?
+        .with_behaviour(|key| Behaviour {
+            rr: request_response::Behaviour::with_codec(
+                codec,
+                [(
+                    StreamProtocol::new(PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                rr_config,
+            ),
+            identify: identify::Behaviour::new(identify::Config::new(
+                "/perun/1".into(),
+                key.public(),
+            )),
+        })
+        .map_err(|e| Error::Transport(e.to_string()))?
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_timeout)
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+                .with_notify_handler_buffer_size(
+                    NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
+                )
+                .with_per_connection_event_buffer_size(256)
+        })
+        .build();
+    Ok(swarm)
+}
+
+/// A cloneable handle to a running endpoint.
+///
+/// ```
+/// use alloy_primitives::{Signature, U256};
+/// use perun_wire::{Config, Message, Node, UpdateCommit, generate_key};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> perun_wire::Result<()> {
+/// let (alice, _) = Node::start(Config::new(generate_key())).await?;
+/// let (bob, mut bob_in) = Node::start(Config::new(generate_key())).await?;
+/// alice.add_address(bob.local_peer_id(), bob.listen_addrs().await?[0].clone()).await?;
+///
+/// // Bob acknowledges every request, after checking who sent it.
+/// let peers = [alice.local_peer_id(), bob.local_peer_id()];
+/// tokio::spawn(async move {
+///     while let Some(req) = bob_in.next().await {
+///         let claimed = req.message().claimed_index().unwrap_or(usize::MAX);
+///         if req.authorize(&peers, claimed).is_ok() {
+///             let (_peer, _msg, responder) = req.into_parts();
+///             let _ = responder.reply(Message::Ack);
+///         } // else: dropping the responder answers with a refusal
+///     }
+/// });
+///
+/// let sig = Signature::new(U256::from(1), U256::from(2), false);
+/// let commit = Message::UpdateCommit(UpdateCommit {
+///     channel_id: Default::default(),
+///     version: 1,
+///     index: 0,
+///     signatures: vec![sig, sig],
+/// });
+/// assert_eq!(alice.send(bob.local_peer_id(), &commit).await?, Message::Ack);
+/// alice.shutdown().await;
+/// bob.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Handle {
+    cmd: mpsc::Sender<Command>,
+    permits: Arc<Semaphore>,
+    local: PeerId,
+    max_frame: usize,
+    events: broadcast::Sender<PeerEvent>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl Handle {
+    /// Our `PeerId`.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    /// Sends a request and waits for its reply. Dials `peer` first if we have
+    /// no connection, using the addresses we know for it.
+    ///
+    /// At most half of [`Config::max_concurrent_streams`] requests are in
+    /// flight at once; more wait here for a slot (the request timeout starts
+    /// once the request is handed to the swarm).
+    ///
+    /// Errors: [`Error::Refused`] if the peer's transport refused the
+    /// request, [`Error::Timeout`] / [`Error::ConnectionClosed`] /
+    /// [`Error::DialFailure`] if no reply came, frame errors if the reply was bad.
+    #[instrument(level = "debug", skip(self, msg), fields(kind = msg.kind()))]
+    pub async fn send(&self, peer: PeerId, msg: &Message) -> Result<Message> {
+        if !msg.is_request() {
+            return Err(Error::NotARequest(msg.kind()));
+        }
+        let frame = frame::encode_frame(msg, self.max_frame)?;
+        let _slot = self.permits.acquire().await.map_err(|_| Error::Shutdown)?;
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Send { peer, frame, tx }).await?;
+        match rx.await.map_err(|_| Error::Shutdown)?? {
+            Ok(reply) => Ok(reply),
+            Err(refusal) => Err(Error::Refused(refusal)),
+        }
+    }
+
+    /// Remembers an address of `peer` for dialing on demand.
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<()> {
+        self.command(Command::AddAddress { peer, addr }).await
+    }
+
+    /// Connects to `peer` (at `addr` if given, else at a known address) and
+    /// waits until the connection is up.
+    pub async fn dial(&self, peer: PeerId, addr: Option<Multiaddr>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Dial { peer, addr, tx }).await?;
+        rx.await.map_err(|_| Error::Shutdown)?
+    }
+
+    /// The addresses we listen on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::ListenAddrs(tx)).await?;
+        rx.await.map_err(|_| Error::Shutdown)
+    }
+
+    /// Whether we have a connection to `peer` right now.
+    pub async fn is_connected(&self, peer: PeerId) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::IsConnected(peer, tx)).await?;
+        rx.await.map_err(|_| Error::Shutdown)
+    }
+
+    /// Connection changes from now on (e.g. to run `Sync` after a reconnect).
+    pub fn peer_events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
+    }
+
+    /// Stops the endpoint: closes listeners and connections, fails pending
+    /// requests with [`Error::Shutdown`]. Returns once the swarm is gone.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    async fn command(&self, cmd: Command) -> Result<()> {
+        self.cmd.send(cmd).await.map_err(|_| Error::Shutdown)
+    }
+}
+
+/// The inbound requests of an endpoint, in arrival order.
+#[derive(Debug)]
+pub struct Incoming {
+    rx: mpsc::Receiver<Request>,
+}
+
+impl Incoming {
+    /// The next request; `None` once the endpoint has shut down.
+    pub async fn next(&mut self) -> Option<Request> {
+        self.rx.recv().await
+    }
+}
+
+impl futures::Stream for Incoming {
+    type Item = Request;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Request>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// One inbound request: who sent it (authenticated by noise), what, and
+/// where the reply goes.
+#[derive(Debug)]
+pub struct Request {
+    peer: PeerId,
+    message: Message,
+    responder: Responder,
+}
+
+impl Request {
+    /// The authenticated sender.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// The request.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Checks that the sender is the participant at `index` of `peers`.
+    pub fn authorize(&self, peers: &[PeerId], index: usize) -> Result<()> {
+        authorize(&self.peer, peers, index)
+    }
+
+    /// Takes the request apart to answer it.
+    pub fn into_parts(self) -> (PeerId, Message, Responder) {
+        (self.peer, self.message, self.responder)
+    }
+}
+
+/// Answers one request, once: both methods consume it. Dropping it answers
+/// the sender with a [`RefusalCode::NoReply`] refusal.
+#[derive(Debug)]
+pub struct Responder {
+    tx: oneshot::Sender<Vec<u8>>,
+    max_frame: usize,
+}
+
+impl Responder {
+    /// Sends `reply`. Fails if it does not fit a frame (the sender is then
+    /// refused instead) or if the request's stream is already gone.
+    pub fn reply(self, reply: Message) -> Result<()> {
+        let framed: Reply = Ok(reply);
+        match frame::encode_frame(&framed, self.max_frame) {
+            Ok(frame) => self.tx.send(frame).map_err(|_| Error::ConnectionClosed),
+            Err(e) => {
+                let _ = self
+                    .tx
+                    .send(refusal_frame(RefusalCode::TooLarge, e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuses the request, e.g. because the sender is not who it claims.
+    pub fn refuse(self, refusal: Refusal) -> Result<()> {
+        let framed: Reply = Err(refusal);
+        let frame = frame::encode_frame(&framed, self.max_frame)?;
+        self.tx.send(frame).map_err(|_| Error::ConnectionClosed)
+    }
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    cmd_rx: mpsc::Receiver<Command>,
+    in_tx: mpsc::Sender<Request>,
+    events: broadcast::Sender<PeerEvent>,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Reply>>>,
+    dials: HashMap<PeerId, Vec<oneshot::Sender<Result<()>>>>,
+    /// Addresses we may dial, per peer. Kept here rather than in the swarm
+    /// because libp2p forgets an address after one failed dial, and a peer
+    /// that restarts must stay reachable.
+    book: HashMap<PeerId, Vec<Multiaddr>>,
+    max_frame: usize,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                cmd = self.cmd_rx.recv() => match cmd {
+                    Some(Command::Shutdown(tx)) => {
+                        drop(self);
+                        let _ = tx.send(());
+                        return;
+                    }
+                    Some(cmd) => self.on_command(cmd),
+                    None => return,
+                },
+                event = self.swarm.select_next_some() => self.on_event(event),
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send { peer, frame, tx } => {
+                if !self.swarm.is_connected(&peer) {
+                    // Ours goes first; the behaviour's own dial then finds one
+                    // in progress and waits for it.
+                    match self.dial_peer(peer) {
+                        Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+                        Err(e) => debug!(%peer, error = %e, "dial on demand not started"),
+                    }
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_request(&peer, Req::Frame(frame));
+                self.pending.insert(id, tx);
+            }
+            Command::AddAddress { peer, addr } => self.remember(peer, addr),
+            Command::Dial { peer, addr, tx } => {
+                if let Some(addr) = &addr {
+                    self.remember(peer, addr.clone());
+                }
+                if self.swarm.is_connected(&peer) {
+                    let _ = tx.send(Ok(()));
+                    return;
+                }
+                match self.dial_peer(peer) {
+                    Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                        self.dials.entry(peer).or_default().push(tx);
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "dial failed");
+                        let _ = tx.send(Err(Error::DialFailure(peer)));
+                    }
+                }
+            }
+            Command::ListenAddrs(tx) => {
+                let _ = tx.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::IsConnected(peer, tx) => {
+                let _ = tx.send(self.swarm.is_connected(&peer));
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    /// Dials `peer` at the addresses in the book, from a fresh local port:
+    /// with port reuse, two peers dialing each other at the same moment form
+    /// one TCP simultaneous-open connection on which both sides act as noise
+    /// initiator, and the handshake fails.
+    fn dial_peer(&mut self, peer: PeerId) -> std::result::Result<(), DialError> {
+        let addrs = self.book.get(&peer).cloned().unwrap_or_default();
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .allocate_new_port()
+            .build();
+        self.swarm.dial(opts)
+    }
+
+    /// Adds an address to the book; the newest [`MAX_ADDRS_PER_PEER`] are kept,
+    /// so a peer cannot grow our memory by announcing addresses.
+    fn remember(&mut self, peer: PeerId, addr: Multiaddr) {
+        let addrs = self.book.entry(peer).or_default();
+        if let Some(i) = addrs.iter().position(|a| *a == addr) {
+            addrs.remove(i);
+        } else if addrs.len() == MAX_ADDRS_PER_PEER {
+            addrs.remove(0);
+        }
+        addrs.push(addr);
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
+                    self.remember(peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                endpoint,
+                ..
+            } => {
+                if endpoint.is_dialer() {
+                    self.remember(peer_id, endpoint.get_remote_address().clone());
+                }
+                for tx in self.dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = tx.send(Ok(()));
+                }
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, "connected");
+                    let _ = self.events.send(PeerEvent::Connected(peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                debug!(peer = %peer_id, ?cause, "disconnected");
+                let _ = self.events.send(PeerEvent::Disconnected(peer_id));
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                debug!(%peer, %error, "outgoing connection failed");
+                if !self.swarm.is_connected(&peer) {
+                    for tx in self.dials.remove(&peer).unwrap_or_default() {
+                        let _ = tx.send(Err(Error::DialFailure(peer)));
+                    }
+                }
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                debug!(%error, "incoming connection failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_rr(&mut self, ev: request_response::Event<Req, Resp>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let result = match response {
+                        Resp::Received(Ok(reply)) => Ok(reply),
+                        Resp::Received(Err(e)) => {
+                            warn!(%peer, error = %e, "bad reply frame");
+                            Err(e)
+                        }
+                        Resp::Pending(_) | Resp::Frame(_) => Err(Error::ConnectionClosed),
+                    };
+                    if let Some(tx) = self.pending.remove(&request_id) {
+                        let _ = tx.send(result);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                debug!(%peer, %error, "request failed");
+                let err = match error {
+                    OutboundFailure::DialFailure => Error::DialFailure(peer),
+                    OutboundFailure::Timeout => Error::Timeout,
+                    OutboundFailure::ConnectionClosed => Error::ConnectionClosed,
+                    OutboundFailure::UnsupportedProtocols => Error::UnsupportedProtocol,
+                    OutboundFailure::Io(e) => Error::Io(e),
+                };
+                if let Some(tx) = self.pending.remove(&request_id) {
+                    let _ = tx.send(Err(err));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => match error {
+                InboundFailure::Io(e) => warn!(%peer, error = %e, "inbound stream failed"),
+                InboundFailure::Timeout => warn!(%peer, "inbound request timed out"),
+                other => debug!(%peer, error = %other, "inbound request failed"),
+            },
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: Req,
+        channel: request_response::ResponseChannel<Resp>,
+    ) {
+        let rr = &mut self.swarm.behaviour_mut().rr;
+        let message = match request {
+            Req::Received(Ok(msg)) if msg.is_request() => msg,
+            Req::Received(Ok(msg)) => {
+                warn!(%peer, kind = msg.kind(), "reply sent as a request");
+                let frame = refusal_frame(RefusalCode::NotARequest, msg.kind());
+                let _ = rr.send_response(channel, Resp::Frame(frame));
+                return;
+            }
+            Req::Received(Err(e)) => {
+                warn!(%peer, error = %e, "rejecting bad request frame");
+                let code = match e {
+                    Error::FrameTooLarge { .. } => RefusalCode::TooLarge,
+                    Error::ReadTimeout(_) => RefusalCode::Stalled,
+                    _ => RefusalCode::Malformed,
+                };
+                let _ = rr.send_response(channel, Resp::Frame(refusal_frame(code, e.to_string())));
+                return;
+            }
+            Req::Frame(_) => return,
+        };
+        let (tx, rx) = oneshot::channel();
+        if rr.send_response(channel, Resp::Pending(rx)).is_err() {
+            return;
+        }
+        let responder = Responder {
+            tx,
+            max_frame: self.max_frame,
+        };
+        let request = Request {
+            peer,
+            message,
+            responder,
+        };
+        match self.in_tx.try_send(request) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(req)) => {
+                warn!(%peer, "incoming queue full, refusing request");
+                let _ = req
+                    .responder
+                    .refuse(Refusal::new(RefusalCode::Busy, "incoming queue full"));
+            }
+            // Nobody listens: the dropped responder answers NoReply.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}

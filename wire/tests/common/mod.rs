@@ -1,0 +1,182 @@
+//! Shared helpers for the transport tests: endpoints on 127.0.0.1 and one
+//! sample of every message.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use perun_channel::{Address, Allocation, Asset, B256, Bytes, Phase, SignedState, State, U256};
+use perun_wallet::Signature;
+use perun_wire::{
+    Config, Handle, Incoming, Message, Node, Participant, PeerId, Proposal, ProposalAccept,
+    ProposalReject, RejectKind, Signing0, Sync, Update, UpdateAccept, UpdateCommit, UpdateReject,
+    generate_key,
+};
+
+/// How long any single wait in a test may take before it fails.
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
+
+pub(crate) fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub(crate) async fn node() -> (Handle, Incoming) {
+    node_with(|_| {}).await
+}
+
+pub(crate) async fn node_with(f: impl FnOnce(&mut Config)) -> (Handle, Incoming) {
+    let mut config = Config::new(generate_key());
+    f(&mut config);
+    Node::start(config).await.expect("start node")
+}
+
+/// Tells `from` where `to` listens.
+pub(crate) async fn introduce(from: &Handle, to: &Handle) {
+    let addr = to.listen_addrs().await.expect("addrs")[0].clone();
+    from.add_address(to.local_peer_id(), addr)
+        .await
+        .expect("add address");
+}
+
+pub(crate) fn sig(seed: u8) -> Signature {
+    Signature::new(
+        U256::from(seed) + U256::from(1),
+        U256::from(seed),
+        seed.is_multiple_of(2),
+    )
+}
+
+pub(crate) fn state(n: usize, version: u64) -> State {
+    State {
+        channelId: B256::repeat_byte(0xcc),
+        version,
+        outcome: Allocation::new(
+            vec![Asset {
+                chainId: U256::from(31337),
+                holder: Address::repeat_byte(0xaa),
+            }],
+            vec![vec![U256::from(10); n]],
+        ),
+        appData: Bytes::new(),
+        isFinal: false,
+    }
+}
+
+/// One request of every kind, with the reply its receiver sends back.
+pub(crate) fn exchanges(peers: &[PeerId]) -> Vec<(Message, Message)> {
+    let n = peers.len();
+    let id = B256::repeat_byte(0xcc);
+    let proposal = Proposal {
+        proposal_id: B256::repeat_byte(1),
+        challenge_duration: 60,
+        participants: peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Participant {
+                address: Address::repeat_byte(i as u8 + 1),
+                peer: *p,
+            })
+            .collect(),
+        proposer: 0,
+        allocation: state(n, 0).outcome,
+        app: Address::ZERO,
+        app_data: Bytes::new(),
+        nonce_share: B256::repeat_byte(0x11),
+    };
+    let signed = SignedState {
+        state: state(n, 5),
+        sigs: (0..n).map(|i| Some(sig(i as u8))).collect(),
+    };
+    vec![
+        (
+            Message::Proposal(proposal.clone()),
+            Message::ProposalAccept(ProposalAccept {
+                proposal_id: proposal.proposal_id,
+                index: 1,
+                nonce_share: B256::repeat_byte(0x22),
+                address: Address::repeat_byte(2),
+            }),
+        ),
+        (
+            Message::Proposal(proposal),
+            Message::ProposalReject(ProposalReject {
+                proposal_id: B256::repeat_byte(1),
+                index: 1,
+                reason: "not today".into(),
+            }),
+        ),
+        (
+            Message::Signing0(Signing0 {
+                proposal_id: B256::repeat_byte(1),
+                nonce_shares: (0..n).map(|i| B256::repeat_byte(i as u8)).collect(),
+                signature: sig(0),
+            }),
+            Message::UpdateAccept(UpdateAccept {
+                channel_id: id,
+                version: 0,
+                index: 1,
+                signature: sig(1),
+            }),
+        ),
+        (
+            Message::Update(Update {
+                channel_id: id,
+                state: state(n, 6),
+                actor: 0,
+            }),
+            Message::UpdateAccept(UpdateAccept {
+                channel_id: id,
+                version: 6,
+                index: 1,
+                signature: sig(1),
+            }),
+        ),
+        (
+            Message::Update(Update {
+                channel_id: id,
+                state: state(n, 7),
+                actor: 0,
+            }),
+            Message::UpdateReject(UpdateReject {
+                channel_id: id,
+                version: 7,
+                index: 1,
+                reason: "no".into(),
+                kind: RejectKind::Refused,
+            }),
+        ),
+        (
+            Message::UpdateCommit(UpdateCommit {
+                channel_id: id,
+                version: 6,
+                index: 0,
+                signatures: (0..n).map(|i| sig(i as u8)).collect(),
+            }),
+            Message::Ack,
+        ),
+        (
+            Message::Sync(Sync {
+                channel_id: id,
+                index: 0,
+                phase: Phase::Updating,
+                latest: signed.clone(),
+                staged: Some(SignedState {
+                    state: state(n, 6),
+                    sigs: vec![None; n],
+                }),
+            }),
+            Message::Sync(Sync {
+                channel_id: id,
+                index: 1,
+                phase: Phase::Active,
+                latest: signed,
+                staged: None,
+            }),
+        ),
+    ]
+}

@@ -1,0 +1,283 @@
+//! A silent peer, a peer that vanishes mid-request, and a peer that restarts.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use perun_wire::{Config, Error, Message, Node, PeerEvent, RefusalCode, UpdateCommit};
+use tokio::time::timeout;
+
+fn commit() -> Message {
+    Message::UpdateCommit(UpdateCommit {
+        channel_id: Default::default(),
+        version: 1,
+        index: 0,
+        signatures: vec![sig(0), sig(1)],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peer_times_out() {
+    init_tracing();
+    let request_timeout = Duration::from_millis(500);
+    let (a, _a_in) = node_with(|c| c.request_timeout = request_timeout).await;
+    let (b, mut b_in) = node().await;
+    introduce(&a, &b).await;
+    let b_id = b.local_peer_id();
+    let started = Instant::now();
+    let send = tokio::spawn({
+        let a = a.clone();
+        async move { a.send(b_id, &commit()).await }
+    });
+    // b receives the request and keeps the responder without answering.
+    let held = timeout(WAIT, b_in.next())
+        .await
+        .expect("in time")
+        .expect("request");
+    let result = timeout(WAIT, send).await.expect("in time").expect("task");
+    assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= request_timeout, "{elapsed:?}");
+    assert!(elapsed < request_timeout * 4, "{elapsed:?}");
+    drop(held);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_responder_is_a_refusal() {
+    init_tracing();
+    let (a, _a_in) = node().await;
+    let (b, mut b_in) = node().await;
+    introduce(&a, &b).await;
+    let b_id = b.local_peer_id();
+    let send = tokio::spawn({
+        let a = a.clone();
+        async move { a.send(b_id, &commit()).await }
+    });
+    drop(
+        timeout(WAIT, b_in.next())
+            .await
+            .expect("in time")
+            .expect("request"),
+    );
+    let result = timeout(WAIT, send).await.expect("in time").expect("task");
+    assert!(
+        matches!(&result, Err(Error::Refused(r)) if r.code == RefusalCode::NoReply),
+        "{result:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_that_disconnects_mid_request_is_an_error() {
+    init_tracing();
+    // A long request timeout: the error must come from the closed connection.
+    let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_secs(60)).await;
+    let (b, mut b_in) = node().await;
+    introduce(&a, &b).await;
+    let b_id = b.local_peer_id();
+    let send = tokio::spawn({
+        let a = a.clone();
+        async move { a.send(b_id, &commit()).await }
+    });
+    let _held = timeout(WAIT, b_in.next())
+        .await
+        .expect("in time")
+        .expect("request");
+    b.shutdown().await;
+    let result = timeout(Duration::from_secs(10), send)
+        .await
+        .expect("an error well before the request timeout")
+        .expect("task");
+    assert!(
+        matches!(result, Err(Error::ConnectionClosed | Error::Io(_))),
+        "{result:?}"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_peer_is_a_dial_failure() {
+    init_tracing();
+    let (a, _a_in) = node().await;
+    let stranger = perun_wire::generate_key().public().to_peer_id();
+    let result = timeout(WAIT, a.send(stranger, &commit()))
+        .await
+        .expect("in time");
+    assert!(
+        matches!(result, Err(Error::DialFailure(p)) if p == stranger),
+        "{result:?}"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_peer_restarts_on_same_key_and_port() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("b.key");
+    let (a, _a_in) = node().await;
+    let b_key = perun_wire::load_or_generate_key(&key_path).expect("key");
+    let (b, b_in) = Node::start(Config::new(b_key)).await.expect("start b");
+    let b_id = b.local_peer_id();
+    let b_addr = b.listen_addrs().await.expect("addrs")[0].clone();
+    a.dial(b_id, Some(b_addr.clone())).await.expect("dial");
+    let acker = |mut incoming: perun_wire::Incoming| {
+        tokio::spawn(async move {
+            while let Some(req) = incoming.next().await {
+                let (_, _, r) = req.into_parts();
+                let _ = r.reply(Message::Ack);
+            }
+        })
+    };
+    acker(b_in);
+    assert_eq!(a.send(b_id, &commit()).await.expect("first"), Message::Ack);
+
+    // b goes away; a notices.
+    let mut events = a.peer_events();
+    b.shutdown().await;
+    loop {
+        let ev = timeout(WAIT, events.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        if ev == PeerEvent::Disconnected(b_id) {
+            break;
+        }
+    }
+    assert!(!a.is_connected(b_id).await.expect("query"));
+    // While b is down, requests fail with a typed error (and do not make a
+    // forget b's address).
+    assert!(matches!(
+        timeout(WAIT, a.send(b_id, &commit()))
+            .await
+            .expect("in time"),
+        Err(Error::DialFailure(_))
+    ));
+
+    // b comes back with the same key (from its file) on the same port.
+    let mut config = Config::new(perun_wire::load_key(&key_path).expect("reload key"));
+    config.listen = vec![b_addr];
+    let (b2, b2_in) = Node::start(config).await.expect("restart b");
+    assert_eq!(b2.local_peer_id(), b_id);
+    acker(b2_in);
+    let reply = timeout(WAIT, a.send(b_id, &commit()))
+        .await
+        .expect("in time");
+    assert_eq!(reply.expect("after restart"), Message::Ack);
+    a.shutdown().await;
+    b2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shut_down_handle_is_a_typed_error() {
+    init_tracing();
+    let (a, _a_in) = node().await;
+    let peer = a.local_peer_id();
+    a.shutdown().await;
+    assert!(matches!(
+        a.send(peer, &commit()).await,
+        Err(Error::Shutdown)
+    ));
+    assert!(matches!(a.listen_addrs().await, Err(Error::Shutdown)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_back_at_the_address_identify_announced() {
+    init_tracing();
+    let idle = |c: &mut Config| c.idle_timeout = Duration::from_millis(300);
+    let (a, a_in) = node_with(idle).await;
+    let (b, b_in) = node_with(idle).await;
+    let (a_id, b_id) = (a.local_peer_id(), b.local_peer_id());
+    for mut incoming in [a_in, b_in] {
+        tokio::spawn(async move {
+            while let Some(req) = incoming.next().await {
+                let (_, _, r) = req.into_parts();
+                let _ = r.reply(Message::Ack);
+            }
+        });
+    }
+    // Only a knows where b listens.
+    introduce(&a, &b).await;
+    let mut events = b.peer_events();
+    assert_eq!(a.send(b_id, &commit()).await.expect("a to b"), Message::Ack);
+    // The idle connection closes ...
+    loop {
+        let ev = timeout(WAIT, events.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        if ev == PeerEvent::Disconnected(a_id) {
+            break;
+        }
+    }
+    // ... and b reaches a at the listen address a announced over identify.
+    let reply = timeout(WAIT, b.send(a_id, &commit()))
+        .await
+        .expect("in time");
+    assert_eq!(reply.expect("b to a"), Message::Ack);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_incoming_queue_answers_busy() {
+    init_tracing();
+    let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_millis(500)).await;
+    // b's application never reads: one request fits the queue, the rest bounce.
+    let (b, _b_in) = node_with(|c| c.incoming_capacity = 1).await;
+    introduce(&a, &b).await;
+    let b_id = b.local_peer_id();
+    let sends: Vec<_> = (0..3)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { a.send(b_id, &commit()).await })
+        })
+        .collect();
+    let (mut busy, mut timed_out) = (0, 0);
+    for s in sends {
+        match timeout(WAIT, s).await.expect("in time").expect("task") {
+            Err(Error::Refused(r)) if r.code == RefusalCode::Busy => busy += 1,
+            Err(Error::Timeout) => timed_out += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((busy, timed_out), (2, 1));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_limit_is_configurable() {
+    init_tracing();
+    let big = Message::Update(perun_wire::Update {
+        channel_id: Default::default(),
+        state: state(2, 1),
+        actor: 0,
+    });
+    let len = perun_wire::encode_frame(&big, usize::MAX)
+        .expect("encode")
+        .len();
+    // The sender refuses to send a frame over its own limit ...
+    let (small, _s_in) = node_with(|c| c.max_frame = 100).await;
+    let (a, _a_in) = node().await;
+    introduce(&small, &a).await;
+    assert!(matches!(
+        small.send(a.local_peer_id(), &big).await,
+        Err(Error::FrameTooLarge { max: 100, .. })
+    ));
+    // ... and a receiver with a smaller limit refuses it.
+    introduce(&a, &small).await;
+    let result = timeout(WAIT, a.send(small.local_peer_id(), &big))
+        .await
+        .expect("in time");
+    assert!(
+        matches!(&result, Err(Error::Refused(r)) if r.code == RefusalCode::TooLarge),
+        "{len} bytes: {result:?}"
+    );
+    a.shutdown().await;
+    small.shutdown().await;
+}
