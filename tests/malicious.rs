@@ -231,9 +231,18 @@ async fn bad_signatures_from_the_peer_are_rejected(ledger: Ledger) {
         }
     });
     for what in ["signature on another state", "signature by another key"] {
-        match s.alice.pay(1, 0, U256::from(1u64)).await {
-            Err(Error::Channel(_)) => {}
-            other => panic!("{what}: expected a signature error, got {other:?}"),
+        // The first request may still meet Alice's closing connection to the
+        // real Bob; only a reply from the twin counts.
+        let mut tries = 0;
+        loop {
+            match s.alice.pay(1, 0, U256::from(1u64)).await {
+                Err(Error::Channel(_)) => break,
+                Err(Error::Wire(e)) if tries < 5 => {
+                    tries += 1;
+                    eprintln!("{what}: transport error {e}, retrying");
+                }
+                other => panic!("{what}: expected a signature error, got {other:?}"),
+            }
         }
         assert_unchanged(&s.alice, &before);
     }

@@ -23,6 +23,10 @@ pub enum Error {
     /// `appData` longer than the limit.
     #[error("appData is {0} bytes, limit is {limit}", limit = crate::limits::MAX_APP_DATA)]
     AppDataTooLarge(usize),
+    /// The same asset (chain and holder) is listed twice; such a channel
+    /// could never be concluded on-chain.
+    #[error("asset {0} is listed twice")]
+    DuplicateAsset(usize),
     /// A payment channel (app = 0) carried app data.
     #[error("payment channels carry no appData")]
     PaymentAppData,

@@ -138,6 +138,11 @@ impl State {
         if params.is_payment() && !self.appData.is_empty() {
             return Err(Error::PaymentAppData);
         }
+        for (i, a) in self.outcome.assets.iter().enumerate() {
+            if self.outcome.assets[..i].contains(a) {
+                return Err(Error::DuplicateAsset(i));
+            }
+        }
         for i in 0..assets {
             self.asset_sum(i)?;
         }

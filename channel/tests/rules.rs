@@ -201,6 +201,10 @@ fn limits_are_enforced() {
     let mut s = state.clone();
     s.outcome.balances[0] = vec![U256::MAX, U256::from(1)];
     assert_eq!(s.validate(&params), Err(Error::Overflow(0)));
+    let mut s = state.clone();
+    s.outcome.assets.push(s.outcome.assets[0].clone());
+    s.outcome.balances.push(s.outcome.balances[0].clone());
+    assert_eq!(s.validate(&params), Err(Error::DuplicateAsset(1)));
 }
 
 #[test]

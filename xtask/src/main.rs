@@ -3,7 +3,7 @@
 //! | command | does |
 //! |---|---|
 //! | `setup` | installs the pinned npm tools (anvil, solc, OpenZeppelin) into `tools/node_modules` |
-//! | `test` | setup, `cargo fmt --check`, clippy with `-D warnings`, every test |
+//! | `test` | setup, contract artifacts check, `cargo fmt --check`, clippy with `-D warnings`, every test |
 //! | `vectors` | regenerates `channel/tests/vectors.json` |
 //! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
@@ -63,6 +63,8 @@ fn demo(which: Option<&str>) -> util::Result {
 /// The one test command: what `.ci/run` and the README run.
 fn test() -> util::Result {
     setup::run()?;
+    util::step("cargo xtask contracts --check");
+    contracts::run(true)?;
     util::step("cargo fmt --all --check");
     util::cargo(&["fmt", "--all", "--check"])?;
     util::step("cargo clippy --workspace --all-targets -- -D warnings");
