@@ -6,14 +6,25 @@
 //! contract would check, so a doomed transaction is refused with the same
 //! typed error as [`SimLedger`](crate::SimLedger) gives, without spending gas.
 //! A revert that still happens (a race with another party) is decoded into
-//! the same errors. Events and funding are only trusted `confirmations`
-//! blocks deep.
+//! the same errors.
+//!
+//! # Reorgs
+//! With `confirmations = k`, what the caller acts on only reflects blocks at
+//! least `k` deep: [`Adjudicator::dispute`] reads the contract at the block
+//! `head - k` (by hash, so both dispute slots come from the same block),
+//! funding counts deposits at that block, and the event stream delivers a
+//! block's logs only once it is `k` deep. A reorg shallower than `k` is
+//! therefore invisible. A deeper one is detected (the stream remembers the
+//! hashes of the blocks it scanned up to): the stream rescans from the fork
+//! and may deliver an event again, which the watcher's re-read of the
+//! dispute makes harmless. The pre-checks before sending a transaction read
+//! the latest block instead, since that is what the transaction will meet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy::eips::BlockId;
+use alloy::eips::{BlockId, BlockNumberOrTag};
 use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder, WsConnect};
@@ -54,7 +65,8 @@ pub struct EthConfig {
     pub adjudicator: Address,
     /// Every asset holder this backend may deposit to or withdraw from.
     pub assets: HashMap<Address, AssetKind>,
-    /// Blocks on top of a block before its events and deposits count (0: at once).
+    /// Blocks on top of a block before its events, deposits and dispute count
+    /// (0: at once). A reorg shallower than this never reaches the caller.
     pub confirmations: u64,
     /// The first block event subscriptions scan (the deployment block, say).
     pub from_block: u64,
@@ -141,11 +153,46 @@ impl Chain {
     async fn now(&self) -> Result<u64> {
         let block = self
             .provider
-            .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+            .get_block_by_number(BlockNumberOrTag::Latest)
             .await
             .map_err(chain)?
             .ok_or_else(|| Error::Chain("no latest block".into()))?;
         Ok(block.header.timestamp)
+    }
+
+    /// The number and hash of a block, `None` if the chain has no such block (any more).
+    async fn block(&self, tag: BlockNumberOrTag) -> Result<Option<(u64, B256)>> {
+        let block = self
+            .provider
+            .get_block_by_number(tag)
+            .await
+            .map_err(chain)?;
+        Ok(block.map(|b| (b.header.number, b.header.hash)))
+    }
+
+    /// The block `confirmations` below the head: the newest one a reorg shallower
+    /// than the confirmation depth cannot replace.
+    async fn confirmed(&self) -> Result<(u64, B256)> {
+        // The chain can get shorter between the two reads (a reorg); read the head again.
+        let mut n = 0;
+        for _ in 0..3 {
+            n = self.head().await?.saturating_sub(self.cfg.confirmations);
+            if let Some(b) = self.block(BlockNumberOrTag::Number(n)).await? {
+                return Ok(b);
+            }
+            debug!(
+                block = n,
+                "confirmed block vanished; reading the head again"
+            );
+        }
+        Err(Error::Chain(format!("block {n} vanished (reorg); retry")))
+    }
+
+    /// The latest block, for pre-checks that must see what a transaction will meet.
+    async fn latest(&self) -> Result<(u64, B256)> {
+        self.block(BlockNumberOrTag::Latest)
+            .await?
+            .ok_or_else(|| Error::Chain("no latest block".into()))
     }
 
     async fn holdings(&self, holder: Address, fid: B256, at: BlockId) -> Result<(U256, bool)> {
@@ -154,10 +201,17 @@ impl Chain {
         Ok((r.amount, r.settled))
     }
 
-    /// Both dispute slots, read at the same block.
+    /// The dispute at the latest block, for the pre-checks before a transaction.
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
+        let (_, hash) = self.latest().await?;
+        self.dispute_at(id, hash).await
+    }
+
+    /// Both dispute slots, read at the same block (by hash: a reorg that
+    /// replaces the block makes the read fail instead of mixing two chains).
+    async fn dispute_at(&self, id: ChannelId, block: B256) -> Result<Option<Dispute>> {
         let adj = self.adjudicator();
-        let at = BlockId::number(self.head().await?);
+        let at = BlockId::hash_canonical(block);
         let d = adj.disputes(id).block(at).call().await.map_err(chain)?;
         if d.timeout == 0 {
             return Ok(None);
@@ -173,8 +227,7 @@ impl Chain {
 
     /// Who has not deposited their share at the confirmed height.
     async fn missing(&self, params: &Params, state: &State) -> Result<Vec<(usize, Address)>> {
-        let head = self.head().await?;
-        let at = BlockId::number(head.saturating_sub(self.cfg.confirmations));
+        let at = BlockId::hash_canonical(self.confirmed().await?.1);
         let mut missing = Vec::new();
         for (i, p) in params.participants.iter().enumerate() {
             let fid = funding_id(state.channelId, *p);
@@ -301,8 +354,11 @@ impl Funder for EthFunder {
             }
             let wait = async {
                 loop {
-                    if c.missing(&req.params, &req.state).await?.is_empty() {
-                        return Ok::<(), Error>(());
+                    match c.missing(&req.params, &req.state).await {
+                        Ok(missing) if missing.is_empty() => return Ok::<(), Error>(()),
+                        Ok(_) => {}
+                        // A reorg can replace the block being read; the next block retries.
+                        Err(e) => warn!(%e, "reading the deposits failed; retrying"),
                     }
                     next_block(&mut blocks).await?;
                 }
@@ -428,12 +484,20 @@ impl Adjudicator for EthAdjudicator {
                 Ok(())
             }
             .await;
-            if let Err(Error::VersionTooLow { .. }) = sent {
-                // Someone refuted first: report the version that is on-chain now.
-                let registered = c.dispute(state.channelId).await?.map_or(0, |d| d.version);
-                return Err(Error::VersionTooLow {
-                    registered,
-                    got: state.version,
+            if let Err(e @ (Error::VersionTooLow { .. } | Error::Reverted(_))) = sent {
+                // Someone else's transaction came first (a revert at simulation or
+                // once mined): report what is on-chain now, as the contract's rule.
+                return Err(match c.dispute(state.channelId).await? {
+                    Some(d) if d.concluded => Error::AlreadyConcluded,
+                    Some(d) if d.version >= state.version => Error::VersionTooLow {
+                        registered: d.version,
+                        got: state.version,
+                    },
+                    d if matches!(e, Error::VersionTooLow { .. }) => Error::VersionTooLow {
+                        registered: d.map_or(0, |d| d.version),
+                        got: state.version,
+                    },
+                    _ => e,
                 });
             }
             sent?;
@@ -459,7 +523,12 @@ impl Adjudicator for EthAdjudicator {
                     return Err(Error::AlreadyConcluded);
                 }
                 let call = adj.concludeFinal((&req.params).into(), state.into(), sigs_bytes(req));
-                send!(c, call, "concludeFinal");
+                let sent: Result<()> = async {
+                    send!(c, call, "concludeFinal");
+                    Ok(())
+                }
+                .await;
+                already_concluded(c, state.channelId, sent).await?;
                 info!("concluded final state");
                 return Ok(());
             }
@@ -482,11 +551,16 @@ impl Adjudicator for EthAdjudicator {
                 warn!("conclude with a state that is not the registered one");
                 return Err(Error::WrongState);
             }
-            send!(
-                c,
-                adj.conclude((&req.params).into(), state.into()),
-                "conclude"
-            );
+            let sent: Result<()> = async {
+                send!(
+                    c,
+                    adj.conclude((&req.params).into(), state.into()),
+                    "conclude"
+                );
+                Ok(())
+            }
+            .await;
+            already_concluded(c, state.channelId, sent).await?;
             info!("concluded");
             Ok(())
         }
@@ -546,22 +620,10 @@ impl Adjudicator for EthAdjudicator {
         let span = info_span!("eth_events", channel = %id);
         tokio::spawn(
             async move {
-                let mut next = c.cfg.from_block;
+                let mut scanner = Scanner::new(c.cfg.from_block);
                 loop {
-                    let scanned = async {
-                        let safe = c.head().await?.checked_sub(c.cfg.confirmations);
-                        match safe {
-                            Some(safe) if safe >= next => {
-                                let f = filter.clone().from_block(next).to_block(safe);
-                                let logs = c.provider.get_logs(&f).await.map_err(chain)?;
-                                Ok(Some((safe, logs)))
-                            }
-                            _ => Ok::<_, Error>(None),
-                        }
-                    }
-                    .await;
-                    match scanned {
-                        Ok(Some((safe, logs))) => {
+                    match scanner.scan(&c, &filter).await {
+                        Ok(logs) => {
                             for log in logs {
                                 match decode_event(&c.cfg, id, &log) {
                                     Ok(e) => {
@@ -572,9 +634,7 @@ impl Adjudicator for EthAdjudicator {
                                     Err(e) => warn!(%e, "skipping undecodable event"),
                                 }
                             }
-                            next = safe + 1;
                         }
-                        Ok(None) => {}
                         Err(e) => {
                             let _ = tx.send(Err(e));
                             return;
@@ -594,8 +654,101 @@ impl Adjudicator for EthAdjudicator {
         Ok(EventStream::new(rx))
     }
 
+    /// The dispute at the confirmed block (`confirmations` below the head), so a
+    /// registration that a shallow reorg drops is never reported.
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
-        self.chain.dispute(id).await
+        let (number, hash) = self.chain.confirmed().await?;
+        debug!(channel = %id, block = number, "reading the confirmed dispute");
+        self.chain.dispute_at(id, hash).await
+    }
+}
+
+/// How many scanned block hashes the event scanner keeps to find where a
+/// reorg deeper than the confirmation depth forked off.
+const SCAN_MEMORY: usize = 256;
+
+/// Walks the chain for a subscription: delivers each block's logs once it is
+/// `confirmations` deep, and notices when a reorg replaced blocks it already
+/// scanned.
+#[derive(Debug)]
+struct Scanner {
+    /// The first block not scanned yet.
+    next: u64,
+    /// Where scanning started: a reorg below everything remembered rescans from here.
+    first: u64,
+    /// The last block of each scanned range with its hash, oldest first.
+    scanned: VecDeque<(u64, B256)>,
+}
+
+impl Scanner {
+    fn new(from_block: u64) -> Self {
+        Self {
+            next: from_block,
+            first: from_block,
+            scanned: VecDeque::new(),
+        }
+    }
+
+    /// The logs of the blocks that became `confirmations` deep since the last call.
+    async fn scan(&mut self, c: &Chain, filter: &Filter) -> Result<Vec<Log>> {
+        self.rewind_on_reorg(c).await?;
+        let Some(safe) = c.head().await?.checked_sub(c.cfg.confirmations) else {
+            return Ok(Vec::new());
+        };
+        if safe < self.next {
+            return Ok(Vec::new());
+        }
+        let Some((_, tip)) = c.block(BlockNumberOrTag::Number(safe)).await? else {
+            return Ok(Vec::new()); // The chain got shorter meanwhile: a reorg; next block.
+        };
+        let f = filter.clone().from_block(self.next).to_block(safe);
+        let logs = c.provider.get_logs(&f).await.map_err(chain)?;
+        // The logs belong to the chain ending in `tip` only if it is still there.
+        if c.block(BlockNumberOrTag::Number(safe)).await? != Some((safe, tip)) {
+            warn!(block = safe, "reorg during the scan; scanning again");
+            return Ok(Vec::new());
+        }
+        self.next = safe + 1;
+        self.scanned.push_back((safe, tip));
+        if self.scanned.len() > SCAN_MEMORY {
+            self.scanned.pop_front();
+        }
+        Ok(logs
+            .into_iter()
+            .filter(|l| {
+                // Removed, unplaced, or from another chain than the one just checked.
+                let stale = l.removed
+                    || l.block_number.is_none_or(|n| n > safe)
+                    || (l.block_number == Some(safe) && l.block_hash != Some(tip));
+                if stale {
+                    warn!(block = ?l.block_number, "skipping a log not in the confirmed chain");
+                }
+                !stale
+            })
+            .collect())
+    }
+
+    /// If a block already scanned was replaced (a reorg deeper than the
+    /// confirmation depth), scans again from the newest scanned block that is
+    /// still in the chain. Events after it may be delivered a second time.
+    async fn rewind_on_reorg(&mut self, c: &Chain) -> Result<()> {
+        let mut rewound = false;
+        while let Some(&(number, hash)) = self.scanned.back() {
+            if c.block(BlockNumberOrTag::Number(number)).await? == Some((number, hash)) {
+                break;
+            }
+            self.scanned.pop_back();
+            rewound = true;
+        }
+        if rewound {
+            self.next = self.scanned.back().map_or(self.first, |(n, _)| n + 1);
+            warn!(
+                from = self.next,
+                confirmations = c.cfg.confirmations,
+                "a reorg replaced blocks deeper than the confirmation depth; rescanning"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -659,6 +812,18 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
         )));
     };
     Ok(event)
+}
+
+/// A conclusion that reverted once mined lost a race with someone else's:
+/// report that as [`Error::AlreadyConcluded`] if the chain now says so.
+async fn already_concluded(c: &Chain, id: ChannelId, sent: Result<()>) -> Result<()> {
+    match sent {
+        Err(Error::Reverted(why)) => match c.dispute(id).await? {
+            Some(d) if d.concluded => Err(Error::AlreadyConcluded),
+            _ => Err(Error::Reverted(why)),
+        },
+        other => other,
+    }
 }
 
 fn chain(e: impl std::fmt::Display) -> Error {

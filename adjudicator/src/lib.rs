@@ -12,7 +12,8 @@
 //! - [`bindings`]: `sol!` bindings generated from the artifacts, and [`deploy`].
 //! - [`eth`]: [`EthAdjudicator`] and [`EthFunder`] over an alloy websocket provider.
 //! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
-//! - `testing` (feature `testing`): the anvil harness for tests and benchmarks.
+//! - `testing` (feature `testing`): the anvil harness for tests and benchmarks
+//!   (clock, snapshot/revert and `anvil_reorg`, a background block miner).
 //! - [`error`]: the crate's one error enum.
 //!
 //! # Rules both backends follow

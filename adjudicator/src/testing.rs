@@ -3,11 +3,14 @@
 //! [`Anvil::spawn`] starts the pinned anvil (`tools/node_modules/.bin/anvil`
 //! under the workspace root, or `$PERUN_ANVIL`) on a free 127.0.0.1 port with
 //! instant mining, and kills it on drop. It never skips: without anvil it
-//! fails with a message that says to run `cargo xtask setup`.
+//! fails with a message that says to run `cargo xtask setup`. Besides the
+//! clock it can reorganise the chain (snapshot/revert, `anvil_reorg`) and
+//! mine blocks in the background ([`Miner`]) for confirmation depths.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
@@ -218,6 +221,95 @@ impl Anvil {
         Ok(block.header.timestamp)
     }
 
+    /// The latest block's number.
+    pub async fn block_number(&self) -> Result<u64> {
+        self.admin
+            .get_block_number()
+            .await
+            .map_err(|e| Error::Anvil(e.to_string()))
+    }
+
+    /// Mines `blocks` empty blocks (plus any pending transactions).
+    pub async fn mine(&self, blocks: u64) -> Result<()> {
+        for _ in 0..blocks {
+            mine_one(&self.admin).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes a snapshot of the chain to [`revert`](Self::revert) to.
+    pub async fn snapshot(&self) -> Result<U256> {
+        self.admin
+            .raw_request("evm_snapshot".into(), ())
+            .await
+            .map_err(|e| Error::Anvil(format!("evm_snapshot: {e}")))
+    }
+
+    /// Drops every block after the snapshot (their transactions are gone too).
+    pub async fn revert(&self, snapshot: U256) -> Result<()> {
+        let ok: bool = self
+            .admin
+            .raw_request("evm_revert".into(), (snapshot,))
+            .await
+            .map_err(|e| Error::Anvil(format!("evm_revert: {e}")))?;
+        if !ok {
+            return Err(Error::Anvil(format!("no snapshot {snapshot}")));
+        }
+        Ok(())
+    }
+
+    /// A chain reorganisation (`anvil_reorg`): the newest `depth` blocks are
+    /// replaced by as many empty ones, so the height stays and their
+    /// transactions are dropped.
+    pub async fn reorg(&self, depth: u64) -> Result<()> {
+        self.rpc("anvil_reorg", serde_json::json!([depth, []]))
+            .await
+    }
+
+    /// Turns mining on every transaction on or off; while off, transactions
+    /// wait in the pool until [`mine`](Self::mine) (to line up races).
+    pub async fn set_automine(&self, on: bool) -> Result<()> {
+        self.rpc("evm_setAutomine", serde_json::json!([on])).await
+    }
+
+    /// How many transactions wait in the pool.
+    pub async fn pending_transactions(&self) -> Result<u64> {
+        let status: serde_json::Value = self
+            .admin
+            .raw_request("txpool_status".into(), ())
+            .await
+            .map_err(|e| Error::Anvil(format!("txpool_status: {e}")))?;
+        let pending = &status["pending"];
+        pending
+            .as_u64()
+            .or_else(|| {
+                let hex = pending.as_str()?.trim_start_matches("0x");
+                u64::from_str_radix(hex, 16).ok()
+            })
+            .ok_or_else(|| Error::Anvil(format!("txpool_status: {status}")))
+    }
+
+    /// Starts mining a block every `interval` in the background, as a live
+    /// chain does, so that transactions gain confirmations (on the current
+    /// tokio runtime; it stops when the [`Miner`] is dropped or anvil is gone).
+    pub fn start_miner(&self, interval: Duration) -> Miner {
+        let admin = self.admin.clone();
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let lock = gate.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let _open = lock.lock().await;
+                if let Err(e) = mine_one(&admin).await {
+                    tracing::warn!(%e, "background miner stopped");
+                    return;
+                }
+            }
+        });
+        Miner { gate, task }
+    }
+
     async fn rpc(&self, method: &'static str, params: serde_json::Value) -> Result<()> {
         self.admin
             .raw_request::<_, serde_json::Value>(method.into(), params)
@@ -231,6 +323,35 @@ impl Drop for Anvil {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+async fn mine_one(admin: &DynProvider) -> Result<()> {
+    admin
+        .raw_request::<_, serde_json::Value>("evm_mine".into(), ())
+        .await
+        .map_err(|e| Error::Anvil(format!("evm_mine: {e}")))?;
+    Ok(())
+}
+
+/// A background block producer ([`Anvil::start_miner`]); stops on drop.
+#[derive(Debug)]
+pub struct Miner {
+    gate: Arc<tokio::sync::Mutex<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Miner {
+    /// Stops the miner until the guard is dropped: while it is held the miner
+    /// mines no block (transactions still mine theirs).
+    pub async fn pause(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.gate.clone().lock_owned().await
+    }
+}
+
+impl Drop for Miner {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

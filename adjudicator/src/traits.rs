@@ -24,8 +24,12 @@ pub trait Adjudicator: Send + Sync {
     async fn conclude(&self, req: &SignedChannel) -> Result<()>;
     /// Pays out whatever is still credited to the participant; a second call pays nothing and is `Ok`.
     async fn withdraw(&self, req: &WithdrawRequest) -> Result<()>;
-    /// The channel's events, from its first on-chain event on, in chain order.
+    /// The channel's events, from its first on-chain event on, in chain order,
+    /// each once its block is as deep as the backend's confirmation depth. After a
+    /// reorg deeper than that an event may come again: act on [`Adjudicator::dispute`].
     async fn subscribe(&self, id: ChannelId) -> Result<EventStream>;
-    /// The channel's current on-chain dispute, if any.
+    /// The channel's on-chain dispute, if any, as of the newest block at the
+    /// backend's confirmation depth (a registration a shallower reorg can drop
+    /// is not reported).
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>>;
 }

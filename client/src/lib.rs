@@ -36,6 +36,7 @@ pub mod channel;
 pub mod client;
 pub mod config;
 pub mod error;
+mod failpoint;
 pub mod handler;
 pub mod open;
 mod settle;

@@ -300,6 +300,7 @@ async fn fund_and_activate(inner: &Arc<Inner>, core: Arc<ChannelCore>) -> Result
     };
     // Watch the chain from funding on: deposits are at stake from now.
     crate::watcher::spawn(inner, &core);
+    crate::failpoint::hit("funding").await;
     let funded = inner
         .funder
         .fund(req)
@@ -400,6 +401,7 @@ pub(crate) async fn handle_proposal(
             nonce_share: share,
             address,
         }));
+        crate::failpoint::hit_now("accepted").await;
         // Give up if Signing0 does not come. Hold only a weak reference
         // meanwhile, so a client that shuts down is not kept alive.
         let timeout = inner.timeouts.signing;
@@ -475,6 +477,7 @@ pub(crate) async fn handle_signing0(
                 index: pending.index,
                 signature,
             }));
+            crate::failpoint::hit("signed0").await;
             let inner = inner.clone();
             tokio::spawn(
                 async move {

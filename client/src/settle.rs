@@ -15,14 +15,24 @@ use crate::{Error, Result, watcher};
 pub(crate) async fn settle(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> Result<()> {
     let span = info_span!("settle", channel = %core.id, me = core.index);
     async {
-        if matches!(core.phase(), Phase::Active | Phase::Updating) {
+        // Both sides may settle at once: their final updates conflict, and
+        // the loser signs the winner's. Retry a few times before going on-chain.
+        let mut attempts = 0;
+        while matches!(core.phase(), Phase::Active | Phase::Updating) {
+            attempts += 1;
             let finalise = crate::update::propose(inner, core, |s| {
                 s.isFinal = true;
                 Ok(())
             });
             match tokio::time::timeout(inner.timeouts.settle_cooperative, finalise).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) if e.is_retryable() && core.phase() == Phase::Final => {}
+                Ok(Err(e)) if e.is_retryable() && attempts < 4 => {
+                    let _ = core
+                        .wait_phase(inner.timeouts.update_wait, "peer's update", |p| {
+                            p != Phase::Updating
+                        })
+                        .await;
+                }
                 Ok(Err(e)) => {
                     warn!(error = %e, "peers did not sign the final state; closing on-chain");
                     return dispute_close(inner, core).await;
@@ -73,6 +83,7 @@ pub(crate) async fn conclude_and_withdraw(
         }
         set_phase(inner, core, Phase::Concluded).await?;
         info!(version = current.state.version, "concluded");
+        crate::failpoint::hit("settle_concluded").await;
     }
     if core.phase() == Phase::Concluded {
         let req = WithdrawRequest {

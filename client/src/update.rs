@@ -208,6 +208,14 @@ async fn respond_update(
         );
     }
     let hash = u.state.hash();
+    if core.phase() == Phase::Funding {
+        // The proposer saw every deposit a moment before we did.
+        let _ = core
+            .wait_phase(inner.timeouts.update_wait, "funding", |p| {
+                p != Phase::Funding
+            })
+            .await;
+    }
     let request = {
         let mut l = core.locked.lock().await;
         if l.machine.phase() == Phase::Updating {
@@ -281,8 +289,12 @@ async fn respond_update(
         .map(|sig| (sig, trial.staged().cloned()));
     let sig = match signed {
         Ok((sig, Some(staged))) => {
+            crate::failpoint::hit("update_before_persist").await;
             match persist(inner, core.id, vec![Change::Staged(staged)]).await {
-                Ok(()) => sig,
+                Ok(()) => {
+                    crate::failpoint::hit("update_after_persist").await;
+                    sig
+                }
                 Err(e) => {
                     warn!(error = %e, "could not persist our signature; refusing");
                     let _ = l.machine.discard_staged();

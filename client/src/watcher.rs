@@ -104,6 +104,7 @@ pub(crate) async fn act(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> Result<(
                 ours = latest.state.version,
                 "refuting a stale state"
             );
+            crate::failpoint::hit("refute").await;
             let req = SignedChannel {
                 params: core.params.clone(),
                 state: latest.clone(),
@@ -201,14 +202,21 @@ pub(crate) async fn force_close(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> 
             state: latest.clone(),
         };
         match inner.adjudicator.register(&req).await {
-            Ok(()) | Err(perun_adjudicator::Error::VersionTooLow { .. }) => {}
+            Ok(()) => {
+                core.note_registered(latest.state.clone());
+                info!(
+                    version = latest.state.version,
+                    "registered our latest state"
+                );
+            }
+            // Someone registered as new a state, or concluded, first: the
+            // dispute steps take it from there.
+            Err(
+                perun_adjudicator::Error::VersionTooLow { .. }
+                | perun_adjudicator::Error::AlreadyConcluded,
+            ) => {}
             Err(e) => return Err(e.into()),
         }
-        core.note_registered(latest.state.clone());
-        info!(
-            version = latest.state.version,
-            "registered our latest state"
-        );
     }
     mark_registered(inner, core).await?;
     spawn(inner, core);

@@ -1,0 +1,606 @@
+//! Crash recovery (issue 7, §6): Bob's client runs in a child process that
+//! is stopped at a protocol step (a failpoint), killed with SIGKILL, and
+//! restarted from its redb file. In every case the channel ends settled,
+//! both parties hold exactly what the latest state both signed gives them,
+//! and nothing is stuck. Alice runs in this process; both use the real
+//! contracts on anvil.
+//!
+//! Runs as its own program (`harness = false`): the same binary is Bob's
+//! process when `PERUN_CRASH_ROLE=bob`.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // A test program.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use common::{Ledger, Options, Party};
+use perun::adjudicator::{
+    Deployment, EthAdjudicator, EthConfig, EthFunder, SignedChannel, WithdrawRequest,
+};
+use perun::channel::{Phase, SignedState, U256};
+use perun::client::{AcceptAll, Channel, Client, Timeouts};
+use perun::persistence::RedbPersister;
+use perun::wallet::{Account, LocalAccount};
+use perun::wire::{Multiaddr, PeerId};
+
+const MINT: u64 = 1_000_000;
+const EACH: u64 = 1_000;
+const CHALLENGE: u64 = 60;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn u(x: u64) -> U256 {
+    U256::from(x)
+}
+
+/// One crash scenario: its own anvil, Alice here, Bob in a child process.
+type Scenario = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if std::env::var("PERUN_CRASH_ROLE").as_deref() == Ok("bob") {
+        rt.block_on(bob_main());
+        return;
+    }
+    let scenarios: &[(&str, Scenario)] = &[
+        ("accepted", || Box::pin(crash_after_accepting())),
+        ("signed0", || Box::pin(crash_after_signing0())),
+        ("funding", || Box::pin(crash_during_funding())),
+        ("update_before_persist", || {
+            Box::pin(crash_during_update("update_before_persist", 7))
+        }),
+        ("update_after_persist", || {
+            Box::pin(crash_during_update("update_after_persist", 8))
+        }),
+        ("settle_concluded", || Box::pin(crash_during_settle())),
+        ("refute", || Box::pin(crash_during_dispute())),
+    ];
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+    for (name, run) in scenarios {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        println!("crash at {name} ...");
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(180), run())
+                    .await
+                    .expect("scenario finishes in 3 minutes")
+            })
+        }));
+        match res {
+            Ok(()) => {
+                passed += 1;
+                println!("crash at {name} ... ok");
+            }
+            Err(_) => {
+                failed += 1;
+                println!("crash at {name} ... FAILED");
+            }
+        }
+    }
+    println!(
+        "test result: {}. {passed} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------- Bob (child)
+
+/// Bob's process: a client on redb that takes commands on stdin.
+async fn bob_main() {
+    common::init_logs();
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let account = LocalAccount::from_slice(&hex(&env("BOB_KEY"))).unwrap();
+    let d = Deployment {
+        adjudicator: env("ADJ").parse().unwrap(),
+        eth_holder: env("ETH_HOLDER").parse().unwrap(),
+        token: env("TOKEN").parse().unwrap(),
+        erc20_holder: env("ERC20_HOLDER").parse().unwrap(),
+    };
+    let cfg = EthConfig::from_deployment(&d);
+    let url = env("ANVIL_URL");
+    let key = perun::wire::load_or_generate_key(std::path::Path::new(&env("NET_KEY"))).unwrap();
+    let (accept_all, mut opened) = AcceptAll::new();
+    let client = Client::builder()
+        .account(Arc::new(account.clone()))
+        .network_key(key)
+        .funder(Arc::new(
+            EthFunder::connect(&url, &account, cfg.clone())
+                .await
+                .unwrap(),
+        ))
+        .adjudicator(Arc::new(
+            EthAdjudicator::connect(&url, &account, cfg).await.unwrap(),
+        ))
+        .persister(Arc::new(RedbPersister::open(env("DB")).await.unwrap()))
+        .proposal_handler(accept_all.clone())
+        .update_handler(accept_all)
+        .peer(
+            env("ALICE_PEER").parse().unwrap(),
+            env("ALICE_ADDR").parse().unwrap(),
+        )
+        .timeouts(Timeouts {
+            dispute_poll: Duration::from_millis(50),
+            settle_cooperative: Duration::from_secs(5),
+            funding: Duration::from_secs(60),
+            ..Timeouts::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let addr = client.listen_addrs().await.unwrap()[0].clone();
+    say(&format!("READY {} {addr}", client.peer_id()));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            Some(ch) = opened.recv() => if let Err(e) = ch {
+                say(&format!("OPEN_FAILED {e}"));
+            },
+            line = rx.recv() => {
+                let Some(line) = line else { return };
+                let reply = match (line.as_str(), current(&client).await) {
+                    ("status", Some(ch)) => format!("STATUS {:?} {}", ch.phase(), ch.state().state.version),
+                    ("status", None) => "STATUS none".into(),
+                    ("settle", Some(ch)) => match ch.settle().await {
+                        Ok(()) => "OK".into(),
+                        Err(e) => format!("ERR {e}"),
+                    },
+                    (cmd, Some(ch)) if cmd.starts_with("pay ") => {
+                        let amount: u64 = cmd[4..].parse().unwrap();
+                        match ch.pay(0, 0, u(amount)).await {
+                            Ok(s) => format!("OK {}", s.state.version),
+                            Err(e) => format!("ERR {e}"),
+                        }
+                    }
+                    (other, _) => format!("ERR cannot {other}"),
+                };
+                say(&reply);
+            }
+        }
+    }
+}
+
+/// Bob's channel: the one not yet withdrawn, once it is past opening.
+async fn current(client: &Client) -> Option<Channel> {
+    let ch = client
+        .channels()
+        .into_iter()
+        .find(|c| c.phase() != Phase::Withdrawn)
+        .or_else(|| client.channels().pop())?;
+    if matches!(ch.phase(), Phase::Signing0 | Phase::Funding) {
+        let _ = ch.wait_for_phase(Phase::Active, WAIT).await;
+    }
+    Some(ch)
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").unwrap();
+    out.flush().unwrap();
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+// --------------------------------------------------------------- the parent
+
+/// Bob's process as seen from the test.
+struct Bob {
+    child: Child,
+    stdin: ChildStdin,
+    lines: std_mpsc::Receiver<String>,
+    peer: PeerId,
+    addr: Multiaddr,
+}
+
+impl Bob {
+    fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(WAIT)
+            .expect("a line from Bob in time")
+    }
+
+    /// Waits for a line starting with `prefix`, skipping others.
+    fn expect(&self, prefix: &str) -> String {
+        loop {
+            let l = self.next_line();
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        loop {
+            let l = self.next_line();
+            if l.starts_with("OK") || l.starts_with("ERR") || l.starts_with("STATUS") {
+                return l;
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+/// What Bob's process needs to (re)start.
+struct BobSetup {
+    account: LocalAccount,
+    dir: tempfile::TempDir,
+}
+
+fn spawn_bob(
+    ledger: &Ledger,
+    setup: &BobSetup,
+    alice: &Party,
+    alice_addr: &Multiaddr,
+    failpoint: Option<&str>,
+) -> Bob {
+    let Ledger::Anvil {
+        anvil, deployment, ..
+    } = ledger
+    else {
+        panic!("crash tests run on anvil")
+    };
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.env("PERUN_CRASH_ROLE", "bob")
+        .env(
+            "BOB_KEY",
+            perun::wallet::B256::from(setup.account.secret_bytes())
+                .to_string()
+                .trim_start_matches("0x"),
+        )
+        .env("ADJ", deployment.adjudicator.to_string())
+        .env("ETH_HOLDER", deployment.eth_holder.to_string())
+        .env("TOKEN", deployment.token.to_string())
+        .env("ERC20_HOLDER", deployment.erc20_holder.to_string())
+        .env("ANVIL_URL", anvil.ws_url())
+        .env("NET_KEY", setup.dir.path().join("net.key"))
+        .env("DB", setup.dir.path().join("bob.redb"))
+        .env("ALICE_PEER", alice.client.peer_id().to_string())
+        .env("ALICE_ADDR", alice_addr.to_string())
+        .env_remove("PERUN_FAILPOINT")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    if let Some(fp) = failpoint {
+        cmd.env("PERUN_FAILPOINT", fp);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        let verbose = std::env::var_os("PERUN_CRASH_VERBOSE").is_some();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if verbose {
+                eprintln!("bob> {line}");
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut bob = Bob {
+        child,
+        stdin,
+        lines,
+        peer: PeerId::random(),
+        addr: alice_addr.clone(),
+    };
+    let ready = bob.expect("READY ");
+    let mut parts = ready.split(' ').skip(1);
+    bob.peer = parts.next().unwrap().parse().unwrap();
+    bob.addr = parts.next().unwrap().parse().unwrap();
+    bob
+}
+
+struct World {
+    ledger: Ledger,
+    alice: Party,
+    alice_addr: Multiaddr,
+    bob_setup: BobSetup,
+}
+
+async fn world() -> World {
+    let ledger = Ledger::anvil().await;
+    let alice = common::party(&ledger, u(MINT), &Options::default()).await;
+    let alice_addr = alice.client.listen_addrs().await.unwrap()[0].clone();
+    let account = ledger.account(u(MINT)).await;
+    World {
+        ledger,
+        alice,
+        alice_addr,
+        bob_setup: BobSetup {
+            account,
+            dir: tempfile::tempdir().unwrap(),
+        },
+    }
+}
+
+impl World {
+    fn bob(&self, failpoint: Option<&str>) -> Bob {
+        spawn_bob(
+            &self.ledger,
+            &self.bob_setup,
+            &self.alice,
+            &self.alice_addr,
+            failpoint,
+        )
+    }
+
+    async fn meet(&self, bob: &Bob) {
+        self.alice
+            .client
+            .add_peer(bob.peer, bob.addr.clone())
+            .await
+            .unwrap();
+    }
+
+    fn proposal(&self, bob: &Bob) -> perun::client::ChannelProposal {
+        perun::client::ChannelProposal::payment(
+            vec![
+                self.alice.participant(),
+                perun::client::Participant {
+                    address: self.bob_setup.account.address(),
+                    peer: bob.peer,
+                },
+            ],
+            perun::channel::Allocation::new(
+                vec![self.ledger.asset()],
+                vec![vec![u(EACH), u(EACH)]],
+            ),
+            CHALLENGE,
+        )
+    }
+
+    /// Both sides' balances equal `st`'s outcome (after everything is withdrawn).
+    async fn check(&self, st: &SignedState) {
+        let addrs = [
+            self.alice.client.address(),
+            self.bob_setup.account.address(),
+        ];
+        for (i, a) in addrs.iter().enumerate() {
+            assert_eq!(
+                self.ledger.balance(*a).await,
+                u(MINT - EACH) + st.state.outcome.balances[0][i],
+                "participant {i} holds exactly its share of the latest state"
+            );
+        }
+    }
+
+    /// Opens a channel with a running Bob.
+    async fn open(&self, bob: &Bob) -> Channel {
+        self.meet(bob).await;
+        self.alice
+            .client
+            .propose_channel(self.proposal(bob))
+            .await
+            .unwrap()
+    }
+
+    /// Settles from both sides and checks the balances.
+    async fn settle_both(&self, alice: &Channel, bob: &mut Bob) {
+        let latest = alice.state();
+        // Bob's commands block this thread; Alice settles on a task of her own.
+        let alice_settles = tokio::spawn({
+            let alice = alice.clone();
+            async move { alice.settle().await }
+        });
+        let b = bob.command("settle");
+        alice_settles.await.unwrap().unwrap();
+        assert_eq!(b, "OK", "Bob settles");
+        let fin = alice.state();
+        assert!(fin.state.isFinal);
+        assert_eq!(fin.state.outcome, latest.state.outcome);
+        self.check(&fin).await;
+    }
+}
+
+async fn crash_after_accepting() {
+    let w = world().await;
+    let bob = w.bob(Some("accepted"));
+    w.meet(&bob).await;
+    let prop = w.proposal(&bob);
+    let alice = w.alice.client.clone();
+    let opening = tokio::spawn(async move { alice.propose_channel(prop).await });
+    bob.expect("FAILPOINT accepted");
+    bob.kill();
+    assert!(
+        opening.await.unwrap().is_err(),
+        "the proposal fails without Bob"
+    );
+    assert!(w.alice.client.channels().is_empty());
+    // Nothing is stuck: a restarted Bob opens a new channel and settles it.
+    let mut bob = w.bob(None);
+    assert_eq!(bob.command("status"), "STATUS none");
+    let ch = w.open(&bob).await;
+    w.settle_both(&ch, &mut bob).await;
+}
+
+async fn crash_after_signing0() {
+    let w = world().await;
+    let bob = w.bob(Some("signed0"));
+    w.meet(&bob).await;
+    let prop = w.proposal(&bob);
+    let alice = w.alice.client.clone();
+    let opening = tokio::spawn(async move { alice.propose_channel(prop).await });
+    bob.expect("FAILPOINT signed0");
+    bob.kill();
+    // Bob restarts in `Funding` and deposits; Alice's funding completes.
+    let mut bob = w.bob(None);
+    w.meet(&bob).await;
+    let ch = opening
+        .await
+        .unwrap()
+        .expect("the channel opens after Bob's restart");
+    assert!(bob.command("status").starts_with("STATUS Active 0"));
+    w.settle_both(&ch, &mut bob).await;
+}
+
+async fn crash_during_funding() {
+    let w = world().await;
+    let bob = w.bob(Some("funding"));
+    w.meet(&bob).await;
+    let prop = w.proposal(&bob);
+    let alice = w.alice.client.clone();
+    let opening = tokio::spawn(async move { alice.propose_channel(prop).await });
+    bob.expect("FAILPOINT funding");
+    bob.kill();
+    let mut bob = w.bob(None);
+    w.meet(&bob).await;
+    let ch = opening
+        .await
+        .unwrap()
+        .expect("the channel opens after Bob's restart");
+    ch.pay(1, 0, u(5)).await.unwrap();
+    w.settle_both(&ch, &mut bob).await;
+}
+
+async fn crash_during_update(failpoint: &str, amount: u64) {
+    let w = world().await;
+    let bob = w.bob(Some(failpoint));
+    let ch = w.open(&bob).await;
+    let before = ch.state();
+    let paying = tokio::spawn({
+        let ch = ch.clone();
+        async move { ch.pay(1, 0, u(amount)).await }
+    });
+    bob.expect("FAILPOINT");
+    bob.kill();
+    assert!(
+        paying.await.unwrap().is_err(),
+        "the update fails while Bob is gone"
+    );
+    let mut bob = w.bob(None);
+    w.meet(&bob).await;
+    // After Bob's Sync both sides agree: on the old state if Bob had not
+    // stored his signature, on the new one if he had.
+    let expect = if failpoint == "update_after_persist" {
+        before.state.version + 1
+    } else {
+        before.state.version
+    };
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let st = bob.command("status");
+            if ch.state().state.version == expect && st == format!("STATUS Active {expect}") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("both sides agree after the restart");
+    w.settle_both(&ch, &mut bob).await;
+}
+
+async fn wait_status(bob: &mut Bob, want: &str) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if bob.command("status").starts_with(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("Bob reaches {want}"));
+}
+
+async fn crash_during_settle() {
+    let w = world().await;
+    let mut bob = w.bob(Some("settle_concluded"));
+    let ch = w.open(&bob).await;
+    ch.pay(1, 0, u(11)).await.unwrap();
+    writeln!(bob.stdin, "settle").unwrap();
+    bob.stdin.flush().unwrap();
+    bob.expect("FAILPOINT settle_concluded");
+    bob.kill();
+    // Bob concluded on-chain before he died; restarted, he withdraws.
+    let mut bob = w.bob(None);
+    w.meet(&bob).await;
+    wait_status(&mut bob, "STATUS Withdrawn").await;
+    // Alice's watcher saw the conclusion and may have withdrawn already;
+    // settling again is a no-op then.
+    assert!(matches!(
+        ch.phase(),
+        Phase::Final | Phase::Concluded | Phase::Withdrawn
+    ));
+    ch.settle().await.unwrap();
+    assert_eq!(ch.phase(), Phase::Withdrawn);
+    w.check(&ch.state()).await;
+}
+
+async fn crash_during_dispute() {
+    let w = world().await;
+    let mut bob = w.bob(Some("refute"));
+    let ch = w.open(&bob).await;
+    ch.pay(1, 0, u(100)).await.unwrap();
+    let stale = ch.state(); // Alice 900, Bob 1100
+    assert_eq!(bob.command("pay 300"), "OK 2");
+    ch.pay(1, 0, u(400)).await.unwrap();
+    let latest = ch.state(); // Alice 800, Bob 1200
+    assert!(stale.state.outcome.balances[0][0] > latest.state.outcome.balances[0][0]);
+    // Alice cheats with the older state, which gives her more, and goes away.
+    let cheat = stale;
+    w.alice.client.shutdown().await;
+    let (_, adj) = w.ledger.backends(&w.alice.account).await;
+    adj.register(&SignedChannel {
+        params: ch.params().clone(),
+        state: cheat,
+    })
+    .await
+    .unwrap();
+    bob.expect("FAILPOINT refute");
+    bob.kill();
+    // Restarted, Bob's watcher refutes at once.
+    let mut bob = w.bob(None);
+    tokio::time::timeout(WAIT, async {
+        while adj.dispute(ch.id()).await.unwrap().unwrap().version != latest.state.version {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("Bob refutes after his restart");
+    w.ledger.advance(CHALLENGE + 1).await;
+    wait_status(&mut bob, "STATUS Withdrawn").await;
+    adj.withdraw(&WithdrawRequest {
+        params: ch.params().clone(),
+        state: latest.state.clone(),
+        index: 0,
+        account: w.alice.account.clone(),
+        receiver: w.alice.client.address(),
+    })
+    .await
+    .unwrap();
+    w.check(&latest).await;
+}
