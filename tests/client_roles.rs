@@ -12,22 +12,6 @@ use common::{Ledger, Options, Party, open, parties, proposal};
 use perun::channel::{Phase, U256};
 use perun::client::{Error, IncomingUpdate, RejectAll, UpdateHandler, UpdateResponder};
 
-/// Runs a role test against both ledgers.
-macro_rules! on_both_ledgers {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sim() {
-                super::$name(super::Ledger::sim().await).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn anvil() {
-                super::$name(super::Ledger::anvil().await).await
-            }
-        }
-    )*};
-}
-
 on_both_ledgers!(
     two_parties_pay_both_ways_and_settle,
     three_parties_open_update_settle,

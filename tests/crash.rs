@@ -213,15 +213,27 @@ struct Bob {
     child: Child,
     stdin: ChildStdin,
     lines: std_mpsc::Receiver<String>,
+    history: std::cell::RefCell<Vec<String>>,
     peer: PeerId,
     addr: Multiaddr,
 }
 
 impl Bob {
     fn next_line(&self) -> String {
-        self.lines
-            .recv_timeout(WAIT)
-            .expect("a line from Bob in time")
+        match self.lines.recv_timeout(2 * WAIT) {
+            Ok(line) => {
+                let mut h = self.history.borrow_mut();
+                if h.len() == 40 {
+                    h.remove(0);
+                }
+                h.push(line.clone());
+                line
+            }
+            Err(e) => panic!(
+                "no line from Bob in time ({e}); his last lines:\n{}",
+                self.history.borrow().join("\n")
+            ),
+        }
     }
 
     /// Waits for a line starting with `prefix`, skipping others.
@@ -313,6 +325,7 @@ fn spawn_bob(
         child,
         stdin,
         lines,
+        history: Default::default(),
         peer: PeerId::random(),
         addr: alice_addr.clone(),
     };

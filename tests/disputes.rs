@@ -19,21 +19,6 @@ use perun::channel::{Phase, SignedState, U256};
 use perun::client::{Channel, Error};
 use perun::wallet::Account;
 
-macro_rules! on_both_ledgers {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sim() {
-                super::$name(super::Ledger::sim().await).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn anvil() {
-                super::$name(super::Ledger::anvil().await).await
-            }
-        }
-    )*};
-}
-
 on_both_ledgers!(
     stale_registration_is_refuted,
     latest_registration_is_only_withdrawn,

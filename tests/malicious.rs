@@ -20,21 +20,6 @@ use perun::wire::{
     UpdateCommit,
 };
 
-macro_rules! on_both_ledgers {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sim() {
-                super::$name(super::Ledger::sim().await).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn anvil() {
-                super::$name(super::Ledger::anvil().await).await
-            }
-        }
-    )*};
-}
-
 on_both_ledgers!(
     inflating_skipping_and_stealing_updates_are_rejected,
     bad_signatures_from_the_peer_are_rejected,

@@ -16,21 +16,6 @@ use common::{Ledger, Options, introduce, open, parties, restart};
 use perun::channel::{ChannelId, Phase, U256};
 use perun::persistence::{Change, ChannelRecord, Persister};
 
-macro_rules! on_both_ledgers {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sim() {
-                super::$name(super::Ledger::sim().await).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn anvil() {
-                super::$name(super::Ledger::anvil().await).await
-            }
-        }
-    )*};
-}
-
 on_both_ledgers!(restart_restores_channels, sync_completes_a_half_done_update);
 
 fn u(x: u64) -> U256 {

@@ -21,6 +21,24 @@ use perun::wallet::{Account, LocalAccount};
 use perun::wire::Keypair;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+/// Runs each named role test against both ledgers: `SimLedger` with the
+/// in-memory store, and anvil (real contracts) with redb.
+#[macro_export]
+macro_rules! on_both_ledgers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sim() {
+                super::$name($crate::common::Ledger::sim().await).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn anvil() {
+                super::$name($crate::common::Ledger::anvil().await).await
+            }
+        }
+    )*};
+}
+
 /// Where the money is.
 pub enum Ledger {
     /// In memory, with a controllable clock.
@@ -207,8 +225,6 @@ pub async fn party(ledger: &Ledger, deposit: U256, opts: &Options) -> Party {
     init_logs();
     let account = ledger.account(deposit).await;
     let (funder, adjudicator) = ledger.backends(&account).await;
-    let funder = opts.funder.clone().unwrap_or(funder);
-    let (accept_all, opened) = AcceptAll::new();
     let key = perun::wire::generate_key();
     let (persister, dir): (Arc<dyn Persister>, _) = match ledger {
         Ledger::Sim(_) => (Arc::new(MemoryPersister::new()), None),
@@ -225,6 +241,21 @@ pub async fn party(ledger: &Ledger, deposit: U256, opts: &Options) -> Party {
         Some(wrap) => wrap(persister),
         None => persister,
     };
+    let funder = opts.funder.clone().unwrap_or(funder);
+    start(account, key, funder, adjudicator, persister, dir, opts).await
+}
+
+/// Builds a party's client from its parts.
+async fn start(
+    account: Arc<LocalAccount>,
+    key: Keypair,
+    funder: Arc<dyn Funder>,
+    adjudicator: Arc<dyn Adjudicator>,
+    persister: Arc<dyn Persister>,
+    dir: Option<tempfile::TempDir>,
+    opts: &Options,
+) -> Party {
+    let (accept_all, opened) = AcceptAll::new();
     let client = Client::builder()
         .account(account.clone())
         .network_key(key.clone())
@@ -286,31 +317,16 @@ pub async fn restart(ledger: &Ledger, p: Party) -> Party {
         None => persister,
     };
     let (funder, adjudicator) = ledger.backends(&account).await;
-    let (accept_all, opened) = AcceptAll::new();
-    let client = Client::builder()
-        .account(account.clone())
-        .network_key(key.clone())
-        .funder(funder)
-        .adjudicator(adjudicator)
-        .persister(persister.clone())
-        .proposal_handler(accept_all.clone())
-        .update_handler(accept_all)
-        .timeouts(Timeouts {
-            dispute_poll: Duration::from_millis(50),
-            settle_cooperative: Duration::from_secs(3),
-            ..Timeouts::default()
-        })
-        .build()
-        .await
-        .unwrap();
-    Party {
-        client,
+    start(
         account,
         key,
+        funder,
+        adjudicator,
         persister,
-        opened,
         dir,
-    }
+        &Options::default(),
+    )
+    .await
 }
 
 /// `n` parties that know each other's addresses.
