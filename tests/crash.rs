@@ -410,6 +410,22 @@ impl World {
         }
     }
 
+    /// Alice proposes a channel to a Bob who is killed at `failpoint`
+    /// during the opening; returns Alice's proposal, still running.
+    async fn propose_and_kill_bob_at(
+        &self,
+        failpoint: &str,
+    ) -> tokio::task::JoinHandle<perun::client::Result<Channel>> {
+        let bob = self.bob(Some(failpoint));
+        self.meet(&bob).await;
+        let prop = self.proposal(&bob);
+        let alice = self.alice.client.clone();
+        let opening = tokio::spawn(async move { alice.propose_channel(prop).await });
+        bob.expect(&format!("FAILPOINT {failpoint}"));
+        bob.kill();
+        opening
+    }
+
     /// Opens a channel with a running Bob.
     async fn open(&self, bob: &Bob) -> Channel {
         self.meet(bob).await;
@@ -440,13 +456,7 @@ impl World {
 
 async fn crash_after_accepting() {
     let w = world().await;
-    let bob = w.bob(Some("accepted"));
-    w.meet(&bob).await;
-    let prop = w.proposal(&bob);
-    let alice = w.alice.client.clone();
-    let opening = tokio::spawn(async move { alice.propose_channel(prop).await });
-    bob.expect("FAILPOINT accepted");
-    bob.kill();
+    let opening = w.propose_and_kill_bob_at("accepted").await;
     assert!(
         opening.await.unwrap().is_err(),
         "the proposal fails without Bob"
@@ -461,13 +471,7 @@ async fn crash_after_accepting() {
 
 async fn crash_after_signing0() {
     let w = world().await;
-    let bob = w.bob(Some("signed0"));
-    w.meet(&bob).await;
-    let prop = w.proposal(&bob);
-    let alice = w.alice.client.clone();
-    let opening = tokio::spawn(async move { alice.propose_channel(prop).await });
-    bob.expect("FAILPOINT signed0");
-    bob.kill();
+    let opening = w.propose_and_kill_bob_at("signed0").await;
     // Bob restarts in `Funding` and deposits; Alice's funding completes.
     let mut bob = w.bob(None);
     w.meet(&bob).await;
@@ -481,13 +485,7 @@ async fn crash_after_signing0() {
 
 async fn crash_during_funding() {
     let w = world().await;
-    let bob = w.bob(Some("funding"));
-    w.meet(&bob).await;
-    let prop = w.proposal(&bob);
-    let alice = w.alice.client.clone();
-    let opening = tokio::spawn(async move { alice.propose_channel(prop).await });
-    bob.expect("FAILPOINT funding");
-    bob.kill();
+    let opening = w.propose_and_kill_bob_at("funding").await;
     let mut bob = w.bob(None);
     w.meet(&bob).await;
     let ch = opening

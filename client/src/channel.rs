@@ -22,6 +22,49 @@ pub(crate) struct Locked {
     pub(crate) staged_actor: Option<usize>,
 }
 
+impl Locked {
+    /// Drops the staged update (`Updating → Active`) and announces it.
+    /// Only for a state nobody holds our signature on.
+    pub(crate) fn drop_staged(&mut self, core: &ChannelCore) {
+        let _ = self.machine.discard_staged();
+        self.staged_actor = None;
+        core.publish(&self.machine);
+    }
+
+    /// Makes `trial`, whose current state is newly fully signed, the
+    /// machine: persisted first (with its phase if that moved), then
+    /// announced. On error nothing changed.
+    pub(crate) async fn commit_trial(
+        &mut self,
+        inner: &Inner,
+        core: &ChannelCore,
+        trial: Machine,
+    ) -> Result<SignedState> {
+        let full = trial
+            .current()
+            .cloned()
+            .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
+        // `Updating` is never stored (the store holds `Active` meanwhile),
+        // so a plain update writes the state alone.
+        let stored = |p: Phase| {
+            if p == Phase::Updating {
+                Phase::Active
+            } else {
+                p
+            }
+        };
+        let mut changes = vec![Change::Committed(full.clone())];
+        if stored(trial.phase()) != stored(self.machine.phase()) {
+            changes.push(Change::Phase(trial.phase()));
+        }
+        persist(inner, core.id, changes).await?;
+        self.machine = trial;
+        self.staged_actor = None;
+        core.publish(&self.machine);
+        Ok(full)
+    }
+}
+
 /// Everything about one channel that the controller and the protocol tasks share.
 #[derive(Debug)]
 pub(crate) struct ChannelCore {
@@ -341,4 +384,18 @@ pub(crate) async fn persist(inner: &Inner, id: ChannelId, changes: Vec<Change>) 
         .update(id, changes)
         .await
         .map_err(Error::from)
+}
+
+/// Moves the channel to phase `to` and persists it (a no-op if it is there).
+pub(crate) async fn set_phase(inner: &Inner, core: &ChannelCore, to: Phase) -> Result<()> {
+    let mut l = core.locked.lock().await;
+    if l.machine.phase() == to {
+        return Ok(());
+    }
+    let mut trial = l.machine.clone();
+    trial.set_phase(to)?;
+    persist(inner, core.id, vec![Change::Phase(to)]).await?;
+    l.machine = trial;
+    core.publish(&l.machine);
+    Ok(())
 }

@@ -11,7 +11,6 @@ use perun_adjudicator::FundingRequest;
 use perun_channel::{
     Address, Allocation, B256, Bytes, Machine, Params, Phase, SignedState, State, derive_nonce,
 };
-use perun_persistence::Change;
 use perun_wire::{
     Message, Participant, PeerId, Proposal, ProposalAccept, ProposalReject, Refusal, RefusalCode,
     Responder, Signing0, UpdateAccept,
@@ -20,10 +19,10 @@ use rand::RngCore;
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::channel::{Channel, ChannelCore, persist};
+use crate::channel::set_phase;
+use crate::channel::{Channel, ChannelCore};
 use crate::client::{Inner, lock};
 use crate::handler::{IncomingProposal, ProposalDecision, ProposalResponder};
-use crate::settle::set_phase;
 use crate::update::send_commit;
 use crate::{Error, Result};
 
@@ -132,17 +131,11 @@ pub(crate) async fn propose(inner: &Arc<Inner>, spec: ChannelProposal) -> Result
         app_data: spec.app_data,
         nonce_share: random_word(),
     };
-    let me = (inner.account.address(), inner.wire.local_peer_id());
-    let index = proposal
-        .participants
-        .iter()
-        .position(|x| (x.address, x.peer) == me)
-        .ok_or(Error::Config("we are not among the participants".into()))?;
+    let index = check_proposal(inner, None, &proposal)?;
     let proposal = Proposal {
         proposer: index,
         ..proposal
     };
-    check_proposal(inner, None, &proposal)?;
     let span = info_span!("propose_channel", proposal = %proposal.proposal_id, me = index);
     async move {
         let n = proposal.participants.len();
@@ -262,18 +255,8 @@ async fn collect_signing0(
             }
         }
     }
-    let full = trial.commit_staged()?.clone();
-    persist(
-        inner,
-        core.id,
-        vec![
-            Change::Committed(full.clone()),
-            Change::Phase(trial.phase()),
-        ],
-    )
-    .await?;
-    l.machine = trial;
-    core.publish(&l.machine);
+    trial.commit_staged()?;
+    let full = l.commit_trial(inner, core, trial).await?;
     Ok(full)
 }
 

@@ -5,10 +5,9 @@ use std::sync::Arc;
 
 use perun_adjudicator::{SignedChannel, WithdrawRequest};
 use perun_channel::Phase;
-use perun_persistence::Change;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::channel::{ChannelCore, persist};
+use crate::channel::{ChannelCore, set_phase};
 use crate::client::Inner;
 use crate::{Error, Result, watcher};
 
@@ -101,22 +100,4 @@ pub(crate) async fn conclude_and_withdraw(
         Phase::Withdrawn => Ok(()),
         p => Err(Error::Phase(p)),
     }
-}
-
-/// Moves the machine to `to` and persists it (a no-op if it is there).
-pub(crate) async fn set_phase(
-    inner: &Arc<Inner>,
-    core: &Arc<ChannelCore>,
-    to: Phase,
-) -> Result<()> {
-    let mut l = core.locked.lock().await;
-    if l.machine.phase() == to {
-        return Ok(());
-    }
-    let mut trial = l.machine.clone();
-    trial.set_phase(to)?;
-    persist(inner, core.id, vec![Change::Phase(to)]).await?;
-    l.machine = trial;
-    core.publish(&l.machine);
-    Ok(())
 }

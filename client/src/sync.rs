@@ -11,11 +11,10 @@
 use std::sync::Arc;
 
 use perun_channel::{Phase, SignedState};
-use perun_persistence::Change;
 use perun_wire::{Message, PeerId, Refusal, RefusalCode, Responder, Sync};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::channel::{ChannelCore, persist};
+use crate::channel::ChannelCore;
 use crate::client::Inner;
 use crate::update::send_commit;
 use crate::{Error, Result};
@@ -47,22 +46,11 @@ async fn merge(
     if cur.is_some_and(|v| theirs.latest.state.version > v) {
         let mut trial = l.machine.clone();
         trial.adopt(theirs.latest.clone())?;
-        persist(
-            inner,
-            core.id,
-            vec![
-                Change::Committed(theirs.latest.clone()),
-                Change::Phase(trial.phase()),
-            ],
-        )
-        .await?;
+        l.commit_trial(inner, core, trial).await?;
         info!(
             version = theirs.latest.state.version,
             "adopted a state from sync"
         );
-        l.machine = trial;
-        l.staged_actor = None;
-        core.publish(&l.machine);
         return Ok(None);
     }
     // A state the peer signed for our update that we never completed.
@@ -86,23 +74,12 @@ async fn merge(
         }
     }
     trial.sign_staged(inner.account.as_ref())?;
-    let full = trial.commit_staged()?.clone();
-    persist(
-        inner,
-        core.id,
-        vec![
-            Change::Committed(full.clone()),
-            Change::Phase(trial.phase()),
-        ],
-    )
-    .await?;
+    trial.commit_staged()?;
+    let full = l.commit_trial(inner, core, trial).await?;
     info!(
         version = full.state.version,
         "completed a half-done update from sync"
     );
-    l.machine = trial;
-    l.staged_actor = None;
-    core.publish(&l.machine);
     Ok(Some(full))
 }
 

@@ -105,28 +105,20 @@ pub(crate) async fn propose(
         }
         if let Some(e) = failure {
             // Nobody has our signature on this state: dropping it is safe.
-            l.machine.discard_staged()?;
-            l.staged_actor = None;
-            core.publish(&l.machine);
+            l.drop_staged(core);
             return Err(e);
         }
         trial.sign_staged(inner.account.as_ref())?;
-        let full = trial.commit_staged()?.clone();
-        let mut changes = vec![Change::Committed(full.clone())];
-        if trial.phase() != Phase::Active {
-            changes.push(Change::Phase(trial.phase()));
-        }
-        if let Err(e) = persist(inner, core.id, changes).await {
-            // Our signature never left: dropping the update is safe. The
-            // peers' signatures stay with them until a `Sync` completes it.
-            l.machine.discard_staged()?;
-            l.staged_actor = None;
-            core.publish(&l.machine);
-            return Err(e);
-        }
-        l.machine = trial;
-        l.staged_actor = None;
-        core.publish(&l.machine);
+        trial.commit_staged()?;
+        let full = match l.commit_trial(inner, core, trial).await {
+            Ok(full) => full,
+            Err(e) => {
+                // Our signature never left: dropping the update is safe. The
+                // peers' signatures stay with them until a `Sync` completes it.
+                l.drop_staged(core);
+                return Err(e);
+            }
+        };
         drop(l);
         send_commit(inner, core, &full).await;
         debug!(version = full.state.version, "update committed");
@@ -276,9 +268,7 @@ async fn respond_update(
         return reject(core, version, RejectKind::Conflict, "superseded".into());
     }
     if let Err(reason) = decision {
-        let _ = l.machine.discard_staged();
-        l.staged_actor = None;
-        core.publish(&l.machine);
+        l.drop_staged(core);
         return reject(core, version, RejectKind::Refused, reason);
     }
     // Persist our signature before it leaves this process.
@@ -297,17 +287,13 @@ async fn respond_update(
                 }
                 Err(e) => {
                     warn!(error = %e, "could not persist our signature; refusing");
-                    let _ = l.machine.discard_staged();
-                    l.staged_actor = None;
-                    core.publish(&l.machine);
+                    l.drop_staged(core);
                     return reject(core, version, RejectKind::Refused, "internal error".into());
                 }
             }
         }
         Ok((_, None)) | Err(_) => {
-            let _ = l.machine.discard_staged();
-            l.staged_actor = None;
-            core.publish(&l.machine);
+            l.drop_staged(core);
             return reject(core, version, RejectKind::Refused, "cannot sign".into());
         }
     };
@@ -399,16 +385,9 @@ async fn apply_commit(
             return Err(e.to_string());
         }
     }
-    let full = trial.commit_staged().map_err(|e| e.to_string())?.clone();
-    persist(
-        inner,
-        core.id,
-        vec![Change::Committed(full), Change::Phase(trial.phase())],
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    l.machine = trial;
-    l.staged_actor = None;
-    core.publish(&l.machine);
+    trial.commit_staged().map_err(|e| e.to_string())?;
+    l.commit_trial(inner, core, trial)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -19,8 +19,8 @@ use perun_channel::{Phase, SignedState, State};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::channel::ChannelCore;
+use crate::channel::set_phase;
 use crate::client::Inner;
-use crate::settle::set_phase;
 use crate::{Error, Result};
 
 /// Starts the channel's watcher unless it runs already.
