@@ -154,7 +154,10 @@ async fn main() -> Res<()> {
     for _ in 0..4 {
         bob_ch.pay(0, 0, tenth).await?;
     }
-    let latest = alice_ch.state();
+    let sent = bob_ch.state().state.version;
+    let latest = alice_ch
+        .wait_for_version(sent, Duration::from_secs(10))
+        .await?;
     println!(
         "Bob pays Alice 0.4 ETH more; latest version {}: Alice {}, Bob {}",
         latest.state.version,

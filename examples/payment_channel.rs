@@ -6,7 +6,7 @@
 //! selects log output, e.g. `RUST_LOG=perun_client=debug`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use perun::adjudicator::testing::{Anvil, CHAIN_ID};
 use perun::adjudicator::{EthAdjudicator, EthConfig, EthFunder, deploy};
@@ -152,7 +152,12 @@ async fn main() -> Res<()> {
         "{PAYMENTS} payments in {took:?} ({:.0} updates/s, durable on both sides)",
         PAYMENTS as f64 / took.as_secs_f64()
     );
-    let st = bob_ch.state().state;
+    // Bob stores each state right after Alice's `pay` returns.
+    let last = alice_ch.state().state.version;
+    let st = bob_ch
+        .wait_for_version(last, Duration::from_secs(10))
+        .await?
+        .state;
     println!(
         "Bob's view: version {}, Alice {} / Bob {}",
         st.version,
@@ -188,7 +193,7 @@ async fn main() -> Res<()> {
     alice.shutdown().await;
     bob.shutdown().await;
     drop((alice_ch, bob_ch, alice, bob));
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     drop(anvil);
     Ok(())
 }

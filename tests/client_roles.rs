@@ -6,6 +6,8 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use common::{Ledger, Options, Party, open, parties, proposal};
@@ -18,6 +20,8 @@ on_both_ledgers!(
     rejected_proposal_moves_no_funds,
     rejected_update_keeps_the_old_state,
     concurrent_updates_never_diverge,
+    three_parties_a_refusal_after_a_signature_burns_the_version,
+    three_parties_concurrent_updates_never_get_stuck,
 );
 
 const MINT: u64 = 1_000_000;
@@ -33,10 +37,7 @@ async fn settle_all_and_check(
     chans: &[perun::client::Channel],
     each: u64,
 ) {
-    let final_state = chans[0].state();
-    for c in chans {
-        assert_eq!(c.state(), final_state, "all parties hold the same state");
-    }
+    common::caught_up(chans).await;
     for c in chans {
         c.settle().await.unwrap();
         assert_eq!(c.phase(), Phase::Withdrawn);
@@ -64,8 +65,7 @@ async fn two_parties_pay_both_ways_and_settle(ledger: Ledger) {
         a.pay(1, 0, u(7 + i % 3)).await.unwrap();
         b.pay(0, 0, u(3)).await.unwrap();
     }
-    assert_eq!(a.state().state.version, 100);
-    assert_eq!(b.state(), a.state());
+    assert_eq!(common::caught_up(&chans).await.state.version, 100);
     // Bob saw every new state, in order.
     let mut last = 0;
     while last < 100 {
@@ -86,6 +86,7 @@ async fn three_parties_open_update_settle(ledger: Ledger) {
     chans[0].pay(1, 0, u(10)).await.unwrap();
     chans[1].pay(2, 0, u(20)).await.unwrap();
     chans[2].pay(0, 0, u(5)).await.unwrap();
+    common::caught_up(&chans).await;
     for c in &chans {
         assert_eq!(c.state().state.version, 3);
         assert_eq!(
@@ -152,7 +153,7 @@ async fn rejected_update_keeps_the_old_state(ledger: Ledger) {
     assert_eq!(chans[1].phase(), Phase::Active);
     // Bob's own updates still work.
     chans[1].pay(0, 0, u(1)).await.unwrap();
-    assert_eq!(chans[0].state().state.version, 1);
+    assert_eq!(common::caught_up(&chans).await.state.version, 1);
 }
 
 async fn concurrent_updates_never_diverge(ledger: Ledger) {
@@ -170,9 +171,7 @@ async fn concurrent_updates_never_diverge(ledger: Ledger) {
             }
         }
         // Both sides agree after every round.
-        let (sa, sb) = (a.state(), b.state());
-        assert_eq!(sa.state.version, sb.state.version);
-        assert_eq!(sa, sb);
+        common::caught_up(&[a.clone(), b.clone()]).await;
     }
     let v = a.state().state.version;
     eprintln!("{}: {v} committed, {conflicts} conflicts", ledger.name());
@@ -183,4 +182,98 @@ async fn concurrent_updates_never_diverge(ledger: Ledger) {
     );
     let bal = &a.state().state.outcome.balances[0];
     assert_eq!(bal[0] + bal[1], u(20_000));
+}
+
+/// Refuses the first update it is asked about, accepts every later one.
+struct RefuseFirst(AtomicBool);
+
+#[async_trait]
+impl UpdateHandler for RefuseFirst {
+    async fn handle_update(&self, _u: IncomingUpdate, responder: UpdateResponder) {
+        if self.0.swap(true, Ordering::SeqCst) {
+            responder.accept();
+        } else {
+            responder.reject("not this one");
+        }
+    }
+}
+
+/// Waits until no party has an update in flight.
+async fn all_active(chans: &[perun::client::Channel]) {
+    for c in chans {
+        c.wait_for_phase(Phase::Active, Duration::from_secs(30))
+            .await
+            .expect("no update stays half done");
+    }
+}
+
+/// Bob signs Alice's update, Carol refuses it: Alice aborts, Bob drops his
+/// signed state at once, and version 1 is burnt. The channel goes on with
+/// versions 2 and 3, and settles on them.
+async fn three_parties_a_refusal_after_a_signature_burns_the_version(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let carol_opts = Options {
+        update_handler: Some(Arc::new(RefuseFirst(AtomicBool::new(false)))),
+        ..Options::default()
+    };
+    ps.push(common::party(&ledger, u(MINT), &carol_opts).await);
+    common::introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(100)).await;
+    match chans[0].pay(1, 0, u(10)).await {
+        Err(Error::Rejected { index: 2, reason }) => assert_eq!(reason, "not this one"),
+        other => panic!("expected Carol's refusal, got {other:?}"),
+    }
+    for c in &chans {
+        assert_eq!(c.phase(), Phase::Active, "the abort reached everyone");
+        assert_eq!(c.state().state.version, 0);
+    }
+    assert_eq!(chans[1].pay(2, 0, u(5)).await.unwrap().state.version, 2);
+    assert_eq!(chans[0].pay(1, 0, u(10)).await.unwrap().state.version, 3);
+    let st = common::caught_up(&chans).await;
+    assert_eq!(st.state.outcome.balances[0], vec![u(90), u(105), u(105)]);
+    settle_all_and_check(&ledger, &ps, &chans, 100).await;
+}
+
+/// Pays, retrying a retryable failure after a pause that differs per
+/// party (as an application would); returns how many attempts failed.
+async fn pay_retrying(c: &perun::client::Channel, to: usize, amount: u64) -> u64 {
+    for attempt in 0..100u64 {
+        match c.pay(to, 0, u(amount)).await {
+            Ok(_) => return attempt,
+            Err(e) if e.is_retryable() => {
+                let pause = (c.index() as u64 + 1) * (attempt % 4 + 1);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    panic!("a payment never got through");
+}
+
+/// All three pay at once, round after round. Conflicts abort updates that
+/// others already signed; nobody is left with a half-done update, every
+/// payment gets through on a retry, and the balances are exact.
+async fn three_parties_concurrent_updates_never_get_stuck(ledger: Ledger) {
+    let mut ps = parties(&ledger, 3, u(MINT), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(1000)).await;
+    let mut conflicts = 0;
+    for _ in 0..20 {
+        let (r0, r1, r2) = tokio::join!(
+            pay_retrying(&chans[0], 1, 3),
+            pay_retrying(&chans[1], 2, 2),
+            pay_retrying(&chans[2], 0, 1),
+        );
+        conflicts += r0 + r1 + r2;
+        all_active(&chans).await;
+        common::caught_up(&chans).await;
+    }
+    let st = common::caught_up(&chans).await;
+    eprintln!(
+        "{}: 60 payments at version {} after {conflicts} retries",
+        ledger.name(),
+        st.state.version
+    );
+    assert!(st.state.version >= 60);
+    assert_eq!(st.state.outcome.balances[0], vec![u(960), u(1020), u(1020)]);
+    settle_all_and_check(&ledger, &ps, &chans, 1000).await;
 }

@@ -60,6 +60,10 @@ fn main() {
         ("update_after_persist", || {
             Box::pin(crash_during_update("update_after_persist", 8))
         }),
+        (
+            "propose_before_commit",
+            || Box::pin(crash_while_proposing()),
+        ),
         ("settle_concluded", || Box::pin(crash_during_settle())),
         ("refute", || Box::pin(crash_during_dispute())),
     ];
@@ -531,6 +535,39 @@ async fn crash_during_update(failpoint: &str, amount: u64) {
     })
     .await
     .expect("both sides agree after the restart");
+    w.settle_both(&ch, &mut bob).await;
+}
+
+/// Bob proposes a payment; Alice signs and stores it; Bob dies before he
+/// signs. Nobody can complete that version now: Bob's `Sync` after his
+/// restart shows Alice he does not hold it, she drops it, and the channel
+/// goes on past the burnt version.
+async fn crash_while_proposing() {
+    let w = world().await;
+    let mut bob = w.bob(Some("propose_before_commit"));
+    let ch = w.open(&bob).await;
+    writeln!(bob.stdin, "pay 9").unwrap();
+    bob.stdin.flush().unwrap();
+    bob.expect("FAILPOINT propose_before_commit");
+    bob.kill();
+    assert_eq!(ch.phase(), Phase::Updating, "Alice signed Bob's update");
+    assert_eq!(ch.state().state.version, 0);
+
+    let mut bob = w.bob(None);
+    w.meet(&bob).await;
+    ch.wait_for_phase(Phase::Active, WAIT)
+        .await
+        .expect("Alice drops the update Bob no longer holds");
+    assert_eq!(ch.state().state.version, 0);
+    // Version 1 is burnt: Alice's payment becomes version 2, Bob's version 3.
+    let v2 = ch.pay(1, 0, u(3)).await.unwrap();
+    assert_eq!(v2.state.version, 2);
+    assert_eq!(bob.command("pay 4"), "OK 3");
+    ch.wait_for_version(3, WAIT).await.unwrap();
+    assert_eq!(
+        ch.state().state.outcome.balances[0],
+        vec![u(EACH + 1), u(EACH - 1)]
+    );
     w.settle_both(&ch, &mut bob).await;
 }
 

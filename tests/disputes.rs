@@ -124,7 +124,7 @@ async fn stale_registration_is_refuted(ledger: Ledger) {
     for _ in 0..5 {
         bob.pay(0, 0, u(100)).await.unwrap(); // ... and 400 after these.
     }
-    let latest = alice.state();
+    let latest = common::caught_up(&chans).await;
     assert_eq!(latest.state.version, 6);
     let mut events = alice.events();
     ps[1].client.shutdown().await;
@@ -144,7 +144,7 @@ async fn latest_registration_is_only_withdrawn(ledger: Ledger) {
     let chans = open(&ledger, &mut ps, u(EACH)).await;
     let (alice, bob) = (&chans[0], &chans[1]);
     alice.pay(1, 0, u(250)).await.unwrap();
-    let latest = alice.state();
+    let latest = common::caught_up(&chans).await;
     let mut events = alice.events();
     ps[1].client.shutdown().await;
     let adj = bob_registers(&ledger, &ps[1], bob, latest.clone()).await;
@@ -164,7 +164,7 @@ async fn silent_peer_settles_on_chain(ledger: Ledger) {
     let chans = open(&ledger, &mut ps, u(EACH)).await;
     let (alice, bob) = (chans[0].clone(), &chans[1]);
     bob.pay(0, 0, u(300)).await.unwrap();
-    let latest = alice.state();
+    let latest = common::caught_up(&chans).await;
     ps[1].client.shutdown().await; // Bob goes silent.
     let settling = tokio::spawn({
         let alice = alice.clone();

@@ -24,6 +24,8 @@ on_both_ledgers!(
     inflating_skipping_and_stealing_updates_are_rejected,
     bad_signatures_from_the_peer_are_rejected,
     updates_from_the_wrong_peer_are_rejected,
+    a_state_alice_never_proposed_is_never_completed_from_sync,
+    an_abandoned_update_still_takes_its_commit,
 );
 
 struct Setup {
@@ -100,11 +102,12 @@ async fn inflating_skipping_and_stealing_updates_are_rejected(ledger: Ledger) {
     inflate.outcome.balances[0][1] += U256::from(50u64);
     assert_refused(&send_update(&s, inflate, 1).await, "inflated balance");
 
+    // Versions may skip burnt ones, but only so far.
     let mut skip = before.state.next();
-    skip.version += 1;
+    skip.version += perun::channel::limits::MAX_VERSION_STEP;
     skip.outcome.balances[0][1] -= U256::from(1u64);
     skip.outcome.balances[0][0] += U256::from(1u64);
-    assert_refused(&send_update(&s, skip, 1).await, "skipped version");
+    assert_refused(&send_update(&s, skip, 1).await, "version too far ahead");
 
     let repeat = before.state.clone();
     assert_refused(&send_update(&s, repeat, 1).await, "repeated version");
@@ -162,17 +165,23 @@ async fn inflating_skipping_and_stealing_updates_are_rejected(ledger: Ledger) {
         s.evil.send(s.alice_peer, &good_commit).await.unwrap(),
         Message::Ack
     );
-    assert_eq!(s.alice.state().state, fair);
+    let done = s.alice.wait_for_version(fair.version, Duration::from_secs(10));
+    assert_eq!(done.await.unwrap().state, fair);
 }
 
-/// Alice's signature on her staged `st`, as her `Sync` reports it.
+/// Alice's signature on her staged `st`, as her `Sync` reports it. Bob's
+/// `Sync` shows him holding `st` (unsigned, as its proposer does until the
+/// commit); if it did not, Alice would drop the update he gave up.
 async fn alice_staged_sig(s: &Setup, st: &perun::channel::State) -> perun::wallet::Signature {
     let sync = Message::Sync(perun::wire::Sync {
         channel_id: s.alice.id(),
         index: 1,
-        phase: Phase::Active,
+        phase: Phase::Updating,
         latest: s.alice.state(),
-        staged: None,
+        staged: Some(SignedState {
+            state: st.clone(),
+            sigs: vec![None, None],
+        }),
     });
     match s.evil.send(s.alice_peer, &sync).await.unwrap() {
         Message::Sync(theirs) => {
@@ -262,4 +271,104 @@ async fn updates_from_the_wrong_peer_are_rejected(ledger: Ledger) {
         assert_refused(&reply, "update from an impostor");
     }
     assert_unchanged(&s.alice, &before);
+}
+
+/// A `Sync` may hand a 2-party proposer back the state its peer signed for
+/// it, to complete; a peer must not get Alice to sign a state she never
+/// proposed that way. Here Bob's twin offers one where Alice pays him.
+async fn a_state_alice_never_proposed_is_never_completed_from_sync(ledger: Ledger) {
+    let s = setup(ledger).await;
+    let before = s.alice.state();
+    let mut theft = before.state.next();
+    theft.outcome.balances[0][0] -= U256::from(50u64);
+    theft.outcome.balances[0][1] += U256::from(50u64);
+    let bob_sig = s.bob_key.sign_hash(theft.hash()).unwrap();
+    let sync = Message::Sync(perun::wire::Sync {
+        channel_id: s.alice.id(),
+        index: 1,
+        phase: Phase::Active,
+        latest: before.clone(),
+        staged: Some(SignedState {
+            state: theft.clone(),
+            sigs: vec![None, Some(bob_sig)],
+        }),
+    });
+    for _ in 0..2 {
+        match s.evil.send(s.alice_peer, &sync).await.unwrap() {
+            Message::Sync(theirs) => {
+                assert_eq!(theirs.latest, before);
+                assert!(theirs.staged.is_none(), "Alice staged nothing");
+            }
+            other => panic!("expected Alice's Sync, got {other:?}"),
+        }
+    }
+    assert_unchanged(&s.alice, &before);
+    // Alice's next proposal skips the version Bob claims to have signed.
+    let mut fair = before.state.next();
+    fair.version += 1;
+    fair.outcome.balances[0][0] -= U256::from(1u64);
+    fair.outcome.balances[0][1] += U256::from(1u64);
+    let mut incoming = s.evil_in.unwrap();
+    let bob_key = s.bob_key.clone();
+    let twin = tokio::spawn(async move {
+        while let Some(req) = incoming.next().await {
+            let (_, msg, r) = req.into_parts();
+            if let Message::Update(u) = msg {
+                let signature = bob_key.sign_hash(u.state.hash()).unwrap();
+                r.reply(Message::UpdateAccept(UpdateAccept {
+                    channel_id: u.channel_id,
+                    version: u.state.version,
+                    index: 1,
+                    signature,
+                }))
+                .unwrap();
+                return u.state;
+            }
+        }
+        panic!("no update arrived");
+    });
+    let paid = s.alice.pay(1, 0, U256::from(1u64));
+    let (paid, proposed) = tokio::join!(paid, twin);
+    assert_eq!(proposed.unwrap(), fair);
+    assert_eq!(paid.unwrap().state, fair);
+}
+
+/// Alice signs Bob's update; Bob's `Sync` then shows he does not hold it
+/// (as after his restart), so Alice drops it and is free to go on. Had Bob
+/// completed it after all, his commit still applies: it is fully signed,
+/// and Alice signed it.
+async fn an_abandoned_update_still_takes_its_commit(ledger: Ledger) {
+    let s = setup(ledger).await;
+    let before = s.alice.state();
+    let mut fair = before.state.next();
+    fair.outcome.balances[0][1] -= U256::from(5u64);
+    fair.outcome.balances[0][0] += U256::from(5u64);
+    let alice_sig = match send_update(&s, fair.clone(), 1).await {
+        Message::UpdateAccept(a) => a.signature,
+        other => panic!("a fair update is accepted, got {other:?}"),
+    };
+    assert_eq!(s.alice.phase(), Phase::Updating);
+    let gave_up = Message::Sync(perun::wire::Sync {
+        channel_id: s.alice.id(),
+        index: 1,
+        phase: Phase::Active,
+        latest: before.clone(),
+        staged: None,
+    });
+    assert!(matches!(
+        s.evil.send(s.alice_peer, &gave_up).await.unwrap(),
+        Message::Sync(_)
+    ));
+    assert_unchanged(&s.alice, &before);
+    let bob_sig = s.bob_key.sign_hash(fair.hash()).unwrap();
+    let commit = Message::UpdateCommit(UpdateCommit {
+        channel_id: s.alice.id(),
+        version: fair.version,
+        index: 1,
+        signatures: vec![alice_sig, bob_sig],
+    });
+    assert_eq!(s.evil.send(s.alice_peer, &commit).await.unwrap(), Message::Ack);
+    let done = s.alice.wait_for_version(fair.version, Duration::from_secs(10));
+    assert_eq!(done.await.unwrap().state, fair);
+    assert_eq!(s.alice.phase(), Phase::Active);
 }

@@ -87,7 +87,8 @@ async fn reorged_registration_is_ignored() {
     for _ in 0..5 {
         bob.pay(0, 0, u(100)).await.unwrap(); // ... and 400 after these.
     }
-    assert_eq!(alice.state().state.version, 6);
+    let latest = common::caught_up(&[alice.clone(), bob.clone()]).await;
+    assert_eq!(latest.state.version, 6);
     let alice_addr = ps[0].client.address();
     assert_eq!(ledger.balance(alice_addr).await, u(MINT - EACH));
 
@@ -152,9 +153,8 @@ async fn reorged_registration_is_ignored() {
 
     // The channel still works: an update, then a cooperative settle.
     alice.pay(1, 0, u(50)).await.unwrap();
-    let latest = alice.state();
+    let latest = common::caught_up(&[alice.clone(), bob.clone()]).await;
     assert_eq!(latest.state.version, 7);
-    assert_eq!(bob.state(), latest);
     alice.settle().await.unwrap();
     bob.settle().await.unwrap();
     assert_eq!(alice.phase(), Phase::Withdrawn);
@@ -197,7 +197,7 @@ async fn confirmed_registration_is_refuted() {
     for _ in 0..5 {
         bob.pay(0, 0, u(100)).await.unwrap();
     }
-    let latest = alice.state();
+    let latest = common::caught_up(&chans).await;
     assert_eq!(latest.state.version, 6);
     let mut events = alice.events();
     ps[1].client.shutdown().await;

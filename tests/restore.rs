@@ -16,7 +16,7 @@ use common::{Ledger, Options, introduce, open, parties, restart};
 use perun::channel::{ChannelId, Phase, U256};
 use perun::persistence::{Change, ChannelRecord, Persister};
 
-on_both_ledgers!(restart_restores_channels, sync_completes_a_half_done_update);
+on_both_ledgers!(restart_restores_channels, a_failed_commit_burns_its_version);
 
 fn u(x: u64) -> U256 {
     U256::from(x)
@@ -44,8 +44,8 @@ async fn restart_restores_channels(ledger: Ledger) {
     // Both directions work with the restarted client.
     chans[0].pay(1, 0, u(10)).await.unwrap();
     restored.pay(0, 0, u(5)).await.unwrap();
-    assert_eq!(restored.state(), chans[0].state());
-    assert_eq!(restored.state().state.version, 5);
+    let st = common::caught_up(&[restored.clone(), chans[0].clone()]).await;
+    assert_eq!(st.state.version, 5);
     restored.settle().await.unwrap();
     chans[0].settle().await.unwrap();
 }
@@ -85,7 +85,7 @@ impl Persister for FailNextCommit {
     }
 }
 
-async fn sync_completes_a_half_done_update(ledger: Ledger) {
+async fn a_failed_commit_burns_its_version(ledger: Ledger) {
     let armed = Arc::new(AtomicBool::new(false));
     let alice_opts = Options {
         wrap_persister: Some(Box::new({
@@ -110,34 +110,33 @@ async fn sync_completes_a_half_done_update(ledger: Ledger) {
     armed.store(true, Ordering::SeqCst);
     let err = chans[0].pay(1, 0, u(20)).await.unwrap_err();
     assert!(matches!(err, perun::client::Error::Persistence(_)), "{err}");
-    // Alice stays on version 1; Bob signed version 2 and waits for the commit.
+    // Alice stays on version 1. Bob had signed version 2; Alice's abort made
+    // him drop it, and version 2 is burnt: nobody signs it again.
     assert_eq!(chans[0].state().state.version, 1);
     assert_eq!(chans[0].phase(), Phase::Active);
     assert_eq!(chans[1].state().state.version, 1);
-    assert_eq!(chans[1].phase(), Phase::Updating);
+    assert_eq!(chans[1].phase(), Phase::Active);
     let alice_ch = chans[0].clone();
     drop(chans); // Bob's old `Channel` would keep his old client (and store) alive.
     let chans = [alice_ch];
 
-    // Bob restarts; his Sync lets Alice complete the update she proposed.
+    // Bob restarts with his signed version 2 still on disk (his record of
+    // what he signed); his Sync with Alice shows she does not hold it.
     let bob = ps.remove(1);
     ps.push(restart(&ledger, bob).await);
     introduce(&ps).await;
     let bob_ch = ps[1].client.channel(&chans[0].id()).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while bob_ch.state().state.version != 2 || chans[0].state().state.version != 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("both sides reach version 2");
-    assert_eq!(bob_ch.state(), chans[0].state());
-    assert_eq!(
-        bob_ch.state().state.outcome.balances[0],
-        vec![u(970), u(1030)]
-    );
-    bob_ch.state().verify_all(bob_ch.params()).unwrap();
-    // And the channel goes on.
+    bob_ch
+        .wait_for_phase(Phase::Active, Duration::from_secs(30))
+        .await
+        .expect("Bob drops the aborted update after his sync");
+    // The channel goes on past the burnt version, in both directions.
+    let v3 = chans[0].pay(1, 0, u(20)).await.unwrap();
+    assert_eq!(v3.state.version, 3);
     bob_ch.pay(0, 0, u(1)).await.unwrap();
-    assert_eq!(chans[0].state().state.version, 3);
+    let both = [chans[0].clone(), bob_ch.clone()];
+    let st = common::caught_up(&both).await;
+    assert_eq!(st.state.version, 4);
+    assert_eq!(st.state.outcome.balances[0], vec![u(971), u(1029)]);
+    st.verify_all(bob_ch.params()).unwrap();
 }

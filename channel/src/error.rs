@@ -49,8 +49,10 @@ pub enum Error {
     /// The current state is final; nothing may follow it.
     #[error("state is final")]
     Final,
-    /// The next version is not exactly one more than the current one.
-    #[error("version must be {expected}, got {got}")]
+    /// The next version is not newer than the current one, or too far ahead.
+    #[error(
+        "version must be at least {expected} (and at most `MAX_VERSION_STEP` ahead), got {got}"
+    )]
     Version {
         /// `current + 1`.
         expected: u64,

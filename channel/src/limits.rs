@@ -9,6 +9,12 @@ pub const MAX_PARTICIPANTS: usize = 16;
 pub const MIN_ASSETS: usize = 1;
 /// Most assets in a channel.
 pub const MAX_ASSETS: usize = 16;
+/// Largest step between consecutive fully signed versions. Versions may
+/// skip numbers: a version that some participant signed in an update that
+/// then failed is burnt (nobody may sign it again with other contents), so
+/// the next update uses a higher one. The bound keeps a peer from spending
+/// the version space in one step.
+pub const MAX_VERSION_STEP: u64 = 1 << 20;
 /// Largest `appData`, in bytes.
 pub const MAX_APP_DATA: usize = 64 * 1024;
 /// Shortest challenge duration, in seconds.

@@ -129,6 +129,13 @@ impl Machine {
                 }
             }
         }
+        // A store keeps `Active` while an update is staged (`Updating` is a
+        // moment, not a place); with a staged update the machine is updating.
+        let phase = if phase == Phase::Active && current.is_some() && staged.is_some() {
+            Phase::Updating
+        } else {
+            phase
+        };
         Ok(Self {
             params,
             index,

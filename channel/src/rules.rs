@@ -158,7 +158,8 @@ impl State {
     }
 
     /// Checks that `actor` may move the channel from `self` to `next`
-    /// (DESIGN §3): same channel, not final, version + 1, same assets, same
+    /// (DESIGN §3): same channel, not final, a newer version (at most
+    /// `MAX_VERSION_STEP` ahead), same assets, same
     /// per-asset sums, and the application's (or payment) rule.
     pub fn validate_transition(
         &self,
@@ -180,11 +181,14 @@ impl State {
         if self.isFinal {
             return Err(Error::Final);
         }
+        // Any newer version up to `MAX_VERSION_STEP` ahead: a failed update
+        // may have burnt the versions in between (see `limits`).
         let expected = self.version.checked_add(1).ok_or(Error::Version {
             expected: u64::MAX,
             got: next.version,
         })?;
-        if next.version != expected {
+        if next.version < expected || next.version - self.version > crate::limits::MAX_VERSION_STEP
+        {
             return Err(Error::Version {
                 expected,
                 got: next.version,

@@ -164,6 +164,30 @@ fn double_sign_guard_survives_restore() {
 }
 
 #[test]
+fn a_burnt_version_is_skipped_and_restore_resumes_updating() {
+    let (mut a, _, accs) = active_pair();
+    a.stage_update(pay(&a, 0, 1, 10), 0, &PaymentApp).unwrap();
+    a.sign_staged(&accs[0]).unwrap();
+    // The store keeps `Active` while an update is staged.
+    let mut r = Machine::restore(
+        a.params().clone(),
+        0,
+        Phase::Active,
+        a.current().cloned(),
+        a.staged().cloned(),
+    )
+    .unwrap();
+    assert_eq!(r.phase(), Phase::Updating);
+    r.discard_staged().unwrap();
+    // Version 1 is burnt; version 2 (a different state) may be signed.
+    let mut skip = pay(&r, 0, 1, 3);
+    skip.version = 2;
+    r.stage_update(skip, 0, &PaymentApp).unwrap();
+    r.sign_staged(&accs[0]).unwrap();
+    assert_eq!(r.last_signed().map(|(v, _)| v), Some(2));
+}
+
+#[test]
 fn restore_rejects_tampered_records() {
     let (a, _, _) = active_pair();
     let mut cur = a.current().cloned().unwrap();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use perun_channel::{ChannelId, Machine, Params, Phase, SignedState, State, U256};
 use perun_persistence::{Change, ChannelRecord};
 use perun_wire::PeerId;
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 
 use perun_adjudicator::AdjudicatorEvent;
@@ -18,8 +19,21 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub(crate) struct Locked {
     pub(crate) machine: Machine,
-    /// Who proposed the staged state.
+    /// Who proposed the staged state (unknown for a state restored from disk).
     pub(crate) staged_actor: Option<usize>,
+    /// The highest version some participant signed in an update that then
+    /// failed. Nobody may sign it again with other contents, so our next
+    /// proposal skips past it.
+    pub(crate) burnt: u64,
+    /// The hash of our last proposal that failed while a peer's answer was
+    /// unknown (2-party channels): that peer may have signed and stored it,
+    /// and its `Sync` may hand it back for us to complete. Only a state in
+    /// here is ever completed from a peer's `Sync`: anything else a peer
+    /// sends there is a state we never proposed.
+    pub(crate) pending: Option<perun_channel::B256>,
+    /// The last staged update we dropped as abandoned. If its proposer did
+    /// complete it after all, its commit still applies.
+    pub(crate) abandoned: Option<SignedState>,
 }
 
 impl Locked {
@@ -29,6 +43,25 @@ impl Locked {
         let _ = self.machine.discard_staged();
         self.staged_actor = None;
         core.publish(&self.machine);
+    }
+
+    /// Drops a staged update that some participant may have signed: its
+    /// version is burnt. The store keeps the staged state, which is our
+    /// record of what we signed, until a newer state replaces it.
+    pub(crate) fn abandon_staged(&mut self, core: &ChannelCore) {
+        if let Some(s) = self.machine.staged() {
+            self.burnt = self.burnt.max(s.state.version);
+            self.abandoned = Some(s.clone());
+        }
+        self.drop_staged(core);
+    }
+
+    /// The version our next proposal gets: past the current state, past
+    /// anything we signed and past every version known to be burnt.
+    pub(crate) fn next_version(&self) -> Option<u64> {
+        let cur = self.machine.current()?.state.version;
+        let signed = self.machine.last_signed().map_or(0, |(v, _)| v);
+        cur.max(signed).max(self.burnt).checked_add(1)
     }
 
     /// Makes `trial`, whose current state is newly fully signed, the
@@ -60,10 +93,17 @@ impl Locked {
         persist(inner, core.id, changes).await?;
         self.machine = trial;
         self.staged_actor = None;
+        let v = full.state.version;
+        self.abandoned = self.abandoned.take().filter(|a| a.state.version > v);
         core.publish(&self.machine);
         Ok(full)
     }
 }
+
+/// States an `updates()` reader may fall behind by before it skips some.
+const UPDATE_BUFFER: usize = 256;
+/// Chain events an `events()` reader may fall behind by.
+const EVENT_BUFFER: usize = 64;
 
 /// Everything about one channel that the controller and the protocol tasks share.
 #[derive(Debug)]
@@ -80,9 +120,11 @@ pub(crate) struct ChannelCore {
     /// is fully signed: the staged version 0; no `Channel` exists yet then).
     state: watch::Sender<SignedState>,
     phase: watch::Sender<Phase>,
-    updates: broadcast::Sender<SignedState>,
-    /// Chain events, re-broadcast to the application.
-    pub(crate) events: broadcast::Sender<AdjudicatorEvent>,
+    /// Created on the first `updates()` call: a channel nobody listens to
+    /// costs no buffer (10,000 channels in one client must stay small).
+    updates: OnceLock<broadcast::Sender<SignedState>>,
+    /// Chain events, re-broadcast to the application; created on first use.
+    events: OnceLock<broadcast::Sender<AdjudicatorEvent>>,
     /// Whether a watcher task runs for this channel.
     pub(crate) watching: AtomicBool,
     /// Serialises dispute steps (watcher, settle).
@@ -101,8 +143,6 @@ impl ChannelCore {
             .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
         let (state, _) = watch::channel(snapshot);
         let (phase, _) = watch::channel(machine.phase());
-        let (updates, _) = broadcast::channel(1024);
-        let (events, _) = broadcast::channel(64);
         Ok(Arc::new(Self {
             id: params.channel_id(),
             index: machine.index(),
@@ -111,16 +151,26 @@ impl ChannelCore {
             locked: Mutex::new(Locked {
                 machine,
                 staged_actor: None,
+                burnt: 0,
+                pending: None,
+                abandoned: None,
             }),
             update_lock: Mutex::new(()),
             state,
             phase,
-            updates,
-            events,
+            updates: OnceLock::new(),
+            events: OnceLock::new(),
             watching: AtomicBool::new(false),
             act_lock: Mutex::new(()),
             registered: std::sync::Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Hands a chain event to the application's `events()` streams, if any.
+    pub(crate) fn announce(&self, ev: AdjudicatorEvent) {
+        if let Some(tx) = self.events.get() {
+            let _ = tx.send(ev);
+        }
     }
 
     /// Remembers a state seen registered on-chain (the last few only).
@@ -157,7 +207,9 @@ impl ChannelCore {
             };
             if newer {
                 self.state.send_replace(cur.clone());
-                let _ = self.updates.send(cur.clone());
+                if let Some(tx) = self.updates.get() {
+                    let _ = tx.send(cur.clone());
+                }
             }
         }
         self.phase.send_if_modified(|p| {
@@ -300,16 +352,20 @@ impl Channel {
     /// The channel's on-chain events (registrations, conclusion,
     /// withdrawals) as the watcher sees them, from now on.
     pub fn events(&self) -> EventStream {
-        EventStream {
-            rx: self.core.events.subscribe(),
-        }
+        let tx = self
+            .core
+            .events
+            .get_or_init(|| broadcast::channel(EVENT_BUFFER).0);
+        EventStream { rx: tx.subscribe() }
     }
 
     /// A stream of the channel's new fully signed states.
     pub fn updates(&self) -> UpdateStream {
-        UpdateStream {
-            rx: self.core.updates.subscribe(),
-        }
+        let tx = self
+            .core
+            .updates
+            .get_or_init(|| broadcast::channel(UPDATE_BUFFER).0);
+        UpdateStream { rx: tx.subscribe() }
     }
 
     /// Waits until the channel reaches `phase` (e.g. `Withdrawn` after a
@@ -321,9 +377,37 @@ impl Channel {
             .map(|_| ())
     }
 
+    /// Waits until the latest fully signed state has at least `version`,
+    /// and returns it; fails with [`Error::Timeout`] after `timeout`.
+    ///
+    /// An update returns to its proposer once the state is durable there
+    /// and every peer has checked the signatures; each peer stores it right
+    /// after. A peer waiting for a payment waits here.
+    ///
+    /// ```no_run
+    /// # async fn f(ch: perun_client::Channel) -> perun_client::Result<()> {
+    /// let st = ch.wait_for_version(7, std::time::Duration::from_secs(5)).await?;
+    /// println!("balances now {:?}", st.state.outcome.balances);
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_for_version(
+        &self,
+        version: u64,
+        timeout: std::time::Duration,
+    ) -> Result<SignedState> {
+        let mut rx = self.core.state.subscribe();
+        match tokio::time::timeout(timeout, rx.wait_for(|s| s.state.version >= version)).await {
+            Ok(Ok(s)) => Ok(s.clone()),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout("version")),
+        }
+    }
+
     /// Proposes the next state: `f` edits a copy of the current state whose
-    /// version is already incremented. Returns the new fully signed state
-    /// once every participant signed it and it is durably stored.
+    /// version is already incremented (versions burnt by a failed update
+    /// are skipped). Returns the new fully signed state once every
+    /// participant checked it and it is durably stored here; each peer
+    /// stores it right after ([`wait_for_version`](Self::wait_for_version)).
     ///
     /// Fails with [`Error::Rejected`] if a peer refuses, with the retryable
     /// [`Error::Conflict`] if a peer with a lower index proposed at the same

@@ -310,6 +310,9 @@ async fn dispatch(inner: Weak<Inner>, mut incoming: Incoming) {
             Message::UpdateCommit(c) => {
                 tokio::spawn(crate::update::handle_commit(inner, peer, c, responder));
             }
+            Message::UpdateReject(r) => {
+                tokio::spawn(crate::update::handle_abort(inner, peer, r, responder));
+            }
             Message::Sync(s) => {
                 tokio::spawn(crate::sync::handle_sync(inner, peer, s, responder));
             }

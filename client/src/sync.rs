@@ -1,12 +1,19 @@
 //! `Sync`: after a restart or reconnect, each side tells where it stands on
 //! a channel, so a half-done update is completed or dropped on both sides.
 //!
-//! The proposer of an update signs last, so after a crash the only
-//! half-done state that can exist is one a *responder* signed and staged.
-//! Its proposer completes it when it learns of it (it proposed it, and the
-//! responder cannot sign any other state of that version), and a side that
-//! missed the commit adopts the other's fully signed state. Every state
-//! taken from a peer is verified (all signatures, the transition rule).
+//! The proposer of an update signs last, so the only half-done state that
+//! can exist is one some *responders* signed. Three cases:
+//! - a side that missed the commit adopts the other's fully signed state;
+//! - in a 2-party channel, the proposer completes a state the responder
+//!   signed, but only if it is the very proposal it remembers failing
+//!   (`Locked::pending`): a peer must never get us to sign a state we did
+//!   not propose;
+//! - otherwise the responder drops its staged state once its proposer shows
+//!   it does not hold it (it restarted, or gave up). That version is burnt,
+//!   and every side learns so and proposes past it.
+//!
+//! Every state taken from a peer is verified (all signatures, the
+//! transition rule).
 
 use std::sync::Arc;
 
@@ -53,14 +60,22 @@ async fn merge(
         );
         return Ok(None);
     }
-    // A state the peer signed for our update that we never completed.
+    let peer_index = core.peer_index(&peer);
+    abandon_if_proposer_dropped(core, &mut l, peer_index, theirs);
     let Some(staged) = &theirs.staged else {
         return Ok(None);
     };
-    let (Some(cur), true) = (cur, l.machine.phase() == Phase::Active) else {
+    let Some(cur) = cur else {
         return Ok(None);
     };
-    if staged.state.version != cur + 1 || core.params.participants.len() != 2 {
+    if staged.state.version > cur {
+        // Whatever happens to it, nobody may sign that version again with
+        // other contents: propose past it.
+        l.burnt = l.burnt.max(staged.state.version);
+    }
+    // A state the peer signed for our update that we never completed.
+    let ours = l.pending == Some(staged.state.hash());
+    if !ours || l.machine.phase() != Phase::Active || core.params.participants.len() != 2 {
         return Ok(None);
     }
     let mut trial = l.machine.clone();
@@ -76,11 +91,49 @@ async fn merge(
     trial.sign_staged(inner.account.as_ref())?;
     trial.commit_staged()?;
     let full = l.commit_trial(inner, core, trial).await?;
+    l.pending = None;
     info!(
         version = full.state.version,
         "completed a half-done update from sync"
     );
     Ok(Some(full))
+}
+
+/// Drops our staged update if its proposer is `peer` (or unknown: restored
+/// from disk) and
+/// the peer's `Sync` shows it neither holds that state nor moved past it:
+/// the proposer restarted or gave up, and can no longer complete it.
+fn abandon_if_proposer_dropped(
+    core: &ChannelCore,
+    l: &mut crate::channel::Locked,
+    peer_index: Option<usize>,
+    theirs: &Sync,
+) {
+    let Some(staged) = l.machine.staged() else {
+        return;
+    };
+    // A state restored from disk has no known proposer: any peer that
+    // neither holds it nor moved past it shows it cannot be completed now
+    // (and if it is completed after all, its commit still applies).
+    let by_peer = match l.staged_actor {
+        Some(a) => Some(a) == peer_index && a != core.index,
+        None => true,
+    };
+    let held = theirs
+        .staged
+        .as_ref()
+        .is_some_and(|s| s.state.hash() == staged.state.hash());
+    if l.machine.phase() == Phase::Updating
+        && by_peer
+        && !held
+        && theirs.latest.state.version < staged.state.version
+    {
+        debug!(
+            version = staged.state.version,
+            "the proposer no longer holds our staged update; dropping it"
+        );
+        l.abandon_staged(core);
+    }
 }
 
 /// Answers a peer's `Sync`: merge theirs, reply with ours.

@@ -8,6 +8,13 @@
 //! conflict, and no participant ever signs two states with one version:
 //! when two participants propose at once, the lower index wins and the
 //! other one, which has not signed its own proposal, signs the winner's.
+//!
+//! An update that fails after some peer signed it (another peer refused,
+//! a conflict, a crash) burns its version: the proposer tells the peers
+//! that signed to drop it (an `UpdateReject` sent as a request: an abort)
+//! and its next proposal uses a higher version. Versions may skip numbers
+//! (`limits::MAX_VERSION_STEP`), so a half-done update never blocks a
+//! channel, with any number of participants.
 
 use std::sync::Arc;
 
@@ -41,10 +48,13 @@ pub(crate) async fn propose(
             let mut l = core.locked.lock().await;
             let cur = l.machine.current().ok_or(Error::Phase(l.machine.phase()))?;
             let mut next = cur.state.next();
+            next.version = l.next_version().ok_or(Error::Phase(l.machine.phase()))?;
             f(&mut next).map_err(Error::InvalidUpdate)?;
             l.machine
                 .stage_update(next.clone(), core.index, inner.app.as_ref())?;
             l.staged_actor = Some(core.index);
+            // A newer proposal supersedes an older failed one.
+            l.pending = None;
             core.publish(&l.machine);
             let hash = next.hash();
             (next, hash)
@@ -59,17 +69,16 @@ pub(crate) async fn propose(
         let mut l = core.locked.lock().await;
         let ours = l.staged_actor == Some(core.index)
             && l.machine.staged().is_some_and(|s| s.state.hash() == hash);
-        if !ours {
-            // A lower-indexed participant's update replaced ours.
-            return Err(Error::Conflict);
-        }
-        let mut failure = None;
+        let mut failure = (!ours).then_some(Error::Conflict);
+        let mut signed_by = Vec::new();
+        let mut unknown = false;
         let mut sigs = Vec::with_capacity(replies.len());
         for (peer, index, reply) in replies {
             match reply {
                 Ok(Message::UpdateAccept(a))
                     if a.channel_id == core.id && a.version == next.version && a.index == index =>
                 {
+                    signed_by.push(peer);
                     sigs.push((index, a.signature))
                 }
                 Ok(Message::UpdateReject(r)) if r.channel_id == core.id => {
@@ -83,12 +92,14 @@ pub(crate) async fn propose(
                 }
                 Ok(other) => {
                     warn!(%peer, ?other, "unexpected reply to an update");
+                    unknown = true;
                     failure.get_or_insert(Error::Protocol {
                         peer,
                         reason: "unexpected reply to an update".into(),
                     });
                 }
                 Err(e) => {
+                    unknown = true;
                     failure.get_or_insert(e.into());
                 }
             }
@@ -104,18 +115,17 @@ pub(crate) async fn propose(
             }
         }
         if let Some(e) = failure {
-            // Nobody has our signature on this state: dropping it is safe.
-            l.drop_staged(core);
+            fail(inner, core, l, &next, ours, unknown, signed_by).await;
             return Err(e);
         }
+        crate::failpoint::hit("propose_before_commit").await;
         trial.sign_staged(inner.account.as_ref())?;
         trial.commit_staged()?;
         let full = match l.commit_trial(inner, core, trial).await {
             Ok(full) => full,
             Err(e) => {
-                // Our signature never left: dropping the update is safe. The
-                // peers' signatures stay with them until a `Sync` completes it.
-                l.drop_staged(core);
+                // Our signature never left: dropping the update is safe.
+                fail(inner, core, l, &next, true, false, signed_by).await;
                 return Err(e);
             }
         };
@@ -126,6 +136,94 @@ pub(crate) async fn propose(
     }
     .instrument(span)
     .await
+}
+
+/// Ends a proposal of ours that failed after it was sent. Its version is
+/// burnt (a peer may have signed it); the peers that signed are told to
+/// drop it. A 2-party proposal whose answer is unknown is remembered, so
+/// the peer's `Sync` can still complete it if it signed and stored it.
+async fn fail(
+    inner: &Arc<Inner>,
+    core: &Arc<ChannelCore>,
+    mut l: tokio::sync::MutexGuard<'_, crate::channel::Locked>,
+    next: &State,
+    ours: bool,
+    unknown: bool,
+    signed_by: Vec<PeerId>,
+) {
+    if unknown || !signed_by.is_empty() {
+        // Someone may hold a signature on this version.
+        l.burnt = l.burnt.max(next.version);
+    }
+    if ours {
+        l.drop_staged(core);
+    }
+    l.pending = (unknown && core.peers.len() == 2).then(|| next.hash());
+    drop(l);
+    if signed_by.is_empty() {
+        return;
+    }
+    let abort = Message::UpdateReject(UpdateReject {
+        channel_id: core.id,
+        version: next.version,
+        index: core.index,
+        reason: "update aborted".into(),
+        kind: RejectKind::Refused,
+    });
+    for peer in signed_by {
+        match inner.wire.send(peer, &abort).await {
+            Ok(Message::Ack) => {
+                debug!(%peer, version = next.version, "peer dropped the aborted update")
+            }
+            other => {
+                warn!(%peer, ?other, "peer did not acknowledge the abort; it drops the update on its next sync")
+            }
+        }
+    }
+}
+
+/// Answers a proposer's abort of an update it could not complete: the
+/// staged state is dropped if it is that proposer's (or of unknown origin,
+/// restored from disk). Idempotent.
+pub(crate) async fn handle_abort(
+    inner: Arc<Inner>,
+    peer: PeerId,
+    r: UpdateReject,
+    responder: Responder,
+) {
+    let Some(core) = inner.channel_core(&r.channel_id) else {
+        let _ = responder.refuse(perun_wire::Refusal::new(
+            perun_wire::RefusalCode::Unauthorized,
+            "unknown channel",
+        ));
+        return;
+    };
+    if core.peer_index(&peer) != Some(r.index) {
+        warn!(%peer, index = r.index, "abort from a peer that is not who it claims");
+        let _ = responder.refuse(perun_wire::Refusal::new(
+            perun_wire::RefusalCode::Unauthorized,
+            "wrong participant",
+        ));
+        return;
+    }
+    let span = info_span!("handle_abort", channel = %core.id, version = r.version, actor = r.index);
+    async {
+        let mut l = core.locked.lock().await;
+        let theirs = l.machine.phase() == Phase::Updating
+            && l.staged_actor.is_none_or(|a| a == r.index)
+            && l.staged_actor != Some(core.index)
+            && l.machine
+                .staged()
+                .is_some_and(|s| s.state.version == r.version);
+        if theirs {
+            debug!("the proposer aborted its update");
+            l.abandon_staged(&core);
+        }
+        l.burnt = l.burnt.max(r.version);
+    }
+    .instrument(span)
+    .await;
+    let _ = responder.reply(Message::Ack);
 }
 
 /// Hands the full signature set to every peer. A peer that misses it
@@ -211,11 +309,17 @@ async fn respond_update(
     let request = {
         let mut l = core.locked.lock().await;
         if l.machine.phase() == Phase::Updating {
+            let staged_version = l.machine.staged().map_or(0, |s| s.state.version);
             let mine = l.staged_actor == Some(core.index);
             let unsigned_by_me = l
                 .machine
                 .staged()
                 .is_some_and(|s| s.sigs.get(core.index).is_none_or(Option::is_none));
+            // Its proposer moved on to a newer version: the staged update
+            // failed (it burnt that version). A state restored from disk
+            // has no known proposer; any newer proposal supersedes it.
+            let moved_on =
+                !mine && version > staged_version && l.staged_actor.is_none_or(|a| a == u.actor);
             if mine && unsigned_by_me && u.actor < core.index {
                 // The lower index wins; we have not signed our own proposal.
                 debug!("concurrent update: the peer's lower index wins");
@@ -223,6 +327,9 @@ async fn respond_update(
                     return reject(core, version, RejectKind::Conflict, e.to_string());
                 }
                 l.staged_actor = None;
+            } else if moved_on {
+                debug!(staged_version, "the staged update was superseded");
+                l.abandon_staged(core);
             } else {
                 return reject(
                     core,
@@ -244,8 +351,14 @@ async fn respond_update(
             .machine
             .stage_update(u.state.clone(), u.actor, inner.app.as_ref())
         {
-            warn!(%peer, error = %e, "invalid update");
             core.publish(&l.machine);
+            if let perun_channel::Error::DoubleSign(v) = e {
+                // We signed another state of this version in an update that
+                // failed; the proposer retries with a newer version.
+                l.burnt = l.burnt.max(v);
+                return reject(core, version, RejectKind::Conflict, e.to_string());
+            }
+            warn!(%peer, error = %e, "invalid update");
             return reject(core, version, RejectKind::Refused, e.to_string());
         }
         l.staged_actor = Some(u.actor);
@@ -321,50 +434,101 @@ async fn ask_handler(
 }
 
 /// Completes a staged state with the full signature set from its proposer.
+///
+/// The acknowledgement goes out before our own write: the proposer's state
+/// is durable already and our signature went out earlier, so the write only
+/// saves us a `Sync` after a crash, and the proposer need not wait for it.
+/// The channel lock is held until the write is done, so nothing acts on
+/// the new state before it is stored.
 pub(crate) async fn handle_commit(
     inner: Arc<Inner>,
     peer: PeerId,
     c: UpdateCommit,
     responder: Responder,
 ) {
-    let reply = match inner.channel_core(&c.channel_id) {
-        None => {
-            warn!(%peer, channel = %c.channel_id, "commit for an unknown channel");
-            Err("unknown channel".to_string())
-        }
-        Some(core) => {
-            let span = info_span!("handle_commit", channel = %core.id, version = c.version);
-            apply_commit(&inner, &core, peer, c).instrument(span).await
-        }
-    };
-    let _ = match reply {
-        Ok(()) => responder.reply(Message::Ack),
-        Err(reason) => responder.refuse(perun_wire::Refusal::new(
+    let Some(core) = inner.channel_core(&c.channel_id) else {
+        warn!(%peer, channel = %c.channel_id, "commit for an unknown channel");
+        let _ = responder.refuse(perun_wire::Refusal::new(
             perun_wire::RefusalCode::Malformed,
-            reason,
-        )),
+            "unknown channel",
+        ));
+        return;
     };
+    let span = info_span!("handle_commit", channel = %core.id, version = c.version);
+    async {
+        let mut l = core.locked.lock().await;
+        match check_commit(&core, &l, peer, &c) {
+            Ok(None) => {
+                let _ = responder.reply(Message::Ack);
+            }
+            Ok(Some(trial)) => {
+                let _ = responder.reply(Message::Ack);
+                if let Err(e) = l.commit_trial(&inner, &core, trial).await {
+                    warn!(error = %e, "could not store a committed update; a sync restores it");
+                }
+            }
+            Err(reason) => {
+                let _ = responder.refuse(perun_wire::Refusal::new(
+                    perun_wire::RefusalCode::Malformed,
+                    reason,
+                ));
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }
 
-async fn apply_commit(
-    inner: &Arc<Inner>,
-    core: &Arc<ChannelCore>,
+/// A commit for an update we dropped as abandoned (its proposer completed
+/// it after all): the fully signed state is adopted like one from a `Sync`.
+fn commit_abandoned(
+    l: &crate::channel::Locked,
     peer: PeerId,
-    c: UpdateCommit,
-) -> std::result::Result<(), String> {
+    c: &UpdateCommit,
+) -> std::result::Result<Option<perun_channel::Machine>, String> {
+    let Some(abandoned) = l
+        .abandoned
+        .as_ref()
+        .filter(|a| a.state.version == c.version)
+    else {
+        return Err("nothing staged".into());
+    };
+    let full = SignedState {
+        state: abandoned.state.clone(),
+        sigs: c.signatures.iter().copied().map(Some).collect(),
+    };
+    let mut trial = l.machine.clone();
+    if let Err(e) = trial.adopt(full) {
+        warn!(%peer, error = %e, "bad commit for an abandoned update");
+        return Err(e.to_string());
+    }
+    debug!(
+        version = c.version,
+        "an update we had given up on was completed"
+    );
+    Ok(Some(trial))
+}
+
+/// Checks a commit against the staged state; returns the committed machine
+/// to store, or `None` if we have that state already (a repeated commit).
+fn check_commit(
+    core: &ChannelCore,
+    l: &crate::channel::Locked,
+    peer: PeerId,
+    c: &UpdateCommit,
+) -> std::result::Result<Option<perun_channel::Machine>, String> {
     if core.peer_index(&peer) != Some(c.index) {
         warn!(%peer, index = c.index, "commit from a peer that is not who it claims");
         return Err("sender is not the participant it claims".into());
     }
-    let mut l = core.locked.lock().await;
     if l.machine
         .current()
         .is_some_and(|s| s.state.version >= c.version)
     {
-        return Ok(()); // Already have it (a repeated commit).
+        return Ok(None);
     }
     let Some(staged) = l.machine.staged() else {
-        return Err("nothing staged".into());
+        return commit_abandoned(l, peer, c);
     };
     if staged.state.version != c.version || l.staged_actor.is_some_and(|a| a != c.index) {
         warn!(%peer, "commit does not match the staged update");
@@ -386,8 +550,5 @@ async fn apply_commit(
         }
     }
     trial.commit_staged().map_err(|e| e.to_string())?;
-    l.commit_trial(inner, core, trial)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    Ok(Some(trial))
 }

@@ -64,7 +64,7 @@ async fn run(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> Result<()> {
                     if let AdjudicatorEvent::Registered { state, .. } = &ev {
                         core.note_registered(state.clone());
                     }
-                    let _ = core.events.send(ev);
+                    core.announce(ev);
                     step(inner, core).await;
                 }
                 Some(Err(e)) => warn!(error = %e, "bad chain event ignored"),

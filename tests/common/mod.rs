@@ -375,3 +375,24 @@ pub async fn open(ledger: &Ledger, ps: &mut [Party], each: U256) -> Vec<Channel>
     chans.insert(0, mine);
     chans
 }
+
+/// Waits until every channel holds the newest state any of them holds (a
+/// peer stores a committed update right after its proposer returns), and
+/// returns it.
+pub async fn caught_up(chans: &[Channel]) -> perun::channel::SignedState {
+    let newest = chans
+        .iter()
+        .map(|c| c.state().state.version)
+        .max()
+        .expect("some channel");
+    for c in chans {
+        c.wait_for_version(newest, Duration::from_secs(30))
+            .await
+            .expect("every party catches up");
+    }
+    let st = chans[0].state();
+    for c in chans {
+        assert_eq!(c.state(), st, "all parties hold the same state");
+    }
+    st
+}

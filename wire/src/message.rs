@@ -278,12 +278,19 @@ impl Message {
     }
 
     /// Whether this message starts an exchange (as opposed to being a reply).
+    ///
+    /// `UpdateReject` is both: the reply of a peer that refuses an update,
+    /// and the request by which a proposer aborts an update that failed
+    /// after some peers signed it. `ProposalReject` likewise aborts an
+    /// opening.
     pub fn is_request(&self) -> bool {
         matches!(
             self,
             Message::Proposal(_)
+                | Message::ProposalReject(_)
                 | Message::Signing0(_)
                 | Message::Update(_)
+                | Message::UpdateReject(_)
                 | Message::UpdateCommit(_)
                 | Message::Sync(_)
         )
