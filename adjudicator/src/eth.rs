@@ -12,15 +12,23 @@
 //! With `confirmations = k`, what the caller acts on only reflects blocks at
 //! least `k` deep: [`Adjudicator::dispute`] reads the contract at the block
 //! `head - k` (by hash, so both dispute slots come from the same block),
-//! funding counts deposits at that block, and the event stream delivers a
-//! block's logs only once it is `k` deep. A reorg shallower than `k` is
-//! therefore invisible. A deeper one is detected (the stream remembers the
-//! hashes of the blocks it scanned up to): the stream rescans from the fork
-//! and may deliver an event again, which the watcher's re-read of the
-//! dispute makes harmless. The pre-checks before sending a transaction read
-//! the latest block instead, since that is what the transaction will meet.
+//! funding counts deposits at that block, and the event streams deliver a
+//! block's logs only once it is `k` deep (a late subscriber's history too).
+//! A reorg shallower than `k` is therefore invisible. A deeper one is
+//! detected (the scanner remembers the hashes of the blocks it scanned up
+//! to): it rescans from the fork and the streams may get an event again,
+//! which the watcher's re-read of the dispute makes harmless. The pre-checks
+//! before sending a transaction read the latest block instead, since that is
+//! what the transaction will meet.
+//!
+//! # Events
+//! All subscriptions of one [`EthAdjudicator`] and its clones share one
+//! scanner task (`scan`): one block subscription and one `eth_getLogs` per
+//! scanned range, routed by channel id, so a client watching 10,000 channels
+//! costs the node what one channel does; a new subscriber's history comes
+//! from one query per 1,000 new channels.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,19 +36,22 @@ use alloy::eips::{BlockId, BlockNumberOrTag};
 use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder, WsConnect};
-use alloy::rpc::types::{Filter, Log};
+use alloy::rpc::types::Log;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::{SolEvent, SolInterface};
 use async_trait::async_trait;
 use perun_channel::{ChannelId, Params, State};
 use perun_wallet::{Account, LocalAccount};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
+
+mod scan;
 
 use crate::bindings::{
     Adjudicator as AdjContract, AssetHolderETH as Holder, Deployment, TestToken as Token,
 };
-use crate::types::{WithdrawalAuth, withdrawal_hash};
+use crate::eth::scan::Hub;
+use crate::types::{WithdrawalAuth, event_channel, withdrawal_hash};
 use crate::{
     Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, Funder, FundingRequest, Result,
     SignedChannel, WithdrawRequest, funding_id,
@@ -384,6 +395,8 @@ impl Funder for EthFunder {
 #[derive(Debug, Clone)]
 pub struct EthAdjudicator {
     chain: Chain,
+    /// The event scanner all subscriptions (of this handle and its clones) share.
+    hub: Arc<Hub>,
 }
 
 impl EthAdjudicator {
@@ -391,6 +404,7 @@ impl EthAdjudicator {
     pub async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
         Ok(Self {
             chain: Chain::new(provider, sender, cfg).await?,
+            hub: Arc::default(),
         })
     }
 
@@ -398,7 +412,15 @@ impl EthAdjudicator {
     pub async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
         Ok(Self {
             chain: Chain::connect(url, account, cfg).await?,
+            hub: Arc::default(),
         })
+    }
+
+    /// Whether the shared event scanner runs, as it changes: it starts with
+    /// the first subscription and stops once every stream is dropped (or after
+    /// a chain error it reported to them).
+    pub fn scanner_running(&self) -> watch::Receiver<bool> {
+        self.hub.running.subscribe()
     }
 
     /// The chain id read at construction.
@@ -610,48 +632,29 @@ impl Adjudicator for EthAdjudicator {
         .await
     }
 
+    /// Joins the adjudicator's one event scanner (started here if it is not
+    /// running): the channel's past events come first, then live ones.
     async fn subscribe(&self, id: ChannelId) -> Result<EventStream> {
-        let c = self.chain.clone();
-        let mut blocks = c.provider.subscribe_blocks().await.map_err(chain)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut addresses = vec![c.cfg.adjudicator];
-        addresses.extend(c.cfg.assets.keys().copied());
-        let filter = Filter::new().address(addresses).topic1(id);
-        let span = info_span!("eth_events", channel = %id);
-        tokio::spawn(
-            async move {
-                let mut scanner = Scanner::new(c.cfg.from_block);
-                loop {
-                    match scanner.scan(&c, &filter).await {
-                        Ok(logs) => {
-                            for log in logs {
-                                match decode_event(&c.cfg, id, &log) {
-                                    Ok(e) => {
-                                        if tx.send(Ok(e)).is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e) => warn!(%e, "skipping undecodable event"),
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    }
-                    tokio::select! {
-                        r = next_block(&mut blocks) => if let Err(e) = r {
-                            let _ = tx.send(Err(e));
-                            return;
-                        },
-                        () = tx.closed() => return,
-                    }
-                }
+        let c = &self.chain;
+        // Starting the scanner needs a block subscription; taking it here reports
+        // an unreachable node to the caller, as a failed subscription. One
+        // caller of a burst takes it, the others find the scanner running.
+        let mut blocks = None;
+        let _starting = if self.hub.is_running() {
+            None
+        } else {
+            let gate = self.hub.starting.lock().await;
+            if !self.hub.is_running() {
+                blocks = Some(c.provider.subscribe_blocks().await.map_err(chain)?);
             }
-            .instrument(span),
-        );
-        Ok(EventStream::new(rx))
+            Some(gate)
+        };
+        let (tx, rx) = event_channel(Some(self.hub.streams.clone()));
+        if let Some(generation) = self.hub.join(id, tx) {
+            scan::spawn(c.clone(), self.hub.clone(), generation, blocks);
+        }
+        debug!(channel = %id, "subscribed");
+        Ok(rx)
     }
 
     /// The dispute at the confirmed block (`confirmations` below the head), so a
@@ -660,95 +663,6 @@ impl Adjudicator for EthAdjudicator {
         let (number, hash) = self.chain.confirmed().await?;
         debug!(channel = %id, block = number, "reading the confirmed dispute");
         self.chain.dispute_at(id, hash).await
-    }
-}
-
-/// How many scanned block hashes the event scanner keeps to find where a
-/// reorg deeper than the confirmation depth forked off.
-const SCAN_MEMORY: usize = 256;
-
-/// Walks the chain for a subscription: delivers each block's logs once it is
-/// `confirmations` deep, and notices when a reorg replaced blocks it already
-/// scanned.
-#[derive(Debug)]
-struct Scanner {
-    /// The first block not scanned yet.
-    next: u64,
-    /// Where scanning started: a reorg below everything remembered rescans from here.
-    first: u64,
-    /// The last block of each scanned range with its hash, oldest first.
-    scanned: VecDeque<(u64, B256)>,
-}
-
-impl Scanner {
-    fn new(from_block: u64) -> Self {
-        Self {
-            next: from_block,
-            first: from_block,
-            scanned: VecDeque::new(),
-        }
-    }
-
-    /// The logs of the blocks that became `confirmations` deep since the last call.
-    async fn scan(&mut self, c: &Chain, filter: &Filter) -> Result<Vec<Log>> {
-        self.rewind_on_reorg(c).await?;
-        let Some(safe) = c.head().await?.checked_sub(c.cfg.confirmations) else {
-            return Ok(Vec::new());
-        };
-        if safe < self.next {
-            return Ok(Vec::new());
-        }
-        let Some((_, tip)) = c.block(BlockNumberOrTag::Number(safe)).await? else {
-            return Ok(Vec::new()); // The chain got shorter meanwhile: a reorg; next block.
-        };
-        let f = filter.clone().from_block(self.next).to_block(safe);
-        let logs = c.provider.get_logs(&f).await.map_err(chain)?;
-        // The logs belong to the chain ending in `tip` only if it is still there.
-        if c.block(BlockNumberOrTag::Number(safe)).await? != Some((safe, tip)) {
-            warn!(block = safe, "reorg during the scan; scanning again");
-            return Ok(Vec::new());
-        }
-        self.next = safe + 1;
-        self.scanned.push_back((safe, tip));
-        if self.scanned.len() > SCAN_MEMORY {
-            self.scanned.pop_front();
-        }
-        Ok(logs
-            .into_iter()
-            .filter(|l| {
-                // Removed, unplaced, or from another chain than the one just checked.
-                let stale = l.removed
-                    || l.block_number.is_none_or(|n| n > safe)
-                    || (l.block_number == Some(safe) && l.block_hash != Some(tip));
-                if stale {
-                    warn!(block = ?l.block_number, "skipping a log not in the confirmed chain");
-                }
-                !stale
-            })
-            .collect())
-    }
-
-    /// If a block already scanned was replaced (a reorg deeper than the
-    /// confirmation depth), scans again from the newest scanned block that is
-    /// still in the chain. Events after it may be delivered a second time.
-    async fn rewind_on_reorg(&mut self, c: &Chain) -> Result<()> {
-        let mut rewound = false;
-        while let Some(&(number, hash)) = self.scanned.back() {
-            if c.block(BlockNumberOrTag::Number(number)).await? == Some((number, hash)) {
-                break;
-            }
-            self.scanned.pop_back();
-            rewound = true;
-        }
-        if rewound {
-            self.next = self.scanned.back().map_or(self.first, |(n, _)| n + 1);
-            warn!(
-                from = self.next,
-                confirmations = c.cfg.confirmations,
-                "a reorg replaced blocks deeper than the confirmation depth; rescanning"
-            );
-        }
-        Ok(())
     }
 }
 

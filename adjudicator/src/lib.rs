@@ -10,7 +10,8 @@
 //! - [`types`]: requests ([`FundingRequest`], [`SignedChannel`],
 //!   [`WithdrawRequest`]), [`Dispute`], [`AdjudicatorEvent`] and [`EventStream`].
 //! - [`bindings`]: `sol!` bindings generated from the artifacts, and [`deploy`].
-//! - [`eth`]: [`EthAdjudicator`] and [`EthFunder`] over an alloy websocket provider.
+//! - [`eth`]: [`EthAdjudicator`] and [`EthFunder`] over an alloy websocket provider;
+//!   `eth/scan.rs` holds the one event scanner an adjudicator's subscriptions share.
 //! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
 //! - `testing` (feature `testing`): the anvil harness for tests and benchmarks
 //!   (clock, snapshot/revert and `anvil_reorg`, a background block miner).

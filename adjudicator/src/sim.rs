@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use alloy_primitives::{Address, B256, Signature, U256};
 use async_trait::async_trait;
 use perun_channel::{ChannelId, Params, State};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::types::{WithdrawalAuth, withdrawal_hash};
+use crate::types::{EventSender, WithdrawalAuth, event_channel, withdrawal_hash};
 use crate::{
     Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, Funder, FundingRequest, Result,
     SignedChannel, WithdrawRequest, funding_id,
@@ -40,7 +40,7 @@ struct Inner {
     disputes: HashMap<ChannelId, (Dispute, B256)>,
     rejecting: HashSet<Address>,
     history: HashMap<ChannelId, Vec<AdjudicatorEvent>>,
-    subscribers: HashMap<ChannelId, Vec<mpsc::UnboundedSender<Result<AdjudicatorEvent>>>>,
+    subscribers: HashMap<ChannelId, Vec<EventSender>>,
 }
 
 impl Inner {
@@ -48,7 +48,7 @@ impl Inner {
         debug!(?event, "sim event");
         self.history.entry(id).or_default().push(event.clone());
         if let Some(subs) = self.subscribers.get_mut(&id) {
-            subs.retain(|s| s.send(Ok(event.clone())).is_ok());
+            subs.retain(|s| s.send(Ok(event.clone())));
         }
     }
 
@@ -477,14 +477,14 @@ impl Adjudicator for SimLedger {
     }
 
     async fn subscribe(&self, id: ChannelId) -> Result<EventStream> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = event_channel(None);
         let mut inner = self.lock();
         for e in inner.history.get(&id).into_iter().flatten() {
             // The receiver is alive: we hold it.
             let _ = tx.send(Ok(e.clone()));
         }
         inner.subscribers.entry(id).or_default().push(tx);
-        Ok(EventStream::new(rx))
+        Ok(rx)
     }
 
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {

@@ -1,15 +1,18 @@
 //! What callers hand to the [`Funder`](crate::Funder) and
 //! [`Adjudicator`](crate::Adjudicator), and what they get back.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use alloy_primitives::{Address, B256, U256, keccak256};
 use alloy_sol_types::SolValue;
 use perun_channel::{ChannelId, Params, SignedState, State};
 use perun_wallet::Account;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::{Error, Result};
 
@@ -203,20 +206,134 @@ pub enum AdjudicatorEvent {
 }
 
 /// The events of one channel, in chain order. Dropping it ends the subscription.
+///
+/// An idle stream is one small allocation (no preallocated buffer), since a
+/// client holds one per open channel.
 #[derive(Debug)]
 pub struct EventStream {
-    rx: mpsc::UnboundedReceiver<Result<AdjudicatorEvent>>,
+    slot: Arc<Mutex<Slot>>,
+    /// The backend's count of open streams, told when this one is dropped.
+    streams: Option<Arc<OpenStreams>>,
+}
+
+/// What a stream and its sender share.
+#[derive(Debug, Default)]
+struct Slot {
+    queue: VecDeque<Result<AdjudicatorEvent>>,
+    waker: Option<Waker>,
+    /// The sender is gone: once the queue is drained the stream ends.
+    ended: bool,
+    /// The stream is gone: sending is pointless.
+    dropped: bool,
+}
+
+fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    // A panic while holding the lock cannot leave the queue half-written.
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The backend's end of an [`EventStream`]; dropping it ends the stream.
+#[derive(Debug)]
+pub(crate) struct EventSender {
+    slot: Arc<Mutex<Slot>>,
+}
+
+/// How many of a backend's streams are open; wakes the backend when a stream
+/// is added (by the backend itself) or the last one is dropped.
+#[derive(Debug, Default)]
+pub(crate) struct OpenStreams {
+    open: AtomicUsize,
+    /// Notified on a new subscription and when no stream is left.
+    pub(crate) changed: Notify,
+}
+
+impl OpenStreams {
+    /// Counts one more open stream and wakes the backend.
+    pub(crate) fn opened(&self) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
+    /// How many streams are open.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// A connected sender and stream; `streams` (if any) is told when the stream is dropped.
+pub(crate) fn event_channel(streams: Option<Arc<OpenStreams>>) -> (EventSender, EventStream) {
+    let slot = Arc::new(Mutex::new(Slot::default()));
+    (
+        EventSender { slot: slot.clone() },
+        EventStream { slot, streams },
+    )
+}
+
+impl EventSender {
+    /// Queues an item; `false` if the stream was dropped.
+    pub(crate) fn send(&self, item: Result<AdjudicatorEvent>) -> bool {
+        let mut s = lock(&self.slot);
+        if s.dropped {
+            return false;
+        }
+        s.queue.push_back(item);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+        true
+    }
+
+    /// Whether the stream was dropped.
+    pub(crate) fn is_closed(&self) -> bool {
+        lock(&self.slot).dropped
+    }
+}
+
+impl Drop for EventSender {
+    fn drop(&mut self) {
+        let mut s = lock(&self.slot);
+        s.ended = true;
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    }
 }
 
 impl EventStream {
-    pub(crate) fn new(rx: mpsc::UnboundedReceiver<Result<AdjudicatorEvent>>) -> Self {
-        Self { rx }
-    }
-
     /// The next event; `None` once the backend has stopped. An `Err` reports a
-    /// broken connection; the stream ends after it.
+    /// broken connection; the stream ends after it. Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<AdjudicatorEvent>> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| {
+            let mut s = lock(&self.slot);
+            if let Some(item) = s.queue.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            if s.ended {
+                return Poll::Ready(None);
+            }
+            match &mut s.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                w => *w = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        {
+            let mut s = lock(&self.slot);
+            s.dropped = true;
+            s.queue = VecDeque::new();
+            s.waker = None;
+        }
+        if let Some(streams) = &self.streams
+            && streams.open.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            streams.changed.notify_one();
+        }
     }
 }
 

@@ -235,35 +235,52 @@ impl ClientBuilder {
 /// damaged file, a tampered state) is reported and left alone, never
 /// half-loaded; the others are restored.
 async fn restore(inner: &Arc<Inner>) -> Result<Vec<Arc<ChannelCore>>> {
+    use futures::StreamExt;
+    let ids = inner.persister.channel_ids().await?;
+    // Loading checks every signature of every record: run many at once so
+    // the checks spread over the cores.
+    let mut loads = futures::stream::iter(ids)
+        .map(|id| load_one(inner, id))
+        .buffer_unordered(64);
     let mut restored = Vec::new();
-    for id in inner.persister.channel_ids().await? {
-        let rec = match inner.persister.load(id).await {
-            Ok(Some(rec)) => rec,
-            Ok(None) => continue,
-            Err(e) => {
-                warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded");
-                continue;
-            }
-        };
-        let peers: std::result::Result<Vec<PeerId>, _> =
-            rec.peers.iter().map(|b| PeerId::from_bytes(b)).collect();
-        let loaded = peers.map_err(|e| e.to_string()).and_then(|peers| {
-            rec.to_machine()
-                .map_err(|e| e.to_string())
-                .and_then(|m| ChannelCore::new(m, peers).map_err(|e| e.to_string()))
-        });
-        match loaded {
-            Ok(core) => {
-                info!(channel = %id, phase = ?core.phase(), "restored channel");
-                inner.insert_channel(core.clone());
-                restored.push(core);
-            }
-            Err(e) => {
-                warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded")
-            }
+    while let Some(loaded) = loads.next().await {
+        if let Some(core) = loaded {
+            info!(channel = %core.id, phase = ?core.phase(), "restored channel");
+            inner.insert_channel(core.clone());
+            restored.push(core);
         }
     }
     Ok(restored)
+}
+
+/// One stored channel as a `ChannelCore`, or `None` (logged) if it fails
+/// its checks: one bad record does not keep the others from loading.
+async fn load_one(inner: &Arc<Inner>, id: ChannelId) -> Option<Arc<ChannelCore>> {
+    let rec = match inner.persister.load(id).await {
+        Ok(Some(rec)) => rec,
+        Ok(None) => return None,
+        Err(e) => {
+            warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded");
+            return None;
+        }
+    };
+    tokio::task::spawn_blocking(move || {
+        let peers = rec
+            .peers
+            .iter()
+            .map(|b| PeerId::from_bytes(b))
+            .collect::<std::result::Result<Vec<PeerId>, _>>()
+            .map_err(|e| e.to_string())?;
+        let machine = rec.to_machine().map_err(|e| e.to_string())?;
+        ChannelCore::new(machine, peers).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .inspect_err(
+        |e| warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded"),
+    )
+    .ok()
 }
 
 /// Picks a restored channel up where it was: its watcher for every funded

@@ -18,10 +18,10 @@
 //! a channel and await a one-shot reply, so no redb work (and no `fsync`)
 //! runs on the caller's async executor. The thread takes every request that
 //! is queued when it becomes free, applies all writes in one redb write
-//! transaction and commits it once with `Durability::Immediate` (and, by
-//! default, two-phase commit); only then does it reply. Concurrent channels
-//! therefore share one `fsync` per batch, and each caller's `Ok` still
-//! means its own write is durable.
+//! transaction and commits it once with `Durability::Immediate` (one-phase
+//! by default, see [`RedbOptions::two_phase_commit`]); only then does it
+//! reply. Concurrent channels therefore share one `fsync` per batch, and
+//! each caller's `Ok` still means its own write is durable.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -54,11 +54,14 @@ const STAGED: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_st
 #[derive(Debug, Clone)]
 pub struct RedbOptions {
     /// Commit in two phases (flush the new commit slot, then flip to it and
-    /// flush again). On by default: redb then never has to trust its
-    /// checksums to pick the valid commit after a crash, at the cost of a
-    /// second `fsync` per commit. Turning it off halves the commit latency
-    /// and stays crash safe for ordinary crashes and power loss (redb's
-    /// 1-phase commit is checksum based).
+    /// flush again). Off by default, as in redb: one-phase commit is crash
+    /// safe for crashes and power loss (the commit slot is checksummed, and
+    /// a commit whose `fsync` did not return was never acknowledged, so
+    /// nothing was sent on the strength of it). Two-phase commit only adds
+    /// protection against an attacker who controls the order in which pages
+    /// reach the disk *and* can crash the process mid-`fsync` (redb's design
+    /// doc); such an attacker could edit the file anyway. It costs a second
+    /// `fsync` per commit, and an update needs one commit on each side.
     pub two_phase_commit: bool,
     /// redb's page cache, in bytes.
     pub cache_size: usize,
@@ -69,7 +72,7 @@ pub struct RedbOptions {
 impl Default for RedbOptions {
     fn default() -> Self {
         Self {
-            two_phase_commit: true,
+            two_phase_commit: false,
             cache_size: 64 * 1024 * 1024,
             max_batch: 1024,
         }
@@ -279,13 +282,44 @@ impl Persister for RedbPersister {
     }
 
     async fn load(&self, id: ChannelId) -> Result<Option<ChannelRecord>> {
-        self.call(|r| Request::Load(id, r)).await
+        let rec = self.call(|r| Request::Load(id, r)).await?;
+        // Checked here, not on the writer thread: signature checks are the
+        // bulk of a load, and concurrent loads then use every core.
+        if let Some(rec) = &rec {
+            check_loaded(id, rec)?;
+        }
+        Ok(rec)
     }
 
     #[instrument(level = "debug", skip_all)]
     async fn load_all(&self) -> Result<Vec<ChannelRecord>> {
-        self.call(Request::LoadAll).await
+        let records = self.call(Request::LoadAll).await?;
+        check_all_loaded(records).await
     }
+}
+
+/// Checks every loaded record, spread over the available cores.
+async fn check_all_loaded(records: Vec<ChannelRecord>) -> Result<Vec<ChannelRecord>> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let chunk = records.len().div_ceil(cores).max(1);
+    tokio::task::spawn_blocking(move || {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = records
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().try_for_each(|r| check_loaded(r.id(), r)))
+                })
+                .collect();
+            for w in workers {
+                w.join()
+                    .map_err(|_| Error::Storage("record check panicked".into()))??;
+            }
+            Ok::<(), Error>(())
+        })?;
+        Ok::<_, Error>(records)
+    })
+    .await
+    .map_err(|e| Error::Storage(format!("record check task failed: {e}")))?
 }
 
 /// Maps a redb error to ours, keeping the distinctions a caller acts on.
@@ -698,11 +732,8 @@ fn read_one(txn: &ReadTransaction, id: ChannelId) -> Result<Option<ChannelRecord
     let channels = txn.open_table(CHANNELS).map_err(db_err)?;
     let current = txn.open_table(CURRENT).map_err(db_err)?;
     let staged = txn.open_table(STAGED).map_err(db_err)?;
-    let rec = read_record(&channels, &current, &staged, id).map_err(failure_to_error)?;
-    if let Some(rec) = &rec {
-        check_loaded(id, rec)?;
-    }
-    Ok(rec)
+    // Checked by the caller (`load`), off the writer thread.
+    read_record(&channels, &current, &staged, id).map_err(failure_to_error)
 }
 
 fn read_all(txn: &ReadTransaction) -> Result<Vec<ChannelRecord>> {
@@ -719,7 +750,10 @@ fn read_all(txn: &ReadTransaction) -> Result<Vec<ChannelRecord>> {
             .map_err(failure_to_error)
             .inspect_err(|e| warn!(channel = %id, error = %e, "persistence: unreadable record"))?
             .ok_or_else(|| Error::Storage(format!("channel {id} vanished during load")))?;
-        check_loaded(id, &rec)?;
+        if rec.id() != id {
+            // The rest of the checks run in `check_all_loaded`, off this thread.
+            check_loaded(id, &rec)?;
+        }
         out.push(rec);
     }
     // A state without its channel can only come from damage: report it

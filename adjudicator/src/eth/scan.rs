@@ -1,0 +1,395 @@
+//! The event scanner one [`EthAdjudicator`](super::EthAdjudicator) (and its
+//! clones) shares between all subscriptions: one block subscription, one
+//! `eth_getLogs` per scanned range for all channels, logs routed by channel id.
+//!
+//! # How history and live scanning meet
+//! The scanner has scanned every block below `next`, and every *live*
+//! subscriber has received its channel's events of exactly those blocks. A
+//! new subscriber waits until the next round. A round picks `safe`, the newest
+//! block `confirmations` deep, and reads in one go (checked against the same
+//! hash of `safe`):
+//! - for the live subscribers, the logs of `next..=safe` (address and event
+//!   filter only, no channel filter);
+//! - for the waiting ones, the logs of `from_block..=safe` of just their
+//!   channels (an OR list of channel ids, in chunks).
+//!
+//! Then everybody has seen `..=safe`, the waiting subscribers turn live and
+//! `next` becomes `safe + 1`. Every event is thus delivered once and only when
+//! `confirmations` deep, whenever one subscribes. A round that finds the
+//! chain changed under it delivers nothing and is retried at the next block.
+//!
+//! # Reorgs
+//! The scanner remembers the hash of the last block of each scanned range; if
+//! one was replaced (a reorg deeper than the confirmation depth), `next` goes
+//! back to the newest remembered block still in the chain and the live
+//! subscribers get the events after it again.
+//!
+//! # Lifetime
+//! The task starts with the first subscription and stops once no stream is
+//! left (the last dropped stream wakes it), or after a chain error, which
+//! every stream receives as its last item, as before. A later subscription
+//! starts a new task.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use alloy::eips::BlockNumberOrTag;
+use alloy::primitives::B256;
+use alloy::providers::Provider;
+use alloy::pubsub::Subscription;
+use alloy::rpc::types::{Filter, Header, Log};
+use alloy::sol_types::SolEvent;
+use perun_channel::ChannelId;
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::{AdjContract, Chain, Holder, chain, decode_event, next_block};
+use crate::types::{EventSender, OpenStreams};
+use crate::{AdjudicatorEvent, Error, Result};
+
+/// How many scanned block hashes the scanner keeps to find where a reorg
+/// deeper than the confirmation depth forked off.
+const SCAN_MEMORY: usize = 256;
+
+/// How many channel ids one history query filters on (an OR list on topic 1).
+const HISTORY_IDS: usize = 1_000;
+
+/// What the adjudicator handles and the scanner task share.
+#[derive(Debug)]
+pub(super) struct Hub {
+    state: Mutex<HubState>,
+    /// The open streams; wakes the task on a subscription and when none is left.
+    pub(super) streams: Arc<OpenStreams>,
+    /// Whether a scanner task runs (for observers; the truth is in `state`).
+    pub(super) running: watch::Sender<bool>,
+    /// Held while a subscriber starts the task, so a burst opens one block subscription.
+    pub(super) starting: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct HubState {
+    /// Whether a task runs that will pick up `waiting`.
+    running: bool,
+    /// Counts started tasks, so a finished task does not report on its successor.
+    generation: u64,
+    /// New subscribers, not handed to the task yet.
+    waiting: Vec<(ChannelId, EventSender)>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            streams: Arc::default(),
+            running: watch::Sender::new(false),
+            starting: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl Hub {
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // Every update of the state is a single step; a panic cannot leave it torn.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a task runs now (it may still stop before a new subscriber joins).
+    pub(super) fn is_running(&self) -> bool {
+        self.lock().running
+    }
+
+    /// Queues a subscriber; returns the generation of the task to start if none runs.
+    pub(super) fn join(&self, id: ChannelId, tx: EventSender) -> Option<u64> {
+        let mut st = self.lock();
+        st.waiting.push((id, tx));
+        self.streams.opened();
+        if st.running {
+            return None;
+        }
+        st.running = true;
+        st.generation += 1;
+        self.running.send_replace(true);
+        Some(st.generation)
+    }
+}
+
+/// Starts the scanner task of `generation`; `blocks` is the block
+/// subscription if the caller already took one.
+pub(super) fn spawn(
+    c: Chain,
+    hub: Arc<Hub>,
+    generation: u64,
+    blocks: Option<Subscription<Header>>,
+) {
+    let span = info_span!("eth_events", adjudicator = %c.cfg.adjudicator);
+    // Deposits share the holders' address but are no channel events: leave them out.
+    let filter = Filter::new()
+        .address(
+            std::iter::once(c.cfg.adjudicator)
+                .chain(c.cfg.assets.keys().copied())
+                .collect::<Vec<_>>(),
+        )
+        .event_signature(vec![
+            AdjContract::Registered::SIGNATURE_HASH,
+            AdjContract::Concluded::SIGNATURE_HASH,
+            Holder::Withdrawn::SIGNATURE_HASH,
+        ]);
+    let scanner = Scanner {
+        next: c.cfg.from_block,
+        first: c.cfg.from_block,
+        scanned: VecDeque::new(),
+        live: HashMap::new(),
+        waiting: Vec::new(),
+        filter,
+        _stopped: Stopped {
+            hub: hub.clone(),
+            generation,
+        },
+        c,
+        hub,
+    };
+    tokio::spawn(scanner.run(blocks).instrument(span));
+}
+
+/// Marks the task of `generation` stopped however it ends (return, panic,
+/// runtime shutdown), unless a newer one was started meanwhile.
+#[derive(Debug)]
+struct Stopped {
+    hub: Arc<Hub>,
+    generation: u64,
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let mut st = self.hub.lock();
+        if st.generation == self.generation {
+            st.running = false;
+            self.hub.running.send_replace(false);
+        }
+    }
+}
+
+/// The scanner task's state.
+#[derive(Debug)]
+struct Scanner {
+    c: Chain,
+    hub: Arc<Hub>,
+    /// The contracts and the channel events (not deposits); no channel filter.
+    filter: Filter,
+    /// The first block not scanned yet: live subscribers have seen everything below.
+    next: u64,
+    /// `from_block`: where history starts, and where a reorg below everything remembered rescans from.
+    first: u64,
+    /// The last block of each scanned range with its hash, oldest first.
+    scanned: VecDeque<(u64, B256)>,
+    /// Subscribers that have seen every event below `next`, by channel.
+    live: HashMap<ChannelId, Vec<EventSender>>,
+    /// Subscribers that have seen nothing yet; they get their history in the next round.
+    waiting: Vec<(ChannelId, EventSender)>,
+    _stopped: Stopped,
+}
+
+impl Scanner {
+    async fn run(mut self, blocks: Option<Subscription<Header>>) {
+        let mut blocks = match blocks {
+            Some(b) => b,
+            None => match self.c.provider.subscribe_blocks().await {
+                Ok(b) => b,
+                Err(e) => return self.fail(chain(e)),
+            },
+        };
+        debug!("event scanner started");
+        loop {
+            if !self.collect() {
+                debug!("no subscriber left; event scanner stops");
+                return;
+            }
+            if let Err(e) = self.round().await {
+                return self.fail(e);
+            }
+            tokio::select! {
+                r = next_block(&mut blocks) => if let Err(e) = r {
+                    return self.fail(e);
+                },
+                () = self.hub.streams.changed.notified() => {}
+            }
+        }
+    }
+
+    /// Takes the new subscribers and forgets dropped ones; `false` (and the
+    /// task counts as stopped) once nobody is left.
+    fn collect(&mut self) -> bool {
+        self.waiting.append(&mut self.hub.lock().waiting);
+        if self.hub.streams.open() < self.subscribers() {
+            self.live.retain(|_, subs| {
+                subs.retain(|s| !s.is_closed());
+                !subs.is_empty()
+            });
+            self.waiting.retain(|(_, s)| !s.is_closed());
+        }
+        if !self.live.is_empty() || !self.waiting.is_empty() {
+            return true;
+        }
+        let mut st = self.hub.lock();
+        if st.waiting.is_empty() {
+            // Decided under the lock: a subscriber joining after this starts a new task.
+            st.running = false;
+            return false;
+        }
+        self.waiting.append(&mut st.waiting);
+        true
+    }
+
+    fn subscribers(&self) -> usize {
+        self.live.values().map(Vec::len).sum::<usize>() + self.waiting.len()
+    }
+
+    /// Ends every stream with the chain error, as its last item.
+    fn fail(mut self, e: Error) {
+        warn!(%e, "event scanner failed; ending every stream");
+        let waiting = {
+            let mut st = self.hub.lock();
+            st.running = false;
+            std::mem::take(&mut st.waiting)
+        };
+        let copy = |e: &Error| match e {
+            Error::Chain(s) => Error::Chain(s.clone()),
+            other => Error::Chain(other.to_string()),
+        };
+        let all = self.live.drain().flat_map(|(_, subs)| subs);
+        let all = all.chain(self.waiting.drain(..).map(|(_, s)| s));
+        for s in all.chain(waiting.into_iter().map(|(_, s)| s)) {
+            s.send(Err(copy(&e)));
+        }
+    }
+
+    /// Scans the blocks that became `confirmations` deep for the live
+    /// subscribers and the history up to the same block for the waiting ones.
+    async fn round(&mut self) -> Result<()> {
+        self.rewind_on_reorg().await?;
+        let c = &self.c;
+        let Some(safe) = c.head().await?.checked_sub(c.cfg.confirmations) else {
+            return Ok(());
+        };
+        if safe.saturating_add(1) < self.next {
+            // The chain got shorter than what was scanned but kept its blocks:
+            // wait until it is as deep again before anyone joins.
+            return Ok(());
+        }
+        let scan_live = !self.live.is_empty() && safe >= self.next;
+        if !scan_live && self.waiting.is_empty() {
+            return Ok(());
+        }
+        let Some((_, tip)) = c.block(BlockNumberOrTag::Number(safe)).await? else {
+            return Ok(()); // The chain got shorter meanwhile: a reorg; next block.
+        };
+        let fresh = if scan_live {
+            let f = self.filter.clone().from_block(self.next).to_block(safe);
+            c.provider.get_logs(&f).await.map_err(chain)?
+        } else {
+            Vec::new()
+        };
+        let mut history = Vec::new();
+        if !self.waiting.is_empty() && safe >= self.first {
+            let mut ids: Vec<B256> = self.waiting.iter().map(|(id, _)| *id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for chunk in ids.chunks(HISTORY_IDS) {
+                let f = self
+                    .filter
+                    .clone()
+                    .topic1(chunk.to_vec())
+                    .from_block(self.first)
+                    .to_block(safe);
+                history.extend(c.provider.get_logs(&f).await.map_err(chain)?);
+            }
+        }
+        // The logs belong to the chain ending in `tip` only if it is still there.
+        if c.block(BlockNumberOrTag::Number(safe)).await? != Some((safe, tip)) {
+            warn!(block = safe, "reorg during the scan; scanning again");
+            return Ok(());
+        }
+        debug!(
+            from = self.next,
+            to = safe,
+            live = fresh.len(),
+            joining = self.waiting.len(),
+            history = history.len(),
+            "scanned"
+        );
+        if safe >= self.next {
+            self.next = safe + 1;
+            self.scanned.push_back((safe, tip));
+            if self.scanned.len() > SCAN_MEMORY {
+                self.scanned.pop_front();
+            }
+        }
+        for (id, event) in self.events(fresh, safe, tip) {
+            for s in self.live.get(&id).into_iter().flatten() {
+                s.send(Ok(event.clone()));
+            }
+        }
+        let mut past: HashMap<ChannelId, Vec<AdjudicatorEvent>> = HashMap::new();
+        for (id, event) in self.events(history, safe, tip) {
+            past.entry(id).or_default().push(event);
+        }
+        for (id, s) in self.waiting.drain(..) {
+            for event in past.get(&id).into_iter().flatten() {
+                s.send(Ok(event.clone()));
+            }
+            self.live.entry(id).or_default().push(s);
+        }
+        Ok(())
+    }
+
+    /// The channel events of `logs` (in chain order) on the chain ending in
+    /// `tip` at `safe`, with their channel; anything else is skipped with a warning.
+    fn events(&self, logs: Vec<Log>, safe: u64, tip: B256) -> Vec<(ChannelId, AdjudicatorEvent)> {
+        logs.into_iter()
+            .filter_map(|l| {
+                // Removed, unplaced, or from another chain than the one just checked.
+                let stale = l.removed
+                    || l.block_number.is_none_or(|n| n > safe)
+                    || (l.block_number == Some(safe) && l.block_hash != Some(tip));
+                if stale {
+                    warn!(block = ?l.block_number, "skipping a log not in the confirmed chain");
+                    return None;
+                }
+                let Some(&id) = l.topics().get(1) else {
+                    warn!(address = %l.address(), "skipping a log without a channel id");
+                    return None;
+                };
+                match decode_event(&self.c.cfg, id, &l) {
+                    Ok(e) => Some((id, e)),
+                    Err(e) => {
+                        warn!(%e, "skipping undecodable event");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// If a block already scanned was replaced (a reorg deeper than the
+    /// confirmation depth), scans again from the newest scanned block that is
+    /// still in the chain. Events after it may be delivered a second time.
+    async fn rewind_on_reorg(&mut self) -> Result<()> {
+        let mut rewound = false;
+        while let Some(&(number, hash)) = self.scanned.back() {
+            if self.c.block(BlockNumberOrTag::Number(number)).await? == Some((number, hash)) {
+                break;
+            }
+            self.scanned.pop_back();
+            rewound = true;
+        }
+        if rewound {
+            self.next = self.scanned.back().map_or(self.first, |(n, _)| n + 1);
+            warn!(
+                from = self.next,
+                confirmations = self.c.cfg.confirmations,
+                "a reorg replaced blocks deeper than the confirmation depth; rescanning"
+            );
+        }
+        Ok(())
+    }
+}
