@@ -165,7 +165,9 @@ async fn inflating_skipping_and_stealing_updates_are_rejected(ledger: Ledger) {
         s.evil.send(s.alice_peer, &good_commit).await.unwrap(),
         Message::Ack
     );
-    let done = s.alice.wait_for_version(fair.version, Duration::from_secs(10));
+    let done = s
+        .alice
+        .wait_for_version(fair.version, Duration::from_secs(10));
     assert_eq!(done.await.unwrap().state, fair);
 }
 
@@ -367,8 +369,13 @@ async fn an_abandoned_update_still_takes_its_commit(ledger: Ledger) {
         index: 1,
         signatures: vec![alice_sig, bob_sig],
     });
-    assert_eq!(s.evil.send(s.alice_peer, &commit).await.unwrap(), Message::Ack);
-    let done = s.alice.wait_for_version(fair.version, Duration::from_secs(10));
+    assert_eq!(
+        s.evil.send(s.alice_peer, &commit).await.unwrap(),
+        Message::Ack
+    );
+    let done = s
+        .alice
+        .wait_for_version(fair.version, Duration::from_secs(10));
     assert_eq!(done.await.unwrap().state, fair);
     assert_eq!(s.alice.phase(), Phase::Active);
 }
