@@ -35,4 +35,4 @@ pub use account::{Account, Wallet};
 pub use alloy_primitives::{Address, B256, Signature, U256, keccak256};
 pub use error::{Error, Result};
 pub use local::{LocalAccount, LocalWallet};
-pub use signature::{eip191_digest, parse_signature, recover, signature_bytes, verify};
+pub use signature::{eip191_digest, memo, parse_signature, recover, signature_bytes, verify};

@@ -69,8 +69,22 @@ pub fn recover(hash: B256, sig: &Signature) -> Result<Address> {
 }
 
 /// Checks that `sig` is a canonical EIP-191 signature of `hash` by `signer`.
+///
+/// Each signature of a channel state is checked when it arrives, again when
+/// the store writes the record and again when it is loaded. Recovery is a
+/// pure function of `(hash, sig)`, so `verify` remembers the signers it
+/// recovered (a bounded memo, see [`memo`]) and a repeated check is a
+/// lookup. The scalar checks run every time.
 pub fn verify(hash: B256, sig: &Signature, signer: Address) -> Result<()> {
-    let recovered = recover(hash, sig)?;
+    check_scalars(sig)?;
+    let recovered = match memo::get(hash, sig) {
+        Some(a) => a,
+        None => {
+            let a = recover(hash, sig)?;
+            memo::put(hash, sig, a);
+            a
+        }
+    };
     if recovered == signer {
         Ok(())
     } else {
@@ -78,6 +92,50 @@ pub fn verify(hash: B256, sig: &Signature, signer: Address) -> Result<()> {
             expected: signer,
             recovered,
         })
+    }
+}
+
+/// The memo of recovered signers behind [`verify`].
+pub mod memo {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex, PoisonError};
+
+    use alloy_primitives::{Address, B256, Signature};
+
+    /// Most remembered checks (about 2.5 MB at most); the memo starts over
+    /// when full, which costs only recoveries.
+    pub const CAPACITY: usize = 16_384;
+
+    type Key = ([u8; 32], [u8; 65]);
+
+    static MEMO: LazyLock<Mutex<HashMap<Key, Address>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+
+    fn key(hash: B256, sig: &Signature) -> Key {
+        (hash.0, sig.as_bytes())
+    }
+
+    pub(crate) fn get(hash: B256, sig: &Signature) -> Option<Address> {
+        let map = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&key(hash, sig)).copied()
+    }
+
+    pub(crate) fn put(hash: B256, sig: &Signature, signer: Address) {
+        let mut map = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= CAPACITY {
+            map.clear();
+        }
+        map.insert(key(hash, sig), signer);
+    }
+
+    /// How many checks are remembered (for tests and diagnostics).
+    pub fn len() -> usize {
+        MEMO.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Forgets every remembered check (benchmarks measure cold checks).
+    pub fn clear() {
+        MEMO.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 }
 
@@ -157,6 +215,29 @@ mod tests {
             parse_signature(&zero_r),
             Err(Error::ScalarOutOfRange)
         ));
+    }
+
+    #[test]
+    fn remembered_checks_decide_exactly_as_fresh_ones() {
+        let (a, b) = (LocalAccount::random(), LocalAccount::random());
+        let h = B256::repeat_byte(9);
+        let sig = a.sign_hash(h).unwrap();
+        for _ in 0..3 {
+            verify(h, &sig, a.address()).unwrap();
+            assert!(matches!(
+                verify(h, &sig, b.address()),
+                Err(Error::WrongSigner { .. })
+            ));
+            // The memo is keyed by the whole signature, `v` included.
+            let flipped = Signature::new(sig.r(), sig.s(), !sig.v());
+            assert!(verify(h, &flipped, a.address()).is_err());
+            // And by the hash.
+            assert!(verify(B256::repeat_byte(8), &sig, a.address()).is_err());
+            // Scalar checks run on every call, remembered or not.
+            let high = Signature::new(sig.r(), ORDER - sig.s(), !sig.v());
+            assert!(matches!(verify(h, &high, a.address()), Err(Error::HighS)));
+        }
+        assert!(memo::len() >= 1);
     }
 
     #[test]
