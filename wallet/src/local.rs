@@ -7,15 +7,20 @@ use std::sync::{Arc, RwLock};
 use alloy_primitives::{Address, B256, Signature, U256};
 use k256::ecdsa::{SigningKey, VerifyingKey};
 
-use crate::signature::eip191_digest;
+use crate::signature::{check_scalars, eip191_digest};
 use crate::{Account, Error, Result, Wallet};
 
-/// A local account: a k256 signing key and its address.
+/// A local account: a secp256k1 key and its address.
+///
+/// The key is held twice: as a k256 key (for its public key, keystores and
+/// the API) and as a libsecp256k1 key, which signs about three times faster
+/// (an update needs a signature from every participant).
 ///
 /// The `Debug` output shows only the address, never the key.
 #[derive(Clone)]
 pub struct LocalAccount {
     key: SigningKey,
+    secp: secp256k1::SecretKey,
     address: Address,
 }
 
@@ -23,7 +28,7 @@ impl LocalAccount {
     /// Builds an account from a 32-byte big-endian secret key.
     pub fn from_bytes(secret: &[u8; 32]) -> Result<Self> {
         let key = SigningKey::from_bytes(secret.into()).map_err(|_| Error::InvalidKey)?;
-        Ok(Self::from_signing_key(key))
+        Self::from_signing_key(key)
     }
 
     /// Builds an account from a 32-byte secret key given as a slice (any length
@@ -35,12 +40,20 @@ impl LocalAccount {
 
     /// A fresh account from the operating system's random number generator.
     pub fn random() -> Self {
-        Self::from_signing_key(SigningKey::random(&mut rand::rngs::OsRng))
+        loop {
+            // A k256 key is always a valid libsecp256k1 key; the loop only
+            // satisfies the type system.
+            if let Ok(a) = Self::from_signing_key(SigningKey::random(&mut rand::rngs::OsRng)) {
+                return a;
+            }
+        }
     }
 
-    fn from_signing_key(key: SigningKey) -> Self {
+    fn from_signing_key(key: SigningKey) -> Result<Self> {
+        let secp = secp256k1::SecretKey::from_byte_array(key.to_bytes().into())
+            .map_err(|_| Error::InvalidKey)?;
         let address = Address::from_public_key(key.verifying_key());
-        Self { key, address }
+        Ok(Self { key, secp, address })
     }
 
     /// The 32-byte secret key. Handle with care.
@@ -69,18 +82,22 @@ impl Account for LocalAccount {
 
     fn sign_hash(&self, hash: B256) -> Result<Signature> {
         let digest = eip191_digest(hash);
-        let (sig, recid) = self
-            .key
-            .sign_prehash_recoverable(digest.as_slice())
-            .map_err(|e| Error::Signing(e.to_string()))?;
-        // k256 already returns low-s; normalise defensively and flip the parity with it.
-        let (sig, parity) = match sig.normalize_s() {
-            Some(low) => (low, !recid.is_y_odd()),
-            None => (sig, recid.is_y_odd()),
+        let sig = secp256k1::SECP256K1
+            .sign_ecdsa_recoverable(secp256k1::Message::from_digest(digest.0), &self.secp);
+        let (recid, rs) = sig.serialize_compact();
+        let parity = match i32::from(recid) {
+            0 => false,
+            1 => true,
+            // 2 and 3 (x ≥ n) cannot occur for a valid key in practice, and
+            // the contract's `ecrecover` would not take them.
+            other => return Err(Error::Signing(format!("recovery id {other}"))),
         };
-        let r = U256::from_be_slice(&sig.r().to_bytes());
-        let s = U256::from_be_slice(&sig.s().to_bytes());
-        Ok(Signature::new(r, s, parity))
+        let r = U256::from_be_slice(&rs[..32]);
+        let s = U256::from_be_slice(&rs[32..]);
+        let sig = Signature::new(r, s, parity);
+        // libsecp256k1 signs low-s; check anyway, as every verifier will.
+        check_scalars(&sig)?;
+        Ok(sig)
     }
 }
 
@@ -201,6 +218,25 @@ mod tests {
             let sig = a.sign_hash(h).unwrap();
             crate::signature::check_scalars(&sig).unwrap();
             prop_assert_eq!(recover(h, &sig).unwrap(), a.address());
+        }
+
+        /// libsecp256k1 signs exactly as k256 would (both RFC 6979, low-s):
+        /// the test vectors and any peer see the same bytes.
+        #[test]
+        fn libsecp256k1_signs_as_k256(key in any::<[u8; 32]>(), hash in any::<[u8; 32]>()) {
+            let Ok(a) = LocalAccount::from_bytes(&key) else { return Ok(()) };
+            let h = B256::from(hash);
+            let (k, recid) = a.key.sign_prehash_recoverable(eip191_digest(h).as_slice()).unwrap();
+            let (k, parity) = match k.normalize_s() {
+                Some(low) => (low, !recid.is_y_odd()),
+                None => (k, recid.is_y_odd()),
+            };
+            let expected = Signature::new(
+                U256::from_be_slice(&k.r().to_bytes()),
+                U256::from_be_slice(&k.s().to_bytes()),
+                parity,
+            );
+            prop_assert_eq!(a.sign_hash(h).unwrap(), expected);
         }
     }
 }
