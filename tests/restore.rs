@@ -28,7 +28,8 @@ async fn restart_restores_channels(ledger: Ledger) {
     for _ in 0..3 {
         chans[0].pay(1, 0, u(10)).await.unwrap();
     }
-    let before = chans[0].state();
+    // Bob has stored the last commit too (it reaches him just after `pay`).
+    let before = common::caught_up(&chans).await;
     let alice_ch = chans[0].clone();
     drop(chans); // Bob's old `Channel` would keep his old client (and store) alive.
     let chans = [alice_ch];

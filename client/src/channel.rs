@@ -380,9 +380,9 @@ impl Channel {
     /// Waits until the latest fully signed state has at least `version`,
     /// and returns it; fails with [`Error::Timeout`] after `timeout`.
     ///
-    /// An update returns to its proposer once the state is durable there
-    /// and every peer has checked the signatures; each peer stores it right
-    /// after. A peer waiting for a payment waits here.
+    /// An update returns to its proposer once every participant signed it
+    /// and it is durable there; the full signature set then reaches each
+    /// peer, which stores it. A peer waiting for a payment waits here.
     ///
     /// ```no_run
     /// # async fn f(ch: perun_client::Channel) -> perun_client::Result<()> {
@@ -406,8 +406,9 @@ impl Channel {
     /// Proposes the next state: `f` edits a copy of the current state whose
     /// version is already incremented (versions burnt by a failed update
     /// are skipped). Returns the new fully signed state once every
-    /// participant checked it and it is durably stored here; each peer
-    /// stores it right after ([`wait_for_version`](Self::wait_for_version)).
+    /// participant signed it and it is durably stored here; the peers
+    /// receive the full signature set right after
+    /// ([`wait_for_version`](Self::wait_for_version)).
     ///
     /// Fails with [`Error::Rejected`] if a peer refuses, with the retryable
     /// [`Error::Conflict`] if a peer with a lower index proposed at the same

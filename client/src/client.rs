@@ -31,6 +31,8 @@ pub(crate) struct Inner {
     pub(crate) pending: Mutex<HashMap<perun_wire::ProposalId, Pending>>,
     /// Set to `true` on shutdown; background tasks stop.
     pub(crate) stop: tokio::sync::watch::Sender<bool>,
+    /// Commits still being handed to peers; `shutdown` lets them finish.
+    pub(crate) commits_in_flight: tokio::sync::watch::Sender<usize>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -220,6 +222,7 @@ impl ClientBuilder {
             channels: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(false).0,
+            commits_in_flight: tokio::sync::watch::channel(0).0,
         });
         let restored = restore(&inner).await?;
         tokio::spawn(dispatch(Arc::downgrade(&inner), incoming));
@@ -341,6 +344,9 @@ async fn dispatch(inner: Weak<Inner>, mut incoming: Incoming) {
     }
 }
 
+/// How long [`Client::shutdown`] waits for commits still on their way.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A perun client: proposes and accepts channels, and hands out
 /// [`Channel`] controllers. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -396,7 +402,13 @@ impl Client {
     }
 
     /// Stops the network endpoint. Channels stay in the persister.
+    ///
+    /// Commits of updates that already returned are handed to the peers
+    /// first (for at most [`SHUTDOWN_GRACE`]), so a peer learns of an update
+    /// before its proposer goes away.
     pub async fn shutdown(&self) {
+        let mut commits = self.inner.commits_in_flight.subscribe();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, commits.wait_for(|n| *n == 0)).await;
         self.inner.stop.send_replace(true);
         self.inner.wire.shutdown().await;
     }

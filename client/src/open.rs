@@ -217,7 +217,7 @@ pub(crate) async fn propose(inner: &Arc<Inner>, spec: ChannelProposal) -> Result
             }
         };
         if n > 2 {
-            send_commit(inner, &core, &full).await;
+            let _ = send_commit(inner, &core, &full).await;
         }
         fund_and_activate(inner, core).await
     }

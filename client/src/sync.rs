@@ -166,7 +166,7 @@ pub(crate) async fn handle_sync(inner: Arc<Inner>, peer: PeerId, s: Sync, respon
             }
         }
         if let Some(full) = completed {
-            send_commit(&inner, &core, &full).await;
+            let _ = send_commit(&inner, &core, &full).await;
         }
     }
     .instrument(span)
@@ -213,7 +213,7 @@ async fn sync_one(
         match inner.wire.send(peer, &Message::Sync(mine)).await {
             Ok(Message::Sync(theirs)) if theirs.channel_id == core.id && theirs.index == index => {
                 if let Some(full) = merge(inner, core, peer, &theirs).await? {
-                    send_commit(inner, core, &full).await;
+                    let _ = send_commit(inner, core, &full).await;
                 }
                 return Ok(());
             }

@@ -130,7 +130,14 @@ pub(crate) async fn propose(
             }
         };
         drop(l);
-        send_commit(inner, core, &full).await;
+        // Our state is durable and fully signed: the update is done for us.
+        // The peers get the signatures in the background; a peer that gets
+        // our next update first waits for this commit (see `respond_update`).
+        let in_flight = InFlight::new(inner);
+        tokio::spawn(
+            deliver_commit(inner.clone(), core.clone(), full.clone(), in_flight)
+                .instrument(info_span!("commit", version = full.state.version)),
+        );
         debug!(version = full.state.version, "update committed");
         Ok(full)
     }
@@ -226,24 +233,103 @@ pub(crate) async fn handle_abort(
     let _ = responder.reply(Message::Ack);
 }
 
-/// Hands the full signature set to every peer. A peer that misses it
-/// learns the state on its next `Sync`; our state is already durable.
-pub(crate) async fn send_commit(inner: &Arc<Inner>, core: &Arc<ChannelCore>, full: &SignedState) {
-    let Ok(signatures) = full.signatures() else {
-        return;
-    };
-    let msg = Message::UpdateCommit(UpdateCommit {
+/// Pauses between attempts to hand a commit to a peer that did not take it.
+const COMMIT_RETRIES: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(5),
+];
+
+/// Hands the full signature set to every peer, retrying a peer that did
+/// not acknowledge it (a repeated commit is harmless). A peer still
+/// without it then learns the state from the next `Sync`.
+/// Counts a commit as in flight from creation until dropped (see
+/// `Client::shutdown`).
+struct InFlight(Arc<Inner>);
+
+impl InFlight {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.commits_in_flight.send_modify(|n| *n += 1);
+        Self(inner.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .commits_in_flight
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+async fn deliver_commit(
+    inner: Arc<Inner>,
+    core: Arc<ChannelCore>,
+    full: SignedState,
+    _in_flight: InFlight,
+) {
+    let mut missing = send_commit(&inner, &core, &full).await;
+    for pause in COMMIT_RETRIES {
+        if missing.is_empty() || *inner.stop.borrow() {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        let msg = commit_message(&core, &full);
+        let mut still = Vec::new();
+        for peer in missing {
+            match msg.as_ref().map(|m| inner.wire.send(peer, m)) {
+                Some(send) => match send.await {
+                    Ok(Message::Ack) => {}
+                    other => {
+                        debug!(%peer, ?other, "commit still not taken");
+                        still.push(peer);
+                    }
+                },
+                None => return,
+            }
+        }
+        missing = still;
+    }
+    if !missing.is_empty() {
+        warn!(
+            ?missing,
+            "peers did not take the commit; they learn it on their next sync"
+        );
+    }
+}
+
+fn commit_message(core: &ChannelCore, full: &SignedState) -> Option<Message> {
+    let signatures = full.signatures().ok()?;
+    Some(Message::UpdateCommit(UpdateCommit {
         channel_id: core.id,
         version: full.state.version,
         index: core.index,
         signatures,
-    });
+    }))
+}
+
+/// Hands the full signature set to every peer; returns the peers that did
+/// not acknowledge it. A peer that misses it
+/// learns the state on its next `Sync`; our state is already durable.
+pub(crate) async fn send_commit(
+    inner: &Arc<Inner>,
+    core: &Arc<ChannelCore>,
+    full: &SignedState,
+) -> Vec<PeerId> {
+    let Some(msg) = commit_message(core, full) else {
+        return Vec::new();
+    };
+    let mut missing = Vec::new();
     for (peer, _, reply) in inner.broadcast(core, &msg).await {
         match reply {
             Ok(Message::Ack) => {}
-            other => warn!(%peer, ?other, "peer did not acknowledge the commit"),
+            other => {
+                debug!(%peer, ?other, "peer did not acknowledge the commit");
+                missing.push(peer);
+            }
         }
     }
+    missing
 }
 
 fn reject(core: &ChannelCore, version: u64, kind: RejectKind, reason: String) -> Message {
@@ -303,6 +389,16 @@ async fn respond_update(
         let _ = core
             .wait_phase(inner.timeouts.update_wait, "funding", |p| {
                 p != Phase::Funding
+            })
+            .await;
+    }
+    if awaits_commit(core, u.actor, version).await {
+        // The proposer's commit of its previous update is on its way (it
+        // returns before its peers have it): take that first.
+        debug!("waiting for the proposer's previous commit");
+        let _ = core
+            .wait_phase(inner.timeouts.update_wait, "commit", |p| {
+                p != Phase::Updating
             })
             .await;
     }
@@ -417,6 +513,19 @@ async fn respond_update(
         index: core.index,
         signature: sig,
     })
+}
+
+/// Whether we hold, signed, an older update by `actor` whose commit has
+/// not arrived yet, while `actor` proposes a newer one.
+async fn awaits_commit(core: &ChannelCore, actor: usize, version: u64) -> bool {
+    if core.phase() != Phase::Updating {
+        return false;
+    }
+    let l = core.locked.lock().await;
+    l.staged_actor == Some(actor)
+        && l.machine.staged().is_some_and(|s| {
+            s.state.version < version && s.sigs.get(core.index).is_some_and(Option::is_some)
+        })
 }
 
 async fn ask_handler(
