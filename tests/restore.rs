@@ -16,7 +16,11 @@ use common::{Ledger, Options, introduce, open, parties, restart};
 use perun::channel::{ChannelId, Phase, U256};
 use perun::persistence::{Change, ChannelRecord, Persister};
 
-on_both_ledgers!(restart_restores_channels, a_failed_commit_burns_its_version);
+on_both_ledgers!(
+    restart_restores_channels,
+    a_failed_commit_burns_its_version,
+    one_bad_record_does_not_keep_the_others_from_loading,
+);
 
 fn u(x: u64) -> U256 {
     U256::from(x)
@@ -140,4 +144,74 @@ async fn a_failed_commit_burns_its_version(ledger: Ledger) {
     assert_eq!(st.state.version, 4);
     assert_eq!(st.state.outcome.balances[0], vec![u(971), u(1029)]);
     st.verify_all(bob_ch.params()).unwrap();
+}
+
+/// A store in which one channel's record fails its checks on load (as a
+/// damaged record does): `load_all` fails as a whole, `load` of that one
+/// channel fails, everything else works.
+struct OneBadRecord {
+    inner: Arc<dyn Persister>,
+    bad: std::sync::Mutex<Option<ChannelId>>,
+}
+
+impl OneBadRecord {
+    fn bad(&self) -> Option<ChannelId> {
+        *self.bad.lock().unwrap()
+    }
+}
+
+#[async_trait]
+impl Persister for OneBadRecord {
+    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
+        self.inner.channel_created(ch).await
+    }
+    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
+        self.inner.update(id, changes).await
+    }
+    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
+        self.inner.channel_removed(id).await
+    }
+    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
+        self.inner.channel_ids().await
+    }
+    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
+        if self.bad() == Some(id) {
+            return Err(perun::persistence::Error::InvalidRecord {
+                id,
+                reason: "damaged on disk".into(),
+            });
+        }
+        self.inner.load(id).await
+    }
+    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
+        match self.bad() {
+            Some(id) => Err(perun::persistence::Error::InvalidRecord {
+                id,
+                reason: "damaged on disk".into(),
+            }),
+            None => self.inner.load_all().await,
+        }
+    }
+}
+
+async fn one_bad_record_does_not_keep_the_others_from_loading(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    let first = open(&ledger, &mut ps, u(100)).await;
+    let second = open(&ledger, &mut ps, u(100)).await;
+    second[0].pay(1, 0, u(1)).await.unwrap();
+    let good = common::caught_up(&second).await;
+    let (first, second) = (first[0].clone(), second[0].clone());
+    // Alice restarts on a store that cannot read her first channel.
+    let alice = ps.remove(0);
+    let wrapped = Arc::new(OneBadRecord {
+        inner: alice.persister.clone(),
+        bad: std::sync::Mutex::new(Some(first.id())),
+    });
+    let alice = common::restart_with(&ledger, alice, wrapped).await;
+    assert!(alice.client.channel(&first.id()).is_none());
+    let restored = alice
+        .client
+        .channel(&second.id())
+        .expect("the good channel");
+    assert_eq!(restored.state(), good);
 }

@@ -9,7 +9,7 @@ use perun_channel::{App, ChannelId, PaymentApp};
 use perun_persistence::{MemoryPersister, Persister};
 use perun_wallet::Account;
 use perun_wire::{Handle, Incoming, Keypair, Message, Multiaddr, PeerId, Refusal, RefusalCode};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::channel::{Channel, ChannelCore};
 use crate::handler::{ProposalHandler, RejectAll, UpdateHandler};
@@ -239,6 +239,30 @@ impl ClientBuilder {
 /// half-loaded; the others are restored.
 async fn restore(inner: &Arc<Inner>) -> Result<Vec<Arc<ChannelCore>>> {
     use futures::StreamExt;
+    // Fast path: every record in one read, checked on every core.
+    match inner.persister.load_all().await {
+        Ok(records) => {
+            let mut restored = Vec::with_capacity(records.len());
+            for rec in records {
+                let id = rec.id();
+                match build_core(rec) {
+                    Err(e) => {
+                        warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded")
+                    }
+                    Ok(core) => {
+                        debug!(channel = %core.id, phase = ?core.phase(), "restored channel");
+                        inner.insert_channel(core.clone());
+                        restored.push(core);
+                    }
+                }
+            }
+            info!(channels = restored.len(), "restored channels");
+            return Ok(restored);
+        }
+        // One bad record fails the whole read: load one by one instead, so
+        // it does not keep the others from loading.
+        Err(e) => warn!(error = %e, "loading all channels failed; loading them one by one"),
+    }
     let ids = inner.persister.channel_ids().await?;
     // Loading checks every signature of every record: run many at once so
     // the checks spread over the cores.
@@ -248,7 +272,7 @@ async fn restore(inner: &Arc<Inner>) -> Result<Vec<Arc<ChannelCore>>> {
     let mut restored = Vec::new();
     while let Some(loaded) = loads.next().await {
         if let Some(core) = loaded {
-            info!(channel = %core.id, phase = ?core.phase(), "restored channel");
+            debug!(channel = %core.id, phase = ?core.phase(), "restored channel");
             inner.insert_channel(core.clone());
             restored.push(core);
         }
@@ -267,23 +291,29 @@ async fn load_one(inner: &Arc<Inner>, id: ChannelId) -> Option<Arc<ChannelCore>>
             return None;
         }
     };
-    tokio::task::spawn_blocking(move || {
-        let peers = rec
-            .peers
-            .iter()
-            .map(|b| PeerId::from_bytes(b))
-            .collect::<std::result::Result<Vec<PeerId>, _>>()
-            .map_err(|e| e.to_string())?;
-        let machine = rec.to_machine().map_err(|e| e.to_string())?;
-        ChannelCore::new(machine, peers).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r)
-    .inspect_err(
-        |e| warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded"),
-    )
-    .ok()
+    tokio::task::spawn_blocking(move || build_core(rec))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .inspect_err(
+            |e| warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded"),
+        )
+        .ok()
+}
+
+/// A stored record as a `ChannelCore` (its signatures are checked again;
+/// the wallet's memo makes that cheap right after a load).
+fn build_core(
+    rec: perun_persistence::ChannelRecord,
+) -> std::result::Result<Arc<ChannelCore>, String> {
+    let peers = rec
+        .peers
+        .iter()
+        .map(|b| PeerId::from_bytes(b))
+        .collect::<std::result::Result<Vec<PeerId>, _>>()
+        .map_err(|e| e.to_string())?;
+    let machine = rec.to_machine().map_err(|e| e.to_string())?;
+    ChannelCore::new(machine, peers).map_err(|e| e.to_string())
 }
 
 /// Picks a restored channel up where it was: its watcher for every funded

@@ -82,7 +82,9 @@ async fn run(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> Result<()> {
 /// peer's, a dropped connection) is logged; the next event or tick retries
 /// from a fresh read of the chain.
 async fn step(inner: &Arc<Inner>, core: &Arc<ChannelCore>) {
-    if let Err(e) = act(inner, core).await {
+    // Boxed: an idle watcher (10,000 of them in a big client) then does not
+    // carry the space of a dispute step in its own future.
+    if let Err(e) = Box::pin(act(inner, core)).await {
         warn!(error = %e, "dispute step failed; will retry");
     }
 }

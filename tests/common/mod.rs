@@ -287,6 +287,16 @@ async fn start(
 /// store (on anvil the redb file is closed and reopened from disk), as after
 /// a crash of the process.
 pub async fn restart(ledger: &Ledger, p: Party) -> Party {
+    restart_inner(ledger, p, None).await
+}
+
+/// Like [`restart`], with `store` as the restarted client's store (it may
+/// wrap the party's own, which stays open).
+pub async fn restart_with(ledger: &Ledger, p: Party, store: Arc<dyn Persister>) -> Party {
+    restart_inner(ledger, p, Some(store)).await
+}
+
+async fn restart_inner(ledger: &Ledger, p: Party, store: Option<Arc<dyn Persister>>) -> Party {
     let Party {
         client,
         account,
@@ -297,8 +307,9 @@ pub async fn restart(ledger: &Ledger, p: Party) -> Party {
     } = p;
     client.shutdown().await;
     drop(client);
-    let persister = match &dir {
-        Some(dir) => {
+    let persister = match (store, &dir) {
+        (Some(store), _) => store,
+        (None, Some(dir)) => {
             drop(persister);
             let path = dir.path().join("perun.redb");
             // The old client's tasks release the file as they notice the shutdown.
@@ -314,7 +325,7 @@ pub async fn restart(ledger: &Ledger, p: Party) -> Party {
             };
             Arc::new(store) as Arc<dyn Persister>
         }
-        None => persister,
+        (None, None) => persister,
     };
     let (funder, adjudicator) = ledger.backends(&account).await;
     start(

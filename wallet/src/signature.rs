@@ -102,9 +102,11 @@ pub mod memo {
 
     use alloy_primitives::{Address, B256, Signature};
 
-    /// Most remembered checks (about 2.5 MB at most); the memo starts over
-    /// when full, which costs only recoveries.
-    pub const CAPACITY: usize = 16_384;
+    /// Most remembered checks (about 8 MB at most: enough for the two
+    /// signatures of 30,000 restored channels to be checked on load and
+    /// again when the client builds them); the memo starts over when full,
+    /// which costs only recoveries.
+    pub const CAPACITY: usize = 65_536;
 
     type Key = ([u8; 32], [u8; 65]);
 

@@ -7,8 +7,10 @@
 //! | `vectors` | regenerates `channel/tests/vectors.json` |
 //! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
+//! | `bench [--quick]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` |
 //! | `demo [payment\|dispute]` | runs `examples/payment_channel.rs` (or `dispute.rs`) on a local anvil |
 
+mod bench;
 mod contracts;
 mod gas;
 mod setup;
@@ -31,10 +33,11 @@ fn main() -> ExitCode {
         ]),
         Some("contracts") => contracts::run(args.get(1).is_some_and(|a| a == "--check")),
         Some("gas") => gas::run(),
+        Some("bench") => bench::run(args.get(1).is_some_and(|a| a == "--quick")),
         Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|demo [payment|dispute]>"
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick]|demo [payment|dispute]>"
             );
             return ExitCode::from(2);
         }

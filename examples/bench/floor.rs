@@ -1,0 +1,214 @@
+//! The floor: the primitives one durable two-party update cannot avoid,
+//! each measured on its own (p50) in this process.
+//!
+//! - sign: `SignedState::sign` of a realistic two-party state (hash +
+//!   EIP-191 secp256k1 signature), as the responder and the proposer do;
+//! - check: `verify_sig` (hash + public key recovery + compare), as each
+//!   side does with the other's signature;
+//! - fsync: `write_at` of ~400 bytes into a preallocated file in the
+//!   benchmark's directory, then `sync_data`, as each side's store must
+//!   make its write durable once. Measured alone here and again between
+//!   batches of the durable updates ([`FsyncProbe`]); the floor uses the
+//!   interleaved samples when there are any;
+//! - round trip: an `Update` request answered with an `UpdateAccept` over a
+//!   real `perun_wire` connection on 127.0.0.1, as in `wire_bench`.
+//!
+//! `floor = 2 sign + 2 check + 2 fsync + 1 round trip`.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use perun::channel::signed::verify_sig;
+use perun::channel::{Address, Allocation, Asset, Params, SignedState, State, U256};
+use perun::wallet::{Account, LocalAccount};
+use perun::wire::{Config, Message, Node, Update, UpdateAccept, generate_key};
+
+use crate::Res;
+use crate::stats::Samples;
+
+/// The p50 of each primitive, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Floor {
+    /// One state signature.
+    pub(crate) sign_ms: f64,
+    /// One signature check.
+    pub(crate) verify_ms: f64,
+    /// One small durable write.
+    pub(crate) fsync_ms: f64,
+    /// One request/response over the wire.
+    pub(crate) round_trip_ms: f64,
+}
+
+impl Floor {
+    /// What one durable update cannot avoid, in milliseconds.
+    pub(crate) fn update_ms(&self) -> f64 {
+        2.0 * self.sign_ms + 2.0 * self.verify_ms + 2.0 * self.fsync_ms + self.round_trip_ms
+    }
+}
+
+/// Measures every primitive; fsync in `dir`.
+pub(crate) async fn measure(dir: &Path, iterations: usize) -> Res<Floor> {
+    let (sign_ms, verify_ms) = crypto(iterations)?;
+    let fsync_ms = fsync(dir, (iterations / 10).max(50))?;
+    let round_trip_ms = round_trip(iterations).await?;
+    Ok(Floor {
+        sign_ms,
+        verify_ms,
+        fsync_ms,
+        round_trip_ms,
+    })
+}
+
+/// A two-party payment channel's state as the benchmark channels hold it.
+fn sample_state(alice: &LocalAccount, bob: &LocalAccount) -> (Params, State) {
+    let params = Params::payment(60, U256::from(42), vec![alice.address(), bob.address()]);
+    let asset = Asset {
+        chainId: U256::from(31337),
+        holder: Address::repeat_byte(0xee),
+    };
+    let wei = U256::from(10u64).pow(U256::from(15));
+    let state = State::initial(&params, Allocation::new(vec![asset], vec![vec![wei, wei]]));
+    (params, state)
+}
+
+/// p50 of signing and of checking a signature, in milliseconds.
+fn crypto(iterations: usize) -> Res<(f64, f64)> {
+    let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+    let (params, state) = sample_state(&alice, &bob);
+    let mut signs = Vec::with_capacity(iterations);
+    let mut checks = Vec::with_capacity(iterations);
+    for v in 0..iterations as u64 {
+        let mut st = SignedState::new(State {
+            version: v + 1,
+            ..state.clone()
+        });
+        let t = Instant::now();
+        let sig = st.sign(&params, 0, &alice)?;
+        signs.push(t.elapsed());
+        let t = Instant::now();
+        verify_sig(&params, &st.state, 0, &sig)?;
+        checks.push(t.elapsed());
+    }
+    Ok((Samples::new(signs).p50(), Samples::new(checks).p50()))
+}
+
+/// Small durable writes into a preallocated file in the benchmark's
+/// directory: the fsync part of the floor. Used alone and between batches
+/// of durable updates, so the floor sees the disk as the updates do (a
+/// shared disk's fsync latency swings with other writers).
+pub(crate) struct FsyncProbe {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    slot: u64,
+    took: Vec<Duration>,
+}
+
+impl FsyncProbe {
+    const RECORD: usize = 400;
+    const SLOTS: u64 = 1024;
+
+    /// Creates and preallocates the file (synced, so each measured write
+    /// changes data, not the file's size).
+    pub(crate) fn new(dir: &Path) -> Res<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("floor-fsync.bin");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        file.set_len(Self::SLOTS * 512)?;
+        file.sync_all()?;
+        Ok(Self {
+            file,
+            path,
+            slot: 0,
+            took: Vec::new(),
+        })
+    }
+
+    /// Times `n` writes of ~400 bytes, each followed by `sync_data`.
+    pub(crate) fn sample(&mut self, n: usize) -> Res<()> {
+        let record = [0x5au8; Self::RECORD];
+        for _ in 0..n {
+            let t = Instant::now();
+            self.file.write_all_at(&record, self.slot * 512)?;
+            self.file.sync_data()?;
+            self.took.push(t.elapsed());
+            self.slot = (self.slot + 1) % Self::SLOTS;
+        }
+        Ok(())
+    }
+
+    /// Every sample so far; removes the file.
+    pub(crate) fn finish(self) -> Res<Samples> {
+        let Self {
+            file, path, took, ..
+        } = self;
+        drop(file);
+        std::fs::remove_file(&path)?;
+        Ok(Samples::new(took))
+    }
+}
+
+/// p50 of writing ~400 bytes and `sync_data`, in milliseconds.
+fn fsync(dir: &Path, iterations: usize) -> Res<f64> {
+    let mut probe = FsyncProbe::new(dir)?;
+    probe.sample(iterations)?;
+    Ok(probe.finish()?.p50())
+}
+
+fn update_msg(state: &State) -> Message {
+    Message::Update(Update {
+        channel_id: state.channelId,
+        state: state.clone(),
+        actor: 0,
+    })
+}
+
+/// p50 of an `Update` request answered by an `UpdateAccept`, in milliseconds.
+async fn round_trip(iterations: usize) -> Res<f64> {
+    let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+    let (params, state) = sample_state(&alice, &bob);
+    let sig = SignedState::new(state.clone()).sign(&params, 1, &bob)?;
+    let (a, _a_in) = Node::start(Config::new(generate_key())).await?;
+    let (b, mut b_in) = Node::start(Config::new(generate_key())).await?;
+    let b_id = b.local_peer_id();
+    let addr = b
+        .listen_addrs()
+        .await?
+        .first()
+        .cloned()
+        .ok_or("no listen address")?;
+    a.dial(b_id, Some(addr)).await?;
+    let server = tokio::spawn(async move {
+        while let Some(req) = b_in.next().await {
+            let (_, msg, responder) = req.into_parts();
+            if let Message::Update(u) = msg {
+                let _ = responder.reply(Message::UpdateAccept(UpdateAccept {
+                    channel_id: u.channel_id,
+                    version: u.state.version,
+                    index: 1,
+                    signature: sig,
+                }));
+            }
+        }
+    });
+    let msg = update_msg(&state);
+    for _ in 0..iterations / 10 {
+        a.send(b_id, &msg).await?;
+    }
+    let mut took: Vec<Duration> = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        a.send(b_id, &msg).await?;
+        took.push(t.elapsed());
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    server.abort();
+    Ok(Samples::new(took).p50())
+}

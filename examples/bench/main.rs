@@ -1,0 +1,167 @@
+//! End-to-end benchmark of the SDK against the floor measured in the same
+//! run: real clients over libp2p on 127.0.0.1, the real contracts on a local
+//! anvil with instant mining, redb on the real disk.
+//!
+//! Run it with `cargo xtask bench` (release build, writes
+//! `target/bench/summary.json`), or directly:
+//! `cargo run --release --example bench -- [--quick] [--out PATH]`.
+//! `--quick` uses small counts so the whole harness runs in seconds;
+//! `--only floor|durable|memory|restore` runs one part (for a profiler).
+//!
+//! # The figures
+//! - `updates_per_s_durable` / `updates_per_s_memory`: one two-party channel,
+//!   Alice calls `pay` again and again, one at a time (after a warm-up), with
+//!   both clients on a `RedbPersister` in `target/bench/tmp` (default options)
+//!   resp. a `MemoryPersister`; measured updates over the time spent in
+//!   `pay` (so the fsync probes between batches do not count).
+//! - `update_latency_p50_ms` / `update_latency_p99_ms`: the durable `pay`
+//!   calls' latencies.
+//! - `aggregate_updates_per_s_100ch`: 100 durable channels between the same
+//!   two clients, one task per channel paying in a loop for a fixed time.
+//! - `open_channel_ms`: median of `propose_channel` calls (proposal, version-0
+//!   signatures, both deposits mined, `Active`), durable.
+//! - `restore_10k_channels_ms` / `rss_bytes_per_channel_10k`: 10,000 active
+//!   channels written into a redb file, then, in a fresh child process, the
+//!   time to open the store and build the client (which loads and checks
+//!   every record) and the resident memory it adds, per channel.
+//!
+//! # The floor
+//! What one durable update cannot avoid, measured in this process on the
+//! same disk directory (see [`floor`]): the responder signs and the proposer
+//! signs (2 signatures); each checks the other's signature (2 checks); the
+//! responder persists its signature before replying and the proposer
+//! persists the fully signed state before `pay` returns (2 `fdatasync`s);
+//! the request and its reply (1 network round trip of an `Update`-size
+//! message over `perun_wire`). `floor_ratio` = durable p50 / floor: how much
+//! the SDK adds on top of physics.
+
+mod floor;
+mod report;
+mod restore;
+mod setup;
+mod stats;
+mod updates;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The benchmark's error type: every part reports its failure as text.
+pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// How much work each part does.
+#[derive(Debug, Clone)]
+pub(crate) struct Counts {
+    /// Updates before measuring.
+    pub(crate) warmup: usize,
+    /// Sequential updates measured.
+    pub(crate) measured: usize,
+    /// Channels opened one by one for `open_channel_ms`.
+    pub(crate) opens: usize,
+    /// Channels updating at once.
+    pub(crate) concurrent_channels: usize,
+    /// How long they update.
+    pub(crate) concurrent_for: Duration,
+    /// Channels restored by the child process.
+    pub(crate) restore_channels: usize,
+    /// Iterations of each floor primitive (fsync: a tenth of it).
+    pub(crate) floor_iterations: usize,
+}
+
+impl Counts {
+    fn full() -> Self {
+        Self {
+            warmup: 100,
+            measured: 2_000,
+            opens: 10,
+            concurrent_channels: 100,
+            concurrent_for: Duration::from_secs(10),
+            restore_channels: 10_000,
+            floor_iterations: 2_000,
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            warmup: 10,
+            measured: 200,
+            opens: 3,
+            concurrent_channels: 10,
+            concurrent_for: Duration::from_secs(2),
+            restore_channels: 500,
+            floor_iterations: 500,
+        }
+    }
+}
+
+/// Command-line options of the parent process.
+#[derive(Debug)]
+pub(crate) struct Options {
+    /// Small counts.
+    pub(crate) quick: bool,
+    /// Where `summary.json` goes.
+    pub(crate) out: PathBuf,
+    /// Scratch directory on the real disk (next to `out`).
+    pub(crate) work: PathBuf,
+    /// The work counts.
+    pub(crate) counts: Counts,
+    /// Run only this part (`floor`, `durable`, `memory`, `restore`), e.g.
+    /// under a profiler.
+    pub(crate) only: Option<String>,
+}
+
+fn options(args: &[String]) -> Res<Options> {
+    let mut quick = false;
+    let mut out = PathBuf::from("target/bench/summary.json");
+    let mut only = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => out = PathBuf::from(it.next().ok_or("--out needs a path")?),
+            "--only" => only = Some(it.next().ok_or("--only needs a part")?.clone()),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; use [--quick] [--out PATH] [--only PART]"
+                )
+                .into());
+            }
+        }
+    }
+    let work = out
+        .parent()
+        .map(|p| p.join("tmp"))
+        .unwrap_or_else(|| PathBuf::from("tmp"));
+    let counts = if quick {
+        Counts::quick()
+    } else {
+        Counts::full()
+    };
+    Ok(Options {
+        quick,
+        out,
+        work,
+        counts,
+        only,
+    })
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("error,alloy_pubsub=off,alloy_transport_ws=off")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if args.first().map(String::as_str) == Some(restore::CHILD_FLAG) {
+        // No log subscriber: the child measures the client alone.
+        return runtime.block_on(restore::child(&args[1..]));
+    }
+    init_logs();
+    let opts = options(&args)?;
+    runtime.block_on(report::run_all(&opts))
+}

@@ -1,0 +1,415 @@
+//! Runs every part (each time-boxed; a part that fails or overruns is
+//! recorded under `errors` and its figures are `null`), writes
+//! `summary.json` and prints the table with the targets of issue 8.
+
+use std::future::Future;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+
+use crate::floor::{self, Floor};
+use crate::restore;
+use crate::setup::{Chain, Pair, Store};
+use crate::updates::{self, Sequential};
+use crate::{Options, Res};
+
+/// The collected figures.
+struct Summary {
+    figures: Map<String, Value>,
+    errors: Map<String, Value>,
+    /// The one part to run, if not all.
+    only: Option<String>,
+}
+
+impl Summary {
+    fn set(&mut self, key: &str, value: impl Into<Value>) {
+        self.figures.insert(key.into(), value.into());
+    }
+
+    /// Runs `part` within `time_box`; records its failure instead of stopping.
+    async fn part<T>(
+        &mut self,
+        name: &str,
+        time_box: Duration,
+        part: impl Future<Output = Res<T>>,
+    ) -> Option<T> {
+        if self.only.as_deref().is_some_and(|o| o != name) {
+            return None;
+        }
+        println!("==> {name}");
+        let t = Instant::now();
+        let res = match tokio::time::timeout(time_box, part).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.errors.insert(name.into(), json!(e.to_string()));
+                None
+            }
+            Err(_) => {
+                self.errors
+                    .insert(name.into(), json!(format!("timed out after {time_box:?}")));
+                None
+            }
+        };
+        match &res {
+            Some(_) => println!("    done in {:.1} s", t.elapsed().as_secs_f64()),
+            None => println!("    FAILED: {}", self.errors[name]),
+        }
+        res
+    }
+}
+
+/// Runs the whole benchmark and writes `opts.out`.
+pub(crate) async fn run_all(opts: &Options) -> Res<()> {
+    let started = Instant::now();
+    let load_at_start = load_average();
+    let c = &opts.counts;
+    if opts.work.exists() {
+        std::fs::remove_dir_all(&opts.work)?;
+    }
+    std::fs::create_dir_all(&opts.work)?;
+    let mut s = Summary {
+        figures: Map::new(),
+        errors: Map::new(),
+        only: opts.only.clone(),
+    };
+    let chain = Chain::start().await?;
+
+    let floor = s
+        .part(
+            "floor",
+            Duration::from_secs(120),
+            floor::measure(&opts.work, c.floor_iterations),
+        )
+        .await;
+    let durable = s
+        .part("durable", Duration::from_secs(600), durable(&chain, opts))
+        .await;
+    let memory = s
+        .part("memory", Duration::from_secs(300), memory(&chain, opts))
+        .await;
+    let restored = s
+        .part(
+            "restore",
+            Duration::from_secs(660),
+            restore::measure(
+                &chain,
+                &opts.work.join("restore"),
+                c.restore_channels,
+                Duration::from_secs(600),
+            ),
+        )
+        .await;
+
+    record_floor(&mut s, floor, durable.as_ref());
+    record_durable(&mut s, durable.as_ref());
+    s.set("updates_per_s_memory", memory.as_ref().map(|m| m.per_s));
+    s.set(
+        "update_latency_memory_p50_ms",
+        memory.as_ref().map(|m| m.latency.p50()),
+    );
+    record_restore(
+        &mut s,
+        restored.as_ref().map(|r| &r.json),
+        c.restore_channels,
+    );
+    s.set("bench_seconds", started.elapsed().as_secs_f64());
+
+    let out = json!({
+        "figures": s.figures,
+        "errors": s.errors,
+        "counts": counts_json(opts),
+        "machine": machine(&opts.work, load_at_start),
+    });
+    if let Some(dir) = opts.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&opts.out, serde_json::to_string_pretty(&out)?)?;
+    print_table(&s.figures);
+    if opts.quick {
+        println!(
+            "(--quick: small counts; the figures exercise the harness, they are not the targets' figures)"
+        );
+    }
+    println!("\nwritten to {}", opts.out.display());
+    if !s.errors.is_empty() {
+        println!("errors: {}", Value::Object(s.errors.clone()));
+    }
+    drop(chain);
+    Ok(())
+}
+
+/// fsync samples taken after each batch of sequential durable updates.
+const FSYNCS_PER_BATCH: usize = 10;
+
+/// What the durable pair measured.
+struct Durable {
+    open: crate::stats::Samples,
+    sequential: Sequential,
+    /// The fsync floor sampled between the sequential updates.
+    fsync: crate::stats::Samples,
+    aggregate: updates::Aggregate,
+    channels: usize,
+}
+
+/// One durable pair: the first channel for the sequential figures, then
+/// more opened one by one for `open_channel_ms`, then up to
+/// `concurrent_channels` updating at once.
+async fn durable(chain: &Chain, opts: &Options) -> Res<Durable> {
+    let c = &opts.counts;
+    let mut pair = Pair::start(chain, Store::Durable, &opts.work.join("durable")).await?;
+    let (mut chans, mut took) = updates::open_timed(&mut pair, chain, 1).await?;
+    // The fsync floor is sampled between batches of these updates, in the
+    // same directory, so both see the same disk.
+    let mut probe = floor::FsyncProbe::new(&opts.work.join("durable"))?;
+    let sequential = updates::sequential(&chans[0], c.warmup, c.measured, || {
+        probe.sample(FSYNCS_PER_BATCH)
+    })
+    .await?;
+    let fsync = probe.finish()?;
+    println!(
+        "    sequential durable: {:.0} updates/s, p50 {:.2} ms",
+        sequential.per_s,
+        sequential.latency.p50()
+    );
+    let (more, more_took) =
+        updates::open_timed(&mut pair, chain, c.opens.saturating_sub(1)).await?;
+    chans.extend(more);
+    took.extend(more_took);
+    let open = crate::stats::Samples::new(took);
+    println!(
+        "    open_channel median {:.0} ms over {} opens",
+        open.p50(),
+        c.opens
+    );
+    let rest = c.concurrent_channels.saturating_sub(chans.len());
+    let t = Instant::now();
+    let (more, _) = updates::open_timed(&mut pair, chain, rest).await?;
+    chans.extend(more);
+    println!(
+        "    opened {rest} more channels in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let aggregate = updates::aggregate(&chans, c.concurrent_for).await?;
+    let channels = chans.len();
+    drop(chans);
+    pair.shutdown().await;
+    Ok(Durable {
+        open,
+        sequential,
+        fsync,
+        aggregate,
+        channels,
+    })
+}
+
+/// One in-memory pair, one channel, sequential updates.
+async fn memory(chain: &Chain, opts: &Options) -> Res<Sequential> {
+    let c = &opts.counts;
+    let mut pair = Pair::start(chain, Store::Memory, &opts.work.join("memory")).await?;
+    let ch = pair.open(chain.asset()).await?;
+    let seq = updates::sequential(&ch, c.warmup, c.measured, || Ok(())).await?;
+    drop(ch);
+    pair.shutdown().await;
+    Ok(seq)
+}
+
+/// The floor, with the fsync part taken from the samples between the
+/// durable updates when there are any (the standalone figure is kept too).
+fn record_floor(s: &mut Summary, floor: Option<Floor>, durable: Option<&Durable>) {
+    let Some(mut f) = floor else {
+        s.set("floor_update_ms", Value::Null);
+        s.set("floor_ratio", Value::Null);
+        return;
+    };
+    s.set("floor_fsync_standalone_ms", f.fsync_ms);
+    if let Some(d) = durable.filter(|d| !d.fsync.is_empty()) {
+        f.fsync_ms = d.fsync.p50();
+        s.set("floor_fsync_interleaved_p99_ms", d.fsync.ms(0.99));
+    }
+    s.set("floor_update_ms", f.update_ms());
+    s.set("floor_sign_ms", f.sign_ms);
+    s.set("floor_verify_ms", f.verify_ms);
+    s.set("floor_fsync_ms", f.fsync_ms);
+    s.set("floor_round_trip_ms", f.round_trip_ms);
+    s.set(
+        "floor_ratio",
+        durable.map(|d| d.sequential.latency.p50() / f.update_ms()),
+    );
+}
+
+fn record_durable(s: &mut Summary, d: Option<&Durable>) {
+    s.set("updates_per_s_durable", d.map(|d| d.sequential.per_s));
+    s.set(
+        "update_latency_p50_ms",
+        d.map(|d| d.sequential.latency.p50()),
+    );
+    s.set(
+        "update_latency_p99_ms",
+        d.map(|d| d.sequential.latency.ms(0.99)),
+    );
+    s.set(
+        "update_latency_mean_ms",
+        d.map(|d| d.sequential.latency.mean_ms()),
+    );
+    s.set(
+        "aggregate_updates_per_s_100ch",
+        d.map(|d| d.aggregate.per_s()),
+    );
+    s.set("aggregate_channels", d.map(|d| d.channels));
+    s.set(
+        "aggregate_latency_p50_ms",
+        d.map(|d| d.aggregate.latency.p50()),
+    );
+    s.set(
+        "aggregate_latency_p99_ms",
+        d.map(|d| d.aggregate.latency.ms(0.99)),
+    );
+    s.set("open_channel_ms", d.map(|d| d.open.p50()));
+}
+
+fn record_restore(s: &mut Summary, r: Option<&Value>, n: usize) {
+    let field = |k: &str| r.and_then(|r| r.get(k)).and_then(Value::as_f64);
+    s.set("restore_10k_channels_ms", field("restore_ms"));
+    s.set("restore_store_open_ms", field("store_open_ms"));
+    s.set("restore_channels", field("channels"));
+    s.set("restore_records_written_ms", field("records_written_ms"));
+    let per_channel = |after: Option<f64>| match (after, field("rss_before_bytes")) {
+        (Some(a), Some(b)) => Some((a - b) / n as f64),
+        _ => None,
+    };
+    s.set(
+        "rss_bytes_per_channel_10k",
+        per_channel(field("rss_after_settle_bytes")),
+    );
+    s.set(
+        "rss_bytes_per_channel_at_restore",
+        per_channel(field("rss_restored_bytes")),
+    );
+}
+
+fn counts_json(opts: &Options) -> Value {
+    let c = &opts.counts;
+    json!({
+        "quick": opts.quick,
+        "warmup_updates": c.warmup,
+        "measured_updates": c.measured,
+        "open_samples": c.opens,
+        "concurrent_channels": c.concurrent_channels,
+        "concurrent_seconds": c.concurrent_for.as_secs_f64(),
+        "restore_channels": c.restore_channels,
+        "floor_iterations": c.floor_iterations,
+        "persister": format!(
+            "RedbPersister default options (two_phase_commit: {})",
+            perun::persistence::RedbOptions::default().two_phase_commit
+        ),
+    })
+}
+
+/// Output of a command, trimmed, or `None` if it failed.
+fn command(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `/proc/loadavg`: 1, 5 and 15 minute load, running/total tasks.
+fn load_average() -> Option<String> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Where the figures come from: the machine, its load and the commit.
+fn machine(work: &Path, load_at_start: Option<String>) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string());
+    let dirty = command("git", &["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "load_average_start": load_at_start,
+        "load_average_end": load_average(),
+        "date": command("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "git_commit": command("git", &["rev-parse", "HEAD"]),
+        "git_dirty": dirty,
+        "kernel": command("uname", &["-sr"]),
+        "disk_dir": work.display().to_string(),
+        "disk_fs": command("stat", &["-f", "-c", "%T", &work.display().to_string()]),
+    })
+}
+
+/// A figure's target from issue 8: `(at most?, bound)`.
+fn target(key: &str) -> Option<(bool, f64)> {
+    Some(match key {
+        "floor_ratio" => (true, 1.5),
+        "updates_per_s_durable" => (false, 500.0),
+        "updates_per_s_memory" => (false, 2_000.0),
+        "update_latency_p99_ms" => (true, 5.0),
+        "aggregate_updates_per_s_100ch" => (false, 2_000.0),
+        "open_channel_ms" => (true, 200.0),
+        "restore_10k_channels_ms" => (true, 1_000.0),
+        "rss_bytes_per_channel_10k" => (true, 16.0 * 1024.0),
+        _ => return None,
+    })
+}
+
+/// The table's rows, in reading order.
+const ROWS: &[&str] = &[
+    "updates_per_s_durable",
+    "updates_per_s_memory",
+    "update_latency_p50_ms",
+    "update_latency_p99_ms",
+    "aggregate_updates_per_s_100ch",
+    "floor_update_ms",
+    "floor_ratio",
+    "open_channel_ms",
+    "restore_10k_channels_ms",
+    "rss_bytes_per_channel_10k",
+    "floor_sign_ms",
+    "floor_verify_ms",
+    "floor_fsync_ms",
+    "floor_round_trip_ms",
+    "floor_fsync_standalone_ms",
+    "floor_fsync_interleaved_p99_ms",
+    "update_latency_mean_ms",
+    "update_latency_memory_p50_ms",
+    "aggregate_channels",
+    "aggregate_latency_p50_ms",
+    "aggregate_latency_p99_ms",
+    "restore_store_open_ms",
+    "restore_channels",
+    "rss_bytes_per_channel_at_restore",
+    "bench_seconds",
+];
+
+fn print_table(figures: &Map<String, Value>) {
+    println!("\n{:<34} {:>14}  {:<10} met", "figure", "value", "target");
+    for key in ROWS {
+        let value = figures.get(*key).and_then(Value::as_f64);
+        let shown = value.map_or("-".to_string(), |v| {
+            if v.abs() >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.3}")
+            }
+        });
+        let (goal, met) = match (target(key), value) {
+            (Some((at_most, bound)), v) => (
+                format!("{}{bound}", if at_most { "<= " } else { ">= " }),
+                match v {
+                    Some(v) if (at_most && v <= bound) || (!at_most && v >= bound) => "yes",
+                    Some(_) => "NO",
+                    None => "n/a",
+                },
+            ),
+            (None, _) => (String::new(), ""),
+        };
+        println!("{key:<34} {shown:>14}  {goal:<10} {met}");
+    }
+}

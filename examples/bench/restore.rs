@@ -1,0 +1,278 @@
+//! `restore_10k_channels_ms` and `rss_bytes_per_channel_10k`.
+//!
+//! Opening 10,000 channels on chain would take hours, so the parent writes
+//! 10,000 valid records straight into Alice's redb file through the
+//! `Persister` API: `Active`, version 0 signed by both parties' real keys,
+//! realistic params (two participants, one ether asset of the deployed
+//! holder, 60 s challenge), both peers' real `PeerId`s. Then a child process
+//! (this binary with [`CHILD_FLAG`]) connects Alice's chain backends to the
+//! same anvil, reads its RSS, opens the store and builds the client (which
+//! loads, re-verifies and registers every channel, then starts each one's
+//! watcher and `Sync`), reads its RSS again after a settle second, and
+//! prints the figures as one JSON line.
+//!
+//! Bob is not running: his `PeerId` has no known address, and the child's
+//! client has a zero `Sync` timeout, so each channel's `Sync` fails at once
+//! (as after a restart while the peer is away) instead of retrying for a
+//! minute. The child runs without a log subscriber.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use perun::adjudicator::{Deployment, EthAdjudicator, EthConfig, EthFunder};
+use perun::channel::{Address, Allocation, Params, Phase, SignedState, State, U256};
+use perun::client::{Client, Timeouts};
+use perun::persistence::{ChannelRecord, Persister, RedbPersister};
+use perun::wallet::{Account, LocalAccount};
+use perun::wire::{Keypair, PeerId, generate_key, load_key, save_key};
+use serde_json::{Value, json};
+
+use crate::Res;
+use crate::setup::{Chain, deposit, eth_asset};
+use crate::stats::rss_bytes;
+
+/// The first argument that makes this binary the restore child.
+pub(crate) const CHILD_FLAG: &str = "--restore-child";
+/// Prefix of the child's result line on stdout.
+const RESULT_PREFIX: &str = "RESTORE_RESULT ";
+/// How long the child waits after restore before reading its RSS again.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// What the child measured.
+#[derive(Debug)]
+pub(crate) struct Restored {
+    /// The child's whole result line.
+    pub(crate) json: Value,
+}
+
+/// Writes `n` records for Alice into `dir/alice.redb`, then measures their
+/// restore in a child process, giving it `time_box` to finish.
+pub(crate) async fn measure(
+    chain: &Chain,
+    dir: &Path,
+    n: usize,
+    time_box: Duration,
+) -> Res<Restored> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let t = Instant::now();
+    write_records(chain, dir, n).await?;
+    let written_ms = t.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "  wrote {n} channel records in {written_ms:.0} ms; restoring them in a child process ..."
+    );
+    let mut args = vec![
+        CHILD_FLAG.to_string(),
+        dir.display().to_string(),
+        chain.anvil.ws_url(),
+    ];
+    args.extend(deployment_args(&chain.deployment));
+    let mut json = tokio::task::spawn_blocking(move || run_child(&args, time_box)).await??;
+    if let Some(fields) = json.as_object_mut() {
+        fields.insert("records_written_ms".into(), json!(written_ms));
+    }
+    Ok(Restored { json })
+}
+
+/// Alice's and Bob's keys, saved for the child.
+struct Keys {
+    alice: LocalAccount,
+    bob: LocalAccount,
+    alice_net: Keypair,
+    bob_peer: PeerId,
+}
+
+fn new_keys(dir: &Path) -> Res<Keys> {
+    let alice = LocalAccount::random();
+    let alice_net = generate_key();
+    std::fs::write(dir.join("alice.secret"), hex_encode(&alice.secret_bytes()))?;
+    save_key(&alice_net, &dir.join("alice.key"))?;
+    Ok(Keys {
+        alice,
+        bob: LocalAccount::random(),
+        alice_net,
+        bob_peer: generate_key().public().to_peer_id(),
+    })
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Res<Vec<u8>> {
+    let s = s.trim();
+    if !s.len().is_multiple_of(2) {
+        return Err("odd hex length".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(Into::into))
+        .collect()
+}
+
+/// One active channel as Alice's client stores it after opening.
+fn record(keys: &Keys, holder: &Deployment, nonce: U256) -> Res<ChannelRecord> {
+    let params = Params::payment(60, nonce, vec![keys.alice.address(), keys.bob.address()]);
+    let alloc = Allocation::new(vec![eth_asset(holder)], vec![vec![deposit(), deposit()]]);
+    let mut v0 = SignedState::new(State::initial(&params, alloc));
+    v0.sign(&params, 0, &keys.alice)?;
+    v0.sign(&params, 1, &keys.bob)?;
+    Ok(ChannelRecord {
+        params,
+        index: 0,
+        phase: Phase::Active,
+        current: Some(v0),
+        staged: None,
+        peers: vec![
+            keys.alice_net.public().to_peer_id().to_bytes(),
+            keys.bob_peer.to_bytes(),
+        ],
+        metadata: Vec::new(),
+    })
+}
+
+/// Writes the records in concurrent batches, so the store's group commit
+/// folds them into few transactions.
+async fn write_records(chain: &Chain, dir: &Path, n: usize) -> Res<()> {
+    const BATCH: usize = 1_000;
+    let keys = new_keys(dir)?;
+    let store = Arc::new(RedbPersister::open(dir.join("alice.redb")).await?);
+    let base = U256::from(rand_nonce());
+    for start in (0..n).step_by(BATCH) {
+        let mut writes = tokio::task::JoinSet::new();
+        for i in start..(start + BATCH).min(n) {
+            let rec = record(&keys, &chain.deployment, base + U256::from(i))?;
+            let store = store.clone();
+            writes.spawn(async move { store.channel_created(&rec).await });
+        }
+        while let Some(done) = writes.join_next().await {
+            done??;
+        }
+    }
+    drop(store);
+    Ok(())
+}
+
+/// A nonce base that differs between runs.
+fn rand_nonce() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
+fn deployment_args(d: &Deployment) -> Vec<String> {
+    [d.adjudicator, d.eth_holder, d.token, d.erc20_holder]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+}
+
+/// Runs this binary with `args` and parses its result line; kills it
+/// after `time_box`.
+fn run_child(args: &[String], time_box: Duration) -> Res<Value> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let deadline = Instant::now() + time_box;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("the restore child took longer than {time_box:?}; killed").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        std::io::Read::read_to_string(&mut stdout, &mut out)?;
+    }
+    if !status.success() {
+        return Err(format!("the restore child failed with {status}: {out}").into());
+    }
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix(RESULT_PREFIX))
+        .ok_or("the restore child printed no result")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// The child's arguments.
+struct ChildArgs {
+    dir: PathBuf,
+    ws_url: String,
+    deployment: Deployment,
+}
+
+fn child_args(args: &[String]) -> Res<ChildArgs> {
+    let [dir, url, adj, eth, token, erc20] = args else {
+        return Err(
+            "usage: --restore-child DIR WS_URL ADJUDICATOR ETH_HOLDER TOKEN ERC20_HOLDER".into(),
+        );
+    };
+    let addr = |s: &String| s.parse::<Address>();
+    Ok(ChildArgs {
+        dir: PathBuf::from(dir),
+        ws_url: url.clone(),
+        deployment: Deployment {
+            adjudicator: addr(adj)?,
+            eth_holder: addr(eth)?,
+            token: addr(token)?,
+            erc20_holder: addr(erc20)?,
+        },
+    })
+}
+
+/// The child: restores Alice's client from `dir` and prints its figures.
+pub(crate) async fn child(args: &[String]) -> Res<()> {
+    let a = child_args(args)?;
+    let secret = hex_decode(&std::fs::read_to_string(a.dir.join("alice.secret"))?)?;
+    let account = LocalAccount::from_slice(&secret)?;
+    let net = load_key(&a.dir.join("alice.key"))?;
+    let config = EthConfig::from_deployment(&a.deployment);
+    let funder = EthFunder::connect(&a.ws_url, &account, config.clone()).await?;
+    let adjudicator = EthAdjudicator::connect(&a.ws_url, &account, config).await?;
+
+    let rss_before = rss_bytes()?;
+    let started = Instant::now();
+    let store = RedbPersister::open(a.dir.join("alice.redb")).await?;
+    let opened_ms = started.elapsed().as_secs_f64() * 1e3;
+    let client = Client::builder()
+        .account(Arc::new(account))
+        .network_key(net)
+        .funder(Arc::new(funder))
+        .adjudicator(Arc::new(adjudicator))
+        .persister(Arc::new(store))
+        .timeouts(Timeouts {
+            sync: Duration::ZERO,
+            ..Timeouts::default()
+        })
+        .build()
+        .await?;
+    let restore_ms = started.elapsed().as_secs_f64() * 1e3;
+    let channels = client.channels().len();
+    let rss_restored = rss_bytes()?;
+    tokio::time::sleep(SETTLE).await;
+    let rss_after = rss_bytes()?;
+    let result = json!({
+        "channels": channels,
+        "store_open_ms": opened_ms,
+        "restore_ms": restore_ms,
+        "rss_before_bytes": rss_before,
+        "rss_restored_bytes": rss_restored,
+        "rss_after_settle_bytes": rss_after,
+    });
+    println!("{RESULT_PREFIX}{result}");
+    client.shutdown().await;
+    Ok(())
+}

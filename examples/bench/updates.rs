@@ -1,0 +1,114 @@
+//! The client figures: opening channels, sequential and concurrent updates.
+
+use std::time::{Duration, Instant};
+
+use perun::channel::U256;
+use perun::client::Channel;
+
+use crate::Res;
+use crate::setup::{Chain, Pair};
+use crate::stats::Samples;
+
+/// Sequential updates on one channel.
+#[derive(Debug)]
+pub(crate) struct Sequential {
+    /// Updates per second: measured updates over the time spent in `pay`.
+    pub(crate) per_s: f64,
+    /// Each measured `pay`'s latency.
+    pub(crate) latency: Samples,
+}
+
+/// Measured updates between two calls of the `between` hook.
+pub(crate) const BATCH: usize = 100;
+
+/// `warmup` unmeasured payments of 1 wei, then `measured` timed ones, one
+/// at a time; `between` runs after every [`BATCH`] of them, outside the
+/// timing.
+pub(crate) async fn sequential(
+    ch: &Channel,
+    warmup: usize,
+    measured: usize,
+    mut between: impl FnMut() -> Res<()>,
+) -> Res<Sequential> {
+    let one = U256::from(1);
+    for _ in 0..warmup {
+        ch.pay(1, 0, one).await?;
+    }
+    let mut lat = Vec::with_capacity(measured);
+    for i in 0..measured {
+        let t = Instant::now();
+        ch.pay(1, 0, one).await?;
+        lat.push(t.elapsed());
+        if (i + 1).is_multiple_of(BATCH) {
+            between()?;
+        }
+    }
+    let busy: Duration = lat.iter().sum();
+    Ok(Sequential {
+        per_s: measured as f64 / busy.as_secs_f64(),
+        latency: Samples::new(lat),
+    })
+}
+
+/// Opens `n` channels one after the other; returns them with each
+/// `propose_channel`'s time to `Active`.
+pub(crate) async fn open_timed(
+    pair: &mut Pair,
+    chain: &Chain,
+    n: usize,
+) -> Res<(Vec<Channel>, Vec<Duration>)> {
+    let mut chans = Vec::with_capacity(n);
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        chans.push(pair.open(chain.asset()).await?);
+        took.push(t.elapsed());
+    }
+    Ok((chans, took))
+}
+
+/// Many channels updating at once.
+#[derive(Debug)]
+pub(crate) struct Aggregate {
+    /// Updates completed over all channels.
+    pub(crate) updates: u64,
+    /// From the start signal to the last task's end.
+    pub(crate) wall: Duration,
+    /// Latency of every update.
+    pub(crate) latency: Samples,
+}
+
+impl Aggregate {
+    /// Updates per second over all channels.
+    pub(crate) fn per_s(&self) -> f64 {
+        self.updates as f64 / self.wall.as_secs_f64()
+    }
+}
+
+/// One task per channel pays 1 wei in a loop until `run_for` passed.
+pub(crate) async fn aggregate(chans: &[Channel], run_for: Duration) -> Res<Aggregate> {
+    let started = Instant::now();
+    let deadline = started + run_for;
+    let mut tasks = tokio::task::JoinSet::new();
+    for ch in chans {
+        let ch = ch.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                ch.pay(1, 0, U256::from(1)).await?;
+                lat.push(t.elapsed());
+            }
+            Ok::<_, perun::client::Error>(lat)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done??);
+    }
+    Ok(Aggregate {
+        updates: all.len() as u64,
+        wall: started.elapsed(),
+        latency: Samples::new(all),
+    })
+}
