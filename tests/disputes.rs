@@ -132,7 +132,7 @@ async fn stale_registration_is_refuted(ledger: Ledger) {
 
     registered(&mut events, 1).await; // Alice's watcher saw Bob's cheat ...
     on_chain_version(&adj, alice, 6).await; // ... and refuted it.
-    assert_eq!(alice.phase(), Phase::Registered);
+    alice.wait_for_phase(Phase::Registered, WAIT).await.unwrap();
     ledger.advance(CHALLENGE + 1).await;
     alice.wait_for_phase(Phase::Withdrawn, WAIT).await.unwrap();
     bob_withdraws(&adj, &ps[1], bob, &latest).await;

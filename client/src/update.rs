@@ -392,9 +392,9 @@ async fn respond_update(
             })
             .await;
     }
-    if awaits_commit(core, u.actor, version).await {
-        // The proposer's commit of its previous update is on its way (it
-        // returns before its peers have it): take that first.
+    if awaits_commit(core, version).await {
+        // The commit of the update before is on its way (an update returns
+        // to its proposer before its peers have the commit): take it first.
         debug!("waiting for the proposer's previous commit");
         let _ = core
             .wait_phase(inner.timeouts.update_wait, "commit", |p| {
@@ -411,11 +411,11 @@ async fn respond_update(
                 .machine
                 .staged()
                 .is_some_and(|s| s.sigs.get(core.index).is_none_or(Option::is_none));
-            // Its proposer moved on to a newer version: the staged update
-            // failed (it burnt that version). A state restored from disk
-            // has no known proposer; any newer proposal supersedes it.
-            let moved_on =
-                !mine && version > staged_version && l.staged_actor.is_none_or(|a| a == u.actor);
+            // A newer version is proposed and the staged update's commit
+            // did not come (we waited for it above): it failed and its
+            // version is burnt. Should it have been completed after all,
+            // its commit still applies (`Locked::abandoned`).
+            let moved_on = !mine && version > staged_version;
             if mine && unsigned_by_me && u.actor < core.index {
                 // The lower index wins; we have not signed our own proposal.
                 debug!("concurrent update: the peer's lower index wins");
@@ -515,14 +515,14 @@ async fn respond_update(
     })
 }
 
-/// Whether we hold, signed, an older update by `actor` whose commit has
-/// not arrived yet, while `actor` proposes a newer one.
-async fn awaits_commit(core: &ChannelCore, actor: usize, version: u64) -> bool {
+/// Whether we hold, signed, a peer's older update whose commit has not
+/// arrived yet, while a newer one is proposed.
+async fn awaits_commit(core: &ChannelCore, version: u64) -> bool {
     if core.phase() != Phase::Updating {
         return false;
     }
     let l = core.locked.lock().await;
-    l.staged_actor == Some(actor)
+    l.staged_actor != Some(core.index)
         && l.machine.staged().is_some_and(|s| {
             s.state.version < version && s.sigs.get(core.index).is_some_and(Option::is_some)
         })

@@ -170,9 +170,9 @@ fn main() {
         println!(
             "| redb, {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} |",
             if two_phase {
-                "2-phase commit (default)"
+                "2-phase commit"
             } else {
-                "1-phase commit"
+                "1-phase commit (default)"
             },
             s.per_sec,
             ms(s.p50),

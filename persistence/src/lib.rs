@@ -14,6 +14,8 @@
 //! - [`memory`]: [`MemoryPersister`], the contract without a disk, for tests.
 //! - [`redb_store`]: [`RedbPersister`], the embedded default: one redb file,
 //!   a writer thread and group commit.
+//! - `wal`: the write-ahead log that makes a batch durable with one small
+//!   write instead of a durable redb commit; replayed on open.
 //! - [`codec`]: the versioned, checksummed encoding of records on disk.
 //! - [`error`]: the crate's one error enum.
 //!
@@ -67,6 +69,7 @@ pub mod memory;
 pub mod persister;
 pub mod record;
 pub mod redb_store;
+mod wal;
 
 pub use error::{Error, Result};
 pub use memory::MemoryPersister;

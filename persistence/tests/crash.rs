@@ -2,7 +2,8 @@
 //! channels in a loop and prints every acknowledged `(channel, version)`
 //! on stdout right after its `Ok`. The parent kills it with SIGKILL at
 //! random moments (some while it is still opening and recovering the
-//! file; half of the children commit in two phases, half in one),
+//! file; half of the children commit in two phases, half in one; most
+//! make writes durable through the write-ahead log, some without it),
 //! reopens the store after every kill and checks that
 //!
 //! - every record loads and passes full validation (every signature
@@ -32,6 +33,7 @@ use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "PERUN_CRASH_CHILD";
 const TWO_PHASE_ENV: &str = "PERUN_CRASH_TWO_PHASE";
+const LOG_ENV: &str = "PERUN_CRASH_LOG";
 const CHANNELS: u64 = 4;
 const KILLS: usize = 60;
 const SEED_BASE: u64 = 9000;
@@ -63,6 +65,7 @@ fn child(path: PathBuf) {
     rt.block_on(async move {
         let options = RedbOptions {
             two_phase_commit: std::env::var(TWO_PHASE_ENV).as_deref() != Ok("0"),
+            write_ahead_log: std::env::var(LOG_ENV).as_deref() != Ok("0"),
             ..RedbOptions::default()
         };
         let p: Arc<dyn Persister> = Arc::new(
@@ -146,11 +149,13 @@ fn run_child(
     delay: Duration,
     before_ready: bool,
     two_phase: bool,
+    log: bool,
     acked: &mut BTreeMap<u64, u64>,
 ) -> Round {
     let mut child: Child = Command::new(exe)
         .env(CHILD_ENV, path)
         .env(TWO_PHASE_ENV, if two_phase { "1" } else { "0" })
+        .env(LOG_ENV, if log { "1" } else { "0" })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -291,12 +296,15 @@ fn parent() {
     for round in 0..KILLS {
         let before_ready = rng.gen_bool(0.2);
         let two_phase = rng.gen_bool(0.5);
+        // Mostly with the write-ahead log (the default), sometimes without,
+        // so both paths and the switch between them crash too.
+        let log = rng.gen_bool(0.75);
         let delay = if before_ready {
             Duration::from_micros(rng.gen_range(0..8_000))
         } else {
             Duration::from_micros(rng.gen_range(0..80_000))
         };
-        let r = run_child(&exe, &path, delay, before_ready, two_phase, &mut acked);
+        let r = run_child(&exe, &path, delay, before_ready, two_phase, log, &mut acked);
         total_acks += r.acks;
         rounds_with_acks += usize::from(r.acks > 0);
         early_kills += usize::from(r.killed_before_ready);

@@ -97,6 +97,9 @@ impl Account for LocalAccount {
         let sig = Signature::new(r, s, parity);
         // libsecp256k1 signs low-s; check anyway, as every verifier will.
         check_scalars(&sig)?;
+        // Our own signature gets checked too (the store checks every record
+        // it writes): it is ours by construction, so that is a lookup.
+        crate::signature::memo::put(hash, &sig, self.address);
         Ok(sig)
     }
 }

@@ -122,6 +122,8 @@ pub mod memo {
         map.get(&key(hash, sig)).copied()
     }
 
+    /// Records that `signer` made `sig` over `hash` (only for signatures
+    /// recovered, or made by the caller itself).
     pub(crate) fn put(hash: B256, sig: &Signature, signer: Address) {
         let mut map = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= CAPACITY {
