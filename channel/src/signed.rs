@@ -80,9 +80,11 @@ impl SignedState {
                 got: self.sigs.len(),
             });
         }
+        // Hashing a large state costs more than a remembered check: once.
+        let hash = self.state.hash();
         for (i, sig) in self.sigs.iter().enumerate() {
             let sig = sig.as_ref().ok_or(Error::MissingSignature(i))?;
-            verify_sig(params, &self.state, i, sig)?;
+            verify_hash_sig(params, hash, i, sig)?;
         }
         Ok(())
     }
@@ -99,8 +101,17 @@ impl SignedState {
 
 /// Verifies `sig` as participant `index`'s EIP-191 signature on `state`.
 pub fn verify_sig(params: &Params, state: &State, index: usize, sig: &Signature) -> Result<()> {
+    verify_hash_sig(params, state.hash(), index, sig)
+}
+
+fn verify_hash_sig(
+    params: &Params,
+    hash: alloy_primitives::B256,
+    index: usize,
+    sig: &Signature,
+) -> Result<()> {
     let addr = *params.participants.get(index).ok_or(Error::Index(index))?;
-    perun_wallet::verify(state.hash(), sig, addr).map_err(|e| Error::BadSignature {
+    perun_wallet::verify(hash, sig, addr).map_err(|e| Error::BadSignature {
         index,
         reason: e.to_string(),
     })
