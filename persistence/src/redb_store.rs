@@ -49,6 +49,8 @@ const INFO: TableDefinition<&str, u64> = TableDefinition::new("perun_info");
 const SCHEMA_KEY: &str = "schema_version";
 /// The last log record a durable commit of the database covers.
 const WAL_SEQ_KEY: &str = "wal_seq";
+/// The database's random id, which its log records carry.
+const DB_ID_KEY: &str = "database_id";
 const CHANNELS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_channels");
 const CURRENT: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_current");
 const STAGED: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_staged");
@@ -510,7 +512,7 @@ impl Writer {
         };
         let log = wal::path_for(path);
         if options.write_ahead_log || log.exists() {
-            let (w, records) = Wal::open(&log)?;
+            let (w, records) = Wal::open(&log, this.database_id()?)?;
             this.next_seq = this.replay(records)? + 1;
             if options.write_ahead_log {
                 this.wal = Some(w);
@@ -521,6 +523,26 @@ impl Writer {
         }
         info!(path = %path.display(), log = this.wal.is_some(), "persistence: store opened");
         Ok(this)
+    }
+
+    /// This database's random id (created on first use), which its log
+    /// records carry: a log never replays into another database.
+    fn database_id(&self) -> Result<u64> {
+        {
+            let txn = self.db.begin_read().map_err(db_err)?;
+            let info = txn.open_table(INFO).map_err(db_err)?;
+            if let Some(id) = info.get(DB_ID_KEY).map_err(db_err)? {
+                return Ok(id.value());
+            }
+        }
+        let id = rand::random::<u64>();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut info = txn.open_table(INFO).map_err(db_err)?;
+            info.insert(DB_ID_KEY, id).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(id)
     }
 
     /// Applies the log records a durable commit does not cover yet, makes
@@ -542,7 +564,9 @@ impl Writer {
             return Err(Error::Corrupt {
                 id: None,
                 reason: format!(
-                    "log starts at record {} but the database covers up to {applied}",
+                    "the write-ahead log starts at record {} but the database covers only up \
+                     to {applied}: the log belongs to another copy of the database (delete \
+                     the .wal file only if the database was replaced on purpose)",
                     todo.first().map_or(0, |r| r.seq)
                 ),
             });

@@ -21,8 +21,10 @@
 //! The file is preallocated with zeros and synced once, so an append writes
 //! in place and its `fdatasync` need not update the file's size.
 //!
-//! Record: `magic u32 ‖ seq u64 ‖ len u32 ‖ payload ‖ crc32(seq ‖ len ‖ payload)`,
-//! little-endian. Payload: `count u32`, then per channel its 32-byte id and
+//! Record: `magic u32 ‖ db u64 ‖ seq u64 ‖ len u32 ‖ payload ‖
+//! crc32(db ‖ seq ‖ len ‖ payload)`, little-endian. `db` is the database's
+//! random id: a log left beside another database (one deleted and created
+//! anew) is never replayed into it. Payload: `count u32`, then per channel its 32-byte id and
 //! three slots (channel, current, staged), each `0` (untouched), `1`
 //! (removed) or `2 ‖ len u32 ‖ bytes` (set to the encoded value).
 
@@ -39,7 +41,7 @@ use tracing::{debug, warn};
 pub(crate) const LOG_SIZE: u64 = 8 * 1024 * 1024;
 
 const MAGIC: u32 = 0x4c57_5250; // "PRWL"
-const HEADER: usize = 4 + 8 + 4;
+const HEADER: usize = 4 + 8 + 8 + 4;
 const TRAILER: usize = 4;
 /// Largest record replay accepts: a bad length cannot make it allocate much.
 const MAX_RECORD: usize = 64 * 1024 * 1024;
@@ -69,6 +71,8 @@ pub(crate) struct Record {
 pub(crate) struct Wal {
     file: File,
     path: PathBuf,
+    /// The database this log belongs to.
+    db: u64,
     /// Where the next record goes.
     pos: u64,
     /// The file's length (at least [`LOG_SIZE`]).
@@ -83,9 +87,9 @@ pub(crate) fn path_for(store: &Path) -> PathBuf {
 }
 
 impl Wal {
-    /// Opens (or creates and preallocates) the log and reads every valid
-    /// record from its beginning, in order.
-    pub(crate) fn open(path: &Path) -> io::Result<(Self, Vec<Record>)> {
+    /// Opens (or creates and preallocates) the log of database `db` and
+    /// reads every valid record of it from the beginning, in order.
+    pub(crate) fn open(path: &Path, db: u64) -> io::Result<(Self, Vec<Record>)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -100,11 +104,12 @@ impl Wal {
                 File::open(dir)?.sync_all()?;
             }
         }
-        let records = read_records(&file, len);
+        let records = read_records(&file, len, db);
         debug!(path = %path.display(), records = records.len(), "persistence: log opened");
         let wal = Self {
             file,
             path: path.to_path_buf(),
+            db,
             pos: 0,
             len,
         };
@@ -118,7 +123,7 @@ impl Wal {
 
     /// Appends a record and syncs it: once this returns, it survives a crash.
     pub(crate) fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
-        let rec = frame(seq, payload)?;
+        let rec = frame(self.db, seq, payload)?;
         self.file.write_all_at(&rec, self.pos)?;
         self.pos += rec.len() as u64;
         if self.pos > self.len {
@@ -166,13 +171,14 @@ fn record_len(payload_len: usize) -> usize {
     HEADER + payload_len + TRAILER
 }
 
-fn frame(seq: u64, payload: &[u8]) -> io::Result<Vec<u8>> {
+fn frame(db: u64, seq: u64, payload: &[u8]) -> io::Result<Vec<u8>> {
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|l| (*l as usize) <= MAX_RECORD)
         .ok_or_else(|| io::Error::other("log record too large"))?;
     let mut rec = Vec::with_capacity(record_len(payload.len()));
     rec.extend_from_slice(&MAGIC.to_le_bytes());
+    rec.extend_from_slice(&db.to_le_bytes());
     rec.extend_from_slice(&seq.to_le_bytes());
     rec.extend_from_slice(&len.to_le_bytes());
     rec.extend_from_slice(payload);
@@ -192,12 +198,13 @@ fn preallocate(file: &File, from: u64, to: u64) -> io::Result<()> {
     file.sync_all()
 }
 
-/// Every valid record from the start, stopping at the first invalid one
-/// or the first whose sequence number does not follow its predecessor's.
-fn read_records(file: &File, len: u64) -> Vec<Record> {
+/// Every valid record of database `db` from the start, stopping at the
+/// first invalid or foreign one or the first whose sequence number does not
+/// follow its predecessor's.
+fn read_records(file: &File, len: u64, db: u64) -> Vec<Record> {
     let mut out: Vec<Record> = Vec::new();
     let mut pos = 0u64;
-    while let Some((rec, next)) = read_one(file, pos, len) {
+    while let Some((rec, next)) = read_one(file, pos, len, db) {
         if out.last().is_some_and(|prev| rec.seq != prev.seq + 1) {
             break;
         }
@@ -207,7 +214,7 @@ fn read_records(file: &File, len: u64) -> Vec<Record> {
     out
 }
 
-fn read_one(file: &File, pos: u64, len: u64) -> Option<(Record, u64)> {
+fn read_one(file: &File, pos: u64, len: u64, db: u64) -> Option<(Record, u64)> {
     let mut header = [0u8; HEADER];
     if pos + HEADER as u64 > len {
         return None;
@@ -217,8 +224,11 @@ fn read_one(file: &File, pos: u64, len: u64) -> Option<(Record, u64)> {
     if magic != MAGIC {
         return None;
     }
-    let seq = u64::from_le_bytes(header[4..12].try_into().ok()?);
-    let plen = u32::from_le_bytes(header[12..16].try_into().ok()?) as usize;
+    if u64::from_le_bytes(header[4..12].try_into().ok()?) != db {
+        return None;
+    }
+    let seq = u64::from_le_bytes(header[12..20].try_into().ok()?);
+    let plen = u32::from_le_bytes(header[20..24].try_into().ok()?) as usize;
     if plen > MAX_RECORD || pos + record_len(plen) as u64 > len {
         return None;
     }
@@ -298,7 +308,7 @@ mod tests {
     }
 
     fn open(path: &Path) -> (Wal, Vec<Record>) {
-        Wal::open(path).unwrap()
+        Wal::open(path, 42).unwrap()
     }
 
     #[test]
@@ -371,6 +381,17 @@ mod tests {
         let (_, recs) = open(&path);
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].entries, big);
+    }
+
+    #[test]
+    fn another_databases_records_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb.wal");
+        let (mut w, _) = open(&path);
+        w.append(1, &encode(&[entry(1, Some(None))])).unwrap();
+        drop(w);
+        let (_, recs) = Wal::open(&path, 43).unwrap();
+        assert!(recs.is_empty());
     }
 
     #[test]

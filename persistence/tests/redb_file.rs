@@ -345,3 +345,26 @@ async fn the_log_starts_over_when_full_and_loses_nothing() {
     let rec = p.load(id).await.expect("load").expect("record");
     assert_eq!(rec.current.expect("current").state.version, 299);
 }
+
+/// A log left beside a database it does not belong to (here: the database
+/// was deleted and created anew) is never replayed into it.
+#[tokio::test]
+async fn a_log_of_another_database_is_not_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.redb");
+    let ch = TestChannel::two_party(5);
+    let wal = dir.path().join("s.redb.wal");
+    {
+        let p = RedbPersister::open(&path).await.expect("open");
+        p.channel_created(&ch.record()).await.expect("create");
+        p.state_committed(ch.id(), &ch.signed(0)).await.expect("v0");
+        // Keep the log as it is before the clean close checkpoints it.
+        std::fs::copy(&wal, dir.path().join("keep")).expect("copy log");
+    }
+    std::fs::remove_file(&path).expect("remove db");
+    std::fs::rename(dir.path().join("keep"), &wal).expect("restore log");
+    let p = RedbPersister::open(&path)
+        .await
+        .expect("a new database opens");
+    assert!(p.load_all().await.expect("load").is_empty());
+}
