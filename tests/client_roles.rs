@@ -22,6 +22,7 @@ on_both_ledgers!(
     concurrent_updates_never_diverge,
     three_parties_a_refusal_after_a_signature_burns_the_version,
     three_parties_concurrent_updates_never_get_stuck,
+    a_panicking_update_handler_is_a_refusal,
 );
 
 const MINT: u64 = 1_000_000;
@@ -276,4 +277,37 @@ async fn three_parties_concurrent_updates_never_get_stuck(ledger: Ledger) {
     assert!(st.state.version >= 60);
     assert_eq!(st.state.outcome.balances[0], vec![u(960), u(1020), u(1020)]);
     settle_all_and_check(&ledger, &ps, &chans, 1000).await;
+}
+
+/// Panics on the first update it is asked about, accepts later ones.
+struct PanicsFirst(AtomicBool);
+
+#[async_trait]
+impl UpdateHandler for PanicsFirst {
+    async fn handle_update(&self, _u: IncomingUpdate, responder: UpdateResponder) {
+        if !self.0.swap(true, Ordering::SeqCst) {
+            panic!("the application's handler has a bug");
+        }
+        responder.accept();
+    }
+}
+
+/// A handler that panics refuses the update; nothing is left staged, and
+/// the channel goes on.
+async fn a_panicking_update_handler_is_a_refusal(ledger: Ledger) {
+    let mut ps = parties(&ledger, 1, u(MINT), &Options::default()).await;
+    let bob_opts = Options {
+        update_handler: Some(Arc::new(PanicsFirst(AtomicBool::new(false)))),
+        ..Options::default()
+    };
+    ps.push(common::party(&ledger, u(MINT), &bob_opts).await);
+    common::introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(100)).await;
+    match chans[0].pay(1, 0, u(1)).await {
+        Err(Error::Rejected { index: 1, reason }) => assert_eq!(reason, "handler failed"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    all_active(&chans).await;
+    assert_eq!(chans[0].pay(1, 0, u(1)).await.unwrap().state.version, 1);
+    assert_eq!(common::caught_up(&chans).await.state.version, 1);
 }

@@ -34,7 +34,17 @@ pub(crate) struct Locked {
     /// The last staged update we dropped as abandoned. If its proposer did
     /// complete it after all, its commit still applies.
     pub(crate) abandoned: Option<SignedState>,
+    /// A peer's commit we applied but have not stored yet: the machine's
+    /// current state, held back from readers until it is durable. It rides
+    /// along with our next write (in a tight loop: our signature on the
+    /// next update), or is written on its own a moment later
+    /// ([`COMMIT_FLUSH_DELAY`]). Our signed staged copy is on disk
+    /// meanwhile, so a crash loses nothing a `Sync` cannot bring back.
+    pub(crate) unsaved: Option<SignedState>,
 }
+
+/// How long a peer's commit may wait to ride along with our next write.
+pub(crate) const COMMIT_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Locked {
     /// Drops the staged update (`Updating → Active`) and announces it.
@@ -42,7 +52,33 @@ impl Locked {
     pub(crate) fn drop_staged(&mut self, core: &ChannelCore) {
         let _ = self.machine.discard_staged();
         self.staged_actor = None;
-        core.publish(&self.machine);
+        self.announce(core);
+    }
+
+    /// Publishes the phase and the latest *durable* fully signed state.
+    pub(crate) fn announce(&self, core: &ChannelCore) {
+        core.publish(&self.machine, self.unsaved.is_some());
+    }
+
+    /// `changes`, preceded by the unsaved commit if there is one.
+    pub(crate) fn with_unsaved(&self, changes: Vec<Change>) -> Vec<Change> {
+        match &self.unsaved {
+            Some(u) => std::iter::once(Change::Committed(u.clone()))
+                .chain(changes)
+                .collect(),
+            None => changes,
+        }
+    }
+
+    /// Writes the unsaved commit on its own, if it is still unsaved.
+    pub(crate) async fn flush_unsaved(&mut self, inner: &Inner, core: &ChannelCore) -> Result<()> {
+        if self.unsaved.is_none() {
+            return Ok(());
+        }
+        persist(inner, core.id, self.with_unsaved(Vec::new())).await?;
+        self.unsaved = None;
+        self.announce(core);
+        Ok(())
     }
 
     /// Drops a staged update that some participant may have signed: its
@@ -90,12 +126,21 @@ impl Locked {
         if stored(trial.phase()) != stored(self.machine.phase()) {
             changes.push(Change::Phase(trial.phase()));
         }
+        let v = full.state.version;
+        // A newer state supersedes an unsaved commit; an older one cannot
+        // be written after it.
+        if self.unsaved.as_ref().is_some_and(|u| u.state.version >= v) {
+            return Err(Error::Channel(perun_channel::Error::Version {
+                expected: v + 1,
+                got: v,
+            }));
+        }
         persist(inner, core.id, changes).await?;
         self.machine = trial;
         self.staged_actor = None;
-        let v = full.state.version;
+        self.unsaved = None;
         self.abandoned = self.abandoned.take().filter(|a| a.state.version > v);
-        core.publish(&self.machine);
+        self.announce(core);
         Ok(full)
     }
 }
@@ -154,6 +199,7 @@ impl ChannelCore {
                 burnt: 0,
                 pending: None,
                 abandoned: None,
+                unsaved: None,
             }),
             update_lock: Mutex::new(()),
             state,
@@ -197,10 +243,11 @@ impl ChannelCore {
         self.locked.lock().await.machine.current().cloned()
     }
 
-    /// Publishes the machine's current state and phase to readers; announces
-    /// a new fully signed state on the updates stream.
-    pub(crate) fn publish(&self, m: &Machine) {
-        if let Some(cur) = m.current() {
+    /// Publishes the machine's phase and, unless `hold_state` (it is not
+    /// durable yet), its current state to readers; announces a new fully
+    /// signed state on the updates stream. Use [`Locked::announce`].
+    fn publish(&self, m: &Machine, hold_state: bool) {
+        if let Some(cur) = m.current().filter(|_| !hold_state) {
             let newer = {
                 let old = self.state.borrow();
                 cur.state.version > old.state.version || !old.is_fully_signed()
@@ -479,8 +526,9 @@ pub(crate) async fn set_phase(inner: &Inner, core: &ChannelCore, to: Phase) -> R
     }
     let mut trial = l.machine.clone();
     trial.set_phase(to)?;
-    persist(inner, core.id, vec![Change::Phase(to)]).await?;
+    persist(inner, core.id, l.with_unsaved(vec![Change::Phase(to)])).await?;
     l.machine = trial;
-    core.publish(&l.machine);
+    l.unsaved = None;
+    l.announce(core);
     Ok(())
 }

@@ -55,7 +55,7 @@ pub(crate) async fn propose(
             l.staged_actor = Some(core.index);
             // A newer proposal supersedes an older failed one.
             l.pending = None;
-            core.publish(&l.machine);
+            l.announce(core);
             let hash = next.hash();
             (next, hash)
         };
@@ -447,7 +447,7 @@ async fn respond_update(
             .machine
             .stage_update(u.state.clone(), u.actor, inner.app.as_ref())
         {
-            core.publish(&l.machine);
+            l.announce(core);
             if let perun_channel::Error::DoubleSign(v) = e {
                 // We signed another state of this version in an update that
                 // failed; the proposer retries with a newer version.
@@ -458,7 +458,7 @@ async fn respond_update(
             return reject(core, version, RejectKind::Refused, e.to_string());
         }
         l.staged_actor = Some(u.actor);
-        core.publish(&l.machine);
+        l.announce(core);
         IncomingUpdate {
             params: core.params.clone(),
             index: core.index,
@@ -489,7 +489,8 @@ async fn respond_update(
     let sig = match signed {
         Ok((sig, Some(staged))) => {
             crate::failpoint::hit("update_before_persist").await;
-            match persist(inner, core.id, vec![Change::Staged(staged)]).await {
+            let changes = l.with_unsaved(vec![Change::Staged(staged)]);
+            match persist(inner, core.id, changes).await {
                 Ok(()) => {
                     crate::failpoint::hit("update_after_persist").await;
                     sig
@@ -507,6 +508,10 @@ async fn respond_update(
         }
     };
     l.machine = trial;
+    if l.unsaved.take().is_some() {
+        // The previous commit rode along: readers may see it now.
+        l.announce(core);
+    }
     Message::UpdateAccept(UpdateAccept {
         channel_id: core.id,
         version,
@@ -532,14 +537,28 @@ async fn ask_handler(
     inner: &Arc<Inner>,
     request: IncomingUpdate,
 ) -> std::result::Result<(), String> {
+    use futures::FutureExt;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let handler = inner.update_handler.clone();
-    tokio::spawn(async move { handler.handle_update(request, UpdateResponder { tx }).await });
-    match tokio::time::timeout(inner.timeouts.handler, rx).await {
-        Ok(Ok(d)) => d,
-        Ok(Err(_)) => Err("no decision".into()),
-        Err(_) => Err("decision timed out".into()),
-    }
+    // Run in this task (no hand-off on the hot path); a handler that panics
+    // is a refusal, not a lost task with a staged update left behind. The
+    // handler may also keep the responder and decide later.
+    let decide = async move {
+        let ran =
+            std::panic::AssertUnwindSafe(handler.handle_update(request, UpdateResponder { tx }))
+                .catch_unwind()
+                .await;
+        match ran {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err("no decision".into())),
+            Err(_) => {
+                warn!("update handler panicked");
+                Err("handler failed".into())
+            }
+        }
+    };
+    tokio::time::timeout(inner.timeouts.handler, decide)
+        .await
+        .unwrap_or_else(|_| Err("decision timed out".into()))
 }
 
 /// Completes a staged state with the full signature set from its proposer.
@@ -572,9 +591,7 @@ pub(crate) async fn handle_commit(
             }
             Ok(Some(trial)) => {
                 let _ = responder.reply(Message::Ack);
-                if let Err(e) = l.commit_trial(&inner, &core, trial).await {
-                    warn!(error = %e, "could not store a committed update; a sync restores it");
-                }
+                hold_unsaved(&inner, &core, &mut l, trial);
             }
             Err(reason) => {
                 let _ = responder.refuse(perun_wire::Refusal::new(
@@ -616,6 +633,36 @@ fn commit_abandoned(
         "an update we had given up on was completed"
     );
     Ok(Some(trial))
+}
+
+/// Applies a peer's commit without storing it yet (see `Locked::unsaved`):
+/// the proposer has it durably, we have our signed copy on disk, and our
+/// next write, or one a moment later, stores it. Readers see it once stored.
+fn hold_unsaved(
+    inner: &Arc<Inner>,
+    core: &Arc<ChannelCore>,
+    l: &mut crate::channel::Locked,
+    trial: perun_channel::Machine,
+) {
+    let Some(full) = trial.current().cloned() else {
+        return;
+    };
+    let v = full.state.version;
+    l.machine = trial;
+    l.staged_actor = None;
+    l.abandoned = l.abandoned.take().filter(|a| a.state.version > v);
+    l.unsaved = Some(full);
+    l.announce(core);
+    let (inner, core) = (inner.clone(), core.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(crate::channel::COMMIT_FLUSH_DELAY).await;
+        let mut l = core.locked.lock().await;
+        if l.unsaved.as_ref().is_some_and(|u| u.state.version == v)
+            && let Err(e) = l.flush_unsaved(&inner, &core).await
+        {
+            warn!(error = %e, "could not store a committed update; a sync restores it");
+        }
+    });
 }
 
 /// Checks a commit against the staged state; returns the committed machine
