@@ -33,7 +33,13 @@ pub(crate) struct Inner {
     pub(crate) stop: tokio::sync::watch::Sender<bool>,
     /// Commits still being handed to peers; `shutdown` lets them finish.
     pub(crate) commits_in_flight: tokio::sync::watch::Sender<usize>,
+    /// Bounds the chain reads and syncs a restore starts at once (a client
+    /// with 10,000 channels must not open 10,000 requests in one go).
+    pub(crate) resume_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// Channels whose first chain read or sync after a restore run at once.
+pub(crate) const RESUME_CONCURRENCY: usize = 32;
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +229,7 @@ impl ClientBuilder {
             pending: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(false).0,
             commits_in_flight: tokio::sync::watch::channel(0).0,
+            resume_permits: Arc::new(tokio::sync::Semaphore::new(RESUME_CONCURRENCY)),
         });
         let restored = restore(&inner).await?;
         tokio::spawn(dispatch(Arc::downgrade(&inner), incoming));
@@ -331,7 +338,10 @@ fn resume(inner: &Arc<Inner>, core: Arc<ChannelCore>) {
     let inner = inner.clone();
     tokio::spawn(async move {
         let res = match phase {
-            Active | Updating => crate::sync::sync_with_peers(&inner, &core).await,
+            Active | Updating => {
+                let _permit = inner.resume_permits.clone().acquire_owned().await;
+                crate::sync::sync_with_peers(&inner, &core).await
+            }
             Funding => open::resume_funding(&inner, core.clone()).await.map(|_| ()),
             Final | Concluded => crate::settle::conclude_and_withdraw(&inner, &core).await,
             _ => Ok(()),

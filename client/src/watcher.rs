@@ -52,8 +52,12 @@ pub(crate) fn spawn(inner: &Arc<Inner>, core: &Arc<ChannelCore>) {
 async fn run(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> Result<()> {
     // `subscribe` fails only if the chain is unreachable; the caller logs it.
     let mut events = inner.adjudicator.subscribe(core.id).await?;
-    // The chain may have moved while we were not watching (restart).
-    step(inner, core).await;
+    // The chain may have moved while we were not watching (restart). A
+    // restore starts thousands of watchers: a few read the chain at a time.
+    {
+        let _permit = inner.resume_permits.clone().acquire_owned().await;
+        step(inner, core).await;
+    }
     let mut tick = tokio::time::interval(inner.timeouts.dispute_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while core.phase() != Phase::Withdrawn {
