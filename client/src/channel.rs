@@ -165,6 +165,9 @@ pub(crate) struct ChannelCore {
     /// is fully signed: the staged version 0; no `Channel` exists yet then).
     state: watch::Sender<SignedState>,
     phase: watch::Sender<Phase>,
+    /// `false` while a restored channel's first `Sync` runs: we propose
+    /// only after it, so a peer never gets our update before our Sync.
+    pub(crate) synced: watch::Sender<bool>,
     /// Created on the first `updates()` call: a channel nobody listens to
     /// costs no buffer (10,000 channels in one client must stay small).
     updates: OnceLock<broadcast::Sender<SignedState>>,
@@ -188,6 +191,7 @@ impl ChannelCore {
             .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
         let (state, _) = watch::channel(snapshot);
         let (phase, _) = watch::channel(machine.phase());
+        let (synced, _) = watch::channel(true);
         Ok(Arc::new(Self {
             id: params.channel_id(),
             index: machine.index(),
@@ -204,6 +208,7 @@ impl ChannelCore {
             update_lock: Mutex::new(()),
             state,
             phase,
+            synced,
             updates: OnceLock::new(),
             events: OnceLock::new(),
             watching: AtomicBool::new(false),

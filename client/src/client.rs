@@ -336,11 +336,16 @@ fn resume(inner: &Arc<Inner>, core: Arc<ChannelCore>) {
         crate::watcher::spawn(inner, &core);
     }
     let inner = inner.clone();
+    if matches!(phase, Active | Updating) {
+        core.synced.send_replace(false);
+    }
     tokio::spawn(async move {
         let res = match phase {
             Active | Updating => {
                 let _permit = inner.resume_permits.clone().acquire_owned().await;
-                crate::sync::sync_with_peers(&inner, &core).await
+                let res = crate::sync::sync_with_peers(&inner, &core).await;
+                core.synced.send_replace(true);
+                res
             }
             Funding => open::resume_funding(&inner, core.clone()).await.map(|_| ()),
             Final | Concluded => crate::settle::conclude_and_withdraw(&inner, &core).await,

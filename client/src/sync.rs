@@ -41,11 +41,18 @@ async fn ours(core: &ChannelCore) -> Option<Sync> {
 
 /// Folds a peer's `Sync` into our machine. Returns a state we completed
 /// (and must hand out with a commit).
+///
+/// `sent` is `Some(what we had staged when we sent our Sync)` when `theirs`
+/// is the reply to it: the reply says nothing about a state we staged after
+/// sending (its proposer may have proposed it since), so only that one may
+/// be dropped. A peer's Sync *request* is current: a restored channel does
+/// not propose before its sync is done.
 async fn merge(
     inner: &Arc<Inner>,
     core: &Arc<ChannelCore>,
     peer: PeerId,
     theirs: &Sync,
+    sent: Option<Option<perun_channel::B256>>,
 ) -> Result<Option<SignedState>> {
     let mut l = core.locked.lock().await;
     let cur = l.machine.current().map(|c| c.state.version);
@@ -61,7 +68,10 @@ async fn merge(
         return Ok(None);
     }
     let peer_index = core.peer_index(&peer);
-    abandon_if_proposer_dropped(core, &mut l, peer_index, theirs);
+    let staged_now = l.machine.staged().map(|st| st.state.hash());
+    if sent.is_none_or(|sent| sent == staged_now) {
+        abandon_if_proposer_dropped(core, &mut l, peer_index, theirs);
+    }
     let Some(staged) = &theirs.staged else {
         return Ok(None);
     };
@@ -149,7 +159,7 @@ pub(crate) async fn handle_sync(inner: Arc<Inner>, peer: PeerId, s: Sync, respon
     }
     let span = info_span!("handle_sync", channel = %core.id, %peer);
     async {
-        let completed = match merge(&inner, &core, peer, &s).await {
+        let completed = match merge(&inner, &core, peer, &s, None).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "sync carried an invalid state");
@@ -210,9 +220,10 @@ async fn sync_one(
         let Some(mine) = ours(core).await else {
             return Ok(());
         };
+        let sent = mine.staged.as_ref().map(|st| st.state.hash());
         match inner.wire.send(peer, &Message::Sync(mine)).await {
             Ok(Message::Sync(theirs)) if theirs.channel_id == core.id && theirs.index == index => {
-                if let Some(full) = merge(inner, core, peer, &theirs).await? {
+                if let Some(full) = merge(inner, core, peer, &theirs, Some(sent)).await? {
                     let _ = send_commit(inner, core, &full).await;
                 }
                 return Ok(());

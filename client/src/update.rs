@@ -39,14 +39,24 @@ pub(crate) async fn propose(
     let _one = core.update_lock.lock().await;
     let span = info_span!("update", channel = %core.id, me = core.index);
     async {
+        // A restored channel first tells its peers where it stands.
+        let mut synced = core.synced.subscribe();
+        let wait = inner.timeouts.sync + inner.timeouts.update_wait;
+        if tokio::time::timeout(wait, synced.wait_for(|s| *s))
+            .await
+            .is_err()
+        {
+            return Err(Error::Timeout("sync after restart"));
+        }
         // An update a peer proposed may still be waiting for its commit.
         core.wait_phase(inner.timeouts.update_wait, "earlier update", |p| {
             p != Phase::Updating
         })
         .await?;
-        let (next, hash) = {
+        let (next, hash, base) = {
             let mut l = core.locked.lock().await;
             let cur = l.machine.current().ok_or(Error::Phase(l.machine.phase()))?;
+            let base = cur.state.hash();
             let mut next = cur.state.next();
             next.version = l.next_version().ok_or(Error::Phase(l.machine.phase()))?;
             f(&mut next).map_err(Error::InvalidUpdate)?;
@@ -57,7 +67,7 @@ pub(crate) async fn propose(
             l.pending = None;
             l.announce(core);
             let hash = next.hash();
-            (next, hash)
+            (next, hash, base)
         };
         let msg = Message::Update(Update {
             channel_id: core.id,
@@ -69,7 +79,11 @@ pub(crate) async fn propose(
         let mut l = core.locked.lock().await;
         let ours = l.staged_actor == Some(core.index)
             && l.machine.staged().is_some_and(|s| s.state.hash() == hash);
-        let mut failure = (!ours).then_some(Error::Conflict);
+        // Our proposal was built on `base`. If a newer state arrived
+        // meanwhile (an update we had given up on was completed after all),
+        // it would apply to the wrong state: not what the caller asked for.
+        let same_base = l.machine.current().is_some_and(|c| c.state.hash() == base);
+        let mut failure = (!ours || !same_base).then_some(Error::Conflict);
         let mut signed_by = Vec::new();
         let mut unknown = false;
         let mut sigs = Vec::with_capacity(replies.len());
