@@ -40,19 +40,23 @@ pub(crate) async fn propose(
     let span = info_span!("update", channel = %core.id, me = core.index);
     async {
         // A restored channel first tells its peers where it stands.
-        let mut synced = core.synced.subscribe();
-        let wait = inner.timeouts.sync + inner.timeouts.update_wait;
-        if tokio::time::timeout(wait, synced.wait_for(|s| *s))
-            .await
-            .is_err()
-        {
-            return Err(Error::Timeout("sync after restart"));
+        if !*core.synced.borrow() {
+            let mut synced = core.synced.subscribe();
+            let wait = inner.timeouts.sync + inner.timeouts.update_wait;
+            if tokio::time::timeout(wait, synced.wait_for(|s| *s))
+                .await
+                .is_err()
+            {
+                return Err(Error::Timeout("sync after restart"));
+            }
         }
         // An update a peer proposed may still be waiting for its commit.
-        core.wait_phase(inner.timeouts.update_wait, "earlier update", |p| {
-            p != Phase::Updating
-        })
-        .await?;
+        if core.phase() == Phase::Updating {
+            core.wait_phase(inner.timeouts.update_wait, "earlier update", |p| {
+                p != Phase::Updating
+            })
+            .await?;
+        }
         let (next, hash, base) = {
             let mut l = core.locked.lock().await;
             let cur = l.machine.current().ok_or(Error::Phase(l.machine.phase()))?;
