@@ -60,25 +60,43 @@ impl Locked {
         core.publish(&self.machine, self.unsaved.is_some());
     }
 
-    /// `changes`, preceded by the unsaved commit if there is one.
-    pub(crate) fn with_unsaved(&self, changes: Vec<Change>) -> Vec<Change> {
-        match &self.unsaved {
+    /// Durably writes `changes` for this channel. Every write of the
+    /// channel goes through here, so an unsaved commit rides along with
+    /// whichever write comes next (it is stored first). Returns whether one
+    /// did; it is no longer unsaved then.
+    pub(crate) async fn write(
+        &mut self,
+        inner: &Inner,
+        core: &ChannelCore,
+        changes: Vec<Change>,
+    ) -> Result<bool> {
+        let carried = self.unsaved.is_some();
+        let changes = match &self.unsaved {
             Some(u) => std::iter::once(Change::Committed(u.clone()))
                 .chain(changes)
                 .collect(),
             None => changes,
-        }
+        };
+        persist(inner, core.id, changes).await?;
+        self.unsaved = None;
+        Ok(carried)
     }
 
     /// Writes the unsaved commit on its own, if it is still unsaved.
     pub(crate) async fn flush_unsaved(&mut self, inner: &Inner, core: &ChannelCore) -> Result<()> {
-        if self.unsaved.is_none() {
-            return Ok(());
+        if self.write(inner, core, Vec::new()).await? {
+            self.announce(core);
         }
-        persist(inner, core.id, self.with_unsaved(Vec::new())).await?;
-        self.unsaved = None;
-        self.announce(core);
         Ok(())
+    }
+
+    /// Makes `trial`, whose current state is newly fully signed, the
+    /// machine (no write: callers write first, or hold it as unsaved).
+    pub(crate) fn install(&mut self, trial: Machine) {
+        let v = trial.current().map_or(0, |c| c.state.version);
+        self.machine = trial;
+        self.staged_actor = None;
+        self.abandoned = self.abandoned.take().filter(|a| a.state.version > v);
     }
 
     /// Drops a staged update that some participant may have signed: its
@@ -126,20 +144,8 @@ impl Locked {
         if stored(trial.phase()) != stored(self.machine.phase()) {
             changes.push(Change::Phase(trial.phase()));
         }
-        let v = full.state.version;
-        // A newer state supersedes an unsaved commit; an older one cannot
-        // be written after it.
-        if self.unsaved.as_ref().is_some_and(|u| u.state.version >= v) {
-            return Err(Error::Channel(perun_channel::Error::Version {
-                expected: v + 1,
-                got: v,
-            }));
-        }
-        persist(inner, core.id, changes).await?;
-        self.machine = trial;
-        self.staged_actor = None;
-        self.unsaved = None;
-        self.abandoned = self.abandoned.take().filter(|a| a.state.version > v);
+        self.write(inner, core, changes).await?;
+        self.install(trial);
         self.announce(core);
         Ok(full)
     }
@@ -531,9 +537,8 @@ pub(crate) async fn set_phase(inner: &Inner, core: &ChannelCore, to: Phase) -> R
     }
     let mut trial = l.machine.clone();
     trial.set_phase(to)?;
-    persist(inner, core.id, l.with_unsaved(vec![Change::Phase(to)])).await?;
+    l.write(inner, core, vec![Change::Phase(to)]).await?;
     l.machine = trial;
-    l.unsaved = None;
     l.announce(core);
     Ok(())
 }

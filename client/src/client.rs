@@ -245,67 +245,51 @@ impl ClientBuilder {
 /// damaged file, a tampered state) is reported and left alone, never
 /// half-loaded; the others are restored.
 async fn restore(inner: &Arc<Inner>) -> Result<Vec<Arc<ChannelCore>>> {
-    use futures::StreamExt;
     // Fast path: every record in one read, checked on every core.
-    match inner.persister.load_all().await {
-        Ok(records) => {
-            let mut restored = Vec::with_capacity(records.len());
-            for rec in records {
-                let id = rec.id();
-                match build_core(rec) {
-                    Err(e) => {
-                        warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded")
-                    }
-                    Ok(core) => {
-                        debug!(channel = %core.id, phase = ?core.phase(), "restored channel");
-                        inner.insert_channel(core.clone());
-                        restored.push(core);
-                    }
-                }
-            }
-            info!(channels = restored.len(), "restored channels");
-            return Ok(restored);
-        }
+    let records = match inner.persister.load_all().await {
+        Ok(records) => records,
         // One bad record fails the whole read: load one by one instead, so
         // it does not keep the others from loading.
-        Err(e) => warn!(error = %e, "loading all channels failed; loading them one by one"),
-    }
-    let ids = inner.persister.channel_ids().await?;
-    // Loading checks every signature of every record: run many at once so
-    // the checks spread over the cores.
-    let mut loads = futures::stream::iter(ids)
-        .map(|id| load_one(inner, id))
-        .buffer_unordered(64);
-    let mut restored = Vec::new();
-    while let Some(loaded) = loads.next().await {
-        if let Some(core) = loaded {
-            debug!(channel = %core.id, phase = ?core.phase(), "restored channel");
-            inner.insert_channel(core.clone());
-            restored.push(core);
+        Err(e) => {
+            warn!(error = %e, "loading all channels failed; loading them one by one");
+            load_one_by_one(inner).await?
+        }
+    };
+    let mut restored = Vec::with_capacity(records.len());
+    for rec in records {
+        let id = rec.id();
+        match build_core(rec) {
+            Ok(core) => {
+                debug!(channel = %core.id, phase = ?core.phase(), "restored channel");
+                inner.insert_channel(core.clone());
+                restored.push(core);
+            }
+            Err(e) => {
+                warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded")
+            }
         }
     }
+    info!(channels = restored.len(), "restored channels");
     Ok(restored)
 }
 
-/// One stored channel as a `ChannelCore`, or `None` (logged) if it fails
-/// its checks: one bad record does not keep the others from loading.
-async fn load_one(inner: &Arc<Inner>, id: ChannelId) -> Option<Arc<ChannelCore>> {
-    let rec = match inner.persister.load(id).await {
-        Ok(Some(rec)) => rec,
-        Ok(None) => return None,
-        Err(e) => {
-            warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded");
-            return None;
-        }
-    };
-    tokio::task::spawn_blocking(move || build_core(rec))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r)
-        .inspect_err(
-            |e| warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded"),
-        )
-        .ok()
+/// Every stored record that passes its checks, loaded one by one (many at
+/// once, so the checks spread over the cores); the others are logged.
+async fn load_one_by_one(inner: &Arc<Inner>) -> Result<Vec<perun_persistence::ChannelRecord>> {
+    use futures::StreamExt;
+    let ids = inner.persister.channel_ids().await?;
+    let loads = futures::stream::iter(ids)
+        .map(|id| async move {
+            match inner.persister.load(id).await {
+                Ok(rec) => rec,
+                Err(e) => {
+                    warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(64);
+    Ok(loads.filter_map(std::future::ready).collect().await)
 }
 
 /// A stored record as a `ChannelCore` (its signatures are checked again;

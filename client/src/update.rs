@@ -25,7 +25,7 @@ use perun_wire::{
 };
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::channel::{ChannelCore, persist};
+use crate::channel::ChannelCore;
 use crate::client::Inner;
 use crate::handler::{IncomingUpdate, UpdateResponder};
 use crate::{Error, Result};
@@ -188,22 +188,19 @@ async fn fail(
     if signed_by.is_empty() {
         return;
     }
-    let abort = Message::UpdateReject(UpdateReject {
-        channel_id: core.id,
-        version: next.version,
-        index: core.index,
-        reason: "update aborted".into(),
-        kind: RejectKind::Refused,
-    });
-    for peer in signed_by {
-        match inner.wire.send(peer, &abort).await {
-            Ok(Message::Ack) => {
-                debug!(%peer, version = next.version, "peer dropped the aborted update")
-            }
-            other => {
-                warn!(%peer, ?other, "peer did not acknowledge the abort; it drops the update on its next sync")
-            }
-        }
+    let abort = reject(
+        core,
+        next.version,
+        RejectKind::Refused,
+        "update aborted".into(),
+    );
+    let missing = unacked(inner, &abort, signed_by).await;
+    if !missing.is_empty() {
+        warn!(
+            ?missing,
+            version = next.version,
+            "peers did not take the abort; they drop the update on their next sync"
+        );
     }
 }
 
@@ -286,27 +283,16 @@ async fn deliver_commit(
     full: SignedState,
     _in_flight: InFlight,
 ) {
-    let mut missing = send_commit(&inner, &core, &full).await;
+    let Some(msg) = commit_message(&core, &full) else {
+        return;
+    };
+    let mut missing = unacked(&inner, &msg, peers_of(&core)).await;
     for pause in COMMIT_RETRIES {
         if missing.is_empty() || *inner.stop.borrow() {
             return;
         }
         tokio::time::sleep(pause).await;
-        let msg = commit_message(&core, &full);
-        let mut still = Vec::new();
-        for peer in missing {
-            match msg.as_ref().map(|m| inner.wire.send(peer, m)) {
-                Some(send) => match send.await {
-                    Ok(Message::Ack) => {}
-                    other => {
-                        debug!(%peer, ?other, "commit still not taken");
-                        still.push(peer);
-                    }
-                },
-                None => return,
-            }
-        }
-        missing = still;
+        missing = unacked(&inner, &msg, missing).await;
     }
     if !missing.is_empty() {
         warn!(
@@ -326,28 +312,43 @@ fn commit_message(core: &ChannelCore, full: &SignedState) -> Option<Message> {
     }))
 }
 
+/// Every participant but us.
+fn peers_of(core: &ChannelCore) -> Vec<PeerId> {
+    core.peers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != core.index)
+        .map(|(_, p)| *p)
+        .collect()
+}
+
+/// Sends `msg` to `peers` at once; returns those that did not answer `Ack`.
+async fn unacked(inner: &Inner, msg: &Message, peers: Vec<PeerId>) -> Vec<PeerId> {
+    let sends = peers
+        .into_iter()
+        .map(|peer| async move { (peer, inner.wire.send(peer, msg).await) });
+    let mut missing = Vec::new();
+    for (peer, reply) in futures::future::join_all(sends).await {
+        if !matches!(reply, Ok(Message::Ack)) {
+            debug!(%peer, ?reply, "peer did not acknowledge");
+            missing.push(peer);
+        }
+    }
+    missing
+}
+
 /// Hands the full signature set to every peer; returns the peers that did
-/// not acknowledge it. A peer that misses it
-/// learns the state on its next `Sync`; our state is already durable.
+/// not acknowledge it. A peer that misses it learns the state on its next
+/// `Sync`; our state is already durable.
 pub(crate) async fn send_commit(
     inner: &Arc<Inner>,
     core: &Arc<ChannelCore>,
     full: &SignedState,
 ) -> Vec<PeerId> {
-    let Some(msg) = commit_message(core, full) else {
-        return Vec::new();
-    };
-    let mut missing = Vec::new();
-    for (peer, _, reply) in inner.broadcast(core, &msg).await {
-        match reply {
-            Ok(Message::Ack) => {}
-            other => {
-                debug!(%peer, ?other, "peer did not acknowledge the commit");
-                missing.push(peer);
-            }
-        }
+    match commit_message(core, full) {
+        Some(msg) => unacked(inner, &msg, peers_of(core)).await,
+        None => Vec::new(),
     }
-    missing
 }
 
 fn reject(core: &ChannelCore, version: u64, kind: RejectKind, reason: String) -> Message {
@@ -504,14 +505,13 @@ async fn respond_update(
         .sign_staged(inner.account.as_ref())
         .map_err(Error::from)
         .map(|sig| (sig, trial.staged().cloned()));
-    let sig = match signed {
+    let (sig, carried) = match signed {
         Ok((sig, Some(staged))) => {
             crate::failpoint::hit("update_before_persist").await;
-            let changes = l.with_unsaved(vec![Change::Staged(staged)]);
-            match persist(inner, core.id, changes).await {
-                Ok(()) => {
+            match l.write(inner, core, vec![Change::Staged(staged)]).await {
+                Ok(carried) => {
                     crate::failpoint::hit("update_after_persist").await;
-                    sig
+                    (sig, carried)
                 }
                 Err(e) => {
                     warn!(error = %e, "could not persist our signature; refusing");
@@ -526,7 +526,7 @@ async fn respond_update(
         }
     };
     l.machine = trial;
-    if l.unsaved.take().is_some() {
+    if carried {
         // The previous commit rode along: readers may see it now.
         l.announce(core);
     }
@@ -666,9 +666,7 @@ fn hold_unsaved(
         return;
     };
     let v = full.state.version;
-    l.machine = trial;
-    l.staged_actor = None;
-    l.abandoned = l.abandoned.take().filter(|a| a.state.version > v);
+    l.install(trial);
     l.unsaved = Some(full);
     l.announce(core);
     let (inner, core) = (inner.clone(), core.clone());
