@@ -78,6 +78,7 @@ fn describe(ev: &AdjudicatorEvent) -> String {
             eth(state.outcome.balances[0][1])
         ),
         AdjudicatorEvent::Concluded { version, .. } => format!("Concluded at version {version}"),
+        AdjudicatorEvent::CaughtUp { block, .. } => format!("Watching from block {block}"),
         AdjudicatorEvent::Withdrawn {
             participant,
             amount,

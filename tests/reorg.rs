@@ -171,10 +171,17 @@ async fn reorged_registration_is_ignored() {
     }
     // The first chain event Alice's application saw is the cooperative
     // conclusion: the dropped registration was never delivered.
-    let first = tokio::time::timeout(WAIT, alice_events.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = tokio::time::timeout(WAIT, async {
+        loop {
+            match alice_events.next().await {
+                Some(AdjudicatorEvent::CaughtUp { .. }) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert!(
         matches!(first, AdjudicatorEvent::Concluded { version, .. } if version == fin.version),
         "first event {first:?}"

@@ -23,7 +23,7 @@ use perun_wallet::{Account, LocalAccount};
 type Gas = BTreeMap<String, u64>;
 
 fn chain(e: impl std::fmt::Display) -> Error {
-    Error::Chain(e.to_string())
+    Error::Anvil(e.to_string())
 }
 
 async fn mined(
@@ -34,7 +34,10 @@ async fn mined(
 ) -> Result<TransactionReceipt> {
     let receipt = pending.map_err(chain)?.get_receipt().await.map_err(chain)?;
     if !receipt.status() {
-        return Err(Error::Reverted(receipt.transaction_hash.to_string()));
+        return Err(Error::Anvil(format!(
+            "{} reverted",
+            receipt.transaction_hash
+        )));
     }
     Ok(receipt)
 }

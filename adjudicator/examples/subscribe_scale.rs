@@ -32,13 +32,20 @@ fn rss_bytes() -> u64 {
 }
 
 async fn next_version(events: &mut EventStream) -> Result<u64> {
-    let ev = tokio::time::timeout(Duration::from_secs(60), events.next())
-        .await
-        .map_err(|_| perun_adjudicator::Error::Chain("no event within 60 s".into()))?
-        .ok_or_else(|| perun_adjudicator::Error::Chain("stream ended".into()))??;
-    match ev {
-        AdjudicatorEvent::Registered { version, .. } => Ok(version),
-        other => Err(perun_adjudicator::Error::BadEvent(format!("{other:?}"))),
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), events.next())
+            .await
+            .map_err(|_| perun_adjudicator::Error::Anvil("no event within 60 s".into()))?
+            .ok_or_else(|| perun_adjudicator::Error::Anvil("stream ended".into()))??;
+        match ev {
+            AdjudicatorEvent::Registered { version, .. } => return Ok(version),
+            AdjudicatorEvent::CaughtUp { .. } => continue,
+            other => {
+                return Err(perun_adjudicator::Error::Anvil(format!(
+                    "unexpected event {other:?}"
+                )));
+            }
+        }
     }
 }
 

@@ -149,6 +149,9 @@ pub async fn deploy<P: Provider + Clone>(provider: &P) -> Result<Deployment> {
     })
 }
 
-fn chain_err(e: impl std::fmt::Display) -> Error {
-    Error::Chain(e.to_string())
+fn chain_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::rpc(
+        "deploy",
+        crate::RpcFailure::Transport(std::sync::Arc::new(e)),
+    )
 }

@@ -1,7 +1,71 @@
 //! The crate's one error type, shared by every backend so that a caller (and
 //! the conformance suite) sees the same error for the same broken rule.
+//!
+//! Errors keep what they are about: the operation, the transaction hash, the
+//! decoded revert with its arguments. [`Error::is_transient`] says whether the
+//! same call may succeed later (a node that did not answer, a dropped
+//! connection), as opposed to a rule the chain enforces.
 
-use alloy_primitives::{Address, U256};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy_primitives::{Address, B256, Bytes, U256};
+
+/// Why a call to the node failed (no verdict of the contracts: the call may
+/// succeed if repeated).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RpcFailure {
+    /// The node did not answer within the configured time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection to the node is gone; the backend reconnects.
+    #[error("connection to the node lost")]
+    Disconnected,
+    /// The node answered with a JSON-RPC error (rate limit, overload, an
+    /// unknown block after a reorg, ...).
+    #[error("node error {code}: {message}")]
+    Node {
+        /// The JSON-RPC error code.
+        code: i64,
+        /// The node's message.
+        message: String,
+    },
+    /// The node's answer did not decode.
+    #[error("undecodable answer: {0}")]
+    Decode(Arc<dyn std::error::Error + Send + Sync>),
+    /// The transport failed in another way.
+    #[error("transport: {0}")]
+    Transport(Arc<dyn std::error::Error + Send + Sync>),
+    /// A fault injected by a test's seeded schedule (see `testing::faults`).
+    #[error("injected fault #{0}")]
+    Injected(u64),
+}
+
+/// Why a transaction (or its simulation) reverted, decoded from its revert data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevertReason {
+    /// `revert("...")` / `require(cond, "...")`.
+    #[error("{0:?}")]
+    Message(String),
+    /// A Solidity panic (`0x11` overflow, `0x01` assert, ...).
+    #[error("panic {0:#x}")]
+    Panic(U256),
+    /// A custom error of one of our contracts that has no variant of
+    /// [`Error`] of its own: its name and its arguments, rendered.
+    #[error("{name}({})", args.join(", "))]
+    Custom {
+        /// The error's name in the contract's ABI.
+        name: &'static str,
+        /// Its arguments, in order.
+        args: Vec<String>,
+    },
+    /// Revert data that matches no known error.
+    #[error("unknown revert data {0}")]
+    Unknown(Bytes),
+    /// A revert without data (out of gas, a failed call without reason).
+    #[error("no revert data")]
+    Empty,
+}
 
 /// Why a funding, dispute or withdrawal operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +87,10 @@ pub enum Error {
         /// Whose signature.
         index: usize,
     },
+    /// A signature the contract could not parse at all (wrong length, high
+    /// `s`); the off-chain checks normally name the index before this.
+    #[error("a signature is malformed")]
+    MalformedSignature,
     /// A withdrawal authorisation not signed by its participant (forged, high `s`, bad `v`).
     #[error("withdrawal authorisation is not signed by its participant")]
     BadAuthorization,
@@ -34,6 +102,17 @@ pub enum Error {
     FundingTimeout {
         /// `(index, address)` of every participant whose deposit is missing.
         missing: Vec<(usize, Address)>,
+    },
+    /// A deposit met holdings other than the ones it was computed for (a
+    /// deposit for the same slot landed first): nothing was deposited.
+    #[error("holdings of {funding_id} changed: expected {expected}, found {found:?}")]
+    HoldingsChanged {
+        /// The funding slot.
+        funding_id: B256,
+        /// What the deposit expected to find.
+        expected: U256,
+        /// What the chain holds now (if known).
+        found: Option<U256>,
     },
     /// The channel is already concluded.
     #[error("channel already concluded")]
@@ -92,18 +171,98 @@ pub enum Error {
     /// The wallet could not sign.
     #[error("wallet: {0}")]
     Wallet(#[from] perun_wallet::Error),
-    /// The node or the transport failed.
-    #[error("chain: {0}")]
-    Chain(String),
-    /// A transaction reverted for a reason not listed above.
-    #[error("transaction reverted: {0}")]
-    Reverted(String),
+    /// A call to the node failed; the same call may succeed later.
+    #[error("{op}: {source}")]
+    Rpc {
+        /// What was being done (`"eth_getLogs"`, `"register"`, ...).
+        op: &'static str,
+        /// Why it failed.
+        #[source]
+        source: RpcFailure,
+    },
+    /// A transaction was sent but its receipt did not reach the confirmation
+    /// depth in time. It may still land: the transaction queue keeps it.
+    #[error("{op}: no receipt for {tx} within {waited:?}")]
+    ReceiptTimeout {
+        /// What the transaction does.
+        op: &'static str,
+        /// Its hash (the latest, if its fee was bumped).
+        tx: B256,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// A transaction, or its simulation (`tx: None`), reverted for a reason
+    /// no other variant covers.
+    #[error("{op} reverted{}: {reason}", tx.map(|t| format!(" in {t}")).unwrap_or_default())]
+    Reverted {
+        /// What the transaction does.
+        op: &'static str,
+        /// The mined transaction, if it got that far.
+        tx: Option<B256>,
+        /// The decoded revert.
+        reason: RevertReason,
+    },
+    /// The fee a transaction needs is above the configured cap.
+    #[error("{op}: needs {needed} wei per gas, above the cap of {cap}")]
+    FeeCapExceeded {
+        /// What the transaction does.
+        op: &'static str,
+        /// The max fee per gas it would need.
+        needed: u128,
+        /// `EthConfig::max_fee_per_gas`.
+        cap: u128,
+    },
     /// A chain event that does not decode or does not belong to the channel.
-    #[error("bad event: {0}")]
-    BadEvent(String),
+    #[error("bad event from {address} (topic {topic}): {reason}")]
+    BadEvent {
+        /// The emitting contract.
+        address: Address,
+        /// The event's first topic.
+        topic: B256,
+        /// What is wrong with it.
+        reason: BadEventReason,
+    },
+    /// The backend was shut down (or its task died).
+    #[error("the chain backend has stopped")]
+    Stopped,
     /// The anvil test harness failed.
     #[error("anvil: {0}")]
     Anvil(String),
+}
+
+/// What is wrong with a chain event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadEventReason {
+    /// Its data does not decode as the event's ABI.
+    #[error("does not decode: {0}")]
+    Decode(String),
+    /// It names another channel than the one it was routed to.
+    #[error("belongs to channel {0}")]
+    OtherChannel(B256),
+    /// Not an event this backend knows.
+    #[error("unexpected event")]
+    Unexpected,
+}
+
+impl Error {
+    /// Whether repeating the same call later may succeed: the node did not
+    /// answer, a connection dropped, a receipt is late, or a deposit raced
+    /// another for the same slot. Rules the chain enforces (a wrong state, a
+    /// passed timeout, ...) are not transient.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Rpc { .. }
+                | Error::ReceiptTimeout { .. }
+                | Error::HoldingsChanged { .. }
+                | Error::FeeCapExceeded { .. }
+        )
+    }
+
+    /// A transient RPC failure of `op`.
+    pub fn rpc(op: &'static str, source: RpcFailure) -> Self {
+        Error::Rpc { op, source }
+    }
 }
 
 /// The crate's result type.

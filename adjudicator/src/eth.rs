@@ -56,6 +56,7 @@ use crate::{
     Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, Funder, FundingRequest, Result,
     SignedChannel, WithdrawRequest, funding_id,
 };
+use crate::{BadEventReason, RpcFailure};
 
 /// What an asset holder holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +168,13 @@ impl Chain {
             .get_block_by_number(BlockNumberOrTag::Latest)
             .await
             .map_err(chain)?
-            .ok_or_else(|| Error::Chain("no latest block".into()))?;
+            .ok_or(Error::rpc(
+                "eth_getBlockByNumber",
+                RpcFailure::Node {
+                    code: 0,
+                    message: "no latest block".into(),
+                },
+            ))?;
         Ok(block.header.timestamp)
     }
 
@@ -196,14 +203,26 @@ impl Chain {
                 "confirmed block vanished; reading the head again"
             );
         }
-        Err(Error::Chain(format!("block {n} vanished (reorg); retry")))
+        Err(Error::rpc(
+            "eth_getBlockByNumber",
+            RpcFailure::Node {
+                code: 0,
+                message: format!("block {n} vanished (reorg)"),
+            },
+        ))
     }
 
     /// The latest block, for pre-checks that must see what a transaction will meet.
     async fn latest(&self) -> Result<(u64, B256)> {
         self.block(BlockNumberOrTag::Latest)
             .await?
-            .ok_or_else(|| Error::Chain("no latest block".into()))
+            .ok_or(Error::rpc(
+                "eth_getBlockByNumber",
+                RpcFailure::Node {
+                    code: 0,
+                    message: "no latest block".into(),
+                },
+            ))
     }
 
     async fn holdings(&self, holder: Address, fid: B256, at: BlockId) -> Result<(U256, bool)> {
@@ -289,7 +308,7 @@ macro_rules! send {
             .map_err(chain)?;
         if !receipt.status() {
             warn!(tx = %receipt.transaction_hash, "{} reverted", $what);
-            return Err(Error::Reverted(format!("{} in {}", $what, receipt.transaction_hash)));
+            return Err(Error::Reverted { op: $what, tx: Some(receipt.transaction_hash), reason: crate::RevertReason::Empty });
         }
         debug!(tx = %receipt.transaction_hash, gas = receipt.gas_used, "{} mined", $what);
         receipt
@@ -486,6 +505,10 @@ impl Adjudicator for EthAdjudicator {
                     .ok_or(Error::Overflow)?;
             }
             if let Some(d) = dispute {
+                if !d.concluded && d.state_hash == state.hash() {
+                    debug!("state registered already; nothing to do");
+                    return Ok(());
+                }
                 if d.concluded {
                     return Err(Error::AlreadyConcluded);
                 }
@@ -506,7 +529,7 @@ impl Adjudicator for EthAdjudicator {
                 Ok(())
             }
             .await;
-            if let Err(e @ (Error::VersionTooLow { .. } | Error::Reverted(_))) = sent {
+            if let Err(e @ (Error::VersionTooLow { .. } | Error::Reverted { .. })) = sent {
                 // Someone else's transaction came first (a revert at simulation or
                 // once mined): report what is on-chain now, as the contract's rule.
                 return Err(match c.dispute(state.channelId).await? {
@@ -676,7 +699,9 @@ async fn next_block(
         match sub.recv().await {
             Ok(_) => return Ok(()),
             Err(RecvError::Lagged(n)) => debug!(n, "block subscription lagged"),
-            Err(RecvError::Closed) => return Err(Error::Chain("block subscription closed".into())),
+            Err(RecvError::Closed) => {
+                return Err(Error::rpc("eth_subscribe", RpcFailure::Disconnected));
+            }
         }
     }
 }
@@ -684,7 +709,11 @@ async fn next_block(
 /// Decodes one of the channel's logs; anything else is an error the stream skips.
 fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<AdjudicatorEvent> {
     let topic0 = log.topic0().copied().unwrap_or_default();
-    let bad = |e: alloy::sol_types::Error| Error::BadEvent(e.to_string());
+    let bad = |e: alloy::sol_types::Error| Error::BadEvent {
+        address: log.address(),
+        topic: topic0,
+        reason: BadEventReason::Decode(e.to_string()),
+    };
     let event = if log.address() == cfg.adjudicator
         && topic0 == AdjContract::Registered::SIGNATURE_HASH
     {
@@ -693,7 +722,11 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
             .data;
         let state: State = e.state.into();
         if e.channelId != id || state.channelId != id {
-            return Err(Error::BadEvent("Registered for another channel".into()));
+            return Err(Error::BadEvent {
+                address: log.address(),
+                topic: topic0,
+                reason: BadEventReason::OtherChannel(e.channelId),
+            });
         }
         AdjudicatorEvent::Registered {
             id,
@@ -720,10 +753,11 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
             amount: e.amount,
         }
     } else {
-        return Err(Error::BadEvent(format!(
-            "unexpected log {topic0} from {}",
-            log.address()
-        )));
+        return Err(Error::BadEvent {
+            address: log.address(),
+            topic: topic0,
+            reason: BadEventReason::Unexpected,
+        });
     };
     Ok(event)
 }
@@ -732,16 +766,16 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
 /// report that as [`Error::AlreadyConcluded`] if the chain now says so.
 async fn already_concluded(c: &Chain, id: ChannelId, sent: Result<()>) -> Result<()> {
     match sent {
-        Err(Error::Reverted(why)) => match c.dispute(id).await? {
+        Err(e @ Error::Reverted { .. }) => match c.dispute(id).await? {
             Some(d) if d.concluded => Err(Error::AlreadyConcluded),
-            _ => Err(Error::Reverted(why)),
+            _ => Err(e),
         },
         other => other,
     }
 }
 
-fn chain(e: impl std::fmt::Display) -> Error {
-    Error::Chain(e.to_string())
+fn chain(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::rpc("rpc", RpcFailure::Transport(std::sync::Arc::new(e)))
 }
 
 /// Maps a contract revert to the error the simulated ledger gives for the same rule.
@@ -776,7 +810,14 @@ fn decode_revert(e: alloy::contract::Error, what: &str) -> Error {
                 A::ECDSAInvalidSignature(_)
                 | A::ECDSAInvalidSignatureS(_)
                 | A::ECDSAInvalidSignatureLength(_) => Error::BadSignature { index: usize::MAX },
-                other => Error::Reverted(format!("{other:?}")),
+                other => Error::Reverted {
+                    op: what_static(what),
+                    tx: None,
+                    reason: crate::RevertReason::Custom {
+                        name: "adjudicator",
+                        args: vec![format!("{other:?}")],
+                    },
+                },
             };
         }
         if let Ok(err) = H::abi_decode(&data) {
@@ -788,10 +829,34 @@ fn decode_revert(e: alloy::contract::Error, what: &str) -> Error {
                 | H::ECDSAInvalidSignatureS(_)
                 | H::ECDSAInvalidSignatureLength(_) => Error::BadAuthorization,
                 H::PaymentFailed(_) => Error::PaymentFailed(Address::ZERO),
-                other => Error::Reverted(format!("{other:?}")),
+                other => Error::Reverted {
+                    op: what_static(what),
+                    tx: None,
+                    reason: crate::RevertReason::Custom {
+                        name: "asset holder",
+                        args: vec![format!("{other:?}")],
+                    },
+                },
             };
         }
-        return Error::Reverted(format!("revert data {data}"));
+        return Error::Reverted {
+            op: what_static(what),
+            tx: None,
+            reason: crate::RevertReason::Unknown(data.clone()),
+        };
     }
-    Error::Chain(e.to_string())
+    chain(e)
+}
+
+/// The static name of a call (the `send!` macro's literals).
+fn what_static(what: &str) -> &'static str {
+    match what {
+        "register" => "register",
+        "conclude" => "conclude",
+        "concludeFinal" => "concludeFinal",
+        "deposit" => "deposit",
+        "approve" => "approve",
+        "withdraw" => "withdraw",
+        _ => "transaction",
+    }
 }

@@ -40,12 +40,15 @@ struct Inner {
     disputes: HashMap<ChannelId, (Dispute, B256)>,
     rejecting: HashSet<Address>,
     history: HashMap<ChannelId, Vec<AdjudicatorEvent>>,
+    /// Events emitted so far: the ledger's "block height" for `CaughtUp`.
+    height: u64,
     subscribers: HashMap<ChannelId, Vec<EventSender>>,
 }
 
 impl Inner {
     fn emit(&mut self, id: ChannelId, event: AdjudicatorEvent) {
         debug!(?event, "sim event");
+        self.height += 1;
         self.history.entry(id).or_default().push(event.clone());
         if let Some(subs) = self.subscribers.get_mut(&id) {
             subs.retain(|s| s.send(Ok(event.clone())));
@@ -348,6 +351,10 @@ impl Adjudicator for SimLedger {
             },
             B256::ZERO,
         ));
+        if d.timeout != 0 && !d.concluded && d.state_hash == hash {
+            debug!("state registered already; nothing to do");
+            return Ok(());
+        }
         if d.timeout == 0 {
             d.timeout = if state.isFinal {
                 now
@@ -483,6 +490,10 @@ impl Adjudicator for SimLedger {
             // The receiver is alive: we hold it.
             let _ = tx.send(Ok(e.clone()));
         }
+        let _ = tx.send(Ok(AdjudicatorEvent::CaughtUp {
+            id,
+            block: inner.height,
+        }));
         inner.subscribers.entry(id).or_default().push(tx);
         Ok(rx)
     }

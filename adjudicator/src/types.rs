@@ -190,6 +190,18 @@ pub enum AdjudicatorEvent {
         /// The concluded version.
         version: u64,
     },
+    /// Every event of the channel up to chain position `block` has been
+    /// delivered: what follows is live. Sent once per subscription, right
+    /// after the channel's past events, so a subscriber knows when it has
+    /// read the channel's whole history (no `Registered` before this means no
+    /// dispute as of `block`). `block` is a block number on Ethereum and an
+    /// event count on [`SimLedger`](crate::SimLedger).
+    CaughtUp {
+        /// The channel.
+        id: ChannelId,
+        /// The chain position the history reaches.
+        block: u64,
+    },
     /// A participant's credit was paid out by a withdrawal.
     Withdrawn {
         /// The channel.

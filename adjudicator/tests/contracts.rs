@@ -284,6 +284,13 @@ async fn events_wait_for_confirmations() {
     signed.sign(&params, 0, &alice).unwrap();
     signed.sign(&params, 1, &bob).unwrap();
     let mut events = deep.subscribe(state.channelId).await.unwrap();
+    // The (empty) history ends with CaughtUp.
+    let caught_up = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(caught_up, AdjudicatorEvent::CaughtUp { .. }));
     fast.register(&SignedChannel {
         params,
         state: signed,

@@ -45,7 +45,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::{AdjContract, Chain, Holder, chain, decode_event, next_block};
 use crate::types::{EventSender, OpenStreams};
-use crate::{AdjudicatorEvent, Error, Result};
+use crate::{AdjudicatorEvent, Error, Result, RpcFailure};
 
 /// How many scanned block hashes the scanner keeps to find where a reorg
 /// deeper than the confirmation depth forked off.
@@ -253,8 +253,11 @@ impl Scanner {
             std::mem::take(&mut st.waiting)
         };
         let copy = |e: &Error| match e {
-            Error::Chain(s) => Error::Chain(s.clone()),
-            other => Error::Chain(other.to_string()),
+            Error::Rpc { op, source } => Error::Rpc {
+                op,
+                source: source.clone(),
+            },
+            _ => Error::rpc("event scanner", RpcFailure::Disconnected),
         };
         let all = self.live.drain().flat_map(|(_, subs)| subs);
         let all = all.chain(self.waiting.drain(..).map(|(_, s)| s));
@@ -337,6 +340,7 @@ impl Scanner {
             for event in past.get(&id).into_iter().flatten() {
                 s.send(Ok(event.clone()));
             }
+            s.send(Ok(AdjudicatorEvent::CaughtUp { id, block: safe }));
             self.live.entry(id).or_default().push(s);
         }
         Ok(())

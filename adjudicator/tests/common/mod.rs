@@ -335,3 +335,16 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
+
+/// The stream's next event other than `CaughtUp` (which every subscription
+/// sends once, after the channel's history).
+pub async fn next_event(
+    events: &mut perun_adjudicator::EventStream,
+) -> Option<perun_adjudicator::Result<perun_adjudicator::AdjudicatorEvent>> {
+    loop {
+        match events.next().await {
+            Some(Ok(perun_adjudicator::AdjudicatorEvent::CaughtUp { .. })) => continue,
+            other => return other,
+        }
+    }
+}
