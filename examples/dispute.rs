@@ -14,7 +14,7 @@ use perun::adjudicator::{
     WithdrawRequest, deploy,
 };
 use perun::channel::{Allocation, Asset, Phase, U256};
-use perun::client::{AcceptAll, Channel, ChannelProposal, Client, Participant};
+use perun::client::{AcceptAll, Channel, ChannelEvent, ChannelProposal, Client, Participant};
 use perun::persistence::RedbPersister;
 use perun::wallet::{Account, LocalAccount};
 
@@ -65,27 +65,37 @@ async fn client(
     Ok((client, opened))
 }
 
-fn describe(ev: &AdjudicatorEvent) -> String {
+fn describe(ev: &ChannelEvent) -> String {
     match ev {
-        AdjudicatorEvent::Registered {
+        ChannelEvent::Chain(AdjudicatorEvent::Registered {
             version,
             timeout,
             state,
             ..
-        } => format!(
-            "Registered version {version} (Alice {}, Bob {}), refutable until t={timeout}",
+        }) => format!(
+            "[chain]   Registered version {version} (Alice {}, Bob {}), refutable until t={timeout}",
             eth(state.outcome.balances[0][0]),
             eth(state.outcome.balances[0][1])
         ),
-        AdjudicatorEvent::Concluded { version, .. } => format!("Concluded at version {version}"),
-        AdjudicatorEvent::CaughtUp { block, .. } => format!("Watching from block {block}"),
-        AdjudicatorEvent::Withdrawn {
+        ChannelEvent::Chain(AdjudicatorEvent::Concluded { version, .. }) => {
+            format!("[chain]   Concluded at version {version}")
+        }
+        ChannelEvent::Chain(AdjudicatorEvent::Withdrawn {
             participant,
             amount,
             ..
-        } => {
-            format!("Withdrawn {} by {participant}", eth(*amount))
-        }
+        }) => format!("[chain]   Withdrawn {} by {participant}", eth(*amount)),
+        ChannelEvent::Chain(other) => format!("[chain]   {other:?}"),
+        ChannelEvent::Step(step) => format!("[watcher] {step:?} ..."),
+        ChannelEvent::StepDone(step) => format!("[watcher] {step:?} done"),
+        ChannelEvent::Retry {
+            step,
+            attempt,
+            delay,
+            error,
+        } => format!("[watcher] {step:?} failed ({error}); try {attempt} again in {delay:?}"),
+        ChannelEvent::Phase(p) => format!("[phase]   {p:?}"),
+        other => format!("[watcher] {other:?}"),
     }
 }
 
@@ -181,7 +191,7 @@ async fn main() -> Res<()> {
     let id = alice_ch.id();
     let watch_events = tokio::spawn(async move {
         while let Some(ev) = events.next().await {
-            println!("  [chain] {}", describe(&ev));
+            println!("  {}", describe(&ev));
         }
     });
     // Alice's watcher refutes on its own; wait until the chain holds her state.

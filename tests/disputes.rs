@@ -16,7 +16,7 @@ use perun::adjudicator::{
     Adjudicator, AdjudicatorEvent, Funder, FundingRequest, SignedChannel, WithdrawRequest,
 };
 use perun::channel::{Phase, SignedState, U256};
-use perun::client::{Channel, Error};
+use perun::client::{Channel, ChannelEvent, Error};
 use perun::wallet::Account;
 
 on_both_ledgers!(
@@ -39,7 +39,8 @@ fn u(x: u64) -> U256 {
 async fn registered(events: &mut perun::client::EventStream, version: u64) {
     tokio::time::timeout(WAIT, async {
         loop {
-            if let Some(AdjudicatorEvent::Registered { version: v, .. }) = events.next().await
+            if let Some(ChannelEvent::Chain(AdjudicatorEvent::Registered { version: v, .. })) =
+                events.next().await
                 && v == version
             {
                 return;
@@ -171,6 +172,9 @@ async fn silent_peer_settles_on_chain(ledger: Ledger) {
         async move { alice.settle().await }
     });
     alice.wait_for_phase(Phase::Registered, WAIT).await.unwrap();
+    // `Registered` means "closing on-chain": wait for the registration itself.
+    let (_, adj) = ledger.backends(&ps[1].account).await;
+    on_chain_version(&adj, &alice, latest.state.version).await;
     ledger.advance(CHALLENGE + 1).await;
     tokio::time::timeout(WAIT, settling)
         .await
@@ -179,7 +183,6 @@ async fn silent_peer_settles_on_chain(ledger: Ledger) {
         .unwrap();
     assert_eq!(alice.phase(), Phase::Withdrawn);
     // Bob comes back later and takes his share.
-    let (_, adj) = ledger.backends(&ps[1].account).await;
     bob_withdraws(&adj, &ps[1], bob, &latest).await;
     check_balances(&ledger, &ps, &latest).await;
 }
@@ -237,6 +240,8 @@ async fn funding_timeout_names_the_peer_and_refunds(ledger: Ledger) {
         .pop()
         .expect("Alice keeps the channel to recover it");
     alice.wait_for_phase(Phase::Registered, WAIT).await.unwrap();
+    let (_, adj) = ledger.backends(&ps[0].account).await;
+    on_chain_version(&adj, &alice, 0).await;
     ledger.advance(CHALLENGE + 1).await;
     alice.wait_for_phase(Phase::Withdrawn, WAIT).await.unwrap();
     assert_eq!(ledger.balance(alice_client.address()).await, u(MINT));

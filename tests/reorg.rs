@@ -17,6 +17,7 @@ use perun::adjudicator::{
     Adjudicator, AdjudicatorEvent, EthAdjudicator, EthConfig, SignedChannel, WithdrawRequest,
 };
 use perun::channel::{Phase, U256};
+use perun::client::ChannelEvent;
 
 const MINT: u64 = 1_000_000;
 const EACH: u64 = 1_000;
@@ -174,8 +175,9 @@ async fn reorged_registration_is_ignored() {
     let first = tokio::time::timeout(WAIT, async {
         loop {
             match alice_events.next().await {
-                Some(AdjudicatorEvent::CaughtUp { .. }) => continue,
-                other => return other,
+                Some(ChannelEvent::Chain(ev)) => return Some(ev),
+                Some(_) => continue,
+                None => return None,
             }
         }
     })
@@ -221,7 +223,9 @@ async fn confirmed_registration_is_refuted() {
     tokio::time::timeout(WAIT, async {
         loop {
             match events.next().await {
-                Some(AdjudicatorEvent::Registered { version: 1, .. }) => return,
+                Some(ChannelEvent::Chain(AdjudicatorEvent::Registered { version: 1, .. })) => {
+                    return;
+                }
                 Some(_) => {}
                 None => panic!("Alice's client stopped"),
             }

@@ -16,7 +16,10 @@ use crate::{App, Error, Params, Result, SignedState, State};
 ///
 /// `Proposing → Signing0 → Funding → Active ⇄ Updating → Final`; from any
 /// funded phase (and from `Funding`, to recover deposits) `→ Registered →
-/// Concluded → Withdrawn`; a final state can be concluded directly.
+/// Concluded → Withdrawn`. Every funded phase may also go straight to
+/// `Concluded`: the chain decides, and a channel a peer concluded while we
+/// were offline (a final state, or a dispute we never saw) must still reach
+/// `Withdrawn`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Phase {
     /// Proposal sent or received; no state signed yet.
@@ -31,7 +34,9 @@ pub enum Phase {
     Updating,
     /// A final state is fully signed; ready for `concludeFinal`.
     Final,
-    /// A state is registered on-chain; the dispute is running.
+    /// The channel closes on-chain: a state is registered and the dispute
+    /// runs, or we are registering one (a peer stopped answering, funding
+    /// failed). No more updates.
     Registered,
     /// The outcome is pushed to the asset holders.
     Concluded,
@@ -53,7 +58,7 @@ impl Phase {
                 | (Updating | Active, Final)
                 | (Funding | Active | Updating | Final, Registered)
                 | (Registered, Registered)
-                | (Registered | Final, Concluded)
+                | (Funding | Active | Updating | Final | Registered, Concluded)
                 | (Concluded, Withdrawn)
         )
     }

@@ -1,89 +1,18 @@
-//! The `Client`: builder, the dispatcher of incoming messages, and the
-//! registry of channels.
+//! The `Client`: its builder, and the handle applications hold.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use perun_adjudicator::{Adjudicator, Funder};
 use perun_channel::{App, ChannelId, PaymentApp};
 use perun_persistence::{MemoryPersister, Persister};
 use perun_wallet::Account;
-use perun_wire::{Handle, Incoming, Keypair, Message, Multiaddr, PeerId, Refusal, RefusalCode};
-use tracing::{debug, info, warn};
+use perun_wire::{Keypair, Multiaddr, PeerId};
+use tracing::info;
 
-use crate::channel::{Channel, ChannelCore};
+use crate::core::{Parts, Shared};
 use crate::handler::{ProposalHandler, RejectAll, UpdateHandler};
-use crate::open::{self, ChannelProposal, Pending};
-use crate::{AcceptPaymentsToMe, Error, Result, Timeouts};
-
-/// State shared by the client handle, its channels and its protocol tasks.
-pub(crate) struct Inner {
-    pub(crate) account: Arc<dyn Account>,
-    pub(crate) wire: Handle,
-    pub(crate) funder: Arc<dyn Funder>,
-    pub(crate) adjudicator: Arc<dyn Adjudicator>,
-    pub(crate) persister: Arc<dyn Persister>,
-    pub(crate) proposal_handler: Arc<dyn ProposalHandler>,
-    pub(crate) update_handler: Arc<dyn UpdateHandler>,
-    pub(crate) app: Arc<dyn App>,
-    pub(crate) timeouts: Timeouts,
-    channels: Mutex<HashMap<ChannelId, Arc<ChannelCore>>>,
-    pub(crate) pending: Mutex<HashMap<perun_wire::ProposalId, Pending>>,
-    /// Set to `true` on shutdown; background tasks stop.
-    pub(crate) stop: tokio::sync::watch::Sender<bool>,
-    /// Commits still being handed to peers; `shutdown` lets them finish.
-    pub(crate) commits_in_flight: tokio::sync::watch::Sender<usize>,
-    /// Bounds the chain reads and syncs a restore starts at once (a client
-    /// with 10,000 channels must not open 10,000 requests in one go).
-    pub(crate) resume_permits: Arc<tokio::sync::Semaphore>,
-}
-
-/// Channels whose first chain read or sync after a restore run at once.
-pub(crate) const RESUME_CONCURRENCY: usize = 32;
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner")
-            .field("address", &self.account.address())
-            .field("peer", &self.wire.local_peer_id())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Inner {
-    pub(crate) fn channel_core(&self, id: &ChannelId) -> Option<Arc<ChannelCore>> {
-        lock(&self.channels).get(id).cloned()
-    }
-
-    pub(crate) fn insert_channel(&self, core: Arc<ChannelCore>) {
-        lock(&self.channels).insert(core.id, core);
-    }
-
-    pub(crate) fn remove_channel(&self, id: &ChannelId) {
-        lock(&self.channels).remove(id);
-    }
-
-    /// Sends `msg` to every other participant at once; one result per peer.
-    pub(crate) async fn broadcast(
-        &self,
-        core: &ChannelCore,
-        msg: &Message,
-    ) -> Vec<(PeerId, usize, perun_wire::Result<Message>)> {
-        let sends = core
-            .peers
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != core.index)
-            .map(|(i, peer)| async move { (*peer, i, self.wire.send(*peer, msg).await) });
-        futures::future::join_all(sends).await
-    }
-}
-
-/// A poisoned registry lock only means another task panicked mid-insert;
-/// the map itself is still consistent.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::open::{self, ChannelProposal};
+use crate::{AcceptPaymentsToMe, Channel, Error, Result, Timeouts};
 
 /// Builds a [`Client`]. `account`, `funder` and `adjudicator` are required.
 pub struct ClientBuilder {
@@ -215,7 +144,7 @@ impl ClientBuilder {
         for (peer, addr) in self.peers {
             wire.add_address(peer, addr).await?;
         }
-        let inner = Arc::new(Inner {
+        let shared = Shared::new(Parts {
             account,
             wire,
             funder,
@@ -225,151 +154,15 @@ impl ClientBuilder {
             update_handler: self.update_handler,
             app: self.app,
             timeouts: self.timeouts,
-            channels: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-            stop: tokio::sync::watch::channel(false).0,
-            commits_in_flight: tokio::sync::watch::channel(0).0,
-            resume_permits: Arc::new(tokio::sync::Semaphore::new(RESUME_CONCURRENCY)),
         });
-        let restored = restore(&inner).await?;
-        tokio::spawn(dispatch(Arc::downgrade(&inner), incoming));
+        let restored = crate::restore::restore(&shared).await?;
+        tokio::spawn(crate::dispatch::dispatch(Arc::downgrade(&shared), incoming));
+        crate::sync::spawn_resync(&shared);
         for core in restored {
-            resume(&inner, core);
+            crate::restore::resume(&shared, core);
         }
-        info!(peer = %inner.wire.local_peer_id(), address = %inner.account.address(), "client started");
-        Ok(Client { inner })
-    }
-}
-
-/// Rebuilds every persisted channel. A record that fails its checks (a
-/// damaged file, a tampered state) is reported and left alone, never
-/// half-loaded; the others are restored.
-async fn restore(inner: &Arc<Inner>) -> Result<Vec<Arc<ChannelCore>>> {
-    // Fast path: every record in one read, checked on every core.
-    let records = match inner.persister.load_all().await {
-        Ok(records) => records,
-        // One bad record fails the whole read: load one by one instead, so
-        // it does not keep the others from loading.
-        Err(e) => {
-            warn!(error = %e, "loading all channels failed; loading them one by one");
-            load_one_by_one(inner).await?
-        }
-    };
-    let mut restored = Vec::with_capacity(records.len());
-    for rec in records {
-        let id = rec.id();
-        match build_core(rec) {
-            Ok(core) => {
-                debug!(channel = %core.id, phase = ?core.phase(), "restored channel");
-                inner.insert_channel(core.clone());
-                restored.push(core);
-            }
-            Err(e) => {
-                warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded")
-            }
-        }
-    }
-    info!(channels = restored.len(), "restored channels");
-    Ok(restored)
-}
-
-/// Every stored record that passes its checks, loaded one by one (many at
-/// once, so the checks spread over the cores); the others are logged.
-async fn load_one_by_one(inner: &Arc<Inner>) -> Result<Vec<perun_persistence::ChannelRecord>> {
-    use futures::StreamExt;
-    let ids = inner.persister.channel_ids().await?;
-    let loads = futures::stream::iter(ids)
-        .map(|id| async move {
-            match inner.persister.load(id).await {
-                Ok(rec) => rec,
-                Err(e) => {
-                    warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded");
-                    None
-                }
-            }
-        })
-        .buffer_unordered(64);
-    Ok(loads.filter_map(std::future::ready).collect().await)
-}
-
-/// A stored record as a `ChannelCore` (its signatures are checked again;
-/// the wallet's memo makes that cheap right after a load).
-fn build_core(
-    rec: perun_persistence::ChannelRecord,
-) -> std::result::Result<Arc<ChannelCore>, String> {
-    let peers = rec
-        .peers
-        .iter()
-        .map(|b| PeerId::from_bytes(b))
-        .collect::<std::result::Result<Vec<PeerId>, _>>()
-        .map_err(|e| e.to_string())?;
-    let machine = rec.to_machine().map_err(|e| e.to_string())?;
-    ChannelCore::new(machine, peers).map_err(|e| e.to_string())
-}
-
-/// Picks a restored channel up where it was: its watcher for every funded
-/// phase, a `Sync` with the peers for an open channel, and the rest of the
-/// opening protocol for one that was funding.
-fn resume(inner: &Arc<Inner>, core: Arc<ChannelCore>) {
-    use perun_channel::Phase::*;
-    let phase = core.phase();
-    if matches!(
-        phase,
-        Funding | Active | Updating | Final | Registered | Concluded
-    ) {
-        crate::watcher::spawn(inner, &core);
-    }
-    let inner = inner.clone();
-    if matches!(phase, Active | Updating) {
-        core.synced.send_replace(false);
-    }
-    tokio::spawn(async move {
-        let res = match phase {
-            Active | Updating => {
-                let _permit = inner.resume_permits.clone().acquire_owned().await;
-                let res = crate::sync::sync_with_peers(&inner, &core).await;
-                core.synced.send_replace(true);
-                res
-            }
-            Funding => open::resume_funding(&inner, core.clone()).await.map(|_| ()),
-            Final | Concluded => crate::settle::conclude_and_withdraw(&inner, &core).await,
-            _ => Ok(()),
-        };
-        if let Err(e) = res {
-            warn!(channel = %core.id, error = %e, "resuming the channel failed");
-        }
-    });
-}
-
-async fn dispatch(inner: Weak<Inner>, mut incoming: Incoming) {
-    while let Some(req) = incoming.next().await {
-        let Some(inner) = inner.upgrade() else { break };
-        let (peer, msg, responder) = req.into_parts();
-        match msg {
-            Message::Proposal(p) => {
-                tokio::spawn(open::handle_proposal(inner, peer, p, responder));
-            }
-            Message::ProposalReject(r) => open::handle_abort(&inner, peer, r, responder),
-            Message::Signing0(s) => {
-                tokio::spawn(open::handle_signing0(inner, peer, s, responder));
-            }
-            Message::Update(u) => {
-                tokio::spawn(crate::update::handle_update(inner, peer, u, responder));
-            }
-            Message::UpdateCommit(c) => {
-                tokio::spawn(crate::update::handle_commit(inner, peer, c, responder));
-            }
-            Message::UpdateReject(r) => {
-                tokio::spawn(crate::update::handle_abort(inner, peer, r, responder));
-            }
-            Message::Sync(s) => {
-                tokio::spawn(crate::sync::handle_sync(inner, peer, s, responder));
-            }
-            other => {
-                warn!(%peer, ?other, "not a request");
-                let _ = responder.refuse(Refusal::new(RefusalCode::NotARequest, "not a request"));
-            }
-        }
+        info!(peer = %shared.wire.local_peer_id(), address = %shared.account.address(), "client started");
+        Ok(Client { shared })
     }
 }
 
@@ -380,7 +173,7 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5
 /// [`Channel`] controllers. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
 impl Client {
@@ -391,43 +184,79 @@ impl Client {
 
     /// Our on-chain address.
     pub fn address(&self) -> perun_channel::Address {
-        self.inner.account.address()
+        self.shared.account.address()
     }
 
     /// Our network identity.
     pub fn peer_id(&self) -> PeerId {
-        self.inner.wire.local_peer_id()
+        self.shared.wire.local_peer_id()
     }
 
     /// The addresses we listen on.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
-        Ok(self.inner.wire.listen_addrs().await?)
+        Ok(self.shared.wire.listen_addrs().await?)
     }
 
     /// Tells the client where to reach `peer`.
     pub async fn add_peer(&self, peer: PeerId, addr: Multiaddr) -> Result<()> {
-        Ok(self.inner.wire.add_address(peer, addr).await?)
+        Ok(self.shared.wire.add_address(peer, addr).await?)
     }
 
     /// Runs the channel proposal protocol: every participant must accept,
     /// sign version 0 and fund; returns the active channel.
     pub async fn propose_channel(&self, proposal: ChannelProposal) -> Result<Channel> {
-        open::propose(&self.inner, proposal).await
+        open::propose(&self.shared, proposal).await
     }
 
     /// A channel the client knows (open or restored).
     pub fn channel(&self, id: &ChannelId) -> Option<Channel> {
-        self.inner
+        self.shared
             .channel_core(id)
-            .map(|core| Channel::new(core, self.inner.clone()))
+            .map(|core| Channel::new(core, self.shared.clone()))
     }
 
     /// Every channel the client knows.
     pub fn channels(&self) -> Vec<Channel> {
-        lock(&self.inner.channels)
-            .values()
-            .map(|core| Channel::new(core.clone(), self.inner.clone()))
+        self.shared
+            .channel_cores()
+            .into_iter()
+            .map(|core| Channel::new(core, self.shared.clone()))
             .collect()
+    }
+
+    /// How many channels' watchers have read the chain and watch it now.
+    pub fn watching(&self) -> usize {
+        *self.shared.watching.borrow()
+    }
+
+    /// Waits until every channel with money at stake (funded and not yet
+    /// withdrawn) is protected: its watcher subscribed to the chain and read
+    /// the channel's history. After a restore this is the moment the client
+    /// can be left alone. Fails with [`Error::Timeout`] after `timeout`.
+    pub async fn wait_protected(&self, timeout: std::time::Duration) -> Result<()> {
+        let mut watching = self.shared.watching.subscribe();
+        let protected = async {
+            loop {
+                let at_stake = self
+                    .shared
+                    .channel_cores()
+                    .iter()
+                    .filter(|c| {
+                        c.phase().is_funded() && c.phase() != perun_channel::Phase::Withdrawn
+                    })
+                    .filter(|c| c.watch_status.borrow().ne(&crate::WatchStatus::Done))
+                    .count();
+                if *watching.borrow_and_update() >= at_stake {
+                    return Ok(());
+                }
+                if watching.changed().await.is_err() {
+                    return Err(Error::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, protected)
+            .await
+            .map_err(|_| Error::Timeout("watchers to read the chain"))?
     }
 
     /// Stops the network endpoint. Channels stay in the persister.
@@ -436,9 +265,9 @@ impl Client {
     /// first (for at most [`SHUTDOWN_GRACE`]), so a peer learns of an update
     /// before its proposer goes away.
     pub async fn shutdown(&self) {
-        let mut commits = self.inner.commits_in_flight.subscribe();
+        let mut commits = self.shared.commits_in_flight.subscribe();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, commits.wait_for(|n| *n == 0)).await;
-        self.inner.stop.send_replace(true);
-        self.inner.wire.shutdown().await;
+        self.shared.stop.send_replace(true);
+        self.shared.wire.shutdown().await;
     }
 }

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 /// How long each protocol step may take before it fails with
-/// [`Error::Timeout`](crate::Error::Timeout).
+/// [`Error::Timeout`](crate::Error::Timeout), and how often the watcher
+/// looks at the chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// A handler's decision on a proposal or update.
@@ -12,15 +13,27 @@ pub struct Timeouts {
     pub signing: Duration,
     /// Until every participant's deposit is on-chain.
     pub funding: Duration,
-    /// Waiting for a channel's earlier update to finish before a new one starts.
+    /// Waiting for a channel's earlier update to finish before a new one
+    /// starts; also how long a responder waits for a commit before it asks
+    /// the proposer with a `Sync`.
     pub update_wait: Duration,
     /// How often the watcher re-reads a running dispute (to conclude once
     /// its timeout passed).
     pub dispute_poll: Duration,
+    /// How often the watcher re-reads the chain for a channel with no
+    /// dispute, in case an event was missed (each channel at its own
+    /// random offset, so 10,000 channels do not read at once).
+    pub chain_recheck: Duration,
+    /// The first pause before a failed on-chain step or a failed
+    /// subscription is tried again; it doubles with every failure.
+    pub retry_min: Duration,
+    /// The longest pause between two tries.
+    pub retry_max: Duration,
     /// How long `settle` waits for peers to sign the final state before it
     /// closes the channel on-chain alone.
     pub settle_cooperative: Duration,
-    /// How long a restored channel keeps trying to reach its peers for `Sync`.
+    /// How long a restored channel keeps trying to reach its peers for `Sync`
+    /// before it leaves that to the reconnect resync.
     pub sync: Duration,
 }
 
@@ -32,8 +45,22 @@ impl Default for Timeouts {
             funding: Duration::from_secs(120),
             update_wait: Duration::from_secs(10),
             dispute_poll: Duration::from_secs(1),
+            chain_recheck: Duration::from_secs(60),
+            retry_min: Duration::from_millis(250),
+            retry_max: Duration::from_secs(30),
             settle_cooperative: Duration::from_secs(15),
             sync: Duration::from_secs(60),
         }
+    }
+}
+
+impl Timeouts {
+    /// The pause before try `attempt + 1` (1-based `attempt` failures so far):
+    /// `retry_min · 2^(attempt-1)`, at most `retry_max`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let shift = attempt.saturating_sub(1).min(20);
+        self.retry_min
+            .saturating_mul(1u32 << shift)
+            .min(self.retry_max)
     }
 }

@@ -59,6 +59,33 @@ pub enum Error {
     /// The client has shut down.
     #[error("client is shut down")]
     Closed,
+    /// A state is registered on-chain that the watcher has not seen in any
+    /// event yet; it reads the channel's history again.
+    #[error("registered state {hash} (version {version}) not seen in any event yet")]
+    RegisteredStateUnknown {
+        /// The registered version.
+        version: u64,
+        /// The registered state's hash.
+        hash: perun_channel::B256,
+    },
+    /// The watcher's on-chain steps failed this many times in a row. It keeps
+    /// trying in the background; `settle` stops waiting for it.
+    #[error("the watcher failed {attempts} times in a row; last: {last}")]
+    Stalled {
+        /// Consecutive failures.
+        attempts: u32,
+        /// The last failure.
+        last: std::sync::Arc<Error>,
+    },
+    /// A stored channel names a peer id that does not decode.
+    #[error("stored peer id of participant {index} does not decode")]
+    StoredPeerId {
+        /// The participant's index.
+        index: usize,
+    },
+    /// The watcher panicked (a bug); its supervisor restarted it.
+    #[error("the watcher panicked")]
+    WatcherPanicked,
 }
 
 impl Error {

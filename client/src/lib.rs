@@ -2,18 +2,22 @@
 //! settles them on-chain.
 //!
 //! # Layout
-//! - [`client`]: [`Client`] and its [`ClientBuilder`]; the dispatcher of
-//!   incoming messages; restore of persisted channels on start.
-//! - [`open`]: the multi-party channel proposal protocol.
-//! - `update`: the update protocol (the proposer signs last, so a lost
-//!   conflict never costs a signature).
-//! - `settle`: cooperative close and withdrawal.
-//! - `sync`: the `Sync` exchange that settles a half-done update.
-//! - `watcher`: the per-channel dispute watcher (refute, conclude, withdraw).
-//! - [`channel`]: the [`Channel`] controller.
-//! - [`handler`]: [`ProposalHandler`] / [`UpdateHandler`] and ready-made ones.
-//! - [`config`]: the protocol [`Timeouts`].
-//! - [`error`]: the crate's one error enum.
+//! Three layers; each module uses only the ones below it.
+//!
+//! - **Public handles:** [`client`] ([`Client`], [`ClientBuilder`]),
+//!   [`channel`] ([`Channel`]), with [`handler`] (the application's
+//!   [`ProposalHandler`] / [`UpdateHandler`] and ready-made ones).
+//! - **Protocols:** [`open`] (the multi-party proposal protocol), `update`
+//!   (the proposer signs last, so a lost conflict never costs a signature),
+//!   `sync` (after a restore, and with every peer that may disagree with us:
+//!   resync on reconnect), `watcher` (the supervised per-channel dispute
+//!   watcher: refute, conclude, withdraw, with retries), `settle`
+//!   (cooperative close, or on-chain through the watcher), `restore` and
+//!   `dispatch` (incoming requests to their protocol).
+//! - **Shared core:** `core` (the client's shared parts, each channel's
+//!   core and its locked machine), `deliver` (commits and aborts to peers),
+//!   [`event`], [`config`] ([`Timeouts`]), [`error`] (the crate's one error
+//!   enum).
 //!
 //! # Example
 //! ```no_run
@@ -35,10 +39,15 @@
 pub mod channel;
 pub mod client;
 pub mod config;
+mod core;
+mod deliver;
+mod dispatch;
 pub mod error;
+pub mod event;
 mod failpoint;
 pub mod handler;
 pub mod open;
+mod restore;
 mod settle;
 mod sync;
 mod update;
@@ -48,6 +57,7 @@ pub use channel::{Channel, EventStream, UpdateStream};
 pub use client::{Client, ClientBuilder, SHUTDOWN_GRACE};
 pub use config::Timeouts;
 pub use error::{Error, Result};
+pub use event::{ChannelEvent, WatchStatus, WatcherStep};
 pub use handler::{
     AcceptAll, AcceptPaymentsToMe, IncomingProposal, IncomingUpdate, ProposalHandler,
     ProposalResponder, RejectAll, UpdateHandler, UpdateResponder,

@@ -19,12 +19,10 @@ use rand::RngCore;
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::channel::set_phase;
-use crate::channel::{Channel, ChannelCore};
-use crate::client::{Inner, lock};
+use crate::core::{ChannelCore, Pending, Shared, lock, set_phase};
+use crate::deliver::send_commit;
 use crate::handler::{IncomingProposal, ProposalDecision, ProposalResponder};
-use crate::update::send_commit;
-use crate::{Error, Result};
+use crate::{Channel, Error, Result};
 
 /// What the proposer wants: who, with how much, under which rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,16 +56,6 @@ impl ChannelProposal {
     }
 }
 
-/// An accepted proposal waiting for its `Signing0`.
-#[derive(Debug)]
-pub(crate) struct Pending {
-    proposal: Proposal,
-    from: PeerId,
-    index: usize,
-    share: B256,
-    done: oneshot::Sender<Result<Channel>>,
-}
-
 fn random_word() -> B256 {
     let mut b = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut b);
@@ -89,9 +77,9 @@ fn channel_of(p: &Proposal, nonce_shares: &[B256]) -> Result<(Params, State)> {
 }
 
 /// Checks a proposal's shape, its sender, and finds our index in it.
-fn check_proposal(inner: &Inner, from: Option<PeerId>, p: &Proposal) -> Result<usize> {
+fn check_proposal(shared: &Shared, from: Option<PeerId>, p: &Proposal) -> Result<usize> {
     let n = p.participants.len();
-    let me = (inner.account.address(), inner.wire.local_peer_id());
+    let me = (shared.account.address(), shared.wire.local_peer_id());
     let index = p
         .participants
         .iter()
@@ -120,7 +108,7 @@ fn check_proposal(inner: &Inner, from: Option<PeerId>, p: &Proposal) -> Result<u
 }
 
 /// Runs the proposer's side.
-pub(crate) async fn propose(inner: &Arc<Inner>, spec: ChannelProposal) -> Result<Channel> {
+pub(crate) async fn propose(shared: &Arc<Shared>, spec: ChannelProposal) -> Result<Channel> {
     let proposal = Proposal {
         proposal_id: random_word(),
         challenge_duration: spec.challenge_duration,
@@ -131,7 +119,7 @@ pub(crate) async fn propose(inner: &Arc<Inner>, spec: ChannelProposal) -> Result
         app_data: spec.app_data,
         nonce_share: random_word(),
     };
-    let index = check_proposal(inner, None, &proposal)?;
+    let index = check_proposal(shared, None, &proposal)?;
     let proposal = Proposal {
         proposer: index,
         ..proposal
@@ -146,7 +134,7 @@ pub(crate) async fn propose(inner: &Arc<Inner>, spec: ChannelProposal) -> Result
             .filter(|(i, _)| *i != index)
             .map(|(i, peer)| {
                 let msg = Message::Proposal(proposal.clone());
-                async move { (i, *peer, inner.wire.send(*peer, &msg).await) }
+                async move { (i, *peer, shared.wire.send(*peer, &msg).await) }
             });
         let replies = futures::future::join_all(sends).await;
         let mut shares = vec![B256::ZERO; n];
@@ -182,22 +170,22 @@ pub(crate) async fn propose(inner: &Arc<Inner>, spec: ChannelProposal) -> Result
             }
         }
         if let Some(e) = failure {
-            abort(inner, &proposal, index, &accepted, &e).await;
+            abort(shared, &proposal, index, &accepted, &e).await;
             return Err(e);
         }
         let (params, state0) = channel_of(&proposal, &shares)?;
         let mut machine = Machine::new(params, index, state0)?;
         machine.set_phase(Phase::Signing0)?;
-        let signature = machine.sign_staged(inner.account.as_ref())?;
+        let signature = machine.sign_staged(shared.account.as_ref())?;
         let core = ChannelCore::new(machine, peers)?;
         {
             let l = core.locked.lock().await;
-            inner
+            shared
                 .persister
                 .channel_created(&core.record(&l.machine))
                 .await?;
         }
-        inner.insert_channel(core.clone());
+        shared.insert_channel(core.clone());
         debug!(channel = %core.id, "version 0 signed and stored");
 
         let msg = Message::Signing0(Signing0 {
@@ -205,28 +193,28 @@ pub(crate) async fn propose(inner: &Arc<Inner>, spec: ChannelProposal) -> Result
             nonce_shares: shares,
             signature,
         });
-        let replies = inner.broadcast(&core, &msg).await;
-        let res = collect_signing0(inner, &core, replies).await;
+        let replies = shared.broadcast(&core, &msg).await;
+        let res = collect_signing0(shared, &core, replies).await;
         let full = match res {
             Ok(full) => full,
             Err(e) => {
                 // Nothing is funded yet; forget the channel.
-                inner.remove_channel(&core.id);
-                let _ = inner.persister.channel_removed(core.id).await;
+                shared.remove_channel(&core.id);
+                let _ = shared.persister.channel_removed(core.id).await;
                 return Err(e);
             }
         };
         if n > 2 {
-            let _ = send_commit(inner, &core, &full).await;
+            send_commit(shared, &core, &full).await;
         }
-        fund_and_activate(inner, core).await
+        fund_and_activate(shared, core).await
     }
     .instrument(span)
     .await
 }
 
 async fn collect_signing0(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
     replies: Vec<(PeerId, usize, perun_wire::Result<Message>)>,
 ) -> Result<SignedState> {
@@ -256,18 +244,21 @@ async fn collect_signing0(
         }
     }
     trial.commit_staged()?;
-    let full = l.commit_trial(inner, core, trial).await?;
+    let full = l.commit_trial(shared, core, trial).await?;
     Ok(full)
 }
 
 /// Finishes funding a channel restored in `Funding` (deposits are
 /// idempotent: only what is still missing is paid).
-pub(crate) async fn resume_funding(inner: &Arc<Inner>, core: Arc<ChannelCore>) -> Result<Channel> {
-    fund_and_activate(inner, core).await
+pub(crate) async fn resume_funding(
+    shared: &Arc<Shared>,
+    core: Arc<ChannelCore>,
+) -> Result<Channel> {
+    fund_and_activate(shared, core).await
 }
 
 /// Deposits our share, waits for everyone's, and marks the channel active.
-async fn fund_and_activate(inner: &Arc<Inner>, core: Arc<ChannelCore>) -> Result<Channel> {
+async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Result<Channel> {
     let state = {
         let l = core.locked.lock().await;
         l.machine
@@ -279,39 +270,55 @@ async fn fund_and_activate(inner: &Arc<Inner>, core: Arc<ChannelCore>) -> Result
         params: core.params.clone(),
         state,
         index: core.index,
-        timeout: inner.timeouts.funding,
+        timeout: shared.timeouts.funding,
     };
     // Watch the chain from funding on: deposits are at stake from now.
-    crate::watcher::spawn(inner, &core);
+    crate::watcher::spawn(shared, &core);
     crate::failpoint::hit("funding").await;
-    let funded = inner
-        .funder
-        .fund(req)
-        .instrument(info_span!("fund", channel = %core.id))
-        .await;
+    // Deposits never overpay (the funder names the holdings it expects), so
+    // a call that failed without a verdict is simply made again, until the
+    // funding timeout.
+    let deadline = tokio::time::Instant::now() + shared.timeouts.funding;
+    let mut attempt = 0;
+    let funded = loop {
+        let res = shared
+            .funder
+            .fund(req.clone())
+            .instrument(info_span!("fund", channel = %core.id, attempt))
+            .await;
+        match res {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                attempt += 1;
+                let pause = shared.timeouts.backoff(attempt);
+                warn!(channel = %core.id, error = %e, ?pause, "funding failed; trying again");
+                tokio::time::sleep(pause).await;
+            }
+            other => break other,
+        }
+    };
     if let Err(e) = funded {
         warn!(channel = %core.id, error = %e, "funding failed; recovering deposits via version 0");
         // Register version 0: once its challenge period is over the holders
         // pay every deposit back (an under-funded channel refunds), and the
         // watcher withdraws ours.
-        if let Err(close) = crate::watcher::force_close(inner, &core).await {
-            warn!(channel = %core.id, error = %close, "could not register version 0");
+        if let Err(close) = crate::watcher::force_close(shared, &core).await {
+            warn!(channel = %core.id, error = %close, "could not start closing the channel");
         }
         return Err(e.into());
     }
-    set_phase(inner, &core, Phase::Active).await?;
+    set_phase(shared, &core, Phase::Active).await?;
     info!(channel = %core.id, "channel active");
-    Ok(Channel::new(core, inner.clone()))
+    Ok(Channel::new(core, shared.clone()))
 }
 
 /// Tells the peers that accepted that the proposal is off.
-async fn abort(inner: &Arc<Inner>, p: &Proposal, index: usize, peers: &[PeerId], why: &Error) {
+async fn abort(shared: &Arc<Shared>, p: &Proposal, index: usize, peers: &[PeerId], why: &Error) {
     let msg = Message::ProposalReject(ProposalReject {
         proposal_id: p.proposal_id,
         index,
         reason: format!("aborted: {why}"),
     });
-    let sends = peers.iter().map(|peer| inner.wire.send(*peer, &msg));
+    let sends = peers.iter().map(|peer| shared.wire.send(*peer, &msg));
     futures::future::join_all(sends).await;
 }
 
@@ -326,14 +333,14 @@ fn reject_proposal(p: &Proposal, index: usize, reason: String) -> Message {
 /// Answers a `Proposal`: checks it, asks the handler, and on accept waits
 /// (in the background) for `Signing0`.
 pub(crate) async fn handle_proposal(
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     peer: PeerId,
     p: Proposal,
     responder: Responder,
 ) {
     let span = info_span!("handle_proposal", proposal = %p.proposal_id, %peer);
     async move {
-        let index = match check_proposal(&inner, Some(peer), &p) {
+        let index = match check_proposal(&shared, Some(peer), &p) {
             Ok(i) => i,
             Err(e) => {
                 warn!(error = %e, "invalid proposal");
@@ -342,7 +349,7 @@ pub(crate) async fn handle_proposal(
             }
         };
         let (tx, rx) = oneshot::channel();
-        let handler = inner.proposal_handler.clone();
+        let handler = shared.proposal_handler.clone();
         let incoming = IncomingProposal {
             proposal: p.clone(),
             from: peer,
@@ -353,7 +360,7 @@ pub(crate) async fn handle_proposal(
                 .handle_proposal(incoming, ProposalResponder { tx })
                 .await
         });
-        let decision = tokio::time::timeout(inner.timeouts.handler, rx).await;
+        let decision = tokio::time::timeout(shared.timeouts.handler, rx).await;
         let done = match decision {
             Ok(Ok(ProposalDecision::Accept(done))) => done,
             Ok(Ok(ProposalDecision::Reject(reason))) => {
@@ -367,8 +374,8 @@ pub(crate) async fn handle_proposal(
         };
         let share = random_word();
         let id = p.proposal_id;
-        let address = inner.account.address();
-        lock(&inner.pending).insert(
+        let address = shared.account.address();
+        lock(&shared.pending).insert(
             id,
             Pending {
                 proposal: p,
@@ -387,12 +394,12 @@ pub(crate) async fn handle_proposal(
         crate::failpoint::hit_now("accepted").await;
         // Give up if Signing0 does not come. Hold only a weak reference
         // meanwhile, so a client that shuts down is not kept alive.
-        let timeout = inner.timeouts.signing;
-        let weak = Arc::downgrade(&inner);
-        drop(inner);
+        let timeout = shared.timeouts.signing;
+        let weak = Arc::downgrade(&shared);
+        drop(shared);
         tokio::time::sleep(timeout).await;
-        if let Some(inner) = weak.upgrade()
-            && let Some(p) = lock(&inner.pending).remove(&id)
+        if let Some(shared) = weak.upgrade()
+            && let Some(p) = lock(&shared.pending).remove(&id)
         {
             warn!("no Signing0 in time; proposal dropped");
             let _ = p.done.send(Err(Error::Timeout("version-0 signatures")));
@@ -404,12 +411,12 @@ pub(crate) async fn handle_proposal(
 
 /// The proposer called a proposal off.
 pub(crate) fn handle_abort(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     peer: PeerId,
     r: ProposalReject,
     responder: Responder,
 ) {
-    let mut pending = lock(&inner.pending);
+    let mut pending = lock(&shared.pending);
     match pending.remove(&r.proposal_id) {
         Some(p) if p.from == peer => {
             let _ = p.done.send(Err(Error::Rejected {
@@ -429,13 +436,13 @@ pub(crate) fn handle_abort(
 /// Answers `Signing0`: derives the channel, checks the proposer's
 /// signature, persists ours, replies with it, then funds in the background.
 pub(crate) async fn handle_signing0(
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     peer: PeerId,
     s: Signing0,
     responder: Responder,
 ) {
     let pending = {
-        let mut map = lock(&inner.pending);
+        let mut map = lock(&shared.pending);
         match map.remove(&s.proposal_id) {
             Some(p) if p.from == peer => Some(p),
             Some(p) => {
@@ -451,8 +458,8 @@ pub(crate) async fn handle_signing0(
         return;
     };
     let span = info_span!("handle_signing0", proposal = %s.proposal_id, me = pending.index);
-    let _g = span.enter();
-    match sign0(&inner, &pending, &s).await {
+    let signed = sign0(&shared, &pending, &s).instrument(span.clone()).await;
+    match signed {
         Ok((core, signature)) => {
             let _ = responder.reply(Message::UpdateAccept(UpdateAccept {
                 channel_id: core.id,
@@ -461,24 +468,23 @@ pub(crate) async fn handle_signing0(
                 signature,
             }));
             crate::failpoint::hit("signed0").await;
-            let inner = inner.clone();
             tokio::spawn(
                 async move {
                     let res = async {
-                        core.wait_phase(inner.timeouts.signing, "version-0 commit", |p| {
+                        core.wait_phase(shared.timeouts.signing, "version-0 commit", |p| {
                             p != Phase::Signing0
                         })
                         .await?;
-                        fund_and_activate(&inner, core).await
+                        fund_and_activate(&shared, core).await
                     }
                     .await;
                     let _ = pending.done.send(res);
                 }
-                .instrument(span.clone()),
+                .instrument(span),
             );
         }
         Err(e) => {
-            warn!(error = %e, "Signing0 refused");
+            span.in_scope(|| warn!(error = %e, "Signing0 refused"));
             let _ = responder.reply(Message::UpdateReject(perun_wire::UpdateReject {
                 channel_id: B256::ZERO,
                 version: 0,
@@ -492,7 +498,7 @@ pub(crate) async fn handle_signing0(
 }
 
 async fn sign0(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     pending: &Pending,
     s: &Signing0,
 ) -> Result<(Arc<ChannelCore>, perun_wallet::Signature)> {
@@ -508,7 +514,7 @@ async fn sign0(
     let mut machine = Machine::new(params, pending.index, state0)?;
     machine.set_phase(Phase::Signing0)?;
     machine.add_signature(p.proposer, s.signature)?;
-    let signature = machine.sign_staged(inner.account.as_ref())?;
+    let signature = machine.sign_staged(shared.account.as_ref())?;
     if n == 2 {
         // We now hold both signatures: version 0 is complete.
         machine.commit_staged()?;
@@ -518,11 +524,11 @@ async fn sign0(
     {
         // Persist before our signature leaves this process.
         let l = core.locked.lock().await;
-        inner
+        shared
             .persister
             .channel_created(&core.record(&l.machine))
             .await?;
     }
-    inner.insert_channel(core.clone());
+    shared.insert_channel(core.clone());
     Ok((core, signature))
 }

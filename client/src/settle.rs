@@ -1,103 +1,104 @@
 //! Closing a channel: cooperatively when the peers answer, on-chain alone
-//! when they do not.
+//! when they do not. Either way the channel's watcher takes the on-chain
+//! steps (with its retries); `settle` waits for it.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use perun_adjudicator::{SignedChannel, WithdrawRequest};
 use perun_channel::Phase;
+use tokio::sync::broadcast::error::RecvError;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::channel::{ChannelCore, set_phase};
-use crate::client::Inner;
+use crate::core::{ChannelCore, Shared};
+use crate::event::ChannelEvent;
 use crate::{Error, Result, watcher};
 
-pub(crate) async fn settle(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> Result<()> {
+/// Consecutive failed watcher steps after which `settle` stops waiting
+/// (the watcher goes on trying in the background).
+pub(crate) const SETTLE_MAX_FAILURES: u32 = 20;
+
+pub(crate) async fn settle(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Result<()> {
     let span = info_span!("settle", channel = %core.id, me = core.index);
     async {
+        // Listen before anything happens, so no retry report is missed.
+        let events = core.subscribe_events();
         // Both sides may settle at once: their final updates conflict, and
         // the loser signs the winner's. Retry a few times before going on-chain.
         let mut attempts = 0;
         while matches!(core.phase(), Phase::Active | Phase::Updating) {
             attempts += 1;
-            let finalise = crate::update::propose(inner, core, |s| {
+            let finalise = crate::update::propose(shared, core, |s| {
                 s.isFinal = true;
                 Ok(())
             });
-            match tokio::time::timeout(inner.timeouts.settle_cooperative, finalise).await {
+            let res = tokio::time::timeout(shared.timeouts.settle_cooperative, finalise).await;
+            if !matches!(core.phase(), Phase::Active | Phase::Updating | Phase::Final) {
+                // The watcher moved the channel on meanwhile (a dispute runs on-chain).
+                info!(phase = ?core.phase(), "a dispute runs on-chain; the watcher settles the channel");
+                break;
+            }
+            match res {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) if e.is_retryable() && attempts < 4 => {
                     let _ = core
-                        .wait_phase(inner.timeouts.update_wait, "peer's update", |p| {
+                        .wait_phase(shared.timeouts.update_wait, "peer's update", |p| {
                             p != Phase::Updating
                         })
                         .await;
                 }
                 Ok(Err(e)) => {
                     warn!(error = %e, "peers did not sign the final state; closing on-chain");
-                    return dispute_close(inner, core).await;
+                    watcher::force_close(shared, core).await?;
                 }
                 Err(_) => {
                     warn!("peers are silent; closing on-chain");
-                    return dispute_close(inner, core).await;
+                    watcher::force_close(shared, core).await?;
                 }
             }
         }
         match core.phase() {
-            Phase::Final | Phase::Concluded => conclude_and_withdraw(inner, core).await,
-            Phase::Withdrawn => Ok(()),
-            Phase::Funding | Phase::Registered => dispute_close(inner, core).await,
-            p => Err(Error::Phase(p)),
+            Phase::Withdrawn => return Ok(()),
+            Phase::Final => core.settling.store(true, Ordering::SeqCst),
+            // A channel whose funding failed: recover the deposits.
+            Phase::Funding => watcher::force_close(shared, core).await?,
+            Phase::Registered | Phase::Concluded => {}
+            p => return Err(Error::Phase(p)),
         }
+        watcher::spawn(shared, core);
+        watcher::nudge(core);
+        until_withdrawn(core, events).await
     }
     .instrument(span)
     .await
 }
 
-/// Registers our latest state (unless a dispute runs already) and drives
-/// the dispute until our funds are withdrawn.
-async fn dispute_close(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> Result<()> {
-    watcher::force_close(inner, core).await?;
-    watcher::until_withdrawn(inner, core).await
-}
-
-/// From `Final` (or a concluded channel): conclude on-chain, then withdraw our share.
-pub(crate) async fn conclude_and_withdraw(
-    inner: &Arc<Inner>,
-    core: &Arc<ChannelCore>,
+/// Waits until the channel is withdrawn; fails with [`Error::Stalled`]
+/// once the watcher's steps failed [`SETTLE_MAX_FAILURES`] times in a row.
+async fn until_withdrawn(
+    core: &ChannelCore,
+    mut events: tokio::sync::broadcast::Receiver<ChannelEvent>,
 ) -> Result<()> {
-    let _one = core.act_lock.lock().await;
-    let (phase, current) = {
-        let l = core.locked.lock().await;
-        (l.machine.phase(), l.machine.current().cloned())
-    };
-    let current = current.ok_or(Error::Phase(phase))?;
-    if phase == Phase::Final {
-        let req = SignedChannel {
-            params: core.params.clone(),
-            state: current.clone(),
-        };
-        match inner.adjudicator.conclude(&req).await {
-            Ok(()) | Err(perun_adjudicator::Error::AlreadyConcluded) => {}
-            Err(e) => return Err(e.into()),
+    let mut phase = core.phase_changes();
+    let mut failures = 0u32;
+    loop {
+        if *phase.borrow_and_update() == Phase::Withdrawn {
+            return Ok(());
         }
-        set_phase(inner, core, Phase::Concluded).await?;
-        info!(version = current.state.version, "concluded");
-        crate::failpoint::hit("settle_concluded").await;
-    }
-    if core.phase() == Phase::Concluded {
-        let req = WithdrawRequest {
-            params: core.params.clone(),
-            state: current.state.clone(),
-            index: core.index,
-            account: inner.account.clone(),
-            receiver: inner.account.address(),
-        };
-        inner.adjudicator.withdraw(&req).await?;
-        set_phase(inner, core, Phase::Withdrawn).await?;
-        info!("withdrawn");
-    }
-    match core.phase() {
-        Phase::Withdrawn => Ok(()),
-        p => Err(Error::Phase(p)),
+        tokio::select! {
+            changed = phase.changed() => if changed.is_err() {
+                return Err(Error::Closed);
+            },
+            ev = events.recv() => match ev {
+                Ok(ChannelEvent::Retry { error, .. }) => {
+                    failures += 1;
+                    if failures >= SETTLE_MAX_FAILURES {
+                        return Err(Error::Stalled { attempts: failures, last: error });
+                    }
+                }
+                Ok(ChannelEvent::StepDone(_) | ChannelEvent::Watching { .. }) => failures = 0,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return Err(Error::Closed),
+            },
+        }
     }
 }

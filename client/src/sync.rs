@@ -14,6 +14,15 @@
 //!
 //! Every state taken from a peer is verified (all signatures, the
 //! transition rule).
+//!
+//! # When a `Sync` happens
+//! - after a restore, with every peer of every open channel;
+//! - whenever a channel may disagree with a peer: a commit or abort the
+//!   peer did not take, a commit we waited for in vain (`sweep_commits`),
+//!   our own update whose answer got lost, a restore sync that failed. Such
+//!   a (channel, peer) pair is *unsynced*; a resync worker per peer syncs
+//!   it with backoff until it succeeds, and at once when the peer's
+//!   connection comes back.
 
 use std::sync::Arc;
 
@@ -21,9 +30,8 @@ use perun_channel::{Phase, SignedState};
 use perun_wire::{Message, PeerId, Refusal, RefusalCode, Responder, Sync};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::channel::ChannelCore;
-use crate::client::Inner;
-use crate::update::send_commit;
+use crate::core::{ChannelCore, Locked, Shared, lock};
+use crate::deliver::{mark_unsynced, send_commit};
 use crate::{Error, Result};
 
 /// Our `Sync` for a channel, if version 0 is fully signed.
@@ -48,7 +56,7 @@ async fn ours(core: &ChannelCore) -> Option<Sync> {
 /// be dropped. A peer's Sync *request* is current: a restored channel does
 /// not propose before its sync is done.
 async fn merge(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
     peer: PeerId,
     theirs: &Sync,
@@ -60,7 +68,7 @@ async fn merge(
     if cur.is_some_and(|v| theirs.latest.state.version > v) {
         let mut trial = l.machine.clone();
         trial.adopt(theirs.latest.clone())?;
-        l.commit_trial(inner, core, trial).await?;
+        l.commit_trial(shared, core, trial).await?;
         info!(
             version = theirs.latest.state.version,
             "adopted a state from sync"
@@ -89,7 +97,7 @@ async fn merge(
         return Ok(None);
     }
     let mut trial = l.machine.clone();
-    if let Err(e) = trial.stage_update(staged.state.clone(), core.index, inner.app.as_ref()) {
+    if let Err(e) = trial.stage_update(staged.state.clone(), core.index, shared.app.as_ref()) {
         warn!(%peer, error = %e, "peer's staged state is not an update of ours; ignored");
         return Ok(None);
     }
@@ -98,9 +106,9 @@ async fn merge(
             trial.add_signature(i, *sig)?;
         }
     }
-    trial.sign_staged(inner.account.as_ref())?;
+    trial.sign_staged(shared.account.as_ref())?;
     trial.commit_staged()?;
-    let full = l.commit_trial(inner, core, trial).await?;
+    let full = l.commit_trial(shared, core, trial).await?;
     l.pending = None;
     info!(
         version = full.state.version,
@@ -115,7 +123,7 @@ async fn merge(
 /// the proposer restarted or gave up, and can no longer complete it.
 fn abandon_if_proposer_dropped(
     core: &ChannelCore,
-    l: &mut crate::channel::Locked,
+    l: &mut Locked,
     peer_index: Option<usize>,
     theirs: &Sync,
 ) {
@@ -147,8 +155,8 @@ fn abandon_if_proposer_dropped(
 }
 
 /// Answers a peer's `Sync`: merge theirs, reply with ours.
-pub(crate) async fn handle_sync(inner: Arc<Inner>, peer: PeerId, s: Sync, responder: Responder) {
-    let Some(core) = inner.channel_core(&s.channel_id) else {
+pub(crate) async fn handle_sync(shared: Arc<Shared>, peer: PeerId, s: Sync, responder: Responder) {
+    let Some(core) = shared.channel_core(&s.channel_id) else {
         let _ = responder.refuse(Refusal::new(RefusalCode::Unauthorized, "unknown channel"));
         return;
     };
@@ -159,7 +167,7 @@ pub(crate) async fn handle_sync(inner: Arc<Inner>, peer: PeerId, s: Sync, respon
     }
     let span = info_span!("handle_sync", channel = %core.id, %peer);
     async {
-        let completed = match merge(&inner, &core, peer, &s, None).await {
+        let completed = match merge(&shared, &core, peer, &s, None).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "sync carried an invalid state");
@@ -176,29 +184,22 @@ pub(crate) async fn handle_sync(inner: Arc<Inner>, peer: PeerId, s: Sync, respon
             }
         }
         if let Some(full) = completed {
-            let _ = send_commit(&inner, &core, &full).await;
+            send_commit(&shared, &core, &full).await;
         }
     }
     .instrument(span)
     .await
 }
 
-/// Sends our `Sync` to every peer and merges their answers. A peer that
-/// cannot be reached is retried with backoff for `timeouts.sync` (it may be
-/// restarting too, or its address may not be known yet).
-pub(crate) async fn sync_with_peers(inner: &Arc<Inner>, core: &Arc<ChannelCore>) -> Result<()> {
+/// Sends our `Sync` to every peer and merges their answers (after a
+/// restore). A peer that cannot be reached is retried with backoff for
+/// `timeouts.sync` (it may be restarting too), then left to the resync.
+pub(crate) async fn sync_with_peers(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Result<()> {
     let span = info_span!("sync", channel = %core.id);
     async {
-        let peers: Vec<(usize, PeerId)> = core
-            .peers
-            .iter()
-            .copied()
-            .enumerate()
-            .filter(|(i, _)| *i != core.index)
-            .collect();
-        let syncs = peers
-            .into_iter()
-            .map(|(i, peer)| sync_one(inner, core, i, peer));
+        let syncs = core
+            .others()
+            .map(|(i, peer)| sync_retrying(shared, core, i, peer));
         for res in futures::future::join_all(syncs).await {
             res?;
         }
@@ -208,43 +209,270 @@ pub(crate) async fn sync_with_peers(inner: &Arc<Inner>, core: &Arc<ChannelCore>)
     .await
 }
 
-async fn sync_one(
-    inner: &Arc<Inner>,
+async fn sync_retrying(
+    shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
     index: usize,
     peer: PeerId,
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + inner.timeouts.sync;
-    let mut backoff = std::time::Duration::from_millis(100);
+    let deadline = tokio::time::Instant::now() + shared.timeouts.sync;
+    let mut attempt = 0;
     loop {
-        let Some(mine) = ours(core).await else {
-            return Ok(());
-        };
-        let sent = mine.staged.as_ref().map(|st| st.state.hash());
-        match inner.wire.send(peer, &Message::Sync(mine)).await {
-            Ok(Message::Sync(theirs)) if theirs.channel_id == core.id && theirs.index == index => {
-                if let Some(full) = merge(inner, core, peer, &theirs, Some(sent)).await? {
-                    let _ = send_commit(inner, core, &full).await;
+        match exchange(shared, core, index, peer).await {
+            Ok(()) => return Ok(()),
+            Err(Exchange::Merge(e)) => return Err(e),
+            Err(Exchange::Unreachable(e)) => {
+                attempt += 1;
+                let pause = shared.timeouts.backoff(attempt);
+                if tokio::time::Instant::now() + pause >= deadline {
+                    debug!(%peer, error = %e, "peer unreachable; it is synced once reachable");
+                    mark_unsynced(shared, core.id, peer);
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            Ok(other) => {
-                warn!(%peer, ?other, "bad reply to sync");
-                return Ok(());
-            }
-            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                debug!(%peer, error = %e, "sync failed; retrying");
-                let mut stop = inner.stop.subscribe();
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                    () = tokio::time::sleep(pause) => {}
+                    () = shared.stopping() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }
-            Err(e) => {
-                warn!(%peer, error = %e, "sync failed; the peer syncs when it is back");
-                return Ok(());
+        }
+    }
+}
+
+/// Why one `Sync` exchange failed.
+enum Exchange {
+    /// The peer did not answer (or answered nonsense): try again later.
+    Unreachable(Error),
+    /// Its answer could not be merged (a bad state, a failed write).
+    Merge(Error),
+}
+
+/// One `Sync` request to `peer` and the merge of its answer.
+async fn exchange(
+    shared: &Arc<Shared>,
+    core: &Arc<ChannelCore>,
+    index: usize,
+    peer: PeerId,
+) -> std::result::Result<(), Exchange> {
+    let Some(mine) = ours(core).await else {
+        return Ok(());
+    };
+    let sent = mine.staged.as_ref().map(|st| st.state.hash());
+    match shared.wire.send(peer, &Message::Sync(mine)).await {
+        Ok(Message::Sync(theirs)) if theirs.channel_id == core.id && theirs.index == index => {
+            let completed = merge(shared, core, peer, &theirs, Some(sent))
+                .await
+                .map_err(Exchange::Merge)?;
+            if let Some(full) = completed {
+                send_commit(shared, core, &full).await;
             }
+            Ok(())
+        }
+        Ok(other) => {
+            warn!(%peer, ?other, "bad reply to sync");
+            Err(Exchange::Unreachable(Error::Protocol {
+                peer,
+                reason: "bad reply to sync".into(),
+            }))
+        }
+        Err(e) => Err(Exchange::Unreachable(e.into())),
+    }
+}
+
+/// Starts the client's resync: a worker per peer with unsynced channels,
+/// woken by new marks and by the peer's connection coming back. Runs until
+/// the client stops.
+pub(crate) fn spawn_resync(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    let mut marks = shared.resync_wake.subscribe();
+    let mut peers = shared.wire.peer_events();
+    tokio::spawn(async move {
+        loop {
+            let Some(shared) = weak.upgrade() else { return };
+            let peer = tokio::select! {
+                m = marks.recv() => match m {
+                    Ok(peer) => Some(peer),
+                    // Missed some marks: look at every peer.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                ev = peers.recv() => match ev {
+                    Ok(perun_wire::PeerEvent::Connected(peer)) => {
+                        debug!(%peer, "peer connected");
+                        Some(peer)
+                    }
+                    Ok(perun_wire::PeerEvent::Disconnected(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                () = shared.stopping() => return,
+            };
+            let peers: Vec<PeerId> = match peer {
+                Some(p) => vec![p],
+                None => lock(&shared.unsynced).keys().copied().collect(),
+            };
+            for peer in peers {
+                poke_resync(&shared, peer);
+            }
+        }
+    });
+    spawn_commit_sweep(shared);
+}
+
+/// Starts `peer`'s resync worker if it has unsynced channels, or wakes it.
+fn poke_resync(shared: &Arc<Shared>, peer: PeerId) {
+    if !lock(&shared.unsynced).contains_key(&peer) {
+        return;
+    }
+    let mut workers = lock(&shared.resyncing);
+    if let Some(poke) = workers.get(&peer) {
+        poke.notify_one();
+        return;
+    }
+    let poke = Arc::new(tokio::sync::Notify::new());
+    workers.insert(peer, poke.clone());
+    let span = info_span!(parent: None, "resync", %peer);
+    tokio::spawn(resync_peer(shared.clone(), peer, poke).instrument(span));
+}
+
+/// Channels synced with one peer at once by its resync worker.
+const RESYNC_CONCURRENCY: usize = 16;
+
+/// Syncs every unsynced channel with `peer` until none is left; backs off
+/// while the peer is unreachable, and tries at once when poked.
+async fn resync_peer(shared: Arc<Shared>, peer: PeerId, poke: Arc<tokio::sync::Notify>) {
+    use futures::StreamExt;
+    let mut attempt = 0u32;
+    loop {
+        let ids: Vec<perun_channel::ChannelId> = {
+            let mut unsynced = lock(&shared.unsynced);
+            let ids: Vec<_> = unsynced
+                .get(&peer)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            if ids.is_empty() {
+                unsynced.remove(&peer);
+                lock(&shared.resyncing).remove(&peer);
+                debug!("in sync with the peer");
+                return;
+            }
+            ids
+        };
+        // One channel first: if the peer is away, do not try thousands.
+        let (first, rest) = ids.split_at(1);
+        let mut reachable = resync_one(&shared, peer, first[0]).await;
+        if reachable {
+            let results: Vec<bool> = futures::stream::iter(rest.iter().copied())
+                .map(|id| resync_one(&shared, peer, id))
+                .buffer_unordered(RESYNC_CONCURRENCY)
+                .collect()
+                .await;
+            reachable = results.into_iter().all(|ok| ok);
+        }
+        if reachable {
+            attempt = 0;
+            continue;
+        }
+        attempt += 1;
+        let pause = shared.timeouts.backoff(attempt);
+        debug!(attempt, ?pause, "peer not reachable; resync later");
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = poke.notified() => attempt = 0,
+            () = shared.stopping() => {
+                lock(&shared.resyncing).remove(&peer);
+                return;
+            }
+        }
+    }
+}
+
+/// Syncs one unsynced channel with `peer`; `false` if the peer could not be
+/// reached (the channel stays unsynced).
+async fn resync_one(shared: &Arc<Shared>, peer: PeerId, id: perun_channel::ChannelId) -> bool {
+    let done = |shared: &Shared| {
+        if let Some(set) = lock(&shared.unsynced).get_mut(&peer) {
+            set.remove(&id);
+        }
+    };
+    let Some(core) = shared.channel_core(&id) else {
+        done(shared);
+        return true;
+    };
+    let (Some(index), true) = (
+        core.peer_index(&peer),
+        matches!(core.phase(), Phase::Active | Phase::Updating | Phase::Final),
+    ) else {
+        // Closing on-chain (or not our peer): nothing to agree on off-chain.
+        done(shared);
+        return true;
+    };
+    let span = info_span!("resync", channel = %id);
+    match exchange(shared, &core, index, peer).instrument(span).await {
+        Ok(()) => {
+            done(shared);
+            true
+        }
+        Err(Exchange::Merge(e)) => {
+            warn!(channel = %id, error = %e, "peer's sync did not merge; not retried");
+            done(shared);
+            true
+        }
+        Err(Exchange::Unreachable(e)) => {
+            debug!(channel = %id, error = %e, "sync failed");
+            false
+        }
+    }
+}
+
+/// Every so often, marks the channels whose commit did not come within
+/// `update_wait` after we signed as unsynced with their proposer: a `Sync`
+/// then brings the commit (or shows the update was given up), so a
+/// responder is never left `Updating`.
+fn spawn_commit_sweep(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    let period = (shared.timeouts.update_wait / 2).max(std::time::Duration::from_millis(50));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { return };
+            if shared.stopped() {
+                return;
+            }
+            sweep_commits(&shared).await;
+        }
+    });
+}
+
+async fn sweep_commits(shared: &Arc<Shared>) {
+    let now = std::time::Instant::now();
+    let late: Vec<_> = {
+        let mut waiting = lock(&shared.awaiting_commit);
+        let late: Vec<_> = waiting
+            .iter()
+            .filter(|(_, (since, _, _))| now.duration_since(*since) >= shared.timeouts.update_wait)
+            .map(|(id, (_, peer, v))| (*id, *peer, *v))
+            .collect();
+        for (id, _, _) in &late {
+            waiting.remove(id);
+        }
+        late
+    };
+    for (id, peer, version) in late {
+        let Some(core) = shared.channel_core(&id) else {
+            continue;
+        };
+        let still = {
+            let l = core.locked.lock().await;
+            l.machine.phase() == Phase::Updating
+                && l.machine
+                    .staged()
+                    .is_some_and(|s| s.state.version == version)
+        };
+        if still {
+            info!(channel = %id, version, %peer, "no commit from the proposer; asking it by Sync");
+            mark_unsynced(shared, id, peer);
         }
     }
 }

@@ -25,14 +25,14 @@ use perun_wire::{
 };
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::channel::ChannelCore;
-use crate::client::Inner;
+use crate::core::{ChannelCore, Locked, Shared, lock};
+use crate::deliver::{InFlight, deliver_commit, reject, send_abort};
 use crate::handler::{IncomingUpdate, UpdateResponder};
 use crate::{Error, Result};
 
 /// Runs one update we propose, start to finish.
 pub(crate) async fn propose(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
     f: impl FnOnce(&mut State) -> std::result::Result<(), String>,
 ) -> Result<SignedState> {
@@ -42,7 +42,7 @@ pub(crate) async fn propose(
         // A restored channel first tells its peers where it stands.
         if !*core.synced.borrow() {
             let mut synced = core.synced.subscribe();
-            let wait = inner.timeouts.sync + inner.timeouts.update_wait;
+            let wait = shared.timeouts.sync + shared.timeouts.update_wait;
             if tokio::time::timeout(wait, synced.wait_for(|s| *s))
                 .await
                 .is_err()
@@ -52,7 +52,7 @@ pub(crate) async fn propose(
         }
         // An update a peer proposed may still be waiting for its commit.
         if core.phase() == Phase::Updating {
-            core.wait_phase(inner.timeouts.update_wait, "earlier update", |p| {
+            core.wait_phase(shared.timeouts.update_wait, "earlier update", |p| {
                 p != Phase::Updating
             })
             .await?;
@@ -65,7 +65,7 @@ pub(crate) async fn propose(
             next.version = l.next_version().ok_or(Error::Phase(l.machine.phase()))?;
             f(&mut next).map_err(Error::InvalidUpdate)?;
             l.machine
-                .stage_update(next.clone(), core.index, inner.app.as_ref())?;
+                .stage_update(next.clone(), core.index, shared.app.as_ref())?;
             l.staged_actor = Some(core.index);
             // A newer proposal supersedes an older failed one.
             l.pending = None;
@@ -78,7 +78,7 @@ pub(crate) async fn propose(
             state: next.clone(),
             actor: core.index,
         });
-        let replies = inner.broadcast(core, &msg).await;
+        let replies = shared.broadcast(core, &msg).await;
 
         let mut l = core.locked.lock().await;
         let ours = l.staged_actor == Some(core.index)
@@ -133,17 +133,17 @@ pub(crate) async fn propose(
             }
         }
         if let Some(e) = failure {
-            fail(inner, core, l, &next, ours, unknown, signed_by).await;
+            fail(shared, core, l, &next, ours, unknown, signed_by).await;
             return Err(e);
         }
         crate::failpoint::hit("propose_before_commit").await;
-        trial.sign_staged(inner.account.as_ref())?;
+        trial.sign_staged(shared.account.as_ref())?;
         trial.commit_staged()?;
-        let full = match l.commit_trial(inner, core, trial).await {
+        let full = match l.commit_trial(shared, core, trial).await {
             Ok(full) => full,
             Err(e) => {
                 // Our signature never left: dropping the update is safe.
-                fail(inner, core, l, &next, true, false, signed_by).await;
+                fail(shared, core, l, &next, true, false, signed_by).await;
                 return Err(e);
             }
         };
@@ -151,9 +151,9 @@ pub(crate) async fn propose(
         // Our state is durable and fully signed: the update is done for us.
         // The peers get the signatures in the background; a peer that gets
         // our next update first waits for this commit (see `respond_update`).
-        let in_flight = InFlight::new(inner);
+        let in_flight = InFlight::new(shared);
         tokio::spawn(
-            deliver_commit(inner.clone(), core.clone(), full.clone(), in_flight)
+            deliver_commit(shared.clone(), core.clone(), full.clone(), in_flight)
                 .instrument(info_span!("commit", version = full.state.version)),
         );
         debug!(version = full.state.version, "update committed");
@@ -168,9 +168,9 @@ pub(crate) async fn propose(
 /// drop it. A 2-party proposal whose answer is unknown is remembered, so
 /// the peer's `Sync` can still complete it if it signed and stored it.
 async fn fail(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
-    mut l: tokio::sync::MutexGuard<'_, crate::channel::Locked>,
+    mut l: tokio::sync::MutexGuard<'_, Locked>,
     next: &State,
     ours: bool,
     unknown: bool,
@@ -185,35 +185,26 @@ async fn fail(
     }
     l.pending = (unknown && core.peers.len() == 2).then(|| next.hash());
     drop(l);
-    if signed_by.is_empty() {
-        return;
+    if unknown {
+        // A peer may hold our proposal signed, or be stuck on it: a `Sync`
+        // once it is reachable completes or drops it on both sides.
+        for (_, peer) in core.others() {
+            crate::deliver::mark_unsynced(shared, core.id, peer);
+        }
     }
-    let abort = reject(
-        core,
-        next.version,
-        RejectKind::Refused,
-        "update aborted".into(),
-    );
-    let missing = unacked(inner, &abort, signed_by).await;
-    if !missing.is_empty() {
-        warn!(
-            ?missing,
-            version = next.version,
-            "peers did not take the abort; they drop the update on their next sync"
-        );
-    }
+    send_abort(shared, core, next.version, signed_by).await;
 }
 
 /// Answers a proposer's abort of an update it could not complete: the
 /// staged state is dropped if it is that proposer's (or of unknown origin,
 /// restored from disk). Idempotent.
 pub(crate) async fn handle_abort(
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     peer: PeerId,
     r: UpdateReject,
     responder: Responder,
 ) {
-    let Some(core) = inner.channel_core(&r.channel_id) else {
+    let Some(core) = shared.channel_core(&r.channel_id) else {
         let _ = responder.refuse(perun_wire::Refusal::new(
             perun_wire::RefusalCode::Unauthorized,
             "unknown channel",
@@ -248,127 +239,14 @@ pub(crate) async fn handle_abort(
     let _ = responder.reply(Message::Ack);
 }
 
-/// Pauses between attempts to hand a commit to a peer that did not take it.
-const COMMIT_RETRIES: [std::time::Duration; 3] = [
-    std::time::Duration::from_millis(100),
-    std::time::Duration::from_secs(1),
-    std::time::Duration::from_secs(5),
-];
-
-/// Hands the full signature set to every peer, retrying a peer that did
-/// not acknowledge it (a repeated commit is harmless). A peer still
-/// without it then learns the state from the next `Sync`.
-/// Counts a commit as in flight from creation until dropped (see
-/// `Client::shutdown`).
-struct InFlight(Arc<Inner>);
-
-impl InFlight {
-    fn new(inner: &Arc<Inner>) -> Self {
-        inner.commits_in_flight.send_modify(|n| *n += 1);
-        Self(inner.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0
-            .commits_in_flight
-            .send_modify(|n| *n = n.saturating_sub(1));
-    }
-}
-
-async fn deliver_commit(
-    inner: Arc<Inner>,
-    core: Arc<ChannelCore>,
-    full: SignedState,
-    _in_flight: InFlight,
-) {
-    let Some(msg) = commit_message(&core, &full) else {
-        return;
-    };
-    let mut missing = unacked(&inner, &msg, peers_of(&core)).await;
-    for pause in COMMIT_RETRIES {
-        if missing.is_empty() || *inner.stop.borrow() {
-            return;
-        }
-        tokio::time::sleep(pause).await;
-        missing = unacked(&inner, &msg, missing).await;
-    }
-    if !missing.is_empty() {
-        warn!(
-            ?missing,
-            "peers did not take the commit; they learn it on their next sync"
-        );
-    }
-}
-
-fn commit_message(core: &ChannelCore, full: &SignedState) -> Option<Message> {
-    let signatures = full.signatures().ok()?;
-    Some(Message::UpdateCommit(UpdateCommit {
-        channel_id: core.id,
-        version: full.state.version,
-        index: core.index,
-        signatures,
-    }))
-}
-
-/// Every participant but us.
-fn peers_of(core: &ChannelCore) -> Vec<PeerId> {
-    core.peers
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != core.index)
-        .map(|(_, p)| *p)
-        .collect()
-}
-
-/// Sends `msg` to `peers` at once; returns those that did not answer `Ack`.
-async fn unacked(inner: &Inner, msg: &Message, peers: Vec<PeerId>) -> Vec<PeerId> {
-    let sends = peers
-        .into_iter()
-        .map(|peer| async move { (peer, inner.wire.send(peer, msg).await) });
-    let mut missing = Vec::new();
-    for (peer, reply) in futures::future::join_all(sends).await {
-        if !matches!(reply, Ok(Message::Ack)) {
-            debug!(%peer, ?reply, "peer did not acknowledge");
-            missing.push(peer);
-        }
-    }
-    missing
-}
-
-/// Hands the full signature set to every peer; returns the peers that did
-/// not acknowledge it. A peer that misses it learns the state on its next
-/// `Sync`; our state is already durable.
-pub(crate) async fn send_commit(
-    inner: &Arc<Inner>,
-    core: &Arc<ChannelCore>,
-    full: &SignedState,
-) -> Vec<PeerId> {
-    match commit_message(core, full) {
-        Some(msg) => unacked(inner, &msg, peers_of(core)).await,
-        None => Vec::new(),
-    }
-}
-
-fn reject(core: &ChannelCore, version: u64, kind: RejectKind, reason: String) -> Message {
-    Message::UpdateReject(UpdateReject {
-        channel_id: core.id,
-        version,
-        index: core.index,
-        reason,
-        kind,
-    })
-}
-
 /// Answers an `Update` a peer proposed.
 pub(crate) async fn handle_update(
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     peer: PeerId,
     u: Update,
     responder: Responder,
 ) {
-    let Some(core) = inner.channel_core(&u.channel_id) else {
+    let Some(core) = shared.channel_core(&u.channel_id) else {
         warn!(%peer, channel = %u.channel_id, "update for an unknown channel");
         let _ = responder.reply(Message::UpdateReject(UpdateReject {
             channel_id: u.channel_id,
@@ -380,14 +258,14 @@ pub(crate) async fn handle_update(
         return;
     };
     let span = info_span!("handle_update", channel = %core.id, me = core.index, actor = u.actor);
-    let reply = respond_update(&inner, &core, peer, u)
+    let reply = respond_update(&shared, &core, peer, u)
         .instrument(span)
         .await;
     let _ = responder.reply(reply);
 }
 
 async fn respond_update(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
     peer: PeerId,
     u: Update,
@@ -406,7 +284,7 @@ async fn respond_update(
     if core.phase() == Phase::Funding {
         // The proposer saw every deposit a moment before we did.
         let _ = core
-            .wait_phase(inner.timeouts.update_wait, "funding", |p| {
+            .wait_phase(shared.timeouts.update_wait, "funding", |p| {
                 p != Phase::Funding
             })
             .await;
@@ -416,7 +294,7 @@ async fn respond_update(
         // to its proposer before its peers have the commit): take it first.
         debug!("waiting for the proposer's previous commit");
         let _ = core
-            .wait_phase(inner.timeouts.update_wait, "commit", |p| {
+            .wait_phase(shared.timeouts.update_wait, "commit", |p| {
                 p != Phase::Updating
             })
             .await;
@@ -464,7 +342,7 @@ async fn respond_update(
         };
         if let Err(e) = l
             .machine
-            .stage_update(u.state.clone(), u.actor, inner.app.as_ref())
+            .stage_update(u.state.clone(), u.actor, shared.app.as_ref())
         {
             l.announce(core);
             if let perun_channel::Error::DoubleSign(v) = e {
@@ -487,7 +365,7 @@ async fn respond_update(
         }
     };
 
-    let decision = ask_handler(inner, request).await;
+    let decision = ask_handler(shared, request).await;
 
     let mut l = core.locked.lock().await;
     let still_staged = l.staged_actor == Some(u.actor)
@@ -502,13 +380,13 @@ async fn respond_update(
     // Persist our signature before it leaves this process.
     let mut trial = l.machine.clone();
     let signed = trial
-        .sign_staged(inner.account.as_ref())
+        .sign_staged(shared.account.as_ref())
         .map_err(Error::from)
         .map(|sig| (sig, trial.staged().cloned()));
     let (sig, carried) = match signed {
         Ok((sig, Some(staged))) => {
             crate::failpoint::hit("update_before_persist").await;
-            match l.write(inner, core, vec![Change::Staged(staged)]).await {
+            match l.write(shared, core, vec![Change::Staged(staged)]).await {
                 Ok(carried) => {
                     crate::failpoint::hit("update_after_persist").await;
                     (sig, carried)
@@ -530,6 +408,8 @@ async fn respond_update(
         // The previous commit rode along: readers may see it now.
         l.announce(core);
     }
+    drop(l);
+    lock(&shared.awaiting_commit).insert(core.id, (std::time::Instant::now(), peer, version));
     Message::UpdateAccept(UpdateAccept {
         channel_id: core.id,
         version,
@@ -552,12 +432,12 @@ async fn awaits_commit(core: &ChannelCore, version: u64) -> bool {
 }
 
 async fn ask_handler(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     request: IncomingUpdate,
 ) -> std::result::Result<(), String> {
     use futures::FutureExt;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let handler = inner.update_handler.clone();
+    let handler = shared.update_handler.clone();
     // Run in this task (no hand-off on the hot path); a handler that panics
     // is a refusal, not a lost task with a staged update left behind. The
     // handler may also keep the responder and decide later.
@@ -574,7 +454,7 @@ async fn ask_handler(
             }
         }
     };
-    tokio::time::timeout(inner.timeouts.handler, decide)
+    tokio::time::timeout(shared.timeouts.handler, decide)
         .await
         .unwrap_or_else(|_| Err("decision timed out".into()))
 }
@@ -587,12 +467,12 @@ async fn ask_handler(
 /// The channel lock is held until the write is done, so nothing acts on
 /// the new state before it is stored.
 pub(crate) async fn handle_commit(
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     peer: PeerId,
     c: UpdateCommit,
     responder: Responder,
 ) {
-    let Some(core) = inner.channel_core(&c.channel_id) else {
+    let Some(core) = shared.channel_core(&c.channel_id) else {
         warn!(%peer, channel = %c.channel_id, "commit for an unknown channel");
         let _ = responder.refuse(perun_wire::Refusal::new(
             perun_wire::RefusalCode::Malformed,
@@ -609,7 +489,8 @@ pub(crate) async fn handle_commit(
             }
             Ok(Some(trial)) => {
                 let _ = responder.reply(Message::Ack);
-                hold_unsaved(&inner, &core, &mut l, trial);
+                hold_unsaved(&shared, &core, &mut l, trial);
+                lock(&shared.awaiting_commit).remove(&core.id);
             }
             Err(reason) => {
                 let _ = responder.refuse(perun_wire::Refusal::new(
@@ -626,7 +507,7 @@ pub(crate) async fn handle_commit(
 /// A commit for an update we dropped as abandoned (its proposer completed
 /// it after all): the fully signed state is adopted like one from a `Sync`.
 fn commit_abandoned(
-    l: &crate::channel::Locked,
+    l: &Locked,
     peer: PeerId,
     c: &UpdateCommit,
 ) -> std::result::Result<Option<perun_channel::Machine>, String> {
@@ -657,9 +538,9 @@ fn commit_abandoned(
 /// the proposer has it durably, we have our signed copy on disk, and our
 /// next write, or one a moment later, stores it. Readers see it once stored.
 fn hold_unsaved(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
-    l: &mut crate::channel::Locked,
+    l: &mut Locked,
     trial: perun_channel::Machine,
 ) {
     let Some(full) = trial.current().cloned() else {
@@ -669,12 +550,12 @@ fn hold_unsaved(
     l.install(trial);
     l.unsaved = Some(full);
     l.announce(core);
-    let (inner, core) = (inner.clone(), core.clone());
+    let (shared, core) = (shared.clone(), core.clone());
     tokio::spawn(async move {
-        tokio::time::sleep(crate::channel::COMMIT_FLUSH_DELAY).await;
+        tokio::time::sleep(crate::core::COMMIT_FLUSH_DELAY).await;
         let mut l = core.locked.lock().await;
         if l.unsaved.as_ref().is_some_and(|u| u.state.version == v)
-            && let Err(e) = l.flush_unsaved(&inner, &core).await
+            && let Err(e) = l.flush_unsaved(&shared, &core).await
         {
             warn!(error = %e, "could not store a committed update; a sync restores it");
         }
@@ -685,7 +566,7 @@ fn hold_unsaved(
 /// to store, or `None` if we have that state already (a repeated commit).
 fn check_commit(
     core: &ChannelCore,
-    l: &crate::channel::Locked,
+    l: &Locked,
     peer: PeerId,
     c: &UpdateCommit,
 ) -> std::result::Result<Option<perun_channel::Machine>, String> {

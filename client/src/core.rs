@@ -1,0 +1,546 @@
+//! The state every protocol shares: the client's [`Shared`] parts, each
+//! channel's [`ChannelCore`] and its [`Locked`] machine.
+//!
+//! This is the leaf the protocols (`open`, `update`, `sync`, `watcher`,
+//! `settle`) build on; it knows none of them. A protocol step takes the
+//! channel's lock, changes a trial copy of the machine, writes it durably
+//! through [`Locked::write`], and only then installs and announces it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use perun_adjudicator::{Adjudicator, Funder};
+use perun_channel::{App, ChannelId, Machine, Params, Phase, SignedState, State};
+use perun_persistence::{Change, ChannelRecord, Persister};
+use perun_wallet::Account;
+use perun_wire::{Handle, Message, PeerId};
+use tokio::sync::{Notify, Semaphore, broadcast, watch};
+
+use crate::event::{ChannelEvent, WatchStatus};
+use crate::handler::{ProposalHandler, UpdateHandler};
+use crate::{Channel, Error, Result, Timeouts};
+
+/// Channels whose first chain read or sync after a restore run at once.
+pub(crate) const RESUME_CONCURRENCY: usize = 32;
+/// Chain reads and transactions the watchers of one client run at once (a
+/// limit of their own: a watcher never waits behind a peer's `Sync`).
+pub(crate) const WATCH_CONCURRENCY: usize = 64;
+
+/// An accepted proposal waiting for its `Signing0`.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) proposal: perun_wire::Proposal,
+    pub(crate) from: PeerId,
+    pub(crate) index: usize,
+    pub(crate) share: perun_channel::B256,
+    pub(crate) done: tokio::sync::oneshot::Sender<Result<Channel>>,
+}
+
+/// State shared by the client handle, its channels and its protocol tasks.
+pub(crate) struct Shared {
+    pub(crate) account: Arc<dyn Account>,
+    pub(crate) wire: Handle,
+    pub(crate) funder: Arc<dyn Funder>,
+    pub(crate) adjudicator: Arc<dyn Adjudicator>,
+    pub(crate) persister: Arc<dyn Persister>,
+    pub(crate) proposal_handler: Arc<dyn ProposalHandler>,
+    pub(crate) update_handler: Arc<dyn UpdateHandler>,
+    pub(crate) app: Arc<dyn App>,
+    pub(crate) timeouts: Timeouts,
+    channels: Mutex<HashMap<ChannelId, Arc<ChannelCore>>>,
+    pub(crate) pending: Mutex<HashMap<perun_wire::ProposalId, Pending>>,
+    /// Set to `true` on shutdown; background tasks stop.
+    pub(crate) stop: watch::Sender<bool>,
+    /// Commits still being handed to peers; `shutdown` lets them finish.
+    pub(crate) commits_in_flight: watch::Sender<usize>,
+    /// Bounds the syncs a restore starts at once (a client with 10,000
+    /// channels must not open 10,000 requests in one go).
+    pub(crate) resume_permits: Arc<Semaphore>,
+    /// Bounds the chain calls of all watchers together.
+    pub(crate) watch_permits: Arc<Semaphore>,
+    /// How many channels' watchers have read the chain and watch it.
+    pub(crate) watching: watch::Sender<usize>,
+    /// Channels that may disagree with a peer (a commit or abort that did not
+    /// reach it, a commit we wait for): synced when the peer is reachable.
+    pub(crate) unsynced: Mutex<HashMap<PeerId, HashSet<ChannelId>>>,
+    /// Peers with a resync worker running, and how to wake it.
+    pub(crate) resyncing: Mutex<HashMap<PeerId, Arc<Notify>>>,
+    /// Wakes resync tasks (a peer connected).
+    pub(crate) resync_wake: broadcast::Sender<PeerId>,
+    /// Updates we signed whose commit has not come yet, with when we
+    /// signed, the proposer and the version (see `sync::sweep_commits`).
+    pub(crate) awaiting_commit: Mutex<HashMap<ChannelId, (std::time::Instant, PeerId, u64)>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("address", &self.account.address())
+            .field("peer", &self.wire.local_peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Shared::new`] needs.
+pub(crate) struct Parts {
+    pub(crate) account: Arc<dyn Account>,
+    pub(crate) wire: Handle,
+    pub(crate) funder: Arc<dyn Funder>,
+    pub(crate) adjudicator: Arc<dyn Adjudicator>,
+    pub(crate) persister: Arc<dyn Persister>,
+    pub(crate) proposal_handler: Arc<dyn ProposalHandler>,
+    pub(crate) update_handler: Arc<dyn UpdateHandler>,
+    pub(crate) app: Arc<dyn App>,
+    pub(crate) timeouts: Timeouts,
+}
+
+impl Shared {
+    pub(crate) fn new(p: Parts) -> Arc<Self> {
+        Arc::new(Self {
+            account: p.account,
+            wire: p.wire,
+            funder: p.funder,
+            adjudicator: p.adjudicator,
+            persister: p.persister,
+            proposal_handler: p.proposal_handler,
+            update_handler: p.update_handler,
+            app: p.app,
+            timeouts: p.timeouts,
+            channels: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            stop: watch::channel(false).0,
+            commits_in_flight: watch::channel(0).0,
+            resume_permits: Arc::new(Semaphore::new(RESUME_CONCURRENCY)),
+            watch_permits: Arc::new(Semaphore::new(WATCH_CONCURRENCY)),
+            watching: watch::channel(0).0,
+            unsynced: Mutex::new(HashMap::new()),
+            resyncing: Mutex::new(HashMap::new()),
+            resync_wake: broadcast::channel(64).0,
+            awaiting_commit: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub(crate) fn channel_core(&self, id: &ChannelId) -> Option<Arc<ChannelCore>> {
+        lock(&self.channels).get(id).cloned()
+    }
+
+    pub(crate) fn insert_channel(&self, core: Arc<ChannelCore>) {
+        lock(&self.channels).insert(core.id, core);
+    }
+
+    pub(crate) fn remove_channel(&self, id: &ChannelId) {
+        lock(&self.channels).remove(id);
+    }
+
+    /// Every channel the client knows.
+    pub(crate) fn channel_cores(&self) -> Vec<Arc<ChannelCore>> {
+        lock(&self.channels).values().cloned().collect()
+    }
+
+    /// Whether the client is shutting down.
+    pub(crate) fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Resolves once the client shuts down.
+    pub(crate) async fn stopping(&self) {
+        let mut stop = self.stop.subscribe();
+        let _ = stop.wait_for(|s| *s).await;
+    }
+
+    /// Sends `msg` to every other participant at once; one result per peer.
+    pub(crate) async fn broadcast(
+        &self,
+        core: &ChannelCore,
+        msg: &Message,
+    ) -> Vec<(PeerId, usize, perun_wire::Result<Message>)> {
+        let sends = core
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != core.index)
+            .map(|(i, peer)| async move { (*peer, i, self.wire.send(*peer, msg).await) });
+        futures::future::join_all(sends).await
+    }
+}
+
+/// A poisoned registry lock only means another task panicked mid-insert;
+/// the map itself is still consistent.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The machine plus what the protocol needs to know about its staged state.
+#[derive(Debug)]
+pub(crate) struct Locked {
+    pub(crate) machine: Machine,
+    /// Who proposed the staged state (unknown for a state restored from disk).
+    pub(crate) staged_actor: Option<usize>,
+    /// The highest version some participant signed in an update that then
+    /// failed. Nobody may sign it again with other contents, so our next
+    /// proposal skips past it.
+    pub(crate) burnt: u64,
+    /// The hash of our last proposal that failed while a peer's answer was
+    /// unknown (2-party channels): that peer may have signed and stored it,
+    /// and its `Sync` may hand it back for us to complete. Only a state in
+    /// here is ever completed from a peer's `Sync`: anything else a peer
+    /// sends there is a state we never proposed.
+    pub(crate) pending: Option<perun_channel::B256>,
+    /// The last staged update we dropped as abandoned. If its proposer did
+    /// complete it after all, its commit still applies.
+    pub(crate) abandoned: Option<SignedState>,
+    /// A peer's commit we applied but have not stored yet: the machine's
+    /// current state, held back from readers until it is durable. It rides
+    /// along with our next write (in a tight loop: our signature on the
+    /// next update), or is written on its own a moment later
+    /// ([`COMMIT_FLUSH_DELAY`]). Our signed staged copy is on disk
+    /// meanwhile, so a crash loses nothing a `Sync` cannot bring back.
+    pub(crate) unsaved: Option<SignedState>,
+}
+
+/// How long a peer's commit may wait to ride along with our next write.
+pub(crate) const COMMIT_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl Locked {
+    /// Drops the staged update (`Updating → Active`) and announces it.
+    /// Only for a state nobody holds our signature on.
+    pub(crate) fn drop_staged(&mut self, core: &ChannelCore) {
+        let _ = self.machine.discard_staged();
+        self.staged_actor = None;
+        self.announce(core);
+    }
+
+    /// Publishes the phase and the latest *durable* fully signed state.
+    pub(crate) fn announce(&self, core: &ChannelCore) {
+        core.publish(&self.machine, self.unsaved.is_some());
+    }
+
+    /// Durably writes `changes` for this channel. Every write of the
+    /// channel goes through here, so an unsaved commit rides along with
+    /// whichever write comes next (it is stored first). Returns whether one
+    /// did; it is no longer unsaved then.
+    pub(crate) async fn write(
+        &mut self,
+        shared: &Shared,
+        core: &ChannelCore,
+        changes: Vec<Change>,
+    ) -> Result<bool> {
+        let carried = self.unsaved.is_some();
+        let changes = match &self.unsaved {
+            Some(u) => std::iter::once(Change::Committed(u.clone()))
+                .chain(changes)
+                .collect(),
+            None => changes,
+        };
+        persist(shared, core.id, changes).await?;
+        self.unsaved = None;
+        Ok(carried)
+    }
+
+    /// Writes the unsaved commit on its own, if it is still unsaved.
+    pub(crate) async fn flush_unsaved(
+        &mut self,
+        shared: &Shared,
+        core: &ChannelCore,
+    ) -> Result<()> {
+        if self.write(shared, core, Vec::new()).await? {
+            self.announce(core);
+        }
+        Ok(())
+    }
+
+    /// Makes `trial`, whose current state is newly fully signed, the
+    /// machine (no write: callers write first, or hold it as unsaved).
+    pub(crate) fn install(&mut self, trial: Machine) {
+        let v = trial.current().map_or(0, |c| c.state.version);
+        self.machine = trial;
+        self.staged_actor = None;
+        self.abandoned = self.abandoned.take().filter(|a| a.state.version > v);
+    }
+
+    /// Drops a staged update that some participant may have signed: its
+    /// version is burnt. The store keeps the staged state, which is our
+    /// record of what we signed, until a newer state replaces it.
+    pub(crate) fn abandon_staged(&mut self, core: &ChannelCore) {
+        if let Some(s) = self.machine.staged() {
+            self.burnt = self.burnt.max(s.state.version);
+            self.abandoned = Some(s.clone());
+        }
+        self.drop_staged(core);
+    }
+
+    /// The version our next proposal gets: past the current state, past
+    /// anything we signed and past every version known to be burnt.
+    pub(crate) fn next_version(&self) -> Option<u64> {
+        let cur = self.machine.current()?.state.version;
+        let signed = self.machine.last_signed().map_or(0, |(v, _)| v);
+        cur.max(signed).max(self.burnt).checked_add(1)
+    }
+
+    /// Makes `trial`, whose current state is newly fully signed, the
+    /// machine: persisted first (with its phase if that moved), then
+    /// announced. On error nothing changed.
+    pub(crate) async fn commit_trial(
+        &mut self,
+        shared: &Shared,
+        core: &ChannelCore,
+        trial: Machine,
+    ) -> Result<SignedState> {
+        let full = trial
+            .current()
+            .cloned()
+            .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
+        // `Updating` is never stored (the store holds `Active` meanwhile),
+        // so a plain update writes the state alone.
+        let stored = |p: Phase| {
+            if p == Phase::Updating {
+                Phase::Active
+            } else {
+                p
+            }
+        };
+        let mut changes = vec![Change::Committed(full.clone())];
+        if stored(trial.phase()) != stored(self.machine.phase()) {
+            changes.push(Change::Phase(trial.phase()));
+        }
+        self.write(shared, core, changes).await?;
+        self.install(trial);
+        self.announce(core);
+        Ok(full)
+    }
+}
+
+/// States an `updates()` reader may fall behind by before it skips some.
+const UPDATE_BUFFER: usize = 256;
+/// Channel events an `events()` reader may fall behind by.
+const EVENT_BUFFER: usize = 256;
+/// Registered states remembered per channel (to conclude with).
+const REGISTERED_MEMORY: usize = 8;
+
+/// Everything about one channel that the controller and the protocol tasks share.
+#[derive(Debug)]
+pub(crate) struct ChannelCore {
+    pub(crate) id: ChannelId,
+    pub(crate) params: Params,
+    pub(crate) index: usize,
+    pub(crate) peers: Vec<PeerId>,
+    /// Protocol steps take this lock; readers never do.
+    pub(crate) locked: tokio::sync::Mutex<Locked>,
+    /// One local update at a time.
+    pub(crate) update_lock: tokio::sync::Mutex<()>,
+    /// The latest fully signed state, for lock-free reads (before version 0
+    /// is fully signed: the staged version 0; no `Channel` exists yet then).
+    pub(crate) state: watch::Sender<SignedState>,
+    phase: watch::Sender<Phase>,
+    /// `false` while a restored channel's first `Sync` runs: we propose
+    /// only after it, so a peer never gets our update before our Sync.
+    pub(crate) synced: watch::Sender<bool>,
+    /// Created on the first `updates()` call: a channel nobody listens to
+    /// costs no buffer (10,000 channels in one client must stay small).
+    pub(crate) updates: OnceLock<broadcast::Sender<SignedState>>,
+    /// Events for the application; created on first use.
+    pub(crate) events: OnceLock<broadcast::Sender<ChannelEvent>>,
+    /// Whether a watcher (supervisor) task runs for this channel.
+    pub(crate) watching: AtomicBool,
+    /// What the watcher reports about itself.
+    pub(crate) watch_status: watch::Sender<WatchStatus>,
+    /// Wakes the watcher for a fresh look at the chain (settle, a phase change).
+    pub(crate) nudge: Notify,
+    /// `settle` was called: a final state is concluded at once (otherwise
+    /// the watcher gives the peer that asked for it time to do so).
+    pub(crate) settling: AtomicBool,
+    /// States seen in `Registered` events, to conclude with (bounded).
+    registered: Mutex<Vec<State>>,
+}
+
+impl ChannelCore {
+    pub(crate) fn new(machine: Machine, peers: Vec<PeerId>) -> Result<Arc<Self>> {
+        let params = machine.params().clone();
+        let snapshot = machine
+            .current()
+            .or(machine.staged())
+            .cloned()
+            .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
+        let (state, _) = watch::channel(snapshot);
+        let (phase, _) = watch::channel(machine.phase());
+        let (synced, _) = watch::channel(true);
+        Ok(Arc::new(Self {
+            id: params.channel_id(),
+            index: machine.index(),
+            params,
+            peers,
+            locked: tokio::sync::Mutex::new(Locked {
+                machine,
+                staged_actor: None,
+                burnt: 0,
+                pending: None,
+                abandoned: None,
+                unsaved: None,
+            }),
+            update_lock: tokio::sync::Mutex::new(()),
+            state,
+            phase,
+            synced,
+            updates: OnceLock::new(),
+            events: OnceLock::new(),
+            watching: AtomicBool::new(false),
+            watch_status: watch::channel(WatchStatus::Idle).0,
+            nudge: Notify::new(),
+            settling: AtomicBool::new(false),
+            registered: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Hands an event to the application's `events()` streams, if any.
+    pub(crate) fn emit(&self, ev: ChannelEvent) {
+        if let Some(tx) = self.events.get() {
+            let _ = tx.send(ev);
+        }
+    }
+
+    /// A receiver of the channel's events (creating the buffer on first use).
+    pub(crate) fn subscribe_events(&self) -> broadcast::Receiver<ChannelEvent> {
+        self.events
+            .get_or_init(|| broadcast::channel(EVENT_BUFFER).0)
+            .subscribe()
+    }
+
+    /// A receiver of the channel's new fully signed states.
+    pub(crate) fn subscribe_updates(&self) -> broadcast::Receiver<SignedState> {
+        self.updates
+            .get_or_init(|| broadcast::channel(UPDATE_BUFFER).0)
+            .subscribe()
+    }
+
+    /// Remembers a state seen registered on-chain (the last few only).
+    pub(crate) fn note_registered(&self, state: State) {
+        let mut r = lock(&self.registered);
+        if !r.contains(&state) {
+            if r.len() >= REGISTERED_MEMORY {
+                r.remove(0);
+            }
+            r.push(state);
+        }
+    }
+
+    /// A remembered registered state with this hash.
+    pub(crate) fn registered_matching(&self, hash: perun_channel::B256) -> Option<State> {
+        lock(&self.registered)
+            .iter()
+            .find(|s| s.hash() == hash)
+            .cloned()
+    }
+
+    /// The latest fully signed state.
+    pub(crate) async fn latest(&self) -> Option<SignedState> {
+        self.locked.lock().await.machine.current().cloned()
+    }
+
+    /// Publishes the machine's phase and, unless `hold_state` (it is not
+    /// durable yet), its current state to readers; announces a new fully
+    /// signed state on the updates stream. Use [`Locked::announce`].
+    fn publish(&self, m: &Machine, hold_state: bool) {
+        if let Some(cur) = m.current().filter(|_| !hold_state) {
+            let newer = {
+                let old = self.state.borrow();
+                cur.state.version > old.state.version || !old.is_fully_signed()
+            };
+            if newer {
+                self.state.send_replace(cur.clone());
+                if let Some(tx) = self.updates.get() {
+                    let _ = tx.send(cur.clone());
+                }
+            }
+        }
+        let changed = self.phase.send_if_modified(|p| {
+            let changed = *p != m.phase();
+            *p = m.phase();
+            changed
+        });
+        if changed {
+            self.emit(ChannelEvent::Phase(m.phase()));
+            // The watcher acts on closing phases at once (not on Active ⇄
+            // Updating: that would wake it on every update).
+            if matches!(
+                m.phase(),
+                Phase::Final | Phase::Registered | Phase::Concluded
+            ) {
+                self.nudge.notify_one();
+            }
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// A receiver of phase changes.
+    pub(crate) fn phase_changes(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// Waits until `pred(phase)` holds or `timeout` passes.
+    pub(crate) async fn wait_phase(
+        &self,
+        timeout: std::time::Duration,
+        what: &'static str,
+        pred: impl Fn(Phase) -> bool,
+    ) -> Result<Phase> {
+        let mut rx = self.phase.subscribe();
+        let res = tokio::time::timeout(timeout, rx.wait_for(|p| pred(*p))).await;
+        match res {
+            Ok(Ok(p)) => Ok(*p),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout(what)),
+        }
+    }
+
+    pub(crate) fn record(&self, m: &Machine) -> ChannelRecord {
+        ChannelRecord {
+            params: self.params.clone(),
+            index: self.index,
+            phase: m.phase(),
+            current: m.current().cloned(),
+            staged: m.staged().cloned(),
+            peers: self.peers.iter().map(|p| p.to_bytes()).collect(),
+            metadata: Vec::new(),
+        }
+    }
+
+    pub(crate) fn peer_index(&self, peer: &PeerId) -> Option<usize> {
+        self.peers.iter().position(|p| p == peer)
+    }
+
+    /// Every participant but us, with their index.
+    pub(crate) fn others(&self) -> impl Iterator<Item = (usize, PeerId)> + '_ {
+        self.peers
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(i, _)| *i != self.index)
+    }
+}
+
+/// Persists `changes` for channel `id`.
+pub(crate) async fn persist(shared: &Shared, id: ChannelId, changes: Vec<Change>) -> Result<()> {
+    shared
+        .persister
+        .update(id, changes)
+        .await
+        .map_err(Error::from)
+}
+
+/// Moves the channel to phase `to` and persists it (a no-op if it is there).
+pub(crate) async fn set_phase(shared: &Shared, core: &ChannelCore, to: Phase) -> Result<()> {
+    let mut l = core.locked.lock().await;
+    if l.machine.phase() == to {
+        return Ok(());
+    }
+    let mut trial = l.machine.clone();
+    trial.set_phase(to)?;
+    l.write(shared, core, vec![Change::Phase(to)]).await?;
+    l.machine = trial;
+    l.announce(core);
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Handing fully signed states and aborts to peers.
+//!
+//! A commit is retried a few times; a peer that still has not taken it is
+//! marked *unsynced* for the channel, and the resync task (`sync.rs`)
+//! exchanges `Sync` with it as soon as it can be reached, so a responder is
+//! never left `Updating` for good.
+
+use std::sync::Arc;
+
+use perun_channel::SignedState;
+use perun_wire::{Message, PeerId, RejectKind, UpdateCommit, UpdateReject};
+use tracing::{debug, warn};
+
+use crate::core::{ChannelCore, Shared, lock};
+
+/// Pauses between attempts to hand a commit to a peer that did not take it.
+const COMMIT_RETRIES: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(5),
+];
+
+/// Counts a commit as in flight from creation until dropped (see
+/// `Client::shutdown`).
+pub(crate) struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.commits_in_flight.send_modify(|n| *n += 1);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .commits_in_flight
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Hands the full signature set to every peer, retrying a peer that did not
+/// acknowledge it (a repeated commit is harmless). A peer still without it
+/// is marked unsynced: it gets the state with the next `Sync`.
+pub(crate) async fn deliver_commit(
+    shared: Arc<Shared>,
+    core: Arc<ChannelCore>,
+    full: SignedState,
+    _in_flight: InFlight,
+) {
+    let Some(msg) = commit_message(&core, &full) else {
+        return;
+    };
+    let mut missing = unacked(&shared, &msg, peers_of(&core)).await;
+    for pause in COMMIT_RETRIES {
+        if missing.is_empty() || shared.stopped() {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        missing = unacked(&shared, &msg, missing).await;
+    }
+    if !missing.is_empty() {
+        warn!(
+            ?missing,
+            "peers did not take the commit; they get it by Sync once reachable"
+        );
+        for peer in missing {
+            mark_unsynced(&shared, core.id, peer);
+        }
+    }
+}
+
+/// Hands the full signature set to every peer once; a peer that does not
+/// acknowledge it is marked unsynced (it learns the state by `Sync`).
+pub(crate) async fn send_commit(shared: &Arc<Shared>, core: &Arc<ChannelCore>, full: &SignedState) {
+    if let Some(msg) = commit_message(core, full) {
+        for peer in unacked(shared, &msg, peers_of(core)).await {
+            mark_unsynced(shared, core.id, peer);
+        }
+    }
+}
+
+/// Tells the peers that signed a failed update of ours to drop it; a peer
+/// that does not take the abort is marked unsynced (a `Sync` shows it we no
+/// longer hold the update).
+pub(crate) async fn send_abort(
+    shared: &Arc<Shared>,
+    core: &ChannelCore,
+    version: u64,
+    signed_by: Vec<PeerId>,
+) {
+    if signed_by.is_empty() {
+        return;
+    }
+    let abort = reject(core, version, RejectKind::Refused, "update aborted".into());
+    let missing = unacked(shared, &abort, signed_by).await;
+    if !missing.is_empty() {
+        warn!(
+            ?missing,
+            version, "peers did not take the abort; they drop the update on their next sync"
+        );
+        for peer in missing {
+            mark_unsynced(shared, core.id, peer);
+        }
+    }
+}
+
+/// Remembers that `peer` may not know our latest state of `channel`, and
+/// wakes the resync (started by the client: `sync::spawn_resync`).
+pub(crate) fn mark_unsynced(shared: &Shared, channel: perun_channel::ChannelId, peer: PeerId) {
+    lock(&shared.unsynced)
+        .entry(peer)
+        .or_default()
+        .insert(channel);
+    let _ = shared.resync_wake.send(peer);
+}
+
+fn commit_message(core: &ChannelCore, full: &SignedState) -> Option<Message> {
+    let signatures = full.signatures().ok()?;
+    Some(Message::UpdateCommit(UpdateCommit {
+        channel_id: core.id,
+        version: full.state.version,
+        index: core.index,
+        signatures,
+    }))
+}
+
+/// Every participant but us.
+fn peers_of(core: &ChannelCore) -> Vec<PeerId> {
+    core.others().map(|(_, p)| p).collect()
+}
+
+/// Sends `msg` to `peers` at once; returns those that did not answer `Ack`.
+async fn unacked(shared: &Shared, msg: &Message, peers: Vec<PeerId>) -> Vec<PeerId> {
+    let sends = peers
+        .into_iter()
+        .map(|peer| async move { (peer, shared.wire.send(peer, msg).await) });
+    let mut missing = Vec::new();
+    for (peer, reply) in futures::future::join_all(sends).await {
+        if !matches!(reply, Ok(Message::Ack)) {
+            debug!(%peer, ?reply, "peer did not acknowledge");
+            missing.push(peer);
+        }
+    }
+    missing
+}
+
+/// Our `UpdateReject` for `version`.
+pub(crate) fn reject(
+    core: &ChannelCore,
+    version: u64,
+    kind: RejectKind,
+    reason: String,
+) -> Message {
+    Message::UpdateReject(UpdateReject {
+        channel_id: core.id,
+        version,
+        index: core.index,
+        reason,
+        kind,
+    })
+}

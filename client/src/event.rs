@@ -1,0 +1,98 @@
+//! What a channel tells its application: chain events, and each step the
+//! watcher takes on the channel's behalf, with every retry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use perun_adjudicator::AdjudicatorEvent;
+use perun_channel::Phase;
+
+use crate::Error;
+
+/// One thing that happened to a channel, as [`Channel::events`](crate::Channel::events) reports it.
+#[derive(Debug, Clone)]
+pub enum ChannelEvent {
+    /// A chain event about the channel (a registration, the conclusion, a
+    /// withdrawal), as the watcher received it. Events are hints: the
+    /// watcher acts on a fresh read of the chain.
+    Chain(AdjudicatorEvent),
+    /// The watcher has read the chain (the channel's history up to `block`,
+    /// where the backend reports one) and receives live events from now on:
+    /// the channel is protected.
+    Watching {
+        /// The chain position the history reached, if known.
+        block: Option<u64>,
+    },
+    /// The channel's phase changed.
+    Phase(Phase),
+    /// The watcher starts an on-chain step.
+    Step(WatcherStep),
+    /// An on-chain step succeeded.
+    StepDone(WatcherStep),
+    /// An on-chain step failed; the watcher tries again after `delay`.
+    Retry {
+        /// The step that failed.
+        step: WatcherStep,
+        /// How many times in a row it failed.
+        attempt: u32,
+        /// The pause before the next try.
+        delay: Duration,
+        /// Why it failed.
+        error: Arc<Error>,
+    },
+    /// The watcher's event stream ended (a node failure); it subscribes again.
+    Resubscribing {
+        /// How many times in a row subscribing failed before this one.
+        attempt: u32,
+        /// Why the stream ended or the subscription failed, if known.
+        error: Option<Arc<Error>>,
+    },
+    /// The watcher stopped with an error and was restarted.
+    WatcherRestarted {
+        /// Why it stopped.
+        error: Arc<Error>,
+    },
+    /// The watcher is done: our funds are withdrawn.
+    Withdrawn,
+}
+
+/// An on-chain step the watcher takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatcherStep {
+    /// Read the channel's dispute from the chain.
+    Read,
+    /// Register our latest state, refuting an older registered one.
+    Refute {
+        /// The registered version.
+        registered: u64,
+        /// Our latest fully signed version.
+        ours: u64,
+    },
+    /// Register our latest state to close the channel on-chain (a peer
+    /// stopped answering, funding failed, or a registration was reorged away).
+    Register {
+        /// The version registered.
+        version: u64,
+    },
+    /// Conclude the channel: the registered state after its challenge
+    /// period, or our final state at once.
+    Conclude {
+        /// The version concluded.
+        version: u64,
+    },
+    /// Withdraw our share from the asset holders.
+    Withdraw,
+}
+
+/// Whether a channel's watcher protects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchStatus {
+    /// No watcher runs (the channel is not funded yet, or the client stopped).
+    Idle,
+    /// The watcher runs but has not read the chain yet.
+    Starting,
+    /// The watcher has read the chain and receives live events.
+    Watching,
+    /// Our funds are withdrawn; nothing is left to watch.
+    Done,
+}

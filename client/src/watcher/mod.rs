@@ -1,0 +1,320 @@
+//! The dispute watcher: one supervised task per funded channel, from
+//! funding until our funds are withdrawn.
+//!
+//! The watcher subscribes to the channel's chain events, reads the
+//! channel's history (the backend ends it with `CaughtUp`: from then on the
+//! channel is *protected*), and takes a [`step`] whenever something may
+//! have changed: an event, a nudge (a move to a closing phase: `settle`, a
+//! final update, `force_close`), and a periodic re-read in every phase (`chain_recheck` at a random
+//! offset per channel while nothing runs on-chain, `dispute_poll` while a
+//! dispute runs), so a lost event is found anyway.
+//!
+//! Faults are normal here:
+//! - a failed step is retried with capped exponential backoff
+//!   ([`Timeouts::backoff`](crate::Timeouts::backoff)) until it succeeds or
+//!   the chain makes it moot, each retry reported as
+//!   [`ChannelEvent::Retry`];
+//! - an event stream that ends or fails is subscribed again (with backoff);
+//! - the task itself runs under a supervisor that restarts it if it ever
+//!   returns an error or panics;
+//! - chain reads of all watchers share their own concurrency limit, apart
+//!   from the syncs of a restore, so a watcher never waits behind a peer.
+//!
+//! It stops when the channel is withdrawn or the client shuts down.
+
+mod step;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::FutureExt;
+use perun_adjudicator::{AdjudicatorEvent, EventStream};
+use perun_channel::Phase;
+use rand::Rng;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, error, info_span, warn};
+
+use crate::core::{ChannelCore, Shared};
+use crate::event::{ChannelEvent, WatchStatus, WatcherStep};
+use crate::{Error, Result};
+use step::Outcome;
+
+/// Starts the channel's watcher unless it runs already (then wakes it).
+pub(crate) fn spawn(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
+    if core.watching.swap(true, Ordering::SeqCst) {
+        core.nudge.notify_one();
+        return;
+    }
+    core.watch_status.send_replace(WatchStatus::Starting);
+    // Its own root span: the watcher outlives the protocol step that started it.
+    let span = info_span!(parent: None, "watcher", channel = %core.id, me = core.index);
+    tokio::spawn(supervise(shared.clone(), core.clone()).instrument(span));
+}
+
+/// Asks the running watcher for a fresh look at the chain.
+pub(crate) fn nudge(core: &ChannelCore) {
+    core.nudge.notify_one();
+}
+
+/// How a watcher run ended.
+enum Exit {
+    /// Our funds are withdrawn.
+    Done,
+    /// The client shuts down.
+    Stopped,
+}
+
+/// Runs the watcher, restarting it after an error or a panic, until it is done.
+async fn supervise(shared: Arc<Shared>, core: Arc<ChannelCore>) {
+    let mut watcher = Watcher {
+        shared: shared.clone(),
+        core: core.clone(),
+        counted: false,
+        failures: 0,
+    };
+    let mut restarts = 0u32;
+    loop {
+        let run = std::panic::AssertUnwindSafe(watcher.run()).catch_unwind();
+        let error = tokio::select! {
+            res = run => match res {
+                Ok(Ok(Exit::Done)) => {
+                    core.watch_status.send_replace(WatchStatus::Done);
+                    core.emit(ChannelEvent::Withdrawn);
+                    break;
+                }
+                Ok(Ok(Exit::Stopped)) => break,
+                Ok(Err(e)) => e,
+                Err(_) => Error::WatcherPanicked,
+            },
+            () = shared.stopping() => break,
+        };
+        restarts += 1;
+        let pause = shared.timeouts.backoff(restarts);
+        error!(error = %error, restarts, ?pause, "watcher stopped with an error; restarting it");
+        core.emit(ChannelEvent::WatcherRestarted {
+            error: Arc::new(error),
+        });
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shared.stopping() => break,
+        }
+    }
+    watcher.uncount();
+    if core.phase() != Phase::Withdrawn {
+        core.watch_status.send_replace(WatchStatus::Idle);
+    }
+    core.watching.store(false, Ordering::SeqCst);
+    debug!("watcher ended");
+}
+
+/// One channel's watcher.
+struct Watcher {
+    shared: Arc<Shared>,
+    core: Arc<ChannelCore>,
+    /// Whether this channel counts in `Shared::watching`.
+    counted: bool,
+    /// Consecutive failed steps.
+    failures: u32,
+}
+
+impl Watcher {
+    async fn run(&mut self) -> Result<Exit> {
+        let (shared, core) = (self.shared.clone(), self.core.clone());
+        // Spread the periodic reads of many channels over the interval.
+        let mut recheck_at = Instant::now() + jitter(shared.timeouts.chain_recheck);
+        // A final state the peer asked for: give it time to conclude first.
+        let mut final_grace: Option<Instant> = None;
+        let mut subscribe_failures = 0u32;
+        loop {
+            let Some(mut events) = self.subscribe(&mut subscribe_failures).await else {
+                return Ok(Exit::Stopped);
+            };
+            // On every (re)start, a closing channel acts at once; an open
+            // one looks once the history is read (or if it never comes).
+            let mut need = !matches!(
+                core.phase(),
+                Phase::Funding | Phase::Active | Phase::Updating
+            );
+            let mut first_read_at = Some(Instant::now() + shared.timeouts.dispute_poll);
+            let mut retry_at: Option<Instant> = None;
+            let mut resubscribe = false;
+            loop {
+                if need {
+                    need = false;
+                    match step::step(&shared, &core).await {
+                        Ok(outcome) => {
+                            self.failures = 0;
+                            self.ready(None);
+                            first_read_at = None;
+                            match outcome {
+                                Outcome::Done => return Ok(Exit::Done),
+                                Outcome::Poll => {
+                                    retry_at = Some(Instant::now() + shared.timeouts.dispute_poll)
+                                }
+                                Outcome::Idle => retry_at = None,
+                            }
+                        }
+                        Err((step, e)) => {
+                            resubscribe = matches!(e, Error::RegisteredStateUnknown { .. });
+                            retry_at = Some(Instant::now() + self.failed(step, e));
+                        }
+                    }
+                }
+                if core.phase() == Phase::Final && !core.settling.load(Ordering::SeqCst) {
+                    let at = *final_grace
+                        .get_or_insert_with(|| Instant::now() + shared.timeouts.settle_cooperative);
+                    if Instant::now() >= at {
+                        debug!("nobody concluded the final state; concluding it");
+                        core.settling.store(true, Ordering::SeqCst);
+                        need = true;
+                        continue;
+                    }
+                    retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+                }
+                let wake = [Some(recheck_at), retry_at, first_read_at]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(recheck_at);
+                tokio::select! {
+                    ev = events.next() => match ev {
+                        Some(Ok(AdjudicatorEvent::CaughtUp { block, .. })) => {
+                            first_read_at = None;
+                            self.ready(Some(block));
+                        }
+                        Some(Ok(ev)) => {
+                            debug!(?ev, "chain event");
+                            if let AdjudicatorEvent::Registered { state, .. } = &ev {
+                                core.note_registered(state.clone());
+                            }
+                            core.emit(ChannelEvent::Chain(ev));
+                            need = true;
+                        }
+                        Some(Err(e)) => {
+                            warn!(error = %e, "event stream failed; subscribing again");
+                            core.emit(ChannelEvent::Resubscribing {
+                                attempt: 0,
+                                error: Some(Arc::new(e.into())),
+                            });
+                            break;
+                        }
+                        None => {
+                            warn!("event stream ended; subscribing again");
+                            core.emit(ChannelEvent::Resubscribing { attempt: 0, error: None });
+                            break;
+                        }
+                    },
+                    () = tokio::time::sleep_until(wake) => {
+                        let now = Instant::now();
+                        if now >= recheck_at {
+                            recheck_at = now + self.recheck_interval();
+                        }
+                        if retry_at.is_some_and(|r| now >= r) {
+                            retry_at = None;
+                            if std::mem::take(&mut resubscribe) {
+                                break;
+                            }
+                        }
+                        first_read_at = first_read_at.filter(|f| now < *f);
+                        need = true;
+                    }
+                    () = core.nudge.notified() => need = true,
+                    () = shared.stopping() => return Ok(Exit::Stopped),
+                }
+            }
+        }
+    }
+
+    /// Subscribes to the channel's events, retrying with backoff; `None`
+    /// once the client stops.
+    async fn subscribe(&self, failures: &mut u32) -> Option<EventStream> {
+        let (shared, core) = (&self.shared, &self.core);
+        loop {
+            let res = shared.adjudicator.subscribe(core.id).await;
+            match res {
+                Ok(events) => {
+                    *failures = 0;
+                    return Some(events);
+                }
+                Err(e) => {
+                    *failures += 1;
+                    let pause = shared.timeouts.backoff(*failures);
+                    warn!(error = %e, attempt = *failures, ?pause, "subscribing failed; retrying");
+                    core.emit(ChannelEvent::Resubscribing {
+                        attempt: *failures,
+                        error: Some(Arc::new(e.into())),
+                    });
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = shared.stopping() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a failed step and returns the pause before the next try.
+    fn failed(&mut self, step: WatcherStep, e: Error) -> Duration {
+        self.failures += 1;
+        let delay = self.shared.timeouts.backoff(self.failures);
+        warn!(?step, error = %e, attempt = self.failures, ?delay, "watcher step failed; retrying");
+        self.core.emit(ChannelEvent::Retry {
+            step,
+            attempt: self.failures,
+            delay,
+            error: Arc::new(e),
+        });
+        delay
+    }
+
+    /// The watcher has read the chain: the channel is protected.
+    fn ready(&mut self, block: Option<u64>) {
+        if self.counted {
+            return;
+        }
+        self.counted = true;
+        self.shared.watching.send_modify(|n| *n += 1);
+        self.core.watch_status.send_replace(WatchStatus::Watching);
+        self.core.emit(ChannelEvent::Watching { block });
+        debug!(?block, "watching");
+    }
+
+    fn uncount(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.shared
+                .watching
+                .send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+
+    /// How long until the next periodic read in the current phase.
+    fn recheck_interval(&self) -> Duration {
+        match self.core.phase() {
+            Phase::Funding | Phase::Active | Phase::Updating => self.shared.timeouts.chain_recheck,
+            _ => self.shared.timeouts.dispute_poll,
+        }
+    }
+}
+
+/// A random point in `0..=period`.
+fn jitter(period: Duration) -> Duration {
+    let ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::thread_rng().gen_range(0..=ms))
+}
+
+/// Closes the channel on-chain: `→ Registered` (stored, so a restart goes
+/// on closing), and the watcher registers our latest state (unless a
+/// dispute runs already) and drives the dispute to the end.
+pub(crate) async fn force_close(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Result<()> {
+    match core.phase() {
+        Phase::Registered | Phase::Concluded | Phase::Withdrawn => {}
+        p if p.can_transition_to(Phase::Registered) => {
+            crate::core::set_phase(shared, core, Phase::Registered).await?
+        }
+        p => return Err(Error::Phase(p)),
+    }
+    spawn(shared, core);
+    nudge(core);
+    Ok(())
+}
