@@ -12,12 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::{Ledger, Options, open, parties};
-use perun::adjudicator::{
-    Adjudicator, AdjudicatorEvent, Funder, FundingRequest, SignedChannel, WithdrawRequest,
-};
+use perun::adjudicator::{Funder, FundingRequest};
 use perun::channel::{Phase, SignedState, U256};
-use perun::client::{Channel, ChannelEvent, Error};
-use perun::wallet::Account;
+use perun::client::Error;
 
 on_both_ledgers!(
     stale_registration_is_refuted,
@@ -35,75 +32,7 @@ fn u(x: u64) -> U256 {
     U256::from(x)
 }
 
-/// Waits for the next `Registered` event with `version`.
-async fn registered(events: &mut perun::client::EventStream, version: u64) {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Some(ChannelEvent::Chain(AdjudicatorEvent::Registered { version: v, .. })) =
-                events.next().await
-                && v == version
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("registration seen in time");
-}
-
-/// Waits until the chain's dispute holds `version`.
-async fn on_chain_version(adj: &Arc<dyn Adjudicator>, ch: &Channel, version: u64) {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if adj
-                .dispute(ch.id())
-                .await
-                .unwrap()
-                .is_some_and(|d| d.version == version)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("dispute reaches the version in time");
-}
-
-/// Bob, gone rogue, registers `old` directly through his own chain backend.
-async fn bob_registers(
-    ledger: &Ledger,
-    p: &common::Party,
-    ch: &Channel,
-    old: SignedState,
-) -> Arc<dyn Adjudicator> {
-    let (_, adj) = ledger.backends(&p.account).await;
-    adj.register(&SignedChannel {
-        params: ch.params().clone(),
-        state: old,
-    })
-    .await
-    .unwrap();
-    adj
-}
-
-/// Bob withdraws what the concluded channel owes him.
-async fn bob_withdraws(
-    adj: &Arc<dyn Adjudicator>,
-    p: &common::Party,
-    ch: &Channel,
-    state: &SignedState,
-) {
-    adj.withdraw(&WithdrawRequest {
-        params: ch.params().clone(),
-        state: state.state.clone(),
-        index: 1,
-        account: p.account.clone(),
-        receiver: p.account.address(),
-    })
-    .await
-    .unwrap();
-}
+use common::{bob_registers, bob_withdraws, on_chain_version, registered};
 
 async fn check_balances(ledger: &Ledger, ps: &[common::Party], st: &SignedState) {
     for (i, p) in ps.iter().enumerate() {

@@ -74,6 +74,6 @@ pub use eth::{AssetKind, EthAdjudicator, EthConfig, EthFunder, ws_provider};
 pub use sim::SimLedger;
 pub use traits::{Adjudicator, Funder};
 pub use types::{
-    AdjudicatorEvent, Dispute, EventStream, FundingRequest, SignedChannel, WithdrawRequest,
-    funding_id,
+    AdjudicatorEvent, Dispute, EventSink, EventStream, FundingRequest, SignedChannel,
+    WithdrawRequest, funding_id,
 };

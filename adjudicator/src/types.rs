@@ -349,6 +349,34 @@ impl Drop for EventStream {
     }
 }
 
+/// The sending end of an [`EventStream`], for backends outside this crate
+/// (and wrappers around one): [`EventStream::pair`].
+#[derive(Debug)]
+pub struct EventSink(EventSender);
+
+impl EventSink {
+    /// Queues an event (or an error, after which a reader should subscribe
+    /// again); `false` once the stream was dropped.
+    pub fn send(&self, item: Result<AdjudicatorEvent>) -> bool {
+        self.0.send(item)
+    }
+
+    /// Whether the stream was dropped (stop sending).
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+impl EventStream {
+    /// A connected sink and stream: what a [`Adjudicator`](crate::Adjudicator)
+    /// implementation returns from `subscribe`. Dropping the sink ends the
+    /// stream once its queue is drained.
+    pub fn pair() -> (EventSink, EventStream) {
+        let (tx, rx) = event_channel(None);
+        (EventSink(tx), rx)
+    }
+}
+
 /// `keccak256(abi.encode(channelId, participant))`: a participant's deposit slot.
 pub fn funding_id(channel: ChannelId, participant: Address) -> B256 {
     keccak256((channel, participant).abi_encode())

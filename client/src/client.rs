@@ -18,7 +18,7 @@ use crate::{AcceptPaymentsToMe, Channel, Error, Result, Timeouts};
 pub struct ClientBuilder {
     account: Option<Arc<dyn Account>>,
     network_key: Option<Keypair>,
-    listen: Option<Multiaddr>,
+    listen: Option<Vec<Multiaddr>>,
     funder: Option<Arc<dyn Funder>>,
     adjudicator: Option<Arc<dyn Adjudicator>>,
     persister: Option<Arc<dyn Persister>>,
@@ -68,7 +68,14 @@ impl ClientBuilder {
     }
     /// Where to listen (default `/ip4/127.0.0.1/tcp/0`).
     pub fn listen(mut self, addr: Multiaddr) -> Self {
-        self.listen = Some(addr);
+        self.listen = Some(vec![addr]);
+        self
+    }
+    /// Listen nowhere: peers reach this client only over connections it
+    /// opens (a client behind a NAT). Its channels stay in sync through the
+    /// `Sync` it sends when a connection comes back.
+    pub fn dial_only(mut self) -> Self {
+        self.listen = Some(Vec::new());
         self
     }
     /// Deposits funds when channels open.
@@ -134,8 +141,8 @@ impl ClientBuilder {
             .unwrap_or_else(|| Arc::new(MemoryPersister::new()));
         let mut cfg =
             perun_wire::Config::new(self.network_key.unwrap_or_else(perun_wire::generate_key));
-        if let Some(addr) = self.listen {
-            cfg.listen = vec![addr];
+        if let Some(addrs) = self.listen {
+            cfg.listen = addrs;
         }
         if let Some(t) = self.request_timeout {
             cfg.request_timeout = t;

@@ -21,6 +21,9 @@ use perun::wallet::{Account, LocalAccount};
 use perun::wire::Keypair;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+pub mod flaky;
+pub mod relay;
+
 /// Runs each named role test against both ledgers: `SimLedger` with the
 /// in-memory store, and anvil (real contracts) with redb.
 #[macro_export]
@@ -188,6 +191,8 @@ impl Party {
 
 /// Wraps a party's store (e.g. to inject failures).
 pub type WrapPersister = Box<dyn Fn(Arc<dyn Persister>) -> Arc<dyn Persister>>;
+/// Wraps a party's adjudicator (e.g. to inject failures).
+pub type WrapAdjudicator = Box<dyn Fn(Arc<dyn Adjudicator>) -> Arc<dyn Adjudicator>>;
 
 pub struct Options {
     pub update_handler: Option<Arc<dyn UpdateHandler>>,
@@ -196,6 +201,14 @@ pub struct Options {
     pub funding_timeout: Duration,
     /// Wraps the party's store (e.g. to inject failures).
     pub wrap_persister: Option<WrapPersister>,
+    /// Wraps the party's adjudicator (e.g. to inject failures).
+    pub wrap_adjudicator: Option<WrapAdjudicator>,
+    /// Timeouts instead of the test defaults ([`test_timeouts`]).
+    pub timeouts: Option<Timeouts>,
+    /// The wire's request timeout (default 10 s).
+    pub request_timeout: Option<Duration>,
+    /// The party listens nowhere (it only dials out).
+    pub dial_only: bool,
 }
 
 impl Default for Options {
@@ -206,7 +219,23 @@ impl Default for Options {
             funder: None,
             funding_timeout: Duration::from_secs(30),
             wrap_persister: None,
+            wrap_adjudicator: None,
+            timeouts: None,
+            request_timeout: None,
+            dial_only: false,
         }
+    }
+}
+
+/// The timeouts test clients run with: fast polls, a short cooperative settle.
+pub fn test_timeouts(funding: Duration) -> Timeouts {
+    Timeouts {
+        funding,
+        dispute_poll: Duration::from_millis(50),
+        settle_cooperative: Duration::from_secs(3),
+        retry_min: Duration::from_millis(50),
+        retry_max: Duration::from_secs(2),
+        ..Timeouts::default()
     }
 }
 
@@ -242,6 +271,10 @@ pub async fn party(ledger: &Ledger, deposit: U256, opts: &Options) -> Party {
         None => persister,
     };
     let funder = opts.funder.clone().unwrap_or(funder);
+    let adjudicator = match &opts.wrap_adjudicator {
+        Some(wrap) => wrap(adjudicator),
+        None => adjudicator,
+    };
     start(account, key, funder, adjudicator, persister, dir, opts).await
 }
 
@@ -256,7 +289,7 @@ async fn start(
     opts: &Options,
 ) -> Party {
     let (accept_all, opened) = AcceptAll::new();
-    let client = Client::builder()
+    let mut builder = Client::builder()
         .account(account.clone())
         .network_key(key.clone())
         .funder(funder)
@@ -264,15 +297,17 @@ async fn start(
         .persister(persister.clone())
         .proposal_handler(opts.proposal_handler.clone().unwrap_or(accept_all.clone()))
         .update_handler(opts.update_handler.clone().unwrap_or(accept_all))
-        .timeouts(Timeouts {
-            funding: opts.funding_timeout,
-            dispute_poll: Duration::from_millis(50),
-            settle_cooperative: Duration::from_secs(3),
-            ..Timeouts::default()
-        })
-        .build()
-        .await
-        .unwrap();
+        .timeouts(
+            opts.timeouts
+                .unwrap_or_else(|| test_timeouts(opts.funding_timeout)),
+        );
+    if let Some(t) = opts.request_timeout {
+        builder = builder.request_timeout(t);
+    }
+    if opts.dial_only {
+        builder = builder.dial_only();
+    }
+    let client = builder.build().await.unwrap();
     Party {
         client,
         account,
@@ -406,4 +441,79 @@ pub async fn caught_up(chans: &[Channel]) -> perun::channel::SignedState {
         assert_eq!(c.state(), st, "all parties hold the same state");
     }
     st
+}
+
+/// How long a test waits for something the chain or a peer should do.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Waits for the next `Registered` event with `version`.
+pub async fn registered(events: &mut perun::client::EventStream, version: u64) {
+    use perun::adjudicator::AdjudicatorEvent;
+    use perun::client::ChannelEvent;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(ChannelEvent::Chain(AdjudicatorEvent::Registered { version: v, .. })) =
+                events.next().await
+                && v == version
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("registration seen in time");
+}
+
+/// Waits until the chain's dispute holds `version`.
+pub async fn on_chain_version(adj: &Arc<dyn Adjudicator>, ch: &Channel, version: u64) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if adj
+                .dispute(ch.id())
+                .await
+                .unwrap()
+                .is_some_and(|d| d.version == version)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("dispute reaches the version in time");
+}
+
+/// Bob, gone rogue, registers `old` directly through his own chain backend.
+pub async fn bob_registers(
+    ledger: &Ledger,
+    p: &Party,
+    ch: &Channel,
+    old: perun::channel::SignedState,
+) -> Arc<dyn Adjudicator> {
+    let (_, adj) = ledger.backends(&p.account).await;
+    adj.register(&perun::adjudicator::SignedChannel {
+        params: ch.params().clone(),
+        state: old,
+    })
+    .await
+    .unwrap();
+    adj
+}
+
+/// Bob (participant 1) withdraws what the concluded channel owes him.
+pub async fn bob_withdraws(
+    adj: &Arc<dyn Adjudicator>,
+    p: &Party,
+    ch: &Channel,
+    state: &perun::channel::SignedState,
+) {
+    adj.withdraw(&perun::adjudicator::WithdrawRequest {
+        params: ch.params().clone(),
+        state: state.state.clone(),
+        index: 1,
+        account: p.account.clone(),
+        receiver: p.account.address(),
+    })
+    .await
+    .unwrap();
 }
