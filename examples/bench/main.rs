@@ -21,9 +21,12 @@
 //! - `open_channel_ms`: median of `propose_channel` calls (proposal, version-0
 //!   signatures, both deposits mined, `Active`), durable.
 //! - `restore_10k_channels_ms` / `rss_bytes_per_channel_10k`: 10,000 active
-//!   channels written into a redb file, then, in a fresh child process, the
-//!   time to open the store and build the client (which loads and checks
-//!   every record) and the resident memory it adds, per channel.
+//!   channels written into a redb file, then, in a fresh child process with
+//!   every peer offline, the time from opening the store until every
+//!   restored channel is protected (its watcher subscribed and read the
+//!   chain), and the resident memory it adds, per channel.
+//!   `restore_client_built_ms` is the part until the client's constructor
+//!   returned (what `restore_10k_channels_ms` measured before issue 12).
 //!
 //! # The floor
 //! What one durable update cannot avoid, measured in this process on the

@@ -8,9 +8,10 @@
 //! (this binary with [`CHILD_FLAG`]) connects Alice's chain backends to the
 //! same anvil, reads its RSS, opens the store and builds the client (which
 //! loads, re-verifies and registers every channel, then starts each one's
-//! watcher and `Sync`), reads its RSS again after five seconds (by then
-//! every watcher has read the chain once; a restore lets 32 channels do so
-//! at a time), and prints the figures as one JSON line.
+//! watcher and `Sync`), and stops the clock once every channel is protected
+//! (`Client::wait_protected`: each watcher subscribed and read the channel's
+//! history from the chain). It reads its RSS again five seconds later and
+//! prints the figures as one JSON line.
 //!
 //! Bob is not running: his `PeerId` has no known address, and the child's
 //! client has a zero `Sync` timeout, so each channel's `Sync` fails at once
@@ -40,6 +41,8 @@ pub(crate) const CHILD_FLAG: &str = "--restore-child";
 const RESULT_PREFIX: &str = "RESTORE_RESULT ";
 /// How long the child waits after restore before reading its RSS again.
 const SETTLE: Duration = Duration::from_secs(5);
+/// How long the child waits for every restored channel to be protected.
+const PROTECT_LIMIT: Duration = Duration::from_secs(120);
 
 /// What the child measured.
 #[derive(Debug)]
@@ -260,8 +263,13 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
         })
         .build()
         .await?;
+    let built_ms = started.elapsed().as_secs_f64() * 1e3;
+    // Restored means protected: every channel's watcher subscribed and read
+    // the chain (its history), with every peer offline.
+    client.wait_protected(PROTECT_LIMIT).await?;
     let restore_ms = started.elapsed().as_secs_f64() * 1e3;
     let channels = client.channels().len();
+    let watching = client.watching();
     let rss_restored = rss_bytes()?;
     tokio::time::sleep(SETTLE).await;
     let rss_after = rss_bytes()?;
@@ -269,6 +277,8 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
         "channels": channels,
         "store_open_ms": opened_ms,
         "restore_ms": restore_ms,
+        "built_ms": built_ms,
+        "watching": watching,
         "rss_before_bytes": rss_before,
         "rss_restored_bytes": rss_restored,
         "rss_after_settle_bytes": rss_after,
