@@ -91,24 +91,52 @@ impl Setup {
     }
 }
 
-/// The next item of a stream, which must be a `Registered` event: (channel, version).
+/// The next item of a stream other than `CaughtUp`, which must be a
+/// `Registered` event: (channel, version).
 async fn next_registered(events: &mut EventStream) -> (ChannelId, u64) {
-    let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
-        .await
-        .expect("an event within 20 s")
-        .expect("stream open")
-        .expect("no chain error");
-    match ev {
-        AdjudicatorEvent::Registered { id, version, .. } => (id, version),
-        other => panic!("expected Registered, got {other:?}"),
+    next_registered_within(events, Duration::from_secs(20)).await
+}
+
+async fn next_registered_within(events: &mut EventStream, wait: Duration) -> (ChannelId, u64) {
+    loop {
+        let ev = tokio::time::timeout(wait, events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("no chain error");
+        match ev {
+            AdjudicatorEvent::Registered { id, version, .. } => return (id, version),
+            AdjudicatorEvent::CaughtUp { .. } => {}
+            other => panic!("expected Registered, got {other:?}"),
+        }
     }
 }
 
-/// Whether the stream has an item ready now (the scanner delivers one round's
-/// events to every stream in one pass, so after a stream got a round's event,
-/// every other stream has its own from that round too).
+/// Waits for the `CaughtUp` that ends a new subscription's history.
+async fn caught_up(events: &mut EventStream) {
+    let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("CaughtUp within 20 s")
+        .expect("stream open")
+        .expect("no chain error");
+    assert!(
+        matches!(ev, AdjudicatorEvent::CaughtUp { .. }),
+        "expected CaughtUp, got {ev:?}"
+    );
+}
+
+/// Whether the stream has an item other than `CaughtUp` ready now (the
+/// scanner delivers one round's events to every stream in one pass, so after
+/// a stream got a round's event, every other stream has its own from that
+/// round too).
 fn has_item(events: &mut EventStream) -> bool {
-    events.next().now_or_never().is_some()
+    loop {
+        match events.next().now_or_never() {
+            Some(Some(Ok(AdjudicatorEvent::CaughtUp { .. }))) => {}
+            Some(_) => return true,
+            None => return false,
+        }
+    }
 }
 
 /// 2,000 channels subscribed at once through one adjudicator and its clone:
@@ -162,12 +190,14 @@ async fn two_thousand_subscriptions_route_events_to_their_channel() {
         );
     }
 
-    // Late subscribers get the whole history, then live events.
+    // Late subscribers get the whole history, then `CaughtUp`, then live events.
     let mut late_b = clone.subscribe(idb).await.unwrap();
     let mut late_a = watcher.subscribe(ida).await.unwrap();
     assert_eq!(next_registered(&mut late_b).await, (idb, 2));
     assert_eq!(next_registered(&mut late_a).await, (ida, 1));
     assert_eq!(next_registered(&mut late_a).await, (ida, 4));
+    caught_up(&mut late_a).await;
+    caught_up(&mut late_b).await;
     assert!(
         !has_item(&mut late_a) && !has_item(&mut late_b),
         "no duplicate"
@@ -276,6 +306,8 @@ async fn a_lost_node_ends_every_stream_with_an_error() {
         .unwrap();
     assert_eq!(next_registered(&mut mine).await.1, 1);
 
+    caught_up(&mut mine).await;
+    caught_up(&mut other).await;
     drop(s);
     for events in [&mut mine, &mut other] {
         let item = tokio::time::timeout(Duration::from_secs(20), events.next())
