@@ -12,7 +12,7 @@ use crate::{Error, Result};
 /// The adjudicator's bindings (and the channel structs as it sees them).
 pub mod adjudicator {
     alloy::sol!(
-        #[sol(rpc)]
+        #[sol(rpc, abi)]
         #[derive(Debug, PartialEq, Eq)]
         Adjudicator,
         "contracts/artifacts/Adjudicator.json"
@@ -21,7 +21,7 @@ pub mod adjudicator {
 /// The ether holder's bindings; every holder shares this interface.
 pub mod eth_holder {
     alloy::sol!(
-        #[sol(rpc)]
+        #[sol(rpc, abi)]
         #[derive(Debug, PartialEq, Eq)]
         AssetHolderETH,
         "contracts/artifacts/AssetHolderETH.json"
@@ -30,7 +30,7 @@ pub mod eth_holder {
 /// The ERC20 holder's bindings.
 pub mod erc20_holder {
     alloy::sol!(
-        #[sol(rpc)]
+        #[sol(rpc, abi)]
         #[derive(Debug, PartialEq, Eq)]
         AssetHolderERC20,
         "contracts/artifacts/AssetHolderERC20.json"
@@ -39,7 +39,7 @@ pub mod erc20_holder {
 /// The test token's bindings.
 pub mod token {
     alloy::sol!(
-        #[sol(rpc)]
+        #[sol(rpc, abi)]
         #[derive(Debug, PartialEq, Eq)]
         TestToken,
         "contracts/artifacts/TestToken.json"

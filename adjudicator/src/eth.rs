@@ -38,13 +38,14 @@ use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder, WsConnect};
 use alloy::rpc::types::Log;
 use alloy::signers::local::PrivateKeySigner;
-use alloy::sol_types::{SolEvent, SolInterface};
+use alloy::sol_types::SolEvent;
 use async_trait::async_trait;
 use perun_channel::{ChannelId, Params, State};
 use perun_wallet::{Account, LocalAccount};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+mod revert;
 mod scan;
 
 use crate::bindings::{
@@ -336,7 +337,8 @@ impl EthFunder {
         })
     }
 
-    async fn deposit(&self, holder: Address, fid: B256, amount: U256) -> Result<()> {
+    /// Deposits `amount` on top of the `held` it read; the holder refuses it if other holdings meet it.
+    async fn deposit(&self, holder: Address, fid: B256, held: U256, amount: U256) -> Result<()> {
         let c = &self.chain;
         let (h, kind) = c.holder(holder)?;
         match kind {
@@ -345,7 +347,7 @@ impl EthFunder {
                 if have < amount {
                     return Err(Error::InsufficientFunds { need: amount, have });
                 }
-                send!(c, h.deposit(fid, amount).value(amount), "deposit");
+                send!(c, h.deposit(fid, held, amount).value(amount), "deposit");
             }
             AssetKind::Erc20 { token } => {
                 let t = Token::new(token, c.provider.clone());
@@ -354,7 +356,7 @@ impl EthFunder {
                     return Err(Error::InsufficientFunds { need: amount, have });
                 }
                 send!(c, t.approve(holder, amount), "approve");
-                send!(c, h.deposit(fid, amount), "deposit");
+                send!(c, h.deposit(fid, held, amount), "deposit");
             }
         }
         info!(%holder, %amount, "deposited");
@@ -379,7 +381,7 @@ impl Funder for EthFunder {
                 let (held, _) = c.holdings(holder, fid, BlockId::latest()).await?;
                 let missing = need.saturating_sub(held);
                 if !missing.is_zero() {
-                    self.deposit(holder, fid, missing).await?;
+                    self.deposit(holder, fid, held, missing).await?;
                 }
             }
             let wait = async {
@@ -778,74 +780,13 @@ fn chain(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::rpc("rpc", RpcFailure::Transport(std::sync::Arc::new(e)))
 }
 
-/// Maps a contract revert to the error the simulated ledger gives for the same rule.
-/// `what` names the call, which says whose errors to decode (both contracts share OpenZeppelin's).
+/// Maps a contract revert to the error the simulated ledger gives for the
+/// same rule, with the contract error's arguments.
 fn decode_revert(e: alloy::contract::Error, what: &str) -> Error {
-    use AdjContract::AdjudicatorErrors as A;
-    use Holder::AssetHolderETHErrors as H;
-    let adjudicator_call = matches!(what, "register" | "conclude" | "concludeFinal");
-    if let Some(data) = e.as_revert_data() {
-        let as_adjudicator = if adjudicator_call {
-            A::abi_decode(&data).ok()
-        } else {
-            None
-        };
-        if let Some(err) = as_adjudicator {
-            warn!(?err, "adjudicator reverted");
-            return match err {
-                A::AlreadyConcluded(_) => Error::AlreadyConcluded,
-                A::TimeoutPassed(_) => Error::TimeoutPassed,
-                A::VersionTooLow(_) => Error::VersionTooLow {
-                    registered: 0,
-                    got: 0,
-                },
-                A::NotRegistered(_) => Error::NotRegistered,
-                A::TimeoutNotPassed(_) => Error::TimeoutNotPassed { timeout: 0, now: 0 },
-                A::WrongState(_) => Error::WrongState,
-                A::NotFinal(_) => Error::NotFinal,
-                A::WrongSigner(w) => Error::BadSignature {
-                    index: usize::try_from(w.index).unwrap_or(usize::MAX),
-                },
-                // A malformed signature; the off-chain check names the index before this happens.
-                A::ECDSAInvalidSignature(_)
-                | A::ECDSAInvalidSignatureS(_)
-                | A::ECDSAInvalidSignatureLength(_) => Error::BadSignature { index: usize::MAX },
-                other => Error::Reverted {
-                    op: what_static(what),
-                    tx: None,
-                    reason: crate::RevertReason::Custom {
-                        name: "adjudicator",
-                        args: vec![format!("{other:?}")],
-                    },
-                },
-            };
-        }
-        if let Ok(err) = H::abi_decode(&data) {
-            warn!(?err, "asset holder reverted");
-            return match err {
-                H::NotSettled(_) => Error::NotConcluded,
-                H::WrongSigner(_)
-                | H::ECDSAInvalidSignature(_)
-                | H::ECDSAInvalidSignatureS(_)
-                | H::ECDSAInvalidSignatureLength(_) => Error::BadAuthorization,
-                H::PaymentFailed(_) => Error::PaymentFailed(Address::ZERO),
-                other => Error::Reverted {
-                    op: what_static(what),
-                    tx: None,
-                    reason: crate::RevertReason::Custom {
-                        name: "asset holder",
-                        args: vec![format!("{other:?}")],
-                    },
-                },
-            };
-        }
-        return Error::Reverted {
-            op: what_static(what),
-            tx: None,
-            reason: crate::RevertReason::Unknown(data.clone()),
-        };
+    match e.as_revert_data() {
+        Some(data) => revert::decode(what_static(what), None, &data),
+        None => chain(e),
     }
-    chain(e)
 }
 
 /// The static name of a call (the `send!` macro's literals).

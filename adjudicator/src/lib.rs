@@ -19,7 +19,8 @@
 //!
 //! # Rules both backends follow
 //! Funding deposits only what is missing of a participant's version-0 share,
-//! then waits for everybody (the funding timeout names who did not fund). A
+//! naming the holdings it expects (a deposit that meets other holdings is
+//! refused, so none lands twice), then waits for everybody (the funding timeout names who did not fund). A
 //! fully signed state can be registered; a strictly newer one refutes it until
 //! the timeout; afterwards the registered state concludes, and a fully signed
 //! final state concludes at once. Concluding pushes the payouts; a payout that
