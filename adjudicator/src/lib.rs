@@ -10,11 +10,18 @@
 //! - [`types`]: requests ([`FundingRequest`], [`SignedChannel`],
 //!   [`WithdrawRequest`]), [`Dispute`], [`AdjudicatorEvent`] and [`EventStream`].
 //! - [`bindings`]: `sol!` bindings generated from the artifacts, and [`deploy`].
-//! - [`eth`]: [`EthAdjudicator`] and [`EthFunder`] over an alloy websocket provider;
-//!   `eth/scan.rs` holds the one event scanner an adjudicator's subscriptions share.
+//! - [`eth`]: [`EthAdjudicator`] (`eth/adjudicator.rs`) and [`EthFunder`]
+//!   (`eth/funder.rs`) over an alloy websocket provider, and what they share:
+//!   `eth/txqueue.rs`, the one transaction queue per account (nonces,
+//!   simulation, fees under a cap, replacement, confirmation, dedupe);
+//!   `eth/fees.rs`, the fee arithmetic; `eth/conn.rs`, the connection
+//!   (timeouts, typed failures, rebuilding a dead provider, block headers);
+//!   `eth/scan.rs`, the one event scanner an adjudicator's subscriptions
+//!   share; `eth/revert.rs`, revert data decoded into [`Error`]s.
 //! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
 //! - `testing` (feature `testing`): the anvil harness for tests and benchmarks
-//!   (clock, snapshot/revert and `anvil_reorg`, a background block miner).
+//!   (clock, snapshot/revert and `anvil_reorg`, a background block miner,
+//!   the transaction pool and base fee).
 //! - [`error`]: the crate's one error enum.
 //!
 //! # Rules both backends follow

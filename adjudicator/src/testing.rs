@@ -424,6 +424,13 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Ends the transaction queue task of `sender` on `chain_id` as if it had
+/// died (a panic); `false` if none runs. Callers waiting on it get
+/// [`Error::Stopped`], and the next transaction starts a new task.
+pub fn abort_tx_queue(chain_id: u64, sender: Address) -> bool {
+    crate::eth::txqueue::abort(chain_id, sender)
+}
+
 /// A TCP relay in front of anvil that a test can cut ([`Anvil::relay`]):
 /// [`cut`](Self::cut) closes every connection through it (a websocket
 /// drop), [`refuse`](Self::refuse) closes new ones at once (a node that stays
