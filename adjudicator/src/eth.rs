@@ -11,8 +11,12 @@
 //! # Transactions
 //! Every transaction of an account goes through the account's one queue in
 //! the process (`txqueue`), shared by all funders and adjudicators built for
-//! that account and chain. It guarantees, assuming no other process sends
-//! from the account at the same time and the node keeps a transaction pool:
+//! that account and chain. It guarantees the following, assuming the node
+//! keeps a transaction pool (as geth, reth and anvil do), the account's
+//! transactions pending when the queue starts belong to no one who stalls
+//! them (their nonces come first), and another sender of the same account
+//! (a wallet, another process) is an exception rather than the rule (the
+//! queue recovers from it, at the price of re-sending):
 //! - **Ordering**: nonces are assigned by one task in the order requests
 //!   arrive; a submission the node refuses does not use a nonce, so no gap
 //!   blocks later transactions. A nonce another transaction of the account
@@ -43,14 +47,14 @@
 //!
 //! # Connection
 //! Every call to the node is bounded by [`EthConfig::rpc_timeout`] and fails
-//! as [`Error::Rpc`] with a typed [`RpcFailure`](crate::RpcFailure). A
+//! as [`Error::Rpc`] with a typed [`RpcFailure`]. A
 //! backend made with `connect` keeps the URL and the key and builds a new
 //! provider once alloy's websocket service gave up reconnecting; one made
 //! with `new(provider, ..)` cannot, and fails until its provider recovers.
 //!
 //! # Reorgs
 //! With `confirmations = k`, what the caller acts on only reflects blocks at
-//! least `k` deep: [`Adjudicator::dispute`] reads the contract at the block
+//! least `k` deep: [`Adjudicator::dispute`](crate::Adjudicator::dispute) reads the contract at the block
 //! `head - k` (by hash, so both dispute slots come from the same block),
 //! funding counts deposits at that block, transactions count once `k` deep,
 //! and the event streams deliver a block's logs only once it is `k` deep (a
@@ -147,7 +151,7 @@ pub struct EthConfig {
     /// (five blocks).
     pub replace_after: Duration,
     /// How long any one call to the node may take before it counts as
-    /// failed ([`RpcFailure::Timeout`](crate::RpcFailure::Timeout)). Default 20 s.
+    /// failed ([`RpcFailure::Timeout`]). Default 20 s.
     pub rpc_timeout: Duration,
 }
 

@@ -186,6 +186,9 @@ struct Stopped {
 
 impl Drop for Stopped {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("event scanner panicked; its streams end (subscribe again)");
+        }
         let mut st = self.hub.lock();
         if st.generation == self.generation {
             st.running = false;
