@@ -113,6 +113,7 @@ async fn bob_main() {
         eth_holder: env("ETH_HOLDER").parse().unwrap(),
         token: env("TOKEN").parse().unwrap(),
         erc20_holder: env("ERC20_HOLDER").parse().unwrap(),
+        block: env("DEPLOY_BLOCK").parse().unwrap(),
     };
     let cfg = EthConfig::from_deployment(&d);
     let url = env("ANVIL_URL");
@@ -298,6 +299,7 @@ fn spawn_bob(
         .env("ETH_HOLDER", deployment.eth_holder.to_string())
         .env("TOKEN", deployment.token.to_string())
         .env("ERC20_HOLDER", deployment.erc20_holder.to_string())
+        .env("DEPLOY_BLOCK", deployment.block.to_string())
         .env("ANVIL_URL", anvil.ws_url())
         .env("NET_KEY", setup.dir.path().join("net.key"))
         .env("DB", setup.dir.path().join("bob.redb"))

@@ -104,8 +104,9 @@ impl Bench {
     ) -> Result<TransactionReceipt> {
         let h = AssetHolderETH::new(self.eth, p.clone());
         let fid = funding_id(state.channelId, who);
+        // Every deposit here is its slot's first (or the first after a payout): nothing held.
         mined(
-            h.deposit(fid, U256::from(amount))
+            h.deposit(fid, U256::ZERO, U256::from(amount))
                 .value(U256::from(amount))
                 .send()
                 .await,
@@ -210,9 +211,13 @@ async fn run() -> Result<()> {
     b.record("approve_erc20", &r);
     let h20 = AssetHolderETH::new(b.erc20, b.pa.clone());
     let r = mined(
-        h20.deposit(funding_id(t0.channelId, alice.address()), U256::from(1_000))
-            .send()
-            .await,
+        h20.deposit(
+            funding_id(t0.channelId, alice.address()),
+            U256::ZERO,
+            U256::from(1_000),
+        )
+        .send()
+        .await,
     )
     .await?;
     b.record("deposit_erc20_first", &r);

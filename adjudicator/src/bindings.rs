@@ -12,7 +12,7 @@ use crate::{Error, Result};
 /// The adjudicator's bindings (and the channel structs as it sees them).
 pub mod adjudicator {
     alloy::sol!(
-        #[sol(rpc)]
+        #[sol(rpc, abi)]
         #[derive(Debug, PartialEq, Eq)]
         Adjudicator,
         "contracts/artifacts/Adjudicator.json"
@@ -21,7 +21,7 @@ pub mod adjudicator {
 /// The ether holder's bindings; every holder shares this interface.
 pub mod eth_holder {
     alloy::sol!(
-        #[sol(rpc)]
+        #[sol(rpc, abi)]
         #[derive(Debug, PartialEq, Eq)]
         AssetHolderETH,
         "contracts/artifacts/AssetHolderETH.json"
@@ -30,7 +30,7 @@ pub mod eth_holder {
 /// The ERC20 holder's bindings.
 pub mod erc20_holder {
     alloy::sol!(
-        #[sol(rpc)]
+        #[sol(rpc, abi)]
         #[derive(Debug, PartialEq, Eq)]
         AssetHolderERC20,
         "contracts/artifacts/AssetHolderERC20.json"
@@ -39,7 +39,7 @@ pub mod erc20_holder {
 /// The test token's bindings.
 pub mod token {
     alloy::sol!(
-        #[sol(rpc)]
+        #[sol(rpc, abi)]
         #[derive(Debug, PartialEq, Eq)]
         TestToken,
         "contracts/artifacts/TestToken.json"
@@ -108,7 +108,7 @@ impl From<Adjudicator::State> for ch::State {
     }
 }
 
-/// Where [`deploy`] put the contracts.
+/// Where [`deploy`] put the contracts, and from which block on they exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deployment {
     /// The adjudicator.
@@ -119,34 +119,62 @@ pub struct Deployment {
     pub token: Address,
     /// The holder of the test token.
     pub erc20_holder: Address,
+    /// The block the adjudicator was deployed in: no channel event is older,
+    /// so event scans start here ([`EthConfig::from_deployment`](crate::EthConfig::from_deployment)).
+    pub block: u64,
 }
 
 /// Deploys the adjudicator, the ether holder, a test token and its holder,
 /// from the provider's default account.
 pub async fn deploy<P: Provider + Clone>(provider: &P) -> Result<Deployment> {
-    let adjudicator = *Adjudicator::deploy(provider.clone())
+    let receipt = Adjudicator::deploy_builder(provider.clone())
+        .send()
         .await
-        .map_err(chain_err)?
-        .address();
+        .map_err(contract_err)?
+        .get_receipt()
+        .await
+        .map_err(chain_err)?;
+    let adjudicator = deployed(&receipt)?;
+    let block = receipt.block_number.ok_or(Error::rpc(
+        "deploy",
+        crate::RpcFailure::Missing("the deployment's block number"),
+    ))?;
     let eth_holder = *AssetHolderETH::deploy(provider.clone(), adjudicator)
         .await
-        .map_err(chain_err)?
+        .map_err(contract_err)?
         .address();
     let token = *TestToken::deploy(provider.clone())
         .await
-        .map_err(chain_err)?
+        .map_err(contract_err)?
         .address();
     let erc20_holder = *AssetHolderERC20::deploy(provider.clone(), adjudicator, token)
         .await
-        .map_err(chain_err)?
+        .map_err(contract_err)?
         .address();
-    tracing::info!(%adjudicator, %eth_holder, %token, %erc20_holder, "contracts deployed");
+    tracing::info!(%adjudicator, %eth_holder, %token, %erc20_holder, block, "contracts deployed");
     Ok(Deployment {
         adjudicator,
         eth_holder,
         token,
         erc20_holder,
+        block,
     })
+}
+
+/// The address a deployment receipt created, if it succeeded.
+fn deployed(r: &alloy::rpc::types::TransactionReceipt) -> Result<Address> {
+    match r.contract_address {
+        Some(a) if r.status() => Ok(a),
+        _ => Err(Error::Reverted {
+            op: "deploy",
+            tx: Some(r.transaction_hash),
+            reason: crate::RevertReason::Empty,
+        }),
+    }
+}
+
+fn contract_err(e: alloy::contract::Error) -> Error {
+    crate::eth::contract_error("deploy", e)
 }
 
 fn chain_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {

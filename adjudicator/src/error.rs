@@ -39,6 +39,19 @@ pub enum RpcFailure {
     /// A fault injected by a test's seeded schedule (see `testing::faults`).
     #[error("injected fault #{0}")]
     Injected(u64),
+    /// The node answered, but without something it must have (the latest
+    /// block, a block a moment ago reported, a deployment's block number).
+    #[error("the node's answer lacks {0}")]
+    Missing(&'static str),
+    /// After a reconnect the endpoint serves another chain; the backend does
+    /// not use it.
+    #[error("the node serves chain {got}, not {expected}")]
+    WrongChain {
+        /// The chain id the backend was built for.
+        expected: u64,
+        /// The chain id the node reports now.
+        got: u64,
+    },
 }
 
 /// Why a transaction (or its simulation) reverted, decoded from its revert data.
@@ -191,6 +204,16 @@ pub enum Error {
         /// How long the caller waited.
         waited: Duration,
     },
+    /// The transaction queue did not send the transaction within the
+    /// caller's wait (other transactions of the account went first); it
+    /// stays queued and is sent in turn.
+    #[error("{op}: not sent within {waited:?}; still queued")]
+    NotSent {
+        /// What the transaction does.
+        op: &'static str,
+        /// How long the caller waited.
+        waited: Duration,
+    },
     /// A transaction, or its simulation (`tx: None`), reverted for a reason
     /// no other variant covers.
     #[error("{op} reverted{}: {reason}", tx.map(|t| format!(" in {t}")).unwrap_or_default())]
@@ -202,7 +225,9 @@ pub enum Error {
         /// The decoded revert.
         reason: RevertReason,
     },
-    /// The fee a transaction needs is above the configured cap.
+    /// The fee a transaction needs (at least the current base fee) is above
+    /// the configured cap. Nothing was sent; the transaction queue keeps the
+    /// request and sends it once the base fee is below the cap again.
     #[error("{op}: needs {needed} wei per gas, above the cap of {cap}")]
     FeeCapExceeded {
         /// What the transaction does.
@@ -222,7 +247,8 @@ pub enum Error {
         /// What is wrong with it.
         reason: BadEventReason,
     },
-    /// The backend was shut down (or its task died).
+    /// The backend was shut down, or its transaction queue's task died (the
+    /// next call starts a new one).
     #[error("the chain backend has stopped")]
     Stopped,
     /// The anvil test harness failed.
@@ -246,16 +272,19 @@ pub enum BadEventReason {
 
 impl Error {
     /// Whether repeating the same call later may succeed: the node did not
-    /// answer, a connection dropped, a receipt is late, or a deposit raced
-    /// another for the same slot. Rules the chain enforces (a wrong state, a
-    /// passed timeout, ...) are not transient.
+    /// answer, a connection dropped, a receipt is late, a transaction is
+    /// still queued or priced out by the fee cap, the queue's task died, or
+    /// a deposit raced another for the same slot. Rules the chain enforces
+    /// (a wrong state, a passed timeout, ...) are not transient.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
             Error::Rpc { .. }
                 | Error::ReceiptTimeout { .. }
+                | Error::NotSent { .. }
                 | Error::HoldingsChanged { .. }
                 | Error::FeeCapExceeded { .. }
+                | Error::Stopped
         )
     }
 

@@ -6,27 +6,72 @@
 //! contract would check, so a doomed transaction is refused with the same
 //! typed error as [`SimLedger`](crate::SimLedger) gives, without spending gas.
 //! A revert that still happens (a race with another party) is decoded into
-//! the same errors.
+//! the same errors, with the contract error's arguments.
+//!
+//! # Transactions
+//! Every transaction of an account goes through the account's one queue in
+//! the process (`txqueue`), shared by all funders and adjudicators built for
+//! that account and chain. It guarantees the following, assuming the node
+//! keeps a transaction pool (as geth, reth and anvil do), the account's
+//! transactions pending when the queue starts belong to no one who stalls
+//! them (their nonces come first), and another sender of the same account
+//! (a wallet, another process) is an exception rather than the rule (the
+//! queue recovers from it, at the price of re-sending):
+//! - **Ordering**: nonces are assigned by one task in the order requests
+//!   arrive; a submission the node refuses does not use a nonce, so no gap
+//!   blocks later transactions. A nonce another transaction of the account
+//!   took anyway is noticed, and the request is sent again with a new one.
+//! - **Simulation first**: each request is run with `eth_call` from the
+//!   sender before it is signed; a revert is reported, typed, without gas.
+//! - **Fee cap**: the tip is the node's suggestion but at most
+//!   [`EthConfig::max_priority_fee_per_gas`], the max fee `2 * base + tip` but
+//!   at most [`EthConfig::max_fee_per_gas`]. Tips a cheater pays (which raise
+//!   the node's suggestion) cannot push ours above the cap; if even the base
+//!   fee is above it, the caller gets [`Error::FeeCapExceeded`] and the
+//!   request waits in the queue instead of overpaying.
+//! - **Replacement**: a transaction not mined after
+//!   [`EthConfig::replace_after`] is replaced at the same nonce with both fees
+//!   up by at least an eighth (within the caps); one that left the pool is
+//!   sent again; whichever fee version is mined is the result.
+//! - **Confirmation**: a result counts once its block is
+//!   [`EthConfig::confirmations`] deep and still canonical; a reorg that drops
+//!   it puts the transaction back into tracking.
+//! - **Dedupe**: a deposit (per holder and funding slot), a registration or a
+//!   conclusion (per channel and state) that is in flight already is joined,
+//!   not sent again: retries after a [`Error::ReceiptTimeout`] cost nothing.
+//!   The contracts make the rest safe: a deposit names the holdings it
+//!   expects (`HoldingsChanged` otherwise), a registration a higher version.
+//!
+//! A caller waits at most [`EthConfig::receipt_timeout`]; the queue keeps the
+//! transaction going after that, until it lands or is moot.
+//!
+//! # Connection
+//! Every call to the node is bounded by [`EthConfig::rpc_timeout`] and fails
+//! as [`Error::Rpc`] with a typed [`RpcFailure`]. A
+//! backend made with `connect` keeps the URL and the key and builds a new
+//! provider once alloy's websocket service gave up reconnecting; one made
+//! with `new(provider, ..)` cannot, and fails until its provider recovers.
 //!
 //! # Reorgs
 //! With `confirmations = k`, what the caller acts on only reflects blocks at
-//! least `k` deep: [`Adjudicator::dispute`] reads the contract at the block
+//! least `k` deep: [`Adjudicator::dispute`](crate::Adjudicator::dispute) reads the contract at the block
 //! `head - k` (by hash, so both dispute slots come from the same block),
-//! funding counts deposits at that block, and the event streams deliver a
-//! block's logs only once it is `k` deep (a late subscriber's history too).
-//! A reorg shallower than `k` is therefore invisible. A deeper one is
-//! detected (the scanner remembers the hashes of the blocks it scanned up
-//! to): it rescans from the fork and the streams may get an event again,
-//! which the watcher's re-read of the dispute makes harmless. The pre-checks
-//! before sending a transaction read the latest block instead, since that is
-//! what the transaction will meet.
+//! funding counts deposits at that block, transactions count once `k` deep,
+//! and the event streams deliver a block's logs only once it is `k` deep (a
+//! late subscriber's history too). A reorg shallower than `k` is therefore
+//! invisible. A deeper one is detected (the scanner remembers the hashes of
+//! the blocks it scanned up to): it rescans from the fork and the streams may
+//! get an event again, which the watcher's re-read of the dispute makes
+//! harmless. The pre-checks before sending a transaction read the latest
+//! block instead, since that is what the transaction will meet.
 //!
 //! # Events
 //! All subscriptions of one [`EthAdjudicator`] and its clones share one
 //! scanner task (`scan`): one block subscription and one `eth_getLogs` per
 //! scanned range, routed by channel id, so a client watching 10,000 channels
 //! costs the node what one channel does; a new subscriber's history comes
-//! from one query per 1,000 new channels.
+//! from one query per 1,000 new channels. The scanner outlives node failures:
+//! it backs off, reconnects and continues from where it was.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,29 +79,31 @@ use std::time::Duration;
 
 use alloy::eips::{BlockId, BlockNumberOrTag};
 use alloy::network::EthereumWallet;
-use alloy::primitives::{Address, B256, Bytes, U256};
-use alloy::providers::{DynProvider, Provider, ProviderBuilder, WsConnect};
-use alloy::rpc::types::Log;
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::providers::{DynProvider, Provider};
 use alloy::signers::local::PrivateKeySigner;
-use alloy::sol_types::{SolEvent, SolInterface};
-use async_trait::async_trait;
 use perun_channel::{ChannelId, Params, State};
 use perun_wallet::{Account, LocalAccount};
-use tokio::sync::watch;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, warn};
 
+mod adjudicator;
+mod conn;
+mod fees;
+mod funder;
+mod revert;
 mod scan;
+pub(crate) mod txqueue;
 
-use crate::bindings::{
-    Adjudicator as AdjContract, AssetHolderETH as Holder, Deployment, TestToken as Token,
-};
-use crate::eth::scan::Hub;
-use crate::types::{WithdrawalAuth, event_channel, withdrawal_hash};
-use crate::{
-    Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, Funder, FundingRequest, Result,
-    SignedChannel, WithdrawRequest, funding_id,
-};
-use crate::{BadEventReason, RpcFailure};
+pub use adjudicator::EthAdjudicator;
+pub use funder::EthFunder;
+
+use crate::bindings::{Adjudicator as AdjContract, AssetHolderETH as Holder, Deployment};
+use crate::eth::conn::{Conn, IntoFault};
+use crate::eth::txqueue::{Call, Landed, Policy, TxQueue};
+use crate::{Dispute, Error, Result, RpcFailure, funding_id};
+
+/// One gwei in wei.
+const GWEI: u128 = 1_000_000_000;
 
 /// What an asset holder holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,74 +118,166 @@ pub enum AssetKind {
 }
 
 /// Where the contracts are and how careful to be.
+///
+/// The defaults ([`EthConfig::new`]) suit a public chain with 12-second
+/// blocks; tests shorten the timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EthConfig {
     /// The adjudicator contract.
     pub adjudicator: Address,
     /// Every asset holder this backend may deposit to or withdraw from.
     pub assets: HashMap<Address, AssetKind>,
-    /// Blocks on top of a block before its events, deposits and dispute count
-    /// (0: at once). A reorg shallower than this never reaches the caller.
+    /// Blocks on top of a block before its events, deposits, dispute and
+    /// transaction receipts count (0: at once). A reorg shallower than this
+    /// never reaches the caller. Default 0.
     pub confirmations: u64,
-    /// The first block event subscriptions scan (the deployment block, say).
+    /// The first block event subscriptions scan: the deployment block (a
+    /// real chain must not be scanned from block 0).
     pub from_block: u64,
-    /// How long to wait for a sent transaction's receipt before giving up.
+    /// How long a caller waits for a sent transaction's receipt (the queue
+    /// keeps the transaction going after that). Default 120 s.
     pub receipt_timeout: Duration,
+    /// The most this backend pays per gas, base fee and tip together
+    /// (`maxFeePerGas`). Default 200 gwei: far above a normal base fee, low
+    /// enough that a cheater flooding blocks cannot drain the account. A
+    /// dispute must land before its timeout, so a challenge duration must
+    /// leave room for a fee spike to pass.
+    pub max_fee_per_gas: u128,
+    /// The most this backend tips per gas (`maxPriorityFeePerGas`), however
+    /// high the node's suggestion. Default 3 gwei.
+    pub max_priority_fee_per_gas: u128,
+    /// How long a transaction may stay unmined before it is replaced with
+    /// higher fees (each replacement offers an eighth more). Default 60 s
+    /// (five blocks).
+    pub replace_after: Duration,
+    /// How long any one call to the node may take before it counts as
+    /// failed ([`RpcFailure::Timeout`]). Default 20 s.
+    pub rpc_timeout: Duration,
 }
 
 impl EthConfig {
-    /// The configuration for a [`Deployment`], trusting blocks at once.
-    pub fn from_deployment(d: &Deployment) -> Self {
-        let assets = HashMap::from([
-            (d.eth_holder, AssetKind::Eth),
-            (d.erc20_holder, AssetKind::Erc20 { token: d.token }),
-        ]);
+    /// Default [`receipt_timeout`](Self::receipt_timeout).
+    pub const DEFAULT_RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
+    /// Default [`max_fee_per_gas`](Self::max_fee_per_gas).
+    pub const DEFAULT_MAX_FEE_PER_GAS: u128 = 200 * GWEI;
+    /// Default [`max_priority_fee_per_gas`](Self::max_priority_fee_per_gas).
+    pub const DEFAULT_MAX_PRIORITY_FEE_PER_GAS: u128 = 3 * GWEI;
+    /// Default [`replace_after`](Self::replace_after).
+    pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(60);
+    /// Default [`rpc_timeout`](Self::rpc_timeout).
+    pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(20);
+
+    /// A configuration for the adjudicator deployed in block `from_block`
+    /// and the asset holders you use (an ether-only deployment lists just
+    /// its ether holder), with the defaults above.
+    pub fn new(
+        adjudicator: Address,
+        from_block: u64,
+        assets: impl IntoIterator<Item = (Address, AssetKind)>,
+    ) -> Self {
         Self {
-            adjudicator: d.adjudicator,
-            assets,
+            adjudicator,
+            assets: assets.into_iter().collect(),
             confirmations: 0,
-            from_block: 0,
-            receipt_timeout: Duration::from_secs(120),
+            from_block,
+            receipt_timeout: Self::DEFAULT_RECEIPT_TIMEOUT,
+            max_fee_per_gas: Self::DEFAULT_MAX_FEE_PER_GAS,
+            max_priority_fee_per_gas: Self::DEFAULT_MAX_PRIORITY_FEE_PER_GAS,
+            replace_after: Self::DEFAULT_REPLACE_AFTER,
+            rpc_timeout: Self::DEFAULT_RPC_TIMEOUT,
         }
+    }
+
+    /// The configuration for a [`deploy`](crate::deploy)ed set of contracts
+    /// (both holders), scanning from its deployment block.
+    pub fn from_deployment(d: &Deployment) -> Self {
+        Self::new(
+            d.adjudicator,
+            d.block,
+            [
+                (d.eth_holder, AssetKind::Eth),
+                (d.erc20_holder, AssetKind::Erc20 { token: d.token }),
+            ],
+        )
     }
 }
 
-/// What both Ethereum handles share: the provider, the sender and the config.
+/// A websocket provider that signs with `account` (for deployment and
+/// direct contract calls; the backends send through their transaction queue).
+pub async fn ws_provider(url: &str, account: &LocalAccount) -> Result<DynProvider> {
+    conn::build(url, wallet(account)?)
+        .await
+        .map_err(|e| Error::rpc("connect", conn::classify(e).0))
+}
+
+fn wallet(account: &LocalAccount) -> Result<EthereumWallet> {
+    let signer = PrivateKeySigner::from_slice(&account.secret_bytes())
+        .map_err(|e| Error::rpc("connect", RpcFailure::Transport(Arc::new(e))))?;
+    Ok(EthereumWallet::from(signer))
+}
+
+/// A failed contract call as the crate's error (for `deploy`).
+pub(crate) fn contract_error(op: &'static str, e: alloy::contract::Error) -> Error {
+    e.into_fault().0.into_error(op, None)
+}
+
+/// A dedupe key for the transaction queue: a tag and fixed-width fields.
+fn dedupe_key(tag: &str, parts: &[&[u8]]) -> B256 {
+    let mut buf = tag.as_bytes().to_vec();
+    for p in parts {
+        buf.extend_from_slice(p);
+    }
+    keccak256(buf)
+}
+
+/// What both Ethereum handles share: the connection, the sender, the config
+/// and the account's transaction queue.
 #[derive(Debug, Clone)]
 struct Chain {
-    provider: DynProvider,
+    conn: Arc<Conn>,
     sender: Address,
     chain_id: U256,
     cfg: Arc<EthConfig>,
+    queue: Arc<TxQueue>,
 }
 
 impl Chain {
     async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
-        let chain_id = provider.get_chain_id().await.map_err(chain)?;
-        Ok(Self {
-            provider,
-            sender,
-            chain_id: U256::from(chain_id),
-            cfg: Arc::new(cfg),
-        })
+        let conn = Arc::new(Conn::new(provider, cfg.rpc_timeout));
+        Self::with(conn, sender, cfg).await
     }
 
     async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
-        let provider = ws_provider(url, account).await?;
-        Self::new(provider, account.address(), cfg).await
+        let conn = Arc::new(Conn::connect(url, wallet(account)?, cfg.rpc_timeout).await?);
+        Self::with(conn, account.address(), cfg).await
     }
 
-    fn adjudicator(&self) -> AdjContract::AdjudicatorInstance<DynProvider> {
-        AdjContract::new(self.cfg.adjudicator, self.provider.clone())
+    async fn with(conn: Arc<Conn>, sender: Address, cfg: EthConfig) -> Result<Self> {
+        let chain_id = conn
+            .rpc("eth_chainId", |p| async move { p.get_chain_id().await })
+            .await?;
+        conn.set_chain_id(chain_id);
+        let queue = TxQueue::shared(&conn, chain_id, sender);
+        Ok(Self {
+            conn,
+            sender,
+            chain_id: U256::from(chain_id),
+            cfg: Arc::new(cfg),
+            queue,
+        })
     }
 
-    /// Every holder shares the ETH holder's interface for deposit, holdings and withdraw.
-    fn holder(
-        &self,
-        holder: Address,
-    ) -> Result<(Holder::AssetHolderETHInstance<DynProvider>, AssetKind)> {
+    /// Sends a call through the account's queue and waits for it (at most `receipt_timeout`).
+    async fn send(&self, call: Call) -> Result<Landed> {
+        self.queue
+            .send(call, Policy::of(&self.cfg), self.cfg.receipt_timeout)
+            .await
+    }
+
+    /// What a holder holds; an unknown one is an error.
+    fn holder(&self, holder: Address) -> Result<AssetKind> {
         match self.cfg.assets.get(&holder) {
-            Some(kind) => Ok((Holder::new(holder, self.provider.clone()), *kind)),
+            Some(kind) => Ok(*kind),
             None => {
                 warn!(%holder, "unknown asset holder");
                 Err(Error::UnknownAsset(holder))
@@ -159,44 +298,48 @@ impl Chain {
     }
 
     async fn head(&self) -> Result<u64> {
-        self.provider.get_block_number().await.map_err(chain)
+        self.conn
+            .rpc(
+                "eth_blockNumber",
+                |p| async move { p.get_block_number().await },
+            )
+            .await
     }
 
-    async fn now(&self) -> Result<u64> {
+    /// The number, hash and time of a block, `None` if the chain has no such block (any more).
+    async fn block(&self, tag: BlockNumberOrTag) -> Result<Option<(u64, B256, u64)>> {
         let block = self
-            .provider
-            .get_block_by_number(BlockNumberOrTag::Latest)
-            .await
-            .map_err(chain)?
+            .conn
+            .rpc("eth_getBlockByNumber", |p| async move {
+                p.get_block_by_number(tag).await
+            })
+            .await?;
+        Ok(block.map(|b| (b.header.number, b.header.hash, b.header.timestamp)))
+    }
+
+    /// The latest block, for pre-checks that must see what a transaction will meet.
+    async fn latest(&self) -> Result<(u64, B256, u64)> {
+        self.block(BlockNumberOrTag::Latest)
+            .await?
             .ok_or(Error::rpc(
                 "eth_getBlockByNumber",
-                RpcFailure::Node {
-                    code: 0,
-                    message: "no latest block".into(),
-                },
-            ))?;
-        Ok(block.header.timestamp)
+                RpcFailure::Missing("the latest block"),
+            ))
     }
 
-    /// The number and hash of a block, `None` if the chain has no such block (any more).
-    async fn block(&self, tag: BlockNumberOrTag) -> Result<Option<(u64, B256)>> {
-        let block = self
-            .provider
-            .get_block_by_number(tag)
-            .await
-            .map_err(chain)?;
-        Ok(block.map(|b| (b.header.number, b.header.hash)))
+    /// The latest block's time.
+    async fn now(&self) -> Result<u64> {
+        Ok(self.latest().await?.2)
     }
 
     /// The block `confirmations` below the head: the newest one a reorg shallower
     /// than the confirmation depth cannot replace.
     async fn confirmed(&self) -> Result<(u64, B256)> {
         // The chain can get shorter between the two reads (a reorg); read the head again.
-        let mut n = 0;
         for _ in 0..3 {
-            n = self.head().await?.saturating_sub(self.cfg.confirmations);
-            if let Some(b) = self.block(BlockNumberOrTag::Number(n)).await? {
-                return Ok(b);
+            let n = self.head().await?.saturating_sub(self.cfg.confirmations);
+            if let Some((n, hash, _)) = self.block(BlockNumberOrTag::Number(n)).await? {
+                return Ok((n, hash));
             }
             debug!(
                 block = n,
@@ -205,48 +348,55 @@ impl Chain {
         }
         Err(Error::rpc(
             "eth_getBlockByNumber",
-            RpcFailure::Node {
-                code: 0,
-                message: format!("block {n} vanished (reorg)"),
-            },
+            RpcFailure::Missing("the confirmed block (it vanished in a reorg)"),
         ))
     }
 
-    /// The latest block, for pre-checks that must see what a transaction will meet.
-    async fn latest(&self) -> Result<(u64, B256)> {
-        self.block(BlockNumberOrTag::Latest)
-            .await?
-            .ok_or(Error::rpc(
-                "eth_getBlockByNumber",
-                RpcFailure::Node {
-                    code: 0,
-                    message: "no latest block".into(),
-                },
-            ))
-    }
-
     async fn holdings(&self, holder: Address, fid: B256, at: BlockId) -> Result<(U256, bool)> {
-        let (h, _) = self.holder(holder)?;
-        let r = h.holdings(fid).block(at).call().await.map_err(chain)?;
+        self.holder(holder)?;
+        let r = self
+            .conn
+            .rpc("holdings", |p| async move {
+                Holder::new(holder, p).holdings(fid).block(at).call().await
+            })
+            .await?;
         Ok((r.amount, r.settled))
     }
 
     /// The dispute at the latest block, for the pre-checks before a transaction.
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
-        let (_, hash) = self.latest().await?;
+        let (_, hash, _) = self.latest().await?;
         self.dispute_at(id, hash).await
     }
 
     /// Both dispute slots, read at the same block (by hash: a reorg that
     /// replaces the block makes the read fail instead of mixing two chains).
     async fn dispute_at(&self, id: ChannelId, block: B256) -> Result<Option<Dispute>> {
-        let adj = self.adjudicator();
         let at = BlockId::hash_canonical(block);
-        let d = adj.disputes(id).block(at).call().await.map_err(chain)?;
+        let adjudicator = self.cfg.adjudicator;
+        let d = self
+            .conn
+            .rpc("disputes", |p| async move {
+                AdjContract::new(adjudicator, p)
+                    .disputes(id)
+                    .block(at)
+                    .call()
+                    .await
+            })
+            .await?;
         if d.timeout == 0 {
             return Ok(None);
         }
-        let state_hash = adj.stateHashes(id).block(at).call().await.map_err(chain)?;
+        let state_hash = self
+            .conn
+            .rpc("stateHashes", |p| async move {
+                AdjContract::new(adjudicator, p)
+                    .stateHashes(id)
+                    .block(at)
+                    .call()
+                    .await
+            })
+            .await?;
         Ok(Some(Dispute {
             version: d.version,
             timeout: d.timeout,
@@ -270,593 +420,5 @@ impl Chain {
             }
         }
         Ok(missing)
-    }
-}
-
-/// A websocket provider that signs with `account`.
-///
-/// Nonces are read from the node for every transaction (alloy's default cache
-/// would skip a nonce after a failed submission and leave later transactions stuck).
-pub async fn ws_provider(url: &str, account: &LocalAccount) -> Result<DynProvider> {
-    let signer = PrivateKeySigner::from_slice(&account.secret_bytes()).map_err(chain)?;
-    let provider = ProviderBuilder::new()
-        .disable_recommended_fillers()
-        .with_gas_estimation()
-        .with_simple_nonce_management()
-        .fetch_chain_id()
-        .wallet(EthereumWallet::from(signer))
-        .connect_ws(WsConnect::new(url))
-        .await
-        .map_err(chain)?;
-    Ok(provider.erased())
-}
-
-/// Sends a prepared contract call and waits for its receipt, decoding reverts.
-///
-/// The call is simulated first (from the sender), so a revert is reported before
-/// any nonce is taken; the receipt wait is bounded by `receipt_timeout`.
-macro_rules! send {
-    ($chain:expr, $call:expr, $what:literal) => {{
-        let call = $call.from($chain.sender);
-        call.call_raw().await.map_err(|e| decode_revert(e, $what))?;
-        let pending = call.send().await.map_err(|e| decode_revert(e, $what))?;
-        let receipt = pending
-            .with_required_confirmations($chain.cfg.confirmations.max(1))
-            .with_timeout(Some($chain.cfg.receipt_timeout))
-            .get_receipt()
-            .await
-            .map_err(chain)?;
-        if !receipt.status() {
-            warn!(tx = %receipt.transaction_hash, "{} reverted", $what);
-            return Err(Error::Reverted { op: $what, tx: Some(receipt.transaction_hash), reason: crate::RevertReason::Empty });
-        }
-        debug!(tx = %receipt.transaction_hash, gas = receipt.gas_used, "{} mined", $what);
-        receipt
-    }};
-}
-
-/// Deposits to the asset holders over an alloy provider.
-#[derive(Debug, Clone)]
-pub struct EthFunder {
-    chain: Chain,
-}
-
-impl EthFunder {
-    /// A funder sending from `sender`, which must be the provider's signing account.
-    pub async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
-        Ok(Self {
-            chain: Chain::new(provider, sender, cfg).await?,
-        })
-    }
-
-    /// Connects to a websocket endpoint and sends from `account`.
-    pub async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
-        Ok(Self {
-            chain: Chain::connect(url, account, cfg).await?,
-        })
-    }
-
-    async fn deposit(&self, holder: Address, fid: B256, amount: U256) -> Result<()> {
-        let c = &self.chain;
-        let (h, kind) = c.holder(holder)?;
-        match kind {
-            AssetKind::Eth => {
-                let have = c.provider.get_balance(c.sender).await.map_err(chain)?;
-                if have < amount {
-                    return Err(Error::InsufficientFunds { need: amount, have });
-                }
-                send!(c, h.deposit(fid, amount).value(amount), "deposit");
-            }
-            AssetKind::Erc20 { token } => {
-                let t = Token::new(token, c.provider.clone());
-                let have = t.balanceOf(c.sender).call().await.map_err(chain)?;
-                if have < amount {
-                    return Err(Error::InsufficientFunds { need: amount, have });
-                }
-                send!(c, t.approve(holder, amount), "approve");
-                send!(c, h.deposit(fid, amount), "deposit");
-            }
-        }
-        info!(%holder, %amount, "deposited");
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Funder for EthFunder {
-    async fn fund(&self, req: FundingRequest) -> Result<()> {
-        let span = info_span!("eth_fund", channel = %req.state.channelId, index = req.index);
-        async {
-            req.check()?;
-            let c = &self.chain;
-            let me = req.params.participants[req.index];
-            let fid = funding_id(req.state.channelId, me);
-            // Subscribe first so no deposit between the check and the wait is missed.
-            let mut blocks = c.provider.subscribe_blocks().await.map_err(chain)?;
-            for (a, holder) in c.local_assets(&req.state) {
-                c.holder(holder)?;
-                let need = req.state.balance(a, req.index).unwrap_or_default();
-                let (held, _) = c.holdings(holder, fid, BlockId::latest()).await?;
-                let missing = need.saturating_sub(held);
-                if !missing.is_zero() {
-                    self.deposit(holder, fid, missing).await?;
-                }
-            }
-            let wait = async {
-                loop {
-                    match c.missing(&req.params, &req.state).await {
-                        Ok(missing) if missing.is_empty() => return Ok::<(), Error>(()),
-                        Ok(_) => {}
-                        // A reorg can replace the block being read; the next block retries.
-                        Err(e) => warn!(%e, "reading the deposits failed; retrying"),
-                    }
-                    next_block(&mut blocks).await?;
-                }
-            };
-            match tokio::time::timeout(req.timeout, wait).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let missing = c.missing(&req.params, &req.state).await?;
-                    if missing.is_empty() {
-                        return Ok(());
-                    }
-                    warn!(?missing, "funding timed out");
-                    Err(Error::FundingTimeout { missing })
-                }
-            }
-        }
-        .instrument(span)
-        .await
-    }
-}
-
-/// Registers, concludes and withdraws through the contracts over an alloy provider.
-#[derive(Debug, Clone)]
-pub struct EthAdjudicator {
-    chain: Chain,
-    /// The event scanner all subscriptions (of this handle and its clones) share.
-    hub: Arc<Hub>,
-}
-
-impl EthAdjudicator {
-    /// An adjudicator sending from `sender`, which must be the provider's signing account.
-    pub async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
-        Ok(Self {
-            chain: Chain::new(provider, sender, cfg).await?,
-            hub: Arc::default(),
-        })
-    }
-
-    /// Connects to a websocket endpoint and sends from `account`.
-    pub async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
-        Ok(Self {
-            chain: Chain::connect(url, account, cfg).await?,
-            hub: Arc::default(),
-        })
-    }
-
-    /// Whether the shared event scanner runs, as it changes: it starts with
-    /// the first subscription and stops once every stream is dropped (or after
-    /// a chain error it reported to them).
-    pub fn scanner_running(&self) -> watch::Receiver<bool> {
-        self.hub.running.subscribe()
-    }
-
-    /// The chain id read at construction.
-    pub fn chain_id(&self) -> U256 {
-        self.chain.chain_id
-    }
-
-    /// The holders' `withdraw(auth, sig)` as sent by this backend's account.
-    pub async fn withdraw_signed(
-        &self,
-        holder: Address,
-        auth: &WithdrawalAuth,
-        sig: &Bytes,
-    ) -> Result<()> {
-        let c = &self.chain;
-        let (h, _) = c.holder(holder)?;
-        let call = h.withdraw(
-            crate::bindings::eth_holder::AssetHolder::WithdrawalAuth {
-                channelId: auth.channelId,
-                participant: auth.participant,
-                receiver: auth.receiver,
-                amount: auth.amount,
-            },
-            sig.clone(),
-        );
-        let sent: Result<()> = async {
-            send!(c, call, "withdraw");
-            Ok(())
-        }
-        .await;
-        sent.map_err(|e| match e {
-            Error::PaymentFailed(_) => Error::PaymentFailed(auth.receiver),
-            e => e,
-        })
-    }
-}
-
-fn sigs_bytes(req: &SignedChannel) -> Vec<Bytes> {
-    req.state
-        .sigs
-        .iter()
-        .map(|s| {
-            s.map(|s| Bytes::from(s.as_bytes().to_vec()))
-                .unwrap_or_default()
-        })
-        .collect()
-}
-
-#[async_trait]
-impl Adjudicator for EthAdjudicator {
-    async fn register(&self, req: &SignedChannel) -> Result<()> {
-        let state = &req.state.state;
-        let span = info_span!("eth_register", channel = %state.channelId, version = state.version);
-        async {
-            req.check()?;
-            let c = &self.chain;
-            let dispute = c.dispute(state.channelId).await?;
-            if dispute.is_none() && !state.isFinal {
-                // The contract's `now + challengeDuration` must fit in 64 bits.
-                c.now()
-                    .await?
-                    .checked_add(req.params.challengeDuration)
-                    .ok_or(Error::Overflow)?;
-            }
-            if let Some(d) = dispute {
-                if !d.concluded && d.state_hash == state.hash() {
-                    debug!("state registered already; nothing to do");
-                    return Ok(());
-                }
-                if d.concluded {
-                    return Err(Error::AlreadyConcluded);
-                }
-                if c.now().await? >= d.timeout {
-                    return Err(Error::TimeoutPassed);
-                }
-                if state.version <= d.version {
-                    return Err(Error::VersionTooLow {
-                        registered: d.version,
-                        got: state.version,
-                    });
-                }
-            }
-            let adj = c.adjudicator();
-            let call = adj.register((&req.params).into(), state.into(), sigs_bytes(req));
-            let sent: Result<()> = async {
-                send!(c, call, "register");
-                Ok(())
-            }
-            .await;
-            if let Err(e @ (Error::VersionTooLow { .. } | Error::Reverted { .. })) = sent {
-                // Someone else's transaction came first (a revert at simulation or
-                // once mined): report what is on-chain now, as the contract's rule.
-                return Err(match c.dispute(state.channelId).await? {
-                    Some(d) if d.concluded => Error::AlreadyConcluded,
-                    Some(d) if d.version >= state.version => Error::VersionTooLow {
-                        registered: d.version,
-                        got: state.version,
-                    },
-                    d if matches!(e, Error::VersionTooLow { .. }) => Error::VersionTooLow {
-                        registered: d.map_or(0, |d| d.version),
-                        got: state.version,
-                    },
-                    _ => e,
-                });
-            }
-            sent?;
-            info!("registered");
-            Ok(())
-        }
-        .instrument(span)
-        .await
-    }
-
-    async fn conclude(&self, req: &SignedChannel) -> Result<()> {
-        let state = &req.state.state;
-        let span = info_span!("eth_conclude", channel = %state.channelId, version = state.version);
-        async {
-            let c = &self.chain;
-            let adj = c.adjudicator();
-            if state.isFinal && req.state.is_fully_signed() {
-                req.check()?;
-                if c.dispute(state.channelId)
-                    .await?
-                    .is_some_and(|d| d.concluded)
-                {
-                    return Err(Error::AlreadyConcluded);
-                }
-                let call = adj.concludeFinal((&req.params).into(), state.into(), sigs_bytes(req));
-                let sent: Result<()> = async {
-                    send!(c, call, "concludeFinal");
-                    Ok(())
-                }
-                .await;
-                already_concluded(c, state.channelId, sent).await?;
-                info!("concluded final state");
-                return Ok(());
-            }
-            req.check_unsigned()?;
-            let d = c
-                .dispute(state.channelId)
-                .await?
-                .ok_or(Error::NotRegistered)?;
-            if d.concluded {
-                return Err(Error::AlreadyConcluded);
-            }
-            let now = c.now().await?;
-            if now < d.timeout {
-                return Err(Error::TimeoutNotPassed {
-                    timeout: d.timeout,
-                    now,
-                });
-            }
-            if state.hash() != d.state_hash {
-                warn!("conclude with a state that is not the registered one");
-                return Err(Error::WrongState);
-            }
-            let sent: Result<()> = async {
-                send!(
-                    c,
-                    adj.conclude((&req.params).into(), state.into()),
-                    "conclude"
-                );
-                Ok(())
-            }
-            .await;
-            already_concluded(c, state.channelId, sent).await?;
-            info!("concluded");
-            Ok(())
-        }
-        .instrument(span)
-        .await
-    }
-
-    async fn withdraw(&self, req: &WithdrawRequest) -> Result<()> {
-        let span = info_span!("eth_withdraw", channel = %req.state.channelId, index = req.index);
-        async {
-            let me = req.check()?;
-            let c = &self.chain;
-            let fid = funding_id(req.state.channelId, me);
-            let mut credits = Vec::new();
-            for (_, holder) in c.local_assets(&req.state) {
-                let (credit, settled) = c.holdings(holder, fid, BlockId::latest()).await?;
-                if !settled {
-                    return Err(Error::NotConcluded);
-                }
-                credits.push((holder, credit));
-            }
-            for (holder, credit) in credits {
-                if credit.is_zero() {
-                    debug!(%holder, "nothing to withdraw");
-                    continue;
-                }
-                let auth = WithdrawalAuth {
-                    channelId: req.state.channelId,
-                    participant: me,
-                    receiver: req.receiver,
-                    amount: credit,
-                };
-                // The participant sending itself needs no signature.
-                let sig = if c.sender == me {
-                    Bytes::new()
-                } else {
-                    let hash = withdrawal_hash(holder, c.chain_id, &auth);
-                    let sig = req.account.sign_hash(hash)?;
-                    Bytes::from(sig.as_bytes().to_vec())
-                };
-                self.withdraw_signed(holder, &auth, &sig).await?;
-                info!(%holder, %credit, "withdrawn");
-            }
-            Ok(())
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// Joins the adjudicator's one event scanner (started here if it is not
-    /// running): the channel's past events come first, then live ones.
-    async fn subscribe(&self, id: ChannelId) -> Result<EventStream> {
-        let c = &self.chain;
-        // Starting the scanner needs a block subscription; taking it here reports
-        // an unreachable node to the caller, as a failed subscription. One
-        // caller of a burst takes it, the others find the scanner running.
-        let mut blocks = None;
-        let _starting = if self.hub.is_running() {
-            None
-        } else {
-            let gate = self.hub.starting.lock().await;
-            if !self.hub.is_running() {
-                blocks = Some(c.provider.subscribe_blocks().await.map_err(chain)?);
-            }
-            Some(gate)
-        };
-        let (tx, rx) = event_channel(Some(self.hub.streams.clone()));
-        if let Some(generation) = self.hub.join(id, tx) {
-            scan::spawn(c.clone(), self.hub.clone(), generation, blocks);
-        }
-        debug!(channel = %id, "subscribed");
-        Ok(rx)
-    }
-
-    /// The dispute at the confirmed block (`confirmations` below the head), so a
-    /// registration that a shallow reorg drops is never reported.
-    async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
-        let (number, hash) = self.chain.confirmed().await?;
-        debug!(channel = %id, block = number, "reading the confirmed dispute");
-        self.chain.dispute_at(id, hash).await
-    }
-}
-
-/// Waits for the next block header. Missed headers do not matter (every wake-up
-/// re-reads the chain), so a lagging subscription just continues.
-async fn next_block(
-    sub: &mut alloy::pubsub::Subscription<alloy::rpc::types::Header>,
-) -> Result<()> {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        match sub.recv().await {
-            Ok(_) => return Ok(()),
-            Err(RecvError::Lagged(n)) => debug!(n, "block subscription lagged"),
-            Err(RecvError::Closed) => {
-                return Err(Error::rpc("eth_subscribe", RpcFailure::Disconnected));
-            }
-        }
-    }
-}
-
-/// Decodes one of the channel's logs; anything else is an error the stream skips.
-fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<AdjudicatorEvent> {
-    let topic0 = log.topic0().copied().unwrap_or_default();
-    let bad = |e: alloy::sol_types::Error| Error::BadEvent {
-        address: log.address(),
-        topic: topic0,
-        reason: BadEventReason::Decode(e.to_string()),
-    };
-    let event = if log.address() == cfg.adjudicator
-        && topic0 == AdjContract::Registered::SIGNATURE_HASH
-    {
-        let e = AdjContract::Registered::decode_log(&log.inner)
-            .map_err(bad)?
-            .data;
-        let state: State = e.state.into();
-        if e.channelId != id || state.channelId != id {
-            return Err(Error::BadEvent {
-                address: log.address(),
-                topic: topic0,
-                reason: BadEventReason::OtherChannel(e.channelId),
-            });
-        }
-        AdjudicatorEvent::Registered {
-            id,
-            version: e.version,
-            timeout: e.timeout,
-            state,
-        }
-    } else if log.address() == cfg.adjudicator && topic0 == AdjContract::Concluded::SIGNATURE_HASH {
-        let e = AdjContract::Concluded::decode_log(&log.inner)
-            .map_err(bad)?
-            .data;
-        AdjudicatorEvent::Concluded {
-            id: e.channelId,
-            version: e.version,
-        }
-    } else if cfg.assets.contains_key(&log.address()) && topic0 == Holder::Withdrawn::SIGNATURE_HASH
-    {
-        let e = Holder::Withdrawn::decode_log(&log.inner).map_err(bad)?.data;
-        AdjudicatorEvent::Withdrawn {
-            id: e.channelId,
-            holder: log.address(),
-            participant: e.participant,
-            receiver: e.receiver,
-            amount: e.amount,
-        }
-    } else {
-        return Err(Error::BadEvent {
-            address: log.address(),
-            topic: topic0,
-            reason: BadEventReason::Unexpected,
-        });
-    };
-    Ok(event)
-}
-
-/// A conclusion that reverted once mined lost a race with someone else's:
-/// report that as [`Error::AlreadyConcluded`] if the chain now says so.
-async fn already_concluded(c: &Chain, id: ChannelId, sent: Result<()>) -> Result<()> {
-    match sent {
-        Err(e @ Error::Reverted { .. }) => match c.dispute(id).await? {
-            Some(d) if d.concluded => Err(Error::AlreadyConcluded),
-            _ => Err(e),
-        },
-        other => other,
-    }
-}
-
-fn chain(e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::rpc("rpc", RpcFailure::Transport(std::sync::Arc::new(e)))
-}
-
-/// Maps a contract revert to the error the simulated ledger gives for the same rule.
-/// `what` names the call, which says whose errors to decode (both contracts share OpenZeppelin's).
-fn decode_revert(e: alloy::contract::Error, what: &str) -> Error {
-    use AdjContract::AdjudicatorErrors as A;
-    use Holder::AssetHolderETHErrors as H;
-    let adjudicator_call = matches!(what, "register" | "conclude" | "concludeFinal");
-    if let Some(data) = e.as_revert_data() {
-        let as_adjudicator = if adjudicator_call {
-            A::abi_decode(&data).ok()
-        } else {
-            None
-        };
-        if let Some(err) = as_adjudicator {
-            warn!(?err, "adjudicator reverted");
-            return match err {
-                A::AlreadyConcluded(_) => Error::AlreadyConcluded,
-                A::TimeoutPassed(_) => Error::TimeoutPassed,
-                A::VersionTooLow(_) => Error::VersionTooLow {
-                    registered: 0,
-                    got: 0,
-                },
-                A::NotRegistered(_) => Error::NotRegistered,
-                A::TimeoutNotPassed(_) => Error::TimeoutNotPassed { timeout: 0, now: 0 },
-                A::WrongState(_) => Error::WrongState,
-                A::NotFinal(_) => Error::NotFinal,
-                A::WrongSigner(w) => Error::BadSignature {
-                    index: usize::try_from(w.index).unwrap_or(usize::MAX),
-                },
-                // A malformed signature; the off-chain check names the index before this happens.
-                A::ECDSAInvalidSignature(_)
-                | A::ECDSAInvalidSignatureS(_)
-                | A::ECDSAInvalidSignatureLength(_) => Error::BadSignature { index: usize::MAX },
-                other => Error::Reverted {
-                    op: what_static(what),
-                    tx: None,
-                    reason: crate::RevertReason::Custom {
-                        name: "adjudicator",
-                        args: vec![format!("{other:?}")],
-                    },
-                },
-            };
-        }
-        if let Ok(err) = H::abi_decode(&data) {
-            warn!(?err, "asset holder reverted");
-            return match err {
-                H::NotSettled(_) => Error::NotConcluded,
-                H::WrongSigner(_)
-                | H::ECDSAInvalidSignature(_)
-                | H::ECDSAInvalidSignatureS(_)
-                | H::ECDSAInvalidSignatureLength(_) => Error::BadAuthorization,
-                H::PaymentFailed(_) => Error::PaymentFailed(Address::ZERO),
-                other => Error::Reverted {
-                    op: what_static(what),
-                    tx: None,
-                    reason: crate::RevertReason::Custom {
-                        name: "asset holder",
-                        args: vec![format!("{other:?}")],
-                    },
-                },
-            };
-        }
-        return Error::Reverted {
-            op: what_static(what),
-            tx: None,
-            reason: crate::RevertReason::Unknown(data.clone()),
-        };
-    }
-    chain(e)
-}
-
-/// The static name of a call (the `send!` macro's literals).
-fn what_static(what: &str) -> &'static str {
-    match what {
-        "register" => "register",
-        "conclude" => "conclude",
-        "concludeFinal" => "concludeFinal",
-        "deposit" => "deposit",
-        "approve" => "approve",
-        "withdraw" => "withdraw",
-        _ => "transaction",
     }
 }

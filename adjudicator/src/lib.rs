@@ -10,16 +10,24 @@
 //! - [`types`]: requests ([`FundingRequest`], [`SignedChannel`],
 //!   [`WithdrawRequest`]), [`Dispute`], [`AdjudicatorEvent`] and [`EventStream`].
 //! - [`bindings`]: `sol!` bindings generated from the artifacts, and [`deploy`].
-//! - [`eth`]: [`EthAdjudicator`] and [`EthFunder`] over an alloy websocket provider;
-//!   `eth/scan.rs` holds the one event scanner an adjudicator's subscriptions share.
+//! - [`eth`]: [`EthAdjudicator`] (`eth/adjudicator.rs`) and [`EthFunder`]
+//!   (`eth/funder.rs`) over an alloy websocket provider, and what they share:
+//!   `eth/txqueue.rs`, the one transaction queue per account (nonces,
+//!   simulation, fees under a cap, replacement, confirmation, dedupe);
+//!   `eth/fees.rs`, the fee arithmetic; `eth/conn.rs`, the connection
+//!   (timeouts, typed failures, rebuilding a dead provider, block headers);
+//!   `eth/scan.rs`, the one event scanner an adjudicator's subscriptions
+//!   share; `eth/revert.rs`, revert data decoded into [`Error`]s.
 //! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
 //! - `testing` (feature `testing`): the anvil harness for tests and benchmarks
-//!   (clock, snapshot/revert and `anvil_reorg`, a background block miner).
+//!   (clock, snapshot/revert and `anvil_reorg`, a background block miner,
+//!   the transaction pool and base fee).
 //! - [`error`]: the crate's one error enum.
 //!
 //! # Rules both backends follow
 //! Funding deposits only what is missing of a participant's version-0 share,
-//! then waits for everybody (the funding timeout names who did not fund). A
+//! naming the holdings it expects (a deposit that meets other holdings is
+//! refused, so none lands twice), then waits for everybody (the funding timeout names who did not fund). A
 //! fully signed state can be registered; a strictly newer one refutes it until
 //! the timeout; afterwards the registered state concludes, and a fully signed
 //! final state concludes at once. Concluding pushes the payouts; a payout that

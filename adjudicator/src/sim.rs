@@ -71,6 +71,41 @@ impl Inner {
             .unwrap_or_default()
     }
 
+    /// The holders' deposit rule (see [`SimLedger::deposit`]).
+    fn deposit(
+        &mut self,
+        holder: Address,
+        from: Address,
+        fid: B256,
+        expected_held: U256,
+        amount: U256,
+    ) -> Result<()> {
+        let held = self.held(holder, fid).0;
+        if held != expected_held {
+            warn!(%fid, %expected_held, %held, "deposit met other holdings");
+            return Err(Error::HoldingsChanged {
+                funding_id: fid,
+                expected: expected_held,
+                found: Some(held),
+            });
+        }
+        // The holders keep amounts below 2^255 (the top bit marks "settled").
+        if held.checked_add(amount).is_none_or(|t| t.bit(255)) {
+            return Err(Error::Overflow);
+        }
+        let have = self
+            .wallets
+            .get(&(holder, from))
+            .copied()
+            .unwrap_or_default();
+        if have < amount {
+            return Err(Error::InsufficientFunds { need: amount, have });
+        }
+        self.wallets.insert((holder, from), have - amount);
+        self.holdings.entry((holder, fid)).or_default().0 += amount;
+        Ok(())
+    }
+
     /// Same-chain assets with their row index; other chains' assets are not settled here.
     fn local_assets(&self, state: &State) -> Vec<(usize, Address)> {
         state
@@ -213,6 +248,26 @@ impl SimLedger {
         inner.now = inner.now.saturating_add(secs);
     }
 
+    /// The holders' `deposit(fid, expectedHeld, amount)`, paid from `from`'s
+    /// balance: refused with [`Error::HoldingsChanged`] unless exactly
+    /// `expected_held` is held for `fid`, so a deposit computed from a read of
+    /// the holdings lands at most once.
+    pub fn deposit(
+        &self,
+        holder: Address,
+        from: Address,
+        fid: B256,
+        expected_held: U256,
+        amount: U256,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        inner.holder(holder)?;
+        inner.deposit(holder, from, fid, expected_held, amount)?;
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
     /// The holders' `withdraw(auth, sig)` for a caller that is not the participant:
     /// `sig` must be the participant's signature of [`withdrawal_hash`].
     pub fn withdraw_signed(
@@ -301,14 +356,12 @@ impl SimLedger {
                 if held.checked_add(missing).is_none_or(|t| t.bit(255)) {
                     return Err(Error::Overflow);
                 }
-                deposits.push((*holder, missing));
+                deposits.push((*holder, held, missing));
             }
-            for (holder, amount) in deposits {
-                if amount.is_zero() {
-                    continue;
+            for (holder, held, amount) in deposits {
+                if !amount.is_zero() {
+                    inner.deposit(holder, me, fid, held, amount)?;
                 }
-                *inner.wallets.entry((holder, me)).or_default() -= amount;
-                inner.holdings.entry((holder, fid)).or_default().0 += amount;
             }
         }
         self.changed.notify_waiters();

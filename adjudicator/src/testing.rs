@@ -4,8 +4,9 @@
 //! under the workspace root, or `$PERUN_ANVIL`) on a free 127.0.0.1 port with
 //! instant mining, and kills it on drop. It never skips: without anvil it
 //! fails with a message that says to run `cargo xtask setup`. Besides the
-//! clock it can reorganise the chain (snapshot/revert, `anvil_reorg`) and
-//! mine blocks in the background ([`Miner`]) for confirmation depths.
+//! clock it can reorganise the chain (snapshot/revert, `anvil_reorg`),
+//! mine blocks in the background ([`Miner`]) for confirmation depths, and put
+//! a [`Relay`] in front of itself that a test cuts to lose the connection.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use alloy::providers::{DynProvider, Provider, ProviderBuilder, WsConnect};
-use alloy_primitives::{Address, Bytes, U256};
+use alloy_primitives::{Address, B256, Bytes, U256};
 use perun_wallet::LocalAccount;
 
 use crate::{Error, Result};
@@ -128,6 +129,12 @@ impl Anvil {
     /// The websocket endpoint.
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// A TCP relay to this anvil: backends connected through
+    /// [`Relay::ws_url`] lose their connection when the test cuts it.
+    pub async fn relay(&self) -> Result<Relay> {
+        Relay::start(self.port).await
     }
 
     /// A provider without a wallet, for reads and anvil's admin calls.
@@ -289,6 +296,61 @@ impl Anvil {
             .ok_or_else(|| Error::Anvil(format!("txpool_status: {status}")))
     }
 
+    /// The hashes of the transactions waiting in the pool (pending and queued).
+    pub async fn pool_hashes(&self) -> Result<Vec<B256>> {
+        let content: serde_json::Value = self
+            .admin
+            .raw_request("txpool_content".into(), ())
+            .await
+            .map_err(|e| Error::Anvil(format!("txpool_content: {e}")))?;
+        let mut hashes = Vec::new();
+        for part in ["pending", "queued"] {
+            let senders = content[part].as_object().into_iter().flatten();
+            for (_, txs) in senders {
+                for (_, tx) in txs.as_object().into_iter().flatten() {
+                    let hash = tx["hash"]
+                        .as_str()
+                        .and_then(|h| h.parse().ok())
+                        .ok_or_else(|| Error::Anvil(format!("txpool_content: {tx}")))?;
+                    hashes.push(hash);
+                }
+            }
+        }
+        Ok(hashes)
+    }
+
+    /// Removes a transaction from the pool (`anvil_dropTransaction`), as a
+    /// node that evicts it would.
+    pub async fn drop_transaction(&self, tx: B256) -> Result<()> {
+        self.rpc("anvil_dropTransaction", serde_json::json!([tx]))
+            .await
+    }
+
+    /// Sets the base fee of the next block (`anvil_setNextBlockBaseFeePerGas`):
+    /// transactions offering less are not mined (anvil drops them from the pool).
+    pub async fn set_next_base_fee(&self, wei: u128) -> Result<()> {
+        self.rpc(
+            "anvil_setNextBlockBaseFeePerGas",
+            serde_json::json!([U256::from(wei)]),
+        )
+        .await
+    }
+
+    /// The latest block's base fee.
+    pub async fn base_fee(&self) -> Result<u128> {
+        let block = self
+            .admin
+            .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+            .await
+            .map_err(|e| Error::Anvil(e.to_string()))?
+            .ok_or_else(|| Error::Anvil("no latest block".into()))?;
+        block
+            .header
+            .base_fee_per_gas
+            .map(u128::from)
+            .ok_or_else(|| Error::Anvil("no base fee".into()))
+    }
+
     /// Starts mining a block every `interval` in the background, as a live
     /// chain does, so that transactions gain confirmations (on the current
     /// tokio runtime; it stops when the [`Miner`] is dropped or anvil is gone).
@@ -360,4 +422,137 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()
         .map_err(|e| Error::Anvil(e.to_string()))?
         .port())
+}
+
+/// Ends the transaction queue task of `sender` on `chain_id` as if it had
+/// died (a panic); `false` if none runs. Callers waiting on it get
+/// [`Error::Stopped`], and the next transaction starts a new task.
+pub fn abort_tx_queue(chain_id: u64, sender: Address) -> bool {
+    crate::eth::txqueue::abort(chain_id, sender)
+}
+
+/// A TCP relay in front of anvil that a test can cut ([`Anvil::relay`]):
+/// [`cut`](Self::cut) closes every connection through it (a websocket
+/// drop), [`refuse`](Self::refuse) closes new ones at once (a node that stays
+/// away), [`stall`](Self::stall) stops carrying bytes without closing (a
+/// node that stops answering). Stops when dropped.
+#[derive(Debug)]
+pub struct Relay {
+    port: u16,
+    state: Arc<RelayState>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct RelayState {
+    refuse: std::sync::atomic::AtomicBool,
+    stall: tokio::sync::watch::Sender<bool>,
+    conns: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+    accepted: std::sync::atomic::AtomicUsize,
+}
+
+impl Relay {
+    async fn start(target: u16) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| Error::Anvil(format!("relay: {e}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::Anvil(format!("relay: {e}")))?
+            .port();
+        let state = Arc::new(RelayState {
+            refuse: false.into(),
+            stall: tokio::sync::watch::Sender::new(false),
+            conns: std::sync::Mutex::default(),
+            accepted: 0.into(),
+        });
+        let st = state.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                st.accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if st.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let mut conns = st.conns.lock().unwrap_or_else(|p| p.into_inner());
+                for (r, w) in [(cr, sw), (sr, cw)] {
+                    let stall = st.stall.subscribe();
+                    conns.push(tokio::spawn(pipe(r, w, stall)).abort_handle());
+                }
+            }
+        });
+        Ok(Self {
+            port,
+            state,
+            accept,
+        })
+    }
+
+    /// The websocket endpoint through the relay.
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection through the relay.
+    pub fn cut(&self) {
+        let conns =
+            std::mem::take(&mut *self.state.conns.lock().unwrap_or_else(|p| p.into_inner()));
+        for c in conns {
+            c.abort();
+        }
+    }
+
+    /// While on, new connections are closed at once.
+    pub fn refuse(&self, on: bool) {
+        self.state
+            .refuse
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// While on, no byte is carried either way; connections stay open.
+    pub fn stall(&self, on: bool) {
+        self.state.stall.send_replace(on);
+    }
+
+    /// How many connections the relay accepted so far (reconnects included).
+    pub fn accepted(&self) -> usize {
+        self.state
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Copies one direction of a relayed connection, holding bytes while stalled.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stall: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stall.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }

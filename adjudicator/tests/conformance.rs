@@ -580,6 +580,53 @@ async fn three_party_funding(env: Env) {
     );
 }
 
+/// A deposit names the holdings it expects: one computed from a stale read
+/// is refused with `HoldingsChanged` (naming the slot, the expectation and
+/// what is held) and moves nothing; funding then tops up exactly the rest.
+async fn deposits_name_the_holdings_they_expect(env: Env) {
+    let a = env.parties[0].address();
+    let (params, state0) = env.channel(CHALLENGE, &[100, 0]);
+    let (holder, id) = (env.asset.holder, state0.channelId);
+    let thirty = U256::from(30);
+    env.ctl
+        .deposit(holder, id, a, U256::ZERO, thirty)
+        .await
+        .unwrap();
+    assert_eq!(env.holdings(&state0, a).await, (thirty, false));
+    match env.ctl.deposit(holder, id, a, U256::ZERO, thirty).await {
+        Err(Error::HoldingsChanged {
+            funding_id,
+            expected,
+            found,
+        }) => {
+            assert_eq!(funding_id, perun_adjudicator::funding_id(id, a));
+            assert_eq!(
+                (expected, found),
+                (U256::ZERO, Some(thirty)),
+                "{}",
+                env.name
+            );
+        }
+        other => panic!("{}: expected HoldingsChanged, got {other:?}", env.name),
+    }
+    assert_eq!(env.holdings(&state0, a).await, (thirty, false));
+    env.funders[0]
+        .fund(FundingRequest {
+            params,
+            state: state0.clone(),
+            index: 0,
+            timeout: Duration::from_secs(20),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        env.holdings(&state0, a).await,
+        (U256::from(100), false),
+        "{}",
+        env.name
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident: $n:expr),* $(,)?) => {
         mod sim_eth { use super::*; $(#[tokio::test] async fn $name() { super::$name(Env::sim(Kind::Eth, $n).await).await })* }
@@ -597,4 +644,5 @@ conformance!(
     reverting_receiver: 2,
     multi_asset_dispute: 2,
     three_party_funding: 3,
+    deposits_name_the_holdings_they_expect: 2,
 );

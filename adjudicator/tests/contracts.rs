@@ -130,7 +130,8 @@ async fn adjudicator_rejects_bad_signatures_and_shapes() {
     assert!(
         matches!(err(register(forged, &state).await), A::WrongSigner(w) if w.index == U256::from(1))
     );
-    // High s: the malleable twin of alice's signature.
+    // High s: the malleable twin of alice's signature. A signature that does
+    // not parse names its index like a wrong signer does.
     let s0 = signed.sigs[0].unwrap();
     let n = U256::from_str_radix(
         "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141",
@@ -140,14 +141,19 @@ async fn adjudicator_rejects_bad_signatures_and_shapes() {
     let twin = Signature::new(s0.r(), n - s0.s(), !s0.v());
     assert!(matches!(
         err(register(vec![sig_bytes(&twin), good[1].clone()], &state).await),
-        A::ECDSAInvalidSignatureS(_)
+        A::WrongSigner(w) if w.index == U256::ZERO
     ));
     // v outside {27, 28}.
     let mut bad_v = good[0].to_vec();
     bad_v[64] = 29;
     assert!(matches!(
         err(register(vec![Bytes::from(bad_v), good[1].clone()], &state).await),
-        A::ECDSAInvalidSignature(_)
+        A::WrongSigner(w) if w.index == U256::ZERO
+    ));
+    // A signature of the wrong length.
+    assert!(matches!(
+        err(register(vec![good[0].clone(), Bytes::from(vec![1u8; 64])], &state).await),
+        A::WrongSigner(w) if w.index == U256::from(1)
     ));
     // A state of another channel, and a balance row of the wrong length.
     let mut other = state.clone();
@@ -203,7 +209,9 @@ async fn asset_holder_guards() {
     ));
     // The value sent must equal the amount.
     let fid = funding_id(channel, alice.address());
-    let dep = h.deposit(fid, U256::from(10)).value(U256::from(9));
+    let dep = h
+        .deposit(fid, U256::ZERO, U256::from(10))
+        .value(U256::from(9));
     assert!(matches!(
         herr(dep.call().await.unwrap_err()),
         H::WrongValue(_)
@@ -331,7 +339,7 @@ async fn duplicate_participant_cannot_drain_the_holder() {
         alloy_primitives::B256::repeat_byte(5),
         Address::repeat_byte(5),
     );
-    h.deposit(other, U256::from(1_000))
+    h.deposit(other, U256::ZERO, U256::from(1_000))
         .value(U256::from(1_000))
         .send()
         .await
@@ -350,7 +358,7 @@ async fn duplicate_participant_cannot_drain_the_holder() {
         Allocation::new(vec![asset], vec![vec![U256::from(10), U256::from(10)]]),
     );
     let fid = funding_id(state.channelId, a.address());
-    h.deposit(fid, U256::from(10))
+    h.deposit(fid, U256::ZERO, U256::from(10))
         .value(U256::from(10))
         .send()
         .await

@@ -104,16 +104,19 @@ impl Setup {
     }
 }
 
-/// The next `Registered` event's version.
+/// The next `Registered` event's version (past the `CaughtUp` after the history).
 async fn next_registered(events: &mut EventStream) -> u64 {
-    let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
-        .await
-        .expect("an event within 20 s")
-        .expect("stream open")
-        .expect("no chain error");
-    match ev {
-        AdjudicatorEvent::Registered { version, .. } => version,
-        other => panic!("expected Registered, got {other:?}"),
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .expect("an event within 20 s")
+            .expect("stream open")
+            .expect("no chain error");
+        match ev {
+            AdjudicatorEvent::Registered { version, .. } => return version,
+            AdjudicatorEvent::CaughtUp { .. } => {}
+            other => panic!("expected Registered, got {other:?}"),
+        }
     }
 }
 

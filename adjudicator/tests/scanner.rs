@@ -2,6 +2,9 @@
 //! `EthAdjudicator` (and its clones) are served by one task; each stream gets
 //! its own channel's events only, a late subscriber gets its channel's history
 //! at the confirmation depth, and the task stops once every stream is gone.
+//! A lost connection (cut once, or away for longer than alloy's own
+//! reconnects) ends no stream and loses no event; dropping the adjudicator
+//! ends them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -91,24 +94,52 @@ impl Setup {
     }
 }
 
-/// The next item of a stream, which must be a `Registered` event: (channel, version).
+/// The next item of a stream other than `CaughtUp`, which must be a
+/// `Registered` event: (channel, version).
 async fn next_registered(events: &mut EventStream) -> (ChannelId, u64) {
-    let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
-        .await
-        .expect("an event within 20 s")
-        .expect("stream open")
-        .expect("no chain error");
-    match ev {
-        AdjudicatorEvent::Registered { id, version, .. } => (id, version),
-        other => panic!("expected Registered, got {other:?}"),
+    next_registered_within(events, Duration::from_secs(20)).await
+}
+
+async fn next_registered_within(events: &mut EventStream, wait: Duration) -> (ChannelId, u64) {
+    loop {
+        let ev = tokio::time::timeout(wait, events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("no chain error");
+        match ev {
+            AdjudicatorEvent::Registered { id, version, .. } => return (id, version),
+            AdjudicatorEvent::CaughtUp { .. } => {}
+            other => panic!("expected Registered, got {other:?}"),
+        }
     }
 }
 
-/// Whether the stream has an item ready now (the scanner delivers one round's
-/// events to every stream in one pass, so after a stream got a round's event,
-/// every other stream has its own from that round too).
+/// Waits for the `CaughtUp` that ends a new subscription's history.
+async fn caught_up(events: &mut EventStream) {
+    let ev = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("CaughtUp within 20 s")
+        .expect("stream open")
+        .expect("no chain error");
+    assert!(
+        matches!(ev, AdjudicatorEvent::CaughtUp { .. }),
+        "expected CaughtUp, got {ev:?}"
+    );
+}
+
+/// Whether the stream has an item other than `CaughtUp` ready now (the
+/// scanner delivers one round's events to every stream in one pass, so after
+/// a stream got a round's event, every other stream has its own from that
+/// round too).
 fn has_item(events: &mut EventStream) -> bool {
-    events.next().now_or_never().is_some()
+    loop {
+        match events.next().now_or_never() {
+            Some(Some(Ok(AdjudicatorEvent::CaughtUp { .. }))) => {}
+            Some(_) => return true,
+            None => return false,
+        }
+    }
 }
 
 /// 2,000 channels subscribed at once through one adjudicator and its clone:
@@ -162,12 +193,14 @@ async fn two_thousand_subscriptions_route_events_to_their_channel() {
         );
     }
 
-    // Late subscribers get the whole history, then live events.
+    // Late subscribers get the whole history, then `CaughtUp`, then live events.
     let mut late_b = clone.subscribe(idb).await.unwrap();
     let mut late_a = watcher.subscribe(ida).await.unwrap();
     assert_eq!(next_registered(&mut late_b).await, (idb, 2));
     assert_eq!(next_registered(&mut late_a).await, (ida, 1));
     assert_eq!(next_registered(&mut late_a).await, (ida, 4));
+    caught_up(&mut late_a).await;
+    caught_up(&mut late_b).await;
     assert!(
         !has_item(&mut late_a) && !has_item(&mut late_b),
         "no duplicate"
@@ -250,43 +283,109 @@ async fn dropping_every_stream_stops_the_scanner() {
     assert_eq!(next_registered(&mut again).await.1, 2);
 }
 
-/// A node that goes away (and a connection that gives up reconnecting)
-/// reaches every stream as an `Err`, after which the stream ends, and the
-/// scanner stops.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_node_ends_every_stream_with_an_error() {
-    use alloy::providers::{Provider, ProviderBuilder, WsConnect};
-
-    let s = setup().await;
-    let ws = WsConnect::new(s.anvil.ws_url())
-        .with_max_retries(1)
-        .with_retry_interval(Duration::from_millis(100));
-    let provider = ProviderBuilder::new().connect_ws(ws).await.unwrap();
-    let reader = LocalAccount::random().address();
-    let watcher = EthAdjudicator::new(provider.erased(), reader, s.cfg.clone())
+/// A watcher connected through a relay the test can cut.
+async fn watcher_behind_relay(s: &Setup) -> (perun_adjudicator::testing::Relay, EthAdjudicator) {
+    let relay = s.anvil.relay().await.unwrap();
+    let account = s.anvil.funded_account().await.unwrap();
+    let cfg = EthConfig {
+        rpc_timeout: Duration::from_secs(2),
+        ..s.cfg.clone()
+    };
+    let watcher = EthAdjudicator::connect(&relay.ws_url(), &account, cfg)
         .await
         .unwrap();
+    (relay, watcher)
+}
+
+/// A websocket cut under a running subscription: alloy reconnects, the
+/// stream stays open, and the registration made meanwhile arrives on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_websocket_loses_no_event() {
+    let s = setup().await;
+    let (relay, watcher) = watcher_behind_relay(&s).await;
+    let ch = s.channel();
+    let mut events = watcher.subscribe(ch.1.channelId).await.unwrap();
+    caught_up(&mut events).await;
+
+    relay.cut();
+    s.register(&ch, 1).await;
+    assert_eq!(next_registered(&mut events).await, (ch.1.channelId, 1));
+    s.register(&ch, 2).await;
+    assert_eq!(next_registered(&mut events).await, (ch.1.channelId, 2));
+    assert!(relay.accepted() >= 2, "the watcher reconnected");
+    assert!(!has_item(&mut events), "no event twice");
+}
+
+/// A node away for longer than alloy's reconnects (its websocket service
+/// gives up): the scanner backs off, the backend builds a new provider from
+/// the URL once the node is back, and the events registered meanwhile
+/// arrive on the same stream; the backend's calls work again too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_away_for_long_is_reconnected_and_no_event_is_lost() {
+    let s = setup().await;
+    let (relay, watcher) = watcher_behind_relay(&s).await;
+    let (a, b) = (s.channel(), s.channel());
+    let mut events_a = watcher.subscribe(a.1.channelId).await.unwrap();
+    caught_up(&mut events_a).await;
+
+    relay.refuse(true);
+    relay.cut();
+    s.register(&a, 1).await;
+    s.register(&b, 3).await;
+    // Longer than alloy's reconnect attempts (about 1.5 s): its service is gone.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let err = watcher.dispute(a.1.channelId).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(!has_item(&mut events_a), "nothing while away");
+    let before = relay.accepted();
+
+    relay.refuse(false);
+    assert_eq!(
+        next_registered_within(&mut events_a, Duration::from_secs(30)).await,
+        (a.1.channelId, 1)
+    );
+    assert!(relay.accepted() > before, "a new connection");
+    assert_eq!(
+        watcher
+            .dispute(a.1.channelId)
+            .await
+            .unwrap()
+            .map(|d| d.version),
+        Some(1)
+    );
+    // A new subscription on the rebuilt provider gets its history.
+    let mut events_b = watcher.subscribe(b.1.channelId).await.unwrap();
+    assert_eq!(next_registered(&mut events_b).await, (b.1.channelId, 3));
+    s.register(&a, 2).await;
+    assert_eq!(next_registered(&mut events_a).await, (a.1.channelId, 2));
+}
+
+/// Node failures never end a stream; dropping the adjudicator (every clone)
+/// does, and the scanner stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_adjudicator_ends_its_streams() {
+    let s = setup().await;
+    let watcher = s.watcher(0).await;
+    let clone = watcher.clone();
     let mut running = watcher.scanner_running();
     let ch = s.channel();
     s.register(&ch, 1).await;
     let mut mine = watcher.subscribe(ch.1.channelId).await.unwrap();
-    let mut other = watcher
-        .subscribe(B256::from(rand::random::<[u8; 32]>()))
-        .await
-        .unwrap();
     assert_eq!(next_registered(&mut mine).await.1, 1);
+    caught_up(&mut mine).await;
 
-    drop(s);
-    for events in [&mut mine, &mut other] {
-        let item = tokio::time::timeout(Duration::from_secs(20), events.next())
-            .await
-            .expect("the error within 20 s");
-        assert!(matches!(item, Some(Err(_))), "{item:?}");
-        assert!(
-            events.next().await.is_none(),
-            "the stream ends after the error"
-        );
-    }
+    drop(watcher);
+    s.register(&ch, 2).await;
+    assert_eq!(
+        next_registered(&mut mine).await.1,
+        2,
+        "a clone keeps it alive"
+    );
+    drop(clone);
+    let end = tokio::time::timeout(Duration::from_secs(10), mine.next())
+        .await
+        .expect("the stream ends within 10 s");
+    assert!(end.is_none(), "{end:?}");
     tokio::time::timeout(Duration::from_secs(10), running.wait_for(|r| !*r))
         .await
         .expect("the scanner stops")

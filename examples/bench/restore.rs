@@ -173,6 +173,7 @@ fn deployment_args(d: &Deployment) -> Vec<String> {
     [d.adjudicator, d.eth_holder, d.token, d.erc20_holder]
         .iter()
         .map(|a| a.to_string())
+        .chain([d.block.to_string()])
         .collect()
 }
 
@@ -219,9 +220,10 @@ struct ChildArgs {
 }
 
 fn child_args(args: &[String]) -> Res<ChildArgs> {
-    let [dir, url, adj, eth, token, erc20] = args else {
+    let [dir, url, adj, eth, token, erc20, block] = args else {
         return Err(
-            "usage: --restore-child DIR WS_URL ADJUDICATOR ETH_HOLDER TOKEN ERC20_HOLDER".into(),
+            "usage: --restore-child DIR WS_URL ADJUDICATOR ETH_HOLDER TOKEN ERC20_HOLDER BLOCK"
+                .into(),
         );
     };
     let addr = |s: &String| s.parse::<Address>();
@@ -233,6 +235,7 @@ fn child_args(args: &[String]) -> Res<ChildArgs> {
             eth_holder: addr(eth)?,
             token: addr(token)?,
             erc20_holder: addr(erc20)?,
+            block: block.parse()?,
         },
     })
 }

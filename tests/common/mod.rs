@@ -43,6 +43,7 @@ macro_rules! on_both_ledgers {
 }
 
 /// Where the money is.
+#[allow(clippy::large_enum_variant)] // One per test; EthConfig carries the fee and timeout settings.
 pub enum Ledger {
     /// In memory, with a controllable clock.
     Sim(Arc<SimLedger>),

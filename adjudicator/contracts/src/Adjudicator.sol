@@ -34,9 +34,11 @@ contract Adjudicator {
     error WrongSigner(uint256 index);
     error AlreadyConcluded();
     error TimeoutPassed();
-    error VersionTooLow();
+    /// A refutation must carry a strictly higher version than the registered one.
+    error VersionTooLow(uint64 registered, uint64 got);
     error NotRegistered();
-    error TimeoutNotPassed();
+    /// The dispute can be concluded at `timeout`; the block's time is `now`.
+    error TimeoutNotPassed(uint64 timeout, uint64 now);
     error WrongState();
     error NotFinal();
 
@@ -61,7 +63,7 @@ contract Adjudicator {
         } else {
             if (d.concluded) revert AlreadyConcluded();
             if (block.timestamp >= d.timeout) revert TimeoutPassed();
-            if (state.version <= d.version) revert VersionTooLow();
+            if (state.version <= d.version) revert VersionTooLow(d.version, state.version);
             if (state.isFinal) d.timeout = uint64(block.timestamp);
         }
         d.version = state.version;
@@ -76,7 +78,7 @@ contract Adjudicator {
         Dispute memory d = disputes[id];
         if (d.timeout == 0) revert NotRegistered();
         if (d.concluded) revert AlreadyConcluded();
-        if (block.timestamp < d.timeout) revert TimeoutNotPassed();
+        if (block.timestamp < d.timeout) revert TimeoutNotPassed(d.timeout, uint64(block.timestamp));
         if (keccak256(abi.encode(state)) != stateHashes[id]) revert WrongState();
         d.concluded = true;
         disputes[id] = d;
@@ -107,7 +109,8 @@ contract Adjudicator {
         }
     }
 
-    /// Checks that participant i signed the state in sigs[i]; ECDSA rejects high s and bad v.
+    /// Checks that participant i signed the state in sigs[i]. A signature that does not parse
+    /// (wrong length, high s, bad v) is as wrong as one by someone else: `WrongSigner(i)` names it.
     function _checkSigs(Params calldata params, State calldata state, bytes[] calldata sigs)
         private
         pure
@@ -118,7 +121,8 @@ contract Adjudicator {
         if (sigs.length != n) revert SignatureCount();
         bytes32 digest = MessageHashUtils.toEthSignedMessageHash(h);
         for (uint256 i = 0; i < n; ++i) {
-            if (ECDSA.recoverCalldata(digest, sigs[i]) != params.participants[i]) revert WrongSigner(i);
+            (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecoverCalldata(digest, sigs[i]);
+            if (err != ECDSA.RecoverError.NoError || signer != params.participants[i]) revert WrongSigner(i);
         }
     }
 

@@ -42,7 +42,11 @@ abstract contract AssetHolder is IAssetHolder {
     error NotSettled();
     error Overflow();
     error WrongSigner();
-    error PaymentFailed();
+    /// Paying `to` failed (a receiver that reverts, a token that refuses it).
+    error PaymentFailed(address to);
+    /// A deposit expected `expected` held for `fundingId`, but `held` is: another deposit for the
+    /// same slot came first, and this one would overpay.
+    error HoldingsChanged(bytes32 fundingId, uint256 expected, uint256 held);
 
     constructor(address adjudicator_) {
         adjudicator = adjudicator_;
@@ -63,14 +67,20 @@ abstract contract AssetHolder is IAssetHolder {
         return (h & AMOUNT, h & SETTLED != 0);
     }
 
-    /// Deposits `amount` for `fid`; a deposit after the outcome is set stays withdrawable.
-    function deposit(bytes32 fid, uint256 amount) external payable {
-        _receive(amount);
+    /// Deposits `amount` for `fid` if exactly `expectedHeld` is held for it now, so a deposit
+    /// computed from a read of the holdings lands at most once: a retried or concurrent deposit for
+    /// the same slot reverts with `HoldingsChanged` instead of overpaying. A deposit after the
+    /// outcome is set stays withdrawable.
+    function deposit(bytes32 fid, uint256 expectedHeld, uint256 amount) external payable {
         uint256 h = _holdings[fid];
-        if ((h & AMOUNT) + amount > AMOUNT) revert Overflow();
+        uint256 held = h & AMOUNT;
+        if (held != expectedHeld) revert HoldingsChanged(fid, expectedHeld, held);
+        if (held + amount > AMOUNT) revert Overflow();
+        // Effects before taking the asset: a token that re-enters finds the new holdings.
         unchecked {
             _holdings[fid] = h + amount;
         }
+        _receive(amount);
         emit Deposited(fid, amount);
     }
 

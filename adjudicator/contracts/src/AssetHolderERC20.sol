@@ -28,7 +28,7 @@ contract AssetHolderERC20 is AssetHolder {
     }
 
     function _pay(address to, uint256 amount) internal override {
-        if (!token.trySafeTransfer(to, amount)) revert PaymentFailed();
+        if (!token.trySafeTransfer(to, amount)) revert PaymentFailed(to);
     }
 
     /// A token that refuses the receiver (a block list, say) leaves the amount credited. The push gets

@@ -15,7 +15,7 @@ contract AssetHolderETH is AssetHolder {
 
     function _pay(address to, uint256 amount) internal override {
         (bool ok,) = payable(to).call{value: amount}("");
-        if (!ok) revert PaymentFailed();
+        if (!ok) revert PaymentFailed(to);
     }
 
     /// The 2300-gas stipend only: a receiver cannot re-enter with state changes or burn the caller's gas.

@@ -24,28 +24,38 @@
 //! back to the newest remembered block still in the chain and the live
 //! subscribers get the events after it again.
 //!
+//! # Faults
+//! Nothing the node does ends the streams. A failed round (an `eth_getLogs`
+//! that failed or timed out, a lost connection) is logged and retried after a
+//! capped exponential backoff from the same cursor, so no event is lost and
+//! none is delivered twice; a closed block subscription is re-opened (on a
+//! rebuilt provider, see `conn`), and when no header comes for a while the
+//! scanner polls the head instead.
+//!
 //! # Lifetime
 //! The task starts with the first subscription and stops once no stream is
-//! left (the last dropped stream wakes it), or after a chain error, which
-//! every stream receives as its last item, as before. A later subscription
-//! starts a new task.
+//! left (the last dropped stream wakes it), or when the adjudicator (every
+//! clone) is dropped, which ends every stream. A later subscription starts a
+//! new task.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use alloy::eips::BlockNumberOrTag;
 use alloy::primitives::B256;
 use alloy::providers::Provider;
-use alloy::pubsub::Subscription;
-use alloy::rpc::types::{Filter, Header, Log};
+use alloy::rpc::types::{Filter, Log};
 use alloy::sol_types::SolEvent;
-use perun_channel::ChannelId;
+use perun_channel::{ChannelId, State};
 use tokio::sync::watch;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{AdjContract, Chain, Holder, chain, decode_event, next_block};
+use super::conn::{Backoff, Heads};
+use super::{AdjContract, Chain, EthConfig, Holder};
 use crate::types::{EventSender, OpenStreams};
-use crate::{AdjudicatorEvent, Error, Result, RpcFailure};
+use crate::{AdjudicatorEvent, BadEventReason, Error, Result};
 
 /// How many scanned block hashes the scanner keeps to find where a reorg
 /// deeper than the confirmation depth forked off.
@@ -53,6 +63,12 @@ const SCAN_MEMORY: usize = 256;
 
 /// How many channel ids one history query filters on (an OR list on topic 1).
 const HISTORY_IDS: usize = 1_000;
+
+/// How long the scanner waits for a block header before it polls the head.
+const POLL: Duration = Duration::from_secs(4);
+
+/// The backoff after a failed round: first and longest wait.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 
 /// What the adjudicator handles and the scanner task share.
 #[derive(Debug)]
@@ -62,8 +78,8 @@ pub(super) struct Hub {
     pub(super) streams: Arc<OpenStreams>,
     /// Whether a scanner task runs (for observers; the truth is in `state`).
     pub(super) running: watch::Sender<bool>,
-    /// Held while a subscriber starts the task, so a burst opens one block subscription.
-    pub(super) starting: tokio::sync::Mutex<()>,
+    /// Set when the adjudicator is dropped: the task ends every stream and stops.
+    closed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -82,7 +98,7 @@ impl Default for Hub {
             state: Mutex::default(),
             streams: Arc::default(),
             running: watch::Sender::new(false),
-            starting: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
         }
     }
 }
@@ -91,11 +107,6 @@ impl Hub {
     fn lock(&self) -> MutexGuard<'_, HubState> {
         // Every update of the state is a single step; a panic cannot leave it torn.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Whether a task runs now (it may still stop before a new subscriber joins).
-    pub(super) fn is_running(&self) -> bool {
-        self.lock().running
     }
 
     /// Queues a subscriber; returns the generation of the task to start if none runs.
@@ -113,14 +124,28 @@ impl Hub {
     }
 }
 
-/// Starts the scanner task of `generation`; `blocks` is the block
-/// subscription if the caller already took one.
-pub(super) fn spawn(
-    c: Chain,
+/// Owned by the adjudicator (shared by its clones): dropping the last one
+/// ends the scanner and every stream.
+#[derive(Debug)]
+pub(super) struct Closer {
     hub: Arc<Hub>,
-    generation: u64,
-    blocks: Option<Subscription<Header>>,
-) {
+}
+
+impl Closer {
+    pub(super) fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.hub.closed.store(true, Ordering::Release);
+        self.hub.streams.changed.notify_one();
+    }
+}
+
+/// Starts the scanner task of `generation`.
+pub(super) fn spawn(c: Chain, hub: Arc<Hub>, generation: u64) {
     let span = info_span!("eth_events", adjudicator = %c.cfg.adjudicator);
     // Deposits share the holders' address but are no channel events: leave them out.
     let filter = Filter::new()
@@ -148,7 +173,7 @@ pub(super) fn spawn(
         c,
         hub,
     };
-    tokio::spawn(scanner.run(blocks).instrument(span));
+    tokio::spawn(scanner.run().instrument(span));
 }
 
 /// Marks the task of `generation` stopped however it ends (return, panic,
@@ -161,6 +186,9 @@ struct Stopped {
 
 impl Drop for Stopped {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("event scanner panicked; its streams end (subscribe again)");
+        }
         let mut st = self.hub.lock();
         if st.generation == self.generation {
             st.running = false;
@@ -190,35 +218,55 @@ struct Scanner {
 }
 
 impl Scanner {
-    async fn run(mut self, blocks: Option<Subscription<Header>>) {
-        let mut blocks = match blocks {
-            Some(b) => b,
-            None => match self.c.provider.subscribe_blocks().await {
-                Ok(b) => b,
-                Err(e) => return self.fail(chain(e)),
-            },
-        };
+    async fn run(mut self) {
+        let mut heads = Heads::new(self.c.conn.clone(), POLL);
+        let mut backoff = Backoff::new(BACKOFF.0, BACKOFF.1);
         debug!("event scanner started");
         loop {
             if !self.collect() {
                 debug!("no subscriber left; event scanner stops");
                 return;
             }
-            if let Err(e) = self.round().await {
-                return self.fail(e);
-            }
-            tokio::select! {
-                r = next_block(&mut blocks) => if let Err(e) = r {
-                    return self.fail(e);
+            heads.ensure().await;
+            let wait = match self.round().await {
+                Ok(()) => {
+                    backoff.reset();
+                    None
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(%e, ?delay, next = self.next, "scan round failed; retrying from the same block");
+                    Some(delay)
+                }
+            };
+            let changed = self.hub.streams.changed.notified();
+            match wait {
+                Some(delay) => tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = changed => {}
                 },
-                () = self.hub.streams.changed.notified() => {}
+                None => tokio::select! {
+                    () = heads.recv() => {}
+                    () = changed => {}
+                },
             }
         }
     }
 
     /// Takes the new subscribers and forgets dropped ones; `false` (and the
-    /// task counts as stopped) once nobody is left.
+    /// task counts as stopped) once nobody is left or the adjudicator is gone.
     fn collect(&mut self) -> bool {
+        if self.hub.closed.load(Ordering::Acquire) {
+            let mut st = self.hub.lock();
+            st.running = false;
+            // Dropping the senders ends the streams.
+            st.waiting.clear();
+            drop(st);
+            self.live.clear();
+            self.waiting.clear();
+            info!("adjudicator dropped; event streams end");
+            return false;
+        }
         self.waiting.append(&mut self.hub.lock().waiting);
         if self.hub.streams.open() < self.subscribers() {
             self.live.retain(|_, subs| {
@@ -244,28 +292,6 @@ impl Scanner {
         self.live.values().map(Vec::len).sum::<usize>() + self.waiting.len()
     }
 
-    /// Ends every stream with the chain error, as its last item.
-    fn fail(mut self, e: Error) {
-        warn!(%e, "event scanner failed; ending every stream");
-        let waiting = {
-            let mut st = self.hub.lock();
-            st.running = false;
-            std::mem::take(&mut st.waiting)
-        };
-        let copy = |e: &Error| match e {
-            Error::Rpc { op, source } => Error::Rpc {
-                op,
-                source: source.clone(),
-            },
-            _ => Error::rpc("event scanner", RpcFailure::Disconnected),
-        };
-        let all = self.live.drain().flat_map(|(_, subs)| subs);
-        let all = all.chain(self.waiting.drain(..).map(|(_, s)| s));
-        for s in all.chain(waiting.into_iter().map(|(_, s)| s)) {
-            s.send(Err(copy(&e)));
-        }
-    }
-
     /// Scans the blocks that became `confirmations` deep for the live
     /// subscribers and the history up to the same block for the waiting ones.
     async fn round(&mut self) -> Result<()> {
@@ -283,12 +309,14 @@ impl Scanner {
         if !scan_live && self.waiting.is_empty() {
             return Ok(());
         }
-        let Some((_, tip)) = c.block(BlockNumberOrTag::Number(safe)).await? else {
+        let Some((_, tip, _)) = c.block(BlockNumberOrTag::Number(safe)).await? else {
             return Ok(()); // The chain got shorter meanwhile: a reorg; next block.
         };
         let fresh = if scan_live {
             let f = self.filter.clone().from_block(self.next).to_block(safe);
-            c.provider.get_logs(&f).await.map_err(chain)?
+            c.conn
+                .rpc("eth_getLogs", |p| async move { p.get_logs(&f).await })
+                .await?
         } else {
             Vec::new()
         };
@@ -304,11 +332,19 @@ impl Scanner {
                     .topic1(chunk.to_vec())
                     .from_block(self.first)
                     .to_block(safe);
-                history.extend(c.provider.get_logs(&f).await.map_err(chain)?);
+                history.extend(
+                    c.conn
+                        .rpc("eth_getLogs", |p| async move { p.get_logs(&f).await })
+                        .await?,
+                );
             }
         }
         // The logs belong to the chain ending in `tip` only if it is still there.
-        if c.block(BlockNumberOrTag::Number(safe)).await? != Some((safe, tip)) {
+        if c.block(BlockNumberOrTag::Number(safe))
+            .await?
+            .map(|(n, h, _)| (n, h))
+            != Some((safe, tip))
+        {
             warn!(block = safe, "reorg during the scan; scanning again");
             return Ok(());
         }
@@ -321,7 +357,7 @@ impl Scanner {
             "scanned"
         );
         if safe >= self.next {
-            self.next = safe + 1;
+            self.next = safe.saturating_add(1);
             self.scanned.push_back((safe, tip));
             if self.scanned.len() > SCAN_MEMORY {
                 self.scanned.pop_front();
@@ -380,14 +416,18 @@ impl Scanner {
     async fn rewind_on_reorg(&mut self) -> Result<()> {
         let mut rewound = false;
         while let Some(&(number, hash)) = self.scanned.back() {
-            if self.c.block(BlockNumberOrTag::Number(number)).await? == Some((number, hash)) {
+            let now = self.c.block(BlockNumberOrTag::Number(number)).await?;
+            if now.map(|(n, h, _)| (n, h)) == Some((number, hash)) {
                 break;
             }
             self.scanned.pop_back();
             rewound = true;
         }
         if rewound {
-            self.next = self.scanned.back().map_or(self.first, |(n, _)| n + 1);
+            self.next = self
+                .scanned
+                .back()
+                .map_or(self.first, |(n, _)| n.saturating_add(1));
             warn!(
                 from = self.next,
                 confirmations = self.c.cfg.confirmations,
@@ -396,4 +436,60 @@ impl Scanner {
         }
         Ok(())
     }
+}
+
+/// Decodes one of the channel's logs; anything else is an error the stream skips.
+fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<AdjudicatorEvent> {
+    let topic0 = log.topic0().copied().unwrap_or_default();
+    let bad = |e: alloy::sol_types::Error| Error::BadEvent {
+        address: log.address(),
+        topic: topic0,
+        reason: BadEventReason::Decode(e.to_string()),
+    };
+    let event = if log.address() == cfg.adjudicator
+        && topic0 == AdjContract::Registered::SIGNATURE_HASH
+    {
+        let e = AdjContract::Registered::decode_log(&log.inner)
+            .map_err(bad)?
+            .data;
+        let state: State = e.state.into();
+        if e.channelId != id || state.channelId != id {
+            return Err(Error::BadEvent {
+                address: log.address(),
+                topic: topic0,
+                reason: BadEventReason::OtherChannel(e.channelId),
+            });
+        }
+        AdjudicatorEvent::Registered {
+            id,
+            version: e.version,
+            timeout: e.timeout,
+            state,
+        }
+    } else if log.address() == cfg.adjudicator && topic0 == AdjContract::Concluded::SIGNATURE_HASH {
+        let e = AdjContract::Concluded::decode_log(&log.inner)
+            .map_err(bad)?
+            .data;
+        AdjudicatorEvent::Concluded {
+            id: e.channelId,
+            version: e.version,
+        }
+    } else if cfg.assets.contains_key(&log.address()) && topic0 == Holder::Withdrawn::SIGNATURE_HASH
+    {
+        let e = Holder::Withdrawn::decode_log(&log.inner).map_err(bad)?.data;
+        AdjudicatorEvent::Withdrawn {
+            id: e.channelId,
+            holder: log.address(),
+            participant: e.participant,
+            receiver: e.receiver,
+            amount: e.amount,
+        }
+    } else {
+        return Err(Error::BadEvent {
+            address: log.address(),
+            topic: topic0,
+            reason: BadEventReason::Unexpected,
+        });
+    };
+    Ok(event)
 }

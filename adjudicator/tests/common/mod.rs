@@ -37,6 +37,16 @@ pub trait Control: Send + Sync {
         who: Address,
     ) -> (U256, bool);
     async fn set_rejecting(&self, who: Address);
+    /// The holders' `deposit(fid, expectedHeld, amount)` for `who`'s slot in
+    /// `channel`, paid by the env (not through a funder).
+    async fn deposit(
+        &self,
+        holder: Address,
+        channel: perun_channel::B256,
+        who: Address,
+        expected: U256,
+        amount: U256,
+    ) -> perun_adjudicator::Result<()>;
     async fn withdraw_signed(
         &self,
         holder: Address,
@@ -149,6 +159,7 @@ impl Env {
             .unwrap();
         let ctl = AnvilCtl {
             admin: anvil.admin().clone(),
+            me: deployer.address(),
             provider: ctl_provider,
             adj: ctl_adj,
             d,
@@ -242,6 +253,17 @@ impl Control for SimCtl {
     async fn set_rejecting(&self, who: Address) {
         self.0.set_rejecting(who, true);
     }
+    async fn deposit(
+        &self,
+        holder: Address,
+        channel: perun_channel::B256,
+        who: Address,
+        expected: U256,
+        amount: U256,
+    ) -> perun_adjudicator::Result<()> {
+        let fid = perun_adjudicator::funding_id(channel, who);
+        self.0.deposit(holder, who, fid, expected, amount)
+    }
     async fn withdraw_signed(
         &self,
         holder: Address,
@@ -257,6 +279,8 @@ impl Control for SimCtl {
 
 struct AnvilCtl {
     admin: DynProvider,
+    /// The deployer, who sends `provider`'s transactions.
+    me: Address,
     provider: DynProvider,
     adj: EthAdjudicator,
     d: Deployment,
@@ -318,6 +342,41 @@ impl Control for AnvilCtl {
             )
             .await
             .unwrap();
+    }
+    async fn deposit(
+        &self,
+        holder: Address,
+        channel: perun_channel::B256,
+        who: Address,
+        expected: U256,
+        amount: U256,
+    ) -> perun_adjudicator::Result<()> {
+        use perun_adjudicator::bindings::eth_holder::AssetHolderETH::AssetHolderETHErrors as H;
+        let mut value = amount;
+        if holder == self.d.erc20_holder {
+            let token = TestToken::new(self.d.token, self.provider.clone());
+            let mint = token.mint(self.me, amount);
+            mint.send().await.unwrap().get_receipt().await.unwrap();
+            let approve = token.approve(holder, amount);
+            approve.send().await.unwrap().get_receipt().await.unwrap();
+            value = U256::ZERO;
+        }
+        let fid = perun_adjudicator::funding_id(channel, who);
+        let h = AssetHolderETH::new(holder, self.provider.clone());
+        let call = h.deposit(fid, expected, amount).value(value);
+        if let Err(e) = call.call().await {
+            return match e.as_decoded_interface_error::<H>() {
+                Some(H::HoldingsChanged(e)) => Err(perun_adjudicator::Error::HoldingsChanged {
+                    funding_id: e.fundingId,
+                    expected: e.expected,
+                    found: Some(e.held),
+                }),
+                other => panic!("deposit reverted: {other:?}"),
+            };
+        }
+        let receipt = call.send().await.unwrap().get_receipt().await.unwrap();
+        assert!(receipt.status());
+        Ok(())
     }
     async fn withdraw_signed(
         &self,

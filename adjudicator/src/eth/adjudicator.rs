@@ -1,0 +1,351 @@
+//! [`EthAdjudicator`]: disputes, conclusion and withdrawal through the
+//! contracts, and the channel event streams.
+
+use std::sync::Arc;
+
+use alloy::eips::BlockId;
+use alloy::primitives::{Address, Bytes, U256};
+use alloy::providers::DynProvider;
+use alloy::sol_types::SolCall;
+use async_trait::async_trait;
+use perun_channel::ChannelId;
+use perun_wallet::LocalAccount;
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::scan::{self, Closer, Hub};
+use super::txqueue::Call;
+use super::{AdjContract, Chain, EthConfig, Holder, dedupe_key};
+use crate::types::{WithdrawalAuth, event_channel, withdrawal_hash};
+use crate::{
+    Adjudicator, Dispute, Error, EventStream, Result, SignedChannel, WithdrawRequest, funding_id,
+};
+
+/// Registers, concludes and withdraws through the contracts over an alloy provider.
+#[derive(Debug, Clone)]
+pub struct EthAdjudicator {
+    chain: Chain,
+    /// The event scanner all subscriptions (of this handle and its clones) share.
+    hub: Arc<Hub>,
+    /// Ends the scanner and its streams when the last clone is dropped.
+    _closer: Arc<Closer>,
+}
+
+impl EthAdjudicator {
+    /// An adjudicator sending from `sender`, which must be the provider's
+    /// signing account. Its provider cannot be rebuilt if it dies (alloy's
+    /// own reconnects aside); [`connect`](Self::connect) can.
+    pub async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
+        Ok(Self::with(Chain::new(provider, sender, cfg).await?))
+    }
+
+    /// Connects to a websocket endpoint and sends from `account`; a lost
+    /// connection is rebuilt from the URL.
+    pub async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
+        Ok(Self::with(Chain::connect(url, account, cfg).await?))
+    }
+
+    fn with(chain: Chain) -> Self {
+        let hub = Arc::new(Hub::default());
+        Self {
+            chain,
+            _closer: Arc::new(Closer::new(hub.clone())),
+            hub,
+        }
+    }
+
+    /// Whether the shared event scanner runs, as it changes: it starts with
+    /// the first subscription and stops once every stream is dropped (or the
+    /// adjudicator is).
+    pub fn scanner_running(&self) -> watch::Receiver<bool> {
+        self.hub.running.subscribe()
+    }
+
+    /// The chain id read at construction.
+    pub fn chain_id(&self) -> U256 {
+        self.chain.chain_id
+    }
+
+    /// The holders' `withdraw(auth, sig)` as sent by this backend's account.
+    pub async fn withdraw_signed(
+        &self,
+        holder: Address,
+        auth: &WithdrawalAuth,
+        sig: &Bytes,
+    ) -> Result<()> {
+        let c = &self.chain;
+        c.holder(holder)?;
+        let input = Holder::withdrawCall {
+            auth: crate::bindings::eth_holder::AssetHolder::WithdrawalAuth {
+                channelId: auth.channelId,
+                participant: auth.participant,
+                receiver: auth.receiver,
+                amount: auth.amount,
+            },
+            sig: sig.clone(),
+        }
+        .abi_encode();
+        let key = dedupe_key(
+            "withdraw",
+            &[
+                holder.as_slice(),
+                auth.channelId.as_slice(),
+                auth.participant.as_slice(),
+                auth.receiver.as_slice(),
+                &auth.amount.to_be_bytes::<32>(),
+            ],
+        );
+        let landed = c
+            .send(Call {
+                op: "withdraw",
+                to: holder,
+                input: input.into(),
+                value: U256::ZERO,
+                key: Some(key),
+            })
+            .await?;
+        debug!(tx = %landed.tx, "withdrawal mined");
+        Ok(())
+    }
+
+    /// Sends `register`, `conclude` or `concludeFinal` for the channel and state.
+    async fn send_adjudicator(
+        &self,
+        op: &'static str,
+        id: ChannelId,
+        state_hash: alloy::primitives::B256,
+        input: Vec<u8>,
+    ) -> Result<()> {
+        let c = &self.chain;
+        let landed = c
+            .send(Call {
+                op,
+                to: c.cfg.adjudicator,
+                input: input.into(),
+                value: U256::ZERO,
+                key: Some(dedupe_key(op, &[id.as_slice(), state_hash.as_slice()])),
+            })
+            .await?;
+        debug!(op, tx = %landed.tx, gas = landed.gas_used, "mined");
+        Ok(())
+    }
+
+    /// A conclusion that reverted lost a race with someone else's: report
+    /// that as [`Error::AlreadyConcluded`] if the chain now says so.
+    async fn already_concluded(&self, id: ChannelId, sent: Result<()>) -> Result<()> {
+        match sent {
+            Err(e @ (Error::Reverted { .. } | Error::NotRegistered | Error::WrongState)) => {
+                match self.chain.dispute(id).await? {
+                    Some(d) if d.concluded => Err(Error::AlreadyConcluded),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+fn sigs_bytes(req: &SignedChannel) -> Vec<Bytes> {
+    req.state
+        .sigs
+        .iter()
+        .map(|s| {
+            s.map(|s| Bytes::from(s.as_bytes().to_vec()))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Adjudicator for EthAdjudicator {
+    async fn register(&self, req: &SignedChannel) -> Result<()> {
+        let state = &req.state.state;
+        let span = info_span!("eth_register", channel = %state.channelId, version = state.version);
+        async {
+            let hash = req.check()?;
+            let c = &self.chain;
+            let id = state.channelId;
+            let dispute = c.dispute(id).await?;
+            if dispute.is_none() && !state.isFinal {
+                // The contract's `now + challengeDuration` must fit in 64 bits.
+                c.now()
+                    .await?
+                    .checked_add(req.params.challengeDuration)
+                    .ok_or(Error::Overflow)?;
+            }
+            if let Some(d) = dispute {
+                if !d.concluded && d.state_hash == hash {
+                    debug!("state registered already; nothing to do");
+                    return Ok(());
+                }
+                if d.concluded {
+                    return Err(Error::AlreadyConcluded);
+                }
+                let now = c.now().await?;
+                if now >= d.timeout {
+                    return Err(Error::TimeoutPassed);
+                }
+                if state.version <= d.version {
+                    return Err(Error::VersionTooLow {
+                        registered: d.version,
+                        got: state.version,
+                    });
+                }
+            }
+            let input = AdjContract::registerCall {
+                params: (&req.params).into(),
+                state: state.into(),
+                sigs: sigs_bytes(req),
+            }
+            .abi_encode();
+            let sent = self.send_adjudicator("register", id, hash, input).await;
+            match sent {
+                Ok(()) => {
+                    info!("registered");
+                    Ok(())
+                }
+                Err(
+                    e @ (Error::VersionTooLow { .. }
+                    | Error::AlreadyConcluded
+                    | Error::TimeoutPassed
+                    | Error::Reverted { .. }),
+                ) => {
+                    // Another transaction came first: what is on-chain now decides.
+                    match c.dispute(id).await? {
+                        Some(d) if !d.concluded && d.state_hash == hash => {
+                            info!("an identical registration came first; nothing to do");
+                            Ok(())
+                        }
+                        Some(d) if d.concluded => Err(Error::AlreadyConcluded),
+                        Some(d) if d.version >= state.version => Err(Error::VersionTooLow {
+                            registered: d.version,
+                            got: state.version,
+                        }),
+                        _ => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn conclude(&self, req: &SignedChannel) -> Result<()> {
+        let state = &req.state.state;
+        let span = info_span!("eth_conclude", channel = %state.channelId, version = state.version);
+        async {
+            let c = &self.chain;
+            let id = state.channelId;
+            if state.isFinal && req.state.is_fully_signed() {
+                let hash = req.check()?;
+                if c.dispute(id).await?.is_some_and(|d| d.concluded) {
+                    return Err(Error::AlreadyConcluded);
+                }
+                let input = AdjContract::concludeFinalCall {
+                    params: (&req.params).into(),
+                    state: state.into(),
+                    sigs: sigs_bytes(req),
+                }
+                .abi_encode();
+                let sent = self
+                    .send_adjudicator("concludeFinal", id, hash, input)
+                    .await;
+                self.already_concluded(id, sent).await?;
+                info!("concluded final state");
+                return Ok(());
+            }
+            req.check_unsigned()?;
+            let d = c.dispute(id).await?.ok_or(Error::NotRegistered)?;
+            if d.concluded {
+                return Err(Error::AlreadyConcluded);
+            }
+            let now = c.now().await?;
+            if now < d.timeout {
+                return Err(Error::TimeoutNotPassed {
+                    timeout: d.timeout,
+                    now,
+                });
+            }
+            let hash = state.hash();
+            if hash != d.state_hash {
+                warn!("conclude with a state that is not the registered one");
+                return Err(Error::WrongState);
+            }
+            let input = AdjContract::concludeCall {
+                params: (&req.params).into(),
+                state: state.into(),
+            }
+            .abi_encode();
+            let sent = self.send_adjudicator("conclude", id, hash, input).await;
+            self.already_concluded(id, sent).await?;
+            info!("concluded");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn withdraw(&self, req: &WithdrawRequest) -> Result<()> {
+        let span = info_span!("eth_withdraw", channel = %req.state.channelId, index = req.index);
+        async {
+            let me = req.check()?;
+            let c = &self.chain;
+            let fid = funding_id(req.state.channelId, me);
+            let mut credits = Vec::new();
+            for (_, holder) in c.local_assets(&req.state) {
+                let (credit, settled) = c.holdings(holder, fid, BlockId::latest()).await?;
+                if !settled {
+                    return Err(Error::NotConcluded);
+                }
+                credits.push((holder, credit));
+            }
+            for (holder, credit) in credits {
+                if credit.is_zero() {
+                    debug!(%holder, "nothing to withdraw");
+                    continue;
+                }
+                let auth = WithdrawalAuth {
+                    channelId: req.state.channelId,
+                    participant: me,
+                    receiver: req.receiver,
+                    amount: credit,
+                };
+                // The participant sending itself needs no signature.
+                let sig = if c.sender == me {
+                    Bytes::new()
+                } else {
+                    let hash = withdrawal_hash(holder, c.chain_id, &auth);
+                    let sig = req.account.sign_hash(hash)?;
+                    Bytes::from(sig.as_bytes().to_vec())
+                };
+                self.withdraw_signed(holder, &auth, &sig).await?;
+                info!(%holder, %credit, "withdrawn");
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Joins the adjudicator's one event scanner (started here if it is not
+    /// running): the channel's past events come first, then live ones. The
+    /// stream lives until it is dropped or the adjudicator is; node failures
+    /// on the way are the scanner's to ride out.
+    async fn subscribe(&self, id: ChannelId) -> Result<EventStream> {
+        let (tx, rx) = event_channel(Some(self.hub.streams.clone()));
+        if let Some(generation) = self.hub.join(id, tx) {
+            scan::spawn(self.chain.clone(), self.hub.clone(), generation);
+        }
+        debug!(channel = %id, "subscribed");
+        Ok(rx)
+    }
+
+    /// The dispute at the confirmed block (`confirmations` below the head), so a
+    /// registration that a shallow reorg drops is never reported.
+    async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
+        let (number, hash) = self.chain.confirmed().await?;
+        debug!(channel = %id, block = number, "reading the confirmed dispute");
+        self.chain.dispute_at(id, hash).await
+    }
+}
