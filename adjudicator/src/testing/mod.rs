@@ -1,11 +1,12 @@
-//! The anvil harness for tests and benchmarks (feature `testing`).
+//! Test harnesses (feature `testing`).
 //!
 //! [`Anvil::spawn`] starts the pinned anvil (`tools/node_modules/.bin/anvil`
 //! under the workspace root, or `$PERUN_ANVIL`) on a free 127.0.0.1 port with
-//! instant mining, and kills it on drop. It never skips: without anvil it
-//! fails with a message that says to run `cargo xtask setup`. Besides the
-//! clock it can reorganise the chain (snapshot/revert, `anvil_reorg`) and
-//! mine blocks in the background ([`Miner`]) for confirmation depths.
+//! instant mining, and kills it on drop; [`Anvil::attach`] drives a node the
+//! test started itself. It never skips: without anvil it fails with a message
+//! that says to run `cargo xtask setup`. Besides the clock it can reorganise
+//! the chain (snapshot/revert, `anvil_reorg`) and mine blocks in the
+//! background ([`Miner`]) for confirmation depths.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -23,11 +24,12 @@ use crate::{Error, Result};
 /// The chain id anvil runs with.
 pub const CHAIN_ID: u64 = 31337;
 
-/// A running anvil, killed on drop.
+/// A running anvil: spawned (killed on drop) or attached (left alone).
 #[derive(Debug)]
 pub struct Anvil {
-    child: Child,
-    port: u16,
+    /// The process we started; `None` for an attached node.
+    child: Option<Child>,
+    ws_url: String,
     admin: DynProvider,
 }
 
@@ -122,12 +124,37 @@ impl Anvil {
                 return Err(e);
             }
         };
-        Ok(Self { child, port, admin })
+        Ok(Self {
+            child: Some(child),
+            ws_url: format!("ws://127.0.0.1:{port}"),
+            admin,
+        })
+    }
+
+    /// Uses an anvil that is already running at `ws_url` (started by the
+    /// test itself, or behind a proxy): no process is spawned, and
+    /// dropping the handle leaves the node running.
+    pub async fn attach(ws_url: &str) -> Result<Self> {
+        let admin = ProviderBuilder::new()
+            .connect_ws(WsConnect::new(ws_url))
+            .await
+            .map_err(|e| Error::Anvil(format!("attaching to {ws_url}: {e}")))?
+            .erased();
+        Ok(Self {
+            child: None,
+            ws_url: ws_url.to_owned(),
+            admin,
+        })
     }
 
     /// The websocket endpoint.
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}", self.port)
+        self.ws_url.clone()
+    }
+
+    /// The HTTP endpoint: anvil serves HTTP and websocket on one port.
+    pub fn http_url(&self) -> String {
+        http_url(&self.ws_url)
     }
 
     /// A provider without a wallet, for reads and anvil's admin calls.
@@ -321,8 +348,21 @@ impl Anvil {
 
 impl Drop for Anvil {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The HTTP URL of the node behind a websocket URL (same host, port and path).
+fn http_url(ws_url: &str) -> String {
+    if let Some(rest) = ws_url.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else if let Some(rest) = ws_url.strip_prefix("wss://") {
+        format!("https://{rest}")
+    } else {
+        ws_url.to_owned()
     }
 }
 
