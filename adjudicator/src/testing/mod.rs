@@ -1,4 +1,5 @@
-//! Test harnesses (feature `testing`).
+//! Test harnesses (feature `testing`): a local chain and a fault-injecting
+//! wrapper around any backend.
 //!
 //! [`Anvil::spawn`] starts the pinned anvil (`tools/node_modules/.bin/anvil`
 //! under the workspace root, or `$PERUN_ANVIL`) on a free 127.0.0.1 port with
@@ -7,6 +8,15 @@
 //! that says to run `cargo xtask setup`. Besides the clock it can reorganise
 //! the chain (snapshot/revert, `anvil_reorg`) and mine blocks in the
 //! background ([`Miner`]) for confirmation depths.
+//!
+//! For chaos tests:
+//! - [`FaultyChain`] (`faults`) wraps any [`Adjudicator`](crate::Adjudicator)
+//!   and [`Funder`](crate::Funder) and fails, repeats and delays calls and
+//!   drops, repeats, reorders and ends event streams.
+//!
+//! Faults follow a seeded schedule (`schedule`): the decision for the n-th
+//! call is a pure function of the seed and n, so a failing seed can be
+//! replayed.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -20,6 +30,11 @@ use alloy_primitives::{Address, Bytes, U256};
 use perun_wallet::LocalAccount;
 
 use crate::{Error, Result};
+
+mod faults;
+mod schedule;
+
+pub use faults::{CallPlan, EventPlan, FaultConfig, FaultStats, FaultyChain};
 
 /// The chain id anvil runs with.
 pub const CHAIN_ID: u64 = 31337;
