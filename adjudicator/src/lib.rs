@@ -69,7 +69,7 @@ pub mod traits;
 pub mod types;
 
 pub use bindings::{Deployment, deploy};
-pub use error::{BadEventReason, Error, Result, RevertReason, RpcFailure};
+pub use error::{BadEventReason, Error, ProxyError, Result, RevertReason, RpcFailure};
 pub use eth::{AssetKind, EthAdjudicator, EthConfig, EthFunder, ws_provider};
 pub use sim::SimLedger;
 pub use traits::{Adjudicator, Funder};

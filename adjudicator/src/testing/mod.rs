@@ -1,5 +1,5 @@
-//! Test harnesses (feature `testing`): a local chain and a fault-injecting
-//! wrapper around any backend.
+//! Test harnesses (feature `testing`): a local chain, a fault proxy in front
+//! of it, and a fault-injecting wrapper around any backend.
 //!
 //! [`Anvil::spawn`] starts the pinned anvil (`tools/node_modules/.bin/anvil`
 //! under the workspace root, or `$PERUN_ANVIL`) on a free 127.0.0.1 port with
@@ -10,13 +10,15 @@
 //! background ([`Miner`]) for confirmation depths.
 //!
 //! For chaos tests:
+//! - [`RpcProxy`] (`proxy`) sits between a backend and the node and drops,
+//!   fails, delays and disconnects JSON-RPC traffic (HTTP and websocket).
 //! - [`FaultyChain`] (`faults`) wraps any [`Adjudicator`](crate::Adjudicator)
 //!   and [`Funder`](crate::Funder) and fails, repeats and delays calls and
 //!   drops, repeats, reorders and ends event streams.
 //!
-//! Faults follow a seeded schedule (`schedule`): the decision for the n-th
-//! call is a pure function of the seed and n, so a failing seed can be
-//! replayed.
+//! Both follow a seeded schedule (`schedule`): the decision for the n-th
+//! message or call is a pure function of the seed and n, so a failing seed
+//! can be replayed.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -32,9 +34,13 @@ use perun_wallet::LocalAccount;
 use crate::{Error, Result};
 
 mod faults;
+mod proxy;
 mod schedule;
 
 pub use faults::{CallPlan, EventPlan, FaultConfig, FaultStats, FaultyChain};
+pub use proxy::{
+    NotificationFault, ProxyFaults, ProxyStats, RequestFault, ResponseFault, RpcProxy,
+};
 
 /// The chain id anvil runs with.
 pub const CHAIN_ID: u64 = 31337;
@@ -147,7 +153,7 @@ impl Anvil {
     }
 
     /// Uses an anvil that is already running at `ws_url` (started by the
-    /// test itself, or behind a proxy): no process is spawned, and
+    /// test itself, or behind an [`RpcProxy`]): no process is spawned, and
     /// dropping the handle leaves the node running.
     pub async fn attach(ws_url: &str) -> Result<Self> {
         let admin = ProviderBuilder::new()
