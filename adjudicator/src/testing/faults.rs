@@ -288,6 +288,22 @@ impl Counters {
 /// call that opened it), so they are [`Error::is_transient`] like the node
 /// failures they stand for. `dispute` may fail or be delayed but never
 /// answers wrongly. Clones share the schedule, the switch and the stats.
+///
+/// ```
+/// use perun_adjudicator::testing::{FaultConfig, FaultyChain};
+/// use perun_adjudicator::{Adjudicator, SimLedger};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let config = FaultConfig { fail_before: 1.0, ..FaultConfig::none(7) };
+/// let chain = FaultyChain::wrap(SimLedger::new(1337), config);
+/// let id = perun_channel::B256::repeat_byte(1);
+/// let err = chain.dispute(id).await.unwrap_err();
+/// assert!(err.is_transient()); // "dispute: injected fault #0"
+/// chain.set_enabled(false);
+/// assert_eq!(chain.dispute(id).await.unwrap(), None);
+/// assert_eq!(chain.stats().faults_injected(), 1);
+/// # });
+/// ```
 #[derive(Clone)]
 pub struct FaultyChain {
     shared: Arc<Shared>,
