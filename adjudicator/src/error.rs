@@ -297,6 +297,10 @@ pub enum GarbageReason {
     /// A binary websocket frame (JSON-RPC travels as text).
     #[error("a binary frame of {0} bytes")]
     Binary(usize),
+    /// Bytes that break the HTTP or websocket protocol (a malformed request
+    /// or frame, invalid UTF-8 in a text frame, an oversized message).
+    #[error("a protocol violation: {0}")]
+    Protocol(Arc<dyn std::error::Error + Send + Sync>),
     /// An HTTP body above the proxy's limit.
     #[error("a body above {limit} bytes")]
     TooLarge {

@@ -209,7 +209,7 @@ async fn same_seed_same_outcomes() {
                 Err(e) => outcomes.push(format!("err {e}")),
             }
         };
-        for item in drain_until_quiet(stream).await {
+        for item in drain_history(stream).await {
             let item = item.map(|e| versions(&[e]));
             outcomes.push(summary(&item));
         }
@@ -222,12 +222,19 @@ async fn same_seed_same_outcomes() {
     assert_ne!(a, c);
 }
 
-/// The items a stream delivers until it ends or is quiet for half a second.
-async fn drain_until_quiet(mut stream: EventStream) -> Vec<Result<AdjudicatorEvent>> {
+/// The items a stream delivers up to its `CaughtUp` or its end (the
+/// history, which is all there is: nothing is registered meanwhile).
+async fn drain_history(mut stream: EventStream) -> Vec<Result<AdjudicatorEvent>> {
     let mut items = Vec::new();
-    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+    while let Some(item) = tokio::time::timeout(Duration::from_secs(60), stream.next())
+        .await
+        .expect("stream stalled")
     {
+        let last = !matches!(item, Ok(AdjudicatorEvent::Registered { .. }));
         items.push(item);
+        if last {
+            break;
+        }
     }
     items
 }

@@ -329,14 +329,15 @@ async fn disconnects_close_websockets_and_alloy_reconnects() {
 }
 
 /// Subscribes to new heads over a raw websocket and mines `blocks`; returns
-/// the block numbers of the notifications that arrive within a second.
+/// the block numbers of the notifications that arrive until none came for
+/// two seconds.
 async fn heads(anvil: &Anvil, proxy: &RpcProxy, blocks: u64) -> Vec<u64> {
     let mut ws = ws_connect(proxy).await;
     let sub = ws_call(&mut ws, &request(1, "eth_subscribe", json!(["newHeads"]))).await;
     assert!(sub["result"].is_string(), "{sub}");
     anvil.mine(blocks).await.unwrap();
     let mut got = Vec::new();
-    while let Some(n) = ws_next(&mut ws, Duration::from_secs(1)).await.unwrap() {
+    while let Some(n) = ws_next(&mut ws, Duration::from_secs(2)).await.unwrap() {
         assert_eq!(n["method"], "eth_subscription", "{n}");
         let hex = n["params"]["result"]["number"].as_str().unwrap();
         got.push(u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap());
@@ -501,7 +502,27 @@ async fn client_garbage_closes_only_that_connection() {
         assert!(ws_next(&mut ws, Duration::from_secs(5)).await.is_err());
     }
     assert_eq!(http_post(&proxy, "{\"no".to_owned()).await, None);
-    assert_eq!(proxy.stats().garbage, 5);
+    // Bytes that are not HTTP at all: hyper answers 400 and closes.
+    let addr = proxy.local_addr();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"\x00\x01 garbage\r\n\r\n").unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        String::from_utf8_lossy(&raw).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.stats().garbage < 6 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.stats().garbage, 6);
     // Everyone else is served as before.
     let answer = ws_call(&mut good, &request(1, "eth_chainId", json!([]))).await;
     assert_eq!(answer["result"], "0x7a69");

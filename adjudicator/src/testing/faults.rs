@@ -38,9 +38,9 @@ pub struct FaultConfig {
     /// A call reaches the backend and takes effect, but the caller gets
     /// [`RpcFailure::Injected`] (a lost answer or receipt).
     pub fail_after: f64,
-    /// A call, or an event, waits up to [`max_delay`](Self::max_delay) first.
+    /// A call waits up to [`max_delay`](Self::max_delay) before reaching the backend.
     pub delay: f64,
-    /// The longest injected delay.
+    /// The longest injected delay, of a call or an event.
     pub max_delay: Duration,
     /// A call runs twice on the backend (a resent request); the caller gets
     /// the first result.

@@ -48,11 +48,14 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, mut kill: watc
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::select! {
-        r = http => {
-            if let Err(e) = r {
-                debug!(%e, "client HTTP connection failed");
-            }
-        }
+        r = http => match r {
+            Err(e) if e.is_parse() || e.is_parse_too_large() => conn.shared.closing(&ProxyError::Garbage {
+                from: ProxySide::Client,
+                reason: GarbageReason::Protocol(Arc::new(e)),
+            }),
+            Err(e) => debug!(%e, "client HTTP connection failed"),
+            Ok(()) => {}
+        },
         () = conn.close.notified() => debug!("closing a client HTTP connection"),
         _ = kill.changed() => debug!("disconnecting a client HTTP connection"),
     }

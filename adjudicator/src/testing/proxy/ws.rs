@@ -103,6 +103,28 @@ fn garbage(from: ProxySide, reason: GarbageReason) -> End {
     End::Failed(ProxyError::Garbage { from, reason })
 }
 
+/// A failed read: a peer that broke the protocol sent garbage; one that
+/// just went away (reset, closed) did not.
+fn failed(from: ProxySide, e: tungstenite::Error, shared: &Shared) -> End {
+    use tungstenite::Error as E;
+    use tungstenite::error::ProtocolError as P;
+    let gone = matches!(
+        e,
+        E::ConnectionClosed
+            | E::AlreadyClosed
+            | E::Io(_)
+            | E::Protocol(P::ResetWithoutClosingHandshake)
+    );
+    End::Failed(match (from, gone) {
+        (_, false) => ProxyError::Garbage {
+            from,
+            reason: GarbageReason::Protocol(Arc::new(e)),
+        },
+        (ProxySide::Client, true) => ProxyError::Client(Arc::new(e)),
+        (ProxySide::Upstream, true) => shared.upstream.error(e),
+    })
+}
+
 struct Session<S> {
     shared: Arc<Shared>,
     client: WebSocketStream<S>,
@@ -148,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn on_client(&mut self, m: Option<Result<Message, tungstenite::Error>>) -> Step {
         let text = match m {
             None | Some(Ok(Message::Close(_))) => return Err(closed("client left")),
-            Some(Err(e)) => return Err(End::Failed(ProxyError::Client(Arc::new(e)))),
+            Some(Err(e)) => return Err(failed(ProxySide::Client, e, &self.shared)),
             Some(Ok(Message::Binary(b))) => {
                 return Err(garbage(ProxySide::Client, GarbageReason::Binary(b.len())));
             }
@@ -184,7 +206,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn on_upstream(&mut self, m: Option<Result<Message, tungstenite::Error>>) -> Step {
         let text = match m {
             None | Some(Ok(Message::Close(_))) => return Err(closed("upstream left")),
-            Some(Err(e)) => return Err(End::Failed(self.shared.upstream.error(e))),
+            Some(Err(e)) => return Err(failed(ProxySide::Upstream, e, &self.shared)),
             Some(Ok(Message::Binary(b))) => {
                 return Err(garbage(ProxySide::Upstream, GarbageReason::Binary(b.len())));
             }
