@@ -175,6 +175,13 @@ async fn transparent_over_ws_and_http() {
     assert_eq!(answers.len(), 2);
     let balance = answers.iter().find(|a| a["id"] == 2).unwrap();
     assert_eq!(balance["result"], json!("0x3e8"));
+    // The harness's admin calls work through the proxy too.
+    let via = Anvil::attach(&proxy.ws_url()).await.unwrap();
+    assert_eq!(via.http_url(), proxy.http_url());
+    let height = anvil.block_number().await.unwrap();
+    via.increase_time(60).await.unwrap();
+    assert_eq!(via.block_number().await.unwrap(), height + 1);
+    drop(via);
     let stats = proxy.stats();
     assert_eq!(stats.faults_injected(), 0, "{stats:?}");
     assert!(stats.requests >= 6 && stats.responses >= 6, "{stats:?}");
@@ -626,4 +633,90 @@ async fn dropping_the_proxy_closes_everything() {
     refused.await.unwrap();
     // The node behind it is untouched.
     anvil.mine(1).await.unwrap();
+}
+
+/// The Ethereum backend through the proxy: transparent, it works as on the
+/// node itself; with injected errors its calls fail transiently and a retry
+/// loop gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eth_backend_through_the_proxy() {
+    use perun_adjudicator::{
+        Adjudicator, AdjudicatorEvent, EthAdjudicator, EthConfig, SignedChannel, deploy,
+    };
+    use perun_channel::{Allocation, Asset, Params, SignedState, State};
+    use perun_wallet::LocalAccount;
+
+    let (anvil, proxy) = setup().await;
+    let deployer = anvil.funded_account().await.unwrap();
+    let d = deploy(&anvil.provider(&deployer).await.unwrap())
+        .await
+        .unwrap();
+    let adj = EthAdjudicator::connect(&proxy.ws_url(), &deployer, EthConfig::from_deployment(&d))
+        .await
+        .unwrap();
+    let parties = [LocalAccount::random(), LocalAccount::random()];
+    let params = Params::payment(
+        600,
+        U256::from(rand::random::<u64>()),
+        parties.iter().map(|p| p.address()).collect(),
+    );
+    let asset = Asset {
+        chainId: U256::from(31337),
+        holder: d.eth_holder,
+    };
+    let initial = State::initial(
+        &params,
+        Allocation::new(vec![asset], vec![vec![U256::ZERO, U256::ZERO]]),
+    );
+    let signed = |version: u64| {
+        let mut state = initial.clone();
+        state.version = version;
+        let mut s = SignedState::new(state);
+        for (i, p) in parties.iter().enumerate() {
+            s.sign(&params, i, p).unwrap();
+        }
+        SignedChannel {
+            params: params.clone(),
+            state: s,
+        }
+    };
+    let id = initial.channelId;
+    let mut events = adj.subscribe(id).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), events.next()).await;
+    assert!(matches!(
+        first.unwrap().unwrap().unwrap(),
+        AdjudicatorEvent::CaughtUp { .. }
+    ));
+    adj.register(&signed(1)).await.unwrap();
+    assert_eq!(adj.dispute(id).await.unwrap().unwrap().version, 1);
+    let next = tokio::time::timeout(Duration::from_secs(20), events.next()).await;
+    assert!(matches!(
+        next.unwrap().unwrap().unwrap(),
+        AdjudicatorEvent::Registered { version: 1, .. }
+    ));
+    // A third of the requests fail: every failure is transient, retries win.
+    proxy.set_faults(ProxyFaults {
+        error: 0.3,
+        ..ProxyFaults::none(9)
+    });
+    let mut failures = 0;
+    let registered = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match adj.register(&signed(2)).await {
+                Ok(()) => return,
+                Err(e) => {
+                    assert!(e.is_transient(), "{e}");
+                    failures += 1;
+                }
+            }
+        }
+    });
+    registered.await.unwrap();
+    proxy.set_faults(ProxyFaults::none(9));
+    assert_eq!(adj.dispute(id).await.unwrap().unwrap().version, 2);
+    assert!(
+        proxy.stats().errors > 0,
+        "{:?} ({failures} failures)",
+        proxy.stats()
+    );
 }
