@@ -14,7 +14,9 @@
 //!   `eth/scan.rs` holds the one event scanner an adjudicator's subscriptions share.
 //! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
 //! - `testing` (feature `testing`): the anvil harness for tests and benchmarks
-//!   (clock, snapshot/revert and `anvil_reorg`, a background block miner).
+//!   (clock, snapshot/revert and `anvil_reorg`, a background block miner, or
+//!   attached to a running node), the JSON-RPC fault proxy `RpcProxy` and the
+//!   fault-injecting backend wrapper `FaultyChain`, both on a seeded schedule.
 //! - [`error`]: the crate's one error enum.
 //!
 //! # Rules both backends follow

@@ -147,6 +147,14 @@ fn versions(events: &[AdjudicatorEvent]) -> Vec<u64> {
 }
 
 #[test]
+fn wrappers_are_shareable() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<FaultyChain>();
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<perun_adjudicator::testing::RpcProxy>();
+}
+
+#[test]
 fn same_seed_same_plan() {
     let (a, b, c) = (
         FaultConfig::chaos(7),
