@@ -13,6 +13,12 @@
 //! | [`persistence`] | `perun-persistence` | the durable store of channel states |
 //! | [`adjudicator`] | `perun-adjudicator` | contracts and chain backends |
 //! | [`client`] | `perun-client` | the client and channel controllers |
+//!
+//! # Features
+//! - `testing`: test harnesses for an application's integration tests, as
+//!   `perun::adjudicator::testing` (anvil, the JSON-RPC fault proxy
+//!   `RpcProxy`, the fault-injecting backend wrapper `FaultyChain`). Enable
+//!   it in `[dev-dependencies]` only: `perun = { ..., features = ["testing"] }`.
 
 pub use perun_adjudicator as adjudicator;
 pub use perun_channel as channel;

@@ -170,23 +170,31 @@ async fn reorged_registration_is_ignored() {
             "participant {i} got exactly its share of the final state"
         );
     }
-    // The first chain event Alice's application saw is the cooperative
-    // conclusion: the dropped registration was never delivered.
-    let first = tokio::time::timeout(WAIT, async {
-        loop {
-            match alice_events.next().await {
-                Some(ChannelEvent::Chain(ev)) => return Some(ev),
-                Some(_) => continue,
-                None => return None,
+    // Alice's application never saw the dropped registration: every event
+    // up to the watcher's final `Withdrawn` is free of it.
+    let seen = tokio::time::timeout(WAIT, async {
+        let mut seen = Vec::new();
+        while let Some(ev) = alice_events.next().await {
+            let done = matches!(ev, ChannelEvent::Withdrawn);
+            seen.push(ev);
+            if done {
+                return seen;
             }
         }
+        seen
     })
     .await
-    .unwrap()
     .unwrap();
     assert!(
-        matches!(first, AdjudicatorEvent::Concluded { version, .. } if version == fin.version),
-        "first event {first:?}"
+        matches!(seen.last(), Some(ChannelEvent::Withdrawn)),
+        "events {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|e| matches!(
+            e,
+            ChannelEvent::Chain(AdjudicatorEvent::Registered { .. })
+        )),
+        "the dropped registration was delivered: {seen:?}"
     );
 }
 

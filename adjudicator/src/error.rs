@@ -254,6 +254,85 @@ pub enum Error {
     /// The anvil test harness failed.
     #[error("anvil: {0}")]
     Anvil(String),
+    /// The JSON-RPC fault proxy of the test harness failed.
+    #[error("fault proxy: {0}")]
+    Proxy(#[from] ProxyError),
+}
+
+/// Why the test harness's JSON-RPC fault proxy failed, or closed a connection.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// The proxy could not listen on 127.0.0.1.
+    #[error("listening on 127.0.0.1: {0}")]
+    Listen(Arc<std::io::Error>),
+    /// The upstream URL is not `ws://host:port[/path]`.
+    #[error("upstream {0:?} is not a ws://host:port URL")]
+    UpstreamUrl(String),
+    /// The upstream node could not be reached or dropped the connection.
+    #[error("upstream {url}: {source}")]
+    Upstream {
+        /// The node's URL.
+        url: String,
+        /// What failed.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// A client's connection failed (I/O, websocket or HTTP protocol).
+    #[error("client connection: {0}")]
+    Client(Arc<dyn std::error::Error + Send + Sync>),
+    /// A client or the node sent something that is not JSON-RPC.
+    #[error("{from} sent garbage: {reason}")]
+    Garbage {
+        /// Who sent it.
+        from: ProxySide,
+        /// What is wrong with it.
+        reason: GarbageReason,
+    },
+}
+
+/// One side of a proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxySide {
+    /// The client connected to the proxy.
+    Client,
+    /// The node behind the proxy.
+    Upstream,
+}
+
+impl std::fmt::Display for ProxySide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProxySide::Client => "the client",
+            ProxySide::Upstream => "the upstream node",
+        })
+    }
+}
+
+/// What is wrong with a message that is not JSON-RPC.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GarbageReason {
+    /// It does not parse as JSON.
+    #[error("not JSON: {0}")]
+    NotJson(Arc<dyn std::error::Error + Send + Sync>),
+    /// JSON, but not a request (object with a `method`), a response (object
+    /// with an `id`) or a non-empty batch of them, as its direction requires.
+    #[error("JSON but not a JSON-RPC {expected}")]
+    NotJsonRpc {
+        /// What was expected (`"request"`, `"response or notification"`).
+        expected: &'static str,
+    },
+    /// A binary websocket frame (JSON-RPC travels as text).
+    #[error("a binary frame of {0} bytes")]
+    Binary(usize),
+    /// Bytes that break the HTTP or websocket protocol (a malformed request
+    /// or frame, invalid UTF-8 in a text frame, an oversized message).
+    #[error("a protocol violation: {0}")]
+    Protocol(Arc<dyn std::error::Error + Send + Sync>),
+    /// An HTTP body above the proxy's limit.
+    #[error("a body above {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
 }
 
 /// What is wrong with a chain event.

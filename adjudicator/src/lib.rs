@@ -21,7 +21,9 @@
 //! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
 //! - `testing` (feature `testing`): the anvil harness for tests and benchmarks
 //!   (clock, snapshot/revert and `anvil_reorg`, a background block miner,
-//!   the transaction pool and base fee).
+//!   the transaction pool and base fee, or attached to a running node), the
+//!   JSON-RPC fault proxy `RpcProxy` and the fault-injecting backend wrapper
+//!   `FaultyChain`, both on a seeded schedule.
 //! - [`error`]: the crate's one error enum.
 //!
 //! # Rules both backends follow
@@ -77,7 +79,7 @@ pub mod traits;
 pub mod types;
 
 pub use bindings::{Deployment, deploy};
-pub use error::{BadEventReason, Error, Result, RevertReason, RpcFailure};
+pub use error::{BadEventReason, Error, ProxyError, Result, RevertReason, RpcFailure};
 pub use eth::{AssetKind, EthAdjudicator, EthConfig, EthFunder, ws_provider};
 pub use sim::SimLedger;
 pub use traits::{Adjudicator, Funder};

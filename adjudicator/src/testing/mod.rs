@@ -1,12 +1,25 @@
-//! The anvil harness for tests and benchmarks (feature `testing`).
+//! Test harnesses (feature `testing`): a local chain, a fault proxy in front
+//! of it, and a fault-injecting wrapper around any backend.
 //!
 //! [`Anvil::spawn`] starts the pinned anvil (`tools/node_modules/.bin/anvil`
 //! under the workspace root, or `$PERUN_ANVIL`) on a free 127.0.0.1 port with
-//! instant mining, and kills it on drop. It never skips: without anvil it
-//! fails with a message that says to run `cargo xtask setup`. Besides the
-//! clock it can reorganise the chain (snapshot/revert, `anvil_reorg`),
-//! mine blocks in the background ([`Miner`]) for confirmation depths, and put
-//! a [`Relay`] in front of itself that a test cuts to lose the connection.
+//! instant mining, and kills it on drop; [`Anvil::attach`] drives a node the
+//! test started itself. It never skips: without anvil it fails with a message
+//! that says to run `cargo xtask setup`. Besides the clock it can reorganise
+//! the chain (snapshot/revert, `anvil_reorg`), mine blocks in the background
+//! ([`Miner`]) for confirmation depths, and put a [`Relay`] in front of
+//! itself that a test cuts to lose the connection.
+//!
+//! For chaos tests:
+//! - [`RpcProxy`] (`proxy`) sits between a backend and the node and drops,
+//!   fails, delays and disconnects JSON-RPC traffic (HTTP and websocket).
+//! - [`FaultyChain`] (`faults`) wraps any [`Adjudicator`](crate::Adjudicator)
+//!   and [`Funder`](crate::Funder) and fails, repeats and delays calls and
+//!   drops, repeats, reorders and ends event streams.
+//!
+//! Both follow a seeded schedule (`schedule`): the decision for the n-th
+//! message or call is a pure function of the seed and n, so a failing seed
+//! can be replayed.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -21,14 +34,24 @@ use perun_wallet::LocalAccount;
 
 use crate::{Error, Result};
 
+mod faults;
+mod proxy;
+mod schedule;
+
+pub use faults::{CallPlan, EventPlan, FaultConfig, FaultStats, FaultyChain};
+pub use proxy::{
+    NotificationFault, ProxyFaults, ProxyStats, RequestFault, ResponseFault, RpcProxy,
+};
+
 /// The chain id anvil runs with.
 pub const CHAIN_ID: u64 = 31337;
 
-/// A running anvil, killed on drop.
+/// A running anvil: spawned (killed on drop) or attached (left alone).
 #[derive(Debug)]
 pub struct Anvil {
-    child: Child,
-    port: u16,
+    /// The process we started; `None` for an attached node.
+    child: Option<Child>,
+    ws_url: String,
     admin: DynProvider,
 }
 
@@ -123,18 +146,50 @@ impl Anvil {
                 return Err(e);
             }
         };
-        Ok(Self { child, port, admin })
+        Ok(Self {
+            child: Some(child),
+            ws_url: format!("ws://127.0.0.1:{port}"),
+            admin,
+        })
+    }
+
+    /// Uses an anvil that is already running at `ws_url` (started by the
+    /// test itself, or behind an [`RpcProxy`]): no process is spawned, and
+    /// dropping the handle leaves the node running.
+    pub async fn attach(ws_url: &str) -> Result<Self> {
+        let admin = ProviderBuilder::new()
+            .connect_ws(WsConnect::new(ws_url))
+            .await
+            .map_err(|e| Error::Anvil(format!("attaching to {ws_url}: {e}")))?
+            .erased();
+        Ok(Self {
+            child: None,
+            ws_url: ws_url.to_owned(),
+            admin,
+        })
     }
 
     /// The websocket endpoint.
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}", self.port)
+        self.ws_url.clone()
+    }
+
+    /// The HTTP endpoint: anvil serves HTTP and websocket on one port.
+    pub fn http_url(&self) -> String {
+        http_url(&self.ws_url)
     }
 
     /// A TCP relay to this anvil: backends connected through
     /// [`Relay::ws_url`] lose their connection when the test cuts it.
     pub async fn relay(&self) -> Result<Relay> {
-        Relay::start(self.port).await
+        let port = self
+            .ws_url
+            .rsplit(':')
+            .next()
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or_else(|| Error::Anvil(format!("no port in {}", self.ws_url)))?;
+        Relay::start(port).await
     }
 
     /// A provider without a wallet, for reads and anvil's admin calls.
@@ -383,8 +438,21 @@ impl Anvil {
 
 impl Drop for Anvil {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The HTTP URL of the node behind a websocket URL (same host, port and path).
+fn http_url(ws_url: &str) -> String {
+    if let Some(rest) = ws_url.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else if let Some(rest) = ws_url.strip_prefix("wss://") {
+        format!("https://{rest}")
+    } else {
+        ws_url.to_owned()
     }
 }
 
