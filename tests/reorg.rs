@@ -190,10 +190,9 @@ async fn reorged_registration_is_ignored() {
         "events {seen:?}"
     );
     assert!(
-        !seen.iter().any(|e| matches!(
-            e,
-            ChannelEvent::Chain(AdjudicatorEvent::Registered { .. })
-        )),
+        !seen
+            .iter()
+            .any(|e| matches!(e, ChannelEvent::Chain(AdjudicatorEvent::Registered { .. }))),
         "the dropped registration was delivered: {seen:?}"
     );
 }
