@@ -381,3 +381,71 @@ async fn lost_commit_arrives_by_sync_when_the_connection_is_back(ledger: Ledger)
         vec![u(EACH + 30), u(EACH - 30)]
     );
 }
+
+/// Eight stale registrations in one block, refuted by one client from one
+/// account: every refutation lands (the transaction queue orders the
+/// nonces), and every channel ends with the latest state's balances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_stale_registrations_in_one_block_are_all_refuted() {
+    const N: usize = 8;
+    let ledger = Ledger::anvil().await;
+    let Ledger::Anvil { anvil, .. } = &ledger else {
+        unreachable!("anvil ledger");
+    };
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let mut chans = Vec::new();
+    for _ in 0..N {
+        chans.push(open(&ledger, &mut ps, u(EACH)).await);
+    }
+    let mut stale = Vec::new();
+    for c in &chans {
+        c[1].pay(0, 0, u(100)).await.unwrap();
+        stale.push(c[1].state());
+        c[1].pay(0, 0, u(100)).await.unwrap();
+        common::caught_up(c).await;
+    }
+    ps[1].client.shutdown().await;
+    let (_, cheat) = ledger.backends(&ps[1].account).await;
+    anvil.set_automine(false).await.unwrap();
+    let registrations: Vec<_> = chans
+        .iter()
+        .zip(stale)
+        .map(|(c, old)| {
+            let (cheat, params) = (cheat.clone(), c[1].params().clone());
+            tokio::spawn(async move {
+                cheat
+                    .register(&perun::adjudicator::SignedChannel { params, state: old })
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::timeout(WAIT, async {
+        while anvil.pending_transactions().await.unwrap() < N as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("all eight registrations wait in the pool");
+    anvil.mine(1).await.unwrap();
+    anvil.set_automine(true).await.unwrap();
+    for r in registrations {
+        r.await.unwrap().unwrap();
+    }
+    for c in &chans {
+        on_chain_version(&cheat, &c[0], 2).await;
+    }
+    ledger.advance(CHALLENGE + 1).await;
+    for c in &chans {
+        c[0].wait_for_phase(Phase::Withdrawn, WAIT).await.unwrap();
+        bob_withdraws(&cheat, &ps[1], &c[1], &c[1].state()).await;
+    }
+    // Each channel paid Alice 200 of Bob's deposit.
+    assert_eq!(
+        ledger.balance(ps[0].client.address()).await,
+        u(MINT + 200 * N as u64)
+    );
+    assert_eq!(
+        ledger.balance(ps[1].client.address()).await,
+        u(MINT - 200 * N as u64)
+    );
+}

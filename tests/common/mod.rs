@@ -252,8 +252,13 @@ pub fn init_logs() {
 
 /// Builds one party on `ledger`, with a redb store on anvil.
 pub async fn party(ledger: &Ledger, deposit: U256, opts: &Options) -> Party {
-    init_logs();
     let account = ledger.account(deposit).await;
+    party_with_account(ledger, account, opts).await
+}
+
+/// Builds one party with `account` (funded already) on `ledger`.
+pub async fn party_with_account(ledger: &Ledger, account: LocalAccount, opts: &Options) -> Party {
+    init_logs();
     let (funder, adjudicator) = ledger.backends(&account).await;
     let key = perun::wire::generate_key();
     let (persister, dir): (Arc<dyn Persister>, _) = match ledger {
@@ -323,16 +328,27 @@ async fn start(
 /// store (on anvil the redb file is closed and reopened from disk), as after
 /// a crash of the process.
 pub async fn restart(ledger: &Ledger, p: Party) -> Party {
-    restart_inner(ledger, p, None).await
+    restart_inner(ledger, p, None, &Options::default()).await
+}
+
+/// Like [`restart`], with `opts` for the new client (its funder, wrapped
+/// adjudicator, handlers and timeouts).
+pub async fn restart_opts(ledger: &Ledger, p: Party, opts: &Options) -> Party {
+    restart_inner(ledger, p, None, opts).await
 }
 
 /// Like [`restart`], with `store` as the restarted client's store (it may
 /// wrap the party's own, which stays open).
 pub async fn restart_with(ledger: &Ledger, p: Party, store: Arc<dyn Persister>) -> Party {
-    restart_inner(ledger, p, Some(store)).await
+    restart_inner(ledger, p, Some(store), &Options::default()).await
 }
 
-async fn restart_inner(ledger: &Ledger, p: Party, store: Option<Arc<dyn Persister>>) -> Party {
+async fn restart_inner(
+    ledger: &Ledger,
+    p: Party,
+    store: Option<Arc<dyn Persister>>,
+    opts: &Options,
+) -> Party {
     let Party {
         client,
         account,
@@ -364,16 +380,12 @@ async fn restart_inner(ledger: &Ledger, p: Party, store: Option<Arc<dyn Persiste
         (None, None) => persister,
     };
     let (funder, adjudicator) = ledger.backends(&account).await;
-    start(
-        account,
-        key,
-        funder,
-        adjudicator,
-        persister,
-        dir,
-        &Options::default(),
-    )
-    .await
+    let funder = opts.funder.clone().unwrap_or(funder);
+    let adjudicator = match &opts.wrap_adjudicator {
+        Some(wrap) => wrap(adjudicator),
+        None => adjudicator,
+    };
+    start(account, key, funder, adjudicator, persister, dir, opts).await
 }
 
 /// `n` parties that know each other's addresses.
@@ -387,9 +399,9 @@ pub async fn parties(ledger: &Ledger, n: usize, deposit: U256, opts: &Options) -
 }
 
 /// Tells every party where every other one listens.
-pub async fn introduce(ps: &[Party]) {
-    for a in ps {
-        for b in ps {
+pub async fn introduce<P: std::borrow::Borrow<Party>>(ps: &[P]) {
+    for a in ps.iter().map(|p| p.borrow()) {
+        for b in ps.iter().map(|p| p.borrow()) {
             if a.client.peer_id() != b.client.peer_id() {
                 for addr in b.client.listen_addrs().await.unwrap() {
                     a.client.add_peer(b.client.peer_id(), addr).await.unwrap();
@@ -400,9 +412,13 @@ pub async fn introduce(ps: &[Party]) {
 }
 
 /// A payment channel proposal between `ps` with `each` per participant.
-pub fn proposal(ledger: &Ledger, ps: &[Party], each: U256) -> ChannelProposal {
+pub fn proposal<P: std::borrow::Borrow<Party>>(
+    ledger: &Ledger,
+    ps: &[P],
+    each: U256,
+) -> ChannelProposal {
     ChannelProposal::payment(
-        ps.iter().map(Party::participant).collect(),
+        ps.iter().map(|p| p.borrow().participant()).collect(),
         Allocation::new(vec![ledger.asset()], vec![vec![each; ps.len()]]),
         60,
     )

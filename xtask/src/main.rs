@@ -8,9 +8,11 @@
 //! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
 //! | `bench [--quick]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` |
+//! | `chaos [--ledger sim\|anvil] [--schedules N] [--seed S]` | a long run of the chaos suite; replays a failing seed |
 //! | `demo [payment\|dispute]` | runs `examples/payment_channel.rs` (or `dispute.rs`) on a local anvil |
 
 mod bench;
+mod chaos;
 mod contracts;
 mod gas;
 mod setup;
@@ -34,10 +36,11 @@ fn main() -> ExitCode {
         Some("contracts") => contracts::run(args.get(1).is_some_and(|a| a == "--check")),
         Some("gas") => gas::run(),
         Some("bench") => bench::run(args.get(1).is_some_and(|a| a == "--quick")),
+        Some("chaos") => chaos::run(&args[1..]),
         Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick]|demo [payment|dispute]>"
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|dispute]>"
             );
             return ExitCode::from(2);
         }
