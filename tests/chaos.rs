@@ -252,7 +252,7 @@ struct Outcome {
 /// Alice's fault injection: a wrapper on sim, a proxy on anvil.
 enum Faults {
     Sim(FaultyChain),
-    Anvil(RpcProxy, EthConfig),
+    Anvil(RpcProxy, Box<EthConfig>),
 }
 
 impl Faults {
@@ -270,8 +270,8 @@ impl Faults {
             Faults::Anvil(proxy, cfg) => {
                 let url = proxy.ws_url();
                 (
-                    Arc::new(retry(|| EthFunder::connect(&url, alice, cfg.clone())).await),
-                    Arc::new(retry(|| EthAdjudicator::connect(&url, alice, cfg.clone())).await),
+                    Arc::new(retry(|| EthFunder::connect(&url, alice, (**cfg).clone())).await),
+                    Arc::new(retry(|| EthAdjudicator::connect(&url, alice, (**cfg).clone())).await),
                 )
             }
         };
@@ -331,7 +331,7 @@ async fn schedule(shared: Option<Arc<Ledger>>, seed: u64) -> Result<Outcome, Str
                 replace_after: Duration::from_secs(2),
                 ..config.clone()
             };
-            Faults::Anvil(proxy, cfg)
+            Faults::Anvil(proxy, Box::new(cfg))
         }
     };
     let res = play(&ledger, &faults, &plan).await;
