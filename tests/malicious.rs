@@ -26,6 +26,8 @@ on_both_ledgers!(
     updates_from_the_wrong_peer_are_rejected,
     a_state_alice_never_proposed_is_never_completed_from_sync,
     an_abandoned_update_still_takes_its_commit,
+    a_failed_proposal_is_never_completed_on_a_newer_state,
+    a_huge_aborted_version_does_not_block_alice,
 );
 
 struct Setup {
@@ -378,4 +380,140 @@ async fn an_abandoned_update_still_takes_its_commit(ledger: Ledger) {
         .wait_for_version(fair.version, Duration::from_secs(10));
     assert_eq!(done.await.unwrap().state, fair);
     assert_eq!(s.alice.phase(), Phase::Active);
+}
+
+/// Bob's twin aborts a made-up far version (so Alice's next proposal is
+/// numbered far ahead), lets Alice's payment of 10 fail without an answer,
+/// then pays Alice 30 in a lower version, and finally hands Alice's failed
+/// proposal back in a `Sync`, signed. Completing it now would apply it to
+/// the newer state and take Bob's 30 back: Alice must refuse.
+async fn a_failed_proposal_is_never_completed_on_a_newer_state(ledger: Ledger) {
+    let mut s = setup(ledger).await;
+    let before = s.alice.state();
+    let far = before.state.version + 1_000;
+    let abort = Message::UpdateReject(perun::wire::UpdateReject {
+        channel_id: s.alice.id(),
+        version: far,
+        index: 1,
+        reason: "aborted".into(),
+        kind: RejectKind::Refused,
+    });
+    assert_eq!(
+        s.evil.send(s.alice_peer, &abort).await.unwrap(),
+        Message::Ack
+    );
+    // Alice pays 10; the twin takes the proposal and never answers.
+    let mut incoming = s.evil_in.take().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let twin = tokio::spawn(async move {
+        let mut tx = Some(tx);
+        let mut held = Vec::new();
+        while let Some(req) = incoming.next().await {
+            let (_, msg, r) = req.into_parts();
+            match msg {
+                Message::Update(u) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(u.state);
+                    }
+                    held.push(r); // no answer
+                }
+                _ => drop(r),
+            }
+        }
+    });
+    let paid = s.alice.pay(1, 0, U256::from(10u64)).await;
+    assert!(paid.is_err(), "the twin never answered: {paid:?}");
+    let proposal = rx.await.unwrap();
+    assert!(proposal.version > far, "numbered past the burnt version");
+    assert_unchanged(&s.alice, &before);
+    // The twin pays Alice 30 in a lower version; Alice signs it.
+    let mut gift = before.state.next();
+    gift.outcome.balances[0][1] -= U256::from(30u64);
+    gift.outcome.balances[0][0] += U256::from(30u64);
+    let alice_sig = match send_update(&s, gift.clone(), 1).await {
+        Message::UpdateAccept(a) => a.signature,
+        other => panic!("a payment to Alice is accepted, got {other:?}"),
+    };
+    let commit = Message::UpdateCommit(UpdateCommit {
+        channel_id: s.alice.id(),
+        version: gift.version,
+        index: 1,
+        signatures: vec![alice_sig, s.bob_key.sign_hash(gift.hash()).unwrap()],
+    });
+    assert_eq!(
+        s.evil.send(s.alice_peer, &commit).await.unwrap(),
+        Message::Ack
+    );
+    let received = s
+        .alice
+        .wait_for_version(gift.version, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Now the twin hands back Alice's old proposal, signed by Bob.
+    let sync = Message::Sync(perun::wire::Sync {
+        channel_id: s.alice.id(),
+        index: 1,
+        phase: Phase::Updating,
+        latest: received.clone(),
+        staged: Some(SignedState {
+            state: proposal.clone(),
+            sigs: vec![None, Some(s.bob_key.sign_hash(proposal.hash()).unwrap())],
+        }),
+    });
+    match s.evil.send(s.alice_peer, &sync).await.unwrap() {
+        Message::Sync(theirs) => {
+            assert_eq!(theirs.latest, received, "Alice stays on the newer state");
+            assert!(theirs.staged.is_none());
+        }
+        other => panic!("expected Alice's Sync, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_unchanged(&s.alice, &received);
+    assert_eq!(
+        s.alice.state().state.outcome.balances[0][0],
+        before.state.outcome.balances[0][0] + U256::from(30u64)
+    );
+    twin.abort();
+}
+
+/// An abort naming version 2^64 − 6 cannot push Alice's next version out
+/// of reach: her next payment is still a valid transition, and goes through.
+async fn a_huge_aborted_version_does_not_block_alice(ledger: Ledger) {
+    let s = setup(ledger).await;
+    let before = s.alice.state();
+    let abort = Message::UpdateReject(perun::wire::UpdateReject {
+        channel_id: s.alice.id(),
+        version: u64::MAX - 5,
+        index: 1,
+        reason: "aborted".into(),
+        kind: RejectKind::Refused,
+    });
+    assert_eq!(
+        s.evil.send(s.alice_peer, &abort).await.unwrap(),
+        Message::Ack
+    );
+    let mut incoming = s.evil_in.unwrap();
+    let bob_key = s.bob_key.clone();
+    let twin = tokio::spawn(async move {
+        while let Some(req) = incoming.next().await {
+            let (_, msg, r) = req.into_parts();
+            if let Message::Update(u) = msg {
+                let signature = bob_key.sign_hash(u.state.hash()).unwrap();
+                r.reply(Message::UpdateAccept(UpdateAccept {
+                    channel_id: u.channel_id,
+                    version: u.state.version,
+                    index: 1,
+                    signature,
+                }))
+                .unwrap();
+                return u.state;
+            }
+        }
+        panic!("no update arrived");
+    });
+    let paid = s.alice.pay(1, 0, U256::from(1u64));
+    let (paid, proposed) = tokio::join!(paid, twin);
+    let proposed = proposed.unwrap();
+    assert!(proposed.version <= before.state.version + perun::channel::limits::MAX_VERSION_STEP);
+    assert_eq!(paid.unwrap().state, proposed);
 }

@@ -186,7 +186,7 @@ pub(crate) struct Locked {
     /// and its `Sync` may hand it back for us to complete. Only a state in
     /// here is ever completed from a peer's `Sync`: anything else a peer
     /// sends there is a state we never proposed.
-    pub(crate) pending: Option<perun_channel::B256>,
+    pub(crate) pending: Option<Pending2>,
     /// The last staged update we dropped as abandoned. If its proposer did
     /// complete it after all, its commit still applies.
     pub(crate) abandoned: Option<SignedState>,
@@ -197,6 +197,16 @@ pub(crate) struct Locked {
     /// ([`COMMIT_FLUSH_DELAY`]). Our signed staged copy is on disk
     /// meanwhile, so a crash loses nothing a `Sync` cannot bring back.
     pub(crate) unsaved: Option<SignedState>,
+}
+
+/// Our 2-party proposal that failed with the peer's answer unknown: the
+/// proposed state's hash and the hash of the state it was built on. Only
+/// while the channel still stands on that base may a peer's `Sync`
+/// complete it (on a newer base it would undo the updates in between).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pending2 {
+    pub(crate) proposal: perun_channel::B256,
+    pub(crate) base: perun_channel::B256,
 }
 
 /// How long a peer's commit may wait to ride along with our next write.
@@ -263,11 +273,22 @@ impl Locked {
     /// version is burnt. The store keeps the staged state, which is our
     /// record of what we signed, until a newer state replaces it.
     pub(crate) fn abandon_staged(&mut self, core: &ChannelCore) {
-        if let Some(s) = self.machine.staged() {
-            self.burnt = self.burnt.max(s.state.version);
-            self.abandoned = Some(s.clone());
+        if let Some(s) = self.machine.staged().cloned() {
+            self.note_burnt(s.state.version);
+            self.abandoned = Some(s);
         }
         self.drop_staged(core);
+    }
+
+    /// Records that `version` is burnt (some participant signed it in a
+    /// failed update), as far as a proposal can still skip it: at most
+    /// `MAX_VERSION_STEP - 1` past the current state, so a peer that names
+    /// a huge version (in an abort or a `Sync`) cannot push our next
+    /// proposal out of reach.
+    pub(crate) fn note_burnt(&mut self, version: u64) {
+        let cur = self.machine.current().map_or(0, |c| c.state.version);
+        let cap = cur.saturating_add(perun_channel::limits::MAX_VERSION_STEP - 1);
+        self.burnt = self.burnt.max(version.min(cap));
     }
 
     /// The version our next proposal gets: past the current state, past

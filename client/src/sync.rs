@@ -89,10 +89,15 @@ async fn merge(
     if staged.state.version > cur {
         // Whatever happens to it, nobody may sign that version again with
         // other contents: propose past it.
-        l.burnt = l.burnt.max(staged.state.version);
+        l.note_burnt(staged.state.version);
     }
     // A state the peer signed for our update that we never completed.
-    let ours = l.pending == Some(staged.state.hash());
+    // ... and only on the state it was built on: on a newer one it would
+    // undo the updates in between.
+    let base_now = l.machine.current().map(|c| c.state.hash());
+    let ours = l
+        .pending
+        .is_some_and(|p| p.proposal == staged.state.hash() && Some(p.base) == base_now);
     if !ours || l.machine.phase() != Phase::Active || core.params.participants.len() != 2 {
         return Ok(None);
     }

@@ -133,7 +133,7 @@ pub(crate) async fn propose(
             }
         }
         if let Some(e) = failure {
-            fail(shared, core, l, &next, ours, unknown, signed_by).await;
+            fail(shared, core, l, &next, base, ours, unknown, signed_by).await;
             return Err(e);
         }
         crate::failpoint::hit("propose_before_commit").await;
@@ -143,7 +143,7 @@ pub(crate) async fn propose(
             Ok(full) => full,
             Err(e) => {
                 // Our signature never left: dropping the update is safe.
-                fail(shared, core, l, &next, true, false, signed_by).await;
+                fail(shared, core, l, &next, base, true, false, signed_by).await;
                 return Err(e);
             }
         };
@@ -172,18 +172,22 @@ async fn fail(
     core: &Arc<ChannelCore>,
     mut l: tokio::sync::MutexGuard<'_, Locked>,
     next: &State,
+    base: perun_channel::B256,
     ours: bool,
     unknown: bool,
     signed_by: Vec<PeerId>,
 ) {
     if unknown || !signed_by.is_empty() {
         // Someone may hold a signature on this version.
-        l.burnt = l.burnt.max(next.version);
+        l.note_burnt(next.version);
     }
     if ours {
         l.drop_staged(core);
     }
-    l.pending = (unknown && core.peers.len() == 2).then(|| next.hash());
+    l.pending = (unknown && core.peers.len() == 2).then(|| crate::core::Pending2 {
+        proposal: next.hash(),
+        base,
+    });
     drop(l);
     if unknown {
         // A peer may hold our proposal signed, or be stuck on it: a `Sync`
@@ -232,7 +236,7 @@ pub(crate) async fn handle_abort(
             debug!("the proposer aborted its update");
             l.abandon_staged(&core);
         }
-        l.burnt = l.burnt.max(r.version);
+        l.note_burnt(r.version);
     }
     .instrument(span)
     .await;
@@ -348,7 +352,7 @@ async fn respond_update(
             if let perun_channel::Error::DoubleSign(v) = e {
                 // We signed another state of this version in an update that
                 // failed; the proposer retries with a newer version.
-                l.burnt = l.burnt.max(v);
+                l.note_burnt(v);
                 return reject(core, version, RejectKind::Conflict, e.to_string());
             }
             warn!(%peer, error = %e, "invalid update");

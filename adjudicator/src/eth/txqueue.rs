@@ -187,6 +187,8 @@ pub(super) struct TxQueue {
 struct Task {
     jobs: mpsc::UnboundedSender<Job>,
     keys: Keys,
+    /// For `testing::abort_tx_queue` (kills the task, as a panic would).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     abort: tokio::task::AbortHandle,
 }
 
