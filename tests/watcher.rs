@@ -35,6 +35,7 @@ on_both_ledgers!(
     concluded_while_offline_is_withdrawn,
     too_late_to_refute_concludes_what_is_registered,
     lost_commit_arrives_by_sync_when_the_connection_is_back,
+    funding_resumed_after_the_peer_closed_deposits_nothing,
 );
 
 const MINT: u64 = 1_000_000;
@@ -448,4 +449,67 @@ async fn eight_stale_registrations_in_one_block_are_all_refuted() {
         ledger.balance(ps[1].client.address()).await,
         u(MINT - 200 * N as u64)
     );
+}
+
+/// A funder that never finishes (the process is about to crash mid-funding).
+struct Hangs;
+
+#[async_trait]
+impl perun::adjudicator::Funder for Hangs {
+    async fn fund(
+        &self,
+        _req: perun::adjudicator::FundingRequest,
+    ) -> perun::adjudicator::Result<()> {
+        std::future::pending().await
+    }
+}
+
+/// Bob accepts but "crashes" before depositing. Alice's funding times out;
+/// she closes with version 0, which refunds her once the challenge period
+/// is over. Bob then restarts: his channel comes back in `Funding`, but it
+/// is concluded on-chain, so he deposits nothing (a deposit now would be
+/// stranded) and his watcher takes the channel to `Withdrawn`.
+async fn funding_resumed_after_the_peer_closed_deposits_nothing(ledger: Ledger) {
+    let alice = common::party(
+        &ledger,
+        u(MINT),
+        &Options {
+            funding_timeout: Duration::from_secs(2),
+            ..Options::default()
+        },
+    )
+    .await;
+    let bob = common::party(
+        &ledger,
+        u(MINT),
+        &Options {
+            funder: Some(Arc::new(Hangs)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut ps = vec![alice, bob];
+    common::introduce(&ps).await;
+    let prop = common::proposal(&ledger, &ps, u(EACH));
+    let alice_client = ps[0].client.clone();
+    alice_client.propose_channel(prop).await.unwrap_err();
+    let alice_ch = alice_client.channels().pop().unwrap();
+    let id = alice_ch.id();
+    let (_, adj) = ledger.backends(&ps[0].account).await;
+    on_chain_version(&adj, &alice_ch, 0).await;
+    ledger.advance(CHALLENGE + 1).await;
+    alice_ch
+        .wait_for_phase(Phase::Withdrawn, WAIT)
+        .await
+        .unwrap();
+    drop(alice_ch);
+    assert_eq!(ledger.balance(ps[0].client.address()).await, u(MINT));
+
+    let bob = restart(&ledger, ps.remove(1)).await;
+    let bob_ch = bob.client.channel(&id).expect("restored in Funding");
+    bob_ch.wait_for_phase(Phase::Withdrawn, WAIT).await.unwrap();
+    // Give a stray deposit time to land, had one been sent.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(ledger.balance(bob.client.address()).await, u(MINT));
+    ps.push(bob);
 }

@@ -339,7 +339,11 @@ impl SimLedger {
             for (a, holder) in &assets {
                 inner.holder(*holder)?;
                 let need = req.state.balance(*a, req.index).unwrap_or_default();
-                let held = inner.held(*holder, fid).0;
+                let (held, settled) = inner.held(*holder, fid);
+                if settled {
+                    warn!(%holder, "the channel is concluded already; not depositing");
+                    return Err(Error::AlreadyConcluded);
+                }
                 let missing = need.saturating_sub(held);
                 let have = inner
                     .wallets

@@ -278,25 +278,42 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
     // Deposits never overpay (the funder names the holdings it expects), so
     // a call that failed without a verdict is simply made again, until the
     // funding timeout.
+    // It stops once the channel left `Funding` (the watcher found it
+    // closing or concluded on-chain: depositing then would only strand money).
     let deadline = tokio::time::Instant::now() + shared.timeouts.funding;
     let mut attempt = 0;
     let funded = loop {
-        let res = shared
+        if core.phase() != Phase::Funding {
+            break Err(Error::Phase(core.phase()));
+        }
+        let fund = shared
             .funder
             .fund(req.clone())
-            .instrument(info_span!("fund", channel = %core.id, attempt))
-            .await;
+            .instrument(info_span!("fund", channel = %core.id, attempt));
+        let res = tokio::select! {
+            res = fund => res.map_err(Error::from),
+            () = shared.stopping() => return Err(Error::Closed),
+        };
         match res {
-            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+            Err(Error::Chain(e)) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 attempt += 1;
                 let pause = shared.timeouts.backoff(attempt);
                 warn!(channel = %core.id, error = %e, ?pause, "funding failed; trying again");
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shared.stopping() => return Err(Error::Closed),
+                }
             }
             other => break other,
         }
     };
     if let Err(e) = funded {
+        if core.phase() == Phase::Withdrawn {
+            // The watcher withdrew before a deposit of ours that was in
+            // flight landed: take that one back too (withdrawing is idempotent).
+            sweep_late_deposit(shared, &core).await;
+            return Err(e);
+        }
         warn!(channel = %core.id, error = %e, "funding failed; recovering deposits via version 0");
         // Register version 0: once its challenge period is over the holders
         // pay every deposit back (an under-funded channel refunds), and the
@@ -304,11 +321,28 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
         if let Err(close) = crate::watcher::force_close(shared, &core).await {
             warn!(channel = %core.id, error = %close, "could not start closing the channel");
         }
-        return Err(e.into());
+        return Err(e);
     }
     set_phase(shared, &core, Phase::Active).await?;
     info!(channel = %core.id, "channel active");
     Ok(Channel::new(core, shared.clone()))
+}
+
+/// Withdraws whatever is still credited to us in a withdrawn channel.
+async fn sweep_late_deposit(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
+    let Some(latest) = core.latest().await else {
+        return;
+    };
+    let req = perun_adjudicator::WithdrawRequest {
+        params: core.params.clone(),
+        state: latest.state,
+        index: core.index,
+        account: shared.account.clone(),
+        receiver: shared.account.address(),
+    };
+    if let Err(e) = shared.adjudicator.withdraw(&req).await {
+        warn!(channel = %core.id, error = %e, "could not withdraw a late deposit");
+    }
 }
 
 /// Tells the peers that accepted that the proposal is off.

@@ -133,7 +133,7 @@ pub(crate) async fn propose(
             }
         }
         if let Some(e) = failure {
-            fail(shared, core, l, &next, base, ours, unknown, signed_by).await;
+            fail(shared, core, l, (&next, base), ours, unknown, signed_by).await;
             return Err(e);
         }
         crate::failpoint::hit("propose_before_commit").await;
@@ -143,7 +143,7 @@ pub(crate) async fn propose(
             Ok(full) => full,
             Err(e) => {
                 // Our signature never left: dropping the update is safe.
-                fail(shared, core, l, &next, base, true, false, signed_by).await;
+                fail(shared, core, l, (&next, base), true, false, signed_by).await;
                 return Err(e);
             }
         };
@@ -171,8 +171,7 @@ async fn fail(
     shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
     mut l: tokio::sync::MutexGuard<'_, Locked>,
-    next: &State,
-    base: perun_channel::B256,
+    (next, base): (&State, perun_channel::B256),
     ours: bool,
     unknown: bool,
     signed_by: Vec<PeerId>,

@@ -64,7 +64,14 @@ impl EthFunder {
     ) -> Result<()> {
         let mut last = None;
         for _ in 0..DEPOSIT_ROUNDS {
-            let (held, _) = self.chain.holdings(holder, fid, BlockId::latest()).await?;
+            let (held, settled) = self.chain.holdings(holder, fid, BlockId::latest()).await?;
+            if settled {
+                // The channel was concluded (its funding failed, and a peer
+                // closed it with version 0): a deposit now would sit there
+                // as a credit nobody watches.
+                warn!(%holder, "the channel is concluded already; not depositing");
+                return Err(Error::AlreadyConcluded);
+            }
             if held >= need {
                 return Ok(());
             }
