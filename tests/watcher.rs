@@ -183,12 +183,30 @@ async fn ended_event_stream_is_subscribed_again(ledger: Ledger) {
     let chans = open(&ledger, &mut ps, u(EACH)).await;
     let seen = collect(chans[0].events());
     let (stale, latest) = stale_and_latest(&chans).await;
-    for _ in 0..2 {
-        chans[0].wait_for_phase(Phase::Active, WAIT).await.unwrap();
-        wait_watching(&chans[0]).await;
-        flaky.end_open_streams();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // End the open stream until the watcher reported two re-subscriptions
+    // (an end during its backoff finds no stream to end).
+    let mut events = chans[0].events();
+    let mut reported = 0;
+    tokio::time::timeout(WAIT, async {
+        while reported < 2 {
+            flaky.end_open_streams();
+            let pause = tokio::time::sleep(Duration::from_millis(300));
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    ev = events.next() => {
+                        if matches!(ev, Some(ChannelEvent::Resubscribing { .. })) {
+                            reported += 1;
+                        }
+                    }
+                    () = &mut pause => break,
+                }
+            }
+        }
+    })
+    .await
+    .expect("two re-subscriptions");
+    wait_watching(&chans[0]).await;
     cheat_and_settle(&ledger, &ps, &chans, stale, &latest).await;
     let seen = seen.await.unwrap();
     let resubscribed = seen
@@ -270,6 +288,8 @@ async fn too_late_to_refute_concludes_what_is_registered(ledger: Ledger) {
     let (stale, _latest) = stale_and_latest(&chans).await;
     let id = chans[0].id();
     ps[0].client.shutdown().await;
+    // Bob cheats (his own client would refute his stale state).
+    ps[1].client.shutdown().await;
     let adj = bob_registers(&ledger, &ps[1], &chans[1], stale.clone()).await;
     on_chain_version(&adj, &chans[1], 1).await;
     ledger.advance(CHALLENGE + 1).await;

@@ -552,6 +552,25 @@ pub(crate) async fn persist(shared: &Shared, id: ChannelId, changes: Vec<Change>
         .map_err(Error::from)
 }
 
+/// Moves the channel to the closing phase `to` unless it is there or past
+/// it (decided under the channel's lock). If the store fails, the phase
+/// still moves in memory (no more updates) and the failure is returned for
+/// the caller to log: an on-chain step must not wait for a disk. A restart
+/// then finds the old phase on disk, and the watcher moves it again.
+pub(crate) async fn enter_closing(shared: &Shared, core: &ChannelCore, to: Phase) -> Result<()> {
+    let mut l = core.locked.lock().await;
+    let now = l.machine.phase();
+    if now == to || now >= to && now >= Phase::Registered {
+        return Ok(());
+    }
+    let mut trial = l.machine.clone();
+    trial.set_phase(to)?;
+    let stored = l.write(shared, core, vec![Change::Phase(to)]).await;
+    l.machine = trial;
+    l.announce(core);
+    stored.map(|_| ())
+}
+
 /// Moves the channel to phase `to` and persists it (a no-op if it is there).
 pub(crate) async fn set_phase(shared: &Shared, core: &ChannelCore, to: Phase) -> Result<()> {
     let mut l = core.locked.lock().await;

@@ -108,11 +108,17 @@ pub(crate) async fn send_abort(
 /// Remembers that `peer` may not know our latest state of `channel`, and
 /// wakes the resync (started by the client: `sync::spawn_resync`).
 pub(crate) fn mark_unsynced(shared: &Shared, channel: perun_channel::ChannelId, peer: PeerId) {
+    keep_unsynced(shared, channel, peer);
+    let _ = shared.resync_wake.send(peer);
+}
+
+/// Marks `peer` unsynced for `channel` without waking its resync worker
+/// (the worker itself, putting back a channel it could not sync yet).
+pub(crate) fn keep_unsynced(shared: &Shared, channel: perun_channel::ChannelId, peer: PeerId) {
     lock(&shared.unsynced)
         .entry(peer)
         .or_default()
         .insert(channel);
-    let _ = shared.resync_wake.send(peer);
 }
 
 fn commit_message(core: &ChannelCore, full: &SignedState) -> Option<Message> {

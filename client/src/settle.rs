@@ -32,7 +32,11 @@ pub(crate) async fn settle(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Res
                 Ok(())
             });
             let res = tokio::time::timeout(shared.timeouts.settle_cooperative, finalise).await;
-            if !matches!(core.phase(), Phase::Active | Phase::Updating | Phase::Final) {
+            if core.phase() == Phase::Final {
+                // Ours or a peer's final update went through.
+                break;
+            }
+            if !matches!(core.phase(), Phase::Active | Phase::Updating) {
                 // The watcher moved the channel on meanwhile (a dispute runs on-chain).
                 info!(phase = ?core.phase(), "a dispute runs on-chain; the watcher settles the channel");
                 break;
@@ -66,20 +70,23 @@ pub(crate) async fn settle(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Res
         }
         watcher::spawn(shared, core);
         watcher::nudge(core);
-        until_withdrawn(core, events).await
+        until_withdrawn(shared, core, events).await
     }
     .instrument(span)
     .await
 }
 
 /// Waits until the channel is withdrawn; fails with [`Error::Stalled`]
-/// once the watcher's steps failed [`SETTLE_MAX_FAILURES`] times in a row.
+/// once a watcher step failed [`SETTLE_MAX_FAILURES`] times in a row (or the
+/// watcher had to be restarted that often), and with [`Error::Closed`] when
+/// the client shuts down.
 async fn until_withdrawn(
+    shared: &Shared,
     core: &ChannelCore,
     mut events: tokio::sync::broadcast::Receiver<ChannelEvent>,
 ) -> Result<()> {
     let mut phase = core.phase_changes();
-    let mut failures = 0u32;
+    let mut restarts = 0u32;
     loop {
         if *phase.borrow_and_update() == Phase::Withdrawn {
             return Ok(());
@@ -89,16 +96,21 @@ async fn until_withdrawn(
                 return Err(Error::Closed);
             },
             ev = events.recv() => match ev {
-                Ok(ChannelEvent::Retry { error, .. }) => {
-                    failures += 1;
-                    if failures >= SETTLE_MAX_FAILURES {
-                        return Err(Error::Stalled { attempts: failures, last: error });
+                // `attempt` counts failures in a row: the watcher resets it
+                // whenever a step (a read, too) succeeds.
+                Ok(ChannelEvent::Retry { attempt, error, .. }) if attempt >= SETTLE_MAX_FAILURES => {
+                    return Err(Error::Stalled { attempts: attempt, last: error });
+                }
+                Ok(ChannelEvent::WatcherRestarted { error }) => {
+                    restarts += 1;
+                    if restarts >= SETTLE_MAX_FAILURES {
+                        return Err(Error::Stalled { attempts: restarts, last: error });
                     }
                 }
-                Ok(ChannelEvent::StepDone(_) | ChannelEvent::Watching { .. }) => failures = 0,
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return Err(Error::Closed),
             },
+            () = shared.stopping() => return Err(Error::Closed),
         }
     }
 }

@@ -31,7 +31,7 @@ use perun_wire::{Message, PeerId, Refusal, RefusalCode, Responder, Sync};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::core::{ChannelCore, Locked, Shared, lock};
-use crate::deliver::{mark_unsynced, send_commit};
+use crate::deliver::{keep_unsynced, mark_unsynced, send_commit};
 use crate::{Error, Result};
 
 /// Our `Sync` for a channel, if version 0 is fully signed.
@@ -226,6 +226,10 @@ async fn sync_retrying(
         match exchange(shared, core, index, peer).await {
             Ok(()) => return Ok(()),
             Err(Exchange::Merge(e)) => return Err(e),
+            Err(Exchange::Refused(e)) => {
+                warn!(%peer, error = %e, "peer refused our sync");
+                return Ok(());
+            }
             Err(Exchange::Unreachable(e)) => {
                 attempt += 1;
                 let pause = shared.timeouts.backoff(attempt);
@@ -245,8 +249,11 @@ async fn sync_retrying(
 
 /// Why one `Sync` exchange failed.
 enum Exchange {
-    /// The peer did not answer (or answered nonsense): try again later.
+    /// The peer did not answer: try again later.
     Unreachable(Error),
+    /// The peer answered, but not with a `Sync` (it refused: it does not
+    /// know the channel, or it is not open there): retrying will not help.
+    Refused(Error),
     /// Its answer could not be merged (a bad state, a failed write).
     Merge(Error),
 }
@@ -274,11 +281,12 @@ async fn exchange(
         }
         Ok(other) => {
             warn!(%peer, ?other, "bad reply to sync");
-            Err(Exchange::Unreachable(Error::Protocol {
+            Err(Exchange::Refused(Error::Protocol {
                 peer,
                 reason: "bad reply to sync".into(),
             }))
         }
+        Err(e @ perun_wire::Error::Refused(_)) => Err(Exchange::Refused(e.into())),
         Err(e) => Err(Exchange::Unreachable(e.into())),
     }
 }
@@ -292,7 +300,12 @@ pub(crate) fn spawn_resync(shared: &Arc<Shared>) {
     let mut peers = shared.wire.peer_events();
     tokio::spawn(async move {
         loop {
-            let Some(shared) = weak.upgrade() else { return };
+            // Only a weak reference while waiting: a client dropped without
+            // `shutdown` must be freed.
+            let Some(stopped) = weak.upgrade().map(|s| s.stop.subscribe()) else {
+                return;
+            };
+            let mut stopped = stopped;
             let peer = tokio::select! {
                 m = marks.recv() => match m {
                     Ok(peer) => Some(peer),
@@ -309,8 +322,9 @@ pub(crate) fn spawn_resync(shared: &Arc<Shared>) {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
-                () = shared.stopping() => return,
+                _ = stopped.wait_for(|s| *s) => return,
             };
+            let Some(shared) = weak.upgrade() else { return };
             let peers: Vec<PeerId> = match peer {
                 Some(p) => vec![p],
                 None => lock(&shared.unsynced).keys().copied().collect(),
@@ -394,13 +408,12 @@ async fn resync_peer(shared: Arc<Shared>, peer: PeerId, poke: Arc<tokio::sync::N
 /// Syncs one unsynced channel with `peer`; `false` if the peer could not be
 /// reached (the channel stays unsynced).
 async fn resync_one(shared: &Arc<Shared>, peer: PeerId, id: perun_channel::ChannelId) -> bool {
-    let done = |shared: &Shared| {
-        if let Some(set) = lock(&shared.unsynced).get_mut(&peer) {
-            set.remove(&id);
-        }
-    };
+    // Unmarked first: a mark made during the exchange (a commit it sends
+    // that the peer does not take) must survive it.
+    if let Some(set) = lock(&shared.unsynced).get_mut(&peer) {
+        set.remove(&id);
+    }
     let Some(core) = shared.channel_core(&id) else {
-        done(shared);
         return true;
     };
     let (Some(index), true) = (
@@ -408,22 +421,28 @@ async fn resync_one(shared: &Arc<Shared>, peer: PeerId, id: perun_channel::Chann
         matches!(core.phase(), Phase::Active | Phase::Updating | Phase::Final),
     ) else {
         // Closing on-chain (or not our peer): nothing to agree on off-chain.
-        done(shared);
         return true;
+    };
+    // No update of ours may start while our `Sync` is out: the peer takes a
+    // `Sync` request as where we stand now. If one runs, try again later.
+    let Ok(_quiet) = core.update_lock.try_lock() else {
+        keep_unsynced(shared, id, peer);
+        return false;
     };
     let span = info_span!("resync", channel = %id);
     match exchange(shared, &core, index, peer).instrument(span).await {
-        Ok(()) => {
-            done(shared);
-            true
-        }
+        Ok(()) => true,
         Err(Exchange::Merge(e)) => {
             warn!(channel = %id, error = %e, "peer's sync did not merge; not retried");
-            done(shared);
+            true
+        }
+        Err(Exchange::Refused(e)) => {
+            warn!(channel = %id, error = %e, "peer refused our sync; not retried");
             true
         }
         Err(Exchange::Unreachable(e)) => {
             debug!(channel = %id, error = %e, "sync failed");
+            keep_unsynced(shared, id, peer);
             false
         }
     }

@@ -23,6 +23,8 @@ pub struct Flaky {
     pub panic_disputes: AtomicU32,
     /// How many faults were injected so far.
     pub injected: AtomicU32,
+    /// How many subscriptions were made.
+    pub subscriptions: AtomicU32,
     /// Ends every open stream when notified ([`Flaky::end_open_streams`]).
     cut: Arc<tokio::sync::Notify>,
 }
@@ -35,6 +37,7 @@ impl Flaky {
             end_streams: AtomicU32::new(0),
             panic_disputes: AtomicU32::new(0),
             injected: AtomicU32::new(0),
+            subscriptions: AtomicU32::new(0),
             cut: Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -76,6 +79,7 @@ impl Adjudicator for Flaky {
 
     async fn subscribe(&self, id: ChannelId) -> Result<EventStream> {
         let mut events = self.inner.subscribe(id).await?;
+        self.subscriptions.fetch_add(1, Ordering::SeqCst);
         let end_after_history = self.take(&self.end_streams);
         let (sink, stream) = EventStream::pair();
         let cut = self.cut.clone();

@@ -121,135 +121,133 @@ struct Watcher {
 impl Watcher {
     async fn run(&mut self) -> Result<Exit> {
         let (shared, core) = (self.shared.clone(), self.core.clone());
+        let t = shared.timeouts;
+        let now = Instant::now();
         // Spread the periodic reads of many channels over the interval.
-        let mut recheck_at = Instant::now() + jitter(shared.timeouts.chain_recheck);
+        let mut recheck_at = now + jitter(t.chain_recheck);
         // A final state the peer asked for: give it time to conclude first.
         let mut final_grace: Option<Instant> = None;
-        let mut subscribe_failures = 0u32;
+        // The event stream, when there is one; the watcher steps on its
+        // timers whether or not it has one (a backend may fail to
+        // subscribe while its reads and transactions work).
+        let mut stream = Stream::default();
+        // On every (re)start, a closing channel acts at once; an open one
+        // looks once the history is read (or if it never comes).
+        let mut need = !matches!(
+            core.phase(),
+            Phase::Funding | Phase::Active | Phase::Updating
+        );
+        let mut first_read_at = Some(now + t.dispute_poll);
+        let mut retry_at: Option<Instant> = None;
         loop {
-            let Some(mut events) = self.subscribe(&mut subscribe_failures).await else {
-                return Ok(Exit::Stopped);
-            };
-            // On every (re)start, a closing channel acts at once; an open
-            // one looks once the history is read (or if it never comes).
-            let mut need = !matches!(
-                core.phase(),
-                Phase::Funding | Phase::Active | Phase::Updating
-            );
-            let mut first_read_at = Some(Instant::now() + shared.timeouts.dispute_poll);
-            let mut retry_at: Option<Instant> = None;
-            let mut resubscribe = false;
-            loop {
-                if need {
-                    need = false;
-                    match step::step(&shared, &core).await {
-                        Ok(outcome) => {
-                            self.failures = 0;
-                            self.ready(None);
-                            first_read_at = None;
-                            match outcome {
-                                Outcome::Done => return Ok(Exit::Done),
-                                Outcome::Poll => {
-                                    retry_at = Some(Instant::now() + shared.timeouts.dispute_poll)
-                                }
-                                Outcome::Idle => retry_at = None,
-                            }
+            if stream.events.is_none() && stream.subscribe_at.is_some_and(|at| Instant::now() >= at)
+            {
+                self.subscribe(&mut stream).await;
+            }
+            if need {
+                need = false;
+                match step::step(&shared, &core).await {
+                    Ok(outcome) => {
+                        self.failures = 0;
+                        self.ready(None);
+                        first_read_at = None;
+                        match outcome {
+                            Outcome::Done => return Ok(Exit::Done),
+                            Outcome::Poll => retry_at = Some(Instant::now() + t.dispute_poll),
+                            Outcome::Idle => retry_at = None,
                         }
-                        Err((step, e)) => {
-                            resubscribe = matches!(e, Error::RegisteredStateUnknown { .. });
-                            retry_at = Some(Instant::now() + self.failed(step, e));
+                    }
+                    Err((step, e)) => {
+                        // The history shows the registered state: read it again.
+                        let reread = matches!(e, Error::RegisteredStateUnknown { .. });
+                        let at = Instant::now() + self.failed(step, e);
+                        retry_at = Some(at);
+                        if reread && stream.events.take().is_some() {
+                            stream.subscribe_at = Some(at);
                         }
                     }
                 }
-                if core.phase() == Phase::Final && !core.settling.load(Ordering::SeqCst) {
-                    let at = *final_grace
-                        .get_or_insert_with(|| Instant::now() + shared.timeouts.settle_cooperative);
-                    if Instant::now() >= at {
-                        debug!("nobody concluded the final state; concluding it");
-                        core.settling.store(true, Ordering::SeqCst);
-                        need = true;
-                        continue;
-                    }
-                    retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+            }
+            if core.phase() == Phase::Final && !core.settling.load(Ordering::SeqCst) {
+                let at = *final_grace.get_or_insert_with(|| Instant::now() + t.settle_cooperative);
+                if Instant::now() >= at {
+                    debug!("nobody concluded the final state; concluding it");
+                    core.settling.store(true, Ordering::SeqCst);
+                    need = true;
+                    continue;
                 }
-                let wake = [Some(recheck_at), retry_at, first_read_at]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .unwrap_or(recheck_at);
-                tokio::select! {
-                    ev = events.next() => match ev {
-                        Some(Ok(AdjudicatorEvent::CaughtUp { block, .. })) => {
-                            first_read_at = None;
-                            self.ready(Some(block));
+                retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+            }
+            let wake = [
+                Some(recheck_at),
+                retry_at,
+                first_read_at,
+                stream.subscribe_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(recheck_at);
+            tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(Ok(AdjudicatorEvent::CaughtUp { block, .. })) => {
+                        stream.caught_up();
+                        first_read_at = None;
+                        self.ready(Some(block));
+                    }
+                    Some(Ok(ev)) => {
+                        debug!(?ev, "chain event");
+                        if let AdjudicatorEvent::Registered { state, .. } = &ev {
+                            core.note_registered(state.clone());
                         }
-                        Some(Ok(ev)) => {
-                            debug!(?ev, "chain event");
-                            if let AdjudicatorEvent::Registered { state, .. } = &ev {
-                                core.note_registered(state.clone());
-                            }
-                            core.emit(ChannelEvent::Chain(ev));
-                            need = true;
-                        }
-                        Some(Err(e)) => {
-                            warn!(error = %e, "event stream failed; subscribing again");
-                            core.emit(ChannelEvent::Resubscribing {
-                                attempt: 0,
-                                error: Some(Arc::new(e.into())),
-                            });
-                            break;
-                        }
-                        None => {
-                            warn!("event stream ended; subscribing again");
-                            core.emit(ChannelEvent::Resubscribing { attempt: 0, error: None });
-                            break;
-                        }
-                    },
-                    () = tokio::time::sleep_until(wake) => {
-                        let now = Instant::now();
-                        if now >= recheck_at {
-                            recheck_at = now + self.recheck_interval();
-                        }
-                        if retry_at.is_some_and(|r| now >= r) {
-                            retry_at = None;
-                            if std::mem::take(&mut resubscribe) {
-                                break;
-                            }
-                        }
-                        first_read_at = first_read_at.filter(|f| now < *f);
+                        core.emit(ChannelEvent::Chain(ev));
                         need = true;
                     }
-                    () = core.nudge.notified() => need = true,
-                    () = shared.stopping() => return Ok(Exit::Stopped),
+                    ended => {
+                        let error = match ended {
+                            Some(Err(e)) => Some(Arc::new(Error::from(e))),
+                            _ => None,
+                        };
+                        let (attempt, pause) = stream.ended(&t);
+                        warn!(?error, attempt, ?pause, "event stream ended; subscribing again");
+                        core.emit(ChannelEvent::Resubscribing { attempt, error });
+                    }
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if now >= recheck_at {
+                        recheck_at = now + self.recheck_interval();
+                        need = true;
+                    }
+                    if retry_at.is_some_and(|r| now >= r) {
+                        retry_at = None;
+                        need = true;
+                    }
+                    if first_read_at.is_some_and(|f| now >= f) {
+                        first_read_at = None;
+                        need = true;
+                    }
                 }
+                () = core.nudge.notified() => need = true,
+                () = shared.stopping() => return Ok(Exit::Stopped),
             }
         }
     }
 
-    /// Subscribes to the channel's events, retrying with backoff; `None`
-    /// once the client stops.
-    async fn subscribe(&self, failures: &mut u32) -> Option<EventStream> {
-        let (shared, core) = (&self.shared, &self.core);
-        loop {
-            let res = shared.adjudicator.subscribe(core.id).await;
-            match res {
-                Ok(events) => {
-                    *failures = 0;
-                    return Some(events);
-                }
-                Err(e) => {
-                    *failures += 1;
-                    let pause = shared.timeouts.backoff(*failures);
-                    warn!(error = %e, attempt = *failures, ?pause, "subscribing failed; retrying");
-                    core.emit(ChannelEvent::Resubscribing {
-                        attempt: *failures,
-                        error: Some(Arc::new(e.into())),
-                    });
-                    tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
-                        () = shared.stopping() => return None,
-                    }
-                }
+    /// Subscribes; on failure schedules the next try with backoff.
+    async fn subscribe(&self, stream: &mut Stream) {
+        let t = self.shared.timeouts;
+        match self.shared.adjudicator.subscribe(self.core.id).await {
+            Ok(events) => stream.started(events),
+            Err(e) => {
+                stream.failures += 1;
+                let pause = t.backoff(stream.failures);
+                warn!(error = %e, attempt = stream.failures, ?pause, "subscribing failed; retrying");
+                self.core.emit(ChannelEvent::Resubscribing {
+                    attempt: stream.failures,
+                    error: Some(Arc::new(e.into())),
+                });
+                stream.subscribe_at = Some(Instant::now() + pause);
             }
         }
     }
@@ -297,6 +295,69 @@ impl Watcher {
     }
 }
 
+/// The watcher's event stream and when to subscribe again.
+struct Stream {
+    events: Option<EventStream>,
+    /// When to subscribe (again), if there is no stream.
+    subscribe_at: Option<Instant>,
+    /// When the current stream was opened.
+    since: Instant,
+    /// Whether it delivered the channel's history.
+    complete: bool,
+    /// Subscriptions in a row that failed or ended early.
+    failures: u32,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Self {
+            events: None,
+            subscribe_at: Some(Instant::now()),
+            since: Instant::now(),
+            complete: false,
+            failures: 0,
+        }
+    }
+}
+
+impl Stream {
+    fn started(&mut self, events: EventStream) {
+        self.events = Some(events);
+        self.subscribe_at = None;
+        self.since = Instant::now();
+        self.complete = false;
+    }
+
+    fn caught_up(&mut self) {
+        self.complete = true;
+    }
+
+    /// The next event; never resolves without a stream.
+    async fn next(&mut self) -> Option<perun_adjudicator::Result<AdjudicatorEvent>> {
+        match &mut self.events {
+            Some(events) => events.next().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The stream ended: when to subscribe again. A stream that ended
+    /// before its history or soon after opening counts as a failure and
+    /// backs off (a backend whose streams die at once must not be spun on);
+    /// one that lived is replaced at once.
+    fn ended(&mut self, t: &crate::Timeouts) -> (u32, Duration) {
+        self.events = None;
+        let early = !self.complete || self.since.elapsed() < t.retry_max;
+        self.failures = if early { self.failures + 1 } else { 0 };
+        let pause = if early {
+            t.backoff(self.failures)
+        } else {
+            Duration::ZERO
+        };
+        self.subscribe_at = Some(Instant::now() + pause);
+        (self.failures, pause)
+    }
+}
+
 /// A random point in `0..=period`.
 fn jitter(period: Duration) -> Duration {
     let ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
@@ -307,14 +368,8 @@ fn jitter(period: Duration) -> Duration {
 /// on closing), and the watcher registers our latest state (unless a
 /// dispute runs already) and drives the dispute to the end.
 pub(crate) async fn force_close(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Result<()> {
-    match core.phase() {
-        Phase::Registered | Phase::Concluded | Phase::Withdrawn => {}
-        p if p.can_transition_to(Phase::Registered) => {
-            crate::core::set_phase(shared, core, Phase::Registered).await?
-        }
-        p => return Err(Error::Phase(p)),
-    }
+    let stored = crate::core::enter_closing(shared, core, Phase::Registered).await;
     spawn(shared, core);
     nudge(core);
-    Ok(())
+    stored
 }

@@ -23,7 +23,7 @@ use perun_adjudicator::{Dispute, SignedChannel, WithdrawRequest};
 use perun_channel::{Phase, SignedState, State};
 use tracing::{debug, info, warn};
 
-use crate::core::{ChannelCore, Shared, set_phase};
+use crate::core::{ChannelCore, Shared, enter_closing, set_phase};
 use crate::event::{ChannelEvent, WatcherStep};
 use crate::{Error, Result};
 
@@ -91,9 +91,10 @@ async fn dispute_running(
     d: &Dispute,
     latest: Option<SignedState>,
 ) -> Result<Outcome, Failed> {
-    mark_registered(shared, core)
-        .await
-        .map_err(|e| (WatcherStep::Read, e))?;
+    if let Err(e) = enter_closing(shared, core, Phase::Registered).await {
+        // The refutation must not wait for the disk.
+        warn!(error = %e, "could not store the phase Registered; acting anyway");
+    }
     if let Some(latest) = latest.as_ref().filter(|l| l.state.version > d.version) {
         let step = WatcherStep::Refute {
             registered: d.version,
@@ -203,10 +204,8 @@ async fn withdraw(
     let state = registered_state(core, d, latest)
         .or_else(|| latest.map(|l| l.state.clone()))
         .ok_or((step, Error::Phase(core.phase())))?;
-    if core.phase() != Phase::Concluded {
-        set_phase(shared, core, Phase::Concluded)
-            .await
-            .map_err(|e| (step, e))?;
+    if let Err(e) = enter_closing(shared, core, Phase::Concluded).await {
+        warn!(error = %e, "could not store the phase Concluded; withdrawing anyway");
     }
     core.emit(ChannelEvent::Step(step));
     let req = WithdrawRequest {
@@ -227,17 +226,6 @@ async fn withdraw(
     core.emit(ChannelEvent::StepDone(step));
     info!("withdrawn");
     Ok(Outcome::Done)
-}
-
-/// Moves the machine to `Registered` unless it is there or past it.
-async fn mark_registered(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Result<()> {
-    match core.phase() {
-        Phase::Registered | Phase::Concluded | Phase::Withdrawn => Ok(()),
-        p if p.can_transition_to(Phase::Registered) => {
-            set_phase(shared, core, Phase::Registered).await
-        }
-        p => Err(Error::Phase(p)),
-    }
 }
 
 /// The state whose hash is on-chain: ours, or one a registration event showed.
