@@ -84,6 +84,31 @@ async fn send_update(s: &Setup, state: perun::channel::State, actor: usize) -> M
     s.evil.send(s.alice_peer, &msg).await.unwrap()
 }
 
+/// The twin signs the first update Alice proposes, as Bob would, and
+/// returns its state.
+fn sign_first_update(
+    mut incoming: Incoming,
+    bob_key: LocalAccount,
+) -> tokio::task::JoinHandle<perun::channel::State> {
+    tokio::spawn(async move {
+        while let Some(req) = incoming.next().await {
+            let (_, msg, r) = req.into_parts();
+            if let Message::Update(u) = msg {
+                let signature = bob_key.sign_hash(u.state.hash()).unwrap();
+                r.reply(Message::UpdateAccept(UpdateAccept {
+                    channel_id: u.channel_id,
+                    version: u.state.version,
+                    index: 1,
+                    signature,
+                }))
+                .unwrap();
+                return u.state;
+            }
+        }
+        panic!("no update arrived");
+    })
+}
+
 fn assert_refused(reply: &Message, what: &str) {
     match reply {
         Message::UpdateReject(r) => assert_eq!(r.kind, RejectKind::Refused, "{what}: {r:?}"),
@@ -312,25 +337,7 @@ async fn a_state_alice_never_proposed_is_never_completed_from_sync(ledger: Ledge
     fair.version += 1;
     fair.outcome.balances[0][0] -= U256::from(1u64);
     fair.outcome.balances[0][1] += U256::from(1u64);
-    let mut incoming = s.evil_in.unwrap();
-    let bob_key = s.bob_key.clone();
-    let twin = tokio::spawn(async move {
-        while let Some(req) = incoming.next().await {
-            let (_, msg, r) = req.into_parts();
-            if let Message::Update(u) = msg {
-                let signature = bob_key.sign_hash(u.state.hash()).unwrap();
-                r.reply(Message::UpdateAccept(UpdateAccept {
-                    channel_id: u.channel_id,
-                    version: u.state.version,
-                    index: 1,
-                    signature,
-                }))
-                .unwrap();
-                return u.state;
-            }
-        }
-        panic!("no update arrived");
-    });
+    let twin = sign_first_update(s.evil_in.unwrap(), s.bob_key.clone());
     let paid = s.alice.pay(1, 0, U256::from(1u64));
     let (paid, proposed) = tokio::join!(paid, twin);
     assert_eq!(proposed.unwrap(), fair);
@@ -492,25 +499,7 @@ async fn a_huge_aborted_version_does_not_block_alice(ledger: Ledger) {
         s.evil.send(s.alice_peer, &abort).await.unwrap(),
         Message::Ack
     );
-    let mut incoming = s.evil_in.unwrap();
-    let bob_key = s.bob_key.clone();
-    let twin = tokio::spawn(async move {
-        while let Some(req) = incoming.next().await {
-            let (_, msg, r) = req.into_parts();
-            if let Message::Update(u) = msg {
-                let signature = bob_key.sign_hash(u.state.hash()).unwrap();
-                r.reply(Message::UpdateAccept(UpdateAccept {
-                    channel_id: u.channel_id,
-                    version: u.state.version,
-                    index: 1,
-                    signature,
-                }))
-                .unwrap();
-                return u.state;
-            }
-        }
-        panic!("no update arrived");
-    });
+    let twin = sign_first_update(s.evil_in.unwrap(), s.bob_key.clone());
     let paid = s.alice.pay(1, 0, U256::from(1u64));
     let (paid, proposed) = tokio::join!(paid, twin);
     let proposed = proposed.unwrap();

@@ -420,18 +420,7 @@ impl Adjudicator for SimLedger {
                     .ok_or(Error::Overflow)?
             };
         } else {
-            if d.concluded {
-                return Err(Error::AlreadyConcluded);
-            }
-            if now >= d.timeout {
-                return Err(Error::TimeoutPassed);
-            }
-            if state.version <= d.version {
-                return Err(Error::VersionTooLow {
-                    registered: d.version,
-                    got: state.version,
-                });
-            }
+            d.check_refutation(now, state.version)?;
             if state.isFinal {
                 d.timeout = now;
             }

@@ -169,6 +169,27 @@ pub struct Dispute {
     pub state_hash: B256,
 }
 
+impl Dispute {
+    /// The contract's rule for a registration on top of this dispute at
+    /// chain time `now`: not concluded, before the timeout, a strictly
+    /// higher version. One place for both backends' checks.
+    pub(crate) fn check_refutation(&self, now: u64, version: u64) -> Result<()> {
+        if self.concluded {
+            return Err(Error::AlreadyConcluded);
+        }
+        if now >= self.timeout {
+            return Err(Error::TimeoutPassed);
+        }
+        if version <= self.version {
+            return Err(Error::VersionTooLow {
+                registered: self.version,
+                got: version,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A chain event about one channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdjudicatorEvent {

@@ -181,16 +181,7 @@ impl Adjudicator for EthAdjudicator {
                 if d.concluded {
                     return Err(Error::AlreadyConcluded);
                 }
-                let now = c.now().await?;
-                if now >= d.timeout {
-                    return Err(Error::TimeoutPassed);
-                }
-                if state.version <= d.version {
-                    return Err(Error::VersionTooLow {
-                        registered: d.version,
-                        got: state.version,
-                    });
-                }
+                d.check_refutation(c.now().await?, state.version)?;
             }
             let input = AdjContract::registerCall {
                 params: (&req.params).into(),
