@@ -373,6 +373,10 @@ pub(crate) struct ChannelCore {
     pub(crate) settling: AtomicBool,
     /// States seen in `Registered` events, to conclude with (bounded).
     registered: Mutex<Vec<State>>,
+    /// The version (+ 1; 0: none) whose conclusion the watcher announced,
+    /// so a conclusion that waits out a challenge period is announced once,
+    /// not at every poll.
+    pub(crate) conclude_announced: std::sync::atomic::AtomicU64,
 }
 
 impl ChannelCore {
@@ -410,6 +414,7 @@ impl ChannelCore {
             nudge: Notify::new(),
             settling: AtomicBool::new(false),
             registered: Mutex::new(Vec::new()),
+            conclude_announced: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 

@@ -175,7 +175,10 @@ async fn conclude(
         params: core.params.clone(),
         state,
     };
-    core.emit(ChannelEvent::Step(step));
+    let tag = version.saturating_add(1);
+    if core.conclude_announced.swap(tag, Ordering::SeqCst) != tag {
+        core.emit(ChannelEvent::Step(step));
+    }
     match shared.adjudicator.conclude(&req).await {
         Ok(()) => {
             info!(version, "concluded");
