@@ -109,6 +109,22 @@ fn sign_first_update(
     })
 }
 
+/// The twin tells Alice that Bob's update of `version` is aborted (an
+/// `UpdateReject` sent as a request); Alice acknowledges it.
+async fn twin_aborts(s: &Setup, version: u64) {
+    let abort = Message::UpdateReject(perun::wire::UpdateReject {
+        channel_id: s.alice.id(),
+        version,
+        index: 1,
+        reason: "aborted".into(),
+        kind: RejectKind::Refused,
+    });
+    assert_eq!(
+        s.evil.send(s.alice_peer, &abort).await.unwrap(),
+        Message::Ack
+    );
+}
+
 fn assert_refused(reply: &Message, what: &str) {
     match reply {
         Message::UpdateReject(r) => assert_eq!(r.kind, RejectKind::Refused, "{what}: {r:?}"),
@@ -398,17 +414,7 @@ async fn a_failed_proposal_is_never_completed_on_a_newer_state(ledger: Ledger) {
     let mut s = setup(ledger).await;
     let before = s.alice.state();
     let far = before.state.version + 1_000;
-    let abort = Message::UpdateReject(perun::wire::UpdateReject {
-        channel_id: s.alice.id(),
-        version: far,
-        index: 1,
-        reason: "aborted".into(),
-        kind: RejectKind::Refused,
-    });
-    assert_eq!(
-        s.evil.send(s.alice_peer, &abort).await.unwrap(),
-        Message::Ack
-    );
+    twin_aborts(&s, far).await;
     // Alice pays 10; the twin takes the proposal and never answers.
     let mut incoming = s.evil_in.take().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -488,17 +494,7 @@ async fn a_failed_proposal_is_never_completed_on_a_newer_state(ledger: Ledger) {
 async fn a_huge_aborted_version_does_not_block_alice(ledger: Ledger) {
     let s = setup(ledger).await;
     let before = s.alice.state();
-    let abort = Message::UpdateReject(perun::wire::UpdateReject {
-        channel_id: s.alice.id(),
-        version: u64::MAX - 5,
-        index: 1,
-        reason: "aborted".into(),
-        kind: RejectKind::Refused,
-    });
-    assert_eq!(
-        s.evil.send(s.alice_peer, &abort).await.unwrap(),
-        Message::Ack
-    );
+    twin_aborts(&s, u64::MAX - 5).await;
     let twin = sign_first_update(s.evil_in.unwrap(), s.bob_key.clone());
     let paid = s.alice.pay(1, 0, U256::from(1u64));
     let (paid, proposed) = tokio::join!(paid, twin);

@@ -34,18 +34,9 @@ async fn setup() -> (Anvil, Deployment, EthConfig) {
 /// A registration of a fresh channel at version 1, signed by two random parties.
 fn registration(holder: alloy_primitives::Address) -> SignedChannel {
     let parties = [LocalAccount::random(), LocalAccount::random()];
-    let params = Params::payment(
-        60,
-        U256::from(rand::random::<u64>()),
+    let (params, mut state) = perun_adjudicator::testing::empty_channel(
         parties.iter().map(|p| p.address()).collect(),
-    );
-    let asset = Asset {
-        chainId: U256::from(CHAIN_ID),
         holder,
-    };
-    let mut state = State::initial(
-        &params,
-        Allocation::new(vec![asset], vec![vec![U256::ZERO, U256::ZERO]]),
     );
     state.version = 1;
     let mut signed = SignedState::new(state);

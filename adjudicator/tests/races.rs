@@ -6,13 +6,13 @@
 
 use std::time::Duration;
 
-use alloy_primitives::{Bytes, U256};
+use alloy_primitives::Bytes;
 use perun_adjudicator::bindings::Adjudicator;
-use perun_adjudicator::testing::{Anvil, CHAIN_ID};
+use perun_adjudicator::testing::Anvil;
 use perun_adjudicator::{
     Adjudicator as _, Error, EthAdjudicator, EthConfig, SignedChannel, deploy,
 };
-use perun_channel::{Allocation, Asset, Params, SignedState, State};
+use perun_channel::{SignedState, State};
 use perun_wallet::{Account, LocalAccount};
 
 /// Waits until `n` transactions wait in anvil's pool.
@@ -42,18 +42,9 @@ async fn register_after_a_conclusion_in_the_same_block_is_already_concluded() {
         .await
         .unwrap();
     let parties = [LocalAccount::random(), LocalAccount::random()];
-    let params = Params::payment(
-        60,
-        U256::from(rand::random::<u64>()),
+    let (params, state) = perun_adjudicator::testing::empty_channel(
         parties.iter().map(|p| p.address()).collect(),
-    );
-    let asset = Asset {
-        chainId: U256::from(CHAIN_ID),
-        holder: d.eth_holder,
-    };
-    let state = State::initial(
-        &params,
-        Allocation::new(vec![asset], vec![vec![U256::ZERO, U256::ZERO]]),
+        d.eth_holder,
     );
     let sign = |mut st: State, version: u64, fin: bool| {
         st.version = version;

@@ -7,12 +7,11 @@
 
 use std::time::Duration;
 
-use alloy_primitives::U256;
-use perun_adjudicator::testing::{Anvil, CHAIN_ID};
+use perun_adjudicator::testing::Anvil;
 use perun_adjudicator::{
     Adjudicator, AdjudicatorEvent, EthAdjudicator, EthConfig, EventStream, SignedChannel, deploy,
 };
-use perun_channel::{Allocation, Asset, Params, SignedState, State};
+use perun_channel::{Params, SignedState, State};
 use perun_wallet::{Account, LocalAccount};
 
 const DEPTH: u64 = 2;
@@ -47,18 +46,9 @@ async fn setup() -> Setup {
         .await
         .unwrap();
     let parties = [LocalAccount::random(), LocalAccount::random()];
-    let params = Params::payment(
-        60,
-        U256::from(rand::random::<u64>()),
+    let (params, state) = perun_adjudicator::testing::empty_channel(
         parties.iter().map(|p| p.address()).collect(),
-    );
-    let asset = Asset {
-        chainId: U256::from(CHAIN_ID),
-        holder: d.eth_holder,
-    };
-    let state = State::initial(
-        &params,
-        Allocation::new(vec![asset], vec![vec![U256::ZERO, U256::ZERO]]),
+        d.eth_holder,
     );
     let s = Setup {
         anvil,

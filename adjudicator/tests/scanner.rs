@@ -10,13 +10,13 @@
 
 use std::time::Duration;
 
-use alloy_primitives::{B256, U256};
+use alloy_primitives::B256;
 use futures_util::FutureExt;
-use perun_adjudicator::testing::{Anvil, CHAIN_ID};
+use perun_adjudicator::testing::Anvil;
 use perun_adjudicator::{
     Adjudicator, AdjudicatorEvent, EthAdjudicator, EthConfig, EventStream, SignedChannel, deploy,
 };
-use perun_channel::{Allocation, Asset, ChannelId, Params, SignedState, State};
+use perun_channel::{ChannelId, Params, SignedState, State};
 use perun_wallet::{Account, LocalAccount};
 
 /// A chain with the contracts and a backend that registers (trusting blocks at once).
@@ -62,20 +62,10 @@ impl Setup {
 
     /// A fresh channel's version-0 state.
     fn channel(&self) -> (Params, State) {
-        let params = Params::payment(
-            60,
-            U256::from(rand::random::<u64>()),
+        perun_adjudicator::testing::empty_channel(
             self.parties.iter().map(|p| p.address()).collect(),
-        );
-        let asset = Asset {
-            chainId: U256::from(CHAIN_ID),
-            holder: self.holder,
-        };
-        let state = State::initial(
-            &params,
-            Allocation::new(vec![asset], vec![vec![U256::ZERO, U256::ZERO]]),
-        );
-        (params, state)
+            self.holder,
+        )
     }
 
     /// Registers the channel at `version`, signed by both parties.

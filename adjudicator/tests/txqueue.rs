@@ -15,7 +15,7 @@ use alloy::rpc::types::TransactionRequest;
 use alloy_primitives::{Address, B256, U256};
 use perun_adjudicator::testing::{Anvil, CHAIN_ID, abort_tx_queue};
 use perun_adjudicator::{Adjudicator, Error, EthAdjudicator, EthConfig, SignedChannel, deploy};
-use perun_channel::{Allocation, Asset, Params, SignedState, State};
+use perun_channel::{Params, SignedState, State};
 use perun_wallet::{Account, LocalAccount};
 
 const GWEI: u128 = 1_000_000_000;
@@ -53,18 +53,9 @@ struct Channel {
 
 impl Setup {
     fn channel(&self) -> Channel {
-        let params = Params::payment(
-            60,
-            U256::from(rand::random::<u64>()),
+        let (params, state) = perun_adjudicator::testing::empty_channel(
             self.parties.iter().map(|p| p.address()).collect(),
-        );
-        let asset = Asset {
-            chainId: U256::from(CHAIN_ID),
-            holder: self.holder,
-        };
-        let state = State::initial(
-            &params,
-            Allocation::new(vec![asset], vec![vec![U256::ZERO, U256::ZERO]]),
+            self.holder,
         );
         Channel { params, state }
     }

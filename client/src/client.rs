@@ -233,7 +233,11 @@ impl Client {
 
     /// How many channels' watchers have read the chain and watch it now.
     pub fn watching(&self) -> usize {
-        *self.shared.watching.borrow()
+        self.shared
+            .channel_cores()
+            .iter()
+            .filter(|c| *c.watch_status.borrow() == crate::WatchStatus::Watching)
+            .count()
     }
 
     /// Waits until every channel with money at stake (funded and not yet
@@ -241,25 +245,23 @@ impl Client {
     /// the channel's history. After a restore this is the moment the client
     /// can be left alone. Fails with [`Error::Timeout`] after `timeout`.
     pub async fn wait_protected(&self, timeout: std::time::Duration) -> Result<()> {
-        let mut watching = self.shared.watching.subscribe();
+        use crate::WatchStatus::{Done, Watching};
         let protected = async {
-            loop {
-                let at_stake = self
-                    .shared
-                    .channel_cores()
-                    .iter()
-                    .filter(|c| {
-                        c.phase().is_funded() && c.phase() != perun_channel::Phase::Withdrawn
-                    })
-                    .filter(|c| c.watch_status.borrow().ne(&crate::WatchStatus::Done))
-                    .count();
-                if *watching.borrow_and_update() >= at_stake {
-                    return Ok(());
+            for core in self.shared.channel_cores() {
+                let phase = core.phase();
+                if !phase.is_funded() || phase == perun_channel::Phase::Withdrawn {
+                    continue;
                 }
-                if watching.changed().await.is_err() {
+                let mut status = core.watch_status.subscribe();
+                if status
+                    .wait_for(|s| matches!(s, Watching | Done))
+                    .await
+                    .is_err()
+                {
                     return Err(Error::Closed);
                 }
             }
+            Ok(())
         };
         tokio::time::timeout(timeout, protected)
             .await

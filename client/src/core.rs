@@ -59,8 +59,6 @@ pub(crate) struct Shared {
     pub(crate) resume_permits: Arc<Semaphore>,
     /// Bounds the chain calls of all watchers together.
     pub(crate) watch_permits: Arc<Semaphore>,
-    /// How many channels' watchers have read the chain and watch it.
-    pub(crate) watching: watch::Sender<usize>,
     /// Channels that may disagree with a peer (a commit or abort that did not
     /// reach it, a commit we wait for): synced when the peer is reachable.
     pub(crate) unsynced: Mutex<HashMap<PeerId, HashSet<ChannelId>>>,
@@ -68,9 +66,6 @@ pub(crate) struct Shared {
     pub(crate) resyncing: Mutex<HashMap<PeerId, Arc<Notify>>>,
     /// Wakes resync tasks (a peer connected).
     pub(crate) resync_wake: broadcast::Sender<PeerId>,
-    /// Updates we signed whose commit has not come yet, with when we
-    /// signed, the proposer and the version (see `sync::sweep_commits`).
-    pub(crate) awaiting_commit: Mutex<HashMap<ChannelId, (std::time::Instant, PeerId, u64)>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -113,11 +108,9 @@ impl Shared {
             commits_in_flight: watch::channel(0).0,
             resume_permits: Arc::new(Semaphore::new(RESUME_CONCURRENCY)),
             watch_permits: Arc::new(Semaphore::new(WATCH_CONCURRENCY)),
-            watching: watch::channel(0).0,
             unsynced: Mutex::new(HashMap::new()),
             resyncing: Mutex::new(HashMap::new()),
             resync_wake: broadcast::channel(64).0,
-            awaiting_commit: Mutex::new(HashMap::new()),
         })
     }
 
@@ -197,6 +190,10 @@ pub(crate) struct Locked {
     /// ([`COMMIT_FLUSH_DELAY`]). Our signed staged copy is on disk
     /// meanwhile, so a crash loses nothing a `Sync` cannot bring back.
     pub(crate) unsaved: Option<SignedState>,
+    /// When we signed the staged state of a peer's update: a commit that
+    /// has not come `update_wait` later is asked for by `Sync`
+    /// (`sync::sweep_commits`).
+    pub(crate) signed_at: Option<std::time::Instant>,
 }
 
 /// Our 2-party proposal that failed with the peer's answer unknown: the
@@ -218,6 +215,7 @@ impl Locked {
     pub(crate) fn drop_staged(&mut self, core: &ChannelCore) {
         let _ = self.machine.discard_staged();
         self.staged_actor = None;
+        self.signed_at = None;
         self.announce(core);
     }
 
@@ -266,6 +264,7 @@ impl Locked {
         let v = trial.current().map_or(0, |c| c.state.version);
         self.machine = trial;
         self.staged_actor = None;
+        self.signed_at = None;
         self.abandoned = self.abandoned.take().filter(|a| a.state.version > v);
     }
 
@@ -362,9 +361,8 @@ pub(crate) struct ChannelCore {
     pub(crate) updates: OnceLock<broadcast::Sender<SignedState>>,
     /// Events for the application; created on first use.
     pub(crate) events: OnceLock<broadcast::Sender<ChannelEvent>>,
-    /// Whether a watcher (supervisor) task runs for this channel.
-    pub(crate) watching: AtomicBool,
-    /// What the watcher reports about itself.
+    /// What the watcher reports about itself (`Starting` or `Watching`:
+    /// its task runs).
     pub(crate) watch_status: watch::Sender<WatchStatus>,
     /// Wakes the watcher for a fresh look at the chain (settle, a phase change).
     pub(crate) nudge: Notify,
@@ -402,6 +400,7 @@ impl ChannelCore {
                 pending: None,
                 abandoned: None,
                 unsaved: None,
+                signed_at: None,
             }),
             update_lock: tokio::sync::Mutex::new(()),
             state,
@@ -409,7 +408,6 @@ impl ChannelCore {
             synced,
             updates: OnceLock::new(),
             events: OnceLock::new(),
-            watching: AtomicBool::new(false),
             watch_status: watch::channel(WatchStatus::Idle).0,
             nudge: Notify::new(),
             settling: AtomicBool::new(false),

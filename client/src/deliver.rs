@@ -39,42 +39,56 @@ impl Drop for InFlight {
     }
 }
 
-/// Hands the full signature set to every peer, retrying a peer that did not
-/// acknowledge it (a repeated commit is harmless). A peer still without it
-/// is marked unsynced: it gets the state with the next `Sync`.
+/// Hands the full signature set to every peer in the background (an update
+/// returned to its proposer already), retrying a peer that did not
+/// acknowledge it (a repeated commit is harmless).
 pub(crate) async fn deliver_commit(
     shared: Arc<Shared>,
     core: Arc<ChannelCore>,
     full: SignedState,
     _in_flight: InFlight,
 ) {
-    let Some(msg) = commit_message(&core, &full) else {
+    hand_out(&shared, &core, &full, &COMMIT_RETRIES).await;
+}
+
+/// Hands the full signature set to every peer once.
+pub(crate) async fn send_commit(shared: &Arc<Shared>, core: &Arc<ChannelCore>, full: &SignedState) {
+    hand_out(shared, core, full, &[]).await;
+}
+
+/// Sends the commit, then again after each pause to the peers that did not
+/// take it; a peer still without it is marked unsynced: it gets the state
+/// with the next `Sync`.
+async fn hand_out(
+    shared: &Arc<Shared>,
+    core: &ChannelCore,
+    full: &SignedState,
+    retries: &[std::time::Duration],
+) {
+    let Some(msg) = commit_message(core, full) else {
         return;
     };
-    let mut missing = unacked(&shared, &msg, peers_of(&core)).await;
-    for pause in COMMIT_RETRIES {
+    let mut missing = unacked(shared, &msg, peers_of(core)).await;
+    for pause in retries {
         if missing.is_empty() || shared.stopped() {
             break;
         }
-        tokio::time::sleep(pause).await;
-        missing = unacked(&shared, &msg, missing).await;
+        tokio::time::sleep(*pause).await;
+        missing = unacked(shared, &msg, missing).await;
     }
     if !missing.is_empty() {
-        warn!(
-            ?missing,
-            "peers did not take the commit; they get it by Sync once reachable"
-        );
-        for peer in missing {
-            mark_unsynced(&shared, core.id, peer);
+        if retries.is_empty() {
+            debug!(
+                ?missing,
+                "peers did not take the commit; they get it by Sync"
+            );
+        } else {
+            warn!(
+                ?missing,
+                "peers did not take the commit; they get it by Sync once reachable"
+            );
         }
-    }
-}
-
-/// Hands the full signature set to every peer once; a peer that does not
-/// acknowledge it is marked unsynced (it learns the state by `Sync`).
-pub(crate) async fn send_commit(shared: &Arc<Shared>, core: &Arc<ChannelCore>, full: &SignedState) {
-    if let Some(msg) = commit_message(core, full) {
-        for peer in unacked(shared, &msg, peers_of(core)).await {
+        for peer in missing {
             mark_unsynced(shared, core.id, peer);
         }
     }

@@ -47,7 +47,7 @@ pub enum ChannelEvent {
         /// Why the stream ended or the subscription failed, if known.
         error: Option<Arc<Error>>,
     },
-    /// The watcher stopped with an error and was restarted.
+    /// The watcher panicked (a bug in a backend or here) and was restarted.
     WatcherRestarted {
         /// Why it stopped.
         error: Arc<Error>,

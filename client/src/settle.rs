@@ -68,8 +68,8 @@ pub(crate) async fn settle(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Res
             Phase::Registered | Phase::Concluded => {}
             p => return Err(Error::Phase(p)),
         }
+        // Starts the watcher, or wakes it for a fresh look at the chain.
         watcher::spawn(shared, core);
-        watcher::nudge(core);
         until_withdrawn(shared, core, events).await
     }
     .instrument(span)

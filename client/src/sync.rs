@@ -470,33 +470,28 @@ fn spawn_commit_sweep(shared: &Arc<Shared>) {
 }
 
 async fn sweep_commits(shared: &Arc<Shared>) {
-    let now = std::time::Instant::now();
-    let late: Vec<_> = {
-        let mut waiting = lock(&shared.awaiting_commit);
-        let late: Vec<_> = waiting
-            .iter()
-            .filter(|(_, (since, _, _))| now.duration_since(*since) >= shared.timeouts.update_wait)
-            .map(|(id, (_, peer, v))| (*id, *peer, *v))
-            .collect();
-        for (id, _, _) in &late {
-            waiting.remove(id);
-        }
-        late
-    };
-    for (id, peer, version) in late {
-        let Some(core) = shared.channel_core(&id) else {
+    for core in shared.channel_cores() {
+        if core.phase() != Phase::Updating {
             continue;
+        }
+        let late = {
+            let mut l = core.locked.lock().await;
+            let proposer = l.staged_actor.filter(|a| *a != core.index);
+            let late = l
+                .signed_at
+                .is_some_and(|at| at.elapsed() >= shared.timeouts.update_wait);
+            match proposer.and_then(|a| core.peers.get(a)) {
+                Some(peer) if late && l.machine.phase() == Phase::Updating => {
+                    // Asked once; the `Sync` settles it either way.
+                    l.signed_at = None;
+                    Some(*peer)
+                }
+                _ => None,
+            }
         };
-        let still = {
-            let l = core.locked.lock().await;
-            l.machine.phase() == Phase::Updating
-                && l.machine
-                    .staged()
-                    .is_some_and(|s| s.state.version == version)
-        };
-        if still {
-            info!(channel = %id, version, %peer, "no commit from the proposer; asking it by Sync");
-            mark_unsynced(shared, id, peer);
+        if let Some(peer) = late {
+            info!(channel = %core.id, %peer, "no commit from the proposer; asking it by Sync");
+            mark_unsynced(shared, core.id, peer);
         }
     }
 }

@@ -25,7 +25,7 @@ use perun_wire::{
 };
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::core::{ChannelCore, Locked, Shared, lock};
+use crate::core::{ChannelCore, Locked, Shared};
 use crate::deliver::{InFlight, deliver_commit, reject, send_abort};
 use crate::handler::{IncomingUpdate, UpdateResponder};
 use crate::{Error, Result};
@@ -407,12 +407,12 @@ async fn respond_update(
         }
     };
     l.machine = trial;
+    l.signed_at = Some(std::time::Instant::now());
     if carried {
         // The previous commit rode along: readers may see it now.
         l.announce(core);
     }
     drop(l);
-    lock(&shared.awaiting_commit).insert(core.id, (std::time::Instant::now(), peer, version));
     Message::UpdateAccept(UpdateAccept {
         channel_id: core.id,
         version,
@@ -493,7 +493,6 @@ pub(crate) async fn handle_commit(
             Ok(Some(trial)) => {
                 let _ = responder.reply(Message::Ack);
                 hold_unsaved(&shared, &core, &mut l, trial);
-                lock(&shared.awaiting_commit).remove(&core.id);
             }
             Err(reason) => {
                 let _ = responder.refuse(perun_wire::Refusal::new(

@@ -43,6 +43,40 @@ pub use proxy::{
     NotificationFault, ProxyFaults, ProxyStats, RequestFault, ResponseFault, RpcProxy,
 };
 
+/// A fresh channel of `participants` on this chain (a random nonce, a
+/// 60 s challenge period) holding nothing in one asset at `holder`, and its
+/// version-0 state: what registration tests need (registering costs no
+/// deposit).
+pub fn empty_channel(
+    participants: Vec<Address>,
+    holder: Address,
+) -> (perun_channel::Params, perun_channel::State) {
+    use perun_channel::{Allocation, Asset, Params, State};
+    let n = participants.len();
+    let params = Params::payment(60, U256::from(rand_nonce()), participants);
+    let asset = Asset {
+        chainId: U256::from(CHAIN_ID),
+        holder,
+    };
+    let state = State::initial(
+        &params,
+        Allocation::new(vec![asset], vec![vec![U256::ZERO; n]]),
+    );
+    (params, state)
+}
+
+/// A nonce that differs between calls (no RNG crate in the library).
+fn rand_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// The chain id anvil runs with.
 pub const CHAIN_ID: u64 = 31337;
 

@@ -16,7 +16,7 @@
 //!   [`ChannelEvent::Retry`];
 //! - an event stream that ends or fails is subscribed again (with backoff);
 //! - the task itself runs under a supervisor that restarts it if it ever
-//!   returns an error or panics;
+//!   panics (a bug in a backend or here);
 //! - chain reads of all watchers share their own concurrency limit, apart
 //!   from the syncs of a restore, so a watcher never waits behind a peer.
 //!
@@ -42,11 +42,17 @@ use step::Outcome;
 
 /// Starts the channel's watcher unless it runs already (then wakes it).
 pub(crate) fn spawn(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
-    if core.watching.swap(true, Ordering::SeqCst) {
-        core.nudge.notify_one();
+    let start = core.watch_status.send_if_modified(|s| {
+        let idle = matches!(s, WatchStatus::Idle | WatchStatus::Done);
+        if idle {
+            *s = WatchStatus::Starting;
+        }
+        idle
+    });
+    if !start {
+        nudge(core);
         return;
     }
-    core.watch_status.send_replace(WatchStatus::Starting);
     // Its own root span: the watcher outlives the protocol step that started it.
     let span = info_span!(parent: None, "watcher", channel = %core.id, me = core.index);
     tokio::spawn(supervise(shared.clone(), core.clone()).instrument(span));
@@ -65,33 +71,33 @@ enum Exit {
     Stopped,
 }
 
-/// Runs the watcher, restarting it after an error or a panic, until it is done.
+/// Runs the watcher, restarting it after a panic, until it is done.
 async fn supervise(shared: Arc<Shared>, core: Arc<ChannelCore>) {
     let mut watcher = Watcher {
         shared: shared.clone(),
         core: core.clone(),
-        counted: false,
         failures: 0,
     };
     let mut restarts = 0u32;
     loop {
         let run = std::panic::AssertUnwindSafe(watcher.run()).catch_unwind();
+        // A step's failures are retried inside `run`; only a panic (a bug,
+        // in a backend or here) ends it early.
         let error = tokio::select! {
             res = run => match res {
-                Ok(Ok(Exit::Done)) => {
+                Ok(Exit::Done) => {
                     core.watch_status.send_replace(WatchStatus::Done);
                     core.emit(ChannelEvent::Withdrawn);
                     break;
                 }
-                Ok(Ok(Exit::Stopped)) => break,
-                Ok(Err(e)) => e,
+                Ok(Exit::Stopped) => break,
                 Err(_) => Error::WatcherPanicked,
             },
             () = shared.stopping() => break,
         };
         restarts += 1;
         let pause = shared.timeouts.backoff(restarts);
-        error!(error = %error, restarts, ?pause, "watcher stopped with an error; restarting it");
+        error!(error = %error, restarts, ?pause, "watcher stopped; restarting it");
         core.emit(ChannelEvent::WatcherRestarted {
             error: Arc::new(error),
         });
@@ -100,11 +106,9 @@ async fn supervise(shared: Arc<Shared>, core: Arc<ChannelCore>) {
             () = shared.stopping() => break,
         }
     }
-    watcher.uncount();
     if core.phase() != Phase::Withdrawn {
         core.watch_status.send_replace(WatchStatus::Idle);
     }
-    core.watching.store(false, Ordering::SeqCst);
     debug!("watcher ended");
 }
 
@@ -112,14 +116,12 @@ async fn supervise(shared: Arc<Shared>, core: Arc<ChannelCore>) {
 struct Watcher {
     shared: Arc<Shared>,
     core: Arc<ChannelCore>,
-    /// Whether this channel counts in `Shared::watching`.
-    counted: bool,
     /// Consecutive failed steps.
     failures: u32,
 }
 
 impl Watcher {
-    async fn run(&mut self) -> Result<Exit> {
+    async fn run(&mut self) -> Exit {
         let (shared, core) = (self.shared.clone(), self.core.clone());
         let t = shared.timeouts;
         let now = Instant::now();
@@ -152,7 +154,7 @@ impl Watcher {
                         self.ready(None);
                         first_read_at = None;
                         match outcome {
-                            Outcome::Done => return Ok(Exit::Done),
+                            Outcome::Done => return Exit::Done,
                             Outcome::Poll => retry_at = Some(Instant::now() + t.dispute_poll),
                             Outcome::Idle => retry_at = None,
                         }
@@ -229,7 +231,7 @@ impl Watcher {
                     }
                 }
                 () = core.nudge.notified() => need = true,
-                () = shared.stopping() => return Ok(Exit::Stopped),
+                () = shared.stopping() => return Exit::Stopped,
             }
         }
     }
@@ -267,22 +269,17 @@ impl Watcher {
     }
 
     /// The watcher has read the chain: the channel is protected.
-    fn ready(&mut self, block: Option<u64>) {
-        if self.counted {
-            return;
-        }
-        self.counted = true;
-        self.shared.watching.send_modify(|n| *n += 1);
-        self.core.watch_status.send_replace(WatchStatus::Watching);
-        self.core.emit(ChannelEvent::Watching { block });
-        debug!(?block, "watching");
-    }
-
-    fn uncount(&mut self) {
-        if std::mem::take(&mut self.counted) {
-            self.shared
-                .watching
-                .send_modify(|n| *n = n.saturating_sub(1));
+    fn ready(&self, block: Option<u64>) {
+        let first = self.core.watch_status.send_if_modified(|s| {
+            let first = *s == WatchStatus::Starting;
+            if first {
+                *s = WatchStatus::Watching;
+            }
+            first
+        });
+        if first {
+            self.core.emit(ChannelEvent::Watching { block });
+            debug!(?block, "watching");
         }
     }
 
