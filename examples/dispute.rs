@@ -13,8 +13,10 @@ use perun::adjudicator::{
     Adjudicator, AdjudicatorEvent, EthAdjudicator, EthConfig, EthFunder, SignedChannel,
     WithdrawRequest, deploy,
 };
-use perun::channel::{Allocation, Asset, Phase, U256};
-use perun::client::{AcceptAll, Channel, ChannelEvent, ChannelProposal, Client, Participant};
+use perun::channel::{Address, Allocation, Asset, Phase, U256};
+use perun::client::{
+    AcceptPaymentsToMe, AcceptWithin, Channel, ChannelEvent, ChannelProposal, Client, Participant,
+};
 use perun::persistence::RedbPersister;
 use perun::wallet::{Account, LocalAccount};
 
@@ -34,6 +36,7 @@ fn eth(wei: U256) -> String {
 async fn client(
     anvil: &Anvil,
     config: &EthConfig,
+    eth_holder: Address,
     account: LocalAccount,
     dir: &std::path::Path,
     name: &str,
@@ -42,7 +45,15 @@ async fn client(
     tokio::sync::mpsc::UnboundedReceiver<perun::client::Result<Channel>>,
 )> {
     let url = anvil.ws_url();
-    let (accept_all, opened) = AcceptAll::new();
+    // Up to 2 ETH of our own per channel; the short challenge suits this
+    // demo on a local anvil only (the default minimum is a day).
+    let eth = Asset {
+        chainId: U256::from(CHAIN_ID),
+        holder: eth_holder,
+    };
+    let two_eth = U256::from(2) * U256::from(10u64).pow(U256::from(18));
+    let (accept, opened) = AcceptWithin::new([(eth, two_eth)]);
+    let accept = accept.min_challenge(Duration::from_secs(CHALLENGE));
     let client = Client::builder()
         .account(Arc::new(account.clone()))
         .funder(Arc::new(
@@ -54,8 +65,8 @@ async fn client(
         .persister(Arc::new(
             RedbPersister::open(dir.join(format!("{name}.redb"))).await?,
         ))
-        .proposal_handler(accept_all.clone())
-        .update_handler(accept_all)
+        .proposal_handler(Arc::new(accept))
+        .update_handler(Arc::new(AcceptPaymentsToMe))
         .timeouts(perun::client::Timeouts {
             dispute_poll: Duration::from_millis(200),
             ..Default::default()
@@ -125,8 +136,24 @@ async fn main() -> Res<()> {
     );
 
     let dir = tempfile::tempdir()?;
-    let (alice, _) = client(&anvil, &config, alice_acc.clone(), dir.path(), "alice").await?;
-    let (bob, mut bob_opened) = client(&anvil, &config, bob_acc.clone(), dir.path(), "bob").await?;
+    let (alice, _) = client(
+        &anvil,
+        &config,
+        deployment.eth_holder,
+        alice_acc.clone(),
+        dir.path(),
+        "alice",
+    )
+    .await?;
+    let (bob, mut bob_opened) = client(
+        &anvil,
+        &config,
+        deployment.eth_holder,
+        bob_acc.clone(),
+        dir.path(),
+        "bob",
+    )
+    .await?;
     for addr in bob.listen_addrs().await? {
         alice.add_peer(bob.peer_id(), addr).await?;
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use perun::adjudicator::testing::{Anvil, CHAIN_ID};
 use perun::adjudicator::{EthAdjudicator, EthConfig, EthFunder, deploy};
-use perun::channel::{Allocation, Asset, U256};
-use perun::client::{AcceptAll, AcceptPaymentsToMe, ChannelProposal, Client, Participant};
+use perun::channel::{Address, Allocation, Asset, U256};
+use perun::client::{AcceptPaymentsToMe, AcceptWithin, ChannelProposal, Client, Participant};
 use perun::persistence::RedbPersister;
 use perun::wallet::{Account, LocalAccount};
 
@@ -29,6 +29,7 @@ fn eth(wei: U256) -> String {
 async fn client(
     anvil: &Anvil,
     config: &EthConfig,
+    eth_holder: Address,
     account: LocalAccount,
     dir: &std::path::Path,
     name: &str,
@@ -40,7 +41,16 @@ async fn client(
     let funder = EthFunder::connect(&url, &account, config.clone()).await?;
     let adjudicator = EthAdjudicator::connect(&url, &account, config.clone()).await?;
     let persister = RedbPersister::open(dir.join(format!("{name}.redb"))).await?;
-    let (accept_all, opened) = AcceptAll::new();
+    // Bob accepts up to 2 ETH of his own in a channel; the 60-second
+    // challenge suits this demo on a local anvil only: keep the day-long
+    // default (`AcceptWithin::DEFAULT_MIN_CHALLENGE`) on a real chain.
+    let eth = Asset {
+        chainId: U256::from(CHAIN_ID),
+        holder: eth_holder,
+    };
+    let (accept, opened) =
+        AcceptWithin::new([(eth, U256::from(2) * U256::from(10u64).pow(U256::from(18)))]);
+    let accept = accept.min_challenge(Duration::from_secs(60));
     let builder = Client::builder()
         .account(Arc::new(account))
         .funder(Arc::new(funder))
@@ -49,7 +59,7 @@ async fn client(
     let (builder, opened) = if name == "bob" {
         (
             builder
-                .proposal_handler(accept_all)
+                .proposal_handler(Arc::new(accept))
                 .update_handler(Arc::new(AcceptPaymentsToMe)),
             Some(opened),
         )
@@ -92,8 +102,24 @@ async fn main() -> Res<()> {
     println!("  Bob   {bob_addr}: {}", eth(before.1));
 
     let dir = tempfile::tempdir()?;
-    let (alice, _) = client(&anvil, &config, alice_acc, dir.path(), "alice").await?;
-    let (bob, bob_opened) = client(&anvil, &config, bob_acc, dir.path(), "bob").await?;
+    let (alice, _) = client(
+        &anvil,
+        &config,
+        deployment.eth_holder,
+        alice_acc,
+        dir.path(),
+        "alice",
+    )
+    .await?;
+    let (bob, bob_opened) = client(
+        &anvil,
+        &config,
+        deployment.eth_holder,
+        bob_acc,
+        dir.path(),
+        "bob",
+    )
+    .await?;
     let mut bob_opened = bob_opened.ok_or("bob accepts channels")?;
     for addr in bob.listen_addrs().await? {
         alice.add_peer(bob.peer_id(), addr).await?;

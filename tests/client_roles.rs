@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{Ledger, Options, Party, open, parties, proposal};
 use perun::channel::{Phase, U256};
-use perun::client::{Error, IncomingUpdate, RejectAll, UpdateHandler, UpdateResponder};
+use perun::client::{
+    AcceptWithin, Error, IncomingUpdate, Refusal, RejectAll, UpdateHandler, UpdateResponder,
+};
 
 on_both_ledgers!(
     two_parties_pay_both_ways_and_settle,
@@ -23,6 +25,7 @@ on_both_ledgers!(
     three_parties_a_refusal_after_a_signature_burns_the_version,
     three_parties_concurrent_updates_never_get_stuck,
     a_panicking_update_handler_is_a_refusal,
+    accept_within_refuses_short_challenges_and_big_deposits,
 );
 
 const MINT: u64 = 1_000_000;
@@ -123,6 +126,63 @@ async fn rejected_proposal_moves_no_funds(ledger: Ledger) {
         assert_eq!(ledger.balance(p.client.address()).await, u(MINT));
         assert!(p.client.channels().is_empty());
     }
+}
+
+/// The README's handler: a day's challenge at least, and at most 500 of
+/// our own. A 60-second challenge, a deposit of 501 and an asset not listed
+/// are refused with their reason; a proposal within the limits opens.
+async fn accept_within_refuses_short_challenges_and_big_deposits(ledger: Ledger) {
+    let mut ps = parties(&ledger, 1, u(MINT), &Options::default()).await;
+    let (accept, mut opened) = AcceptWithin::new([(ledger.asset(), u(500))]);
+    let bob_opts = Options {
+        proposal_handler: Some(Arc::new(accept)),
+        ..Options::default()
+    };
+    ps.push(common::party(&ledger, u(MINT), &bob_opts).await);
+    common::introduce(&ps).await;
+    let day = AcceptWithin::DEFAULT_MIN_CHALLENGE;
+    let other_asset = perun::channel::Asset {
+        chainId: ledger.asset().chainId,
+        holder: perun::channel::Address::repeat_byte(0x77),
+    };
+    let too_short = proposal(&ledger, &ps, u(100));
+    let mut too_big = proposal(&ledger, &ps, u(501));
+    too_big.challenge_duration = day.as_secs();
+    let mut unknown = proposal(&ledger, &ps, u(100));
+    unknown.challenge_duration = day.as_secs();
+    unknown.allocation.assets[0] = other_asset.clone();
+    let refusals = [
+        (
+            too_short,
+            Refusal::ChallengeTooShort {
+                proposed: Duration::from_secs(60),
+                min: day,
+            },
+        ),
+        (
+            too_big,
+            Refusal::DepositTooHigh {
+                asset: ledger.asset(),
+                asked: u(501),
+                max: u(500),
+            },
+        ),
+        (unknown, Refusal::AssetNotAccepted(other_asset)),
+    ];
+    for (p, why) in refusals {
+        match ps[0].client.propose_channel(p).await {
+            Err(Error::Rejected { index: 1, reason }) => assert_eq!(reason, why.to_string()),
+            other => panic!("expected {why}, got {other:?}"),
+        }
+    }
+    for p in &ps {
+        assert_eq!(ledger.balance(p.client.address()).await, u(MINT));
+        assert!(p.client.channels().is_empty());
+    }
+    let mut fine = proposal(&ledger, &ps, u(500));
+    fine.challenge_duration = day.as_secs();
+    let (alice, bob) = tokio::join!(ps[0].client.propose_channel(fine), opened.recv());
+    assert_eq!(alice.unwrap().id(), bob.unwrap().unwrap().id());
 }
 
 struct NoThanks;
@@ -310,4 +370,38 @@ async fn a_panicking_update_handler_is_a_refusal(ledger: Ledger) {
     all_active(&chans).await;
     assert_eq!(chans[0].pay(1, 0, u(1)).await.unwrap().state.version, 1);
     assert_eq!(common::caught_up(&chans).await.state.version, 1);
+}
+
+/// A handler that may take longer than the peer waits for its answer is a
+/// configuration error, caught when the client is built.
+#[tokio::test]
+async fn timeouts_that_do_not_fit_together_fail_the_build() {
+    let sim = Arc::new(perun::adjudicator::SimLedger::new(1337));
+    let build = |t: perun::client::Timeouts| {
+        perun::client::Client::builder()
+            .account(Arc::new(perun::wallet::LocalAccount::random()))
+            .funder(sim.clone())
+            .adjudicator(sim.clone())
+            .timeouts(t)
+            .build()
+    };
+    let slow = perun::client::Timeouts {
+        handler: Duration::from_secs(20),
+        request: Duration::from_secs(15),
+        ..perun::client::Timeouts::default()
+    };
+    match build(slow).await {
+        Err(Error::Timeouts(perun::client::TimeoutRule::HandlerFitsRequest {
+            handler,
+            request,
+        })) => {
+            assert_eq!(
+                (handler, request),
+                (Duration::from_secs(20), Duration::from_secs(15))
+            );
+        }
+        other => panic!("expected a timeout rule, got {:?}", other.map(|_| ())),
+    }
+    let ok = build(perun::client::Timeouts::default()).await.unwrap();
+    ok.shutdown().await;
 }

@@ -23,7 +23,7 @@ use perun::adjudicator::{
     Deployment, EthAdjudicator, EthConfig, EthFunder, SignedChannel, WithdrawRequest,
 };
 use perun::channel::{Phase, SignedState, U256};
-use perun::client::{AcceptAll, Channel, Client, Timeouts};
+use perun::client::{AcceptAllForTesting, Channel, Client, Timeouts};
 use perun::persistence::RedbPersister;
 use perun::wallet::{Account, LocalAccount};
 use perun::wire::{Multiaddr, PeerId};
@@ -118,7 +118,7 @@ async fn bob_main() {
     let cfg = EthConfig::from_deployment(&d);
     let url = env("ANVIL_URL");
     let key = perun::wire::load_or_generate_key(std::path::Path::new(&env("NET_KEY"))).unwrap();
-    let (accept_all, mut opened) = AcceptAll::new();
+    let (accept_all, mut opened) = AcceptAllForTesting::new();
     let client = Client::builder()
         .account(Arc::new(account.clone()))
         .network_key(key)

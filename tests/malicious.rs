@@ -28,6 +28,7 @@ on_both_ledgers!(
     an_abandoned_update_still_takes_its_commit,
     a_failed_proposal_is_never_completed_on_a_newer_state,
     a_huge_aborted_version_does_not_block_alice,
+    after_signing_a_final_state_alice_signs_nothing_else,
 );
 
 struct Setup {
@@ -501,4 +502,38 @@ async fn a_huge_aborted_version_does_not_block_alice(ledger: Ledger) {
     let proposed = proposed.unwrap();
     assert!(proposed.version <= before.state.version + perun::channel::limits::MAX_VERSION_STEP);
     assert_eq!(paid.unwrap().state, proposed);
+}
+
+/// The attack of issue 13: Bob's twin proposes a final state, Alice signs
+/// it, the twin aborts it and then pays Alice in a newer state. Had Alice
+/// signed that one, Bob could conclude the final state on-chain and take
+/// the payment back. Alice refuses it, and refuses to propose anything
+/// herself: the channel is closing.
+async fn after_signing_a_final_state_alice_signs_nothing_else(ledger: Ledger) {
+    let s = setup(ledger).await;
+    let before = s.alice.state();
+    let mut fin = before.state.next();
+    fin.isFinal = true;
+    match send_update(&s, fin.clone(), 1).await {
+        Message::UpdateAccept(a) => assert_eq!(a.version, fin.version),
+        other => panic!("Alice should sign the final state, got {other:?}"),
+    }
+    twin_aborts(&s, fin.version).await;
+    assert_unchanged(&s.alice, &before);
+
+    let mut pays_alice = before.state.next();
+    pays_alice.version = fin.version + 1;
+    pays_alice.outcome.balances[0][1] -= U256::from(3u64);
+    pays_alice.outcome.balances[0][0] += U256::from(3u64);
+    let reply = send_update(&s, pays_alice, 1).await;
+    assert_refused(&reply, "a state after a signed final one");
+    assert_unchanged(&s.alice, &before);
+
+    match s.alice.pay(1, 0, U256::from(1u64)).await {
+        Err(Error::Channel(perun::channel::Error::SignedFinal { version, hash })) => {
+            assert_eq!((version, hash), (fin.version, fin.hash()));
+        }
+        other => panic!("Alice's own update after a signed final state: {other:?}"),
+    }
+    assert_unchanged(&s.alice, &before);
 }

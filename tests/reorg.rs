@@ -61,9 +61,9 @@ async fn deep_anvil() -> (Ledger, EthConfig) {
     let Ledger::Anvil { config, .. } = &mut ledger else {
         unreachable!("anvil ledger");
     };
-    config.confirmations = DEPTH;
+    config.confirmations = Some(DEPTH);
     let instant = EthConfig {
-        confirmations: 0,
+        confirmations: Some(0),
         ..config.clone()
     };
     (ledger, instant)

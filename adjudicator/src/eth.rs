@@ -129,8 +129,12 @@ pub struct EthConfig {
     pub assets: HashMap<Address, AssetKind>,
     /// Blocks on top of a block before its events, deposits, dispute and
     /// transaction receipts count (0: at once). A reorg shallower than this
-    /// never reaches the caller. Default 0.
-    pub confirmations: u64,
+    /// never reaches the caller. `None` (the default) picks by the chain's
+    /// id at connect time ([`EthConfig::default_confirmations`]): 0 on a
+    /// local development chain, where blocks come only with transactions,
+    /// and [`DEFAULT_CONFIRMATIONS`](Self::DEFAULT_CONFIRMATIONS) on any
+    /// other chain.
+    pub confirmations: Option<u64>,
     /// The first block event subscriptions scan: the deployment block (a
     /// real chain must not be scanned from block 0).
     pub from_block: u64,
@@ -156,6 +160,28 @@ pub struct EthConfig {
 }
 
 impl EthConfig {
+    /// Confirmations on a real chain unless set: a block three deep on
+    /// Ethereum has not been reorged out since the merge.
+    pub const DEFAULT_CONFIRMATIONS: u64 = 3;
+    /// Chain ids of local development nodes (anvil and hardhat: 31337,
+    /// ganache and geth `--dev`: 1337), which default to 0 confirmations.
+    pub const DEV_CHAIN_IDS: [u64; 2] = [31337, 1337];
+
+    /// The confirmation depth used on chain `chain_id` when
+    /// [`confirmations`](Self::confirmations) is `None`.
+    pub fn default_confirmations(chain_id: u64) -> u64 {
+        if Self::DEV_CHAIN_IDS.contains(&chain_id) {
+            0
+        } else {
+            Self::DEFAULT_CONFIRMATIONS
+        }
+    }
+
+    /// The confirmation depth in force (after connect it is always set).
+    pub(crate) fn depth(&self) -> u64 {
+        self.confirmations.unwrap_or(Self::DEFAULT_CONFIRMATIONS)
+    }
+
     /// Default [`receipt_timeout`](Self::receipt_timeout).
     pub const DEFAULT_RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
     /// Default [`max_fee_per_gas`](Self::max_fee_per_gas).
@@ -178,7 +204,7 @@ impl EthConfig {
         Self {
             adjudicator,
             assets: assets.into_iter().collect(),
-            confirmations: 0,
+            confirmations: None,
             from_block,
             receipt_timeout: Self::DEFAULT_RECEIPT_TIMEOUT,
             max_fee_per_gas: Self::DEFAULT_MAX_FEE_PER_GAS,
@@ -252,10 +278,14 @@ impl Chain {
         Self::with(conn, account.address(), cfg).await
     }
 
-    async fn with(conn: Arc<Conn>, sender: Address, cfg: EthConfig) -> Result<Self> {
+    async fn with(conn: Arc<Conn>, sender: Address, mut cfg: EthConfig) -> Result<Self> {
         let chain_id = conn
             .rpc("eth_chainId", |p| async move { p.get_chain_id().await })
             .await?;
+        let depth = *cfg
+            .confirmations
+            .get_or_insert_with(|| EthConfig::default_confirmations(chain_id));
+        debug!(chain_id, confirmations = depth, "connected");
         conn.set_chain_id(chain_id);
         let queue = TxQueue::shared(&conn, chain_id, sender);
         Ok(Self {
@@ -337,7 +367,7 @@ impl Chain {
     async fn confirmed(&self) -> Result<(u64, B256)> {
         // The chain can get shorter between the two reads (a reorg); read the head again.
         for _ in 0..3 {
-            let n = self.head().await?.saturating_sub(self.cfg.confirmations);
+            let n = self.head().await?.saturating_sub(self.cfg.depth());
             if let Some((n, hash, _)) = self.block(BlockNumberOrTag::Number(n)).await? {
                 return Ok((n, hash));
             }
@@ -420,5 +450,22 @@ impl Chain {
             }
         }
         Ok(missing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EthConfig;
+
+    #[test]
+    fn real_chains_default_to_confirmations_and_dev_chains_to_none() {
+        assert_eq!(EthConfig::default_confirmations(1), 3);
+        assert_eq!(EthConfig::default_confirmations(11155111), 3);
+        assert_eq!(EthConfig::default_confirmations(31337), 0);
+        assert_eq!(EthConfig::default_confirmations(1337), 0);
+        assert_eq!(
+            EthConfig::new(super::Address::ZERO, 0, []).confirmations,
+            None
+        );
     }
 }

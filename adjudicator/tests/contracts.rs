@@ -271,7 +271,7 @@ async fn events_wait_for_confirmations() {
         .await
         .unwrap();
     let deep_cfg = EthConfig {
-        confirmations: 2,
+        confirmations: Some(2),
         ..cfg
     };
     let deep = EthAdjudicator::new(p, sender.address(), deep_cfg)

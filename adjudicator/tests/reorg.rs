@@ -39,7 +39,7 @@ async fn setup() -> Setup {
         .unwrap();
     let watcher_account = anvil.funded_account().await.unwrap();
     let deep = EthConfig {
-        confirmations: DEPTH,
+        confirmations: Some(DEPTH),
         ..cfg
     };
     let watcher = EthAdjudicator::connect(&anvil.ws_url(), &watcher_account, deep)

@@ -52,7 +52,7 @@ impl Setup {
     async fn watcher(&self, confirmations: u64) -> EthAdjudicator {
         let account = self.anvil.funded_account().await.unwrap();
         let cfg = EthConfig {
-            confirmations,
+            confirmations: Some(confirmations),
             ..self.cfg.clone()
         };
         EthAdjudicator::connect(&self.anvil.ws_url(), &account, cfg)

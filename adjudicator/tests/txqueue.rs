@@ -531,7 +531,7 @@ async fn losing_the_race_to_an_identical_registration_is_ok() {
 async fn a_transaction_a_reorg_removed_is_sent_again() {
     let s = setup().await;
     let cfg = EthConfig {
-        confirmations: 2,
+        confirmations: Some(2),
         ..s.cfg.clone()
     };
     let (_, adj) = s.backend(cfg).await;

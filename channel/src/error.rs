@@ -107,6 +107,16 @@ pub enum Error {
     /// already signed.
     #[error("version {0} was already signed with different contents")]
     DoubleSign(u64),
+    /// This participant signed the final state `version` (its hash `hash`):
+    /// the channel is closing, and no other state of it is ever signed, or a
+    /// newer state could lose to that final one on-chain.
+    #[error("signed the final state {version} ({hash}); no other state of this channel is signed")]
+    SignedFinal {
+        /// The final state's version.
+        version: u64,
+        /// The final state's hash.
+        hash: alloy_primitives::B256,
+    },
     /// An operation that the current phase does not allow.
     #[error("{op} is not allowed in phase {phase:?}")]
     WrongPhase {

@@ -80,6 +80,10 @@ pub struct Machine {
     /// Version and hash of the last state this participant signed, so that a
     /// second, different state of the same version is never signed.
     last_signed: Option<(u64, B256)>,
+    /// Whether that last signed state is final: then nothing else is ever
+    /// signed (a final state concludes at once on-chain, so a newer state
+    /// signed after it could be overtaken by it).
+    signed_final: bool,
 }
 
 impl Machine {
@@ -103,6 +107,7 @@ impl Machine {
             current: None,
             staged: Some(SignedState::new(initial)),
             last_signed: None,
+            signed_final: false,
         })
     }
 
@@ -123,6 +128,7 @@ impl Machine {
             c.verify_all(&params)?;
         }
         let mut last_signed = current.as_ref().map(|c| (c.state.version, c.state.hash()));
+        let mut signed_final = current.as_ref().is_some_and(|c| c.state.isFinal);
         if let Some(s) = &staged {
             s.state.validate(&params)?;
             for (i, sig) in s.sigs.iter().enumerate() {
@@ -130,6 +136,7 @@ impl Machine {
                     verify_sig(&params, &s.state, i, sig)?;
                     if i == index {
                         last_signed = Some((s.state.version, s.state.hash()));
+                        signed_final = s.state.isFinal;
                     }
                 }
             }
@@ -148,6 +155,7 @@ impl Machine {
             current,
             staged,
             last_signed,
+            signed_final,
         })
     }
 
@@ -213,10 +221,31 @@ impl Machine {
         Ok(())
     }
 
+    /// Whether this participant signed a final state: the channel is
+    /// closing, and only that very state is ever signed again.
+    pub fn signed_final(&self) -> bool {
+        self.signed_final
+    }
+
+    /// Refuses a state that would be a second signature on a version with
+    /// other contents, an older version, or anything after a final state.
     fn check_double_sign(&self, st: &State) -> Result<()> {
-        match self.last_signed {
-            Some((v, h)) if v == st.version && h != st.hash() => Err(Error::DoubleSign(v)),
-            Some((v, _)) if v > st.version => Err(Error::DoubleSign(st.version)),
+        Self::check_sign(self.last_signed, self.signed_final, st.version, st.hash())
+    }
+
+    fn check_sign(
+        last: Option<(u64, B256)>,
+        last_final: bool,
+        version: u64,
+        hash: B256,
+    ) -> Result<()> {
+        match last {
+            Some((v, h)) if last_final && h != hash => Err(Error::SignedFinal {
+                version: v,
+                hash: h,
+            }),
+            Some((v, h)) if v == version && h != hash => Err(Error::DoubleSign(v)),
+            Some((v, _)) if v > version => Err(Error::DoubleSign(version)),
             _ => Ok(()),
         }
     }
@@ -235,19 +264,20 @@ impl Machine {
     /// whose version was already signed with other contents.
     pub fn sign_staged(&mut self, account: &dyn Account) -> Result<Signature> {
         let index = self.index;
-        let last = self.last_signed;
+        let (last, last_final) = (self.last_signed, self.signed_final);
         let params = self.params.clone();
         let staged = self.staged_mut("sign_staged")?;
-        let (version, hash) = (staged.state.version, staged.state.hash());
-        match last {
-            Some((v, h)) if v == version && h != hash => return Err(Error::DoubleSign(v)),
-            Some((v, _)) if v > version => return Err(Error::DoubleSign(version)),
-            _ => {}
-        }
+        let (version, hash, is_final) = (
+            staged.state.version,
+            staged.state.hash(),
+            staged.state.isFinal,
+        );
+        Self::check_sign(last, last_final, version, hash)?;
         let mut copy = staged.clone();
         let sig = copy.sign(&params, index, account)?;
         *staged = copy;
         self.last_signed = Some((version, hash));
+        self.signed_final = is_final;
         Ok(sig)
     }
 
@@ -317,6 +347,11 @@ impl Machine {
         }
         if st.state.isFinal && self.phase == Phase::Active {
             self.set_phase(Phase::Final)?;
+        }
+        // It carries our signature: it is the newest state we signed.
+        if self.last_signed.is_none_or(|(v, _)| v < st.state.version) {
+            self.last_signed = Some((st.state.version, st.state.hash()));
+            self.signed_final = st.state.isFinal;
         }
         self.current = Some(st);
         Ok(())

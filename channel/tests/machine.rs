@@ -142,6 +142,49 @@ fn never_signs_two_states_with_one_version() {
     a.sign_staged(&accs[0]).unwrap();
 }
 
+/// The attack of issue 13: B signs A's final v1, A aborts it and pays B in
+/// v2. Had B signed v2, A could conclude v1 on-chain and undo the payment.
+/// After a final state, B signs nothing else, also after a restart; the
+/// final state itself may still be signed again (a retried settle).
+#[test]
+fn nothing_is_signed_after_a_final_state() {
+    let (a, mut b, accs) = active_pair();
+    let mut fin = a.current().unwrap().state.next();
+    fin.isFinal = true;
+    b.stage_update(fin.clone(), 0, &PaymentApp).unwrap();
+    b.sign_staged(&accs[1]).unwrap();
+    assert!(b.signed_final());
+    let restored = Machine::restore(
+        b.params().clone(),
+        1,
+        Phase::Active,
+        b.current().cloned(),
+        b.staged().cloned(),
+    )
+    .unwrap();
+    for mut m in [b, restored] {
+        m.discard_staged().unwrap();
+        let mut v2 = pay(&m, 0, 1, 3);
+        v2.version = 2;
+        assert_eq!(
+            m.stage_update(v2, 0, &PaymentApp),
+            Err(Error::SignedFinal {
+                version: 1,
+                hash: fin.hash()
+            })
+        );
+        assert_eq!(m.phase(), Phase::Active);
+        let mut fin2 = fin.clone();
+        fin2.version = 2;
+        assert!(matches!(
+            m.stage_update(fin2, 1, &PaymentApp),
+            Err(Error::SignedFinal { version: 1, .. })
+        ));
+        m.stage_update(fin.clone(), 0, &PaymentApp).unwrap();
+        m.sign_staged(&accs[1]).unwrap();
+    }
+}
+
 #[test]
 fn double_sign_guard_survives_restore() {
     let (mut a, _, accs) = active_pair();

@@ -26,7 +26,6 @@ pub struct ClientBuilder {
     update_handler: Arc<dyn UpdateHandler>,
     app: Arc<dyn App>,
     timeouts: Timeouts,
-    request_timeout: Option<std::time::Duration>,
     peers: Vec<(PeerId, Multiaddr)>,
 }
 
@@ -49,7 +48,6 @@ impl Default for ClientBuilder {
             update_handler: Arc::new(AcceptPaymentsToMe),
             app: Arc::new(PaymentApp),
             timeouts: Timeouts::default(),
-            request_timeout: None,
             peers: Vec::new(),
         }
     }
@@ -118,15 +116,21 @@ impl ClientBuilder {
         self.peers.push((peer, addr));
         self
     }
-    /// How long one request to a peer may wait for its reply (default 10 s).
+    /// How long one request to a peer may wait for its reply: sets
+    /// [`Timeouts::request`] (default 15 s; at least 3/2 × the handler
+    /// timeout, see [`Timeouts::check`]).
     pub fn request_timeout(mut self, t: std::time::Duration) -> Self {
-        self.request_timeout = Some(t);
+        self.timeouts.request = t;
         self
     }
 
     /// Starts the network endpoint, restores every persisted channel and
     /// starts serving peers.
+    ///
+    /// Fails with [`Error::Timeouts`] if the timeouts break a relation of
+    /// [`Timeouts::check`], before anything starts.
     pub async fn build(self) -> Result<Client> {
+        self.timeouts.check().map_err(Error::Timeouts)?;
         let account = self
             .account
             .ok_or(Error::Config("account is required".into()))?;
@@ -144,9 +148,7 @@ impl ClientBuilder {
         if let Some(addrs) = self.listen {
             cfg.listen = addrs;
         }
-        if let Some(t) = self.request_timeout {
-            cfg.request_timeout = t;
-        }
+        cfg.request_timeout = self.timeouts.request;
         let (wire, incoming) = perun_wire::Node::start(cfg).await?;
         for (peer, addr) in self.peers {
             wire.add_address(peer, addr).await?;

@@ -7,8 +7,13 @@ use std::time::Duration;
 /// looks at the chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// A handler's decision on a proposal or update.
+    /// A handler's decision on a proposal or update. The peer that asked
+    /// waits [`request`](Self::request) for our answer, so this must leave
+    /// room for storing, signing and the reply: see [`Timeouts::check`].
     pub handler: Duration,
+    /// How long one request to a peer waits for its reply (the wire's
+    /// request timeout, both directions).
+    pub request: Duration,
     /// From accepting a proposal to receiving the version-0 signatures.
     pub signing: Duration,
     /// Until every participant's deposit is on-chain.
@@ -40,7 +45,8 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
-            handler: Duration::from_secs(30),
+            handler: Duration::from_secs(10),
+            request: Duration::from_secs(15),
             signing: Duration::from_secs(30),
             funding: Duration::from_secs(120),
             update_wait: Duration::from_secs(10),
@@ -54,7 +60,90 @@ impl Default for Timeouts {
     }
 }
 
+/// A relation between [`Timeouts`] that does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutRule {
+    /// `request ≥ handler × 3/2`: a peer waits `request` for an answer that
+    /// takes up to `handler` to decide, plus half as much again to store,
+    /// sign and send. Otherwise the asker gives up on an update the
+    /// answerer still signs, and every slow decision burns a version.
+    HandlerFitsRequest {
+        /// [`Timeouts::handler`].
+        handler: Duration,
+        /// [`Timeouts::request`].
+        request: Duration,
+    },
+    /// `0 < retry_min ≤ retry_max`.
+    Retry {
+        /// [`Timeouts::retry_min`].
+        min: Duration,
+        /// [`Timeouts::retry_max`].
+        max: Duration,
+    },
+    /// This timeout is zero, which would spin or fail at once.
+    Zero(&'static str),
+}
+
+impl std::fmt::Display for TimeoutRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::HandlerFitsRequest { handler, request } => write!(
+                f,
+                "request ({request:?}) must be at least 3/2 × handler ({handler:?})"
+            ),
+            Self::Retry { min, max } => {
+                write!(f, "need 0 < retry_min ({min:?}) ≤ retry_max ({max:?})")
+            }
+            Self::Zero(what) => write!(f, "{what} must not be zero"),
+        }
+    }
+}
+
 impl Timeouts {
+    /// Checks the relations the protocol relies on; [`ClientBuilder::build`]
+    /// refuses timeouts that break one. The one between two peers:
+    /// `request ≥ handler × 3/2` ([`TimeoutRule::HandlerFitsRequest`]).
+    ///
+    /// [`ClientBuilder::build`]: crate::ClientBuilder::build
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use perun_client::{TimeoutRule, Timeouts};
+    ///
+    /// assert_eq!(Timeouts::default().check(), Ok(()));
+    /// let slow = Timeouts { handler: Duration::from_secs(60), ..Timeouts::default() };
+    /// assert!(matches!(slow.check(), Err(TimeoutRule::HandlerFitsRequest { .. })));
+    /// ```
+    pub fn check(&self) -> Result<(), TimeoutRule> {
+        for (what, d) in [
+            ("handler", self.handler),
+            ("request", self.request),
+            ("signing", self.signing),
+            ("funding", self.funding),
+            ("update_wait", self.update_wait),
+            ("dispute_poll", self.dispute_poll),
+            ("chain_recheck", self.chain_recheck),
+            ("settle_cooperative", self.settle_cooperative),
+        ] {
+            if d.is_zero() {
+                return Err(TimeoutRule::Zero(what));
+            }
+        }
+        if self.request < self.handler.saturating_mul(3) / 2 {
+            return Err(TimeoutRule::HandlerFitsRequest {
+                handler: self.handler,
+                request: self.request,
+            });
+        }
+        if self.retry_min.is_zero() || self.retry_min > self.retry_max {
+            return Err(TimeoutRule::Retry {
+                min: self.retry_min,
+                max: self.retry_max,
+            });
+        }
+        Ok(())
+    }
+
     /// The pause before try `attempt + 1` (1-based `attempt` failures so far):
     /// `retry_min · 2^(attempt-1)`, at most `retry_max`.
     pub fn backoff(&self, attempt: u32) -> Duration {

@@ -56,6 +56,10 @@ pub enum Error {
     /// The client was misconfigured.
     #[error("configuration: {0}")]
     Config(String),
+    /// The configured [`Timeouts`](crate::Timeouts) break a relation the
+    /// protocol relies on.
+    #[error("timeouts: {0}")]
+    Timeouts(crate::config::TimeoutRule),
     /// The client has shut down.
     #[error("client is shut down")]
     Closed,

@@ -4,10 +4,12 @@
 //! so deciding twice does not compile. Dropping a responder without
 //! deciding rejects.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use perun_channel::{Address, Params, State};
+use perun_channel::{Address, Asset, Params, State, U256};
 use perun_wire::{PeerId, Proposal};
 use tokio::sync::{mpsc, oneshot};
 
@@ -143,14 +145,18 @@ pub trait UpdateHandler: Send + Sync {
     async fn handle_update(&self, update: IncomingUpdate, responder: UpdateResponder);
 }
 
-/// Accepts every valid proposal and update. Channels opened by accepting
-/// come out of the receiver returned by [`AcceptAll::new`].
+/// Accepts every valid proposal and update, whatever the deposit, challenge
+/// duration or app: **for tests only**. A peer could lock all of your
+/// funds in a channel whose challenge is one second, and win any dispute
+/// while you blink. Use [`AcceptWithin`] and [`AcceptPaymentsToMe`] for
+/// real money. Channels opened by accepting come out of the receiver
+/// returned by [`AcceptAllForTesting::new`].
 #[derive(Debug, Clone)]
-pub struct AcceptAll {
+pub struct AcceptAllForTesting {
     opened: mpsc::UnboundedSender<Result<Channel>>,
 }
 
-impl AcceptAll {
+impl AcceptAllForTesting {
     /// The handler and the receiver of channels it opened (or failed to).
     pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Result<Channel>>) {
         let (opened, rx) = mpsc::unbounded_channel();
@@ -159,16 +165,163 @@ impl AcceptAll {
 }
 
 #[async_trait]
-impl ProposalHandler for AcceptAll {
+impl ProposalHandler for AcceptAllForTesting {
     async fn handle_proposal(&self, _proposal: IncomingProposal, responder: ProposalResponder) {
         let _ = self.opened.send(responder.accept().await);
     }
 }
 
 #[async_trait]
-impl UpdateHandler for AcceptAll {
+impl UpdateHandler for AcceptAllForTesting {
     async fn handle_update(&self, _update: IncomingUpdate, responder: UpdateResponder) {
         responder.accept();
+    }
+}
+
+/// Why [`AcceptWithin`] refuses a proposal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The challenge duration is shorter than our minimum: we could not
+    /// be sure to answer a stale registration in time.
+    ChallengeTooShort {
+        /// The proposal's challenge duration.
+        proposed: Duration,
+        /// Our minimum.
+        min: Duration,
+    },
+    /// The proposal asks us to deposit an asset we did not list.
+    AssetNotAccepted(Asset),
+    /// Our deposit of `asset` would exceed our maximum for it.
+    DepositTooHigh {
+        /// The asset.
+        asset: Asset,
+        /// What the proposal asks us to deposit.
+        asked: U256,
+        /// Our maximum.
+        max: U256,
+    },
+    /// The channel runs an app; this handler accepts payment channels only.
+    App(Address),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ChallengeTooShort { proposed, min } => write!(
+                f,
+                "challenge duration {} s is below our minimum of {} s",
+                proposed.as_secs(),
+                min.as_secs()
+            ),
+            Self::AssetNotAccepted(a) => {
+                write!(
+                    f,
+                    "asset {} on chain {} is not accepted",
+                    a.holder, a.chainId
+                )
+            }
+            Self::DepositTooHigh { asset, asked, max } => write!(
+                f,
+                "deposit {asked} of asset {} exceeds our maximum {max}",
+                asset.holder
+            ),
+            Self::App(app) => write!(f, "app channels ({app}) are not accepted"),
+        }
+    }
+}
+
+/// Accepts payment-channel proposals within limits: a challenge duration
+/// of at least [`min_challenge`](Self::min_challenge) (default
+/// [`DEFAULT_MIN_CHALLENGE`](Self::DEFAULT_MIN_CHALLENGE), a day) and, for
+/// each asset, our own deposit at most its listed maximum (an asset not
+/// listed is refused). Anything else is rejected with a [`Refusal`] as the
+/// reason. Channels opened by accepting come out of the receiver returned
+/// by [`AcceptWithin::new`].
+///
+/// ```
+/// use std::time::Duration;
+/// use perun_channel::{Address, Asset, U256};
+/// use perun_client::AcceptWithin;
+///
+/// let eth = Asset { chainId: U256::from(1), holder: Address::repeat_byte(0xee) };
+/// let one_ether = U256::from(10).pow(U256::from(18));
+/// let (handler, _opened) = AcceptWithin::new([(eth, one_ether)]);
+/// let handler = handler.min_challenge(Duration::from_secs(6 * 3600));
+/// # let _ = handler;
+/// ```
+#[derive(Debug, Clone)]
+pub struct AcceptWithin {
+    min_challenge: Duration,
+    max_deposit: HashMap<Asset, U256>,
+    opened: mpsc::UnboundedSender<Result<Channel>>,
+}
+
+impl AcceptWithin {
+    /// The default minimum challenge duration: a day, so a client that is
+    /// down for hours (an update, a crash loop, a night) still refutes.
+    pub const DEFAULT_MIN_CHALLENGE: Duration = Duration::from_secs(24 * 3600);
+
+    /// A handler that accepts these assets up to these deposits of ours,
+    /// and the receiver of the channels it opened (or failed to).
+    pub fn new(
+        max_deposit: impl IntoIterator<Item = (Asset, U256)>,
+    ) -> (Self, mpsc::UnboundedReceiver<Result<Channel>>) {
+        let (opened, rx) = mpsc::unbounded_channel();
+        let handler = Self {
+            min_challenge: Self::DEFAULT_MIN_CHALLENGE,
+            max_deposit: max_deposit.into_iter().collect(),
+            opened,
+        };
+        (handler, rx)
+    }
+
+    /// Sets the shortest challenge duration accepted.
+    pub fn min_challenge(mut self, min: Duration) -> Self {
+        self.min_challenge = min;
+        self
+    }
+
+    /// Why this handler refuses `p`, if it does.
+    pub fn refusal(&self, p: &IncomingProposal) -> Option<Refusal> {
+        let proposed = Duration::from_secs(p.proposal.challenge_duration);
+        if proposed < self.min_challenge {
+            return Some(Refusal::ChallengeTooShort {
+                proposed,
+                min: self.min_challenge,
+            });
+        }
+        if p.proposal.app != Address::ZERO {
+            return Some(Refusal::App(p.proposal.app));
+        }
+        for (i, asset) in p.proposal.allocation.assets.iter().enumerate() {
+            let Some(max) = self.max_deposit.get(asset) else {
+                return Some(Refusal::AssetNotAccepted(asset.clone()));
+            };
+            let asked = p.my_balance(i).unwrap_or(U256::ZERO);
+            if asked > *max {
+                return Some(Refusal::DepositTooHigh {
+                    asset: asset.clone(),
+                    asked,
+                    max: *max,
+                });
+            }
+        }
+        None
+    }
+}
+
+#[async_trait]
+impl ProposalHandler for AcceptWithin {
+    async fn handle_proposal(&self, proposal: IncomingProposal, responder: ProposalResponder) {
+        match self.refusal(&proposal) {
+            Some(why) => {
+                tracing::info!(from = %proposal.from, %why, "proposal refused");
+                responder.reject(why.to_string());
+            }
+            None => {
+                let _ = self.opened.send(responder.accept().await);
+            }
+        }
     }
 }
 

@@ -55,12 +55,12 @@ mod watcher;
 
 pub use channel::{Channel, EventStream, UpdateStream};
 pub use client::{Client, ClientBuilder, SHUTDOWN_GRACE};
-pub use config::Timeouts;
+pub use config::{TimeoutRule, Timeouts};
 pub use error::{Error, Result};
 pub use event::{ChannelEvent, WatchStatus, WatcherStep};
 pub use handler::{
-    AcceptAll, AcceptPaymentsToMe, IncomingProposal, IncomingUpdate, ProposalHandler,
-    ProposalResponder, RejectAll, UpdateHandler, UpdateResponder,
+    AcceptAllForTesting, AcceptPaymentsToMe, AcceptWithin, IncomingProposal, IncomingUpdate,
+    ProposalHandler, ProposalResponder, Refusal, RejectAll, UpdateHandler, UpdateResponder,
 };
 pub use open::ChannelProposal;
 pub use perun_adjudicator::AdjudicatorEvent;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use perun::adjudicator::testing::{Anvil, CHAIN_ID};
 use perun::adjudicator::{Deployment, EthAdjudicator, EthConfig, EthFunder, deploy};
 use perun::channel::{Allocation, Asset, U256};
-use perun::client::{AcceptAll, AcceptPaymentsToMe, Channel, ChannelProposal, Client, Participant};
+use perun::client::{
+    AcceptAllForTesting, AcceptPaymentsToMe, Channel, ChannelProposal, Client, Participant,
+};
 use perun::persistence::{MemoryPersister, Persister, RedbPersister};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -86,7 +88,7 @@ async fn client(
     let url = chain.anvil.ws_url();
     let funder = EthFunder::connect(&url, &account, chain.config.clone()).await?;
     let adjudicator = EthAdjudicator::connect(&url, &account, chain.config.clone()).await?;
-    let (accept_all, opened) = AcceptAll::new();
+    let (accept_all, opened) = AcceptAllForTesting::new();
     let client = Client::builder()
         .account(Arc::new(account))
         .funder(Arc::new(funder))

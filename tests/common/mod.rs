@@ -13,7 +13,7 @@ use perun::adjudicator::{
 };
 use perun::channel::{Address, Allocation, Asset, U256};
 use perun::client::{
-    AcceptAll, Channel, ChannelProposal, Client, Participant, ProposalHandler, Timeouts,
+    AcceptAllForTesting, Channel, ChannelProposal, Client, Participant, ProposalHandler, Timeouts,
     UpdateHandler,
 };
 use perun::persistence::{MemoryPersister, Persister, RedbPersister};
@@ -294,7 +294,15 @@ async fn start(
     dir: Option<tempfile::TempDir>,
     opts: &Options,
 ) -> Party {
-    let (accept_all, opened) = AcceptAll::new();
+    let (accept_all, opened) = AcceptAllForTesting::new();
+    let mut timeouts = opts
+        .timeouts
+        .unwrap_or_else(|| test_timeouts(opts.funding_timeout));
+    if let Some(t) = opts.request_timeout {
+        // A short request timeout needs a handler that answers within it.
+        timeouts.request = t;
+        timeouts.handler = timeouts.handler.min(t * 2 / 3);
+    }
     let mut builder = Client::builder()
         .account(account.clone())
         .network_key(key.clone())
@@ -303,13 +311,7 @@ async fn start(
         .persister(persister.clone())
         .proposal_handler(opts.proposal_handler.clone().unwrap_or(accept_all.clone()))
         .update_handler(opts.update_handler.clone().unwrap_or(accept_all))
-        .timeouts(
-            opts.timeouts
-                .unwrap_or_else(|| test_timeouts(opts.funding_timeout)),
-        );
-    if let Some(t) = opts.request_timeout {
-        builder = builder.request_timeout(t);
-    }
+        .timeouts(timeouts);
     if opts.dial_only {
         builder = builder.dial_only();
     }

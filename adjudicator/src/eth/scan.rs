@@ -297,7 +297,7 @@ impl Scanner {
     async fn round(&mut self) -> Result<()> {
         self.rewind_on_reorg().await?;
         let c = &self.c;
-        let Some(safe) = c.head().await?.checked_sub(c.cfg.confirmations) else {
+        let Some(safe) = c.head().await?.checked_sub(c.cfg.depth()) else {
             return Ok(());
         };
         if safe.saturating_add(1) < self.next {
@@ -430,7 +430,7 @@ impl Scanner {
                 .map_or(self.first, |(n, _)| n.saturating_add(1));
             warn!(
                 from = self.next,
-                confirmations = self.c.cfg.confirmations,
+                confirmations = self.c.cfg.depth(),
                 "a reorg replaced blocks deeper than the confirmation depth; rescanning"
             );
         }

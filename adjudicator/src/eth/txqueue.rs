@@ -92,7 +92,7 @@ impl Policy {
     /// The config's policy.
     pub(super) fn of(cfg: &EthConfig) -> Self {
         Self {
-            confirmations: cfg.confirmations,
+            confirmations: cfg.depth(),
             caps: Caps {
                 max_fee: cfg.max_fee_per_gas,
                 tip: cfg.max_priority_fee_per_gas,
