@@ -131,15 +131,9 @@ impl ClientBuilder {
     /// [`Timeouts::check`], before anything starts.
     pub async fn build(self) -> Result<Client> {
         self.timeouts.check().map_err(Error::Timeouts)?;
-        let account = self
-            .account
-            .ok_or(Error::Config("account is required".into()))?;
-        let funder = self
-            .funder
-            .ok_or(Error::Config("funder is required".into()))?;
-        let adjudicator = self
-            .adjudicator
-            .ok_or(Error::Config("adjudicator is required".into()))?;
+        let account = self.account.ok_or(Error::Missing("an account"))?;
+        let funder = self.funder.ok_or(Error::Missing("a funder"))?;
+        let adjudicator = self.adjudicator.ok_or(Error::Missing("an adjudicator"))?;
         let persister = self
             .persister
             .unwrap_or_else(|| Arc::new(MemoryPersister::new()));

@@ -53,9 +53,20 @@ pub enum Error {
     /// The operation does not fit the channel's phase.
     #[error("channel is {0:?}; operation not possible")]
     Phase(perun_channel::Phase),
-    /// The client was misconfigured.
-    #[error("configuration: {0}")]
-    Config(String),
+    /// `ClientBuilder::build` lacks a required part.
+    #[error("the client builder needs {0}")]
+    Missing(&'static str),
+    /// A proposal does not list us (our address with our peer id).
+    #[error("we ({address}, {peer}) are not among the proposal's participants")]
+    NotAParticipant {
+        /// Our on-chain address.
+        address: perun_channel::Address,
+        /// Our peer id.
+        peer: PeerId,
+    },
+    /// A proposal lists one peer for two participants.
+    #[error("peer {0} appears twice in the proposal")]
+    DuplicatePeer(PeerId),
     /// The configured [`Timeouts`](crate::Timeouts) break a relation the
     /// protocol relies on.
     #[error("timeouts: {0}")]

@@ -84,7 +84,10 @@ fn check_proposal(shared: &Shared, from: Option<PeerId>, p: &Proposal) -> Result
         .participants
         .iter()
         .position(|x| (x.address, x.peer) == me)
-        .ok_or(Error::Config("we are not among the participants".into()))?;
+        .ok_or(Error::NotAParticipant {
+            address: me.0,
+            peer: me.1,
+        })?;
     let proposer = p
         .participants
         .get(p.proposer)
@@ -99,9 +102,8 @@ fn check_proposal(shared: &Shared, from: Option<PeerId>, p: &Proposal) -> Result
     }
     let mut peers: Vec<PeerId> = p.participants.iter().map(|x| x.peer).collect();
     peers.sort();
-    peers.dedup();
-    if peers.len() != n {
-        return Err(Error::Config("a peer appears twice".into()));
+    if let Some(w) = peers.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::DuplicatePeer(w[0]));
     }
     channel_of(p, &vec![B256::ZERO; n])?;
     Ok(index)
