@@ -5,7 +5,7 @@ use perun_channel::ChannelId;
 /// Everything a [`Persister`](crate::Persister) can refuse or fail at.
 ///
 /// Two kinds of error exist. *Rejections* (`UnknownChannel`, `AlreadyExists`,
-/// `StaleVersion`, `VersionConflict`, `InvalidInput`, `LimitExceeded`) mean
+/// `StaleVersion`, `VersionConflict`, `InvalidInput`, `LimitExceeded`, `BurntTooFar`) mean
 /// the request was refused and nothing was written. *Failures* (`Storage`,
 /// `Io`, `Corrupt`, `Closed`, ...) mean the store could not answer; a write
 /// that failed this way may or may not be on disk, and the caller must not
@@ -54,6 +54,17 @@ pub enum Error {
         id: ChannelId,
         /// Which limit, and by how much.
         what: String,
+    },
+    /// A burnt version further past the current version than any proposal
+    /// could skip.
+    #[error("channel {id}: burnt version {burnt} is past the limit {cap}")]
+    BurntTooFar {
+        /// The channel.
+        id: ChannelId,
+        /// The burnt version offered.
+        burnt: u64,
+        /// The highest burnt version allowed now.
+        cap: u64,
     },
     /// A stored record decoded but failed validation (bad signature, broken
     /// channel rule): the bytes on disk cannot be trusted.
@@ -116,7 +127,29 @@ impl Error {
                 | Error::VersionConflict { .. }
                 | Error::InvalidInput { .. }
                 | Error::LimitExceeded { .. }
+                | Error::BurntTooFar { .. }
         )
+    }
+
+    /// The channel the error is about, when it names one: a caller that
+    /// loads many records tells the damaged ones apart by it.
+    pub fn channel(&self) -> Option<ChannelId> {
+        match self {
+            Error::UnknownChannel(id) | Error::AlreadyExists(id) => Some(*id),
+            Error::StaleVersion { id, .. }
+            | Error::VersionConflict { id, .. }
+            | Error::InvalidInput { id, .. }
+            | Error::LimitExceeded { id, .. }
+            | Error::BurntTooFar { id, .. }
+            | Error::InvalidRecord { id, .. } => Some(*id),
+            Error::Corrupt { id, .. } => *id,
+            Error::SchemaTooNew { .. }
+            | Error::FormatTooNew { .. }
+            | Error::AlreadyOpen
+            | Error::Io(_)
+            | Error::Storage(_)
+            | Error::Closed => None,
+        }
     }
 }
 

@@ -43,6 +43,7 @@
 //!     staged: Some(initial.clone()),
 //!     peers: vec![b"alice-peer".to_vec(), b"bob-peer".to_vec()],
 //!     metadata: Vec::new(),
+//!     burnt: 0,
 //! };
 //! let id = record.id();
 //! store.channel_created(&record).await?;
