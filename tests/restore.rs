@@ -326,6 +326,14 @@ async fn withdrawn_channels_leave_the_store(ledger: Ledger) {
     assert!(alice.persister.channel_ids().await.unwrap().is_empty());
 }
 
+/// As a record with a bad signature on disk fails its checks.
+fn damaged() -> perun::persistence::RecordDefect {
+    perun::persistence::RecordDefect::Check(Box::new(perun::persistence::Error::Corrupt {
+        id: None,
+        reason: "damaged on disk".into(),
+    }))
+}
+
 /// A store in which one channel's record fails its checks on load (as a
 /// damaged record does): `load_all` fails as a whole, `load` of that one
 /// channel fails, everything else works.
@@ -358,7 +366,7 @@ impl Persister for OneBadRecord {
         if self.bad() == Some(id) {
             return Err(perun::persistence::Error::InvalidRecord {
                 id,
-                reason: "damaged on disk".into(),
+                defect: damaged(),
             });
         }
         self.inner.load(id).await
@@ -367,7 +375,7 @@ impl Persister for OneBadRecord {
         match self.bad() {
             Some(id) => Err(perun::persistence::Error::InvalidRecord {
                 id,
-                reason: "damaged on disk".into(),
+                defect: damaged(),
             }),
             None => self.inner.load_all().await,
         }

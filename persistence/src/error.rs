@@ -68,12 +68,13 @@ pub enum Error {
     },
     /// A stored record decoded but failed validation (bad signature, broken
     /// channel rule): the bytes on disk cannot be trusted.
-    #[error("stored channel {id} is invalid: {reason}")]
+    #[error("stored channel {id} is invalid: {defect}")]
     InvalidRecord {
-        /// The channel.
+        /// The channel (the key the record is stored under).
         id: ChannelId,
         /// What check failed.
-        reason: String,
+        #[source]
+        defect: RecordDefect,
     },
     /// Stored bytes that do not decode: checksum mismatch, truncation,
     /// unknown tag, or a database file redb cannot read.
@@ -151,6 +152,21 @@ impl Error {
             | Error::Closed => None,
         }
     }
+}
+
+/// Why a record read from disk failed its checks.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordDefect {
+    /// The record is stored under a key its params do not hash to.
+    #[error("its params hash to {actual}")]
+    WrongKey {
+        /// The id its params give.
+        actual: ChannelId,
+    },
+    /// A check every created record passes failed (a signature, a limit,
+    /// a channel rule).
+    #[error(transparent)]
+    Check(Box<Error>),
 }
 
 /// The persistence crate's result type.

@@ -72,7 +72,7 @@ pub mod record;
 pub mod redb_store;
 mod wal;
 
-pub use error::{Error, Result};
+pub use error::{Error, RecordDefect, Result};
 pub use memory::MemoryPersister;
 pub use persister::Persister;
 pub use record::{Change, ChannelRecord, MAX_METADATA_LEN, MAX_PEER_ID_LEN};
