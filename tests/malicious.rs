@@ -29,6 +29,7 @@ on_both_ledgers!(
     a_failed_proposal_is_never_completed_on_a_newer_state,
     a_huge_aborted_version_does_not_block_alice,
     after_signing_a_final_state_alice_signs_nothing_else,
+    a_huge_synced_version_does_not_block_alice,
 );
 
 struct Setup {
@@ -536,4 +537,39 @@ async fn after_signing_a_final_state_alice_signs_nothing_else(ledger: Ledger) {
         other => panic!("Alice's own update after a signed final state: {other:?}"),
     }
     assert_unchanged(&s.alice, &before);
+}
+
+/// A `Sync` whose staged state names version 2^64 − 1 burns at most
+/// `MAX_VERSION_STEP − 1` versions past Alice's state (and that is what she
+/// stores): her next payment is still a valid transition, and goes through.
+async fn a_huge_synced_version_does_not_block_alice(ledger: Ledger) {
+    let s = setup(ledger).await;
+    let before = s.alice.state();
+    let mut far = before.state.next();
+    far.version = u64::MAX;
+    let sync = Message::Sync(perun::wire::Sync {
+        channel_id: s.alice.id(),
+        index: 1,
+        phase: Phase::Updating,
+        latest: before.clone(),
+        staged: Some(SignedState {
+            sigs: vec![None, Some(s.bob_key.sign_hash(far.hash()).unwrap())],
+            state: far,
+        }),
+    });
+    assert!(matches!(
+        s.evil.send(s.alice_peer, &sync).await.unwrap(),
+        Message::Sync(_)
+    ));
+    assert_unchanged(&s.alice, &before);
+    let twin = sign_first_update(s.evil_in.unwrap(), s.bob_key.clone());
+    let paid = s.alice.pay(1, 0, U256::from(1u64));
+    let (paid, proposed) = tokio::join!(paid, twin);
+    let proposed = proposed.unwrap();
+    assert_eq!(
+        proposed.version,
+        before.state.version + perun::channel::limits::MAX_VERSION_STEP,
+        "past the capped burnt version, and no further"
+    );
+    assert_eq!(paid.unwrap().state, proposed);
 }

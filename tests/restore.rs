@@ -13,13 +13,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::{Ledger, Options, introduce, open, parties, restart};
+use perun::adjudicator::{Funder, FundingRequest};
 use perun::channel::{ChannelId, Phase, U256};
 use perun::persistence::{Change, ChannelRecord, Persister};
 
 on_both_ledgers!(
     restart_restores_channels,
     a_failed_commit_burns_its_version,
+    a_burnt_version_survives_the_proposers_restart,
+    a_responder_restarted_after_its_deposit_goes_on_funding,
     one_bad_record_does_not_keep_the_others_from_loading,
+    withdrawn_channels_leave_the_store,
 );
 
 fn u(x: u64) -> U256 {
@@ -146,6 +150,190 @@ async fn a_failed_commit_burns_its_version(ledger: Ledger) {
     st.verify_all(bob_ch.params()).unwrap();
 }
 
+/// Issue 13, client 3: Alice's update fails after Bob signed it (her store
+/// fails the commit); she aborts, Bob drops it, and the version is burnt.
+/// Alice restarts. Bob's `Sync` cannot tell her about the version (he
+/// holds nothing staged any more), and he refuses to sign that version
+/// again: before the burnt version was stored, every payment of Alice's
+/// answered `Conflict` (5 of 5). Now all five go through, past it.
+async fn a_burnt_version_survives_the_proposers_restart(ledger: Ledger) {
+    let armed = Arc::new(AtomicBool::new(false));
+    let alice_opts = Options {
+        wrap_persister: Some(Box::new({
+            let armed = armed.clone();
+            move |inner| {
+                Arc::new(FailNextCommit {
+                    inner,
+                    armed: armed.clone(),
+                }) as Arc<dyn Persister>
+            }
+        })),
+        ..Options::default()
+    };
+    let mut ps = vec![
+        common::party(&ledger, u(1_000_000), &alice_opts).await,
+        common::party(&ledger, u(1_000_000), &Options::default()).await,
+    ];
+    introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(1000)).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let err = chans[0].pay(1, 0, u(20)).await.unwrap_err();
+    assert!(matches!(err, perun::client::Error::Persistence(_)), "{err}");
+    assert_eq!(chans[1].state().state.version, 1);
+    assert_eq!(chans[1].phase(), Phase::Active, "Bob dropped version 2");
+    let id = chans[0].id();
+    let bob_ch = chans[1].clone();
+    drop(chans); // Alice's old `Channel` would keep her old client (and store) alive.
+
+    let alice = ps.remove(0);
+    ps.insert(0, restart(&ledger, alice).await);
+    introduce(&ps).await;
+    let alice_ch = ps[0].client.channel(&id).expect("channel restored");
+    let mut versions = Vec::new();
+    for _ in 0..5 {
+        let st = alice_ch
+            .pay(1, 0, u(1))
+            .await
+            .expect("no payment of the restarted proposer conflicts");
+        versions.push(st.state.version);
+    }
+    assert_eq!(versions, vec![3, 4, 5, 6, 7], "version 2 stays burnt");
+    let st = common::caught_up(&[alice_ch.clone(), bob_ch.clone()]).await;
+    assert_eq!(st.state.outcome.balances[0], vec![u(985), u(1015)]);
+    st.verify_all(alice_ch.params()).unwrap();
+}
+
+/// Calls the party's own funder only once the test opens the gate.
+struct GatedFunder {
+    inner: Arc<dyn Funder>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl Funder for GatedFunder {
+    async fn fund(&self, req: FundingRequest) -> perun::adjudicator::Result<()> {
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        self.inner.fund(req).await
+    }
+}
+
+/// Issue 13, client 4: in a 3-party channel Bob (a responder) deposits and
+/// is restarted before Alice and Carol deposit. The version-0 commit he got
+/// from Alice is stored with the phase `Funding` (it used to be stored
+/// without it, so Bob came back in `Signing0` and never funded, watched or
+/// settled): restored, he goes on funding, the channel becomes active on
+/// all three, updates, and settles with every balance exact.
+async fn a_responder_restarted_after_its_deposit_goes_on_funding(ledger: Ledger) {
+    const MINT: u64 = 1_000_000;
+    const EACH: u64 = 100;
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let mut ps = Vec::new();
+    for gated in [true, false, true] {
+        let account = ledger.account(u(MINT)).await;
+        let mut opts = Options::default();
+        if gated {
+            let (inner, _) = ledger.backends(&account).await;
+            opts.funder = Some(Arc::new(GatedFunder {
+                inner,
+                open: open.clone(),
+            }));
+        }
+        ps.push(common::party_with_account(&ledger, account, &opts).await);
+    }
+    introduce(&ps).await;
+    let prop = common::proposal(&ledger, &ps, u(EACH));
+    let alice = ps[0].client.clone();
+    let opening = tokio::spawn(async move { alice.propose_channel(prop).await });
+
+    // Bob's deposit lands; Alice's and Carol's wait at the gate.
+    let bob_addr = ps[1].client.address();
+    tokio::time::timeout(common::WAIT, async {
+        while ledger.balance(bob_addr).await != u(MINT - EACH) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("Bob deposits");
+    let bob = ps.remove(1);
+    ps.insert(1, restart(&ledger, bob).await);
+    introduce(&ps).await;
+    let bob_ch = {
+        let chans = ps[1].client.channels();
+        assert_eq!(chans.len(), 1, "Bob restored the channel");
+        chans[0].clone()
+    };
+    assert_eq!(
+        bob_ch.phase(),
+        Phase::Funding,
+        "restored in a phase that funds"
+    );
+
+    gate.send_replace(true);
+    let alice_ch = opening.await.unwrap().expect("the channel opens");
+    let carol_ch = ps[2].accepted().await;
+    bob_ch
+        .wait_for_phase(Phase::Active, common::WAIT)
+        .await
+        .expect("Bob's restored channel becomes active");
+    let chans = [alice_ch, bob_ch, carol_ch];
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    chans[1].pay(2, 0, u(20)).await.unwrap();
+    chans[2].pay(0, 0, u(5)).await.unwrap();
+    let st = common::caught_up(&chans).await;
+    assert_eq!(st.state.outcome.balances[0], vec![u(95), u(90), u(115)]);
+    for c in &chans {
+        c.settle().await.unwrap();
+        assert_eq!(c.phase(), Phase::Withdrawn);
+    }
+    let fin = chans[0].state().state;
+    assert!(fin.isFinal);
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(
+            ledger.balance(p.client.address()).await,
+            u(MINT - EACH) + fin.outcome.balances[0][i],
+            "participant {i} holds what the final state gives it"
+        );
+    }
+}
+
+/// Issue 13, client 7: a withdrawn channel's record leaves the store, so
+/// neither the store nor the restore grows with every channel ever closed.
+/// After three settled channels both stores are empty, and a restarted
+/// client restores nothing.
+async fn withdrawn_channels_leave_the_store(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    for round in 0..3u64 {
+        let chans = open(&ledger, &mut ps, u(100)).await;
+        chans[0].pay(1, 0, u(1 + round)).await.unwrap();
+        common::caught_up(&chans).await;
+        for c in &chans {
+            c.settle().await.unwrap();
+            assert_eq!(c.phase(), Phase::Withdrawn);
+        }
+        // The settled channel's handle still answers in this process.
+        assert!(chans[0].state().state.isFinal);
+    }
+    for p in &ps {
+        assert!(p.persister.channel_ids().await.unwrap().is_empty());
+        assert!(p.persister.load_all().await.unwrap().is_empty());
+    }
+    let alice = ps.remove(0);
+    let alice = restart(&ledger, alice).await;
+    assert!(alice.client.channels().is_empty(), "nothing to restore");
+    assert!(alice.client.damaged_records().is_empty());
+    assert!(alice.persister.channel_ids().await.unwrap().is_empty());
+}
+
+/// As a record with a bad signature on disk fails its checks.
+fn damaged() -> perun::persistence::RecordDefect {
+    perun::persistence::RecordDefect::Check(Box::new(perun::persistence::Error::Corrupt {
+        id: None,
+        reason: "damaged on disk".into(),
+    }))
+}
+
 /// A store in which one channel's record fails its checks on load (as a
 /// damaged record does): `load_all` fails as a whole, `load` of that one
 /// channel fails, everything else works.
@@ -178,7 +366,7 @@ impl Persister for OneBadRecord {
         if self.bad() == Some(id) {
             return Err(perun::persistence::Error::InvalidRecord {
                 id,
-                reason: "damaged on disk".into(),
+                defect: damaged(),
             });
         }
         self.inner.load(id).await
@@ -187,7 +375,7 @@ impl Persister for OneBadRecord {
         match self.bad() {
             Some(id) => Err(perun::persistence::Error::InvalidRecord {
                 id,
-                reason: "damaged on disk".into(),
+                defect: damaged(),
             }),
             None => self.inner.load_all().await,
         }
@@ -214,4 +402,117 @@ async fn one_bad_record_does_not_keep_the_others_from_loading(ledger: Ledger) {
         .channel(&second.id())
         .expect("the good channel");
     assert_eq!(restored.state(), good);
+}
+
+/// Issue 13, client 7: a record damaged on disk (one flipped byte in Alice's
+/// real redb file) is reported to the application, typed and naming the
+/// channel, not only logged: in `Client::damaged_records()`, or as the
+/// error of `build()` if the application asks for that. The sound channel
+/// is restored either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_record_is_reported_to_the_application() {
+    use perun::client::{Client, DamagedRecord, Error};
+    use redb::ReadableTable;
+    const CURRENT: redb::TableDefinition<&[u8; 32], &[u8]> =
+        redb::TableDefinition::new("perun_current");
+
+    let ledger = Ledger::anvil().await;
+    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    let damaged = open(&ledger, &mut ps, u(100)).await[0].id();
+    let chans = open(&ledger, &mut ps, u(100)).await;
+    chans[0].pay(1, 0, u(1)).await.unwrap();
+    let good = common::caught_up(&chans).await;
+    let sound = chans[0].id();
+    drop(chans); // Alice's `Channel` would keep her client (and store) alive.
+
+    let common::Party {
+        client,
+        account,
+        key,
+        persister,
+        dir,
+        ..
+    } = ps.remove(0);
+    client.shutdown().await;
+    drop((client, persister));
+    let path = dir.as_ref().unwrap().path().join("perun.redb");
+    // The old client's tasks let go of the file as they see the shutdown.
+    let db = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match redb::Database::create(&path) {
+                Ok(db) => return db,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("the store is released");
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(CURRENT).unwrap();
+        let mut bytes = table.get(&damaged.0).unwrap().unwrap().value().to_vec();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        table.insert(&damaged.0, bytes.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+    drop(db);
+
+    let build = |refuse: bool| {
+        let (ledger, account, key, path) = (&ledger, account.clone(), key.clone(), path.clone());
+        async move {
+            let (funder, adjudicator) = ledger.backends(&account).await;
+            // A refused client lets go of the file as its tasks end.
+            let store = loop {
+                match perun::persistence::RedbPersister::open(&path).await {
+                    Ok(s) => break s,
+                    Err(perun::persistence::Error::AlreadyOpen) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("reopen store: {e}"),
+                }
+            };
+            let mut b = Client::builder()
+                .account(account)
+                .network_key(key)
+                .funder(funder)
+                .adjudicator(adjudicator)
+                .persister(Arc::new(store))
+                .timeouts(common::test_timeouts(Duration::from_secs(30)));
+            if refuse {
+                b = b.refuse_damaged_records();
+            }
+            b.build().await
+        }
+    };
+    let is_damage = |d: &DamagedRecord| {
+        d.id == damaged
+            && matches!(
+                &*d.error,
+                Error::Persistence(perun::persistence::Error::Corrupt { id: Some(id), .. })
+                    if *id == damaged
+            )
+    };
+
+    // Asked to, `build()` refuses to start, naming the damaged channel.
+    match build(true).await {
+        Err(Error::DamagedRecords(list)) => {
+            assert_eq!(list.len(), 1, "{list:?}");
+            assert!(is_damage(&list[0]), "{list:?}");
+        }
+        other => panic!("expected DamagedRecords, got {other:?}"),
+    }
+    // By default it starts with the sound channel and lists the damaged one.
+    let alice = tokio::time::timeout(common::WAIT, build(false))
+        .await
+        .expect("the client starts in time")
+        .expect("the client starts");
+    assert_eq!(alice.damaged_records().len(), 1);
+    assert!(is_damage(&alice.damaged_records()[0]));
+    assert!(alice.channel(&damaged).is_none(), "never half-loaded");
+    let restored = alice
+        .channel(&sound)
+        .expect("the sound channel is restored");
+    assert_eq!(restored.state(), good);
+    alice.shutdown().await;
 }

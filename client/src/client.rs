@@ -7,7 +7,7 @@ use perun_channel::{App, ChannelId, PaymentApp};
 use perun_persistence::{MemoryPersister, Persister};
 use perun_wallet::Account;
 use perun_wire::{Keypair, Multiaddr, PeerId};
-use tracing::info;
+use tracing::{error, info};
 
 use crate::core::{Parts, Shared};
 use crate::handler::{ProposalHandler, RejectAll, UpdateHandler};
@@ -27,6 +27,7 @@ pub struct ClientBuilder {
     app: Arc<dyn App>,
     timeouts: Timeouts,
     peers: Vec<(PeerId, Multiaddr)>,
+    refuse_damaged: bool,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -49,6 +50,7 @@ impl Default for ClientBuilder {
             app: Arc::new(PaymentApp),
             timeouts: Timeouts::default(),
             peers: Vec::new(),
+            refuse_damaged: false,
         }
     }
 }
@@ -124,8 +126,23 @@ impl ClientBuilder {
         self
     }
 
+    /// Make [`build`](Self::build) fail with [`Error::DamagedRecords`] if
+    /// any stored channel cannot be restored, instead of starting with the
+    /// others and listing the damaged ones in
+    /// [`Client::damaged_records`]. For an application that would rather
+    /// not run at all than run with a channel it cannot watch.
+    pub fn refuse_damaged_records(mut self) -> Self {
+        self.refuse_damaged = true;
+        self
+    }
+
     /// Starts the network endpoint, restores every persisted channel and
     /// starts serving peers.
+    ///
+    /// A stored channel whose record does not decode or fails its checks is
+    /// not restored (its money is not watched!) and is reported: in
+    /// [`Client::damaged_records`], or as [`Error::DamagedRecords`] with
+    /// [`refuse_damaged_records`](Self::refuse_damaged_records).
     ///
     /// Fails with [`Error::Timeouts`] if the timeouts break a relation of
     /// [`Timeouts::check`], before anything starts.
@@ -159,30 +176,66 @@ impl ClientBuilder {
             timeouts: self.timeouts,
         });
         let restored = crate::restore::restore(&shared).await?;
+        if self.refuse_damaged && !restored.damaged.is_empty() {
+            for d in &restored.damaged {
+                error!(channel = %d.id, error = %d.error, "stored channel is damaged");
+            }
+            shared.stop.send_replace(true);
+            shared.wire.shutdown().await;
+            return Err(Error::DamagedRecords(restored.damaged));
+        }
+        for d in &restored.damaged {
+            error!(channel = %d.id, error = %d.error, "stored channel is damaged; not restored, not watched");
+        }
         tokio::spawn(crate::dispatch::dispatch(Arc::downgrade(&shared), incoming));
         crate::sync::spawn_resync(&shared);
-        for core in restored {
+        for core in restored.channels {
             crate::restore::resume(&shared, core);
         }
         info!(peer = %shared.wire.local_peer_id(), address = %shared.account.address(), "client started");
-        Ok(Client { shared })
+        Ok(Client {
+            shared,
+            damaged: restored.damaged.into(),
+        })
     }
 }
 
 /// How long [`Client::shutdown`] waits for commits still on their way.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A stored channel the client could not restore: its record does not
+/// decode, or fails its checks (a signature, a channel rule, a peer id).
+/// The channel is not watched; the store still holds the record, for
+/// repair or inspection.
+#[derive(Debug, Clone)]
+pub struct DamagedRecord {
+    /// The channel (the key it is stored under).
+    pub id: ChannelId,
+    /// Why it could not be restored: [`Error::Persistence`] for a record
+    /// the store refuses to hand out, another variant for one that did not
+    /// rebuild.
+    pub error: Arc<Error>,
+}
+
 /// A perun client: proposes and accepts channels, and hands out
 /// [`Channel`] controllers. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
     shared: Arc<Shared>,
+    damaged: Arc<[DamagedRecord]>,
 }
 
 impl Client {
     /// A builder with defaults for everything optional.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
+    }
+
+    /// The stored channels [`ClientBuilder::build`] could not restore, in
+    /// channel id order: their funds are not watched until the records are
+    /// repaired. Empty when every record was sound.
+    pub fn damaged_records(&self) -> &[DamagedRecord] {
+        &self.damaged
     }
 
     /// Our on-chain address.

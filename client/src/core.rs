@@ -16,6 +16,7 @@ use perun_persistence::{Change, ChannelRecord, Persister};
 use perun_wallet::Account;
 use perun_wire::{Handle, Message, PeerId};
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
+use tracing::warn;
 
 use crate::event::{ChannelEvent, WatchStatus};
 use crate::handler::{ProposalHandler, UpdateHandler};
@@ -172,7 +173,8 @@ pub(crate) struct Locked {
     pub(crate) staged_actor: Option<usize>,
     /// The highest version some participant signed in an update that then
     /// failed. Nobody may sign it again with other contents, so our next
-    /// proposal skips past it.
+    /// proposal skips past it. Stored with the channel ([`Locked::burn`]):
+    /// after a restart a peer that signed it would refuse it again.
     pub(crate) burnt: u64,
     /// The hash of our last proposal that failed while a peer's answer was
     /// unknown (2-party channels): that peer may have signed and stored it,
@@ -206,6 +208,16 @@ pub(crate) struct Pending2 {
     pub(crate) base: perun_channel::B256,
 }
 
+/// The phase a store keeps for `p`: `Updating` is a moment, not a place
+/// (the store holds `Active` and the staged state meanwhile).
+pub(crate) fn stored_phase(p: Phase) -> Phase {
+    if p == Phase::Updating {
+        Phase::Active
+    } else {
+        p
+    }
+}
+
 /// How long a peer's commit may wait to ride along with our next write.
 pub(crate) const COMMIT_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -228,6 +240,12 @@ impl Locked {
     /// channel goes through here, so an unsaved commit rides along with
     /// whichever write comes next (it is stored first). Returns whether one
     /// did; it is no longer unsaved then.
+    ///
+    /// An unsaved commit is stored with the machine's phase: a commit can
+    /// move it (version 0 to `Funding`, a final state to `Final`), and a
+    /// restart must find the channel in the phase its state belongs to (a
+    /// responder of an n-party channel restored in `Signing0` would never
+    /// fund). Later changes in `changes` still override it.
     pub(crate) async fn write(
         &mut self,
         shared: &Shared,
@@ -236,9 +254,13 @@ impl Locked {
     ) -> Result<bool> {
         let carried = self.unsaved.is_some();
         let changes = match &self.unsaved {
-            Some(u) => std::iter::once(Change::Committed(u.clone()))
-                .chain(changes)
-                .collect(),
+            Some(u) => [
+                Change::Committed(u.clone()),
+                Change::Phase(stored_phase(self.machine.phase())),
+            ]
+            .into_iter()
+            .chain(changes)
+            .collect(),
             None => changes,
         };
         persist(shared, core.id, changes).await?;
@@ -290,6 +312,29 @@ impl Locked {
         self.burnt = self.burnt.max(version.min(cap));
     }
 
+    /// [`note_burnt`](Self::note_burnt), stored with the channel if it
+    /// moved: a proposal of ours after a restart must still skip it (a peer
+    /// that signed it refuses that version for good). A failed write is
+    /// logged and the burnt version kept in memory: it only costs a
+    /// `Conflict` after a restart, and that conflict burns it again.
+    pub(crate) async fn burn(&mut self, shared: &Shared, core: &ChannelCore, version: u64) {
+        let before = self.burnt;
+        self.note_burnt(version);
+        if self.burnt == before {
+            return;
+        }
+        match self
+            .write(shared, core, vec![Change::Burnt(self.burnt)])
+            .await
+        {
+            Ok(true) => self.announce(core),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(channel = %core.id, burnt = self.burnt, error = %e, "could not store the burnt version");
+            }
+        }
+    }
+
     /// The version our next proposal gets: past the current state, past
     /// anything we signed and past every version known to be burnt.
     pub(crate) fn next_version(&self) -> Option<u64> {
@@ -311,15 +356,8 @@ impl Locked {
             .current()
             .cloned()
             .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
-        // `Updating` is never stored (the store holds `Active` meanwhile),
-        // so a plain update writes the state alone.
-        let stored = |p: Phase| {
-            if p == Phase::Updating {
-                Phase::Active
-            } else {
-                p
-            }
-        };
+        // A plain update writes the state alone.
+        let stored = stored_phase;
         let mut changes = vec![Change::Committed(full.clone())];
         if stored(trial.phase()) != stored(self.machine.phase()) {
             changes.push(Change::Phase(trial.phase()));
@@ -378,7 +416,8 @@ pub(crate) struct ChannelCore {
 }
 
 impl ChannelCore {
-    pub(crate) fn new(machine: Machine, peers: Vec<PeerId>) -> Result<Arc<Self>> {
+    /// A channel's core; `burnt` as stored with it (0 for a new channel).
+    pub(crate) fn new(machine: Machine, peers: Vec<PeerId>, burnt: u64) -> Result<Arc<Self>> {
         let params = machine.params().clone();
         let snapshot = machine
             .current()
@@ -396,7 +435,7 @@ impl ChannelCore {
             locked: tokio::sync::Mutex::new(Locked {
                 machine,
                 staged_actor: None,
-                burnt: 0,
+                burnt,
                 pending: None,
                 abandoned: None,
                 unsaved: None,
@@ -520,6 +559,7 @@ impl ChannelCore {
         }
     }
 
+    /// A new channel's record (nothing burnt yet).
     pub(crate) fn record(&self, m: &Machine) -> ChannelRecord {
         ChannelRecord {
             params: self.params.clone(),
@@ -529,6 +569,7 @@ impl ChannelCore {
             staged: m.staged().cloned(),
             peers: self.peers.iter().map(|p| p.to_bytes()).collect(),
             metadata: Vec::new(),
+            burnt: 0,
         }
     }
 
@@ -575,6 +616,11 @@ pub(crate) async fn enter_closing(shared: &Shared, core: &ChannelCore, to: Phase
 }
 
 /// Moves the channel to phase `to` and persists it (a no-op if it is there).
+///
+/// `Withdrawn` is persisted by removing the channel's record: our funds are
+/// out, nothing is at stake any more, and a store that kept every closed
+/// channel would grow, and slow every restore, forever. A restart then does
+/// not know the channel at all.
 pub(crate) async fn set_phase(shared: &Shared, core: &ChannelCore, to: Phase) -> Result<()> {
     let mut l = core.locked.lock().await;
     if l.machine.phase() == to {
@@ -582,7 +628,16 @@ pub(crate) async fn set_phase(shared: &Shared, core: &ChannelCore, to: Phase) ->
     }
     let mut trial = l.machine.clone();
     trial.set_phase(to)?;
-    l.write(shared, core, vec![Change::Phase(to)]).await?;
+    if to == Phase::Withdrawn {
+        match shared.persister.channel_removed(core.id).await {
+            // Removed already (a repeated call).
+            Ok(()) | Err(perun_persistence::Error::UnknownChannel(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        l.unsaved = None;
+    } else {
+        l.write(shared, core, vec![Change::Phase(to)]).await?;
+    }
     l.machine = trial;
     l.announce(core);
     Ok(())

@@ -98,6 +98,10 @@ pub enum Error {
         /// The participant's index.
         index: usize,
     },
+    /// Stored channels could not be restored (with
+    /// [`ClientBuilder::refuse_damaged_records`](crate::ClientBuilder::refuse_damaged_records)).
+    #[error("{} stored channel(s) could not be restored{}", .0.len(), .0.first().map(|d| format!("; first {}: {}", d.id, d.error)).unwrap_or_default())]
+    DamagedRecords(Vec<crate::DamagedRecord>),
     /// The watcher panicked (a bug); its supervisor restarted it.
     #[error("the watcher panicked")]
     WatcherPanicked,

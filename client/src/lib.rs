@@ -54,7 +54,7 @@ mod update;
 mod watcher;
 
 pub use channel::{Channel, EventStream, UpdateStream};
-pub use client::{Client, ClientBuilder, SHUTDOWN_GRACE};
+pub use client::{Client, ClientBuilder, DamagedRecord, SHUTDOWN_GRACE};
 pub use config::{TimeoutRule, Timeouts};
 pub use error::{Error, Result};
 pub use event::{ChannelEvent, WatchStatus, WatcherStep};

@@ -179,7 +179,7 @@ pub(crate) async fn propose(shared: &Arc<Shared>, spec: ChannelProposal) -> Resu
         let mut machine = Machine::new(params, index, state0)?;
         machine.set_phase(Phase::Signing0)?;
         let signature = machine.sign_staged(shared.account.as_ref())?;
-        let core = ChannelCore::new(machine, peers)?;
+        let core = ChannelCore::new(machine, peers, 0)?;
         {
             let l = core.locked.lock().await;
             shared
@@ -262,7 +262,11 @@ pub(crate) async fn resume_funding(
 /// Deposits our share, waits for everyone's, and marks the channel active.
 async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Result<Channel> {
     let state = {
-        let l = core.locked.lock().await;
+        let mut l = core.locked.lock().await;
+        // A responder of an n-party channel holds the version-0 commit
+        // unsaved for a moment: store it, with the phase `Funding`, before
+        // any deposit, so a restart after the deposit goes on funding.
+        l.flush_unsaved(shared, &core).await?;
         l.machine
             .current()
             .map(|c| c.state.clone())
@@ -556,7 +560,7 @@ async fn sign0(
         machine.commit_staged()?;
     }
     let peers = p.participants.iter().map(|x| x.peer).collect();
-    let core = ChannelCore::new(machine, peers)?;
+    let core = ChannelCore::new(machine, peers, 0)?;
     {
         // Persist before our signature leaves this process.
         let l = core.locked.lock().await;

@@ -4,16 +4,27 @@
 
 use std::sync::Arc;
 
+use perun_channel::Phase;
 use perun_wire::PeerId;
 use tracing::{debug, info, warn};
 
-use crate::Result;
 use crate::core::{ChannelCore, Shared};
+use crate::{DamagedRecord, Result};
+
+/// What a restore found: the channels rebuilt, and the records it could
+/// not use.
+pub(crate) struct Restored {
+    pub(crate) channels: Vec<Arc<ChannelCore>>,
+    pub(crate) damaged: Vec<DamagedRecord>,
+}
 
 /// Rebuilds every persisted channel. A record that fails its checks (a
-/// damaged file, a tampered state) is reported and left alone, never
-/// half-loaded; the others are restored.
-pub(crate) async fn restore(shared: &Arc<Shared>) -> Result<Vec<Arc<ChannelCore>>> {
+/// damaged file, a tampered state) is left alone, never half-loaded, and
+/// reported in [`Restored::damaged`] (the application must hear of it: a
+/// channel with money at stake is unwatched); the others are restored. A
+/// withdrawn channel left in the store by an older build is pruned.
+pub(crate) async fn restore(shared: &Arc<Shared>) -> Result<Restored> {
+    let mut damaged = Vec::new();
     // Fast path: every record in one read, checked on every core.
     let records = match shared.persister.load_all().await {
         Ok(records) => records,
@@ -21,44 +32,93 @@ pub(crate) async fn restore(shared: &Arc<Shared>) -> Result<Vec<Arc<ChannelCore>
         // it does not keep the others from loading.
         Err(e) => {
             warn!(error = %e, "loading all channels failed; loading them one by one");
-            load_one_by_one(shared).await?
+            let (records, bad) = load_one_by_one(shared).await?;
+            damaged = bad;
+            // A damage the one-by-one loads cannot see (a state stored
+            // without its channel) is still reported.
+            if let Some(id) = e.channel()
+                && !damaged.iter().any(|d: &DamagedRecord| d.id == id)
+                && !records.iter().any(|r| r.id() == id)
+            {
+                damaged.push(DamagedRecord {
+                    id,
+                    error: Arc::new(e.into()),
+                });
+            }
+            records
         }
     };
-    let mut restored = Vec::with_capacity(records.len());
+    let mut channels = Vec::with_capacity(records.len());
     for rec in records {
         let id = rec.id();
+        if rec.phase == Phase::Withdrawn {
+            prune(shared, id).await;
+            continue;
+        }
         match build_core(rec) {
             Ok(core) => {
                 debug!(channel = %core.id, phase = ?core.phase(), "restored channel");
                 shared.insert_channel(core.clone());
-                restored.push(core);
+                channels.push(core);
             }
             Err(e) => {
-                warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded")
+                warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded");
+                damaged.push(DamagedRecord {
+                    id,
+                    error: Arc::new(e),
+                });
             }
         }
     }
-    info!(channels = restored.len(), "restored channels");
-    Ok(restored)
+    info!(
+        channels = channels.len(),
+        damaged = damaged.len(),
+        "restored channels"
+    );
+    Ok(Restored { channels, damaged })
+}
+
+/// Removes a withdrawn channel's record (written by a build that kept
+/// them): nothing is at stake in it, and a store that keeps every closed
+/// channel grows, and slows every restore, forever.
+async fn prune(shared: &Shared, id: perun_channel::ChannelId) {
+    match shared.persister.channel_removed(id).await {
+        Ok(()) | Err(perun_persistence::Error::UnknownChannel(_)) => {
+            debug!(channel = %id, "pruned a withdrawn channel");
+        }
+        Err(e) => warn!(channel = %id, error = %e, "could not prune a withdrawn channel"),
+    }
 }
 
 /// Every stored record that passes its checks, loaded one by one (many at
-/// once, so the checks spread over the cores); the others are logged.
-async fn load_one_by_one(shared: &Arc<Shared>) -> Result<Vec<perun_persistence::ChannelRecord>> {
+/// once, so the checks spread over the cores), and the ones that do not.
+async fn load_one_by_one(
+    shared: &Arc<Shared>,
+) -> Result<(Vec<perun_persistence::ChannelRecord>, Vec<DamagedRecord>)> {
     use futures::StreamExt;
     let ids = shared.persister.channel_ids().await?;
     let loads = futures::stream::iter(ids)
-        .map(|id| async move {
-            match shared.persister.load(id).await {
-                Ok(rec) => rec,
-                Err(e) => {
-                    warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded");
-                    None
-                }
-            }
-        })
+        .map(|id| async move { (id, shared.persister.load(id).await) })
         .buffer_unordered(64);
-    Ok(loads.filter_map(std::future::ready).collect().await)
+    let mut records = Vec::new();
+    let mut damaged = Vec::new();
+    let mut loads = std::pin::pin!(loads);
+    while let Some((id, res)) = loads.next().await {
+        match res {
+            Ok(Some(rec)) => records.push(rec),
+            // Removed meanwhile.
+            Ok(None) => {}
+            Err(e) => {
+                warn!(channel = %id, error = %e, "stored channel failed its checks; not loaded");
+                damaged.push(DamagedRecord {
+                    id,
+                    error: Arc::new(e.into()),
+                });
+            }
+        }
+    }
+    damaged.sort_by_key(|d| d.id);
+    Ok((records, damaged))
 }
 
 /// A stored record as a `ChannelCore` (its signatures are checked again;
@@ -73,7 +133,7 @@ fn build_core(
         .map(|(index, b)| PeerId::from_bytes(b).map_err(|_| crate::Error::StoredPeerId { index }))
         .collect::<std::result::Result<Vec<PeerId>, _>>()?;
     let machine = rec.to_machine()?;
-    ChannelCore::new(machine, peers)
+    ChannelCore::new(machine, peers, rec.burnt)
 }
 
 /// Picks a restored channel up where it was: its watcher for every funded

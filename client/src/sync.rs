@@ -89,7 +89,7 @@ async fn merge(
     if staged.state.version > cur {
         // Whatever happens to it, nobody may sign that version again with
         // other contents: propose past it.
-        l.note_burnt(staged.state.version);
+        l.burn(shared, core, staged.state.version).await;
     }
     // A state the peer signed for our update that we never completed.
     // ... and only on the state it was built on: on a newer one it would

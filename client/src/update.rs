@@ -90,6 +90,7 @@ pub(crate) async fn propose(
         let mut failure = (!ours || !same_base).then_some(Error::Conflict);
         let mut signed_by = Vec::new();
         let mut unknown = false;
+        let mut conflicted = false;
         let mut sigs = Vec::with_capacity(replies.len());
         for (peer, index, reply) in replies {
             match reply {
@@ -100,6 +101,7 @@ pub(crate) async fn propose(
                     sigs.push((index, a.signature))
                 }
                 Ok(Message::UpdateReject(r)) if r.channel_id == core.id => {
+                    conflicted |= r.kind == RejectKind::Conflict;
                     failure.get_or_insert(match r.kind {
                         RejectKind::Conflict => Error::Conflict,
                         RejectKind::Refused => Error::Rejected {
@@ -133,6 +135,12 @@ pub(crate) async fn propose(
             }
         }
         if let Some(e) = failure {
+            if conflicted {
+                // The peer may have signed another state of this version
+                // (in an update that failed, perhaps before a restart of
+                // ours): skipping it costs nothing, retrying it forever would.
+                l.burn(shared, core, next.version).await;
+            }
             fail(shared, core, l, (&next, base), ours, unknown, signed_by).await;
             return Err(e);
         }
@@ -177,8 +185,9 @@ async fn fail(
     signed_by: Vec<PeerId>,
 ) {
     if unknown || !signed_by.is_empty() {
-        // Someone may hold a signature on this version.
-        l.note_burnt(next.version);
+        // Someone may hold a signature on this version; stored before the
+        // abort goes out, so even our restart cannot make us propose it again.
+        l.burn(shared, core, next.version).await;
     }
     if ours {
         l.drop_staged(core);
@@ -235,7 +244,7 @@ pub(crate) async fn handle_abort(
             debug!("the proposer aborted its update");
             l.abandon_staged(&core);
         }
-        l.note_burnt(r.version);
+        l.burn(&shared, &core, r.version).await;
     }
     .instrument(span)
     .await;

@@ -136,6 +136,7 @@ fn record(keys: &Keys, holder: &Deployment, nonce: U256) -> Res<ChannelRecord> {
             keys.bob_peer.to_bytes(),
         ],
         metadata: Vec::new(),
+        burnt: 0,
     })
 }
 

@@ -9,6 +9,10 @@
 //! rather than the derived serde forms of types owned by other crates, so
 //! a change there cannot silently change what is on disk.
 //!
+//! Formats: 1 wrote no burnt version (it decodes as 0); 2 adds it to the
+//! channel record. States are the same in both. A build writes the newest
+//! format and reads every older one.
+//!
 //! Decoding only checks the encoding. Whether the contents are a valid
 //! channel (signatures, limits) is [`ChannelRecord::validate`]'s job.
 
@@ -18,7 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::{ChannelRecord, Error, Result};
 
 /// The record format this build writes and the newest it reads.
-pub const RECORD_FORMAT: u8 = 1;
+pub const RECORD_FORMAT: u8 = 2;
+/// The oldest record format this build reads.
+pub const OLDEST_RECORD_FORMAT: u8 = 1;
 /// Largest encoded value accepted, in bytes: far above the largest valid
 /// record (a 16 × 16 state with 64 KiB of app data is about 80 KiB), small
 /// enough that a corrupted length cannot make us allocate much.
@@ -27,7 +33,7 @@ pub const MAX_ENCODED_LEN: usize = 1024 * 1024;
 const KIND_META: u8 = 1;
 const KIND_STATE: u8 = 2;
 
-/// The parts of a [`ChannelRecord`] other than its states.
+/// The parts of a [`ChannelRecord`] other than its states, format 1.
 #[derive(Serialize, Deserialize)]
 struct MetaV1 {
     params: Params,
@@ -35,6 +41,17 @@ struct MetaV1 {
     phase: u8,
     peers: Vec<Vec<u8>>,
     metadata: Vec<u8>,
+}
+
+/// Format 2: format 1 and the burnt version.
+#[derive(Serialize, Deserialize)]
+struct MetaV2 {
+    params: Params,
+    index: u32,
+    phase: u8,
+    peers: Vec<Vec<u8>>,
+    metadata: Vec<u8>,
+    burnt: u64,
 }
 
 /// A [`SignedState`] with signatures as 65-byte `r ‖ s ‖ v`.
@@ -51,6 +68,7 @@ pub(crate) struct Meta {
     pub(crate) phase: Phase,
     pub(crate) peers: Vec<Vec<u8>>,
     pub(crate) metadata: Vec<u8>,
+    pub(crate) burnt: u64,
 }
 
 impl Meta {
@@ -67,6 +85,7 @@ impl Meta {
             staged,
             peers: self.peers,
             metadata: self.metadata,
+            burnt: self.burnt,
         }
     }
 }
@@ -101,14 +120,19 @@ fn phase_from_code(c: u8) -> Option<Phase> {
 }
 
 fn frame<T: Serialize>(kind: u8, body: &T) -> Result<Vec<u8>> {
-    let mut out = postcard::to_extend(body, vec![RECORD_FORMAT, kind])
+    frame_as(RECORD_FORMAT, kind, body)
+}
+
+fn frame_as<T: Serialize>(format: u8, kind: u8, body: &T) -> Result<Vec<u8>> {
+    let mut out = postcard::to_extend(body, vec![format, kind])
         .map_err(|e| Error::Storage(format!("encoding record: {e}")))?;
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(out)
 }
 
-fn unframe<'a, T: Deserialize<'a>>(id: ChannelId, kind: u8, bytes: &'a [u8]) -> Result<T> {
+/// Checks a value's frame; returns its format and its body.
+fn unframe(id: ChannelId, kind: u8, bytes: &[u8]) -> Result<(u8, &[u8])> {
     let corrupt = |reason: String| Error::Corrupt {
         id: Some(id),
         reason,
@@ -132,7 +156,7 @@ fn unframe<'a, T: Deserialize<'a>>(id: ChannelId, kind: u8, bytes: &'a [u8]) -> 
             supported: RECORD_FORMAT,
         });
     }
-    if format != RECORD_FORMAT {
+    if format < OLDEST_RECORD_FORMAT {
         return Err(corrupt(format!("unknown record format {format}")));
     }
     if found_kind != kind {
@@ -140,6 +164,15 @@ fn unframe<'a, T: Deserialize<'a>>(id: ChannelId, kind: u8, bytes: &'a [u8]) -> 
             "record kind {found_kind}, expected {kind}"
         )));
     }
+    Ok((format, body))
+}
+
+/// Decodes a whole body: trailing bytes are damage too.
+fn body<'a, T: Deserialize<'a>>(id: ChannelId, body: &'a [u8]) -> Result<T> {
+    let corrupt = |reason: String| Error::Corrupt {
+        id: Some(id),
+        reason,
+    };
     let (value, rest) =
         postcard::take_from_bytes(body).map_err(|e| corrupt(format!("decoding: {e}")))?;
     if !rest.is_empty() {
@@ -154,19 +187,33 @@ pub(crate) fn encode_meta(rec: &ChannelRecord) -> Result<Vec<u8>> {
         .map_err(|_| Error::Storage(format!("index {} does not fit", rec.index)))?;
     frame(
         KIND_META,
-        &MetaV1 {
+        &MetaV2 {
             params: rec.params.clone(),
             index,
             phase: phase_code(rec.phase),
             peers: rec.peers.clone(),
             metadata: rec.metadata.clone(),
+            burnt: rec.burnt,
         },
     )
 }
 
 /// Decodes what [`encode_meta`] wrote for channel `id`.
 pub(crate) fn decode_meta(id: ChannelId, bytes: &[u8]) -> Result<Meta> {
-    let m: MetaV1 = unframe(id, KIND_META, bytes)?;
+    let m = match unframe(id, KIND_META, bytes)? {
+        (1, b) => {
+            let m: MetaV1 = body(id, b)?;
+            MetaV2 {
+                params: m.params,
+                index: m.index,
+                phase: m.phase,
+                peers: m.peers,
+                metadata: m.metadata,
+                burnt: 0,
+            }
+        }
+        (_, b) => body(id, b)?,
+    };
     let phase = phase_from_code(m.phase).ok_or_else(|| Error::Corrupt {
         id: Some(id),
         reason: format!("unknown phase code {}", m.phase),
@@ -181,6 +228,7 @@ pub(crate) fn decode_meta(id: ChannelId, bytes: &[u8]) -> Result<Meta> {
         phase,
         peers: m.peers,
         metadata: m.metadata,
+        burnt: m.burnt,
     })
 }
 
@@ -206,7 +254,9 @@ pub(crate) fn encode_state(st: &SignedState) -> Result<Vec<u8>> {
 /// canonical (65 bytes, low `s`, `v ∈ {27, 28}`); whether they verify is
 /// checked later.
 pub(crate) fn decode_state(id: ChannelId, bytes: &[u8]) -> Result<SignedState> {
-    let s: StateV1 = unframe(id, KIND_STATE, bytes)?;
+    // Every format stores a state alike.
+    let (_, b) = unframe(id, KIND_STATE, bytes)?;
+    let s: StateV1 = body(id, b)?;
     let sigs = s
         .sigs
         .iter()
@@ -253,6 +303,7 @@ mod tests {
             staged: Some(staged),
             peers: vec![vec![1, 2, 3], vec![4]],
             metadata: b"meta".to_vec(),
+            burnt: 3,
         }
     }
 
@@ -309,8 +360,68 @@ mod tests {
         newer[n..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
             decode_meta(id, &newer),
-            Err(Error::FormatTooNew { found: 2, .. })
+            Err(Error::FormatTooNew { found, .. }) if found == RECORD_FORMAT + 1
         ));
+    }
+
+    /// A record written before the burnt version was stored (format 1)
+    /// still decodes, with nothing burnt; one written now keeps it.
+    #[test]
+    fn format_1_records_still_decode() {
+        let rec = record();
+        let id = rec.id();
+        let old = frame_as(
+            1,
+            KIND_META,
+            &MetaV1 {
+                params: rec.params.clone(),
+                index: 0,
+                phase: phase_code(rec.phase),
+                peers: rec.peers.clone(),
+                metadata: rec.metadata.clone(),
+            },
+        )
+        .unwrap();
+        let meta = decode_meta(id, &old).unwrap();
+        assert_eq!(meta.burnt, 0);
+        let back = meta.into_record(rec.current.clone(), rec.staged.clone());
+        assert_eq!(
+            back,
+            ChannelRecord {
+                burnt: 0,
+                ..rec.clone()
+            }
+        );
+        let old_state = frame_as(
+            1,
+            KIND_STATE,
+            &StateV1 {
+                state: rec.current.as_ref().unwrap().state.clone(),
+                sigs: rec
+                    .current
+                    .as_ref()
+                    .unwrap()
+                    .sigs
+                    .iter()
+                    .map(|s| {
+                        s.as_ref()
+                            .map(|s| perun_wallet::signature_bytes(s).to_vec())
+                    })
+                    .collect(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            decode_state(id, &old_state).unwrap(),
+            *rec.current.as_ref().unwrap()
+        );
+        assert_eq!(
+            decode_meta(id, &encode_meta(&rec).unwrap()).unwrap().burnt,
+            3
+        );
+        // Format 0 never existed.
+        let zero = frame_as(0, KIND_META, &0u8).unwrap();
+        assert!(matches!(decode_meta(id, &zero), Err(Error::Corrupt { .. })));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use perun_channel::ChannelId;
 /// Everything a [`Persister`](crate::Persister) can refuse or fail at.
 ///
 /// Two kinds of error exist. *Rejections* (`UnknownChannel`, `AlreadyExists`,
-/// `StaleVersion`, `VersionConflict`, `InvalidInput`, `LimitExceeded`) mean
+/// `StaleVersion`, `VersionConflict`, `InvalidInput`, `LimitExceeded`, `BurntTooFar`) mean
 /// the request was refused and nothing was written. *Failures* (`Storage`,
 /// `Io`, `Corrupt`, `Closed`, ...) mean the store could not answer; a write
 /// that failed this way may or may not be on disk, and the caller must not
@@ -55,14 +55,26 @@ pub enum Error {
         /// Which limit, and by how much.
         what: String,
     },
-    /// A stored record decoded but failed validation (bad signature, broken
-    /// channel rule): the bytes on disk cannot be trusted.
-    #[error("stored channel {id} is invalid: {reason}")]
-    InvalidRecord {
+    /// A burnt version further past the current version than any proposal
+    /// could skip.
+    #[error("channel {id}: burnt version {burnt} is past the limit {cap}")]
+    BurntTooFar {
         /// The channel.
         id: ChannelId,
+        /// The burnt version offered.
+        burnt: u64,
+        /// The highest burnt version allowed now.
+        cap: u64,
+    },
+    /// A stored record decoded but failed validation (bad signature, broken
+    /// channel rule): the bytes on disk cannot be trusted.
+    #[error("stored channel {id} is invalid: {defect}")]
+    InvalidRecord {
+        /// The channel (the key the record is stored under).
+        id: ChannelId,
         /// What check failed.
-        reason: String,
+        #[source]
+        defect: RecordDefect,
     },
     /// Stored bytes that do not decode: checksum mismatch, truncation,
     /// unknown tag, or a database file redb cannot read.
@@ -116,8 +128,45 @@ impl Error {
                 | Error::VersionConflict { .. }
                 | Error::InvalidInput { .. }
                 | Error::LimitExceeded { .. }
+                | Error::BurntTooFar { .. }
         )
     }
+
+    /// The channel the error is about, when it names one: a caller that
+    /// loads many records tells the damaged ones apart by it.
+    pub fn channel(&self) -> Option<ChannelId> {
+        match self {
+            Error::UnknownChannel(id) | Error::AlreadyExists(id) => Some(*id),
+            Error::StaleVersion { id, .. }
+            | Error::VersionConflict { id, .. }
+            | Error::InvalidInput { id, .. }
+            | Error::LimitExceeded { id, .. }
+            | Error::BurntTooFar { id, .. }
+            | Error::InvalidRecord { id, .. } => Some(*id),
+            Error::Corrupt { id, .. } => *id,
+            Error::SchemaTooNew { .. }
+            | Error::FormatTooNew { .. }
+            | Error::AlreadyOpen
+            | Error::Io(_)
+            | Error::Storage(_)
+            | Error::Closed => None,
+        }
+    }
+}
+
+/// Why a record read from disk failed its checks.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordDefect {
+    /// The record is stored under a key its params do not hash to.
+    #[error("its params hash to {actual}")]
+    WrongKey {
+        /// The id its params give.
+        actual: ChannelId,
+    },
+    /// A check every created record passes failed (a signature, a limit,
+    /// a channel rule).
+    #[error(transparent)]
+    Check(Box<Error>),
 }
 
 /// The persistence crate's result type.

@@ -43,6 +43,7 @@
 //!     staged: Some(initial.clone()),
 //!     peers: vec![b"alice-peer".to_vec(), b"bob-peer".to_vec()],
 //!     metadata: Vec::new(),
+//!     burnt: 0,
 //! };
 //! let id = record.id();
 //! store.channel_created(&record).await?;
@@ -71,7 +72,7 @@ pub mod record;
 pub mod redb_store;
 mod wal;
 
-pub use error::{Error, Result};
+pub use error::{Error, RecordDefect, Result};
 pub use memory::MemoryPersister;
 pub use persister::Persister;
 pub use record::{Change, ChannelRecord, MAX_METADATA_LEN, MAX_PEER_ID_LEN};

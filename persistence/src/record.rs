@@ -4,6 +4,7 @@
 //! [`ChannelRecord::validate`], so they cannot disagree about what a call
 //! means.
 
+use perun_channel::limits::MAX_VERSION_STEP;
 use perun_channel::{ChannelId, Machine, Params, Phase, SignedState};
 use tracing::warn;
 
@@ -36,6 +37,12 @@ pub struct ChannelRecord {
     pub peers: Vec<Vec<u8>>,
     /// Opaque bytes for the client, at most [`MAX_METADATA_LEN`].
     pub metadata: Vec<u8>,
+    /// The highest version burnt by a failed update (0: none): some
+    /// participant may have signed it, so this participant never proposes
+    /// it or anything below. Stored so a restart does not forget it (a peer
+    /// that signed it would refuse every proposal of that version). At most
+    /// `MAX_VERSION_STEP - 1` past the current version.
+    pub burnt: u64,
 }
 
 /// One change to a stored channel, applied by
@@ -54,12 +61,15 @@ pub enum Change {
     Phase(Phase),
     /// Replace the metadata blob.
     Metadata(Vec<u8>),
+    /// Raise the burnt version to this one (a lower one changes nothing).
+    /// At most `MAX_VERSION_STEP - 1` past the current version.
+    Burnt(u64),
 }
 
 /// Which stored parts a change touched, so a store rewrites only those.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Dirty {
-    /// Params, index, phase, peers or metadata.
+    /// Params, index, phase, peers, metadata or the burnt version.
     pub(crate) meta: bool,
     /// The current state.
     pub(crate) current: bool,
@@ -119,6 +129,7 @@ impl ChannelRecord {
                 });
             }
         }
+        check_burnt(id, self.current.as_ref(), self.burnt)?;
         self.to_machine().map_err(invalid)?;
         Ok(())
     }
@@ -221,6 +232,17 @@ impl ChannelRecord {
                     ..Dirty::default()
                 })
             }
+            Change::Burnt(version) => {
+                if version <= self.burnt {
+                    return Ok(Dirty::default());
+                }
+                check_burnt(id, self.current.as_ref(), version)?;
+                self.burnt = version;
+                Ok(Dirty {
+                    meta: true,
+                    ..Dirty::default()
+                })
+            }
             Change::Metadata(metadata) => {
                 check_metadata(id, &metadata)?;
                 let changed = self.metadata != metadata;
@@ -246,6 +268,18 @@ impl ChannelRecord {
         *self = next;
         Ok(dirty)
     }
+}
+
+/// A burnt version lies at most `MAX_VERSION_STEP - 1` past the current
+/// version (the client caps it so; a peer naming a huge version cannot push
+/// our proposals out of reach, not even across a restart).
+fn check_burnt(id: ChannelId, current: Option<&SignedState>, burnt: u64) -> Result<()> {
+    let cur = current.map_or(0, |c| c.state.version);
+    let cap = cur.saturating_add(MAX_VERSION_STEP - 1);
+    if burnt > cap {
+        return Err(Error::BurntTooFar { id, burnt, cap });
+    }
+    Ok(())
 }
 
 fn check_metadata(id: ChannelId, metadata: &[u8]) -> Result<()> {

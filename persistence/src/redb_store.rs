@@ -5,7 +5,7 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `perun_info` | `&str` | `u64`; key `"schema_version"` holds [`SCHEMA_VERSION`] |
-//! | `perun_channels` | channel id (32 bytes) | params, index, phase, peers, metadata ([`crate::codec`]) |
+//! | `perun_channels` | channel id (32 bytes) | params, index, phase, peers, metadata, burnt version ([`crate::codec`]) |
 //! | `perun_current` | channel id | the latest fully signed state |
 //! | `perun_staged` | channel id | the staged, partially signed state |
 //!
@@ -39,6 +39,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, debug_span, error, info, instrument, warn};
 
 use crate::codec::{decode_meta, decode_state, encode_meta, encode_state};
+use crate::error::RecordDefect;
 use crate::wal::{self, Wal};
 use crate::{Change, ChannelRecord, Error, Persister, Result};
 
@@ -449,13 +450,13 @@ fn read_record(
 fn check_loaded(id: ChannelId, rec: &ChannelRecord) -> Result<()> {
     let actual = rec.id();
     let result = if actual != id {
-        Err(format!("stored under {id} but its params hash to {actual}"))
+        Err(RecordDefect::WrongKey { actual })
     } else {
-        rec.validate().map_err(|e| e.to_string())
+        rec.validate().map_err(|e| RecordDefect::Check(Box::new(e)))
     };
-    result.map_err(|reason| {
-        warn!(channel = %id, %reason, "persistence: stored record failed validation");
-        Error::InvalidRecord { id, reason }
+    result.map_err(|defect| {
+        warn!(channel = %id, %defect, "persistence: stored record failed validation");
+        Error::InvalidRecord { id, defect }
     })
 }
 

@@ -495,7 +495,8 @@ async fn redb_matches_memory_on_random_calls() {
                 .collect()
         })
         .collect();
-    let change = |rng: &mut rand::rngs::StdRng, c: usize| match rng.gen_range(0..5) {
+    let change = |rng: &mut rand::rngs::StdRng, c: usize| match rng.gen_range(0..6) {
+        4 => Change::Burnt(rng.gen_range(0..8)),
         0 => Change::Staged(signed[c][rng.gen_range(0..6)][rng.gen_range(0..3)].clone()),
         1 => Change::Committed(signed[c][rng.gen_range(0..6)][rng.gen_range(0..3)].clone()),
         2 => Change::DiscardStaged,
@@ -551,7 +552,64 @@ macro_rules! conformance {
     };
 }
 
+/// The burnt version is stored with the channel, survives a restart, only
+/// ever rises, and stays within `MAX_VERSION_STEP - 1` of the current
+/// version (a peer naming a huge version cannot push it further, not even
+/// through the store).
+async fn burnt_version_is_kept(mut s: impl Store) {
+    let p = s.open().await;
+    let ch = TestChannel::two_party(77);
+    let id = ch.id();
+    p.channel_created(&ch.record()).await.expect("create");
+    p.update(
+        id,
+        vec![
+            Change::Committed(ch.signed(0)),
+            Change::Phase(Phase::Active),
+        ],
+    )
+    .await
+    .expect("v0");
+    assert_eq!(loaded(&p, id).await.burnt, 0);
+    p.update(id, vec![Change::Burnt(2)]).await.expect("burn 2");
+    p.update(id, vec![Change::Burnt(1)])
+        .await
+        .expect("a lower one is a no-op");
+    assert_eq!(loaded(&p, id).await.burnt, 2);
+    let cap = limits::MAX_VERSION_STEP - 1;
+    let err = p
+        .update(id, vec![Change::Burnt(cap + 1)])
+        .await
+        .expect_err("too far");
+    assert!(
+        matches!(err, Error::BurntTooFar { burnt, cap: c, .. } if burnt == cap + 1 && c == cap),
+        "{err}"
+    );
+    assert!(err.is_rejection());
+    assert_eq!(err.channel(), Some(id));
+    // Together with a newer state, the cap moves with it.
+    p.update(
+        id,
+        vec![Change::Committed(ch.signed(3)), Change::Burnt(cap + 3)],
+    )
+    .await
+    .expect("burn relative to the new state");
+    let p = s.reopen(p).await;
+    let r = loaded(&p, id).await;
+    assert_eq!(r.burnt, cap + 3);
+    assert_eq!(p.load_all().await.expect("load_all"), vec![r]);
+    // A created record is checked too.
+    let other = TestChannel::two_party(78);
+    let mut far = other.record();
+    far.burnt = u64::MAX;
+    assert!(matches!(
+        p.channel_created(&far).await,
+        Err(Error::BurntTooFar { .. })
+    ));
+}
+
 conformance!(
+    burnt_version_is_kept,
     lifecycle,
     idempotent_writes,
     version_rules,

@@ -108,6 +108,7 @@ impl TestChannel {
                 .map(|i| format!("peer-{i}").into_bytes())
                 .collect(),
             metadata: b"test".to_vec(),
+            burnt: 0,
         }
     }
 }
