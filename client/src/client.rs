@@ -12,7 +12,7 @@ use tracing::info;
 use crate::core::{Parts, Shared};
 use crate::handler::{ProposalHandler, RejectAll, UpdateHandler};
 use crate::open::{self, ChannelProposal};
-use crate::{AcceptPaymentsToMe, Channel, Error, Result, Timeouts};
+use crate::{AcceptPaymentsToMe, Channel, Error, Limits, Result, Timeouts};
 
 /// Builds a [`Client`]. `account`, `funder` and `adjudicator` are required.
 pub struct ClientBuilder {
@@ -26,6 +26,7 @@ pub struct ClientBuilder {
     update_handler: Arc<dyn UpdateHandler>,
     app: Arc<dyn App>,
     timeouts: Timeouts,
+    limits: Limits,
     request_timeout: Option<std::time::Duration>,
     peers: Vec<(PeerId, Multiaddr)>,
 }
@@ -49,6 +50,7 @@ impl Default for ClientBuilder {
             update_handler: Arc::new(AcceptPaymentsToMe),
             app: Arc::new(PaymentApp),
             timeouts: Timeouts::default(),
+            limits: Limits::default(),
             request_timeout: None,
             peers: Vec::new(),
         }
@@ -113,6 +115,12 @@ impl ClientBuilder {
         self.timeouts = t;
         self
     }
+    /// Caps on what peers can make the client hold (default
+    /// [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
     /// Where to reach a peer; known before restored channels sync.
     pub fn peer(mut self, peer: PeerId, addr: Multiaddr) -> Self {
         self.peers.push((peer, addr));
@@ -147,6 +155,7 @@ impl ClientBuilder {
         if let Some(t) = self.request_timeout {
             cfg.request_timeout = t;
         }
+        cfg.limits = self.limits.wire;
         let (wire, incoming) = perun_wire::Node::start(cfg).await?;
         for (peer, addr) in self.peers {
             wire.add_address(peer, addr).await?;
@@ -161,6 +170,7 @@ impl ClientBuilder {
             update_handler: self.update_handler,
             app: self.app,
             timeouts: self.timeouts,
+            limits: self.limits,
         });
         let restored = crate::restore::restore(&shared).await?;
         tokio::spawn(crate::dispatch::dispatch(Arc::downgrade(&shared), incoming));

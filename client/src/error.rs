@@ -44,6 +44,15 @@ pub enum Error {
     /// The closure passed to `try_update` refused to build a next state.
     #[error("invalid update: {0}")]
     InvalidUpdate(String),
+    /// A cap on what peers can make us hold is reached ([`Limits`](crate::Limits));
+    /// the peer's request was refused and nothing changed.
+    #[error("{what} at its limit of {limit}")]
+    Busy {
+        /// Which cap.
+        what: &'static str,
+        /// Its value.
+        limit: usize,
+    },
     /// A step did not finish within its timeout.
     #[error("timed out: {0}")]
     Timeout(&'static str),

@@ -382,6 +382,14 @@ pub(crate) async fn handle_proposal(
                 return;
             }
         };
+        // Held while the handler decides and, accepted, until Signing0.
+        let slot = match shared.proposals.enter(peer) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = responder.reply(reject_proposal(&p, index, e.to_string()));
+                return;
+            }
+        };
         let (tx, rx) = oneshot::channel();
         let handler = shared.proposal_handler.clone();
         let incoming = IncomingProposal {
@@ -389,12 +397,17 @@ pub(crate) async fn handle_proposal(
             from: peer,
             index,
         };
-        tokio::spawn(async move {
+        let deciding = tokio::spawn(async move {
             handler
                 .handle_proposal(incoming, ProposalResponder { tx })
                 .await
         });
         let decision = tokio::time::timeout(shared.timeouts.handler, rx).await;
+        if decision.is_err() {
+            // Nobody waits for this decision any more; a handler that hangs
+            // must not pile up tasks past the proposal caps.
+            deciding.abort();
+        }
         let done = match decision {
             Ok(Ok(ProposalDecision::Accept(done))) => done,
             Ok(Ok(ProposalDecision::Reject(reason))) => {
@@ -417,6 +430,7 @@ pub(crate) async fn handle_proposal(
                 index,
                 share,
                 done,
+                _slot: slot,
             },
         );
         let _ = responder.reply(Message::ProposalAccept(ProposalAccept {
