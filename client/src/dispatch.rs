@@ -3,7 +3,8 @@
 //! `tasks_per_peer` of them per peer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use perun_wire::{Incoming, Message, PeerId, Refusal, RefusalCode};
@@ -66,12 +67,38 @@ pub(crate) async fn dispatch(shared: Weak<Shared>, mut incoming: Incoming) {
                 spawn(pass, crate::sync::handle_sync(shared, peer, s, responder));
             }
             other => {
-                warn!(%peer, kind = other.kind(), "not a request");
+                warn_limited!(%peer, kind = other.kind(), "not a request");
                 let _ = responder.refuse(Refusal::new(RefusalCode::NotARequest, "not a request"));
             }
         }
     }
 }
+
+/// Whether a rate-limited log line may go out now: at most one a second
+/// per call site (`last`: milliseconds since the first call, + 1).
+pub(crate) fn log_now(last: &AtomicU64) -> bool {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let now = u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    let prev = last.load(Ordering::Relaxed);
+    (prev == 0 || now.saturating_sub(prev) >= 1000)
+        && last
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// `warn!` for bad remote input: at most one line a second per call site,
+/// so a flood of it cannot flood the log.
+macro_rules! warn_limited {
+    ($($arg:tt)*) => {{
+        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if $crate::dispatch::log_now(&LAST) {
+            tracing::warn!($($arg)*);
+        }
+    }};
+}
+pub(crate) use warn_limited;
 
 /// Runs `fut` on its own task, which holds `pass` until it ends.
 fn spawn(pass: Pass, fut: impl Future<Output = ()> + Send + 'static) {

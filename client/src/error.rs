@@ -101,8 +101,12 @@ impl Error {
     /// Whether retrying the same operation later can succeed (a lost
     /// conflict, a busy peer, a timeout).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Conflict | Error::Timeout(_))
-            || matches!(self, Error::Channel(perun_channel::Error::Busy))
+        matches!(
+            self,
+            Error::Conflict | Error::Timeout(_) | Error::Busy { .. }
+        ) || matches!(self, Error::Channel(perun_channel::Error::Busy))
+            || matches!(self, Error::Wire(perun_wire::Error::Refused(r))
+                if r.code == perun_wire::RefusalCode::Busy)
     }
 }
 

@@ -377,7 +377,7 @@ pub(crate) async fn handle_proposal(
         let index = match check_proposal(&shared, Some(peer), &p) {
             Ok(i) => i,
             Err(e) => {
-                warn!(error = %e, "invalid proposal");
+                crate::dispatch::warn_limited!(error = %e, "invalid proposal");
                 let _ = responder.reply(reject_proposal(&p, usize::MAX, e.to_string()));
                 return;
             }
@@ -473,7 +473,7 @@ pub(crate) fn handle_abort(
             }));
         }
         Some(p) => {
-            warn!(%peer, "abort from a peer that is not the proposer");
+            crate::dispatch::warn_limited!(%peer, "abort from a peer that is not the proposer");
             pending.insert(r.proposal_id, p);
         }
         None => {}
@@ -501,7 +501,7 @@ pub(crate) async fn handle_signing0(
         }
     };
     let Some(pending) = pending else {
-        warn!(%peer, proposal = %s.proposal_id, "Signing0 for no pending proposal of this peer");
+        crate::dispatch::warn_limited!(%peer, proposal = %s.proposal_id, "Signing0 for no pending proposal of this peer");
         let _ = responder.refuse(Refusal::new(RefusalCode::Unauthorized, "no such proposal"));
         return;
     };
