@@ -42,9 +42,10 @@ pub(crate) enum Resp {
     Received(Result<Reply>),
 }
 
-/// Frames up to this size are read without the large-frame budget: every
-/// valid request of a payment channel fits, and their number is capped by
-/// the streams per connection and the requests per peer (DESIGN §6).
+/// Frames up to this size are read without the large-frame budget (the
+/// requests of a two-party payment channel are a few hundred bytes); their
+/// number is capped by the streams per connection and the requests per
+/// peer (DESIGN §6).
 pub(crate) const SMALL_FRAME: usize = 16 * 1024;
 
 #[derive(Debug, Clone)]
