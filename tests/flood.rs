@@ -4,11 +4,13 @@
 //! peer, malformed, oversized, large-garbage and stalled frames. Meanwhile
 //! the victim and an honest peer keep paying each other in their channel.
 //!
-//! It shows that the process's resident memory stays under [`RSS_BOUND`]
-//! and that the honest channel makes progress in every 5 s window.
+//! It shows that the process's resident memory stays under
+//! [`RSS_BOUND_MIB`], that the victim answers bad frames with typed
+//! refusals, and that the honest channel makes progress in every 5 s window.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,8 +32,8 @@ use rand::{RngCore, SeedableRng};
 const FLOOD: Duration = Duration::from_secs(30);
 /// The bound on the test process's resident memory (victim, honest peer
 /// and attacker together) during the flood. The process idles at about
-/// 30 MiB; the caps of `Limits::default()` hold the flood's share well
-/// below this (DESIGN §6).
+/// 16 MiB and peaks near 120 MiB under the flood with the caps of
+/// `Limits::default()` (DESIGN §6).
 const RSS_BOUND_MIB: u64 = 256;
 
 /// The process's resident memory in KiB (`VmRSS` of /proc/self/status).
@@ -158,8 +160,12 @@ fn raw_frame(i: u64, rng: &mut impl RngCore) -> Raw {
 }
 
 /// Runs a raw libp2p peer against `victim` until `deadline`; returns the
-/// frames it sent.
-async fn raw_flood(victim: PeerId, addr: Multiaddr, deadline: Instant) -> u64 {
+/// frames it sent and the refusals it got back, by code.
+async fn raw_flood(
+    victim: PeerId,
+    addr: Multiaddr,
+    deadline: Instant,
+) -> (u64, BTreeMap<String, u64>) {
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -186,6 +192,7 @@ async fn raw_flood(victim: PeerId, addr: Multiaddr, deadline: Instant) -> u64 {
     swarm.add_peer_address(victim, addr);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let (mut sent, mut in_flight) = (0u64, 0usize);
+    let mut refusals = BTreeMap::new();
     while Instant::now() < deadline {
         while in_flight < 64 {
             swarm
@@ -195,15 +202,23 @@ async fn raw_flood(victim: PeerId, addr: Multiaddr, deadline: Instant) -> u64 {
             in_flight += 1;
         }
         let ev = tokio::time::timeout(Duration::from_millis(200), swarm.select_next_some()).await;
-        if let Ok(SwarmEvent::Behaviour(
-            request_response::Event::Message { .. }
-            | request_response::Event::OutboundFailure { .. },
-        )) = ev
-        {
-            in_flight -= 1;
+        match ev {
+            Ok(SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Response { response, .. },
+                ..
+            })) => {
+                in_flight -= 1;
+                if let Ok(Err(refusal)) = perun::wire::frame::decode_reply(&response) {
+                    *refusals.entry(format!("{:?}", refusal.code)).or_default() += 1;
+                }
+            }
+            Ok(SwarmEvent::Behaviour(request_response::Event::OutboundFailure { .. })) => {
+                in_flight -= 1;
+            }
+            _ => {}
         }
     }
-    sent
+    (sent, refusals)
 }
 
 fn u(x: u64) -> U256 {
@@ -433,12 +448,12 @@ async fn a_flood_keeps_memory_bounded_and_honest_channels_updating() {
         f.abort();
         let _ = f.await;
     }
-    let raw_sent = raw.await.unwrap();
+    let (raw_sent, raw_refusals) = raw.await.unwrap();
     peak = peak.max(rss_kib());
     let total = updates.load(Ordering::Relaxed);
     println!(
         "flood: {} protocol messages ({} refused busy, {} proposals over the cap), \
-         {raw_sent} raw frames; \
+         {raw_sent} raw frames (refused: {raw_refusals:?}); \
          RSS baseline {} MiB, peak {} MiB (bound {RSS_BOUND_MIB} MiB); \
          honest updates {total}, per 5 s window {windows:?}",
         sent.load(Ordering::Relaxed),
@@ -457,6 +472,13 @@ async fn a_flood_keeps_memory_bounded_and_honest_channels_updating() {
         "a 5 s window without an honest update: {windows:?}"
     );
     assert!(total >= 30, "only {total} honest updates in {FLOOD:?}");
+    // Bad frames get typed refusals (the victim answers; nothing panics).
+    for code in ["TooLarge", "Malformed"] {
+        assert!(
+            raw_refusals.get(code).is_some_and(|n| *n > 0),
+            "no {code} refusal: {raw_refusals:?}"
+        );
+    }
     // The victim's handler never decides: every proposal past the cap of
     // pending proposals is rejected at once, with the typed error's text.
     assert!(
