@@ -12,7 +12,7 @@ use tracing::{error, info};
 use crate::core::{Parts, Shared};
 use crate::handler::{ProposalHandler, RejectAll, UpdateHandler};
 use crate::open::{self, ChannelProposal};
-use crate::{AcceptPaymentsToMe, Channel, Error, Result, Timeouts};
+use crate::{AcceptPaymentsToMe, Channel, Error, Limits, Result, Timeouts};
 
 /// Builds a [`Client`]. `account`, `funder` and `adjudicator` are required.
 pub struct ClientBuilder {
@@ -26,6 +26,7 @@ pub struct ClientBuilder {
     update_handler: Arc<dyn UpdateHandler>,
     app: Arc<dyn App>,
     timeouts: Timeouts,
+    limits: Limits,
     peers: Vec<(PeerId, Multiaddr)>,
     refuse_damaged: bool,
 }
@@ -49,6 +50,7 @@ impl Default for ClientBuilder {
             update_handler: Arc::new(AcceptPaymentsToMe),
             app: Arc::new(PaymentApp),
             timeouts: Timeouts::default(),
+            limits: Limits::default(),
             peers: Vec::new(),
             refuse_damaged: false,
         }
@@ -113,6 +115,12 @@ impl ClientBuilder {
         self.timeouts = t;
         self
     }
+    /// Caps on what peers can make the client hold (default
+    /// [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
     /// Where to reach a peer; known before restored channels sync.
     pub fn peer(mut self, peer: PeerId, addr: Multiaddr) -> Self {
         self.peers.push((peer, addr));
@@ -160,6 +168,7 @@ impl ClientBuilder {
             cfg.listen = addrs;
         }
         cfg.request_timeout = self.timeouts.request;
+        cfg.limits = self.limits.wire;
         let (wire, incoming) = perun_wire::Node::start(cfg).await?;
         for (peer, addr) in self.peers {
             wire.add_address(peer, addr).await?;
@@ -174,6 +183,7 @@ impl ClientBuilder {
             update_handler: self.update_handler,
             app: self.app,
             timeouts: self.timeouts,
+            limits: self.limits,
         });
         let restored = crate::restore::restore(&shared).await?;
         if self.refuse_damaged && !restored.damaged.is_empty() {

@@ -153,3 +153,35 @@ impl Timeouts {
             .min(self.retry_max)
     }
 }
+
+/// Caps on what peers can make the client hold (DESIGN §8, "Remote input").
+/// Input over a cap is refused (a reject or a `Busy` refusal the sender
+/// sees) with a rate-limited `warn!`; nothing else changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Proposals of one peer waiting for our handler's decision or,
+    /// accepted, for their version-0 signatures.
+    pub proposals_per_peer: usize,
+    /// Such proposals of all peers together.
+    pub proposals: usize,
+    /// Requests of one peer being worked on at once (one task each).
+    /// Keep it above the wire's `requests_per_peer`: an honest peer with
+    /// the same settings has that many requests in flight to us.
+    pub tasks_per_peer: usize,
+    /// The transport's caps: connections, unanswered requests, large
+    /// frames, the address book.
+    pub wire: perun_wire::Limits,
+}
+
+impl Default for Limits {
+    /// 32 pending proposals per peer, 1024 in all, 1024 tasks per peer,
+    /// and the wire's defaults.
+    fn default() -> Self {
+        Self {
+            proposals_per_peer: 32,
+            proposals: 1024,
+            tasks_per_peer: 1024,
+            wire: perun_wire::Limits::default(),
+        }
+    }
+}

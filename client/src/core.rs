@@ -36,6 +36,8 @@ pub(crate) struct Pending {
     pub(crate) index: usize,
     pub(crate) share: perun_channel::B256,
     pub(crate) done: tokio::sync::oneshot::Sender<Result<Channel>>,
+    /// Its place among the pending proposals ([`Shared::proposals`]).
+    pub(crate) _slot: crate::dispatch::Pass,
 }
 
 /// State shared by the client handle, its channels and its protocol tasks.
@@ -51,6 +53,10 @@ pub(crate) struct Shared {
     pub(crate) timeouts: Timeouts,
     channels: Mutex<HashMap<ChannelId, Arc<ChannelCore>>>,
     pub(crate) pending: Mutex<HashMap<perun_wire::ProposalId, Pending>>,
+    /// Proposals waiting for our handler or for their `Signing0`.
+    pub(crate) proposals: Arc<crate::dispatch::Gate>,
+    /// Tasks working on peers' requests.
+    pub(crate) tasks: Arc<crate::dispatch::Gate>,
     /// Set to `true` on shutdown; background tasks stop.
     pub(crate) stop: watch::Sender<bool>,
     /// Commits still being handed to peers; `shutdown` lets them finish.
@@ -89,6 +95,7 @@ pub(crate) struct Parts {
     pub(crate) update_handler: Arc<dyn UpdateHandler>,
     pub(crate) app: Arc<dyn App>,
     pub(crate) timeouts: Timeouts,
+    pub(crate) limits: crate::Limits,
 }
 
 impl Shared {
@@ -105,6 +112,12 @@ impl Shared {
             timeouts: p.timeouts,
             channels: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            proposals: crate::dispatch::Gate::new(
+                "pending proposals",
+                p.limits.proposals_per_peer,
+                p.limits.proposals,
+            ),
+            tasks: crate::dispatch::Gate::new("request tasks", p.limits.tasks_per_peer, usize::MAX),
             stop: watch::channel(false).0,
             commits_in_flight: watch::channel(0).0,
             resume_permits: Arc::new(Semaphore::new(RESUME_CONCURRENCY)),

@@ -44,6 +44,15 @@ pub enum Error {
     /// The closure passed to `try_update` refused to build a next state.
     #[error("invalid update: {0}")]
     InvalidUpdate(String),
+    /// A cap on what peers can make us hold is reached ([`Limits`](crate::Limits));
+    /// the peer's request was refused and nothing changed.
+    #[error("{what} at its limit of {limit}")]
+    Busy {
+        /// Which cap.
+        what: &'static str,
+        /// Its value.
+        limit: usize,
+    },
     /// A step did not finish within its timeout.
     #[error("timed out: {0}")]
     Timeout(&'static str),
@@ -111,8 +120,12 @@ impl Error {
     /// Whether retrying the same operation later can succeed (a lost
     /// conflict, a busy peer, a timeout).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Conflict | Error::Timeout(_))
-            || matches!(self, Error::Channel(perun_channel::Error::Busy))
+        matches!(
+            self,
+            Error::Conflict | Error::Timeout(_) | Error::Busy { .. }
+        ) || matches!(self, Error::Channel(perun_channel::Error::Busy))
+            || matches!(self, Error::Wire(perun_wire::Error::Refused(r))
+                if r.code == perun_wire::RefusalCode::Busy)
     }
 }
 

@@ -16,7 +16,7 @@
 //!   `dispatch` (incoming requests to their protocol).
 //! - **Shared core:** `core` (the client's shared parts, each channel's
 //!   core and its locked machine), `deliver` (commits and aborts to peers),
-//!   [`event`], [`config`] ([`Timeouts`]), [`error`] (the crate's one error
+//!   [`event`], [`config`] ([`Timeouts`], [`Limits`]), [`error`] (the crate's one error
 //!   enum).
 //!
 //! # Example
@@ -55,7 +55,7 @@ mod watcher;
 
 pub use channel::{Channel, EventStream, UpdateStream};
 pub use client::{Client, ClientBuilder, DamagedRecord, SHUTDOWN_GRACE};
-pub use config::{TimeoutRule, Timeouts};
+pub use config::{Limits, TimeoutRule, Timeouts};
 pub use error::{Error, Result};
 pub use event::{ChannelEvent, WatchStatus, WatcherStep};
 pub use handler::{

@@ -383,8 +383,16 @@ pub(crate) async fn handle_proposal(
         let index = match check_proposal(&shared, Some(peer), &p) {
             Ok(i) => i,
             Err(e) => {
-                warn!(error = %e, "invalid proposal");
+                crate::dispatch::warn_limited!(error = %e, "invalid proposal");
                 let _ = responder.reply(reject_proposal(&p, usize::MAX, e.to_string()));
+                return;
+            }
+        };
+        // Held while the handler decides and, accepted, until Signing0.
+        let slot = match shared.proposals.enter(peer) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = responder.reply(reject_proposal(&p, index, e.to_string()));
                 return;
             }
         };
@@ -395,12 +403,17 @@ pub(crate) async fn handle_proposal(
             from: peer,
             index,
         };
-        tokio::spawn(async move {
+        let deciding = tokio::spawn(async move {
             handler
                 .handle_proposal(incoming, ProposalResponder { tx })
                 .await
         });
         let decision = tokio::time::timeout(shared.timeouts.handler, rx).await;
+        if decision.is_err() {
+            // Nobody waits for this decision any more; a handler that hangs
+            // must not pile up tasks past the proposal caps.
+            deciding.abort();
+        }
         let done = match decision {
             Ok(Ok(ProposalDecision::Accept(done))) => done,
             Ok(Ok(ProposalDecision::Reject(reason))) => {
@@ -423,6 +436,7 @@ pub(crate) async fn handle_proposal(
                 index,
                 share,
                 done,
+                _slot: slot,
             },
         );
         let _ = responder.reply(Message::ProposalAccept(ProposalAccept {
@@ -465,7 +479,7 @@ pub(crate) fn handle_abort(
             }));
         }
         Some(p) => {
-            warn!(%peer, "abort from a peer that is not the proposer");
+            crate::dispatch::warn_limited!(%peer, "abort from a peer that is not the proposer");
             pending.insert(r.proposal_id, p);
         }
         None => {}
@@ -493,7 +507,7 @@ pub(crate) async fn handle_signing0(
         }
     };
     let Some(pending) = pending else {
-        warn!(%peer, proposal = %s.proposal_id, "Signing0 for no pending proposal of this peer");
+        crate::dispatch::warn_limited!(%peer, proposal = %s.proposal_id, "Signing0 for no pending proposal of this peer");
         let _ = responder.refuse(Refusal::new(RefusalCode::Unauthorized, "no such proposal"));
         return;
     };

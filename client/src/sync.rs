@@ -166,7 +166,7 @@ pub(crate) async fn handle_sync(shared: Arc<Shared>, peer: PeerId, s: Sync, resp
         return;
     };
     if core.peer_index(&peer) != Some(s.index) {
-        warn!(%peer, index = s.index, "sync from a peer that is not who it claims");
+        crate::dispatch::warn_limited!(%peer, index = s.index, "sync from a peer that is not who it claims");
         let _ = responder.refuse(Refusal::new(RefusalCode::Unauthorized, "wrong participant"));
         return;
     }

@@ -224,7 +224,7 @@ pub(crate) async fn handle_abort(
         return;
     };
     if core.peer_index(&peer) != Some(r.index) {
-        warn!(%peer, index = r.index, "abort from a peer that is not who it claims");
+        crate::dispatch::warn_limited!(%peer, index = r.index, "abort from a peer that is not who it claims");
         let _ = responder.refuse(perun_wire::Refusal::new(
             perun_wire::RefusalCode::Unauthorized,
             "wrong participant",
@@ -259,7 +259,7 @@ pub(crate) async fn handle_update(
     responder: Responder,
 ) {
     let Some(core) = shared.channel_core(&u.channel_id) else {
-        warn!(%peer, channel = %u.channel_id, "update for an unknown channel");
+        crate::dispatch::warn_limited!(%peer, channel = %u.channel_id, "update for an unknown channel");
         let _ = responder.reply(Message::UpdateReject(UpdateReject {
             channel_id: u.channel_id,
             version: u.state.version,
@@ -284,7 +284,7 @@ async fn respond_update(
 ) -> Message {
     let version = u.state.version;
     if u.actor == core.index || core.peer_index(&peer) != Some(u.actor) {
-        warn!(%peer, actor = u.actor, "update from a peer that is not its actor");
+        crate::dispatch::warn_limited!(%peer, actor = u.actor, "update from a peer that is not its actor");
         return reject(
             core,
             version,
@@ -485,7 +485,7 @@ pub(crate) async fn handle_commit(
     responder: Responder,
 ) {
     let Some(core) = shared.channel_core(&c.channel_id) else {
-        warn!(%peer, channel = %c.channel_id, "commit for an unknown channel");
+        crate::dispatch::warn_limited!(%peer, channel = %c.channel_id, "commit for an unknown channel");
         let _ = responder.refuse(perun_wire::Refusal::new(
             perun_wire::RefusalCode::Malformed,
             "unknown channel",
@@ -582,7 +582,7 @@ fn check_commit(
     c: &UpdateCommit,
 ) -> std::result::Result<Option<perun_channel::Machine>, String> {
     if core.peer_index(&peer) != Some(c.index) {
-        warn!(%peer, index = c.index, "commit from a peer that is not who it claims");
+        crate::dispatch::warn_limited!(%peer, index = c.index, "commit from a peer that is not who it claims");
         return Err("sender is not the participant it claims".into());
     }
     if l.machine

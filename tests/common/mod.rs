@@ -210,6 +210,8 @@ pub struct Options {
     pub request_timeout: Option<Duration>,
     /// The party listens nowhere (it only dials out).
     pub dial_only: bool,
+    /// Caps on remote input instead of the defaults.
+    pub limits: Option<perun::client::Limits>,
 }
 
 impl Default for Options {
@@ -224,6 +226,7 @@ impl Default for Options {
             timeouts: None,
             request_timeout: None,
             dial_only: false,
+            limits: None,
         }
     }
 }
@@ -314,6 +317,9 @@ async fn start(
         .timeouts(timeouts);
     if opts.dial_only {
         builder = builder.dial_only();
+    }
+    if let Some(limits) = opts.limits {
+        builder = builder.limits(limits);
     }
     let client = builder.build().await.unwrap();
     Party {

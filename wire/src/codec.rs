@@ -6,12 +6,13 @@
 //! [`Refusal`], so the sender learns why and the connection stays up.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use libp2p::request_response;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::frame::{self, Reply};
 use crate::message::{Message, Refusal, RefusalCode};
@@ -24,8 +25,9 @@ use crate::{Error, Result};
 pub(crate) enum Req {
     /// An outbound request, already framed.
     Frame(Vec<u8>),
-    /// An inbound request: the message, or why its frame was bad.
-    Received(Result<Message>),
+    /// An inbound request: the message, or why its frame was bad, and the
+    /// share of the large-frame budget it holds until it is answered.
+    Received(Result<Message>, Option<OwnedSemaphorePermit>),
 }
 
 /// A reply as the codec sees it.
@@ -40,10 +42,48 @@ pub(crate) enum Resp {
     Received(Result<Reply>),
 }
 
+/// Frames up to this size are read without the large-frame budget (the
+/// requests of a two-party payment channel are a few hundred bytes); their
+/// number is capped by the streams per connection and the requests per
+/// peer (DESIGN §6).
+pub(crate) const SMALL_FRAME: usize = 16 * 1024;
+
 #[derive(Debug, Clone)]
 pub(crate) struct WireCodec {
     pub(crate) max_frame: usize,
     pub(crate) read_timeout: Duration,
+    /// Bytes of large inbound frames held at once, over all connections:
+    /// from their length prefix until they are answered.
+    pub(crate) large_frames: Arc<Semaphore>,
+    /// The budget's size, for the error.
+    pub(crate) large_frame_bytes: usize,
+}
+
+impl WireCodec {
+    /// Reads one request frame; a large one first takes its size from the
+    /// budget, or is refused `Busy` without reading its body.
+    async fn read_admitted<T: AsyncRead + Unpin>(
+        &self,
+        io: &mut T,
+    ) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>)> {
+        let len = frame::read_len(io, self.max_frame).await?;
+        let permit = if len > SMALL_FRAME {
+            let busy = || Error::Busy {
+                what: "bytes of large inbound frames",
+                limit: self.large_frame_bytes,
+            };
+            let n = u32::try_from(len).map_err(|_| busy())?;
+            Some(
+                self.large_frames
+                    .clone()
+                    .try_acquire_many_owned(n)
+                    .map_err(|_| busy())?,
+            )
+        } else {
+            None
+        };
+        Ok((frame::read_exact_body(io, len).await?, permit))
+    }
 }
 
 /// Frames a refusal. Refusals are tiny, so this cannot hit the frame limit.
@@ -69,15 +109,23 @@ impl request_response::Codec for WireCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let read = frame::read_body(io, self.max_frame);
-        let body = match tokio::time::timeout(self.read_timeout, read).await {
-            Err(_) => return Ok(Req::Received(Err(Error::ReadTimeout(self.read_timeout)))),
+        let read = self.read_admitted(io);
+        let (body, permit) = match tokio::time::timeout(self.read_timeout, read).await {
+            Err(_) => {
+                return Ok(Req::Received(
+                    Err(Error::ReadTimeout(self.read_timeout)),
+                    None,
+                ));
+            }
             // The stream itself broke: nobody is left to answer.
             Ok(Err(Error::Io(e))) => return Err(e),
-            Ok(Err(e)) => return Ok(Req::Received(Err(e))),
-            Ok(Ok(body)) => body,
+            Ok(Err(e)) => return Ok(Req::Received(Err(e), None)),
+            Ok(Ok(read)) => read,
         };
-        Ok(Req::Received(frame::decode_message(&body)))
+        match frame::decode_message(&body) {
+            Ok(msg) => Ok(Req::Received(Ok(msg), permit)),
+            Err(e) => Ok(Req::Received(Err(e), None)),
+        }
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
@@ -98,7 +146,7 @@ impl request_response::Codec for WireCodec {
     {
         match req {
             Req::Frame(frame) => write_all(io, &frame).await,
-            Req::Received(_) => Err(io::Error::new(
+            Req::Received(..) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "a received request cannot be sent",
             )),

@@ -51,6 +51,15 @@ pub enum Error {
     /// The peer stopped sending in the middle of a frame.
     #[error("read timed out after {0:?}")]
     ReadTimeout(std::time::Duration),
+    /// A cap on remote input is reached (DESIGN §6): the request is refused
+    /// with [`RefusalCode::Busy`](crate::RefusalCode::Busy) and nothing else happens.
+    #[error("{what} at its limit of {limit}")]
+    Busy {
+        /// Which cap.
+        what: &'static str,
+        /// Its value.
+        limit: usize,
+    },
     /// The remote refused our request (bad frame, busy, no handler reply, ...).
     #[error("refused by peer: {0}")]
     Refused(Refusal),

@@ -108,6 +108,12 @@ pub(crate) async fn read_body<R: AsyncRead + Unpin>(
     io: &mut R,
     max_frame: usize,
 ) -> Result<Vec<u8>> {
+    let len = read_len(io, max_frame).await?;
+    read_exact_body(io, len).await
+}
+
+/// Reads a frame's length prefix and checks it against `max_frame`.
+pub(crate) async fn read_len<R: AsyncRead + Unpin>(io: &mut R, max_frame: usize) -> Result<usize> {
     let mut prefix = [0u8; PREFIX_LEN];
     let mut got = 0;
     while got < PREFIX_LEN {
@@ -120,7 +126,14 @@ pub(crate) async fn read_body<R: AsyncRead + Unpin>(
         }
         got += n;
     }
-    let len = frame_len(&prefix, max_frame)?;
+    frame_len(&prefix, max_frame)
+}
+
+/// Reads a frame body of `len` bytes (the prefix was read already).
+pub(crate) async fn read_exact_body<R: AsyncRead + Unpin>(
+    io: &mut R,
+    len: usize,
+) -> Result<Vec<u8>> {
     let mut body = Vec::with_capacity(len.min(64 * 1024));
     let limit = u64::try_from(len).unwrap_or(u64::MAX);
     io.take(limit).read_to_end(&mut body).await?;

@@ -36,4 +36,4 @@ pub use message::{
     Message, Participant, Proposal, ProposalAccept, ProposalId, ProposalReject, Refusal,
     RefusalCode, RejectKind, Signing0, Sync, Update, UpdateAccept, UpdateCommit, UpdateReject,
 };
-pub use node::{Config, Handle, Incoming, Node, PeerEvent, Request, Responder};
+pub use node::{Config, Handle, Incoming, Limits, Node, PeerEvent, Request, Responder};

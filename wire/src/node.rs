@@ -10,17 +10,19 @@
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, InboundFailure, OutboundFailure, OutboundRequestId};
-use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, tcp, yamux};
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, tcp, yamux,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info_span, instrument, warn};
 
 use crate::codec::{Req, Resp, WireCodec, refusal_frame};
@@ -30,6 +32,48 @@ use crate::{Error, Result, authorize};
 
 /// Most addresses remembered per peer.
 const MAX_ADDRS_PER_PEER: usize = 8;
+
+/// Caps on what peers can make this endpoint hold (DESIGN §6). Whatever is
+/// over a cap is refused with a typed error ([`Error::Busy`], answered as
+/// [`RefusalCode::Busy`]) or a denied connection, and a rate-limited `warn!`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Established connections that peers opened to us.
+    pub incoming_connections: u32,
+    /// Connections being set up that peers opened to us.
+    pub pending_incoming_connections: u32,
+    /// Established connections with one peer (either direction).
+    pub connections_per_peer: u32,
+    /// Inbound requests of one peer that are not answered yet. Keep it at
+    /// least half of `max_concurrent_streams`: that is how many requests an
+    /// honest peer with the same settings has in flight to us.
+    pub requests_per_peer: usize,
+    /// Inbound requests of all peers together that are not answered yet.
+    pub requests: usize,
+    /// Bytes of inbound frames larger than 16 KiB held at once (from their
+    /// length prefix until they are answered), over all peers.
+    pub large_frame_bytes: usize,
+    /// Peers in the address book. Addresses the application gave are
+    /// never evicted; learned ones (identify, dials) are, oldest first.
+    pub known_peers: usize,
+}
+
+impl Default for Limits {
+    /// 128 incoming connections (32 in setup), 4 per peer, 512 unanswered
+    /// requests per peer and 4096 in all, 32 MiB of large frames, 4096
+    /// known peers.
+    fn default() -> Self {
+        Self {
+            incoming_connections: 128,
+            pending_incoming_connections: 32,
+            connections_per_peer: 4,
+            requests_per_peer: 512,
+            requests: 4096,
+            large_frame_bytes: 32 << 20,
+            known_peers: 4096,
+        }
+    }
+}
 
 /// How an endpoint is set up. Start from [`Config::new`] and adjust fields.
 #[derive(Debug, Clone)]
@@ -48,12 +92,15 @@ pub struct Config {
     /// How long an unused connection is kept open.
     pub idle_timeout: Duration,
     /// Concurrent request streams per connection, inbound + outbound
-    /// (clamped to 2..=2048). Our own outstanding requests are capped at half
-    /// of it, so both directions fit when the peer uses the same setting;
-    /// further `send`s wait for a slot instead of failing.
+    /// (clamped to 2..=2048). Our own outstanding requests to one peer are
+    /// capped at half of it, so both directions fit when the peer uses the
+    /// same setting; further `send`s to that peer wait for a slot instead of
+    /// failing (sends to other peers do not wait behind a slow one).
     pub max_concurrent_streams: usize,
     /// Inbound requests queued for the application before we answer `Busy`.
     pub incoming_capacity: usize,
+    /// Caps on remote input.
+    pub limits: Limits,
 }
 
 impl Config {
@@ -73,6 +120,7 @@ impl Config {
             idle_timeout: Duration::from_secs(60),
             max_concurrent_streams: 1024,
             incoming_capacity: 4096,
+            limits: Limits::default(),
         }
     }
 }
@@ -89,6 +137,7 @@ pub enum PeerEvent {
 #[derive(NetworkBehaviour)]
 #[behaviour(prelude = "libp2p::swarm::derive_prelude")]
 struct Behaviour {
+    limits: connection_limits::Behaviour,
     rr: request_response::Behaviour<WireCodec>,
     identify: identify::Behaviour,
 }
@@ -103,6 +152,7 @@ enum Command {
         peer: PeerId,
         addr: Multiaddr,
     },
+    KnownPeers(oneshot::Sender<usize>),
     Dial {
         peer: PeerId,
         addr: Option<Multiaddr>,
@@ -154,8 +204,15 @@ impl Node {
             events: events.clone(),
             pending: HashMap::new(),
             dials: HashMap::new(),
-            book: HashMap::new(),
+            book: Book::new(config.limits.known_peers),
             max_frame: config.max_frame,
+            admission: Arc::new(Admission {
+                limits: config.limits,
+                held: Mutex::new(Held::default()),
+            }),
+            refused: Throttle::default(),
+            bad_frames: Throttle::default(),
+            denied: Throttle::default(),
         };
         tokio::spawn(
             event_loop
@@ -163,9 +220,10 @@ impl Node {
                 .instrument(info_span!("wire", peer = %local)),
         );
         let handle = Handle {
-            permits: Arc::new(Semaphore::new(
-                config.max_concurrent_streams.clamp(2, MAX_STREAMS) / 2,
-            )),
+            slots: Arc::new(SendSlots {
+                per_peer: config.max_concurrent_streams.clamp(2, MAX_STREAMS) / 2,
+                peers: Mutex::new(HashMap::new()),
+            }),
             cmd: cmd_tx,
             local,
             max_frame: config.max_frame,
@@ -186,10 +244,17 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>> {
     // identify and for streams still closing.
     let mut yamux_config = yamux::Config::default();
     yamux_config.set_max_num_streams(streams * 2);
+    let large = config.limits.large_frame_bytes.min(Semaphore::MAX_PERMITS);
     let codec = WireCodec {
         max_frame: config.max_frame,
         read_timeout: config.read_timeout,
+        large_frames: Arc::new(Semaphore::new(large)),
+        large_frame_bytes: large,
     };
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established_incoming(Some(config.limits.incoming_connections))
+        .with_max_pending_incoming(Some(config.limits.pending_incoming_connections))
+        .with_max_established_per_peer(Some(config.limits.connections_per_peer));
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(streams);
@@ -202,6 +267,7 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>> {
         )
         .map_err(|e| Error::Transport(e.to_string()))?
         .with_behaviour(|key| Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
             rr: request_response::Behaviour::with_codec(
                 codec,
                 [(
@@ -267,7 +333,7 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>> {
 #[derive(Debug, Clone)]
 pub struct Handle {
     cmd: mpsc::Sender<Command>,
-    permits: Arc<Semaphore>,
+    slots: Arc<SendSlots>,
     local: PeerId,
     max_frame: usize,
     events: broadcast::Sender<PeerEvent>,
@@ -288,9 +354,11 @@ impl Handle {
     /// Sends a request and waits for its reply. Dials `peer` first if we have
     /// no connection, using the addresses we know for it.
     ///
-    /// At most half of [`Config::max_concurrent_streams`] requests are in
-    /// flight at once; more wait here for a slot (the request timeout starts
-    /// once the request is handed to the swarm).
+    /// At most half of [`Config::max_concurrent_streams`] requests to one
+    /// peer are in flight at once; more wait here for a slot (the request
+    /// timeout starts once the request is handed to the swarm). Each peer has
+    /// its own slots, so a peer that answers slowly never delays requests
+    /// to the others.
     ///
     /// Errors: [`Error::Refused`] if the peer's transport refused the
     /// request, [`Error::Timeout`] / [`Error::ConnectionClosed`] /
@@ -301,7 +369,7 @@ impl Handle {
             return Err(Error::NotARequest(msg.kind()));
         }
         let frame = frame::encode_frame(msg, self.max_frame)?;
-        let _slot = self.permits.acquire().await.map_err(|_| Error::Shutdown)?;
+        let _slot = self.slots.acquire(peer).await?;
         let (tx, rx) = oneshot::channel();
         self.command(Command::Send { peer, frame, tx }).await?;
         match rx.await.map_err(|_| Error::Shutdown)?? {
@@ -310,7 +378,16 @@ impl Handle {
         }
     }
 
-    /// Remembers an address of `peer` for dialing on demand.
+    /// How many peers the address book holds (at most
+    /// [`Limits::known_peers`]).
+    pub async fn known_peers(&self) -> Result<usize> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::KnownPeers(tx)).await?;
+        rx.await.map_err(|_| Error::Shutdown)
+    }
+
+    /// Remembers an address of `peer` for dialing on demand; it is never
+    /// evicted from the address book.
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<()> {
         self.command(Command::AddAddress { peer, addr }).await
     }
@@ -408,11 +485,13 @@ impl Request {
 }
 
 /// Answers one request, once: both methods consume it. Dropping it answers
-/// the sender with a [`RefusalCode::NoReply`] refusal.
+/// the sender with a [`RefusalCode::NoReply`] refusal. Until then the
+/// request counts against its peer's caps ([`Limits`]).
 #[derive(Debug)]
 pub struct Responder {
     tx: oneshot::Sender<Vec<u8>>,
     max_frame: usize,
+    _ticket: Ticket,
 }
 
 impl Responder {
@@ -439,6 +518,213 @@ impl Responder {
     }
 }
 
+/// Our outbound requests in flight, per peer: each peer has its own slots.
+#[derive(Debug)]
+struct SendSlots {
+    per_peer: usize,
+    peers: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
+}
+
+impl SendSlots {
+    async fn acquire(self: &Arc<Self>, peer: PeerId) -> Result<SendSlot> {
+        let sem = lock(&self.peers)
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_peer)))
+            .clone();
+        let permit = sem.acquire_owned().await.map_err(|_| Error::Shutdown)?;
+        Ok(SendSlot {
+            permit: Some(permit),
+            peer,
+            slots: self.clone(),
+        })
+    }
+}
+
+/// One outbound request's slot; the peer's entry goes once nobody uses it.
+struct SendSlot {
+    permit: Option<OwnedSemaphorePermit>,
+    peer: PeerId,
+    slots: Arc<SendSlots>,
+}
+
+impl Drop for SendSlot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut peers = lock(&self.slots.peers);
+        // Only the map holds it: no request in flight, nobody waiting (a
+        // waiter clones the semaphore under this lock).
+        if peers
+            .get(&self.peer)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            peers.remove(&self.peer);
+        }
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere mid-update of a counter map;
+/// the map is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Unanswered inbound requests, in all and per peer.
+#[derive(Debug, Default)]
+struct Held {
+    total: usize,
+    per_peer: HashMap<PeerId, usize>,
+}
+
+/// Admits inbound requests under the caps of [`Limits`].
+#[derive(Debug)]
+struct Admission {
+    limits: Limits,
+    held: Mutex<Held>,
+}
+
+impl Admission {
+    /// A ticket for one more request of `peer`, or which cap is full.
+    fn admit(
+        self: &Arc<Self>,
+        peer: PeerId,
+        bytes: Option<OwnedSemaphorePermit>,
+    ) -> Result<Ticket> {
+        let mut held = lock(&self.held);
+        if held.total >= self.limits.requests {
+            return Err(Error::Busy {
+                what: "unanswered requests",
+                limit: self.limits.requests,
+            });
+        }
+        let mine = held.per_peer.entry(peer).or_default();
+        if *mine >= self.limits.requests_per_peer {
+            return Err(Error::Busy {
+                what: "unanswered requests of this peer",
+                limit: self.limits.requests_per_peer,
+            });
+        }
+        *mine += 1;
+        held.total += 1;
+        Ok(Ticket {
+            admission: self.clone(),
+            peer,
+            _bytes: bytes,
+        })
+    }
+}
+
+/// One admitted request; releases its place (and its frame bytes) on drop.
+#[derive(Debug)]
+struct Ticket {
+    admission: Arc<Admission>,
+    peer: PeerId,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut held = lock(&self.admission.held);
+        held.total = held.total.saturating_sub(1);
+        if let Some(n) = held.per_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Logs a kind of bad remote input at most once a second, with how many
+/// were not logged, so a flood cannot flood the log too.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    skipped: u64,
+}
+
+impl Throttle {
+    /// Whether to log now; `Some(skipped since the last line)` if so.
+    fn pass(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.skipped += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.skipped))
+    }
+}
+
+/// Addresses we may dial, per peer, for at most `cap` peers. Kept here
+/// rather than in the swarm because libp2p forgets an address after one
+/// failed dial, and a peer that restarts must stay reachable. Entries the
+/// application gave are pinned; learned ones are evicted oldest first, so
+/// peers that connect cannot grow it.
+#[derive(Debug)]
+struct Book {
+    cap: usize,
+    tick: u64,
+    peers: HashMap<PeerId, BookEntry>,
+}
+
+#[derive(Debug, Default)]
+struct BookEntry {
+    addrs: Vec<Multiaddr>,
+    pinned: bool,
+    touched: u64,
+}
+
+impl Book {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            tick: 0,
+            peers: HashMap::new(),
+        }
+    }
+
+    fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.peers
+            .get(peer)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default()
+    }
+
+    /// Adds an address; the newest [`MAX_ADDRS_PER_PEER`] of a peer are
+    /// kept. Returns `false` if the book is full of pinned entries.
+    fn remember(&mut self, peer: PeerId, addr: Multiaddr, pin: bool) -> bool {
+        if !self.peers.contains_key(&peer) && self.peers.len() >= self.cap {
+            let oldest = self
+                .peers
+                .iter()
+                .filter(|(_, e)| !e.pinned)
+                .min_by_key(|(_, e)| e.touched)
+                .map(|(p, _)| *p);
+            match oldest {
+                Some(p) => {
+                    self.peers.remove(&p);
+                }
+                None => return false,
+            }
+        }
+        self.tick += 1;
+        let entry = self.peers.entry(peer).or_default();
+        entry.pinned |= pin;
+        entry.touched = self.tick;
+        let addrs = &mut entry.addrs;
+        if let Some(i) = addrs.iter().position(|a| *a == addr) {
+            addrs.remove(i);
+        } else if addrs.len() == MAX_ADDRS_PER_PEER {
+            addrs.remove(0);
+        }
+        addrs.push(addr);
+        true
+    }
+}
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     cmd_rx: mpsc::Receiver<Command>,
@@ -446,11 +732,15 @@ struct EventLoop {
     events: broadcast::Sender<PeerEvent>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Reply>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<()>>>>,
-    /// Addresses we may dial, per peer. Kept here rather than in the swarm
-    /// because libp2p forgets an address after one failed dial, and a peer
-    /// that restarts must stay reachable.
-    book: HashMap<PeerId, Vec<Multiaddr>>,
+    book: Book,
     max_frame: usize,
+    admission: Arc<Admission>,
+    /// Requests refused because a cap was full.
+    refused: Throttle,
+    /// Requests whose frame was bad.
+    bad_frames: Throttle,
+    /// Connections denied by a connection cap.
+    denied: Throttle,
 }
 
 impl EventLoop {
@@ -489,10 +779,13 @@ impl EventLoop {
                     .send_request(&peer, Req::Frame(frame));
                 self.pending.insert(id, tx);
             }
-            Command::AddAddress { peer, addr } => self.remember(peer, addr),
+            Command::AddAddress { peer, addr } => self.remember(peer, addr, true),
+            Command::KnownPeers(tx) => {
+                let _ = tx.send(self.book.peers.len());
+            }
             Command::Dial { peer, addr, tx } => {
                 if let Some(addr) = &addr {
-                    self.remember(peer, addr.clone());
+                    self.remember(peer, addr.clone(), true);
                 }
                 if self.swarm.is_connected(&peer) {
                     let _ = tx.send(Ok(()));
@@ -523,7 +816,7 @@ impl EventLoop {
     /// one TCP simultaneous-open connection on which both sides act as noise
     /// initiator, and the handshake fails.
     fn dial_peer(&mut self, peer: PeerId) -> std::result::Result<(), DialError> {
-        let addrs = self.book.get(&peer).cloned().unwrap_or_default();
+        let addrs = self.book.addrs(&peer);
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
             .allocate_new_port()
@@ -531,16 +824,11 @@ impl EventLoop {
         self.swarm.dial(opts)
     }
 
-    /// Adds an address to the book; the newest [`MAX_ADDRS_PER_PEER`] are kept,
-    /// so a peer cannot grow our memory by announcing addresses.
-    fn remember(&mut self, peer: PeerId, addr: Multiaddr) {
-        let addrs = self.book.entry(peer).or_default();
-        if let Some(i) = addrs.iter().position(|a| *a == addr) {
-            addrs.remove(i);
-        } else if addrs.len() == MAX_ADDRS_PER_PEER {
-            addrs.remove(0);
+    /// Adds an address to the book (pinned: the application gave it).
+    fn remember(&mut self, peer: PeerId, addr: Multiaddr, pin: bool) {
+        if !self.book.remember(peer, addr, pin) {
+            warn!(%peer, cap = self.book.cap, "address book full of pinned peers; address not kept");
         }
-        addrs.push(addr);
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -552,7 +840,7 @@ impl EventLoop {
                 ..
             })) => {
                 for addr in info.listen_addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
-                    self.remember(peer_id, addr);
+                    self.remember(peer_id, addr, false);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
@@ -563,7 +851,7 @@ impl EventLoop {
                 ..
             } => {
                 if endpoint.is_dialer() {
-                    self.remember(peer_id, endpoint.get_remote_address().clone());
+                    self.remember(peer_id, endpoint.get_remote_address().clone(), false);
                 }
                 for tx in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = tx.send(Ok(()));
@@ -592,6 +880,15 @@ impl EventLoop {
                     for tx in self.dials.remove(&peer).unwrap_or_default() {
                         let _ = tx.send(Err(Error::DialFailure(peer)));
                     }
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                error: ListenError::Denied { cause },
+                send_back_addr,
+                ..
+            } => {
+                if let Some(skipped) = self.denied.pass() {
+                    warn!(from = %send_back_addr, %cause, skipped, "incoming connection denied");
                 }
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -658,25 +955,46 @@ impl EventLoop {
         channel: request_response::ResponseChannel<Resp>,
     ) {
         let rr = &mut self.swarm.behaviour_mut().rr;
-        let message = match request {
-            Req::Received(Ok(msg)) if msg.is_request() => msg,
-            Req::Received(Ok(msg)) => {
-                warn!(%peer, kind = msg.kind(), "reply sent as a request");
+        let (message, bytes) = match request {
+            Req::Received(Ok(msg), bytes) if msg.is_request() => (msg, bytes),
+            Req::Received(Ok(msg), _) => {
+                if let Some(skipped) = self.bad_frames.pass() {
+                    warn!(%peer, kind = msg.kind(), skipped, "reply sent as a request");
+                }
                 let frame = refusal_frame(RefusalCode::NotARequest, msg.kind());
                 let _ = rr.send_response(channel, Resp::Frame(frame));
                 return;
             }
-            Req::Received(Err(e)) => {
-                warn!(%peer, error = %e, "rejecting bad request frame");
+            Req::Received(Err(e), _) => {
                 let code = match e {
                     Error::FrameTooLarge { .. } => RefusalCode::TooLarge,
                     Error::ReadTimeout(_) => RefusalCode::Stalled,
+                    Error::Busy { .. } => RefusalCode::Busy,
                     _ => RefusalCode::Malformed,
                 };
+                let throttle = if code == RefusalCode::Busy {
+                    &mut self.refused
+                } else {
+                    &mut self.bad_frames
+                };
+                if let Some(skipped) = throttle.pass() {
+                    warn!(%peer, error = %e, skipped, "refusing request frame");
+                }
                 let _ = rr.send_response(channel, Resp::Frame(refusal_frame(code, e.to_string())));
                 return;
             }
             Req::Frame(_) => return,
+        };
+        let ticket = match self.admission.admit(peer, bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(skipped) = self.refused.pass() {
+                    warn!(%peer, error = %e, skipped, "refusing request");
+                }
+                let frame = refusal_frame(RefusalCode::Busy, e.to_string());
+                let _ = rr.send_response(channel, Resp::Frame(frame));
+                return;
+            }
         };
         let (tx, rx) = oneshot::channel();
         if rr.send_response(channel, Resp::Pending(rx)).is_err() {
@@ -685,6 +1003,7 @@ impl EventLoop {
         let responder = Responder {
             tx,
             max_frame: self.max_frame,
+            _ticket: ticket,
         };
         let request = Request {
             peer,
@@ -694,7 +1013,9 @@ impl EventLoop {
         match self.in_tx.try_send(request) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(req)) => {
-                warn!(%peer, "incoming queue full, refusing request");
+                if let Some(skipped) = self.refused.pass() {
+                    warn!(%peer, skipped, "incoming queue full, refusing request");
+                }
                 let _ = req
                     .responder
                     .refuse(Refusal::new(RefusalCode::Busy, "incoming queue full"));
