@@ -15,7 +15,7 @@ use perun::adjudicator::{
 };
 use perun::channel::{Address, Allocation, Asset, Phase, U256};
 use perun::client::{
-    AcceptPaymentsToMe, AcceptWithin, Channel, ChannelEvent, ChannelProposal, Client, Participant,
+    AcceptPaymentsToMe, AcceptWithin, ChannelEvent, ChannelProposal, Client, Participant,
 };
 use perun::persistence::RedbPersister;
 use perun::wallet::{Account, LocalAccount};
@@ -40,10 +40,7 @@ async fn client(
     account: LocalAccount,
     dir: &std::path::Path,
     name: &str,
-) -> Res<(
-    Client,
-    tokio::sync::mpsc::UnboundedReceiver<perun::client::Result<Channel>>,
-)> {
+) -> Res<(Client, perun::client::Opened)> {
     let url = anvil.ws_url();
     // Up to 2 ETH of our own per channel; the short challenge suits this
     // demo on a local anvil only (the default minimum is a day).

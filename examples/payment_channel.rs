@@ -33,10 +33,7 @@ async fn client(
     account: LocalAccount,
     dir: &std::path::Path,
     name: &str,
-) -> Res<(
-    Client,
-    Option<tokio::sync::mpsc::UnboundedReceiver<perun::client::Result<perun::client::Channel>>>,
-)> {
+) -> Res<(Client, Option<perun::client::Opened>)> {
     let url = anvil.ws_url();
     let funder = EthFunder::connect(&url, &account, config.clone()).await?;
     let adjudicator = EthAdjudicator::connect(&url, &account, config.clone()).await?;

@@ -153,13 +153,13 @@ pub trait UpdateHandler: Send + Sync {
 /// returned by [`AcceptAllForTesting::new`].
 #[derive(Debug, Clone)]
 pub struct AcceptAllForTesting {
-    opened: mpsc::UnboundedSender<Result<Channel>>,
+    opened: mpsc::Sender<Result<Channel>>,
 }
 
 impl AcceptAllForTesting {
     /// The handler and the receiver of channels it opened (or failed to).
-    pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Result<Channel>>) {
-        let (opened, rx) = mpsc::unbounded_channel();
+    pub fn new() -> (Arc<Self>, Opened) {
+        let (opened, rx) = mpsc::channel(OPENED_CAPACITY);
         (Arc::new(Self { opened }), rx)
     }
 }
@@ -167,7 +167,30 @@ impl AcceptAllForTesting {
 #[async_trait]
 impl ProposalHandler for AcceptAllForTesting {
     async fn handle_proposal(&self, _proposal: IncomingProposal, responder: ProposalResponder) {
-        let _ = self.opened.send(responder.accept().await);
+        accept_into(&self.opened, responder).await;
+    }
+}
+
+/// Channels a ready-made handler opened (or failed to open), for the
+/// application to take. It holds at most [`OPENED_CAPACITY`]: while that
+/// many wait, further proposals are rejected, so an application that stops
+/// reading cannot be made to hold channels without bound.
+pub type Opened = mpsc::Receiver<Result<Channel>>;
+
+/// How many opened channels may wait in an [`Opened`] receiver.
+pub const OPENED_CAPACITY: usize = 256;
+
+/// Accepts if the receiver has room for the outcome (reserved first), else
+/// rejects.
+async fn accept_into(opened: &mpsc::Sender<Result<Channel>>, responder: ProposalResponder) {
+    match opened.try_reserve() {
+        Ok(slot) => slot.send(responder.accept().await),
+        Err(_) => {
+            tracing::warn!("opened channels are not being taken; proposal rejected");
+            responder.reject(format!(
+                "{OPENED_CAPACITY} opened channels wait for the application"
+            ));
+        }
     }
 }
 
@@ -253,7 +276,7 @@ impl std::fmt::Display for Refusal {
 pub struct AcceptWithin {
     min_challenge: Duration,
     max_deposit: HashMap<Asset, U256>,
-    opened: mpsc::UnboundedSender<Result<Channel>>,
+    opened: mpsc::Sender<Result<Channel>>,
 }
 
 impl AcceptWithin {
@@ -263,10 +286,8 @@ impl AcceptWithin {
 
     /// A handler that accepts these assets up to these deposits of ours,
     /// and the receiver of the channels it opened (or failed to).
-    pub fn new(
-        max_deposit: impl IntoIterator<Item = (Asset, U256)>,
-    ) -> (Self, mpsc::UnboundedReceiver<Result<Channel>>) {
-        let (opened, rx) = mpsc::unbounded_channel();
+    pub fn new(max_deposit: impl IntoIterator<Item = (Asset, U256)>) -> (Self, Opened) {
+        let (opened, rx) = mpsc::channel(OPENED_CAPACITY);
         let handler = Self {
             min_challenge: Self::DEFAULT_MIN_CHALLENGE,
             max_deposit: max_deposit.into_iter().collect(),
@@ -318,9 +339,7 @@ impl ProposalHandler for AcceptWithin {
                 tracing::info!(from = %proposal.from, %why, "proposal refused");
                 responder.reject(why.to_string());
             }
-            None => {
-                let _ = self.opened.send(responder.accept().await);
-            }
+            None => accept_into(&self.opened, responder).await,
         }
     }
 }
@@ -349,5 +368,40 @@ pub struct RejectAll;
 impl ProposalHandler for RejectAll {
     async fn handle_proposal(&self, _proposal: IncomingProposal, responder: ProposalResponder) {
         responder.reject("not accepting channels");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+    use super::*;
+
+    /// An application that does not take its opened channels gets no more:
+    /// once the receiver is full, a proposal is rejected, not accepted.
+    #[tokio::test]
+    async fn a_full_opened_receiver_rejects_proposals() {
+        let (handler, mut opened) = AcceptAllForTesting::new();
+        for _ in 0..OPENED_CAPACITY {
+            handler.opened.try_send(Err(Error::Closed)).unwrap();
+        }
+        let (tx, rx) = oneshot::channel();
+        accept_into(&handler.opened, ProposalResponder { tx }).await;
+        match rx.await.unwrap() {
+            ProposalDecision::Reject(r) => assert!(r.contains("wait for the application"), "{r}"),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        // Taking one makes room: the next proposal is accepted.
+        opened.recv().await.unwrap().unwrap_err();
+        let (tx, rx) = oneshot::channel();
+        let accepting = tokio::spawn({
+            let handler = handler.clone();
+            async move { accept_into(&handler.opened, ProposalResponder { tx }).await }
+        });
+        match rx.await.unwrap() {
+            ProposalDecision::Accept(done) => drop(done.send(Err(Error::Closed))),
+            other => panic!("expected an acceptance, got {other:?}"),
+        }
+        accepting.await.unwrap();
     }
 }

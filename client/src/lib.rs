@@ -60,7 +60,8 @@ pub use error::{Error, Result};
 pub use event::{ChannelEvent, WatchStatus, WatcherStep};
 pub use handler::{
     AcceptAllForTesting, AcceptPaymentsToMe, AcceptWithin, IncomingProposal, IncomingUpdate,
-    ProposalHandler, ProposalResponder, Refusal, RejectAll, UpdateHandler, UpdateResponder,
+    OPENED_CAPACITY, Opened, ProposalHandler, ProposalResponder, Refusal, RejectAll, UpdateHandler,
+    UpdateResponder,
 };
 pub use open::ChannelProposal;
 pub use perun_adjudicator::AdjudicatorEvent;

@@ -11,7 +11,6 @@ use perun::client::{
     AcceptAllForTesting, AcceptPaymentsToMe, Channel, ChannelProposal, Client, Participant,
 };
 use perun::persistence::{MemoryPersister, Persister, RedbPersister};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::Res;
 
@@ -68,7 +67,7 @@ pub(crate) enum Store {
 pub(crate) struct Pair {
     pub(crate) alice: Client,
     pub(crate) bob: Client,
-    bob_opened: UnboundedReceiver<perun::client::Result<Channel>>,
+    bob_opened: perun::client::Opened,
 }
 
 async fn persister(store: Store, dir: &Path, name: &str) -> Res<Arc<dyn Persister>> {
@@ -83,7 +82,7 @@ async fn client(
     store: Store,
     dir: &Path,
     name: &str,
-) -> Res<(Client, UnboundedReceiver<perun::client::Result<Channel>>)> {
+) -> Res<(Client, perun::client::Opened)> {
     let account = chain.anvil.funded_account().await?;
     let url = chain.anvil.ws_url();
     let funder = EthFunder::connect(&url, &account, chain.config.clone()).await?;

@@ -19,7 +19,6 @@ use perun::client::{
 use perun::persistence::{MemoryPersister, Persister, RedbPersister};
 use perun::wallet::{Account, LocalAccount};
 use perun::wire::Keypair;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 pub mod flaky;
 pub mod relay;
@@ -168,7 +167,7 @@ pub struct Party {
     pub account: Arc<LocalAccount>,
     pub key: Keypair,
     pub persister: Arc<dyn Persister>,
-    pub opened: UnboundedReceiver<perun::client::Result<Channel>>,
+    pub opened: perun::client::Opened,
     pub dir: Option<tempfile::TempDir>,
 }
 
