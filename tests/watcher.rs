@@ -513,6 +513,9 @@ async fn funding_resumed_after_the_peer_closed_deposits_nothing(ledger: Ledger) 
     let prop = common::proposal(&ledger, &ps, u(EACH));
     let alice_client = ps[0].client.clone();
     alice_client.propose_channel(prop).await.unwrap_err();
+    // Bob is down from here on, so his watcher cannot see the close (it
+    // would withdraw, and the withdrawn channel would leave his store).
+    ps[1].client.shutdown().await;
     let alice_ch = alice_client.channels().pop().unwrap();
     let id = alice_ch.id();
     let (_, adj) = ledger.backends(&ps[0].account).await;
