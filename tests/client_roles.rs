@@ -23,6 +23,7 @@ on_both_ledgers!(
     three_parties_a_refusal_after_a_signature_burns_the_version,
     three_parties_concurrent_updates_never_get_stuck,
     a_panicking_update_handler_is_a_refusal,
+    unfundable_proposals_are_rejected,
 );
 
 const MINT: u64 = 1_000_000;
@@ -122,6 +123,75 @@ async fn rejected_proposal_moves_no_funds(ledger: Ledger) {
     for p in &ps {
         assert_eq!(ledger.balance(p.client.address()).await, u(MINT));
         assert!(p.client.channels().is_empty());
+    }
+}
+
+/// A funder that claims it can fund every asset (so its owner proposes what the peer cannot fund).
+struct ClaimsAll(Arc<dyn perun::adjudicator::Funder>);
+
+#[async_trait]
+impl perun::adjudicator::Funder for ClaimsAll {
+    async fn fund(
+        &self,
+        req: perun::adjudicator::FundingRequest,
+    ) -> perun::adjudicator::Result<()> {
+        self.0.fund(req).await
+    }
+
+    fn supports(&self, _: &perun::channel::Asset) -> bool {
+        true
+    }
+}
+
+/// A channel with an asset the funder cannot deposit (a holder it is not configured for)
+/// is never opened: the proposer refuses before sending, a responder rejects with the
+/// reason, and no channel goes Active, no money moves.
+async fn unfundable_proposals_are_rejected(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let foreign = perun::channel::Asset {
+        chainId: ledger.asset().chainId,
+        holder: perun::channel::Address::repeat_byte(0x99),
+    };
+    let with_foreign = |mut prop: perun::client::ChannelProposal| {
+        prop.allocation.assets.push(foreign.clone());
+        prop.allocation.balances.push(vec![u(1); 2]);
+        prop
+    };
+    let err = ps[0]
+        .client
+        .propose_channel(with_foreign(proposal(&ledger, &ps, u(100))))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::UnsupportedAsset { index: 1, holder, .. } if *holder == foreign.holder),
+        "{}: {err}",
+        ledger.name()
+    );
+
+    // A proposer whose funder claims everything: Bob's funder does not support the asset.
+    let (claims, _) = ledger.backends(&ledger.account(u(0)).await).await;
+    let alice_opts = Options {
+        funder: Some(Arc::new(ClaimsAll(claims))),
+        ..Options::default()
+    };
+    let alice = common::party(&ledger, u(MINT), &alice_opts).await;
+    let bob = ps.pop().unwrap();
+    common::introduce(&[&alice, &bob]).await;
+    let err = alice
+        .client
+        .propose_channel(with_foreign(proposal(&ledger, &[&alice, &bob], u(100))))
+        .await
+        .unwrap_err();
+    match err {
+        Error::Rejected { index, reason } => {
+            assert_eq!(index, 1);
+            assert!(reason.contains("not fundable"), "{reason}");
+        }
+        other => panic!("{}: expected a rejection, got {other}", ledger.name()),
+    }
+    for p in [&alice, &bob, &ps[0]] {
+        assert!(p.client.channels().is_empty(), "{}", ledger.name());
+        assert_eq!(ledger.balance(p.client.address()).await, u(MINT));
     }
 }
 

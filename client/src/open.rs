@@ -403,7 +403,15 @@ pub(crate) async fn handle_proposal(
             Ok(i) => i,
             Err(e) => {
                 warn!(error = %e, "invalid proposal");
-                let _ = responder.reply(reject_proposal(&p, usize::MAX, e.to_string()));
+                // Our index if we are listed (any in-range index otherwise): a reply that
+                // breaks the wire's limits would reach the proposer as garbage, not as the reason.
+                let me = (shared.account.address(), shared.wire.local_peer_id());
+                let index = p
+                    .participants
+                    .iter()
+                    .position(|x| (x.address, x.peer) == me)
+                    .unwrap_or(0);
+                let _ = responder.reply(reject_proposal(&p, index, e.to_string()));
                 return;
             }
         };

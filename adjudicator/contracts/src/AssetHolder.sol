@@ -35,8 +35,9 @@ abstract contract AssetHolder is IAssetHolder {
     /// participant => the nonce its next signed withdrawal authorisation must carry.
     mapping(address => uint256) public withdrawNonces;
 
-    /// `amount` arrived for the participant in the channel; `held` is its slot's amount now.
-    event Deposited(bytes32 indexed channelId, address indexed participant, uint256 amount, uint256 held);
+    /// `amount` arrived for the participant in the channel (the slot's total is the sum of its
+    /// deposits: `holdings` reads it).
+    event Deposited(bytes32 indexed channelId, address indexed participant, uint256 amount);
     /// The channel's outcome was set at this holder (its payouts follow as `Paid` or `Credited`).
     event OutcomeSet(bytes32 indexed channelId);
     /// `amount` was pushed to the participant.
@@ -95,12 +96,11 @@ abstract contract AssetHolder is IAssetHolder {
         uint256 held = h & AMOUNT;
         if (held != expectedHeld) revert HoldingsChanged(fid, expectedHeld, held);
         uint256 arrived = _receive(amount);
-        if (arrived > AMOUNT - held) revert Overflow();
         unchecked {
+            if (arrived > AMOUNT - held) revert Overflow();
             _holdings[fid] = h + arrived;
-            held += arrived;
         }
-        emit Deposited(channelId, participant, arrived, held);
+        emit Deposited(channelId, participant, arrived);
         if (h & SETTLED != 0) emit Credited(channelId, participant, arrived);
         _exit();
     }
