@@ -26,6 +26,7 @@ on_both_ledgers!(
     three_parties_concurrent_updates_never_get_stuck,
     a_panicking_update_handler_is_a_refusal,
     accept_within_refuses_short_challenges_and_big_deposits,
+    unfundable_proposals_are_rejected,
 );
 
 const MINT: u64 = 1_000_000;
@@ -129,8 +130,9 @@ async fn rejected_proposal_moves_no_funds(ledger: Ledger) {
 }
 
 /// The README's handler: a day's challenge at least, and at most 500 of
-/// our own. A 60-second challenge, a deposit of 501 and an asset not listed
-/// are refused with their reason; a proposal within the limits opens.
+/// our own. A 60-second challenge and a deposit of 501 are refused with
+/// their reason; a proposal within the limits opens. (An asset the client
+/// cannot fund never reaches a handler: `unfundable_proposals_are_rejected`.)
 async fn accept_within_refuses_short_challenges_and_big_deposits(ledger: Ledger) {
     let mut ps = parties(&ledger, 1, u(MINT), &Options::default()).await;
     let (accept, mut opened) = AcceptWithin::new([(ledger.asset(), u(500))]);
@@ -141,16 +143,9 @@ async fn accept_within_refuses_short_challenges_and_big_deposits(ledger: Ledger)
     ps.push(common::party(&ledger, u(MINT), &bob_opts).await);
     common::introduce(&ps).await;
     let day = AcceptWithin::DEFAULT_MIN_CHALLENGE;
-    let other_asset = perun::channel::Asset {
-        chainId: ledger.asset().chainId,
-        holder: perun::channel::Address::repeat_byte(0x77),
-    };
     let too_short = proposal(&ledger, &ps, u(100));
     let mut too_big = proposal(&ledger, &ps, u(501));
     too_big.challenge_duration = day.as_secs();
-    let mut unknown = proposal(&ledger, &ps, u(100));
-    unknown.challenge_duration = day.as_secs();
-    unknown.allocation.assets[0] = other_asset.clone();
     let refusals = [
         (
             too_short,
@@ -167,7 +162,6 @@ async fn accept_within_refuses_short_challenges_and_big_deposits(ledger: Ledger)
                 max: u(500),
             },
         ),
-        (unknown, Refusal::AssetNotAccepted(other_asset)),
     ];
     for (p, why) in refusals {
         match ps[0].client.propose_channel(p).await {
@@ -183,6 +177,75 @@ async fn accept_within_refuses_short_challenges_and_big_deposits(ledger: Ledger)
     fine.challenge_duration = day.as_secs();
     let (alice, bob) = tokio::join!(ps[0].client.propose_channel(fine), opened.recv());
     assert_eq!(alice.unwrap().id(), bob.unwrap().unwrap().id());
+}
+
+/// A funder that claims it can fund every asset (so its owner proposes what the peer cannot fund).
+struct ClaimsAll(Arc<dyn perun::adjudicator::Funder>);
+
+#[async_trait]
+impl perun::adjudicator::Funder for ClaimsAll {
+    async fn fund(
+        &self,
+        req: perun::adjudicator::FundingRequest,
+    ) -> perun::adjudicator::Result<()> {
+        self.0.fund(req).await
+    }
+
+    fn supports(&self, _: &perun::channel::Asset) -> bool {
+        true
+    }
+}
+
+/// A channel with an asset the funder cannot deposit (a holder it is not configured for)
+/// is never opened: the proposer refuses before sending, a responder rejects with the
+/// reason, and no channel goes Active, no money moves.
+async fn unfundable_proposals_are_rejected(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
+    let foreign = perun::channel::Asset {
+        chainId: ledger.asset().chainId,
+        holder: perun::channel::Address::repeat_byte(0x99),
+    };
+    let with_foreign = |mut prop: perun::client::ChannelProposal| {
+        prop.allocation.assets.push(foreign.clone());
+        prop.allocation.balances.push(vec![u(1); 2]);
+        prop
+    };
+    let err = ps[0]
+        .client
+        .propose_channel(with_foreign(proposal(&ledger, &ps, u(100))))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::UnsupportedAsset { index: 1, holder, .. } if *holder == foreign.holder),
+        "{}: {err}",
+        ledger.name()
+    );
+
+    // A proposer whose funder claims everything: Bob's funder does not support the asset.
+    let (claims, _) = ledger.backends(&ledger.account(u(0)).await).await;
+    let alice_opts = Options {
+        funder: Some(Arc::new(ClaimsAll(claims))),
+        ..Options::default()
+    };
+    let alice = common::party(&ledger, u(MINT), &alice_opts).await;
+    let bob = ps.pop().unwrap();
+    common::introduce(&[&alice, &bob]).await;
+    let err = alice
+        .client
+        .propose_channel(with_foreign(proposal(&ledger, &[&alice, &bob], u(100))))
+        .await
+        .unwrap_err();
+    match err {
+        Error::Rejected { index, reason } => {
+            assert_eq!(index, 1);
+            assert!(reason.contains("not fundable"), "{reason}");
+        }
+        other => panic!("{}: expected a rejection, got {other}", ledger.name()),
+    }
+    for p in [&alice, &bob, &ps[0]] {
+        assert!(p.client.channels().is_empty(), "{}", ledger.name());
+        assert_eq!(ledger.balance(p.client.address()).await, u(MINT));
+    }
 }
 
 struct NoThanks;

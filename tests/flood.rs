@@ -264,6 +264,11 @@ fn protocol_message(
             rng.fill_bytes(&mut id);
             Message::Proposal(Proposal {
                 proposal_id: B256::from(id),
+                // The victim's own deployment, so the proposal reaches its handler.
+                domain: perun::channel::Domain {
+                    chain_id: U256::from(1337),
+                    adjudicator: perun::adjudicator::SimLedger::ADJUDICATOR,
+                },
                 challenge_duration: 60,
                 participants: vec![me.clone(), victim.clone()],
                 proposer: 0,

@@ -217,6 +217,10 @@ impl Funder for GatedFunder {
         let _ = open.wait_for(|o| *o).await;
         self.inner.fund(req).await
     }
+
+    fn supports(&self, asset: &perun::channel::Asset) -> bool {
+        self.inner.supports(asset)
+    }
 }
 
 /// Issue 13, client 4: in a 3-party channel Bob (a responder) deposits and

@@ -482,6 +482,10 @@ impl perun::adjudicator::Funder for Hangs {
     ) -> perun::adjudicator::Result<()> {
         std::future::pending().await
     }
+
+    fn supports(&self, _: &perun::channel::Asset) -> bool {
+        true
+    }
 }
 
 /// Bob accepts but "crashes" before depositing. Alice's funding times out;

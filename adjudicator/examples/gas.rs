@@ -16,7 +16,7 @@ use alloy_primitives::{Address, Bytes, U256};
 use perun_adjudicator::bindings::{Adjudicator, AssetHolderERC20, AssetHolderETH, TestToken};
 use perun_adjudicator::testing::{Anvil, CHAIN_ID};
 use perun_adjudicator::types::{WithdrawalAuth, withdrawal_hash};
-use perun_adjudicator::{Error, Result, funding_id};
+use perun_adjudicator::{Error, Result};
 use perun_channel::{Allocation, Asset, Params, SignedState, State};
 use perun_wallet::{Account, LocalAccount};
 
@@ -78,10 +78,16 @@ impl Bench {
     }
 
     fn channel(&self, amounts: [u64; 2], holder: Address) -> (Params, State) {
+        let domain = perun_channel::Domain {
+            chain_id: U256::from(CHAIN_ID),
+            adjudicator: self.adjudicator,
+        };
         let params = Params::payment(
+            domain,
             60,
             U256::from(rand::random::<u64>()),
             vec![self.alice.address(), self.bob.address()],
+            vec![amounts.iter().map(|a| U256::from(*a)).collect()],
         );
         let asset = Asset {
             chainId: U256::from(CHAIN_ID),
@@ -103,10 +109,9 @@ impl Bench {
         amount: u64,
     ) -> Result<TransactionReceipt> {
         let h = AssetHolderETH::new(self.eth, p.clone());
-        let fid = funding_id(state.channelId, who);
         // Every deposit here is its slot's first (or the first after a payout): nothing held.
         mined(
-            h.deposit(fid, U256::ZERO, U256::from(amount))
+            h.deposit(state.channelId, who, U256::ZERO, U256::from(amount))
                 .value(U256::from(amount))
                 .send()
                 .await,
@@ -211,13 +216,9 @@ async fn run() -> Result<()> {
     b.record("approve_erc20", &r);
     let h20 = AssetHolderETH::new(b.erc20, b.pa.clone());
     let r = mined(
-        h20.deposit(
-            funding_id(t0.channelId, alice.address()),
-            U256::ZERO,
-            U256::from(1_000),
-        )
-        .send()
-        .await,
+        h20.deposit(t0.channelId, alice.address(), U256::ZERO, U256::from(1_000))
+            .send()
+            .await,
     )
     .await?;
     b.record("deposit_erc20_first", &r);
@@ -304,6 +305,7 @@ async fn run() -> Result<()> {
         participant: alice.address(),
         receiver: alice.address(),
         amount: U256::from(500),
+        nonce: U256::ZERO,
     };
     let ha = AssetHolderETH::new(b.eth, b.pa.clone());
     let r = mined(
@@ -363,5 +365,6 @@ fn to_holder_auth(
         participant: a.participant,
         receiver: a.receiver,
         amount: a.amount,
+        nonce: a.nonce,
     }
 }

@@ -76,9 +76,11 @@ async fn main() -> Result<()> {
     let mut channels = Vec::new();
     for _ in 0..REGISTERED {
         let params = Params::payment(
+            sender.domain(),
             60,
             U256::from(rand::random::<u64>()),
             parties.iter().map(|p| p.address()).collect(),
+            vec![vec![U256::ZERO, U256::ZERO]],
         );
         let asset = Asset {
             chainId: U256::from(CHAIN_ID),

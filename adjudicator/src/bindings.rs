@@ -46,9 +46,20 @@ pub mod token {
     );
 }
 
+/// The fee-on-transfer test token's bindings.
+pub mod fee_token {
+    alloy::sol!(
+        #[sol(rpc, abi)]
+        #[derive(Debug, PartialEq, Eq)]
+        TestFeeToken,
+        "contracts/artifacts/TestFeeToken.json"
+    );
+}
+
 pub use adjudicator::Adjudicator;
 pub use erc20_holder::AssetHolderERC20;
 pub use eth_holder::AssetHolderETH;
+pub use fee_token::TestFeeToken;
 pub use token::TestToken;
 
 impl From<&ch::Params> for Adjudicator::Params {
@@ -58,6 +69,9 @@ impl From<&ch::Params> for Adjudicator::Params {
             nonce: p.nonce,
             participants: p.participants.clone(),
             app: p.app,
+            chainId: p.chainId,
+            adjudicator: p.adjudicator,
+            funding: p.funding.clone(),
         }
     }
 }

@@ -161,6 +161,53 @@ pub enum Error {
     /// Withdrawing before the channel's outcome is set.
     #[error("the channel's outcome is not set yet")]
     NotConcluded,
+    /// The params name another deployment (chain id, adjudicator) than this backend's: the
+    /// adjudicator would refuse them (`WrongDomain`), and deposits for them could never be
+    /// settled here.
+    #[error("the channel names chain {chain_id} and adjudicator {adjudicator}, not this backend's")]
+    WrongDomain {
+        /// The chain id the params name.
+        chain_id: U256,
+        /// The adjudicator the params name.
+        adjudicator: Address,
+    },
+    /// A participant is listed twice (the adjudicator's `DuplicateParticipant`).
+    #[error("participant {index} is listed twice")]
+    DuplicateParticipant {
+        /// The index of the second occurrence.
+        index: usize,
+    },
+    /// The challenge duration is outside the adjudicator's bounds (1 s ..= 365 days).
+    #[error("challenge duration of {0} s is outside 1 s ..= 365 days")]
+    ChallengeDuration(u64),
+    /// Balances or funding do not have one row per asset of one entry per participant
+    /// (the adjudicator's `Dimensions`).
+    #[error("balances or funding do not match the assets and participants")]
+    Dimensions,
+    /// A funding request whose params' funding is not its version-0 balances: the holders pay
+    /// the outcome only when every slot holds its funding, so the two must agree.
+    #[error("the params' funding is not the version-0 balances")]
+    FundingMismatch,
+    /// A signed withdrawal authorisation carries another nonce than the participant's current
+    /// one: it was used already (or is not the next one).
+    #[error("withdrawal authorisation nonce {got}, expected {expected}")]
+    WrongNonce {
+        /// The participant's current nonce at the holder.
+        expected: U256,
+        /// The authorisation's nonce.
+        got: U256,
+    },
+    /// A configured asset holder is not bound to the configured adjudicator: outcomes would
+    /// never reach it, so deposits there could never be paid out.
+    #[error("asset holder {holder} is bound to {bound:?}, not to adjudicator {adjudicator}")]
+    HolderNotBound {
+        /// The holder.
+        holder: Address,
+        /// What its `adjudicator()` returned (`None`: no answer, or no code there).
+        bound: Option<Address>,
+        /// The configured adjudicator.
+        adjudicator: Address,
+    },
     /// A state lists the same asset holder twice.
     #[error("asset holder {0} listed twice")]
     DuplicateAsset(Address),

@@ -82,7 +82,7 @@ use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, B256, U256, keccak256};
 use alloy::providers::{DynProvider, Provider};
 use alloy::signers::local::PrivateKeySigner;
-use perun_channel::{ChannelId, Params, State};
+use perun_channel::{ChannelId, Domain, Params, State};
 use perun_wallet::{Account, LocalAccount};
 use tracing::{debug, warn};
 
@@ -256,6 +256,17 @@ fn dedupe_key(tag: &str, parts: &[&[u8]]) -> B256 {
     keccak256(buf)
 }
 
+/// What participant `i` deposits of asset `a` (the params' funding; checked to be version 0's
+/// balances before any money moves).
+fn funding_of(params: &Params, a: usize, i: usize) -> U256 {
+    params
+        .funding
+        .get(a)
+        .and_then(|r| r.get(i))
+        .copied()
+        .unwrap_or_default()
+}
+
 /// What both Ethereum handles share: the connection, the sender, the config
 /// and the account's transaction queue.
 #[derive(Debug, Clone)]
@@ -295,6 +306,48 @@ impl Chain {
             cfg: Arc::new(cfg),
             queue,
         })
+    }
+
+    /// The deployment this backend settles on.
+    fn domain(&self) -> Domain {
+        Domain {
+            chain_id: self.chain_id,
+            adjudicator: self.cfg.adjudicator,
+        }
+    }
+
+    /// Checks that every configured holder's `adjudicator()` is the configured adjudicator:
+    /// deposits at a holder of another deployment (or at an address without code) could never
+    /// be paid out through ours.
+    async fn check_holders(&self) -> Result<()> {
+        let adjudicator = self.cfg.adjudicator;
+        for holder in self.cfg.assets.keys().copied() {
+            let bound = self
+                .conn
+                .rpc("adjudicator", |p| async move {
+                    Holder::new(holder, p).adjudicator().call().await
+                })
+                .await;
+            let bound = match bound {
+                Ok(a) => Some(a),
+                // A call that decodes to nothing: no code there, or not a holder.
+                Err(Error::Rpc {
+                    source: RpcFailure::Decode(_),
+                    ..
+                })
+                | Err(Error::Reverted { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            if bound != Some(adjudicator) {
+                warn!(%holder, ?bound, %adjudicator, "asset holder of another deployment");
+                return Err(Error::HolderNotBound {
+                    holder,
+                    bound,
+                    adjudicator,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Sends a call through the account's queue and waits for it (at most `receipt_timeout`).
@@ -393,6 +446,20 @@ impl Chain {
         Ok((r.amount, r.settled))
     }
 
+    /// The participant's current withdrawal nonce at `holder` (latest block: what a signed
+    /// authorisation will meet).
+    async fn withdraw_nonce(&self, holder: Address, participant: Address) -> Result<U256> {
+        self.holder(holder)?;
+        self.conn
+            .rpc("withdrawNonces", |p| async move {
+                Holder::new(holder, p)
+                    .withdrawNonces(participant)
+                    .call()
+                    .await
+            })
+            .await
+    }
+
     /// The dispute at the latest block, for the pre-checks before a transaction.
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
         let (_, hash, _) = self.latest().await?;
@@ -435,14 +502,14 @@ impl Chain {
         }))
     }
 
-    /// Who has not deposited their share at the confirmed height.
+    /// Who has not deposited their funding at the confirmed height.
     async fn missing(&self, params: &Params, state: &State) -> Result<Vec<(usize, Address)>> {
         let at = BlockId::hash_canonical(self.confirmed().await?.1);
         let mut missing = Vec::new();
         for (i, p) in params.participants.iter().enumerate() {
             let fid = funding_id(state.channelId, *p);
             for (a, holder) in self.local_assets(state) {
-                let need = state.balance(a, i).unwrap_or_default();
+                let need = funding_of(params, a, i);
                 if self.holdings(holder, fid, at).await?.0 < need {
                     missing.push((i, *p));
                     break;

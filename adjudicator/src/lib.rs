@@ -32,9 +32,12 @@
 //! refused, so none lands twice), then waits for everybody (the funding timeout names who did not fund). A
 //! fully signed state can be registered; a strictly newer one refutes it until
 //! the timeout; afterwards the registered state concludes, and a fully signed
-//! final state concludes at once. Concluding pushes the payouts; a payout that
-//! cannot be delivered stays credited and is pulled with `withdraw`, which is
-//! idempotent. An under-funded channel pays back exactly the deposits.
+//! final state concludes at once unless a newer version is registered. The params
+//! name the chain and adjudicator (`WrongDomain` otherwise). Concluding pushes the
+//! payouts; a payout that cannot be delivered stays credited and is pulled with
+//! `withdraw`, which is idempotent. A channel whose every slot holds its funding
+//! pays the outcome plus each depositor's surplus; any other pays back exactly the
+//! deposits.
 //!
 //! # Example
 //! ```
@@ -51,9 +54,10 @@
 //! for who in [alice.address(), bob.address()] {
 //!     ledger.mint(eth, who, U256::from(100));
 //! }
-//! let params = Params::payment(60, U256::from(1), vec![alice.address(), bob.address()]);
+//! let funding = vec![vec![U256::from(10); 2]];
+//! let params = Params::payment(ledger.domain(), 60, U256::from(1), vec![alice.address(), bob.address()], funding.clone());
 //! let asset = Asset { chainId: U256::from(1337), holder: eth };
-//! let state = State::initial(&params, Allocation::new(vec![asset], vec![vec![U256::from(10); 2]]));
+//! let state = State::initial(&params, Allocation::new(vec![asset], funding));
 //! for index in 0..2 {
 //!     let req = FundingRequest { params: params.clone(), state: state.clone(), index, timeout: Duration::ZERO };
 //!     let _ = ledger.fund(req).await; // Alice alone times out; Bob completes it.
@@ -81,6 +85,7 @@ pub mod types;
 pub use bindings::{Deployment, deploy};
 pub use error::{BadEventReason, Error, ProxyError, Result, RevertReason, RpcFailure};
 pub use eth::{AssetKind, EthAdjudicator, EthConfig, EthFunder, ws_provider};
+pub use perun_channel::Domain;
 pub use sim::SimLedger;
 pub use traits::{Adjudicator, Funder};
 pub use types::{

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use alloy_primitives::{Address, B256, Signature, U256};
 use async_trait::async_trait;
-use perun_channel::{ChannelId, Params, State};
+use perun_channel::{Asset, ChannelId, Domain, Params, State};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -31,6 +31,10 @@ pub struct SimLedger {
 #[derive(Debug, Default)]
 struct Inner {
     chain_id: U256,
+    /// The simulated adjudicator's address: channels must name it (and the chain id).
+    adjudicator: Address,
+    /// (holder, participant) => the nonce its next signed withdrawal must carry.
+    withdraw_nonces: HashMap<(Address, Address), U256>,
     now: u64,
     holders: HashSet<Address>,
     /// (holder, account) => balance of that asset in the account.
@@ -127,7 +131,7 @@ impl Inner {
             .enumerate()
             .filter(|(i, p)| {
                 assets.iter().any(|(a, holder)| {
-                    let need = state.balance(*a, *i).unwrap_or_default();
+                    let need = funding_of(params, *a, *i);
                     self.held(*holder, funding_id(state.channelId, **p)).0 < need
                 })
             })
@@ -135,38 +139,53 @@ impl Inner {
             .collect()
     }
 
-    /// The asset holders' `setOutcome`: refunds deposits if under-funded, then pushes,
-    /// leaving a failed push credited.
+    /// The adjudicator's `_pushOutcome` and the holders' `setOutcome`: a holder that is not one
+    /// of ours, or is listed a second time, is skipped. A holder pays the outcome plus each
+    /// participant's surplus if every slot holds its funding and the outcome sums to the
+    /// funding, and otherwise exactly what each slot holds; a failed push is credited.
     fn push_outcome(&mut self, id: ChannelId, params: &Params, state: &State) -> Result<()> {
-        let mut plan = Vec::new();
+        let mut plan: Vec<(Address, Vec<U256>)> = Vec::new();
         for (a, holder) in self.local_assets(state) {
-            self.holder(holder)?;
-            let row = state.outcome.balances.get(a).ok_or(Error::Overflow)?;
-            let mut deposited = U256::ZERO;
-            let mut owed = U256::ZERO;
-            let mut deposits = Vec::new();
-            for (p, amount) in params.participants.iter().zip(row) {
-                let fid = funding_id(id, *p);
-                let (held, settled) = self.held(holder, fid);
+            if !self.holders.contains(&holder) || plan.iter().any(|(h, _)| *h == holder) {
+                warn!(%holder, "outcome skipped: not our holder, or listed twice");
+                continue;
+            }
+            let row = state.outcome.balances.get(a).ok_or(Error::Dimensions)?;
+            let funding = params.funding.get(a).ok_or(Error::Dimensions)?;
+            let mut held = Vec::new();
+            let mut covered = true;
+            for (p, f) in params.participants.iter().zip(funding) {
+                let (h, settled) = self.held(holder, funding_id(id, *p));
                 if settled {
                     return Err(Error::AlreadyConcluded);
                 }
-                deposited = deposited.checked_add(held).ok_or(Error::Overflow)?;
-                owed = owed.checked_add(*amount).ok_or(Error::Overflow)?;
-                deposits.push(held);
+                covered &= h >= *f;
+                held.push(h);
             }
-            let pay = if deposited < owed {
-                deposits
-            } else {
-                row.clone()
+            let sum = |xs: &[U256]| xs.iter().try_fold(U256::ZERO, |s, x| s.checked_add(*x));
+            let pay = match (sum(funding), sum(row)) {
+                (Some(funded), Some(owed)) if covered && funded == owed => row
+                    .iter()
+                    .zip(&held)
+                    .zip(funding)
+                    .map(|((o, h), f)| o.saturating_add(*h - *f))
+                    .collect(),
+                _ => held,
             };
             plan.push((holder, pay));
         }
         for (holder, pay) in plan {
+            // Settle and empty every slot first, as the holder does before any payment.
+            for p in &params.participants {
+                self.holdings
+                    .insert((holder, funding_id(id, *p)), (U256::ZERO, true));
+            }
             for (p, amount) in params.participants.iter().zip(pay) {
                 let fid = funding_id(id, *p);
                 if amount.is_zero() || self.rejecting.contains(p) {
-                    self.holdings.insert((holder, fid), (amount, true));
+                    // Credits add (the slot was emptied when it was settled).
+                    let credit = self.held(holder, fid).0.saturating_add(amount);
+                    self.holdings.insert((holder, fid), (credit, true));
                 } else {
                     self.holdings.insert((holder, fid), (U256::ZERO, true));
                     let w = self.wallets.entry((holder, *p)).or_default();
@@ -176,13 +195,24 @@ impl Inner {
         }
         Ok(())
     }
+
+    fn domain(&self) -> Domain {
+        Domain {
+            chain_id: self.chain_id,
+            adjudicator: self.adjudicator,
+        }
+    }
 }
 
 impl SimLedger {
+    /// The simulated adjudicator's address (part of [`Adjudicator::domain`]).
+    pub const ADJUDICATOR: Address = Address::repeat_byte(0xad);
+
     /// An empty ledger for chain `chain_id`; the clock starts at 1 s (a chain's time is never 0).
     pub fn new(chain_id: u64) -> Self {
         let inner = Inner {
             chain_id: U256::from(chain_id),
+            adjudicator: Self::ADJUDICATOR,
             now: 1,
             ..Inner::default()
         };
@@ -268,8 +298,18 @@ impl SimLedger {
         Ok(())
     }
 
+    /// The participant's current withdrawal nonce at `holder` (the holders' `withdrawNonces`).
+    pub fn withdraw_nonce(&self, holder: Address, participant: Address) -> U256 {
+        self.lock()
+            .withdraw_nonces
+            .get(&(holder, participant))
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// The holders' `withdraw(auth, sig)` for a caller that is not the participant:
-    /// `sig` must be the participant's signature of [`withdrawal_hash`].
+    /// `sig` must be the participant's signature of [`withdrawal_hash`], and `auth.nonce` the
+    /// participant's current nonce, which the call advances (each authorisation works once).
     pub fn withdraw_signed(
         &self,
         holder: Address,
@@ -278,13 +318,36 @@ impl SimLedger {
     ) -> Result<()> {
         let mut inner = self.lock();
         inner.holder(holder)?;
+        let key = (holder, auth.participant);
+        let expected = inner.withdraw_nonces.get(&key).copied().unwrap_or_default();
+        if auth.nonce != expected {
+            warn!(participant = %auth.participant, %expected, got = %auth.nonce, "withdrawal authorisation with a stale nonce");
+            return Err(Error::WrongNonce {
+                expected,
+                got: auth.nonce,
+            });
+        }
         let hash = withdrawal_hash(holder, inner.chain_id, auth);
         if perun_wallet::verify(hash, sig, auth.participant).is_err() {
             warn!(participant = %auth.participant, "forged withdrawal authorisation");
             return Err(Error::BadAuthorization);
         }
-        withdraw_credit(&mut inner, holder, auth)
+        withdraw_credit(&mut inner, holder, auth)?;
+        inner
+            .withdraw_nonces
+            .insert(key, expected.saturating_add(U256::from(1)));
+        Ok(())
     }
+}
+
+/// What participant `i` deposits of asset `a`.
+fn funding_of(params: &Params, a: usize, i: usize) -> U256 {
+    params
+        .funding
+        .get(a)
+        .and_then(|r| r.get(i))
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Pays up to `auth.amount` of the participant's credit to the receiver.
@@ -325,11 +388,16 @@ impl Funder for SimLedger {
         let span = info_span!("sim_fund", channel = %req.state.channelId, index = req.index);
         self.fund_inner(req).instrument(span).await
     }
+
+    fn supports(&self, asset: &Asset) -> bool {
+        let inner = self.lock();
+        asset.chainId == inner.chain_id && inner.holders.contains(&asset.holder)
+    }
 }
 
 impl SimLedger {
     async fn fund_inner(&self, req: FundingRequest) -> Result<()> {
-        req.check()?;
+        req.check(self.lock().domain())?;
         let me = req.params.participants[req.index];
         let fid = funding_id(req.state.channelId, me);
         {
@@ -338,7 +406,7 @@ impl SimLedger {
             let mut deposits = Vec::new();
             for (a, holder) in &assets {
                 inner.holder(*holder)?;
-                let need = req.state.balance(*a, req.index).unwrap_or_default();
+                let need = funding_of(&req.params, *a, req.index);
                 let (held, settled) = inner.held(*holder, fid);
                 if settled {
                     warn!(%holder, "the channel is concluded already; not depositing");
@@ -391,11 +459,15 @@ impl SimLedger {
 
 #[async_trait]
 impl Adjudicator for SimLedger {
+    fn domain(&self) -> Domain {
+        self.lock().domain()
+    }
+
     async fn register(&self, req: &SignedChannel) -> Result<()> {
         let state = &req.state.state;
         let _g = info_span!("sim_register", channel = %state.channelId, version = state.version)
             .entered();
-        let hash = req.check()?;
+        let hash = req.check(self.domain())?;
         let id = state.channelId;
         let mut inner = self.lock();
         let now = inner.now;
@@ -446,11 +518,11 @@ impl Adjudicator for SimLedger {
             .entered();
         let id = state.channelId;
         if state.isFinal && req.state.is_fully_signed() {
-            req.check()?;
+            req.check(self.domain())?;
             let mut inner = self.lock();
             let prev = inner.disputes.get(&id).copied();
-            if prev.is_some_and(|(d, _)| d.concluded) {
-                return Err(Error::AlreadyConcluded);
+            if let Some((d, _)) = prev {
+                d.check_final(state.version)?;
             }
             let hash = prev.map(|(d, _)| d.state_hash).unwrap_or_default();
             inner.push_outcome(id, &req.params, state)?;
@@ -470,7 +542,7 @@ impl Adjudicator for SimLedger {
             );
             return Ok(());
         }
-        req.check_unsigned()?;
+        req.check_unsigned(self.domain())?;
         let mut inner = self.lock();
         let (mut d, hash) = inner
             .disputes
@@ -506,7 +578,7 @@ impl Adjudicator for SimLedger {
     async fn withdraw(&self, req: &WithdrawRequest) -> Result<()> {
         let _g =
             info_span!("sim_withdraw", channel = %req.state.channelId, index = req.index).entered();
-        let me = req.check()?;
+        let me = req.check(self.domain())?;
         let id = req.state.channelId;
         let mut inner = self.lock();
         let fid = funding_id(id, me);
@@ -523,6 +595,8 @@ impl Adjudicator for SimLedger {
                 participant: me,
                 receiver: req.receiver,
                 amount: U256::MAX,
+                // The participant's own call needs no nonce.
+                nonce: U256::ZERO,
             };
             withdraw_credit(&mut inner, holder, &auth)?;
         }

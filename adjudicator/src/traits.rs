@@ -24,7 +24,7 @@
 //!   depth, so a registration a shallower reorg drops is never reported.
 
 use async_trait::async_trait;
-use perun_channel::ChannelId;
+use perun_channel::{Asset, ChannelId, Domain};
 
 use crate::{Dispute, EventStream, FundingRequest, Result, SignedChannel, WithdrawRequest};
 
@@ -36,11 +36,17 @@ pub trait Funder: Send + Sync {
     /// passes ([`Error::FundingTimeout`](crate::Error::FundingTimeout) names who did not fund).
     /// Never deposits twice for the same slot, however often it is called.
     async fn fund(&self, req: FundingRequest) -> Result<()>;
+    /// Whether this funder can deposit `asset` (its chain and holder are ones it is configured
+    /// for). A channel with an asset no funder of ours supports must not be opened: its
+    /// balances in that asset would be worthless.
+    fn supports(&self, asset: &Asset) -> bool;
 }
 
 /// Settles channels on-chain: disputes, conclusion, withdrawal, events.
 #[async_trait]
 pub trait Adjudicator: Send + Sync {
+    /// The deployment this backend settles channels on: channels must name it in their params.
+    fn domain(&self) -> Domain;
     /// Registers a fully signed state, or refutes the registered one with a
     /// newer version. `Ok` without a transaction if exactly this state is
     /// registered already.

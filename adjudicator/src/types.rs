@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use alloy_primitives::{Address, B256, U256, keccak256};
 use alloy_sol_types::SolValue;
-use perun_channel::{ChannelId, Params, SignedState, State};
+use perun_channel::{ChannelId, Domain, Params, SignedState, State};
 use perun_wallet::Account;
 use tokio::sync::Notify;
 
@@ -31,11 +31,17 @@ pub struct FundingRequest {
 }
 
 impl FundingRequest {
-    /// Checks the request before any money moves.
-    pub(crate) fn check(&self) -> Result<()> {
+    /// Checks the request before any money moves: deposits for a channel another deployment
+    /// settles, or whose funding is not version 0's balances, could never be paid out as agreed.
+    pub(crate) fn check(&self, domain: Domain) -> Result<()> {
+        check_domain(&self.params, domain)?;
         self.params.validate()?;
         self.state.validate(&self.params)?;
         check_assets(&self.state)?;
+        if self.params.funding != self.state.outcome.balances {
+            tracing::warn!("funding request whose funding is not version 0's balances");
+            return Err(Error::FundingMismatch);
+        }
         if self.state.version != 0 {
             tracing::warn!(
                 version = self.state.version,
@@ -62,11 +68,23 @@ pub struct SignedChannel {
     pub state: SignedState,
 }
 
+/// The adjudicator's `WrongDomain` rule: the params must name this backend's chain and adjudicator.
+pub(crate) fn check_domain(params: &Params, domain: Domain) -> Result<()> {
+    if params.domain() == domain {
+        return Ok(());
+    }
+    tracing::warn!(chain_id = %params.chainId, adjudicator = %params.adjudicator, "channel of another deployment");
+    Err(Error::WrongDomain {
+        chain_id: params.chainId,
+        adjudicator: params.adjudicator,
+    })
+}
+
 impl SignedChannel {
     /// Checks that the state is valid for the params and every participant signed it,
     /// mapping failures to the errors the contract would give.
-    pub(crate) fn check(&self) -> Result<B256> {
-        self.check_unsigned()?;
+    pub(crate) fn check(&self, domain: Domain) -> Result<B256> {
+        self.check_unsigned(domain)?;
         check_signatures(&self.params, &self.state)?;
         Ok(self.state.state.hash())
     }
@@ -74,7 +92,8 @@ impl SignedChannel {
 
 impl SignedChannel {
     /// Checks the params and the state, but not the signatures (`conclude` of a registered state).
-    pub(crate) fn check_unsigned(&self) -> Result<()> {
+    pub(crate) fn check_unsigned(&self, domain: Domain) -> Result<()> {
+        check_domain(&self.params, domain)?;
         self.params.validate()?;
         self.state.state.validate(&self.params)?;
         check_assets(&self.state.state)
@@ -143,7 +162,8 @@ impl fmt::Debug for WithdrawRequest {
 
 impl WithdrawRequest {
     /// Checks that the account is the participant at `index` of a valid state.
-    pub(crate) fn check(&self) -> Result<Address> {
+    pub(crate) fn check(&self, domain: Domain) -> Result<Address> {
+        check_domain(&self.params, domain)?;
         self.params.validate()?;
         self.state.validate(&self.params)?;
         let me = self.account.address();
@@ -181,6 +201,29 @@ impl Dispute {
             return Err(Error::TimeoutPassed);
         }
         if version <= self.version {
+            return Err(Error::VersionTooLow {
+                registered: self.version,
+                got: version,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Dispute {
+    /// The contract's rule for `concludeFinal` of a final state with `version` on top of this
+    /// dispute: not concluded, and no newer version registered (an old final state must not
+    /// override a newer registered one).
+    pub(crate) fn check_final(&self, version: u64) -> Result<()> {
+        if self.concluded {
+            return Err(Error::AlreadyConcluded);
+        }
+        if self.version > version {
+            tracing::warn!(
+                registered = self.version,
+                got = version,
+                "final state older than the registered one"
+            );
             return Err(Error::VersionTooLow {
                 registered: self.version,
                 got: version,
@@ -405,13 +448,15 @@ pub fn funding_id(channel: ChannelId, participant: Address) -> B256 {
 
 alloy_sol_types::sol! {
     /// A participant's authorisation to pay its credit in a channel to `receiver`
-    /// (the asset holders' `WithdrawalAuth`).
+    /// (the asset holders' `WithdrawalAuth`). `nonce` is the participant's current
+    /// `withdrawNonces` entry at the holder: each authorisation works once.
     #[derive(Debug, PartialEq, Eq)]
     struct WithdrawalAuth {
         bytes32 channelId;
         address participant;
         address receiver;
         uint256 amount;
+        uint256 nonce;
     }
 }
 

@@ -282,9 +282,17 @@ async fn dispute_rules(env: Env) {
 
 /// Too few signatures, forged and high-s signatures, non-participants, early withdrawal,
 /// a deposit larger than the depositor's funds.
+/// Makes `params.funding` the state's balances again after a test changed them, and the
+/// state's channel id follow.
+fn rebind(params: &mut Params, state: &mut State) {
+    params.funding = state.outcome.balances.clone();
+    state.channelId = params.channel_id();
+}
+
 async fn bad_input(env: Env) {
-    let (params, mut big) = env.channel(CHALLENGE, &[1, 1]);
+    let (mut params, mut big) = env.channel(CHALLENGE, &[1, 1]);
     big.outcome.balances[0][0] = common::start_funds() * U256::from(10_000);
+    rebind(&mut params, &mut big);
     let err = env.funders[0]
         .fund(FundingRequest {
             params: params.clone(),
@@ -304,12 +312,13 @@ async fn bad_input(env: Env) {
         (U256::ZERO, false)
     );
     // The same holder twice: such a channel could never conclude, so nobody funds it.
-    let (params2, mut twice) = env.channel(CHALLENGE, &[1, 1]);
+    let (mut params2, mut twice) = env.channel(CHALLENGE, &[1, 1]);
     twice.outcome.assets.push(env.asset.clone());
     twice
         .outcome
         .balances
         .push(vec![U256::from(1), U256::from(1)]);
+    rebind(&mut params2, &mut twice);
     let err = env.funders[0]
         .fund(FundingRequest {
             params: params2,
@@ -418,6 +427,7 @@ async fn reverting_receiver(env: Env) {
         participant: b,
         receiver,
         amount: U256::from(60),
+        nonce: U256::ZERO,
     };
     let hash = withdrawal_hash(holder, env.asset.chainId, &auth);
     let mallory = LocalAccount::random();
@@ -495,17 +505,12 @@ async fn reverting_receiver(env: Env) {
 /// A channel over both assets, closed by dispute: every asset's outcome is pushed.
 async fn multi_asset_dispute(env: Env) {
     let (a, b) = (env.parties[0].address(), env.parties[1].address());
-    let params = Params::payment(
-        CHALLENGE,
-        U256::from(rand::random::<u64>()),
-        env.addresses(),
-    );
     let row = |x: u64, y: u64| vec![U256::from(x), U256::from(y)];
-    let alloc = perun_channel::Allocation::new(
+    let (params, state0) = env.channel_over(
+        CHALLENGE,
         vec![env.asset.clone(), env.other_asset.clone()],
-        vec![row(10, 20), row(30, 40)],
+        vec![vec![10, 20], vec![30, 40]],
     );
-    let state0 = State::initial(&params, alloc);
     fund_all(&env, &params, &state0).await;
     let mut s1 = state0.next();
     s1.outcome.balances = vec![row(25, 5), row(0, 70)];
@@ -627,6 +632,238 @@ async fn deposits_name_the_holdings_they_expect(env: Env) {
     );
 }
 
+/// The attack on both backends: a final v1 cannot conclude over a registered v2;
+/// v2 concludes after its timeout and B gets 8.
+async fn old_final_state_loses_to_registered_newer_one(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (params, s0) = env.channel(CHALLENGE, &[5, 5]);
+    fund_all(&env, &params, &s0).await;
+    let mut v1 = s0.next();
+    v1.isFinal = true;
+    let mut v2 = v1.next();
+    v2.isFinal = false;
+    v2.outcome.balances[0] = vec![U256::from(2), U256::from(8)];
+    let v2s = signed(&params, env.sign_all(&params, &v2));
+    env.adj[1].register(&v2s).await.unwrap();
+    let r = env.adj[0]
+        .conclude(&signed(&params, env.sign_all(&params, &v1)))
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::VersionTooLow {
+                registered: 2,
+                got: 1
+            })
+        ),
+        "{}: {r:?}",
+        env.name
+    );
+    let before = (env.balance(a).await, env.balance(b).await);
+    env.ctl.advance(CHALLENGE + 1).await;
+    env.adj[1].conclude(&v2s).await.unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before.0 + U256::from(2),
+        "{}",
+        env.name
+    );
+    assert_eq!(
+        env.balance(b).await,
+        before.1 + U256::from(8),
+        "{}",
+        env.name
+    );
+}
+
+/// Alice overpays by 5: the outcome 2/8 is paid, and her surplus comes back on top (7).
+async fn surplus_goes_back_to_its_depositor(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (params, s0) = env.channel(CHALLENGE, &[5, 5]);
+    fund_all(&env, &params, &s0).await;
+    let five = U256::from(5);
+    env.ctl
+        .deposit(env.asset.holder, s0.channelId, a, five, five)
+        .await
+        .unwrap();
+    assert_eq!(env.holdings(&s0, a).await, (U256::from(10), false));
+    let mut fin = s0.next();
+    fin.outcome.balances[0] = vec![U256::from(2), U256::from(8)];
+    fin.isFinal = true;
+    let before = (env.balance(a).await, env.balance(b).await);
+    env.adj[1]
+        .conclude(&signed(&params, env.sign_all(&params, &fin)))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before.0 + U256::from(7),
+        "{}",
+        env.name
+    );
+    assert_eq!(
+        env.balance(b).await,
+        before.1 + U256::from(8),
+        "{}",
+        env.name
+    );
+    assert_eq!(env.holdings(&fin, a).await, (U256::ZERO, true));
+}
+
+/// A signed withdrawal authorisation works once (`WrongNonce` on replay, the next needs the
+/// next nonce), and a deposit after settlement adds to a credit instead of replacing it.
+async fn withdrawal_auth_is_single_use_and_credits_add(env: Env) {
+    let b = env.parties[1].address();
+    let (params, s0) = env.channel(CHALLENGE, &[40, 60]);
+    fund_all(&env, &params, &s0).await;
+    env.ctl.set_rejecting(b).await;
+    let mut fin = s0.next();
+    fin.isFinal = true;
+    env.adj[0]
+        .conclude(&signed(&params, env.sign_all(&params, &fin)))
+        .await
+        .unwrap();
+    assert_eq!(env.holdings(&fin, b).await, (U256::from(60), true));
+    let holder = env.asset.holder;
+    let receiver = LocalAccount::random().address();
+    let auth = |nonce: u64| WithdrawalAuth {
+        channelId: fin.channelId,
+        participant: b,
+        receiver,
+        amount: U256::from(10),
+        nonce: U256::from(nonce),
+    };
+    let sig = |a: &WithdrawalAuth| {
+        let hash = withdrawal_hash(holder, env.asset.chainId, a);
+        Bytes::from(env.parties[1].sign_hash(hash).unwrap().as_bytes().to_vec())
+    };
+    let first = auth(0);
+    env.ctl
+        .withdraw_signed(holder, &first, sig(&first))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let r = env.ctl.withdraw_signed(holder, &first, sig(&first)).await;
+        assert!(
+            matches!(&r, Err(Error::WrongNonce { expected, got }) if *expected == U256::from(1) && got.is_zero()),
+            "{}: {r:?}",
+            env.name
+        );
+    }
+    let second = auth(1);
+    env.ctl
+        .withdraw_signed(holder, &second, sig(&second))
+        .await
+        .unwrap();
+    assert_eq!(env.balance(receiver).await, U256::from(20), "{}", env.name);
+    assert_eq!(env.holdings(&fin, b).await, (U256::from(40), true));
+    // A deposit after settlement is credited on top.
+    env.ctl
+        .deposit(holder, fin.channelId, b, U256::from(40), U256::from(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.holdings(&fin, b).await,
+        (U256::from(45), true),
+        "{}",
+        env.name
+    );
+    // The backend's own withdrawal (signed with the current nonce where it must be) takes the rest.
+    env.adj[1]
+        .withdraw(&withdraw_req(&env, &params, &fin, 1, receiver))
+        .await
+        .unwrap();
+    assert_eq!(env.balance(receiver).await, U256::from(65), "{}", env.name);
+}
+
+/// A channel naming another chain or adjudicator is refused before any transaction.
+async fn another_domain_is_refused(env: Env) {
+    let (params, s0) = env.channel(CHALLENGE, &[0, 0]);
+    let elsewhere = [
+        perun_channel::Domain {
+            chain_id: env.domain.chain_id + U256::from(1),
+            ..env.domain
+        },
+        perun_channel::Domain {
+            adjudicator: Address::repeat_byte(0x77),
+            ..env.domain
+        },
+    ];
+    for domain in elsewhere {
+        let mut p = params.clone();
+        p.chainId = domain.chain_id;
+        p.adjudicator = domain.adjudicator;
+        let mut s = s0.clone();
+        s.channelId = p.channel_id();
+        let r = env.adj[0].register(&signed(&p, env.sign_all(&p, &s))).await;
+        assert!(
+            matches!(&r, Err(Error::WrongDomain { chain_id, adjudicator }) if *chain_id == domain.chain_id && *adjudicator == domain.adjudicator),
+            "{}: {r:?}",
+            env.name
+        );
+        let r = env.funders[0]
+            .fund(FundingRequest {
+                params: p.clone(),
+                state: s.clone(),
+                index: 0,
+                timeout: Duration::from_millis(100),
+            })
+            .await;
+        assert!(
+            matches!(r, Err(Error::WrongDomain { .. })),
+            "{}: {r:?}",
+            env.name
+        );
+    }
+    assert_eq!(env.adj[0].dispute(s0.channelId).await.unwrap(), None);
+    assert!(env.funders[0].supports(&env.asset));
+    assert!(!env.funders[0].supports(&perun_channel::Asset {
+        chainId: env.asset.chainId,
+        holder: Address::repeat_byte(0x66),
+    }));
+    assert!(!env.funders[0].supports(&perun_channel::Asset {
+        chainId: env.asset.chainId + U256::from(1),
+        holder: env.asset.holder,
+    }));
+}
+
+/// An asset whose holder is not one of ours is skipped at settlement; the good asset pays.
+async fn a_foreign_holder_is_skipped(env: Env) {
+    let a = env.parties[0].address();
+    let foreign = perun_channel::Asset {
+        chainId: env.asset.chainId,
+        holder: LocalAccount::random().address(),
+    };
+    let (params, s0) = env.channel_over(
+        CHALLENGE,
+        vec![foreign, env.asset.clone()],
+        vec![vec![0, 0], vec![10, 0]],
+    );
+    env.ctl
+        .deposit(
+            env.asset.holder,
+            s0.channelId,
+            a,
+            U256::ZERO,
+            U256::from(10),
+        )
+        .await
+        .unwrap();
+    let mut fin = s0.next();
+    fin.isFinal = true;
+    let before = env.balance(a).await;
+    env.adj[1]
+        .conclude(&signed(&params, env.sign_all(&params, &fin)))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before + U256::from(10),
+        "{}",
+        env.name
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident: $n:expr),* $(,)?) => {
         mod sim_eth { use super::*; $(#[tokio::test] async fn $name() { super::$name(Env::sim(Kind::Eth, $n).await).await })* }
@@ -645,4 +882,9 @@ conformance!(
     multi_asset_dispute: 2,
     three_party_funding: 3,
     deposits_name_the_holdings_they_expect: 2,
+    old_final_state_loses_to_registered_newer_one: 2,
+    surplus_goes_back_to_its_depositor: 2,
+    withdrawal_auth_is_single_use_and_credits_add: 2,
+    another_domain_is_refused: 2,
+    a_foreign_holder_is_skipped: 2,
 );

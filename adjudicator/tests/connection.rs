@@ -32,11 +32,12 @@ async fn setup() -> (Anvil, Deployment, EthConfig) {
 }
 
 /// A registration of a fresh channel at version 1, signed by two random parties.
-fn registration(holder: alloy_primitives::Address) -> SignedChannel {
+fn registration(d: &perun_adjudicator::Deployment) -> SignedChannel {
     let parties = [LocalAccount::random(), LocalAccount::random()];
     let (params, mut state) = perun_adjudicator::testing::empty_channel(
+        d.adjudicator,
         parties.iter().map(|p| p.address()).collect(),
-        holder,
+        d.eth_holder,
     );
     state.version = 1;
     let mut signed = SignedState::new(state);
@@ -60,7 +61,7 @@ async fn an_unanswering_node_times_out_and_the_connection_is_replaced() {
     let adj = EthAdjudicator::connect(&relay.ws_url(), &account, cfg)
         .await
         .unwrap();
-    let req = registration(d.eth_holder);
+    let req = registration(&d);
     let id = req.state.state.channelId;
     assert_eq!(adj.dispute(id).await.unwrap(), None);
 
@@ -108,7 +109,7 @@ async fn a_node_refusal_is_typed() {
         .await
         .unwrap();
     let adj = EthAdjudicator::new(plain, keyless, cfg).await.unwrap();
-    match adj.register(&registration(d.eth_holder)).await {
+    match adj.register(&registration(&d)).await {
         Err(Error::Rpc {
             op: "register",
             source: RpcFailure::Node { code, message },
@@ -138,9 +139,14 @@ async fn a_sender_without_gas_money_is_told_what_it_needs() {
         .await
         .unwrap();
     let params = Params::payment(
+        perun_channel::Domain {
+            chain_id: U256::from(CHAIN_ID),
+            adjudicator: d.adjudicator,
+        },
         60,
         U256::from(rand::random::<u64>()),
         vec![payer.address(), LocalAccount::random().address()],
+        vec![vec![U256::from(100), U256::ZERO]],
     );
     let asset = Asset {
         chainId: U256::from(CHAIN_ID),

@@ -38,9 +38,11 @@ impl Fixture {
             ledger.mint(eth, p.address(), U256::from(1_000));
         }
         let params = Params::payment(
+            ledger.domain(),
             3_600,
             U256::from(rand::random::<u64>()),
             parties.iter().map(|p| p.address()).collect(),
+            vec![vec![U256::from(10); 2]],
         );
         let asset = Asset {
             chainId: U256::from(CHAIN),
@@ -301,6 +303,9 @@ struct Counting {
 
 #[async_trait]
 impl Adjudicator for Counting {
+    fn domain(&self) -> perun_channel::Domain {
+        self.ledger.domain()
+    }
     async fn register(&self, _: &SignedChannel) -> Result<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -331,6 +336,9 @@ impl Funder for Counting {
     async fn fund(&self, _: FundingRequest) -> Result<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+    fn supports(&self, asset: &Asset) -> bool {
+        self.ledger.supports(asset)
     }
 }
 

@@ -40,12 +40,17 @@ async fn setup(receipt_timeout: Duration) -> Setup {
         ..EthConfig::from_deployment(&d)
     };
     let params = Params::payment(
+        perun_channel::Domain {
+            chain_id: U256::from(CHAIN_ID),
+            adjudicator: d.adjudicator,
+        },
         60,
         U256::from(rand::random::<u64>()),
         vec![
             LocalAccount::random().address(),
             LocalAccount::random().address(),
         ],
+        vec![vec![U256::from(SHARE), U256::ZERO]],
     );
     Setup {
         anvil,
@@ -159,7 +164,7 @@ async fn a_second_deposit_for_the_same_holdings_reverts() {
     for (i, w) in wallets.iter().enumerate() {
         let tip = (2 - i as u128) * GWEI; // The first pays more: it goes first.
         let pending = AssetHolderETH::new(s.d.eth_holder, w.clone())
-            .deposit(fid, U256::ZERO, share)
+            .deposit(state.channelId, s.params.participants[0], U256::ZERO, share)
             .value(share)
             .gas(100_000)
             .max_fee_per_gas(10 * GWEI)
@@ -188,7 +193,7 @@ async fn a_second_deposit_for_the_same_holdings_reverts() {
     assert_eq!(s.held(s.d.eth_holder, &state).await, share);
     // The same call at that block says why, with the arguments.
     let err = AssetHolderETH::new(s.d.eth_holder, wallets[1].clone())
-        .deposit(fid, U256::ZERO, share)
+        .deposit(state.channelId, s.params.participants[0], U256::ZERO, share)
         .value(share)
         .call()
         .await
@@ -209,7 +214,6 @@ async fn funding_tops_up_after_another_deposit_came_first() {
     let s = setup(Duration::from_secs(30)).await;
     let (_, funder) = s.funder().await;
     let state = s.state(s.d.eth_holder);
-    let fid = s.fid(&state);
     let half = U256::from(SHARE / 2);
     let other = s.anvil.funded_account().await.unwrap();
     let other = s.anvil.provider(&other).await.unwrap();
@@ -219,7 +223,7 @@ async fn funding_tops_up_after_another_deposit_came_first() {
     let funding = tokio::spawn(async move { funder.fund(req).await });
     s.pool_holds(1).await;
     let _front = AssetHolderETH::new(s.d.eth_holder, other)
-        .deposit(fid, U256::ZERO, half)
+        .deposit(state.channelId, s.params.participants[0], U256::ZERO, half)
         .value(half)
         .gas(100_000)
         .max_fee_per_gas(100 * GWEI)

@@ -656,9 +656,11 @@ async fn eth_backend_through_the_proxy() {
         .unwrap();
     let parties = [LocalAccount::random(), LocalAccount::random()];
     let params = Params::payment(
+        adj.domain(),
         600,
         U256::from(rand::random::<u64>()),
         parties.iter().map(|p| p.address()).collect(),
+        vec![vec![U256::ZERO, U256::ZERO]],
     );
     let asset = Asset {
         chainId: U256::from(31337),

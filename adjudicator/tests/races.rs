@@ -43,6 +43,7 @@ async fn register_after_a_conclusion_in_the_same_block_is_already_concluded() {
         .unwrap();
     let parties = [LocalAccount::random(), LocalAccount::random()];
     let (params, state) = perun_adjudicator::testing::empty_channel(
+        d.adjudicator,
         parties.iter().map(|p| p.address()).collect(),
         d.eth_holder,
     );

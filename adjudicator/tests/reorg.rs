@@ -47,6 +47,7 @@ async fn setup() -> Setup {
         .unwrap();
     let parties = [LocalAccount::random(), LocalAccount::random()];
     let (params, state) = perun_adjudicator::testing::empty_channel(
+        d.adjudicator,
         parties.iter().map(|p| p.address()).collect(),
         d.eth_holder,
     );

@@ -63,6 +63,7 @@ impl Setup {
     /// A fresh channel's version-0 state.
     fn channel(&self) -> (Params, State) {
         perun_adjudicator::testing::empty_channel(
+            self.cfg.adjudicator,
             self.parties.iter().map(|p| p.address()).collect(),
             self.holder,
         )

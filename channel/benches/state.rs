@@ -27,10 +27,16 @@ impl Fixture {
         let accounts: Vec<LocalAccount> = (0..parties)
             .map(|i| LocalAccount::from_bytes(&[i as u8 + 1; 32]).expect("valid key"))
             .collect();
+        let domain = perun_channel::Domain {
+            chain_id: U256::from(31337),
+            adjudicator: Address::repeat_byte(0xad),
+        };
         let params = Params::payment(
+            domain,
             60,
             U256::from(1),
             accounts.iter().map(Account::address).collect(),
+            vec![vec![U256::from(1000); parties]; assets],
         );
         let alloc = Allocation::new(
             (0..assets)

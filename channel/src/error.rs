@@ -14,9 +14,17 @@ pub enum Error {
     /// A participant address appears twice or is the zero address.
     #[error("participant {0} is zero or listed twice")]
     BadParticipant(Address),
-    /// Challenge duration below the minimum of one second.
-    #[error("challenge duration must be at least 1 s")]
-    ChallengeDuration,
+    /// Challenge duration outside 1 s ..= 365 days (the adjudicator's bounds).
+    #[error("challenge duration of {0} s is outside 1 s ..= 365 days")]
+    ChallengeDuration(u64),
+    /// The funding matrix does not have one row per asset of one entry per participant.
+    #[error("funding must be {assets} rows of {participants} entries")]
+    FundingDimensions {
+        /// Expected number of rows (the state's assets).
+        assets: usize,
+        /// Expected entries per row (the participants).
+        participants: usize,
+    },
     /// Number of assets outside `1..=16`.
     #[error("channel needs 1..=16 assets, got {0}")]
     Assets(usize),

@@ -17,13 +17,15 @@
 //!
 //! # Example
 //! ```
-//! use perun_channel::{Params, State, Allocation, Asset, SignedState, Address, U256};
+//! use perun_channel::{Params, State, Allocation, Asset, Domain, SignedState, Address, U256};
 //! use perun_wallet::{Account, LocalAccount};
 //!
 //! let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
-//! let params = Params::payment(60, U256::from(1), vec![alice.address(), bob.address()]);
+//! let domain = Domain { chain_id: U256::from(31337), adjudicator: Address::repeat_byte(0xad) };
+//! let balances = vec![vec![U256::from(10), U256::from(10)]];
+//! let params = Params::payment(domain, 60, U256::from(1), vec![alice.address(), bob.address()], balances.clone());
 //! let asset = Asset { chainId: U256::from(31337), holder: Address::repeat_byte(0xaa) };
-//! let alloc = Allocation::new(vec![asset], vec![vec![U256::from(10), U256::from(10)]]);
+//! let alloc = Allocation::new(vec![asset], balances);
 //! let state = State::initial(&params, alloc);
 //! state.validate(&params)?;
 //!
@@ -48,4 +50,4 @@ pub use hash::{ChannelId, derive_nonce};
 pub use machine::{Machine, Phase};
 pub use rules::{App, PaymentApp};
 pub use signed::SignedState;
-pub use types::{Allocation, Asset, Params, State};
+pub use types::{Allocation, Asset, Domain, Params, State};

@@ -19,3 +19,6 @@ pub const MAX_VERSION_STEP: u64 = 1 << 20;
 pub const MAX_APP_DATA: usize = 64 * 1024;
 /// Shortest challenge duration, in seconds.
 pub const MIN_CHALLENGE_DURATION: u64 = 1;
+/// Longest challenge duration, in seconds (365 days, as the adjudicator enforces): deposits
+/// must not be locked for ever.
+pub const MAX_CHALLENGE_DURATION: u64 = 365 * 24 * 60 * 60;

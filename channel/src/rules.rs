@@ -77,8 +77,15 @@ impl Params {
                 return Err(Error::BadParticipant(*p));
             }
         }
-        if self.challengeDuration < MIN_CHALLENGE_DURATION {
-            return Err(Error::ChallengeDuration);
+        if !(MIN_CHALLENGE_DURATION..=MAX_CHALLENGE_DURATION).contains(&self.challengeDuration) {
+            return Err(Error::ChallengeDuration(self.challengeDuration));
+        }
+        let rows = self.funding.len();
+        if !(MIN_ASSETS..=MAX_ASSETS).contains(&rows) || self.funding.iter().any(|r| r.len() != n) {
+            return Err(Error::FundingDimensions {
+                assets: rows,
+                participants: n,
+            });
         }
         Ok(())
     }
@@ -124,6 +131,12 @@ impl State {
             .any(|row| row.len() != participants)
         {
             return Err(Error::Dimensions {
+                assets,
+                participants,
+            });
+        }
+        if params.funding.len() != assets {
+            return Err(Error::FundingDimensions {
                 assets,
                 participants,
             });

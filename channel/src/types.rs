@@ -19,6 +19,13 @@ alloy_sol_types::sol! {
         address[] participants;
         /// The app contract; zero for a payment channel.
         address app;
+        /// The chain of the adjudicator that settles the channel.
+        uint256 chainId;
+        /// The adjudicator contract that settles the channel.
+        address adjudicator;
+        /// What each participant deposits: `funding[asset][participant]`, assets in the
+        /// order of the states' outcome (version 0's balances).
+        uint256[][] funding;
     }
 
     /// A token on some chain, held by an asset holder contract.
@@ -47,14 +54,42 @@ alloy_sol_types::sol! {
     }
 }
 
+/// The deployment a channel is settled by: the adjudicator contract and its chain. The channel
+/// id binds it, so a state signed for one deployment is worthless on any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Domain {
+    /// The adjudicator's chain id.
+    pub chain_id: U256,
+    /// The adjudicator contract.
+    pub adjudicator: Address,
+}
+
 impl Params {
-    /// Parameters of a payment channel (no app).
-    pub fn payment(challenge_duration: u64, nonce: U256, participants: Vec<Address>) -> Self {
+    /// Parameters of a payment channel (no app) settled by `domain`, where participant `i`
+    /// deposits `funding[asset][i]` (version 0's balances).
+    pub fn payment(
+        domain: Domain,
+        challenge_duration: u64,
+        nonce: U256,
+        participants: Vec<Address>,
+        funding: Vec<Vec<U256>>,
+    ) -> Self {
         Self {
             challengeDuration: challenge_duration,
             nonce,
             participants,
             app: Address::ZERO,
+            chainId: domain.chain_id,
+            adjudicator: domain.adjudicator,
+            funding,
+        }
+    }
+
+    /// The deployment that settles this channel.
+    pub fn domain(&self) -> Domain {
+        Domain {
+            chain_id: self.chainId,
+            adjudicator: self.adjudicator,
         }
     }
 

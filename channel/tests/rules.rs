@@ -23,7 +23,7 @@ proptest! {
     }
 
     #[test]
-    fn any_param_field_changes_the_id(p in params(), which in 0usize..6, bump in 1u64..1000) {
+    fn any_param_field_changes_the_id(p in params(), which in 0usize..9, bump in 1u64..1000) {
         let mut q = p.clone();
         match which {
             0 => q.challengeDuration = q.challengeDuration.wrapping_add(bump).max(1),
@@ -31,6 +31,9 @@ proptest! {
             2 => q.participants[0] = Address::repeat_byte(q.participants[0][0].wrapping_add(1)),
             3 => q.app = Address::repeat_byte(q.app[0].wrapping_add(1)),
             4 => q.participants.push(Address::repeat_byte(0xee)),
+            5 => q.chainId = q.chainId.wrapping_add(U256::from(bump)),
+            6 => q.adjudicator = Address::repeat_byte(q.adjudicator[0].wrapping_add(1)),
+            7 => q.funding[0][0] += U256::from(bump),
             _ => q.participants.swap(0, 1),
         }
         prop_assume!(q != p);
@@ -193,7 +196,7 @@ fn limits_are_enforced() {
     assert!(matches!(p.validate(), Err(Error::BadParticipant(_))));
     let mut p = params.clone();
     p.challengeDuration = 0;
-    assert_eq!(p.validate(), Err(Error::ChallengeDuration));
+    assert_eq!(p.validate(), Err(Error::ChallengeDuration(0)));
 
     let mut s = state.clone();
     s.outcome.assets.clear();
@@ -215,7 +218,48 @@ fn limits_are_enforced() {
     let mut s = state.clone();
     s.outcome.assets.push(s.outcome.assets[0].clone());
     s.outcome.balances.push(s.outcome.balances[0].clone());
-    assert_eq!(s.validate(&params), Err(Error::DuplicateAsset(1)));
+    // One funding row per asset, or the adjudicator reverts with `Dimensions`.
+    assert_eq!(
+        s.validate(&params),
+        Err(Error::FundingDimensions {
+            assets: 2,
+            participants: 2
+        })
+    );
+    let mut p2 = params.clone();
+    p2.funding.push(p2.funding[0].clone());
+    s.channelId = p2.channel_id();
+    assert_eq!(s.validate(&p2), Err(Error::DuplicateAsset(1)));
+}
+
+/// The adjudicator's bounds: at most 365 days of challenge, and one funding entry per
+/// participant in every row.
+#[test]
+fn challenge_and_funding_bounds() {
+    let (params, _, _) = fixture(2, 1, 1);
+    let mut p = params.clone();
+    p.challengeDuration = perun_channel::limits::MAX_CHALLENGE_DURATION;
+    assert_eq!(p.validate(), Ok(()));
+    p.challengeDuration += 1;
+    assert_eq!(
+        p.validate(),
+        Err(Error::ChallengeDuration(365 * 24 * 3600 + 1))
+    );
+    let mut p = params.clone();
+    p.funding[0].pop();
+    assert_eq!(
+        p.validate(),
+        Err(Error::FundingDimensions {
+            assets: 1,
+            participants: 2
+        })
+    );
+    let mut p = params;
+    p.funding.clear();
+    assert!(matches!(
+        p.validate(),
+        Err(Error::FundingDimensions { assets: 0, .. })
+    ));
 }
 
 #[test]

@@ -52,6 +52,14 @@ fn every_entry_verifies_from_its_fields() {
                 .map(|p| p.parse::<Address>().expect("address"))
                 .collect(),
             app: v.params.app.parse().expect("app address"),
+            chainId: num(&v.params.chain_id),
+            adjudicator: v.params.adjudicator.parse().expect("adjudicator address"),
+            funding: v
+                .params
+                .funding
+                .iter()
+                .map(|row| row.iter().map(|x| num(x)).collect())
+                .collect(),
         };
         assert_eq!(
             format!("{}", params.channel_id()),

@@ -80,6 +80,26 @@ pub enum Error {
     /// protocol relies on.
     #[error("timeouts: {0}")]
     Timeouts(crate::config::TimeoutRule),
+    /// A proposal names another deployment (chain, adjudicator) than ours: its states could
+    /// not be settled by our adjudicator.
+    #[error("proposal names chain {} adjudicator {}, ours is chain {} adjudicator {}", theirs.chain_id, theirs.adjudicator, ours.chain_id, ours.adjudicator)]
+    WrongDomain {
+        /// Our adjudicator's deployment.
+        ours: perun_channel::Domain,
+        /// The proposal's.
+        theirs: perun_channel::Domain,
+    },
+    /// A proposal has an asset our funder cannot deposit (another chain, a holder it is not
+    /// configured for): balances in it would be worthless, so the channel is not opened.
+    #[error("asset {index} (chain {chain_id}, holder {holder}) is not fundable here")]
+    UnsupportedAsset {
+        /// The asset's index in the allocation.
+        index: usize,
+        /// Its chain.
+        chain_id: perun_channel::U256,
+        /// Its holder.
+        holder: perun_channel::Address,
+    },
     /// The client has shut down.
     #[error("client is shut down")]
     Closed,

@@ -404,4 +404,69 @@ mod tests {
         }
         accepting.await.unwrap();
     }
+
+    fn incoming(asset: Asset, mine: u64, challenge: u64) -> IncomingProposal {
+        let peer = perun_wire::PeerId::random();
+        let who = |b| perun_wire::Participant {
+            address: Address::repeat_byte(b),
+            peer,
+        };
+        IncomingProposal {
+            proposal: Proposal {
+                proposal_id: perun_channel::B256::repeat_byte(1),
+                domain: perun_channel::Domain {
+                    chain_id: U256::from(1),
+                    adjudicator: Address::repeat_byte(0xad),
+                },
+                challenge_duration: challenge,
+                participants: vec![who(1), who(2)],
+                proposer: 0,
+                allocation: perun_channel::Allocation::new(
+                    vec![asset],
+                    vec![vec![U256::from(1), U256::from(mine)]],
+                ),
+                app: Address::ZERO,
+                app_data: perun_channel::Bytes::new(),
+                nonce_share: perun_channel::B256::repeat_byte(2),
+            },
+            from: peer,
+            index: 1,
+        }
+    }
+
+    #[test]
+    fn accept_within_names_each_refusal() {
+        let eth = Asset {
+            chainId: U256::from(1),
+            holder: Address::repeat_byte(0xee),
+        };
+        let other = Asset {
+            chainId: U256::from(1),
+            holder: Address::repeat_byte(0x77),
+        };
+        let day = AcceptWithin::DEFAULT_MIN_CHALLENGE;
+        let (h, _opened) = AcceptWithin::new([(eth.clone(), U256::from(10))]);
+        assert_eq!(h.refusal(&incoming(eth.clone(), 10, day.as_secs())), None);
+        assert_eq!(
+            h.refusal(&incoming(other.clone(), 1, day.as_secs())),
+            Some(Refusal::AssetNotAccepted(other))
+        );
+        assert_eq!(
+            h.refusal(&incoming(eth.clone(), 11, day.as_secs())),
+            Some(Refusal::DepositTooHigh {
+                asset: eth.clone(),
+                asked: U256::from(11),
+                max: U256::from(10)
+            })
+        );
+        let h = h.min_challenge(Duration::from_secs(3600));
+        assert_eq!(h.refusal(&incoming(eth.clone(), 1, 3600)), None);
+        assert_eq!(
+            h.refusal(&incoming(eth, 1, 3599)),
+            Some(Refusal::ChallengeTooShort {
+                proposed: Duration::from_secs(3599),
+                min: Duration::from_secs(3600)
+            })
+        );
+    }
 }

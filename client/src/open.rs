@@ -62,13 +62,17 @@ fn random_word() -> B256 {
     B256::from(b)
 }
 
-/// The params and version-0 state a proposal describes once the nonce is known.
+/// The params and version-0 state a proposal describes once the nonce is known. Every
+/// participant funds its version-0 balances.
 fn channel_of(p: &Proposal, nonce_shares: &[B256]) -> Result<(Params, State)> {
     let params = Params {
         challengeDuration: p.challenge_duration,
         nonce: derive_nonce(nonce_shares),
         participants: p.participants.iter().map(|x| x.address).collect(),
         app: p.app,
+        chainId: p.domain.chain_id,
+        adjudicator: p.domain.adjudicator,
+        funding: p.allocation.balances.clone(),
     };
     let mut state = State::initial(&params, p.allocation.clone());
     state.appData = p.app_data.clone();
@@ -105,6 +109,26 @@ fn check_proposal(shared: &Shared, from: Option<PeerId>, p: &Proposal) -> Result
     if let Some(w) = peers.windows(2).find(|w| w[0] == w[1]) {
         return Err(Error::DuplicatePeer(w[0]));
     }
+    let ours = shared.adjudicator.domain();
+    if p.domain != ours {
+        return Err(Error::WrongDomain {
+            ours,
+            theirs: p.domain,
+        });
+    }
+    if let Some((index, asset)) = p
+        .allocation
+        .assets
+        .iter()
+        .enumerate()
+        .find(|(_, a)| !shared.funder.supports(a))
+    {
+        return Err(Error::UnsupportedAsset {
+            index,
+            chain_id: asset.chainId,
+            holder: asset.holder,
+        });
+    }
     channel_of(p, &vec![B256::ZERO; n])?;
     Ok(index)
 }
@@ -114,6 +138,7 @@ pub(crate) async fn propose(shared: &Arc<Shared>, spec: ChannelProposal) -> Resu
     let proposal = Proposal {
         proposal_id: random_word(),
         challenge_duration: spec.challenge_duration,
+        domain: shared.adjudicator.domain(),
         proposer: 0,
         participants: spec.participants,
         allocation: spec.allocation,
@@ -384,7 +409,15 @@ pub(crate) async fn handle_proposal(
             Ok(i) => i,
             Err(e) => {
                 crate::dispatch::warn_limited!(error = %e, "invalid proposal");
-                let _ = responder.reply(reject_proposal(&p, usize::MAX, e.to_string()));
+                // Our index if we are listed (any in-range index otherwise): a reply that
+                // breaks the wire's limits would reach the proposer as garbage, not as the reason.
+                let me = (shared.account.address(), shared.wire.local_peer_id());
+                let index = p
+                    .participants
+                    .iter()
+                    .position(|x| (x.address, x.peer) == me)
+                    .unwrap_or(0);
+                let _ = responder.reply(reject_proposal(&p, index, e.to_string()));
                 return;
             }
         };

@@ -63,12 +63,22 @@ pub(crate) async fn measure(dir: &Path, iterations: usize) -> Res<Floor> {
 
 /// A two-party payment channel's state as the benchmark channels hold it.
 fn sample_state(alice: &LocalAccount, bob: &LocalAccount) -> (Params, State) {
-    let params = Params::payment(60, U256::from(42), vec![alice.address(), bob.address()]);
+    let wei = U256::from(10u64).pow(U256::from(15));
+    let domain = perun::channel::Domain {
+        chain_id: U256::from(31337),
+        adjudicator: Address::repeat_byte(0xad),
+    };
+    let params = Params::payment(
+        domain,
+        60,
+        U256::from(42),
+        vec![alice.address(), bob.address()],
+        vec![vec![wei, wei]],
+    );
     let asset = Asset {
         chainId: U256::from(31337),
         holder: Address::repeat_byte(0xee),
     };
-    let wei = U256::from(10u64).pow(U256::from(15));
     let state = State::initial(&params, Allocation::new(vec![asset], vec![vec![wei, wei]]));
     (params, state)
 }

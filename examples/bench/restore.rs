@@ -120,7 +120,17 @@ fn hex_decode(s: &str) -> Res<Vec<u8>> {
 
 /// One active channel as Alice's client stores it after opening.
 fn record(keys: &Keys, holder: &Deployment, nonce: U256) -> Res<ChannelRecord> {
-    let params = Params::payment(60, nonce, vec![keys.alice.address(), keys.bob.address()]);
+    let domain = perun::channel::Domain {
+        chain_id: U256::from(perun::adjudicator::testing::CHAIN_ID),
+        adjudicator: holder.adjudicator,
+    };
+    let params = Params::payment(
+        domain,
+        60,
+        nonce,
+        vec![keys.alice.address(), keys.bob.address()],
+        vec![vec![deposit(), deposit()]],
+    );
     let alloc = Allocation::new(vec![eth_asset(holder)], vec![vec![deposit(), deposit()]]);
     let mut v0 = SignedState::new(State::initial(&params, alloc));
     v0.sign(&params, 0, &keys.alice)?;

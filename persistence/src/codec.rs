@@ -284,7 +284,18 @@ mod tests {
 
     fn record() -> ChannelRecord {
         let (a, b) = (LocalAccount::random(), LocalAccount::random());
-        let params = Params::payment(60, U256::from(7), vec![a.address(), b.address()]);
+        let domain = perun_channel::Domain {
+            chain_id: U256::from(1),
+            adjudicator: Address::repeat_byte(0xad),
+        };
+        let funding = vec![vec![U256::from(5), U256::from(6)]];
+        let params = Params::payment(
+            domain,
+            60,
+            U256::from(7),
+            vec![a.address(), b.address()],
+            funding,
+        );
         let asset = Asset {
             chainId: U256::from(1),
             holder: Address::repeat_byte(1),

@@ -22,15 +22,17 @@
 //! # Example
 //! ```
 //! use std::sync::Arc;
-//! use perun_channel::{Address, Allocation, Asset, Params, Phase, SignedState, State, U256};
+//! use perun_channel::{Address, Allocation, Asset, Domain, Params, Phase, SignedState, State, U256};
 //! use perun_persistence::{ChannelRecord, MemoryPersister, Persister};
 //! use perun_wallet::{Account, LocalAccount};
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
-//! let params = Params::payment(60, U256::from(1), vec![alice.address(), bob.address()]);
+//! let domain = Domain { chain_id: U256::from(31337), adjudicator: Address::repeat_byte(0xad) };
+//! let funding = vec![vec![U256::from(10), U256::from(10)]];
+//! let params = Params::payment(domain, 60, U256::from(1), vec![alice.address(), bob.address()], funding.clone());
 //! let asset = Asset { chainId: U256::from(31337), holder: Address::repeat_byte(0xaa) };
-//! let alloc = Allocation::new(vec![asset], vec![vec![U256::from(10), U256::from(10)]]);
+//! let alloc = Allocation::new(vec![asset], funding);
 //! let mut initial = SignedState::new(State::initial(&params, alloc));
 //! initial.sign(&params, 0, &alice)?;
 //!

@@ -62,6 +62,10 @@ impl Flaky {
 
 #[async_trait]
 impl Adjudicator for Flaky {
+    fn domain(&self) -> perun_channel::Domain {
+        self.inner.domain()
+    }
+
     async fn register(&self, req: &SignedChannel) -> Result<()> {
         if self.take(&self.fail_registers) {
             return Err(Error::rpc("register", RpcFailure::Injected(1)));

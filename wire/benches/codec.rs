@@ -20,12 +20,18 @@ use perun_wire::{
 
 /// Version 1 of a `parties` × `assets` payment channel.
 fn state(parties: usize, assets: usize) -> State {
+    let domain = perun_channel::Domain {
+        chain_id: U256::from(31337),
+        adjudicator: Address::repeat_byte(0xad),
+    };
     let params = Params::payment(
+        domain,
         60,
         U256::from(1),
         (0..parties)
             .map(|i| Address::repeat_byte(i as u8 + 1))
             .collect(),
+        vec![vec![U256::from(1_000_000_000_000_000_000u128); parties]; assets],
     );
     let alloc = Allocation::new(
         (0..assets)

@@ -208,6 +208,10 @@ mod tests {
         Proposal {
             proposal_id: B256::repeat_byte(1),
             challenge_duration: 60,
+            domain: perun_channel::Domain {
+                chain_id: alloy_primitives::U256::from(31337),
+                adjudicator: Address::repeat_byte(0xad),
+            },
             participants: (0..n)
                 .map(|i| Participant {
                     address: Address::repeat_byte(i as u8 + 1),
@@ -508,6 +512,10 @@ mod tests {
                     Message::Proposal(Proposal {
                         proposal_id: B256::from(share),
                         challenge_duration: cd,
+                        domain: perun_channel::Domain {
+                            chain_id: alloy_primitives::U256::from(cd),
+                            adjudicator: Address::repeat_byte(0xad),
+                        },
                         participants: (0..n)
                             .map(|i| Participant {
                                 address: Address::repeat_byte(i as u8),

@@ -33,7 +33,7 @@ use perun_channel::limits::{
     MAX_APP_DATA, MAX_ASSETS, MAX_PARTICIPANTS, MIN_ASSETS, MIN_CHALLENGE_DURATION,
     MIN_PARTICIPANTS,
 };
-use perun_channel::{Allocation, ChannelId, Phase, SignedState, State};
+use perun_channel::{Allocation, ChannelId, Domain, Phase, SignedState, State};
 use serde::{Deserialize, Serialize};
 
 use crate::bounded;
@@ -62,6 +62,9 @@ pub struct Proposal {
     pub proposal_id: ProposalId,
     /// Seconds a registered state can be refuted.
     pub challenge_duration: u64,
+    /// The deployment (chain, adjudicator) that settles the channel: part of its params, so
+    /// a responder whose adjudicator is another one must reject.
+    pub domain: Domain,
     /// Everyone in the channel, in index order (the proposer included).
     #[serde(deserialize_with = "bounded::participants")]
     pub participants: Vec<Participant>,

@@ -18,6 +18,13 @@ contract Adjudicator {
         bool concluded;
     }
 
+    /// The shortest challenge duration: a dispute must leave time to refute.
+    uint64 public constant MIN_CHALLENGE = 1;
+    /// The longest challenge duration: deposits must not be locked for ever.
+    uint64 public constant MAX_CHALLENGE = 365 days;
+    /// Gas a holder's `adjudicator()` may use when the outcome is pushed.
+    uint256 private constant BIND_GAS = 5_000;
+
     /// channelId => dispute (version, timeout, concluded).
     mapping(bytes32 => Dispute) public disputes;
     /// channelId => keccak256(abi.encode(registered state)); zero after a direct concludeFinal.
@@ -27,6 +34,9 @@ contract Adjudicator {
     event Registered(bytes32 indexed channelId, uint64 version, uint64 timeout, State state);
     /// The channel's outcome was pushed to the asset holders.
     event Concluded(bytes32 indexed channelId, uint64 version);
+    /// An asset's holder was not settled: it has no code, is bound to another adjudicator, or
+    /// is listed twice. The channel's other assets are settled regardless.
+    event OutcomeSkipped(bytes32 indexed channelId, address holder);
 
     error WrongChannel();
     error Dimensions();
@@ -34,13 +44,21 @@ contract Adjudicator {
     error WrongSigner(uint256 index);
     error AlreadyConcluded();
     error TimeoutPassed();
-    /// A refutation must carry a strictly higher version than the registered one.
+    /// A refutation (or a final state) must not carry a lower version than the registered one.
     error VersionTooLow(uint64 registered, uint64 got);
     error NotRegistered();
     /// The dispute can be concluded at `timeout`; the block's time is `now`.
     error TimeoutNotPassed(uint64 timeout, uint64 now);
     error WrongState();
     error NotFinal();
+    /// The params name another chain or another adjudicator deployment.
+    error WrongDomain(uint256 chainId, address adjudicator);
+    /// Participant `index` is listed before too.
+    error DuplicateParticipant(uint256 index);
+    /// The challenge duration is outside [MIN_CHALLENGE, MAX_CHALLENGE].
+    error ChallengeDuration(uint64 got);
+    /// Too little gas left to check a holder: the check must not fail for want of gas.
+    error HolderCheckGas();
 
     /// keccak256(abi.encode(params)).
     function channelId(Params calldata params) public pure returns (bytes32) {
@@ -53,7 +71,8 @@ contract Adjudicator {
     }
 
     /// Registers a fully signed state, or refutes the registered one with a strictly newer version
-    /// before its timeout. A final state gets a timeout of now: nothing can follow it.
+    /// before its timeout. A final state gets a timeout of now: nothing can follow it. The state
+    /// registered already is a no-op.
     function register(Params calldata params, State calldata state, bytes[] calldata sigs) external {
         bytes32 id = _checkState(params, state);
         bytes32 h = _checkSigs(params, state, sigs);
@@ -62,6 +81,7 @@ contract Adjudicator {
             d.timeout = state.isFinal ? uint64(block.timestamp) : uint64(block.timestamp) + params.challengeDuration;
         } else {
             if (d.concluded) revert AlreadyConcluded();
+            if (state.version == d.version && stateHashes[id] == h) return;
             if (block.timestamp >= d.timeout) revert TimeoutPassed();
             if (state.version <= d.version) revert VersionTooLow(d.version, state.version);
             if (state.isFinal) d.timeout = uint64(block.timestamp);
@@ -87,25 +107,41 @@ contract Adjudicator {
     }
 
     /// Cooperative close: concludes a fully signed final state at once and pushes its outcome.
+    /// A registered newer version wins: an old final state cannot override it.
     function concludeFinal(Params calldata params, State calldata state, bytes[] calldata sigs) external {
         if (!state.isFinal) revert NotFinal();
         bytes32 id = _checkState(params, state);
         _checkSigs(params, state, sigs);
-        if (disputes[id].concluded) revert AlreadyConcluded();
+        Dispute memory d = disputes[id];
+        if (d.concluded) revert AlreadyConcluded();
+        if (d.version > state.version) revert VersionTooLow(d.version, state.version);
         disputes[id] = Dispute({version: state.version, timeout: uint64(block.timestamp), concluded: true});
         _pushOutcome(id, params, state);
         emit Concluded(id, state.version);
     }
 
-    /// Checks that the state belongs to the params and has one balance per asset and participant.
-    function _checkState(Params calldata params, State calldata state) private pure returns (bytes32 id) {
+    /// Checks the params' domain, participants and challenge duration, that the state belongs to
+    /// the params, and that balances and funding have one entry per asset and participant.
+    function _checkState(Params calldata params, State calldata state) private view returns (bytes32 id) {
+        if (params.chainId != block.chainid || params.adjudicator != address(this)) {
+            revert WrongDomain(params.chainId, params.adjudicator);
+        }
+        uint64 cd = params.challengeDuration;
+        if (cd < MIN_CHALLENGE || cd > MAX_CHALLENGE) revert ChallengeDuration(cd);
         id = keccak256(abi.encode(params));
         if (state.channelId != id) revert WrongChannel();
-        uint256 n = params.participants.length;
+        address[] calldata ps = params.participants;
+        uint256 n = ps.length;
+        for (uint256 i = 1; i < n; ++i) {
+            address p = ps[i];
+            for (uint256 j = 0; j < i; ++j) {
+                if (ps[j] == p) revert DuplicateParticipant(i);
+            }
+        }
         uint256 a = state.outcome.assets.length;
-        if (a == 0 || state.outcome.balances.length != a) revert Dimensions();
+        if (a == 0 || state.outcome.balances.length != a || params.funding.length != a) revert Dimensions();
         for (uint256 i = 0; i < a; ++i) {
-            if (state.outcome.balances[i].length != n) revert Dimensions();
+            if (state.outcome.balances[i].length != n || params.funding[i].length != n) revert Dimensions();
         }
     }
 
@@ -126,14 +162,47 @@ contract Adjudicator {
         }
     }
 
-    /// Hands each same-chain asset's balances to its holder; assets of other chains are not ours to settle.
+    /// Hands each same-chain asset's balances (and funding) to its holder; assets of other chains
+    /// are not ours to settle. A holder that is not one of ours, or is listed a second time, is
+    /// skipped (`OutcomeSkipped`) rather than reverting, so it cannot lock the other assets.
     function _pushOutcome(bytes32 id, Params calldata params, State calldata state) private {
         uint256 a = state.outcome.assets.length;
         for (uint256 i = 0; i < a; ++i) {
             if (state.outcome.assets[i].chainId != block.chainid) continue;
-            IAssetHolder(state.outcome.assets[i].holder).setOutcome(
-                id, params.participants, state.outcome.balances[i]
-            );
+            address holder = state.outcome.assets[i].holder;
+            if (!_bound(holder) || _listedBefore(state, i, holder)) {
+                emit OutcomeSkipped(id, holder);
+                continue;
+            }
+            IAssetHolder(holder).setOutcome(id, params.participants, params.funding[i], state.outcome.balances[i]);
         }
     }
+
+    /// Whether `holder` has code whose `adjudicator()` is this contract. A failing or
+    /// gas-hungry call is "no"; the call gets a fixed budget, and too little gas for it reverts
+    /// (a caller must not make one of our holders look foreign by starving it).
+    function _bound(address holder) private view returns (bool ok) {
+        if (gasleft() < BIND_GAS + BIND_GAS / 63 + 5_000) revert HolderCheckGas();
+        bytes4 sel = IAssetHolderBinding.adjudicator.selector;
+        assembly ("memory-safe") {
+            mstore(0x00, sel)
+            let success := staticcall(BIND_GAS, holder, 0x00, 0x04, 0x00, 0x20)
+            ok := and(success, and(eq(returndatasize(), 0x20), eq(mload(0x00), address())))
+        }
+    }
+
+    /// Whether asset `i`'s holder on this chain appeared at an earlier index.
+    function _listedBefore(State calldata state, uint256 i, address holder) private view returns (bool) {
+        for (uint256 j = 0; j < i; ++j) {
+            if (state.outcome.assets[j].holder == holder && state.outcome.assets[j].chainId == block.chainid) {
+                return true;
+            }
+        }
+        return false;
+    }
+}
+
+/// The holders' binding to their adjudicator.
+interface IAssetHolderBinding {
+    function adjudicator() external view returns (address);
 }

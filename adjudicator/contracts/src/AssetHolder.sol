@@ -14,12 +14,14 @@ import {IAssetHolder} from "./Channel.sol";
 /// or needs more than the stipend) leaves the amount credited, to be pulled
 /// with `withdraw`, so no participant can block the others.
 abstract contract AssetHolder is IAssetHolder {
-    /// A participant's authorisation to pay its credit in a channel to `receiver`.
+    /// A participant's authorisation to pay its credit in a channel to `receiver`. `nonce` must be
+    /// the participant's `withdrawNonces` entry, so each authorisation is used at most once.
     struct WithdrawalAuth {
         bytes32 channelId;
         address participant;
         address receiver;
         uint256 amount;
+        uint256 nonce;
     }
 
     uint256 private constant SETTLED = 1 << 255;
@@ -30,9 +32,19 @@ abstract contract AssetHolder is IAssetHolder {
 
     /// fundingId => amount | SETTLED flag.
     mapping(bytes32 => uint256) private _holdings;
+    /// participant => the nonce its next signed withdrawal authorisation must carry.
+    mapping(address => uint256) public withdrawNonces;
 
-    /// `amount` was deposited for `fundingId`.
-    event Deposited(bytes32 indexed fundingId, uint256 amount);
+    /// `amount` arrived for the participant in the channel (the slot's total is the sum of its
+    /// deposits: `holdings` reads it).
+    event Deposited(bytes32 indexed channelId, address indexed participant, uint256 amount);
+    /// The channel's outcome was set at this holder (its payouts follow as `Paid` or `Credited`).
+    event OutcomeSet(bytes32 indexed channelId);
+    /// `amount` was pushed to the participant.
+    event Paid(bytes32 indexed channelId, address indexed participant, uint256 amount);
+    /// `amount` was credited to the participant, to be pulled with `withdraw` (a push that
+    /// failed, or a deposit after the outcome was set).
+    event Credited(bytes32 indexed channelId, address indexed participant, uint256 amount);
     /// `amount` of the participant's credit in the channel was paid to `receiver`.
     event Withdrawn(bytes32 indexed channelId, address indexed participant, address receiver, uint256 amount);
 
@@ -42,6 +54,8 @@ abstract contract AssetHolder is IAssetHolder {
     error NotSettled();
     error Overflow();
     error WrongSigner();
+    /// A signed authorisation must carry the participant's current `withdrawNonces` entry.
+    error WrongNonce(uint256 expected, uint256 got);
     /// Paying `to` failed (a receiver that reverts, a token that refuses it).
     error PaymentFailed(address to);
     /// A deposit expected `expected` held for `fundingId`, but `held` is: another deposit for the
@@ -67,82 +81,141 @@ abstract contract AssetHolder is IAssetHolder {
         return (h & AMOUNT, h & SETTLED != 0);
     }
 
-    /// Deposits `amount` for `fid` if exactly `expectedHeld` is held for it now, so a deposit
-    /// computed from a read of the holdings lands at most once: a retried or concurrent deposit for
-    /// the same slot reverts with `HoldingsChanged` instead of overpaying. A deposit after the
-    /// outcome is set stays withdrawable.
-    function deposit(bytes32 fid, uint256 expectedHeld, uint256 amount) external payable {
+    /// Deposits `amount` for the participant if exactly `expectedHeld` is held for it now, so a
+    /// deposit computed from a read of the holdings lands at most once: a retried or concurrent
+    /// deposit for the same slot reverts with `HoldingsChanged` instead of overpaying. What
+    /// arrives is credited (less than `amount` for a token that charges a fee). A deposit after
+    /// the outcome is set stays withdrawable.
+    function deposit(bytes32 channelId, address participant, uint256 expectedHeld, uint256 amount)
+        external
+        payable
+    {
+        _enter();
+        bytes32 fid = fundingId(channelId, participant);
         uint256 h = _holdings[fid];
         uint256 held = h & AMOUNT;
         if (held != expectedHeld) revert HoldingsChanged(fid, expectedHeld, held);
-        if (held + amount > AMOUNT) revert Overflow();
-        // Effects before taking the asset: a token that re-enters finds the new holdings.
+        uint256 arrived = _receive(amount);
         unchecked {
-            _holdings[fid] = h + amount;
+            if (arrived > AMOUNT - held) revert Overflow();
+            _holdings[fid] = h + arrived;
         }
-        _receive(amount);
-        emit Deposited(fid, amount);
+        emit Deposited(channelId, participant, arrived);
+        if (h & SETTLED != 0) emit Credited(channelId, participant, arrived);
+        _exit();
     }
 
-    /// Sets the channel's outcome and pushes it. If the channel is under-funded (deposits sum below
-    /// the outcome sum) every participant gets back exactly what it deposited.
-    function setOutcome(bytes32 channelId, address[] calldata participants, uint256[] calldata amounts)
-        external
-    {
+    /// Sets the channel's outcome and pushes it. The outcome is paid only if every slot holds at
+    /// least its funding and the outcome sums to the funding; then each participant also gets
+    /// back what it deposited above its funding. Otherwise every participant gets back exactly
+    /// what it holds.
+    function setOutcome(
+        bytes32 channelId,
+        address[] calldata participants,
+        uint256[] calldata funding,
+        uint256[] calldata amounts
+    ) external {
         if (msg.sender != adjudicator) revert NotAdjudicator();
         uint256 n = participants.length;
-        if (amounts.length != n) revert Lengths();
+        if (amounts.length != n || funding.length != n) revert Lengths();
         bytes32[] memory fids = new bytes32[](n);
-        uint256[] memory deposits = new uint256[](n);
-        uint256 deposited;
+        uint256[] memory pay = new uint256[](n);
+        _settle(channelId, participants, funding, amounts, fids, pay);
+        emit OutcomeSet(channelId);
+        for (uint256 i = 0; i < n; ++i) {
+            uint256 amount = pay[i];
+            if (amount == 0) continue;
+            address p = participants[i];
+            if (_tryPay(p, amount)) {
+                emit Paid(channelId, p, amount);
+            } else {
+                _holdings[fids[i]] += amount;
+                emit Credited(channelId, p, amount);
+            }
+        }
+    }
+
+    /// Settles and empties every slot at once (before any payment: a participant listed twice
+    /// finds its slot settled and the call reverts instead of counting one deposit twice), and
+    /// writes each participant's payout into `pay`.
+    function _settle(
+        bytes32 channelId,
+        address[] calldata participants,
+        uint256[] calldata funding,
+        uint256[] calldata amounts,
+        bytes32[] memory fids,
+        uint256[] memory pay
+    ) private {
+        uint256 n = participants.length;
+        bool covered = true;
+        uint256 funded;
         uint256 owed;
-        // Effects before any payment: every slot is read, then settled and emptied at once, so a
-        // participant listed twice finds its slot settled and the call reverts instead of
-        // counting one deposit twice.
         for (uint256 i = 0; i < n; ++i) {
             bytes32 fid = fundingId(channelId, participants[i]);
             uint256 h = _holdings[fid];
             if (h & SETTLED != 0) revert AlreadySettled();
             _holdings[fid] = SETTLED;
             fids[i] = fid;
-            deposits[i] = h;
-            deposited += h;
-            owed += amounts[i];
+            pay[i] = h;
+            uint256 f = funding[i];
+            uint256 o = amounts[i];
+            // Sums that wrap cannot match: such an outcome is not paid, the deposits are.
+            unchecked {
+                funded += f;
+                owed += o;
+                if (h < f || funded < f || owed < o) covered = false;
+            }
         }
-        uint256[] memory pay = deposited < owed ? deposits : amounts;
-        for (uint256 i = 0; i < n; ++i) {
-            uint256 amount = pay[i];
-            if (amount != 0 && !_tryPay(participants[i], amount)) {
-                _holdings[fids[i]] = SETTLED | amount;
+        if (covered && funded == owed) {
+            for (uint256 i = 0; i < n; ++i) {
+                // held - funding is the participant's surplus; the payouts sum to what is held.
+                unchecked {
+                    pay[i] = amounts[i] + (pay[i] - funding[i]);
+                }
             }
         }
     }
 
     /// Pays the participant's credit (up to auth.amount) to auth.receiver. The participant calls it
-    /// itself or signs the auth (EIP-191 over this holder, the chain id and the auth).
+    /// itself or signs the auth (EIP-191 over this holder, the chain id and the auth), which is
+    /// then used up: its nonce must be the participant's current one, and the call advances it.
     function withdraw(WithdrawalAuth calldata auth, bytes calldata sig) external {
+        _enter();
         if (msg.sender != auth.participant) {
+            uint256 expected = withdrawNonces[auth.participant];
+            if (auth.nonce != expected) revert WrongNonce(expected, auth.nonce);
             bytes32 digest = keccak256(abi.encode(address(this), block.chainid, auth));
             address signer = ECDSA.recoverCalldata(MessageHashUtils.toEthSignedMessageHash(digest), sig);
             if (signer != auth.participant) revert WrongSigner();
+            unchecked {
+                withdrawNonces[auth.participant] = expected + 1;
+            }
         }
         bytes32 fid = fundingId(auth.channelId, auth.participant);
         uint256 h = _holdings[fid];
         if (h & SETTLED == 0) revert NotSettled();
         uint256 credit = h & AMOUNT;
         uint256 amount = auth.amount < credit ? auth.amount : credit;
-        if (amount == 0) return;
-        _holdings[fid] = h - amount;
-        _pay(auth.receiver, amount);
-        emit Withdrawn(auth.channelId, auth.participant, auth.receiver, amount);
+        if (amount != 0) {
+            _holdings[fid] = h - amount;
+            _pay(auth.receiver, amount);
+            emit Withdrawn(auth.channelId, auth.participant, auth.receiver, amount);
+        }
+        _exit();
     }
 
-    /// Takes `amount` of the asset from the caller.
-    function _receive(uint256 amount) internal virtual;
+    /// Takes `amount` of the asset from the caller; returns what arrived.
+    function _receive(uint256 amount) internal virtual returns (uint256 arrived);
 
     /// Pays `amount` to `to`, reverting on failure.
     function _pay(address to, uint256 amount) internal virtual;
 
     /// Tries to pay `amount` to `to` with bounded gas; false leaves it to a later withdraw.
     function _tryPay(address to, uint256 amount) internal virtual returns (bool);
+
+    /// Guards deposit and withdraw against re-entry where the asset can call back (a token).
+    function _enter() internal virtual {}
+
+    /// Ends the guard of `_enter`.
+    function _exit() internal virtual {}
 }

@@ -9,8 +9,10 @@ contract AssetHolderETH is AssetHolder {
 
     constructor(address adjudicator_) AssetHolder(adjudicator_) {}
 
-    function _receive(uint256 amount) internal override {
+    /// Ether arrives whole, and taking it calls nobody: no re-entry guard is needed.
+    function _receive(uint256 amount) internal override returns (uint256) {
         if (msg.value != amount) revert WrongValue();
+        return amount;
     }
 
     function _pay(address to, uint256 amount) internal override {

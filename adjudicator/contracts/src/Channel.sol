@@ -2,11 +2,16 @@
 pragma solidity 0.8.37;
 
 /// The fixed parameters of a channel; channelId = keccak256(abi.encode(params)).
+/// `chainId` and `adjudicator` bind the channel (and so every state's signature) to one
+/// deployment on one chain; `funding[asset][participant]` is what each participant deposits.
 struct Params {
     uint64 challengeDuration;
     uint256 nonce;
     address[] participants;
     address app;
+    uint256 chainId;
+    address adjudicator;
+    uint256[][] funding;
 }
 
 /// A token on some chain, held by an asset holder contract.
@@ -32,5 +37,10 @@ struct State {
 
 /// What an asset holder accepts from the adjudicator.
 interface IAssetHolder {
-    function setOutcome(bytes32 channelId, address[] calldata participants, uint256[] calldata amounts) external;
+    function setOutcome(
+        bytes32 channelId,
+        address[] calldata participants,
+        uint256[] calldata funding,
+        uint256[] calldata amounts
+    ) external;
 }

@@ -8,7 +8,7 @@ use alloy::primitives::{Address, Bytes, U256};
 use alloy::providers::DynProvider;
 use alloy::sol_types::SolCall;
 use async_trait::async_trait;
-use perun_channel::ChannelId;
+use perun_channel::{ChannelId, Domain};
 use perun_wallet::LocalAccount;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -81,6 +81,7 @@ impl EthAdjudicator {
                 participant: auth.participant,
                 receiver: auth.receiver,
                 amount: auth.amount,
+                nonce: auth.nonce,
             },
             sig: sig.clone(),
         }
@@ -93,6 +94,7 @@ impl EthAdjudicator {
                 auth.participant.as_slice(),
                 auth.receiver.as_slice(),
                 &auth.amount.to_be_bytes::<32>(),
+                &auth.nonce.to_be_bytes::<32>(),
             ],
         );
         let landed = c
@@ -158,11 +160,15 @@ fn sigs_bytes(req: &SignedChannel) -> Vec<Bytes> {
 
 #[async_trait]
 impl Adjudicator for EthAdjudicator {
+    fn domain(&self) -> Domain {
+        self.chain.domain()
+    }
+
     async fn register(&self, req: &SignedChannel) -> Result<()> {
         let state = &req.state.state;
         let span = info_span!("eth_register", channel = %state.channelId, version = state.version);
         async {
-            let hash = req.check()?;
+            let hash = req.check(self.chain.domain())?;
             let c = &self.chain;
             let id = state.channelId;
             let dispute = c.dispute(id).await?;
@@ -229,9 +235,9 @@ impl Adjudicator for EthAdjudicator {
             let c = &self.chain;
             let id = state.channelId;
             if state.isFinal && req.state.is_fully_signed() {
-                let hash = req.check()?;
-                if c.dispute(id).await?.is_some_and(|d| d.concluded) {
-                    return Err(Error::AlreadyConcluded);
+                let hash = req.check(c.domain())?;
+                if let Some(d) = c.dispute(id).await? {
+                    d.check_final(state.version)?;
                 }
                 let input = AdjContract::concludeFinalCall {
                     params: (&req.params).into(),
@@ -246,7 +252,7 @@ impl Adjudicator for EthAdjudicator {
                 info!("concluded final state");
                 return Ok(());
             }
-            req.check_unsigned()?;
+            req.check_unsigned(c.domain())?;
             let d = c.dispute(id).await?.ok_or(Error::NotRegistered)?;
             if d.concluded {
                 return Err(Error::AlreadyConcluded);
@@ -280,8 +286,8 @@ impl Adjudicator for EthAdjudicator {
     async fn withdraw(&self, req: &WithdrawRequest) -> Result<()> {
         let span = info_span!("eth_withdraw", channel = %req.state.channelId, index = req.index);
         async {
-            let me = req.check()?;
             let c = &self.chain;
+            let me = req.check(c.domain())?;
             let fid = funding_id(req.state.channelId, me);
             let mut credits = Vec::new();
             for (_, holder) in c.local_assets(&req.state) {
@@ -296,16 +302,19 @@ impl Adjudicator for EthAdjudicator {
                     debug!(%holder, "nothing to withdraw");
                     continue;
                 }
-                let auth = WithdrawalAuth {
+                let mut auth = WithdrawalAuth {
                     channelId: req.state.channelId,
                     participant: me,
                     receiver: req.receiver,
                     amount: credit,
+                    nonce: U256::ZERO,
                 };
-                // The participant sending itself needs no signature.
+                // The participant sending itself needs no signature (nor nonce); a signed
+                // authorisation carries the participant's current nonce and uses it up.
                 let sig = if c.sender == me {
                     Bytes::new()
                 } else {
+                    auth.nonce = c.withdraw_nonce(holder, me).await?;
                     let hash = withdrawal_hash(holder, c.chain_id, &auth);
                     let sig = req.account.sign_hash(hash)?;
                     Bytes::from(sig.as_bytes().to_vec())

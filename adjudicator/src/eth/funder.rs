@@ -39,18 +39,20 @@ pub struct EthFunder {
 impl EthFunder {
     /// A funder sending from `sender`, which must be the provider's signing
     /// account. Its provider cannot be rebuilt if it dies (see [`connect`](Self::connect)).
+    /// Fails with [`Error::HolderNotBound`] if a configured holder is not bound to the
+    /// configured adjudicator.
     pub async fn new(provider: DynProvider, sender: Address, cfg: EthConfig) -> Result<Self> {
-        Ok(Self {
-            chain: Chain::new(provider, sender, cfg).await?,
-        })
+        let chain = Chain::new(provider, sender, cfg).await?;
+        chain.check_holders().await?;
+        Ok(Self { chain })
     }
 
     /// Connects to a websocket endpoint and sends from `account`; a lost
-    /// connection is rebuilt from the URL.
+    /// connection is rebuilt from the URL. Checks the holders as [`new`](Self::new) does.
     pub async fn connect(url: &str, account: &LocalAccount, cfg: EthConfig) -> Result<Self> {
-        Ok(Self {
-            chain: Chain::connect(url, account, cfg).await?,
-        })
+        let chain = Chain::connect(url, account, cfg).await?;
+        chain.check_holders().await?;
+        Ok(Self { chain })
     }
 
     /// Brings the slot's holdings at `holder` up to `need`, reading them
@@ -59,9 +61,10 @@ impl EthFunder {
         &self,
         holder: Address,
         kind: AssetKind,
-        fid: B256,
+        slot: Slot,
         need: U256,
     ) -> Result<()> {
+        let fid = slot.fid();
         let mut last = None;
         for _ in 0..DEPOSIT_ROUNDS {
             let (held, settled) = self.chain.holdings(holder, fid, BlockId::latest()).await?;
@@ -75,7 +78,7 @@ impl EthFunder {
             if held >= need {
                 return Ok(());
             }
-            match self.deposit(holder, kind, fid, held, need - held).await {
+            match self.deposit(holder, kind, slot, held, need - held).await {
                 Ok(()) => {}
                 Err(e @ Error::HoldingsChanged { .. }) => {
                     warn!(%e, "another deposit for the slot came first; reading the holdings again");
@@ -107,14 +110,16 @@ impl EthFunder {
         &self,
         holder: Address,
         kind: AssetKind,
-        fid: B256,
+        slot: Slot,
         held: U256,
         amount: U256,
     ) -> Result<()> {
         let c = &self.chain;
         let sender = c.sender;
+        let fid = slot.fid();
         let input: Bytes = Holder::depositCall {
-            fid,
+            channelId: slot.channel,
+            participant: slot.participant,
             expectedHeld: held,
             amount,
         }
@@ -185,15 +190,36 @@ impl EthFunder {
     }
 }
 
+/// A participant's deposit slot in a channel.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    channel: B256,
+    participant: Address,
+}
+
+impl Slot {
+    fn fid(&self) -> B256 {
+        funding_id(self.channel, self.participant)
+    }
+}
+
 #[async_trait]
 impl Funder for EthFunder {
+    /// Exactly the configured holders on this backend's chain.
+    fn supports(&self, asset: &perun_channel::Asset) -> bool {
+        asset.chainId == self.chain.chain_id && self.chain.cfg.assets.contains_key(&asset.holder)
+    }
+
     async fn fund(&self, req: FundingRequest) -> Result<()> {
         let span = info_span!("eth_fund", channel = %req.state.channelId, index = req.index);
         async {
-            req.check()?;
+            req.check(self.chain.domain())?;
             let c = &self.chain;
             let me = req.params.participants[req.index];
-            let fid = funding_id(req.state.channelId, me);
+            let slot = Slot {
+                channel: req.state.channelId,
+                participant: me,
+            };
             // Every holder first: an unknown one fails before any money moves.
             let assets = c
                 .local_assets(&req.state)
@@ -203,9 +229,9 @@ impl Funder for EthFunder {
             let mut heads = Heads::new(c.conn.clone(), POLL);
             heads.ensure().await;
             for (a, holder, kind) in assets {
-                let need = req.state.balance(a, req.index).unwrap_or_default();
+                let need = super::funding_of(&req.params, a, req.index);
                 if !need.is_zero() {
-                    self.fund_asset(holder, kind, fid, need).await?;
+                    self.fund_asset(holder, kind, slot, need).await?;
                 }
             }
             let wait = async {

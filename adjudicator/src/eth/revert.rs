@@ -72,6 +72,15 @@ fn typed(data: &[u8]) -> Option<Error> {
             A::WrongSigner(e) => usize::try_from(e.index)
                 .ok()
                 .map(|index| Error::BadSignature { index }),
+            A::WrongDomain(e) => Some(Error::WrongDomain {
+                chain_id: e.chainId,
+                adjudicator: e.adjudicator,
+            }),
+            A::DuplicateParticipant(e) => usize::try_from(e.index)
+                .ok()
+                .map(|index| Error::DuplicateParticipant { index }),
+            A::ChallengeDuration(e) => Some(Error::ChallengeDuration(e.got)),
+            A::Dimensions(_) => Some(Error::Dimensions),
             _ => None,
         };
     }
@@ -90,6 +99,10 @@ fn typed(data: &[u8]) -> Option<Error> {
                 found: Some(e.held),
             }),
             H::Overflow(_) => Some(Error::Overflow),
+            H::WrongNonce(e) => Some(Error::WrongNonce {
+                expected: e.expected,
+                got: e.got,
+            }),
             _ => None,
         };
     }

@@ -446,10 +446,18 @@ impl Funder for FaultyChain {
         let funder = &self.shared.funder;
         self.call("fund", false, || funder.fund(req.clone())).await
     }
+
+    fn supports(&self, asset: &perun_channel::Asset) -> bool {
+        self.shared.funder.supports(asset)
+    }
 }
 
 #[async_trait]
 impl Adjudicator for FaultyChain {
+    fn domain(&self) -> perun_channel::Domain {
+        self.shared.adjudicator.domain()
+    }
+
     async fn register(&self, req: &SignedChannel) -> Result<()> {
         let adj = &self.shared.adjudicator;
         self.call("register", false, || adj.register(req)).await

@@ -43,17 +43,28 @@ pub use proxy::{
     NotificationFault, ProxyFaults, ProxyStats, RequestFault, ResponseFault, RpcProxy,
 };
 
-/// A fresh channel of `participants` on this chain (a random nonce, a
+/// A fresh channel of `participants` settled by `adjudicator` on this chain (a random nonce, a
 /// 60 s challenge period) holding nothing in one asset at `holder`, and its
 /// version-0 state: what registration tests need (registering costs no
 /// deposit).
 pub fn empty_channel(
+    adjudicator: Address,
     participants: Vec<Address>,
     holder: Address,
 ) -> (perun_channel::Params, perun_channel::State) {
-    use perun_channel::{Allocation, Asset, Params, State};
+    use perun_channel::{Allocation, Asset, Domain, Params, State};
     let n = participants.len();
-    let params = Params::payment(60, U256::from(rand_nonce()), participants);
+    let domain = Domain {
+        chain_id: U256::from(CHAIN_ID),
+        adjudicator,
+    };
+    let params = Params::payment(
+        domain,
+        60,
+        U256::from(rand_nonce()),
+        participants,
+        vec![vec![U256::ZERO; n]],
+    );
     let asset = Asset {
         chainId: U256::from(CHAIN_ID),
         holder,

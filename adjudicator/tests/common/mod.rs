@@ -14,7 +14,7 @@ use perun_adjudicator::types::WithdrawalAuth;
 use perun_adjudicator::{
     Adjudicator, Deployment, EthAdjudicator, EthConfig, EthFunder, Funder, SimLedger, deploy,
 };
-use perun_channel::{Allocation, Asset, Params, SignedState, State};
+use perun_channel::{Allocation, Asset, Domain, Params, SignedState, State};
 use perun_wallet::{Account, LocalAccount};
 
 /// Which asset a test runs with.
@@ -61,6 +61,8 @@ pub struct Env {
     pub adj: Vec<Arc<dyn Adjudicator>>,
     pub funders: Vec<Arc<dyn Funder>>,
     pub asset: Asset,
+    /// The deployment channels must name.
+    pub domain: Domain,
     /// The other asset (ERC20 in an ether env and vice versa), for multi-asset channels.
     pub other_asset: Asset,
     pub ctl: Box<dyn Control>,
@@ -96,6 +98,7 @@ impl Env {
             .collect();
         Env {
             name: "sim",
+            domain: sim.domain(),
             parties,
             adj,
             funders,
@@ -168,6 +171,10 @@ impl Env {
         // The harness advances time through its own admin connection.
         let env = Env {
             name: "anvil",
+            domain: Domain {
+                chain_id: U256::from(CHAIN_ID),
+                adjudicator: d.adjudicator,
+            },
             parties,
             adj,
             funders,
@@ -196,18 +203,30 @@ impl Env {
         self.parties.iter().map(|p| p.address()).collect()
     }
 
-    /// A payment channel over the env's asset with the given version-0 balances.
+    /// A payment channel over the env's asset with the given version-0 balances (its funding).
     pub fn channel(&self, challenge: u64, balances: &[u64]) -> (Params, State) {
+        self.channel_over(challenge, vec![self.asset.clone()], vec![balances.to_vec()])
+    }
+
+    /// A payment channel over `assets` with version-0 balances (its funding) `balances[asset]`.
+    pub fn channel_over(
+        &self,
+        challenge: u64,
+        assets: Vec<Asset>,
+        balances: Vec<Vec<u64>>,
+    ) -> (Params, State) {
+        let rows: Vec<Vec<U256>> = balances
+            .iter()
+            .map(|r| r.iter().map(|b| U256::from(*b)).collect())
+            .collect();
         let params = Params::payment(
+            self.domain,
             challenge,
             U256::from(rand::random::<u64>()),
             self.addresses(),
+            rows.clone(),
         );
-        let alloc = Allocation::new(
-            vec![self.asset.clone()],
-            vec![balances.iter().map(|b| U256::from(*b)).collect()],
-        );
-        let state = State::initial(&params, alloc);
+        let state = State::initial(&params, Allocation::new(assets, rows));
         (params, state)
     }
 
@@ -361,9 +380,8 @@ impl Control for AnvilCtl {
             approve.send().await.unwrap().get_receipt().await.unwrap();
             value = U256::ZERO;
         }
-        let fid = perun_adjudicator::funding_id(channel, who);
         let h = AssetHolderETH::new(holder, self.provider.clone());
-        let call = h.deposit(fid, expected, amount).value(value);
+        let call = h.deposit(channel, who, expected, amount).value(value);
         if let Err(e) = call.call().await {
             return match e.as_decoded_interface_error::<H>() {
                 Some(H::HoldingsChanged(e)) => Err(perun_adjudicator::Error::HoldingsChanged {

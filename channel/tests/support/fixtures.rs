@@ -1,6 +1,6 @@
 //! Proptest strategies and fixtures for channel tests.
 
-use perun_channel::{Address, Allocation, Asset, Bytes, Params, State, U256};
+use perun_channel::{Address, Allocation, Asset, Bytes, Domain, Params, State, U256};
 use perun_wallet::{Account, LocalAccount};
 use proptest::prelude::*;
 
@@ -16,14 +16,24 @@ pub fn accounts(n: usize) -> Vec<LocalAccount> {
         .collect()
 }
 
+/// The deployment every fixture names.
+pub fn domain() -> Domain {
+    Domain {
+        chain_id: U256::from(31337),
+        adjudicator: Address::repeat_byte(0xad),
+    }
+}
+
 /// A payment channel between `n` deterministic accounts with `assets`
 /// assets, every balance `bal`.
 pub fn fixture(n: usize, assets: usize, bal: u64) -> (Params, State, Vec<LocalAccount>) {
     let accs = accounts(n);
     let params = Params::payment(
+        domain(),
         60,
         U256::from(7),
         accs.iter().map(|a| a.address()).collect(),
+        vec![vec![U256::from(bal); n]; assets],
     );
     let alloc = Allocation::new(
         (0..assets)
@@ -52,20 +62,24 @@ fn u256() -> impl Strategy<Value = U256> {
 prop_compose! {
     /// Arbitrary valid params with 2..=5 distinct non-zero participants.
     pub fn params()(
-        cd in 1u64..=u64::MAX,
+        cd in 1u64..=perun_channel::limits::MAX_CHALLENGE_DURATION,
         nonce in u256(),
         participants in proptest::collection::btree_set(addr(), 2..=5),
         app in prop_oneof![Just(Address::ZERO), addr()],
+        assets in 1usize..=3,
     ) -> Params {
         let participants = participants.into_iter().filter(|a| *a != Address::ZERO).collect::<Vec<_>>();
-        Params { challengeDuration: cd, nonce, participants, app }
+        // `state_of` gives the state as many assets as there are funding rows.
+        let funding = vec![vec![U256::ZERO; participants.len()]; assets];
+        let d = domain();
+        Params { challengeDuration: cd, nonce, participants, app, chainId: d.chain_id, adjudicator: d.adjudicator, funding }
     }
 }
 
 prop_compose! {
     /// An arbitrary valid state of `params` with 1..=3 assets.
     pub fn state_of(params: Params)(
-        assets in proptest::collection::vec((u256(), addr()), 1..=3),
+        assets in proptest::collection::vec((u256(), addr()), params.funding.len()),
         seed in proptest::collection::vec(any::<u64>(), 48),
         version in 0u64..u64::MAX / 2,
         data in proptest::collection::vec(any::<u8>(), 0..64),

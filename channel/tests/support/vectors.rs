@@ -27,6 +27,9 @@ pub struct VParams {
     pub nonce: String,
     pub participants: Vec<String>,
     pub app: String,
+    pub chain_id: String,
+    pub adjudicator: String,
+    pub funding: Vec<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -81,12 +84,6 @@ pub fn case(
     } else {
         Address::ZERO
     };
-    let params = Params {
-        challengeDuration: 1 + (w("cd", 0) % U256::from(1_000_000u64)).to::<u64>(),
-        nonce: w("nonce", 0),
-        participants: accounts.iter().map(|a| a.address()).collect(),
-        app,
-    };
     let asset_list: Vec<Asset> = (0..assets)
         .map(|i| Asset {
             chainId: if i == 0 {
@@ -97,7 +94,7 @@ pub fn case(
             holder: Address::from_slice(&word(case, "holder", i)[12..]),
         })
         .collect();
-    let balances = (0..assets)
+    let balances: Vec<Vec<U256>> = (0..assets)
         .map(|a| {
             (0..n)
                 .map(|p| {
@@ -112,6 +109,16 @@ pub fn case(
                 .collect()
         })
         .collect();
+    // Funding is version 0's balances; later versions keep the per-asset sums.
+    let params = Params {
+        challengeDuration: 1 + (w("cd", 0) % U256::from(1_000_000u64)).to::<u64>(),
+        nonce: w("nonce", 0),
+        participants: accounts.iter().map(|a| a.address()).collect(),
+        app,
+        chainId: U256::from(1u64),
+        adjudicator: Address::from_slice(&word(case, "adjudicator", 0)[12..]),
+        funding: balances.clone(),
+    };
     let app_data: Vec<u8> = (0..app_data)
         .map(|i| word(case, "data", i / 32)[i % 32])
         .collect();
@@ -172,6 +179,13 @@ pub fn vectors() -> Vec<Vector> {
                         .map(|p| p.to_checksum(None))
                         .collect(),
                     app: params.app.to_checksum(None),
+                    chain_id: u(params.chainId),
+                    adjudicator: params.adjudicator.to_checksum(None),
+                    funding: params
+                        .funding
+                        .iter()
+                        .map(|row| row.iter().map(|b| u(*b)).collect())
+                        .collect(),
                 },
                 channel_id: hx(params.channel_id().as_slice()),
                 state: VState {

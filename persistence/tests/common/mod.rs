@@ -33,7 +33,12 @@ impl TestChannel {
             .iter()
             .map(perun_wallet::Account::address)
             .collect();
-        let mut params = Params::payment(60, U256::from(seed), addrs);
+        let domain = perun_channel::Domain {
+            chain_id: U256::from(31337),
+            adjudicator: Address::repeat_byte(0xad),
+        };
+        let funding = vec![vec![U256::from(1_000_000); participants]; assets];
+        let mut params = Params::payment(domain, 60, U256::from(seed), addrs, funding);
         if app_data > 0 {
             params.app = Address::repeat_byte(0x42);
         }

@@ -74,6 +74,10 @@ pub(crate) fn exchanges(peers: &[PeerId]) -> Vec<(Message, Message)> {
     let proposal = Proposal {
         proposal_id: B256::repeat_byte(1),
         challenge_duration: 60,
+        domain: perun_channel::Domain {
+            chain_id: alloy_primitives::U256::from(31337),
+            adjudicator: Address::repeat_byte(0xad),
+        },
         participants: peers
             .iter()
             .enumerate()
