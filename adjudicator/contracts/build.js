@@ -36,6 +36,7 @@ const input = {
   settings: {
     optimizer: { enabled: true, runs: 1000000 },
     evmVersion: 'prague',
+    viaIR: true,
     // No metadata hash: the bytecode depends only on the sources and settings.
     metadata: { bytecodeHash: 'none', appendCBOR: false },
     outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object', 'evm.deployedBytecode.object'] } },

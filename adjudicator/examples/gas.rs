@@ -111,7 +111,7 @@ impl Bench {
         let h = AssetHolderETH::new(self.eth, p.clone());
         // Every deposit here is its slot's first (or the first after a payout): nothing held.
         mined(
-            h.deposit(state.channelId, who, U256::ZERO, U256::from(amount))
+            h.depositEth(state.channelId, who, U256::ZERO)
                 .value(U256::from(amount))
                 .send()
                 .await,

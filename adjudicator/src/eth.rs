@@ -100,7 +100,7 @@ pub use funder::EthFunder;
 use crate::bindings::{Adjudicator as AdjContract, AssetHolderETH as Holder, Deployment};
 use crate::eth::conn::{Conn, IntoFault};
 use crate::eth::txqueue::{Call, Landed, Policy, TxQueue};
-use crate::{Dispute, Error, Result, RpcFailure, funding_id};
+use crate::{Dispute, Error, Result, RpcFailure};
 
 /// One gwei in wei.
 const GWEI: u128 = 1_000_000_000;
@@ -435,12 +435,24 @@ impl Chain {
         ))
     }
 
-    async fn holdings(&self, holder: Address, fid: B256, at: BlockId) -> Result<(U256, bool)> {
+    /// What `holder` holds for `participant` in `channel`, and whether the channel is
+    /// concluded (then it is the participant's withdrawable credit).
+    async fn holdings(
+        &self,
+        holder: Address,
+        channel: B256,
+        participant: Address,
+        at: BlockId,
+    ) -> Result<(U256, bool)> {
         self.holder(holder)?;
         let r = self
             .conn
             .rpc("holdings", |p| async move {
-                Holder::new(holder, p).holdings(fid).block(at).call().await
+                Holder::new(holder, p)
+                    .holdings(channel, participant)
+                    .block(at)
+                    .call()
+                    .await
             })
             .await?;
         Ok((r.amount, r.settled))
@@ -507,10 +519,9 @@ impl Chain {
         let at = BlockId::hash_canonical(self.confirmed().await?.1);
         let mut missing = Vec::new();
         for (i, p) in params.participants.iter().enumerate() {
-            let fid = funding_id(state.channelId, *p);
             for (a, holder) in self.local_assets(state) {
                 let need = funding_of(params, a, i);
-                if self.holdings(holder, fid, at).await?.0 < need {
+                if self.holdings(holder, state.channelId, *p, at).await?.0 < need {
                     missing.push((i, *p));
                     break;
                 }

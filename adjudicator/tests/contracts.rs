@@ -544,9 +544,9 @@ async fn surplus_stays_with_its_depositor() {
             p.get_balance(b.address()).await.unwrap(),
             U256::from(want[1])
         );
-        let set = events::<AssetHolderETH::OutcomeSet>(&r);
-        assert_eq!(set.len(), 1);
-        assert_eq!(set[0].channelId, id);
+        let concluded = events::<Adjudicator::Concluded>(&r);
+        assert_eq!(concluded.len(), 1);
+        assert_eq!(concluded[0].channelId, id);
         let paid: Vec<_> = events::<AssetHolderETH::Paid>(&r)
             .into_iter()
             .map(|e| (e.channelId, e.participant, e.amount))
@@ -562,7 +562,8 @@ async fn surplus_stays_with_its_depositor() {
 }
 
 /// A signed withdrawal authorisation works once: replaying it reverts with `WrongNonce`, and
-/// the next one must carry the next nonce. A deposit after settlement is credited (and says so).
+/// the next one must carry the next nonce. A deposit after settlement is withdrawable at once
+/// (its `Deposited` event names channel, participant and amount).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withdrawal_authorisations_are_single_use() {
     let (anvil, p, d) = setup().await;
@@ -580,14 +581,21 @@ async fn withdrawal_authorisations_are_single_use() {
     ))
     .await;
     let r = deposit_eth(&p, &d, s0.channelId, alice.address(), 0, 4).await;
-    let credited = events::<AssetHolderETH::Credited>(&r);
+    let deposited = events::<AssetHolderETH::Deposited>(&r);
     assert_eq!(
         (
-            credited[0].channelId,
-            credited[0].participant,
-            credited[0].amount
+            deposited[0].channelId,
+            deposited[0].participant,
+            deposited[0].amount
         ),
         (s0.channelId, alice.address(), U256::from(4))
+    );
+    assert!(
+        h.holdings(s0.channelId, alice.address())
+            .call()
+            .await
+            .unwrap()
+            .settled
     );
     let receiver = LocalAccount::random().address();
     let auth = |nonce: u64| WithdrawalAuth {
@@ -826,11 +834,7 @@ async fn fee_on_transfer_deposits_credit_what_arrived() {
         (dep[0].amount, U256::from(99)),
         (U256::from(99), U256::from(99))
     );
-    let held = h
-        .holdings(funding_id(s0.channelId, a.address()))
-        .call()
-        .await
-        .unwrap();
+    let held = h.holdings(s0.channelId, a.address()).call().await.unwrap();
     assert_eq!(held.amount, U256::from(99));
     // 99 < 100: the slot is short of its funding, so Alice gets back what arrived (less the
     // token's fee on the way out).

@@ -88,7 +88,7 @@ impl Setup {
 
     async fn held(&self, holder: Address, state: &State) -> U256 {
         AssetHolderETH::new(holder, self.anvil.admin().clone())
-            .holdings(self.fid(state))
+            .holdings(state.channelId, self.params.participants[0])
             .call()
             .await
             .unwrap()

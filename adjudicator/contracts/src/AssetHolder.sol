@@ -5,14 +5,22 @@ import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
 import {IAssetHolder} from "./Channel.sol";
 
+/// The adjudicator's view of a channel that the holders rely on.
+interface IConcluded {
+    function disputes(bytes32 channelId) external view returns (uint64 version, uint64 timeout, bool concluded);
+}
+
 /// Holds one asset's deposits for every channel and pays out the outcomes
 /// the adjudicator sets.
 ///
-/// One slot per participant and channel: the low 255 bits are the amount
-/// held for the participant, the top bit marks "outcome set". Payouts are
-/// pushed when the outcome is set; a push that fails (a receiver that reverts
-/// or needs more than the stipend) leaves the amount credited, to be pulled
-/// with `withdraw`, so no participant can block the others.
+/// One slot per participant and channel, holding the amount deposited for
+/// (or, once the channel is concluded, credited to) the participant. When
+/// the outcome is set, every slot of the channel is emptied (a refund of
+/// storage gas) and its payout pushed; a push that fails (a receiver that
+/// reverts or needs more than the stipend) is credited back to the slot, to
+/// be pulled with `withdraw`, so no participant can block the others.
+/// Whether a channel is settled is the adjudicator's `concluded`: it sets
+/// each holder's outcome exactly once, in the transaction that concludes.
 abstract contract AssetHolder is IAssetHolder {
     /// A participant's authorisation to pay its credit in a channel to `receiver`. `nonce` must be
     /// the participant's `withdrawNonces` entry, so each authorisation is used at most once.
@@ -24,33 +32,28 @@ abstract contract AssetHolder is IAssetHolder {
         uint256 nonce;
     }
 
-    uint256 private constant SETTLED = 1 << 255;
-    uint256 private constant AMOUNT = SETTLED - 1;
-
     /// The only contract allowed to set outcomes.
     address public immutable adjudicator;
 
-    /// fundingId => amount | SETTLED flag.
-    mapping(bytes32 => uint256) private _holdings;
+    // The amount held in a slot is stored at the storage slot named by its funding id (a keccak
+    // output, like every mapping's slots, so it meets no other variable): one hash per access
+    // instead of a mapping's two. See `_held` and `_setHeld`.
     /// participant => the nonce its next signed withdrawal authorisation must carry.
     mapping(address => uint256) public withdrawNonces;
 
-    /// `amount` arrived for the participant in the channel (the slot's total is the sum of its
-    /// deposits: `holdings` reads it).
-    event Deposited(bytes32 indexed channelId, address indexed participant, uint256 amount);
-    /// The channel's outcome was set at this holder (its payouts follow as `Paid` or `Credited`).
-    event OutcomeSet(bytes32 indexed channelId);
-    /// `amount` was pushed to the participant.
-    event Paid(bytes32 indexed channelId, address indexed participant, uint256 amount);
-    /// `amount` was credited to the participant, to be pulled with `withdraw` (a push that
-    /// failed, or a deposit after the outcome was set).
+    /// `amount` arrived for the participant in the channel (before or after the channel is
+    /// concluded: after, it is withdrawable at once).
+    event Deposited(bytes32 indexed channelId, address participant, uint256 amount);
+    /// `amount` of the channel's outcome was pushed to the participant.
+    event Paid(bytes32 indexed channelId, address participant, uint256 amount);
+    /// `amount` of the channel's outcome was credited to the participant, to be pulled with
+    /// `withdraw` (its push failed).
     event Credited(bytes32 indexed channelId, address indexed participant, uint256 amount);
     /// `amount` of the participant's credit in the channel was paid to `receiver`.
     event Withdrawn(bytes32 indexed channelId, address indexed participant, address receiver, uint256 amount);
 
     error NotAdjudicator();
     error Lengths();
-    error AlreadySettled();
     error NotSettled();
     error Overflow();
     error WrongSigner();
@@ -75,40 +78,40 @@ abstract contract AssetHolder is IAssetHolder {
         }
     }
 
-    /// The amount held for `fid` and whether the channel's outcome is set.
-    function holdings(bytes32 fid) external view returns (uint256 amount, bool settled) {
-        uint256 h = _holdings[fid];
-        return (h & AMOUNT, h & SETTLED != 0);
+    /// The amount held for the participant in the channel, and whether the channel is concluded
+    /// (then the amount is the participant's withdrawable credit).
+    function holdings(bytes32 channelId, address participant) external view returns (uint256 amount, bool settled) {
+        return (_held(fundingId(channelId, participant)), _concluded(channelId));
     }
 
     /// Deposits `amount` for the participant if exactly `expectedHeld` is held for it now, so a
     /// deposit computed from a read of the holdings lands at most once: a retried or concurrent
     /// deposit for the same slot reverts with `HoldingsChanged` instead of overpaying. What
     /// arrives is credited (less than `amount` for a token that charges a fee). A deposit after
-    /// the outcome is set stays withdrawable.
+    /// the channel is concluded is withdrawable at once.
     function deposit(bytes32 channelId, address participant, uint256 expectedHeld, uint256 amount)
         external
         payable
     {
         _enter();
-        bytes32 fid = fundingId(channelId, participant);
-        uint256 h = _holdings[fid];
-        uint256 held = h & AMOUNT;
-        if (held != expectedHeld) revert HoldingsChanged(fid, expectedHeld, held);
-        uint256 arrived = _receive(amount);
-        unchecked {
-            if (arrived > AMOUNT - held) revert Overflow();
-            _holdings[fid] = h + arrived;
-        }
-        emit Deposited(channelId, participant, arrived);
-        if (h & SETTLED != 0) emit Credited(channelId, participant, arrived);
+        _book(channelId, participant, expectedHeld, _receive(amount));
         _exit();
     }
 
-    /// Sets the channel's outcome and pushes it. The outcome is paid only if every slot holds at
-    /// least its funding and the outcome sums to the funding; then each participant also gets
-    /// back what it deposited above its funding. Otherwise every participant gets back exactly
-    /// what it holds.
+    /// Adds `arrived` to the participant's slot if it holds `expectedHeld` (the asset has
+    /// arrived already: a revert here undoes that too).
+    function _book(bytes32 channelId, address participant, uint256 expectedHeld, uint256 arrived) internal {
+        bytes32 fid = fundingId(channelId, participant);
+        uint256 held = _held(fid);
+        if (held != expectedHeld) revert HoldingsChanged(fid, expectedHeld, held);
+        _setHeld(fid, held + arrived); // checked: an overflowing deposit reverts
+        emit Deposited(channelId, participant, arrived);
+    }
+
+    /// Sets the channel's outcome and pushes it; only the adjudicator calls it, once per channel
+    /// (as it concludes). The outcome is paid only if every slot holds at least its funding and
+    /// the outcome sums to the funding; then each participant also gets back what it deposited
+    /// above its funding. Otherwise every participant gets back exactly what it holds.
     function setOutcome(
         bytes32 channelId,
         address[] calldata participants,
@@ -121,7 +124,6 @@ abstract contract AssetHolder is IAssetHolder {
         bytes32[] memory fids = new bytes32[](n);
         uint256[] memory pay = new uint256[](n);
         _settle(channelId, participants, funding, amounts, fids, pay);
-        emit OutcomeSet(channelId);
         for (uint256 i = 0; i < n; ++i) {
             uint256 amount = pay[i];
             if (amount == 0) continue;
@@ -129,15 +131,15 @@ abstract contract AssetHolder is IAssetHolder {
             if (_tryPay(p, amount)) {
                 emit Paid(channelId, p, amount);
             } else {
-                _holdings[fids[i]] += amount;
+                // Credits add: the slot may have received a deposit from a re-entering token.
+                _setHeld(fids[i], _held(fids[i]) + amount);
                 emit Credited(channelId, p, amount);
             }
         }
     }
 
-    /// Settles and empties every slot at once (before any payment: a participant listed twice
-    /// finds its slot settled and the call reverts instead of counting one deposit twice), and
-    /// writes each participant's payout into `pay`.
+    /// Empties every slot at once (before any payment) and writes each participant's payout
+    /// into `pay`.
     function _settle(
         bytes32 channelId,
         address[] calldata participants,
@@ -152,9 +154,8 @@ abstract contract AssetHolder is IAssetHolder {
         uint256 owed;
         for (uint256 i = 0; i < n; ++i) {
             bytes32 fid = fundingId(channelId, participants[i]);
-            uint256 h = _holdings[fid];
-            if (h & SETTLED != 0) revert AlreadySettled();
-            _holdings[fid] = SETTLED;
+            uint256 h = _held(fid);
+            if (h != 0) _setHeld(fid, 0);
             fids[i] = fid;
             pay[i] = h;
             uint256 f = funding[i];
@@ -191,17 +192,36 @@ abstract contract AssetHolder is IAssetHolder {
                 withdrawNonces[auth.participant] = expected + 1;
             }
         }
+        if (!_concluded(auth.channelId)) revert NotSettled();
         bytes32 fid = fundingId(auth.channelId, auth.participant);
-        uint256 h = _holdings[fid];
-        if (h & SETTLED == 0) revert NotSettled();
-        uint256 credit = h & AMOUNT;
+        uint256 credit = _held(fid);
         uint256 amount = auth.amount < credit ? auth.amount : credit;
         if (amount != 0) {
-            _holdings[fid] = h - amount;
+            _setHeld(fid, credit - amount);
             _pay(auth.receiver, amount);
             emit Withdrawn(auth.channelId, auth.participant, auth.receiver, amount);
         }
         _exit();
+    }
+
+    /// The amount held in the slot `fid`.
+    function _held(bytes32 fid) internal view returns (uint256 amount) {
+        assembly ("memory-safe") {
+            amount := sload(fid)
+        }
+    }
+
+    /// Sets the amount held in the slot `fid`.
+    function _setHeld(bytes32 fid, uint256 amount) internal {
+        assembly ("memory-safe") {
+            sstore(fid, amount)
+        }
+    }
+
+    /// Whether the adjudicator concluded the channel (and so set its outcome here).
+    function _concluded(bytes32 channelId) internal view returns (bool) {
+        (,, bool concluded) = IConcluded(adjudicator).disputes(channelId);
+        return concluded;
     }
 
     /// Takes `amount` of the asset from the caller; returns what arrived.

@@ -17,9 +17,7 @@ use super::scan::{self, Closer, Hub};
 use super::txqueue::Call;
 use super::{AdjContract, Chain, EthConfig, Holder, dedupe_key};
 use crate::types::{WithdrawalAuth, event_channel, withdrawal_hash};
-use crate::{
-    Adjudicator, Dispute, Error, EventStream, Result, SignedChannel, WithdrawRequest, funding_id,
-};
+use crate::{Adjudicator, Dispute, Error, EventStream, Result, SignedChannel, WithdrawRequest};
 
 /// Registers, concludes and withdraws through the contracts over an alloy provider.
 #[derive(Debug, Clone)]
@@ -288,10 +286,11 @@ impl Adjudicator for EthAdjudicator {
         async {
             let c = &self.chain;
             let me = req.check(c.domain())?;
-            let fid = funding_id(req.state.channelId, me);
             let mut credits = Vec::new();
             for (_, holder) in c.local_assets(&req.state) {
-                let (credit, settled) = c.holdings(holder, fid, BlockId::latest()).await?;
+                let (credit, settled) = c
+                    .holdings(holder, req.state.channelId, me, BlockId::latest())
+                    .await?;
                 if !settled {
                     return Err(Error::NotConcluded);
                 }

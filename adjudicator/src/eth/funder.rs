@@ -64,10 +64,12 @@ impl EthFunder {
         slot: Slot,
         need: U256,
     ) -> Result<()> {
-        let fid = slot.fid();
         let mut last = None;
         for _ in 0..DEPOSIT_ROUNDS {
-            let (held, settled) = self.chain.holdings(holder, fid, BlockId::latest()).await?;
+            let (held, settled) = self
+                .chain
+                .holdings(holder, slot.channel, slot.participant, BlockId::latest())
+                .await?;
             if settled {
                 // The channel was concluded (its funding failed, and a peer
                 // closed it with version 0): a deposit now would sit there
@@ -99,7 +101,7 @@ impl EthFunder {
             }
         }
         Err(last.unwrap_or(Error::HoldingsChanged {
-            funding_id: fid,
+            funding_id: slot.fid(),
             expected: need,
             found: None,
         }))
@@ -117,14 +119,24 @@ impl EthFunder {
         let c = &self.chain;
         let sender = c.sender;
         let fid = slot.fid();
-        let input: Bytes = Holder::depositCall {
-            channelId: slot.channel,
-            participant: slot.participant,
-            expectedHeld: held,
-            amount,
-        }
-        .abi_encode()
-        .into();
+        let input: Bytes = match kind {
+            // Ether's own entry point: the amount is the value sent.
+            AssetKind::Eth => Holder::depositEthCall {
+                channelId: slot.channel,
+                participant: slot.participant,
+                expectedHeld: held,
+            }
+            .abi_encode()
+            .into(),
+            AssetKind::Erc20 { .. } => Holder::depositCall {
+                channelId: slot.channel,
+                participant: slot.participant,
+                expectedHeld: held,
+                amount,
+            }
+            .abi_encode()
+            .into(),
+        };
         let key = Some(dedupe_key("deposit", &[holder.as_slice(), fid.as_slice()]));
         let value = match kind {
             AssetKind::Eth => {

@@ -336,11 +336,7 @@ impl Control for AnvilCtl {
         who: Address,
     ) -> (U256, bool) {
         let h = AssetHolderETH::new(holder, self.admin.clone());
-        let r = h
-            .holdings(perun_adjudicator::funding_id(channel, who))
-            .call()
-            .await
-            .unwrap();
+        let r = h.holdings(channel, who).call().await.unwrap();
         (r.amount, r.settled)
     }
     async fn set_rejecting(&self, who: Address) {
