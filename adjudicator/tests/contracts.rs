@@ -547,6 +547,9 @@ async fn surplus_stays_with_its_depositor() {
         let concluded = events::<Adjudicator::Concluded>(&r);
         assert_eq!(concluded.len(), 1);
         assert_eq!(concluded[0].channelId, id);
+        let set = events::<AssetHolderETH::OutcomeSet>(&r);
+        assert_eq!(set.len(), 1);
+        assert_eq!(set[0].channelId, id);
         let paid: Vec<_> = events::<AssetHolderETH::Paid>(&r)
             .into_iter()
             .map(|e| (e.channelId, e.participant, e.amount))

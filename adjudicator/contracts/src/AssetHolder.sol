@@ -44,6 +44,8 @@ abstract contract AssetHolder is IAssetHolder {
     /// `amount` arrived for the participant in the channel (before or after the channel is
     /// concluded: after, it is withdrawable at once).
     event Deposited(bytes32 indexed channelId, address participant, uint256 amount);
+    /// The channel's outcome was set at this holder (its payouts follow as `Paid` or `Credited`).
+    event OutcomeSet(bytes32 indexed channelId);
     /// `amount` of the channel's outcome was pushed to the participant.
     event Paid(bytes32 indexed channelId, address participant, uint256 amount);
     /// `amount` of the channel's outcome was credited to the participant, to be pulled with
@@ -124,6 +126,7 @@ abstract contract AssetHolder is IAssetHolder {
         bytes32[] memory fids = new bytes32[](n);
         uint256[] memory pay = new uint256[](n);
         _settle(channelId, participants, funding, amounts, fids, pay);
+        emit OutcomeSet(channelId);
         for (uint256 i = 0; i < n; ++i) {
             uint256 amount = pay[i];
             if (amount == 0) continue;
