@@ -10,7 +10,7 @@ const path = require('path');
 const here = __dirname;
 const modules = path.resolve(here, '..', '..', 'tools', 'node_modules');
 const SOLC_VERSION = '0.8.37';
-const CONTRACTS = ['Adjudicator', 'AssetHolderETH', 'AssetHolderERC20', 'TestToken', 'TestFeeToken'];
+const CONTRACTS = ['Adjudicator', 'AssetHolderETH', 'AssetHolderERC20', 'TestToken', 'TestFeeToken', 'HookToken', 'ReentryHook'];
 
 let solc;
 try {

@@ -171,6 +171,15 @@ pub enum Error {
         /// The adjudicator the params name.
         adjudicator: Address,
     },
+    /// Asset `index` is on another chain than the adjudicator's (its `ForeignAsset`): a
+    /// channel settles all its assets on one chain, so such an asset could never be paid out.
+    #[error("asset {index} is on chain {chain_id}, not the adjudicator's")]
+    ForeignAsset {
+        /// The asset's index.
+        index: usize,
+        /// The chain it names.
+        chain_id: U256,
+    },
     /// A participant is listed twice (the adjudicator's `DuplicateParticipant`).
     #[error("participant {index} is listed twice")]
     DuplicateParticipant {

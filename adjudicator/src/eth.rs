@@ -368,7 +368,7 @@ impl Chain {
         }
     }
 
-    /// Same-chain assets with their row index; other chains' assets are not settled here.
+    /// The assets with their row index (checked requests name this chain only: `ForeignAsset`).
     fn local_assets(&self, state: &State) -> Vec<(usize, Address)> {
         state
             .outcome

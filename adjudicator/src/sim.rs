@@ -110,7 +110,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Same-chain assets with their row index; other chains' assets are not settled here.
+    /// The assets with their row index (checked requests name this chain only: `ForeignAsset`).
     fn local_assets(&self, state: &State) -> Vec<(usize, Address)> {
         state
             .outcome

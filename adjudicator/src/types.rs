@@ -37,7 +37,7 @@ impl FundingRequest {
         check_domain(&self.params, domain)?;
         self.params.validate()?;
         self.state.validate(&self.params)?;
-        check_assets(&self.state)?;
+        check_assets(&self.state, domain)?;
         if self.params.funding != self.state.outcome.balances {
             tracing::warn!("funding request whose funding is not version 0's balances");
             return Err(Error::FundingMismatch);
@@ -96,15 +96,22 @@ impl SignedChannel {
         check_domain(&self.params, domain)?;
         self.params.validate()?;
         self.state.state.validate(&self.params)?;
-        check_assets(&self.state.state)
+        check_assets(&self.state.state, domain)
     }
 }
 
 /// Rejects a state that names the same asset holder twice: each holder settles a
 /// channel once, so such a channel could never conclude and its deposits would be stuck.
-pub(crate) fn check_assets(state: &State) -> Result<()> {
+pub(crate) fn check_assets(state: &State, domain: Domain) -> Result<()> {
     let assets = &state.outcome.assets;
     for (i, a) in assets.iter().enumerate() {
+        if a.chainId != domain.chain_id {
+            tracing::warn!(index = i, chain_id = %a.chainId, "asset on another chain");
+            return Err(Error::ForeignAsset {
+                index: i,
+                chain_id: a.chainId,
+            });
+        }
         if assets[..i].iter().any(|b| b.holder == a.holder) {
             tracing::warn!(holder = %a.holder, "asset listed twice");
             return Err(Error::DuplicateAsset(a.holder));
@@ -166,6 +173,7 @@ impl WithdrawRequest {
         check_domain(&self.params, domain)?;
         self.params.validate()?;
         self.state.validate(&self.params)?;
+        check_assets(&self.state, domain)?;
         let me = self.account.address();
         if self.params.participants.get(self.index) != Some(&me) {
             tracing::warn!(%me, index = self.index, "withdrawal by a non-participant");

@@ -29,6 +29,8 @@ contract Adjudicator {
     mapping(bytes32 => Dispute) public disputes;
     /// channelId => keccak256(abi.encode(registered state)); zero after a direct concludeFinal.
     mapping(bytes32 => bytes32) public stateHashes;
+    /// The channel whose outcome is being pushed, for the length of the push (transient).
+    bytes32 private transient _pushing;
 
     /// A state was registered or refuted; carries the state so watchers can recover it.
     event Registered(bytes32 indexed channelId, uint64 version, uint64 timeout, State state);
@@ -55,10 +57,19 @@ contract Adjudicator {
     error WrongDomain(uint256 chainId, address adjudicator);
     /// Participant `index` is listed before too.
     error DuplicateParticipant(uint256 index);
+    /// Asset `index` is on another chain: a channel settles all its assets on its adjudicator's chain.
+    error ForeignAsset(uint256 index, uint256 chainId);
     /// The challenge duration is outside [MIN_CHALLENGE, MAX_CHALLENGE].
     error ChallengeDuration(uint64 got);
     /// Too little gas left to check a holder: the check must not fail for want of gas.
     error HolderCheckGas();
+
+    /// Whether the channel's outcome is set at every holder: concluded, and not in the middle of
+    /// the push. Holders pay credits only then, so a payout that calls back (a token's hook)
+    /// cannot withdraw from a holder whose outcome is still to be set.
+    function settled(bytes32 channelId_) external view returns (bool) {
+        return disputes[channelId_].concluded && _pushing != channelId_;
+    }
 
     /// keccak256(abi.encode(params)).
     function channelId(Params calldata params) public pure returns (bytes32) {
@@ -142,6 +153,8 @@ contract Adjudicator {
         if (a == 0 || state.outcome.balances.length != a || params.funding.length != a) revert Dimensions();
         for (uint256 i = 0; i < a; ++i) {
             if (state.outcome.balances[i].length != n || params.funding[i].length != n) revert Dimensions();
+            uint256 chain = state.outcome.assets[i].chainId;
+            if (chain != block.chainid) revert ForeignAsset(i, chain);
         }
     }
 
@@ -162,13 +175,13 @@ contract Adjudicator {
         }
     }
 
-    /// Hands each same-chain asset's balances (and funding) to its holder; assets of other chains
-    /// are not ours to settle. A holder that is not one of ours, or is listed a second time, is
-    /// skipped (`OutcomeSkipped`) rather than reverting, so it cannot lock the other assets.
+    /// Hands each asset's balances (and funding) to its holder. A holder that is not one of
+    /// ours, or is listed a second time, is skipped (`OutcomeSkipped`) rather than reverting, so
+    /// it cannot lock the other assets. While the push runs, `settled` says no.
     function _pushOutcome(bytes32 id, Params calldata params, State calldata state) private {
+        _pushing = id;
         uint256 a = state.outcome.assets.length;
         for (uint256 i = 0; i < a; ++i) {
-            if (state.outcome.assets[i].chainId != block.chainid) continue;
             address holder = state.outcome.assets[i].holder;
             if (!_bound(holder) || _listedBefore(state, i, holder)) {
                 emit OutcomeSkipped(id, holder);
@@ -176,6 +189,7 @@ contract Adjudicator {
             }
             IAssetHolder(holder).setOutcome(id, params.participants, params.funding[i], state.outcome.balances[i]);
         }
+        _pushing = bytes32(0);
     }
 
     /// Whether `holder` has code whose `adjudicator()` is this contract. A failing or
@@ -192,9 +206,9 @@ contract Adjudicator {
     }
 
     /// Whether asset `i`'s holder on this chain appeared at an earlier index.
-    function _listedBefore(State calldata state, uint256 i, address holder) private view returns (bool) {
+    function _listedBefore(State calldata state, uint256 i, address holder) private pure returns (bool) {
         for (uint256 j = 0; j < i; ++j) {
-            if (state.outcome.assets[j].holder == holder && state.outcome.assets[j].chainId == block.chainid) {
+            if (state.outcome.assets[j].holder == holder) {
                 return true;
             }
         }

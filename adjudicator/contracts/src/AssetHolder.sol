@@ -6,8 +6,8 @@ import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/Messa
 import {IAssetHolder} from "./Channel.sol";
 
 /// The adjudicator's view of a channel that the holders rely on.
-interface IConcluded {
-    function disputes(bytes32 channelId) external view returns (uint64 version, uint64 timeout, bool concluded);
+interface ISettled {
+    function settled(bytes32 channelId) external view returns (bool);
 }
 
 /// Holds one asset's deposits for every channel and pays out the outcomes
@@ -19,8 +19,9 @@ interface IConcluded {
 /// storage gas) and its payout pushed; a push that fails (a receiver that
 /// reverts or needs more than the stipend) is credited back to the slot, to
 /// be pulled with `withdraw`, so no participant can block the others.
-/// Whether a channel is settled is the adjudicator's `concluded`: it sets
-/// each holder's outcome exactly once, in the transaction that concludes.
+/// Whether a channel is settled is the adjudicator's `settled`: concluded,
+/// and not in the middle of pushing the outcome (it sets each holder's
+/// outcome exactly once, in the transaction that concludes).
 abstract contract AssetHolder is IAssetHolder {
     /// A participant's authorisation to pay its credit in a channel to `receiver`. `nonce` must be
     /// the participant's `withdrawNonces` entry, so each authorisation is used at most once.
@@ -35,9 +36,11 @@ abstract contract AssetHolder is IAssetHolder {
     /// The only contract allowed to set outcomes.
     address public immutable adjudicator;
 
-    // The amount held in a slot is stored at the storage slot named by its funding id (a keccak
-    // output, like every mapping's slots, so it meets no other variable): one hash per access
-    // instead of a mapping's two. See `_held` and `_setHeld`.
+    // The amount held for (channel, participant) is stored at the storage slot
+    // keccak256(channelId ‖ participant ‖ HOLDINGS): one hash per access instead of a mapping's
+    // two. Its 96-byte preimage has no other variable's shape (a mapping's slots hash 64
+    // bytes), so no deposit can write another variable. See `_slot`.
+    bytes32 private constant HOLDINGS = keccak256("perun.AssetHolder.holdings");
     /// participant => the nonce its next signed withdrawal authorisation must carry.
     mapping(address => uint256) public withdrawNonces;
 
@@ -83,7 +86,7 @@ abstract contract AssetHolder is IAssetHolder {
     /// The amount held for the participant in the channel, and whether the channel is concluded
     /// (then the amount is the participant's withdrawable credit).
     function holdings(bytes32 channelId, address participant) external view returns (uint256 amount, bool settled) {
-        return (_held(fundingId(channelId, participant)), _concluded(channelId));
+        return (_held(_slot(channelId, participant)), _concluded(channelId));
     }
 
     /// Deposits `amount` for the participant if exactly `expectedHeld` is held for it now, so a
@@ -103,10 +106,10 @@ abstract contract AssetHolder is IAssetHolder {
     /// Adds `arrived` to the participant's slot if it holds `expectedHeld` (the asset has
     /// arrived already: a revert here undoes that too).
     function _book(bytes32 channelId, address participant, uint256 expectedHeld, uint256 arrived) internal {
-        bytes32 fid = fundingId(channelId, participant);
-        uint256 held = _held(fid);
-        if (held != expectedHeld) revert HoldingsChanged(fid, expectedHeld, held);
-        _setHeld(fid, held + arrived); // checked: an overflowing deposit reverts
+        bytes32 slot = _slot(channelId, participant);
+        uint256 held = _held(slot);
+        if (held != expectedHeld) revert HoldingsChanged(fundingId(channelId, participant), expectedHeld, held);
+        _setHeld(slot, held + arrived); // checked: an overflowing deposit reverts
         emit Deposited(channelId, participant, arrived);
     }
 
@@ -123,9 +126,9 @@ abstract contract AssetHolder is IAssetHolder {
         if (msg.sender != adjudicator) revert NotAdjudicator();
         uint256 n = participants.length;
         if (amounts.length != n || funding.length != n) revert Lengths();
-        bytes32[] memory fids = new bytes32[](n);
+        bytes32[] memory slots = new bytes32[](n);
         uint256[] memory pay = new uint256[](n);
-        _settle(channelId, participants, funding, amounts, fids, pay);
+        _settle(channelId, participants, funding, amounts, slots, pay);
         emit OutcomeSet(channelId);
         for (uint256 i = 0; i < n; ++i) {
             uint256 amount = pay[i];
@@ -135,7 +138,7 @@ abstract contract AssetHolder is IAssetHolder {
                 emit Paid(channelId, p, amount);
             } else {
                 // Credits add: the slot may have received a deposit from a re-entering token.
-                _setHeld(fids[i], _held(fids[i]) + amount);
+                _setHeld(slots[i], _held(slots[i]) + amount);
                 emit Credited(channelId, p, amount);
             }
         }
@@ -148,7 +151,7 @@ abstract contract AssetHolder is IAssetHolder {
         address[] calldata participants,
         uint256[] calldata funding,
         uint256[] calldata amounts,
-        bytes32[] memory fids,
+        bytes32[] memory slots,
         uint256[] memory pay
     ) private {
         uint256 n = participants.length;
@@ -156,10 +159,10 @@ abstract contract AssetHolder is IAssetHolder {
         uint256 funded;
         uint256 owed;
         for (uint256 i = 0; i < n; ++i) {
-            bytes32 fid = fundingId(channelId, participants[i]);
-            uint256 h = _held(fid);
-            if (h != 0) _setHeld(fid, 0);
-            fids[i] = fid;
+            bytes32 slot = _slot(channelId, participants[i]);
+            uint256 h = _held(slot);
+            if (h != 0) _setHeld(slot, 0);
+            slots[i] = slot;
             pay[i] = h;
             uint256 f = funding[i];
             uint256 o = amounts[i];
@@ -196,35 +199,46 @@ abstract contract AssetHolder is IAssetHolder {
             }
         }
         if (!_concluded(auth.channelId)) revert NotSettled();
-        bytes32 fid = fundingId(auth.channelId, auth.participant);
-        uint256 credit = _held(fid);
+        bytes32 slot = _slot(auth.channelId, auth.participant);
+        uint256 credit = _held(slot);
         uint256 amount = auth.amount < credit ? auth.amount : credit;
         if (amount != 0) {
-            _setHeld(fid, credit - amount);
+            _setHeld(slot, credit - amount);
             _pay(auth.receiver, amount);
             emit Withdrawn(auth.channelId, auth.participant, auth.receiver, amount);
         }
         _exit();
     }
 
-    /// The amount held in the slot `fid`.
-    function _held(bytes32 fid) internal view returns (uint256 amount) {
+    /// The storage slot of the amount held for the participant in the channel.
+    function _slot(bytes32 channelId, address participant) internal pure returns (bytes32 slot) {
+        bytes32 tag = HOLDINGS;
         assembly ("memory-safe") {
-            amount := sload(fid)
+            let m := mload(0x40) // scratch past the free memory pointer
+            mstore(m, channelId)
+            mstore(add(m, 0x20), participant)
+            mstore(add(m, 0x40), tag)
+            slot := keccak256(m, 0x60)
         }
     }
 
-    /// Sets the amount held in the slot `fid`.
-    function _setHeld(bytes32 fid, uint256 amount) internal {
+    /// The amount held at `slot`.
+    function _held(bytes32 slot) internal view returns (uint256 amount) {
         assembly ("memory-safe") {
-            sstore(fid, amount)
+            amount := sload(slot)
+        }
+    }
+
+    /// Sets the amount held at `slot`.
+    function _setHeld(bytes32 slot, uint256 amount) internal {
+        assembly ("memory-safe") {
+            sstore(slot, amount)
         }
     }
 
     /// Whether the adjudicator concluded the channel (and so set its outcome here).
     function _concluded(bytes32 channelId) internal view returns (bool) {
-        (,, bool concluded) = IConcluded(adjudicator).disputes(channelId);
-        return concluded;
+        return ISettled(adjudicator).settled(channelId);
     }
 
     /// Takes `amount` of the asset from the caller; returns what arrived.

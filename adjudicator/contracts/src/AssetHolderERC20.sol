@@ -46,10 +46,21 @@ contract AssetHolderERC20 is AssetHolder {
     /// silently turning a payment into a credit.
     function _tryPay(address to, uint256 amount) internal override returns (bool) {
         if (gasleft() < PUSH_GAS + PUSH_GAS / 63 + 5_000) revert PushGas();
-        (bool ok, bytes memory ret) = address(token).call{gas: PUSH_GAS}(abi.encodeCall(IERC20.transfer, (to, amount)));
+        bytes memory data = abi.encodeCall(IERC20.transfer, (to, amount));
+        address t = address(token);
+        bool ok;
+        uint256 size;
+        uint256 word;
+        // At most one word of return data is copied: a token cannot make the close pay for a
+        // huge return buffer.
+        assembly ("memory-safe") {
+            ok := call(PUSH_GAS, t, 0, add(data, 0x20), mload(data), 0x00, 0x20)
+            size := returndatasize()
+            word := mload(0x00)
+        }
         if (!ok) return false;
-        if (ret.length == 0) return address(token).code.length > 0;
-        return ret.length == 32 && abi.decode(ret, (uint256)) == 1;
+        if (size == 0) return t.code.length > 0;
+        return size == 32 && word == 1;
     }
 
     /// The deposit credits after the token moved, so the token must not get in between.

@@ -80,6 +80,12 @@ fn typed(data: &[u8]) -> Option<Error> {
                 .ok()
                 .map(|index| Error::DuplicateParticipant { index }),
             A::ChallengeDuration(e) => Some(Error::ChallengeDuration(e.got)),
+            A::ForeignAsset(e) => usize::try_from(e.index)
+                .ok()
+                .map(|index| Error::ForeignAsset {
+                    index,
+                    chain_id: e.chainId,
+                }),
             A::Dimensions(_) => Some(Error::Dimensions),
             _ => None,
         };
