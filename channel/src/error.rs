@@ -149,12 +149,37 @@ pub enum Error {
     Busy,
     /// Signing failed in the wallet.
     #[error("wallet: {0}")]
-    Wallet(String),
+    Wallet(#[source] WalletError),
+}
+
+/// A wallet error, kept whole (shared, since the channel's errors compare
+/// equal by what they say).
+#[derive(Debug, Clone)]
+pub struct WalletError(pub std::sync::Arc<perun_wallet::Error>);
+
+impl PartialEq for WalletError {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for WalletError {}
+
+impl std::fmt::Display for WalletError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for WalletError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
 }
 
 impl From<perun_wallet::Error> for Error {
     fn from(e: perun_wallet::Error) -> Self {
-        Error::Wallet(e.to_string())
+        Error::Wallet(WalletError(std::sync::Arc::new(e)))
     }
 }
 

@@ -107,7 +107,10 @@ pub enum Error {
     /// An I/O error from the file system.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
-    /// Any other error reported by the storage engine.
+    /// Any other error the storage engine (redb) reported, kept whole.
+    #[error("storage engine: {0}")]
+    Engine(#[source] redb::Error),
+    /// The store's own failure (a writer that stopped, a check that could not run), described.
     #[error("storage: {0}")]
     Storage(String),
     /// The store's writer thread has stopped (after a fatal error or a panic
@@ -149,6 +152,7 @@ impl Error {
             | Error::AlreadyOpen
             | Error::Io(_)
             | Error::Storage(_)
+            | Error::Engine(_)
             | Error::Closed => None,
         }
     }

@@ -345,7 +345,7 @@ fn db_err(e: impl Into<redb::Error>) -> Error {
             id: None,
             reason: format!("table {table} has an unexpected type"),
         },
-        other => Error::Storage(other.to_string()),
+        other => Error::Engine(other),
     }
 }
 
