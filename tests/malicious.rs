@@ -29,6 +29,7 @@ on_both_ledgers!(
     a_failed_proposal_is_never_completed_on_a_newer_state,
     a_huge_aborted_version_does_not_block_alice,
     after_signing_a_final_state_alice_signs_nothing_else,
+    a_signed_final_state_still_binds_alice_after_a_restart,
     a_huge_synced_version_does_not_block_alice,
 );
 
@@ -572,4 +573,65 @@ async fn a_huge_synced_version_does_not_block_alice(ledger: Ledger) {
         "past the capped burnt version, and no further"
     );
     assert_eq!(paid.unwrap().state, proposed);
+}
+
+/// As above, with Alice restarted between the twin's abort and its newer
+/// state: the final state she signed is in her store, so the restored
+/// channel still refuses to sign anything else.
+async fn a_signed_final_state_still_binds_alice_after_a_restart(ledger: Ledger) {
+    let s = setup(ledger).await;
+    let before = s.alice.state();
+    let id = s.alice.id();
+    let mut fin = before.state.next();
+    fin.isFinal = true;
+    match send_update(&s, fin.clone(), 1).await {
+        Message::UpdateAccept(a) => assert_eq!(a.version, fin.version),
+        other => panic!("Alice should sign the final state, got {other:?}"),
+    }
+    twin_aborts(&s, fin.version).await;
+
+    // Every handle on Alice's old client goes, or its store stays open.
+    let Setup {
+        _ledger: ledger,
+        alice: old,
+        alice_peer,
+        evil,
+        _parties: mut parties,
+        ..
+    } = s;
+    drop(old);
+    let alice = common::restart(&ledger, parties.remove(0)).await;
+    for addr in alice.client.listen_addrs().await.unwrap() {
+        evil.add_address(alice.client.peer_id(), addr)
+            .await
+            .unwrap();
+    }
+    let restored = alice.client.channel(&id).expect("restored");
+    assert_eq!(restored.state(), before);
+
+    let mut pays_alice = before.state.next();
+    pays_alice.version = fin.version + 1;
+    pays_alice.outcome.balances[0][1] -= U256::from(3u64);
+    pays_alice.outcome.balances[0][0] += U256::from(3u64);
+    // The twin's old connection went down with Alice's old client: retry
+    // until it has dialled her again.
+    let msg = Message::Update(Update {
+        channel_id: id,
+        state: pays_alice,
+        actor: 1,
+    });
+    let mut reply = None;
+    for _ in 0..50 {
+        match evil.send(alice_peer, &msg).await {
+            Ok(r) => {
+                reply = Some(r);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let reply = reply.expect("the twin reaches the restarted Alice");
+    assert_refused(&reply, "a state after a signed final one, after a restart");
+    assert_eq!(restored.state(), before);
+    parties.push(alice);
 }
