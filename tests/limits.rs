@@ -18,12 +18,17 @@ fn u(x: u64) -> U256 {
     U256::from(x)
 }
 
-/// Never decides (the handler timeout decides for it).
-struct NeverDecides;
+/// Never decides (the handler timeout decides for it); says when a
+/// proposal reached it.
+#[derive(Default)]
+struct NeverDecides {
+    reached: tokio::sync::Notify,
+}
 
 #[async_trait]
 impl ProposalHandler for NeverDecides {
     async fn handle_proposal(&self, _p: IncomingProposal, responder: ProposalResponder) {
+        self.reached.notify_one();
         tokio::time::sleep(Duration::from_secs(3600)).await;
         drop(responder);
     }
@@ -59,8 +64,9 @@ async fn proposals_past_the_cap_are_rejected_at_once() {
     let mut ps = common::parties(&ledger, 1, u(1_000_000), &Options::default()).await;
     let mut timeouts = common::test_timeouts(Duration::from_secs(30));
     timeouts.handler = Duration::from_secs(2);
+    let never = Arc::new(NeverDecides::default());
     let bob_opts = Options {
-        proposal_handler: Some(Arc::new(NeverDecides)),
+        proposal_handler: Some(never.clone()),
         limits: Some(one_pending()),
         timeouts: Some(timeouts),
         ..Options::default()
@@ -74,7 +80,7 @@ async fn proposals_past_the_cap_are_rejected_at_once() {
         let (alice, prop) = (alice.clone(), prop.clone());
         tokio::spawn(async move { alice.propose_channel(prop).await })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    never.reached.notified().await;
     // ... so the second is over the cap, and rejected at once.
     let t = Instant::now();
     match alice.propose_channel(prop.clone()).await {

@@ -256,17 +256,6 @@ fn dedupe_key(tag: &str, parts: &[&[u8]]) -> B256 {
     keccak256(buf)
 }
 
-/// What participant `i` deposits of asset `a` (the params' funding; checked to be version 0's
-/// balances before any money moves).
-fn funding_of(params: &Params, a: usize, i: usize) -> U256 {
-    params
-        .funding
-        .get(a)
-        .and_then(|r| r.get(i))
-        .copied()
-        .unwrap_or_default()
-}
-
 /// What both Ethereum handles share: the connection, the sender, the config
 /// and the account's transaction queue.
 #[derive(Debug, Clone)]
@@ -520,7 +509,7 @@ impl Chain {
         let mut missing = Vec::new();
         for (i, p) in params.participants.iter().enumerate() {
             for (a, holder) in self.local_assets(state) {
-                let need = funding_of(params, a, i);
+                let need = params.funding_of(a, i);
                 if self.holdings(holder, state.channelId, *p, at).await?.0 < need {
                     missing.push((i, *p));
                     break;

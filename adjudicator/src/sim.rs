@@ -131,7 +131,7 @@ impl Inner {
             .enumerate()
             .filter(|(i, p)| {
                 assets.iter().any(|(a, holder)| {
-                    let need = funding_of(params, *a, *i);
+                    let need = params.funding_of(*a, *i);
                     self.held(*holder, funding_id(state.channelId, **p)).0 < need
                 })
             })
@@ -340,16 +340,6 @@ impl SimLedger {
     }
 }
 
-/// What participant `i` deposits of asset `a`.
-fn funding_of(params: &Params, a: usize, i: usize) -> U256 {
-    params
-        .funding
-        .get(a)
-        .and_then(|r| r.get(i))
-        .copied()
-        .unwrap_or_default()
-}
-
 /// Pays up to `auth.amount` of the participant's credit to the receiver.
 fn withdraw_credit(inner: &mut Inner, holder: Address, auth: &WithdrawalAuth) -> Result<()> {
     let fid = funding_id(auth.channelId, auth.participant);
@@ -406,7 +396,7 @@ impl SimLedger {
             let mut deposits = Vec::new();
             for (a, holder) in &assets {
                 inner.holder(*holder)?;
-                let need = funding_of(&req.params, *a, req.index);
+                let need = req.params.funding_of(*a, req.index);
                 let (held, settled) = inner.held(*holder, fid);
                 if settled {
                     warn!(%holder, "the channel is concluded already; not depositing");

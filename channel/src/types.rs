@@ -93,6 +93,15 @@ impl Params {
         }
     }
 
+    /// What participant `who` deposits of asset `asset` (zero if either index is out of range).
+    pub fn funding_of(&self, asset: usize, who: usize) -> U256 {
+        self.funding
+            .get(asset)
+            .and_then(|r| r.get(who))
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// Whether this is a payment channel (`app == address(0)`).
     pub fn is_payment(&self) -> bool {
         self.app == Address::ZERO

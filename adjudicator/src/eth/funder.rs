@@ -241,7 +241,7 @@ impl Funder for EthFunder {
             let mut heads = Heads::new(c.conn.clone(), POLL);
             heads.ensure().await;
             for (a, holder, kind) in assets {
-                let need = super::funding_of(&req.params, a, req.index);
+                let need = req.params.funding_of(a, req.index);
                 if !need.is_zero() {
                     self.fund_asset(holder, kind, slot, need).await?;
                 }
