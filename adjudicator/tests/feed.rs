@@ -447,3 +447,53 @@ async fn sim_feed_yields_past_and_live_disputes() {
         Some(AdjudicatorEvent::Registered { version: 3, .. })
     ));
 }
+
+/// A reorg deeper than the confirmation depth (an anvil snapshot reverted
+/// under the feed): the feed notices that a block it delivered was replaced,
+/// says so (`Reorged`), and yields the new chain's registration in that block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_rescans_after_a_deep_reorg() {
+    let s = setup().await;
+    let watcher = s.watcher(&s.anvil.ws_url(), Duration::from_secs(20)).await;
+    let start = s.anvil.block_number().await.unwrap();
+    let mut feed = watcher.registrations(start);
+    let (a, b) = (channel(&s), channel(&s));
+    let snapshot = s.anvil.snapshot().await.unwrap();
+    let b1 = s.register(&a, 1).await;
+    let seen = read_until(&mut feed, b1, Duration::from_secs(30)).await;
+    assert_eq!(
+        summary(&seen),
+        vec![Got::Reg(b1, a.1.channelId, 1, a.0.nonce)]
+    );
+
+    s.anvil.revert(snapshot).await.unwrap();
+    let b2 = s.register(&b, 2).await;
+    assert_eq!(
+        b2, b1,
+        "the new chain's registration sits in the replaced block"
+    );
+    s.anvil.mine(2).await.unwrap();
+    let mut reorged = None;
+    let mut events = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match feed.next().await {
+                FeedItem::Reorged { from } => reorged = Some(from),
+                FeedItem::Event { block, event } => events.push((block, event)),
+                FeedItem::Scanned { block } if block >= b2 + 2 => return,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the feed followed the new chain");
+    assert!(reorged.is_some_and(|from| from <= b1), "{reorged:?}");
+    let seen = Seen {
+        events,
+        ..Seen::default()
+    };
+    assert_eq!(
+        summary(&seen),
+        vec![Got::Reg(b2, b.1.channelId, 2, b.0.nonce)]
+    );
+}
