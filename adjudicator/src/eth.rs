@@ -72,6 +72,9 @@
 //! costs the node what one channel does; a new subscriber's history comes
 //! from one query per 1,000 new channels. The scanner outlives node failures:
 //! it backs off, reconnects and continues from where it was.
+//! [`EthAdjudicator::registrations`] follows every dispute on the
+//! adjudicator instead (a watchtower's view): one query per block range,
+//! whichever channels, from a cursor the caller keeps (`feed`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,6 +91,7 @@ use tracing::{debug, warn};
 
 mod adjudicator;
 mod conn;
+pub(crate) mod feed;
 mod fees;
 mod funder;
 mod revert;

@@ -17,7 +17,10 @@
 //!   `eth/fees.rs`, the fee arithmetic; `eth/conn.rs`, the connection
 //!   (timeouts, typed failures, rebuilding a dead provider, block headers);
 //!   `eth/scan.rs`, the one event scanner an adjudicator's subscriptions
-//!   share; `eth/revert.rs`, revert data decoded into [`Error`]s.
+//!   share; `eth/feed.rs`, the [`RegistrationFeed`] of every dispute on the
+//!   adjudicator (for a watchtower); `eth/revert.rs`, revert data decoded
+//!   into [`Error`]s.
+//! - [`feed`]: [`RegistrationFeed`] and [`FeedItem`], backend-neutral.
 //! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
 //! - `testing` (feature `testing`): the anvil harness for tests and benchmarks
 //!   (clock, snapshot/revert and `anvil_reorg`, a background block miner,
@@ -76,6 +79,7 @@
 pub mod bindings;
 pub mod error;
 pub mod eth;
+pub mod feed;
 pub mod sim;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -85,6 +89,7 @@ pub mod types;
 pub use bindings::{Deployment, deploy};
 pub use error::{BadEventReason, Error, ProxyError, Result, RevertReason, RpcFailure};
 pub use eth::{AssetKind, EthAdjudicator, EthConfig, EthFunder, ws_provider};
+pub use feed::{FeedItem, RegistrationFeed};
 pub use perun_channel::Domain;
 pub use sim::SimLedger;
 pub use traits::{Adjudicator, Funder};

@@ -2,7 +2,7 @@
 //! protocol tests. The conformance suite runs against it and anvil alike, so
 //! the two cannot drift.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use alloy_primitives::{Address, B256, Signature, U256};
@@ -13,8 +13,8 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::types::{EventSender, WithdrawalAuth, event_channel, withdrawal_hash};
 use crate::{
-    Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, Funder, FundingRequest, Result,
-    SignedChannel, WithdrawRequest, funding_id,
+    Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, FeedItem, Funder, FundingRequest,
+    RegistrationFeed, Result, SignedChannel, WithdrawRequest, funding_id,
 };
 
 /// An in-memory ledger: accounts with balances per asset, asset holders, the
@@ -47,12 +47,23 @@ struct Inner {
     /// Events emitted so far: the ledger's "block height" for `CaughtUp`.
     height: u64,
     subscribers: HashMap<ChannelId, Vec<EventSender>>,
+    /// Every `Registered` and `Concluded` event with the height after it, for registration feeds.
+    disputes_log: Vec<(u64, AdjudicatorEvent)>,
+    /// Wakes registration feeds on a new event.
+    feeds: Arc<Notify>,
 }
 
 impl Inner {
     fn emit(&mut self, id: ChannelId, event: AdjudicatorEvent) {
         debug!(?event, "sim event");
         self.height += 1;
+        if matches!(
+            event,
+            AdjudicatorEvent::Registered { .. } | AdjudicatorEvent::Concluded { .. }
+        ) {
+            self.disputes_log.push((self.height, event.clone()));
+            self.feeds.notify_waiters();
+        }
         self.history.entry(id).or_default().push(event.clone());
         if let Some(subs) = self.subscribers.get_mut(&id) {
             subs.retain(|s| s.send(Ok(event.clone())));
@@ -298,6 +309,19 @@ impl SimLedger {
         Ok(())
     }
 
+    /// Every `Registered` and `Concluded` event, past and future, whose
+    /// height (the ledger's event count after it) is at least `from`: the
+    /// counterpart of [`EthAdjudicator::registrations`](crate::EthAdjudicator::registrations).
+    pub fn registrations(&self, from: u64) -> RegistrationFeed {
+        let notify = self.lock().feeds.clone();
+        RegistrationFeed::sim(SimFeed {
+            ledger: self.clone(),
+            next: from,
+            notify,
+            queue: VecDeque::new(),
+        })
+    }
+
     /// The participant's current withdrawal nonce at `holder` (the holders' `withdrawNonces`).
     pub fn withdraw_nonce(&self, holder: Address, participant: Address) -> U256 {
         self.lock()
@@ -337,6 +361,49 @@ impl SimLedger {
             .withdraw_nonces
             .insert(key, expected.saturating_add(U256::from(1)));
         Ok(())
+    }
+}
+
+/// A [`RegistrationFeed`] over a [`SimLedger`]: heights stand for blocks.
+#[derive(Debug)]
+pub(crate) struct SimFeed {
+    ledger: SimLedger,
+    /// The first height not delivered yet.
+    next: u64,
+    notify: Arc<Notify>,
+    queue: VecDeque<FeedItem>,
+}
+
+impl SimFeed {
+    /// The next item: the logged events from `next` on, then a `Scanned` mark at the height.
+    pub(crate) async fn next(&mut self) -> FeedItem {
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                return item;
+            }
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check: an event emitted after it wakes us.
+            notified.as_mut().enable();
+            {
+                let inner = self.ledger.lock();
+                if inner.height >= self.next {
+                    let log = &inner.disputes_log;
+                    let start = log.partition_point(|(h, _)| *h < self.next);
+                    self.queue
+                        .extend(log[start..].iter().map(|(block, event)| FeedItem::Event {
+                            block: *block,
+                            event: event.clone(),
+                        }));
+                    self.queue.push_back(FeedItem::Scanned {
+                        block: inner.height,
+                    });
+                    self.next = inner.height.saturating_add(1);
+                    continue;
+                }
+            }
+            notified.await;
+        }
     }
 }
 
@@ -496,6 +563,7 @@ impl Adjudicator for SimLedger {
                 id,
                 version: state.version,
                 timeout: d.timeout,
+                nonce: req.params.nonce,
                 state: state.clone(),
             },
         );

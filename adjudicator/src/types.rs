@@ -252,6 +252,9 @@ pub enum AdjudicatorEvent {
         version: u64,
         /// When the dispute can be concluded (chain seconds).
         timeout: u64,
+        /// The channel's `params.nonce`: on-chain from the first registration on, so a
+        /// watchtower derives an appointment's locator from the event alone.
+        nonce: U256,
         /// The registered state.
         state: State,
     },

@@ -267,10 +267,10 @@ async fn dispute_rules(env: Env) {
         );
     }
     assert!(
-        matches!(&got[0], AdjudicatorEvent::Registered { version: 1, state, timeout, .. } if *state == s1 && *timeout == d1.timeout)
+        matches!(&got[0], AdjudicatorEvent::Registered { version: 1, state, timeout, nonce, .. } if *state == s1 && *timeout == d1.timeout && *nonce == params.nonce)
     );
     assert!(
-        matches!(&got[1], AdjudicatorEvent::Registered { version: 2, state, .. } if *state == s2)
+        matches!(&got[1], AdjudicatorEvent::Registered { version: 2, state, nonce, .. } if *state == s2 && *nonce == params.nonce)
     );
     assert_eq!(got[2], AdjudicatorEvent::Concluded { id, version: 2 });
     // A late subscriber sees the same history.

@@ -32,8 +32,9 @@ contract Adjudicator {
     /// The channel whose outcome is being pushed, for the length of the push (transient).
     bytes32 private transient _pushing;
 
-    /// A state was registered or refuted; carries the state so watchers can recover it.
-    event Registered(bytes32 indexed channelId, uint64 version, uint64 timeout, State state);
+    /// A state was registered or refuted; carries the state so watchers can recover it, and the
+    /// params' nonce, so a watchtower learns it (with the channel id) from the logs alone.
+    event Registered(bytes32 indexed channelId, uint64 version, uint64 timeout, uint256 nonce, State state);
     /// The channel's outcome was pushed to the asset holders.
     event Concluded(bytes32 indexed channelId, uint64 version);
     /// An asset's holder was not settled: it has no code, is bound to another adjudicator, or
@@ -100,7 +101,7 @@ contract Adjudicator {
         d.version = state.version;
         disputes[id] = d;
         stateHashes[id] = h;
-        emit Registered(id, state.version, d.timeout, state);
+        emit Registered(id, state.version, d.timeout, params.nonce, state);
     }
 
     /// Concludes the registered state after its timeout and pushes its outcome.

@@ -13,11 +13,15 @@ use perun_wallet::LocalAccount;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::feed;
 use super::scan::{self, Closer, Hub};
 use super::txqueue::Call;
 use super::{AdjContract, Chain, EthConfig, Holder, dedupe_key};
 use crate::types::{WithdrawalAuth, event_channel, withdrawal_hash};
-use crate::{Adjudicator, Dispute, Error, EventStream, Result, SignedChannel, WithdrawRequest};
+use crate::{
+    Adjudicator, Dispute, Error, EventStream, RegistrationFeed, Result, SignedChannel,
+    WithdrawRequest,
+};
 
 /// Registers, concludes and withdraws through the contracts over an alloy provider.
 #[derive(Debug, Clone)]
@@ -57,6 +61,21 @@ impl EthAdjudicator {
     /// adjudicator is).
     pub fn scanner_running(&self) -> watch::Receiver<bool> {
         self.hub.running.subscribe()
+    }
+
+    /// Every `Registered` and `Concluded` event of the adjudicator, whichever
+    /// channel, in chain order from block `from_block` (not before the
+    /// configured deployment block) on, at the confirmation depth: what a
+    /// watchtower follows. One `eth_getLogs` per range of at most 2,000
+    /// blocks; failures are retried for ever. See [`RegistrationFeed`].
+    pub fn registrations(&self, from_block: u64) -> RegistrationFeed {
+        self.registrations_in_ranges(from_block, feed::DEFAULT_RANGE)
+    }
+
+    /// [`registrations`](Self::registrations) with at most `range` blocks
+    /// per `eth_getLogs` (for nodes that limit ranges more tightly).
+    pub fn registrations_in_ranges(&self, from_block: u64, range: u64) -> RegistrationFeed {
+        RegistrationFeed::eth(feed::EthFeed::new(self.chain.clone(), from_block, range))
     }
 
     /// The chain id read at construction.

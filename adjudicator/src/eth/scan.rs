@@ -386,27 +386,7 @@ impl Scanner {
     /// `tip` at `safe`, with their channel; anything else is skipped with a warning.
     fn events(&self, logs: Vec<Log>, safe: u64, tip: B256) -> Vec<(ChannelId, AdjudicatorEvent)> {
         logs.into_iter()
-            .filter_map(|l| {
-                // Removed, unplaced, or from another chain than the one just checked.
-                let stale = l.removed
-                    || l.block_number.is_none_or(|n| n > safe)
-                    || (l.block_number == Some(safe) && l.block_hash != Some(tip));
-                if stale {
-                    warn!(block = ?l.block_number, "skipping a log not in the confirmed chain");
-                    return None;
-                }
-                let Some(&id) = l.topics().get(1) else {
-                    warn!(address = %l.address(), "skipping a log without a channel id");
-                    return None;
-                };
-                match decode_event(&self.c.cfg, id, &l) {
-                    Ok(e) => Some((id, e)),
-                    Err(e) => {
-                        warn!(%e, "skipping undecodable event");
-                        None
-                    }
-                }
-            })
+            .filter_map(|l| confirmed_event(&self.c.cfg, &l, safe, tip))
             .collect()
     }
 
@@ -438,6 +418,36 @@ impl Scanner {
     }
 }
 
+/// The channel event of a log of the chain ending in `tip` at `safe`, with its
+/// channel; `None` (with a warning) for a log not in that chain, without a
+/// channel id or that does not decode.
+pub(super) fn confirmed_event(
+    cfg: &EthConfig,
+    l: &Log,
+    safe: u64,
+    tip: B256,
+) -> Option<(ChannelId, AdjudicatorEvent)> {
+    // Removed, unplaced, or from another chain than the one just checked.
+    let stale = l.removed
+        || l.block_number.is_none_or(|n| n > safe)
+        || (l.block_number == Some(safe) && l.block_hash != Some(tip));
+    if stale {
+        warn!(block = ?l.block_number, "skipping a log not in the confirmed chain");
+        return None;
+    }
+    let Some(&id) = l.topics().get(1) else {
+        warn!(address = %l.address(), "skipping a log without a channel id");
+        return None;
+    };
+    match decode_event(cfg, id, l) {
+        Ok(e) => Some((id, e)),
+        Err(e) => {
+            warn!(%e, "skipping undecodable event");
+            None
+        }
+    }
+}
+
 /// Decodes one of the channel's logs; anything else is an error the stream skips.
 fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<AdjudicatorEvent> {
     let topic0 = log.topic0().copied().unwrap_or_default();
@@ -464,6 +474,7 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
             id,
             version: e.version,
             timeout: e.timeout,
+            nonce: e.nonce,
             state,
         }
     } else if log.address() == cfg.adjudicator && topic0 == AdjContract::Concluded::SIGNATURE_HASH {
