@@ -56,9 +56,25 @@ pub enum Error {
         /// The newest this build opens.
         supported: u64,
     },
-    /// The store's writer thread is gone.
-    #[error("store writer stopped")]
-    StoreClosed,
+    /// The user never registered.
+    #[error("unknown user {0}")]
+    UnknownUser(alloy_primitives::Address),
+    /// The user's subscription expired.
+    #[error("subscription of {user} expired at {expiry}")]
+    Expired {
+        /// The user.
+        user: alloy_primitives::Address,
+        /// Its expiry (unix seconds).
+        expiry: u64,
+    },
+    /// Every slot of the user's subscription holds an appointment.
+    #[error("{user} has no free slot of {slots}")]
+    NoFreeSlot {
+        /// The user.
+        user: alloy_primitives::Address,
+        /// Its slots in all.
+        slots: u32,
+    },
     /// Signing or a key failed.
     #[error(transparent)]
     Wallet(#[from] perun_wallet::Error),

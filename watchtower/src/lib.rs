@@ -8,12 +8,15 @@
 //!
 //! # Layout
 //! - [`scheme`]: locators, blob keys, sealing and opening blobs (client and tower).
+//! - [`messages`]: the hashes users and the tower sign.
 //! - [`store`]: the redb store of users, appointments, the locator index and the chain cursor.
-//! - [`api`]: the HTTP/JSON API (axum), its messages, signatures, errors, rate limits and metrics.
+
 //! - [`error`]: the crate's one error enum.
 
 pub mod error;
+pub mod messages;
 pub mod scheme;
+pub mod store;
 
 pub use error::{Error, Result};
 pub use scheme::{ChannelSecret, Locator, open, seal};
