@@ -18,14 +18,16 @@
 //!
 //! `POST /add_appointment`
 //! ```json
-//! request:  { "locator": "0x<32 bytes>", "blob": "0x<at most 32 KiB>",
-//!             "signature": "0x<65 bytes over keccak256(locator ‖ blob)>" }
+//! request:  { "locator": "0x<32 bytes>", "seq": 7, "blob": "0x<at most 32 KiB>",
+//!             "signature": "0x<65 bytes over keccak256(locator ‖ seq (8 bytes, BE) ‖ blob)>" }
 //! response: { "locator": "0x..", "start_block": 123, "user_signature": "0x..",
 //!             "tower_signature": "0x<65 bytes over receipt_hash(tower, locator, start_block, user_signature)>" }
 //! ```
 //! The user is the signature's signer. The answer comes once the
-//! appointment is durable. The same locator again replaces the user's
-//! appointment and takes no slot.
+//! appointment is durable. The same locator again with a higher `seq`
+//! replaces the user's appointment and takes no slot; a lower or equal
+//! `seq` is `stale_appointment` (a replayed or reordered request), except
+//! the identical request again, which gets the stored receipt (a retry).
 //!
 //! `POST /get_appointment`
 //! ```json
@@ -55,6 +57,7 @@
 //! | `unknown_user` | 404 | the signer never registered |
 //! | `subscription_expired` | 403 | the subscription's expiry has passed |
 //! | `no_free_slot` | 403 | every slot holds an appointment |
+//! | `stale_appointment` | 409 | `seq` not above the stored appointment's (replay) |
 //! | `blob_too_large` | 413 | a blob over [`MAX_BLOB_LEN`] |
 //! | `body_too_large` | 413 | a body over [`Config::max_body`] |
 //! | `rate_limited` | 429 | the IP's or the user's token bucket is empty |
@@ -85,7 +88,7 @@ use tracing::{error, warn};
 
 use crate::messages;
 use crate::scheme::{Locator, MAX_BLOB_LEN};
-use crate::store::{Status, Store, Subscription};
+use crate::store::{NewAppointment, Status, Store, Subscription};
 use crate::{Error, Result};
 
 /// A token bucket's settings.
@@ -179,6 +182,9 @@ impl From<Error> for ApiError {
             Error::NoFreeSlot { .. } => {
                 Self::new(StatusCode::FORBIDDEN, "no_free_slot", e.to_string())
             }
+            Error::Stale { .. } => {
+                Self::new(StatusCode::CONFLICT, "stale_appointment", e.to_string())
+            }
             Error::TooLarge { .. } => Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "blob_too_large",
@@ -240,6 +246,8 @@ pub struct RegisterRequest {
 pub struct AddAppointmentRequest {
     /// The locator.
     pub locator: Locator,
+    /// Grows with each appointment for this locator (a replay guard).
+    pub seq: u64,
     /// The encrypted blob, hex.
     pub blob: String,
     /// The user's signature over [`messages::appointment_hash`].
@@ -566,16 +574,22 @@ impl Tower {
             }
             .into());
         }
-        let locator = req.locator;
-        let (user, user_sig) = signer(messages::appointment_hash(&locator, &blob), &req.signature)?;
+        let (locator, seq) = (req.locator, req.seq);
+        let (user, user_sig) = signer(
+            messages::appointment_hash(&locator, seq, &blob),
+            &req.signature,
+        )?;
         self.check_user(user)?;
         self.blocking(move |t| {
             let tower = t.address();
             let added = t.store.add_appointment(
-                user,
-                locator,
-                blob,
-                user_sig,
+                NewAppointment {
+                    user,
+                    locator,
+                    seq,
+                    blob,
+                    user_signature: user_sig,
+                },
                 (t.clock)(),
                 |locator, start, user_sig| {
                     let hash = messages::receipt_hash(tower, locator, start, user_sig);

@@ -75,6 +75,17 @@ pub enum Error {
         /// Its slots in all.
         slots: u32,
     },
+    /// An appointment not newer than the stored one of the same user and
+    /// locator (a replay or an out-of-order resend).
+    #[error("appointment {seq} for {locator} is not newer than the stored {stored}")]
+    Stale {
+        /// The locator.
+        locator: crate::scheme::Locator,
+        /// The sequence number sent.
+        seq: u64,
+        /// The stored appointment's sequence number.
+        stored: u64,
+    },
     /// Signing or a key failed.
     #[error(transparent)]
     Wallet(#[from] perun_wallet::Error),

@@ -40,9 +40,12 @@ pub fn subscription_hash(user: Address, sub: &Subscription) -> B256 {
     )
 }
 
-/// The user signs an appointment: `keccak256(locator ‖ blob)`.
-pub fn appointment_hash(locator: &Locator, blob: &[u8]) -> B256 {
-    tagged(locator.as_slice(), &[blob])
+/// The user signs an appointment: `keccak256(locator ‖ seq (8, BE) ‖ blob)`.
+///
+/// `seq` grows with each appointment the user sends for a locator, so an
+/// older request replayed by whoever saw it cannot replace a newer blob.
+pub fn appointment_hash(locator: &Locator, seq: u64, blob: &[u8]) -> B256 {
+    tagged(locator.as_slice(), &[&seq.to_be_bytes(), blob])
 }
 
 /// The tower signs a receipt:

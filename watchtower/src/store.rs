@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `tower_info` | `&str` | `u64`: `"schema_version"`, `"cursor"` (last scanned block) |
 //! | `tower_users` | user address (20 bytes) | [`Subscription`] |
-//! | `tower_appointments` | user ‖ locator (52 bytes) | [`Appointment`] (blob, user signature, start block, receipt, status) |
+//! | `tower_appointments` | user ‖ locator (52 bytes) | [`Appointment`] (sequence number, blob, user signature, start block, receipt, status) |
 //! | `tower_locators` | locator (multimap) | user addresses holding it |
 //!
 //! The multimap index makes a `Registered` event one lookup: its locator
@@ -80,7 +80,7 @@ pub struct Receipt {
     pub locator: Locator,
     /// The tower watches from this block on.
     pub start_block: u64,
-    /// The user's signature over `keccak256(locator ‖ blob)` (65 bytes).
+    /// The user's signature over [`crate::messages::appointment_hash`] (65 bytes).
     pub user_signature: Vec<u8>,
     /// The tower's signature over [`crate::messages::receipt_hash`] (65 bytes).
     pub tower_signature: Vec<u8>,
@@ -89,12 +89,29 @@ pub struct Receipt {
 /// A stored appointment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Appointment {
+    /// The user's sequence number for this locator (signed with the blob).
+    pub seq: u64,
     /// The encrypted blob.
     pub blob: Vec<u8>,
     /// The receipt the user got (it holds the user signature).
     pub receipt: Receipt,
     /// Where it is in its life.
     pub status: Status,
+}
+
+/// An appointment as a user sent it (signature checked by the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAppointment {
+    /// Who signed it.
+    pub user: Address,
+    /// Its locator.
+    pub locator: Locator,
+    /// The user's sequence number for the locator.
+    pub seq: u64,
+    /// The encrypted blob.
+    pub blob: Vec<u8>,
+    /// The user's 65-byte signature.
+    pub user_signature: Vec<u8>,
 }
 
 /// What [`Store::add_appointment`] did.
@@ -219,19 +236,26 @@ impl Store {
     ///
     /// Refuses an unknown user ([`Error::UnknownUser`]), an expired
     /// subscription at unix time `now` ([`Error::Expired`]) and a full one
-    /// ([`Error::NoFreeSlot`]). The same user and locator again replaces the
-    /// older appointment and takes no slot. `sign` makes the receipt's tower
+    /// ([`Error::NoFreeSlot`]). The same user and locator again with a higher
+    /// `seq` replaces the older appointment and takes no slot; a lower or
+    /// equal `seq` is [`Error::Stale`], except the very same request again
+    /// (same `seq` and blob: a client retrying a lost answer), which gets the
+    /// stored receipt and changes nothing. `sign` makes the receipt's tower
     /// signature from the start block (the cursor); it runs inside the write
     /// transaction, so a receipt exists only for what is committed.
     pub fn add_appointment(
         &self,
-        user: Address,
-        locator: Locator,
-        blob: Vec<u8>,
-        user_signature: Vec<u8>,
+        new: NewAppointment,
         now: u64,
         sign: impl FnOnce(&Locator, u64, &[u8]) -> Result<Vec<u8>>,
     ) -> Result<Added> {
+        let NewAppointment {
+            user,
+            locator,
+            seq,
+            blob,
+            user_signature,
+        } = new;
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let added = {
@@ -248,7 +272,25 @@ impl Store {
             }
             let key = appointment_key(user, locator);
             let mut appointments = txn.open_table(APPOINTMENTS)?;
-            let replaced = appointments.get(&key)?.is_some();
+            let old: Option<Appointment> = match appointments.get(&key)? {
+                Some(v) => Some(decode("tower_appointments", v.value())?),
+                None => None,
+            };
+            if let Some(old) = old.as_ref().filter(|o| seq <= o.seq) {
+                if old.seq == seq && old.blob == blob {
+                    return Ok(Added {
+                        receipt: old.receipt.clone(),
+                        replaced: true,
+                        subscription: sub,
+                    });
+                }
+                return Err(Error::Stale {
+                    locator,
+                    seq,
+                    stored: old.seq,
+                });
+            }
+            let replaced = old.is_some();
             if !replaced {
                 if sub.slots_used >= sub.slots_total {
                     return Err(Error::NoFreeSlot {
@@ -274,6 +316,7 @@ impl Store {
                 tower_signature,
             };
             let appointment = Appointment {
+                seq,
                 blob,
                 receipt: receipt.clone(),
                 status: Status::BeingWatched,

@@ -110,10 +110,15 @@ fn register_body(tower: Address, user: &LocalAccount) -> Value {
 }
 
 fn appointment_body(user: &LocalAccount, locator: B256, blob: &[u8]) -> Value {
+    appointment_seq(user, locator, 1, blob)
+}
+
+fn appointment_seq(user: &LocalAccount, locator: B256, seq: u64, blob: &[u8]) -> Value {
     json!({
         "locator": locator,
+        "seq": seq,
         "blob": hex(blob),
-        "signature": sig(user, messages::appointment_hash(&locator, blob)),
+        "signature": sig(user, messages::appointment_hash(&locator, seq, blob)),
     })
 }
 
@@ -195,13 +200,29 @@ async fn register_add_replace_and_query() {
     );
     // The same locator again (a newer state) replaces it: no slot.
     let (_, blob2) = seal(&params, &signed).expect("seal");
-    let r = post(
+    let newer = appointment_seq(&user, locator, 2, &blob2);
+    let r = post(addr, "/add_appointment", &newer).await;
+    assert_eq!(r.status, 200);
+    // The same request again (a retry) gets the same receipt.
+    let retry = post(addr, "/add_appointment", &newer).await;
+    assert_eq!((retry.status, retry.json()), (200, r.json()));
+    // Replaying the older request cannot bring the older blob back.
+    let replay = post(addr, "/add_appointment", &body).await;
+    assert_eq!(
+        (replay.status, replay.code()),
+        (409, "stale_appointment".to_string())
+    );
+    let (_, blob3) = seal(&params, &signed).expect("seal");
+    let same_seq = post(
         addr,
         "/add_appointment",
-        &appointment_body(&user, locator, &blob2),
+        &appointment_seq(&user, locator, 2, &blob3),
     )
     .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(
+        (same_seq.status, same_seq.code()),
+        (409, "stale_appointment".to_string())
+    );
     let r = post(
         addr,
         "/get_subscription_info",
@@ -266,7 +287,7 @@ async fn register_add_replace_and_query() {
     assert!(text.contains("perun_tower_users 2\n"), "{text}");
     assert!(text.contains("perun_tower_appointments 1\n"), "{text}");
     assert!(text.contains(
-        "perun_tower_requests_total{endpoint=\"add_appointment\",status=\"200\",code=\"ok\"} 2\n"
+        "perun_tower_requests_total{endpoint=\"add_appointment\",status=\"200\",code=\"ok\"} 3\n"
     ));
     srv.stop().await;
 }

@@ -71,11 +71,11 @@ proptest! {
 
     #[test]
     fn request_shaped_json_never_panics(
-        user in leaf(), signature in leaf(), locator in leaf(), blob in leaf()
+        user in leaf(), signature in leaf(), locator in leaf(), blob in leaf(), seq in leaf()
     ) {
         for v in [
             json!({ "user": user, "signature": signature }),
-            json!({ "locator": locator, "blob": blob, "signature": signature }),
+            json!({ "locator": locator, "seq": seq, "blob": blob, "signature": signature }),
             json!({ "locator": locator, "signature": signature }),
         ] {
             all_decoders(v.to_string().as_bytes());

@@ -3,10 +3,20 @@
 
 use alloy_primitives::{Address, B256};
 use perun_watchtower::Error;
-use perun_watchtower::store::{Status, Store};
+use perun_watchtower::store::{NewAppointment, Status, Store};
 
 fn sign(_: &B256, block: u64, _: &[u8]) -> perun_watchtower::Result<Vec<u8>> {
     Ok(block.to_be_bytes().to_vec())
+}
+
+fn new(user: Address, locator: B256, seq: u64, blob: Vec<u8>, sig: Vec<u8>) -> NewAppointment {
+    NewAppointment {
+        user,
+        locator,
+        seq,
+        blob,
+        user_signature: sig,
+    }
 }
 
 #[test]
@@ -22,7 +32,7 @@ fn slots_replacement_index_and_reopen() {
     {
         let store = Store::open(&path).expect("open");
         assert!(matches!(
-            store.add_appointment(alice, l1, vec![1], vec![], 0, sign),
+            store.add_appointment(new(alice, l1, 1, vec![1], vec![]), 0, sign),
             Err(Error::UnknownUser(a)) if a == alice
         ));
         let sub = store.register(alice, 2, 100).expect("register");
@@ -31,34 +41,55 @@ fn slots_replacement_index_and_reopen() {
         store.set_cursor(41).expect("cursor");
 
         let a = store
-            .add_appointment(alice, l1, vec![1], vec![9], 10, sign)
+            .add_appointment(new(alice, l1, 1, vec![1], vec![9]), 10, sign)
             .expect("add");
         assert!(!a.replaced);
         assert_eq!(a.receipt.start_block, 41);
         assert_eq!(a.subscription.slots_used, 1);
         // Same locator again: replaces, no slot.
         let a = store
-            .add_appointment(alice, l1, vec![2], vec![9], 10, sign)
+            .add_appointment(new(alice, l1, 2, vec![2], vec![9]), 10, sign)
             .expect("replace");
         assert!(a.replaced);
         assert_eq!(a.subscription.slots_used, 1);
         store
-            .add_appointment(alice, l2, vec![3], vec![9], 10, sign)
+            .add_appointment(new(alice, l2, 3, vec![3], vec![9]), 10, sign)
             .expect("add");
         assert!(matches!(
-            store.add_appointment(alice, l3, vec![4], vec![9], 10, sign),
+            store.add_appointment(new(alice, l3, 4, vec![4], vec![9]), 10, sign),
             Err(Error::NoFreeSlot { slots: 2, .. })
         ));
+        // Older or equal sequence numbers are refused, the same request is idempotent.
+        assert!(matches!(
+            store.add_appointment(new(alice, l1, 1, vec![7], vec![9]), 10, sign),
+            Err(Error::Stale {
+                seq: 1,
+                stored: 2,
+                ..
+            })
+        ));
+        let again = store
+            .add_appointment(new(alice, l1, 2, vec![2], vec![9]), 10, sign)
+            .expect("retry");
+        assert!(again.replaced);
+        assert_eq!(
+            store
+                .appointment(alice, l1)
+                .expect("get")
+                .expect("present")
+                .blob,
+            vec![2]
+        );
         // A replacement still works with every slot taken.
         store
-            .add_appointment(alice, l2, vec![5], vec![9], 10, sign)
+            .add_appointment(new(alice, l2, 5, vec![5], vec![9]), 10, sign)
             .expect("replace when full");
         assert!(matches!(
-            store.add_appointment(bob, l1, vec![6], vec![9], 101, sign),
+            store.add_appointment(new(bob, l1, 6, vec![6], vec![9]), 101, sign),
             Err(Error::Expired { expiry: 100, .. })
         ));
         store
-            .add_appointment(bob, l1, vec![6], vec![9], 100, sign)
+            .add_appointment(new(bob, l1, 6, vec![6], vec![9]), 100, sign)
             .expect("bob");
         assert!(
             store
