@@ -833,3 +833,37 @@ pub async fn serve(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn bucket_refills_and_the_map_stays_bounded() {
+        let rate = RateLimit {
+            burst: 2,
+            per_second: 1.0,
+        };
+        let mut l = Limiter::new(rate, 3);
+        let t0 = Instant::now();
+        assert!(l.allow(1u32, t0));
+        assert!(l.allow(1, t0));
+        assert!(!l.allow(1, t0));
+        assert!(l.allow(1, t0 + Duration::from_millis(1100)));
+        // Many keys: never more than `max` buckets.
+        for k in 2..100u32 {
+            l.allow(k, t0);
+            assert!(l.buckets.len() <= 3);
+        }
+        // Refilled buckets are dropped first, so an active key keeps its state.
+        let mut l = Limiter::new(rate, 2);
+        assert!(l.allow(1u32, t0));
+        assert!(l.allow(2, t0));
+        assert!(l.allow(2, t0));
+        assert!(l.allow(3, t0 + Duration::from_millis(1500)));
+        assert!(!l.buckets.contains_key(&1), "refilled: dropped");
+        assert!(l.buckets.contains_key(&2), "still draining: kept");
+    }
+}
