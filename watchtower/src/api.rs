@@ -65,7 +65,8 @@
 //! | `internal` | 500 | the store failed (logged) |
 //!
 //! Rate limits are token buckets in memory, one per IP (checked before any
-//! signature is recovered) and one per user (checked after).
+//! signature is recovered) and one per user (checked after). Connections
+//! are capped and must send their headers in time ([`serve`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -116,6 +117,10 @@ pub struct Config {
     pub user_rate: RateLimit,
     /// Most buckets kept per kind; full buckets are dropped first.
     pub max_buckets: usize,
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// Seconds a connection has to send a request's headers.
+    pub header_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -133,6 +138,8 @@ impl Default for Config {
                 per_second: 500.0,
             },
             max_buckets: 100_000,
+            max_connections: 1024,
+            header_timeout_secs: 10,
         }
     }
 }
@@ -820,17 +827,68 @@ pub fn router(tower: Shared) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
+///
+/// At most [`Config::max_connections`] connections are served at once (the
+/// next waits in the listen backlog), and a connection that does not send
+/// a request's headers within [`Config::header_timeout_secs`] is closed, so
+/// idle or slow sockets cannot pin the tower. On shutdown it stops
+/// accepting, lets open connections finish for up to 5 s, then drops them.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tower: Shared,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(
-        listener,
-        router(tower).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let header_timeout = std::time::Duration::from_secs(tower.config.header_timeout_secs.max(1));
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        tower.config.max_connections.max(1),
+    ));
+    let app = router(tower);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while conns.try_join_next().is_some() {}
+        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(peer))));
+        conns.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+    let drain = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(std::time::Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+    }
     Ok(())
 }
 

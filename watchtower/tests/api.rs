@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use alloy_primitives::{Address, B256};
 use common::{get, post, request};
@@ -581,5 +582,45 @@ async fn receipted_appointments_survive_a_restart() {
         srv.tower.store().users_for(locator).expect("index"),
         vec![user.address()]
     );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn slow_and_idle_connections_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tower_key = LocalAccount::random();
+    let config = Config {
+        max_connections: 2,
+        header_timeout_secs: 1,
+        ..Config::default()
+    };
+    let srv = Server::start(&db(&dir), &tower_key, config).await;
+    // Two sockets that never finish their headers hold both connection slots...
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(srv.addr)
+            .await
+            .expect("connect");
+        s.write_all(b"POST /register HTTP/1.1\r\nHost: t")
+            .await
+            .expect("write");
+        slow.push(s);
+    }
+    // ...until the header timeout closes them; then an honest request is served.
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), get(srv.addr, "/health"))
+        .await
+        .expect("served after the slow sockets timed out");
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "waited for a slot"
+    );
+    for mut s in slow {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "the slow socket was closed");
+    }
     srv.stop().await;
 }
