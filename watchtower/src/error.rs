@@ -1,0 +1,120 @@
+//! The crate's one error enum.
+
+use perun_channel::ChannelId;
+
+/// Everything that can go wrong in the tower: the blob scheme, the store
+/// and start-up. The API maps each to a stable code (`api::ApiError`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The blob is longer than [`crate::scheme::MAX_BLOB_LEN`].
+    #[error("blob of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The blob is too short to hold a nonce and a tag.
+    #[error("blob of {0} bytes is too short")]
+    TooShort(usize),
+    /// The AEAD tag does not verify: a wrong key (another channel) or a tampered blob.
+    #[error("blob does not decrypt with this channel's key")]
+    Decrypt,
+    /// The plaintext is not a blob of a format this build reads.
+    #[error("blob plaintext does not decode: {0}")]
+    Garbage(String),
+    /// The decrypted params are not this channel's.
+    #[error("blob names channel {found}, expected {expected}")]
+    WrongChannel {
+        /// The channel the key was derived for.
+        expected: ChannelId,
+        /// The channel the params hash to.
+        found: ChannelId,
+    },
+    /// The decrypted state is invalid or not signed by every participant.
+    #[error("blob state is not valid and fully signed: {0}")]
+    BadState(#[source] perun_channel::Error),
+    /// Encoding the plaintext failed.
+    #[error("encoding blob: {0}")]
+    Encode(String),
+    /// The store failed (redb).
+    #[error("store: {0}")]
+    Store(#[source] Box<redb::Error>),
+    /// A stored value does not decode: the file is damaged or from a newer build.
+    #[error("store value in {table} does not decode: {reason}")]
+    Corrupt {
+        /// The table it is in.
+        table: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The store's schema is newer than this build.
+    #[error("store schema {found} is newer than {supported}")]
+    SchemaTooNew {
+        /// The schema found.
+        found: u64,
+        /// The newest this build opens.
+        supported: u64,
+    },
+    /// The user never registered.
+    #[error("unknown user {0}")]
+    UnknownUser(alloy_primitives::Address),
+    /// The user's subscription expired.
+    #[error("subscription of {user} expired at {expiry}")]
+    Expired {
+        /// The user.
+        user: alloy_primitives::Address,
+        /// Its expiry (unix seconds).
+        expiry: u64,
+    },
+    /// Every slot of the user's subscription holds an appointment.
+    #[error("{user} has no free slot of {slots}")]
+    NoFreeSlot {
+        /// The user.
+        user: alloy_primitives::Address,
+        /// Its slots in all.
+        slots: u32,
+    },
+    /// An appointment not newer than the stored one of the same user and
+    /// locator (a replay or an out-of-order resend).
+    #[error("appointment {seq} for {locator} is not newer than the stored {stored}")]
+    Stale {
+        /// The locator.
+        locator: crate::scheme::Locator,
+        /// The sequence number sent.
+        seq: u64,
+        /// The stored appointment's sequence number.
+        stored: u64,
+    },
+    /// Signing or a key failed.
+    #[error(transparent)]
+    Wallet(#[from] perun_wallet::Error),
+    /// Reading a file or binding a socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The configuration is not valid.
+    #[error("config: {0}")]
+    Config(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Store(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,626 @@
+//! The API over a real socket: the happy path with verified signatures,
+//! every bad input's code and status, rate limits, and a restart.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy_primitives::{Address, B256};
+use common::{get, post, request};
+use perun_channel::{Allocation, Asset, Domain, Params, SignedState, State, U256};
+use perun_wallet::{Account, LocalAccount, parse_signature, recover, signature_bytes};
+use perun_watchtower::api::{self, Config, RateLimit, Tower};
+use perun_watchtower::messages;
+use perun_watchtower::scheme::{MAX_BLOB_LEN, seal};
+use perun_watchtower::store::{Status, Store};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Server {
+    addr: SocketAddr,
+    tower: Arc<Tower>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    now: Arc<AtomicU64>,
+}
+
+impl Server {
+    async fn start(path: &Path, tower_key: &LocalAccount, config: Config) -> Self {
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let clock_now = Arc::clone(&now);
+        let store = Store::open(path).expect("store");
+        let account = LocalAccount::from_bytes(&tower_key.secret_bytes()).expect("key");
+        let tower = Arc::new(Tower::new(
+            store,
+            Arc::new(account),
+            config,
+            Arc::new(move || clock_now.load(Ordering::SeqCst)),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel();
+        let t = Arc::clone(&tower);
+        let task = tokio::spawn(async move {
+            api::serve(listener, t, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+        });
+        Self {
+            addr,
+            tower,
+            stop: Some(stop),
+            task: Some(task),
+            now,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task");
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    format!("0x{}", ::hex::encode(b))
+}
+
+fn sig(account: &LocalAccount, hash: B256) -> String {
+    hex(&signature_bytes(&account.sign_hash(hash).expect("sign")))
+}
+
+fn channel(nonce: u64) -> (Params, SignedState) {
+    let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+    let domain = Domain {
+        chain_id: U256::from(31337),
+        adjudicator: Address::repeat_byte(0xad),
+    };
+    let balances = vec![vec![U256::from(10), U256::from(10)]];
+    let params = Params::payment(
+        domain,
+        60,
+        U256::from(nonce),
+        vec![alice.address(), bob.address()],
+        balances.clone(),
+    );
+    let asset = Asset {
+        chainId: U256::from(31337),
+        holder: Address::repeat_byte(0xaa),
+    };
+    let state = State::initial(&params, Allocation::new(vec![asset], balances));
+    let mut signed = SignedState::new(state);
+    signed.sign(&params, 0, &alice).expect("sign");
+    signed.sign(&params, 1, &bob).expect("sign");
+    (params, signed)
+}
+
+fn register_body(tower: Address, user: &LocalAccount) -> Value {
+    json!({ "user": user.address(), "signature": sig(user, messages::register_hash(tower, user.address())) })
+}
+
+fn appointment_body(user: &LocalAccount, locator: B256, blob: &[u8]) -> Value {
+    appointment_seq(user, locator, 1, blob)
+}
+
+fn appointment_seq(user: &LocalAccount, locator: B256, seq: u64, blob: &[u8]) -> Value {
+    json!({
+        "locator": locator,
+        "seq": seq,
+        "blob": hex(blob),
+        "signature": sig(user, messages::appointment_hash(&locator, seq, blob)),
+    })
+}
+
+fn get_appointment_body(tower: Address, user: &LocalAccount, locator: B256) -> Value {
+    json!({ "locator": locator, "signature": sig(user, messages::get_appointment_hash(tower, &locator)) })
+}
+
+fn subscription_body(tower: Address, user: &LocalAccount) -> Value {
+    json!({ "user": user.address(), "signature": sig(user, messages::get_subscription_hash(tower, user.address())) })
+}
+
+fn recovers(hash: B256, sig_hex: &Value) -> Address {
+    let s = sig_hex.as_str().expect("signature string");
+    let bytes = ::hex::decode(s.trim_start_matches("0x")).expect("hex");
+    recover(hash, &parse_signature(&bytes).expect("canonical")).expect("recover")
+}
+
+fn db(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("tower.redb")
+}
+
+#[tokio::test]
+async fn register_add_replace_and_query() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tower_key = LocalAccount::random();
+    let config = Config {
+        slots_per_registration: 3,
+        ..Config::default()
+    };
+    let srv = Server::start(&db(&dir), &tower_key, config).await;
+    let (addr, tw) = (srv.addr, tower_key.address());
+    let user = LocalAccount::random();
+
+    let health = get(addr, "/health").await;
+    assert_eq!(health.status, 200);
+
+    let r = post(addr, "/register", &register_body(tw, &user)).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let sub = r.json();
+    assert_eq!(sub["slots_total"], 3);
+    assert_eq!(sub["slots_used"], 0);
+    let expiry = sub["expiry"].as_u64().expect("expiry");
+    assert_eq!(expiry, 1_000_000 + Config::default().subscription_secs);
+    let signed_sub = perun_watchtower::store::Subscription {
+        slots_total: 3,
+        slots_used: 0,
+        expiry,
+    };
+    assert_eq!(
+        recovers(
+            messages::subscription_hash(user.address(), &signed_sub),
+            &sub["tower_signature"]
+        ),
+        tw
+    );
+
+    // An appointment with a real sealed blob; the receipt verifies.
+    let (params, signed) = channel(7);
+    let (locator, blob) = seal(&params, &signed).expect("seal");
+    let body = appointment_body(&user, locator, &blob);
+    let r = post(addr, "/add_appointment", &body).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let receipt = r.json();
+    assert_eq!(receipt["user_signature"], body["signature"]);
+    let start = receipt["start_block"].as_u64().expect("start");
+    let user_sig = ::hex::decode(
+        body["signature"]
+            .as_str()
+            .expect("s")
+            .trim_start_matches("0x"),
+    )
+    .expect("hex");
+    assert_eq!(
+        recovers(
+            messages::receipt_hash(tw, &locator, start, &user_sig),
+            &receipt["tower_signature"]
+        ),
+        tw
+    );
+    // The same locator again (a newer state) replaces it: no slot.
+    let (_, blob2) = seal(&params, &signed).expect("seal");
+    let newer = appointment_seq(&user, locator, 2, &blob2);
+    let r = post(addr, "/add_appointment", &newer).await;
+    assert_eq!(r.status, 200);
+    // The same request again (a retry) gets the same receipt.
+    let retry = post(addr, "/add_appointment", &newer).await;
+    assert_eq!((retry.status, retry.json()), (200, r.json()));
+    // Replaying the older request cannot bring the older blob back.
+    let replay = post(addr, "/add_appointment", &body).await;
+    assert_eq!(
+        (replay.status, replay.code()),
+        (409, "stale_appointment".to_string())
+    );
+    let (_, blob3) = seal(&params, &signed).expect("seal");
+    let same_seq = post(
+        addr,
+        "/add_appointment",
+        &appointment_seq(&user, locator, 2, &blob3),
+    )
+    .await;
+    assert_eq!(
+        (same_seq.status, same_seq.code()),
+        (409, "stale_appointment".to_string())
+    );
+    let r = post(
+        addr,
+        "/get_subscription_info",
+        &subscription_body(tw, &user),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["slots_used"], 1);
+    let stored = srv
+        .tower
+        .store()
+        .appointment(user.address(), locator)
+        .expect("get");
+    assert_eq!(stored.expect("stored").blob, blob2);
+
+    // Statuses.
+    let status = |v: Value| v["status"].as_str().expect("status").to_string();
+    let r = post(
+        addr,
+        "/get_appointment",
+        &get_appointment_body(tw, &user, locator),
+    )
+    .await;
+    assert_eq!(status(r.json()), "being_watched");
+    let r = post(
+        addr,
+        "/get_appointment",
+        &get_appointment_body(tw, &user, B256::ZERO),
+    )
+    .await;
+    assert_eq!((r.status, status(r.json())), (200, "not_found".into()));
+    for (s, name) in [
+        (Status::DisputeTriggered, "dispute_triggered"),
+        (Status::Resolved, "resolved"),
+    ] {
+        srv.tower
+            .store()
+            .set_status(user.address(), locator, s)
+            .expect("set");
+        let r = post(
+            addr,
+            "/get_appointment",
+            &get_appointment_body(tw, &user, locator),
+        )
+        .await;
+        assert_eq!(status(r.json()), name);
+    }
+    // Another user cannot see it.
+    let eve = LocalAccount::random();
+    post(addr, "/register", &register_body(tw, &eve)).await;
+    let r = post(
+        addr,
+        "/get_appointment",
+        &get_appointment_body(tw, &eve, locator),
+    )
+    .await;
+    assert_eq!(status(r.json()), "not_found");
+
+    let m = get(addr, "/metrics").await;
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body).expect("utf8");
+    assert!(text.contains("perun_tower_users 2\n"), "{text}");
+    assert!(text.contains("perun_tower_appointments 1\n"), "{text}");
+    assert!(text.contains(
+        "perun_tower_requests_total{endpoint=\"add_appointment\",status=\"200\",code=\"ok\"} 3\n"
+    ));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_code_and_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tower_key = LocalAccount::random();
+    let config = Config {
+        slots_per_registration: 1,
+        subscription_secs: 100,
+        ..Config::default()
+    };
+    let srv = Server::start(&db(&dir), &tower_key, config).await;
+    let (addr, tw) = (srv.addr, tower_key.address());
+    let user = LocalAccount::random();
+    let expect = |r: common::Reply, status: u16, code: &str| {
+        assert_eq!(
+            (r.status, r.code()),
+            (status, code.to_string()),
+            "{:?}",
+            r.json()
+        );
+    };
+
+    expect(
+        request(addr, "POST", "/register", b"{not json").await,
+        400,
+        "malformed_request",
+    );
+    expect(
+        request(addr, "POST", "/add_appointment", b"[]").await,
+        400,
+        "malformed_request",
+    );
+    let mut extra = register_body(tw, &user);
+    extra["slots"] = json!(1_000_000);
+    expect(
+        post(addr, "/register", &extra).await,
+        400,
+        "malformed_request",
+    );
+    let mut bad_hex = appointment_body(&user, B256::ZERO, b"x");
+    bad_hex["blob"] = json!("0xzz");
+    expect(
+        post(addr, "/add_appointment", &bad_hex).await,
+        400,
+        "malformed_request",
+    );
+    let mut short_sig = register_body(tw, &user);
+    short_sig["signature"] = json!("0x1234");
+    expect(
+        post(addr, "/register", &short_sig).await,
+        400,
+        "malformed_request",
+    );
+
+    // Unknown user.
+    let blob = vec![0u8; 64];
+    expect(
+        post(
+            addr,
+            "/add_appointment",
+            &appointment_body(&user, B256::ZERO, &blob),
+        )
+        .await,
+        404,
+        "unknown_user",
+    );
+    expect(
+        post(
+            addr,
+            "/get_subscription_info",
+            &subscription_body(tw, &user),
+        )
+        .await,
+        404,
+        "unknown_user",
+    );
+    // Wrong signatures: by someone else, for another tower, not canonical.
+    let mallory = LocalAccount::random();
+    let mut forged = register_body(tw, &user);
+    forged["signature"] = json!(sig(&mallory, messages::register_hash(tw, user.address())));
+    expect(
+        post(addr, "/register", &forged).await,
+        401,
+        "wrong_signature",
+    );
+    let other_tower = register_body(Address::repeat_byte(9), &user);
+    expect(
+        post(addr, "/register", &other_tower).await,
+        401,
+        "wrong_signature",
+    );
+    let mut high_v = register_body(tw, &user);
+    high_v["signature"] = json!(hex(&[0x11; 65]));
+    expect(
+        post(addr, "/register", &high_v).await,
+        401,
+        "wrong_signature",
+    );
+
+    // Registered: one slot.
+    assert_eq!(
+        post(addr, "/register", &register_body(tw, &user))
+            .await
+            .status,
+        200
+    );
+    let a = post(
+        addr,
+        "/add_appointment",
+        &appointment_body(&user, B256::ZERO, &blob),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    expect(
+        post(
+            addr,
+            "/add_appointment",
+            &appointment_body(&user, B256::repeat_byte(1), &blob),
+        )
+        .await,
+        403,
+        "no_free_slot",
+    );
+    // Oversized blob (fits the body) and oversized body.
+    let big = vec![0u8; MAX_BLOB_LEN + 1];
+    expect(
+        post(
+            addr,
+            "/add_appointment",
+            &appointment_body(&user, B256::ZERO, &big),
+        )
+        .await,
+        413,
+        "blob_too_large",
+    );
+    let huge = vec![b' '; Config::default().max_body + 1];
+    expect(
+        request(addr, "POST", "/add_appointment", &huge).await,
+        413,
+        "body_too_large",
+    );
+    // Expired.
+    srv.now.fetch_add(101, Ordering::SeqCst);
+    expect(
+        post(
+            addr,
+            "/add_appointment",
+            &appointment_body(&user, B256::ZERO, &blob),
+        )
+        .await,
+        403,
+        "subscription_expired",
+    );
+    expect(get(addr, "/nope").await, 404, "not_found");
+
+    // Nothing refused changed the store.
+    assert_eq!(srv.tower.store().counts().expect("counts"), (1, 1));
+    let m = String::from_utf8(get(addr, "/metrics").await.body).expect("utf8");
+    assert!(m.contains("code=\"wrong_signature\"} 3\n"), "{m}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn floods_are_rate_limited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tower_key = LocalAccount::random();
+    let slow = RateLimit {
+        burst: 5,
+        per_second: 0.01,
+    };
+    let config = Config {
+        user_rate: slow,
+        ..Config::default()
+    };
+    let srv = Server::start(&db(&dir), &tower_key, config).await;
+    let (addr, tw) = (srv.addr, tower_key.address());
+    let (user, other) = (LocalAccount::random(), LocalAccount::random());
+    assert_eq!(
+        post(addr, "/register", &register_body(tw, &user))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post(addr, "/register", &register_body(tw, &other))
+            .await
+            .status,
+        200
+    );
+    let mut limited = 0;
+    for i in 0..20u8 {
+        let r = post(
+            addr,
+            "/add_appointment",
+            &appointment_body(&user, B256::repeat_byte(i), b"blob"),
+        )
+        .await;
+        if r.status == 429 {
+            assert_eq!(r.code(), "rate_limited");
+            limited += 1;
+        }
+    }
+    // One for register, four appointments, then the bucket is empty.
+    assert_eq!(limited, 16);
+    assert_eq!(srv.tower.store().counts().expect("counts").1, 4);
+    // Another user is not affected.
+    let r = post(
+        addr,
+        "/add_appointment",
+        &appointment_body(&other, B256::ZERO, b"blob"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    srv.stop().await;
+
+    // One IP, many users: the IP bucket stops it before any signature is checked.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config {
+        ip_rate: slow,
+        ..Config::default()
+    };
+    let srv = Server::start(&db(&dir), &tower_key, config).await;
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        let r = post(
+            srv.addr,
+            "/register",
+            &register_body(tw, &LocalAccount::random()),
+        )
+        .await;
+        codes.push(r.status);
+    }
+    assert_eq!(codes, [200, 200, 200, 200, 200, 429, 429, 429]);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn receipted_appointments_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tower_key = LocalAccount::random();
+    let user = LocalAccount::random();
+    let tw = tower_key.address();
+    let (params, signed) = channel(9);
+    let (locator, blob) = seal(&params, &signed).expect("seal");
+    let srv = Server::start(&db(&dir), &tower_key, Config::default()).await;
+    assert_eq!(
+        post(srv.addr, "/register", &register_body(tw, &user))
+            .await
+            .status,
+        200
+    );
+    let r = post(
+        srv.addr,
+        "/add_appointment",
+        &appointment_body(&user, locator, &blob),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    srv.stop().await;
+
+    let srv = Server::start(&db(&dir), &tower_key, Config::default()).await;
+    let r = post(
+        srv.addr,
+        "/get_appointment",
+        &get_appointment_body(tw, &user, locator),
+    )
+    .await;
+    assert_eq!(r.json()["status"], "being_watched");
+    let r = post(
+        srv.addr,
+        "/get_subscription_info",
+        &subscription_body(tw, &user),
+    )
+    .await;
+    assert_eq!(r.json()["slots_used"], 1);
+    // The stored blob still opens with the channel's secret.
+    let stored = srv
+        .tower
+        .store()
+        .appointment(user.address(), locator)
+        .expect("get")
+        .expect("present");
+    let (p, s) =
+        perun_watchtower::open(&perun_watchtower::ChannelSecret::of(&params), &stored.blob)
+            .expect("open");
+    assert_eq!((p, s), (params, signed));
+    assert_eq!(
+        srv.tower.store().users_for(locator).expect("index"),
+        vec![user.address()]
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn slow_and_idle_connections_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tower_key = LocalAccount::random();
+    let config = Config {
+        max_connections: 2,
+        header_timeout_secs: 1,
+        ..Config::default()
+    };
+    let srv = Server::start(&db(&dir), &tower_key, config).await;
+    // Two sockets that never finish their headers hold both connection slots...
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(srv.addr)
+            .await
+            .expect("connect");
+        s.write_all(b"POST /register HTTP/1.1\r\nHost: t")
+            .await
+            .expect("write");
+        slow.push(s);
+    }
+    // ...until the header timeout closes them; then an honest request is served.
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), get(srv.addr, "/health"))
+        .await
+        .expect("served after the slow sockets timed out");
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "waited for a slot"
+    );
+    for mut s in slow {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "the slow socket was closed");
+    }
+    srv.stop().await;
+}

@@ -1,0 +1,131 @@
+//! The redb store: slots, replacement, the locator index, the cursor, and
+//! that everything survives reopening.
+
+use alloy_primitives::{Address, B256};
+use perun_watchtower::Error;
+use perun_watchtower::store::{NewAppointment, Status, Store};
+
+fn sign(_: &B256, block: u64, _: &[u8]) -> perun_watchtower::Result<Vec<u8>> {
+    Ok(block.to_be_bytes().to_vec())
+}
+
+fn new(user: Address, locator: B256, seq: u64, blob: Vec<u8>, sig: Vec<u8>) -> NewAppointment {
+    NewAppointment {
+        user,
+        locator,
+        seq,
+        blob,
+        user_signature: sig,
+    }
+}
+
+#[test]
+fn slots_replacement_index_and_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tower.redb");
+    let (alice, bob) = (Address::repeat_byte(1), Address::repeat_byte(2));
+    let (l1, l2, l3) = (
+        B256::repeat_byte(1),
+        B256::repeat_byte(2),
+        B256::repeat_byte(3),
+    );
+    {
+        let store = Store::open(&path).expect("open");
+        assert!(matches!(
+            store.add_appointment(new(alice, l1, 1, vec![1], vec![]), 0, sign),
+            Err(Error::UnknownUser(a)) if a == alice
+        ));
+        let sub = store.register(alice, 2, 100).expect("register");
+        assert_eq!((sub.slots_total, sub.slots_used, sub.expiry), (2, 0, 100));
+        store.register(bob, 1, 100).expect("register");
+        store.set_cursor(41).expect("cursor");
+
+        let a = store
+            .add_appointment(new(alice, l1, 1, vec![1], vec![9]), 10, sign)
+            .expect("add");
+        assert!(!a.replaced);
+        assert_eq!(a.receipt.start_block, 41);
+        assert_eq!(a.subscription.slots_used, 1);
+        // Same locator again: replaces, no slot.
+        let a = store
+            .add_appointment(new(alice, l1, 2, vec![2], vec![9]), 10, sign)
+            .expect("replace");
+        assert!(a.replaced);
+        assert_eq!(a.subscription.slots_used, 1);
+        store
+            .add_appointment(new(alice, l2, 3, vec![3], vec![9]), 10, sign)
+            .expect("add");
+        assert!(matches!(
+            store.add_appointment(new(alice, l3, 4, vec![4], vec![9]), 10, sign),
+            Err(Error::NoFreeSlot { slots: 2, .. })
+        ));
+        // Older or equal sequence numbers are refused, the same request is idempotent.
+        assert!(matches!(
+            store.add_appointment(new(alice, l1, 1, vec![7], vec![9]), 10, sign),
+            Err(Error::Stale {
+                seq: 1,
+                stored: 2,
+                ..
+            })
+        ));
+        let again = store
+            .add_appointment(new(alice, l1, 2, vec![2], vec![9]), 10, sign)
+            .expect("retry");
+        assert!(again.replaced);
+        assert_eq!(
+            store
+                .appointment(alice, l1)
+                .expect("get")
+                .expect("present")
+                .blob,
+            vec![2]
+        );
+        // A replacement still works with every slot taken.
+        store
+            .add_appointment(new(alice, l2, 5, vec![5], vec![9]), 10, sign)
+            .expect("replace when full");
+        assert!(matches!(
+            store.add_appointment(new(bob, l1, 6, vec![6], vec![9]), 101, sign),
+            Err(Error::Expired { expiry: 100, .. })
+        ));
+        store
+            .add_appointment(new(bob, l1, 6, vec![6], vec![9]), 100, sign)
+            .expect("bob");
+        assert!(
+            store
+                .set_status(bob, l1, Status::DisputeTriggered)
+                .expect("status")
+        );
+        assert!(!store.set_status(bob, l3, Status::Resolved).expect("status"));
+    }
+    let store = Store::open(&path).expect("reopen");
+    assert_eq!(store.cursor().expect("cursor"), 41);
+    assert_eq!(store.counts().expect("counts"), (2, 3));
+    let mut users = store.users_for(l1).expect("index");
+    users.sort();
+    assert_eq!(users, vec![alice, bob]);
+    assert_eq!(store.users_for(l2).expect("index"), vec![alice]);
+    assert!(store.users_for(l3).expect("index").is_empty());
+    let a = store.appointment(alice, l1).expect("get").expect("present");
+    assert_eq!(a.blob, vec![2]);
+    assert_eq!(a.status, Status::BeingWatched);
+    assert_eq!(
+        store
+            .appointment(bob, l1)
+            .expect("get")
+            .expect("present")
+            .status,
+        Status::DisputeTriggered
+    );
+    assert_eq!(
+        store
+            .subscription(alice)
+            .expect("sub")
+            .expect("present")
+            .slots_used,
+        2
+    );
+    // Renewal adds slots and never shortens the expiry.
+    let sub = store.register(alice, 3, 50).expect("renew");
+    assert_eq!((sub.slots_total, sub.slots_used, sub.expiry), (5, 2, 100));
+}
