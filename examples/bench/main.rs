@@ -43,6 +43,7 @@ mod report;
 mod restore;
 mod setup;
 mod stats;
+mod tower;
 mod updates;
 
 use std::path::PathBuf;
@@ -68,6 +69,10 @@ pub(crate) struct Counts {
     pub(crate) restore_channels: usize,
     /// Iterations of each floor primitive (fsync: a tenth of it).
     pub(crate) floor_iterations: usize,
+    /// Keep-alive connections (one user each) sending appointments to the tower.
+    pub(crate) tower_connections: usize,
+    /// Appointments each of them sends.
+    pub(crate) tower_per_conn: usize,
 }
 
 impl Counts {
@@ -80,6 +85,8 @@ impl Counts {
             concurrent_for: Duration::from_secs(10),
             restore_channels: 10_000,
             floor_iterations: 2_000,
+            tower_connections: 32,
+            tower_per_conn: 500,
         }
     }
 
@@ -92,6 +99,8 @@ impl Counts {
             concurrent_for: Duration::from_secs(2),
             restore_channels: 500,
             floor_iterations: 500,
+            tower_connections: 8,
+            tower_per_conn: 100,
         }
     }
 }

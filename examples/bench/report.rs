@@ -102,6 +102,15 @@ pub(crate) async fn run_all(opts: &Options) -> Res<()> {
         )
         .await;
 
+    let tower = s
+        .part(
+            "tower",
+            Duration::from_secs(300),
+            crate::tower::appointments_per_s(&opts.work, c.tower_connections, c.tower_per_conn),
+        )
+        .await;
+    s.set("tower_appointments_per_s", tower);
+
     record_floor(&mut s, floor, durable.as_ref());
     record_durable(&mut s, durable.as_ref());
     s.set("updates_per_s_memory", memory.as_ref().map(|m| m.per_s));

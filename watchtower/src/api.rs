@@ -87,6 +87,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
+use crate::batch::Writer;
 use crate::messages;
 use crate::scheme::{Locator, MAX_BLOB_LEN};
 use crate::store::{NewAppointment, Status, Store, Subscription};
@@ -431,6 +432,7 @@ pub struct Tower {
     account: Arc<LocalAccount>,
     config: Config,
     clock: Clock,
+    writer: Writer,
     ip_limits: Mutex<Limiter<IpAddr>>,
     user_limits: Mutex<Limiter<Address>>,
     requests: Mutex<BTreeMap<(&'static str, u16, &'static str), u64>>,
@@ -446,9 +448,26 @@ impl std::fmt::Debug for Tower {
 }
 
 impl Tower {
-    /// A tower signing with `account`, storing in `store`.
-    pub fn new(store: Store, account: Arc<LocalAccount>, config: Config, clock: Clock) -> Self {
-        Self {
+    /// A tower signing with `account`, storing in `store`; starts the
+    /// appointment writer thread ([`crate::batch`]).
+    pub fn new(
+        store: Store,
+        account: Arc<LocalAccount>,
+        config: Config,
+        clock: Clock,
+    ) -> Result<Self> {
+        let signer = Arc::clone(&account);
+        let tower = signer.address();
+        let writer = Writer::start(
+            store.clone(),
+            Arc::clone(&clock),
+            Arc::new(move |locator, start, user_sig| {
+                let hash = messages::receipt_hash(tower, locator, start, user_sig);
+                Ok(signature_bytes(&signer.sign_hash(hash)?).to_vec())
+            }),
+        )?;
+        Ok(Self {
+            writer,
             ip_limits: Mutex::new(Limiter::new(config.ip_rate, config.max_buckets)),
             user_limits: Mutex::new(Limiter::new(config.user_rate, config.max_buckets)),
             requests: Mutex::new(BTreeMap::new()),
@@ -456,7 +475,7 @@ impl Tower {
             account,
             config,
             clock,
-        }
+        })
     }
 
     /// The tower's address (what its signatures recover to).
@@ -587,31 +606,23 @@ impl Tower {
             &req.signature,
         )?;
         self.check_user(user)?;
-        self.blocking(move |t| {
-            let tower = t.address();
-            let added = t.store.add_appointment(
-                NewAppointment {
-                    user,
-                    locator,
-                    seq,
-                    blob,
-                    user_signature: user_sig,
-                },
-                (t.clock)(),
-                |locator, start, user_sig| {
-                    let hash = messages::receipt_hash(tower, locator, start, user_sig);
-                    Ok(signature_bytes(&t.account.sign_hash(hash)?).to_vec())
-                },
-            )?;
-            let r = added.receipt;
-            Ok(ReceiptResponse {
-                locator: r.locator,
-                start_block: r.start_block,
-                user_signature: to_hex(&r.user_signature),
-                tower_signature: to_hex(&r.tower_signature),
+        let added = self
+            .writer
+            .add(NewAppointment {
+                user,
+                locator,
+                seq,
+                blob,
+                user_signature: user_sig,
             })
+            .await?;
+        let r = added.receipt;
+        Ok(ReceiptResponse {
+            locator: r.locator,
+            start_block: r.start_block,
+            user_signature: to_hex(&r.user_signature),
+            tower_signature: to_hex(&r.tower_signature),
         })
-        .await
     }
 
     async fn get_appointment(

@@ -92,6 +92,12 @@ pub enum Error {
     /// Reading a file or binding a socket failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The appointment writer thread could not be started.
+    #[error("starting the appointment writer: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The appointment writer thread is gone (it panicked or the tower is shutting down).
+    #[error("the appointment writer stopped")]
+    WriterGone,
     /// The configuration is not valid.
     #[error("config: {0}")]
     Config(String),

@@ -9,11 +9,13 @@
 //! # Layout
 //! - [`scheme`]: locators, blob keys, sealing and opening blobs (client and tower).
 //! - [`api`]: the HTTP/JSON API (axum): endpoints and their JSON, errors, rate limits, metrics.
+//! - [`batch`]: group commit of appointments (one writer thread, one `fsync` per batch).
 //! - [`messages`]: the hashes users and the tower sign.
 //! - [`store`]: the redb store of users, appointments, the locator index and the chain cursor.
 //! - [`error`]: the crate's one error enum.
 
 pub mod api;
+pub mod batch;
 pub mod error;
 pub mod messages;
 pub mod scheme;

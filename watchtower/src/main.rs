@@ -173,7 +173,7 @@ async fn run(cli: Cli) -> Result<()> {
         Arc::new(account),
         s.api.clone(),
         api::system_clock(),
-    ));
+    )?);
     let listener = tokio::net::TcpListener::bind(s.listen).await?;
     info!(
         tower = %tower.address(),

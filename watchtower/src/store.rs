@@ -161,6 +161,92 @@ fn appointment_key(user: Address, locator: Locator) -> [u8; 52] {
     k
 }
 
+/// The open tables one appointment touches.
+struct Tables<'a, 't> {
+    users: &'a mut redb::Table<'t, &'static [u8; 20], &'static [u8]>,
+    appointments: &'a mut redb::Table<'t, &'static [u8; 52], &'static [u8]>,
+    index: &'a mut redb::MultimapTable<'t, &'static [u8; 32], &'static [u8; 20]>,
+}
+
+/// One appointment of [`Store::add_appointments`]: every check comes before
+/// the first write, so a refusal leaves the tables as they were.
+fn add_one(
+    t: &mut Tables<'_, '_>,
+    new: NewAppointment,
+    now: u64,
+    start_block: u64,
+    sign: &impl Fn(&Locator, u64, &[u8]) -> Result<Vec<u8>>,
+) -> Result<Added> {
+    let NewAppointment {
+        user,
+        locator,
+        seq,
+        blob,
+        user_signature,
+    } = new;
+    let mut sub: Subscription = match t.users.get(&user.0.0)? {
+        Some(v) => decode("tower_users", v.value())?,
+        None => return Err(Error::UnknownUser(user)),
+    };
+    if now > sub.expiry {
+        return Err(Error::Expired {
+            user,
+            expiry: sub.expiry,
+        });
+    }
+    let key = appointment_key(user, locator);
+    let old: Option<Appointment> = match t.appointments.get(&key)? {
+        Some(v) => Some(decode("tower_appointments", v.value())?),
+        None => None,
+    };
+    if let Some(old) = old.as_ref().filter(|o| seq <= o.seq) {
+        if old.seq == seq && old.blob == blob {
+            return Ok(Added {
+                receipt: old.receipt.clone(),
+                replaced: true,
+                subscription: sub,
+            });
+        }
+        return Err(Error::Stale {
+            locator,
+            seq,
+            stored: old.seq,
+        });
+    }
+    let replaced = old.is_some();
+    if !replaced && sub.slots_used >= sub.slots_total {
+        return Err(Error::NoFreeSlot {
+            user,
+            slots: sub.slots_total,
+        });
+    }
+    let tower_signature = sign(&locator, start_block, &user_signature)?;
+    if !replaced {
+        sub.slots_used += 1;
+        t.users.insert(&user.0.0, encode(&sub)?.as_slice())?;
+        t.index.insert(&locator.0, &user.0.0)?;
+    }
+    let receipt = Receipt {
+        locator,
+        start_block,
+        user_signature,
+        tower_signature,
+    };
+    let appointment = Appointment {
+        seq,
+        blob,
+        receipt: receipt.clone(),
+        status: Status::BeingWatched,
+    };
+    t.appointments
+        .insert(&key, encode(&appointment)?.as_slice())?;
+    Ok(Added {
+        receipt,
+        replaced,
+        subscription: sub,
+    })
+}
+
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -247,89 +333,59 @@ impl Store {
         &self,
         new: NewAppointment,
         now: u64,
-        sign: impl FnOnce(&Locator, u64, &[u8]) -> Result<Vec<u8>>,
+        sign: impl Fn(&Locator, u64, &[u8]) -> Result<Vec<u8>>,
     ) -> Result<Added> {
-        let NewAppointment {
-            user,
-            locator,
-            seq,
-            blob,
-            user_signature,
-        } = new;
+        self.add_appointments(vec![new], now, sign)?
+            .pop()
+            .unwrap_or(Err(Error::Corrupt {
+                table: "tower_appointments",
+                reason: "a batch of one gave no result".into(),
+            }))
+    }
+
+    /// Stores a batch of appointments in one durable transaction (group
+    /// commit: one `fsync` for the batch) and returns one result per
+    /// appointment, in order, each as [`add_appointment`](Self::add_appointment)
+    /// would give it. A refused appointment changes nothing and does not
+    /// affect the others; later ones see the earlier ones' changes (the same
+    /// locator twice in a batch is a replacement). An error of the store
+    /// itself fails the whole batch: nothing of it is stored.
+    pub fn add_appointments(
+        &self,
+        batch: Vec<NewAppointment>,
+        now: u64,
+        sign: impl Fn(&Locator, u64, &[u8]) -> Result<Vec<u8>>,
+    ) -> Result<Vec<Result<Added>>> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
-        let added = {
+        let results = {
             let mut users = txn.open_table(USERS)?;
-            let mut sub: Subscription = match users.get(&user.0.0)? {
-                Some(v) => decode("tower_users", v.value())?,
-                None => return Err(Error::UnknownUser(user)),
-            };
-            if now > sub.expiry {
-                return Err(Error::Expired {
-                    user,
-                    expiry: sub.expiry,
-                });
-            }
-            let key = appointment_key(user, locator);
             let mut appointments = txn.open_table(APPOINTMENTS)?;
-            let old: Option<Appointment> = match appointments.get(&key)? {
-                Some(v) => Some(decode("tower_appointments", v.value())?),
-                None => None,
-            };
-            if let Some(old) = old.as_ref().filter(|o| seq <= o.seq) {
-                if old.seq == seq && old.blob == blob {
-                    return Ok(Added {
-                        receipt: old.receipt.clone(),
-                        replaced: true,
-                        subscription: sub,
-                    });
-                }
-                return Err(Error::Stale {
-                    locator,
-                    seq,
-                    stored: old.seq,
-                });
-            }
-            let replaced = old.is_some();
-            if !replaced {
-                if sub.slots_used >= sub.slots_total {
-                    return Err(Error::NoFreeSlot {
-                        user,
-                        slots: sub.slots_total,
-                    });
-                }
-                sub.slots_used += 1;
-                users.insert(&user.0.0, encode(&sub)?.as_slice())?;
-                let mut index = txn.open_multimap_table(LOCATORS)?;
-                index.insert(&locator.0, &user.0.0)?;
-            }
+            let mut index = txn.open_multimap_table(LOCATORS)?;
             let start_block = txn
                 .open_table(INFO)?
                 .get(CURSOR_KEY)?
                 .map(|v| v.value())
                 .unwrap_or(0);
-            let tower_signature = sign(&locator, start_block, &user_signature)?;
-            let receipt = Receipt {
-                locator,
-                start_block,
-                user_signature,
-                tower_signature,
+            let mut tables = Tables {
+                users: &mut users,
+                appointments: &mut appointments,
+                index: &mut index,
             };
-            let appointment = Appointment {
-                seq,
-                blob,
-                receipt: receipt.clone(),
-                status: Status::BeingWatched,
-            };
-            appointments.insert(&key, encode(&appointment)?.as_slice())?;
-            Added {
-                receipt,
-                replaced,
-                subscription: sub,
+            let mut results = Vec::with_capacity(batch.len());
+            for new in batch {
+                let r = add_one(&mut tables, new, now, start_block, &sign);
+                // A store error leaves the transaction in an unknown state:
+                // give up the whole batch (dropping `txn` aborts it).
+                if let Err(e @ (Error::Store(_) | Error::Corrupt { .. })) = r {
+                    return Err(e);
+                }
+                results.push(r);
             }
+            results
         };
         txn.commit()?;
-        Ok(added)
+        Ok(results)
     }
 
     /// The appointment of `user` at `locator`.

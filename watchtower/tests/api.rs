@@ -35,12 +35,15 @@ impl Server {
         let clock_now = Arc::clone(&now);
         let store = Store::open(path).expect("store");
         let account = LocalAccount::from_bytes(&tower_key.secret_bytes()).expect("key");
-        let tower = Arc::new(Tower::new(
-            store,
-            Arc::new(account),
-            config,
-            Arc::new(move || clock_now.load(Ordering::SeqCst)),
-        ));
+        let tower = Arc::new(
+            Tower::new(
+                store,
+                Arc::new(account),
+                config,
+                Arc::new(move || clock_now.load(Ordering::SeqCst)),
+            )
+            .expect("tower"),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -621,6 +624,63 @@ async fn slow_and_idle_connections_are_bounded() {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
         assert!(read.is_ok(), "the slow socket was closed");
+    }
+    srv.stop().await;
+}
+
+/// Concurrent appointments share transactions (group commit), yet slots
+/// are never overspent: with 5 slots, exactly 5 of 40 new locators sent at
+/// once are taken, and every receipt names a stored appointment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appointments_never_overspend_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tower_key = LocalAccount::random();
+    let user = Arc::new(LocalAccount::random());
+    let tw = tower_key.address();
+    let config = Config {
+        slots_per_registration: 5,
+        ..Config::default()
+    };
+    let srv = Server::start(&db(&dir), &tower_key, config).await;
+    assert_eq!(
+        post(srv.addr, "/register", &register_body(tw, &user))
+            .await
+            .status,
+        200
+    );
+    let addr = srv.addr;
+    let sends: Vec<_> = (0..40u8)
+        .map(|i| {
+            let user = Arc::clone(&user);
+            tokio::spawn(async move {
+                let locator = B256::repeat_byte(i);
+                let r = post(
+                    addr,
+                    "/add_appointment",
+                    &appointment_body(&user, locator, &[i; 64]),
+                )
+                .await;
+                (locator, r)
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for s in sends {
+        let (locator, r) = s.await.expect("send");
+        match r.status {
+            200 => taken.push(locator),
+            _ => assert_eq!(r.code(), "no_free_slot"),
+        }
+    }
+    assert_eq!(taken.len(), 5);
+    for l in taken {
+        assert!(
+            srv.tower
+                .store()
+                .appointment(user.address(), l)
+                .expect("read")
+                .is_some()
+        );
     }
     srv.stop().await;
 }

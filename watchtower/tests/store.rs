@@ -129,3 +129,74 @@ fn slots_replacement_index_and_reopen() {
     let sub = store.register(alice, 3, 50).expect("renew");
     assert_eq!((sub.slots_total, sub.slots_used, sub.expiry), (5, 2, 100));
 }
+
+/// A batch (group commit) gives each appointment its own result: refusals
+/// change nothing, later ones see earlier ones (slots run out inside the
+/// batch, the same locator twice is a replacement), and all of it survives
+/// reopening.
+#[test]
+fn a_batch_gives_each_appointment_its_own_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tower.redb");
+    let (alice, stranger) = (Address::repeat_byte(1), Address::repeat_byte(9));
+    let l = |b: u8| B256::repeat_byte(b);
+    {
+        let store = Store::open(&path).expect("open");
+        store.register(alice, 2, 100).expect("register");
+        let results = store
+            .add_appointments(
+                vec![
+                    new(alice, l(1), 1, vec![1], vec![]),
+                    new(stranger, l(2), 1, vec![2], vec![]),
+                    new(alice, l(1), 2, vec![3], vec![]),
+                    new(alice, l(1), 1, vec![4], vec![]),
+                    new(alice, l(3), 1, vec![5], vec![]),
+                    new(alice, l(4), 1, vec![6], vec![]),
+                ],
+                10,
+                sign,
+            )
+            .expect("batch");
+        assert_eq!(results.len(), 6);
+        assert!(!results[0].as_ref().expect("first").replaced);
+        assert!(matches!(results[1], Err(Error::UnknownUser(u)) if u == stranger));
+        assert!(results[2].as_ref().expect("replacement").replaced);
+        assert!(matches!(
+            results[3],
+            Err(Error::Stale {
+                seq: 1,
+                stored: 2,
+                ..
+            })
+        ));
+        assert_eq!(
+            results[4]
+                .as_ref()
+                .expect("second slot")
+                .subscription
+                .slots_used,
+            2
+        );
+        assert!(matches!(
+            results[5],
+            Err(Error::NoFreeSlot { slots: 2, .. })
+        ));
+    }
+    let store = Store::open(&path).expect("reopen");
+    let a = store
+        .appointment(alice, l(1))
+        .expect("read")
+        .expect("stored");
+    assert_eq!((a.seq, a.blob), (2, vec![3]));
+    assert!(store.appointment(alice, l(3)).expect("read").is_some());
+    assert!(store.appointment(alice, l(4)).expect("read").is_none());
+    assert!(store.appointment(stranger, l(2)).expect("read").is_none());
+    assert_eq!(
+        store
+            .subscription(alice)
+            .expect("read")
+            .expect("user")
+            .slots_used,
+        2
+    );
+}
