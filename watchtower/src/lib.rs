@@ -10,12 +10,14 @@
 //! - [`scheme`]: locators, blob keys, sealing and opening blobs (client and tower).
 //! - [`api`]: the HTTP/JSON API (axum): endpoints and their JSON, errors, rate limits, metrics.
 //! - [`messages`]: the hashes users and the tower sign.
+//! - [`responder`]: the chain side: follows disputes, refutes with a newer state, concludes.
 //! - [`store`]: the redb store of users, appointments, the locator index and the chain cursor.
 //! - [`error`]: the crate's one error enum.
 
 pub mod api;
 pub mod error;
 pub mod messages;
+pub mod responder;
 pub mod scheme;
 pub mod store;
 
