@@ -85,7 +85,9 @@ impl Config {
         Duration::from_millis(self.poll_ms.max(1))
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
+    /// The pause before retry `attempt` (1, 2, ...): doubling from
+    /// `retry_min_ms`, capped at `retry_max_ms`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
         let shift = attempt.saturating_sub(1).min(20);
         let ms = self
             .retry_min_ms
