@@ -456,6 +456,11 @@ impl Inner {
         }
     }
 
+    /// Told to stop, or the responder's `run` is gone (dropped or aborted).
+    fn is_stopped(&self) -> bool {
+        *self.stop.borrow() || self.stop.has_changed().is_err()
+    }
+
     fn wake(&self, id: ChannelId) {
         let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = jobs.get(&id) {
@@ -492,6 +497,9 @@ impl Inner {
         let mut restarts = 0u32;
         let mut stop = self.stop.clone();
         loop {
+            if self.is_stopped() {
+                break;
+            }
             let task = tokio::spawn(
                 Arc::clone(&self)
                     .drive(id, notify.clone(), resumed)
@@ -512,11 +520,23 @@ impl Inner {
                 }
             }
         }
-        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
-        jobs.remove(&id);
-        self.stats
-            .active_jobs
-            .store(jobs.len() as u64, Ordering::Relaxed);
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+            jobs.remove(&id);
+            self.stats
+                .active_jobs
+                .store(jobs.len() as u64, Ordering::Relaxed);
+        }
+        // A `Registered` that reopened the job after the task's last read
+        // found it still in the map and only rang its bell: look once more.
+        if self.is_stopped() {
+            return;
+        }
+        match self.store_call(move |s| s.job(id)).await {
+            Ok(Some(job)) if job.phase != JobPhase::Done => self.spawn_job(id, true),
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "cannot re-read the job after its task ended"),
+        }
     }
 
     /// Steps the job until it is done or the responder stops.
@@ -530,7 +550,7 @@ impl Inner {
         };
         let mut failures = 0u32;
         loop {
-            if *stop.borrow() {
+            if self.is_stopped() {
                 return;
             }
             let wait = match self.step(id, &mut state).await {

@@ -41,6 +41,20 @@ struct Counting {
     freeze_after_register: AtomicBool,
     /// Freeze before the next `register` reaches the ledger.
     freeze_before_register: AtomicBool,
+    /// Fail this many of the next `dispute` reads and `register` calls with
+    /// a transient node error (each), before they reach the ledger.
+    fail_reads: AtomicU64,
+    fail_registers: AtomicU64,
+}
+
+/// A node that did not answer.
+fn node_down(op: &'static str) -> perun_adjudicator::Error {
+    perun_adjudicator::Error::rpc(op, perun_adjudicator::RpcFailure::Injected(1))
+}
+
+fn take_one(n: &AtomicU64) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 impl Counting {
@@ -52,6 +66,8 @@ impl Counting {
             concludes: AtomicU64::new(0),
             freeze_after_register: AtomicBool::new(false),
             freeze_before_register: AtomicBool::new(false),
+            fail_reads: AtomicU64::new(0),
+            fail_registers: AtomicU64::new(0),
         })
     }
 }
@@ -64,6 +80,9 @@ impl Adjudicator for Counting {
     async fn register(&self, req: &SignedChannel) -> perun_adjudicator::Result<()> {
         if self.freeze_before_register.swap(false, Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        if take_one(&self.fail_registers) {
+            return Err(node_down("register"));
         }
         self.registers.fetch_add(1, Ordering::SeqCst);
         let r = self.ledger.register(req).await;
@@ -87,6 +106,9 @@ impl Adjudicator for Counting {
         self.ledger.subscribe(id).await
     }
     async fn dispute(&self, id: ChannelId) -> perun_adjudicator::Result<Option<Dispute>> {
+        if take_one(&self.fail_reads) {
+            return Err(node_down("dispute"));
+        }
         self.ledger.dispute(id).await
     }
 }
@@ -265,7 +287,7 @@ fn start(s: &Setup, chain: &Arc<Counting>) -> Running {
 }
 
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    for _ in 0..500 {
+    for _ in 0..1500 {
         if f().await {
             return;
         }
@@ -514,5 +536,34 @@ async fn a_dispute_started_while_down_is_found_from_the_cursor() {
     assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
     assert_eq!(r.stats.disputes_seen.load(Ordering::SeqCst), 1);
+    r.stop().await;
+}
+
+/// Node failures on reads and on the refutation are retried with backoff
+/// until the refutation lands (once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_failures_are_retried_until_the_refutation_lands() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    chain.fail_reads.store(3, Ordering::SeqCst);
+    chain.fail_registers.store(2, Ordering::SeqCst);
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    assert_eq!(chain.fail_reads.load(Ordering::SeqCst), 0);
+    assert_eq!(chain.fail_registers.load(Ordering::SeqCst), 0);
+    assert!(r.stats.retries.load(Ordering::SeqCst) >= 5);
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    assert_eq!(balances(&s), paid(5));
     r.stop().await;
 }
