@@ -317,6 +317,9 @@ impl Responder {
                 inner.spawn_job(job.channel, true);
             }
             let mut feed = feed(cursor.saturating_add(1));
+            // Up until a scan fails: a feed that is caught up sends no mark
+            // until the next block.
+            inner.stats.set_health(Health::Scanning);
             loop {
                 let item = feed.next().await;
                 inner.handle(item).await;

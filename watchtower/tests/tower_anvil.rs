@@ -229,6 +229,15 @@ impl World {
         r.json()
     }
 
+    async fn register_alice(&self) {
+        let user = self.alice.address();
+        self.post(
+            "/register",
+            json!({ "user": user, "signature": sig(&self.alice, messages::register_hash(self.tower.address(), user)) }),
+        )
+        .await;
+    }
+
     /// Alice hands the tower an appointment for version `v` of `ch`.
     async fn appoint(&self, ch: &Channel, v: u64) -> B256 {
         let (locator, blob) = seal(&ch.params, &self.state(ch, v)).unwrap();
@@ -321,11 +330,7 @@ async fn a_tower_killed_during_disputes_refutes_once_and_concludes_once() {
     w.until_ready().await;
 
     // Alice registers with the tower and hands it her latest states.
-    w.post(
-        "/register",
-        json!({ "user": w.alice.address(), "signature": sig(&w.alice, messages::register_hash(w.tower.address(), w.alice.address())) }),
-    )
-    .await;
+    w.register_alice().await;
     let loc_one = w.appoint(&one, 5).await;
     let loc_two = w.appoint(&two, 7).await;
     assert_eq!(w.status(loc_one).await, "being_watched");
@@ -382,4 +387,62 @@ async fn a_tower_killed_during_disputes_refutes_once_and_concludes_once() {
     assert_eq!(metric(&text, "perun_tower_conclusions_total"), 2);
     assert_eq!(metric(&text, "perun_tower_bad_blobs_total"), 0);
     assert_eq!(metric(&text, "perun_tower_responder_up"), 1);
+}
+
+/// SIGKILL at random moments around the conclusions (before one is sent,
+/// while it is out, after it landed but before the job recorded it): the
+/// restarted tower never sends one twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tower_killed_around_the_conclusions_concludes_each_once() {
+    let w = World::new().await;
+    let channels = [w.channel().await, w.channel().await, w.channel().await];
+    let mut tower = w.start_tower();
+    w.until_ready().await;
+    w.register_alice().await;
+    let mut locators = Vec::new();
+    for (i, ch) in channels.iter().enumerate() {
+        locators.push(w.appoint(ch, 4 + i as u64).await);
+        w.bob_registers(ch, 1).await;
+    }
+    w.until("three refutations", async || {
+        let mut all = true;
+        for (i, ch) in channels.iter().enumerate() {
+            all &= w
+                .dispute(ch)
+                .await
+                .is_some_and(|d| d.version == 4 + i as u64);
+        }
+        all
+    })
+    .await;
+    assert_eq!(w.tower_txs().await, 3);
+
+    w.anvil.increase_time(61).await.unwrap();
+    w.anvil.mine(1).await.unwrap();
+    // Kill it a few times while it concludes, at random points.
+    for _ in 0..3 {
+        let pause = rand::random::<u64>() % 400;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        tower.kill9();
+        tower = w.start_tower();
+        w.until_ready().await;
+    }
+    w.until("every conclusion", async || {
+        let mut all = true;
+        for ch in &channels {
+            all &= w.dispute(ch).await.is_some_and(|d| d.concluded);
+        }
+        all
+    })
+    .await;
+    for l in &locators {
+        let l = *l;
+        w.until("resolved", async || w.status(l).await == "resolved")
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.tower_txs().await, 6, "3 refutations + 3 conclusions");
+    let alice = w.anvil.eth_balance(w.alice.address()).await.unwrap();
+    assert_eq!(alice, U256::from(3 * DEPOSIT + 1000 * (4 + 5 + 6)));
+    drop(tower);
 }
