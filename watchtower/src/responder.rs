@@ -352,8 +352,8 @@ struct Opened {
 }
 
 impl Inner {
-    /// Runs a store call on the blocking pool until it succeeds (or the
-    /// responder stops: then it waits for ever, and the caller is dropped).
+    /// Runs a store call on the blocking pool until it succeeds (a full or
+    /// failing disk must not skip an event; shutdown drops the caller).
     async fn retrying<T: Send + 'static>(
         &self,
         what: &'static str,
