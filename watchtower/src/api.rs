@@ -41,10 +41,16 @@
 //! response: as for /register
 //! ```
 //!
-//! `GET /health` → `{ "status": "ok", "tower": "0x<tower address>" }`
+//! `GET /health` → `{ "status": "ok", "tower": "0x<tower address>", "responder":
+//! null | { "status": "starting" | "connecting" | "ok" | "retrying" | "stopped",
+//! "cursor": <block>, "active_jobs": <n>, "error": null | "<text>" } }`
 //!
 //! `GET /metrics` → Prometheus text: `perun_tower_users`,
-//! `perun_tower_appointments`, `perun_tower_requests_total{endpoint,status,code}`.
+//! `perun_tower_appointments`, `perun_tower_requests_total{endpoint,status,code}`,
+//! and with a responder (`responder::Stats`) `perun_tower_disputes_seen_total`,
+//! `perun_tower_refutations_total`, `perun_tower_conclusions_total`,
+//! `perun_tower_bad_blobs_total`, `perun_tower_responder_retries_total`,
+//! `perun_tower_active_jobs`, `perun_tower_cursor_block`, `perun_tower_responder_up`.
 //!
 //! # Errors
 //!
@@ -436,6 +442,8 @@ pub struct Tower {
     ip_limits: Mutex<Limiter<IpAddr>>,
     user_limits: Mutex<Limiter<Address>>,
     requests: Mutex<BTreeMap<(&'static str, u16, &'static str), u64>>,
+    /// The responder's counters and health, once one runs.
+    responder: std::sync::OnceLock<Arc<crate::responder::Stats>>,
 }
 
 impl std::fmt::Debug for Tower {
@@ -471,6 +479,7 @@ impl Tower {
             ip_limits: Mutex::new(Limiter::new(config.ip_rate, config.max_buckets)),
             user_limits: Mutex::new(Limiter::new(config.user_rate, config.max_buckets)),
             requests: Mutex::new(BTreeMap::new()),
+            responder: std::sync::OnceLock::new(),
             store,
             account,
             config,
@@ -481,6 +490,11 @@ impl Tower {
     /// The tower's address (what its signatures recover to).
     pub fn address(&self) -> Address {
         self.account.address()
+    }
+
+    /// Reports `stats` in `/health` and `/metrics` (the first call wins).
+    pub fn set_responder(&self, stats: Arc<crate::responder::Stats>) {
+        let _ = self.responder.set(stats);
     }
 
     /// The store.
@@ -700,6 +714,9 @@ impl Tower {
                 "perun_tower_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\",code=\"{code}\"}} {n}\n"
             ));
         }
+        if let Some(r) = self.responder.get() {
+            out.push_str(&r.metrics_text());
+        }
         Ok(out)
     }
 }
@@ -810,7 +827,10 @@ pub fn router(tower: Shared) -> Router {
             "/health",
             get(|State(t): State<Shared>| async move {
                 t.count("health", StatusCode::OK, "ok");
-                axum::Json(serde_json::json!({ "status": "ok", "tower": t.address() }))
+                let responder = t.responder.get().map(|r| r.health_json());
+                axum::Json(
+                    serde_json::json!({ "status": "ok", "tower": t.address(), "responder": responder }),
+                )
             }),
         )
         .route(

@@ -86,6 +86,12 @@ pub enum Error {
         /// The stored appointment's sequence number.
         stored: u64,
     },
+    /// A chain call of the responder failed (see `perun_adjudicator::Error::is_transient`).
+    #[error("chain: {0}")]
+    Chain(#[from] perun_adjudicator::Error),
+    /// A blocking store task did not finish (it panicked or the runtime shut down).
+    #[error("store task: {0}")]
+    Task(#[from] tokio::task::JoinError),
     /// Signing or a key failed.
     #[error(transparent)]
     Wallet(#[from] perun_wallet::Error),

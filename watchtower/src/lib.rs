@@ -11,6 +11,7 @@
 //! - [`api`]: the HTTP/JSON API (axum): endpoints and their JSON, errors, rate limits, metrics.
 //! - [`batch`]: group commit of appointments (one writer thread, one `fsync` per batch).
 //! - [`messages`]: the hashes users and the tower sign.
+//! - [`responder`]: the chain side: follows disputes, refutes with a newer state, concludes.
 //! - [`store`]: the redb store of users, appointments, the locator index and the chain cursor.
 //! - [`error`]: the crate's one error enum.
 
@@ -18,6 +19,7 @@ pub mod api;
 pub mod batch;
 pub mod error;
 pub mod messages;
+pub mod responder;
 pub mod scheme;
 pub mod store;
 

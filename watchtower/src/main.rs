@@ -1,8 +1,10 @@
-//! `perun-watchtower`: serves the tower's API (see the library's `api` module).
+//! `perun-watchtower`: serves the tower's API (the library's `api` module)
+//! and runs its responder (`responder`) against an Ethereum node.
 //!
-//! This build serves the API only. The responder (the chain side that
-//! answers disputes) is not part of it; the binary says so when it starts,
-//! and `--rpc` and `--adjudicator` are checked and kept for it.
+//! The responder uses an `EthAdjudicator` (the client's backend and
+//! transaction queue) sending from the keystore's account. The API serves
+//! even while the node cannot be reached: the responder reconnects with
+//! backoff and `/health` says `connecting` meanwhile.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,17 +12,21 @@ use std::sync::Arc;
 
 use alloy_primitives::Address;
 use clap::Parser;
+use perun_adjudicator::{EthAdjudicator, EthConfig};
 use perun_watchtower::api::{self, Config as ApiConfig, Tower};
+use perun_watchtower::responder::{Config as ResponderConfig, Health, Responder, Stats};
 use perun_watchtower::store::Store;
 use perun_watchtower::{Error, Result};
 use serde::Deserialize;
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 /// Environment variable holding the keystore password, if no `--password-file` is given.
 const PASSWORD_ENV: &str = "PERUN_TOWER_KEYSTORE_PASSWORD";
 
 /// A watchtower for perun state channels: keeps encrypted appointments for
-/// offline clients and (in a later build) answers disputes for them.
+/// offline clients and answers disputes for them (refutes a stale state
+/// with the newest appointment, concludes after the timeout).
 ///
 /// Every flag may also come from `--config`; a flag given on the command
 /// line wins.
@@ -47,11 +53,19 @@ struct Cli {
     /// Address and port the HTTP API listens on, e.g. 127.0.0.1:9814.
     #[arg(long, value_name = "IP:PORT")]
     listen: Option<SocketAddr>,
+    /// The block the adjudicator was deployed in: where a tower with no
+    /// stored cursor starts scanning for disputes (default 0; set it on a
+    /// real chain). A stored cursor wins.
+    #[arg(long, value_name = "BLOCK")]
+    from_block: Option<u64>,
     /// A TOML (.toml) or JSON (any other extension) file with the same keys
-    /// as the flags (rpc, adjudicator, keystore, password_file, db, listen)
-    /// and an optional [api] table: slots_per_registration,
+    /// as the flags (rpc, adjudicator, keystore, password_file, db, listen,
+    /// from_block), an optional [api] table: slots_per_registration,
     /// subscription_secs, max_body, ip_rate / user_rate {burst, per_second},
-    /// max_buckets.
+    /// max_buckets; and an optional [responder] table: poll_ms (how often a
+    /// running dispute is read again, default 5000), retry_min_ms,
+    /// retry_max_ms, resume_grace_ms (after a restart, how long to wait for
+    /// a transaction that may be in flight, default 30000).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -66,8 +80,11 @@ struct FileConfig {
     password_file: Option<PathBuf>,
     db: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    from_block: Option<u64>,
     #[serde(default)]
     api: ApiConfig,
+    #[serde(default)]
+    responder: ResponderConfig,
 }
 
 /// Everything the tower needs, merged from the flags and the file.
@@ -79,7 +96,9 @@ struct Settings {
     password_file: Option<PathBuf>,
     db: PathBuf,
     listen: SocketAddr,
+    from_block: u64,
     api: ApiConfig,
+    responder: ResponderConfig,
 }
 
 fn read_config(path: &Path) -> Result<FileConfig> {
@@ -120,7 +139,9 @@ fn settings(cli: Cli) -> Result<Settings> {
             .listen
             .or(file.listen)
             .ok_or_else(|| missing("listen"))?,
+        from_block: cli.from_block.or(file.from_block).unwrap_or(0),
         api: file.api,
+        responder: file.responder,
     })
 }
 
@@ -166,27 +187,140 @@ async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> Result<()> {
     let s = settings(cli)?;
-    let account = perun_wallet::keystore::load(&s.keystore, password(&s)?)?;
+    let account = Arc::new(perun_wallet::keystore::load(&s.keystore, password(&s)?)?);
     let store = Store::open(&s.db)?;
     let tower = Arc::new(Tower::new(
-        store,
-        Arc::new(account),
+        store.clone(),
+        Arc::clone(&account),
         s.api.clone(),
         api::system_clock(),
     )?);
+    let stats = Arc::new(Stats::default());
+    tower.set_responder(Arc::clone(&stats));
     let listener = tokio::net::TcpListener::bind(s.listen).await?;
     info!(
         tower = %tower.address(),
         listen = %listener.local_addr()?,
         db = %s.db.display(),
-        "serving the watchtower API"
-    );
-    warn!(
         rpc = %s.rpc,
         adjudicator = %s.adjudicator,
-        "the responder (chain side) is not part of this build: appointments are stored and receipted, but no dispute is answered"
+        "serving the watchtower API and answering disputes"
     );
-    api::serve(listener, tower, shutdown_signal()).await
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let chain = ChainSettings {
+        rpc: s.rpc.clone(),
+        cfg: EthConfig::new(s.adjudicator, s.from_block, []),
+        responder: s.responder,
+    };
+    let responder = tokio::spawn(supervise_responder(
+        chain,
+        account,
+        store,
+        Arc::clone(&stats),
+        stop.clone(),
+    ));
+    let served = api::serve(listener, tower, stopped(stop)).await;
+    if tokio::time::timeout(std::time::Duration::from_secs(10), responder)
+        .await
+        .is_err()
+    {
+        warn!("the responder did not stop within 10 s");
+    }
+    served
+}
+
+/// What the responder's chain side is built from.
+struct ChainSettings {
+    rpc: String,
+    cfg: EthConfig,
+    responder: ResponderConfig,
+}
+
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Connects the responder's backend (retrying with backoff) and runs the
+/// responder until shutdown; restarts it if it ever panics.
+async fn supervise_responder(
+    chain: ChainSettings,
+    account: Arc<perun_wallet::LocalAccount>,
+    store: Store,
+    stats: Arc<Stats>,
+    stop: watch::Receiver<bool>,
+) {
+    let chain = Arc::new(chain);
+    let mut attempt = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let run = tokio::spawn(run_responder(
+            Arc::clone(&chain),
+            Arc::clone(&account),
+            store.clone(),
+            Arc::clone(&stats),
+            stop.clone(),
+        ));
+        match run.await {
+            Ok(()) => return,
+            Err(e) => {
+                attempt += 1;
+                let pause = chain.responder.backoff(attempt);
+                error!(error = %e, attempt, ?pause, "the responder failed; restarting it");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stopped(stop.clone()) => return,
+                }
+            }
+        }
+    }
+}
+
+async fn run_responder(
+    chain: Arc<ChainSettings>,
+    account: Arc<perun_wallet::LocalAccount>,
+    store: Store,
+    stats: Arc<Stats>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut attempt = 0u32;
+    let adjudicator = loop {
+        let connect = EthAdjudicator::connect(&chain.rpc, &account, chain.cfg.clone());
+        let res = tokio::select! {
+            r = connect => r,
+            () = stopped(stop.clone()) => return,
+        };
+        match res {
+            Ok(a) => break a,
+            Err(e) => {
+                attempt += 1;
+                let pause = chain.responder.backoff(attempt);
+                warn!(error = %e, rpc = %chain.rpc, attempt, ?pause, "cannot reach the node; retrying");
+                stats.set_health(Health::Connecting(Arc::new(e)));
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stopped(stop.clone()) => return,
+                }
+            }
+        }
+    };
+    info!(chain = %adjudicator.chain_id(), "responder connected");
+    stats.set_health(Health::Starting);
+    let feed = adjudicator.clone();
+    let r = Responder::new(
+        store,
+        Arc::new(adjudicator) as Arc<dyn perun_adjudicator::Adjudicator>,
+        chain.responder,
+        stats,
+    );
+    r.run(move |from| feed.registrations(from), stopped(stop))
+        .await;
 }
 
 fn main() -> std::process::ExitCode {

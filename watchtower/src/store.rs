@@ -9,6 +9,7 @@
 //! | `tower_users` | user address (20 bytes) | [`Subscription`] |
 //! | `tower_appointments` | user ‖ locator (52 bytes) | [`Appointment`] (sequence number, blob, user signature, start block, receipt, status) |
 //! | `tower_locators` | locator (multimap) | user addresses holding it |
+//! | `tower_jobs` | channel id (32 bytes) | [`Job`]: the responder's durable record of one dispute |
 //!
 //! The multimap index makes a `Registered` event one lookup: its locator
 //! gives every user with an appointment for it, whatever the number of
@@ -24,12 +25,17 @@
 //! `kill -9` and power loss. The API answers with a receipt only after
 //! [`Store::add_appointment`] returned.
 //!
+//! The responder writes a job's phase *before* each transaction it sends
+//! (DESIGN §12), so a restarted tower knows what may be in flight and asks
+//! the chain whether it landed instead of sending it again.
+//!
 //! Calls are blocking (redb and `fsync`); async callers run them on
 //! `tokio::task::spawn_blocking`.
 
 use std::path::Path;
 
-use alloy_primitives::Address;
+use alloy_primitives::{Address, U256};
+use perun_channel::{ChannelId, State};
 use redb::{
     Database, Durability, MultimapTableDefinition, ReadableDatabase, ReadableTable,
     ReadableTableMetadata, TableDefinition,
@@ -39,8 +45,10 @@ use serde::{Deserialize, Serialize};
 use crate::scheme::Locator;
 use crate::{Error, Result};
 
-/// The schema version this build writes and the newest it opens.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The schema version this build writes and the newest it opens. Version 2
+/// added `tower_jobs`: a build of version 1 must not open a store with
+/// unfinished jobs it would ignore.
+pub const SCHEMA_VERSION: u64 = 2;
 const VALUE_FORMAT: u8 = 1;
 
 const INFO: TableDefinition<&str, u64> = TableDefinition::new("tower_info");
@@ -48,6 +56,7 @@ const USERS: TableDefinition<&[u8; 20], &[u8]> = TableDefinition::new("tower_use
 const APPOINTMENTS: TableDefinition<&[u8; 52], &[u8]> = TableDefinition::new("tower_appointments");
 const LOCATORS: MultimapTableDefinition<&[u8; 32], &[u8; 20]> =
     MultimapTableDefinition::new("tower_locators");
+const JOBS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("tower_jobs");
 const SCHEMA_KEY: &str = "schema_version";
 const CURSOR_KEY: &str = "cursor";
 
@@ -123,6 +132,89 @@ pub struct Added {
     pub replaced: bool,
     /// The subscription after the change.
     pub subscription: Subscription,
+}
+
+/// Where the responder is with one dispute. Written *before* the transaction
+/// it names, so after a crash the tower checks the chain for it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobPhase {
+    /// The dispute was seen; nothing sent yet.
+    Triggered,
+    /// A refutation with this version is being sent (or was sent).
+    Refuting {
+        /// The version of the state the tower registers.
+        version: u64,
+    },
+    /// A conclusion of this version is being sent (or was sent).
+    Concluding {
+        /// The version of the registered state the tower concludes.
+        version: u64,
+    },
+    /// Over: the channel is concluded on-chain, the dispute is gone, or no
+    /// appointment could act on it.
+    Done,
+}
+
+/// Why the responder refused an appointment's blob (it sends nothing for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// Longer than the blob limit, or too short for a nonce and a tag.
+    Size,
+    /// The AEAD tag does not verify with the channel's key.
+    Decrypt,
+    /// The plaintext does not decode.
+    Garbage,
+    /// The params are not this channel's.
+    WrongChannel,
+    /// The state is invalid or not signed by every participant.
+    BadState,
+}
+
+impl Refusal {
+    /// The refusal `scheme::open`'s error stands for (`None`: not a blob error).
+    pub fn of(e: &Error) -> Option<Self> {
+        Some(match e {
+            Error::TooLarge { .. } | Error::TooShort(_) => Self::Size,
+            Error::Decrypt => Self::Decrypt,
+            Error::Garbage(_) => Self::Garbage,
+            Error::WrongChannel { .. } => Self::WrongChannel,
+            Error::BadState(_) => Self::BadState,
+            _ => return None,
+        })
+    }
+}
+
+/// The responder's durable record of one dispute (`tower_jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// The disputed channel.
+    pub channel: ChannelId,
+    /// Its `params.nonce` (from `Registered`): with the id, it opens the blobs.
+    pub nonce: U256,
+    /// The appointments' locator.
+    pub locator: Locator,
+    /// Where the job is.
+    pub phase: JobPhase,
+    /// The newest registered state an event showed (to conclude it when it
+    /// is not one of ours).
+    pub registered: Option<State>,
+    /// The version of the refutation of ours that landed, if any.
+    pub refuted: Option<u64>,
+    /// Whether a conclusion of ours landed.
+    pub concluded: bool,
+    /// Users whose blob was refused, and why.
+    pub refused: Vec<(Address, Refusal)>,
+}
+
+/// What [`Store::start_job`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStart {
+    /// A new dispute: the job was created.
+    New,
+    /// The channel's job had ended; it runs again.
+    Reopened,
+    /// The job runs already (its registered state was updated if newer).
+    Running,
 }
 
 /// The redb store. Cheap to clone (an `Arc` inside).
@@ -263,11 +355,13 @@ impl Store {
                         supported: SCHEMA_VERSION,
                     });
                 }
-                Some(_) => {}
-                None => {
+                Some(v) if v == SCHEMA_VERSION => {}
+                // Version 1 lacks only the jobs table, created below.
+                Some(_) | None => {
                     info.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
                 }
             }
+            txn.open_table(JOBS)?;
             txn.open_table(USERS)?;
             txn.open_table(APPOINTMENTS)?;
             txn.open_multimap_table(LOCATORS)?;
@@ -450,6 +544,139 @@ impl Store {
         Ok(())
     }
 
+    /// Lowers the cursor to `block` if it is above (a reorg made the feed
+    /// scan again from `block + 1`).
+    pub fn rewind_cursor(&self, block: u64) -> Result<()> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut t = txn.open_table(INFO)?;
+            let cur = t.get(CURSOR_KEY)?.map(|v| v.value()).unwrap_or(0);
+            if cur > block {
+                t.insert(CURSOR_KEY, block)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Records a `Registered` event for `job.channel` in one transaction: a
+    /// new job (its appointments of `users` become
+    /// [`Status::DisputeTriggered`]), or for a known job the newer of its
+    /// registered states; a [`JobPhase::Done`] job starts again (the chain
+    /// decides whether anything is left to do).
+    pub fn start_job(&self, job: &Job, users: &[Address]) -> Result<JobStart> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let start = {
+            let mut jobs = txn.open_table(JOBS)?;
+            let old: Option<Job> = match jobs.get(&job.channel.0)? {
+                Some(v) => Some(decode("tower_jobs", v.value())?),
+                None => None,
+            };
+            let (stored, start) = match old {
+                None => (job.clone(), JobStart::New),
+                Some(mut old) => {
+                    let newer = match (&old.registered, &job.registered) {
+                        (Some(o), Some(n)) => n.version > o.version,
+                        (None, Some(_)) => true,
+                        _ => false,
+                    };
+                    if newer {
+                        old.registered.clone_from(&job.registered);
+                    }
+                    if old.phase == JobPhase::Done {
+                        old.phase = JobPhase::Triggered;
+                        (old, JobStart::Reopened)
+                    } else {
+                        (old, JobStart::Running)
+                    }
+                }
+            };
+            jobs.insert(&job.channel.0, encode(&stored)?.as_slice())?;
+            if start != JobStart::Running {
+                let mut t = txn.open_table(APPOINTMENTS)?;
+                set_statuses(&mut t, users, job.locator, Status::DisputeTriggered)?;
+            }
+            start
+        };
+        txn.commit()?;
+        Ok(start)
+    }
+
+    /// The job of `channel`, if there is one.
+    pub fn job(&self, channel: ChannelId) -> Result<Option<Job>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(JOBS)?;
+        match t.get(&channel.0)? {
+            Some(v) => Ok(Some(decode("tower_jobs", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Changes the job of `channel` with `f` in one durable transaction and
+    /// returns it as stored (`None`: no such job).
+    pub fn update_job(&self, channel: ChannelId, f: impl FnOnce(&mut Job)) -> Result<Option<Job>> {
+        self.change_job(channel, None, f)
+    }
+
+    /// Ends the job of `channel` ([`JobPhase::Done`], after `f`) and sets
+    /// the appointments of `users` at its locator to `status`, in one
+    /// durable transaction.
+    pub fn finish_job(
+        &self,
+        channel: ChannelId,
+        users: &[Address],
+        status: Status,
+        f: impl FnOnce(&mut Job),
+    ) -> Result<Option<Job>> {
+        self.change_job(channel, Some((users, status)), |j| {
+            f(j);
+            j.phase = JobPhase::Done;
+        })
+    }
+
+    fn change_job(
+        &self,
+        channel: ChannelId,
+        statuses: Option<(&[Address], Status)>,
+        f: impl FnOnce(&mut Job),
+    ) -> Result<Option<Job>> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let job = {
+            let mut jobs = txn.open_table(JOBS)?;
+            let mut job: Job = match jobs.get(&channel.0)? {
+                Some(v) => decode("tower_jobs", v.value())?,
+                None => return Ok(None),
+            };
+            f(&mut job);
+            jobs.insert(&channel.0, encode(&job)?.as_slice())?;
+            if let Some((users, status)) = statuses {
+                let mut t = txn.open_table(APPOINTMENTS)?;
+                set_statuses(&mut t, users, job.locator, status)?;
+            }
+            job
+        };
+        txn.commit()?;
+        Ok(Some(job))
+    }
+
+    /// Every job not [`JobPhase::Done`]: what a restarted responder resumes.
+    pub fn unfinished_jobs(&self) -> Result<Vec<Job>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(JOBS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            let job: Job = decode("tower_jobs", v.value())?;
+            if job.phase != JobPhase::Done {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
     /// How many users and appointments are stored.
     pub fn counts(&self) -> Result<(u64, u64)> {
         let txn = self.db.begin_read()?;
@@ -457,4 +684,26 @@ impl Store {
         let appointments = txn.open_table(APPOINTMENTS)?.len()?;
         Ok((users, appointments))
     }
+}
+
+/// Sets the status of the appointments of `users` at `locator` (missing ones
+/// are skipped: a user may have none any more).
+fn set_statuses(
+    t: &mut redb::Table<'_, &'static [u8; 52], &'static [u8]>,
+    users: &[Address],
+    locator: Locator,
+    status: Status,
+) -> Result<()> {
+    for user in users {
+        let key = appointment_key(*user, locator);
+        let old: Option<Appointment> = match t.get(&key)? {
+            Some(v) => Some(decode("tower_appointments", v.value())?),
+            None => None,
+        };
+        if let Some(mut a) = old {
+            a.status = status;
+            t.insert(&key, encode(&a)?.as_slice())?;
+        }
+    }
+    Ok(())
 }

@@ -63,6 +63,12 @@ async fn serves_health_from_a_config_file() {
             let tower: perun_wallet::Address =
                 serde_json::from_value(r.json()["tower"].clone()).expect("address");
             assert_eq!(tower, perun_wallet::Account::address(&account));
+            // No node at --rpc: the API serves, the responder keeps trying.
+            let responder = r.json()["responder"]["status"].clone();
+            assert!(
+                responder == "connecting" || responder == "starting",
+                "{responder}"
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

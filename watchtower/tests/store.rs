@@ -130,6 +130,114 @@ fn slots_replacement_index_and_reopen() {
     assert_eq!((sub.slots_total, sub.slots_used, sub.expiry), (5, 2, 100));
 }
 
+/// Jobs: a new one marks its appointments, a second event for it changes
+/// only the registered state (when newer), a finished one reopens; the
+/// phase written before a transaction survives reopening; the cursor only
+/// moves back on a rewind.
+#[test]
+fn jobs_survive_reopen_and_mark_their_appointments() {
+    use perun_channel::{Allocation, Asset, Domain, Params, State, U256};
+    use perun_watchtower::store::{Job, JobPhase, JobStart};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tower.redb");
+    let alice = Address::repeat_byte(1);
+    let locator = B256::repeat_byte(7);
+    let domain = Domain {
+        chain_id: U256::from(1),
+        adjudicator: Address::repeat_byte(0xad),
+    };
+    let params = Params::payment(
+        domain,
+        60,
+        U256::from(9),
+        vec![alice, Address::repeat_byte(2)],
+        vec![vec![U256::from(1); 2]],
+    );
+    let asset = Asset {
+        chainId: U256::from(1),
+        holder: Address::repeat_byte(0xee),
+    };
+    let state = |v: u64| {
+        let mut s = State::initial(
+            &params,
+            Allocation::new(vec![asset.clone()], vec![vec![U256::from(1); 2]]),
+        );
+        s.version = v;
+        s
+    };
+    let job = |v: u64| Job {
+        channel: params.channel_id(),
+        nonce: params.nonce,
+        locator,
+        phase: JobPhase::Triggered,
+        registered: Some(state(v)),
+        refuted: None,
+        concluded: false,
+        refused: Vec::new(),
+    };
+    let id = params.channel_id();
+    {
+        let store = Store::open(&path).expect("open");
+        store.register(alice, 1, 100).expect("register");
+        store
+            .add_appointment(new(alice, locator, 1, vec![1], vec![]), 0, sign)
+            .expect("add");
+        assert_eq!(
+            store.start_job(&job(2), &[alice]).expect("start"),
+            JobStart::New
+        );
+        let status = |s: &Store| {
+            s.appointment(alice, locator)
+                .expect("read")
+                .expect("some")
+                .status
+        };
+        assert_eq!(status(&store), Status::DisputeTriggered);
+        assert_eq!(
+            store.start_job(&job(1), &[alice]).expect("again"),
+            JobStart::Running
+        );
+        assert_eq!(
+            store.job(id).expect("job").expect("some").registered,
+            Some(state(2))
+        );
+        assert_eq!(
+            store.start_job(&job(3), &[alice]).expect("newer"),
+            JobStart::Running
+        );
+        store
+            .update_job(id, |j| j.phase = JobPhase::Refuting { version: 5 })
+            .expect("phase");
+        store.set_cursor(10).expect("cursor");
+        store.rewind_cursor(12).expect("no rewind upwards");
+        assert_eq!(store.cursor().expect("cursor"), 10);
+        store.rewind_cursor(6).expect("rewind");
+    }
+    let store = Store::open(&path).expect("reopen");
+    assert_eq!(store.cursor().expect("cursor"), 6);
+    let unfinished = store.unfinished_jobs().expect("jobs");
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(unfinished[0].phase, JobPhase::Refuting { version: 5 });
+    assert_eq!(unfinished[0].registered, Some(state(3)));
+    store
+        .finish_job(id, &[alice], Status::Resolved, |j| j.concluded = true)
+        .expect("finish");
+    assert!(store.unfinished_jobs().expect("jobs").is_empty());
+    let a = store
+        .appointment(alice, locator)
+        .expect("read")
+        .expect("some");
+    assert_eq!(a.status, Status::Resolved);
+    assert_eq!(
+        store.start_job(&job(3), &[alice]).expect("reopen"),
+        JobStart::Reopened
+    );
+    assert_eq!(
+        store.unfinished_jobs().expect("jobs")[0].phase,
+        JobPhase::Triggered
+    );
+}
+
 /// A batch (group commit) gives each appointment its own result: refusals
 /// change nothing, later ones see earlier ones (slots run out inside the
 /// batch, the same locator twice is a replacement), and all of it survives

@@ -1,0 +1,847 @@
+//! The responder: answers disputes for the tower's users (DESIGN §12).
+//!
+//! It follows every `Registered` and `Concluded` event of the adjudicator
+//! through a [`RegistrationFeed`] and acts through an `Arc<dyn Adjudicator>`
+//! (an `EthAdjudicator`, with the client's transaction queue, or a
+//! `SimLedger` in tests):
+//!
+//! 1. `Registered{id, nonce, ..}` → `locator = ChannelSecret{id, nonce}.locator()`,
+//!    one index lookup. No appointment: nothing happens. Otherwise a durable
+//!    [`Job`] is created (its appointments become `dispute_triggered`) and a
+//!    task drives it.
+//! 2. The cursor: a [`FeedItem::Scanned`] mark is stored only after every
+//!    event before it was turned into a durable job, so a restart from
+//!    `cursor + 1` misses no dispute (an event may come twice; jobs are keyed
+//!    by channel, so that is harmless).
+//! 3. A job re-reads the dispute from the chain before every decision and
+//!    every transaction. It opens every appointment's blob with the
+//!    channel's secret ([`scheme::open`]); a refused blob is recorded and
+//!    warned about and never costs a transaction. It **refutes** only with
+//!    a valid, fully signed state newer than the registered one, and after
+//!    the timeout (chain time: the backend refuses to conclude early and
+//!    sends nothing) **concludes**, so payouts go to the participants.
+//!    `Concluded` on-chain ends the job (`resolved`).
+//! 4. Before each transaction the job's phase (`Refuting{version}`,
+//!    `Concluding{version}`) is committed. A restarted responder resumes
+//!    every unfinished job; one whose transaction may be in flight first
+//!    waits [`Config::resume_grace`] for it to show on-chain, then decides
+//!    from the chain, so a refutation or conclusion the chain shows is
+//!    never sent again.
+//!
+//! Every failure (node, store) is retried with capped exponential backoff;
+//! job tasks run under a supervisor that restarts them after a panic. The
+//! responder ends only when told to stop.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use alloy_primitives::Address;
+use perun_adjudicator::{
+    Adjudicator, AdjudicatorEvent, Dispute, FeedItem, RegistrationFeed, SignedChannel,
+};
+use perun_channel::{ChannelId, Params, SignedState, State};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::scheme::{self, ChannelSecret};
+use crate::store::{Job, JobPhase, JobStart, Refusal, Status, Store};
+use crate::{Error, Result};
+
+/// The responder's timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// How often a running dispute is read again (ms). Chain time decides
+    /// when a dispute can be concluded, and it can jump; so the job polls
+    /// rather than sleeping until a local clock says so.
+    pub poll_ms: u64,
+    /// First pause after a failure (ms); it doubles up to `retry_max_ms`.
+    pub retry_min_ms: u64,
+    /// Longest pause between retries (ms).
+    pub retry_max_ms: u64,
+    /// After a restart, how long (ms) a job whose transaction may be in
+    /// flight waits for the chain to show it before sending it again.
+    pub resume_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            poll_ms: 5_000,
+            retry_min_ms: 500,
+            retry_max_ms: 60_000,
+            resume_grace_ms: 30_000,
+        }
+    }
+}
+
+impl Config {
+    fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms.max(1))
+    }
+
+    /// The pause before retry `attempt` (1, 2, ...): doubling from
+    /// `retry_min_ms`, capped at `retry_max_ms`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let shift = attempt.saturating_sub(1).min(20);
+        let ms = self
+            .retry_min_ms
+            .max(1)
+            .saturating_mul(1u64 << shift)
+            .min(self.retry_max_ms.max(1));
+        Duration::from_millis(ms)
+    }
+}
+
+/// What the responder is doing, for `/health`.
+#[derive(Debug, Clone)]
+pub enum Health {
+    /// Not started yet (or connecting to the node).
+    Starting,
+    /// The node cannot be reached; retrying.
+    Connecting(Arc<perun_adjudicator::Error>),
+    /// Scanning; the feed's last range succeeded.
+    Scanning,
+    /// The feed's last scan failed; it retries.
+    Retrying(Arc<perun_adjudicator::Error>),
+    /// Stopped (shutdown).
+    Stopped,
+}
+
+impl Health {
+    /// A stable name for the state.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Health::Starting => "starting",
+            Health::Connecting(_) => "connecting",
+            Health::Scanning => "ok",
+            Health::Retrying(_) => "retrying",
+            Health::Stopped => "stopped",
+        }
+    }
+}
+
+/// Counters and health of a responder, shared with the API.
+#[derive(Debug)]
+pub struct Stats {
+    /// Disputes with at least one appointment of ours.
+    pub disputes_seen: AtomicU64,
+    /// Refutations the tower sent that landed.
+    pub refutations: AtomicU64,
+    /// Conclusions the tower sent that landed.
+    pub conclusions: AtomicU64,
+    /// Blobs refused when their dispute came (no transaction).
+    pub bad_blobs: AtomicU64,
+    /// Failed chain or store steps, each retried.
+    pub retries: AtomicU64,
+    /// Jobs running now.
+    pub active_jobs: AtomicU64,
+    /// The stored cursor (last scanned block).
+    pub cursor: AtomicU64,
+    health: Mutex<Health>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            disputes_seen: AtomicU64::new(0),
+            refutations: AtomicU64::new(0),
+            conclusions: AtomicU64::new(0),
+            bad_blobs: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            active_jobs: AtomicU64::new(0),
+            cursor: AtomicU64::new(0),
+            health: Mutex::new(Health::Starting),
+        }
+    }
+}
+
+impl Stats {
+    /// The responder's state.
+    pub fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets the responder's state.
+    pub fn set_health(&self, h: Health) {
+        *self.health.lock().unwrap_or_else(PoisonError::into_inner) = h;
+    }
+
+    /// The `responder` object of `/health`.
+    pub fn health_json(&self) -> serde_json::Value {
+        let h = self.health();
+        let error = match &h {
+            Health::Connecting(e) | Health::Retrying(e) => Some(e.to_string()),
+            _ => None,
+        };
+        serde_json::json!({
+            "status": h.name(),
+            "cursor": self.cursor.load(Ordering::Relaxed),
+            "active_jobs": self.active_jobs.load(Ordering::Relaxed),
+            "error": error,
+        })
+    }
+
+    /// The responder's lines of `/metrics` (Prometheus text).
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        let counters = [
+            (
+                "perun_tower_disputes_seen_total",
+                "Disputes with an appointment of the tower's users.",
+                &self.disputes_seen,
+            ),
+            (
+                "perun_tower_refutations_total",
+                "Refutations the tower sent that landed.",
+                &self.refutations,
+            ),
+            (
+                "perun_tower_conclusions_total",
+                "Conclusions the tower sent that landed.",
+                &self.conclusions,
+            ),
+            (
+                "perun_tower_bad_blobs_total",
+                "Blobs refused when their dispute came (no transaction).",
+                &self.bad_blobs,
+            ),
+            (
+                "perun_tower_responder_retries_total",
+                "Failed chain or store steps of the responder (each retried).",
+                &self.retries,
+            ),
+        ];
+        for (name, help, v) in counters {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        let gauges = [
+            (
+                "perun_tower_active_jobs",
+                "Disputes the responder drives now.",
+                self.active_jobs.load(Ordering::Relaxed),
+            ),
+            (
+                "perun_tower_cursor_block",
+                "Last block whose events are processed.",
+                self.cursor.load(Ordering::Relaxed),
+            ),
+            (
+                "perun_tower_responder_up",
+                "1 while the responder's last scan succeeded.",
+                u64::from(matches!(self.health(), Health::Scanning)),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// The responder. Build it with [`Responder::new`], run it with [`Responder::run`].
+pub struct Responder {
+    inner: Arc<Inner>,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    store: Store,
+    chain: Arc<dyn Adjudicator>,
+    config: Config,
+    stats: Arc<Stats>,
+    /// The running job tasks, each with the bell that wakes it.
+    jobs: Mutex<HashMap<ChannelId, Arc<Notify>>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Responder {
+    /// A responder over `store`, acting through `chain`, reporting to `stats`.
+    pub fn new(
+        store: Store,
+        chain: Arc<dyn Adjudicator>,
+        config: Config,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let (stop_tx, stop) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                chain,
+                config,
+                stats,
+                jobs: Mutex::new(HashMap::new()),
+                stop,
+            }),
+            stop: stop_tx,
+        }
+    }
+
+    /// Resumes every unfinished job, then follows the feed that `feed`
+    /// makes from the first block not yet processed (`cursor + 1`), until
+    /// `shutdown` resolves. Failures are retried; it returns only then.
+    pub async fn run<F>(self, feed: F, shutdown: impl Future<Output = ()>)
+    where
+        F: FnOnce(u64) -> RegistrationFeed,
+    {
+        let Self { inner, stop } = self;
+        tokio::pin!(shutdown);
+        let work = async {
+            let (jobs, cursor) = inner
+                .retrying("resume", |s| Ok((s.unfinished_jobs()?, s.cursor()?)))
+                .await;
+            inner.stats.cursor.store(cursor, Ordering::Relaxed);
+            for job in jobs {
+                info!(channel = %job.channel, phase = ?job.phase, "resuming a dispute");
+                inner.spawn_job(job.channel, true);
+            }
+            let mut feed = feed(cursor.saturating_add(1));
+            // Up until a scan fails: a feed that is caught up sends no mark
+            // until the next block.
+            inner.stats.set_health(Health::Scanning);
+            loop {
+                let item = feed.next().await;
+                inner.handle(item).await;
+            }
+        };
+        tokio::select! {
+            () = work => {}
+            () = &mut shutdown => {}
+        }
+        let _ = stop.send(true);
+        inner.stats.set_health(Health::Stopped);
+        info!("responder stopped");
+    }
+}
+
+/// A step's verdict.
+enum Next {
+    /// The job is over.
+    Done,
+    /// Step again after this long (or when woken).
+    Wait(Duration),
+}
+
+/// The appointments of a job, opened.
+struct Opened {
+    /// Every user with an appointment at the locator.
+    users: Vec<Address>,
+    /// The channel's params and the newest valid state among them.
+    best: Option<(Params, SignedState)>,
+}
+
+impl Inner {
+    /// Runs a store call on the blocking pool until it succeeds (a full or
+    /// failing disk must not skip an event; shutdown drops the caller).
+    async fn retrying<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl Fn(&Store) -> Result<T> + Send + Sync + Clone + 'static,
+    ) -> T {
+        let mut attempt = 0;
+        loop {
+            let store = self.store.clone();
+            let f = f.clone();
+            let res = tokio::task::spawn_blocking(move || f(&store))
+                .await
+                .map_err(Error::from)
+                .and_then(|r| r);
+            match res {
+                Ok(v) => return v,
+                Err(e) => {
+                    attempt += 1;
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let pause = self.config.backoff(attempt);
+                    error!(error = %e, what, attempt, ?pause, "store failed; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    /// One store call on the blocking pool.
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store)).await?
+    }
+
+    /// Processes one feed item; returns once it is durable.
+    async fn handle(self: &Arc<Self>, item: FeedItem) {
+        match item {
+            FeedItem::Event {
+                block,
+                event:
+                    AdjudicatorEvent::Registered {
+                        id,
+                        version,
+                        nonce,
+                        state,
+                        ..
+                    },
+            } => {
+                let locator = ChannelSecret {
+                    channel_id: id,
+                    nonce,
+                }
+                .locator();
+                let users = self
+                    .retrying("users_for", move |s| s.users_for(locator))
+                    .await;
+                if users.is_empty() {
+                    debug!(channel = %id, version, block, "a dispute without appointments");
+                    return;
+                }
+                let job = Job {
+                    channel: id,
+                    nonce,
+                    locator,
+                    phase: JobPhase::Triggered,
+                    registered: Some(state),
+                    refuted: None,
+                    concluded: false,
+                    refused: Vec::new(),
+                };
+                let start = self
+                    .retrying("start_job", move |s| s.start_job(&job, &users))
+                    .await;
+                if start == JobStart::New {
+                    self.stats.disputes_seen.fetch_add(1, Ordering::Relaxed);
+                    info!(channel = %id, version, block, "dispute on a watched channel");
+                }
+                self.spawn_job(id, false);
+            }
+            FeedItem::Event {
+                event: AdjudicatorEvent::Concluded { id, .. },
+                ..
+            } => self.wake(id),
+            FeedItem::Event { .. } => {}
+            FeedItem::Scanned { block } => {
+                self.retrying("set_cursor", move |s| s.set_cursor(block))
+                    .await;
+                self.stats.cursor.store(block, Ordering::Relaxed);
+                self.stats.set_health(Health::Scanning);
+            }
+            FeedItem::Reorged { from } => {
+                warn!(from, "reorg: scanning again");
+                let to = from.saturating_sub(1);
+                self.retrying("rewind_cursor", move |s| s.rewind_cursor(to))
+                    .await;
+            }
+            FeedItem::Retrying { error, delay } => {
+                warn!(%error, ?delay, "scanning the chain failed; retrying");
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                self.stats.set_health(Health::Retrying(Arc::new(error)));
+            }
+        }
+    }
+
+    /// Told to stop, or the responder's `run` is gone (dropped or aborted).
+    fn is_stopped(&self) -> bool {
+        *self.stop.borrow() || self.stop.has_changed().is_err()
+    }
+
+    fn wake(&self, id: ChannelId) {
+        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = jobs.get(&id) {
+            n.notify_one();
+        }
+    }
+
+    /// Starts the job's task unless it runs (then wakes it).
+    fn spawn_job(self: &Arc<Self>, id: ChannelId, resumed: bool) {
+        let notify = {
+            let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = jobs.get(&id) {
+                n.notify_one();
+                return;
+            }
+            let n = Arc::new(Notify::new());
+            jobs.insert(id, n.clone());
+            self.stats
+                .active_jobs
+                .store(jobs.len() as u64, Ordering::Relaxed);
+            n
+        };
+        let span = info_span!(parent: None, "tower_job", channel = %id);
+        tokio::spawn(
+            Arc::clone(self)
+                .supervise(id, notify, resumed)
+                .instrument(span),
+        );
+    }
+
+    /// Runs a job's task, restarting it after a panic, until it is done or
+    /// the responder stops.
+    async fn supervise(self: Arc<Self>, id: ChannelId, notify: Arc<Notify>, mut resumed: bool) {
+        let mut restarts = 0u32;
+        let mut stop = self.stop.clone();
+        loop {
+            if self.is_stopped() {
+                break;
+            }
+            let task = tokio::spawn(
+                Arc::clone(&self)
+                    .drive(id, notify.clone(), resumed)
+                    .in_current_span(),
+            );
+            match task.await {
+                Ok(()) => break,
+                Err(e) => {
+                    restarts += 1;
+                    // What it sent is in the job: resume as after a crash.
+                    resumed = true;
+                    let pause = self.config.backoff(restarts);
+                    error!(error = %e, restarts, ?pause, "job task failed; restarting it");
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                }
+            }
+        }
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+            jobs.remove(&id);
+            self.stats
+                .active_jobs
+                .store(jobs.len() as u64, Ordering::Relaxed);
+        }
+        // A `Registered` that reopened the job after the task's last read
+        // found it still in the map and only rang its bell: look once more.
+        if self.is_stopped() {
+            return;
+        }
+        match self.store_call(move |s| s.job(id)).await {
+            Ok(Some(job)) if job.phase != JobPhase::Done => self.spawn_job(id, true),
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "cannot re-read the job after its task ended"),
+        }
+    }
+
+    /// Steps the job until it is done or the responder stops.
+    async fn drive(self: Arc<Self>, id: ChannelId, notify: Arc<Notify>, resumed: bool) {
+        let mut stop = self.stop.clone();
+        let mut state = JobRun {
+            grace: None,
+            resumed,
+            missing: 0,
+            no_refute: None,
+        };
+        let mut failures = 0u32;
+        loop {
+            if self.is_stopped() {
+                return;
+            }
+            let wait = match self.step(id, &mut state).await {
+                Ok(Next::Done) => {
+                    debug!("job done");
+                    return;
+                }
+                Ok(Next::Wait(d)) => {
+                    failures = 0;
+                    d
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let pause = self.config.backoff(failures);
+                    warn!(error = %e, attempt = failures, ?pause, "dispute step failed; retrying");
+                    pause
+                }
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = notify.notified() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Opens every appointment at the job's locator; records refusals (once per user and reason).
+    async fn open(&self, job: &Job) -> Result<Opened> {
+        let locator = job.locator;
+        let secret = ChannelSecret {
+            channel_id: job.channel,
+            nonce: job.nonce,
+        };
+        let (users, blobs) = self
+            .store_call(move |s| {
+                let users = s.users_for(locator)?;
+                let mut blobs = Vec::with_capacity(users.len());
+                for u in &users {
+                    if let Some(a) = s.appointment(*u, locator)? {
+                        blobs.push((*u, a.blob));
+                    }
+                }
+                Ok((users, blobs))
+            })
+            .await?;
+        let mut best: Option<(Params, SignedState)> = None;
+        let mut refused = Vec::new();
+        for (user, blob) in blobs {
+            match scheme::open(&secret, &blob) {
+                Ok((params, signed)) => {
+                    if best
+                        .as_ref()
+                        .is_none_or(|(_, b)| signed.state.version > b.state.version)
+                    {
+                        best = Some((params, signed));
+                    }
+                }
+                Err(e) => match Refusal::of(&e) {
+                    Some(r) if !job.refused.contains(&(user, r)) => {
+                        warn!(%user, error = %e, "refusing an appointment's blob: no transaction for it");
+                        refused.push((user, r));
+                    }
+                    Some(_) => {}
+                    None => return Err(e),
+                },
+            }
+        }
+        if !refused.is_empty() {
+            let n = refused.len() as u64;
+            self.store_call(move |s| {
+                s.update_job(secret.channel_id, |j| j.refused.extend(refused))
+            })
+            .await?;
+            self.stats.bad_blobs.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(Opened { users, best })
+    }
+
+    /// One look at the chain and the step it calls for.
+    async fn step(&self, id: ChannelId, run: &mut JobRun) -> Result<Next> {
+        let Some(job) = self.store_call(move |s| s.job(id)).await? else {
+            return Ok(Next::Done);
+        };
+        if job.phase == JobPhase::Done {
+            return Ok(Next::Done);
+        }
+        let opened = self.open(&job).await?;
+        let users = opened.users.clone();
+        let d = self.chain.dispute(id).await?;
+        let d = match d {
+            None => {
+                // The event was a hint; a reorg may have dropped the registration.
+                run.missing += 1;
+                if run.missing < 3 {
+                    return Ok(Next::Wait(self.config.poll()));
+                }
+                warn!("no dispute on-chain any more; watching again");
+                self.store_call(move |s| s.finish_job(id, &users, Status::BeingWatched, |_| {}))
+                    .await?;
+                return Ok(Next::Done);
+            }
+            Some(d) => d,
+        };
+        run.missing = 0;
+        if d.concluded {
+            info!(version = d.version, "the dispute is concluded");
+            self.store_call(move |s| s.finish_job(id, &users, Status::Resolved, |_| {}))
+                .await?;
+            return Ok(Next::Done);
+        }
+        let Some((params, best)) = opened.best else {
+            // Nothing of ours can act: no gas for this dispute.
+            warn!(
+                appointments = users.len(),
+                "no appointment opens to a valid state; nothing to send"
+            );
+            self.store_call(move |s| s.finish_job(id, &users, Status::Resolved, |_| {}))
+                .await?;
+            return Ok(Next::Done);
+        };
+        let version = best.state.version;
+        if version > d.version && run.no_refute != Some(version) {
+            if let Some(w) = run.in_flight(&job.phase, JobPhase::Refuting { version }, &self.config)
+            {
+                debug!(
+                    version,
+                    "a refutation may be in flight from before the restart; waiting"
+                );
+                return Ok(Next::Wait(w));
+            }
+            return self.refute(id, &d, params, best, run).await;
+        }
+        self.conclude(id, &job, users, &d, (params, best), run)
+            .await
+    }
+
+    async fn refute(
+        &self,
+        id: ChannelId,
+        d: &Dispute,
+        params: Params,
+        best: SignedState,
+        run: &mut JobRun,
+    ) -> Result<Next> {
+        let version = best.state.version;
+        // Durable before the transaction: a restart asks the chain first.
+        self.store_call(move |s| s.update_job(id, |j| j.phase = JobPhase::Refuting { version }))
+            .await?;
+        run.resumed = false;
+        info!(
+            registered = d.version,
+            ours = version,
+            "refuting a stale state"
+        );
+        let req = SignedChannel {
+            params,
+            state: best,
+        };
+        match self.chain.register(&req).await {
+            Ok(()) => {
+                self.stats.refutations.fetch_add(1, Ordering::Relaxed);
+                self.store_call(move |s| s.update_job(id, |j| j.refuted = Some(version)))
+                    .await?;
+                info!(version, "refuted");
+                Ok(Next::Wait(Duration::ZERO))
+            }
+            Err(
+                perun_adjudicator::Error::VersionTooLow { .. }
+                | perun_adjudicator::Error::AlreadyConcluded,
+            ) => Ok(Next::Wait(Duration::ZERO)),
+            Err(e) if e.is_transient() => Err(e.into()),
+            Err(e) => {
+                // A contract rule refuses it (too late, ...): never retried.
+                warn!(error = %e, version, "refutation refused; concluding what is registered");
+                run.no_refute = Some(version);
+                Ok(Next::Wait(Duration::ZERO))
+            }
+        }
+    }
+
+    async fn conclude(
+        &self,
+        id: ChannelId,
+        job: &Job,
+        users: Vec<Address>,
+        d: &Dispute,
+        (params, best): (Params, SignedState),
+        run: &mut JobRun,
+    ) -> Result<Next> {
+        let registered: Option<State> = if best.state.hash() == d.state_hash {
+            Some(best.state)
+        } else {
+            job.registered
+                .as_ref()
+                .filter(|r| r.hash() == d.state_hash)
+                .cloned()
+        };
+        let Some(registered) = registered else {
+            debug!(
+                version = d.version,
+                "the registered state's event has not come yet"
+            );
+            return Ok(Next::Wait(self.config.poll()));
+        };
+        let version = registered.version;
+        let phase = JobPhase::Concluding { version };
+        if let Some(w) = run.in_flight(&job.phase, phase, &self.config) {
+            debug!(
+                version,
+                "a conclusion may be in flight from before the restart; waiting"
+            );
+            return Ok(Next::Wait(w));
+        }
+        if job.phase != phase {
+            // Durable before the transaction. The backend sends nothing
+            // before the timeout, so this may stand a while with nothing sent.
+            self.store_call(move |s| s.update_job(id, |j| j.phase = phase))
+                .await?;
+        }
+        run.resumed = false;
+        let req = SignedChannel {
+            params,
+            state: SignedState::new(registered),
+        };
+        match self.chain.conclude(&req).await {
+            Ok(()) => {
+                self.stats.conclusions.fetch_add(1, Ordering::Relaxed);
+                info!(version, "concluded");
+                self.store_call(move |s| {
+                    s.finish_job(id, &users, Status::Resolved, |j| j.concluded = true)
+                })
+                .await?;
+                Ok(Next::Done)
+            }
+            Err(perun_adjudicator::Error::AlreadyConcluded) => Ok(Next::Wait(Duration::ZERO)),
+            Err(perun_adjudicator::Error::TimeoutNotPassed { timeout, now }) => {
+                let left = Duration::from_secs(timeout.saturating_sub(now));
+                debug!(timeout, now, "the challenge period runs");
+                Ok(Next::Wait(
+                    left.clamp(Duration::from_millis(1), self.config.poll()),
+                ))
+            }
+            // Someone registered another state meanwhile: read again.
+            Err(perun_adjudicator::Error::WrongState | perun_adjudicator::Error::NotRegistered) => {
+                Ok(Next::Wait(self.config.poll()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// What one run of a job's task remembers (nothing durable).
+struct JobRun {
+    /// Until when a transaction from before a restart may still land.
+    grace: Option<Instant>,
+    /// The task started from a stored phase (after a restart or a panic).
+    resumed: bool,
+    /// Reads in a row that found no dispute.
+    missing: u32,
+    /// A version the contract refused to take as a refutation.
+    no_refute: Option<u64>,
+}
+
+impl JobRun {
+    /// How long to wait before sending `next` again, if the stored phase
+    /// says it may have been sent before a restart.
+    fn in_flight(
+        &mut self,
+        stored: &JobPhase,
+        next: JobPhase,
+        config: &Config,
+    ) -> Option<Duration> {
+        if !self.resumed || *stored != next {
+            return None;
+        }
+        let until = *self
+            .grace
+            .get_or_insert_with(|| Instant::now() + Duration::from_millis(config.resume_grace_ms));
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.resumed = false;
+            None
+        } else {
+            Some(left.min(config.poll()))
+        }
+    }
+}

@@ -1,0 +1,569 @@
+//! The responder on `SimLedger` (fast): it refutes an old registered state
+//! with the newest appointment and concludes after the timeout; it spends
+//! nothing on refused blobs or on states that are not newer; a restart in
+//! the middle of a job resumes it without a second refutation; disputes
+//! that started while it was down are found from the cursor.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use alloy_primitives::{Address, U256};
+use async_trait::async_trait;
+use perun_adjudicator::{
+    Adjudicator, Dispute, EventStream, Funder, FundingRequest, SignedChannel, SimLedger,
+    WithdrawRequest,
+};
+use perun_channel::{Allocation, Asset, ChannelId, Domain, Params, SignedState, State};
+use perun_wallet::{Account, LocalAccount};
+use perun_watchtower::responder::{Config, Responder, Stats};
+use perun_watchtower::scheme::{ChannelSecret, seal};
+use perun_watchtower::store::{JobPhase, NewAppointment, Status, Store};
+use rand::RngCore;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const ETH: Address = Address::repeat_byte(0xee);
+
+/// Counts the chain calls that could cost gas, and can freeze one (a
+/// process killed while a transaction is out).
+struct Counting {
+    ledger: SimLedger,
+    /// `register` calls that reached the ledger.
+    registers: AtomicU64,
+    /// `conclude` calls made (any result).
+    conclude_calls: AtomicU64,
+    /// `conclude` calls that concluded.
+    concludes: AtomicU64,
+    /// Freeze after the next `register` reached the ledger.
+    freeze_after_register: AtomicBool,
+    /// Freeze before the next `register` reaches the ledger.
+    freeze_before_register: AtomicBool,
+    /// Fail this many of the next `dispute` reads and `register` calls with
+    /// a transient node error (each), before they reach the ledger.
+    fail_reads: AtomicU64,
+    fail_registers: AtomicU64,
+}
+
+/// A node that did not answer.
+fn node_down(op: &'static str) -> perun_adjudicator::Error {
+    perun_adjudicator::Error::rpc(op, perun_adjudicator::RpcFailure::Injected(1))
+}
+
+fn take_one(n: &AtomicU64) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
+}
+
+impl Counting {
+    fn new(ledger: SimLedger) -> Arc<Self> {
+        Arc::new(Self {
+            ledger,
+            registers: AtomicU64::new(0),
+            conclude_calls: AtomicU64::new(0),
+            concludes: AtomicU64::new(0),
+            freeze_after_register: AtomicBool::new(false),
+            freeze_before_register: AtomicBool::new(false),
+            fail_reads: AtomicU64::new(0),
+            fail_registers: AtomicU64::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Adjudicator for Counting {
+    fn domain(&self) -> Domain {
+        self.ledger.domain()
+    }
+    async fn register(&self, req: &SignedChannel) -> perun_adjudicator::Result<()> {
+        if self.freeze_before_register.swap(false, Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if take_one(&self.fail_registers) {
+            return Err(node_down("register"));
+        }
+        self.registers.fetch_add(1, Ordering::SeqCst);
+        let r = self.ledger.register(req).await;
+        if self.freeze_after_register.swap(false, Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        r
+    }
+    async fn conclude(&self, req: &SignedChannel) -> perun_adjudicator::Result<()> {
+        self.conclude_calls.fetch_add(1, Ordering::SeqCst);
+        let r = self.ledger.conclude(req).await;
+        if r.is_ok() {
+            self.concludes.fetch_add(1, Ordering::SeqCst);
+        }
+        r
+    }
+    async fn withdraw(&self, req: &WithdrawRequest) -> perun_adjudicator::Result<()> {
+        self.ledger.withdraw(req).await
+    }
+    async fn subscribe(&self, id: ChannelId) -> perun_adjudicator::Result<EventStream> {
+        self.ledger.subscribe(id).await
+    }
+    async fn dispute(&self, id: ChannelId) -> perun_adjudicator::Result<Option<Dispute>> {
+        if take_one(&self.fail_reads) {
+            return Err(node_down("dispute"));
+        }
+        self.ledger.dispute(id).await
+    }
+}
+
+struct Setup {
+    ledger: SimLedger,
+    alice: LocalAccount,
+    bob: LocalAccount,
+    params: Params,
+    initial: State,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+const DEPOSIT: u64 = 50;
+const MINTED: u64 = 100;
+
+async fn setup() -> Setup {
+    let ledger = SimLedger::new(1337);
+    ledger.add_asset(ETH);
+    let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+    for who in [alice.address(), bob.address()] {
+        ledger.mint(ETH, who, U256::from(MINTED));
+    }
+    let funding = vec![vec![U256::from(DEPOSIT); 2]];
+    let mut nonce = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let params = Params::payment(
+        ledger.domain(),
+        60,
+        U256::from_be_bytes(nonce),
+        vec![alice.address(), bob.address()],
+        funding.clone(),
+    );
+    let asset = Asset {
+        chainId: U256::from(1337),
+        holder: ETH,
+    };
+    let initial = State::initial(&params, Allocation::new(vec![asset], funding));
+    for index in 0..2 {
+        let req = FundingRequest {
+            params: params.clone(),
+            state: initial.clone(),
+            index,
+            timeout: Duration::ZERO,
+        };
+        let _ = ledger.fund(req).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("tower.redb")).unwrap();
+    Setup {
+        ledger,
+        alice,
+        bob,
+        params,
+        initial,
+        store,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    /// Version `v`, Alice holding `DEPOSIT + v` and Bob the rest, signed by both.
+    fn state(&self, v: u64) -> SignedState {
+        let mut st = self.initial.clone();
+        st.version = v;
+        st.outcome.balances[0][0] = U256::from(DEPOSIT + v);
+        st.outcome.balances[0][1] = U256::from(DEPOSIT - v);
+        let mut s = SignedState::new(st);
+        s.sign(&self.params, 0, &self.alice).unwrap();
+        s.sign(&self.params, 1, &self.bob).unwrap();
+        s
+    }
+
+    fn id(&self) -> ChannelId {
+        self.params.channel_id()
+    }
+
+    fn locator(&self) -> perun_watchtower::Locator {
+        ChannelSecret::of(&self.params).locator()
+    }
+
+    /// `user` registers with the tower and stores `blob` at the channel's locator.
+    fn appoint(&self, user: Address, blob: Vec<u8>) {
+        self.store.register(user, 10, u64::MAX).unwrap();
+        self.store
+            .add_appointment(
+                NewAppointment {
+                    user,
+                    locator: self.locator(),
+                    seq: 1,
+                    blob,
+                    user_signature: vec![0; 65],
+                },
+                0,
+                |_, _, _| Ok(vec![0; 65]),
+            )
+            .unwrap();
+    }
+
+    /// Alice's appointment with version `v`.
+    fn appoint_version(&self, v: u64) {
+        let (_, blob) = seal(&self.params, &self.state(v)).unwrap();
+        self.appoint(self.alice.address(), blob);
+    }
+
+    /// Bob registers version `v` himself.
+    async fn bob_registers(&self, v: u64) {
+        self.ledger
+            .register(&SignedChannel {
+                params: self.params.clone(),
+                state: self.state(v),
+            })
+            .await
+            .unwrap();
+    }
+
+    fn status(&self, user: Address) -> Status {
+        self.store
+            .appointment(user, self.locator())
+            .unwrap()
+            .unwrap()
+            .status
+    }
+
+    async fn dispute(&self) -> Option<Dispute> {
+        self.ledger.dispute(self.id()).await.unwrap()
+    }
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+    stats: Arc<Stats>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .expect("the responder stops on shutdown")
+            .unwrap();
+    }
+}
+
+fn config() -> Config {
+    Config {
+        poll_ms: 20,
+        retry_min_ms: 10,
+        retry_max_ms: 100,
+        resume_grace_ms: 300,
+    }
+}
+
+fn start(s: &Setup, chain: &Arc<Counting>) -> Running {
+    let stats = Arc::new(Stats::default());
+    let r = Responder::new(
+        s.store.clone(),
+        Arc::clone(chain) as Arc<dyn Adjudicator>,
+        config(),
+        Arc::clone(&stats),
+    );
+    let ledger = s.ledger.clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(r.run(move |from| ledger.registrations(from), async move {
+        let _ = stopped.await;
+    }));
+    Running {
+        stop: Some(stop),
+        task,
+        stats,
+    }
+}
+
+async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..1500 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// The balances Alice and Bob hold after the channel paid version `v`.
+fn paid(v: u64) -> (U256, U256) {
+    (U256::from(MINTED + v), U256::from(MINTED - v))
+}
+
+fn balances(s: &Setup) -> (U256, U256) {
+    (
+        s.ledger.balance(ETH, s.alice.address()),
+        s.ledger.balance(ETH, s.bob.address()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refutes_an_old_state_and_concludes_after_the_timeout() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    assert_eq!(s.status(s.alice.address()), Status::BeingWatched);
+    s.bob_registers(2).await;
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    assert_eq!(s.status(s.alice.address()), Status::DisputeTriggered);
+    // Before the timeout nothing concludes, however often the tower looks.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!s.dispute().await.unwrap().concluded);
+    s.ledger.advance(61);
+    until("the conclusion", async || {
+        s.dispute().await.is_some_and(|d| d.concluded)
+    })
+    .await;
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(balances(&s), paid(5));
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    assert_eq!(r.stats.disputes_seen.load(Ordering::SeqCst), 1);
+    assert_eq!(r.stats.refutations.load(Ordering::SeqCst), 1);
+    assert_eq!(r.stats.conclusions.load(Ordering::SeqCst), 1);
+    assert_eq!(r.stats.bad_blobs.load(Ordering::SeqCst), 0);
+    let text = r.stats.metrics_text();
+    assert!(text.contains("perun_tower_refutations_total 1"), "{text}");
+    assert_eq!(s.store.job(s.id()).unwrap().unwrap().phase, JobPhase::Done);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latest_state_registered_is_concluded_without_a_refutation() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    s.bob_registers(5).await;
+    until("the dispute is seen", async || {
+        s.status(s.alice.address()) == Status::DisputeTriggered
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert!(s.dispute().await.unwrap().concluded);
+    assert_eq!(balances(&s), paid(5));
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 0);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_blobs_cost_no_transaction() {
+    let s = setup().await;
+    // Garbage.
+    let mut garbage = vec![0u8; 200];
+    rand::thread_rng().fill_bytes(&mut garbage);
+    let carol = Address::repeat_byte(0xca);
+    s.appoint(carol, garbage);
+    // A newer state signed by Bob twice (Alice's signature missing).
+    let mut forged = s.state(9);
+    let bobs = s.bob.sign_hash(forged.state.hash()).unwrap();
+    forged.sigs[0] = Some(bobs);
+    let (_, bad_sigs) = seal(&s.params, &forged).unwrap();
+    let dave = Address::repeat_byte(0xda);
+    s.appoint(dave, bad_sigs);
+    // A blob of another channel under this locator (it does not decrypt).
+    let other = Params {
+        nonce: s.params.nonce + U256::from(1),
+        ..s.params.clone()
+    };
+    let (_, foreign) = seal(&other, &s.state(9)).unwrap();
+    let erin = Address::repeat_byte(0xe1);
+    s.appoint(erin, foreign);
+
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("every blob refused", async || {
+        r.stats.bad_blobs.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    until("resolved", async || s.status(carol) == Status::Resolved).await;
+    s.ledger.advance(61);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 0);
+    assert_eq!(chain.conclude_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(s.dispute().await.unwrap().version, 2);
+    let job = s.store.job(s.id()).unwrap().unwrap();
+    assert_eq!(job.refused.len(), 3, "{job:?}");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_not_newer_than_the_registered_one_is_not_sent() {
+    let s = setup().await;
+    s.appoint_version(3);
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    s.bob_registers(4).await;
+    until("the dispute is seen", async || {
+        s.status(s.alice.address()) == Status::DisputeTriggered
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 0);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 0);
+    // After the timeout the registered state is concluded, so the offline user is paid.
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(balances(&s), paid(4));
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 0);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    r.stop().await;
+}
+
+/// Killed right after its refutation reached the chain (nothing recorded
+/// after it): the restarted responder sees it on-chain and does not send it
+/// again; it concludes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_the_refutation_does_not_refute_again() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    chain.freeze_after_register.store(true, Ordering::SeqCst);
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    // The job says a refutation may be in flight; the responder "dies".
+    let job = s.store.job(s.id()).unwrap().unwrap();
+    assert_eq!(job.phase, JobPhase::Refuting { version: 5 });
+    assert_eq!(job.refuted, None);
+    r.task.abort();
+
+    let r = start(&s, &chain);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(balances(&s), paid(5));
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    assert_eq!(r.stats.refutations.load(Ordering::SeqCst), 0);
+    r.stop().await;
+}
+
+/// Killed after writing `Refuting` but before the transaction left: the
+/// restarted responder waits out the grace, finds nothing on-chain and
+/// refutes (once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_before_the_refutation_left_sends_it_once() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    chain.freeze_before_register.store(true, Ordering::SeqCst);
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the job in Refuting", async || {
+        s.store
+            .job(s.id())
+            .unwrap()
+            .is_some_and(|j| j.phase == JobPhase::Refuting { version: 5 })
+    })
+    .await;
+    r.task.abort();
+    assert_eq!(s.dispute().await.unwrap().version, 2);
+
+    let r = start(&s, &chain);
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(balances(&s), paid(5));
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    r.stop().await;
+}
+
+/// A dispute that starts while the tower is down is found from the stored
+/// cursor when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispute_started_while_down_is_found_from_the_cursor() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.stop().await;
+    let before = s.store.cursor().unwrap();
+    s.bob_registers(2).await;
+    let r = start(&s, &chain);
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert!(s.store.cursor().unwrap() > before);
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    assert_eq!(r.stats.disputes_seen.load(Ordering::SeqCst), 1);
+    r.stop().await;
+}
+
+/// Node failures on reads and on the refutation are retried with backoff
+/// until the refutation lands (once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_failures_are_retried_until_the_refutation_lands() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    chain.fail_reads.store(3, Ordering::SeqCst);
+    chain.fail_registers.store(2, Ordering::SeqCst);
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    assert_eq!(chain.fail_reads.load(Ordering::SeqCst), 0);
+    assert_eq!(chain.fail_registers.load(Ordering::SeqCst), 0);
+    assert!(r.stats.retries.load(Ordering::SeqCst) >= 5);
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
+    assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    assert_eq!(balances(&s), paid(5));
+    r.stop().await;
+}
