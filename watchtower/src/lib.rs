@@ -12,6 +12,7 @@
 //! - [`batch`]: group commit of appointments (one writer thread, one `fsync` per batch).
 //! - [`messages`]: the hashes users and the tower sign.
 //! - [`responder`]: the chain side: follows disputes, refutes with a newer state, concludes.
+//! - [`service`]: the API and the supervised responder in one call (what the binary runs).
 //! - [`store`]: the redb store of users, appointments, the locator index and the chain cursor.
 //! - [`error`]: the crate's one error enum.
 
@@ -21,6 +22,7 @@ pub mod error;
 pub mod messages;
 pub mod responder;
 pub mod scheme;
+pub mod service;
 pub mod store;
 
 pub use error::{Error, Result};

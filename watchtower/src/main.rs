@@ -12,13 +12,12 @@ use std::sync::Arc;
 
 use alloy_primitives::Address;
 use clap::Parser;
-use perun_adjudicator::{EthAdjudicator, EthConfig};
-use perun_watchtower::api::{self, Config as ApiConfig, Tower};
-use perun_watchtower::responder::{Config as ResponderConfig, Health, Responder, Stats};
-use perun_watchtower::store::Store;
+use perun_adjudicator::EthConfig;
+use perun_watchtower::api::Config as ApiConfig;
+use perun_watchtower::responder::Config as ResponderConfig;
+use perun_watchtower::service::{Service, ServiceConfig};
 use perun_watchtower::{Error, Result};
 use serde::Deserialize;
-use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 /// Environment variable holding the keystore password, if no `--password-file` is given.
@@ -188,139 +187,29 @@ async fn shutdown_signal() {
 async fn run(cli: Cli) -> Result<()> {
     let s = settings(cli)?;
     let account = Arc::new(perun_wallet::keystore::load(&s.keystore, password(&s)?)?);
-    let store = Store::open(&s.db)?;
-    let tower = Arc::new(Tower::new(
-        store.clone(),
-        Arc::clone(&account),
-        s.api.clone(),
-        api::system_clock(),
-    )?);
-    let stats = Arc::new(Stats::default());
-    tower.set_responder(Arc::clone(&stats));
     let listener = tokio::net::TcpListener::bind(s.listen).await?;
+    let service = Service::start(
+        account,
+        &s.db,
+        listener,
+        ServiceConfig {
+            rpc: s.rpc.clone(),
+            chain: EthConfig::new(s.adjudicator, s.from_block, []),
+            api: s.api.clone(),
+            responder: s.responder,
+        },
+    )
+    .await?;
     info!(
-        tower = %tower.address(),
-        listen = %listener.local_addr()?,
+        tower = %service.tower().address(),
+        listen = %service.addr(),
         db = %s.db.display(),
         rpc = %s.rpc,
         adjudicator = %s.adjudicator,
         "serving the watchtower API and answering disputes"
     );
-    let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let chain = ChainSettings {
-        rpc: s.rpc.clone(),
-        cfg: EthConfig::new(s.adjudicator, s.from_block, []),
-        responder: s.responder,
-    };
-    let responder = tokio::spawn(supervise_responder(
-        chain,
-        account,
-        store,
-        Arc::clone(&stats),
-        stop.clone(),
-    ));
-    let served = api::serve(listener, tower, stopped(stop)).await;
-    if tokio::time::timeout(std::time::Duration::from_secs(10), responder)
-        .await
-        .is_err()
-    {
-        warn!("the responder did not stop within 10 s");
-    }
-    served
-}
-
-/// What the responder's chain side is built from.
-struct ChainSettings {
-    rpc: String,
-    cfg: EthConfig,
-    responder: ResponderConfig,
-}
-
-/// Resolves once `stop` turns true.
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
-/// Connects the responder's backend (retrying with backoff) and runs the
-/// responder until shutdown; restarts it if it ever panics.
-async fn supervise_responder(
-    chain: ChainSettings,
-    account: Arc<perun_wallet::LocalAccount>,
-    store: Store,
-    stats: Arc<Stats>,
-    stop: watch::Receiver<bool>,
-) {
-    let chain = Arc::new(chain);
-    let mut attempt = 0u32;
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let run = tokio::spawn(run_responder(
-            Arc::clone(&chain),
-            Arc::clone(&account),
-            store.clone(),
-            Arc::clone(&stats),
-            stop.clone(),
-        ));
-        match run.await {
-            Ok(()) => return,
-            Err(e) => {
-                attempt += 1;
-                let pause = chain.responder.backoff(attempt);
-                error!(error = %e, attempt, ?pause, "the responder failed; restarting it");
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = stopped(stop.clone()) => return,
-                }
-            }
-        }
-    }
-}
-
-async fn run_responder(
-    chain: Arc<ChainSettings>,
-    account: Arc<perun_wallet::LocalAccount>,
-    store: Store,
-    stats: Arc<Stats>,
-    stop: watch::Receiver<bool>,
-) {
-    let mut attempt = 0u32;
-    let adjudicator = loop {
-        let connect = EthAdjudicator::connect(&chain.rpc, &account, chain.cfg.clone());
-        let res = tokio::select! {
-            r = connect => r,
-            () = stopped(stop.clone()) => return,
-        };
-        match res {
-            Ok(a) => break a,
-            Err(e) => {
-                attempt += 1;
-                let pause = chain.responder.backoff(attempt);
-                warn!(error = %e, rpc = %chain.rpc, attempt, ?pause, "cannot reach the node; retrying");
-                stats.set_health(Health::Connecting(Arc::new(e)));
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = stopped(stop.clone()) => return,
-                }
-            }
-        }
-    };
-    info!(chain = %adjudicator.chain_id(), "responder connected");
-    stats.set_health(Health::Starting);
-    let feed = adjudicator.clone();
-    let r = Responder::new(
-        store,
-        Arc::new(adjudicator) as Arc<dyn perun_adjudicator::Adjudicator>,
-        chain.responder,
-        stats,
-    );
-    r.run(move |from| feed.registrations(from), stopped(stop))
-        .await;
+    shutdown_signal().await;
+    service.stop().await
 }
 
 fn main() -> std::process::ExitCode {
