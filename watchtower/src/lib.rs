@@ -8,16 +8,29 @@
 //!
 //! # Layout
 //! - [`scheme`]: locators, blob keys, sealing and opening blobs (client and tower).
-//! - [`api`]: the HTTP/JSON API (axum): endpoints and their JSON, errors, rate limits, metrics.
 //! - [`messages`]: the hashes users and the tower sign.
-//! - [`store`]: the redb store of users, appointments, the locator index and the chain cursor.
+//! - [`json`]: the API's request and response bodies (serde only).
+//! - [`client`]: an HTTP/1.1 client of the API that checks the tower's signatures.
+//! - `api` (feature `server`): the HTTP/JSON API (axum): endpoints, errors, rate limits, metrics.
+//! - `store` (feature `server`): the redb store of users, appointments, the locator index and the chain cursor.
 //! - [`error`]: the crate's one error enum.
+//!
+//! # Features
+//! - `server` (default): the tower itself (the API server, its store, the
+//!   binary). A client that only talks to towers depends on this crate with
+//!   `default-features = false`, without axum, redb or clap.
 
+#[cfg(feature = "server")]
 pub mod api;
+pub mod client;
 pub mod error;
+pub mod json;
 pub mod messages;
 pub mod scheme;
+#[cfg(feature = "server")]
 pub mod store;
 
+pub use client::{Receipt, TowerClient};
 pub use error::{Error, Result};
+pub use messages::Subscription;
 pub use scheme::{ChannelSecret, Locator, open, seal};
