@@ -131,6 +131,17 @@ pub enum Error {
     /// [`ClientBuilder::refuse_damaged_records`](crate::ClientBuilder::refuse_damaged_records)).
     #[error("{} stored channel(s) could not be restored{}", .0.len(), .0.first().map(|d| format!("; first {}: {}", d.id, d.error)).unwrap_or_default())]
     DamagedRecords(Vec<crate::DamagedRecord>),
+    /// A watchtower call failed: the tower is down or slow, refused the
+    /// request (its stable code is in the source), or answered with a
+    /// signature that is not its configured key's.
+    #[error("watchtower {tower}: {source}")]
+    Tower {
+        /// The tower's configured address.
+        tower: perun_channel::Address,
+        /// What went wrong.
+        #[source]
+        source: std::sync::Arc<perun_watchtower::Error>,
+    },
     /// The watcher panicked (a bug); its supervisor restarted it.
     #[error("the watcher panicked")]
     WatcherPanicked,
