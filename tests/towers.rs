@@ -436,3 +436,52 @@ async fn receipts_and_the_counter_survive_a_restart() {
         &tower.tower,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_tower_does_not_slow_updates() {
+    let ledger = Ledger::sim().await;
+    // Accepts connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let key = LocalAccount::random();
+    let opts = Options {
+        towers: vec![TowerConfig {
+            timeout: Duration::from_secs(4),
+            ..config(addr, &key)
+        }],
+        ..Options::default()
+    };
+    let (_ps, chans) = alice_and_bob(&ledger, &opts).await;
+    let mut events = chans[0].events();
+    let t = std::time::Instant::now();
+    for _ in 0..10 {
+        chans[0].pay(1, 0, u(1)).await.unwrap();
+    }
+    // Had they waited for the tower, the first alone would take 4 s.
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "10 updates took {:?}: they waited for the tower",
+        t.elapsed()
+    );
+    let error = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(ev) = events.next().await {
+            if let ChannelEvent::TowerFailed { error, .. } = ev {
+                return error;
+            }
+        }
+        panic!("events ended");
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&*error, Error::Tower { source, .. }
+            if matches!(**source, perun::watchtower::Error::Timeout { .. })),
+        "{error:?}"
+    );
+}

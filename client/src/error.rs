@@ -142,6 +142,18 @@ pub enum Error {
         #[source]
         source: std::sync::Arc<perun_watchtower::Error>,
     },
+    /// A watchtower configuration the client refuses at `build`.
+    #[error("watchtower {tower}: {reason}")]
+    TowerConfig {
+        /// The tower's address.
+        tower: perun_channel::Address,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A channel's watchtower task panicked (a bug); its supervisor
+    /// restarted it (reported as `ChannelEvent::WatcherRestarted`).
+    #[error("the watchtower task panicked")]
+    TowerTaskPanicked,
     /// The watcher panicked (a bug); its supervisor restarted it.
     #[error("the watcher panicked")]
     WatcherPanicked,

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use perun_channel::{Address, ChannelId, Phase, SignedState};
+use perun_persistence::tower::MAX_TOWERS;
 use perun_persistence::{Change, TowerReceipt, TowerRecord};
 use perun_wallet::Account;
 use perun_watchtower::client::{Appointment, TowerClient};
@@ -86,6 +87,8 @@ pub struct TowerStatus {
 
 /// Renew a subscription this long before it expires.
 const RENEW_MARGIN_SECS: u64 = 24 * 60 * 60;
+/// Appointment rounds (one per channel, to every lagging tower) at once.
+const ROUNDS_AT_ONCE: usize = 32;
 /// How long [`Towers::flush`] waits at most.
 pub(crate) const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -152,6 +155,8 @@ pub(crate) struct Towers {
     channels: Mutex<HashMap<ChannelId, Arc<Entry>>>,
     /// Bumped by [`Towers::flush`]: every channel sends at once.
     flush: watch::Sender<u64>,
+    /// Appointment rounds running at once, over all channels.
+    permits: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Towers {
@@ -176,6 +181,20 @@ struct Entry {
 impl Towers {
     /// Checks every config (the URL) before anything starts.
     pub(crate) fn new(configs: Vec<TowerConfig>, policy: AppointmentPolicy) -> Result<Self> {
+        if configs.len() > MAX_TOWERS {
+            return Err(Error::TowerConfig {
+                tower: configs[MAX_TOWERS].address,
+                reason: "more towers than a channel record keeps receipts of (32)",
+            });
+        }
+        for (i, c) in configs.iter().enumerate() {
+            if configs[..i].iter().any(|d| d.address == c.address) {
+                return Err(Error::TowerConfig {
+                    tower: c.address,
+                    reason: "configured twice",
+                });
+            }
+        }
         let links = configs
             .into_iter()
             .map(|c| {
@@ -196,6 +215,7 @@ impl Towers {
             policy,
             channels: Mutex::new(HashMap::new()),
             flush: watch::channel(0).0,
+            permits: tokio::sync::Semaphore::new(ROUNDS_AT_ONCE),
         })
     }
 
@@ -258,7 +278,13 @@ impl Towers {
             *g += 1;
             generation = *g;
         });
-        let entries: Vec<_> = lock(&self.channels).values().cloned().collect();
+        // Only channels with a worker: a restored record whose channel did
+        // not start (damaged) has nobody to answer.
+        let entries: Vec<_> = lock(&self.channels)
+            .values()
+            .filter(|e| e.started.load(std::sync::atomic::Ordering::SeqCst))
+            .cloned()
+            .collect();
         let all = futures::future::join_all(entries.iter().map(|e| {
             let mut rx = e.flushed.subscribe();
             async move {
@@ -311,7 +337,7 @@ async fn supervise(mut w: Worker) {
                     let pause = shared.timeouts.backoff(restarts);
                     error!(restarts, ?pause, "tower worker panicked; restarting it");
                     w.core.emit(ChannelEvent::WatcherRestarted {
-                        error: Arc::new(Error::WatcherPanicked),
+                        error: Arc::new(Error::TowerTaskPanicked),
                     });
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
@@ -449,35 +475,36 @@ impl Worker {
             r.seq
         };
         // The sequence number is durable before any tower sees it.
-        let prepared = match self.save().await {
-            Ok(()) => {
-                Appointment::new(&self.core.params, latest, seq, self.shared.account.as_ref())
-                    .map_err(Arc::new)
+        if let Err(e) = self.save().await {
+            let e = Arc::new(e);
+            for &i in due {
+                self.failed(i, version, e.clone());
             }
-            Err(e) => {
-                let e = Arc::new(e);
-                for &i in due {
-                    self.failed(i, version, e.clone());
-                }
-                return;
-            }
-        };
-        let appointment = match prepared {
-            Ok(a) => a,
-            Err(source) => {
-                for &i in due {
-                    let tower = self.towers.links[i].client.tower();
-                    self.failed(
-                        i,
-                        version,
-                        Arc::new(Error::Tower {
+            return;
+        }
+        let appointment =
+            match Appointment::new(&self.core.params, latest, seq, self.shared.account.as_ref()) {
+                Ok(a) => a,
+                Err(e) => {
+                    // Sealing or signing failed (a state over the blob limit, a
+                    // wallet error): every tower misses this version.
+                    let source = Arc::new(e);
+                    for &i in due {
+                        let tower = self.towers.links[i].client.tower();
+                        let error = Error::Tower {
                             tower,
                             source: source.clone(),
-                        }),
-                    );
+                        };
+                        self.failed(i, version, Arc::new(error));
+                    }
+                    return;
                 }
-                return;
-            }
+            };
+        // Bounds the calls of all channels together (a restart with
+        // thousands of lagging channels must not open thousands of sockets).
+        let towers = self.towers.clone();
+        let Ok(_permit) = towers.permits.acquire().await else {
+            return;
         };
         let user = self.shared.account.clone();
         let sends = due.iter().map(|&i| {
@@ -557,5 +584,35 @@ impl Worker {
             delay,
             error,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_configs_are_refused_at_build() {
+        let a = Address::repeat_byte(1);
+        let ok = TowerConfig::new("http://127.0.0.1:1", a);
+        assert!(Towers::new(vec![ok.clone()], AppointmentPolicy::default()).is_ok());
+        let twice = Towers::new(vec![ok.clone(), ok.clone()], AppointmentPolicy::default());
+        assert!(matches!(twice, Err(Error::TowerConfig { tower, .. }) if tower == a));
+        let many = (0..=MAX_TOWERS as u8)
+            .map(|i| TowerConfig::new("http://127.0.0.1:1", Address::repeat_byte(i)))
+            .collect();
+        assert!(matches!(
+            Towers::new(many, AppointmentPolicy::default()),
+            Err(Error::TowerConfig { .. })
+        ));
+        let url = Towers::new(
+            vec![TowerConfig::new("https://tower", a)],
+            AppointmentPolicy::default(),
+        );
+        assert!(
+            matches!(&url, Err(Error::Tower { source, .. })
+                if matches!(**source, perun_watchtower::Error::Url { .. })),
+            "{url:?}"
+        );
     }
 }
