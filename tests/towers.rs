@@ -485,3 +485,41 @@ async fn a_silent_tower_does_not_slow_updates() {
         "{error:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tower_that_lost_us_gets_a_new_registration() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let first = start_tower(&key).await;
+    let addr = first.addr;
+    let opts = Options {
+        towers: vec![config(addr, &key)],
+        ..Options::default()
+    };
+    let (ps, chans) = alice_and_bob(&ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "first tower", all_latest).await;
+    // The tower comes back on the same address with an empty store: the
+    // next appointment is refused `unknown_user`, the client registers
+    // again and sends it once more.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "rebind: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let second = serve_tower(listener, &key).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "the new tower", all_latest).await;
+    check_covered(
+        &chans[0],
+        ps[0].client.address(),
+        &chans[0].tower_status()[0],
+        &second.tower,
+    );
+}
