@@ -13,6 +13,7 @@
 //! | [`persistence`] | `perun-persistence` | the durable store of channel states |
 //! | [`adjudicator`] | `perun-adjudicator` | contracts and chain backends |
 //! | [`client`] | `perun-client` | the client and channel controllers |
+//! | [`watchtower`] | `perun-watchtower` | the watchtower's privacy scheme, signed messages, JSON and HTTP client (the server with its feature `server`) |
 //!
 //! # Features
 //! - `testing`: test harnesses for an application's integration tests, as
@@ -25,6 +26,7 @@ pub use perun_channel as channel;
 pub use perun_client as client;
 pub use perun_persistence as persistence;
 pub use perun_wallet as wallet;
+pub use perun_watchtower as watchtower;
 pub use perun_wire as wire;
 
 /// The README's code blocks, compiled and run as doctests so they cannot rot.

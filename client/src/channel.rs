@@ -117,6 +117,17 @@ impl Channel {
         *self.core.watch_status.borrow()
     }
 
+    /// What each configured watchtower holds for this channel: the version
+    /// its stored, checked receipt covers and whether that is the latest
+    /// fully signed state. Empty without towers.
+    pub fn tower_status(&self) -> Vec<crate::TowerStatus> {
+        self.shared
+            .towers
+            .as_ref()
+            .map(|t| t.status(&self.core))
+            .unwrap_or_default()
+    }
+
     /// A stream of the channel's new fully signed states.
     pub fn updates(&self) -> UpdateStream {
         UpdateStream {

@@ -29,6 +29,8 @@ pub struct ClientBuilder {
     limits: Limits,
     peers: Vec<(PeerId, Multiaddr)>,
     refuse_damaged: bool,
+    towers: Vec<crate::TowerConfig>,
+    policy: crate::AppointmentPolicy,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -53,6 +55,8 @@ impl Default for ClientBuilder {
             limits: Limits::default(),
             peers: Vec::new(),
             refuse_damaged: false,
+            towers: Vec::new(),
+            policy: crate::AppointmentPolicy::default(),
         }
     }
 }
@@ -134,6 +138,26 @@ impl ClientBuilder {
         self
     }
 
+    /// Keeps appointments with this watchtower (call again for more
+    /// towers): the client registers with it and sends each funded
+    /// channel's latest fully signed state, sealed, by the
+    /// [`appointment_policy`](Self::appointment_policy), in the background.
+    /// Receipts are checked against `tower.address` and stored with the
+    /// channel ([`Channel::tower_status`]); failures are
+    /// [`ChannelEvent::TowerFailed`](crate::ChannelEvent::TowerFailed)
+    /// events and are retried. A down tower never fails an update.
+    pub fn watchtower(mut self, tower: crate::TowerConfig) -> Self {
+        self.towers.push(tower);
+        self
+    }
+
+    /// When appointments are sent (default
+    /// [`AppointmentPolicy::EveryUpdate`](crate::AppointmentPolicy::EveryUpdate)).
+    pub fn appointment_policy(mut self, policy: crate::AppointmentPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
     /// Make [`build`](Self::build) fail with [`Error::DamagedRecords`] if
     /// any stored channel cannot be restored, instead of starting with the
     /// others and listing the damaged ones in
@@ -162,6 +186,14 @@ impl ClientBuilder {
         let persister = self
             .persister
             .unwrap_or_else(|| Arc::new(MemoryPersister::new()));
+        let towers = if self.towers.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::tower::Towers::new(
+                self.towers,
+                self.policy,
+            )?))
+        };
         let mut cfg =
             perun_wire::Config::new(self.network_key.unwrap_or_else(perun_wire::generate_key));
         if let Some(addrs) = self.listen {
@@ -184,6 +216,7 @@ impl ClientBuilder {
             app: self.app,
             timeouts: self.timeouts,
             limits: self.limits,
+            towers,
         });
         let restored = crate::restore::restore(&shared).await?;
         if self.refuse_damaged && !restored.damaged.is_empty() {
@@ -329,12 +362,19 @@ impl Client {
 
     /// Stops the network endpoint. Channels stay in the persister.
     ///
+    /// With watchtowers, each channel first sends its latest state to the
+    /// towers that lack it (for at most 5 s), whatever the
+    /// [`AppointmentPolicy`](crate::AppointmentPolicy).
+    ///
     /// Commits of updates that already returned are handed to the peers
     /// first (for at most [`SHUTDOWN_GRACE`]), so a peer learns of an update
     /// before its proposer goes away.
     pub async fn shutdown(&self) {
         let mut commits = self.shared.commits_in_flight.subscribe();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, commits.wait_for(|n| *n == 0)).await;
+        if let Some(towers) = &self.shared.towers {
+            towers.flush(crate::tower::FLUSH_TIMEOUT).await;
+        }
         self.shared.stop.send_replace(true);
         self.shared.wire.shutdown().await;
     }

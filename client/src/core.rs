@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) resyncing: Mutex<HashMap<PeerId, Arc<Notify>>>,
     /// Wakes resync tasks (a peer connected).
     pub(crate) resync_wake: broadcast::Sender<PeerId>,
+    /// The watchtowers, if any are configured.
+    pub(crate) towers: Option<Arc<crate::tower::Towers>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -96,6 +98,7 @@ pub(crate) struct Parts {
     pub(crate) app: Arc<dyn App>,
     pub(crate) timeouts: Timeouts,
     pub(crate) limits: crate::Limits,
+    pub(crate) towers: Option<Arc<crate::tower::Towers>>,
 }
 
 impl Shared {
@@ -125,6 +128,7 @@ impl Shared {
             unsynced: Mutex::new(HashMap::new()),
             resyncing: Mutex::new(HashMap::new()),
             resync_wake: broadcast::channel(64).0,
+            towers: p.towers,
         })
     }
 

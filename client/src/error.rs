@@ -131,6 +131,29 @@ pub enum Error {
     /// [`ClientBuilder::refuse_damaged_records`](crate::ClientBuilder::refuse_damaged_records)).
     #[error("{} stored channel(s) could not be restored{}", .0.len(), .0.first().map(|d| format!("; first {}: {}", d.id, d.error)).unwrap_or_default())]
     DamagedRecords(Vec<crate::DamagedRecord>),
+    /// A watchtower call failed: the tower is down or slow, refused the
+    /// request (its stable code is in the source), or answered with a
+    /// signature that is not its configured key's.
+    #[error("watchtower {tower}: {source}")]
+    Tower {
+        /// The tower's configured address.
+        tower: perun_channel::Address,
+        /// What went wrong.
+        #[source]
+        source: std::sync::Arc<perun_watchtower::Error>,
+    },
+    /// A watchtower configuration the client refuses at `build`.
+    #[error("watchtower {tower}: {reason}")]
+    TowerConfig {
+        /// The tower's address.
+        tower: perun_channel::Address,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A channel's watchtower task panicked (a bug); its supervisor
+    /// restarted it (reported as `ChannelEvent::WatcherRestarted`).
+    #[error("the watchtower task panicked")]
+    TowerTaskPanicked,
     /// The watcher panicked (a bug); its supervisor restarted it.
     #[error("the watcher panicked")]
     WatcherPanicked,

@@ -54,6 +54,28 @@ pub enum ChannelEvent {
     },
     /// The watcher is done: our funds are withdrawn.
     Withdrawn,
+    /// A watchtower's receipt for this version is checked and stored.
+    TowerReceipt {
+        /// The tower's address.
+        tower: perun_channel::Address,
+        /// The state version the receipt covers.
+        version: u64,
+    },
+    /// Sending an appointment to a watchtower failed (down, refused, a
+    /// wrong signature); it is sent again after `delay`. Updates go on
+    /// meanwhile: only this tower's copy lags.
+    TowerFailed {
+        /// The tower's address.
+        tower: perun_channel::Address,
+        /// The state version the appointment carried.
+        version: u64,
+        /// How many times in a row this tower failed for this channel.
+        attempt: u32,
+        /// The pause before the next try.
+        delay: Duration,
+        /// Why it failed ([`Error::Tower`], or the store's error).
+        error: Arc<Error>,
+    },
 }
 
 /// An on-chain step the watcher takes.

@@ -6,7 +6,9 @@
 //!
 //! - **Public handles:** [`client`] ([`Client`], [`ClientBuilder`]),
 //!   [`channel`] ([`Channel`]), with [`handler`] (the application's
-//!   [`ProposalHandler`] / [`UpdateHandler`] and ready-made ones).
+//!   [`ProposalHandler`] / [`UpdateHandler`] and ready-made ones),
+//!   [`tower`] ([`TowerConfig`], [`AppointmentPolicy`], [`TowerStatus`]:
+//!   appointments with watchtowers, sent by a background task per channel).
 //! - **Protocols:** [`open`] (the multi-party proposal protocol), `update`
 //!   (the proposer signs last, so a lost conflict never costs a signature),
 //!   `sync` (after a restore, and with every peer that may disagree with us:
@@ -50,6 +52,7 @@ pub mod open;
 mod restore;
 mod settle;
 mod sync;
+pub mod tower;
 mod update;
 mod watcher;
 
@@ -66,3 +69,4 @@ pub use handler::{
 pub use open::ChannelProposal;
 pub use perun_adjudicator::AdjudicatorEvent;
 pub use perun_wire::Participant;
+pub use tower::{AppointmentPolicy, TowerConfig, TowerStatus};

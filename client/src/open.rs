@@ -305,6 +305,7 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
     };
     // Watch the chain from funding on: deposits are at stake from now.
     crate::watcher::spawn(shared, &core);
+    crate::tower::spawn(shared, &core);
     crate::failpoint::hit("funding").await;
     // Deposits never overpay (the funder names the holdings it expects), so
     // a call that failed without a verdict is simply made again, until the

@@ -55,6 +55,9 @@ pub(crate) async fn restore(shared: &Arc<Shared>) -> Result<Restored> {
             prune(shared, id).await;
             continue;
         }
+        if let Some(towers) = &shared.towers {
+            towers.restore(id, &rec.metadata);
+        }
         match build_core(rec) {
             Ok(core) => {
                 debug!(channel = %core.id, phase = ?core.phase(), "restored channel");
@@ -145,6 +148,7 @@ pub(crate) fn resume(shared: &Arc<Shared>, core: Arc<ChannelCore>) {
     let phase = core.phase();
     if phase.is_funded() && phase != Withdrawn {
         crate::watcher::spawn(shared, &core);
+        crate::tower::spawn(shared, &core);
     }
     if matches!(phase, Active | Updating) {
         core.synced.send_replace(false);

@@ -16,6 +16,8 @@
 //!   a writer thread and group commit.
 //! - `wal`: the write-ahead log that makes a batch durable with one small
 //!   write instead of a durable redb commit; replayed on open.
+//! - [`tower`]: [`TowerRecord`], the client's watchtower receipts and
+//!   appointment counter, kept in a channel's metadata.
 //! - [`codec`]: the versioned, checksummed encoding of records on disk.
 //! - [`error`]: the crate's one error enum.
 //!
@@ -72,6 +74,7 @@ pub mod memory;
 pub mod persister;
 pub mod record;
 pub mod redb_store;
+pub mod tower;
 mod wal;
 
 pub use error::{Error, RecordDefect, Result};
@@ -79,3 +82,4 @@ pub use memory::MemoryPersister;
 pub use persister::Persister;
 pub use record::{Change, ChannelRecord, MAX_METADATA_LEN, MAX_PEER_ID_LEN};
 pub use redb_store::{RedbOptions, RedbPersister, RedbStats, SCHEMA_VERSION};
+pub use tower::{TowerReceipt, TowerRecord};

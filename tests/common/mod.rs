@@ -211,6 +211,12 @@ pub struct Options {
     pub dial_only: bool,
     /// Caps on remote input instead of the defaults.
     pub limits: Option<perun::client::Limits>,
+    /// Watchtowers the party keeps appointments with.
+    pub towers: Vec<perun::client::TowerConfig>,
+    /// When it sends appointments.
+    pub policy: perun::client::AppointmentPolicy,
+    /// A redb store in a temp dir on the simulated ledger too.
+    pub redb: bool,
 }
 
 impl Default for Options {
@@ -226,6 +232,9 @@ impl Default for Options {
             request_timeout: None,
             dial_only: false,
             limits: None,
+            towers: Vec::new(),
+            policy: perun::client::AppointmentPolicy::default(),
+            redb: false,
         }
     }
 }
@@ -264,8 +273,8 @@ pub async fn party_with_account(ledger: &Ledger, account: LocalAccount, opts: &O
     let (funder, adjudicator) = ledger.backends(&account).await;
     let key = perun::wire::generate_key();
     let (persister, dir): (Arc<dyn Persister>, _) = match ledger {
-        Ledger::Sim(_) => (Arc::new(MemoryPersister::new()), None),
-        Ledger::Anvil { .. } => {
+        Ledger::Sim(_) if !opts.redb => (Arc::new(MemoryPersister::new()), None),
+        _ => {
             let dir = tempfile::tempdir().unwrap();
             let p = RedbPersister::open(dir.path().join("perun.redb"))
                 .await
@@ -320,6 +329,10 @@ async fn start(
     if let Some(limits) = opts.limits {
         builder = builder.limits(limits);
     }
+    for t in &opts.towers {
+        builder = builder.watchtower(t.clone());
+    }
+    builder = builder.appointment_policy(opts.policy);
     let client = builder.build().await.unwrap();
     Party {
         client,

@@ -37,7 +37,57 @@ pub enum Error {
     /// Encoding the plaintext failed.
     #[error("encoding blob: {0}")]
     Encode(String),
+    /// The tower's HTTP address is not one the client can use.
+    #[error("tower url {url:?}: {reason}")]
+    Url {
+        /// The address given.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The tower did not answer within the client's timeout.
+    #[error("tower did not answer {what} within {after:?}")]
+    Timeout {
+        /// The request.
+        what: &'static str,
+        /// The timeout.
+        after: std::time::Duration,
+    },
+    /// The HTTP exchange failed (connection refused or reset, bad framing).
+    #[error("http: {0}")]
+    Http(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The tower's answer is longer than the client reads.
+    #[error("tower answer exceeds {max} bytes")]
+    ResponseTooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// The tower refused the request with one of its stable error codes.
+    #[error("tower refused ({status} {code}): {message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The stable code (`unknown_user`, `stale_appointment`, ...).
+        code: String,
+        /// The tower's message.
+        message: String,
+    },
+    /// The tower's answer is not the JSON the API promises.
+    #[error("tower answer does not decode: {0}")]
+    BadResponse(String),
+    /// A signature in the tower's answer is not by the tower, or the answer
+    /// is not for what was asked.
+    #[error("tower answer for {what} is not signed by {expected} (signed by {found:?})")]
+    WrongTowerSignature {
+        /// What the signature covers (`receipt`, `subscription`).
+        what: &'static str,
+        /// The tower's address, as configured.
+        expected: alloy_primitives::Address,
+        /// Who signed it, if the signature recovers at all.
+        found: Option<alloy_primitives::Address>,
+    },
     /// The store failed (redb).
+    #[cfg(feature = "server")]
     #[error("store: {0}")]
     Store(#[source] Box<redb::Error>),
     /// A stored value does not decode: the file is damaged or from a newer build.
@@ -109,6 +159,7 @@ pub enum Error {
     Config(String),
 }
 
+#[cfg(feature = "server")]
 macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
@@ -118,6 +169,7 @@ macro_rules! from_redb {
         }
     )*};
 }
+#[cfg(feature = "server")]
 from_redb!(
     redb::Error,
     redb::DatabaseError,

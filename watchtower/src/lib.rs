@@ -8,22 +8,38 @@
 //!
 //! # Layout
 //! - [`scheme`]: locators, blob keys, sealing and opening blobs (client and tower).
-//! - [`api`]: the HTTP/JSON API (axum): endpoints and their JSON, errors, rate limits, metrics.
-//! - [`batch`]: group commit of appointments (one writer thread, one `fsync` per batch).
 //! - [`messages`]: the hashes users and the tower sign.
-//! - [`responder`]: the chain side: follows disputes, refutes with a newer state, concludes.
-//! - [`service`]: the API and the supervised responder in one call (what the binary runs).
-//! - [`store`]: the redb store of users, appointments, the locator index and the chain cursor.
+//! - [`json`]: the API's request and response bodies (serde only).
+//! - [`client`]: an HTTP/1.1 client of the API that checks the tower's signatures.
+//! - `api` (feature `server`): the HTTP/JSON API (axum): endpoints, errors, rate limits, metrics.
+//! - `batch` (feature `server`): group commit of appointments (one writer thread, one `fsync` per batch).
+//! - `responder` (feature `server`): the chain side: follows disputes, refutes with a newer state, concludes.
+//! - `service` (feature `server`): the API and the supervised responder in one call (what the binary runs).
+//! - `store` (feature `server`): the redb store of users, appointments, the locator index and the chain cursor.
 //! - [`error`]: the crate's one error enum.
+//!
+//! # Features
+//! - `server` (default): the tower itself (the API server, its store, the
+//!   binary). A client that only talks to towers depends on this crate with
+//!   `default-features = false`, without axum, redb or clap.
 
+#[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "server")]
 pub mod batch;
+pub mod client;
 pub mod error;
+pub mod json;
 pub mod messages;
+#[cfg(feature = "server")]
 pub mod responder;
 pub mod scheme;
+#[cfg(feature = "server")]
 pub mod service;
+#[cfg(feature = "server")]
 pub mod store;
 
+pub use client::{Receipt, TowerClient};
 pub use error::{Error, Result};
+pub use messages::Subscription;
 pub use scheme::{ChannelSecret, Locator, open, seal};

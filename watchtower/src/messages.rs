@@ -9,8 +9,20 @@
 
 use alloy_primitives::{Address, B256, keccak256};
 
+use serde::{Deserialize, Serialize};
+
 use crate::scheme::Locator;
-use crate::store::Subscription;
+
+/// A user's subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// Appointments the user may hold at once.
+    pub slots_total: u32,
+    /// Appointments the user holds.
+    pub slots_used: u32,
+    /// Unix time (seconds) after which the tower takes no new appointments from the user.
+    pub expiry: u64,
+}
 
 fn tagged(tag: &[u8], parts: &[&[u8]]) -> B256 {
     let mut buf = Vec::with_capacity(tag.len() + parts.iter().map(|p| p.len()).sum::<usize>());

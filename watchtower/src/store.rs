@@ -60,16 +60,7 @@ const JOBS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("tower_jobs
 const SCHEMA_KEY: &str = "schema_version";
 const CURSOR_KEY: &str = "cursor";
 
-/// A user's subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Subscription {
-    /// Appointments the user may hold at once.
-    pub slots_total: u32,
-    /// Appointments the user holds.
-    pub slots_used: u32,
-    /// Unix time (seconds) after which the tower takes no new appointments from the user.
-    pub expiry: u64,
-}
+pub use crate::messages::Subscription;
 
 /// Where an appointment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,618 @@
+//! The client side of the watchtowers (DESIGN §12, client policy): each
+//! funded channel gets a supervised background task that keeps every
+//! configured tower holding an appointment for its latest fully signed
+//! state.
+//!
+//! The update path never waits for a tower: the task follows the
+//! channel's published state, so a slow or down tower only delays its own
+//! receipt. One round seals the latest state once (a fresh AEAD nonce),
+//! signs it under a new sequence number, which is stored before it is
+//! sent (so it grows across restarts), and sends it to every tower whose
+//! receipt is older. Each receipt is checked (the tower's key, this
+//! locator and this user signature) and stored in the channel's record
+//! before it counts ([`Channel::tower_status`](crate::Channel::tower_status)).
+//! A failed tower is tried again after the client's backoff
+//! ([`Timeouts::backoff`](crate::Timeouts::backoff)), with a
+//! [`ChannelEvent::TowerFailed`] for each failure.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use perun_channel::{Address, ChannelId, Phase, SignedState};
+use perun_persistence::tower::MAX_TOWERS;
+use perun_persistence::{Change, TowerReceipt, TowerRecord};
+use perun_wallet::Account;
+use perun_watchtower::client::{Appointment, TowerClient};
+use perun_watchtower::{Receipt, Subscription};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, error, info_span, warn};
+
+use crate::core::{ChannelCore, Shared, lock};
+use crate::event::ChannelEvent;
+use crate::{Error, Result};
+
+/// A tower the client keeps appointments with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TowerConfig {
+    /// Its API, `http://host:port`.
+    pub url: String,
+    /// Its Ethereum address: every subscription and receipt it returns
+    /// must be signed by this key.
+    pub address: Address,
+    /// The timeout of one call to it.
+    pub timeout: Duration,
+}
+
+impl TowerConfig {
+    /// The tower at `url` signing with `address`, with a 10 s timeout per call.
+    pub fn new(url: impl Into<String>, address: Address) -> Self {
+        Self {
+            url: url.into(),
+            address,
+            timeout: perun_watchtower::client::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// When the client sends a channel's latest state to its towers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AppointmentPolicy {
+    /// After every update (the tower always holds the latest state; it
+    /// sees how often the channel updates).
+    #[default]
+    EveryUpdate,
+    /// At most once per period per channel, with the latest state then
+    /// (and always at [`Client::shutdown`](crate::Client::shutdown)): fewer
+    /// requests, and the tower learns less of the update rate. A state
+    /// newer than the tower's is at risk until the next send.
+    AtMost(Duration),
+}
+
+/// What one tower holds for a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TowerStatus {
+    /// The tower's address.
+    pub tower: Address,
+    /// The state version its stored receipt covers (`None`: no receipt yet).
+    pub version: Option<u64>,
+    /// Whether that is the channel's latest fully signed state.
+    pub latest: bool,
+    /// The stored receipt, checked when it arrived: with the state it
+    /// covers, the user's proof that the tower took the job.
+    pub receipt: Option<TowerReceipt>,
+}
+
+/// Renew a subscription this long before it expires.
+const RENEW_MARGIN_SECS: u64 = 24 * 60 * 60;
+/// Appointment rounds (one per channel, to every lagging tower) at once.
+const ROUNDS_AT_ONCE: usize = 32;
+/// How long [`Towers::flush`] waits at most.
+pub(crate) const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Codes after which registering again may help.
+fn needs_registration(e: &perun_watchtower::Error) -> bool {
+    matches!(e, perun_watchtower::Error::Refused { code, .. }
+        if matches!(code.as_str(), "unknown_user" | "subscription_expired" | "no_free_slot"))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One tower: its client and our subscription with it.
+#[derive(Debug)]
+struct Link {
+    client: TowerClient,
+    sub: tokio::sync::Mutex<Option<Subscription>>,
+}
+
+impl Link {
+    /// Registers (or renews) unless a subscription with time and slots left is known.
+    async fn ensure_registered(
+        &self,
+        user: &dyn Account,
+        force: bool,
+    ) -> Result<(), perun_watchtower::Error> {
+        let mut sub = self.sub.lock().await;
+        let fresh = sub.is_some_and(|s| {
+            s.expiry > unix_now().saturating_add(RENEW_MARGIN_SECS) && s.slots_used < s.slots_total
+        });
+        if fresh && !force {
+            return Ok(());
+        }
+        *sub = Some(self.client.register(user).await?);
+        debug!(tower = %self.client.tower(), "registered with tower");
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        user: &dyn Account,
+        a: &Appointment,
+    ) -> Result<Receipt, perun_watchtower::Error> {
+        self.ensure_registered(user, false).await?;
+        match self.client.add_appointment(a).await {
+            Err(e) if needs_registration(&e) => {
+                // Expired, out of slots, or the tower lost us: renew, try once more.
+                self.ensure_registered(user, true).await?;
+                self.client.add_appointment(a).await
+            }
+            r => r,
+        }
+    }
+}
+
+/// The towers of one client and the per-channel records.
+pub(crate) struct Towers {
+    links: Vec<Link>,
+    policy: AppointmentPolicy,
+    channels: Mutex<HashMap<ChannelId, Arc<Entry>>>,
+    /// Bumped by [`Towers::flush`]: every channel sends at once.
+    flush: watch::Sender<u64>,
+    /// Appointment rounds running at once, over all channels.
+    permits: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Debug for Towers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Towers")
+            .field("towers", &self.links.len())
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One channel's tower record and its worker's progress.
+#[derive(Debug)]
+struct Entry {
+    record: Mutex<TowerRecord>,
+    /// Its worker was started.
+    started: std::sync::atomic::AtomicBool,
+    /// The last flush generation the worker has served.
+    flushed: watch::Sender<u64>,
+}
+
+impl Towers {
+    /// Checks every config (the URL) before anything starts.
+    pub(crate) fn new(configs: Vec<TowerConfig>, policy: AppointmentPolicy) -> Result<Self> {
+        if configs.len() > MAX_TOWERS {
+            return Err(Error::TowerConfig {
+                tower: configs[MAX_TOWERS].address,
+                reason: "more towers than a channel record keeps receipts of (32)",
+            });
+        }
+        for (i, c) in configs.iter().enumerate() {
+            if configs[..i].iter().any(|d| d.address == c.address) {
+                return Err(Error::TowerConfig {
+                    tower: c.address,
+                    reason: "configured twice",
+                });
+            }
+        }
+        let links = configs
+            .into_iter()
+            .map(|c| {
+                let client = TowerClient::new(&c.url, c.address)
+                    .map_err(|source| Error::Tower {
+                        tower: c.address,
+                        source: Arc::new(source),
+                    })?
+                    .with_timeout(c.timeout);
+                Ok(Link {
+                    client,
+                    sub: tokio::sync::Mutex::new(None),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            links,
+            policy,
+            channels: Mutex::new(HashMap::new()),
+            flush: watch::channel(0).0,
+            permits: tokio::sync::Semaphore::new(ROUNDS_AT_ONCE),
+        })
+    }
+
+    fn entry(&self, id: ChannelId, record: impl FnOnce() -> TowerRecord) -> Arc<Entry> {
+        lock(&self.channels)
+            .entry(id)
+            .or_insert_with(|| {
+                Arc::new(Entry {
+                    record: Mutex::new(record()),
+                    started: std::sync::atomic::AtomicBool::new(false),
+                    flushed: watch::channel(*self.flush.borrow()).0,
+                })
+            })
+            .clone()
+    }
+
+    /// Takes a restored channel's stored record (its `metadata`), so its
+    /// receipts show at once and its counter goes on from where it was.
+    pub(crate) fn restore(&self, id: ChannelId, metadata: &[u8]) {
+        self.entry(id, || match TowerRecord::decode(id, metadata) {
+            Ok(r) => r,
+            // The counter is lost: restart it from the clock, far above any
+            // count this channel could have reached.
+            Err(e) => {
+                error!(channel = %id, error = %e, "stored tower record does not decode; starting a new one");
+                TowerRecord {
+                    seq: unix_now().saturating_mul(1 << 20),
+                    receipts: Vec::new(),
+                }
+            }
+        });
+    }
+
+    /// What each tower holds for `core`'s channel.
+    pub(crate) fn status(&self, core: &ChannelCore) -> Vec<TowerStatus> {
+        let entry = lock(&self.channels).get(&core.id).cloned();
+        let record = entry.map(|e| lock(&e.record).clone()).unwrap_or_default();
+        let latest = core.state.borrow().state.version;
+        self.links
+            .iter()
+            .map(|l| {
+                let receipt = record.receipt(l.client.tower()).cloned();
+                let version = receipt.as_ref().map(|r| r.version);
+                TowerStatus {
+                    tower: l.client.tower(),
+                    version,
+                    latest: version == Some(latest),
+                    receipt,
+                }
+            })
+            .collect()
+    }
+
+    /// Makes every channel send its latest state now and waits (at most
+    /// `timeout`) until each has had one round: before shutdown, so a
+    /// policy of [`AppointmentPolicy::AtMost`] loses no state.
+    pub(crate) async fn flush(&self, timeout: Duration) {
+        let mut generation = 0;
+        self.flush.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        // Only channels with a worker: a restored record whose channel did
+        // not start (damaged) has nobody to answer.
+        let entries: Vec<_> = lock(&self.channels)
+            .values()
+            .filter(|e| e.started.load(std::sync::atomic::Ordering::SeqCst))
+            .cloned()
+            .collect();
+        let all = futures::future::join_all(entries.iter().map(|e| {
+            let mut rx = e.flushed.subscribe();
+            async move {
+                let _ = rx.wait_for(|g| *g >= generation).await;
+            }
+        }));
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            warn!("not every channel reached its towers before shutdown");
+        }
+    }
+}
+
+/// Starts `core`'s tower worker, unless the client has no towers or one runs.
+pub(crate) fn spawn(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
+    let Some(towers) = shared.towers.clone() else {
+        return;
+    };
+    let entry = towers.entry(core.id, TowerRecord::default);
+    if entry
+        .started
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
+    }
+    let backoff = vec![Backoff::default(); towers.links.len()];
+    let worker = Worker {
+        shared: shared.clone(),
+        towers,
+        core: core.clone(),
+        entry,
+        backoff,
+        last_sent: None,
+    };
+    let span = info_span!(parent: None, "towers", channel = %core.id);
+    tokio::spawn(supervise(worker).instrument(span));
+}
+
+/// Runs the worker, restarting it after a panic, until the channel is
+/// withdrawn or the client stops.
+async fn supervise(mut w: Worker) {
+    let mut restarts = 0u32;
+    loop {
+        let shared = w.shared.clone();
+        let run = std::panic::AssertUnwindSafe(w.run()).catch_unwind();
+        tokio::select! {
+            res = run => match res {
+                Ok(()) => break,
+                Err(_) => {
+                    restarts += 1;
+                    let pause = shared.timeouts.backoff(restarts);
+                    error!(restarts, ?pause, "tower worker panicked; restarting it");
+                    w.core.emit(ChannelEvent::WatcherRestarted {
+                        error: Arc::new(Error::TowerTaskPanicked),
+                    });
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = shared.stopping() => break,
+                    }
+                }
+            },
+            () = shared.stopping() => break,
+        }
+    }
+    // A withdrawn channel needs no tower; a stopped client's channels keep
+    // their status readable.
+    if w.core.phase() == Phase::Withdrawn {
+        lock(&w.towers.channels).remove(&w.core.id);
+    }
+    // Nobody waits on a worker that is gone.
+    w.entry.flushed.send_replace(u64::MAX);
+    debug!("tower worker ended");
+}
+
+/// One tower's retry state in a worker.
+#[derive(Debug, Clone, Copy, Default)]
+struct Backoff {
+    failures: u32,
+    next_try: Option<Instant>,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    towers: Arc<Towers>,
+    core: Arc<ChannelCore>,
+    entry: Arc<Entry>,
+    backoff: Vec<Backoff>,
+    last_sent: Option<Instant>,
+}
+
+impl Worker {
+    async fn run(&mut self) {
+        let mut state_rx = self.core.state.subscribe();
+        let mut phase_rx = self.core.phase_changes();
+        let mut flush_rx = self.towers.flush.subscribe();
+        loop {
+            if self.shared.stopped() || self.core.phase() == Phase::Withdrawn {
+                return;
+            }
+            let latest = state_rx.borrow_and_update().clone();
+            let flush = *flush_rx.borrow_and_update();
+            let flushing = flush > *self.entry.flushed.borrow();
+            let now = Instant::now();
+            let lagging = self.lagging(&latest);
+            let due: Vec<usize> = lagging
+                .iter()
+                .copied()
+                .filter(|&i| flushing || self.backoff[i].next_try.is_none_or(|t| t <= now))
+                .collect();
+            let mut wake = lagging
+                .iter()
+                .filter_map(|&i| self.backoff[i].next_try)
+                .filter(|t| *t > now)
+                .min();
+            let gate = match self.towers.policy {
+                AppointmentPolicy::EveryUpdate => None,
+                AppointmentPolicy::AtMost(period) => self
+                    .last_sent
+                    .map(|l| l + period)
+                    .filter(|g| *g > now && !flushing),
+            };
+            if !due.is_empty() {
+                match gate {
+                    Some(g) => wake = Some(wake.map_or(g, |w| w.min(g))),
+                    None => {
+                        self.round(&latest, &due).await;
+                        self.last_sent = Some(Instant::now());
+                        if flushing {
+                            self.entry.flushed.send_replace(flush);
+                        }
+                        continue;
+                    }
+                }
+            } else if flushing {
+                self.entry.flushed.send_replace(flush);
+            }
+            let sleep = async {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = state_rx.changed() => if r.is_err() { return },
+                r = phase_rx.changed() => if r.is_err() { return },
+                r = flush_rx.changed() => if r.is_err() { return },
+                () = sleep => {}
+                () = self.shared.stopping() => return,
+            }
+        }
+    }
+
+    /// Towers whose receipt covers an older state than `latest`.
+    fn lagging(&self, latest: &SignedState) -> Vec<usize> {
+        if !latest.is_fully_signed() {
+            return Vec::new();
+        }
+        let record = lock(&self.entry.record);
+        let version = latest.state.version;
+        self.towers
+            .links
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| {
+                record
+                    .receipt(l.client.tower())
+                    .is_none_or(|r| r.version < version)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Stores the record in the channel's metadata.
+    async fn save(&self) -> Result<()> {
+        let bytes = lock(&self.entry.record).encode()?;
+        self.shared
+            .persister
+            .update(self.core.id, vec![Change::Metadata(bytes)])
+            .await?;
+        Ok(())
+    }
+
+    /// One appointment, sent to the towers `due`.
+    async fn round(&mut self, latest: &SignedState, due: &[usize]) {
+        let version = latest.state.version;
+        let seq = {
+            let mut r = lock(&self.entry.record);
+            r.seq += 1;
+            r.seq
+        };
+        // The sequence number is durable before any tower sees it.
+        if let Err(e) = self.save().await {
+            let e = Arc::new(e);
+            for &i in due {
+                self.failed(i, version, e.clone());
+            }
+            return;
+        }
+        let appointment =
+            match Appointment::new(&self.core.params, latest, seq, self.shared.account.as_ref()) {
+                Ok(a) => a,
+                Err(e) => {
+                    // Sealing or signing failed (a state over the blob limit, a
+                    // wallet error): every tower misses this version.
+                    let source = Arc::new(e);
+                    for &i in due {
+                        let tower = self.towers.links[i].client.tower();
+                        let error = Error::Tower {
+                            tower,
+                            source: source.clone(),
+                        };
+                        self.failed(i, version, Arc::new(error));
+                    }
+                    return;
+                }
+            };
+        // Bounds the calls of all channels together (a restart with
+        // thousands of lagging channels must not open thousands of sockets).
+        let towers = self.towers.clone();
+        let Ok(_permit) = towers.permits.acquire().await else {
+            return;
+        };
+        let user = self.shared.account.clone();
+        let sends = due.iter().map(|&i| {
+            let (link, a, user) = (&self.towers.links[i], &appointment, user.as_ref());
+            async move { (i, link.send(user, a).await) }
+        });
+        let results = futures::future::join_all(sends).await;
+        let mut stored = Vec::new();
+        for (i, res) in results {
+            let tower = self.towers.links[i].client.tower();
+            match res {
+                Ok(r) => {
+                    let kept = lock(&self.entry.record).put(TowerReceipt {
+                        tower,
+                        version,
+                        seq,
+                        locator: r.locator,
+                        start_block: r.start_block,
+                        user_signature: r.user_signature,
+                        tower_signature: r.tower_signature,
+                    });
+                    self.backoff[i] = Backoff::default();
+                    if kept {
+                        stored.push(tower);
+                    }
+                }
+                Err(e) => self.failed(
+                    i,
+                    version,
+                    Arc::new(Error::Tower {
+                        tower,
+                        source: Arc::new(e),
+                    }),
+                ),
+            }
+        }
+        if stored.is_empty() {
+            return;
+        }
+        match self.save().await {
+            Ok(()) => {
+                for tower in stored {
+                    debug!(%tower, version, seq, "tower receipt stored");
+                    self.core
+                        .emit(ChannelEvent::TowerReceipt { tower, version });
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                warn!(error = %e, "could not store tower receipts; sending again");
+                // Not durable: forget them, so the next round sends again.
+                let mut r = lock(&self.entry.record);
+                r.receipts
+                    .retain(|x| !(x.seq == seq && stored.contains(&x.tower)));
+                drop(r);
+                let towers = self.towers.clone();
+                for (i, l) in towers.links.iter().enumerate() {
+                    if stored.contains(&l.client.tower()) {
+                        self.failed(i, version, e.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn failed(&mut self, i: usize, version: u64, error: Arc<Error>) {
+        let b = &mut self.backoff[i];
+        b.failures = b.failures.saturating_add(1);
+        let delay = self.shared.timeouts.backoff(b.failures);
+        b.next_try = Some(Instant::now() + delay);
+        let tower = self.towers.links[i].client.tower();
+        warn!(%tower, version, attempt = b.failures, ?delay, error = %error, "tower appointment failed");
+        self.core.emit(ChannelEvent::TowerFailed {
+            tower,
+            version,
+            attempt: b.failures,
+            delay,
+            error,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_configs_are_refused_at_build() {
+        let a = Address::repeat_byte(1);
+        let ok = TowerConfig::new("http://127.0.0.1:1", a);
+        assert!(Towers::new(vec![ok.clone()], AppointmentPolicy::default()).is_ok());
+        let twice = Towers::new(vec![ok.clone(), ok.clone()], AppointmentPolicy::default());
+        assert!(matches!(twice, Err(Error::TowerConfig { tower, .. }) if tower == a));
+        let many = (0..=MAX_TOWERS as u8)
+            .map(|i| TowerConfig::new("http://127.0.0.1:1", Address::repeat_byte(i)))
+            .collect();
+        assert!(matches!(
+            Towers::new(many, AppointmentPolicy::default()),
+            Err(Error::TowerConfig { .. })
+        ));
+        let url = Towers::new(
+            vec![TowerConfig::new("https://tower", a)],
+            AppointmentPolicy::default(),
+        );
+        assert!(
+            matches!(&url, Err(Error::Tower { source, .. })
+                if matches!(**source, perun_watchtower::Error::Url { .. })),
+            "{url:?}"
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! What the client keeps about a channel's watchtowers: the last
+//! appointment sequence number it used and the receipt each tower signed.
+//!
+//! It lives in the channel record's `metadata` ([`Change::Metadata`]), so
+//! it is written with the same durability, atomicity and crash safety as
+//! the rest of the record, in every store, and goes away with the channel.
+//! Empty metadata is an empty record (a channel from before towers).
+//!
+//! Encoding: `TOWER_RECORD_FORMAT ‖ postcard body`. Like the rest of a
+//! record, it is covered by the store's checksum.
+//!
+//! [`Change::Metadata`]: crate::Change::Metadata
+
+use perun_channel::{Address, B256, ChannelId};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, MAX_METADATA_LEN, Result};
+
+/// The format byte this build writes and the newest it reads.
+pub const TOWER_RECORD_FORMAT: u8 = 1;
+/// Most towers one channel keeps receipts of (well inside
+/// [`MAX_METADATA_LEN`]: a receipt is about 200 bytes).
+pub const MAX_TOWERS: usize = 32;
+
+/// A receipt a tower signed for one of the channel's appointments, checked
+/// by the client before it was stored. With the blob (which the client can
+/// seal again from the covered state), it proves the tower took the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TowerReceipt {
+    /// The tower's address (what its signature recovers to).
+    pub tower: Address,
+    /// The state version the appointment carried.
+    pub version: u64,
+    /// The appointment's sequence number.
+    pub seq: u64,
+    /// The appointment's locator.
+    pub locator: B256,
+    /// The block the tower watches from.
+    pub start_block: u64,
+    /// The user's signature over the appointment (65 bytes).
+    pub user_signature: Vec<u8>,
+    /// The tower's signature over the receipt (65 bytes).
+    pub tower_signature: Vec<u8>,
+}
+
+/// A channel's tower record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TowerRecord {
+    /// The highest appointment sequence number used; the next one is
+    /// higher, also after a restart (it is stored before it is sent).
+    pub seq: u64,
+    /// The newest receipt of each tower, at most [`MAX_TOWERS`].
+    pub receipts: Vec<TowerReceipt>,
+}
+
+impl TowerRecord {
+    /// The receipt of `tower`, if any.
+    pub fn receipt(&self, tower: Address) -> Option<&TowerReceipt> {
+        self.receipts.iter().find(|r| r.tower == tower)
+    }
+
+    /// Keeps `r` as `tower`'s receipt unless the stored one has a higher
+    /// `seq` (a late answer never replaces a newer receipt). Returns whether
+    /// it was kept.
+    pub fn put(&mut self, r: TowerReceipt) -> bool {
+        let full = self.receipts.len() >= MAX_TOWERS;
+        match self.receipts.iter_mut().find(|x| x.tower == r.tower) {
+            Some(old) if old.seq > r.seq => false,
+            Some(old) => {
+                *old = r;
+                true
+            }
+            None if full => false,
+            None => {
+                self.receipts.push(r);
+                true
+            }
+        }
+    }
+
+    /// The metadata bytes.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let bytes =
+            postcard::to_extend(self, vec![TOWER_RECORD_FORMAT]).map_err(|e| Error::Corrupt {
+                id: None,
+                reason: format!("encoding tower record: {e}"),
+            })?;
+        if bytes.len() > MAX_METADATA_LEN {
+            return Err(Error::Corrupt {
+                id: None,
+                reason: format!("tower record of {} bytes", bytes.len()),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Reads the record from channel `id`'s metadata (empty: no record).
+    pub fn decode(id: ChannelId, metadata: &[u8]) -> Result<Self> {
+        let corrupt = |reason: String| Error::Corrupt {
+            id: Some(id),
+            reason,
+        };
+        let Some((format, body)) = metadata.split_first() else {
+            return Ok(Self::default());
+        };
+        if *format > TOWER_RECORD_FORMAT {
+            return Err(Error::FormatTooNew {
+                found: *format,
+                supported: TOWER_RECORD_FORMAT,
+            });
+        }
+        if *format != TOWER_RECORD_FORMAT {
+            return Err(corrupt(format!("tower record format {format}")));
+        }
+        let (rec, rest): (Self, _) =
+            postcard::take_from_bytes(body).map_err(|e| corrupt(format!("tower record: {e}")))?;
+        if !rest.is_empty() {
+            return Err(corrupt(format!(
+                "tower record: {} trailing bytes",
+                rest.len()
+            )));
+        }
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receipt(tower: u8, seq: u64) -> TowerReceipt {
+        TowerReceipt {
+            tower: Address::repeat_byte(tower),
+            version: seq * 2,
+            seq,
+            locator: B256::repeat_byte(7),
+            start_block: 3,
+            user_signature: vec![1; 65],
+            tower_signature: vec![2; 65],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_newest_receipt_wins() {
+        let id = ChannelId::repeat_byte(1);
+        assert_eq!(
+            TowerRecord::decode(id, &[]).expect("empty"),
+            TowerRecord::default()
+        );
+        let mut rec = TowerRecord {
+            seq: 9,
+            receipts: Vec::new(),
+        };
+        assert!(rec.put(receipt(1, 5)));
+        assert!(rec.put(receipt(2, 4)));
+        assert!(!rec.put(receipt(1, 3)), "older receipt kept out");
+        assert!(rec.put(receipt(1, 6)));
+        let bytes = rec.encode().expect("encode");
+        assert_eq!(TowerRecord::decode(id, &bytes).expect("decode"), rec);
+        assert_eq!(rec.receipt(Address::repeat_byte(1)).map(|r| r.seq), Some(6));
+
+        let mut newer = bytes.clone();
+        newer[0] = TOWER_RECORD_FORMAT + 1;
+        assert!(matches!(
+            TowerRecord::decode(id, &newer),
+            Err(Error::FormatTooNew { .. })
+        ));
+        assert!(matches!(
+            TowerRecord::decode(id, &bytes[..bytes.len() - 3]),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,528 @@
+//! The client side of the watchtowers (issue 14, point 5), against real
+//! towers served in-process on 127.0.0.1 with their redb stores, and
+//! channels on the simulated ledger: receipts for the latest state under
+//! both policies, `tower_status`, a down tower that catches up, a tower
+//! whose receipts are signed by the wrong key, and receipts and the
+//! appointment counter across a client restart (redb).
+
+#![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Ledger, Options, Party, introduce, open, party, restart_opts};
+use perun::channel::{Address, U256};
+use perun::client::{AppointmentPolicy, Channel, ChannelEvent, Error, TowerConfig, TowerStatus};
+use perun::persistence::TowerRecord;
+use perun::wallet::{Account, LocalAccount, signature_bytes};
+use perun::watchtower::api::{self, Config, Tower};
+use perun::watchtower::scheme::{ChannelSecret, open as open_blob};
+use perun::watchtower::store::Store;
+use perun::watchtower::{Receipt, messages};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn u(x: u64) -> U256 {
+    U256::from(x)
+}
+
+/// A tower served in-process until dropped.
+struct TowerProc {
+    addr: SocketAddr,
+    tower: Arc<Tower>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TowerProc {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn serve_tower(listener: TcpListener, key: &LocalAccount) -> TowerProc {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("tower.redb")).unwrap();
+    let account = LocalAccount::from_bytes(&key.secret_bytes()).unwrap();
+    let tower = Arc::new(
+        Tower::new(
+            store,
+            Arc::new(account),
+            Config::default(),
+            api::system_clock(),
+        )
+        .unwrap(),
+    );
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(api::serve(listener, tower.clone(), async {
+        let _ = stopped.await;
+    }));
+    TowerProc {
+        addr,
+        tower,
+        stop: Some(stop),
+        _dir: dir,
+    }
+}
+
+async fn start_tower(key: &LocalAccount) -> TowerProc {
+    serve_tower(TcpListener::bind("127.0.0.1:0").await.unwrap(), key).await
+}
+
+fn config(addr: SocketAddr, key: &LocalAccount) -> TowerConfig {
+    TowerConfig::new(format!("http://{addr}"), key.address())
+}
+
+/// Alice (with `opts`, towers and all) and Bob (no towers) with a channel.
+async fn alice_and_bob(ledger: &Ledger, opts: &Options) -> (Vec<Party>, Vec<Channel>) {
+    let alice = party(ledger, u(1_000_000), opts).await;
+    let bob = party(ledger, u(1_000_000), &Options::default()).await;
+    let mut ps = vec![alice, bob];
+    introduce(&ps).await;
+    let chans = open(ledger, &mut ps, u(1000)).await;
+    (ps, chans)
+}
+
+/// Polls until `pred` holds for the channel's tower status.
+async fn wait_status(ch: &Channel, what: &str, pred: impl Fn(&[TowerStatus]) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = ch.tower_status();
+        if pred(&s) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: status {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn all_latest(s: &[TowerStatus]) -> bool {
+    !s.is_empty() && s.iter().all(|t| t.latest)
+}
+
+/// The stored receipt verifies, and the tower's stored blob opens (with the
+/// channel's secret, as on a dispute) to the channel's latest state.
+fn check_covered(ch: &Channel, user: Address, status: &TowerStatus, tower: &Tower) {
+    let r = status.receipt.clone().expect("a receipt");
+    assert_eq!(r.tower, tower.address());
+    Receipt {
+        tower: r.tower,
+        locator: r.locator,
+        start_block: r.start_block,
+        user_signature: r.user_signature.clone(),
+        tower_signature: r.tower_signature.clone(),
+    }
+    .verify()
+    .expect("receipt signed by the tower");
+    let secret = ChannelSecret::of(ch.params());
+    assert_eq!(r.locator, secret.locator());
+    let stored = tower
+        .store()
+        .appointment(user, r.locator)
+        .unwrap()
+        .expect("the tower holds the appointment");
+    assert_eq!(stored.seq, r.seq);
+    let (_, state) = open_blob(&secret, &stored.blob).expect("blob opens");
+    assert_eq!(state, ch.state());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_update_reaches_the_tower() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let tower = start_tower(&key).await;
+    let opts = Options {
+        towers: vec![config(tower.addr, &key)],
+        ..Options::default()
+    };
+    let (ps, chans) = alice_and_bob(&ledger, &opts).await;
+    let mut events = chans[0].events();
+    for _ in 0..5 {
+        chans[0].pay(1, 0, u(10)).await.unwrap();
+    }
+    wait_status(&chans[0], "receipt for the latest state", all_latest).await;
+    let status = chans[0].tower_status();
+    assert_eq!(status[0].version, Some(chans[0].state().state.version));
+    check_covered(&chans[0], ps[0].client.address(), &status[0], &tower.tower);
+    // Bob configured no tower.
+    assert!(chans[1].tower_status().is_empty());
+    // Receipts were announced.
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(ev) = events.next().await {
+            if let ChannelEvent::TowerReceipt { tower, .. } = ev {
+                return tower;
+            }
+        }
+        panic!("events ended");
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, key.address());
+    // The client's user is registered; its appointment is watched.
+    let client =
+        perun::watchtower::TowerClient::new(&format!("http://{}", tower.addr), key.address())
+            .unwrap();
+    let st = client
+        .get_appointment(
+            ps[0].account.as_ref(),
+            status[0].receipt.as_ref().unwrap().locator,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, perun::watchtower::json::AppointmentStatus::BeingWatched);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_most_policy_holds_back_and_flushes_at_shutdown() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let tower = start_tower(&key).await;
+    let opts = Options {
+        towers: vec![config(tower.addr, &key)],
+        policy: AppointmentPolicy::AtMost(Duration::from_secs(3600)),
+        ..Options::default()
+    };
+    let (ps, chans) = alice_and_bob(&ledger, &opts).await;
+    // The first appointment goes at once (nothing was sent yet).
+    wait_status(&chans[0], "first receipt", |s| s[0].version.is_some()).await;
+    let first = chans[0].tower_status()[0].version;
+    for _ in 0..3 {
+        chans[0].pay(1, 0, u(10)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = chans[0].tower_status();
+    assert_eq!(s[0].version, first, "held back within the period");
+    assert!(!s[0].latest);
+    let latest = chans[0].state();
+    // Shutdown sends the latest state first.
+    ps[0].client.shutdown().await;
+    let s = chans[0].tower_status();
+    assert!(s[0].latest, "flushed at shutdown: {s:?}");
+    check_covered(&chans[0], ps[0].client.address(), &s[0], &tower.tower);
+    // And it is in the store, for the next start.
+    let rec = ps[0].persister.load(chans[0].id()).await.unwrap().unwrap();
+    let towers = TowerRecord::decode(chans[0].id(), &rec.metadata).unwrap();
+    assert_eq!(
+        towers.receipt(key.address()).map(|r| r.version),
+        Some(latest.state.version)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_down_tower_is_reported_and_catches_up() {
+    let ledger = Ledger::sim().await;
+    let (up_key, down_key) = (LocalAccount::random(), LocalAccount::random());
+    let up = start_tower(&up_key).await;
+    // A port nobody listens on yet.
+    let down_addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let opts = Options {
+        towers: vec![config(up.addr, &up_key), config(down_addr, &down_key)],
+        ..Options::default()
+    };
+    let (ps, chans) = alice_and_bob(&ledger, &opts).await;
+    let mut events = chans[0].events();
+    // Updates do not wait for the down tower.
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(5), chans[0].pay(1, 0, u(10)))
+            .await
+            .expect("an update is not slowed by a down tower")
+            .unwrap();
+    }
+    let failed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = events.next().await {
+            if let ChannelEvent::TowerFailed { tower, error, .. } = ev {
+                return (tower, error);
+            }
+        }
+        panic!("events ended");
+    })
+    .await
+    .unwrap();
+    assert_eq!(failed.0, down_key.address());
+    assert!(
+        matches!(&*failed.1, Error::Tower { tower, .. } if *tower == down_key.address()),
+        "{:?}",
+        failed.1
+    );
+    // The other tower covers the channel meanwhile.
+    wait_status(&chans[0], "the up tower covers", |s| {
+        s[0].latest && s[1].version.is_none()
+    })
+    .await;
+    check_covered(
+        &chans[0],
+        ps[0].client.address(),
+        &chans[0].tower_status()[0],
+        &up.tower,
+    );
+
+    // The down tower starts: the retry brings it the latest state.
+    let down = serve_tower(TcpListener::bind(down_addr).await.unwrap(), &down_key).await;
+    wait_status(&chans[0], "the late tower caught up", all_latest).await;
+    check_covered(
+        &chans[0],
+        ps[0].client.address(),
+        &chans[0].tower_status()[1],
+        &down.tower,
+    );
+}
+
+/// A fake tower that signs subscriptions with its real key but receipts
+/// with another one.
+async fn impostor(key: LocalAccount) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let other = LocalAccount::random();
+    let key = Arc::new(key);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (key, other) = (
+                key.clone(),
+                LocalAccount::from_bytes(&other.secret_bytes()).unwrap(),
+            );
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                // Read the head and a Content-Length body.
+                let (head, body) = loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map(|v| v.trim().parse().unwrap())
+                            .unwrap_or(0);
+                        while buf.len() < end + 4 + len {
+                            let n = s.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        break (head, buf[end + 4..end + 4 + len].to_vec());
+                    }
+                };
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let hex = |b: &[u8]| format!("0x{}", ::hex::encode(b));
+                let answer = if head.starts_with("post /register") {
+                    let user: Address = req["user"].as_str().unwrap().parse().unwrap();
+                    let sub = perun::watchtower::Subscription {
+                        slots_total: 10,
+                        slots_used: 0,
+                        expiry: u64::MAX / 2,
+                    };
+                    let sig = key
+                        .sign_hash(messages::subscription_hash(user, &sub))
+                        .unwrap();
+                    serde_json::json!({ "user": user, "slots_total": 10, "slots_used": 0,
+                        "expiry": sub.expiry, "tower_signature": hex(&signature_bytes(&sig)) })
+                } else {
+                    let locator: perun::channel::B256 =
+                        req["locator"].as_str().unwrap().parse().unwrap();
+                    let user_sig =
+                        ::hex::decode(req["signature"].as_str().unwrap().trim_start_matches("0x"))
+                            .unwrap();
+                    // Signed by the wrong key.
+                    let sig = other
+                        .sign_hash(messages::receipt_hash(
+                            key.address(),
+                            &locator,
+                            1,
+                            &user_sig,
+                        ))
+                        .unwrap();
+                    serde_json::json!({ "locator": locator, "start_block": 1,
+                        "user_signature": hex(&user_sig), "tower_signature": hex(&signature_bytes(&sig)) })
+                };
+                let body = answer.to_string();
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_receipt_signed_by_the_wrong_key_is_refused() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let fake = impostor(LocalAccount::from_bytes(&key.secret_bytes()).unwrap()).await;
+    let opts = Options {
+        towers: vec![config(fake, &key)],
+        ..Options::default()
+    };
+    let (_ps, chans) = alice_and_bob(&ledger, &opts).await;
+    let mut events = chans[0].events();
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = events.next().await {
+            if let ChannelEvent::TowerFailed { error, .. } = ev {
+                return error;
+            }
+        }
+        panic!("events ended");
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&*error, Error::Tower { source, .. }
+            if matches!(**source, perun::watchtower::Error::WrongTowerSignature { what: "receipt", .. })),
+        "{error:?}"
+    );
+    let s = chans[0].tower_status();
+    assert_eq!(s[0].version, None, "no receipt kept: {s:?}");
+    assert!(s[0].receipt.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn receipts_and_the_counter_survive_a_restart() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let tower = start_tower(&key).await;
+    let opts = Options {
+        towers: vec![config(tower.addr, &key)],
+        redb: true,
+        ..Options::default()
+    };
+    let (mut ps, chans) = alice_and_bob(&ledger, &opts).await;
+    for _ in 0..3 {
+        chans[0].pay(1, 0, u(10)).await.unwrap();
+    }
+    wait_status(&chans[0], "receipt before the restart", all_latest).await;
+    let before = chans[0].tower_status()[0].receipt.clone().unwrap();
+    let id = chans[0].id();
+    drop(chans);
+
+    let alice = ps.remove(0);
+    let alice = restart_opts(&ledger, alice, &opts).await;
+    ps.insert(0, alice);
+    introduce(&ps).await;
+    let ch = ps[0].client.channel(&id).expect("restored");
+    // The receipt came back from the redb file.
+    let s = ch.tower_status();
+    assert_eq!(s[0].receipt.as_ref(), Some(&before), "{s:?}");
+    assert!(s[0].latest);
+    // The next appointment's seq is above every one the tower saw: the
+    // tower takes it (a reused seq would be `stale_appointment`).
+    let bob_ch = ps[1].client.channel(&id).unwrap();
+    common::caught_up(&[ch.clone(), bob_ch]).await;
+    ch.pay(1, 0, u(10)).await.unwrap();
+    wait_status(&ch, "receipt after the restart", all_latest).await;
+    let after = ch.tower_status()[0].receipt.clone().unwrap();
+    assert!(after.seq > before.seq, "{} > {}", after.seq, before.seq);
+    check_covered(
+        &ch,
+        ps[0].client.address(),
+        &ch.tower_status()[0],
+        &tower.tower,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_tower_does_not_slow_updates() {
+    let ledger = Ledger::sim().await;
+    // Accepts connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let key = LocalAccount::random();
+    let opts = Options {
+        towers: vec![TowerConfig {
+            timeout: Duration::from_secs(4),
+            ..config(addr, &key)
+        }],
+        ..Options::default()
+    };
+    let (_ps, chans) = alice_and_bob(&ledger, &opts).await;
+    let mut events = chans[0].events();
+    let t = std::time::Instant::now();
+    for _ in 0..10 {
+        chans[0].pay(1, 0, u(1)).await.unwrap();
+    }
+    // Had they waited for the tower, the first alone would take 4 s.
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "10 updates took {:?}: they waited for the tower",
+        t.elapsed()
+    );
+    let error = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(ev) = events.next().await {
+            if let ChannelEvent::TowerFailed { error, .. } = ev {
+                return error;
+            }
+        }
+        panic!("events ended");
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&*error, Error::Tower { source, .. }
+            if matches!(**source, perun::watchtower::Error::Timeout { .. })),
+        "{error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tower_that_lost_us_gets_a_new_registration() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let first = start_tower(&key).await;
+    let addr = first.addr;
+    let opts = Options {
+        towers: vec![config(addr, &key)],
+        ..Options::default()
+    };
+    let (ps, chans) = alice_and_bob(&ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "first tower", all_latest).await;
+    // The tower comes back on the same address with an empty store: the
+    // next appointment is refused `unknown_user`, the client registers
+    // again and sends it once more.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "rebind: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let second = serve_tower(listener, &key).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "the new tower", all_latest).await;
+    check_covered(
+        &chans[0],
+        ps[0].client.address(),
+        &chans[0].tower_status()[0],
+        &second.tower,
+    );
+}
