@@ -80,9 +80,14 @@ pub struct TowerStatus {
     pub version: Option<u64>,
     /// Whether that is the channel's latest fully signed state.
     pub latest: bool,
-    /// The stored receipt, checked when it arrived: with the state it
-    /// covers, the user's proof that the tower took the job.
+    /// The stored receipt, checked when it arrived: with [`blob`](Self::blob),
+    /// the user's proof that the tower took the job.
     pub receipt: Option<TowerReceipt>,
+    /// The sealed blob the receipt covers (the user's signature in the
+    /// receipt is over it; it opens to the covered state with the channel's
+    /// secret, `perun_watchtower::open`). `None` if it did not fit the
+    /// channel's record (very large channels).
+    pub blob: Option<Vec<u8>>,
 }
 
 /// Renew a subscription this long before it expires.
@@ -243,7 +248,7 @@ impl Towers {
                 error!(channel = %id, error = %e, "stored tower record does not decode; starting a new one");
                 TowerRecord {
                     seq: unix_now().saturating_mul(1 << 20),
-                    receipts: Vec::new(),
+                    ..TowerRecord::default()
                 }
             }
         });
@@ -259,11 +264,16 @@ impl Towers {
             .map(|l| {
                 let receipt = record.receipt(l.client.tower()).cloned();
                 let version = receipt.as_ref().map(|r| r.version);
+                let blob = receipt
+                    .as_ref()
+                    .and_then(|r| record.blob(r.seq))
+                    .map(<[u8]>::to_vec);
                 TowerStatus {
                     tower: l.client.tower(),
                     version,
                     latest: version == Some(latest),
                     receipt,
+                    blob,
                 }
             })
             .collect()
@@ -544,6 +554,8 @@ impl Worker {
         if stored.is_empty() {
             return;
         }
+        // The blob the new receipts cover, stored with them (evidence).
+        lock(&self.entry.record).keep_blob(seq, &appointment.blob);
         match self.save().await {
             Ok(()) => {
                 for tower in stored {

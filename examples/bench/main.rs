@@ -73,6 +73,10 @@ pub(crate) struct Counts {
     pub(crate) tower_connections: usize,
     /// Appointments each of them sends.
     pub(crate) tower_per_conn: usize,
+    /// Appointments stored for the tower's per-block cost and memory.
+    pub(crate) tower_stored: usize,
+    /// Blocks with a dispute each that the tower scans.
+    pub(crate) tower_dispute_blocks: usize,
 }
 
 impl Counts {
@@ -87,6 +91,8 @@ impl Counts {
             floor_iterations: 2_000,
             tower_connections: 32,
             tower_per_conn: 500,
+            tower_stored: 100_000,
+            tower_dispute_blocks: 500,
         }
     }
 
@@ -101,6 +107,8 @@ impl Counts {
             floor_iterations: 500,
             tower_connections: 8,
             tower_per_conn: 100,
+            tower_stored: 5_000,
+            tower_dispute_blocks: 50,
         }
     }
 }
@@ -172,6 +180,9 @@ fn main() -> Res<()> {
     if args.first().map(String::as_str) == Some(restore::CHILD_FLAG) {
         // No log subscriber: the child measures the client alone.
         return runtime.block_on(restore::child(&args[1..]));
+    }
+    if args.first().map(String::as_str) == Some(tower::CHILD_FLAG) {
+        return runtime.block_on(tower::child(&args[1..]));
     }
     init_logs();
     let opts = options(&args)?;

@@ -110,6 +110,14 @@ pub(crate) async fn run_all(opts: &Options) -> Res<()> {
         )
         .await;
     s.set("tower_appointments_per_s", tower);
+    let watch = s
+        .part(
+            "tower_watch",
+            Duration::from_secs(900),
+            crate::tower::watch_cost(&chain, &opts.work, c.tower_stored, c.tower_dispute_blocks),
+        )
+        .await;
+    record_tower_watch(&mut s, watch.as_ref(), c.tower_stored);
 
     record_floor(&mut s, floor, durable.as_ref());
     record_durable(&mut s, durable.as_ref());
@@ -147,6 +155,26 @@ pub(crate) async fn run_all(opts: &Options) -> Res<()> {
     }
     drop(chain);
     Ok(())
+}
+
+/// The tower's figures with an empty store and with `stored` appointments.
+fn record_tower_watch(s: &mut Summary, watch: Option<&Value>, stored: usize) {
+    let get = |which: &str, key: &str| watch.and_then(|w| w[which][key].as_f64());
+    let full_key = if stored == 100_000 {
+        "tower_channels_watched_100k_rss_bytes".to_string()
+    } else {
+        format!("tower_channels_watched_{stored}_rss_bytes")
+    };
+    s.set(&full_key, get("full", "rss_bytes"));
+    s.set("tower_rss_bytes_empty", get("empty", "rss_bytes"));
+    s.set("tower_block_cost_us_full", get("full", "block_cost_us"));
+    s.set("tower_block_cost_us_empty", get("empty", "block_cost_us"));
+    let ratio = get("full", "block_cost_us")
+        .zip(get("empty", "block_cost_us"))
+        .map(|(f, e)| f / e);
+    s.set("tower_block_cost_ratio", ratio);
+    s.set("tower_watch_blocks", get("full", "blocks"));
+    s.set("tower_start_ms_full", get("full", "start_ms"));
 }
 
 /// fsync samples taken after each batch of sequential durable updates.
@@ -311,6 +339,10 @@ fn counts_json(opts: &Options) -> Value {
         "concurrent_seconds": c.concurrent_for.as_secs_f64(),
         "restore_channels": c.restore_channels,
         "floor_iterations": c.floor_iterations,
+        "tower_connections": c.tower_connections,
+        "tower_per_conn": c.tower_per_conn,
+        "tower_stored": c.tower_stored,
+        "tower_dispute_blocks": c.tower_dispute_blocks,
         "persister": format!(
             "RedbPersister default options (two_phase_commit: {})",
             perun::persistence::RedbOptions::default().two_phase_commit
@@ -366,6 +398,11 @@ fn target(key: &str) -> Option<(bool, f64)> {
         "open_channel_ms" => (true, 200.0),
         "restore_10k_channels_ms" => (true, 2_000.0),
         "rss_bytes_per_channel_10k" => (true, 16.0 * 1024.0),
+        // Issue 14: durable, signed receipts.
+        "tower_appointments_per_s" => (false, 2_000.0),
+        // Issue 14: the per-block cost must not grow with the appointments
+        // stored (100,000 against none; the margin is the node's jitter).
+        "tower_block_cost_ratio" => (true, 2.0),
         _ => return None,
     })
 }
@@ -382,6 +419,12 @@ const ROWS: &[&str] = &[
     "open_channel_ms",
     "restore_10k_channels_ms",
     "rss_bytes_per_channel_10k",
+    "tower_appointments_per_s",
+    "tower_block_cost_ratio",
+    "tower_block_cost_us_full",
+    "tower_block_cost_us_empty",
+    "tower_channels_watched_100k_rss_bytes",
+    "tower_rss_bytes_empty",
     "floor_sign_ms",
     "floor_verify_ms",
     "floor_fsync_ms",

@@ -75,7 +75,8 @@ pub(crate) async fn measure(
         chain.anvil.ws_url(),
     ];
     args.extend(deployment_args(&chain.deployment));
-    let mut json = tokio::task::spawn_blocking(move || run_child(&args, time_box)).await??;
+    let mut json =
+        tokio::task::spawn_blocking(move || run_child(&args, time_box, RESULT_PREFIX)).await??;
     if let Some(fields) = json.as_object_mut() {
         fields.insert("records_written_ms".into(), json!(written_ms));
     }
@@ -190,7 +191,9 @@ fn deployment_args(d: &Deployment) -> Vec<String> {
 
 /// Runs this binary with `args` and parses its result line; kills it
 /// after `time_box`.
-fn run_child(args: &[String], time_box: Duration) -> Res<Value> {
+/// Runs this binary with `args`, killed after `time_box`; the JSON of its
+/// stdout line that starts with `prefix`.
+pub(crate) fn run_child(args: &[String], time_box: Duration, prefix: &str) -> Res<Value> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(args)
@@ -205,7 +208,7 @@ fn run_child(args: &[String], time_box: Duration) -> Res<Value> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("the restore child took longer than {time_box:?}; killed").into());
+            return Err(format!("the child {args:?} took longer than {time_box:?}; killed").into());
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -214,12 +217,12 @@ fn run_child(args: &[String], time_box: Duration) -> Res<Value> {
         std::io::Read::read_to_string(&mut stdout, &mut out)?;
     }
     if !status.success() {
-        return Err(format!("the restore child failed with {status}: {out}").into());
+        return Err(format!("the child {args:?} failed with {status}: {out}").into());
     }
     let line = out
         .lines()
-        .find_map(|l| l.strip_prefix(RESULT_PREFIX))
-        .ok_or("the restore child printed no result")?;
+        .find_map(|l| l.strip_prefix(prefix))
+        .ok_or("the child printed no result")?;
     Ok(serde_json::from_str(line)?)
 }
 

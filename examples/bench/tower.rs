@@ -210,3 +210,189 @@ pub(crate) async fn appointments_per_s(
     }
     Ok(want as f64 / secs)
 }
+
+/// Runs a tower child with `--tower-child`.
+pub(crate) const CHILD_FLAG: &str = "--tower-child";
+/// Prefix of the child's result line on stdout.
+const RESULT_PREFIX: &str = "TOWER_RESULT ";
+
+/// Fills a tower store at `db` with `n` appointments (random locators and
+/// blobs, 1,000 users), in batches of 1,000 like the API's group commit.
+fn fill_store(db: &Path, n: usize) -> Res<()> {
+    let _ = std::fs::remove_file(db);
+    let store = Store::open(db)?;
+    let users: Vec<_> = (0..1_000u32)
+        .map(|i| {
+            let mut a = [0u8; 20];
+            a[..4].copy_from_slice(&i.to_be_bytes());
+            perun::channel::Address::from(a)
+        })
+        .collect();
+    for u in &users {
+        store.register(*u, u32::MAX, u64::MAX)?;
+    }
+    let mut rng = rand::thread_rng();
+    let mut left = n;
+    while left > 0 {
+        let batch: Vec<_> = (0..left.min(1_000))
+            .map(|i| {
+                let mut locator = B256::ZERO;
+                rng.fill_bytes(locator.as_mut_slice());
+                let mut blob = vec![0u8; BLOB_LEN];
+                rng.fill_bytes(&mut blob);
+                perun_watchtower::store::NewAppointment {
+                    user: users[i % users.len()],
+                    locator,
+                    seq: 1,
+                    blob,
+                    user_signature: vec![0; 65],
+                }
+            })
+            .collect();
+        left -= batch.len();
+        for r in store.add_appointments(batch, 0, |_, _, _| Ok(vec![0; 65]))? {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// Mines `n` blocks, each with one dispute (`Registered`) of a channel no
+/// appointment is for; returns the first and the last of those blocks.
+async fn disputes(chain: &crate::setup::Chain, n: usize) -> Res<(u64, u64)> {
+    use perun::adjudicator::testing::empty_channel;
+    use perun::adjudicator::{AdjudicatorEvent, EthAdjudicator, FeedItem, SignedChannel};
+    use perun::channel::SignedState;
+    let payer = chain.anvil.funded_account().await?;
+    let adj = EthAdjudicator::connect(&chain.anvil.ws_url(), &payer, chain.config.clone()).await?;
+    let (a, b) = (LocalAccount::random(), LocalAccount::random());
+    for _ in 0..n {
+        let (params, state) = empty_channel(
+            chain.deployment.adjudicator,
+            vec![a.address(), b.address()],
+            chain.deployment.eth_holder,
+        );
+        let mut signed = SignedState::new(state);
+        signed.sign(&params, 0, &a)?;
+        signed.sign(&params, 1, &b)?;
+        perun::adjudicator::Adjudicator::register(
+            &adj,
+            &SignedChannel {
+                params,
+                state: signed,
+            },
+        )
+        .await?;
+    }
+    // Their blocks, from the feed a tower would read.
+    let mut feed = adj.registrations(chain.deployment.block);
+    let (mut first, mut last, mut seen) = (u64::MAX, 0, 0);
+    while seen < n {
+        if let FeedItem::Event {
+            block,
+            event: AdjudicatorEvent::Registered { .. },
+        } = feed.next().await
+        {
+            first = first.min(block);
+            last = last.max(block);
+            seen += 1;
+        }
+    }
+    Ok((first, last))
+}
+
+/// The responder's cost of following the chain and the tower's memory,
+/// with an empty store and with `stored` appointments: a child process
+/// per store runs the tower ([`perun_watchtower::service::Service`]) from
+/// the first of `blocks` blocks with one dispute each (none of them for
+/// a stored appointment) and reports how long it took to scan them once
+/// its responder was up, and its resident memory then.
+pub(crate) async fn watch_cost(
+    chain: &crate::setup::Chain,
+    work: &Path,
+    stored: usize,
+    blocks: usize,
+) -> Res<serde_json::Value> {
+    let (from, until) = disputes(chain, blocks).await?;
+    let mut out = serde_json::Map::new();
+    for (name, n) in [("empty", 0), ("full", stored)] {
+        let db = work.join(format!("tower-watch-{name}.redb"));
+        let t = Instant::now();
+        let path = db.clone();
+        tokio::task::spawn_blocking(move || fill_store(&path, n)).await??;
+        println!(
+            "    {n} appointments stored in {:.1} s; the tower scans blocks {from}..={until} in a child process",
+            t.elapsed().as_secs_f64()
+        );
+        let args = vec![
+            CHILD_FLAG.to_string(),
+            db.display().to_string(),
+            chain.anvil.ws_url(),
+            chain.deployment.adjudicator.to_string(),
+            from.to_string(),
+            until.to_string(),
+        ];
+        let r = tokio::task::spawn_blocking(move || {
+            crate::restore::run_child(&args, std::time::Duration::from_secs(300), RESULT_PREFIX)
+        })
+        .await??;
+        out.insert(name.into(), r);
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+/// The child: runs a tower on `db` against the chain until its responder
+/// has scanned `until`, then prints its figures.
+pub(crate) async fn child(args: &[String]) -> Res<()> {
+    let [db, ws, adjudicator, from, until] = args else {
+        return Err(format!("{CHILD_FLAG} <db> <ws> <adjudicator> <from> <until>").into());
+    };
+    let (from, until): (u64, u64) = (from.parse()?, until.parse()?);
+    let rss_before = crate::stats::rss_bytes()?;
+    let t = Instant::now();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let service = perun_watchtower::service::Service::start(
+        Arc::new(LocalAccount::random()),
+        Path::new(db),
+        listener,
+        perun_watchtower::service::ServiceConfig::new(
+            ws.clone(),
+            perun::adjudicator::EthConfig::new(adjudicator.parse()?, from, []),
+        ),
+    )
+    .await?;
+    let stats = Arc::clone(service.stats());
+    let up = loop {
+        if stats.health().name() == "ok" {
+            break Instant::now();
+        }
+        if t.elapsed().as_secs() > 120 {
+            return Err("the responder never came up".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+    };
+    while stats.cursor.load(std::sync::atomic::Ordering::Relaxed) < until {
+        if t.elapsed().as_secs() > 240 {
+            return Err("the responder never caught up".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+    }
+    let scan = up.elapsed().as_secs_f64();
+    let blocks = until - from + 1;
+    let (_, appointments) = service.tower().store().counts()?;
+    let rss = crate::stats::rss_bytes()?;
+    let result = json!({
+        "appointments": appointments,
+        "blocks": blocks,
+        "disputes": blocks,
+        "start_ms": (up - t).as_secs_f64() * 1e3,
+        "scan_ms": scan * 1e3,
+        "block_cost_us": scan * 1e6 / blocks as f64,
+        "rss_bytes": rss,
+        "rss_bytes_at_start": rss_before,
+        "refutations": stats.refutations.load(std::sync::atomic::Ordering::Relaxed),
+    });
+    println!("{RESULT_PREFIX}{result}");
+    service.stop().await?;
+    Ok(())
+}

@@ -16,15 +16,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, MAX_METADATA_LEN, Result};
 
-/// The format byte this build writes and the newest it reads.
-pub const TOWER_RECORD_FORMAT: u8 = 1;
+/// The format byte this build writes and the newest it reads (2 keeps the
+/// sealed blobs; format 1 records, without them, still decode).
+pub const TOWER_RECORD_FORMAT: u8 = 2;
 /// Most towers one channel keeps receipts of (well inside
 /// [`MAX_METADATA_LEN`]: a receipt is about 200 bytes).
 pub const MAX_TOWERS: usize = 32;
 
 /// A receipt a tower signed for one of the channel's appointments, checked
-/// by the client before it was stored. With the blob (which the client can
-/// seal again from the covered state), it proves the tower took the job.
+/// by the client before it was stored. With the sealed blob it covers
+/// ([`TowerRecord::blob`]; sealing is randomised, so the blob cannot be made
+/// again), it proves the tower took the job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TowerReceipt {
     /// The tower's address (what its signature recovers to).
@@ -51,6 +53,25 @@ pub struct TowerRecord {
     pub seq: u64,
     /// The newest receipt of each tower, at most [`MAX_TOWERS`].
     pub receipts: Vec<TowerReceipt>,
+    /// The sealed blobs the receipts cover, once per sequence number (every
+    /// tower of a round gets the same blob); only those a receipt names.
+    pub blobs: Vec<SealedBlob>,
+}
+
+/// The blob of one appointment round, as the towers received it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedBlob {
+    /// The round's sequence number.
+    pub seq: u64,
+    /// The sealed blob.
+    pub blob: Vec<u8>,
+}
+
+/// Format 1: no blobs.
+#[derive(Deserialize)]
+struct TowerRecordV1 {
+    seq: u64,
+    receipts: Vec<TowerReceipt>,
 }
 
 impl TowerRecord {
@@ -76,6 +97,38 @@ impl TowerRecord {
                 true
             }
         }
+    }
+
+    /// The sealed blob of round `seq`, if kept.
+    pub fn blob(&self, seq: u64) -> Option<&[u8]> {
+        self.blobs
+            .iter()
+            .find(|b| b.seq == seq)
+            .map(|b| b.blob.as_slice())
+    }
+
+    /// Keeps `blob` as round `seq`'s and drops blobs no receipt names.
+    /// Blobs are evidence, not state: when the record would outgrow
+    /// [`MAX_METADATA_LEN`] (very large channels), the oldest are dropped
+    /// and the receipts stay.
+    pub fn keep_blob(&mut self, seq: u64, blob: &[u8]) {
+        if self.blob(seq).is_none() {
+            self.blobs.push(SealedBlob {
+                seq,
+                blob: blob.to_vec(),
+            });
+        }
+        let receipts = &self.receipts;
+        self.blobs
+            .retain(|b| receipts.iter().any(|r| r.seq == b.seq));
+        self.blobs.sort_by_key(|b| std::cmp::Reverse(b.seq));
+        // A receipt is about 200 bytes; keep room for all of them.
+        let budget = MAX_METADATA_LEN.saturating_sub(64 + MAX_TOWERS * 256);
+        let mut used = 0;
+        self.blobs.retain(|b| {
+            used += b.blob.len() + 16;
+            used <= budget
+        });
     }
 
     /// The metadata bytes.
@@ -109,11 +162,21 @@ impl TowerRecord {
                 supported: TOWER_RECORD_FORMAT,
             });
         }
-        if *format != TOWER_RECORD_FORMAT {
-            return Err(corrupt(format!("tower record format {format}")));
-        }
-        let (rec, rest): (Self, _) =
-            postcard::take_from_bytes(body).map_err(|e| corrupt(format!("tower record: {e}")))?;
+        let (rec, rest): (Self, _) = match *format {
+            1 => {
+                let (v1, rest): (TowerRecordV1, _) = postcard::take_from_bytes(body)
+                    .map_err(|e| corrupt(format!("tower record: {e}")))?;
+                let rec = Self {
+                    seq: v1.seq,
+                    receipts: v1.receipts,
+                    blobs: Vec::new(),
+                };
+                (rec, rest)
+            }
+            TOWER_RECORD_FORMAT => postcard::take_from_bytes(body)
+                .map_err(|e| corrupt(format!("tower record: {e}")))?,
+            _ => return Err(corrupt(format!("tower record format {format}"))),
+        };
         if !rest.is_empty() {
             return Err(corrupt(format!(
                 "tower record: {} trailing bytes",
@@ -149,7 +212,7 @@ mod tests {
         );
         let mut rec = TowerRecord {
             seq: 9,
-            receipts: Vec::new(),
+            ..TowerRecord::default()
         };
         assert!(rec.put(receipt(1, 5)));
         assert!(rec.put(receipt(2, 4)));
@@ -169,5 +232,48 @@ mod tests {
             TowerRecord::decode(id, &bytes[..bytes.len() - 3]),
             Err(Error::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn blobs_are_kept_for_the_receipts_that_name_them() {
+        let id = ChannelId::repeat_byte(1);
+        let mut rec = TowerRecord::default();
+        rec.put(receipt(1, 5));
+        rec.keep_blob(5, &[5; 700]);
+        rec.put(receipt(2, 6));
+        rec.keep_blob(6, &[6; 700]);
+        assert_eq!(rec.blob(5), Some(&[5u8; 700][..]));
+        // Tower 1 moves on to round 6: round 5's blob is named by no receipt.
+        rec.put(receipt(1, 6));
+        rec.keep_blob(6, &[6; 700]);
+        assert_eq!(rec.blob(5), None);
+        assert_eq!(rec.blobs.len(), 1);
+        let bytes = rec.encode().expect("encode");
+        assert_eq!(TowerRecord::decode(id, &bytes).expect("decode"), rec);
+        // A blob too big for the record is dropped; the receipts stay.
+        rec.put(receipt(3, 7));
+        rec.keep_blob(7, &vec![7; MAX_METADATA_LEN]);
+        assert_eq!(rec.blob(7), None);
+        assert!(rec.encode().is_ok());
+    }
+
+    #[test]
+    fn format_1_records_decode_without_blobs() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            seq: u64,
+            receipts: &'a [TowerReceipt],
+        }
+        let receipts = vec![receipt(1, 5)];
+        let bytes = postcard::to_extend(
+            &V1 {
+                seq: 5,
+                receipts: &receipts,
+            },
+            vec![1],
+        )
+        .expect("encode");
+        let rec = TowerRecord::decode(ChannelId::repeat_byte(1), &bytes).expect("decode");
+        assert_eq!((rec.seq, rec.receipts, rec.blobs), (5, receipts, vec![]));
     }
 }

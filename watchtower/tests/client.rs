@@ -24,7 +24,7 @@ async fn start(dir: &tempfile::TempDir, key: &LocalAccount) -> String {
             Config::default(),
             api::system_clock(),
         )
-        .unwrap(),
+        .expect("tower"),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -9,7 +9,7 @@
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
 //! | `bench [--quick]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` |
 //! | `chaos [--ledger sim\|anvil] [--schedules N] [--seed S]` | a long run of the chaos suite; replays a failing seed |
-//! | `demo [payment\|dispute]` | runs `examples/payment_channel.rs` (or `dispute.rs`) on a local anvil |
+//! | `demo [payment\|dispute\|watchtower]` | runs `examples/payment_channel.rs` (or `dispute.rs`, `watchtower.rs`) on a local anvil |
 
 mod bench;
 mod chaos;
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|dispute]>"
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|dispute|watchtower]>"
             );
             return ExitCode::from(2);
         }
@@ -59,9 +59,26 @@ fn demo(which: Option<&str>) -> util::Result {
     let example = match which.unwrap_or("payment") {
         "payment" => "payment_channel",
         "dispute" => "dispute",
-        other => return Err(format!("unknown demo {other:?}; try: payment, dispute")),
+        "watchtower" => "watchtower",
+        other => {
+            return Err(format!(
+                "unknown demo {other:?}; try: payment, dispute, watchtower"
+            ));
+        }
     };
     setup::run()?;
+    if example == "watchtower" {
+        // The example starts the tower as its own process.
+        util::step("cargo build -p perun-watchtower --bin perun-watchtower");
+        util::cargo(&[
+            "build",
+            "--quiet",
+            "-p",
+            "perun-watchtower",
+            "--bin",
+            "perun-watchtower",
+        ])?;
+    }
     util::step(&format!("cargo run --example {example}"));
     util::cargo(&["run", "--quiet", "--example", example])
 }
