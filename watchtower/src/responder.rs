@@ -408,6 +408,12 @@ impl Inner {
                     nonce,
                 }
                 .locator();
+                // One hash lookup in memory for the many disputes that are
+                // not ours; redb only for a hit.
+                if !self.store.watches(&locator) {
+                    debug!(channel = %id, version, block, "a dispute without appointments");
+                    return;
+                }
                 let users = self
                     .retrying("users_for", move |s| s.users_for(locator))
                     .await;

@@ -212,6 +212,13 @@ pub enum JobStart {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: std::sync::Arc<Database>,
+    /// Every locator with an appointment, in memory: the responder's test
+    /// for each `Registered` event is one hash lookup, whatever the number
+    /// of appointments, and only a hit reads redb. A superset of the
+    /// index: a locator is added before its transaction commits (an aborted
+    /// one leaves a harmless extra entry). SipHash with a random key, since
+    /// users choose locators.
+    locators: std::sync::Arc<std::sync::RwLock<std::collections::HashSet<Locator>>>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -358,9 +365,28 @@ impl Store {
             txn.open_multimap_table(LOCATORS)?;
         }
         txn.commit()?;
+        let mut locators = std::collections::HashSet::new();
+        {
+            let txn = db.begin_read()?;
+            let index = txn.open_multimap_table(LOCATORS)?;
+            for entry in redb::ReadableMultimapTable::iter(&index)? {
+                let (locator, _) = entry?;
+                locators.insert(Locator::from(*locator.value()));
+            }
+        }
         Ok(Self {
             db: std::sync::Arc::new(db),
+            locators: std::sync::Arc::new(std::sync::RwLock::new(locators)),
         })
+    }
+
+    /// Whether any user has an appointment at `locator` (memory only; a
+    /// `true` may, rarely, name a locator whose transaction failed).
+    pub fn watches(&self, locator: &Locator) -> bool {
+        self.locators
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(locator)
     }
 
     /// Registers `user`, or renews its subscription: `slots` more slots and
@@ -460,6 +486,13 @@ impl Store {
             let mut results = Vec::with_capacity(batch.len());
             for new in batch {
                 let r = add_one(&mut tables, new, now, start_block, &sign);
+                if let Ok(added) = &r {
+                    // Before the commit: the set stays a superset of the index.
+                    self.locators
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(added.receipt.locator);
+                }
                 // A store error leaves the transaction in an unknown state:
                 // give up the whole batch (dropping `txn` aborts it).
                 if let Err(e @ (Error::Store(_) | Error::Corrupt { .. })) = r {

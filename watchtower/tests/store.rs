@@ -308,3 +308,35 @@ fn a_batch_gives_each_appointment_its_own_result() {
         2
     );
 }
+
+/// The in-memory locator set answers for every stored appointment, also
+/// after reopening, and for nothing else.
+#[test]
+fn the_locator_set_mirrors_the_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tower.redb");
+    let alice = Address::repeat_byte(1);
+    let l = |b: u8| B256::repeat_byte(b);
+    {
+        let store = Store::open(&path).expect("open");
+        store.register(alice, 2, 100).expect("register");
+        store
+            .add_appointment(new(alice, l(1), 1, vec![1], vec![]), 10, sign)
+            .expect("add");
+        assert!(store.watches(&l(1)));
+        assert!(!store.watches(&l(2)));
+        // Refused (no free slot after one more): not watched.
+        store
+            .add_appointment(new(alice, l(2), 1, vec![2], vec![]), 10, sign)
+            .expect("add");
+        assert!(
+            store
+                .add_appointment(new(alice, l(3), 1, vec![3], vec![]), 10, sign)
+                .is_err()
+        );
+        assert!(!store.watches(&l(3)));
+    }
+    let store = Store::open(&path).expect("reopen");
+    assert!(store.watches(&l(1)) && store.watches(&l(2)));
+    assert!(!store.watches(&l(3)));
+}
