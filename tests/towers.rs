@@ -526,3 +526,38 @@ async fn a_tower_that_lost_us_gets_a_new_registration() {
         &second.tower,
     );
 }
+
+/// Privacy (issue 14, 3): before a dispute the tower must not be able to
+/// tell which channel an appointment belongs to. The tower user is the
+/// client's on-chain account, the participant that `Deposited` names next to
+/// the channel id, and its first appointment follows the deposit: the tower
+/// links the locator (and every later appointment under it) to the channel.
+/// The identity a client shows a tower must not be a participant address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "review finding: the tower user is the participant's on-chain address (fails until the client uses a tower identity of its own)"]
+async fn the_tower_never_sees_a_participant_address() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let tower = start_tower(&key).await;
+    let opts = Options {
+        towers: vec![config(tower.addr, &key)],
+        ..Options::default()
+    };
+    let (ps, chans) = alice_and_bob(&ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "receipt for the latest state", all_latest).await;
+    let locator = ChannelSecret::of(chans[0].params()).locator();
+    let users = tower.tower.store().users_for(locator).unwrap();
+    assert_eq!(users.len(), 1, "one appointment for the channel");
+    for p in chans[0].params().participants.iter() {
+        assert!(
+            !users.contains(p),
+            "the tower's user {p} is a participant of the channel it watches"
+        );
+        assert!(
+            tower.tower.store().subscription(*p).unwrap().is_none(),
+            "participant {p} is registered with the tower"
+        );
+    }
+    drop(ps);
+}

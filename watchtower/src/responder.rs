@@ -32,7 +32,7 @@
 //! job tasks run under a supervisor that restarts them after a panic. The
 //! responder ends only when told to stop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -591,48 +591,58 @@ impl Inner {
     }
 
     /// Opens every appointment at the job's locator; records refusals (once per user and reason).
+    ///
+    /// Anyone who knows the locator (the other participants, from the
+    /// start) can put any number of blobs under it, so this is linear in
+    /// them and holds one blob at a time: it runs on the blocking pool, reads
+    /// and opens each blob in turn, and looks refusals up in a set.
     async fn open(&self, job: &Job) -> Result<Opened> {
         let locator = job.locator;
         let secret = ChannelSecret {
             channel_id: job.channel,
             nonce: job.nonce,
         };
-        let (users, blobs) = self
+        let known: HashSet<(Address, Refusal)> = job.refused.iter().copied().collect();
+        let (users, best, refused) = self
             .store_call(move |s| {
-                let users = s.users_for(locator)?;
-                let mut blobs = Vec::with_capacity(users.len());
-                for u in &users {
-                    if let Some(a) = s.appointment(*u, locator)? {
-                        blobs.push((*u, a.blob));
+                let mut best: Option<(Params, SignedState)> = None;
+                let mut refused = Vec::new();
+                let users = s.each_at(locator, |user, a| {
+                    match scheme::open(&secret, &a.blob) {
+                        Ok((params, signed)) => {
+                            if best
+                                .as_ref()
+                                .is_none_or(|(_, b)| signed.state.version > b.state.version)
+                            {
+                                best = Some((params, signed));
+                            }
+                        }
+                        Err(e) => match Refusal::of(&e) {
+                            Some(r) if !known.contains(&(user, r)) => {
+                                if refused.is_empty() {
+                                    warn!(%user, error = %e, "refusing an appointment's blob: no transaction for it");
+                                } else {
+                                    debug!(%user, error = %e, "refusing an appointment's blob");
+                                }
+                                refused.push((user, r));
+                            }
+                            Some(_) => {}
+                            None => return Err(e),
+                        },
                     }
-                }
-                Ok((users, blobs))
+                    Ok(())
+                })?;
+                Ok((users, best, refused))
             })
             .await?;
-        let mut best: Option<(Params, SignedState)> = None;
-        let mut refused = Vec::new();
-        for (user, blob) in blobs {
-            match scheme::open(&secret, &blob) {
-                Ok((params, signed)) => {
-                    if best
-                        .as_ref()
-                        .is_none_or(|(_, b)| signed.state.version > b.state.version)
-                    {
-                        best = Some((params, signed));
-                    }
-                }
-                Err(e) => match Refusal::of(&e) {
-                    Some(r) if !job.refused.contains(&(user, r)) => {
-                        warn!(%user, error = %e, "refusing an appointment's blob: no transaction for it");
-                        refused.push((user, r));
-                    }
-                    Some(_) => {}
-                    None => return Err(e),
-                },
-            }
-        }
         if !refused.is_empty() {
             let n = refused.len() as u64;
+            if n > 1 {
+                warn!(
+                    refused = n,
+                    "refused blobs at this locator: no transaction for them"
+                );
+            }
             self.store_call(move |s| {
                 s.update_job(secret.channel_id, |j| j.refused.extend(refused))
             })

@@ -147,7 +147,7 @@ pub enum JobPhase {
 }
 
 /// Why the responder refused an appointment's blob (it sends nothing for it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Refusal {
     /// Longer than the blob limit, or too short for a nonce and a tag.
     Size,
@@ -525,6 +525,28 @@ impl Store {
             out.push(Address::from(*v?.value()));
         }
         Ok(out)
+    }
+
+    /// Calls `f` with each appointment at `locator` in one read transaction,
+    /// one at a time (the responder opens them without holding them all);
+    /// returns every user holding one.
+    pub fn each_at(
+        &self,
+        locator: Locator,
+        mut f: impl FnMut(Address, Appointment) -> Result<()>,
+    ) -> Result<Vec<Address>> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_multimap_table(LOCATORS)?;
+        let t = txn.open_table(APPOINTMENTS)?;
+        let mut users = Vec::new();
+        for v in index.get(&locator.0)? {
+            let user = Address::from(*v?.value());
+            users.push(user);
+            if let Some(a) = t.get(&appointment_key(user, locator))? {
+                f(user, decode("tower_appointments", a.value())?)?;
+            }
+        }
+        Ok(users)
     }
 
     /// Sets the status of an appointment (the responder's bookkeeping);

@@ -127,6 +127,11 @@ const DEPOSIT: u64 = 50;
 const MINTED: u64 = 100;
 
 async fn setup() -> Setup {
+    setup_in(std::env::temp_dir()).await
+}
+
+/// As [`setup`], with the store in a temporary directory under `tmp`.
+async fn setup_in(tmp: impl AsRef<std::path::Path>) -> Setup {
     let ledger = SimLedger::new(1337);
     ledger.add_asset(ETH);
     let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
@@ -157,7 +162,7 @@ async fn setup() -> Setup {
         };
         let _ = ledger.fund(req).await;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir_in(tmp).unwrap();
     let store = Store::open(dir.path().join("tower.redb")).unwrap();
     Setup {
         ledger,
@@ -409,6 +414,80 @@ async fn refused_blobs_cost_no_transaction() {
     assert_eq!(s.dispute().await.unwrap().version, 2);
     let job = s.store.job(s.id()).unwrap().unwrap();
     assert_eq!(job.refused.len(), 3, "{job:?}");
+    r.stop().await;
+}
+
+/// Bob knows his channel's locator from the start (he knows the nonce), and
+/// registration is free: before he disputes, he plants junk under the
+/// locator from many users. Each step of the job opens every blob at the
+/// locator; the tower must still answer in time, and the junk must not cost
+/// it more than one look per blob (no quadratic work, no blocking of the
+/// runtime the API and the other jobs share).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_planted_at_the_locator_does_not_stall_the_job() {
+    const JUNK: usize = 60_000;
+    // On tmpfs where there is one: the setup stores 60,000 users.
+    let shm = std::path::Path::new("/dev/shm");
+    let s = if shm.is_dir() {
+        setup_in(shm).await
+    } else {
+        setup().await
+    };
+    s.appoint_version(5);
+    let users: Vec<Address> = (0..JUNK)
+        .map(|_| {
+            let mut a = [0u8; 20];
+            rand::thread_rng().fill_bytes(&mut a);
+            Address::from(a)
+        })
+        .collect();
+    for u in &users {
+        s.store.register(*u, 1, u64::MAX).unwrap();
+    }
+    for chunk in users.chunks(256) {
+        let batch = chunk
+            .iter()
+            .map(|&user| NewAppointment {
+                user,
+                locator: s.locator(),
+                seq: 1,
+                // The shortest blob the tower takes: a nonce and a tag.
+                blob: vec![0; 28],
+                user_signature: vec![0; 65],
+            })
+            .collect();
+        for r in s
+            .store
+            .add_appointments(batch, 0, |_, _, _| Ok(vec![0; 65]))
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    s.ledger.advance(61);
+    // Every later step opens the same 60,001 blobs again: each must stay
+    // linear (the old code scanned the refusal list once per blob).
+    let t0 = std::time::Instant::now();
+    until("the conclusion", async || {
+        s.dispute().await.is_some_and(|d| d.concluded)
+    })
+    .await;
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the conclusion took {took:?}"
+    );
+    assert_eq!(balances(&s), paid(5));
+    assert_eq!(r.stats.bad_blobs.load(Ordering::SeqCst), JUNK as u64);
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     r.stop().await;
 }
 
