@@ -110,8 +110,11 @@ fn all_latest(s: &[TowerStatus]) -> bool {
 }
 
 /// The stored receipt verifies, and the tower's stored blob opens (with the
-/// channel's secret, as on a dispute) to the channel's latest state.
-fn check_covered(ch: &Channel, user: Address, status: &TowerStatus, tower: &Tower) {
+/// channel's secret, as on a dispute) to the channel's latest state; the
+/// tower knows the channel's own identity, never `account`.
+fn check_covered(ch: &Channel, account: Address, status: &TowerStatus, tower: &Tower) {
+    let user = status.user.expect("the channel's tower identity");
+    assert_ne!(user, account, "the tower never sees the client's account");
     let r = status.receipt.clone().expect("a receipt");
     assert_eq!(r.tower, tower.address());
     Receipt {
@@ -167,15 +170,19 @@ async fn every_update_reaches_the_tower() {
     .await
     .unwrap();
     assert_eq!(got, key.address());
-    // The client's user is registered; its appointment is watched.
+    // The channel's identity is registered; its appointment is watched.
+    let rec = ps[0].persister.load(chans[0].id()).await.unwrap().unwrap();
+    let identity = TowerRecord::decode(chans[0].id(), &rec.metadata)
+        .unwrap()
+        .identity
+        .expect("the channel's tower identity is stored");
+    let identity = LocalAccount::from_bytes(&identity).unwrap();
+    assert_eq!(Some(identity.address()), status[0].user);
     let client =
         perun::watchtower::TowerClient::new(&format!("http://{}", tower.addr), key.address())
             .unwrap();
     let st = client
-        .get_appointment(
-            ps[0].account.as_ref(),
-            status[0].receipt.as_ref().unwrap().locator,
-        )
+        .get_appointment(&identity, status[0].receipt.as_ref().unwrap().locator)
         .await
         .unwrap();
     assert_eq!(st, perun::watchtower::json::AppointmentStatus::BeingWatched);
@@ -192,7 +199,15 @@ async fn at_most_policy_holds_back_and_flushes_at_shutdown() {
         ..Options::default()
     };
     let (ps, chans) = alice_and_bob(&ledger, &opts).await;
-    // The first appointment goes at once (nothing was sent yet).
+    // Version 0 needs no tower; the first update's appointment goes at once
+    // (nothing was sent yet).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        chans[0].tower_status()[0].version,
+        None,
+        "no appointment for version 0"
+    );
+    chans[0].pay(1, 0, u(10)).await.unwrap();
     wait_status(&chans[0], "first receipt", |s| s[0].version.is_some()).await;
     let first = chans[0].tower_status()[0].version;
     for _ in 0..3 {
@@ -528,13 +543,11 @@ async fn a_tower_that_lost_us_gets_a_new_registration() {
 }
 
 /// Privacy (issue 14, 3): before a dispute the tower must not be able to
-/// tell which channel an appointment belongs to. The tower user is the
-/// client's on-chain account, the participant that `Deposited` names next to
-/// the channel id, and its first appointment follows the deposit: the tower
-/// links the locator (and every later appointment under it) to the channel.
-/// The identity a client shows a tower must not be a participant address.
+/// tell which channel an appointment belongs to. Were the tower's user the
+/// client's on-chain account (the participant `Deposited` names next to the
+/// channel id), the tower would link the locator to the channel; each
+/// channel shows the towers an identity of its own instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "review finding: the tower user is the participant's on-chain address (fails until the client uses a tower identity of its own)"]
 async fn the_tower_never_sees_a_participant_address() {
     let ledger = Ledger::sim().await;
     let key = LocalAccount::random();

@@ -88,6 +88,10 @@ pub struct TowerStatus {
     /// secret, `perun_watchtower::open`). `None` if it did not fit the
     /// channel's record (very large channels).
     pub blob: Option<Vec<u8>>,
+    /// The channel's own identity at the towers (the receipt's user
+    /// signature recovers to it; the client's account never shows), once
+    /// an appointment was made.
+    pub user: Option<Address>,
 }
 
 /// Renew a subscription this long before it expires.
@@ -110,30 +114,38 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// One tower: its client and our subscription with it.
+/// One tower: its client and the subscription of each channel's identity
+/// with it.
 #[derive(Debug)]
 struct Link {
     client: TowerClient,
-    sub: tokio::sync::Mutex<Option<Subscription>>,
+    subs: tokio::sync::Mutex<HashMap<Address, Subscription>>,
 }
 
 impl Link {
-    /// Registers (or renews) unless a subscription with time and slots left is known.
+    /// Registers (or renews) `user` unless a subscription with time and
+    /// slots left is known.
     async fn ensure_registered(
         &self,
         user: &dyn Account,
         force: bool,
     ) -> Result<(), perun_watchtower::Error> {
-        let mut sub = self.sub.lock().await;
-        let fresh = sub.is_some_and(|s| {
+        let mut subs = self.subs.lock().await;
+        let fresh = subs.get(&user.address()).is_some_and(|s| {
             s.expiry > unix_now().saturating_add(RENEW_MARGIN_SECS) && s.slots_used < s.slots_total
         });
         if fresh && !force {
             return Ok(());
         }
-        *sub = Some(self.client.register(user).await?);
-        debug!(tower = %self.client.tower(), "registered with tower");
+        let sub = self.client.register(user).await?;
+        subs.insert(user.address(), sub);
+        debug!(tower = %self.client.tower(), user = %user.address(), "registered with tower");
         Ok(())
+    }
+
+    /// Forgets `user`'s subscription (its channel is withdrawn).
+    async fn forget(&self, user: Address) {
+        self.subs.lock().await.remove(&user);
     }
 
     async fn send(
@@ -211,7 +223,7 @@ impl Towers {
                     .with_timeout(c.timeout);
                 Ok(Link {
                     client,
-                    sub: tokio::sync::Mutex::new(None),
+                    subs: tokio::sync::Mutex::new(HashMap::new()),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -259,6 +271,10 @@ impl Towers {
         let entry = lock(&self.channels).get(&core.id).cloned();
         let record = entry.map(|e| lock(&e.record).clone()).unwrap_or_default();
         let latest = core.state.borrow().state.version;
+        let user = record
+            .identity
+            .and_then(|k| perun_wallet::LocalAccount::from_bytes(&k).ok())
+            .map(|a| a.address());
         self.links
             .iter()
             .map(|l| {
@@ -274,6 +290,7 @@ impl Towers {
                     latest: version == Some(latest),
                     receipt,
                     blob,
+                    user,
                 }
             })
             .collect()
@@ -362,6 +379,15 @@ async fn supervise(mut w: Worker) {
     // their status readable.
     if w.core.phase() == Phase::Withdrawn {
         lock(&w.towers.channels).remove(&w.core.id);
+        let identity = lock(&w.entry.record).identity;
+        if let Some(user) = identity
+            .and_then(|k| perun_wallet::LocalAccount::from_bytes(&k).ok())
+            .map(|a| a.address())
+        {
+            for l in &w.towers.links {
+                l.forget(user).await;
+            }
+        }
     }
     // Nobody waits on a worker that is gone.
     w.entry.flushed.send_replace(u64::MAX);
@@ -446,9 +472,12 @@ impl Worker {
         }
     }
 
-    /// Towers whose receipt covers an older state than `latest`.
+    /// Towers whose receipt covers an older state than `latest`. Version 0
+    /// needs no tower (no state can be older; whoever concludes it pays
+    /// everyone), and leaving it out keeps the first appointment from
+    /// following the on-chain funding in time.
     fn lagging(&self, latest: &SignedState) -> Vec<usize> {
-        if !latest.is_fully_signed() {
+        if !latest.is_fully_signed() || latest.state.version == 0 {
             return Vec::new();
         }
         let record = lock(&self.entry.record);
@@ -479,12 +508,26 @@ impl Worker {
     /// One appointment, sent to the towers `due`.
     async fn round(&mut self, latest: &SignedState, due: &[usize]) {
         let version = latest.state.version;
-        let seq = {
+        let (seq, identity) = {
             let mut r = lock(&self.entry.record);
             r.seq += 1;
-            r.seq
+            let key = *r
+                .identity
+                .get_or_insert_with(|| perun_wallet::LocalAccount::random().secret_bytes());
+            (r.seq, key)
         };
-        // The sequence number is durable before any tower sees it.
+        let user = match perun_wallet::LocalAccount::from_bytes(&identity) {
+            Ok(a) => Arc::new(a),
+            Err(e) => {
+                let e = Arc::new(Error::Wallet(e));
+                for &i in due {
+                    self.failed(i, version, e.clone());
+                }
+                return;
+            }
+        };
+        // The sequence number and the identity are durable before any tower
+        // sees them.
         if let Err(e) = self.save().await {
             let e = Arc::new(e);
             for &i in due {
@@ -492,36 +535,37 @@ impl Worker {
             }
             return;
         }
-        let appointment =
-            match Appointment::new(&self.core.params, latest, seq, self.shared.account.as_ref()) {
-                Ok(a) => a,
-                Err(e) => {
-                    // Sealing or signing failed (a state over the blob limit, a
-                    // wallet error): every tower misses this version.
-                    let source = Arc::new(e);
-                    for &i in due {
-                        let tower = self.towers.links[i].client.tower();
-                        let error = Error::Tower {
-                            tower,
-                            source: source.clone(),
-                        };
-                        self.failed(i, version, Arc::new(error));
-                    }
-                    return;
+        let appointment = match Appointment::new(&self.core.params, latest, seq, user.as_ref()) {
+            Ok(a) => a,
+            Err(e) => {
+                // Sealing or signing failed (a state over the blob limit, a
+                // wallet error): every tower misses this version.
+                let source = Arc::new(e);
+                for &i in due {
+                    let tower = self.towers.links[i].client.tower();
+                    let error = Error::Tower {
+                        tower,
+                        source: source.clone(),
+                    };
+                    self.failed(i, version, Arc::new(error));
                 }
-            };
+                return;
+            }
+        };
         // Bounds the calls of all channels together (a restart with
         // thousands of lagging channels must not open thousands of sockets).
         let towers = self.towers.clone();
         let Ok(_permit) = towers.permits.acquire().await else {
             return;
         };
-        let user = self.shared.account.clone();
         let sends = due.iter().map(|&i| {
             let (link, a, user) = (&self.towers.links[i], &appointment, user.as_ref());
             async move { (i, link.send(user, a).await) }
         });
         let results = futures::future::join_all(sends).await;
+        // What the record held before: restored if the new receipts cannot be
+        // stored (an older receipt that is durable still counts).
+        let before = lock(&self.entry.record).clone();
         let mut stored = Vec::new();
         for (i, res) in results {
             let tower = self.towers.links[i].client.tower();
@@ -567,11 +611,13 @@ impl Worker {
             Err(e) => {
                 let e = Arc::new(e);
                 warn!(error = %e, "could not store tower receipts; sending again");
-                // Not durable: forget them, so the next round sends again.
-                let mut r = lock(&self.entry.record);
-                r.receipts
-                    .retain(|x| !(x.seq == seq && stored.contains(&x.tower)));
-                drop(r);
+                // Not durable: back to the stored receipts (keeping the new
+                // `seq`, which is durable), so the next round sends again.
+                {
+                    let mut r = lock(&self.entry.record);
+                    r.receipts = before.receipts;
+                    r.blobs = before.blobs;
+                }
                 let towers = self.towers.clone();
                 for (i, l) in towers.links.iter().enumerate() {
                     if stored.contains(&l.client.tower()) {

@@ -16,9 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, MAX_METADATA_LEN, Result};
 
-/// The format byte this build writes and the newest it reads (2 keeps the
-/// sealed blobs; format 1 records, without them, still decode).
-pub const TOWER_RECORD_FORMAT: u8 = 2;
+/// The format byte this build writes and the newest it reads (2 added the
+/// sealed blobs, 3 the channel's own tower identity; older records still
+/// decode).
+pub const TOWER_RECORD_FORMAT: u8 = 3;
 /// Most towers one channel keeps receipts of (well inside
 /// [`MAX_METADATA_LEN`]: a receipt is about 200 bytes).
 pub const MAX_TOWERS: usize = 32;
@@ -56,6 +57,13 @@ pub struct TowerRecord {
     /// The sealed blobs the receipts cover, once per sequence number (every
     /// tower of a round gets the same blob); only those a receipt names.
     pub blobs: Vec<SealedBlob>,
+    /// The secret key of this channel's own identity at the towers (random,
+    /// made before the first appointment). Towers never see the client's
+    /// on-chain account, which `Deposited` logs next to the channel id: one
+    /// unlinkable user per channel. It only signs appointments; whoever
+    /// holds it can replace this channel's appointments, so it is kept with
+    /// the channel's states.
+    pub identity: Option<[u8; 32]>,
 }
 
 /// The blob of one appointment round, as the towers received it.
@@ -72,6 +80,14 @@ pub struct SealedBlob {
 struct TowerRecordV1 {
     seq: u64,
     receipts: Vec<TowerReceipt>,
+}
+
+/// Format 2: no identity (the client's account was the towers' user).
+#[derive(Deserialize)]
+struct TowerRecordV2 {
+    seq: u64,
+    receipts: Vec<TowerReceipt>,
+    blobs: Vec<SealedBlob>,
 }
 
 impl TowerRecord {
@@ -169,7 +185,18 @@ impl TowerRecord {
                 let rec = Self {
                     seq: v1.seq,
                     receipts: v1.receipts,
-                    blobs: Vec::new(),
+                    ..Self::default()
+                };
+                (rec, rest)
+            }
+            2 => {
+                let (v2, rest): (TowerRecordV2, _) = postcard::take_from_bytes(body)
+                    .map_err(|e| corrupt(format!("tower record: {e}")))?;
+                let rec = Self {
+                    seq: v2.seq,
+                    receipts: v2.receipts,
+                    blobs: v2.blobs,
+                    identity: None,
                 };
                 (rec, rest)
             }
@@ -274,6 +301,9 @@ mod tests {
         )
         .expect("encode");
         let rec = TowerRecord::decode(ChannelId::repeat_byte(1), &bytes).expect("decode");
-        assert_eq!((rec.seq, rec.receipts, rec.blobs), (5, receipts, vec![]));
+        assert_eq!(
+            (rec.seq, rec.receipts, rec.blobs, rec.identity),
+            (5, receipts, vec![], None)
+        );
     }
 }

@@ -133,6 +133,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds a connection has to send a request's headers.
     pub header_timeout_secs: u64,
+    /// Most users, appointments, and slots per user the store holds.
+    pub store: crate::store::StoreLimits,
 }
 
 impl Default for Config {
@@ -152,6 +154,7 @@ impl Default for Config {
             max_buckets: 100_000,
             max_connections: 1024,
             header_timeout_secs: 10,
+            store: crate::store::StoreLimits::default(),
         }
     }
 }
@@ -203,6 +206,9 @@ impl From<Error> for ApiError {
             }
             Error::Stale { .. } => {
                 Self::new(StatusCode::CONFLICT, "stale_appointment", e.to_string())
+            }
+            Error::TowerFull { .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "tower_full", e.to_string())
             }
             Error::TooLarge { .. } => Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -358,6 +364,7 @@ impl Tower {
         config: Config,
         clock: Clock,
     ) -> Result<Self> {
+        let store = store.with_limits(config.store);
         let signer = Arc::clone(&account);
         let tower = signer.address();
         let writer = Writer::start(

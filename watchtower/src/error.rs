@@ -125,6 +125,15 @@ pub enum Error {
         /// Its slots in all.
         slots: u32,
     },
+    /// The tower holds as many users or appointments as it is configured
+    /// to ([`crate::store::StoreLimits`]).
+    #[error("the tower is full: at most {max} {what}")]
+    TowerFull {
+        /// What ran out: `users` or `appointments`.
+        what: &'static str,
+        /// The configured maximum.
+        max: u64,
+    },
     /// An appointment not newer than the stored one of the same user and
     /// locator (a replay or an out-of-order resend).
     #[error("appointment {seq} for {locator} is not newer than the stored {stored}")]

@@ -61,7 +61,10 @@ struct Cli {
     /// as the flags (rpc, adjudicator, keystore, password_file, db, listen,
     /// from_block), an optional [api] table: slots_per_registration,
     /// subscription_secs, max_body, ip_rate / user_rate {burst, per_second},
-    /// max_buckets; and an optional [responder] table: poll_ms (how often a
+    /// max_buckets, max_connections, header_timeout_secs, [api.store]
+    /// {max_users, max_appointments, max_slots_per_user} (defaults 1,000,000,
+    /// 1,000,000, 100,000: new users and appointments past them get
+    /// tower_full); and an optional [responder] table: poll_ms (how often a
     /// running dispute is read again, default 5000), retry_min_ms,
     /// retry_max_ms, resume_grace_ms (after a restart, how long to wait for
     /// a transaction that may be in flight, default 30000).

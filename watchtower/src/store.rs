@@ -208,10 +208,36 @@ pub enum JobStart {
     Running,
 }
 
+/// What the store holds at most, so no user (registration is free) can fill
+/// the tower's disk: new users and new appointments past these are
+/// [`Error::TowerFull`]; renewals stop adding slots at the cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreLimits {
+    /// Users in all.
+    pub max_users: u64,
+    /// Appointments in all (each at most `MAX_BLOB_LEN` = 32 KiB: the
+    /// default bounds the blobs at 32 GiB, about 1 GiB at a two-party
+    /// channel's 700 bytes).
+    pub max_appointments: u64,
+    /// Slots one user can hold, however often it renews.
+    pub max_slots_per_user: u32,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            max_users: 1_000_000,
+            max_appointments: 1_000_000,
+            max_slots_per_user: 100_000,
+        }
+    }
+}
+
 /// The redb store. Cheap to clone (an `Arc` inside).
 #[derive(Clone, Debug)]
 pub struct Store {
     db: std::sync::Arc<Database>,
+    limits: StoreLimits,
     /// Every locator with an appointment, in memory: the responder's test
     /// for each `Registered` event is one hash lookup, whatever the number
     /// of appointments, and only a hit reads redb. A superset of the
@@ -265,6 +291,7 @@ fn add_one(
     new: NewAppointment,
     now: u64,
     start_block: u64,
+    max_appointments: u64,
     sign: &impl Fn(&Locator, u64, &[u8]) -> Result<Vec<u8>>,
 ) -> Result<Added> {
     let NewAppointment {
@@ -304,6 +331,12 @@ fn add_one(
         });
     }
     let replaced = old.is_some();
+    if !replaced && t.appointments.len()? >= max_appointments {
+        return Err(Error::TowerFull {
+            what: "appointments",
+            max: max_appointments,
+        });
+    }
     if !replaced && sub.slots_used >= sub.slots_total {
         return Err(Error::NoFreeSlot {
             user,
@@ -376,8 +409,15 @@ impl Store {
         }
         Ok(Self {
             db: std::sync::Arc::new(db),
+            limits: StoreLimits::default(),
             locators: std::sync::Arc::new(std::sync::RwLock::new(locators)),
         })
+    }
+
+    /// The same store with `limits` (default [`StoreLimits::default`]).
+    pub fn with_limits(mut self, limits: StoreLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Whether any user has an appointment at `locator` (memory only; a
@@ -400,17 +440,29 @@ impl Store {
                 Some(v) => Some(decode("tower_users", v.value())?),
                 None => None,
             };
+            let cap = self.limits.max_slots_per_user;
             let sub = match old {
                 Some(o) => Subscription {
-                    slots_total: o.slots_total.saturating_add(slots),
+                    slots_total: o
+                        .slots_total
+                        .saturating_add(slots)
+                        .min(cap.max(o.slots_total)),
                     slots_used: o.slots_used,
                     expiry: o.expiry.max(expiry),
                 },
-                None => Subscription {
-                    slots_total: slots,
-                    slots_used: 0,
-                    expiry,
-                },
+                None => {
+                    if users.len()? >= self.limits.max_users {
+                        return Err(Error::TowerFull {
+                            what: "users",
+                            max: self.limits.max_users,
+                        });
+                    }
+                    Subscription {
+                        slots_total: slots.min(cap),
+                        slots_used: 0,
+                        expiry,
+                    }
+                }
             };
             users.insert(&user.0.0, encode(&sub)?.as_slice())?;
             sub
@@ -485,7 +537,14 @@ impl Store {
             };
             let mut results = Vec::with_capacity(batch.len());
             for new in batch {
-                let r = add_one(&mut tables, new, now, start_block, &sign);
+                let r = add_one(
+                    &mut tables,
+                    new,
+                    now,
+                    start_block,
+                    self.limits.max_appointments,
+                    &sign,
+                );
                 if let Ok(added) = &r {
                     // Before the commit: the set stays a superset of the index.
                     self.locators

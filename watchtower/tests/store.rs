@@ -340,3 +340,49 @@ fn the_locator_set_mirrors_the_index() {
     assert!(store.watches(&l(1)) && store.watches(&l(2)));
     assert!(!store.watches(&l(3)));
 }
+
+/// The store is bounded: no new user or appointment past the limits (a
+/// replacement still works), and renewals stop adding slots at the cap.
+#[test]
+fn limits_bound_users_appointments_and_slots() {
+    use perun_watchtower::store::StoreLimits;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("tower.redb"))
+        .expect("open")
+        .with_limits(StoreLimits {
+            max_users: 2,
+            max_appointments: 3,
+            max_slots_per_user: 5,
+        });
+    let (a, b, c) = (
+        Address::repeat_byte(1),
+        Address::repeat_byte(2),
+        Address::repeat_byte(3),
+    );
+    assert_eq!(store.register(a, 4, 100).expect("a").slots_total, 4);
+    assert_eq!(store.register(a, 4, 100).expect("renew").slots_total, 5);
+    store.register(b, 10, 100).expect("b");
+    assert!(matches!(
+        store.register(c, 1, 100),
+        Err(Error::TowerFull {
+            what: "users",
+            max: 2
+        })
+    ));
+    let l = |x: u8| B256::repeat_byte(x);
+    for (i, who) in [a, a, b].into_iter().enumerate() {
+        store
+            .add_appointment(new(who, l(i as u8), 1, vec![1], vec![]), 10, sign)
+            .expect("under the limit");
+    }
+    assert!(matches!(
+        store.add_appointment(new(b, l(9), 1, vec![1], vec![]), 10, sign),
+        Err(Error::TowerFull {
+            what: "appointments",
+            max: 3
+        })
+    ));
+    store
+        .add_appointment(new(a, l(0), 2, vec![2], vec![]), 10, sign)
+        .expect("a replacement takes no new room");
+}
