@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
-use common::{Ledger, Options, Party};
+use common::{Ledger, Options, Party, Scenario};
 use perun::adjudicator::{
     Deployment, EthAdjudicator, EthConfig, EthFunder, SignedChannel, WithdrawRequest,
 };
@@ -37,9 +37,8 @@ fn u(x: u64) -> U256 {
     U256::from(x)
 }
 
-/// One crash scenario: its own anvil, Alice here, Bob in a child process.
-type Scenario = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
-
+/// Runs every crash scenario (each with its own anvil, Alice here, Bob in
+/// a child process), or Bob's process when `PERUN_CRASH_ROLE=bob`.
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -67,38 +66,7 @@ fn main() {
         ("settle_concluded", || Box::pin(crash_during_settle())),
         ("refute", || Box::pin(crash_during_dispute())),
     ];
-    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let (mut passed, mut failed) = (0, 0);
-    for (name, run) in scenarios {
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        println!("crash at {name} ...");
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(180), run())
-                    .await
-                    .expect("scenario finishes in 3 minutes")
-            })
-        }));
-        match res {
-            Ok(()) => {
-                passed += 1;
-                println!("crash at {name} ... ok");
-            }
-            Err(_) => {
-                failed += 1;
-                println!("crash at {name} ... FAILED");
-            }
-        }
-    }
-    println!(
-        "test result: {}. {passed} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    common::run_scenarios(&rt, "crash at", scenarios, Duration::from_secs(180));
 }
 
 // ---------------------------------------------------------------- Bob (child)

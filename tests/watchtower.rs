@@ -30,7 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Ledger, Options};
+use common::{Ledger, Options, Scenario};
 use perun::adjudicator::testing::Anvil;
 use perun::adjudicator::{Adjudicator, Deployment, EthAdjudicator, EthConfig, EthFunder};
 use perun::channel::{Phase, SignedState, U256};
@@ -53,8 +53,6 @@ fn u(x: u64) -> U256 {
     U256::from(x)
 }
 
-type Scenario = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
-
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -70,38 +68,7 @@ fn main() {
         ("two_towers_one_down", || Box::pin(two_towers_one_down())),
         ("tower_stores_nothing", || Box::pin(tower_stores_nothing())),
     ];
-    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let (mut passed, mut failed) = (0, 0);
-    for (name, run) in scenarios {
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        println!("watchtower {name} ...");
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(240), run())
-                    .await
-                    .expect("scenario finishes in 4 minutes")
-            })
-        }));
-        match res {
-            Ok(()) => {
-                passed += 1;
-                println!("watchtower {name} ... ok");
-            }
-            Err(_) => {
-                failed += 1;
-                println!("watchtower {name} ... FAILED");
-            }
-        }
-    }
-    println!(
-        "test result: {}. {passed} passed; {failed} failed",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    common::run_scenarios(&rt, "watchtower", scenarios, Duration::from_secs(240));
 }
 
 // ------------------------------------------------------------------ helpers

@@ -554,3 +554,49 @@ pub async fn bob_withdraws(
     .await
     .unwrap();
 }
+
+/// One scenario of a `harness = false` test program.
+pub type Scenario = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// Runs the scenarios whose name contains the program's first argument (all
+/// without one), each within `limit`, prints one line each and a libtest-like
+/// summary, and exits 1 if any failed.
+pub fn run_scenarios(
+    rt: &tokio::runtime::Runtime,
+    label: &str,
+    scenarios: &[(&str, Scenario)],
+    limit: Duration,
+) {
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+    for (name, run) in scenarios {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        println!("{label} {name} ...");
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async {
+                tokio::time::timeout(limit, run())
+                    .await
+                    .expect("scenario finishes in time")
+            })
+        }));
+        match res {
+            Ok(()) => {
+                passed += 1;
+                println!("{label} {name} ... ok");
+            }
+            Err(_) => {
+                failed += 1;
+                println!("{label} {name} ... FAILED");
+            }
+        }
+    }
+    println!(
+        "test result: {}. {passed} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

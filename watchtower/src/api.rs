@@ -668,62 +668,54 @@ where
     }
 }
 
+/// One POST route: its path, its name in the counters, the [`Tower`] method
+/// that answers it.
+macro_rules! post_route {
+    ($router:expr, $path:literal, $name:literal, $method:ident) => {
+        $router.route(
+            $path,
+            post(
+                |State(t): State<Shared>,
+                 ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                 body: Result<Bytes, BytesRejection>| async move {
+                    post_endpoint(
+                        t,
+                        $name,
+                        peer,
+                        body,
+                        |t, b| async move { t.$method(&b).await },
+                    )
+                    .await
+                },
+            ),
+        )
+    };
+}
+
 /// The API's routes.
 pub fn router(tower: Shared) -> Router {
     let limit = tower.config.max_body;
-    Router::new()
-        .route(
-            "/register",
-            post(
-                |State(t): State<Shared>,
-                 ConnectInfo(peer): ConnectInfo<SocketAddr>,
-                 body: Result<Bytes, BytesRejection>| async move {
-                    post_endpoint(t, "register", peer, body, |t, b| async move {
-                        t.register(&b).await
-                    })
-                    .await
-                },
-            ),
-        )
-        .route(
-            "/add_appointment",
-            post(
-                |State(t): State<Shared>,
-                 ConnectInfo(peer): ConnectInfo<SocketAddr>,
-                 body: Result<Bytes, BytesRejection>| async move {
-                    post_endpoint(t, "add_appointment", peer, body, |t, b| async move {
-                        t.add_appointment(&b).await
-                    })
-                    .await
-                },
-            ),
-        )
-        .route(
-            "/get_appointment",
-            post(
-                |State(t): State<Shared>,
-                 ConnectInfo(peer): ConnectInfo<SocketAddr>,
-                 body: Result<Bytes, BytesRejection>| async move {
-                    post_endpoint(t, "get_appointment", peer, body, |t, b| async move {
-                        t.get_appointment(&b).await
-                    })
-                    .await
-                },
-            ),
-        )
-        .route(
-            "/get_subscription_info",
-            post(
-                |State(t): State<Shared>,
-                 ConnectInfo(peer): ConnectInfo<SocketAddr>,
-                 body: Result<Bytes, BytesRejection>| async move {
-                    post_endpoint(t, "get_subscription_info", peer, body, |t, b| async move {
-                        t.get_subscription(&b).await
-                    })
-                    .await
-                },
-            ),
-        )
+    let routes = Router::new();
+    let routes = post_route!(routes, "/register", "register", register);
+    let routes = post_route!(
+        routes,
+        "/add_appointment",
+        "add_appointment",
+        add_appointment
+    );
+    let routes = post_route!(
+        routes,
+        "/get_appointment",
+        "get_appointment",
+        get_appointment
+    );
+    let routes = post_route!(
+        routes,
+        "/get_subscription_info",
+        "get_subscription_info",
+        get_subscription
+    );
+    routes
         .route(
             "/health",
             get(|State(t): State<Shared>| async move {
