@@ -118,9 +118,8 @@ fn to_hex(b: &[u8]) -> String {
     format!("0x{}", hex::encode(b))
 }
 
-fn from_hex(field: &str, s: &str) -> Result<Vec<u8>> {
-    hex::decode(s.strip_prefix("0x").unwrap_or(s))
-        .map_err(|e| Error::BadResponse(format!("{field}: {e}")))
+fn from_hex(field: &'static str, s: &str) -> Result<Vec<u8>> {
+    hex::decode(s.strip_prefix("0x").unwrap_or(s)).map_err(|source| Error::BadHex { field, source })
 }
 
 /// Aborts the connection task when the call ends (or its timeout drops it).
@@ -237,10 +236,9 @@ impl TowerClient {
         resp: SubscriptionResponse,
     ) -> Result<Subscription> {
         if resp.user != user {
-            return Err(Error::BadResponse(format!(
-                "subscription of {}, asked for {user}",
-                resp.user
-            )));
+            return Err(Error::WrongAnswer {
+                what: "subscription",
+            });
         }
         let sub = Subscription {
             slots_total: resp.slots_total,
@@ -277,9 +275,7 @@ impl TowerClient {
             tower_signature: from_hex("tower_signature", &resp.tower_signature)?,
         };
         if receipt.locator != a.locator || receipt.user_signature != a.signature {
-            return Err(Error::BadResponse(
-                "receipt is for another appointment".into(),
-            ));
+            return Err(Error::WrongAnswer { what: "receipt" });
         }
         receipt.verify()?;
         Ok(receipt)
@@ -300,10 +296,7 @@ impl TowerClient {
             .post("get_appointment", "/get_appointment", &req)
             .await?;
         if resp.locator != locator {
-            return Err(Error::BadResponse(format!(
-                "status of {}, asked for {locator}",
-                resp.locator
-            )));
+            return Err(Error::WrongAnswer { what: "status" });
         }
         Ok(resp.status)
     }
@@ -314,7 +307,7 @@ impl TowerClient {
         path: &'static str,
         req: &Q,
     ) -> Result<T> {
-        let body = serde_json::to_vec(req).map_err(|e| Error::Encode(e.to_string()))?;
+        let body = serde_json::to_vec(req).map_err(Error::EncodeRequest)?;
         let (status, bytes) = tokio::time::timeout(self.timeout, self.exchange(path, body))
             .await
             .map_err(|_| Error::Timeout {
@@ -335,7 +328,7 @@ impl TowerClient {
                 },
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| Error::BadResponse(e.to_string()))
+        serde_json::from_slice(&bytes).map_err(Error::BadResponse)
     }
 
     /// One request on a fresh connection: the status and the bounded body.

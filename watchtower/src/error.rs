@@ -20,9 +20,27 @@ pub enum Error {
     /// The AEAD tag does not verify: a wrong key (another channel) or a tampered blob.
     #[error("blob does not decrypt with this channel's key")]
     Decrypt,
-    /// The plaintext is not a blob of a format this build reads.
+    /// The decrypted plaintext is empty.
+    #[error("blob plaintext is empty")]
+    EmptyPlaintext,
+    /// The plaintext's format byte is not one this build reads.
+    #[error("blob plaintext has the unknown format {0}")]
+    PlaintextFormat(u8),
+    /// The plaintext's body does not decode.
     #[error("blob plaintext does not decode: {0}")]
-    Garbage(String),
+    PlaintextBody(#[source] postcard::Error),
+    /// Bytes follow the plaintext's body.
+    #[error("blob plaintext has {0} trailing bytes")]
+    PlaintextTrailing(usize),
+    /// A signature in the plaintext is not a signature.
+    #[error("blob signature {index} does not parse: {source}")]
+    PlaintextSignature {
+        /// The participant's index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: perun_wallet::Error,
+    },
     /// The decrypted params are not this channel's.
     #[error("blob names channel {found}, expected {expected}")]
     WrongChannel {
@@ -36,7 +54,13 @@ pub enum Error {
     BadState(#[source] perun_channel::Error),
     /// Encoding the plaintext failed.
     #[error("encoding blob: {0}")]
-    Encode(String),
+    EncodeBlob(#[source] postcard::Error),
+    /// Encrypting the plaintext failed (the AEAD gives no detail).
+    #[error("sealing the blob failed")]
+    Seal,
+    /// Encoding a request to the tower failed.
+    #[error("encoding the request: {0}")]
+    EncodeRequest(#[source] serde_json::Error),
     /// The tower's HTTP address is not one the client can use.
     #[error("tower url {url:?}: {reason}")]
     Url {
@@ -74,7 +98,24 @@ pub enum Error {
     },
     /// The tower's answer is not the JSON the API promises.
     #[error("tower answer does not decode: {0}")]
-    BadResponse(String),
+    BadResponse(#[source] serde_json::Error),
+    /// A hex field of the tower's answer is not hex.
+    #[error("tower answer's {field} is not hex: {source}")]
+    BadHex {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        #[source]
+        source: hex::FromHexError,
+    },
+    /// The tower answered about something other than what was asked (a
+    /// receipt for another appointment, a subscription of another user, a
+    /// status of another locator).
+    #[error("tower answered {what} for something else than asked")]
+    WrongAnswer {
+        /// What the answer was (`receipt`, `subscription`, `status`).
+        what: &'static str,
+    },
     /// A signature in the tower's answer is not by the tower, or the answer
     /// is not for what was asked.
     #[error("tower answer for {what} is not signed by {expected} (signed by {found:?})")]

@@ -104,30 +104,27 @@ fn encode(params: &Params, signed: &SignedState) -> Result<Vec<u8>, Error> {
             })
             .collect(),
     };
-    postcard::to_extend(&body, vec![BLOB_FORMAT]).map_err(|e| Error::Encode(e.to_string()))
+    postcard::to_extend(&body, vec![BLOB_FORMAT]).map_err(Error::EncodeBlob)
 }
 
 fn decode(bytes: &[u8]) -> Result<(Params, SignedState), Error> {
-    let garbage = |m: String| Error::Garbage(m);
-    let (format, body) = bytes
-        .split_first()
-        .ok_or_else(|| garbage("empty plaintext".into()))?;
+    let (format, body) = bytes.split_first().ok_or(Error::EmptyPlaintext)?;
     if *format != BLOB_FORMAT {
-        return Err(garbage(format!("unknown format {format}")));
+        return Err(Error::PlaintextFormat(*format));
     }
-    let (v, rest): (BlobV1, _) =
-        postcard::take_from_bytes(body).map_err(|e| garbage(e.to_string()))?;
+    let (v, rest): (BlobV1, _) = postcard::take_from_bytes(body).map_err(Error::PlaintextBody)?;
     if !rest.is_empty() {
-        return Err(garbage(format!("{} trailing bytes", rest.len())));
+        return Err(Error::PlaintextTrailing(rest.len()));
     }
     let sigs = v
         .sigs
         .iter()
-        .map(|s| {
+        .enumerate()
+        .map(|(index, s)| {
             s.as_deref()
                 .map(perun_wallet::parse_signature)
                 .transpose()
-                .map_err(|e| garbage(format!("signature: {e}")))
+                .map_err(|source| Error::PlaintextSignature { index, source })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((
@@ -157,7 +154,7 @@ pub fn seal(params: &Params, signed: &SignedState) -> Result<(Locator, Vec<u8>),
                 aad: locator.as_slice(),
             },
         )
-        .map_err(|_| Error::Encode("aead".into()))?;
+        .map_err(|_| Error::Seal)?;
     let mut blob = Vec::with_capacity(AEAD_NONCE_LEN + ct.len());
     blob.extend_from_slice(&nonce);
     blob.extend_from_slice(&ct);

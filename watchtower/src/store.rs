@@ -167,7 +167,11 @@ impl Refusal {
         Some(match e {
             Error::TooLarge { .. } | Error::TooShort(_) => Self::Size,
             Error::Decrypt => Self::Decrypt,
-            Error::Garbage(_) => Self::Garbage,
+            Error::EmptyPlaintext
+            | Error::PlaintextFormat(_)
+            | Error::PlaintextBody(_)
+            | Error::PlaintextTrailing(_)
+            | Error::PlaintextSignature { .. } => Self::Garbage,
             Error::WrongChannel { .. } => Self::WrongChannel,
             Error::BadState(_) => Self::BadState,
             _ => return None,
