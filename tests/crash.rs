@@ -19,9 +19,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use common::{Ledger, Options, Party, Scenario};
-use perun::adjudicator::{
-    Deployment, EthAdjudicator, EthConfig, EthFunder, SignedChannel, WithdrawRequest,
-};
+use perun::adjudicator::{EthAdjudicator, EthConfig, EthFunder, SignedChannel, WithdrawRequest};
 use perun::channel::{Phase, SignedState, U256};
 use perun::client::{AcceptAllForTesting, Channel, Client, Timeouts};
 use perun::persistence::RedbPersister;
@@ -76,15 +74,8 @@ async fn bob_main() {
     common::init_logs();
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
     let account = LocalAccount::from_slice(&hex(&env("BOB_KEY"))).unwrap();
-    let d = Deployment {
-        adjudicator: env("ADJ").parse().unwrap(),
-        eth_holder: env("ETH_HOLDER").parse().unwrap(),
-        token: env("TOKEN").parse().unwrap(),
-        erc20_holder: env("ERC20_HOLDER").parse().unwrap(),
-        block: env("DEPLOY_BLOCK").parse().unwrap(),
-    };
+    let (d, url) = common::deployment_from_env();
     let cfg = EthConfig::from_deployment(&d);
-    let url = env("ANVIL_URL");
     let key = perun::wire::load_or_generate_key(std::path::Path::new(&env("NET_KEY"))).unwrap();
     let (accept_all, mut opened) = AcceptAllForTesting::new();
     let client = Client::builder()
@@ -263,12 +254,7 @@ fn spawn_bob(
                 .to_string()
                 .trim_start_matches("0x"),
         )
-        .env("ADJ", deployment.adjudicator.to_string())
-        .env("ETH_HOLDER", deployment.eth_holder.to_string())
-        .env("TOKEN", deployment.token.to_string())
-        .env("ERC20_HOLDER", deployment.erc20_holder.to_string())
-        .env("DEPLOY_BLOCK", deployment.block.to_string())
-        .env("ANVIL_URL", anvil.ws_url())
+        .envs(common::deployment_vars(deployment, anvil))
         .env("NET_KEY", setup.dir.path().join("net.key"))
         .env("DB", setup.dir.path().join("bob.redb"))
         .env("ALICE_PEER", alice.client.peer_id().to_string())

@@ -167,15 +167,8 @@ async fn alice_main() {
     common::init_logs();
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
     let account = LocalAccount::from_slice(&hex::decode(env("ALICE_KEY")).unwrap()).unwrap();
-    let d = Deployment {
-        adjudicator: env("ADJ").parse().unwrap(),
-        eth_holder: env("ETH_HOLDER").parse().unwrap(),
-        token: env("TOKEN").parse().unwrap(),
-        erc20_holder: env("ERC20_HOLDER").parse().unwrap(),
-        block: env("DEPLOY_BLOCK").parse().unwrap(),
-    };
+    let (d, url) = common::deployment_from_env();
     let cfg = EthConfig::from_deployment(&d);
-    let url = env("ANVIL_URL");
     let key = perun::wire::load_or_generate_key(std::path::Path::new(&env("NET_KEY"))).unwrap();
     let (accept_all, _opened) = AcceptAllForTesting::new();
     let client = Client::builder()
@@ -284,12 +277,6 @@ async fn alice_sigkilled() {
     let (anvil, d, _) = parts(&ledger);
     let vars: Vec<(String, String)> = [
         ("ALICE_KEY", hex::encode(alice_acc.secret_bytes())),
-        ("ADJ", d.adjudicator.to_string()),
-        ("ETH_HOLDER", d.eth_holder.to_string()),
-        ("TOKEN", d.token.to_string()),
-        ("ERC20_HOLDER", d.erc20_holder.to_string()),
-        ("DEPLOY_BLOCK", d.block.to_string()),
-        ("ANVIL_URL", anvil.ws_url()),
         (
             "NET_KEY",
             dir.path().join("alice.key").display().to_string(),
@@ -299,6 +286,7 @@ async fn alice_sigkilled() {
         ("TOWER", tc.address.to_string()),
     ]
     .into_iter()
+    .chain(common::deployment_vars(d, anvil))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let bob_addr = bob.client.listen_addrs().await.unwrap()[0].to_string();

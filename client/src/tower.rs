@@ -271,10 +271,7 @@ impl Towers {
         let entry = lock(&self.channels).get(&core.id).cloned();
         let record = entry.map(|e| lock(&e.record).clone()).unwrap_or_default();
         let latest = core.state.borrow().state.version;
-        let user = record
-            .identity
-            .and_then(|k| perun_wallet::LocalAccount::from_bytes(&k).ok())
-            .map(|a| a.address());
+        let user = identity_address(&record);
         self.links
             .iter()
             .map(|l| {
@@ -322,6 +319,14 @@ impl Towers {
             warn!("not every channel reached its towers before shutdown");
         }
     }
+}
+
+/// The address of the channel's tower identity, once it has one.
+fn identity_address(record: &TowerRecord) -> Option<Address> {
+    record
+        .identity
+        .and_then(|k| perun_wallet::LocalAccount::from_bytes(&k).ok())
+        .map(|a| a.address())
 }
 
 /// Starts `core`'s tower worker, unless the client has no towers or one runs.
@@ -379,11 +384,8 @@ async fn supervise(mut w: Worker) {
     // their status readable.
     if w.core.phase() == Phase::Withdrawn {
         lock(&w.towers.channels).remove(&w.core.id);
-        let identity = lock(&w.entry.record).identity;
-        if let Some(user) = identity
-            .and_then(|k| perun_wallet::LocalAccount::from_bytes(&k).ok())
-            .map(|a| a.address())
-        {
+        let user = identity_address(&lock(&w.entry.record));
+        if let Some(user) = user {
             for l in &w.towers.links {
                 l.forget(user).await;
             }

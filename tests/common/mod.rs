@@ -600,3 +600,29 @@ pub fn run_scenarios(
         std::process::exit(1);
     }
 }
+
+/// The environment variables a child process of a test program reads its
+/// chain from ([`deployment_from_env`]).
+pub fn deployment_vars(d: &Deployment, anvil: &Anvil) -> Vec<(&'static str, String)> {
+    vec![
+        ("ADJ", d.adjudicator.to_string()),
+        ("ETH_HOLDER", d.eth_holder.to_string()),
+        ("TOKEN", d.token.to_string()),
+        ("ERC20_HOLDER", d.erc20_holder.to_string()),
+        ("DEPLOY_BLOCK", d.block.to_string()),
+        ("ANVIL_URL", anvil.ws_url()),
+    ]
+}
+
+/// A child process's chain, from [`deployment_vars`]: the deployment and the node's URL.
+pub fn deployment_from_env() -> (Deployment, String) {
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let d = Deployment {
+        adjudicator: env("ADJ").parse().unwrap(),
+        eth_holder: env("ETH_HOLDER").parse().unwrap(),
+        token: env("TOKEN").parse().unwrap(),
+        erc20_holder: env("ERC20_HOLDER").parse().unwrap(),
+        block: env("DEPLOY_BLOCK").parse().unwrap(),
+    };
+    (d, env("ANVIL_URL"))
+}
