@@ -264,7 +264,7 @@ pub struct DamagedRecord {
 /// [`Channel`] controllers. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     damaged: Arc<[DamagedRecord]>,
 }
 

@@ -48,10 +48,15 @@ pub(crate) struct Shared {
     pub(crate) adjudicator: Arc<dyn Adjudicator>,
     pub(crate) persister: Arc<dyn Persister>,
     pub(crate) proposal_handler: Arc<dyn ProposalHandler>,
-    pub(crate) update_handler: Arc<dyn UpdateHandler>,
+    /// Replaceable once built: [`Payments`](crate::payments::Payments)
+    /// installs its own.
+    pub(crate) update_handler: std::sync::RwLock<Arc<dyn UpdateHandler>>,
     pub(crate) app: Arc<dyn App>,
     pub(crate) timeouts: Timeouts,
     channels: Mutex<HashMap<ChannelId, Arc<ChannelCore>>>,
+    /// Counts insertions into and removals from `channels`, so a
+    /// background task (the payments tracker) learns of new channels.
+    pub(crate) channels_changed: watch::Sender<u64>,
     pub(crate) pending: Mutex<HashMap<perun_wire::ProposalId, Pending>>,
     /// Proposals waiting for our handler or for their `Signing0`.
     pub(crate) proposals: Arc<crate::dispatch::Gate>,
@@ -110,10 +115,11 @@ impl Shared {
             adjudicator: p.adjudicator,
             persister: p.persister,
             proposal_handler: p.proposal_handler,
-            update_handler: p.update_handler,
+            update_handler: std::sync::RwLock::new(p.update_handler),
             app: p.app,
             timeouts: p.timeouts,
             channels: Mutex::new(HashMap::new()),
+            channels_changed: watch::channel(0).0,
             pending: Mutex::new(HashMap::new()),
             proposals: crate::dispatch::Gate::new(
                 "pending proposals",
@@ -138,10 +144,20 @@ impl Shared {
 
     pub(crate) fn insert_channel(&self, core: Arc<ChannelCore>) {
         lock(&self.channels).insert(core.id, core);
+        self.channels_changed.send_modify(|n| *n += 1);
     }
 
     pub(crate) fn remove_channel(&self, id: &ChannelId) {
         lock(&self.channels).remove(id);
+        self.channels_changed.send_modify(|n| *n += 1);
+    }
+
+    /// The update handler in charge now.
+    pub(crate) fn update_handler(&self) -> Arc<dyn UpdateHandler> {
+        self.update_handler
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every channel the client knows.

@@ -157,6 +157,64 @@ pub enum Error {
     /// The watcher panicked (a bug); its supervisor restarted it.
     #[error("the watcher panicked")]
     WatcherPanicked,
+    /// No channel with the peer can cover the amount (payments).
+    #[error(
+        "insufficient funds: {requested} requested, at most {available} available in one channel"
+    )]
+    InsufficientFunds {
+        /// The most any one channel with the peer can give now.
+        available: perun_channel::U256,
+        /// What was asked for.
+        requested: perun_channel::U256,
+    },
+    /// A payment amount of zero (payments).
+    #[error("amount must not be zero")]
+    ZeroAmount,
+    /// Amounts that would sum above 2^256 − 1 (payments).
+    #[error("amounts sum above 2^256 - 1")]
+    AmountOverflow,
+    /// No open two-party payment channel with the peer (payments).
+    #[error("no open payment channel with peer {0}")]
+    UnknownPeer(PeerId),
+    /// None of the open channels with the peer holds the asset (payments).
+    #[error("no channel with peer {peer} holds asset {} on chain {}", asset.holder, asset.chainId)]
+    UnknownAsset {
+        /// The peer.
+        peer: PeerId,
+        /// The asset asked for (boxed: it would double the enum's size).
+        asset: Box<perun_channel::Asset>,
+    },
+    /// `send` asked for more than the reservation holds; the reservation
+    /// was released (payments).
+    #[error("{requested} is more than the {reserved} reserved")]
+    ExceedsReservation {
+        /// What the reservation held.
+        reserved: perun_channel::U256,
+        /// What `send` asked for.
+        requested: perun_channel::U256,
+    },
+    /// A reservation made by another `Payments` (payments).
+    #[error("the reservation belongs to another payments layer")]
+    ForeignReservation,
+    /// An expected payment did not arrive in time (payments).
+    #[error("expected {expected}, {arrived} arrived in time")]
+    NotReceived {
+        /// What was expected.
+        expected: perun_channel::U256,
+        /// What arrived for it before the timeout.
+        arrived: perun_channel::U256,
+    },
+    /// More is reserved on a channel than our balance in it: something paid
+    /// from the channel outside the payments layer.
+    #[error("channel {channel}: {reserved} reserved but the balance is {balance}")]
+    BooksOverdrawn {
+        /// The channel.
+        channel: ChannelId,
+        /// What is reserved on it.
+        reserved: perun_channel::U256,
+        /// Our balance in it.
+        balance: perun_channel::U256,
+    },
 }
 
 impl Error {

@@ -8,7 +8,9 @@
 //!   [`channel`] ([`Channel`]), with [`handler`] (the application's
 //!   [`ProposalHandler`] / [`UpdateHandler`] and ready-made ones),
 //!   [`tower`] ([`TowerConfig`], [`AppointmentPolicy`], [`TowerStatus`]:
-//!   appointments with watchtowers, sent by a background task per channel).
+//!   appointments with watchtowers, sent by a background task per channel),
+//!   [`payments`] ([`Payments`]: reserve, send and expect payments over the
+//!   channels with a peer; built from a `Client`).
 //! - **Protocols:** [`open`] (the multi-party proposal protocol), `update`
 //!   (the proposer signs last, so a lost conflict never costs a signature),
 //!   `sync` (after a restore, and with every peer that may disagree with us:
@@ -49,6 +51,7 @@ pub mod event;
 mod failpoint;
 pub mod handler;
 pub mod open;
+pub mod payments;
 mod restore;
 mod settle;
 mod sync;
@@ -67,6 +70,7 @@ pub use handler::{
     UpdateResponder,
 };
 pub use open::ChannelProposal;
+pub use payments::Payments;
 pub use perun_adjudicator::AdjudicatorEvent;
 pub use perun_wire::Participant;
 pub use tower::{AppointmentPolicy, TowerConfig, TowerStatus};

@@ -449,7 +449,7 @@ async fn ask_handler(
 ) -> std::result::Result<(), String> {
     use futures::FutureExt;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let handler = shared.update_handler.clone();
+    let handler = shared.update_handler();
     // Run in this task (no hand-off on the hot path); a handler that panics
     // is a refusal, not a lost task with a staged update left behind. The
     // handler may also keep the responder and decide later.

@@ -1,0 +1,362 @@
+//! The books: which amounts are reserved on which channel, and which
+//! payments we expect from whom. Plain data under one lock, no I/O, so
+//! every rule here is checked by unit tests without a network.
+//!
+//! The channels' fully signed states are the truth about balances; the
+//! books only add what is promised on top of them. What a channel can still
+//! give is `balance − reserved`, recomputed from its latest state at every
+//! reservation, so nothing the books hold can disagree with a channel.
+
+use std::collections::{HashMap, VecDeque};
+
+use perun_channel::{Asset, ChannelId, U256};
+use perun_wire::PeerId;
+use tokio::sync::oneshot;
+
+use crate::{Error, Result};
+
+/// A channel the books may draw on for one asset.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    /// The channel.
+    pub(crate) id: ChannelId,
+    /// The asset's index in the channel's outcome.
+    pub(crate) asset: usize,
+    /// Our balance of the asset in the channel's latest fully signed state.
+    pub(crate) balance: U256,
+}
+
+/// One open reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hold {
+    pub(crate) channel: ChannelId,
+    pub(crate) asset: usize,
+    pub(crate) amount: U256,
+}
+
+/// What arrived for a payment we expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The amount expected (and now arrived).
+    pub amount: U256,
+}
+
+struct Expect {
+    id: u64,
+    remaining: U256,
+    tx: oneshot::Sender<Received>,
+    amount: U256,
+}
+
+/// Reservations and expected payments.
+#[derive(Default)]
+pub(crate) struct Books {
+    next_id: u64,
+    /// The sum of the open holds per (channel, asset index).
+    reserved: HashMap<(ChannelId, usize), U256>,
+    holds: HashMap<u64, Hold>,
+    /// Expected payments per (peer, asset), oldest first.
+    expected: HashMap<(PeerId, Asset), VecDeque<Expect>>,
+}
+
+impl Books {
+    /// What is reserved of the asset on the channel.
+    pub(crate) fn reserved(&self, channel: ChannelId, asset: usize) -> U256 {
+        self.reserved
+            .get(&(channel, asset))
+            .copied()
+            .unwrap_or(U256::ZERO)
+    }
+
+    /// What the candidate can still give.
+    pub(crate) fn free(&self, c: &Candidate) -> U256 {
+        c.balance.saturating_sub(self.reserved(c.id, c.asset))
+    }
+
+    /// Holds `amount` on one candidate, picked by the rule of
+    /// [`Payments::reserve`](super::Payments::reserve): the smallest free
+    /// balance that covers it, ties to the lowest channel id.
+    pub(crate) fn reserve(
+        &mut self,
+        candidates: &[Candidate],
+        amount: U256,
+    ) -> Result<(u64, Hold)> {
+        if amount.is_zero() {
+            return Err(Error::ZeroAmount);
+        }
+        let pick = candidates
+            .iter()
+            .map(|c| (self.free(c), c))
+            .filter(|(free, _)| *free >= amount)
+            .min_by(|(fa, a), (fb, b)| fa.cmp(fb).then(a.id.cmp(&b.id)));
+        let Some((_, c)) = pick else {
+            let available = candidates
+                .iter()
+                .map(|c| self.free(c))
+                .max()
+                .unwrap_or(U256::ZERO);
+            return Err(Error::InsufficientFunds {
+                available,
+                requested: amount,
+            });
+        };
+        let hold = Hold {
+            channel: c.id,
+            asset: c.asset,
+            amount,
+        };
+        // Cannot overflow: reserved + amount ≤ balance.
+        *self.reserved.entry((c.id, c.asset)).or_default() += amount;
+        self.next_id += 1;
+        self.holds.insert(self.next_id, hold.clone());
+        Ok((self.next_id, hold))
+    }
+
+    /// The open hold `id`.
+    pub(crate) fn hold(&self, id: u64) -> Option<&Hold> {
+        self.holds.get(&id)
+    }
+
+    /// Lowers hold `id` to `to` (releasing the rest).
+    pub(crate) fn shrink(&mut self, id: u64, to: U256) {
+        let Some(h) = self.holds.get_mut(&id) else {
+            return;
+        };
+        let less = h.amount.saturating_sub(to);
+        h.amount -= less;
+        let key = (h.channel, h.asset);
+        self.unreserve(key, less);
+    }
+
+    /// Ends hold `id`, releasing what it held; `None` if it is not open.
+    pub(crate) fn release(&mut self, id: u64) -> Option<Hold> {
+        let h = self.holds.remove(&id)?;
+        self.unreserve((h.channel, h.asset), h.amount);
+        Some(h)
+    }
+
+    fn unreserve(&mut self, key: (ChannelId, usize), amount: U256) {
+        if let Some(r) = self.reserved.get_mut(&key) {
+            *r = r.saturating_sub(amount);
+            if r.is_zero() {
+                self.reserved.remove(&key);
+            }
+        }
+    }
+
+    /// How many holds are open.
+    pub(crate) fn open_holds(&self) -> usize {
+        self.holds.len()
+    }
+
+    /// Every (channel, asset index) with something reserved, and how much.
+    pub(crate) fn reservations(&self) -> impl Iterator<Item = (&(ChannelId, usize), &U256)> {
+        self.reserved.iter()
+    }
+
+    /// Expects `amount` of `asset` from `peer`; the receiver fires once it
+    /// arrived. Fails with [`Error::AmountOverflow`] if what is expected
+    /// from the peer in the asset would pass 2^256 − 1.
+    pub(crate) fn expect(
+        &mut self,
+        peer: PeerId,
+        asset: Asset,
+        amount: U256,
+    ) -> Result<(u64, oneshot::Receiver<Received>)> {
+        if amount.is_zero() {
+            return Err(Error::ZeroAmount);
+        }
+        let key = (peer, asset);
+        self.incoming_of(&key)
+            .checked_add(amount)
+            .ok_or(Error::AmountOverflow)?;
+        let (tx, rx) = oneshot::channel();
+        self.next_id += 1;
+        self.expected.entry(key).or_default().push_back(Expect {
+            id: self.next_id,
+            remaining: amount,
+            tx,
+            amount,
+        });
+        Ok((self.next_id, rx))
+    }
+
+    /// What is still expected from `peer` in `asset`.
+    pub(crate) fn incoming(&self, peer: PeerId, asset: &Asset) -> U256 {
+        self.incoming_of(&(peer, asset.clone()))
+    }
+
+    fn incoming_of(&self, key: &(PeerId, Asset)) -> U256 {
+        self.expected.get(key).map_or(U256::ZERO, |q| {
+            q.iter()
+                .fold(U256::ZERO, |sum, e| sum.saturating_add(e.remaining))
+        })
+    }
+
+    /// Books an arrived payment against the oldest expectations first;
+    /// each one that is met resolves. A surplus is simply ours.
+    pub(crate) fn arrived(&mut self, peer: PeerId, asset: &Asset, mut amount: U256) {
+        let key = (peer, asset.clone());
+        let Some(queue) = self.expected.get_mut(&key) else {
+            return;
+        };
+        while !amount.is_zero() {
+            let Some(front) = queue.front_mut() else {
+                break;
+            };
+            let take = front.remaining.min(amount);
+            front.remaining -= take;
+            amount -= take;
+            if front.remaining.is_zero()
+                && let Some(done) = queue.pop_front()
+            {
+                let _ = done.tx.send(Received {
+                    amount: done.amount,
+                });
+            }
+        }
+        if queue.is_empty() {
+            self.expected.remove(&key);
+        }
+    }
+
+    /// Drops expectation `id` (timed out, or its future dropped); returns
+    /// what had arrived for it.
+    pub(crate) fn forget(&mut self, peer: PeerId, asset: &Asset, id: u64) -> Option<U256> {
+        let key = (peer, asset.clone());
+        let queue = self.expected.get_mut(&key)?;
+        let pos = queue.iter().position(|e| e.id == id)?;
+        let e = queue.remove(pos)?;
+        if queue.is_empty() {
+            self.expected.remove(&key);
+        }
+        Some(e.amount - e.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use perun_channel::{Address, B256};
+
+    fn cand(id: u8, balance: u64) -> Candidate {
+        Candidate {
+            id: B256::repeat_byte(id),
+            asset: 0,
+            balance: U256::from(balance),
+        }
+    }
+
+    fn u(x: u64) -> U256 {
+        U256::from(x)
+    }
+
+    #[test]
+    fn picks_the_smallest_channel_that_covers_ties_to_the_lowest_id() {
+        let mut b = Books::default();
+        let cs = [cand(3, 50), cand(1, 100), cand(2, 50)];
+        let (_, h) = b.reserve(&cs, u(40)).unwrap();
+        assert_eq!(h.channel, B256::repeat_byte(2));
+        let (_, h) = b.reserve(&cs, u(40)).unwrap();
+        assert_eq!(h.channel, B256::repeat_byte(3));
+        let (_, h) = b.reserve(&cs, u(40)).unwrap();
+        assert_eq!(h.channel, B256::repeat_byte(1));
+        match b.reserve(&cs, u(70)) {
+            Err(Error::InsufficientFunds {
+                available,
+                requested,
+            }) => assert_eq!((available, requested), (u(60), u(70))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn shrink_and_release_give_back_exactly_what_was_held() {
+        let mut b = Books::default();
+        let cs = [cand(1, 100)];
+        let (id, _) = b.reserve(&cs, u(80)).unwrap();
+        b.shrink(id, u(30));
+        assert_eq!(b.reserved(cs[0].id, 0), u(30));
+        assert_eq!(b.free(&cs[0]), u(70));
+        assert_eq!(b.release(id).unwrap().amount, u(30));
+        assert_eq!(b.release(id), None, "a hold is released once");
+        assert_eq!(b.free(&cs[0]), u(100));
+        assert_eq!(b.open_holds(), 0);
+        assert!(matches!(b.reserve(&cs, U256::ZERO), Err(Error::ZeroAmount)));
+    }
+
+    #[test]
+    fn expectations_fill_oldest_first_and_overflow_is_refused() {
+        let mut b = Books::default();
+        let peer = PeerId::random();
+        let asset = Asset {
+            chainId: u(1),
+            holder: Address::repeat_byte(1),
+        };
+        let (_, mut first) = b.expect(peer, asset.clone(), u(10)).unwrap();
+        let (second_id, mut second) = b.expect(peer, asset.clone(), u(10)).unwrap();
+        b.arrived(peer, &asset, u(15));
+        assert_eq!(first.try_recv().unwrap().amount, u(10));
+        assert!(second.try_recv().is_err());
+        assert_eq!(b.incoming(peer, &asset), u(5));
+        assert_eq!(b.forget(peer, &asset, second_id), Some(u(5)));
+        assert_eq!(b.incoming(peer, &asset), U256::ZERO);
+        b.expect(peer, asset.clone(), U256::MAX).unwrap();
+        assert!(matches!(
+            b.expect(peer, asset.clone(), u(1)),
+            Err(Error::AmountOverflow)
+        ));
+        b.arrived(PeerId::random(), &asset, u(1)); // nobody expects it: ignored
+    }
+
+    proptest::proptest! {
+        /// Random reservations, partial sends (the balance drops by what is
+        /// sent), cancels and shrinks over three channels: what is reserved
+        /// on a channel is the sum of its holds and never exceeds its
+        /// balance, and a refused reservation could not have been covered.
+        #[test]
+        fn holds_never_exceed_balances(ops in proptest::collection::vec((0u8..4, 1u64..150, 0usize..8), 1..200)) {
+            let mut b = Books::default();
+            let mut cs = vec![cand(1, 100), cand(2, 250), cand(3, 40)];
+            let mut open: Vec<u64> = Vec::new();
+            for (op, amount, pick) in ops {
+                match op {
+                    0 | 1 => match b.reserve(&cs, u(amount)) {
+                        Ok((id, _)) => open.push(id),
+                        Err(Error::InsufficientFunds { available, requested }) => {
+                            proptest::prop_assert!(available < requested);
+                            proptest::prop_assert!(cs.iter().all(|c| b.free(c) < requested));
+                        }
+                        Err(e) => proptest::prop_assert!(false, "{e}"),
+                    },
+                    2 if !open.is_empty() => {
+                        // Send part of a hold: the channel's balance drops, then the hold ends.
+                        let id = open.swap_remove(pick % open.len());
+                        let h = b.hold(id).unwrap().clone();
+                        let part = u(amount).min(h.amount);
+                        b.shrink(id, part);
+                        let c = cs.iter_mut().find(|c| c.id == h.channel).unwrap();
+                        c.balance -= part;
+                        b.release(id).unwrap();
+                    }
+                    3 if !open.is_empty() => {
+                        let id = open.swap_remove(pick % open.len());
+                        b.release(id).unwrap();
+                    }
+                    _ => {}
+                }
+                for c in &cs {
+                    let held = open
+                        .iter()
+                        .filter_map(|id| b.hold(*id))
+                        .filter(|h| h.channel == c.id)
+                        .fold(U256::ZERO, |s, h| s + h.amount);
+                    proptest::prop_assert_eq!(held, b.reserved(c.id, 0));
+                    proptest::prop_assert!(held <= c.balance);
+                }
+                proptest::prop_assert_eq!(b.open_holds(), open.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The update handler a [`Payments`](super::Payments) installs.
+
+use std::sync::Weak;
+
+use async_trait::async_trait;
+
+use super::{IncomingPolicy, Inner};
+use crate::core::lock;
+use crate::handler::{IncomingUpdate, UpdateHandler, UpdateResponder};
+
+/// Signs an incoming update only if none of our balances decreases and its
+/// app data stays as it is (a payment to us, or the final update of a
+/// cooperative close); with [`IncomingPolicy::OnlyExpected`], each asset's
+/// increase must also be at most what is still expected from the paying
+/// peer. So nothing a peer proposes can take money that is reserved.
+///
+/// Two payments accepted at once on two channels with one peer may both
+/// count against the same expectation: more money to us than expected,
+/// never less.
+#[derive(Debug)]
+pub struct PaymentsHandler {
+    inner: Weak<Inner>,
+    policy: IncomingPolicy,
+}
+
+impl PaymentsHandler {
+    pub(super) fn new(inner: Weak<Inner>, policy: IncomingPolicy) -> Self {
+        Self { inner, policy }
+    }
+
+    /// Why the update is refused, if it is.
+    fn refusal(&self, u: &IncomingUpdate) -> Option<&'static str> {
+        if !u.pays_me_or_keeps() {
+            return Some("update decreases my balance");
+        }
+        if u.next.appData != u.current.appData {
+            return Some("a payment does not change app data");
+        }
+        if self.policy == IncomingPolicy::AnyPaymentToMe {
+            return None;
+        }
+        let Some(inner) = self.inner.upgrade() else {
+            return Some("payments layer is gone");
+        };
+        let Some(peer) = inner
+            .shared
+            .channel_core(&u.channel_id())
+            .and_then(|c| c.peers.get(u.actor).copied())
+        else {
+            return Some("unknown channel");
+        };
+        let books = lock(&inner.books);
+        for (i, asset) in u.next.outcome.assets.iter().enumerate() {
+            let mine = |s: &perun_channel::State| {
+                s.outcome
+                    .balances
+                    .get(i)
+                    .and_then(|r| r.get(u.index))
+                    .copied()
+                    .unwrap_or_default()
+            };
+            let grows = mine(&u.next).saturating_sub(mine(&u.current));
+            if grows > books.incoming(peer, asset) {
+                return Some("payment not expected");
+            }
+        }
+        None
+    }
+}
+
+#[async_trait]
+impl UpdateHandler for PaymentsHandler {
+    async fn handle_update(&self, update: IncomingUpdate, responder: UpdateResponder) {
+        match self.refusal(&update) {
+            None => responder.accept(),
+            Some(why) => {
+                tracing::warn!(channel = %update.channel_id(), actor = update.actor, why, "update refused");
+                responder.reject(why);
+            }
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! Payments to peers, over whatever channels the client has with them.
+//!
+//! A dApp that wants to pay a peer should not have to pick channels. The
+//! [`Payments`] layer reserves an amount first (so a service can be
+//! rendered knowing the money is there), sends all or part of it later, and
+//! waits for payments it expects from peers. It keeps **books** on top of the
+//! channels: the amounts reserved on each channel, and the payments
+//! expected from each peer. Balances always come from the channels' latest
+//! fully signed states, so the books never disagree with them.
+//!
+//! # Which channels it uses
+//! Two-party payment channels (no app) that are funded and open (`Active`
+//! or `Updating`), per asset ([`Asset`]: chain and holder). A payment is
+//! one update on one channel: [`reserve`](Payments::reserve) picks, among
+//! the channels with the peer that hold the asset, **the one with the
+//! smallest free balance that covers the amount** (free: our balance less
+//! what is reserved on it), ties going to the lowest channel id. Big
+//! channels so stay free for big payments. If none covers it, it fails with
+//! [`Error::InsufficientFunds`], whose `available` is the most any one
+//! channel could give; or, with [`PaymentsConfig::open_channels`], it
+//! proposes a new channel to the peer first.
+//!
+//! # Example
+//! ```no_run
+//! # async fn f(client: perun_client::Client, seller: perun_wire::PeerId,
+//! #     eth: perun_channel::Asset) -> perun_client::Result<()> {
+//! use perun_channel::U256;
+//! use perun_client::payments::Payments;
+//!
+//! let payments = Payments::new(&client)?;
+//! let r = payments.reserve(seller, &eth, U256::from(100)).await?; // before the service
+//! payments.send(r, U256::from(80)).await?; // after it: 80 paid, 20 released
+//! let r = payments.reserve(seller, &eth, U256::from(100)).await?;
+//! payments.cancel(r); // the service failed
+//! # Ok(()) }
+//! ```
+//!
+//! A reservation is sent or cancelled once; the compiler sees to it:
+//! ```compile_fail
+//! # async fn f(p: perun_client::payments::Payments, r: perun_client::payments::Reservation) {
+//! p.send(r, perun_channel::U256::from(1)).await;
+//! p.cancel(r); // use of a moved value
+//! # }
+//! ```
+
+mod books;
+mod handler;
+mod track;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use perun_channel::{Allocation, Asset, ChannelId, Phase, U256};
+use perun_wire::{Participant, PeerId};
+use tokio::sync::{broadcast, oneshot, watch};
+use tracing::{Instrument, debug, info_span};
+
+use crate::core::{ChannelCore, Shared, lock};
+use crate::{Channel, ChannelProposal, Client, Error, Result};
+pub use books::Received;
+use books::{Books, Candidate};
+pub use handler::PaymentsHandler;
+
+/// How many incoming payments an [`IncomingStream`] buffers for a slow
+/// reader before it skips some.
+pub const INCOMING_BUFFER: usize = 1024;
+
+/// Which incoming updates the [`PaymentsHandler`] signs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IncomingPolicy {
+    /// Any update in which none of our balances decreases: payments to us,
+    /// and the final update of a cooperative close. The default.
+    #[default]
+    AnyPaymentToMe,
+    /// Like `AnyPaymentToMe`, but a payment must also be expected
+    /// ([`Payments::expect`]): each asset's increase is at most what is
+    /// still expected from the paying peer in it.
+    OnlyExpected,
+}
+
+/// When no channel with a peer covers a reservation, propose a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenPolicy {
+    /// Our deposit in the new channel: this, or the reservation's amount if
+    /// that is more. The peer deposits nothing.
+    pub deposit: U256,
+    /// The new channel's challenge duration, in seconds.
+    pub challenge_duration: u64,
+}
+
+/// How a [`Payments`] behaves. The default: any payment to us is accepted,
+/// no channel is opened on its own, and the client's update handler is
+/// replaced by a [`PaymentsHandler`].
+#[derive(Debug, Clone, Default)]
+pub struct PaymentsConfig {
+    incoming: IncomingPolicy,
+    open: Option<OpenPolicy>,
+    keep_update_handler: bool,
+}
+
+impl PaymentsConfig {
+    /// Which incoming updates to sign.
+    pub fn incoming(mut self, policy: IncomingPolicy) -> Self {
+        self.incoming = policy;
+        self
+    }
+
+    /// Propose a new channel when none covers a reservation (off by
+    /// default: opening a channel costs a deposit and gas). The peer's
+    /// address is taken from an earlier channel with it; a peer we never
+    /// had a channel with stays [`Error::UnknownPeer`].
+    pub fn open_channels(mut self, policy: OpenPolicy) -> Self {
+        self.open = Some(policy);
+        self
+    }
+
+    /// Leave the client's update handler as it is (for a client that also
+    /// runs app channels, whose updates may lower our balances). Then the
+    /// application's handler alone decides on incoming updates.
+    pub fn keep_update_handler(mut self) -> Self {
+        self.keep_update_handler = true;
+        self
+    }
+}
+
+/// What we hold with one peer in one asset, over every open channel with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    /// The asset.
+    pub asset: Asset,
+    /// What we can still reserve: our balances less what is reserved.
+    pub spendable: U256,
+    /// What open reservations hold.
+    pub reserved: U256,
+    /// What we expect from the peer and has not arrived yet.
+    pub incoming: U256,
+    /// The peer's balances: the most it can still pay us over these channels.
+    pub receivable: U256,
+}
+
+/// An amount held on one channel for a payment to one peer; give it to
+/// [`Payments::send`] or [`Payments::cancel`]. Dropping it releases it.
+#[derive(Debug)]
+#[must_use = "a reservation holds funds until it is sent, cancelled or dropped"]
+pub struct Reservation {
+    id: u64,
+    owner: Weak<Inner>,
+    peer: PeerId,
+    channel: ChannelId,
+    asset: Asset,
+    amount: U256,
+}
+
+impl Reservation {
+    /// The amount held.
+    pub fn amount(&self) -> U256 {
+        self.amount
+    }
+    /// The peer the payment goes to.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+    /// The channel it is held on.
+    pub fn channel(&self) -> ChannelId {
+        self.channel
+    }
+    /// The asset.
+    pub fn asset(&self) -> &Asset {
+        &self.asset
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(inner) = self.owner.upgrade() {
+            lock(&inner.books).release(self.id);
+        }
+    }
+}
+
+/// A payment that was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// The channel it went over.
+    pub channel: ChannelId,
+    /// The version of the channel's state that pays it.
+    pub version: u64,
+    /// The amount paid.
+    pub amount: U256,
+}
+
+/// A payment that arrived: our balance grew in a new fully signed state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingPayment {
+    /// The peer that paid.
+    pub peer: PeerId,
+    /// The channel.
+    pub channel: ChannelId,
+    /// The asset.
+    pub asset: Asset,
+    /// How much our balance grew.
+    pub amount: U256,
+    /// The version of the state that pays it.
+    pub version: u64,
+}
+
+/// Incoming payments, as they arrive.
+#[derive(Debug)]
+pub struct IncomingStream {
+    rx: broadcast::Receiver<IncomingPayment>,
+}
+
+impl IncomingStream {
+    /// The next payment; `None` once the [`Payments`] is gone. A reader
+    /// more than [`INCOMING_BUFFER`] payments behind skips the oldest
+    /// (logged); the books ([`Payments::expect`]) never miss one.
+    pub async fn next(&mut self) -> Option<IncomingPayment> {
+        loop {
+            match self.rx.recv().await {
+                Ok(p) => return Some(p),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(skipped = n, "incoming payments reader lags");
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// A payment we expect; `.await` it. Resolves with [`Received`] once that
+/// much has arrived from the peer in the asset (counting from the moment
+/// [`Payments::expect`] was called), or fails with [`Error::NotReceived`]
+/// after the timeout. Dropping it forgets the expectation.
+#[derive(Debug)]
+#[must_use = "an expectation does nothing unless awaited"]
+pub struct Expectation {
+    inner: Weak<Inner>,
+    peer: PeerId,
+    asset: Asset,
+    amount: U256,
+    id: u64,
+    timeout: Duration,
+    rx: Option<oneshot::Receiver<Received>>,
+}
+
+impl Expectation {
+    async fn wait(mut self) -> Result<Received> {
+        let Some(rx) = self.rx.take() else {
+            return Err(Error::Closed);
+        };
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => {
+                let arrived = self
+                    .inner
+                    .upgrade()
+                    .and_then(|i| lock(&i.books).forget(self.peer, &self.asset, self.id))
+                    .unwrap_or(U256::ZERO);
+                Err(Error::NotReceived {
+                    expected: self.amount,
+                    arrived,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Expectation {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            lock(&inner.books).forget(self.peer, &self.asset, self.id);
+        }
+    }
+}
+
+impl std::future::IntoFuture for Expectation {
+    type Output = Result<Received>;
+    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Received>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.wait())
+    }
+}
+
+pub(crate) struct Inner {
+    shared: Arc<Shared>,
+    books: Mutex<Books>,
+    incoming: broadcast::Sender<IncomingPayment>,
+    config: PaymentsConfig,
+    /// Dropped with the last `Payments`: stops the tracker.
+    _alive: watch::Sender<()>,
+}
+
+/// The payments layer over one [`Client`]'s channels. Cheap to clone.
+/// See the [module docs](self).
+#[derive(Clone)]
+pub struct Payments {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Payments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Payments")
+            .field("client", &self.inner.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Payments {
+    /// The payments layer with the default [`PaymentsConfig`]: the client's
+    /// update handler becomes a [`PaymentsHandler`] that signs payments to
+    /// us only. Call it inside a Tokio runtime (it starts a task that
+    /// follows the channels); fails with [`Error::Missing`] outside one.
+    pub fn new(client: &Client) -> Result<Self> {
+        Self::with_config(client, PaymentsConfig::default())
+    }
+
+    /// The payments layer with `config`.
+    pub fn with_config(client: &Client, config: PaymentsConfig) -> Result<Self> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| Error::Missing("a Tokio runtime"))?;
+        let (alive, stopped) = watch::channel(());
+        let inner = Arc::new(Inner {
+            shared: client.shared.clone(),
+            books: Mutex::new(Books::default()),
+            incoming: broadcast::channel(INCOMING_BUFFER).0,
+            config,
+            _alive: alive,
+        });
+        if !inner.config.keep_update_handler {
+            let handler = Arc::new(PaymentsHandler::new(
+                Arc::downgrade(&inner),
+                inner.config.incoming,
+            ));
+            *inner
+                .shared
+                .update_handler
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = handler;
+        }
+        runtime.spawn(track::track(Arc::downgrade(&inner), stopped));
+        Ok(Self { inner })
+    }
+
+    /// What we hold with `peer`, per asset of the channels with it. Empty
+    /// for a peer without an open channel.
+    pub fn balance(&self, peer: PeerId) -> Vec<Balance> {
+        self.balances().remove(&peer).unwrap_or_default()
+    }
+
+    /// What we hold with every peer we have an open channel with.
+    pub fn balances(&self) -> HashMap<PeerId, Vec<Balance>> {
+        let books = lock(&self.inner.books);
+        let mut out: HashMap<PeerId, Vec<Balance>> = HashMap::new();
+        for core in self.inner.shared.channel_cores() {
+            let Some(peer) = usable(&core) else { continue };
+            let st = core.state.borrow().clone();
+            let me = core.index;
+            for (i, asset) in st.state.outcome.assets.iter().enumerate() {
+                let row = st.state.outcome.balances.get(i);
+                let mine = row.and_then(|r| r.get(me)).copied().unwrap_or_default();
+                let theirs = row.and_then(|r| r.get(1 - me)).copied().unwrap_or_default();
+                let reserved = books.reserved(core.id, i);
+                let list = out.entry(peer).or_default();
+                let b = match list.iter_mut().position(|b| &b.asset == asset) {
+                    Some(k) => &mut list[k],
+                    None => {
+                        list.push(Balance {
+                            asset: asset.clone(),
+                            spendable: U256::ZERO,
+                            reserved: U256::ZERO,
+                            incoming: books.incoming(peer, asset),
+                            receivable: U256::ZERO,
+                        });
+                        let last = list.len() - 1;
+                        &mut list[last]
+                    }
+                };
+                b.spendable = b.spendable.saturating_add(mine.saturating_sub(reserved));
+                b.reserved = b.reserved.saturating_add(reserved);
+                b.receivable = b.receivable.saturating_add(theirs);
+            }
+        }
+        out
+    }
+
+    /// Holds `amount` of `asset` for a payment to `peer` on one channel
+    /// (see the [module docs](self) for which). Fails with
+    /// [`Error::ZeroAmount`], [`Error::UnknownPeer`] (no open payment
+    /// channel with the peer), [`Error::UnknownAsset`] (none of them holds
+    /// the asset) or [`Error::InsufficientFunds`]. Concurrent reservations
+    /// never hold more than a channel's balance.
+    pub async fn reserve(&self, peer: PeerId, asset: &Asset, amount: U256) -> Result<Reservation> {
+        match self.try_reserve(peer, asset, amount) {
+            Err(e @ (Error::InsufficientFunds { .. } | Error::UnknownPeer(_)))
+                if self.inner.config.open.is_some() =>
+            {
+                self.open_channel(peer, asset, amount, e).await?;
+                self.try_reserve(peer, asset, amount)
+            }
+            other => other,
+        }
+    }
+
+    fn try_reserve(&self, peer: PeerId, asset: &Asset, amount: U256) -> Result<Reservation> {
+        if amount.is_zero() {
+            return Err(Error::ZeroAmount);
+        }
+        let mut books = lock(&self.inner.books);
+        let mut with_peer = false;
+        let mut candidates = Vec::new();
+        for core in self.inner.shared.channel_cores() {
+            if usable(&core) != Some(peer) {
+                continue;
+            }
+            with_peer = true;
+            let st = core.state.borrow();
+            let Some(i) = st.state.outcome.assets.iter().position(|a| a == asset) else {
+                continue;
+            };
+            let balance = st
+                .state
+                .outcome
+                .balances
+                .get(i)
+                .and_then(|r| r.get(core.index))
+                .copied()
+                .unwrap_or_default();
+            candidates.push(Candidate {
+                id: core.id,
+                asset: i,
+                balance,
+            });
+        }
+        if !with_peer {
+            return Err(Error::UnknownPeer(peer));
+        }
+        if candidates.is_empty() {
+            return Err(Error::UnknownAsset {
+                peer,
+                asset: Box::new(asset.clone()),
+            });
+        }
+        let (id, hold) = books.reserve(&candidates, amount)?;
+        debug!(%peer, channel = %hold.channel, %amount, "reserved");
+        Ok(Reservation {
+            id,
+            owner: Arc::downgrade(&self.inner),
+            peer,
+            channel: hold.channel,
+            asset: asset.clone(),
+            amount,
+        })
+    }
+
+    /// Proposes a channel to `peer` funded by us alone, for a reservation
+    /// no channel covered (`why`).
+    async fn open_channel(
+        &self,
+        peer: PeerId,
+        asset: &Asset,
+        amount: U256,
+        why: Error,
+    ) -> Result<()> {
+        let Some(policy) = self.inner.config.open.clone() else {
+            return Err(why);
+        };
+        let Some(address) = self.inner.shared.channel_cores().iter().find_map(|c| {
+            let i = c.peers.iter().position(|p| *p == peer)?;
+            c.params.participants.get(i).copied()
+        }) else {
+            return Err(Error::UnknownPeer(peer));
+        };
+        let me = Participant {
+            address: self.inner.shared.account.address(),
+            peer: self.inner.shared.wire.local_peer_id(),
+        };
+        let deposit = policy.deposit.max(amount);
+        let proposal = ChannelProposal::payment(
+            vec![me, Participant { address, peer }],
+            Allocation::new(vec![asset.clone()], vec![vec![deposit, U256::ZERO]]),
+            policy.challenge_duration,
+        );
+        crate::open::propose(&self.inner.shared, proposal)
+            .instrument(info_span!("payments_open", %peer, %deposit))
+            .await?;
+        Ok(())
+    }
+
+    /// Pays `amount` (at most the reserved amount) to the reservation's
+    /// peer on its channel; the rest is released at once. Returns once the
+    /// new state is fully signed and durable here.
+    ///
+    /// On any error the whole reservation is released and the channel
+    /// stays as it was: [`Error::ZeroAmount`],
+    /// [`Error::ExceedsReservation`], [`Error::ForeignReservation`] (made
+    /// by another `Payments`), [`Error::Phase`] (the channel is closing),
+    /// or what the update failed with ([`Error::Rejected`] when the peer
+    /// refuses, a timeout...). After a timeout the peer may still complete
+    /// the update on a later sync; the books then see the lower balance.
+    pub async fn send(&self, reservation: Reservation, amount: U256) -> Result<Sent> {
+        if !Weak::ptr_eq(&reservation.owner, &Arc::downgrade(&self.inner)) {
+            return Err(Error::ForeignReservation);
+        }
+        if amount.is_zero() {
+            return Err(Error::ZeroAmount);
+        }
+        if amount > reservation.amount {
+            return Err(Error::ExceedsReservation {
+                reserved: reservation.amount,
+                requested: amount,
+            });
+        }
+        let core = self
+            .inner
+            .shared
+            .channel_core(&reservation.channel)
+            .ok_or(Error::UnknownChannel(reservation.channel))?;
+        let (asset, to) = {
+            let books = lock(&self.inner.books);
+            let hold = books
+                .hold(reservation.id)
+                .ok_or(Error::ForeignReservation)?;
+            (hold.asset, 1 - core.index)
+        };
+        if usable(&core).is_none() {
+            return Err(Error::Phase(core.phase()));
+        }
+        lock(&self.inner.books).shrink(reservation.id, amount);
+        let channel = Channel::new(core, self.inner.shared.clone());
+        // The hold stays until the update returned: its state is then the
+        // channel's, so the balance already shows the payment.
+        let st = channel
+            .pay(to, asset, amount)
+            .instrument(info_span!("payment", channel = %reservation.channel, %amount))
+            .await?;
+        drop(reservation);
+        Ok(Sent {
+            channel: st.state.channelId,
+            version: st.state.version,
+            amount,
+        })
+    }
+
+    /// Releases a reservation without paying.
+    pub fn cancel(&self, reservation: Reservation) {
+        drop(reservation);
+    }
+
+    /// Expects `amount` of `asset` from `peer`, counted from now; `.await`
+    /// the [`Expectation`]. Expectations from one peer in one asset are met
+    /// in the order they were made. Fails with [`Error::ZeroAmount`], or
+    /// [`Error::AmountOverflow`] if what is expected from the peer in the
+    /// asset would pass 2^256 − 1.
+    ///
+    /// ```no_run
+    /// # async fn f(p: perun_client::payments::Payments, buyer: perun_wire::PeerId,
+    /// #     eth: perun_channel::Asset) -> perun_client::Result<()> {
+    /// let paid = p.expect(buyer, &eth, perun_channel::U256::from(80), std::time::Duration::from_secs(30))?;
+    /// paid.await?; // or Error::NotReceived { expected, arrived }
+    /// # Ok(()) }
+    /// ```
+    pub fn expect(
+        &self,
+        peer: PeerId,
+        asset: &Asset,
+        amount: U256,
+        timeout: Duration,
+    ) -> Result<Expectation> {
+        let (id, rx) = lock(&self.inner.books).expect(peer, asset.clone(), amount)?;
+        Ok(Expectation {
+            inner: Arc::downgrade(&self.inner),
+            peer,
+            asset: asset.clone(),
+            amount,
+            id,
+            timeout,
+            rx: Some(rx),
+        })
+    }
+
+    /// The payments that arrive from now on.
+    pub fn incoming(&self) -> IncomingStream {
+        IncomingStream {
+            rx: self.inner.incoming.subscribe(),
+        }
+    }
+
+    /// Checks the books against the channels: on every channel, for every
+    /// asset, what is reserved is at most our balance. Fails with
+    /// [`Error::BooksOverdrawn`] naming the first channel where it is not
+    /// (a payment made on the channel outside this layer can cause it).
+    pub fn audit(&self) -> Result<()> {
+        let books = lock(&self.inner.books);
+        for (&(channel, asset), &reserved) in books.reservations() {
+            let balance = self
+                .inner
+                .shared
+                .channel_core(&channel)
+                .and_then(|c| {
+                    let st = c.state.borrow();
+                    st.state
+                        .outcome
+                        .balances
+                        .get(asset)
+                        .and_then(|r| r.get(c.index))
+                        .copied()
+                })
+                .unwrap_or_default();
+            if reserved > balance {
+                return Err(Error::BooksOverdrawn {
+                    channel,
+                    reserved,
+                    balance,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// How many reservations are open.
+    pub fn open_reservations(&self) -> usize {
+        lock(&self.inner.books).open_holds()
+    }
+}
+
+/// The peer of a channel the payments layer may draw on: two participants,
+/// no app, funded and not closing.
+fn usable(core: &ChannelCore) -> Option<PeerId> {
+    (core.peers.len() == 2
+        && core.params.app == perun_channel::Address::ZERO
+        && matches!(core.phase(), Phase::Active | Phase::Updating))
+    .then(|| core.peers[1 - core.index])
+}

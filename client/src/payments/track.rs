@@ -1,0 +1,89 @@
+//! Follows every two-party channel's fully signed states and turns each
+//! growth of our balance into an incoming payment: booked against the
+//! expected payments, then broadcast.
+//!
+//! Each channel is compared with the last state this task saw of it, not
+//! with a stream of updates, so a burst of updates is never missed: the
+//! sum of what arrived is what our balance grew by.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+
+use perun_channel::{Phase, SignedState};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info_span};
+
+use super::{IncomingPayment, Inner};
+use crate::core::{ChannelCore, lock};
+
+/// Runs until the `Payments` (every clone) is dropped or the client stops.
+pub(super) async fn track(inner: Weak<Inner>, stopped: watch::Receiver<()>) {
+    let Some(shared) = inner.upgrade().map(|i| i.shared.clone()) else {
+        return;
+    };
+    let mut changed = shared.channels_changed.subscribe();
+    let mut followed = HashSet::new();
+    loop {
+        let cores = shared.channel_cores();
+        followed.retain(|id| cores.iter().any(|c| c.id == *id));
+        for core in cores {
+            if core.peers.len() == 2 && followed.insert(core.id) {
+                let span = info_span!("payments_follow", channel = %core.id);
+                tokio::spawn(follow(inner.clone(), core, stopped.clone()).instrument(span));
+            }
+        }
+        let mut stop = stopped.clone();
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = stop.changed() => return,
+            _ = shared.stopping() => return,
+        }
+    }
+}
+
+/// Follows one channel until it is withdrawn or the `Payments` is dropped.
+async fn follow(inner: Weak<Inner>, core: Arc<ChannelCore>, mut stopped: watch::Receiver<()>) {
+    let mut states = core.state.subscribe();
+    let mut phases = core.phase_changes();
+    let mut last = states.borrow_and_update().clone();
+    loop {
+        tokio::select! {
+            r = states.changed() => if r.is_err() { return },
+            _ = phases.wait_for(|p| *p == Phase::Withdrawn) => return,
+            _ = stopped.changed() => return,
+        }
+        let now = states.borrow_and_update().clone();
+        let Some(inner) = inner.upgrade() else { return };
+        if now.state.version <= last.state.version || !now.is_fully_signed() {
+            continue;
+        }
+        book(&inner, &core, &last, &now);
+        last = now;
+    }
+}
+
+/// Books what `now` pays us over `last`.
+fn book(inner: &Inner, core: &ChannelCore, last: &SignedState, now: &SignedState) {
+    let me = core.index;
+    let peer = core.peers[1 - me];
+    for (i, asset) in now.state.outcome.assets.iter().enumerate() {
+        let new = now.state.outcome.balances.get(i).and_then(|r| r.get(me));
+        let old = last.state.outcome.balances.get(i).and_then(|r| r.get(me));
+        let (Some(new), Some(old)) = (new, old) else {
+            continue;
+        };
+        if new <= old {
+            continue;
+        }
+        let amount = *new - *old;
+        debug!(%peer, %amount, version = now.state.version, "payment arrived");
+        lock(&inner.books).arrived(peer, asset, amount);
+        let _ = inner.incoming.send(IncomingPayment {
+            peer,
+            channel: core.id,
+            asset: asset.clone(),
+            amount,
+            version: now.state.version,
+        });
+    }
+}
