@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|dispute|watchtower]>"
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|payments|dispute|watchtower]>"
             );
             return ExitCode::from(2);
         }
@@ -60,9 +60,10 @@ fn demo(which: Option<&str>) -> util::Result {
         "payment" => "payment_channel",
         "dispute" => "dispute",
         "watchtower" => "watchtower",
+        "payments" => "payments",
         other => {
             return Err(format!(
-                "unknown demo {other:?}; try: payment, dispute, watchtower"
+                "unknown demo {other:?}; try: payment, payments, dispute, watchtower"
             ));
         }
     };
