@@ -6,7 +6,7 @@
 //! `target/bench/summary.json`), or directly:
 //! `cargo run --release --example bench -- [--quick] [--out PATH]`.
 //! `--quick` uses small counts so the whole harness runs in seconds;
-//! `--only floor|durable|memory|restore` runs one part (for a profiler).
+//! `--only floor|durable|memory|restore|payments|...` runs one part (for a profiler).
 //!
 //! # The figures
 //! - `updates_per_s_durable` / `updates_per_s_memory`: one two-party channel,
@@ -27,6 +27,9 @@
 //!   chain), and the resident memory it adds, per channel.
 //!   `restore_client_built_ms` is the part until the client's constructor
 //!   returned (what `restore_10k_channels_ms` measured before issue 12).
+//! - `payments_per_s` / `payments_raw_pay_per_s` / `payments_ratio`: one
+//!   durable channel, batches of `Payments::reserve` + `send` alternating
+//!   with batches of raw `pay` (see [`payments`]).
 //!
 //! # The floor
 //! What one durable update cannot avoid, measured in this process on the
@@ -39,6 +42,7 @@
 //! the SDK adds on top of physics.
 
 mod floor;
+mod payments;
 mod report;
 mod restore;
 mod setup;
@@ -77,6 +81,8 @@ pub(crate) struct Counts {
     pub(crate) tower_stored: usize,
     /// Blocks with a dispute each that the tower scans.
     pub(crate) tower_dispute_blocks: usize,
+    /// Pairs of 100-payment batches (raw `pay`, `Payments`) measured.
+    pub(crate) payment_batches: usize,
 }
 
 impl Counts {
@@ -93,6 +99,7 @@ impl Counts {
             tower_per_conn: 500,
             tower_stored: 100_000,
             tower_dispute_blocks: 500,
+            payment_batches: 10,
         }
     }
 
@@ -109,6 +116,7 @@ impl Counts {
             tower_per_conn: 100,
             tower_stored: 5_000,
             tower_dispute_blocks: 50,
+            payment_batches: 2,
         }
     }
 }
