@@ -36,7 +36,7 @@
 //! ```
 //!
 //! A reservation is sent or cancelled once; the compiler sees to it:
-//! ```compile_fail
+//! ```compile_fail,E0382
 //! # async fn f(p: perun_client::payments::Payments, r: perun_client::payments::Reservation) {
 //! p.send(r, perun_channel::U256::from(1)).await;
 //! p.cancel(r); // use of a moved value
