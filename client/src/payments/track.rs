@@ -6,11 +6,11 @@
 //! with a stream of updates, so a burst of updates is never missed: the
 //! sum of what arrived is what our balance grew by.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use perun_channel::{Phase, SignedState};
-use tokio::sync::watch;
+use perun_channel::{Address, Phase, SignedState};
+use tokio::sync::{oneshot, watch};
 use tracing::{Instrument, debug, info_span};
 
 use super::{IncomingPayment, Inner};
@@ -22,14 +22,21 @@ pub(super) async fn track(inner: Weak<Inner>, stopped: watch::Receiver<()>) {
         return;
     };
     let mut changed = shared.channels_changed.subscribe();
-    let mut followed = HashSet::new();
+    // Dropping a channel's sender (it left the client: withdrawn, or a
+    // proposal that failed) ends its follower.
+    let mut followed: HashMap<_, oneshot::Sender<()>> = HashMap::new();
     loop {
         let cores = shared.channel_cores();
-        followed.retain(|id| cores.iter().any(|c| c.id == *id));
+        followed.retain(|id, _| cores.iter().any(|c| c.id == *id));
         for core in cores {
-            if core.peers.len() == 2 && followed.insert(core.id) {
+            if core.peers.len() == 2
+                && core.params.app == Address::ZERO
+                && !followed.contains_key(&core.id)
+            {
+                let (gone_tx, gone) = oneshot::channel();
+                followed.insert(core.id, gone_tx);
                 let span = info_span!("payments_follow", channel = %core.id);
-                tokio::spawn(follow(inner.clone(), core, stopped.clone()).instrument(span));
+                tokio::spawn(follow(inner.clone(), core, stopped.clone(), gone).instrument(span));
             }
         }
         let mut stop = stopped.clone();
@@ -41,8 +48,14 @@ pub(super) async fn track(inner: Weak<Inner>, stopped: watch::Receiver<()>) {
     }
 }
 
-/// Follows one channel until it is withdrawn or the `Payments` is dropped.
-async fn follow(inner: Weak<Inner>, core: Arc<ChannelCore>, mut stopped: watch::Receiver<()>) {
+/// Follows one channel until it is withdrawn or leaves the client, or the
+/// `Payments` is dropped.
+async fn follow(
+    inner: Weak<Inner>,
+    core: Arc<ChannelCore>,
+    mut stopped: watch::Receiver<()>,
+    mut gone: oneshot::Receiver<()>,
+) {
     let mut states = core.state.subscribe();
     let mut phases = core.phase_changes();
     let mut last = states.borrow_and_update().clone();
@@ -51,6 +64,7 @@ async fn follow(inner: Weak<Inner>, core: Arc<ChannelCore>, mut stopped: watch::
             r = states.changed() => if r.is_err() { return },
             _ = phases.wait_for(|p| *p == Phase::Withdrawn) => return,
             _ = stopped.changed() => return,
+            _ = &mut gone => return,
         }
         let now = states.borrow_and_update().clone();
         let Some(inner) = inner.upgrade() else { return };
