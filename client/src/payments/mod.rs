@@ -6,7 +6,9 @@
 //! waits for payments it expects from peers. It keeps **books** on top of the
 //! channels: the amounts reserved on each channel, and the payments
 //! expected from each peer. Balances always come from the channels' latest
-//! fully signed states, so the books never disagree with them.
+//! fully signed states, so the books never disagree with them. The books
+//! live in memory: reservations and expectations end with the process (the
+//! channels, and with them every balance, are durable as always).
 //!
 //! # Which channels it uses
 //! Two-party payment channels (no app) that are funded and open (`Active`
