@@ -302,6 +302,7 @@ async fn a_channel_is_opened_when_none_covers_the_payment_if_asked() {
     );
     assert_eq!(opened.phase(), Phase::Active);
     // Without the option, the same shortfall is an error.
+    drop(pa);
     let plain = Payments::new(&a.client).unwrap();
     assert!(matches!(
         plain.reserve(bob, &eth, u(500)).await,

@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     /// Counts insertions into and removals from `channels`, so a
     /// background task (the payments tracker) learns of new channels.
     pub(crate) channels_changed: watch::Sender<u64>,
+    /// Whether a `Payments` lives for this client (one at a time).
+    pub(crate) payments_active: AtomicBool,
     pub(crate) pending: Mutex<HashMap<perun_wire::ProposalId, Pending>>,
     /// Proposals waiting for our handler or for their `Signing0`.
     pub(crate) proposals: Arc<crate::dispatch::Gate>,
@@ -120,6 +122,7 @@ impl Shared {
             timeouts: p.timeouts,
             channels: Mutex::new(HashMap::new()),
             channels_changed: watch::channel(0).0,
+            payments_active: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             proposals: crate::dispatch::Gate::new(
                 "pending proposals",
@@ -297,7 +300,12 @@ impl Locked {
             None => changes,
         };
         persist(shared, core.id, changes).await?;
-        self.unsaved = None;
+        if let Some(u) = self.unsaved.take() {
+            // Durable now: readers see it before whatever this write
+            // carries (a payment to us must not be netted away by our
+            // next payment back).
+            core.publish_state(&u);
+        }
         Ok(carried)
     }
 
@@ -536,18 +544,24 @@ impl ChannelCore {
     /// Publishes the machine's phase and, unless `hold_state` (it is not
     /// durable yet), its current state to readers; announces a new fully
     /// signed state on the updates stream. Use [`Locked::announce`].
+    /// Publishes `st` (durable and fully signed) if it is newer than what
+    /// readers have.
+    pub(crate) fn publish_state(&self, st: &SignedState) {
+        let newer = {
+            let old = self.state.borrow();
+            st.state.version > old.state.version || !old.is_fully_signed()
+        };
+        if newer {
+            self.state.send_replace(st.clone());
+            if let Some(tx) = self.updates.get() {
+                let _ = tx.send(st.clone());
+            }
+        }
+    }
+
     fn publish(&self, m: &Machine, hold_state: bool) {
         if let Some(cur) = m.current().filter(|_| !hold_state) {
-            let newer = {
-                let old = self.state.borrow();
-                cur.state.version > old.state.version || !old.is_fully_signed()
-            };
-            if newer {
-                self.state.send_replace(cur.clone());
-                if let Some(tx) = self.updates.get() {
-                    let _ = tx.send(cur.clone());
-                }
-            }
+            self.publish_state(cur);
         }
         let changed = self.phase.send_if_modified(|p| {
             let changed = *p != m.phase();

@@ -193,6 +193,9 @@ pub enum Error {
         /// What `send` asked for.
         requested: perun_channel::U256,
     },
+    /// A client has one payments layer at a time; another one is alive.
+    #[error("this client already has a payments layer")]
+    PaymentsInUse,
     /// A reservation made by another `Payments` (payments).
     #[error("the reservation belongs to another payments layer")]
     ForeignReservation,

@@ -34,6 +34,18 @@ pub(crate) struct Hold {
     pub(crate) amount: U256,
 }
 
+/// The hold of a `send` whose outcome is unknown (the peer's answer was
+/// lost): the peer may still complete the update on a later sync, so the
+/// amount stays reserved until the channel moves past `base`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Doubt {
+    pub(crate) channel: ChannelId,
+    pub(crate) asset: usize,
+    pub(crate) amount: U256,
+    /// The version the update was built on.
+    pub(crate) base: u64,
+}
+
 /// What arrived for a payment we expected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
@@ -55,6 +67,8 @@ pub(crate) struct Books {
     /// The sum of the open holds per (channel, asset index).
     reserved: HashMap<(ChannelId, usize), U256>,
     holds: HashMap<u64, Hold>,
+    /// Holds of sends with an unknown outcome (also in `reserved`).
+    doubts: Vec<Doubt>,
     /// Expected payments per (peer, asset), oldest first.
     expected: HashMap<(PeerId, Asset), VecDeque<Expect>>,
 }
@@ -142,6 +156,34 @@ impl Books {
                 self.reserved.remove(&key);
             }
         }
+    }
+
+    /// Turns hold `id` into a [`Doubt`] on the update built on `base`.
+    pub(crate) fn doubt(&mut self, id: u64, base: u64) {
+        if let Some(h) = self.holds.remove(&id) {
+            self.doubts.push(Doubt {
+                channel: h.channel,
+                asset: h.asset,
+                amount: h.amount,
+                base,
+            });
+        }
+    }
+
+    /// Releases every doubt `settled` says is settled.
+    pub(crate) fn settle_doubts(&mut self, settled: impl Fn(&Doubt) -> bool) {
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.doubts)
+            .into_iter()
+            .partition(|d| settled(d));
+        self.doubts = keep;
+        for d in done {
+            self.unreserve((d.channel, d.asset), d.amount);
+        }
+    }
+
+    /// The holds of sends with an unknown outcome.
+    pub(crate) fn doubts(&self) -> &[Doubt] {
+        &self.doubts
     }
 
     /// How many holds are open.
@@ -284,6 +326,20 @@ mod tests {
         assert_eq!(b.free(&cs[0]), u(100));
         assert_eq!(b.open_holds(), 0);
         assert!(matches!(b.reserve(&cs, U256::ZERO), Err(Error::ZeroAmount)));
+    }
+
+    #[test]
+    fn a_doubt_stays_reserved_until_settled() {
+        let mut b = Books::default();
+        let cs = [cand(1, 100)];
+        let (id, _) = b.reserve(&cs, u(60)).unwrap();
+        b.doubt(id, 7);
+        assert_eq!(b.release(id), None, "no longer a hold");
+        assert_eq!(b.free(&cs[0]), u(40));
+        b.settle_doubts(|d| d.base != 7);
+        assert_eq!(b.free(&cs[0]), u(40));
+        b.settle_doubts(|d| d.base == 7);
+        assert_eq!((b.free(&cs[0]), b.doubts().len()), (u(100), 0));
     }
 
     #[test]

@@ -16,7 +16,12 @@ use crate::handler::{IncomingUpdate, UpdateHandler, UpdateResponder};
 ///
 /// Two payments accepted at once on two channels with one peer may both
 /// count against the same expectation: more money to us than expected,
-/// never less.
+/// never less. On channels the layer does not book (more than two
+/// participants, an app) only the balance rule applies.
+///
+/// Built by [`Payments::new`](super::Payments::new), which installs it, or
+/// [`Payments::handler`](super::Payments::handler), for an application
+/// handler that passes payment updates on to it.
 #[derive(Debug)]
 pub struct PaymentsHandler {
     inner: Weak<Inner>,
@@ -42,12 +47,16 @@ impl PaymentsHandler {
         let Some(inner) = self.inner.upgrade() else {
             return Some("payments layer is gone");
         };
-        let Some(peer) = inner
-            .shared
-            .channel_core(&u.channel_id())
-            .and_then(|c| c.peers.get(u.actor).copied())
-        else {
+        let Some(core) = inner.shared.channel_core(&u.channel_id()) else {
             return Some("unknown channel");
+        };
+        // The layer books payments on two-party payment channels only;
+        // on others an expectation would never be used up.
+        if core.peers.len() != 2 || core.params.app != perun_channel::Address::ZERO {
+            return None;
+        }
+        let Some(peer) = core.peers.get(u.actor).copied() else {
+            return Some("unknown actor");
         };
         let books = lock(&inner.books);
         for (i, asset) in u.next.outcome.assets.iter().enumerate() {

@@ -56,9 +56,10 @@ use std::time::Duration;
 use perun_channel::{Allocation, Asset, ChannelId, Phase, U256};
 use perun_wire::{Participant, PeerId};
 use tokio::sync::{broadcast, oneshot, watch};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::core::{ChannelCore, Shared, lock};
+use crate::handler::UpdateHandler;
 use crate::{Channel, ChannelProposal, Client, Error, Result};
 pub use books::Received;
 use books::{Books, Candidate};
@@ -251,19 +252,23 @@ impl Expectation {
         let Some(rx) = self.rx.take() else {
             return Err(Error::Closed);
         };
-        match tokio::time::timeout(self.timeout, rx).await {
+        let mut rx = rx;
+        match tokio::time::timeout(self.timeout, &mut rx).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => {
-                let arrived = self
+                let forgot = self
                     .inner
                     .upgrade()
-                    .and_then(|i| lock(&i.books).forget(self.peer, &self.asset, self.id))
-                    .unwrap_or(U256::ZERO);
-                Err(Error::NotReceived {
-                    expected: self.amount,
-                    arrived,
-                })
+                    .and_then(|i| lock(&i.books).forget(self.peer, &self.asset, self.id));
+                match forgot {
+                    Some(arrived) => Err(Error::NotReceived {
+                        expected: self.amount,
+                        arrived,
+                    }),
+                    // Met between the timeout and the lock.
+                    None => rx.try_recv().map_err(|_| Error::Closed),
+                }
             }
         }
     }
@@ -291,8 +296,31 @@ pub(crate) struct Inner {
     books: Mutex<Books>,
     incoming: broadcast::Sender<IncomingPayment>,
     config: PaymentsConfig,
+    /// Our handler, and the one it replaced (put back when we go).
+    handlers: Option<(Arc<dyn UpdateHandler>, Arc<dyn UpdateHandler>)>,
+    /// One channel opening at a time (concurrent reservations that none
+    /// covers would each open one otherwise).
+    opening: tokio::sync::Mutex<()>,
     /// Dropped with the last `Payments`: stops the tracker.
     _alive: watch::Sender<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some((ours, previous)) = self.handlers.take() {
+            let mut installed = self
+                .shared
+                .update_handler
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            if std::ptr::addr_eq(Arc::as_ptr(&installed), Arc::as_ptr(&ours)) {
+                *installed = previous;
+            }
+        }
+        self.shared
+            .payments_active
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// The payments layer over one [`Client`]'s channels. Cheap to clone.
@@ -320,30 +348,55 @@ impl Payments {
     }
 
     /// The payments layer with `config`.
+    ///
+    /// One per client at a time: a second one while the first (any clone)
+    /// lives fails with [`Error::PaymentsInUse`], since two sets of books
+    /// would promise the same funds twice. Dropping the last clone puts
+    /// back the update handler it replaced.
     pub fn with_config(client: &Client, config: PaymentsConfig) -> Result<Self> {
+        use std::sync::atomic::Ordering;
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| Error::Missing("a Tokio runtime"))?;
-        let (alive, stopped) = watch::channel(());
-        let inner = Arc::new(Inner {
-            shared: client.shared.clone(),
-            books: Mutex::new(Books::default()),
-            incoming: broadcast::channel(INCOMING_BUFFER).0,
-            config,
-            _alive: alive,
-        });
-        if !inner.config.keep_update_handler {
-            let handler = Arc::new(PaymentsHandler::new(
-                Arc::downgrade(&inner),
-                inner.config.incoming,
-            ));
-            *inner
-                .shared
-                .update_handler
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = handler;
+        let shared = &client.shared;
+        if shared
+            .payments_active
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(Error::PaymentsInUse);
         }
+        let (alive, stopped) = watch::channel(());
+        let keep = config.keep_update_handler;
+        let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
+            let handlers = (!keep).then(|| {
+                let ours: Arc<dyn UpdateHandler> =
+                    Arc::new(PaymentsHandler::new(weak.clone(), config.incoming));
+                let mut installed = shared
+                    .update_handler
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                let previous = std::mem::replace(&mut *installed, ours.clone());
+                (ours, previous)
+            });
+            Inner {
+                shared: shared.clone(),
+                books: Mutex::new(Books::default()),
+                incoming: broadcast::channel(INCOMING_BUFFER).0,
+                config,
+                handlers,
+                opening: tokio::sync::Mutex::new(()),
+                _alive: alive,
+            }
+        });
         runtime.spawn(track::track(Arc::downgrade(&inner), stopped));
         Ok(Self { inner })
+    }
+
+    /// This layer's update handler, for an application that keeps its own
+    /// ([`PaymentsConfig::keep_update_handler`]) and hands payment
+    /// channels' updates on to it.
+    pub fn handler(&self) -> PaymentsHandler {
+        PaymentsHandler::new(Arc::downgrade(&self.inner), self.inner.config.incoming)
     }
 
     /// What we hold with `peer`, per asset of the channels with it. Empty
@@ -354,7 +407,8 @@ impl Payments {
 
     /// What we hold with every peer we have an open channel with.
     pub fn balances(&self) -> HashMap<PeerId, Vec<Balance>> {
-        let books = lock(&self.inner.books);
+        let mut books = lock(&self.inner.books);
+        self.settle_doubts(&mut books);
         let mut out: HashMap<PeerId, Vec<Balance>> = HashMap::new();
         for core in self.inner.shared.channel_cores() {
             let Some(peer) = usable(&core) else { continue };
@@ -395,10 +449,22 @@ impl Payments {
     /// the asset) or [`Error::InsufficientFunds`]. Concurrent reservations
     /// never hold more than a channel's balance.
     pub async fn reserve(&self, peer: PeerId, asset: &Asset, amount: U256) -> Result<Reservation> {
+        let uncovered = |e: &Error| {
+            matches!(
+                e,
+                Error::InsufficientFunds { .. }
+                    | Error::UnknownPeer(_)
+                    | Error::UnknownAsset { .. }
+            )
+        };
+        let first = self.try_reserve(peer, asset, amount);
+        if self.inner.config.open.is_none() || !first.as_ref().is_err_and(uncovered) {
+            return first;
+        }
+        let _one = self.inner.opening.lock().await;
+        // A channel another reservation opened meanwhile may cover it.
         match self.try_reserve(peer, asset, amount) {
-            Err(e @ (Error::InsufficientFunds { .. } | Error::UnknownPeer(_)))
-                if self.inner.config.open.is_some() =>
-            {
+            Err(e) if uncovered(&e) => {
                 self.open_channel(peer, asset, amount, e).await?;
                 self.try_reserve(peer, asset, amount)
             }
@@ -411,6 +477,7 @@ impl Payments {
             return Err(Error::ZeroAmount);
         }
         let mut books = lock(&self.inner.books);
+        self.settle_doubts(&mut books);
         let mut with_peer = false;
         let mut candidates = Vec::new();
         for core in self.inner.shared.channel_cores() {
@@ -495,13 +562,19 @@ impl Payments {
     /// peer on its channel; the rest is released at once. Returns once the
     /// new state is fully signed and durable here.
     ///
-    /// On any error the whole reservation is released and the channel
-    /// stays as it was: [`Error::ZeroAmount`],
-    /// [`Error::ExceedsReservation`], [`Error::ForeignReservation`] (made
-    /// by another `Payments`), [`Error::Phase`] (the channel is closing),
-    /// or what the update failed with ([`Error::Rejected`] when the peer
-    /// refuses, a timeout...). After a timeout the peer may still complete
-    /// the update on a later sync; the books then see the lower balance.
+    /// On an error the reservation ends and the channel stays as it was:
+    /// [`Error::ZeroAmount`], [`Error::ExceedsReservation`],
+    /// [`Error::ForeignReservation`] (made by another `Payments`),
+    /// [`Error::Phase`] (the channel is closing), or what the update
+    /// failed with ([`Error::Rejected`] when the peer refuses,
+    /// [`Error::Conflict`]...). Its amount is released, except when the
+    /// peer's answer was lost ([`Error::Wire`], [`Error::Timeout`],
+    /// [`Error::Protocol`]): the peer may have signed and may still
+    /// complete the update on a later sync, so the amount stays reserved
+    /// (in [`Balance::reserved`]) until the channel's state moves past the
+    /// one the payment was built on (the payment completed, or any later
+    /// update made it impossible) or our next proposal on the channel
+    /// replaces it.
     pub async fn send(&self, reservation: Reservation, amount: U256) -> Result<Sent> {
         if !Weak::ptr_eq(&reservation.owner, &Arc::downgrade(&self.inner)) {
             return Err(Error::ForeignReservation);
@@ -531,13 +604,25 @@ impl Payments {
             return Err(Error::Phase(core.phase()));
         }
         lock(&self.inner.books).shrink(reservation.id, amount);
+        let base = core.state.borrow().state.version;
         let channel = Channel::new(core, self.inner.shared.clone());
         // The hold stays until the update returned: its state is then the
         // channel's, so the balance already shows the payment.
-        let st = channel
+        let paid = channel
             .pay(to, asset, amount)
             .instrument(info_span!("payment", channel = %reservation.channel, %amount))
-            .await?;
+            .await;
+        let st = match paid {
+            Ok(st) => st,
+            Err(e) => {
+                if outcome_unknown(&e) {
+                    warn!(channel = %reservation.channel, %amount, error = %e,
+                        "payment outcome unknown; the amount stays reserved until the channel moves on");
+                    lock(&self.inner.books).doubt(reservation.id, base);
+                }
+                return Err(e);
+            }
+        };
         drop(reservation);
         Ok(Sent {
             channel: st.state.channelId,
@@ -595,7 +680,8 @@ impl Payments {
     /// [`Error::BooksOverdrawn`] naming the first channel where it is not
     /// (a payment made on the channel outside this layer can cause it).
     pub fn audit(&self) -> Result<()> {
-        let books = lock(&self.inner.books);
+        let mut books = lock(&self.inner.books);
+        self.settle_doubts(&mut books);
         for (&(channel, asset), &reserved) in books.reservations() {
             let balance = self
                 .inner
@@ -626,6 +712,41 @@ impl Payments {
     pub fn open_reservations(&self) -> usize {
         lock(&self.inner.books).open_holds()
     }
+
+    /// How many sends with an unknown outcome still hold their amount.
+    pub fn payments_in_doubt(&self) -> usize {
+        let mut books = lock(&self.inner.books);
+        self.settle_doubts(&mut books);
+        books.doubts().len()
+    }
+
+    /// Releases the doubts that are settled: the channel left the client
+    /// or is closing, its state moved past the payment's base, or no
+    /// proposal of ours on it waits for the peer's sync any more (checked
+    /// without waiting; a busy channel keeps its doubt for now).
+    fn settle_doubts(&self, books: &mut Books) {
+        if books.doubts().is_empty() {
+            return;
+        }
+        let shared = &self.inner.shared;
+        books.settle_doubts(|d| {
+            let Some(core) = shared.channel_core(&d.channel) else {
+                return true;
+            };
+            if usable(&core).is_none() || core.state.borrow().state.version > d.base {
+                return true;
+            }
+            core.locked.try_lock().is_ok_and(|l| l.pending.is_none())
+        });
+    }
+}
+
+/// Whether a failed update may still complete: the peer's answer was lost.
+fn outcome_unknown(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Wire(_) | Error::Timeout(_) | Error::Protocol { .. }
+    )
 }
 
 /// The peer of a channel the payments layer may draw on: two participants,

@@ -2,16 +2,20 @@
 //! growth of our balance into an incoming payment: booked against the
 //! expected payments, then broadcast.
 //!
-//! Each channel is compared with the last state this task saw of it, not
-//! with a stream of updates, so a burst of updates is never missed: the
-//! sum of what arrived is what our balance grew by.
+//! Every fully signed state the channel stores is published on its
+//! updates stream, a peer's commit that rode along with our next write
+//! included; each is compared with the one before it, so a payment to us
+//! followed at once by one of ours back is seen as two payments, not
+//! netted. A follower that falls more than the stream's buffer behind
+//! compares the latest state with the last one it saw (logged): the sum
+//! is still right, only such a netted pair is lost.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use perun_channel::{Address, Phase, SignedState};
-use tokio::sync::{oneshot, watch};
-use tracing::{Instrument, debug, info_span};
+use tokio::sync::{broadcast, oneshot, watch};
+use tracing::{Instrument, debug, info_span, warn};
 
 use super::{IncomingPayment, Inner};
 use crate::core::{ChannelCore, lock};
@@ -56,17 +60,24 @@ async fn follow(
     mut stopped: watch::Receiver<()>,
     mut gone: oneshot::Receiver<()>,
 ) {
-    let mut states = core.state.subscribe();
+    // Subscribed before the first read: nothing published in between is lost.
+    let mut states = core.subscribe_updates();
     let mut phases = core.phase_changes();
-    let mut last = states.borrow_and_update().clone();
+    let mut last = core.state.borrow().clone();
     loop {
-        tokio::select! {
-            r = states.changed() => if r.is_err() { return },
+        let now = tokio::select! {
+            r = states.recv() => match r {
+                Ok(st) => st,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(channel = %core.id, skipped = n, "payments follower lags; comparing with the latest state");
+                    core.state.borrow().clone()
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
             _ = phases.wait_for(|p| *p == Phase::Withdrawn) => return,
             _ = stopped.changed() => return,
             _ = &mut gone => return,
-        }
-        let now = states.borrow_and_update().clone();
+        };
         let Some(inner) = inner.upgrade() else { return };
         if now.state.version <= last.state.version || !now.is_fully_signed() {
             continue;
