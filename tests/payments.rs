@@ -314,9 +314,18 @@ async fn a_channel_is_opened_when_none_covers_the_payment_if_asked() {
 /// (seeded) on two channels; the books never hold more than a channel's
 /// balance, and at the end every reservation is released and the money
 /// moved is exactly what the sends report, on both sides.
+///
+/// Each case prints its seed; `PAYMENTS_SEED=<seed>` replays one.
 #[test]
 fn concurrent_reservations_never_overspend() {
     use proptest::prelude::*;
+    if let Some(seed) = std::env::var("PAYMENTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        return rt.block_on(run_concurrently(seed, 8));
+    }
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 4,
         failure_persistence: None,
@@ -336,6 +345,7 @@ fn concurrent_reservations_never_overspend() {
 }
 
 async fn run_concurrently(seed: u64, tasks: usize) {
+    eprintln!("seed {seed}, {tasks} tasks (PAYMENTS_SEED={seed} replays it)");
     let ledger = Ledger::sim().await;
     let (a, mut b) = two(&ledger, 10_000).await;
     let c1 = channel2(&ledger, &a, &mut b, 300, 300).await;
@@ -406,7 +416,9 @@ async fn run_concurrently(seed: u64, tasks: usize) {
         "seed {seed}: {tasks} tasks sent {} and {}",
         sent[0], sent[1]
     );
-    assert!(!sent[0].is_zero() && !sent[1].is_zero(), "both sides paid");
+    // (On a loaded machine the higher index may lose every conflict.)
+    assert!(!(sent[0] + sent[1]).is_zero(), "payments were made");
+    assert_eq!((pa.payments_in_doubt(), pb.payments_in_doubt()), (0, 0));
     // Both sides hold the same newest state of each channel.
     let st = common::caught_up(&c1).await;
     let st2 = common::caught_up(&c2).await;

@@ -32,6 +32,9 @@ pub(crate) struct Hold {
     pub(crate) channel: ChannelId,
     pub(crate) asset: usize,
     pub(crate) amount: U256,
+    /// Its payment is under way: the channel's balance may already show
+    /// it while the hold still counts (until the update returned).
+    pub(crate) sending: bool,
 }
 
 /// The hold of a `send` whose outcome is unknown (the peer's answer was
@@ -118,6 +121,7 @@ impl Books {
             channel: c.id,
             asset: c.asset,
             amount,
+            sending: false,
         };
         // Cannot overflow: reserved + amount ≤ balance.
         *self.reserved.entry((c.id, c.asset)).or_default() += amount;
@@ -131,11 +135,13 @@ impl Books {
         self.holds.get(&id)
     }
 
-    /// Lowers hold `id` to `to` (releasing the rest).
-    pub(crate) fn shrink(&mut self, id: u64, to: U256) {
+    /// Lowers hold `id` to `to` (releasing the rest) and marks its
+    /// payment under way.
+    pub(crate) fn sending(&mut self, id: u64, to: U256) {
         let Some(h) = self.holds.get_mut(&id) else {
             return;
         };
+        h.sending = true;
         let less = h.amount.saturating_sub(to);
         h.amount -= less;
         let key = (h.channel, h.asset);
@@ -191,9 +197,17 @@ impl Books {
         self.holds.len()
     }
 
-    /// Every (channel, asset index) with something reserved, and how much.
-    pub(crate) fn reservations(&self) -> impl Iterator<Item = (&(ChannelId, usize), &U256)> {
-        self.reserved.iter()
+    /// What is promised per (channel, asset index): the holds whose
+    /// payment is not under way. Every channel's balance covers this at
+    /// all times; a hold being sent or in doubt may or may not be out of
+    /// the balance already, so it is not counted.
+    pub(crate) fn promised(&self) -> HashMap<(ChannelId, usize), U256> {
+        let mut out: HashMap<_, U256> = HashMap::new();
+        for h in self.holds.values().filter(|h| !h.sending) {
+            let sum = out.entry((h.channel, h.asset)).or_default();
+            *sum = sum.saturating_add(h.amount);
+        }
+        out
     }
 
     /// Expects `amount` of `asset` from `peer`; the receiver fires once it
@@ -318,7 +332,7 @@ mod tests {
         let mut b = Books::default();
         let cs = [cand(1, 100)];
         let (id, _) = b.reserve(&cs, u(80)).unwrap();
-        b.shrink(id, u(30));
+        b.sending(id, u(30));
         assert_eq!(b.reserved(cs[0].id, 0), u(30));
         assert_eq!(b.free(&cs[0]), u(70));
         assert_eq!(b.release(id).unwrap().amount, u(30));
@@ -391,9 +405,13 @@ mod tests {
                         let id = open.swap_remove(pick % open.len());
                         let h = b.hold(id).unwrap().clone();
                         let part = u(amount).min(h.amount);
-                        b.shrink(id, part);
+                        b.sending(id, part);
                         let c = cs.iter_mut().find(|c| c.id == h.channel).unwrap();
                         c.balance -= part;
+                        // The window where the balance shows the payment
+                        // and the hold still counts: promises stay covered.
+                        let promised = b.promised().get(&(c.id, 0)).copied().unwrap_or_default();
+                        proptest::prop_assert!(promised <= c.balance);
                         b.release(id).unwrap();
                     }
                     3 if !open.is_empty() => {

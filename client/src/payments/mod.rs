@@ -603,7 +603,7 @@ impl Payments {
         if usable(&core).is_none() {
             return Err(Error::Phase(core.phase()));
         }
-        lock(&self.inner.books).shrink(reservation.id, amount);
+        lock(&self.inner.books).sending(reservation.id, amount);
         let base = core.state.borrow().state.version;
         let channel = Channel::new(core, self.inner.shared.clone());
         // The hold stays until the update returned: its state is then the
@@ -676,13 +676,15 @@ impl Payments {
     }
 
     /// Checks the books against the channels: on every channel, for every
-    /// asset, what is reserved is at most our balance. Fails with
+    /// asset, what open reservations promise (those not being sent: a
+    /// payment under way may already be out of the balance) is at most our
+    /// balance. Fails with
     /// [`Error::BooksOverdrawn`] naming the first channel where it is not
     /// (a payment made on the channel outside this layer can cause it).
     pub fn audit(&self) -> Result<()> {
         let mut books = lock(&self.inner.books);
         self.settle_doubts(&mut books);
-        for (&(channel, asset), &reserved) in books.reservations() {
+        for ((channel, asset), reserved) in books.promised() {
             let balance = self
                 .inner
                 .shared
