@@ -638,7 +638,9 @@ impl Payments {
 
     /// Expects `amount` of `asset` from `peer`, counted from now; `.await`
     /// the [`Expectation`]. Expectations from one peer in one asset are met
-    /// in the order they were made. Fails with [`Error::ZeroAmount`], or
+    /// in the order they were made. Any peer and asset may be expected (a
+    /// buyer may open its channel after the order); one that never pays
+    /// times out. Fails with [`Error::ZeroAmount`], or
     /// [`Error::AmountOverflow`] if what is expected from the peer in the
     /// asset would pass 2^256 − 1.
     ///
