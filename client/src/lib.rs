@@ -8,7 +8,9 @@
 //!   [`channel`] ([`Channel`]), with [`handler`] (the application's
 //!   [`ProposalHandler`] / [`UpdateHandler`] and ready-made ones),
 //!   [`tower`] ([`TowerConfig`], [`AppointmentPolicy`], [`TowerStatus`]:
-//!   appointments with watchtowers, sent by a background task per channel).
+//!   appointments with watchtowers, sent by a background task per channel),
+//!   [`recover`] ([`ChainIndex`]: this account's channels and credits
+//!   rebuilt from the chain's logs, and `recover_funds`).
 //! - **Protocols:** [`open`] (the multi-party proposal protocol), `update`
 //!   (the proposer signs last, so a lost conflict never costs a signature),
 //!   `sync` (after a restore, and with every peer that may disagree with us:
@@ -49,6 +51,7 @@ pub mod event;
 mod failpoint;
 pub mod handler;
 pub mod open;
+pub mod recover;
 mod restore;
 mod settle;
 mod sync;
@@ -69,4 +72,7 @@ pub use handler::{
 pub use open::ChannelProposal;
 pub use perun_adjudicator::AdjudicatorEvent;
 pub use perun_wire::Participant;
+pub use recover::{
+    ChainAmount, ChainChannel, ChainIndex, ChainView, Credit, IndexConfig, Recovered, ScanReport,
+};
 pub use tower::{AppointmentPolicy, TowerConfig, TowerStatus};
