@@ -215,3 +215,103 @@ fn history_log(cfg: &EthConfig, l: &Log, from: u64, to: u64, tip: B256) -> Resul
         fact,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use alloy::primitives::{Bytes, LogData};
+
+    use super::*;
+    use crate::AssetKind;
+
+    const ADJ: Address = Address::repeat_byte(0xad);
+    const HOLDER: Address = Address::repeat_byte(0xee);
+
+    fn cfg() -> EthConfig {
+        EthConfig::new(ADJ, 0, [(HOLDER, AssetKind::Eth)])
+    }
+
+    fn log(address: Address, data: LogData, block: u64, hash: B256) -> Log {
+        Log {
+            inner: alloy::primitives::Log { address, data },
+            block_hash: Some(hash),
+            block_number: Some(block),
+            block_timestamp: None,
+            transaction_hash: None,
+            transaction_index: None,
+            log_index: Some(3),
+            removed: false,
+        }
+    }
+
+    fn deposited() -> LogData {
+        Holder::Deposited {
+            channelId: B256::repeat_byte(1),
+            participant: Address::repeat_byte(2),
+            amount: U256::from(5),
+        }
+        .encode_log_data()
+    }
+
+    fn reason(r: Result<ChainLog>) -> BadEventReason {
+        match r {
+            Err(Error::BadEvent { reason, .. }) => reason,
+            other => panic!("expected a bad event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn logs_are_decoded_and_bad_ones_refused_with_a_reason() {
+        let tip = B256::repeat_byte(9);
+        let ok = history_log(&cfg(), &log(HOLDER, deposited(), 10, tip), 1, 10, tip).unwrap();
+        assert_eq!((ok.block, ok.log_index), (10, 3));
+        assert_eq!(ok.channel, B256::repeat_byte(1));
+        assert_eq!(ok.fact.participant(), Some(Address::repeat_byte(2)));
+
+        // Outside the range, of another chain at its last block, or removed.
+        let out = log(HOLDER, deposited(), 11, tip);
+        assert!(matches!(
+            reason(history_log(&cfg(), &out, 1, 10, tip)),
+            BadEventReason::NotInRange {
+                block: Some(11),
+                ..
+            }
+        ));
+        let forked = log(HOLDER, deposited(), 10, B256::repeat_byte(8));
+        assert!(matches!(
+            reason(history_log(&cfg(), &forked, 1, 10, tip)),
+            BadEventReason::NotInRange { .. }
+        ));
+        let mut removed = log(HOLDER, deposited(), 5, tip);
+        removed.removed = true;
+        assert!(matches!(
+            reason(history_log(&cfg(), &removed, 1, 10, tip)),
+            BadEventReason::NotInRange { .. }
+        ));
+        // Data that does not decode as the event, and a contract not ours.
+        let topics = deposited().topics().to_vec();
+        let garbage = LogData::new_unchecked(topics, Bytes::from_static(&[1, 2, 3]));
+        assert!(matches!(
+            reason(history_log(
+                &cfg(),
+                &log(HOLDER, garbage, 5, tip),
+                1,
+                10,
+                tip
+            )),
+            BadEventReason::Decode(_)
+        ));
+        let stranger = log(Address::repeat_byte(0x99), deposited(), 5, tip);
+        assert!(matches!(
+            reason(history_log(&cfg(), &stranger, 1, 10, tip)),
+            BadEventReason::Unexpected
+        ));
+        // A holder event at the adjudicator's address is not one of its events.
+        let misplaced = log(ADJ, deposited(), 5, tip);
+        assert!(matches!(
+            reason(history_log(&cfg(), &misplaced, 1, 10, tip)),
+            BadEventReason::Unexpected
+        ));
+    }
+}
