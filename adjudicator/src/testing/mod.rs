@@ -145,6 +145,10 @@ impl Anvil {
         let mut child = Command::new(path)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--chain-id", &CHAIN_ID.to_string(), "--accounts", "1"])
+            // Old block states are not written to ~/.foundry/anvil/tmp:
+            // 100,000 mined blocks (the chain-index benchmark) would fill
+            // the disk with them. Recent states stay in memory (reorgs).
+            .args(["--max-persisted-states", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
