@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use perun_channel::{ChannelId, Phase, SignedState};
 
-use crate::{Change, ChannelRecord, Error, Result};
+use crate::{Change, ChannelRecord, Result};
 
 /// The longest key [`Persister::meta_put`] takes, in bytes.
 pub const MAX_META_KEY_LEN: usize = 256;
@@ -120,29 +120,29 @@ pub trait Persister: Send + Sync {
     /// that cannot trust the disk checksums its own encoding.
     ///
     /// The default (a store without a slot) fails with
-    /// [`Error::MetaUnsupported`].
+    /// [`Error::MetaUnsupported`](crate::Error::MetaUnsupported).
     async fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let _ = key;
-        Err(Error::MetaUnsupported)
+        Err(crate::Error::MetaUnsupported)
     }
 
     /// Replaces the value under `key` with the durability contract of every
     /// write: atomic (the old value or the new one after a crash, never a
     /// mix) and durable once `Ok`; idempotent. A key longer than
     /// [`MAX_META_KEY_LEN`] or a value longer than [`MAX_META_VALUE_LEN`]
-    /// is refused with [`Error::MetaTooLarge`] and changes nothing.
+    /// is refused with [`Error::MetaTooLarge`](crate::Error::MetaTooLarge) and changes nothing.
     ///
     /// The default (a store without a slot) fails with
-    /// [`Error::MetaUnsupported`].
+    /// [`Error::MetaUnsupported`](crate::Error::MetaUnsupported).
     async fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
         let _ = (key, value);
-        Err(Error::MetaUnsupported)
+        Err(crate::Error::MetaUnsupported)
     }
 }
 
 /// Refuses a key or value over the metadata limits (both stores apply it).
 pub(crate) fn check_meta(key: &str, value: &[u8]) -> Result<()> {
-    let too_large = |len, max| Error::MetaTooLarge {
+    let too_large = |len, max| crate::Error::MetaTooLarge {
         key: key.chars().take(64).collect(),
         len,
         max,
