@@ -403,6 +403,17 @@ pub enum BadEventReason {
     /// Not an event this backend knows.
     #[error("unexpected event")]
     Unexpected,
+    /// Not a log of the block range that was asked for, of the chain that
+    /// was checked, or marked removed (a node's answer cannot place it).
+    #[error("not a log of blocks {from}..={to} of the checked chain (block {block:?})")]
+    NotInRange {
+        /// The first block asked for.
+        from: u64,
+        /// The last block asked for.
+        to: u64,
+        /// The block the log claims, if any.
+        block: Option<u64>,
+    },
 }
 
 impl Error {

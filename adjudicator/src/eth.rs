@@ -94,6 +94,7 @@ mod conn;
 pub(crate) mod feed;
 mod fees;
 mod funder;
+mod history;
 mod revert;
 mod scan;
 pub(crate) mod txqueue;

@@ -21,6 +21,10 @@
 //!   adjudicator (for a watchtower); `eth/revert.rs`, revert data decoded
 //!   into [`Error`]s.
 //! - [`feed`]: [`RegistrationFeed`] and [`FeedItem`], backend-neutral.
+//! - [`history`]: [`ChainHistory`], a deployment's channel logs by block
+//!   range and the holders' credits (reached through
+//!   [`Adjudicator::history`]; `eth/history.rs` and [`SimLedger`]), for the
+//!   client's chain index.
 //! - [`sim`]: [`SimLedger`], the in-memory ledger with a controllable clock.
 //! - `testing` (feature `testing`): the anvil harness for tests and benchmarks
 //!   (clock, snapshot/revert and `anvil_reorg`, a background block miner,
@@ -80,6 +84,7 @@ pub mod bindings;
 pub mod error;
 pub mod eth;
 pub mod feed;
+pub mod history;
 pub mod sim;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -90,6 +95,7 @@ pub use bindings::{Deployment, deploy};
 pub use error::{BadEventReason, Error, ProxyError, Result, RevertReason, RpcFailure};
 pub use eth::{AssetKind, EthAdjudicator, EthConfig, EthFunder, ws_provider};
 pub use feed::{FeedItem, RegistrationFeed};
+pub use history::{ChainFact, ChainHistory, ChainLog, LogPage};
 pub use perun_channel::Domain;
 pub use sim::SimLedger;
 pub use traits::{Adjudicator, Funder};

@@ -11,6 +11,7 @@ use perun_channel::{Asset, ChannelId, Domain, Params, State};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::history::{ChainFact, ChainHistory, ChainLog, LogPage};
 use crate::types::{EventSender, WithdrawalAuth, event_channel, withdrawal_hash};
 use crate::{
     Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, FeedItem, Funder, FundingRequest,
@@ -51,11 +52,55 @@ struct Inner {
     disputes_log: Vec<(u64, AdjudicatorEvent)>,
     /// Wakes registration feeds on a new event.
     feeds: Arc<Notify>,
+    /// Every channel log, as the contracts would emit them: log `i` is in
+    /// "block" `i + 1`, for [`ChainHistory`].
+    chain_log: Vec<ChainLog>,
 }
 
 impl Inner {
+    /// Appends a channel log in a block of its own.
+    fn log(&mut self, channel: ChannelId, fact: ChainFact) {
+        let block = self.chain_log.len() as u64 + 1;
+        self.chain_log.push(ChainLog {
+            block,
+            log_index: 0,
+            channel,
+            fact,
+        });
+    }
+
     fn emit(&mut self, id: ChannelId, event: AdjudicatorEvent) {
         debug!(?event, "sim event");
+        match &event {
+            AdjudicatorEvent::Registered {
+                version, timeout, ..
+            } => self.log(
+                id,
+                ChainFact::Registered {
+                    version: *version,
+                    timeout: *timeout,
+                },
+            ),
+            AdjudicatorEvent::Concluded { version, .. } => {
+                self.log(id, ChainFact::Concluded { version: *version });
+            }
+            AdjudicatorEvent::Withdrawn {
+                holder,
+                participant,
+                receiver,
+                amount,
+                ..
+            } => self.log(
+                id,
+                ChainFact::Withdrawn {
+                    holder: *holder,
+                    participant: *participant,
+                    receiver: *receiver,
+                    amount: *amount,
+                },
+            ),
+            AdjudicatorEvent::CaughtUp { .. } => {}
+        }
         self.height += 1;
         if matches!(
             event,
@@ -197,10 +242,24 @@ impl Inner {
                     // Credits add (the slot was emptied when it was settled).
                     let credit = self.held(holder, fid).0.saturating_add(amount);
                     self.holdings.insert((holder, fid), (credit, true));
+                    if !amount.is_zero() {
+                        let fact = ChainFact::Credited {
+                            holder,
+                            participant: *p,
+                            amount,
+                        };
+                        self.log(id, fact);
+                    }
                 } else {
                     self.holdings.insert((holder, fid), (U256::ZERO, true));
                     let w = self.wallets.entry((holder, *p)).or_default();
                     *w = w.saturating_add(amount);
+                    let fact = ChainFact::Paid {
+                        holder,
+                        participant: *p,
+                        amount,
+                    };
+                    self.log(id, fact);
                 }
             }
         }
@@ -304,6 +363,34 @@ impl SimLedger {
         let mut inner = self.lock();
         inner.holder(holder)?;
         inner.deposit(holder, from, fid, expected_held, amount)?;
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// [`deposit`](Self::deposit) for the participant's slot in `channel`,
+    /// which also leaves a `Deposited` log in the ledger's
+    /// [`ChainHistory`] (a deposit by funding id alone cannot name the
+    /// channel). After the channel is concluded the deposit is withdrawable.
+    pub fn deposit_to(
+        &self,
+        holder: Address,
+        from: Address,
+        channel: ChannelId,
+        participant: Address,
+        expected_held: U256,
+        amount: U256,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        inner.holder(holder)?;
+        let fid = funding_id(channel, participant);
+        inner.deposit(holder, from, fid, expected_held, amount)?;
+        let fact = ChainFact::Deposited {
+            holder,
+            participant,
+            amount,
+        };
+        inner.log(channel, fact);
         drop(inner);
         self.changed.notify_waiters();
         Ok(())
@@ -490,6 +577,12 @@ impl SimLedger {
             for (holder, held, amount) in deposits {
                 if !amount.is_zero() {
                     inner.deposit(holder, me, fid, held, amount)?;
+                    let fact = ChainFact::Deposited {
+                        holder,
+                        participant: me,
+                        amount,
+                    };
+                    inner.log(req.state.channelId, fact);
                 }
             }
         }
@@ -678,5 +771,71 @@ impl Adjudicator for SimLedger {
 
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
         Ok(self.lock().disputes.get(&id).map(|(d, _)| *d))
+    }
+
+    fn history(&self) -> Option<&dyn ChainHistory> {
+        Some(self)
+    }
+}
+
+/// Heights stand for blocks: log `i` is block `i + 1`, every block is
+/// confirmed, and there are no reorgs.
+#[async_trait]
+impl ChainHistory for SimLedger {
+    fn first_block(&self) -> u64 {
+        1
+    }
+
+    async fn confirmed_block(&self) -> Result<u64> {
+        Ok(self.lock().chain_log.len() as u64)
+    }
+
+    async fn logs(&self, from: u64, to: u64) -> Result<LogPage> {
+        let inner = self.lock();
+        let logs = inner
+            .chain_log
+            .iter()
+            .filter(|l| (from..=to).contains(&l.block))
+            .cloned()
+            .collect();
+        Ok(LogPage {
+            logs,
+            rejected: Vec::new(),
+        })
+    }
+
+    async fn credit(
+        &self,
+        holder: Address,
+        channel: ChannelId,
+        participant: Address,
+    ) -> Result<(U256, bool)> {
+        let inner = self.lock();
+        inner.holder(holder)?;
+        Ok(inner.held(holder, funding_id(channel, participant)))
+    }
+
+    async fn withdraw_credit(
+        &self,
+        holder: Address,
+        channel: ChannelId,
+        account: Arc<dyn perun_wallet::Account>,
+    ) -> Result<U256> {
+        let me = account.address();
+        let mut inner = self.lock();
+        inner.holder(holder)?;
+        let (credit, settled) = inner.held(holder, funding_id(channel, me));
+        if !settled {
+            return Err(Error::NotConcluded);
+        }
+        let auth = WithdrawalAuth {
+            channelId: channel,
+            participant: me,
+            receiver: me,
+            amount: credit,
+            nonce: U256::ZERO,
+        };
+        withdraw_credit(&mut inner, holder, &auth)?;
+        Ok(credit)
     }
 }

@@ -26,6 +26,7 @@
 use async_trait::async_trait;
 use perun_channel::{Asset, ChannelId, Domain};
 
+use crate::history::ChainHistory;
 use crate::{Dispute, EventStream, FundingRequest, Result, SignedChannel, WithdrawRequest};
 
 /// Locks a participant's share of a channel on-chain.
@@ -65,4 +66,11 @@ pub trait Adjudicator: Send + Sync {
     /// backend's confirmation depth (a registration a shallower reorg can drop
     /// is not reported).
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>>;
+    /// The deployment's logs by block range and the holders' credits, for
+    /// rebuilding the list of an account's channels and what the chain owes
+    /// it (the client's chain index); `None` (the default) if this backend
+    /// cannot read them. See [`ChainHistory`] for its contract.
+    fn history(&self) -> Option<&dyn ChainHistory> {
+        None
+    }
 }

@@ -864,6 +864,77 @@ async fn a_foreign_holder_is_skipped(env: Env) {
     );
 }
 
+/// Both backends' `ChainHistory` tell the same story of a channel: the
+/// deposits, the outcome's payout and credit (a receiver that refuses), the
+/// conclusion, in chain order; the credit reads as the holdings, and
+/// withdrawing a credit that is not there pays nothing.
+async fn history_tells_the_same_story(env: Env) {
+    use perun_adjudicator::ChainFact;
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (params, state0) = env.channel(CHALLENGE, &[40, 60]);
+    fund_all(&env, &params, &state0).await;
+    env.ctl.set_rejecting(b).await;
+    let mut fin = state0.next();
+    fin.isFinal = true;
+    env.adj[0]
+        .conclude(&signed(&params, env.sign_all(&params, &fin)))
+        .await
+        .unwrap();
+    let history = env.adj[0].history().expect("both backends keep history");
+    let to = history.confirmed_block().await.unwrap();
+    let page = history.logs(history.first_block(), to).await.unwrap();
+    assert!(
+        page.rejected.is_empty(),
+        "{}: {:?}",
+        env.name,
+        page.rejected
+    );
+    let id = fin.channelId;
+    let holder = env.asset.holder;
+    let facts: Vec<ChainFact> = page
+        .logs
+        .iter()
+        .filter(|l| l.channel == id)
+        .map(|l| l.fact.clone())
+        .collect();
+    let deposit = |participant, amount: u64| ChainFact::Deposited {
+        holder,
+        participant,
+        amount: U256::from(amount),
+    };
+    assert_eq!(facts.len(), 5, "{}: {facts:?}", env.name);
+    assert!(facts[..2].contains(&deposit(a, 40)) && facts[..2].contains(&deposit(b, 60)));
+    assert_eq!(
+        facts[2..],
+        [
+            ChainFact::Paid {
+                holder,
+                participant: a,
+                amount: U256::from(40)
+            },
+            ChainFact::Credited {
+                holder,
+                participant: b,
+                amount: U256::from(60)
+            },
+            ChainFact::Concluded { version: 1 },
+        ],
+        "{}",
+        env.name
+    );
+    let positions: Vec<_> = page.logs.iter().map(|l| (l.block, l.log_index)).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "chain order");
+    assert_eq!(
+        history.credit(holder, id, b).await.unwrap(),
+        (U256::from(60), true)
+    );
+    let none = history
+        .withdraw_credit(holder, id, env.parties[0].clone())
+        .await
+        .unwrap();
+    assert_eq!(none, U256::ZERO, "{}", env.name);
+}
+
 macro_rules! conformance {
     ($($name:ident: $n:expr),* $(,)?) => {
         mod sim_eth { use super::*; $(#[tokio::test] async fn $name() { super::$name(Env::sim(Kind::Eth, $n).await).await })* }
@@ -887,4 +958,5 @@ conformance!(
     withdrawal_auth_is_single_use_and_credits_add: 2,
     another_domain_is_refused: 2,
     a_foreign_holder_is_skipped: 2,
+    history_tells_the_same_story: 2,
 );

@@ -360,6 +360,35 @@ impl Client {
             .map_err(|_| Error::Timeout("watchers to read the chain"))?
     }
 
+    /// This account's chain index on the adjudicator's deployment, kept in
+    /// the client's store (see [`recover`](crate::recover)); for a
+    /// non-default [`IndexConfig`](crate::IndexConfig) use
+    /// [`ChainIndex::new`](crate::ChainIndex::new). Fails with
+    /// [`Error::NoChainHistory`] if the backend cannot read history.
+    pub fn chain_index_handle(&self) -> Result<crate::ChainIndex> {
+        let s = &self.shared;
+        crate::ChainIndex::new(
+            s.adjudicator.clone(),
+            s.persister.clone(),
+            s.account.clone(),
+            crate::IndexConfig::default(),
+        )
+    }
+
+    /// Scans the chain from where the last scan ended and answers: every
+    /// channel this account took part in that appeared on-chain, and every
+    /// credit it can withdraw now.
+    pub async fn chain_index(&self) -> Result<crate::ChainView> {
+        self.chain_index_handle()?.scan().await
+    }
+
+    /// Withdraws every credit the chain index finds, to this account: what
+    /// the chain owes it, also after the local store was lost. A second
+    /// call withdraws nothing.
+    pub async fn recover_funds(&self) -> Result<crate::Recovered> {
+        self.chain_index_handle()?.recover_funds().await
+    }
+
     /// Stops the network endpoint. Channels stay in the persister.
     ///
     /// With watchtowers, each channel first sends its latest state to the

@@ -218,6 +218,21 @@ pub enum Error {
         /// Our balance in it.
         balance: perun_channel::U256,
     },
+    /// The adjudicator backend cannot read the chain's history
+    /// ([`Adjudicator::history`](perun_adjudicator::Adjudicator::history) is
+    /// `None`): no chain index, no `recover_funds`.
+    #[error("the chain backend cannot read the chain's history")]
+    NoChainHistory,
+    /// A log the chain index refused (it is skipped, never counted).
+    #[error("untrusted log at block {block} index {log_index}: {reason}")]
+    UntrustedLog {
+        /// The block it claims.
+        block: u64,
+        /// Its index in the block.
+        log_index: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 impl Error {

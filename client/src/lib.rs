@@ -10,7 +10,9 @@
 //!   [`tower`] ([`TowerConfig`], [`AppointmentPolicy`], [`TowerStatus`]:
 //!   appointments with watchtowers, sent by a background task per channel),
 //!   [`payments`] ([`Payments`]: reserve, send and expect payments over the
-//!   channels with a peer; built from a `Client`).
+//!   channels with a peer; built from a `Client`),
+//!   [`recover`] ([`ChainIndex`]: this account's channels and credits
+//!   rebuilt from the chain's logs, and `recover_funds`).
 //! - **Protocols:** [`open`] (the multi-party proposal protocol), `update`
 //!   (the proposer signs last, so a lost conflict never costs a signature),
 //!   `sync` (after a restore, and with every peer that may disagree with us:
@@ -52,6 +54,7 @@ mod failpoint;
 pub mod handler;
 pub mod open;
 pub mod payments;
+pub mod recover;
 mod restore;
 mod settle;
 mod sync;
@@ -73,4 +76,7 @@ pub use open::ChannelProposal;
 pub use payments::Payments;
 pub use perun_adjudicator::AdjudicatorEvent;
 pub use perun_wire::Participant;
+pub use recover::{
+    ChainAmount, ChainChannel, ChainIndex, ChainView, Credit, IndexConfig, Recovered, ScanReport,
+};
 pub use tower::{AppointmentPolicy, TowerConfig, TowerStatus};

@@ -6,7 +6,8 @@
 //! `target/bench/summary.json`), or directly:
 //! `cargo run --release --example bench -- [--quick] [--out PATH]`.
 //! `--quick` uses small counts so the whole harness runs in seconds;
-//! `--only floor|durable|memory|restore|payments|...` runs one part (for a profiler).
+//! `--only floor|durable|memory|restore|tower|tower_watch|chain_index` runs
+//! one part (for a profiler).
 //!
 //! # The figures
 //! - `updates_per_s_durable` / `updates_per_s_memory`: one two-party channel,
@@ -31,6 +32,14 @@
 //!   durable channel, batches of `Payments::reserve` + `send` alternating
 //!   with batches of raw `pay` (see [`payments`]).
 //!
+//! - `chain_index_scan_100k_blocks_ms`: the client's chain index (issue 15)
+//!   scans 100,000 blocks holding 1,000 channels' deposits of its account
+//!   (and 200 of another) from the deployment block, on a fresh anvil, its
+//!   cursor and findings in redb; `chain_index_rescan_blocks_read` /
+//!   `chain_index_rescan_ms`: after 1,000 more blocks (10 new deposits) it
+//!   scans again from the stored cursor, reading the new blocks and the last
+//!   64 only (`chain_index_rescan_new_blocks` + 64; the part fails otherwise).
+//!
 //! # The floor
 //! What one durable update cannot avoid, measured in this process on the
 //! same disk directory (see [`floor`]): the responder signs and the proposer
@@ -41,6 +50,7 @@
 //! message over `perun_wire`). `floor_ratio` = durable p50 / floor: how much
 //! the SDK adds on top of physics.
 
+mod chain_index;
 mod floor;
 mod payments;
 mod report;
@@ -83,6 +93,12 @@ pub(crate) struct Counts {
     pub(crate) tower_dispute_blocks: usize,
     /// Pairs of 100-payment batches (raw `pay`, `Payments`) measured.
     pub(crate) payment_batches: usize,
+    /// Channels of the account whose events the chain index scans.
+    pub(crate) index_channels: u64,
+    /// Deposits of other accounts among them.
+    pub(crate) index_others: u64,
+    /// Blocks the events are spread over.
+    pub(crate) index_blocks: u64,
 }
 
 impl Counts {
@@ -100,6 +116,9 @@ impl Counts {
             tower_stored: 100_000,
             tower_dispute_blocks: 500,
             payment_batches: 10,
+            index_channels: 1_000,
+            index_others: 200,
+            index_blocks: 100_000,
         }
     }
 
@@ -117,6 +136,9 @@ impl Counts {
             tower_stored: 5_000,
             tower_dispute_blocks: 50,
             payment_batches: 2,
+            index_channels: 50,
+            index_others: 10,
+            index_blocks: 5_000,
         }
     }
 }

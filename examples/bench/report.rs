@@ -118,6 +118,20 @@ pub(crate) async fn run_all(opts: &Options) -> Res<()> {
         )
         .await;
     record_tower_watch(&mut s, watch.as_ref(), c.tower_stored);
+    let index = s
+        .part(
+            "chain_index",
+            // Anvil mines ~100 empty blocks/s once its chain is long: most of it is setup.
+            Duration::from_secs(3_000),
+            crate::chain_index::measure(
+                &opts.work,
+                c.index_channels,
+                c.index_others,
+                c.index_blocks,
+            ),
+        )
+        .await;
+    record_chain_index(&mut s, index.as_ref(), c.index_blocks);
 
     let payments = s
         .part(
@@ -166,6 +180,22 @@ pub(crate) async fn run_all(opts: &Options) -> Res<()> {
     }
     drop(chain);
     Ok(())
+}
+
+/// The chain index's figures (the scan's key names its block count).
+fn record_chain_index(s: &mut Summary, index: Option<&Value>, blocks: u64) {
+    let get = |k: &str| index.and_then(|v| v.get(k)).cloned();
+    let key = if blocks == 100_000 {
+        "chain_index_scan_100k_blocks_ms".to_string()
+    } else {
+        format!("chain_index_scan_{blocks}_blocks_ms")
+    };
+    s.set(&key, get("scan_ms"));
+    s.set("chain_index_channels", get("channels"));
+    s.set("chain_index_scan_queries", get("queries"));
+    s.set("chain_index_rescan_ms", get("rescan_ms"));
+    s.set("chain_index_rescan_blocks_read", get("rescan_blocks_read"));
+    s.set("chain_index_rescan_new_blocks", get("rescan_new_blocks"));
 }
 
 /// The tower's figures with an empty store and with `stored` appointments.
@@ -355,6 +385,9 @@ fn counts_json(opts: &Options) -> Value {
         "tower_stored": c.tower_stored,
         "tower_dispute_blocks": c.tower_dispute_blocks,
         "payment_batches": c.payment_batches,
+        "index_channels": c.index_channels,
+        "index_other_deposits": c.index_others,
+        "index_blocks": c.index_blocks,
         "persister": format!(
             "RedbPersister default options (two_phase_commit: {})",
             perun::persistence::RedbOptions::default().two_phase_commit
@@ -442,6 +475,11 @@ const ROWS: &[&str] = &[
     "payments_per_s",
     "payments_raw_pay_per_s",
     "payments_ratio",
+    "chain_index_scan_100k_blocks_ms",
+    "chain_index_rescan_ms",
+    "chain_index_rescan_blocks_read",
+    "chain_index_rescan_new_blocks",
+    "chain_index_channels",
     "floor_sign_ms",
     "floor_verify_ms",
     "floor_fsync_ms",

@@ -37,6 +37,22 @@ pub enum Error {
         /// The version both states carry.
         version: u64,
     },
+    /// A metadata key or value ([`Persister::meta_put`](crate::Persister::meta_put))
+    /// longer than the store takes.
+    #[error("metadata {key:?}: {len} bytes, at most {max}")]
+    MetaTooLarge {
+        /// The key (cut to its first 64 bytes).
+        key: String,
+        /// The length offered.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The store has no metadata slot (a [`Persister`](crate::Persister)
+    /// that does not implement [`meta_get`](crate::Persister::meta_get) and
+    /// [`meta_put`](crate::Persister::meta_put)).
+    #[error("this store keeps no metadata")]
+    MetaUnsupported,
     /// The caller passed a record or state that breaks a channel rule.
     #[error("channel {id}: invalid input: {source}")]
     InvalidInput {
@@ -132,6 +148,8 @@ impl Error {
                 | Error::InvalidInput { .. }
                 | Error::LimitExceeded { .. }
                 | Error::BurntTooFar { .. }
+                | Error::MetaTooLarge { .. }
+                | Error::MetaUnsupported
         )
     }
 
@@ -153,6 +171,8 @@ impl Error {
             | Error::Io(_)
             | Error::Storage(_)
             | Error::Engine(_)
+            | Error::MetaTooLarge { .. }
+            | Error::MetaUnsupported
             | Error::Closed => None,
         }
     }

@@ -18,6 +18,9 @@
 //!   write instead of a durable redb commit; replayed on open.
 //! - [`tower`]: [`TowerRecord`], the client's watchtower receipts and
 //!   appointment counter, kept in a channel's metadata.
+//! - [`chain_index`]: [`ChainIndexRecord`], the client's chain index (its
+//!   cursor and findings), kept in the store's metadata slot
+//!   ([`Persister::meta_get`] / [`Persister::meta_put`]).
 //! - [`codec`]: the versioned, checksummed encoding of records on disk.
 //! - [`error`]: the crate's one error enum.
 //!
@@ -68,6 +71,7 @@
 //! # }).unwrap();
 //! ```
 
+pub mod chain_index;
 pub mod codec;
 pub mod error;
 pub mod memory;
@@ -77,9 +81,10 @@ pub mod redb_store;
 pub mod tower;
 mod wal;
 
+pub use chain_index::{ChainIndexRecord, FactKind, IndexedFact};
 pub use error::{Error, RecordDefect, Result};
 pub use memory::MemoryPersister;
-pub use persister::Persister;
+pub use persister::{MAX_META_KEY_LEN, MAX_META_VALUE_LEN, Persister};
 pub use record::{Change, ChannelRecord, MAX_METADATA_LEN, MAX_PEER_ID_LEN};
 pub use redb_store::{RedbOptions, RedbPersister, RedbStats, SCHEMA_VERSION};
 pub use tower::{TowerReceipt, TowerRecord};

@@ -18,6 +18,8 @@ use crate::{Change, ChannelRecord, Error, Persister, Result};
 #[derive(Debug, Default)]
 pub struct MemoryPersister {
     channels: Mutex<BTreeMap<ChannelId, ChannelRecord>>,
+    /// The metadata slot ([`Persister::meta_put`]).
+    meta: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
 impl MemoryPersister {
@@ -30,6 +32,13 @@ impl MemoryPersister {
         // A panic while holding the lock cannot leave a half-applied record:
         // every write replaces a whole record computed beforehand.
         self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn meta_lock(&self) -> MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        // Every write replaces a whole value.
+        self.meta
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -77,5 +86,15 @@ impl Persister for MemoryPersister {
 
     async fn load_all(&self) -> Result<Vec<ChannelRecord>> {
         Ok(self.lock().values().cloned().collect())
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.meta_lock().get(key).cloned())
+    }
+
+    async fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        crate::persister::check_meta(key, value)?;
+        self.meta_lock().insert(key.to_owned(), value.to_vec());
+        Ok(())
     }
 }

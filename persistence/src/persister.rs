@@ -5,6 +5,12 @@ use perun_channel::{ChannelId, Phase, SignedState};
 
 use crate::{Change, ChannelRecord, Result};
 
+/// The longest key [`Persister::meta_put`] takes, in bytes.
+pub const MAX_META_KEY_LEN: usize = 256;
+/// The largest value [`Persister::meta_put`] takes, in bytes (a chain
+/// index of tens of thousands of channels fits).
+pub const MAX_META_VALUE_LEN: usize = 32 * 1024 * 1024;
+
 /// Durable storage of channels, shared by all channel tasks as
 /// `Arc<dyn Persister>`.
 ///
@@ -106,4 +112,46 @@ pub trait Persister: Send + Sync {
     /// anyway can walk [`channel_ids`](Self::channel_ids) with
     /// [`load`](Self::load).
     async fn load_all(&self) -> Result<Vec<ChannelRecord>>;
+
+    /// The value last stored under `key` in the store's metadata slot,
+    /// `None` if none was. The slot holds what belongs to no channel (the
+    /// client's chain index: its cursor and findings) and outlives every
+    /// channel. Values are the caller's bytes, returned as stored: a caller
+    /// that cannot trust the disk checksums its own encoding.
+    ///
+    /// The default (a store without a slot) fails with
+    /// [`Error::MetaUnsupported`](crate::Error::MetaUnsupported).
+    async fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let _ = key;
+        Err(crate::Error::MetaUnsupported)
+    }
+
+    /// Replaces the value under `key` with the durability contract of every
+    /// write: atomic (the old value or the new one after a crash, never a
+    /// mix) and durable once `Ok`; idempotent. A key longer than
+    /// [`MAX_META_KEY_LEN`] or a value longer than [`MAX_META_VALUE_LEN`]
+    /// is refused with [`Error::MetaTooLarge`](crate::Error::MetaTooLarge) and changes nothing.
+    ///
+    /// The default (a store without a slot) fails with
+    /// [`Error::MetaUnsupported`](crate::Error::MetaUnsupported).
+    async fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        let _ = (key, value);
+        Err(crate::Error::MetaUnsupported)
+    }
+}
+
+/// Refuses a key or value over the metadata limits (both stores apply it).
+pub(crate) fn check_meta(key: &str, value: &[u8]) -> Result<()> {
+    let too_large = |len, max| crate::Error::MetaTooLarge {
+        key: key.chars().take(64).collect(),
+        len,
+        max,
+    };
+    if key.len() > MAX_META_KEY_LEN {
+        return Err(too_large(key.len(), MAX_META_KEY_LEN));
+    }
+    if value.len() > MAX_META_VALUE_LEN {
+        return Err(too_large(value.len(), MAX_META_VALUE_LEN));
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@
 //! | `perun_channels` | channel id (32 bytes) | params, index, phase, peers, metadata, burnt version ([`crate::codec`]) |
 //! | `perun_current` | channel id | the latest fully signed state |
 //! | `perun_staged` | channel id | the staged, partially signed state |
+//! | `perun_meta` | `&str` | the metadata slot ([`Persister::meta_put`]): the caller's bytes |
 //!
 //! States live in their own tables so a commit rewrites only the state it
 //! changes, not the params and peers.
@@ -22,6 +23,11 @@
 //! by default, see [`RedbOptions::two_phase_commit`]); only then does it
 //! reply. Concurrent channels therefore share one `fsync` per batch, and
 //! each caller's `Ok` still means its own write is durable.
+//!
+//! A metadata write (`meta_put`, rare: the chain index stores its cursor
+//! once per scan) is its own durable transaction, outside the log. The
+//! `perun_meta` table is created on first use, so stores of older builds
+//! open unchanged (schema version 1) and older builds ignore the table.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -55,6 +61,7 @@ const DB_ID_KEY: &str = "database_id";
 const CHANNELS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_channels");
 const CURRENT: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_current");
 const STAGED: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("perun_staged");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("perun_meta");
 
 /// Settings of a [`RedbPersister`].
 #[derive(Debug, Clone)]
@@ -116,6 +123,8 @@ enum Request {
     Ids(Reply<Vec<ChannelId>>),
     Load(ChannelId, Reply<Option<ChannelRecord>>),
     LoadAll(Reply<Vec<ChannelRecord>>),
+    MetaGet(String, Reply<Option<Vec<u8>>>),
+    MetaPut(String, Vec<u8>, Reply<()>),
 }
 
 /// A [`Persister`] on one redb file, with group commit (see the module docs).
@@ -308,6 +317,17 @@ impl Persister for RedbPersister {
     async fn load_all(&self) -> Result<Vec<ChannelRecord>> {
         let records = self.call(Request::LoadAll).await?;
         check_all_loaded(records).await
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.call(|r| Request::MetaGet(key.to_owned(), r)).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(key, len = value.len()))]
+    async fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        crate::persister::check_meta(key, value)?;
+        self.call(|r| Request::MetaPut(key.to_owned(), value.to_vec(), r))
+            .await
     }
 }
 
@@ -652,15 +672,19 @@ impl Writer {
             }
             return;
         }
-        let (mut writes, mut reads) = (Vec::new(), Vec::new());
+        let (mut writes, mut reads, mut metas) = (Vec::new(), Vec::new(), Vec::new());
         for r in batch {
             match r {
                 Request::Create(..) | Request::Update(..) | Request::Remove(..) => writes.push(r),
+                Request::MetaPut(key, value, reply) => metas.push((key, value, reply)),
                 _ => reads.push(r),
             }
         }
         if !writes.is_empty() {
             self.write_batch(writes);
+        }
+        for (key, value, reply) in metas {
+            let _ = reply.send(self.meta_put(&key, &value));
         }
         if !reads.is_empty() {
             self.read_batch(reads);
@@ -796,6 +820,22 @@ impl Writer {
         }
     }
 
+    /// One metadata value, in its own durable transaction (a durable commit
+    /// also makes earlier non-durable ones durable; replaying their log
+    /// records later rewrites the same values, which is harmless).
+    fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        let mut txn = self.db.begin_write().map_err(db_err)?;
+        txn.set_durability(Durability::Immediate).map_err(db_err)?;
+        txn.set_two_phase_commit(self.options.two_phase_commit);
+        {
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            meta.insert(key, value).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        debug!(key, len = value.len(), "persistence: metadata stored");
+        Ok(())
+    }
+
     fn read_batch(&self, reads: Vec<Request>) {
         let txn = match self.db.begin_read() {
             Ok(txn) => txn,
@@ -818,6 +858,9 @@ impl Writer {
                 Request::LoadAll(reply) => {
                     let _ = reply.send(read_all(&txn));
                 }
+                Request::MetaGet(key, reply) => {
+                    let _ = reply.send(read_meta(&txn, &key));
+                }
                 other => fail(other, "internal: write request in read batch"),
             }
         }
@@ -827,7 +870,10 @@ impl Writer {
 fn fail(req: Request, msg: &str) {
     let err = || Error::Storage(msg.to_owned());
     match req {
-        Request::Create(_, r) | Request::Update(_, _, r) | Request::Remove(_, r) => {
+        Request::Create(_, r)
+        | Request::Update(_, _, r)
+        | Request::Remove(_, r)
+        | Request::MetaPut(_, _, r) => {
             let _ = r.send(Err(err()));
         }
         Request::Ids(r) => {
@@ -837,6 +883,9 @@ fn fail(req: Request, msg: &str) {
             let _ = r.send(Err(err()));
         }
         Request::LoadAll(r) => {
+            let _ = r.send(Err(err()));
+        }
+        Request::MetaGet(_, r) => {
             let _ = r.send(Err(err()));
         }
     }
@@ -927,6 +976,16 @@ fn read_one(txn: &ReadTransaction, id: ChannelId) -> Result<Option<ChannelRecord
     read_record(&channels, &current, &staged, id).map_err(failure_to_error)
 }
 
+/// The metadata value under `key`; none before the table's first write.
+fn read_meta(txn: &ReadTransaction, key: &str) -> Result<Option<Vec<u8>>> {
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(db_err(e)),
+    };
+    Ok(meta.get(key).map_err(db_err)?.map(|v| v.value().to_vec()))
+}
+
 fn read_all(txn: &ReadTransaction) -> Result<Vec<ChannelRecord>> {
     let span = debug_span!("persist_load_all");
     let _guard = span.enter();
@@ -994,6 +1053,10 @@ fn check_schema(db: &Database) -> Result<()> {
                     Ok(_) | Err(TableError::TableDoesNotExist(_)) => {}
                     Err(e) => return Err(db_err(e)),
                 }
+            }
+            match txn.open_table(META) {
+                Ok(_) | Err(TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(db_err(e)),
             }
             Ok(())
         }

@@ -608,7 +608,42 @@ async fn burnt_version_is_kept(mut s: impl Store) {
     ));
 }
 
+/// The metadata slot: absent until written, replaced whole, kept across a
+/// restart and next to channel writes, independent of channels, and limited.
+async fn metadata_slot(mut s: impl Store) {
+    let p = s.open().await;
+    assert_eq!(p.meta_get("index").await.expect("get"), None);
+    p.meta_put("index", b"one").await.expect("put");
+    p.meta_put("other", b"").await.expect("put empty");
+    p.meta_put("index", b"two").await.expect("replace");
+    p.meta_put("index", b"two").await.expect("idempotent");
+    let ch = TestChannel::two_party(3);
+    p.channel_created(&ch.record()).await.expect("create");
+    p.channel_removed(ch.id()).await.expect("remove");
+    let too_long_key = "k".repeat(perun_persistence::MAX_META_KEY_LEN + 1);
+    let e = p.meta_put(&too_long_key, b"x").await.expect_err("long key");
+    assert!(
+        matches!(e, Error::MetaTooLarge { .. }) && e.is_rejection(),
+        "{e}"
+    );
+    let big = vec![0u8; perun_persistence::MAX_META_VALUE_LEN + 1];
+    let e = p.meta_put("index", &big).await.expect_err("large value");
+    assert!(matches!(e, Error::MetaTooLarge { .. }), "{e}");
+    let p = s.reopen(p).await;
+    assert_eq!(
+        p.meta_get("index").await.expect("get").as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        p.meta_get("other").await.expect("get").as_deref(),
+        Some(&b""[..])
+    );
+    assert_eq!(p.meta_get("missing").await.expect("get"), None);
+    assert!(p.channel_ids().await.expect("ids").is_empty());
+}
+
 conformance!(
+    metadata_slot,
     burnt_version_is_kept,
     lifecycle,
     idempotent_writes,

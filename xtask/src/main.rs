@@ -7,7 +7,7 @@
 //! | `vectors` | regenerates `channel/tests/vectors.json` |
 //! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
-//! | `bench [--quick]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` |
+//! | `bench [--quick] [--only PART]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` (one part, e.g. `chain_index`: `summary-PART.json`) |
 //! | `chaos [--ledger sim\|anvil] [--schedules N] [--seed S]` | a long run of the chaos suite; replays a failing seed |
 //! | `demo [payment\|dispute\|watchtower]` | runs `examples/payment_channel.rs` (or `dispute.rs`, `watchtower.rs`) on a local anvil |
 
@@ -35,12 +35,12 @@ fn main() -> ExitCode {
         ]),
         Some("contracts") => contracts::run(args.get(1).is_some_and(|a| a == "--check")),
         Some("gas") => gas::run(),
-        Some("bench") => bench::run(args.get(1).is_some_and(|a| a == "--quick")),
+        Some("bench") => bench::run(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
         Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|payments|dispute|watchtower]>"
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick] [--only PART]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|payments|dispute|watchtower]>"
             );
             return ExitCode::from(2);
         }

@@ -127,6 +127,43 @@ impl EthAdjudicator {
         Ok(())
     }
 
+    /// Pays `credit` of `account`'s credit in the channel at `holder` to
+    /// `receiver`. The participant sending itself needs no signature (nor
+    /// nonce); a signed authorisation carries the participant's current
+    /// nonce and uses it up.
+    pub(super) async fn pay_credit(
+        &self,
+        holder: Address,
+        channel: ChannelId,
+        credit: U256,
+        account: &dyn perun_wallet::Account,
+        receiver: Address,
+    ) -> Result<()> {
+        let c = &self.chain;
+        let me = account.address();
+        let mut auth = WithdrawalAuth {
+            channelId: channel,
+            participant: me,
+            receiver,
+            amount: credit,
+            nonce: U256::ZERO,
+        };
+        let sig = if c.sender == me {
+            Bytes::new()
+        } else {
+            auth.nonce = c.withdraw_nonce(holder, me).await?;
+            let hash = withdrawal_hash(holder, c.chain_id, &auth);
+            let sig = account.sign_hash(hash)?;
+            Bytes::from(sig.as_bytes().to_vec())
+        };
+        self.withdraw_signed(holder, &auth, &sig).await
+    }
+
+    /// The shared chain handle (for the history reads in `eth/history.rs`).
+    pub(super) fn chain(&self) -> &super::Chain {
+        &self.chain
+    }
+
     /// Sends `register`, `conclude` or `concludeFinal` for the channel and state.
     async fn send_adjudicator(
         &self,
@@ -320,24 +357,14 @@ impl Adjudicator for EthAdjudicator {
                     debug!(%holder, "nothing to withdraw");
                     continue;
                 }
-                let mut auth = WithdrawalAuth {
-                    channelId: req.state.channelId,
-                    participant: me,
-                    receiver: req.receiver,
-                    amount: credit,
-                    nonce: U256::ZERO,
-                };
-                // The participant sending itself needs no signature (nor nonce); a signed
-                // authorisation carries the participant's current nonce and uses it up.
-                let sig = if c.sender == me {
-                    Bytes::new()
-                } else {
-                    auth.nonce = c.withdraw_nonce(holder, me).await?;
-                    let hash = withdrawal_hash(holder, c.chain_id, &auth);
-                    let sig = req.account.sign_hash(hash)?;
-                    Bytes::from(sig.as_bytes().to_vec())
-                };
-                self.withdraw_signed(holder, &auth, &sig).await?;
+                self.pay_credit(
+                    holder,
+                    req.state.channelId,
+                    credit,
+                    &*req.account,
+                    req.receiver,
+                )
+                .await?;
                 info!(%holder, %credit, "withdrawn");
             }
             Ok(())
@@ -365,5 +392,9 @@ impl Adjudicator for EthAdjudicator {
         let (number, hash) = self.chain.confirmed().await?;
         debug!(channel = %id, block = number, "reading the confirmed dispute");
         self.chain.dispute_at(id, hash).await
+    }
+
+    fn history(&self) -> Option<&dyn crate::ChainHistory> {
+        Some(self)
     }
 }

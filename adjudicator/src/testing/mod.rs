@@ -348,6 +348,15 @@ impl Anvil {
         Ok(())
     }
 
+    /// Mines `blocks` empty blocks in one call (`anvil_mine`): long chains
+    /// for scanning benchmarks.
+    pub async fn mine_batch(&self, blocks: u64) -> Result<()> {
+        if blocks == 0 {
+            return Ok(());
+        }
+        self.rpc("anvil_mine", serde_json::json!([blocks])).await
+    }
+
     /// Takes a snapshot of the chain to [`revert`](Self::revert) to.
     pub async fn snapshot(&self) -> Result<U256> {
         self.admin
