@@ -124,6 +124,18 @@ impl Inner {
         }
     }
 
+    /// What a holder's `holdings(channel, participant)` answers: the slot,
+    /// settled once the channel is concluded (for every address, as the
+    /// contract asks the adjudicator, not only for participants).
+    fn slot(&self, holder: Address, channel: ChannelId, participant: Address) -> (U256, bool) {
+        let (amount, settled) = self.held(holder, funding_id(channel, participant));
+        let concluded = self
+            .disputes
+            .get(&channel)
+            .is_some_and(|(d, _)| d.concluded);
+        (amount, settled || concluded)
+    }
+
     fn held(&self, holder: Address, fid: B256) -> (U256, bool) {
         self.holdings
             .get(&(holder, fid))
@@ -497,7 +509,7 @@ impl SimFeed {
 /// Pays up to `auth.amount` of the participant's credit to the receiver.
 fn withdraw_credit(inner: &mut Inner, holder: Address, auth: &WithdrawalAuth) -> Result<()> {
     let fid = funding_id(auth.channelId, auth.participant);
-    let (credit, settled) = inner.held(holder, fid);
+    let (credit, settled) = inner.slot(holder, auth.channelId, auth.participant);
     if !settled {
         return Err(Error::NotConcluded);
     }
@@ -812,7 +824,7 @@ impl ChainHistory for SimLedger {
     ) -> Result<(U256, bool)> {
         let inner = self.lock();
         inner.holder(holder)?;
-        Ok(inner.held(holder, funding_id(channel, participant)))
+        Ok(inner.slot(holder, channel, participant))
     }
 
     async fn withdraw_credit(
@@ -824,7 +836,7 @@ impl ChainHistory for SimLedger {
         let me = account.address();
         let mut inner = self.lock();
         inner.holder(holder)?;
-        let (credit, settled) = inner.held(holder, funding_id(channel, me));
+        let (credit, settled) = inner.slot(holder, channel, me);
         if !settled {
             return Err(Error::NotConcluded);
         }

@@ -78,5 +78,6 @@ pub use perun_adjudicator::AdjudicatorEvent;
 pub use perun_wire::Participant;
 pub use recover::{
     ChainAmount, ChainChannel, ChainIndex, ChainView, Credit, IndexConfig, Recovered, ScanReport,
+    Unread,
 };
 pub use tower::{AppointmentPolicy, TowerConfig, TowerStatus};

@@ -25,19 +25,27 @@
 //! # Trust
 //! Every log is untrusted: one that does not decode or cannot be placed is
 //! refused (typed, `warn!`, counted in [`ScanReport::rejected`]), never a
-//! panic. Logs only say where to look: a credit is reported and withdrawn
-//! only as the holder's `holdings` reads it now (concluded, non-zero).
+//! panic. Zero deposits are ignored (a stranger could otherwise grow the
+//! record for free). Logs only say where to look: every (channel, holder)
+//! slot that a deposit or credit naming this account may have left
+//! non-empty (no `Paid` to it since) is read with the holder's `holdings`
+//! at every scan, and a credit is reported and withdrawn only as that read
+//! says (concluded, non-zero), whether or not the conclusion's log was
+//! seen. A read that fails is listed in [`ChainView::unread`]; the others
+//! are answered all the same.
 //!
 //! # Limits
 //! `Registered` and `Concluded` do not name the participants: a channel's
-//! registrations that came before any holder log naming this account, in an
-//! earlier scan range, are not found (its deposits, payouts, credits and
-//! conclusion are).
+//! registrations and conclusion that came before any holder log naming
+//! this account, in an earlier scan range, are not listed in
+//! [`ChainChannel`] (its credits are still found: they are read). Every
+//! open channel of the account costs one `holdings` read per scan.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use perun_adjudicator::{Adjudicator, ChainFact, ChainHistory, ChainLog};
 use perun_channel::{Address, ChannelId, U256};
 use perun_persistence::{ChainIndexRecord, FactKind, IndexedFact, Persister};
@@ -45,6 +53,9 @@ use perun_wallet::Account;
 use tracing::{debug, info, warn};
 
 use crate::{Error, Result};
+
+/// Credit reads in flight at once.
+const CREDIT_READS: usize = 16;
 
 /// How often a long scan stores its progress (and once at its end).
 const SAVE_EVERY: Duration = Duration::from_secs(2);
@@ -130,13 +141,27 @@ pub struct Credit {
     pub amount: U256,
 }
 
+/// A slot whose credit could not be read (the node failed): scan again.
+#[derive(Debug, Clone)]
+pub struct Unread {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The asset holder.
+    pub holder: Address,
+    /// Why the read failed.
+    pub error: Arc<Error>,
+}
+
 /// The index's answer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ChainView {
     /// Every channel this account took part in that appeared on-chain, by id.
     pub channels: Vec<ChainChannel>,
     /// Every credit withdrawable by this account now.
     pub credits: Vec<Credit>,
+    /// Slots that may hold a credit but could not be read this time; the
+    /// other credits are answered (and recovered) all the same.
+    pub unread: Vec<Unread>,
     /// What the scan before the answer read.
     pub scan: ScanReport,
 }
@@ -149,6 +174,8 @@ pub struct Recovered {
     /// The credits whose withdrawal failed, with why (a receiver that
     /// refuses the asset, the node): call again later.
     pub failed: Vec<(Credit, Error)>,
+    /// Slots whose credit could not be read: call again later.
+    pub unread: Vec<Unread>,
     /// What the scan before the withdrawals read.
     pub scan: ScanReport,
 }
@@ -250,10 +277,11 @@ impl ChainIndex {
         let _guard = lock.lock().await;
         let (rec, scan) = self.scan_locked().await?;
         let me = self.account.address();
-        let credits = self.credits(&rec, me).await?;
+        let (credits, unread) = self.credits(&rec, me).await?;
         Ok(ChainView {
             channels: channels(&rec),
             credits,
+            unread,
             scan,
         })
     }
@@ -267,6 +295,7 @@ impl ChainIndex {
         let history = self.history()?;
         let mut out = Recovered {
             scan: view.scan,
+            unread: view.unread,
             ..Recovered::default()
         };
         for credit in view.credits {
@@ -351,49 +380,59 @@ impl ChainIndex {
     /// The credits the facts point at, as the holders read them now: for
     /// each channel and holder where what was credited to this account, or
     /// deposited for it after the conclusion, exceeds what was withdrawn.
-    async fn credits(&self, rec: &ChainIndexRecord, me: Address) -> Result<Vec<Credit>> {
+    async fn credits(
+        &self,
+        rec: &ChainIndexRecord,
+        me: Address,
+    ) -> Result<(Vec<Credit>, Vec<Unread>)> {
         let history = self.history()?;
-        let mut concluded_at: HashMap<ChannelId, (u64, u64)> = HashMap::new();
+        // (channel, holder) => whether its slot may hold something for us,
+        // walking the facts in chain order. A deposit or a credit naming us
+        // may leave something (before the conclusion it is a deposit; after
+        // it, a credit: `holdings` tells which); a `Paid` to us means the
+        // outcome emptied the slot. Logs only say where to look: whether a
+        // channel is concluded is read, not inferred from a `Concluded` log
+        // (which names no participant and may be in a range read before).
+        let mut maybe: BTreeMap<(ChannelId, Address), bool> = BTreeMap::new();
         for f in &rec.facts {
-            if matches!(
-                f.kind,
-                FactKind::Concluded { .. } | FactKind::Paid { .. } | FactKind::Credited { .. }
-            ) {
-                let at = concluded_at.entry(f.channel).or_insert(f.position());
-                *at = (*at).min(f.position());
-            }
-        }
-        // (channel, holder) => (owed, withdrawn), from the logs.
-        let mut hints: BTreeMap<(ChannelId, Address), (U256, U256)> = BTreeMap::new();
-        for f in &rec.facts {
-            let late = |ch| concluded_at.get(ch).is_some_and(|at| f.position() > *at);
-            let (holder, owed, out) = match &f.kind {
-                FactKind::Credited { holder, amount } => (*holder, *amount, U256::ZERO),
-                FactKind::Deposited { holder, amount } if late(&f.channel) => {
-                    (*holder, *amount, U256::ZERO)
+            match &f.kind {
+                FactKind::Deposited { holder, .. } | FactKind::Credited { holder, .. } => {
+                    maybe.insert((f.channel, *holder), true);
                 }
-                FactKind::Withdrawn { holder, amount, .. } => (*holder, U256::ZERO, *amount),
-                _ => continue,
-            };
-            let h = hints.entry((f.channel, holder)).or_default();
-            h.0 = h.0.saturating_add(owed);
-            h.1 = h.1.saturating_add(out);
-        }
-        let mut credits = Vec::new();
-        for ((channel, holder), (owed, out)) in hints {
-            if owed <= out {
-                continue;
+                FactKind::Paid { holder, .. } => {
+                    maybe.insert((f.channel, *holder), false);
+                }
+                _ => {}
             }
-            let (amount, settled) = history.credit(holder, channel, me).await?;
-            if settled && !amount.is_zero() {
-                credits.push(Credit {
+        }
+        let reads = maybe.into_iter().filter(|(_, maybe)| *maybe).map(
+            |((channel, holder), _)| async move {
+                (channel, holder, history.credit(holder, channel, me).await)
+            },
+        );
+        let mut credits = Vec::new();
+        let mut unread = Vec::new();
+        let mut results = futures::stream::iter(reads).buffer_unordered(CREDIT_READS);
+        while let Some((channel, holder, read)) = results.next().await {
+            match read {
+                Ok((amount, true)) if !amount.is_zero() => credits.push(Credit {
                     channel,
                     holder,
                     amount,
-                });
+                }),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(%channel, %holder, error = %e, "chain index: reading a credit failed");
+                    unread.push(Unread {
+                        channel,
+                        holder,
+                        error: Arc::new(e.into()),
+                    });
+                }
             }
         }
-        Ok(credits)
+        credits.sort_by_key(|c| (c.channel, c.holder));
+        Ok((credits, unread))
     }
 }
 
@@ -431,6 +470,11 @@ fn accept(
             };
             warn!(error = %e, "chain index: refusing a log");
             rejected += 1;
+            continue;
+        }
+        // A zero deposit moves nothing, and costs a stranger little: it
+        // must not make a channel ours or grow the record.
+        if matches!(l.fact, ChainFact::Deposited { amount, .. } if amount.is_zero()) {
             continue;
         }
         if l.fact.participant() == Some(me) {
