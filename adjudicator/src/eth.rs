@@ -233,6 +233,21 @@ impl EthConfig {
     }
 }
 
+/// A log filter for `events` of the deployment's contracts: the
+/// adjudicator and every configured holder.
+pub(crate) fn deployment_filter(
+    cfg: &EthConfig,
+    events: Vec<alloy::primitives::B256>,
+) -> alloy::rpc::types::Filter {
+    alloy::rpc::types::Filter::new()
+        .address(
+            std::iter::once(cfg.adjudicator)
+                .chain(cfg.assets.keys().copied())
+                .collect::<Vec<_>>(),
+        )
+        .event_signature(events)
+}
+
 /// A websocket provider that signs with `account` (for deployment and
 /// direct contract calls; the backends send through their transaction queue).
 pub async fn ws_provider(url: &str, account: &LocalAccount) -> Result<DynProvider> {

@@ -449,27 +449,24 @@ fn accept(
     mine: &mut HashSet<ChannelId>,
 ) -> (Vec<IndexedFact>, usize) {
     let mut rejected = 0;
+    let mut refuse = |l: &ChainLog, reason: &'static str| {
+        let e = Error::UntrustedLog {
+            block: l.block,
+            log_index: l.log_index,
+            reason,
+        };
+        warn!(error = %e, "chain index: refusing a log");
+        rejected += 1;
+    };
     let mut placed: BTreeMap<(u64, u64), ChainLog> = BTreeMap::new();
     for l in logs {
         let pos = (l.block, l.log_index);
         if !(from..=to).contains(&l.block) {
-            let e = Error::UntrustedLog {
-                block: l.block,
-                log_index: l.log_index,
-                reason: "outside the range asked for",
-            };
-            warn!(error = %e, "chain index: refusing a log");
-            rejected += 1;
+            refuse(&l, "outside the range asked for");
             continue;
         }
         if placed.contains_key(&pos) {
-            let e = Error::UntrustedLog {
-                block: l.block,
-                log_index: l.log_index,
-                reason: "a second log at the same position",
-            };
-            warn!(error = %e, "chain index: refusing a log");
-            rejected += 1;
+            refuse(&l, "a second log at the same position");
             continue;
         }
         // A zero deposit moves nothing, and costs a stranger little: it

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use alloy::eips::{BlockId, BlockNumberOrTag};
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
-use alloy::rpc::types::{Filter, Log};
+use alloy::rpc::types::Log;
 use alloy::sol_types::SolEvent;
 use async_trait::async_trait;
 use perun_channel::ChannelId;
@@ -43,22 +43,19 @@ impl ChainHistory for EthAdjudicator {
         let Some((_, tip, _)) = c.block(BlockNumberOrTag::Number(to)).await? else {
             return Err(unstable());
         };
-        let filter = Filter::new()
-            .address(
-                std::iter::once(c.cfg.adjudicator)
-                    .chain(c.cfg.assets.keys().copied())
-                    .collect::<Vec<_>>(),
-            )
-            .event_signature(vec![
+        let filter = super::deployment_filter(
+            &c.cfg,
+            vec![
                 AdjContract::Registered::SIGNATURE_HASH,
                 AdjContract::Concluded::SIGNATURE_HASH,
                 Holder::Deposited::SIGNATURE_HASH,
                 Holder::Paid::SIGNATURE_HASH,
                 Holder::Credited::SIGNATURE_HASH,
                 Holder::Withdrawn::SIGNATURE_HASH,
-            ])
-            .from_block(from)
-            .to_block(to);
+            ],
+        )
+        .from_block(from)
+        .to_block(to);
         let raw = c
             .conn
             .rpc("eth_getLogs", |p| async move { p.get_logs(&filter).await })

@@ -148,17 +148,14 @@ impl Drop for Closer {
 pub(super) fn spawn(c: Chain, hub: Arc<Hub>, generation: u64) {
     let span = info_span!("eth_events", adjudicator = %c.cfg.adjudicator);
     // Deposits share the holders' address but are no channel events: leave them out.
-    let filter = Filter::new()
-        .address(
-            std::iter::once(c.cfg.adjudicator)
-                .chain(c.cfg.assets.keys().copied())
-                .collect::<Vec<_>>(),
-        )
-        .event_signature(vec![
+    let filter = super::deployment_filter(
+        &c.cfg,
+        vec![
             AdjContract::Registered::SIGNATURE_HASH,
             AdjContract::Concluded::SIGNATURE_HASH,
             Holder::Withdrawn::SIGNATURE_HASH,
-        ]);
+        ],
+    );
     let scanner = Scanner {
         next: c.cfg.from_block,
         first: c.cfg.from_block,

@@ -4,7 +4,7 @@ use std::sync::Weak;
 
 use async_trait::async_trait;
 
-use super::{IncomingPolicy, Inner};
+use super::{IncomingPolicy, Inner, held_by};
 use crate::core::lock;
 use crate::handler::{IncomingUpdate, UpdateHandler, UpdateResponder};
 
@@ -60,15 +60,11 @@ impl PaymentsHandler {
         };
         let books = lock(&inner.books);
         for (i, asset) in u.next.outcome.assets.iter().enumerate() {
-            let mine = |s: &perun_channel::State| {
-                s.outcome
-                    .balances
-                    .get(i)
-                    .and_then(|r| r.get(u.index))
-                    .copied()
-                    .unwrap_or_default()
-            };
-            let grows = mine(&u.next).saturating_sub(mine(&u.current));
+            let grows = held_by(&u.next.outcome, i, u.index).saturating_sub(held_by(
+                &u.current.outcome,
+                i,
+                u.index,
+            ));
             if grows > books.incoming(peer, asset) {
                 return Some("payment not expected");
             }

@@ -402,26 +402,34 @@ impl Payments {
     /// What we hold with `peer`, per asset of the channels with it. Empty
     /// for a peer without an open channel.
     pub fn balance(&self, peer: PeerId) -> Vec<Balance> {
-        self.balances().remove(&peer).unwrap_or_default()
+        self.balances_with(Some(peer))
+            .remove(&peer)
+            .unwrap_or_default()
     }
 
     /// What we hold with every peer we have an open channel with.
     pub fn balances(&self) -> HashMap<PeerId, Vec<Balance>> {
+        self.balances_with(None)
+    }
+
+    /// The balances with `only` (or every peer).
+    fn balances_with(&self, only: Option<PeerId>) -> HashMap<PeerId, Vec<Balance>> {
         let mut books = lock(&self.inner.books);
         self.settle_doubts(&mut books);
         let mut out: HashMap<PeerId, Vec<Balance>> = HashMap::new();
         for core in self.inner.shared.channel_cores() {
-            let Some(peer) = usable(&core) else { continue };
-            let st = core.state.borrow().clone();
-            let me = core.index;
-            for (i, asset) in st.state.outcome.assets.iter().enumerate() {
-                let row = st.state.outcome.balances.get(i);
-                let mine = row.and_then(|r| r.get(me)).copied().unwrap_or_default();
-                let theirs = row.and_then(|r| r.get(1 - me)).copied().unwrap_or_default();
+            let Some(peer) = usable(&core).filter(|p| only.is_none_or(|o| o == *p)) else {
+                continue;
+            };
+            let st = core.state.borrow();
+            let outcome = &st.state.outcome;
+            for (i, asset) in outcome.assets.iter().enumerate() {
+                let mine = held_by(outcome, i, core.index);
+                let theirs = held_by(outcome, i, 1 - core.index);
                 let reserved = books.reserved(core.id, i);
                 let list = out.entry(peer).or_default();
-                let b = match list.iter_mut().position(|b| &b.asset == asset) {
-                    Some(k) => &mut list[k],
+                let k = match list.iter().position(|b| &b.asset == asset) {
+                    Some(k) => k,
                     None => {
                         list.push(Balance {
                             asset: asset.clone(),
@@ -430,10 +438,10 @@ impl Payments {
                             incoming: books.incoming(peer, asset),
                             receivable: U256::ZERO,
                         });
-                        let last = list.len() - 1;
-                        &mut list[last]
+                        list.len() - 1
                     }
                 };
+                let b = &mut list[k];
                 b.spendable = b.spendable.saturating_add(mine.saturating_sub(reserved));
                 b.reserved = b.reserved.saturating_add(reserved);
                 b.receivable = b.receivable.saturating_add(theirs);
@@ -489,14 +497,7 @@ impl Payments {
             let Some(i) = st.state.outcome.assets.iter().position(|a| a == asset) else {
                 continue;
             };
-            let balance = st
-                .state
-                .outcome
-                .balances
-                .get(i)
-                .and_then(|r| r.get(core.index))
-                .copied()
-                .unwrap_or_default();
+            let balance = held_by(&st.state.outcome, i, core.index);
             candidates.push(Candidate {
                 id: core.id,
                 asset: i,
@@ -691,15 +692,7 @@ impl Payments {
                 .inner
                 .shared
                 .channel_core(&channel)
-                .and_then(|c| {
-                    let st = c.state.borrow();
-                    st.state
-                        .outcome
-                        .balances
-                        .get(asset)
-                        .and_then(|r| r.get(c.index))
-                        .copied()
-                })
+                .map(|c| held_by(&c.state.borrow().state.outcome, asset, c.index))
                 .unwrap_or_default();
             if reserved > balance {
                 return Err(Error::BooksOverdrawn {
@@ -751,6 +744,17 @@ fn outcome_unknown(e: &Error) -> bool {
         e,
         Error::Wire(_) | Error::Timeout(_) | Error::Protocol { .. }
     )
+}
+
+/// What participant `who` holds of asset `asset` in `outcome` (zero if
+/// the outcome has no such entry).
+pub(crate) fn held_by(outcome: &Allocation, asset: usize, who: usize) -> U256 {
+    outcome
+        .balances
+        .get(asset)
+        .and_then(|r| r.get(who))
+        .copied()
+        .unwrap_or_default()
 }
 
 /// The peer of a channel the payments layer may draw on: two participants,

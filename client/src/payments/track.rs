@@ -17,7 +17,7 @@ use perun_channel::{Address, Phase, SignedState};
 use tokio::sync::{broadcast, oneshot, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{IncomingPayment, Inner};
+use super::{IncomingPayment, Inner, held_by};
 use crate::core::{ChannelCore, lock};
 
 /// Runs until the `Payments` (every clone) is dropped or the client stops.
@@ -92,15 +92,12 @@ fn book(inner: &Inner, core: &ChannelCore, last: &SignedState, now: &SignedState
     let me = core.index;
     let peer = core.peers[1 - me];
     for (i, asset) in now.state.outcome.assets.iter().enumerate() {
-        let new = now.state.outcome.balances.get(i).and_then(|r| r.get(me));
-        let old = last.state.outcome.balances.get(i).and_then(|r| r.get(me));
-        let (Some(new), Some(old)) = (new, old) else {
-            continue;
-        };
-        if new <= old {
+        // States of one channel keep their shape (the transition rule).
+        let amount =
+            held_by(&now.state.outcome, i, me).saturating_sub(held_by(&last.state.outcome, i, me));
+        if amount.is_zero() {
             continue;
         }
-        let amount = *new - *old;
         debug!(%peer, %amount, version = now.state.version, "payment arrived");
         lock(&inner.books).arrived(peer, asset, amount);
         let _ = inner.incoming.send(IncomingPayment {
