@@ -22,6 +22,7 @@
 //!
 //! It stops when the channel is withdrawn or the client shuts down.
 
+mod progress;
 mod step;
 
 use std::sync::Arc;
@@ -199,7 +200,9 @@ impl Watcher {
                     }
                     Some(Ok(ev)) => {
                         debug!(?ev, "chain event");
-                        if let AdjudicatorEvent::Registered { state, .. } = &ev {
+                        if let AdjudicatorEvent::Registered { state, .. }
+                        | AdjudicatorEvent::Progressed { state, .. } = &ev
+                        {
                             core.note_registered(state.clone());
                         }
                         core.emit(ChannelEvent::Chain(ev));
