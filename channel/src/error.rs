@@ -89,9 +89,13 @@ pub enum Error {
     /// A participant index out of range.
     #[error("participant index {0} out of range")]
     Index(usize),
-    /// The application rejected the transition.
-    #[error("app rejected transition: {0}")]
-    App(String),
+    /// The channel's app refused the state; the app's typed reason is kept
+    /// ([`AppRejection::downcast_ref`](crate::app::AppRejection::downcast_ref)).
+    #[error("app refused: {0}")]
+    App(crate::app::AppRejection),
+    /// An app channel whose app this client does not know: its states cannot be checked.
+    #[error("no rules known for app {0}")]
+    UnknownApp(Address),
     /// A signature is missing.
     #[error("signature of participant {0} missing")]
     MissingSignature(usize),

@@ -10,7 +10,9 @@
 //!   alloy's `sol!`, so their ABI encoding is Solidity's by construction.
 //! - [`hash`]: channel ids, state hashes, nonce derivation.
 //! - [`limits`]: the size limits every decoder and validator enforces.
-//! - [`rules`]: validity of params and states, and the transition rule.
+//! - [`rules`]: validity of params and states, and the generic transition rule.
+//! - [`app`]: the `App` trait an app channel's rules implement, off-chain and on-chain.
+//! - [`tictactoe`]: one real app, the same rules as `TicTacToeApp.sol`.
 //! - [`signed`]: `SignedState` and signing / verification helpers.
 //! - [`machine`]: the channel's phases and the `Machine` that moves between them.
 //! - [`error`]: the crate's one error enum.
@@ -36,18 +38,20 @@
 //! # Ok::<(), perun_channel::Error>(())
 //! ```
 
+pub mod app;
 pub mod error;
 pub mod hash;
 pub mod limits;
 pub mod machine;
 pub mod rules;
 pub mod signed;
+pub mod tictactoe;
 pub mod types;
 
 pub use alloy_primitives::{Address, B256, Bytes, U256};
+pub use app::{App, AppRejection, PaymentApp};
 pub use error::{Error, Result};
 pub use hash::{ChannelId, derive_nonce};
 pub use machine::{Machine, Phase};
-pub use rules::{App, PaymentApp};
 pub use signed::SignedState;
 pub use types::{Allocation, Asset, Domain, Params, State};

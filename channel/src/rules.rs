@@ -5,42 +5,11 @@ use std::collections::BTreeSet;
 use alloy_primitives::{Address, U256};
 
 use crate::limits::*;
-use crate::{Error, Params, Result, State};
+use crate::{App, Error, Params, Result, State};
 
-/// Application rules on top of the generic transition rule.
-///
-/// The generic rule (versions, sums, assets) is always checked first; an
-/// `App` only decides what the generic rule leaves open.
-pub trait App: Send + Sync {
-    /// Whether `actor` may move the channel from `cur` to `next`.
-    /// Return a human-readable reason on rejection.
-    fn valid_transition(
-        &self,
-        params: &Params,
-        cur: &State,
-        next: &State,
-        actor: usize,
-    ) -> std::result::Result<(), String>;
-}
-
-/// The rule of payment channels: only the actor's balances may decrease and
-/// `appData` stays empty.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PaymentApp;
-
-impl App for PaymentApp {
-    fn valid_transition(
-        &self,
-        _params: &Params,
-        cur: &State,
-        next: &State,
-        actor: usize,
-    ) -> std::result::Result<(), String> {
-        check_payment(cur, next, actor).map_err(|e| e.to_string())
-    }
-}
-
-fn check_payment(cur: &State, next: &State, actor: usize) -> Result<()> {
+/// The payment rule: only the actor's balances may decrease and `appData`
+/// stays empty.
+pub(crate) fn check_payment(cur: &State, next: &State, actor: usize) -> Result<()> {
     if !next.appData.is_empty() {
         return Err(Error::PaymentAppData);
     }
@@ -219,7 +188,10 @@ impl State {
             check_payment(self, next, actor)
         } else {
             app.valid_transition(params, self, next, actor)
-                .map_err(Error::App)
+                .map_err(|reason| {
+                    tracing::debug!(%reason, actor, version = next.version, "app refused a transition");
+                    Error::App(reason)
+                })
         }
     }
 }

@@ -161,7 +161,11 @@ fn payment_channels_reject_app_data_and_apps_decide() {
         Err(Error::PaymentAppData)
     );
 
+    #[derive(Debug)]
     struct NoWay;
+    #[derive(Debug, thiserror::Error)]
+    #[error("game over")]
+    struct GameOver;
     impl perun_channel::App for NoWay {
         fn valid_transition(
             &self,
@@ -169,18 +173,18 @@ fn payment_channels_reject_app_data_and_apps_decide() {
             _: &perun_channel::State,
             _: &perun_channel::State,
             _: usize,
-        ) -> Result<(), String> {
-            Err("game over".into())
+        ) -> Result<(), perun_channel::AppRejection> {
+            Err(GameOver.into())
         }
     }
     let mut app_params = params.clone();
     app_params.app = Address::repeat_byte(9);
     let mut cur = cur.clone();
     cur.channelId = app_params.channel_id();
-    assert_eq!(
-        cur.validate_transition(&app_params, &cur.next(), 0, &NoWay),
-        Err(Error::App("game over".into()))
-    );
+    match cur.validate_transition(&app_params, &cur.next(), 0, &NoWay) {
+        Err(Error::App(reason)) => assert!(reason.downcast_ref::<GameOver>().is_some()),
+        other => panic!("expected the app's reason, got {other:?}"),
+    }
 }
 
 #[test]
