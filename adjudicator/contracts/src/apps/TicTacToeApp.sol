@@ -70,8 +70,10 @@ contract TicTacToeApp is IApp {
         if (to.isFinal != (w != 0 || full)) revert WrongFinal();
     }
 
-    /// Each asset's pot goes to the winner, back to the depositors on a draw, and to the
-    /// mover while the game goes on.
+    /// Each asset's pot goes to the winner, back to the depositors on a draw (`params.funding`),
+    /// and to the mover while the game goes on. As the Rust app: first every expected row is
+    /// computed (a missing funding row or an overflowing pot fails at its asset), then the
+    /// number of rows is compared (failing at the shorter count), then each row.
     function _checkOutcome(
         Params calldata params,
         State calldata from,
@@ -83,26 +85,45 @@ contract TicTacToeApp is IApp {
         uint256[][] calldata fb = from.outcome.balances;
         uint256[][] calldata tb = to.outcome.balances;
         uint256 assets = fb.length;
+        bool draw = w == 0 && full;
+        uint256 holder = w != 0 ? w - 1 : actor;
         for (uint256 i = 0; i < assets; ++i) {
-            if (i >= tb.length || tb[i].length != 2) revert WrongOutcome(i);
-            uint256 pot = 0;
-            uint256[] calldata row = fb[i];
-            for (uint256 p = 0; p < row.length; ++p) {
-                pot += row[p];
-            }
-            uint256 e0;
-            uint256 e1;
-            if (w != 0) {
-                (e0, e1) = w == 1 ? (pot, uint256(0)) : (uint256(0), pot);
-            } else if (full) {
-                if (i >= params.funding.length || params.funding[i].length != 2) revert WrongOutcome(i);
-                (e0, e1) = (params.funding[i][0], params.funding[i][1]);
+            if (draw) {
+                if (i >= params.funding.length) revert WrongOutcome(i);
             } else {
-                (e0, e1) = actor == 0 ? (pot, uint256(0)) : (uint256(0), pot);
+                (, bool ok) = _pot(fb[i]);
+                if (!ok) revert WrongOutcome(i);
             }
-            if (tb[i][0] != e0 || tb[i][1] != e1) revert WrongOutcome(i);
         }
-        if (tb.length != assets) revert WrongOutcome(assets);
+        if (tb.length != assets) revert WrongOutcome(tb.length < assets ? tb.length : assets);
+        for (uint256 i = 0; i < assets; ++i) {
+            uint256[] calldata got = tb[i];
+            if (draw) {
+                uint256[] calldata want = params.funding[i];
+                if (got.length != want.length) revert WrongOutcome(i);
+                for (uint256 p = 0; p < want.length; ++p) {
+                    if (got[p] != want[p]) revert WrongOutcome(i);
+                }
+            } else {
+                (uint256 pot,) = _pot(fb[i]);
+                if (got.length != fb[i].length) revert WrongOutcome(i);
+                for (uint256 p = 0; p < got.length; ++p) {
+                    if (got[p] != (p == holder ? pot : 0)) revert WrongOutcome(i);
+                }
+            }
+        }
+    }
+
+    /// The sum of a row, and whether it fits in 256 bits.
+    function _pot(uint256[] calldata row) private pure returns (uint256 pot, bool ok) {
+        for (uint256 p = 0; p < row.length; ++p) {
+            unchecked {
+                uint256 s = pot + row[p];
+                if (s < pot) return (0, false);
+                pot = s;
+            }
+        }
+        return (pot, true);
     }
 
     /// 10 bytes, the next actor 0 or 1, every cell 0, 1 or 2.
