@@ -238,6 +238,12 @@ impl Adjudicator for Chain {
     async fn register(&self, _: &SignedChannel) -> perun::adjudicator::Result<()> {
         Err(refused())
     }
+    async fn progress(
+        &self,
+        _: &perun::adjudicator::ProgressRequest,
+    ) -> perun::adjudicator::Result<()> {
+        Err(refused())
+    }
     async fn conclude(&self, _: &SignedChannel) -> perun::adjudicator::Result<()> {
         Err(refused())
     }

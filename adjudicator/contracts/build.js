@@ -10,7 +10,7 @@ const path = require('path');
 const here = __dirname;
 const modules = path.resolve(here, '..', '..', 'tools', 'node_modules');
 const SOLC_VERSION = '0.8.37';
-const CONTRACTS = ['Adjudicator', 'AssetHolderETH', 'AssetHolderERC20', 'TestToken', 'TestFeeToken', 'HookToken', 'ReentryHook'];
+const CONTRACTS = ['Adjudicator', 'TicTacToeApp', 'AssetHolderETH', 'AssetHolderERC20', 'TestToken', 'TestFeeToken', 'HookToken', 'ReentryHook'];
 
 let solc;
 try {
@@ -26,7 +26,13 @@ if (!solc.version().startsWith(SOLC_VERSION + '+')) {
 
 const srcDir = path.join(here, 'src');
 const sources = {};
-for (const f of fs.readdirSync(srcDir).filter((f) => f.endsWith('.sol')).sort()) {
+// src/*.sol and one level of subdirectories (src/apps/*.sol).
+const files = fs.readdirSync(srcDir, { withFileTypes: true }).flatMap((e) =>
+  e.isDirectory()
+    ? fs.readdirSync(path.join(srcDir, e.name)).filter((f) => f.endsWith('.sol')).map((f) => `${e.name}/${f}`)
+    : e.name.endsWith('.sol') ? [e.name] : [],
+);
+for (const f of files.sort()) {
   sources[`src/${f}`] = { content: fs.readFileSync(path.join(srcDir, f), 'utf8') };
 }
 

@@ -13,7 +13,9 @@ use alloy::network::TransactionBuilder;
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::TransactionReceipt;
 use alloy_primitives::{Address, Bytes, U256};
-use perun_adjudicator::bindings::{Adjudicator, AssetHolderERC20, AssetHolderETH, TestToken};
+use perun_adjudicator::bindings::{
+    Adjudicator, AssetHolderERC20, AssetHolderETH, TestToken, TicTacToeApp,
+};
 use perun_adjudicator::testing::{Anvil, CHAIN_ID};
 use perun_adjudicator::types::{WithdrawalAuth, withdrawal_hash};
 use perun_adjudicator::{Error, Result};
@@ -298,6 +300,74 @@ async fn run() -> Result<()> {
     );
     let _ = (register_gas, conclude_gas);
 
+    // An app channel (tic-tac-toe): register, then after the refutation period the first
+    // progression (Bob's move, signed by Bob alone), a second one (Alice's), and the conclusion.
+    let r = mined(TicTacToeApp::deploy_builder(b.pa.clone()).send().await).await?;
+    let app = r.contract_address.ok_or_else(|| chain("no address"))?;
+    b.gas.insert("deploy_tictactoe_app".into(), r.gas_used);
+    let (mut params, mut t0) = b.channel([1_000, 1_000], b.eth);
+    params.app = app;
+    t0.channelId = params.channel_id();
+    t0.appData = board(0, [0; 9]);
+    b.deposit_eth(&b.pa, &t0, alice.address(), 1_000).await?;
+    b.deposit_eth(&b.pb, &t0, bob.address(), 1_000).await?;
+    // Each move hands the pot to the mover until the other answers.
+    let mv = |prev: &State, next: u8, cells: [u8; 9], pot_to: usize| {
+        let mut s = prev.next();
+        s.appData = board(next, cells);
+        s.outcome.balances[0] = vec![U256::ZERO; 2];
+        s.outcome.balances[0][pot_to] = U256::from(2_000);
+        s
+    };
+    let t1 = mv(&t0, 1, [0, 0, 0, 0, 1, 0, 0, 0, 0], 0);
+    let t2 = mv(&t1, 0, [2, 0, 0, 0, 1, 0, 0, 0, 0], 1);
+    let t3 = mv(&t2, 1, [2, 0, 0, 0, 1, 0, 0, 0, 1], 0);
+    mined(
+        adj_a
+            .register(
+                (&params).into(),
+                (&t1).into(),
+                sigs(&sign_all(&params, &t1, &parties)?)?,
+            )
+            .send()
+            .await,
+    )
+    .await?;
+    b.anvil.increase_time(61).await?;
+    let sig2 = bob.sign_hash(t2.hash())?;
+    let r = mined(
+        adj_b
+            .progress(
+                (&params).into(),
+                (&t1).into(),
+                (&t2).into(),
+                U256::from(1),
+                Bytes::from(sig2.as_bytes().to_vec()),
+            )
+            .send()
+            .await,
+    )
+    .await?;
+    b.record("progress_first", &r);
+    let sig3 = alice.sign_hash(t3.hash())?;
+    let r = mined(
+        adj_a
+            .progress(
+                (&params).into(),
+                (&t2).into(),
+                (&t3).into(),
+                U256::ZERO,
+                Bytes::from(sig3.as_bytes().to_vec()),
+            )
+            .send()
+            .await,
+    )
+    .await?;
+    b.record("progress", &r);
+    b.anvil.increase_time(61).await?;
+    let r = mined(adj_a.conclude((&params).into(), (&t3).into()).send().await).await?;
+    b.record("conclude_app", &r);
+
     // Pull withdrawals: a deposit after conclusion is credited to its participant.
     b.deposit_eth(&b.pa, &s0, alice.address(), 500).await?;
     let auth = WithdrawalAuth {
@@ -355,6 +425,13 @@ async fn run() -> Result<()> {
     std::fs::write(&path, json + "\n").map_err(chain)?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// Tic-tac-toe appData: the next actor, then the nine cells.
+fn board(next: u8, cells: [u8; 9]) -> Bytes {
+    let mut d = vec![next];
+    d.extend_from_slice(&cells);
+    Bytes::from(d)
 }
 
 fn to_holder_auth(

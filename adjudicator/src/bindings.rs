@@ -18,6 +18,15 @@ pub mod adjudicator {
         "contracts/artifacts/Adjudicator.json"
     );
 }
+/// The tic-tac-toe app's bindings (`validTransition` and its errors).
+pub mod tictactoe {
+    alloy::sol!(
+        #[sol(rpc, abi)]
+        #[derive(Debug, PartialEq, Eq)]
+        TicTacToeApp,
+        "contracts/artifacts/TicTacToeApp.json"
+    );
+}
 /// The ether holder's bindings; every holder shares this interface.
 pub mod eth_holder {
     alloy::sol!(
@@ -60,7 +69,24 @@ pub use adjudicator::Adjudicator;
 pub use erc20_holder::AssetHolderERC20;
 pub use eth_holder::AssetHolderETH;
 pub use fee_token::TestFeeToken;
+pub use tictactoe::TicTacToeApp;
 pub use token::TestToken;
+
+/// Deploys the tic-tac-toe app contract from the provider's default account; its address is
+/// what app channels name in `params.app`. The app is stateless: one deployment serves every
+/// channel on the chain.
+pub async fn deploy_tictactoe<P: Provider + Clone>(provider: &P) -> Result<Address> {
+    let receipt = TicTacToeApp::deploy_builder(provider.clone())
+        .send()
+        .await
+        .map_err(contract_err)?
+        .get_receipt()
+        .await
+        .map_err(chain_err)?;
+    let app = deployed(&receipt)?;
+    tracing::info!(%app, "tic-tac-toe app deployed");
+    Ok(app)
+}
 
 impl From<&ch::Params> for Adjudicator::Params {
     fn from(p: &ch::Params) -> Self {

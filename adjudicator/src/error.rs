@@ -237,6 +237,25 @@ pub enum Error {
     /// A timestamp or amount does not fit.
     #[error("arithmetic overflow")]
     Overflow,
+    /// `progress` in a payment channel (`params.app` is zero): only app channels have moves to
+    /// enforce (the adjudicator's `NoApp`).
+    #[error("a payment channel cannot be progressed")]
+    NoApp,
+    /// A registration or refutation after the dispute was progressed: from the first
+    /// progression on, only `progress` moves the dispute (the adjudicator's `AlreadyProgressed`).
+    #[error("the dispute was progressed; registration is over")]
+    AlreadyProgressed,
+    /// The app rejected a progression. `data` is the app contract's revert data on Ethereum
+    /// (`None` on [`SimLedger`](crate::SimLedger)); `rejection` is the app's typed reason: the
+    /// Rust app's on the sim, the revert decoded into the same type where this crate knows the
+    /// app (tic-tac-toe: [`perun_channel::tictactoe::Illegal`]), else an [`AppRevert`].
+    #[error("the app rejected the move: {rejection}")]
+    AppRejected {
+        /// Why, typed: `rejection.downcast_ref::<Illegal>()` and the like.
+        rejection: perun_channel::AppRejection,
+        /// The revert data as the app contract returned it.
+        data: Option<Bytes>,
+    },
     /// The wallet could not sign.
     #[error("wallet: {0}")]
     Wallet(#[from] perun_wallet::Error),
@@ -313,6 +332,15 @@ pub enum Error {
     /// The JSON-RPC fault proxy of the test harness failed.
     #[error("fault proxy: {0}")]
     Proxy(#[from] ProxyError),
+}
+
+/// An app contract's revert that this crate has no Rust type for, as an
+/// [`AppRejection`](perun_channel::AppRejection) of [`Error::AppRejected`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct AppRevert {
+    /// The revert, decoded as far as the known ABIs allow.
+    pub reason: RevertReason,
 }
 
 /// Why the test harness's JSON-RPC fault proxy failed, or closed a connection.

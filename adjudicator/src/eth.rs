@@ -101,6 +101,7 @@ pub(crate) mod txqueue;
 
 pub use adjudicator::EthAdjudicator;
 pub use funder::EthFunder;
+pub use revert::tictactoe_reason;
 
 use crate::bindings::{Adjudicator as AdjContract, AssetHolderETH as Holder, Deployment};
 use crate::eth::conn::{Conn, IntoFault};
@@ -520,6 +521,7 @@ impl Chain {
             timeout: d.timeout,
             concluded: d.concluded,
             state_hash,
+            progressed: d.progressed,
         }))
     }
 

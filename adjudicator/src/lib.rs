@@ -91,8 +91,8 @@ pub mod testing;
 pub mod traits;
 pub mod types;
 
-pub use bindings::{Deployment, deploy};
-pub use error::{BadEventReason, Error, ProxyError, Result, RevertReason, RpcFailure};
+pub use bindings::{Deployment, deploy, deploy_tictactoe};
+pub use error::{AppRevert, BadEventReason, Error, ProxyError, Result, RevertReason, RpcFailure};
 pub use eth::{AssetKind, EthAdjudicator, EthConfig, EthFunder, ws_provider};
 pub use feed::{FeedItem, RegistrationFeed};
 pub use history::{ChainFact, ChainHistory, ChainLog, LogPage};
@@ -100,6 +100,6 @@ pub use perun_channel::Domain;
 pub use sim::SimLedger;
 pub use traits::{Adjudicator, Funder};
 pub use types::{
-    AdjudicatorEvent, Dispute, EventSink, EventStream, FundingRequest, SignedChannel,
-    WithdrawRequest, funding_id,
+    AdjudicatorEvent, Dispute, EventSink, EventStream, FundingRequest, ProgressRequest,
+    SignedChannel, WithdrawRequest, funding_id,
 };

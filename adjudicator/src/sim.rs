@@ -7,15 +7,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use alloy_primitives::{Address, B256, Signature, U256};
 use async_trait::async_trait;
-use perun_channel::{Asset, ChannelId, Domain, Params, State};
+use perun_channel::{App, AppRejection, Asset, ChannelId, Domain, Params, State};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::history::{ChainFact, ChainHistory, ChainLog, LogPage};
 use crate::types::{EventSender, WithdrawalAuth, event_channel, withdrawal_hash};
 use crate::{
-    Adjudicator, AdjudicatorEvent, Dispute, Error, EventStream, FeedItem, Funder, FundingRequest,
-    RegistrationFeed, Result, SignedChannel, WithdrawRequest, funding_id,
+    Adjudicator, AdjudicatorEvent, AppRevert, Dispute, Error, EventStream, FeedItem, Funder,
+    FundingRequest, ProgressRequest, RegistrationFeed, Result, RevertReason, SignedChannel,
+    WithdrawRequest, funding_id,
 };
 
 /// An in-memory ledger: accounts with balances per asset, asset holders, the
@@ -44,6 +45,8 @@ struct Inner {
     holdings: HashMap<(Address, B256), (U256, bool)>,
     disputes: HashMap<ChannelId, (Dispute, B256)>,
     rejecting: HashSet<Address>,
+    /// App address => its rules, as the app contract deployed there would check them.
+    apps: HashMap<Address, Arc<dyn App>>,
     history: HashMap<ChannelId, Vec<AdjudicatorEvent>>,
     /// Events emitted so far: the ledger's "block height" for `CaughtUp`.
     height: u64,
@@ -84,6 +87,8 @@ impl Inner {
             AdjudicatorEvent::Concluded { version, .. } => {
                 self.log(id, ChainFact::Concluded { version: *version });
             }
+            // The chain history reads no `Progressed` logs (on Ethereum neither).
+            AdjudicatorEvent::Progressed { .. } => {}
             AdjudicatorEvent::Withdrawn {
                 holder,
                 participant,
@@ -337,6 +342,13 @@ impl SimLedger {
     /// What `holder` holds for a funding id, and whether the outcome is set.
     pub fn holdings(&self, holder: Address, fid: B256) -> (U256, bool) {
         self.lock().held(holder, fid)
+    }
+
+    /// Deploys an app: `progress` in channels whose `params.app` is `address` checks `app`'s
+    /// rules, as the app contract there would. `progress` with any other app is rejected
+    /// ([`Error::AppRejected`]), as a call to an address without code reverts.
+    pub fn add_app(&self, address: Address, app: Arc<dyn App>) {
+        self.lock().apps.insert(address, app);
     }
 
     /// Makes `account` refuse payments, like a contract that reverts on receipt.
@@ -639,6 +651,7 @@ impl Adjudicator for SimLedger {
                 timeout: 0,
                 concluded: false,
                 state_hash: B256::ZERO,
+                progressed: false,
             },
             B256::ZERO,
         ));
@@ -694,6 +707,7 @@ impl Adjudicator for SimLedger {
                 timeout: inner.now,
                 concluded: true,
                 state_hash: hash,
+                progressed: false,
             };
             inner.disputes.insert(id, (d, hash));
             inner.emit(
@@ -715,9 +729,10 @@ impl Adjudicator for SimLedger {
         if d.concluded {
             return Err(Error::AlreadyConcluded);
         }
-        if inner.now < d.timeout {
+        let at = d.conclude_at(&req.params, state);
+        if inner.now < at {
             return Err(Error::TimeoutNotPassed {
-                timeout: d.timeout,
+                timeout: at,
                 now: inner.now,
             });
         }
@@ -733,6 +748,55 @@ impl Adjudicator for SimLedger {
             AdjudicatorEvent::Concluded {
                 id,
                 version: state.version,
+            },
+        );
+        Ok(())
+    }
+
+    async fn progress(&self, req: &ProgressRequest) -> Result<()> {
+        let to = &req.to;
+        let _g = info_span!("sim_progress", channel = %to.channelId, version = to.version, actor = req.actor)
+            .entered();
+        let hash = req.check(self.domain())?;
+        let id = to.channelId;
+        let mut inner = self.lock();
+        let now = inner.now;
+        let prev = inner.disputes.get(&id).map(|(d, _)| *d);
+        if req.done(prev.as_ref(), hash) {
+            debug!("state progressed to already; nothing to do");
+            return Ok(());
+        }
+        req.check_dispute(prev.as_ref(), now)?;
+        let Some(app) = inner.apps.get(&req.params.app).cloned() else {
+            warn!(app = %req.params.app, "progress with an unknown app");
+            return Err(Error::AppRejected {
+                rejection: AppRejection::new(AppRevert {
+                    reason: RevertReason::Empty,
+                }),
+                data: None,
+            });
+        };
+        if let Err(rejection) = app.valid_transition(&req.params, &req.from, to, req.actor) {
+            warn!(%rejection, "the app rejected the move");
+            return Err(Error::AppRejected {
+                rejection,
+                data: None,
+            });
+        }
+        let mut d = prev.ok_or(Error::NotRegistered)?;
+        d.version = to.version;
+        d.progressed = true;
+        d.timeout = req.timeout(now)?;
+        d.state_hash = hash;
+        inner.disputes.insert(id, (d, hash));
+        inner.emit(
+            id,
+            AdjudicatorEvent::Progressed {
+                id,
+                version: to.version,
+                timeout: d.timeout,
+                actor: req.actor,
+                state: to.clone(),
             },
         );
         Ok(())

@@ -27,7 +27,9 @@ use async_trait::async_trait;
 use perun_channel::{Asset, ChannelId, Domain};
 
 use crate::history::ChainHistory;
-use crate::{Dispute, EventStream, FundingRequest, Result, SignedChannel, WithdrawRequest};
+use crate::{
+    Dispute, EventStream, FundingRequest, ProgressRequest, Result, SignedChannel, WithdrawRequest,
+};
 
 /// Locks a participant's share of a channel on-chain.
 #[async_trait]
@@ -52,8 +54,16 @@ pub trait Adjudicator: Send + Sync {
     /// newer version. `Ok` without a transaction if exactly this state is
     /// registered already.
     async fn register(&self, req: &SignedChannel) -> Result<()>;
+    /// Advances an app channel's dispute by one move (the contract's `progress`): `req.to`,
+    /// signed by its actor alone, follows the registered state `req.from` by the app's rules.
+    /// The first progression comes after the refutation period and ends registration; each
+    /// restarts the timeout. `Ok` without a transaction if `req.to` is registered already.
+    /// The app's verdict is [`Error::AppRejected`](crate::Error::AppRejected).
+    async fn progress(&self, req: &ProgressRequest) -> Result<()>;
     /// A final state concludes at once (`concludeFinal`); any other state must
-    /// be the registered one and its timeout must have passed.
+    /// be the registered one and its timeout must have passed (in an app channel
+    /// whose dispute was never progressed, a second challenge duration too: the
+    /// window for the first progression).
     async fn conclude(&self, req: &SignedChannel) -> Result<()>;
     /// Pays out whatever is still credited to the participant; a second call pays nothing and is `Ok`.
     async fn withdraw(&self, req: &WithdrawRequest) -> Result<()>;

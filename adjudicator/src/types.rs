@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use alloy_primitives::{Address, B256, U256, keccak256};
+use alloy_primitives::{Address, B256, Signature, U256, keccak256};
 use alloy_sol_types::SolValue;
 use perun_channel::{ChannelId, Domain, Params, SignedState, State};
 use perun_wallet::Account;
@@ -141,6 +141,110 @@ pub(crate) fn check_signatures(params: &Params, signed: &SignedState) -> Result<
     Ok(())
 }
 
+/// One move in an app channel's dispute: `to`, signed by participant `actor` alone,
+/// follows the registered state `from` (the adjudicator's `progress`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressRequest {
+    /// The channel's parameters (`app` must be set).
+    pub params: Params,
+    /// The state registered on-chain now.
+    pub from: State,
+    /// The state after the actor's move.
+    pub to: State,
+    /// The index of the participant whose move it is.
+    pub actor: usize,
+    /// The actor's EIP-191 signature of `to`'s hash, as in [`SignedState`].
+    pub signature: Signature,
+}
+
+impl ProgressRequest {
+    /// Checks what does not depend on the chain, in the contract's order (`_checkState` of
+    /// `to`, `NoApp`), and returns `to`'s hash.
+    pub(crate) fn check(&self, domain: Domain) -> Result<B256> {
+        check_domain(&self.params, domain)?;
+        self.params.validate()?;
+        self.to.validate(&self.params)?;
+        check_assets(&self.to, domain)?;
+        if self.params.is_payment() {
+            tracing::warn!("progress in a payment channel");
+            return Err(Error::NoApp);
+        }
+        Ok(self.to.hash())
+    }
+
+    /// Whether `to` is the dispute's state already (a repeated call): nothing to do.
+    pub(crate) fn done(&self, d: Option<&Dispute>, to_hash: B256) -> bool {
+        d.is_some_and(|d| !d.concluded && d.state_hash == to_hash)
+    }
+
+    /// The contract's rules after `NoApp`, up to the app's: the dispute, its phase at chain
+    /// time `now`, the versions, the actor and its signature, the assets and sums. One place
+    /// for both backends' checks.
+    pub(crate) fn check_dispute(&self, d: Option<&Dispute>, now: u64) -> Result<()> {
+        let d = d.ok_or(Error::NotRegistered)?;
+        if d.concluded {
+            return Err(Error::AlreadyConcluded);
+        }
+        if self.from.hash() != d.state_hash {
+            tracing::warn!(
+                version = self.from.version,
+                "progress from a state that is not the registered one"
+            );
+            return Err(Error::WrongState);
+        }
+        if !d.progressed {
+            if now < d.timeout {
+                return Err(Error::TimeoutNotPassed {
+                    timeout: d.timeout,
+                    now,
+                });
+            }
+        } else if now >= d.timeout {
+            return Err(Error::TimeoutPassed);
+        }
+        if self.from.isFinal {
+            return Err(Error::Channel(perun_channel::Error::Final));
+        }
+        if self.to.version <= self.from.version {
+            return Err(Error::VersionTooLow {
+                registered: self.from.version,
+                got: self.to.version,
+            });
+        }
+        let Some(signer) = self.params.participants.get(self.actor) else {
+            tracing::warn!(actor = self.actor, "progress by a non-participant index");
+            return Err(Error::Channel(perun_channel::Error::Index(self.actor)));
+        };
+        if perun_wallet::verify(self.to.hash(), &self.signature, *signer).is_err() {
+            tracing::warn!(actor = self.actor, "progress with a forged actor signature");
+            return Err(Error::BadSignature { index: self.actor });
+        }
+        let (a, b) = (&self.from.outcome, &self.to.outcome);
+        if a.assets != b.assets {
+            return Err(Error::Channel(perun_channel::Error::AssetsChanged));
+        }
+        let sum = |xs: &[U256]| xs.iter().try_fold(U256::ZERO, |s, x| s.checked_add(*x));
+        for (i, (x, y)) in a.balances.iter().zip(&b.balances).enumerate() {
+            // The contract's checked sums revert on overflow (`Panic`); both are refused.
+            match (sum(x), sum(y)) {
+                (Some(sx), Some(sy)) if sx == sy => {}
+                (None, _) | (_, None) => return Err(Error::Overflow),
+                _ => return Err(Error::Channel(perun_channel::Error::SumChanged(i))),
+            }
+        }
+        Ok(())
+    }
+
+    /// The dispute's timeout after this progression at chain time `now`.
+    pub(crate) fn timeout(&self, now: u64) -> Result<u64> {
+        if self.to.isFinal {
+            return Ok(now);
+        }
+        now.checked_add(self.params.challengeDuration)
+            .ok_or(Error::Overflow)
+    }
+}
+
 /// Withdraw one participant's share of a concluded channel.
 #[derive(Clone)]
 pub struct WithdrawRequest {
@@ -195,6 +299,22 @@ pub struct Dispute {
     /// `keccak256(abi.encode(state))` of the registered state; zero after a
     /// direct `concludeFinal` (no state was registered).
     pub state_hash: B256,
+    /// Whether an app channel's dispute was progressed (`progress`): registration and
+    /// refutation are over, and `timeout` is the deadline for the next move.
+    pub progressed: bool,
+}
+
+impl Dispute {
+    /// When the registered `state` of a channel with `params` may be concluded: the timeout,
+    /// or, for an app channel never progressed whose state is not final, one challenge
+    /// duration later (the window for the first progression).
+    pub fn conclude_at(&self, params: &Params, state: &State) -> u64 {
+        if !params.is_payment() && !self.progressed && !state.isFinal {
+            self.timeout.saturating_add(params.challengeDuration)
+        } else {
+            self.timeout
+        }
+    }
 }
 
 impl Dispute {
@@ -204,6 +324,10 @@ impl Dispute {
     pub(crate) fn check_refutation(&self, now: u64, version: u64) -> Result<()> {
         if self.concluded {
             return Err(Error::AlreadyConcluded);
+        }
+        if self.progressed {
+            tracing::warn!("registration after the dispute was progressed");
+            return Err(Error::AlreadyProgressed);
         }
         if now >= self.timeout {
             return Err(Error::TimeoutPassed);
@@ -256,6 +380,19 @@ pub enum AdjudicatorEvent {
         /// watchtower derives an appointment's locator from the event alone.
         nonce: U256,
         /// The registered state.
+        state: State,
+    },
+    /// An app channel's dispute was progressed by `actor`'s move to `state`.
+    Progressed {
+        /// The channel.
+        id: ChannelId,
+        /// The new state's version.
+        version: u64,
+        /// When the dispute concludes unless progressed again (chain seconds).
+        timeout: u64,
+        /// Whose move it was.
+        actor: usize,
+        /// The new state.
         state: State,
     },
     /// The outcome was pushed to the asset holders.

@@ -9,10 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alloy_primitives::{Address, Bytes, Signature, U256};
-use common::{Env, Kind, next_event, within};
+use common::{Env, Kind, board, next_event, within};
 use perun_adjudicator::types::{WithdrawalAuth, withdrawal_hash};
-use perun_adjudicator::{AdjudicatorEvent, Error, FundingRequest, SignedChannel, WithdrawRequest};
-use perun_channel::{Params, State};
+use perun_adjudicator::{
+    AdjudicatorEvent, Error, FundingRequest, ProgressRequest, SignedChannel, WithdrawRequest,
+};
+use perun_channel::tictactoe::Illegal;
+use perun_channel::{Params, SignedState, State};
 use perun_wallet::{Account, LocalAccount};
 
 const CHALLENGE: u64 = 100;
@@ -935,6 +938,354 @@ async fn history_tells_the_same_story(env: Env) {
     assert_eq!(none, U256::ZERO, "{}", env.name);
 }
 
+/// The tic-tac-toe state after a move: `cells` and `next` on the board, the whole pot of
+/// `pot` with participant `pot_to` (the mover, or the winner), final if `fin`.
+fn ttt(prev: &State, next: u8, cells: [u8; 9], pot_to: usize, pot: u64, fin: bool) -> State {
+    let mut s = prev.next();
+    s.appData = board(next, cells);
+    s.outcome.balances[0] = vec![U256::ZERO; 2];
+    s.outcome.balances[0][pot_to] = U256::from(pot);
+    s.isFinal = fin;
+    s
+}
+
+/// `to` by `actor`, signed by `signer` (the actor itself unless a test forges it).
+fn move_req(
+    params: &Params,
+    from: &State,
+    to: &State,
+    actor: usize,
+    signer: &LocalAccount,
+) -> ProgressRequest {
+    ProgressRequest {
+        params: params.clone(),
+        from: from.clone(),
+        to: to.clone(),
+        actor,
+        signature: signer.sign_hash(to.hash()).unwrap(),
+    }
+}
+
+/// The app's reason for refusing a move, on either backend.
+fn illegal(env: &Env, r: perun_adjudicator::Result<()>) -> Illegal {
+    match r {
+        Err(Error::AppRejected { rejection, data }) => {
+            assert_eq!(
+                data.is_some(),
+                env.name == "anvil",
+                "revert data kept on-chain only"
+            );
+            rejection
+                .downcast_ref::<Illegal>()
+                .cloned()
+                .unwrap_or_else(|| panic!("{}: not a tic-tac-toe reason: {rejection}", env.name))
+        }
+        other => panic!("{}: expected the app's rejection, got {other:?}", env.name),
+    }
+}
+
+/// An app channel's dispute: progress only after the refutation period, the actor's
+/// signature alone, the app's typed reasons on both backends, each move restarting the
+/// timeout, registration over after the first move, too late after the timeout, and the
+/// last valid state concluding. A payment channel cannot be progressed.
+async fn app_dispute_rules(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (alice, bob) = (env.parties[0].as_ref(), env.parties[1].as_ref());
+    let (params, s0) = env.app_channel(CHALLENGE, &[100, 100]);
+    fund_all(&env, &params, &s0).await;
+    let id = s0.channelId;
+    let mut events = env.adj[1].subscribe(id).await.unwrap();
+
+    // Alice's first move, signed by both off-chain, is registered.
+    let s1 = ttt(&s0, 1, [0, 0, 0, 0, 1, 0, 0, 0, 0], 0, 200, false);
+    let s1s = signed(&params, env.sign_all(&params, &s1));
+    env.adj[0].register(&s1s).await.unwrap();
+    let d1 = env.adj[0].dispute(id).await.unwrap().unwrap();
+    assert!(!d1.progressed);
+    // Bob's answer, signed by Bob alone: not during the refutation period.
+    let s2 = ttt(&s1, 0, [2, 0, 0, 0, 1, 0, 0, 0, 0], 1, 200, false);
+    let p2 = move_req(&params, &s1, &s2, 1, bob);
+    assert!(matches!(
+        env.adj[1].progress(&p2).await,
+        Err(Error::TimeoutNotPassed { .. })
+    ));
+    env.ctl.advance(CHALLENGE + 1).await;
+    // Nobody moved yet: conclusion waits for the progression window.
+    match env.adj[0].conclude(&s1s).await {
+        Err(Error::TimeoutNotPassed { timeout, .. }) => {
+            assert_eq!(timeout, d1.timeout + CHALLENGE, "{}", env.name)
+        }
+        other => panic!("{}: conclude in the window: {other:?}", env.name),
+    }
+    // Out of turn, an occupied cell: the app's reasons.
+    let again = ttt(&s1, 0, [1, 0, 0, 0, 1, 0, 0, 0, 0], 0, 200, false);
+    assert_eq!(
+        illegal(
+            &env,
+            env.adj[0]
+                .progress(&move_req(&params, &s1, &again, 0, alice))
+                .await
+        ),
+        Illegal::NotYourTurn {
+            expected: 1,
+            actor: 0
+        }
+    );
+    let occupied = ttt(&s1, 0, [0, 0, 0, 0, 2, 0, 0, 0, 0], 1, 200, false);
+    assert_eq!(
+        illegal(
+            &env,
+            env.adj[1]
+                .progress(&move_req(&params, &s1, &occupied, 1, bob))
+                .await
+        ),
+        Illegal::Occupied(4)
+    );
+    // Bob's move signed by Alice; a move from a state that is not the registered one.
+    assert!(matches!(
+        env.adj[1]
+            .progress(&move_req(&params, &s1, &s2, 1, alice))
+            .await,
+        Err(Error::BadSignature { index: 1 })
+    ));
+    let other = ttt(&s0, 1, [1, 0, 0, 0, 0, 0, 0, 0, 0], 0, 200, false);
+    assert!(matches!(
+        env.adj[0]
+            .progress(&move_req(&params, &s0, &other, 0, alice))
+            .await,
+        Err(Error::WrongState)
+    ));
+    // Bob's move lands, and restarts the timeout; again is a no-op.
+    env.adj[1].progress(&p2).await.unwrap();
+    let d2 = env.adj[0].dispute(id).await.unwrap().unwrap();
+    assert_eq!(
+        (d2.version, d2.progressed, d2.state_hash, d2.concluded),
+        (2, true, s2.hash(), false)
+    );
+    assert!(d2.timeout > d1.timeout);
+    env.adj[0].progress(&p2).await.unwrap();
+    assert_eq!(env.adj[0].dispute(id).await.unwrap().unwrap(), d2);
+    // Registration is over: not even a newer fully signed state.
+    let s9 = ttt(&s2, 1, [2, 0, 0, 0, 1, 0, 0, 1, 0], 0, 200, false);
+    assert!(matches!(
+        env.adj[0]
+            .register(&signed(&params, env.sign_all(&params, &s9)))
+            .await,
+        Err(Error::AlreadyProgressed)
+    ));
+    // Alice answers before the timeout: the timeout restarts again.
+    env.ctl.advance(CHALLENGE / 2).await;
+    let s3 = ttt(&s2, 1, [2, 0, 0, 0, 1, 0, 0, 0, 1], 0, 200, false);
+    env.adj[0]
+        .progress(&move_req(&params, &s2, &s3, 0, alice))
+        .await
+        .unwrap();
+    let d3 = env.adj[0].dispute(id).await.unwrap().unwrap();
+    assert_eq!((d3.version, d3.progressed), (3, true));
+    assert!(d3.timeout > d2.timeout);
+    let s3c = signed(&params, SignedState::new(s3.clone()));
+    assert!(matches!(
+        env.adj[0].conclude(&s3c).await,
+        Err(Error::TimeoutNotPassed { timeout, .. }) if timeout == d3.timeout
+    ));
+    // Bob stays silent past the timeout: too late to answer.
+    env.ctl.advance(CHALLENGE + 1).await;
+    let s4 = ttt(&s3, 0, [2, 2, 0, 0, 1, 0, 0, 0, 1], 1, 200, false);
+    assert!(matches!(
+        env.adj[1]
+            .progress(&move_req(&params, &s3, &s4, 1, bob))
+            .await,
+        Err(Error::TimeoutPassed)
+    ));
+    // The last valid state concludes: Alice, the last mover, holds the pot.
+    let before = (env.balance(a).await, env.balance(b).await);
+    env.adj[1].conclude(&s3c).await.unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before.0 + U256::from(200),
+        "{}",
+        env.name
+    );
+    assert_eq!(env.balance(b).await, before.1, "{}", env.name);
+    assert!(matches!(
+        env.adj[1]
+            .progress(&move_req(&params, &s3, &s4, 1, bob))
+            .await,
+        Err(Error::AlreadyConcluded)
+    ));
+
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(
+            within("events", next_event(&mut events))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert!(matches!(
+        &got[0],
+        AdjudicatorEvent::Registered { version: 1, .. }
+    ));
+    assert_eq!(
+        got[1],
+        AdjudicatorEvent::Progressed {
+            id,
+            version: 2,
+            timeout: d2.timeout,
+            actor: 1,
+            state: s2.clone()
+        }
+    );
+    assert!(
+        matches!(&got[2], AdjudicatorEvent::Progressed { version: 3, actor: 0, state, timeout, .. } if *state == s3 && *timeout == d3.timeout)
+    );
+    assert_eq!(got[3], AdjudicatorEvent::Concluded { id, version: 3 });
+
+    // A payment channel has no moves to enforce.
+    let (pp, p0) = env.channel(CHALLENGE, &[10, 10]);
+    fund_all(&env, &pp, &p0).await;
+    let p1 = p0.next();
+    env.adj[0]
+        .register(&signed(&pp, env.sign_all(&pp, &p1)))
+        .await
+        .unwrap();
+    env.ctl.advance(CHALLENGE + 1).await;
+    let p2 = p1.next();
+    assert!(matches!(
+        env.adj[0]
+            .progress(&move_req(&pp, &p1, &p2, 0, alice))
+            .await,
+        Err(Error::NoApp)
+    ));
+}
+
+/// The end of a game: a winning move must be final and pay the winner, concludes at once,
+/// and nothing follows it; a registered board that is won already takes no move; with no
+/// move in the window the registered state concludes.
+async fn app_game_end(env: Env) {
+    let (a, b) = (env.parties[0].address(), env.parties[1].address());
+    let (alice, bob) = (env.parties[0].as_ref(), env.parties[1].as_ref());
+
+    // Alice is about to win (she moves, the pot is Bob's after his last move).
+    let (params, s0) = env.app_channel(CHALLENGE, &[100, 100]);
+    fund_all(&env, &params, &s0).await;
+    let mut s4 = s0.clone();
+    s4.version = 4;
+    s4.appData = board(0, [1, 1, 0, 2, 2, 0, 0, 0, 0]);
+    s4.outcome.balances[0] = vec![U256::ZERO, U256::from(200)];
+    env.adj[0]
+        .register(&signed(&params, env.sign_all(&params, &s4)))
+        .await
+        .unwrap();
+    env.ctl.advance(CHALLENGE + 1).await;
+    let not_final = ttt(&s4, 1, [1, 1, 1, 2, 2, 0, 0, 0, 0], 0, 200, false);
+    assert_eq!(
+        illegal(
+            &env,
+            env.adj[0]
+                .progress(&move_req(&params, &s4, &not_final, 0, alice))
+                .await
+        ),
+        Illegal::WrongFinal
+    );
+    let unpaid = ttt(&s4, 1, [1, 1, 1, 2, 2, 0, 0, 0, 0], 1, 200, true);
+    assert_eq!(
+        illegal(
+            &env,
+            env.adj[0]
+                .progress(&move_req(&params, &s4, &unpaid, 0, alice))
+                .await
+        ),
+        Illegal::WrongOutcome(0)
+    );
+    let won = ttt(&s4, 1, [1, 1, 1, 2, 2, 0, 0, 0, 0], 0, 200, true);
+    env.adj[0]
+        .progress(&move_req(&params, &s4, &won, 0, alice))
+        .await
+        .unwrap();
+    let d = env.adj[1].dispute(s0.channelId).await.unwrap().unwrap();
+    assert!(d.progressed && d.version == 5);
+    // Nothing follows a final state: its timeout is now.
+    let after = ttt(&won, 0, [1, 1, 1, 2, 2, 2, 0, 0, 0], 1, 200, false);
+    assert!(matches!(
+        env.adj[1]
+            .progress(&move_req(&params, &won, &after, 1, bob))
+            .await,
+        Err(Error::TimeoutPassed)
+    ));
+    let before = (env.balance(a).await, env.balance(b).await);
+    env.adj[1]
+        .conclude(&signed(&params, SignedState::new(won.clone())))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before.0 + U256::from(200),
+        "{}",
+        env.name
+    );
+    assert_eq!(env.balance(b).await, before.1, "{}", env.name);
+
+    // A board registered (not final) with a line on it already: the game is over.
+    let (params, s0) = env.app_channel(CHALLENGE, &[100, 100]);
+    fund_all(&env, &params, &s0).await;
+    let mut w = s0.clone();
+    w.version = 5;
+    w.appData = board(1, [1, 1, 1, 2, 2, 0, 0, 0, 0]);
+    w.outcome.balances[0] = vec![U256::from(150), U256::from(50)];
+    let ws = signed(&params, env.sign_all(&params, &w));
+    env.adj[0].register(&ws).await.unwrap();
+    let d = env.adj[0].dispute(s0.channelId).await.unwrap().unwrap();
+    env.ctl.advance(CHALLENGE + 1).await;
+    let late = ttt(&w, 0, [1, 1, 1, 2, 2, 2, 0, 0, 0], 1, 200, false);
+    assert_eq!(
+        illegal(
+            &env,
+            env.adj[1]
+                .progress(&move_req(&params, &w, &late, 1, bob))
+                .await
+        ),
+        Illegal::GameOver
+    );
+    // Nobody moves in the window: the registered state concludes after it.
+    assert!(matches!(
+        env.adj[0].conclude(&ws).await,
+        Err(Error::TimeoutNotPassed { timeout, .. }) if timeout == d.timeout + CHALLENGE
+    ));
+    env.ctl.advance(CHALLENGE).await;
+    let before = (env.balance(a).await, env.balance(b).await);
+    env.adj[0].conclude(&ws).await.unwrap();
+    assert_eq!(
+        env.balance(a).await,
+        before.0 + U256::from(150),
+        "{}",
+        env.name
+    );
+    assert_eq!(
+        env.balance(b).await,
+        before.1 + U256::from(50),
+        "{}",
+        env.name
+    );
+
+    // A registered final state (its timeout is now) takes no move either.
+    let (params, s0) = env.app_channel(CHALLENGE, &[100, 100]);
+    let mut f = ttt(&s0, 1, [1, 1, 1, 2, 2, 0, 0, 0, 0], 0, 200, true);
+    f.version = 5;
+    env.adj[0]
+        .register(&signed(&params, env.sign_all(&params, &f)))
+        .await
+        .unwrap();
+    let next = ttt(&f, 0, [1, 1, 1, 2, 2, 2, 0, 0, 0], 1, 200, false);
+    assert!(matches!(
+        env.adj[1]
+            .progress(&move_req(&params, &f, &next, 1, bob))
+            .await,
+        Err(Error::Channel(perun_channel::Error::Final))
+    ));
+}
+
 macro_rules! conformance {
     ($($name:ident: $n:expr),* $(,)?) => {
         mod sim_eth { use super::*; $(#[tokio::test] async fn $name() { super::$name(Env::sim(Kind::Eth, $n).await).await })* }
@@ -959,4 +1310,6 @@ conformance!(
     another_domain_is_refused: 2,
     a_foreign_holder_is_skipped: 2,
     history_tells_the_same_story: 2,
+    app_dispute_rules: 2,
+    app_game_end: 2,
 );

@@ -310,6 +310,10 @@ impl Adjudicator for Counting {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+    async fn progress(&self, _: &perun_adjudicator::ProgressRequest) -> Result<()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
     async fn conclude(&self, _: &SignedChannel) -> Result<()> {
         // The second run of a conclude sees the channel concluded.
         match self.calls.fetch_add(1, Ordering::SeqCst) {

@@ -583,6 +583,12 @@ mod tests {
         async fn register(&self, _: &SignedChannel) -> perun_adjudicator::Result<()> {
             Err(refused())
         }
+        async fn progress(
+            &self,
+            _: &perun_adjudicator::ProgressRequest,
+        ) -> perun_adjudicator::Result<()> {
+            Err(refused())
+        }
         async fn conclude(&self, _: &SignedChannel) -> perun_adjudicator::Result<()> {
             Err(refused())
         }
@@ -775,6 +781,12 @@ mod tests {
             }
             async fn register(&self, r: &SignedChannel) -> perun_adjudicator::Result<()> {
                 self.0.register(r).await
+            }
+            async fn progress(
+                &self,
+                r: &perun_adjudicator::ProgressRequest,
+            ) -> perun_adjudicator::Result<()> {
+                self.0.progress(r).await
             }
             async fn conclude(&self, r: &SignedChannel) -> perun_adjudicator::Result<()> {
                 self.0.conclude(r).await

@@ -72,6 +72,9 @@ impl Adjudicator for Flaky {
         }
         self.inner.register(req).await
     }
+    async fn progress(&self, req: &perun::adjudicator::ProgressRequest) -> Result<()> {
+        self.inner.progress(req).await
+    }
 
     async fn conclude(&self, req: &SignedChannel) -> Result<()> {
         self.inner.conclude(req).await

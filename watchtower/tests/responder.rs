@@ -91,6 +91,12 @@ impl Adjudicator for Counting {
         }
         r
     }
+    async fn progress(
+        &self,
+        req: &perun_adjudicator::ProgressRequest,
+    ) -> perun_adjudicator::Result<()> {
+        self.ledger.progress(req).await
+    }
     async fn conclude(&self, req: &SignedChannel) -> perun_adjudicator::Result<()> {
         self.conclude_calls.fetch_add(1, Ordering::SeqCst);
         let r = self.ledger.conclude(req).await;

@@ -4,10 +4,16 @@ pragma solidity 0.8.37;
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
 import {Params, State, IAssetHolder} from "./Channel.sol";
+import {IApp} from "./IApp.sol";
 
 /// Resolves channel disputes: a registered state can be refuted by a newer
 /// one until its timeout; afterwards (or at once for a fully signed final
 /// state) the outcome is pushed to the asset holders.
+///
+/// In an app channel (`params.app != 0`) the registered state can then be
+/// progressed, one move at a time, by states signed only by their actor and
+/// checked by the app (`IApp.validTransition`); each progression restarts the
+/// timeout, and the last one concludes. Payment channels cannot be progressed.
 ///
 /// Storage per channel is two slots: the packed dispute and the state hash.
 contract Adjudicator {
@@ -16,6 +22,8 @@ contract Adjudicator {
         uint64 version;
         uint64 timeout;
         bool concluded;
+        /// Set by the first `progress`: registration and refutation are over.
+        bool progressed;
     }
 
     /// The shortest challenge duration: a dispute must leave time to refute.
@@ -25,7 +33,7 @@ contract Adjudicator {
     /// Gas a holder's `adjudicator()` may use when the outcome is pushed.
     uint256 private constant BIND_GAS = 5_000;
 
-    /// channelId => dispute (version, timeout, concluded).
+    /// channelId => dispute (version, timeout, concluded, progressed).
     mapping(bytes32 => Dispute) public disputes;
     /// channelId => keccak256(abi.encode(registered state)); zero after a direct concludeFinal.
     mapping(bytes32 => bytes32) public stateHashes;
@@ -35,6 +43,9 @@ contract Adjudicator {
     /// A state was registered or refuted; carries the state so watchers can recover it, and the
     /// params' nonce, so a watchtower learns it (with the channel id) from the logs alone.
     event Registered(bytes32 indexed channelId, uint64 version, uint64 timeout, uint256 nonce, State state);
+    /// An app channel's registered state was progressed by `actor`'s move to `state`, which
+    /// concludes at `timeout` unless progressed again before.
+    event Progressed(bytes32 indexed channelId, uint64 version, uint64 timeout, uint256 actor, State state);
     /// The channel's outcome was pushed to the asset holders.
     event Concluded(bytes32 indexed channelId, uint64 version);
     /// An asset's holder was not settled: it has no code, is bound to another adjudicator, or
@@ -64,6 +75,18 @@ contract Adjudicator {
     error ChallengeDuration(uint64 got);
     /// Too little gas left to check a holder: the check must not fail for want of gas.
     error HolderCheckGas();
+    /// `progress` in a payment channel (`params.app == 0`).
+    error NoApp();
+    /// A registration after the dispute was progressed: only `progress` moves it on.
+    error AlreadyProgressed();
+    /// `progress` from a final state: nothing follows it.
+    error FinalState();
+    /// The actor is not a participant index.
+    error BadActor(uint256 actor);
+    /// A progression changed the set or order of assets.
+    error AssetsChanged();
+    /// A progression changed the sum of asset `index`'s balances.
+    error SumChanged(uint256 index);
 
     /// Whether the channel's outcome is set at every holder: concluded, and not in the middle of
     /// the push. Holders pay credits only then, so a payout that calls back (a token's hook)
@@ -93,6 +116,7 @@ contract Adjudicator {
             d.timeout = state.isFinal ? uint64(block.timestamp) : uint64(block.timestamp) + params.challengeDuration;
         } else {
             if (d.concluded) revert AlreadyConcluded();
+            if (d.progressed) revert AlreadyProgressed();
             if (state.version == d.version && stateHashes[id] == h) return;
             if (block.timestamp >= d.timeout) revert TimeoutPassed();
             if (state.version <= d.version) revert VersionTooLow(d.version, state.version);
@@ -104,13 +128,53 @@ contract Adjudicator {
         emit Registered(id, state.version, d.timeout, params.nonce, state);
     }
 
-    /// Concludes the registered state after its timeout and pushes its outcome.
+    /// Advances an app channel's dispute by one move: `to`, signed by `actor` alone, follows the
+    /// registered state `from` by the app's rules. The first progression may come once the
+    /// refutation period is over (and ends registration); each one restarts the timeout, and
+    /// the next must come before it. `to` final concludes at once (timeout now).
+    function progress(Params calldata params, State calldata from, State calldata to, uint256 actor, bytes calldata sig)
+        external
+    {
+        bytes32 id = _checkState(params, to);
+        if (params.app == address(0)) revert NoApp();
+        Dispute memory d = disputes[id];
+        if (d.timeout == 0) revert NotRegistered();
+        if (d.concluded) revert AlreadyConcluded();
+        if (keccak256(abi.encode(from)) != stateHashes[id]) revert WrongState();
+        if (!d.progressed) {
+            if (block.timestamp < d.timeout) revert TimeoutNotPassed(d.timeout, uint64(block.timestamp));
+        } else if (block.timestamp >= d.timeout) {
+            revert TimeoutPassed();
+        }
+        if (from.isFinal) revert FinalState();
+        if (to.version <= from.version) revert VersionTooLow(from.version, to.version);
+        uint256 n = params.participants.length;
+        if (actor >= n) revert BadActor(actor);
+        bytes32 h = keccak256(abi.encode(to));
+        (address signer, ECDSA.RecoverError err,) =
+            ECDSA.tryRecoverCalldata(MessageHashUtils.toEthSignedMessageHash(h), sig);
+        if (err != ECDSA.RecoverError.NoError || signer != params.participants[actor]) revert WrongSigner(actor);
+        _checkSums(from, to);
+        IApp(params.app).validTransition(params, from, to, actor);
+        d.version = to.version;
+        d.progressed = true;
+        d.timeout = to.isFinal ? uint64(block.timestamp) : uint64(block.timestamp) + params.challengeDuration;
+        disputes[id] = d;
+        stateHashes[id] = h;
+        emit Progressed(id, to.version, d.timeout, actor, to);
+    }
+
+    /// Concludes the registered state after its timeout and pushes its outcome. An app channel
+    /// whose dispute was never progressed (and whose state is not final) waits a second
+    /// challenge duration: the window for the first progression.
     function conclude(Params calldata params, State calldata state) external {
         bytes32 id = _checkState(params, state);
         Dispute memory d = disputes[id];
         if (d.timeout == 0) revert NotRegistered();
         if (d.concluded) revert AlreadyConcluded();
-        if (block.timestamp < d.timeout) revert TimeoutNotPassed(d.timeout, uint64(block.timestamp));
+        uint64 t = d.timeout;
+        if (params.app != address(0) && !d.progressed && !state.isFinal) t += params.challengeDuration;
+        if (block.timestamp < t) revert TimeoutNotPassed(t, uint64(block.timestamp));
         if (keccak256(abi.encode(state)) != stateHashes[id]) revert WrongState();
         d.concluded = true;
         disputes[id] = d;
@@ -127,7 +191,7 @@ contract Adjudicator {
         Dispute memory d = disputes[id];
         if (d.concluded) revert AlreadyConcluded();
         if (d.version > state.version) revert VersionTooLow(d.version, state.version);
-        disputes[id] = Dispute({version: state.version, timeout: uint64(block.timestamp), concluded: true});
+        disputes[id] = Dispute({version: state.version, timeout: uint64(block.timestamp), concluded: true, progressed: false});
         _pushOutcome(id, params, state);
         emit Concluded(id, state.version);
     }
@@ -156,6 +220,28 @@ contract Adjudicator {
             if (state.outcome.balances[i].length != n || params.funding[i].length != n) revert Dimensions();
             uint256 chain = state.outcome.assets[i].chainId;
             if (chain != block.chainid) revert ForeignAsset(i, chain);
+        }
+    }
+
+    /// A progression keeps the assets (in order) and each asset's sum of balances; `from` is the
+    /// registered state, so its dimensions were checked, and `_checkState` checked `to`'s.
+    function _checkSums(State calldata from, State calldata to) private pure {
+        uint256 a = from.outcome.assets.length;
+        if (to.outcome.assets.length != a) revert AssetsChanged();
+        for (uint256 i = 0; i < a; ++i) {
+            if (
+                to.outcome.assets[i].chainId != from.outcome.assets[i].chainId
+                    || to.outcome.assets[i].holder != from.outcome.assets[i].holder
+            ) revert AssetsChanged();
+            uint256[] calldata x = from.outcome.balances[i];
+            uint256[] calldata y = to.outcome.balances[i];
+            uint256 sx = 0;
+            uint256 sy = 0;
+            for (uint256 p = 0; p < x.length; ++p) {
+                sx += x[p];
+                sy += y[p];
+            }
+            if (sx != sy) revert SumChanged(i);
         }
     }
 

@@ -19,8 +19,8 @@ use super::txqueue::Call;
 use super::{AdjContract, Chain, EthConfig, Holder, dedupe_key};
 use crate::types::{WithdrawalAuth, event_channel, withdrawal_hash};
 use crate::{
-    Adjudicator, Dispute, Error, EventStream, RegistrationFeed, Result, SignedChannel,
-    WithdrawRequest,
+    Adjudicator, Dispute, Error, EventStream, ProgressRequest, RegistrationFeed, Result,
+    SignedChannel, WithdrawRequest,
 };
 
 /// Registers, concludes and withdraws through the contracts over an alloy provider.
@@ -312,11 +312,9 @@ impl Adjudicator for EthAdjudicator {
                 return Err(Error::AlreadyConcluded);
             }
             let now = c.now().await?;
-            if now < d.timeout {
-                return Err(Error::TimeoutNotPassed {
-                    timeout: d.timeout,
-                    now,
-                });
+            let at = d.conclude_at(&req.params, state);
+            if now < at {
+                return Err(Error::TimeoutNotPassed { timeout: at, now });
             }
             let hash = state.hash();
             if hash != d.state_hash {
@@ -332,6 +330,63 @@ impl Adjudicator for EthAdjudicator {
             self.already_concluded(id, sent).await?;
             info!("concluded");
             Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn progress(&self, req: &ProgressRequest) -> Result<()> {
+        let to = &req.to;
+        let span = info_span!("eth_progress", channel = %to.channelId, version = to.version, actor = req.actor);
+        async {
+            let c = &self.chain;
+            let hash = req.check(c.domain())?;
+            let id = to.channelId;
+            let dispute = c.dispute(id).await?;
+            if req.done(dispute.as_ref(), hash) {
+                debug!("state progressed to already; nothing to do");
+                return Ok(());
+            }
+            let now = c.now().await?;
+            req.check_dispute(dispute.as_ref(), now)?;
+            // The contract's `now + challengeDuration` must fit in 64 bits.
+            req.timeout(now)?;
+            // The app's rule is checked by the queue's simulation of the call: a rejection
+            // comes back as the app's revert, typed (`revert::app_rejected`), without gas.
+            let input = AdjContract::progressCall {
+                params: (&req.params).into(),
+                from: (&req.from).into(),
+                to: to.into(),
+                actor: U256::from(req.actor),
+                sig: Bytes::from(req.signature.as_bytes().to_vec()),
+            }
+            .abi_encode();
+            let sent = self
+                .send_adjudicator(super::revert::PROGRESS, id, hash, input)
+                .await;
+            match sent {
+                Ok(()) => {
+                    info!("progressed");
+                    Ok(())
+                }
+                Err(
+                    e @ (Error::WrongState
+                    | Error::AlreadyConcluded
+                    | Error::TimeoutPassed
+                    | Error::Reverted { .. }),
+                ) => {
+                    // Another transaction came first: what is on-chain now decides.
+                    match c.dispute(id).await? {
+                        Some(d) if !d.concluded && d.state_hash == hash => {
+                            info!("an identical progression came first; nothing to do");
+                            Ok(())
+                        }
+                        Some(d) if d.concluded => Err(Error::AlreadyConcluded),
+                        _ => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            }
         }
         .instrument(span)
         .await

@@ -18,9 +18,9 @@ use tracing::warn;
 
 use crate::bindings::{
     Adjudicator as Adj, AssetHolderERC20 as Erc20Holder, AssetHolderETH as EthHolder,
-    TestToken as Token,
+    TestToken as Token, TicTacToeApp as Ttt,
 };
-use crate::{Error, RevertReason};
+use crate::{AppRevert, Error, RevertReason};
 
 /// Every custom error the contracts (and the code they call) declare.
 static ERRORS: LazyLock<Vec<json_abi::Error>> = LazyLock::new(|| {
@@ -29,6 +29,7 @@ static ERRORS: LazyLock<Vec<json_abi::Error>> = LazyLock::new(|| {
         EthHolder::abi::errors(),
         Erc20Holder::abi::errors(),
         Token::abi::errors(),
+        Ttt::abi::errors(),
     ]
     .into_iter()
     .flat_map(|m| m.into_values().flatten())
@@ -40,10 +41,16 @@ static ERRORS: LazyLock<Vec<json_abi::Error>> = LazyLock::new(|| {
 
 /// The error a revert of `op` (in `tx`, if mined) with `data` stands for.
 pub(super) fn decode(op: &'static str, tx: Option<B256>, data: &[u8]) -> Error {
-    let err = typed(data).unwrap_or_else(|| Error::Reverted {
-        op,
-        tx,
-        reason: reason(data),
+    let err = typed(data).unwrap_or_else(|| {
+        if op == PROGRESS && Adj::AdjudicatorErrors::abi_decode(data).is_err() {
+            // The adjudicator passes the app's revert on unchanged.
+            return app_rejected(data);
+        }
+        Error::Reverted {
+            op,
+            tx,
+            reason: reason(data),
+        }
     });
     warn!(op, ?tx, %err, "reverted");
     err
@@ -87,6 +94,16 @@ fn typed(data: &[u8]) -> Option<Error> {
                     chain_id: e.chainId,
                 }),
             A::Dimensions(_) => Some(Error::Dimensions),
+            A::NoApp(_) => Some(Error::NoApp),
+            A::AlreadyProgressed(_) => Some(Error::AlreadyProgressed),
+            A::FinalState(_) => Some(Error::Channel(perun_channel::Error::Final)),
+            A::BadActor(e) => usize::try_from(e.actor)
+                .ok()
+                .map(|a| Error::Channel(perun_channel::Error::Index(a))),
+            A::AssetsChanged(_) => Some(Error::Channel(perun_channel::Error::AssetsChanged)),
+            A::SumChanged(e) => usize::try_from(e.index)
+                .ok()
+                .map(|i| Error::Channel(perun_channel::Error::SumChanged(i))),
             _ => None,
         };
     }
@@ -119,6 +136,48 @@ fn typed(data: &[u8]) -> Option<Error> {
         });
     }
     None
+}
+
+/// The op name of the adjudicator's `progress`, whose reverts may be the app's.
+pub(super) const PROGRESS: &str = "progress";
+
+/// An app's revert as [`Error::AppRejected`], keeping its data: the tic-tac-toe app's errors
+/// decode into the Rust app's reasons (the same type the sim reports), any other revert is an
+/// [`AppRevert`].
+pub(crate) fn app_rejected(data: &[u8]) -> Error {
+    let rejection = match tictactoe_reason(data) {
+        Some(illegal) => perun_channel::AppRejection::new(illegal),
+        None => perun_channel::AppRejection::new(AppRevert {
+            reason: reason(data),
+        }),
+    };
+    Error::AppRejected {
+        rejection,
+        data: Some(Bytes::copy_from_slice(data)),
+    }
+}
+
+/// A revert of the tic-tac-toe app as the Rust app's reason; `None` for anything else.
+pub fn tictactoe_reason(data: &[u8]) -> Option<perun_channel::tictactoe::Illegal> {
+    use Ttt::TicTacToeAppErrors as E;
+    use perun_channel::tictactoe::Illegal;
+    let small = |v: alloy::primitives::U256| usize::try_from(v).ok();
+    Some(match E::abi_decode(data).ok()? {
+        E::Participants(e) => Illegal::Participants(small(e.n)?),
+        E::BadData(e) => Illegal::BadData(u8::try_from(e.which).ok()?),
+        E::GameOver(_) => Illegal::GameOver,
+        E::NotYourTurn(e) => Illegal::NotYourTurn {
+            expected: small(e.expected)?,
+            actor: small(e.actor)?,
+        },
+        E::Occupied(e) => Illegal::Occupied(small(e.cell)?),
+        E::NoMove(_) => Illegal::NoMove,
+        E::SeveralMoves(_) => Illegal::SeveralMoves,
+        E::WrongMark(e) => Illegal::WrongMark(small(e.cell)?),
+        E::WrongNextActor(_) => Illegal::WrongNextActor,
+        E::WrongOutcome(e) => Illegal::WrongOutcome(small(e.asset)?),
+        E::WrongFinal(_) => Illegal::WrongFinal,
+    })
 }
 
 /// A revert without a variant of its own, named and with its arguments.

@@ -152,6 +152,7 @@ pub(super) fn spawn(c: Chain, hub: Arc<Hub>, generation: u64) {
         &c.cfg,
         vec![
             AdjContract::Registered::SIGNATURE_HASH,
+            AdjContract::Progressed::SIGNATURE_HASH,
             AdjContract::Concluded::SIGNATURE_HASH,
             Holder::Withdrawn::SIGNATURE_HASH,
         ],
@@ -472,6 +473,32 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
             version: e.version,
             timeout: e.timeout,
             nonce: e.nonce,
+            state,
+        }
+    } else if log.address() == cfg.adjudicator && topic0 == AdjContract::Progressed::SIGNATURE_HASH
+    {
+        let e = AdjContract::Progressed::decode_log(&log.inner)
+            .map_err(bad)?
+            .data;
+        let state: State = e.state.into();
+        if e.channelId != id || state.channelId != id {
+            return Err(Error::BadEvent {
+                address: log.address(),
+                topic: topic0,
+                reason: BadEventReason::OtherChannel(e.channelId),
+            });
+        }
+        // The contract checks `actor < participants`; anything else is not its log.
+        let actor = usize::try_from(e.actor).map_err(|_| Error::BadEvent {
+            address: log.address(),
+            topic: topic0,
+            reason: BadEventReason::Decode(format!("actor {} out of range", e.actor)),
+        })?;
+        AdjudicatorEvent::Progressed {
+            id,
+            version: e.version,
+            timeout: e.timeout,
+            actor,
             state,
         }
     } else if log.address() == cfg.adjudicator && topic0 == AdjContract::Concluded::SIGNATURE_HASH {

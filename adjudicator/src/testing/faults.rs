@@ -20,8 +20,8 @@ use tracing::debug;
 
 use super::schedule::{delay, draw, hits};
 use crate::{
-    Adjudicator, Dispute, Error, EventStream, Funder, FundingRequest, Result, RpcFailure,
-    SignedChannel, WithdrawRequest,
+    Adjudicator, Dispute, Error, EventStream, Funder, FundingRequest, ProgressRequest, Result,
+    RpcFailure, SignedChannel, WithdrawRequest,
 };
 
 mod stream;
@@ -461,6 +461,11 @@ impl Adjudicator for FaultyChain {
     async fn register(&self, req: &SignedChannel) -> Result<()> {
         let adj = &self.shared.adjudicator;
         self.call("register", false, || adj.register(req)).await
+    }
+
+    async fn progress(&self, req: &ProgressRequest) -> Result<()> {
+        let adj = &self.shared.adjudicator;
+        self.call("progress", false, || adj.progress(req)).await
     }
 
     async fn conclude(&self, req: &SignedChannel) -> Result<()> {

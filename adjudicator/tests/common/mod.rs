@@ -13,6 +13,7 @@ use perun_adjudicator::testing::{Anvil, CHAIN_ID};
 use perun_adjudicator::types::WithdrawalAuth;
 use perun_adjudicator::{
     Adjudicator, Deployment, EthAdjudicator, EthConfig, EthFunder, Funder, SimLedger, deploy,
+    deploy_tictactoe,
 };
 use perun_channel::{Allocation, Asset, Domain, Params, SignedState, State};
 use perun_wallet::{Account, LocalAccount};
@@ -65,6 +66,8 @@ pub struct Env {
     pub domain: Domain,
     /// The other asset (ERC20 in an ether env and vice versa), for multi-asset channels.
     pub other_asset: Asset,
+    /// The tic-tac-toe app: deployed on anvil, the Rust app on the sim.
+    pub app: Address,
     pub ctl: Box<dyn Control>,
     _anvil: Option<Anvil>,
 }
@@ -85,6 +88,8 @@ impl Env {
         };
         sim.add_asset(eth);
         sim.add_asset(erc20);
+        let app = Address::repeat_byte(0x77);
+        sim.add_app(app, Arc::new(perun_channel::tictactoe::TicTacToe));
         let parties: Vec<_> = (0..n).map(|_| Arc::new(LocalAccount::random())).collect();
         for p in &parties {
             sim.mint(eth, p.address(), start_funds());
@@ -110,6 +115,7 @@ impl Env {
                 chainId: U256::from(CHAIN_ID),
                 holder: if holder == eth { erc20 } else { eth },
             },
+            app,
             ctl: Box::new(SimCtl(sim)),
             _anvil: None,
         }
@@ -119,6 +125,9 @@ impl Env {
         let anvil = Anvil::spawn().await.expect("anvil (run cargo xtask setup)");
         let deployer = anvil.funded_account().await.unwrap();
         let d = deploy(&anvil.provider(&deployer).await.unwrap())
+            .await
+            .unwrap();
+        let app = deploy_tictactoe(&anvil.provider(&deployer).await.unwrap())
             .await
             .unwrap();
         let cfg = EthConfig::from_deployment(&d);
@@ -190,6 +199,7 @@ impl Env {
                     d.eth_holder
                 },
             },
+            app,
             ctl: Box::new(ctl),
             _anvil: None,
         };
@@ -227,6 +237,16 @@ impl Env {
             rows.clone(),
         );
         let state = State::initial(&params, Allocation::new(assets, rows));
+        (params, state)
+    }
+
+    /// A tic-tac-toe channel over the env's asset with the given version-0 balances (its
+    /// funding): an empty board, participant 0 to move.
+    pub fn app_channel(&self, challenge: u64, balances: &[u64]) -> (Params, State) {
+        let (mut params, mut state) = self.channel(challenge, balances);
+        params.app = self.app;
+        state.channelId = params.channel_id();
+        state.appData = board(0, [0; 9]);
         (params, state)
     }
 
@@ -420,4 +440,11 @@ pub async fn next_event(
             other => return other,
         }
     }
+}
+
+/// Tic-tac-toe appData: the next actor, then the nine cells.
+pub fn board(next: u8, cells: [u8; 9]) -> Bytes {
+    let mut d = vec![next];
+    d.extend_from_slice(&cells);
+    Bytes::from(d)
 }
