@@ -87,7 +87,11 @@ async fn play(g: &Game, who: usize, cell: usize) -> State {
 }
 
 /// Waits until `ch` has an event matching `f`.
-async fn event(ch: &mut perun::client::EventStream, what: &str, f: impl Fn(&ChannelEvent) -> bool) -> ChannelEvent {
+async fn event(
+    ch: &mut perun::client::EventStream,
+    what: &str,
+    f: impl Fn(&ChannelEvent) -> bool,
+) -> ChannelEvent {
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             let ev = ch.next().await.expect("event stream open");
@@ -131,11 +135,20 @@ async fn a_silent_player_is_forced_on_chain_and_the_winner_is_paid(ledger: Ledge
     let forcing = {
         let alice = alice.clone();
         let params = params.clone();
-        tokio::spawn(async move { alice.force_update(|s| TicTacToe.play(&params, s, 0, 6)).await })
+        tokio::spawn(async move {
+            alice
+                .force_update(|s| TicTacToe.play(&params, s, 0, 6))
+                .await
+        })
     };
     // Our latest state is registered first; the move waits for the refutation period.
     on_chain(&g, 4).await;
-    assert!(!forcing.is_finished(), "the move must wait for the refutation period");
+    if forcing.is_finished() {
+        panic!(
+            "the move must wait for the refutation period: {:?}",
+            forcing.await
+        );
+    }
     g.ledger.advance(CHALLENGE + 1).await;
     let landed = tokio::time::timeout(Duration::from_secs(60), forcing)
         .await
@@ -145,7 +158,10 @@ async fn a_silent_player_is_forced_on_chain_and_the_winner_is_paid(ledger: Ledge
     assert!(landed.isFinal);
     assert_eq!(Board::decode(&landed.appData).unwrap().winner(), Some(0));
     event(&mut events, "progression", |e| {
-        matches!(e, ChannelEvent::StepDone(perun::client::WatcherStep::Progress { version: 5, .. }))
+        matches!(
+            e,
+            ChannelEvent::StepDone(perun::client::WatcherStep::Progress { version: 5, .. })
+        )
     })
     .await;
     // A final move concludes at once; Alice withdraws the pot.
@@ -183,13 +199,21 @@ async fn both_players_move_on_chain_until_the_game_ends(ledger: Ledger) {
     let mut last = forcing.await.unwrap().unwrap();
     for &(who, cell) in &moves[1..] {
         // The mover's watcher says it is its move on the dispute's state.
-        let events = if who == 0 { &mut alice_events } else { &mut bob_events };
+        let events = if who == 0 {
+            &mut alice_events
+        } else {
+            &mut bob_events
+        };
         let version = last.version;
-        let ev = event(events, "YourMove", |e| {
-            matches!(e, ChannelEvent::YourMove { state } if state.version == version)
-        })
+        let ev = event(
+            events,
+            "YourMove",
+            |e| matches!(e, ChannelEvent::YourMove { state } if state.version == version),
+        )
         .await;
-        let ChannelEvent::YourMove { state } = ev else { unreachable!() };
+        let ChannelEvent::YourMove { state } = ev else {
+            unreachable!()
+        };
         assert_eq!(state, last);
         let ch = &g.chans[who];
         last = ch
@@ -233,8 +257,22 @@ async fn illegal_moves_are_refused_with_their_reason(ledger: Ledger) {
     board.cells[0] = Some(0);
     board.next = 1;
     bad.appData = board.encode();
-    let e = alice.update(|s| *s = State { version: s.version, ..bad.clone() }).await.unwrap_err();
-    assert_eq!(reason(e), Illegal::NotYourTurn { expected: 1, actor: 0 });
+    let e = alice
+        .update(|s| {
+            *s = State {
+                version: s.version,
+                ..bad.clone()
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(e),
+        Illegal::NotYourTurn {
+            expected: 1,
+            actor: 0
+        }
+    );
     // Occupied: Bob marks the centre.
     let mut occupied = before.state.clone();
     let mut board = Board::decode(&occupied.appData).unwrap();
@@ -242,7 +280,12 @@ async fn illegal_moves_are_refused_with_their_reason(ledger: Ledger) {
     board.next = 0;
     occupied.appData = board.encode();
     let e = bob
-        .update(|s| *s = State { version: s.version, ..occupied.clone() })
+        .update(|s| {
+            *s = State {
+                version: s.version,
+                ..occupied.clone()
+            }
+        })
         .await
         .unwrap_err();
     assert_eq!(reason(e), Illegal::Occupied(4));
@@ -256,12 +299,17 @@ async fn illegal_moves_are_refused_with_their_reason(ledger: Ledger) {
     assert!(over.state.isFinal);
     let e = bob
         .try_update(|s| {
-            *s = TicTacToe.play(&params, &over.state, 1, 8).map_err(|e| e.to_string())?;
+            *s = TicTacToe
+                .play(&params, &over.state, 1, 8)
+                .map_err(|e| e.to_string())?;
             Ok(())
         })
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::InvalidUpdate(ref r) if r.contains("over")), "{e:?}");
+    assert!(
+        matches!(e, Error::InvalidUpdate(ref r) if r.contains("over")),
+        "{e:?}"
+    );
     // Forcing a move after the end: the app (through `play`) refuses it.
     let e = bob
         .force_update(|s| TicTacToe.play(&params, s, 1, 8))

@@ -469,7 +469,7 @@ pub(crate) struct ForcedMove {
 }
 
 /// Where our latest forced move stands.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub(crate) enum Forcing {
     /// No move of ours waits.
     #[default]

@@ -248,7 +248,7 @@ pub enum Error {
 }
 
 /// Why a forced move will never land.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MootReason {
     /// The dispute's state is no longer the one the move follows (the other
     /// player moved, or a newer state was registered); it is now `registered`.

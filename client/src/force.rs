@@ -6,10 +6,11 @@
 //!    registers first.
 //! 2. The move is checked by the generic rule and the app's, with us as the
 //!    actor, at version `base + 1` (the adjudicator allows exactly one step).
-//! 3. Before we sign it, its version is stored as burnt: we never sign two
-//!    different states of one version, across restarts too. A version we
-//!    signed before (an off-chain proposal the peer never answered) is
-//!    signed again only with the same contents.
+//! 3. We never sign two different states of one version: a version we
+//!    signed before (an off-chain update we answered) is signed again only
+//!    with the same contents. The signed move is stored as the channel's
+//!    staged state before the signature leaves the process, so a restart
+//!    knows it too.
 //! 4. The watcher sends it once its window opens (after the refutation
 //!    period, or while the progression timeout runs) and reports back.
 
@@ -117,8 +118,9 @@ fn closing(phase: Phase) -> bool {
     )
 }
 
-/// Signs `next` as our forced move: a version nobody may see two states of
-/// from us, stored as burnt before the signature exists.
+/// Signs `next` as our forced move, never a second state of a version we
+/// signed: the signed move is stored (as the channel's staged state, so a
+/// restart knows we signed it) before the signature leaves the process.
 async fn sign_once(
     shared: &Shared,
     core: &ChannelCore,
@@ -127,29 +129,23 @@ async fn sign_once(
     let (version, hash) = (next.version, next.hash());
     let mut l = core.locked.lock().await;
     let signed = l.machine.last_signed();
-    let again = signed == Some((version, hash))
-        || *crate::core::lock(&core.forced().signed) == Some(hash);
-    let top = signed.map_or(0, |(v, _)| v).max(l.burnt);
-    if version <= top && !again {
+    let again =
+        signed == Some((version, hash)) || *crate::core::lock(&core.forced().signed) == Some(hash);
+    if let Some((top, _)) = signed
+        && version <= top
+        && !again
+    {
         warn!(
             version,
             top, "a different state of this version was signed before; not signing the move"
         );
         return Err(perun_channel::Error::DoubleSign(version).into());
     }
-    l.note_burnt(version);
-    if l.burnt < version {
-        return Err(perun_channel::Error::Version {
-            expected: l.burnt,
-            got: version,
-        }
-        .into());
-    }
-    if l.write(shared, core, vec![Change::Burnt(version)]).await? {
-        l.announce(core);
-    }
     let mut s = SignedState::new(next.clone());
     let sig = s.sign(&core.params, core.index, shared.account.as_ref())?;
+    if l.write(shared, core, vec![Change::Staged(s)]).await? {
+        l.announce(core);
+    }
     *crate::core::lock(&core.forced().signed) = Some(hash);
     Ok(sig)
 }

@@ -164,7 +164,9 @@ impl Ledger {
             Ledger::Anvil { anvil, .. } => {
                 let deployer = anvil.funded_account().await.unwrap();
                 let provider = anvil.provider(&deployer).await.unwrap();
-                perun::adjudicator::deploy_tictactoe(&provider).await.unwrap()
+                perun::adjudicator::deploy_tictactoe(&provider)
+                    .await
+                    .unwrap()
             }
         }
     }

@@ -161,11 +161,14 @@ impl Watcher {
                         }
                     }
                     Err((step, e)) => {
-                        // The history shows the registered state: read it again.
+                        // The history shows the registered state: read it
+                        // again, unless it is still being delivered (an app
+                        // channel's latest state comes in a later event than
+                        // its registration).
                         let reread = matches!(e, Error::RegisteredStateUnknown { .. });
                         let at = Instant::now() + self.failed(step, e);
                         retry_at = Some(at);
-                        if reread && stream.events.take().is_some() {
+                        if reread && stream.complete && stream.events.take().is_some() {
                             stream.subscribe_at = Some(at);
                         }
                     }

@@ -104,7 +104,10 @@ fn announce_our_move(shared: &Shared, core: &ChannelCore, registered: &State) {
     let mut announced = lock(&core.forced().announced);
     if *announced != Some(hash) {
         *announced = Some(hash);
-        info!(version = registered.version, "our move in the on-chain dispute");
+        info!(
+            version = registered.version,
+            "our move in the on-chain dispute"
+        );
         core.emit(ChannelEvent::YourMove {
             state: registered.clone(),
         });

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use perun_adjudicator::{Dispute, SignedChannel, WithdrawRequest};
-use perun_channel::{Phase, SignedState, State};
+use perun_channel::{Phase, SignedState};
 use tracing::{debug, info, warn};
 
 use crate::core::{ChannelCore, Shared, enter_closing, set_phase};
@@ -214,7 +214,8 @@ async fn withdraw(
 ) -> Result<Outcome, Failed> {
     let step = WatcherStep::Withdraw;
     // Only the assets matter for a withdrawal; every state of the channel has the same.
-    let state = core.registered_state(d, latest)
+    let state = core
+        .registered_state(d, latest)
         .or_else(|| latest.map(|l| l.state.clone()))
         .ok_or((step, Error::Phase(core.phase())))?;
     if let Err(e) = enter_closing(shared, core, Phase::Concluded).await {
