@@ -20,6 +20,7 @@ on_both_ledgers!(
     a_silent_player_is_forced_on_chain_and_the_winner_is_paid,
     both_players_move_on_chain_until_the_game_ends,
     illegal_moves_are_refused_with_their_reason,
+    a_stale_registration_is_refuted_and_silence_forfeits,
 );
 
 const STAKE: u64 = 1_000;
@@ -316,4 +317,55 @@ async fn illegal_moves_are_refused_with_their_reason(ledger: Ledger) {
         .await
         .unwrap_err();
     assert_eq!(reason(e), Illegal::GameOver);
+}
+
+/// Bob registers an old state in which he holds the pot: Alice's watcher
+/// refutes it with her latest, Bob cannot progress from his old state, and
+/// when he stays silent Alice's latest concludes after the window for the
+/// first move: she holds the pot.
+async fn a_stale_registration_is_refuted_and_silence_forfeits(ledger: Ledger) {
+    let g = game(ledger).await;
+    play(&g, 0, 4).await;
+    let old = play(&g, 1, 0).await; // Bob holds the pot
+    let old_signed = g.chans[1].state();
+    assert_eq!(old_signed.state, old);
+    let latest = play(&g, 0, 2).await; // Alice holds the pot
+    let bob = &g.ps[1];
+    bob.client.shutdown().await;
+    let adj = common::bob_registers(&g.ledger, bob, &g.chans[1], old_signed).await;
+    on_chain(&g, latest.version).await; // refuted by Alice's watcher
+    g.ledger.advance(CHALLENGE + 1).await;
+    // Bob's move on his old state: not the registered state.
+    let params = g.chans[0].params().clone();
+    let stale_move = TicTacToe.play(&params, &old, 1, 8);
+    assert!(stale_move.is_err(), "not Bob's move on his own state");
+    let from_old = {
+        let mut s = TicTacToe.play(&params, &latest, 1, 8).unwrap();
+        s.version = old.version + 1;
+        s
+    };
+    let mut signed = perun::channel::SignedState::new(from_old.clone());
+    let signature = signed.sign(&params, 1, bob.account.as_ref()).unwrap();
+    let e = adj
+        .progress(&perun::adjudicator::ProgressRequest {
+            params: params.clone(),
+            from: old.clone(),
+            to: from_old,
+            actor: 1,
+            signature,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, perun::adjudicator::Error::WrongState),
+        "progress from a state that is not registered: {e:?}"
+    );
+    // Bob stays silent through the window for the first move.
+    g.ledger.advance(CHALLENGE + 1).await;
+    g.chans[0]
+        .wait_for_phase(Phase::Withdrawn, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let a = g.ps[0].client.address();
+    assert_eq!(g.ledger.balance(a).await, g.start[0] + U256::from(STAKE));
 }
