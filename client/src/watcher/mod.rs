@@ -206,7 +206,12 @@ impl Watcher {
                         if let AdjudicatorEvent::Registered { state, .. }
                         | AdjudicatorEvent::Progressed { state, .. } = &ev
                         {
-                            core.note_registered(state.clone());
+                            // Untrusted: a state outside the limits (an app
+                            // contract may accept any data) is never kept.
+                            match state.validate(&core.params) {
+                                Ok(()) => core.note_registered(state.clone()),
+                                Err(e) => warn!(error = %e, "chain event with an invalid state; ignored"),
+                            }
                         }
                         core.emit(ChannelEvent::Chain(ev));
                         need = true;
