@@ -281,6 +281,27 @@ impl Machine {
         Ok(sig)
     }
 
+    /// Signs `state` alone, outside the update protocol: our move in an app
+    /// channel's on-chain dispute. The same rule as [`sign_staged`](Self::sign_staged):
+    /// never a second state of a version already signed, nothing older,
+    /// nothing after a signed final state; the signature counts as signed
+    /// from here on. Only once the channel closes on-chain (`Registered`).
+    pub fn sign_forced(&mut self, state: &State, account: &dyn Account) -> Result<SignedState> {
+        if self.phase != Phase::Registered {
+            return Err(Error::WrongPhase {
+                op: "sign_forced",
+                phase: self.phase,
+            });
+        }
+        let (version, hash) = (state.version, state.hash());
+        Self::check_sign(self.last_signed, self.signed_final, version, hash)?;
+        let mut signed = SignedState::new(state.clone());
+        signed.sign(&self.params, self.index, account)?;
+        self.last_signed = Some((version, hash));
+        self.signed_final = state.isFinal;
+        Ok(signed)
+    }
+
     /// Verifies and adds participant `index`'s signature on the staged state.
     pub fn add_signature(&mut self, index: usize, sig: Signature) -> Result<()> {
         let params = self.params.clone();

@@ -460,15 +460,17 @@ pub(crate) struct ChannelCore {
 
 /// Our move in an app channel's on-chain dispute: `to`, signed by us alone,
 /// follows the registered state `from` (sent by the watcher once its
-/// window opens; see `force` and `watcher::progress`).
+/// window opens; see `force` and `watcher::progress`). `from` is `None` for
+/// a move restored from the store: it follows whatever registered state
+/// it is a valid move of ours from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ForcedMove {
-    pub(crate) from: State,
+    pub(crate) from: Option<State>,
     pub(crate) to: State,
     pub(crate) signature: perun_channel::Signature,
 }
 
-/// Where our latest forced move stands.
+/// Where our latest forced move stands; moves are named by their hash.
 #[derive(Debug, Clone, Default)]
 pub(crate) enum Forcing {
     /// No move of ours waits.
@@ -476,10 +478,10 @@ pub(crate) enum Forcing {
     Idle,
     /// Signed, waiting for its window on-chain.
     Pending(Box<ForcedMove>),
-    /// The dispute's state is our move of this version.
-    Landed(u64),
-    /// Our move of this version will never land.
-    Moot(u64, crate::error::MootReason),
+    /// The dispute's state is this move of ours.
+    Landed(perun_channel::B256),
+    /// This move of ours will never land.
+    Moot(perun_channel::B256, crate::error::MootReason),
 }
 
 /// An app channel's dispute as this client takes part in it.
@@ -487,11 +489,11 @@ pub(crate) enum Forcing {
 pub(crate) struct Forced {
     /// Our pending or last move.
     pub(crate) status: watch::Sender<Forcing>,
-    /// The hash of the last state we signed as a forced move (signing it
-    /// again is no second signature on its version).
-    pub(crate) signed: Mutex<Option<perun_channel::B256>>,
     /// The hash of the registered state we last announced as our move.
     pub(crate) announced: Mutex<Option<perun_channel::B256>>,
+    /// Our refutation came too late: the registered state stands, and a
+    /// move must follow it, not our latest state.
+    pub(crate) refute_closed: AtomicBool,
 }
 
 impl ChannelCore {
@@ -570,6 +572,37 @@ impl ChannelCore {
     /// Our moves in this (app) channel's dispute.
     pub(crate) fn forced(&self) -> &Forced {
         self.forced.get_or_init(Forced::default)
+    }
+
+    /// After a restore: a move of ours the store holds signed (the staged
+    /// state of a channel closing on-chain, signed by us alone) goes on
+    /// waiting for its window, as it did before the restart.
+    pub(crate) fn resume_forced_move(&self) {
+        if self.params.is_payment() || !matches!(self.phase(), Phase::Registered) {
+            return;
+        }
+        let Ok(l) = self.locked.try_lock() else {
+            return;
+        };
+        let Some(staged) = l.machine.staged() else {
+            return;
+        };
+        let mine = staged.sigs.get(self.index).cloned().flatten();
+        let others = staged
+            .sigs
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i != self.index && s.is_some());
+        if let (Some(signature), false) = (mine, others) {
+            tracing::info!(channel = %self.id, version = staged.state.version, "resuming our forced move");
+            self.forced()
+                .status
+                .send_replace(Forcing::Pending(Box::new(ForcedMove {
+                    from: None,
+                    to: staged.state.clone(),
+                    signature,
+                })));
+        }
     }
 
     /// The state whose hash is on-chain in `d`: `latest`, or one a

@@ -6,18 +6,21 @@
 //!    registers first.
 //! 2. The move is checked by the generic rule and the app's, with us as the
 //!    actor, at version `base + 1` (the adjudicator allows exactly one step).
-//! 3. We never sign two different states of one version: a version we
-//!    signed before (an off-chain update we answered) is signed again only
-//!    with the same contents. The signed move is stored as the channel's
-//!    staged state before the signature leaves the process, so a restart
-//!    knows it too.
+//! 3. We never sign two different states of one version
+//!    (`Machine::sign_forced`, the rule of every signature): a version we
+//!    signed before is signed again only with the same contents. The signed
+//!    move is stored as the channel's staged state before the signature
+//!    leaves the process, so a restart knows it, and sends it
+//!    (`ChannelCore::resume_forced_move`).
 //! 4. The watcher sends it once its window opens (after the refutation
 //!    period, or while the progression timeout runs) and reports back.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use perun_adjudicator::Dispute;
-use perun_channel::{AppRejection, Phase, SignedState, State};
+use perun_channel::{AppRejection, B256, Phase, State};
 use perun_persistence::Change;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -41,10 +44,9 @@ where
     let app = shared.apps.rules(&core.params)?;
     let span = info_span!("force_update", channel = %core.id, me = core.index);
     async move {
-        let d = shared.adjudicator.dispute(core.id).await?;
-        let latest = core.latest().await.ok_or(Error::Phase(core.phase()))?;
-        let base = base(core, d.as_ref(), &latest)?;
+        let (d, base) = base(shared, core).await?;
         let mut next = f(&base).map_err(|e| perun_channel::Error::App(AppRejection::from(e)))?;
+        // The adjudicator takes exactly one version per move.
         next.version = base
             .version
             .checked_add(1)
@@ -59,20 +61,23 @@ where
             crate::watcher::force_close(shared, core).await?;
         }
         let signature = sign_once(shared, core, &next).await?;
-        let version = next.version;
+        let (version, hash) = (next.version, next.hash());
         info!(from = base.version, version, "forcing our move on-chain");
         let forced = core.forced();
         let mut status = forced.status.subscribe();
         forced.status.send_replace(Forcing::Pending(Box::new(ForcedMove {
-            from: base,
+            from: Some(base),
             to: next.clone(),
             signature,
         })));
+        // Dropped before it landed (a timeout of the caller's): the move is
+        // not sent after all, unless the watcher sent it already.
+        let _withdraw = Withdraw { core, hash };
         crate::watcher::nudge(core);
         loop {
             match &*status.borrow_and_update() {
-                Forcing::Landed(v) if *v == version => return Ok(next),
-                Forcing::Moot(v, reason) if *v == version => {
+                Forcing::Landed(h) if *h == hash => return Ok(next),
+                Forcing::Moot(h, reason) if *h == hash => {
                     return Err(Error::MoveMoot {
                         version,
                         reason: reason.clone(),
@@ -92,22 +97,63 @@ where
     .await
 }
 
-/// The state our move follows.
-fn base(core: &ChannelCore, d: Option<&Dispute>, latest: &SignedState) -> Result<State> {
-    match d {
-        None => Ok(latest.state.clone()),
-        Some(d) if d.concluded => Err(Error::MoveMoot {
-            version: d.version.saturating_add(1),
-            reason: MootReason::Concluded,
-        }),
-        // The watcher refutes with our latest before the window opens.
-        Some(d) if !d.progressed && latest.state.version > d.version => Ok(latest.state.clone()),
-        Some(d) => core
-            .registered_state(d, Some(latest))
-            .ok_or(Error::RegisteredStateUnknown {
-                version: d.version,
-                hash: d.state_hash,
-            }),
+/// Takes a pending move back when its `force_update` is dropped.
+struct Withdraw<'a> {
+    core: &'a ChannelCore,
+    hash: B256,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        self.core.forced().status.send_if_modified(|s| match s {
+            Forcing::Pending(m) if m.to.hash() == self.hash => {
+                *s = Forcing::Idle;
+                true
+            }
+            _ => false,
+        });
+    }
+}
+
+/// How long `force_update` waits for the watcher to see the registered state.
+const SEE_REGISTERED: Duration = Duration::from_secs(10);
+
+/// The dispute, and the state our move follows: the registered one, or our
+/// latest if the watcher registers it (nothing registered yet, or an older
+/// state it can still refute). Waits briefly for the watcher to see a
+/// registered state it has not read from the events yet.
+async fn base(shared: &Shared, core: &ChannelCore) -> Result<(Option<Dispute>, State)> {
+    let deadline = tokio::time::Instant::now() + SEE_REGISTERED;
+    loop {
+        let d = shared.adjudicator.dispute(core.id).await?;
+        let latest = core.latest().await.ok_or(Error::Phase(core.phase()))?;
+        let refutable = !core.forced().refute_closed.load(Ordering::SeqCst);
+        let base = match &d {
+            None => Some(latest.state.clone()),
+            Some(d) if d.concluded => {
+                return Err(Error::MoveMoot {
+                    version: d.version.saturating_add(1),
+                    reason: MootReason::Concluded,
+                });
+            }
+            Some(d) if !d.progressed && refutable && latest.state.version > d.version => {
+                Some(latest.state.clone())
+            }
+            Some(d) => core.registered_state(d, Some(&latest)),
+        };
+        match (base, d) {
+            (Some(base), d) => return Ok((d, base)),
+            (None, Some(d)) if tokio::time::Instant::now() >= deadline => {
+                return Err(Error::RegisteredStateUnknown {
+                    version: d.version,
+                    hash: d.state_hash,
+                });
+            }
+            (None, _) => {
+                crate::watcher::nudge(core);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
@@ -118,34 +164,28 @@ fn closing(phase: Phase) -> bool {
     )
 }
 
-/// Signs `next` as our forced move, never a second state of a version we
-/// signed: the signed move is stored (as the channel's staged state, so a
-/// restart knows we signed it) before the signature leaves the process.
+/// Signs `next` as our forced move under the machine's rule (never a
+/// second state of a version we signed, across restarts too: the signed
+/// move is stored as the channel's staged state before it leaves).
 async fn sign_once(
     shared: &Shared,
     core: &ChannelCore,
     next: &State,
 ) -> Result<perun_channel::Signature> {
-    let (version, hash) = (next.version, next.hash());
     let mut l = core.locked.lock().await;
-    let signed = l.machine.last_signed();
-    let again =
-        signed == Some((version, hash)) || *crate::core::lock(&core.forced().signed) == Some(hash);
-    if let Some((top, _)) = signed
-        && version <= top
-        && !again
-    {
-        warn!(
-            version,
-            top, "a different state of this version was signed before; not signing the move"
-        );
-        return Err(perun_channel::Error::DoubleSign(version).into());
-    }
-    let mut s = SignedState::new(next.clone());
-    let sig = s.sign(&core.params, core.index, shared.account.as_ref())?;
-    if l.write(shared, core, vec![Change::Staged(s)]).await? {
+    let mut trial = l.machine.clone();
+    let signed = trial
+        .sign_forced(next, shared.account.as_ref())
+        .inspect_err(|e| warn!(version = next.version, error = %e, "not signing the move"))?;
+    let sig = signed
+        .sigs
+        .get(core.index)
+        .cloned()
+        .flatten()
+        .ok_or(perun_channel::Error::MissingSignature(core.index))?;
+    if l.write(shared, core, vec![Change::Staged(signed)]).await? {
         l.announce(core);
     }
-    *crate::core::lock(&core.forced().signed) = Some(hash);
+    l.machine = trial;
     Ok(sig)
 }

@@ -136,7 +136,9 @@ fn build_core(
         .map(|(index, b)| PeerId::from_bytes(b).map_err(|_| crate::Error::StoredPeerId { index }))
         .collect::<std::result::Result<Vec<PeerId>, _>>()?;
     let machine = rec.to_machine()?;
-    ChannelCore::new(machine, peers, rec.burnt)
+    let core = ChannelCore::new(machine, peers, rec.burnt)?;
+    core.resume_forced_move();
+    Ok(core)
 }
 
 /// Picks a restored channel up where it was: its watcher for every funded

@@ -2,6 +2,7 @@
 //! window is open, and tell the application when the move is ours.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use perun_adjudicator::{Dispute, ProgressRequest};
 use perun_channel::State;
@@ -29,32 +30,42 @@ pub(super) async fn step(
         announce_our_move(shared, core, registered);
         return None;
     };
-    let version = m.to.version;
+    let (version, hash) = (m.to.version, m.to.hash());
     let moot = |reason| {
         warn!(version, %reason, "our forced move will not land");
-        forced.status.send_replace(Forcing::Moot(version, reason));
+        forced.status.send_replace(Forcing::Moot(hash, reason));
     };
-    if d.state_hash == m.to.hash() {
-        forced.status.send_replace(Forcing::Landed(version));
+    if d.state_hash == hash {
+        forced.status.send_replace(Forcing::Landed(hash));
         return None;
     }
-    if d.state_hash != m.from.hash() {
-        if !d.progressed && d.version < m.from.version {
-            // Our registration of the base is still on its way.
+    let from = match &m.from {
+        Some(from) if from.hash() == d.state_hash => from.clone(),
+        // The registration of our base is still on its way (we refute).
+        Some(from)
+            if !d.progressed
+                && d.version < from.version
+                && !forced.refute_closed.load(Ordering::SeqCst) =>
+        {
             return Some(Ok(Outcome::Poll));
         }
-        moot(MootReason::ChainMoved {
-            registered: d.version,
-        });
-        return None;
-    }
+        // A move restored from the store follows the registered state it is
+        // a valid move of ours from.
+        None if follows(shared, core, registered, &m.to) => registered.clone(),
+        _ => {
+            moot(MootReason::ChainMoved {
+                registered: d.version,
+            });
+            return None;
+        }
+    };
     let step = WatcherStep::Progress {
-        from: m.from.version,
+        from: from.version,
         version,
     };
     let req = ProgressRequest {
         params: core.params.clone(),
-        from: m.from,
+        from,
         to: m.to,
         actor: core.index,
         signature: m.signature,
@@ -66,7 +77,7 @@ pub(super) async fn step(
             core.emit(ChannelEvent::Step(step));
             core.note_registered(req.to);
             core.emit(ChannelEvent::StepDone(step));
-            forced.status.send_replace(Forcing::Landed(version));
+            forced.status.send_replace(Forcing::Landed(hash));
             Some(Ok(Outcome::Poll))
         }
         Err(E::TimeoutNotPassed { timeout, now }) => {
@@ -89,6 +100,17 @@ pub(super) async fn step(
             None
         }
     }
+}
+
+/// Whether `to` is a move of ours from `registered`: one version on, and
+/// allowed by the generic rule and the app's.
+fn follows(shared: &Shared, core: &ChannelCore, registered: &State, to: &State) -> bool {
+    registered.version.checked_add(1) == Some(to.version)
+        && shared.apps.rules(&core.params).is_ok_and(|app| {
+            registered
+                .validate_transition(&core.params, to, core.index, app)
+                .is_ok()
+        })
 }
 
 /// Emits [`ChannelEvent::YourMove`] once per registered state on which it is

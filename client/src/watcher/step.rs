@@ -114,6 +114,7 @@ async fn dispute_running(
         match register(shared, core, latest.clone(), step).await {
             // The challenge period is over: what is registered stands.
             Err((_, Error::Chain(perun_adjudicator::Error::TimeoutPassed))) => {
+                core.forced().refute_closed.store(true, Ordering::SeqCst);
                 warn!(
                     registered = d.version,
                     ours = latest.state.version,
