@@ -48,7 +48,7 @@ pub mod signed;
 pub mod tictactoe;
 pub mod types;
 
-pub use alloy_primitives::{Address, B256, Bytes, U256};
+pub use alloy_primitives::{Address, B256, Bytes, Signature, U256};
 pub use app::{App, AppRejection, PaymentApp};
 pub use error::{Error, Result};
 pub use hash::{ChannelId, derive_nonce};

@@ -218,6 +218,50 @@ impl Channel {
         .await
     }
 
+    /// Forces our move in an app channel on-chain, for when the other
+    /// players stop answering (an [`update`](Self::update) timed out or was
+    /// refused although the move is valid).
+    ///
+    /// `f` builds the move from the state it follows: the state registered
+    /// on-chain if a dispute runs, else our latest fully signed one, which
+    /// is registered first. The move gets that state's version + 1 (the
+    /// adjudicator allows one step) and must pass the app's rules with us as
+    /// the actor. It is signed by us alone, after its version is stored, and
+    /// a version we signed before is signed again only with the same
+    /// contents ([`DoubleSign`](perun_channel::Error::DoubleSign) otherwise:
+    /// force the move the peer did not answer).
+    ///
+    /// The channel leaves off-chain updates for good. The watcher sends the
+    /// move once the refutation period is over (or at once, while a
+    /// progression's timeout runs), and `force_update` returns it once it is
+    /// the dispute's state. The other players then have one challenge
+    /// duration to answer with their move; the watcher tells us when it is
+    /// our move again ([`ChannelEvent::YourMove`](crate::ChannelEvent::YourMove)),
+    /// and concludes and withdraws once the last move's timeout passes.
+    ///
+    /// ```no_run
+    /// # async fn f(ch: perun_client::Channel) -> perun_client::Result<()> {
+    /// use perun_channel::tictactoe::TicTacToe;
+    /// let (params, me) = (ch.params().clone(), ch.index());
+    /// let on_chain = ch.force_update(|s| TicTacToe.play(&params, s, me, 4)).await?;
+    /// println!("version {} is on-chain", on_chain.version);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Errors: [`NotAnAppChannel`](Error::NotAnAppChannel), the app's or the
+    /// generic rule's reason ([`Error::Channel`]), or
+    /// [`MoveMoot`](Error::MoveMoot) if the dispute moved on or its window
+    /// closed before the move landed.
+    pub async fn force_update<E>(
+        &self,
+        f: impl FnOnce(&State) -> std::result::Result<State, E>,
+    ) -> Result<State>
+    where
+        perun_channel::AppRejection: From<E>,
+    {
+        crate::force::force_update(&self.shared, &self.core, f).await
+    }
+
     /// Closes the channel and withdraws our funds to our address.
     ///
     /// Cooperatively if the peers answer: a final update (unless the state

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use perun_adjudicator::{Adjudicator, Funder};
-use perun_channel::{App, ChannelId, PaymentApp};
+use perun_channel::{Address, App, ChannelId};
 use perun_persistence::{MemoryPersister, Persister};
 use perun_wallet::Account;
 use perun_wire::{Keypair, Multiaddr, PeerId};
@@ -24,7 +24,7 @@ pub struct ClientBuilder {
     persister: Option<Arc<dyn Persister>>,
     proposal_handler: Arc<dyn ProposalHandler>,
     update_handler: Arc<dyn UpdateHandler>,
-    app: Arc<dyn App>,
+    apps: crate::apps::Apps,
     timeouts: Timeouts,
     limits: Limits,
     peers: Vec<(PeerId, Multiaddr)>,
@@ -50,7 +50,7 @@ impl Default for ClientBuilder {
             persister: None,
             proposal_handler: Arc::new(RejectAll),
             update_handler: Arc::new(AcceptPaymentsToMe),
-            app: Arc::new(PaymentApp),
+            apps: crate::apps::Apps::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             peers: Vec::new(),
@@ -109,9 +109,21 @@ impl ClientBuilder {
         self.update_handler = h;
         self
     }
-    /// Rules of app channels (payment channels always use the payment rule).
-    pub fn app(mut self, app: Arc<dyn App>) -> Self {
-        self.app = app;
+    /// The rules of the app contract at `address` (call once per app).
+    /// Payment channels always use the payment rule; a proposed channel
+    /// whose app is not registered here is refused
+    /// ([`UnknownApp`](perun_channel::Error::UnknownApp)), since none of
+    /// its states could be checked before signing.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use perun_channel::{Address, tictactoe::TicTacToe};
+    /// # let tictactoe_contract = Address::repeat_byte(0x77);
+    /// let builder = perun_client::Client::builder().app(tictactoe_contract, Arc::new(TicTacToe));
+    /// # let _ = builder;
+    /// ```
+    pub fn app(mut self, address: Address, app: Arc<dyn App>) -> Self {
+        self.apps.insert(address, app);
         self
     }
     /// Protocol timeouts.
@@ -213,7 +225,7 @@ impl ClientBuilder {
             persister,
             proposal_handler: self.proposal_handler,
             update_handler: self.update_handler,
-            app: self.app,
+            apps: self.apps,
             timeouts: self.timeouts,
             limits: self.limits,
             towers,

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use perun_adjudicator::{Adjudicator, Funder};
-use perun_channel::{App, ChannelId, Machine, Params, Phase, SignedState, State};
+use perun_channel::{ChannelId, Machine, Params, Phase, SignedState, State};
 use perun_persistence::{Change, ChannelRecord, Persister};
 use perun_wallet::Account;
 use perun_wire::{Handle, Message, PeerId};
@@ -51,7 +51,7 @@ pub(crate) struct Shared {
     /// Replaceable once built: [`Payments`](crate::payments::Payments)
     /// installs its own.
     pub(crate) update_handler: std::sync::RwLock<Arc<dyn UpdateHandler>>,
-    pub(crate) app: Arc<dyn App>,
+    pub(crate) apps: crate::apps::Apps,
     pub(crate) timeouts: Timeouts,
     channels: Mutex<HashMap<ChannelId, Arc<ChannelCore>>>,
     /// Counts insertions into and removals from `channels`, so a
@@ -102,7 +102,7 @@ pub(crate) struct Parts {
     pub(crate) persister: Arc<dyn Persister>,
     pub(crate) proposal_handler: Arc<dyn ProposalHandler>,
     pub(crate) update_handler: Arc<dyn UpdateHandler>,
-    pub(crate) app: Arc<dyn App>,
+    pub(crate) apps: crate::apps::Apps,
     pub(crate) timeouts: Timeouts,
     pub(crate) limits: crate::Limits,
     pub(crate) towers: Option<Arc<crate::tower::Towers>>,
@@ -118,7 +118,7 @@ impl Shared {
             persister: p.persister,
             proposal_handler: p.proposal_handler,
             update_handler: std::sync::RwLock::new(p.update_handler),
-            app: p.app,
+            apps: p.apps,
             timeouts: p.timeouts,
             channels: Mutex::new(HashMap::new()),
             channels_changed: watch::channel(0).0,
@@ -454,6 +454,44 @@ pub(crate) struct ChannelCore {
     /// so a conclusion that waits out a challenge period is announced once,
     /// not at every poll.
     pub(crate) conclude_announced: std::sync::atomic::AtomicU64,
+    /// Our moves in an app channel's on-chain dispute; created on first use.
+    forced: OnceLock<Forced>,
+}
+
+/// Our move in an app channel's on-chain dispute: `to`, signed by us alone,
+/// follows the registered state `from` (sent by the watcher once its
+/// window opens; see `force` and `watcher::progress`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ForcedMove {
+    pub(crate) from: State,
+    pub(crate) to: State,
+    pub(crate) signature: perun_channel::Signature,
+}
+
+/// Where our latest forced move stands.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum Forcing {
+    /// No move of ours waits.
+    #[default]
+    Idle,
+    /// Signed, waiting for its window on-chain.
+    Pending(Box<ForcedMove>),
+    /// The dispute's state is our move of this version.
+    Landed(u64),
+    /// Our move of this version will never land.
+    Moot(u64, crate::error::MootReason),
+}
+
+/// An app channel's dispute as this client takes part in it.
+#[derive(Debug, Default)]
+pub(crate) struct Forced {
+    /// Our pending or last move.
+    pub(crate) status: watch::Sender<Forcing>,
+    /// The hash of the last state we signed as a forced move (signing it
+    /// again is no second signature on its version).
+    pub(crate) signed: Mutex<Option<perun_channel::B256>>,
+    /// The hash of the registered state we last announced as our move.
+    pub(crate) announced: Mutex<Option<perun_channel::B256>>,
 }
 
 impl ChannelCore {
@@ -493,6 +531,7 @@ impl ChannelCore {
             settling: AtomicBool::new(false),
             registered: Mutex::new(Vec::new()),
             conclude_announced: std::sync::atomic::AtomicU64::new(0),
+            forced: OnceLock::new(),
         }))
     }
 
@@ -526,6 +565,26 @@ impl ChannelCore {
             }
             r.push(state);
         }
+    }
+
+    /// Our moves in this (app) channel's dispute.
+    pub(crate) fn forced(&self) -> &Forced {
+        self.forced.get_or_init(Forced::default)
+    }
+
+    /// The state whose hash is on-chain in `d`: `latest`, or one a
+    /// registration or progression event showed.
+    pub(crate) fn registered_state(
+        &self,
+        d: &perun_adjudicator::Dispute,
+        latest: Option<&SignedState>,
+    ) -> Option<State> {
+        if let Some(l) = latest
+            && l.state.hash() == d.state_hash
+        {
+            return Some(l.state.clone());
+        }
+        self.registered_matching(d.state_hash)
     }
 
     /// A remembered registered state with this hash.

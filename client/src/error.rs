@@ -233,6 +233,42 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// `force_update` on a payment channel: only app channels have moves
+    /// to force (a payment channel closes with `settle`).
+    #[error("channel {0} is a payment channel; only app channels are progressed on-chain")]
+    NotAnAppChannel(ChannelId),
+    /// Our forced move of `version` will never land on-chain.
+    #[error("forced move of version {version} will not land: {reason}")]
+    MoveMoot {
+        /// The move's version.
+        version: u64,
+        /// Why.
+        reason: MootReason,
+    },
+}
+
+/// Why a forced move will never land.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MootReason {
+    /// The dispute's state is no longer the one the move follows (the other
+    /// player moved, or a newer state was registered); it is now `registered`.
+    #[error("the dispute moved on to version {registered}")]
+    ChainMoved {
+        /// The version registered now.
+        registered: u64,
+    },
+    /// The progression window closed before the move could be sent.
+    #[error("the progression window closed")]
+    WindowClosed,
+    /// The channel was concluded.
+    #[error("the channel is concluded")]
+    Concluded,
+    /// The adjudicator or the app contract refused it.
+    #[error("refused on-chain: {0}")]
+    Refused(std::sync::Arc<perun_adjudicator::Error>),
+    /// The client shut down while it waited.
+    #[error("the client shut down")]
+    Shutdown,
 }
 
 impl Error {

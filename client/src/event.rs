@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use perun_adjudicator::AdjudicatorEvent;
-use perun_channel::Phase;
+use perun_channel::{Phase, State};
 
 use crate::Error;
 
@@ -25,6 +25,13 @@ pub enum ChannelEvent {
     },
     /// The channel's phase changed.
     Phase(Phase),
+    /// In an app channel's dispute, it is our move on the registered state:
+    /// answer with [`Channel::force_update`](crate::Channel::force_update)
+    /// before the timeout, or the app's rules decide what silence costs.
+    YourMove {
+        /// The registered state the move follows.
+        state: State,
+    },
     /// The watcher starts an on-chain step.
     Step(WatcherStep),
     /// An on-chain step succeeded.
@@ -104,6 +111,13 @@ pub enum WatcherStep {
     },
     /// Withdraw our share from the asset holders.
     Withdraw,
+    /// Progress an app channel's dispute with our move.
+    Progress {
+        /// The registered version the move follows.
+        from: u64,
+        /// The move's version.
+        version: u64,
+    },
 }
 
 /// Whether a channel's watcher protects it.

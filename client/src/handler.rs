@@ -223,7 +223,8 @@ pub enum Refusal {
         /// Our maximum.
         max: U256,
     },
-    /// The channel runs an app; this handler accepts payment channels only.
+    /// The channel runs an app this handler was not told to accept
+    /// ([`AcceptWithin::accept_app`]).
     App(Address),
 }
 
@@ -276,6 +277,7 @@ impl std::fmt::Display for Refusal {
 pub struct AcceptWithin {
     min_challenge: Duration,
     max_deposit: HashMap<Asset, U256>,
+    apps: Vec<Address>,
     opened: mpsc::Sender<Result<Channel>>,
 }
 
@@ -291,6 +293,7 @@ impl AcceptWithin {
         let handler = Self {
             min_challenge: Self::DEFAULT_MIN_CHALLENGE,
             max_deposit: max_deposit.into_iter().collect(),
+            apps: Vec::new(),
             opened,
         };
         (handler, rx)
@@ -299,6 +302,16 @@ impl AcceptWithin {
     /// Sets the shortest challenge duration accepted.
     pub fn min_challenge(mut self, min: Duration) -> Self {
         self.min_challenge = min;
+        self
+    }
+
+    /// Also accepts channels of the app contract at `app` (within the same
+    /// deposit and challenge limits). Its rules must be registered with the
+    /// client ([`ClientBuilder::app`](crate::ClientBuilder::app)); the
+    /// proposal's initial app data was checked by them before this handler
+    /// is asked.
+    pub fn accept_app(mut self, app: Address) -> Self {
+        self.apps.push(app);
         self
     }
 
@@ -311,7 +324,7 @@ impl AcceptWithin {
                 min: self.min_challenge,
             });
         }
-        if p.proposal.app != Address::ZERO {
+        if p.proposal.app != Address::ZERO && !self.apps.contains(&p.proposal.app) {
             return Some(Refusal::App(p.proposal.app));
         }
         for (i, asset) in p.proposal.allocation.assets.iter().enumerate() {
@@ -344,15 +357,18 @@ impl ProposalHandler for AcceptWithin {
     }
 }
 
-/// Accepts an update only if none of our balances decreases: payments to
-/// us, and the final update that closes the channel as it stands.
+/// In a payment channel, accepts an update only if none of our balances
+/// decreases: payments to us, and the final update that closes the channel
+/// as it stands. In an app channel the app's rules, checked before any
+/// handler is asked, decide: every valid move is signed (a game's rules
+/// say what the other player may take).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AcceptPaymentsToMe;
 
 #[async_trait]
 impl UpdateHandler for AcceptPaymentsToMe {
     async fn handle_update(&self, update: IncomingUpdate, responder: UpdateResponder) {
-        if update.pays_me_or_keeps() {
+        if !update.params.is_payment() || update.pays_me_or_keeps() {
             responder.accept();
         } else {
             responder.reject("update decreases my balance");

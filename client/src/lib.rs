@@ -21,7 +21,7 @@
 //!   (cooperative close, or on-chain through the watcher), `restore` and
 //!   `dispatch` (incoming requests to their protocol).
 //! - **Shared core:** `core` (the client's shared parts, each channel's
-//!   core and its locked machine), `deliver` (commits and aborts to peers),
+//!   core and its locked machine), `apps` (the app rules by contract address), `deliver` (commits and aborts to peers),
 //!   [`event`], [`config`] ([`Timeouts`], [`Limits`]), [`error`] (the crate's one error
 //!   enum).
 //!
@@ -42,6 +42,7 @@
 //! # Ok(()) }
 //! ```
 
+mod apps;
 pub mod channel;
 pub mod client;
 pub mod config;
@@ -51,6 +52,7 @@ mod dispatch;
 pub mod error;
 pub mod event;
 mod failpoint;
+mod force;
 pub mod handler;
 pub mod open;
 pub mod payments;
@@ -65,7 +67,7 @@ mod watcher;
 pub use channel::{Channel, EventStream, UpdateStream};
 pub use client::{Client, ClientBuilder, DamagedRecord, SHUTDOWN_GRACE};
 pub use config::{Limits, TimeoutRule, Timeouts};
-pub use error::{Error, Result};
+pub use error::{Error, MootReason, Result};
 pub use event::{ChannelEvent, WatchStatus, WatcherStep};
 pub use handler::{
     AcceptAllForTesting, AcceptPaymentsToMe, AcceptWithin, IncomingProposal, IncomingUpdate,

@@ -129,7 +129,17 @@ fn check_proposal(shared: &Shared, from: Option<PeerId>, p: &Proposal) -> Result
             holder: asset.holder,
         });
     }
-    channel_of(p, &vec![B256::ZERO; n])?;
+    let (params, state) = channel_of(p, &vec![B256::ZERO; n])?;
+    // An app channel's version 0 must be a start of its app: every later
+    // state is checked against it, on-chain too.
+    shared
+        .apps
+        .rules(&params)?
+        .valid_init(&params, &state)
+        .map_err(|reason| {
+            warn!(app = %params.app, %reason, "proposal with an invalid initial app state");
+            perun_channel::Error::App(reason)
+        })?;
     Ok(index)
 }
 

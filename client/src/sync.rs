@@ -102,7 +102,11 @@ async fn merge(
         return Ok(None);
     }
     let mut trial = l.machine.clone();
-    if let Err(e) = trial.stage_update(staged.state.clone(), core.index, shared.app.as_ref()) {
+    if let Err(e) = trial.stage_update(
+        staged.state.clone(),
+        core.index,
+        shared.apps.rules(&core.params)?,
+    ) {
         warn!(%peer, error = %e, "peer's staged state is not an update of ours; ignored");
         return Ok(None);
     }

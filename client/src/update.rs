@@ -65,7 +65,7 @@ pub(crate) async fn propose(
             next.version = l.next_version().ok_or(Error::Phase(l.machine.phase()))?;
             f(&mut next).map_err(Error::InvalidUpdate)?;
             l.machine
-                .stage_update(next.clone(), core.index, shared.app.as_ref())?;
+                .stage_update(next.clone(), core.index, shared.apps.rules(&core.params)?)?;
             l.staged_actor = Some(core.index);
             // A newer proposal supersedes an older failed one.
             l.pending = None;
@@ -352,10 +352,11 @@ async fn respond_update(
                 "channel not open".into(),
             );
         };
-        if let Err(e) = l
-            .machine
-            .stage_update(u.state.clone(), u.actor, shared.app.as_ref())
-        {
+        let staged = shared
+            .apps
+            .rules(&core.params)
+            .and_then(|app| l.machine.stage_update(u.state.clone(), u.actor, app));
+        if let Err(e) = staged {
             l.announce(core);
             if let perun_channel::Error::DoubleSign(v) = e {
                 // We signed another state of this version in an update that

@@ -152,6 +152,25 @@ impl Ledger {
         }
     }
 
+    /// The tic-tac-toe app: `TicTacToeApp.sol` deployed on anvil, the Rust
+    /// rules at a fixed address on the simulated ledger.
+    pub async fn tictactoe(&self) -> Address {
+        match self {
+            Ledger::Sim(sim) => {
+                let app = Address::repeat_byte(0x77);
+                sim.add_app(app, Arc::new(perun::channel::tictactoe::TicTacToe));
+                app
+            }
+            Ledger::Anvil { anvil, .. } => {
+                let deployer = anvil.funded_account().await.unwrap();
+                let provider = anvil.provider(&deployer).await.unwrap();
+                perun::adjudicator::deploy_tictactoe(&provider)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+
     /// Moves the chain's clock forward.
     pub async fn advance(&self, secs: u64) {
         match self {
@@ -217,6 +236,8 @@ pub struct Options {
     pub policy: perun::client::AppointmentPolicy,
     /// A redb store in a temp dir on the simulated ledger too.
     pub redb: bool,
+    /// App rules by contract address.
+    pub apps: Vec<(Address, Arc<dyn perun::channel::App>)>,
 }
 
 impl Default for Options {
@@ -235,6 +256,7 @@ impl Default for Options {
             towers: Vec::new(),
             policy: perun::client::AppointmentPolicy::default(),
             redb: false,
+            apps: Vec::new(),
         }
     }
 }
@@ -333,6 +355,9 @@ async fn start(
         builder = builder.watchtower(t.clone());
     }
     builder = builder.appointment_policy(opts.policy);
+    for (address, app) in &opts.apps {
+        builder = builder.app(*address, app.clone());
+    }
     let client = builder.build().await.unwrap();
     Party {
         client,

@@ -9,7 +9,7 @@
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
 //! | `bench [--quick] [--only PART]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` (one part, e.g. `chain_index`: `summary-PART.json`) |
 //! | `chaos [--ledger sim\|anvil] [--schedules N] [--seed S]` | a long run of the chaos suite; replays a failing seed |
-//! | `demo [payment\|dispute\|watchtower]` | runs `examples/payment_channel.rs` (or `dispute.rs`, `watchtower.rs`) on a local anvil |
+//! | `demo [payment\|payments\|dispute\|watchtower\|tictactoe]` | runs `examples/payment_channel.rs` (or `payments.rs`, `dispute.rs`, `watchtower.rs`, `tictactoe.rs`) on a local anvil |
 
 mod bench;
 mod chaos;
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick] [--only PART]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|payments|dispute|watchtower]>"
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick] [--only PART]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|payments|dispute|watchtower|tictactoe]>"
             );
             return ExitCode::from(2);
         }
@@ -61,9 +61,10 @@ fn demo(which: Option<&str>) -> util::Result {
         "dispute" => "dispute",
         "watchtower" => "watchtower",
         "payments" => "payments",
+        "tictactoe" => "tictactoe",
         other => {
             return Err(format!(
-                "unknown demo {other:?}; try: payment, payments, dispute, watchtower"
+                "unknown demo {other:?}; try: payment, payments, dispute, watchtower, tictactoe"
             ));
         }
     };

@@ -22,6 +22,7 @@
 //!
 //! It stops when the channel is withdrawn or the client shuts down.
 
+mod progress;
 mod step;
 
 use std::sync::Arc;
@@ -160,11 +161,14 @@ impl Watcher {
                         }
                     }
                     Err((step, e)) => {
-                        // The history shows the registered state: read it again.
+                        // The history shows the registered state: read it
+                        // again, unless it is still being delivered (an app
+                        // channel's latest state comes in a later event than
+                        // its registration).
                         let reread = matches!(e, Error::RegisteredStateUnknown { .. });
                         let at = Instant::now() + self.failed(step, e);
                         retry_at = Some(at);
-                        if reread && stream.events.take().is_some() {
+                        if reread && stream.complete && stream.events.take().is_some() {
                             stream.subscribe_at = Some(at);
                         }
                     }
@@ -199,8 +203,15 @@ impl Watcher {
                     }
                     Some(Ok(ev)) => {
                         debug!(?ev, "chain event");
-                        if let AdjudicatorEvent::Registered { state, .. } = &ev {
-                            core.note_registered(state.clone());
+                        if let AdjudicatorEvent::Registered { state, .. }
+                        | AdjudicatorEvent::Progressed { state, .. } = &ev
+                        {
+                            // Untrusted: a state outside the limits (an app
+                            // contract may accept any data) is never kept.
+                            match state.validate(&core.params) {
+                                Ok(()) => core.note_registered(state.clone()),
+                                Err(e) => warn!(error = %e, "chain event with an invalid state; ignored"),
+                            }
                         }
                         core.emit(ChannelEvent::Chain(ev));
                         need = true;

@@ -13,14 +13,15 @@
 //! | nothing | `Final` | conclude the final state (`concludeFinal`) |
 //! | nothing | other | none |
 //! | dispute, older than our latest | any | refute with our latest; if the challenge period is over, conclude what is registered |
-//! | dispute, ours or newer | any | conclude once the challenge period is over |
+//! | dispute, ours or newer | any | app channel: our pending move once its window opens (`progress`); conclude once the challenge period is over |
+//! | dispute, progressed | any | app channel: no refutation; moves only, then conclude |
 //! | concluded | any | `→ Concluded`, withdraw, `→ Withdrawn` |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use perun_adjudicator::{Dispute, SignedChannel, WithdrawRequest};
-use perun_channel::{Phase, SignedState, State};
+use perun_channel::{Phase, SignedState};
 use tracing::{debug, info, warn};
 
 use crate::core::{ChannelCore, Shared, enter_closing, set_phase};
@@ -95,7 +96,11 @@ async fn dispute_running(
         // The refutation must not wait for the disk.
         warn!(error = %e, "could not store the phase Registered; acting anyway");
     }
-    if let Some(latest) = latest.as_ref().filter(|l| l.state.version > d.version) {
+    // After the first progression only moves follow (`register` reverts).
+    if let Some(latest) = latest
+        .as_ref()
+        .filter(|l| !d.progressed && l.state.version > d.version)
+    {
         let step = WatcherStep::Refute {
             registered: d.version,
             ours: latest.state.version,
@@ -118,7 +123,7 @@ async fn dispute_running(
             other => return other,
         }
     }
-    let Some(registered) = registered_state(core, d, latest.as_ref()) else {
+    let Some(registered) = core.registered_state(d, latest.as_ref()) else {
         warn!(
             version = d.version,
             "registered state not seen in any event yet; reading the history again"
@@ -131,6 +136,11 @@ async fn dispute_running(
             },
         ));
     };
+    if !core.params.is_payment()
+        && let Some(out) = super::progress::step(shared, core, d, &registered).await
+    {
+        return out;
+    }
     conclude(shared, core, SignedState::new(registered)).await
 }
 
@@ -204,7 +214,8 @@ async fn withdraw(
 ) -> Result<Outcome, Failed> {
     let step = WatcherStep::Withdraw;
     // Only the assets matter for a withdrawal; every state of the channel has the same.
-    let state = registered_state(core, d, latest)
+    let state = core
+        .registered_state(d, latest)
         .or_else(|| latest.map(|l| l.state.clone()))
         .ok_or((step, Error::Phase(core.phase())))?;
     if let Err(e) = enter_closing(shared, core, Phase::Concluded).await {
@@ -229,18 +240,4 @@ async fn withdraw(
     core.emit(ChannelEvent::StepDone(step));
     info!("withdrawn");
     Ok(Outcome::Done)
-}
-
-/// The state whose hash is on-chain: ours, or one a registration event showed.
-fn registered_state(
-    core: &ChannelCore,
-    d: &Dispute,
-    latest: Option<&SignedState>,
-) -> Option<State> {
-    if let Some(l) = latest
-        && l.state.hash() == d.state_hash
-    {
-        return Some(l.state.clone());
-    }
-    core.registered_matching(d.state_hash)
 }
