@@ -88,42 +88,51 @@ pub async fn deploy_tictactoe<P: Provider + Clone>(provider: &P) -> Result<Addre
     Ok(app)
 }
 
-impl From<&ch::Params> for Adjudicator::Params {
-    fn from(p: &ch::Params) -> Self {
-        Self {
-            challengeDuration: p.challengeDuration,
-            nonce: p.nonce,
-            participants: p.participants.clone(),
-            app: p.app,
-            chainId: p.chainId,
-            adjudicator: p.adjudicator,
-            funding: p.funding.clone(),
+/// The channel structs of a binding (each `sol!` contract has its own copies) from the
+/// channel crate's.
+macro_rules! channel_structs {
+    ($c:ident) => {
+        impl From<&ch::Params> for $c::Params {
+            fn from(p: &ch::Params) -> Self {
+                Self {
+                    challengeDuration: p.challengeDuration,
+                    nonce: p.nonce,
+                    participants: p.participants.clone(),
+                    app: p.app,
+                    chainId: p.chainId,
+                    adjudicator: p.adjudicator,
+                    funding: p.funding.clone(),
+                }
+            }
         }
-    }
+
+        impl From<&ch::State> for $c::State {
+            fn from(s: &ch::State) -> Self {
+                Self {
+                    channelId: s.channelId,
+                    version: s.version,
+                    outcome: $c::Allocation {
+                        assets: s
+                            .outcome
+                            .assets
+                            .iter()
+                            .map(|a| $c::Asset {
+                                chainId: a.chainId,
+                                holder: a.holder,
+                            })
+                            .collect(),
+                        balances: s.outcome.balances.clone(),
+                    },
+                    appData: s.appData.clone(),
+                    isFinal: s.isFinal,
+                }
+            }
+        }
+    };
 }
 
-impl From<&ch::State> for Adjudicator::State {
-    fn from(s: &ch::State) -> Self {
-        Self {
-            channelId: s.channelId,
-            version: s.version,
-            outcome: Adjudicator::Allocation {
-                assets: s
-                    .outcome
-                    .assets
-                    .iter()
-                    .map(|a| Adjudicator::Asset {
-                        chainId: a.chainId,
-                        holder: a.holder,
-                    })
-                    .collect(),
-                balances: s.outcome.balances.clone(),
-            },
-            appData: s.appData.clone(),
-            isFinal: s.isFinal,
-        }
-    }
-}
+channel_structs!(Adjudicator);
+channel_structs!(TicTacToeApp);
 
 impl From<Adjudicator::State> for ch::State {
     fn from(s: Adjudicator::State) -> Self {

@@ -519,9 +519,10 @@ impl Chain {
         Ok(Some(Dispute {
             version: d.version,
             timeout: d.timeout,
-            concluded: d.concluded,
+            // The contract's `Phase`: Open, Concluded, Progressed.
+            concluded: d.phase == 1,
             state_hash,
-            progressed: d.progressed,
+            progressed: d.phase == 2,
         }))
     }
 

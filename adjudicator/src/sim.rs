@@ -742,6 +742,8 @@ impl Adjudicator for SimLedger {
         }
         inner.push_outcome(id, &req.params, state)?;
         d.concluded = true;
+        // The contract keeps one phase: concluded replaces progressed.
+        d.progressed = false;
         inner.disputes.insert(id, (d, hash));
         inner.emit(
             id,

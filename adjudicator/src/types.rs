@@ -299,8 +299,9 @@ pub struct Dispute {
     /// `keccak256(abi.encode(state))` of the registered state; zero after a
     /// direct `concludeFinal` (no state was registered).
     pub state_hash: B256,
-    /// Whether an app channel's dispute was progressed (`progress`): registration and
-    /// refutation are over, and `timeout` is the deadline for the next move.
+    /// Whether an app channel's dispute was progressed (`progress`) and is not concluded:
+    /// registration and refutation are over, and `timeout` is the deadline for the next move.
+    /// False once concluded (the contract keeps one phase byte: open, concluded, progressed).
     pub progressed: bool,
 }
 

@@ -12,7 +12,8 @@ use alloy_primitives::{Address, Bytes, Signature, U256};
 use common::{Env, Kind, board, next_event, within};
 use perun_adjudicator::types::{WithdrawalAuth, withdrawal_hash};
 use perun_adjudicator::{
-    AdjudicatorEvent, Error, FundingRequest, ProgressRequest, SignedChannel, WithdrawRequest,
+    AdjudicatorEvent, AppRevert, Error, FundingRequest, ProgressRequest, RevertReason,
+    SignedChannel, WithdrawRequest,
 };
 use perun_channel::tictactoe::Illegal;
 use perun_channel::{Params, SignedState, State};
@@ -1100,6 +1101,13 @@ async fn app_dispute_rules(env: Env) {
     // The last valid state concludes: Alice, the last mover, holds the pot.
     let before = (env.balance(a).await, env.balance(b).await);
     env.adj[1].conclude(&s3c).await.unwrap();
+    let d4 = env.adj[0].dispute(id).await.unwrap().unwrap();
+    assert_eq!(
+        (d4.version, d4.concluded, d4.progressed),
+        (3, true, false),
+        "{}",
+        env.name
+    );
     assert_eq!(
         env.balance(a).await,
         before.0 + U256::from(200),
@@ -1268,6 +1276,33 @@ async fn app_game_end(env: Env) {
         "{}",
         env.name
     );
+
+    // An app address without the app: the move is rejected (a call to no code reverts
+    // without data; the sim knows no rules there).
+    let (mut params, mut s0) = env.app_channel(CHALLENGE, &[100, 100]);
+    params.app = Address::repeat_byte(0x99);
+    s0.channelId = params.channel_id();
+    let s1 = ttt(&s0, 1, [0, 0, 0, 0, 1, 0, 0, 0, 0], 0, 200, false);
+    env.adj[0]
+        .register(&signed(&params, env.sign_all(&params, &s1)))
+        .await
+        .unwrap();
+    env.ctl.advance(CHALLENGE + 1).await;
+    let s2 = ttt(&s1, 0, [2, 0, 0, 0, 1, 0, 0, 0, 0], 1, 200, false);
+    match env.adj[1]
+        .progress(&move_req(&params, &s1, &s2, 1, bob))
+        .await
+    {
+        Err(Error::AppRejected { rejection, .. }) => assert_eq!(
+            rejection.downcast_ref::<AppRevert>(),
+            Some(&AppRevert {
+                reason: RevertReason::Empty
+            }),
+            "{}",
+            env.name
+        ),
+        other => panic!("{}: a move with no app: {other:?}", env.name),
+    }
 
     // A registered final state (its timeout is now) takes no move either.
     let (params, s0) = env.app_channel(CHALLENGE, &[100, 100]);

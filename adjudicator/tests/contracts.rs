@@ -771,8 +771,8 @@ async fn registering_the_registered_state_again_is_a_no_op() {
     assert!(r.logs().is_empty());
     let after = adj.disputes(s1.channelId).call().await.unwrap();
     assert_eq!(
-        (before.version, before.timeout, before.concluded),
-        (after.version, after.timeout, after.concluded)
+        (before.version, before.timeout, before.phase),
+        (after.version, after.timeout, after.phase)
     );
 }
 

@@ -21,10 +21,17 @@ contract Adjudicator {
     struct Dispute {
         uint64 version;
         uint64 timeout;
-        bool concluded;
-        /// Set by the first `progress`: registration and refutation are over.
-        bool progressed;
+        /// OPEN, CONCLUDED or PROGRESSED. One byte rather than two flags (and not an enum,
+        /// whose range checks cost every call): payment channels pay nothing for it.
+        uint8 phase;
     }
+
+    /// Registered (or refuted): refutable until the timeout.
+    uint8 private constant OPEN = 0;
+    /// The outcome was pushed.
+    uint8 private constant CONCLUDED = 1;
+    /// An app channel's dispute moved on by `progress`: registration is over.
+    uint8 private constant PROGRESSED = 2;
 
     /// The shortest challenge duration: a dispute must leave time to refute.
     uint64 public constant MIN_CHALLENGE = 1;
@@ -33,7 +40,7 @@ contract Adjudicator {
     /// Gas a holder's `adjudicator()` may use when the outcome is pushed.
     uint256 private constant BIND_GAS = 5_000;
 
-    /// channelId => dispute (version, timeout, concluded, progressed).
+    /// channelId => dispute (version, timeout, phase).
     mapping(bytes32 => Dispute) public disputes;
     /// channelId => keccak256(abi.encode(registered state)); zero after a direct concludeFinal.
     mapping(bytes32 => bytes32) public stateHashes;
@@ -45,7 +52,7 @@ contract Adjudicator {
     event Registered(bytes32 indexed channelId, uint64 version, uint64 timeout, uint256 nonce, State state);
     /// An app channel's registered state was progressed by `actor`'s move to `state`, which
     /// concludes at `timeout` unless progressed again before.
-    event Progressed(bytes32 indexed channelId, uint64 version, uint64 timeout, uint256 actor, State state);
+    event Progressed(bytes32 indexed channelId, uint64 version, uint64 timeout, uint64 actor, State state);
     /// The channel's outcome was pushed to the asset holders.
     event Concluded(bytes32 indexed channelId, uint64 version);
     /// An asset's holder was not settled: it has no code, is bound to another adjudicator, or
@@ -92,7 +99,7 @@ contract Adjudicator {
     /// the push. Holders pay credits only then, so a payout that calls back (a token's hook)
     /// cannot withdraw from a holder whose outcome is still to be set.
     function settled(bytes32 channelId_) external view returns (bool) {
-        return disputes[channelId_].concluded && _pushing != channelId_;
+        return disputes[channelId_].phase == CONCLUDED && _pushing != channelId_;
     }
 
     /// keccak256(abi.encode(params)).
@@ -115,8 +122,10 @@ contract Adjudicator {
         if (d.timeout == 0) {
             d.timeout = state.isFinal ? uint64(block.timestamp) : uint64(block.timestamp) + params.challengeDuration;
         } else {
-            if (d.concluded) revert AlreadyConcluded();
-            if (d.progressed) revert AlreadyProgressed();
+            if (d.phase != OPEN) {
+                if (d.phase == CONCLUDED) revert AlreadyConcluded();
+                revert AlreadyProgressed();
+            }
             if (state.version == d.version && stateHashes[id] == h) return;
             if (block.timestamp >= d.timeout) revert TimeoutPassed();
             if (state.version <= d.version) revert VersionTooLow(d.version, state.version);
@@ -135,13 +144,16 @@ contract Adjudicator {
     function progress(Params calldata params, State calldata from, State calldata to, uint256 actor, bytes calldata sig)
         external
     {
-        bytes32 id = _checkState(params, to);
+        // The params were checked when the dispute was registered (same params, same id); of
+        // `to`, its channel here and its dimensions and assets in `_checkSums`.
+        bytes32 id = keccak256(abi.encode(params));
+        if (to.channelId != id) revert WrongChannel();
         if (params.app == address(0)) revert NoApp();
         Dispute memory d = disputes[id];
         if (d.timeout == 0) revert NotRegistered();
-        if (d.concluded) revert AlreadyConcluded();
+        if (d.phase == CONCLUDED) revert AlreadyConcluded();
         if (keccak256(abi.encode(from)) != stateHashes[id]) revert WrongState();
-        if (!d.progressed) {
+        if (d.phase == OPEN) {
             if (block.timestamp < d.timeout) revert TimeoutNotPassed(d.timeout, uint64(block.timestamp));
         } else if (block.timestamp >= d.timeout) {
             revert TimeoutPassed();
@@ -157,11 +169,11 @@ contract Adjudicator {
         _checkSums(from, to);
         IApp(params.app).validTransition(params, from, to, actor);
         d.version = to.version;
-        d.progressed = true;
+        d.phase = PROGRESSED;
         d.timeout = to.isFinal ? uint64(block.timestamp) : uint64(block.timestamp) + params.challengeDuration;
         disputes[id] = d;
         stateHashes[id] = h;
-        emit Progressed(id, to.version, d.timeout, actor, to);
+        emit Progressed(id, to.version, d.timeout, uint64(actor), to);
     }
 
     /// Concludes the registered state after its timeout and pushes its outcome. An app channel
@@ -171,15 +183,27 @@ contract Adjudicator {
         bytes32 id = _checkState(params, state);
         Dispute memory d = disputes[id];
         if (d.timeout == 0) revert NotRegistered();
-        if (d.concluded) revert AlreadyConcluded();
-        uint64 t = d.timeout;
-        if (params.app != address(0) && !d.progressed && !state.isFinal) t += params.challengeDuration;
-        if (block.timestamp < t) revert TimeoutNotPassed(t, uint64(block.timestamp));
+        if (d.phase == CONCLUDED) revert AlreadyConcluded();
+        if (block.timestamp < d.timeout) revert TimeoutNotPassed(d.timeout, uint64(block.timestamp));
+        _appWindow(params, state, d);
         if (keccak256(abi.encode(state)) != stateHashes[id]) revert WrongState();
-        d.concluded = true;
+        d.phase = CONCLUDED;
         disputes[id] = d;
         _pushOutcome(id, params, state);
         emit Concluded(id, state.version);
+    }
+
+    /// An app channel whose dispute was never progressed (and whose state is not final)
+    /// concludes a challenge duration after the timeout: the window for the first move.
+    function _appWindow(Params calldata params, State calldata state, Dispute memory d) private view {
+        uint256 app;
+        assembly ("memory-safe") {
+            app := calldataload(add(params, 0x60))
+        }
+        if (app != 0 && d.phase == OPEN && !state.isFinal) {
+            uint64 t = d.timeout + params.challengeDuration;
+            if (block.timestamp < t) revert TimeoutNotPassed(t, uint64(block.timestamp));
+        }
     }
 
     /// Cooperative close: concludes a fully signed final state at once and pushes its outcome.
@@ -189,9 +213,9 @@ contract Adjudicator {
         bytes32 id = _checkState(params, state);
         _checkSigs(params, state, sigs);
         Dispute memory d = disputes[id];
-        if (d.concluded) revert AlreadyConcluded();
+        if (d.phase == CONCLUDED) revert AlreadyConcluded();
         if (d.version > state.version) revert VersionTooLow(d.version, state.version);
-        disputes[id] = Dispute({version: state.version, timeout: uint64(block.timestamp), concluded: true, progressed: false});
+        disputes[id] = Dispute({version: state.version, timeout: uint64(block.timestamp), phase: CONCLUDED});
         _pushOutcome(id, params, state);
         emit Concluded(id, state.version);
     }
@@ -223,11 +247,13 @@ contract Adjudicator {
         }
     }
 
-    /// A progression keeps the assets (in order) and each asset's sum of balances; `from` is the
-    /// registered state, so its dimensions were checked, and `_checkState` checked `to`'s.
+    /// A progression keeps the assets (in order) and each asset's sum of balances, with one
+    /// balance per asset and participant (`Dimensions`); `from` is the registered state, so its
+    /// dimensions and assets were checked when it was registered.
     function _checkSums(State calldata from, State calldata to) private pure {
         uint256 a = from.outcome.assets.length;
         if (to.outcome.assets.length != a) revert AssetsChanged();
+        if (to.outcome.balances.length != a) revert Dimensions();
         for (uint256 i = 0; i < a; ++i) {
             if (
                 to.outcome.assets[i].chainId != from.outcome.assets[i].chainId
@@ -235,6 +261,7 @@ contract Adjudicator {
             ) revert AssetsChanged();
             uint256[] calldata x = from.outcome.balances[i];
             uint256[] calldata y = to.outcome.balances[i];
+            if (y.length != x.length) revert Dimensions();
             uint256 sx = 0;
             uint256 sy = 0;
             for (uint256 p = 0; p < x.length; ++p) {

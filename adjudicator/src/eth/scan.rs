@@ -528,3 +528,91 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
     };
     Ok(event)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use alloy::primitives::{Address, Bytes, LogData, U256};
+
+    use super::*;
+    use crate::AssetKind;
+
+    const ADJ: Address = Address::repeat_byte(0xad);
+
+    fn cfg() -> EthConfig {
+        EthConfig::new(ADJ, 0, [(Address::repeat_byte(0xee), AssetKind::Eth)])
+    }
+
+    fn log(data: LogData) -> Log {
+        Log {
+            inner: alloy::primitives::Log { address: ADJ, data },
+            block_hash: Some(B256::repeat_byte(7)),
+            block_number: Some(5),
+            block_timestamp: None,
+            transaction_hash: None,
+            transaction_index: None,
+            log_index: Some(0),
+            removed: false,
+        }
+    }
+
+    fn progressed(channel: B256, state_channel: B256) -> LogData {
+        let state = State {
+            channelId: state_channel,
+            version: 2,
+            outcome: perun_channel::Allocation::new(
+                vec![perun_channel::Asset {
+                    chainId: U256::from(1),
+                    holder: Address::repeat_byte(0xee),
+                }],
+                vec![vec![U256::from(3), U256::ZERO]],
+            ),
+            appData: Bytes::from(vec![0u8; 10]),
+            isFinal: false,
+        };
+        AdjContract::Progressed {
+            channelId: channel,
+            version: 2,
+            timeout: 99,
+            actor: 1,
+            state: (&state).into(),
+        }
+        .encode_log_data()
+    }
+
+    /// A `Progressed` log decodes into the event; one naming another channel (in its topic
+    /// or its state) or whose data does not decode is a typed `BadEvent`, never a panic.
+    #[test]
+    fn progressed_logs_decode_and_bad_ones_are_refused() {
+        let (id, other) = (B256::repeat_byte(1), B256::repeat_byte(2));
+        match decode_event(&cfg(), id, &log(progressed(id, id))).unwrap() {
+            AdjudicatorEvent::Progressed {
+                id: got,
+                version: 2,
+                timeout: 99,
+                actor: 1,
+                state,
+            } => assert_eq!((got, state.channelId), (id, id)),
+            e => panic!("{e:?}"),
+        }
+        for bad in [progressed(id, other), progressed(other, other)] {
+            assert!(matches!(
+                decode_event(&cfg(), id, &log(bad)),
+                Err(Error::BadEvent {
+                    reason: BadEventReason::OtherChannel(_),
+                    ..
+                })
+            ));
+        }
+        let mut garbage = progressed(id, id);
+        garbage = LogData::new_unchecked(garbage.topics().to_vec(), Bytes::from(vec![0xff; 40]));
+        assert!(matches!(
+            decode_event(&cfg(), id, &log(garbage)),
+            Err(Error::BadEvent {
+                reason: BadEventReason::Decode(_),
+                ..
+            })
+        ));
+    }
+}
