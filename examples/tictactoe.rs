@@ -246,11 +246,7 @@ async fn main() -> Res<()> {
     };
     let adj = EthAdjudicator::connect(&anvil.ws_url(), &alice_acc, config.clone()).await?;
     use perun::adjudicator::Adjudicator;
-    while !adj
-        .dispute(alice_ch.id())
-        .await?
-        .is_some_and(|d| d.version == 4)
-    {
+    while adj.dispute(alice_ch.id()).await?.map(|d| d.version) != Some(4) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("\n... the {CHALLENGE} s refutation period passes (Bob does not refute) ...");

@@ -184,10 +184,10 @@ fn bob_signs(g: &Game, to: &State) -> perun::channel::Signature {
 // ------------------------------------------------ 6: huge version jumps
 
 /// Bob registers version 1 (his turn), waits out the refutation period and
-/// progresses with a legal move at version `u64::MAX`. Nothing caps the
-/// step (contract: `to.version <= from.version` reverts, nothing else), so
-/// no state can follow it: Alice can never answer, and Bob's move, which
-/// hands him the pot, concludes. Alice must be able to answer.
+/// tries to progress with a legal move at version `u64::MAX`: no state could
+/// follow it, so Alice could never answer and Bob's move, which hands him
+/// the pot, would conclude. A move must be exactly one version on
+/// (`VersionStep`); Bob's move at version 2 lands and Alice answers it.
 async fn a_progression_to_the_last_version_leaves_the_other_player_an_answer(ledger: Ledger) {
     let g = game(ledger).await;
     let v1 = play(&g, 0, 4).await; // X centre; Bob's turn
@@ -206,6 +206,27 @@ async fn a_progression_to_the_last_version_leaves_the_other_player_an_answer(led
     to.version = u64::MAX;
     let signature = bob_signs(&g, &to);
     let mut events = g.chans[0].events();
+    let jump = bob_adj
+        .progress(&ProgressRequest {
+            params: params.clone(),
+            from: v1.state.clone(),
+            to: to.clone(),
+            actor: 1,
+            signature,
+        })
+        .await;
+    assert!(
+        matches!(
+            jump,
+            Err(perun::adjudicator::Error::VersionStep {
+                registered: 1,
+                got: u64::MAX
+            })
+        ),
+        "{jump:?}"
+    );
+    to.version = 2;
+    let signature = bob_signs(&g, &to);
     bob_adj
         .progress(&ProgressRequest {
             params: params.clone(),
@@ -215,20 +236,20 @@ async fn a_progression_to_the_last_version_leaves_the_other_player_an_answer(led
             signature,
         })
         .await
-        .expect("the backend accepts a progression to version u64::MAX");
-    on_chain(&g, u64::MAX).await;
+        .unwrap();
+    on_chain(&g, 2).await;
     // Alice's watcher tells her it is her move on Bob's state.
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             if let Some(ChannelEvent::YourMove { state }) = events.next().await
-                && state.version == u64::MAX
+                && state.version == 2
             {
                 return;
             }
         }
     })
     .await
-    .expect("YourMove on version u64::MAX");
+    .expect("YourMove on version 2");
     let alice = &g.chans[0];
     let answer = tokio::time::timeout(
         Duration::from_secs(30),
@@ -236,11 +257,7 @@ async fn a_progression_to_the_last_version_leaves_the_other_player_an_answer(led
     )
     .await
     .expect("force_update returns");
-    assert!(
-        answer.is_ok(),
-        "Alice cannot answer a move at version u64::MAX: {answer:?}; Bob's move, \
-         which hands him the pot, would conclude"
-    );
+    assert!(answer.is_ok(), "Alice answers Bob's move: {answer:?}");
 }
 
 // --------------------------------------------------- 3: double signing
@@ -451,7 +468,10 @@ async fn after_a_restart_the_same_move_may_be_forced_again_but_no_other(ledger: 
     assert!(
         matches!(
             other,
-            Err(Error::Channel(perun::channel::Error::DoubleSign(5)))
+            Err(Error::Channel(
+                perun::channel::Error::DoubleSign(5)
+                    | perun::channel::Error::SignedFinal { version: 5, .. }
+            ))
         ),
         "{other:?}"
     );

@@ -141,6 +141,15 @@ pub enum Error {
         /// The version offered.
         got: u64,
     },
+    /// A progression did not carry exactly the registered version + 1 (a
+    /// jump would leave the next player no version to answer with).
+    #[error("a move must carry version {} (the registered {registered} + 1), not {got}", registered.saturating_add(1))]
+    VersionStep {
+        /// The version on-chain.
+        registered: u64,
+        /// The version offered.
+        got: u64,
+    },
     /// Concluding a channel that has no registered dispute.
     #[error("no dispute is registered for this channel")]
     NotRegistered,

@@ -205,8 +205,13 @@ impl ProgressRequest {
         if self.from.isFinal {
             return Err(Error::Channel(perun_channel::Error::Final));
         }
-        if self.to.version <= self.from.version {
-            return Err(Error::VersionTooLow {
+        if self.from.version.checked_add(1) != Some(self.to.version) {
+            tracing::warn!(
+                registered = self.from.version,
+                got = self.to.version,
+                "a move that is not one version on"
+            );
+            return Err(Error::VersionStep {
                 registered: self.from.version,
                 got: self.to.version,
             });

@@ -1048,3 +1048,57 @@ async fn a_payout_hook_cannot_withdraw_from_a_holder_still_to_be_settled() {
     assert_eq!(b, u(8), "Bob gets his 8 of the outcome");
     assert_eq!(a_gain, u(2), "Alice gets her 2, not her deposit of 5");
 }
+
+/// A move is exactly one version on: a jump (here to 2^64 - 1, after which
+/// no answer could follow, or skipping one) is refused by the adjudicator
+/// itself (`VersionStep`); the move at the next version lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_must_be_one_version_on() {
+    use perun_channel::tictactoe::TicTacToe;
+    let (anvil, p, d) = setup().await;
+    let adj = Adjudicator::new(d.adjudicator, p.clone());
+    let app = perun_adjudicator::deploy_tictactoe(&p).await.unwrap();
+    let (a, b) = (LocalAccount::random(), LocalAccount::random());
+    let (mut params, _) = channel(&d, vec![a.address(), b.address()], &[&[5, 5]]);
+    params.app = app;
+    let mut s0 = State::initial(&params, Allocation::new(vec![eth(&d)], rows(&[&[5, 5]])));
+    s0.appData = TicTacToe::initial_data(0);
+    let parties = [&a, &b];
+    mined(adj.register(
+        (&params).into(),
+        (&s0).into(),
+        sign_all(&params, &s0, &parties),
+    ))
+    .await;
+    anvil.increase_time(61).await.unwrap();
+    let mv = TicTacToe.play(&params, &s0, 0, 4).unwrap();
+    for version in [u64::MAX, 2] {
+        let mut to = mv.clone();
+        to.version = version;
+        let sig = a.sign_hash(to.hash()).unwrap();
+        let err = adj
+            .progress(
+                (&params).into(),
+                (&s0).into(),
+                (&to).into(),
+                U256::ZERO,
+                sig_bytes(&sig),
+            )
+            .call()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(revert_of(err), A::VersionStep(e) if e.registered == 0 && e.got == version),
+            "version {version}"
+        );
+    }
+    let sig = a.sign_hash(mv.hash()).unwrap();
+    mined(adj.progress(
+        (&params).into(),
+        (&s0).into(),
+        (&mv).into(),
+        U256::ZERO,
+        sig_bytes(&sig),
+    ))
+    .await;
+}

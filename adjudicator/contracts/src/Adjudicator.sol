@@ -67,6 +67,8 @@ contract Adjudicator {
     error TimeoutPassed();
     /// A refutation (or a final state) must not carry a lower version than the registered one.
     error VersionTooLow(uint64 registered, uint64 got);
+    /// A progression must carry the registered version + 1.
+    error VersionStep(uint64 registered, uint64 got);
     error NotRegistered();
     /// The dispute can be concluded at `timeout`; the block's time is `now`.
     error TimeoutNotPassed(uint64 timeout, uint64 now);
@@ -159,7 +161,9 @@ contract Adjudicator {
             revert TimeoutPassed();
         }
         if (from.isFinal) revert FinalState();
-        if (to.version <= from.version) revert VersionTooLow(from.version, to.version);
+        // Exactly one version per move: a jump (to 2^64 - 1, say) would leave no version
+        // for the answer, and the mover would win by timeout.
+        if (to.version != from.version + 1) revert VersionStep(from.version, to.version);
         uint256 n = params.participants.length;
         if (actor >= n) revert BadActor(actor);
         bytes32 h = keccak256(abi.encode(to));

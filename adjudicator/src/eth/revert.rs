@@ -69,6 +69,10 @@ fn typed(data: &[u8]) -> Option<Error> {
                 registered: e.registered,
                 got: e.got,
             }),
+            A::VersionStep(e) => Some(Error::VersionStep {
+                registered: e.registered,
+                got: e.got,
+            }),
             A::NotRegistered(_) => Some(Error::NotRegistered),
             A::TimeoutNotPassed(e) => Some(Error::TimeoutNotPassed {
                 timeout: e.timeout,
