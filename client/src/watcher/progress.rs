@@ -35,7 +35,9 @@ pub(super) async fn step(
         warn!(version, %reason, "our forced move will not land");
         forced.status.send_replace(Forcing::Moot(hash, reason));
     };
-    if d.state_hash == hash {
+    // On-chain now, or seen on-chain before the dispute moved on (our
+    // transaction landed but its answer was lost, and the others answered).
+    if d.state_hash == hash || core.registered_matching(hash).is_some() {
         forced.status.send_replace(Forcing::Landed(hash));
         return None;
     }
@@ -100,6 +102,31 @@ pub(super) async fn step(
             None
         }
     }
+}
+
+/// The channel is concluded: a move of ours still pending either is the
+/// concluded state (it landed; its answer was lost) or never will be.
+pub(super) fn concluded(core: &ChannelCore, d: &Dispute) {
+    if core.params.is_payment() {
+        return;
+    }
+    let forced = core.forced();
+    forced.status.send_if_modified(|s| match s {
+        Forcing::Pending(m) => {
+            let hash = m.to.hash();
+            *s = if d.state_hash == hash || core.registered_matching(hash).is_some() {
+                Forcing::Landed(hash)
+            } else {
+                warn!(
+                    version = m.to.version,
+                    "the channel concluded before our forced move landed"
+                );
+                Forcing::Moot(hash, MootReason::Concluded)
+            };
+            true
+        }
+        _ => false,
+    });
 }
 
 /// Whether `to` is a move of ours from `registered`: one version on, and

@@ -59,7 +59,10 @@ pub(crate) async fn step(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Resul
     let latest = core.latest().await;
     match d {
         None => nothing_on_chain(shared, core, latest).await,
-        Some(d) if d.concluded => withdraw(shared, core, &d, latest.as_ref()).await,
+        Some(d) if d.concluded => {
+            super::progress::concluded(core, &d);
+            withdraw(shared, core, &d, latest.as_ref()).await
+        }
         Some(d) => dispute_running(shared, core, &d, latest).await,
     }
 }
