@@ -199,6 +199,10 @@ impl ProgressRequest {
                     now,
                 });
             }
+            // The first move's deadline: the registered state's conclusion.
+            if now >= d.timeout.saturating_add(self.params.challengeDuration) {
+                return Err(Error::TimeoutPassed);
+            }
         } else if now >= d.timeout {
             return Err(Error::TimeoutPassed);
         }

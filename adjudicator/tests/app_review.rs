@@ -1,8 +1,11 @@
 //! Adversarial review of issue 16 (app channels), contract and adjudicator side.
 //!
-//! Each test names the attack it tries. Tests whose name starts with `bug_` show a
-//! real finding: they assert the rule as it should be and FAIL on the reviewed code.
-//! All others pass: the attack is refused.
+//! Each test names the attack it tries; every one is refused. Two were real
+//! findings of the review, fixed since: a first move after its window
+//! (`a_first_move_after_its_window_is_refused`, `late_first_move_*`: the
+//! contract now refuses it with `TimeoutPassed`) and an app reverting with one
+//! of the adjudicator's errors (`an_apps_error_is_never_mistaken_for_the_adjudicators`:
+//! the contract wraps the app's verdict in `AppRejected(bytes)`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -231,8 +234,12 @@ fn revert_of(e: alloy::contract::Error) -> A {
         .unwrap_or_else(|| panic!("not an adjudicator error: {e:?}"))
 }
 
+/// The app's own revert data: the adjudicator wraps it in `AppRejected(bytes)`.
 fn raw_revert(e: alloy::contract::Error) -> Bytes {
-    e.as_revert_data().unwrap_or_default()
+    match e.as_decoded_interface_error::<A>() {
+        Some(A::AppRejected(r)) => r.reason,
+        other => panic!("not the app's verdict: {other:?}"),
+    }
 }
 
 /// The tic-tac-toe state after a move: `cells`, `next` to move, the pot of 10 with `pot_to`.
@@ -487,7 +494,7 @@ async fn progress_boundaries_are_exact() {
 /// who sat it out can still move as long as nobody concluded, e.g. by front-running the
 /// winner's `conclude`, which then reverts `WrongState`. Expected: `TimeoutPassed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_first_move_after_its_window_still_lands() {
+async fn a_first_move_after_its_window_is_refused() {
     let r = raw().await;
     let (params, s0) = r.channel(r.ttt);
     r.deposit(&params).await;
@@ -558,12 +565,12 @@ async fn fund(env: &Env, params: &Params, state: &State) {
 }
 
 #[tokio::test]
-async fn bug_late_first_move_sim() {
+async fn late_first_move_sim() {
     late_first_move(Env::sim(Kind::Eth, 2).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_late_first_move_anvil() {
+async fn late_first_move_anvil() {
     late_first_move(Env::anvil(Kind::Eth, 2).await).await;
 }
 
@@ -707,7 +714,7 @@ async fn hostile_apps_cannot_lock_funds_or_reenter() {
 /// gives the move up for the wrong reason (`AlreadyConcluded`, `TimeoutPassed`). The sim
 /// reports `AppRejected` for the same app. Expected: `AppRejected` on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_app_error_is_mistaken_for_the_adjudicators() {
+async fn an_apps_error_is_never_mistaken_for_the_adjudicators() {
     use perun_adjudicator::bindings::adjudicator::Adjudicator as Adj;
     let r = raw().await;
     let payer = r.anvil.funded_account().await.unwrap();

@@ -67,6 +67,8 @@ contract Adjudicator {
     error TimeoutPassed();
     /// A refutation (or a final state) must not carry a lower version than the registered one.
     error VersionTooLow(uint64 registered, uint64 got);
+    /// The app refused the move; `reason` is its revert data (its custom error).
+    error AppRejected(bytes reason);
     /// A progression must carry the registered version + 1.
     error VersionStep(uint64 registered, uint64 got);
     error NotRegistered();
@@ -157,6 +159,9 @@ contract Adjudicator {
         if (keccak256(abi.encode(from)) != stateHashes[id]) revert WrongState();
         if (d.phase == OPEN) {
             if (block.timestamp < d.timeout) revert TimeoutNotPassed(d.timeout, uint64(block.timestamp));
+            // The first move has the same deadline as any other: once the registered state can
+            // be concluded, a late mover must not take the pot from under the conclusion.
+            if (block.timestamp >= d.timeout + params.challengeDuration) revert TimeoutPassed();
         } else if (block.timestamp >= d.timeout) {
             revert TimeoutPassed();
         }
@@ -171,7 +176,12 @@ contract Adjudicator {
             ECDSA.tryRecoverCalldata(MessageHashUtils.toEthSignedMessageHash(h), sig);
         if (err != ECDSA.RecoverError.NoError || signer != params.participants[actor]) revert WrongSigner(actor);
         _checkSums(from, to);
-        IApp(params.app).validTransition(params, from, to, actor);
+        // The app's verdict is wrapped, so an app cannot pass for the adjudicator by reverting
+        // with one of its errors (`WrongState`, `TimeoutPassed`, ...).
+        try IApp(params.app).validTransition(params, from, to, actor) {}
+        catch (bytes memory reason) {
+            revert AppRejected(reason);
+        }
         d.version = to.version;
         d.phase = PROGRESSED;
         d.timeout = to.isFinal ? uint64(block.timestamp) : uint64(block.timestamp) + params.challengeDuration;

@@ -74,6 +74,7 @@ fn typed(data: &[u8]) -> Option<Error> {
                 got: e.got,
             }),
             A::NotRegistered(_) => Some(Error::NotRegistered),
+            A::AppRejected(e) => Some(app_rejected(&e.reason)),
             A::TimeoutNotPassed(e) => Some(Error::TimeoutNotPassed {
                 timeout: e.timeout,
                 now: e.now,
