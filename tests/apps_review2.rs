@@ -1,0 +1,507 @@
+//! Second adversarial review of app channels (issue 16), client side: the
+//! fixes of the first review (force_update's base, sign_once, the Withdraw
+//! guard, resume after restart, Landed/Moot by hash).
+//!
+//! Tests named in the review report as failing show a bug on the reviewed
+//! commit; the others verify a property that holds.
+
+#![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Ledger, Options, Party, introduce, party, restart_opts};
+use perun::adjudicator::{
+    Adjudicator, EventStream, ProgressRequest, Result as AdjResult, SignedChannel, WithdrawRequest,
+};
+use perun::channel::tictactoe::TicTacToe;
+use perun::channel::{Address, Allocation, ChannelId, Phase, SignedState, U256};
+use perun::client::{Channel, ChannelEvent, ChannelProposal};
+use perun::wire::{Config, Message, Node, Update};
+
+const STAKE: u64 = 1_000;
+const CHALLENGE: u64 = 60;
+
+/// Sim-only tests (the client logic under review does not depend on the backend).
+macro_rules! on_sim {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sim() {
+                super::$name($crate::common::Ledger::sim().await).await
+            }
+        }
+    )*};
+}
+
+on_sim!(
+    a_dropped_force_update_does_not_withdraw_a_concurrent_call_of_the_same_move,
+    a_move_that_landed_before_the_peer_concluded_is_not_reported_moot,
+    a_withdrawn_forced_move_stays_withdrawn_after_a_restart,
+    force_update_after_shutdown_ends_and_signs_nothing,
+    a_peer_proposal_we_signed_is_not_resumed_as_our_move,
+);
+
+// ---------------------------------------------------------------- harness
+
+/// A backend wrapper: records progressions; `hook` may take over a call.
+struct Wrapped {
+    inner: Arc<dyn Adjudicator>,
+    progressed: Arc<Mutex<Vec<ProgressRequest>>>,
+    hook: Option<Arc<ProgressHook>>,
+}
+
+type ProgressHook = dyn Fn(
+        Arc<dyn Adjudicator>,
+        ProgressRequest,
+    ) -> futures::future::BoxFuture<'static, Option<AdjResult<()>>>
+    + Send
+    + Sync;
+
+#[async_trait]
+impl Adjudicator for Wrapped {
+    fn domain(&self) -> perun::channel::Domain {
+        self.inner.domain()
+    }
+    async fn register(&self, req: &SignedChannel) -> AdjResult<()> {
+        self.inner.register(req).await
+    }
+    async fn progress(&self, req: &ProgressRequest) -> AdjResult<()> {
+        self.progressed.lock().unwrap().push(req.clone());
+        if let Some(h) = &self.hook
+            && let Some(r) = h(self.inner.clone(), req.clone()).await
+        {
+            return r;
+        }
+        self.inner.progress(req).await
+    }
+    async fn conclude(&self, req: &SignedChannel) -> AdjResult<()> {
+        self.inner.conclude(req).await
+    }
+    async fn withdraw(&self, req: &WithdrawRequest) -> AdjResult<()> {
+        self.inner.withdraw(req).await
+    }
+    async fn subscribe(&self, id: ChannelId) -> AdjResult<EventStream> {
+        self.inner.subscribe(id).await
+    }
+    async fn dispute(&self, id: ChannelId) -> AdjResult<Option<perun::adjudicator::Dispute>> {
+        self.inner.dispute(id).await
+    }
+}
+
+struct Game {
+    ledger: Ledger,
+    app: Address,
+    adj: Arc<dyn Adjudicator>,
+    ps: Vec<Party>,
+    chans: Vec<Channel>,
+    start: Vec<U256>,
+}
+
+fn app_opts(app: Address) -> Options {
+    Options {
+        apps: vec![(app, Arc::new(TicTacToe))],
+        ..Options::default()
+    }
+}
+
+fn wrapped_opts(
+    rec: &Arc<Mutex<Vec<ProgressRequest>>>,
+    hook: Option<Arc<ProgressHook>>,
+) -> impl Fn(Address) -> Options + Clone {
+    let rec = rec.clone();
+    move |app| {
+        let (rec, hook) = (rec.clone(), hook.clone());
+        Options {
+            wrap_adjudicator: Some(Box::new(move |inner| {
+                Arc::new(Wrapped {
+                    inner,
+                    progressed: rec.clone(),
+                    hook: hook.clone(),
+                }) as Arc<dyn Adjudicator>
+            })),
+            ..app_opts(app)
+        }
+    }
+}
+
+/// Alice (X, index 0, `alice_opts`) and Bob (O) open a tic-tac-toe channel.
+async fn game_with(ledger: Ledger, alice_opts: impl FnOnce(Address) -> Options) -> Game {
+    let app = ledger.tictactoe().await;
+    let alice = party(&ledger, U256::from(10 * STAKE), &alice_opts(app)).await;
+    let bob = party(&ledger, U256::from(10 * STAKE), &app_opts(app)).await;
+    let mut ps = vec![alice, bob];
+    introduce(&ps).await;
+    let mut start = Vec::new();
+    for p in &ps {
+        start.push(ledger.balance(p.client.address()).await);
+    }
+    let stakes = vec![vec![U256::from(STAKE), U256::from(STAKE)]];
+    let mut proposal = ChannelProposal::payment(
+        vec![ps[0].participant(), ps[1].participant()],
+        Allocation::new(vec![ledger.asset()], stakes),
+        CHALLENGE,
+    );
+    proposal.app = app;
+    proposal.app_data = TicTacToe::initial_data(0);
+    let alice = ps[0].client.propose_channel(proposal).await.unwrap();
+    let bob = ps[1].accepted().await;
+    let (_, adj) = ledger.backends(&ps[0].account).await;
+    Game {
+        ledger,
+        app,
+        adj,
+        ps,
+        chans: vec![alice, bob],
+        start,
+    }
+}
+
+/// `who` marks `cell` off-chain; both hold the result.
+async fn play(g: &Game, who: usize, cell: usize) -> SignedState {
+    let ch = &g.chans[who];
+    let params = ch.params().clone();
+    let signed = ch
+        .try_update(|s| {
+            *s = TicTacToe
+                .play(&params, &ch.state().state, who, cell)
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    g.chans[1 - who]
+        .wait_for_version(signed.state.version, Duration::from_secs(10))
+        .await
+        .unwrap();
+    signed
+}
+
+/// X 4, O 0, X 2, O 1 (version 4, Alice's turn, Bob holds the pot): Alice's
+/// 6 wins the diagonal (version 5, final).
+async fn alice_about_to_win(ledger: Ledger, alice_opts: impl FnOnce(Address) -> Options) -> Game {
+    let g = game_with(ledger, alice_opts).await;
+    for (who, cell) in [(0, 4), (1, 0), (0, 2), (1, 1)] {
+        play(&g, who, cell).await;
+    }
+    g
+}
+
+async fn on_chain(g: &Game, version: u64) {
+    common::on_chain_version(&g.adj, &g.chans[0], version).await;
+}
+
+async fn dispute_version(g: &Game) -> Option<u64> {
+    g.adj
+        .dispute(g.chans[0].id())
+        .await
+        .unwrap()
+        .map(|d| d.version)
+}
+
+// ------------------------------------------- the Withdraw guard
+
+/// Alice's application forces her winning move, and (a retry, a second UI
+/// path) forces the same move again while the first call still waits. The
+/// first call is then dropped (its caller's timeout): its Withdraw guard
+/// clears the pending move by hash, which is also the second call's move.
+/// The second call must still see its move land (and Alice take the pot).
+async fn a_dropped_force_update_does_not_withdraw_a_concurrent_call_of_the_same_move(
+    ledger: Ledger,
+) {
+    let g = alice_about_to_win(ledger, app_opts).await;
+    g.ps[1].client.shutdown().await;
+    let alice = g.chans[0].clone();
+    let params = alice.params().clone();
+    let second = {
+        let (alice, params) = (alice.clone(), params.clone());
+        tokio::spawn(async move {
+            alice
+                .force_update(|s| TicTacToe.play(&params, s, 0, 6))
+                .await
+        })
+    };
+    on_chain(&g, 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = tokio::time::timeout(
+        Duration::from_secs(1),
+        alice.force_update(|s| TicTacToe.play(&params, s, 0, 6)),
+    )
+    .await;
+    assert!(first.is_err(), "the window is not open yet: {first:?}");
+    g.ledger.advance(CHALLENGE + 1).await;
+    let r = tokio::time::timeout(Duration::from_secs(20), second).await;
+    let v = dispute_version(&g).await;
+    assert!(
+        matches!(r, Ok(Ok(Ok(ref s))) if s.version == 5),
+        "the second force_update of the same move: {r:?}; on-chain version {v:?} \
+         (the dropped first call withdrew the move both calls wait for)"
+    );
+    alice
+        .wait_for_phase(Phase::Withdrawn, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        g.ledger.balance(g.ps[0].client.address()).await,
+        g.start[0] + U256::from(STAKE)
+    );
+}
+
+/// force.rs: "Dropped before it landed: the move is not sent after all".
+/// A restart must not send a move the application withdrew (or the guard's
+/// promise does not hold): after the restart the dispute stays at version 4.
+async fn a_withdrawn_forced_move_stays_withdrawn_after_a_restart(ledger: Ledger) {
+    let rec = Arc::new(Mutex::new(Vec::new()));
+    let opts = wrapped_opts(&rec, None);
+    let mut g = alice_about_to_win(ledger, opts.clone()).await;
+    g.ps[1].client.shutdown().await;
+    let id = g.chans[0].id();
+    let params = g.chans[0].params().clone();
+    let first = tokio::time::timeout(
+        Duration::from_secs(2),
+        g.chans[0].force_update(|s| TicTacToe.play(&params, s, 0, 6)),
+    )
+    .await;
+    assert!(first.is_err(), "the window is not open yet: {first:?}");
+    on_chain(&g, 4).await;
+    // Without a restart the withdrawn move is not sent.
+    g.ledger.advance(CHALLENGE + 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = dispute_version(&g).await;
+    let alice = g.ps.remove(0);
+    let alice = restart_opts(&g.ledger, alice, &opts(g.app)).await;
+    let _ch = alice.client.channel(&id).expect("restored");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = dispute_version(&g).await;
+    assert_eq!(
+        (before, after),
+        (Some(4), Some(4)),
+        "withdrawn move not sent before the restart ({before:?}), sent after it ({after:?})"
+    );
+}
+
+// --------------------------------------------- Landed / Moot by hash
+
+/// Alice's first `progress` is sent but its answer is lost (ReceiptTimeout;
+/// on Ethereum the transaction stays queued and is mined later). Before
+/// her retry, the move is mined and, being final (timeout = now), Bob
+/// concludes at once; the retry gets AlreadyConcluded. The concluded state
+/// IS Alice's move: force_update must return it, not MoveMoot(Concluded).
+async fn a_move_that_landed_before_the_peer_concluded_is_not_reported_moot(ledger: Ledger) {
+    let rec = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let queued: Arc<Mutex<Option<ProgressRequest>>> = Arc::new(Mutex::new(None));
+    let hook: Arc<ProgressHook> = {
+        let (calls, queued) = (calls.clone(), queued.clone());
+        Arc::new(move |inner: Arc<dyn Adjudicator>, req: ProgressRequest| {
+            let (calls, queued) = (calls.clone(), queued.clone());
+            Box::pin(async move {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Sent; its receipt is lost. It is mined later.
+                    *queued.lock().unwrap() = Some(req.clone());
+                    return Some(Err(perun::adjudicator::Error::ReceiptTimeout {
+                        op: "progress",
+                        tx: perun::channel::B256::ZERO,
+                        waited: Duration::from_secs(1),
+                    }));
+                }
+                let queued = queued.lock().unwrap().clone()?;
+                // The queued transaction is mined as soon as the window
+                // opens; Bob concludes the final state at once; then
+                // Alice's retry reaches the chain.
+                let mined = inner.progress(&queued).await;
+                if mined.is_err() {
+                    return Some(mined);
+                }
+                inner
+                    .conclude(&SignedChannel {
+                        params: queued.params.clone(),
+                        state: SignedState::new(queued.to.clone()),
+                    })
+                    .await
+                    .unwrap();
+                Some(inner.progress(&req).await)
+            }) as futures::future::BoxFuture<'static, Option<AdjResult<()>>>
+        })
+    };
+    let g = alice_about_to_win(ledger, wrapped_opts(&rec, Some(hook))).await;
+    g.ps[1].client.shutdown().await;
+    let alice = g.chans[0].clone();
+    let params = alice.params().clone();
+    let forcing = {
+        let (alice, params) = (alice.clone(), params.clone());
+        tokio::spawn(async move {
+            alice
+                .force_update(|s| TicTacToe.play(&params, s, 0, 6))
+                .await
+        })
+    };
+    on_chain(&g, 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    g.ledger.advance(CHALLENGE + 1).await;
+    let r = tokio::time::timeout(Duration::from_secs(20), forcing)
+        .await
+        .expect("force_update returns")
+        .unwrap();
+    let d = g.adj.dispute(alice.id()).await.unwrap().unwrap();
+    assert!(d.concluded && d.version == 5, "{d:?}");
+    assert!(
+        matches!(r, Ok(ref s) if s.hash() == d.state_hash),
+        "Alice's move is the concluded state, yet force_update says {r:?}"
+    );
+    alice
+        .wait_for_phase(Phase::Withdrawn, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        g.ledger.balance(g.ps[0].client.address()).await,
+        g.start[0] + U256::from(STAKE)
+    );
+}
+
+// ------------------------------------------------ shutdown
+
+/// Alice's client shut down (no watcher runs): force_update must end
+/// promptly, without closing the channel or signing a move (both stored:
+/// the next start would register and send it).
+async fn force_update_after_shutdown_ends_and_signs_nothing(ledger: Ledger) {
+    let rec = Arc::new(Mutex::new(Vec::new()));
+    let g = alice_about_to_win(ledger, wrapped_opts(&rec, None)).await;
+    g.ps[1].client.shutdown().await;
+    let alice = g.chans[0].clone();
+    let params = alice.params().clone();
+    g.ps[0].client.shutdown().await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(15),
+        alice.force_update(|s| TicTacToe.play(&params, s, 0, 6)),
+    )
+    .await;
+    println!(
+        "force_update after shutdown: {r:?}; phase {:?}",
+        alice.phase()
+    );
+    assert!(r.is_ok(), "force_update hangs after shutdown");
+    assert!(r.unwrap().is_err());
+    // It should refuse before closing the channel and signing a move that
+    // the next start would send (resume_forced_move).
+    assert_eq!(
+        alice.phase(),
+        Phase::Active,
+        "a stopped client closed the channel (stored Registered) and signed a move"
+    );
+    assert!(
+        rec.lock().unwrap().is_empty(),
+        "a move was sent after shutdown"
+    );
+}
+
+// ------------------------------------------------ resume on restore
+
+/// Bob (an evil twin with his network key) proposes his move at version 4;
+/// Alice signs it (stored as the staged state with her signature alone);
+/// Bob never commits and registers version 3 instead. Alice restarts: her
+/// staged state is Bob's move, not a forced move of hers; it must not be
+/// sent as her move, and once Bob progresses (any move), Alice is told it
+/// is her move and her forced answer lands.
+async fn a_peer_proposal_we_signed_is_not_resumed_as_our_move(ledger: Ledger) {
+    let rec = Arc::new(Mutex::new(Vec::new()));
+    let opts = wrapped_opts(&rec, None);
+    let mut g = game_with(ledger, opts.clone()).await;
+    let mut v3 = None;
+    for (who, cell) in [(0, 4), (1, 0), (0, 2)] {
+        v3 = Some(play(&g, who, cell).await); // Bob's turn at version 3
+    }
+    let v3 = v3.unwrap();
+    let id = g.chans[0].id();
+    let params = g.chans[0].params().clone();
+    let bob = &g.ps[1];
+    bob.client.shutdown().await;
+    let (evil, _evil_in) = Node::start(Config::new(bob.key.clone())).await.unwrap();
+    let alice_client = &g.ps[0].client;
+    for addr in alice_client.listen_addrs().await.unwrap() {
+        evil.add_address(alice_client.peer_id(), addr)
+            .await
+            .unwrap();
+    }
+    for addr in evil.listen_addrs().await.unwrap() {
+        alice_client
+            .add_peer(evil.local_peer_id(), addr)
+            .await
+            .unwrap();
+    }
+    let proposal = TicTacToe.play(&params, &v3.state, 1, 8).unwrap();
+    let reply = evil
+        .send(
+            alice_client.peer_id(),
+            &Message::Update(Update {
+                channel_id: id,
+                state: proposal.clone(),
+                actor: 1,
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(reply, Message::UpdateAccept(_)), "{reply:?}");
+    let (_, bob_adj) = g.ledger.backends(&g.ps[1].account).await;
+    bob_adj
+        .register(&SignedChannel {
+            params: params.clone(),
+            state: v3.clone(),
+        })
+        .await
+        .unwrap();
+    g.chans[0]
+        .wait_for_phase(Phase::Registered, Duration::from_secs(10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let alice = g.ps.remove(0);
+    let alice = restart_opts(&g.ledger, alice, &opts(g.app)).await;
+    let ch = alice.client.channel(&id).expect("restored");
+    let mut events = ch.events();
+    g.ledger.advance(CHALLENGE + 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        rec.lock()
+            .unwrap()
+            .iter()
+            .all(|p| p.to.hash() != proposal.hash()),
+        "Bob's proposal was sent as Alice's move"
+    );
+    // Bob moves on-chain (another cell than he proposed).
+    let to = TicTacToe.play(&params, &v3.state, 1, 7).unwrap();
+    let mut s = SignedState::new(to.clone());
+    let signature = s.sign(&params, 1, g.ps[0].account.as_ref()).unwrap();
+    bob_adj
+        .progress(&ProgressRequest {
+            params: params.clone(),
+            from: v3.state.clone(),
+            to: to.clone(),
+            actor: 1,
+            signature,
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(ChannelEvent::YourMove { state }) = events.next().await
+                && state.version == 4
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("YourMove on Bob's version 4");
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        ch.force_update(|s| TicTacToe.play(&params, s, 0, 6)),
+    )
+    .await
+    .expect("force_update returns");
+    assert!(matches!(r, Ok(ref s) if s.version == 5), "{r:?}");
+}
