@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use perun_adjudicator::Dispute;
-use perun_channel::{AppRejection, B256, Phase, State};
+use perun_channel::{AppRejection, Phase, State};
 use perun_persistence::Change;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -40,6 +40,10 @@ where
 {
     if core.params.is_payment() {
         return Err(Error::NotAnAppChannel(core.id));
+    }
+    // A stopped client signs nothing and stores nothing that a restart would act on.
+    if *shared.stop.borrow() {
+        return Err(Error::Closed);
     }
     let app = shared.apps.rules(&core.params)?;
     let span = info_span!("force_update", channel = %core.id, me = core.index);
@@ -70,9 +74,9 @@ where
             to: next.clone(),
             signature,
         })));
-        // Dropped before it landed (a timeout of the caller's): the move is
-        // not sent after all, unless the watcher sent it already.
-        let _withdraw = Withdraw { core, hash };
+        // Signed and stored, the move is sent even if the caller stops
+        // waiting (as after a restart): a withdrawal could not reach a copy
+        // the watcher already sent, nor one a restart resumes.
         crate::watcher::nudge(core);
         loop {
             match &*status.borrow_and_update() {
@@ -95,24 +99,6 @@ where
     }
     .instrument(span)
     .await
-}
-
-/// Takes a pending move back when its `force_update` is dropped.
-struct Withdraw<'a> {
-    core: &'a ChannelCore,
-    hash: B256,
-}
-
-impl Drop for Withdraw<'_> {
-    fn drop(&mut self) {
-        self.core.forced().status.send_if_modified(|s| match s {
-            Forcing::Pending(m) if m.to.hash() == self.hash => {
-                *s = Forcing::Idle;
-                true
-            }
-            _ => false,
-        });
-    }
 }
 
 /// How long `force_update` waits for the watcher to see the registered state.

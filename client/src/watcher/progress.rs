@@ -90,10 +90,9 @@ pub(super) async fn step(
             moot(MootReason::WindowClosed);
             None
         }
-        Err(E::AlreadyConcluded) => {
-            moot(MootReason::Concluded);
-            Some(Ok(Outcome::Poll))
-        }
+        // Concluded meanwhile, perhaps on this very move (our first try
+        // landed late): the next read decides (`concluded`).
+        Err(E::AlreadyConcluded) => Some(Ok(Outcome::Poll)),
         // The chain moved between our read and the transaction: read again.
         Err(E::WrongState) => Some(Ok(Outcome::Poll)),
         Err(e) if e.is_transient() => Some(Err((step, e.into()))),
