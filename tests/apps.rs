@@ -8,13 +8,14 @@
 
 mod common;
 
-use std::sync::Arc;
+use common::game::*;
+
 use std::time::Duration;
 
-use common::{Ledger, Options, Party, parties};
+use common::Ledger;
 use perun::channel::tictactoe::{Board, Illegal, TicTacToe};
-use perun::channel::{Allocation, Phase, State, U256};
-use perun::client::{Channel, ChannelEvent, ChannelProposal, Error};
+use perun::channel::{Phase, State, U256};
+use perun::client::{ChannelEvent, Error};
 
 on_both_ledgers!(
     a_silent_player_is_forced_on_chain_and_the_winner_is_paid,
@@ -22,70 +23,6 @@ on_both_ledgers!(
     illegal_moves_are_refused_with_their_reason,
     a_stale_registration_is_refuted_and_silence_forfeits,
 );
-
-const STAKE: u64 = 1_000;
-const CHALLENGE: u64 = 60;
-
-struct Game {
-    ledger: Ledger,
-    /// Reads the chain (for the test's own checks).
-    adj: Arc<dyn perun::adjudicator::Adjudicator>,
-    ps: Vec<Party>,
-    chans: Vec<Channel>,
-    start: Vec<U256>,
-}
-
-/// Alice (X, index 0) and Bob (O) open a tic-tac-toe channel, a stake each.
-async fn game(ledger: Ledger) -> Game {
-    let app = ledger.tictactoe().await;
-    let opts = Options {
-        apps: vec![(app, Arc::new(TicTacToe))],
-        ..Options::default()
-    };
-    let mut ps = parties(&ledger, 2, U256::from(10 * STAKE), &opts).await;
-    let mut start = Vec::new();
-    for p in &ps {
-        start.push(ledger.balance(p.client.address()).await);
-    }
-    let stakes = vec![vec![U256::from(STAKE), U256::from(STAKE)]];
-    let mut proposal = ChannelProposal::payment(
-        vec![ps[0].participant(), ps[1].participant()],
-        Allocation::new(vec![ledger.asset()], stakes),
-        CHALLENGE,
-    );
-    proposal.app = app;
-    proposal.app_data = TicTacToe::initial_data(0);
-    let alice = ps[0].client.propose_channel(proposal).await.unwrap();
-    let bob = ps[1].accepted().await;
-    let (_, adj) = ledger.backends(&ps[0].account).await;
-    Game {
-        ledger,
-        adj,
-        ps,
-        chans: vec![alice, bob],
-        start,
-    }
-}
-
-/// `who` marks `cell` off-chain; both hold the result.
-async fn play(g: &Game, who: usize, cell: usize) -> State {
-    let ch = &g.chans[who];
-    let params = ch.params().clone();
-    let signed = ch
-        .try_update(|s| {
-            *s = TicTacToe
-                .play(&params, &ch.state().state, who, cell)
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        })
-        .await
-        .unwrap();
-    g.chans[1 - who]
-        .wait_for_version(signed.state.version, Duration::from_secs(10))
-        .await
-        .unwrap();
-    signed.state
-}
 
 /// Waits until `ch` has an event matching `f`.
 async fn event(
@@ -103,11 +40,6 @@ async fn event(
     })
     .await
     .unwrap_or_else(|_| panic!("no {what} within 60 s"))
-}
-
-/// Waits until the channel's dispute on-chain is at `version`.
-async fn on_chain(g: &Game, version: u64) {
-    common::on_chain_version(&g.adj, &g.chans[0], version).await;
 }
 
 /// Bob stops answering when Alice is about to win: Alice forces her
@@ -326,10 +258,10 @@ async fn illegal_moves_are_refused_with_their_reason(ledger: Ledger) {
 async fn a_stale_registration_is_refuted_and_silence_forfeits(ledger: Ledger) {
     let g = game(ledger).await;
     play(&g, 0, 4).await;
-    let old = play(&g, 1, 0).await; // Bob holds the pot
+    let old = play(&g, 1, 0).await.state; // Bob holds the pot
     let old_signed = g.chans[1].state();
     assert_eq!(old_signed.state, old);
-    let latest = play(&g, 0, 2).await; // Alice holds the pot
+    let latest = play(&g, 0, 2).await.state; // Alice holds the pot
     let bob = &g.ps[1];
     bob.client.shutdown().await;
     let adj = common::bob_registers(&g.ledger, bob, &g.chans[1], old_signed).await;

@@ -8,11 +8,13 @@
 
 mod common;
 
+use common::game::*;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Ledger, Options, Party, introduce, party, restart_opts};
+use common::{Ledger, Options, introduce, party, restart_opts};
 use perun::adjudicator::{
     Adjudicator, EventStream, ProgressRequest, Result as AdjResult, SignedChannel, WithdrawRequest,
 };
@@ -20,14 +22,11 @@ use perun::channel::tictactoe::{Board, Illegal, TicTacToe};
 use perun::channel::{
     Address, Allocation, App, AppRejection, ChannelId, Params, Phase, SignedState, State, U256,
 };
-use perun::client::{Channel, ChannelEvent, ChannelProposal, Error};
+use perun::client::{ChannelEvent, ChannelProposal, Error};
 use perun::wallet::{Account, LocalAccount};
 use perun::wire::{Config, Message, Node, RejectKind, Update, UpdateCommit};
 
 on_both_ledgers!(a_progression_to_the_last_version_leaves_the_other_player_an_answer,);
-
-const STAKE: u64 = 1_000;
-const CHALLENGE: u64 = 60;
 
 /// Sim-only tests (the client logic under review does not depend on the backend).
 macro_rules! on_sim {
@@ -86,82 +85,6 @@ impl Adjudicator for Recording {
     async fn dispute(&self, id: ChannelId) -> AdjResult<Option<perun::adjudicator::Dispute>> {
         self.inner.dispute(id).await
     }
-}
-
-struct Game {
-    ledger: Ledger,
-    app: Address,
-    adj: Arc<dyn Adjudicator>,
-    ps: Vec<Party>,
-    chans: Vec<Channel>,
-    start: Vec<U256>,
-}
-
-fn app_opts(app: Address) -> Options {
-    Options {
-        apps: vec![(app, Arc::new(TicTacToe))],
-        ..Options::default()
-    }
-}
-
-/// Alice (X, index 0, `alice_opts`) and Bob (O) open a tic-tac-toe channel.
-async fn game_with(ledger: Ledger, alice_opts: impl FnOnce(Address) -> Options) -> Game {
-    let app = ledger.tictactoe().await;
-    let alice = party(&ledger, U256::from(10 * STAKE), &alice_opts(app)).await;
-    let bob = party(&ledger, U256::from(10 * STAKE), &app_opts(app)).await;
-    let mut ps = vec![alice, bob];
-    introduce(&ps).await;
-    let mut start = Vec::new();
-    for p in &ps {
-        start.push(ledger.balance(p.client.address()).await);
-    }
-    let stakes = vec![vec![U256::from(STAKE), U256::from(STAKE)]];
-    let mut proposal = ChannelProposal::payment(
-        vec![ps[0].participant(), ps[1].participant()],
-        Allocation::new(vec![ledger.asset()], stakes),
-        CHALLENGE,
-    );
-    proposal.app = app;
-    proposal.app_data = TicTacToe::initial_data(0);
-    let alice = ps[0].client.propose_channel(proposal).await.unwrap();
-    let bob = ps[1].accepted().await;
-    let (_, adj) = ledger.backends(&ps[0].account).await;
-    Game {
-        ledger,
-        app,
-        adj,
-        ps,
-        chans: vec![alice, bob],
-        start,
-    }
-}
-
-async fn game(ledger: Ledger) -> Game {
-    game_with(ledger, app_opts).await
-}
-
-/// `who` marks `cell` off-chain; both hold the result.
-async fn play(g: &Game, who: usize, cell: usize) -> SignedState {
-    let ch = &g.chans[who];
-    let params = ch.params().clone();
-    let signed = ch
-        .try_update(|s| {
-            *s = TicTacToe
-                .play(&params, &ch.state().state, who, cell)
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        })
-        .await
-        .unwrap();
-    g.chans[1 - who]
-        .wait_for_version(signed.state.version, Duration::from_secs(10))
-        .await
-        .unwrap();
-    signed
-}
-
-async fn on_chain(g: &Game, version: u64) {
-    common::on_chain_version(&g.adj, &g.chans[0], version).await;
 }
 
 async fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -371,21 +294,12 @@ async fn concurrent_force_updates_never_sign_two_states_of_one_version(ledger: L
 
 // ------------------------------------------- 4: restarts mid-dispute
 
-/// X 4, O 0, X 2, O 1: Alice's 6 wins the diagonal (version 5).
-async fn alice_about_to_win(ledger: Ledger) -> Game {
-    let g = game(ledger).await;
-    for (who, cell) in [(0, 4), (1, 0), (0, 2), (1, 1)] {
-        play(&g, who, cell).await;
-    }
-    g
-}
-
 /// Alice forces her winning move; her client restarts before the window
 /// opens. The move is signed and stored (as the staged state): the
 /// restarted watcher should still send it and Alice be paid the pot,
 /// without her application having to ask again.
 async fn a_pending_forced_move_is_sent_after_a_restart(ledger: Ledger) {
-    let mut g = alice_about_to_win(ledger).await;
+    let mut g = alice_about_to_win(ledger, app_opts).await;
     g.ps[1].client.shutdown().await;
     let id = g.chans[0].id();
     let params = g.chans[0].params().clone();
@@ -438,7 +352,7 @@ async fn a_pending_forced_move_is_sent_after_a_restart(ledger: Ledger) {
 /// again (it lands, Alice is paid), a different one of the same version is
 /// refused as a double signature.
 async fn after_a_restart_the_same_move_may_be_forced_again_but_no_other(ledger: Ledger) {
-    let mut g = alice_about_to_win(ledger).await;
+    let mut g = alice_about_to_win(ledger, app_opts).await;
     g.ps[1].client.shutdown().await;
     let id = g.chans[0].id();
     let params = g.chans[0].params().clone();
@@ -507,7 +421,7 @@ async fn after_a_restart_the_same_move_may_be_forced_again_but_no_other(ledger: 
 async fn force_update_on_an_unrefutable_stale_registration_ends_and_the_watcher_concludes(
     ledger: Ledger,
 ) {
-    let mut g = alice_about_to_win(ledger).await;
+    let mut g = alice_about_to_win(ledger, app_opts).await;
     let params = g.chans[0].params().clone();
     // Rebuild version 1 from scratch: both sign it (Bob could, holding Alice's signature).
     let genesis = {

@@ -12,22 +12,21 @@
 
 mod common;
 
+use common::game::*;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Ledger, Options, Party, introduce, party, restart_opts};
+use common::{Ledger, Options, restart_opts};
 use perun::adjudicator::{
     Adjudicator, EventStream, ProgressRequest, Result as AdjResult, SignedChannel, WithdrawRequest,
 };
 use perun::channel::tictactoe::TicTacToe;
-use perun::channel::{Address, Allocation, ChannelId, Phase, SignedState, U256};
-use perun::client::{Channel, ChannelEvent, ChannelProposal};
+use perun::channel::{Address, ChannelId, Phase, SignedState, U256};
+use perun::client::ChannelEvent;
 use perun::wire::{Config, Message, Node, Update};
-
-const STAKE: u64 = 1_000;
-const CHALLENGE: u64 = 60;
 
 /// Sim-only tests (the client logic under review does not depend on the backend).
 macro_rules! on_sim {
@@ -96,22 +95,6 @@ impl Adjudicator for Wrapped {
     }
 }
 
-struct Game {
-    ledger: Ledger,
-    app: Address,
-    adj: Arc<dyn Adjudicator>,
-    ps: Vec<Party>,
-    chans: Vec<Channel>,
-    start: Vec<U256>,
-}
-
-fn app_opts(app: Address) -> Options {
-    Options {
-        apps: vec![(app, Arc::new(TicTacToe))],
-        ..Options::default()
-    }
-}
-
 fn wrapped_opts(
     rec: &Arc<Mutex<Vec<ProgressRequest>>>,
     hook: Option<Arc<ProgressHook>>,
@@ -130,80 +113,6 @@ fn wrapped_opts(
             ..app_opts(app)
         }
     }
-}
-
-/// Alice (X, index 0, `alice_opts`) and Bob (O) open a tic-tac-toe channel.
-async fn game_with(ledger: Ledger, alice_opts: impl FnOnce(Address) -> Options) -> Game {
-    let app = ledger.tictactoe().await;
-    let alice = party(&ledger, U256::from(10 * STAKE), &alice_opts(app)).await;
-    let bob = party(&ledger, U256::from(10 * STAKE), &app_opts(app)).await;
-    let mut ps = vec![alice, bob];
-    introduce(&ps).await;
-    let mut start = Vec::new();
-    for p in &ps {
-        start.push(ledger.balance(p.client.address()).await);
-    }
-    let stakes = vec![vec![U256::from(STAKE), U256::from(STAKE)]];
-    let mut proposal = ChannelProposal::payment(
-        vec![ps[0].participant(), ps[1].participant()],
-        Allocation::new(vec![ledger.asset()], stakes),
-        CHALLENGE,
-    );
-    proposal.app = app;
-    proposal.app_data = TicTacToe::initial_data(0);
-    let alice = ps[0].client.propose_channel(proposal).await.unwrap();
-    let bob = ps[1].accepted().await;
-    let (_, adj) = ledger.backends(&ps[0].account).await;
-    Game {
-        ledger,
-        app,
-        adj,
-        ps,
-        chans: vec![alice, bob],
-        start,
-    }
-}
-
-/// `who` marks `cell` off-chain; both hold the result.
-async fn play(g: &Game, who: usize, cell: usize) -> SignedState {
-    let ch = &g.chans[who];
-    let params = ch.params().clone();
-    let signed = ch
-        .try_update(|s| {
-            *s = TicTacToe
-                .play(&params, &ch.state().state, who, cell)
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        })
-        .await
-        .unwrap();
-    g.chans[1 - who]
-        .wait_for_version(signed.state.version, Duration::from_secs(10))
-        .await
-        .unwrap();
-    signed
-}
-
-/// X 4, O 0, X 2, O 1 (version 4, Alice's turn, Bob holds the pot): Alice's
-/// 6 wins the diagonal (version 5, final).
-async fn alice_about_to_win(ledger: Ledger, alice_opts: impl FnOnce(Address) -> Options) -> Game {
-    let g = game_with(ledger, alice_opts).await;
-    for (who, cell) in [(0, 4), (1, 0), (0, 2), (1, 1)] {
-        play(&g, who, cell).await;
-    }
-    g
-}
-
-async fn on_chain(g: &Game, version: u64) {
-    common::on_chain_version(&g.adj, &g.chans[0], version).await;
-}
-
-async fn dispute_version(g: &Game) -> Option<u64> {
-    g.adj
-        .dispute(g.chans[0].id())
-        .await
-        .unwrap()
-        .map(|d| d.version)
 }
 
 // ------------------------------------------- the Withdraw guard

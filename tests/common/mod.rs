@@ -21,6 +21,7 @@ use perun::wallet::{Account, LocalAccount};
 use perun::wire::Keypair;
 
 pub mod flaky;
+pub mod game;
 pub mod relay;
 
 /// Runs each named role test against both ledgers: `SimLedger` with the
