@@ -6,8 +6,10 @@
 //! `target/bench/summary.json`), or directly:
 //! `cargo run --release --example bench -- [--quick] [--out PATH]`.
 //! `--quick` uses small counts so the whole harness runs in seconds;
-//! `--only floor|durable|memory|restore|tower|tower_watch|chain_index` runs
-//! one part (for a profiler).
+//! `--only floor|durable|memory|restore|tower|tower_watch|chain_index|payments`
+//! runs one part (for a profiler), or several separated by commas;
+//! `--merge OUT RUN...` writes the medians and ranges of several runs'
+//! summaries (what `cargo xtask bench --runs N` does).
 //!
 //! # The figures
 //! - `updates_per_s_durable` / `updates_per_s_memory`: one two-party channel,
@@ -16,7 +18,15 @@
 //!   resp. a `MemoryPersister`; measured updates over the time spent in
 //!   `pay` (so the fsync probes between batches do not count).
 //! - `update_latency_p50_ms` / `update_latency_p99_ms`: the durable `pay`
-//!   calls' latencies.
+//!   calls' latencies; `update_latency_memory_p50_ms` / `_p99_ms` the
+//!   in-memory ones; `durable_p99_over_p50` / `memory_p99_over_p50` their
+//!   tails (issue 17: at most 2).
+//! - `memory_floor_ratio`: the in-memory p50 over `floor_no_fsync_ms`, the
+//!   floor without its two fsyncs (issue 17: at most 1.15).
+//! - `cpu_bound_updates_per_s`: the updates per second this machine's cores
+//!   could sign and check: cores ÷ (2 signatures + 2 checks, as measured
+//!   for the floor in the same run); `aggregate_cpu_bound_ratio` is the
+//!   100-channel figure over it (issue 17: at least 0.75).
 //! - `aggregate_updates_per_s_100ch`: 100 durable channels between the same
 //!   two clients, one task per channel paying in a loop for a fixed time.
 //! - `open_channel_ms`: median of `propose_channel` calls (proposal, version-0
@@ -52,6 +62,7 @@
 
 mod chain_index;
 mod floor;
+mod merge;
 mod payments;
 mod report;
 mod restore;
@@ -154,8 +165,8 @@ pub(crate) struct Options {
     pub(crate) work: PathBuf,
     /// The work counts.
     pub(crate) counts: Counts,
-    /// Run only this part (`floor`, `durable`, `memory`, `restore`), e.g.
-    /// under a profiler.
+    /// Run only these parts (comma-separated names: `floor`, `durable`,
+    /// `memory`, `restore`, ...), e.g. under a profiler.
     pub(crate) only: Option<String>,
 }
 
@@ -213,6 +224,11 @@ fn main() -> Res<()> {
     }
     if args.first().map(String::as_str) == Some(tower::CHILD_FLAG) {
         return runtime.block_on(tower::child(&args[1..]));
+    }
+    if args.first().map(String::as_str) == Some("--merge") {
+        let out = args.get(1).ok_or("--merge OUT RUN...")?;
+        let runs: Vec<PathBuf> = args[2..].iter().map(PathBuf::from).collect();
+        return merge::merge(std::path::Path::new(out), &runs);
     }
     init_logs();
     let opts = options(&args)?;

@@ -7,30 +7,78 @@ use crate::util::{self, Result};
 /// Installs the tools, then runs the `bench` example in release mode
 /// (debug builds are an order of magnitude slower at signing). `--quick`
 /// passes `--quick` (small counts, seconds) and writes
-/// `target/bench/summary-quick.json` instead; `--only PART` runs one part
-/// (`floor`, `durable`, `memory`, `restore`, `tower`, `tower_watch`,
-/// `chain_index`) into `summary-PART.json`.
+/// `target/bench/summary-quick.json` instead; `--only PART[,PART...]` runs
+/// those parts (`floor`, `durable`, `memory`, `restore`, `tower`,
+/// `tower_watch`, `chain_index`, `payments`) into `summary-PART.json`.
+/// `--runs N` runs it N times (each run's figures in
+/// `target/bench/runs/`) and writes the medians, with each figure's range,
+/// to the summary.
 pub(crate) fn run(args: &[String]) -> Result {
     let quick = args.iter().any(|a| a == "--quick");
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .map(|i| {
-            args.get(i + 1)
-                .cloned()
-                .ok_or_else(|| "--only needs a part".to_string())
-        })
-        .transpose()?;
+    let value = |flag: &str| -> Result<Option<String>> {
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| {
+                args.get(i + 1)
+                    .cloned()
+                    .ok_or_else(|| format!("{flag} needs a value"))
+            })
+            .transpose()
+    };
+    let only = value("--only")?;
+    let runs: usize = match value("--runs")? {
+        None => 1,
+        Some(n) => n
+            .parse()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| format!("--runs {n:?}: a number of runs, at least 1"))?,
+    };
     setup::run()?;
     // A quick or partial run must not overwrite the full run's figures.
-    let name = match (&only, quick) {
-        (Some(part), false) => format!("summary-{part}.json"),
-        (Some(part), true) => format!("summary-{part}-quick.json"),
-        (None, true) => "summary-quick.json".to_string(),
-        (None, false) => "summary.json".to_string(),
+    let stem = match (&only, quick) {
+        (Some(part), false) => format!("summary-{}", part.replace(',', "-")),
+        (Some(part), true) => format!("summary-{}-quick", part.replace(',', "-")),
+        (None, true) => "summary-quick".to_string(),
+        (None, false) => "summary".to_string(),
     };
-    let out = util::root().join("target/bench").join(name);
-    let out = out.to_string_lossy();
+    let dir = util::root().join("target/bench");
+    let out = dir.join(format!("{stem}.json"));
+    let mut run_files = Vec::with_capacity(runs);
+    for i in 1..=runs {
+        let file = if runs == 1 {
+            out.clone()
+        } else {
+            dir.join("runs").join(format!("{stem}-run{i}.json"))
+        };
+        let file_s = file.to_string_lossy().into_owned();
+        let mut cargo_args = vec![
+            "run",
+            "--quiet",
+            "--release",
+            "--example",
+            "bench",
+            "--",
+            "--out",
+            &file_s,
+        ];
+        if quick {
+            cargo_args.push("--quick");
+        }
+        if let Some(part) = &only {
+            cargo_args.extend(["--only", part.as_str()]);
+        }
+        util::step(&format!(
+            "run {i} of {runs}: cargo {}",
+            cargo_args.join(" ")
+        ));
+        util::cargo(&cargo_args)?;
+        run_files.push(file_s);
+    }
+    if runs == 1 {
+        return Ok(());
+    }
+    let out_s = out.to_string_lossy().into_owned();
     let mut cargo_args = vec![
         "run",
         "--quiet",
@@ -38,15 +86,10 @@ pub(crate) fn run(args: &[String]) -> Result {
         "--example",
         "bench",
         "--",
-        "--out",
-        &out,
+        "--merge",
+        &out_s,
     ];
-    if quick {
-        cargo_args.push("--quick");
-    }
-    if let Some(part) = &only {
-        cargo_args.extend(["--only", part.as_str()]);
-    }
-    util::step(&format!("cargo {}", cargo_args.join(" ")));
+    cargo_args.extend(run_files.iter().map(String::as_str));
+    util::step(&format!("medians of {runs} runs"));
     util::cargo(&cargo_args)
 }

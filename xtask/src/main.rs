@@ -7,7 +7,7 @@
 //! | `vectors` | regenerates `channel/tests/vectors.json` |
 //! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
-//! | `bench [--quick] [--only PART]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` (one part, e.g. `chain_index`: `summary-PART.json`) |
+//! | `bench [--quick] [--only PART[,PART]] [--runs N]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` (some parts, e.g. `chain_index`: `summary-PART.json`; `--runs N`: medians and ranges of N runs) |
 //! | `chaos [--ledger sim\|anvil] [--schedules N] [--seed S]` | a long run of the chaos suite; replays a failing seed |
 //! | `demo [payment\|payments\|dispute\|watchtower\|tictactoe]` | runs `examples/payment_channel.rs` (or `payments.rs`, `dispute.rs`, `watchtower.rs`, `tictactoe.rs`) on a local anvil |
 
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick] [--only PART]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|payments|dispute|watchtower|tictactoe]>"
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick] [--only PART[,PART]] [--runs N]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|payments|dispute|watchtower|tictactoe]>"
             );
             return ExitCode::from(2);
         }
