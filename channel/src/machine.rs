@@ -265,17 +265,17 @@ impl Machine {
     pub fn sign_staged(&mut self, account: &dyn Account) -> Result<Signature> {
         let index = self.index;
         let (last, last_final) = (self.last_signed, self.signed_final);
-        let params = self.params.clone();
-        let staged = self.staged_mut("sign_staged")?;
+        self.staged_mut("sign_staged")?;
+        let (params, staged) = (&self.params, &mut self.staged);
+        let staged = staged.as_mut().ok_or(Error::NothingStaged)?;
         let (version, hash, is_final) = (
             staged.state.version,
             staged.state.hash(),
             staged.state.isFinal,
         );
         Self::check_sign(last, last_final, version, hash)?;
-        let mut copy = staged.clone();
-        let sig = copy.sign(&params, index, account)?;
-        *staged = copy;
+        // On error nothing is stored (`sign_hashed` sets the slot last).
+        let sig = staged.sign_hashed(params, index, account, hash)?;
         self.last_signed = Some((version, hash));
         self.signed_final = is_final;
         Ok(sig)
@@ -304,9 +304,12 @@ impl Machine {
 
     /// Verifies and adds participant `index`'s signature on the staged state.
     pub fn add_signature(&mut self, index: usize, sig: Signature) -> Result<()> {
-        let params = self.params.clone();
-        self.staged_mut("add_signature")?
-            .add_signature(&params, index, sig)
+        self.staged_mut("add_signature")?;
+        let (params, staged) = (&self.params, &mut self.staged);
+        staged
+            .as_mut()
+            .ok_or(Error::NothingStaged)?
+            .add_signature(params, index, sig)
     }
 
     /// Makes the fully signed staged state current: `Signing0 → Funding`,

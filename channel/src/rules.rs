@@ -90,6 +90,13 @@ impl State {
     /// channel id, no overflowing sums, and no app data in payment channels.
     pub fn validate(&self, params: &Params) -> Result<()> {
         params.validate()?;
+        self.validate_for(params, params.channel_id())
+    }
+
+    /// [`validate`](Self::validate) for `params` already known valid, whose
+    /// channel id is `id`: skips re-checking the params and re-hashing them
+    /// (the update path checks every state against the same params).
+    pub fn validate_for(&self, params: &Params, id: crate::ChannelId) -> Result<()> {
         self.check_limits()?;
         let participants = params.participants.len();
         let assets = self.outcome.assets.len();
@@ -110,10 +117,9 @@ impl State {
                 participants,
             });
         }
-        let expected = params.channel_id();
-        if self.channelId != expected {
+        if self.channelId != id {
             return Err(Error::ChannelIdMismatch {
-                expected,
+                expected: id,
                 got: self.channelId,
             });
         }
@@ -150,7 +156,8 @@ impl State {
         actor: usize,
         app: &dyn App,
     ) -> Result<()> {
-        next.validate(params)?;
+        // `self` is a valid state of `params`: its channel id is theirs.
+        next.validate_for(params, self.channelId)?;
         if actor >= params.participants.len() {
             return Err(Error::Index(actor));
         }

@@ -44,6 +44,18 @@ impl SignedState {
         index: usize,
         account: &dyn Account,
     ) -> Result<Signature> {
+        let hash = self.state.hash();
+        self.sign_hashed(params, index, account, hash)
+    }
+
+    /// [`sign`](Self::sign) with the state's hash already computed.
+    pub(crate) fn sign_hashed(
+        &mut self,
+        params: &Params,
+        index: usize,
+        account: &dyn Account,
+        hash: alloy_primitives::B256,
+    ) -> Result<Signature> {
         let addr = *params.participants.get(index).ok_or(Error::Index(index))?;
         if account.address() != addr {
             return Err(Error::BadSignature {
@@ -51,8 +63,15 @@ impl SignedState {
                 reason: format!("account {} is not participant {addr}", account.address()),
             });
         }
+        if !self.sigs.is_empty() && self.sigs.len() != params.participants.len() {
+            return Err(Error::SignatureCount {
+                expected: params.participants.len(),
+                got: self.sigs.len(),
+            });
+        }
+        // Signed before anything changes: on error the state is as it was.
+        let sig = account.sign_hash(hash)?;
         self.ensure_slots(params.participants.len())?;
-        let sig = account.sign_hash(self.state.hash())?;
         self.sigs[index] = Some(sig);
         Ok(sig)
     }

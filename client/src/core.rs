@@ -232,6 +232,55 @@ pub(crate) struct Locked {
     /// has not come `update_wait` later is asked for by `Sync`
     /// (`sync::sweep_commits`).
     pub(crate) signed_at: Option<std::time::Instant>,
+    /// The commit of our last update, held back for a moment to ride with
+    /// our next update (`UpdateWithCommit`) when we are updating back to
+    /// back; sent on its own after [`COMMIT_RIDE_WAIT`] otherwise.
+    pub(crate) held: Option<Box<HeldCommit>>,
+    /// The version and time of our last update's commit: a proposal that
+    /// starts on that very state within [`COMMIT_RIDE_WINDOW`] is part of
+    /// a burst, so its own commit is held for the next one.
+    pub(crate) last_own_commit: Option<(u64, std::time::Instant)>,
+    /// A task is about to store `unsaved` (at most one per channel).
+    pub(crate) flush_pending: bool,
+}
+
+/// A fully signed state of ours whose commit no peer has yet.
+#[derive(Debug)]
+pub(crate) struct HeldCommit {
+    pub(crate) full: SignedState,
+    pub(crate) in_flight: InFlight,
+}
+
+/// How long a held commit waits for our next update before it is sent on
+/// its own: the peers see a burst's last state this much later.
+pub(crate) const COMMIT_RIDE_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+/// A proposal this soon after our previous commit, on that state, is part
+/// of a burst.
+pub(crate) const COMMIT_RIDE_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Counts a commit as in flight from creation until dropped (see
+/// `Client::shutdown`).
+pub(crate) struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.commits_in_flight.send_modify(|n| *n += 1);
+        Self(shared.clone())
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .commits_in_flight
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// Our 2-party proposal that failed with the peer's answer unknown: the
@@ -521,6 +570,9 @@ impl ChannelCore {
                 abandoned: None,
                 unsaved: None,
                 signed_at: None,
+                held: None,
+                last_own_commit: None,
+                flush_pending: false,
             }),
             update_lock: tokio::sync::Mutex::new(()),
             state,

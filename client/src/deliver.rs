@@ -11,7 +11,7 @@ use perun_channel::SignedState;
 use perun_wire::{Message, PeerId, RejectKind, UpdateCommit, UpdateReject};
 use tracing::{debug, warn};
 
-use crate::core::{ChannelCore, Shared, lock};
+use crate::core::{ChannelCore, InFlight, Shared, lock};
 
 /// Pauses between attempts to hand a commit to a peer that did not take it.
 const COMMIT_RETRIES: [std::time::Duration; 3] = [
@@ -19,25 +19,6 @@ const COMMIT_RETRIES: [std::time::Duration; 3] = [
     std::time::Duration::from_secs(1),
     std::time::Duration::from_secs(5),
 ];
-
-/// Counts a commit as in flight from creation until dropped (see
-/// `Client::shutdown`).
-pub(crate) struct InFlight(Arc<Shared>);
-
-impl InFlight {
-    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
-        shared.commits_in_flight.send_modify(|n| *n += 1);
-        Self(shared.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0
-            .commits_in_flight
-            .send_modify(|n| *n = n.saturating_sub(1));
-    }
-}
 
 /// Hands the full signature set to every peer in the background (an update
 /// returned to its proposer already), retrying a peer that did not
@@ -136,13 +117,18 @@ pub(crate) fn keep_unsynced(shared: &Shared, channel: perun_channel::ChannelId, 
 }
 
 fn commit_message(core: &ChannelCore, full: &SignedState) -> Option<Message> {
+    commit_of(core, full).map(Message::UpdateCommit)
+}
+
+/// Our commit of `full`: its full signature set (`None` if one is missing).
+pub(crate) fn commit_of(core: &ChannelCore, full: &SignedState) -> Option<UpdateCommit> {
     let signatures = full.signatures().ok()?;
-    Some(Message::UpdateCommit(UpdateCommit {
+    Some(UpdateCommit {
         channel_id: core.id,
         version: full.state.version,
         index: core.index,
         signatures,
-    }))
+    })
 }
 
 /// Every participant but us.

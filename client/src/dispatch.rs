@@ -51,6 +51,12 @@ pub(crate) async fn dispatch(shared: Weak<Shared>, mut incoming: Incoming) {
                     crate::update::handle_update(shared, peer, u, responder),
                 );
             }
+            Message::UpdateWithCommit(m) => {
+                spawn(
+                    pass,
+                    crate::update::handle_update_with_commit(shared, peer, m, responder),
+                );
+            }
             Message::UpdateCommit(c) => {
                 spawn(
                     pass,

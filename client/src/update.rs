@@ -22,11 +22,12 @@ use perun_channel::{Phase, SignedState, State};
 use perun_persistence::Change;
 use perun_wire::{
     Message, PeerId, RejectKind, Responder, Update, UpdateAccept, UpdateCommit, UpdateReject,
+    UpdateWithCommit,
 };
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::core::{ChannelCore, Locked, Shared};
-use crate::deliver::{InFlight, deliver_commit, reject, send_abort};
+use crate::core::{ChannelCore, HeldCommit, InFlight, Locked, Shared};
+use crate::deliver::{deliver_commit, reject, send_abort};
 use crate::handler::{IncomingUpdate, UpdateResponder};
 use crate::{Error, Result};
 
@@ -57,10 +58,17 @@ pub(crate) async fn propose(
             })
             .await?;
         }
-        let (next, hash, base) = {
+        let (next, hash, base, burst, ride) = {
             let mut l = core.locked.lock().await;
             let cur = l.machine.current().ok_or(Error::Phase(l.machine.phase()))?;
             let base = cur.state.hash();
+            let cur_version = cur.state.version;
+            // Right after our own update, on its state: a burst. Its commit
+            // rides with this update, and this update's commit waits for
+            // the next one.
+            let burst = l.last_own_commit.is_some_and(|(v, at)| {
+                v == cur_version && at.elapsed() < crate::core::COMMIT_RIDE_WINDOW
+            });
             let mut next = cur.state.next();
             next.version = l.next_version().ok_or(Error::Phase(l.machine.phase()))?;
             f(&mut next).map_err(Error::InvalidUpdate)?;
@@ -71,14 +79,48 @@ pub(crate) async fn propose(
             l.pending = None;
             l.announce(core);
             let hash = next.hash();
-            (next, hash, base)
+            // Our held commit is of the state `next` builds on, unless a
+            // newer state came meanwhile (then it goes on its own).
+            let (ride, stray) = match l.held.take() {
+                Some(h) if h.full.state.version == cur_version => (Some(h), None),
+                other => (None, other),
+            };
+            if let Some(h) = stray {
+                spawn_delivery(shared, core, *h);
+            }
+            (next, hash, base, burst, ride)
         };
-        let msg = Message::Update(Update {
+        let update = Update {
             channel_id: core.id,
             state: next.clone(),
             actor: core.index,
+        };
+        let ride = ride.and_then(|h| match crate::deliver::commit_of(core, &h.full) {
+            Some(c) => Some((c, *h)),
+            None => {
+                spawn_delivery(shared, core, *h);
+                None
+            }
         });
+        let msg = match &ride {
+            Some((commit, _)) => Message::UpdateWithCommit(UpdateWithCommit {
+                commit: commit.clone(),
+                update,
+            }),
+            None => Message::Update(update),
+        };
         let replies = shared.broadcast(core, &msg).await;
+        if let Some((_, held)) = ride {
+            // A peer that answered the update took the commit first; one
+            // that did not answer may lack it: hand it out again (a
+            // repeated commit is harmless).
+            let answered = replies.iter().all(|(_, _, r)| {
+                matches!(r, Ok(Message::UpdateAccept(_) | Message::UpdateReject(_)))
+            });
+            if !answered {
+                spawn_delivery(shared, core, held);
+            }
+        }
 
         let mut l = core.locked.lock().await;
         let ours = l.staged_actor == Some(core.index)
@@ -155,20 +197,47 @@ pub(crate) async fn propose(
                 return Err(e);
             }
         };
-        drop(l);
         // Our state is durable and fully signed: the update is done for us.
-        // The peers get the signatures in the background; a peer that gets
-        // our next update first waits for this commit (see `respond_update`).
-        let in_flight = InFlight::new(shared);
-        tokio::spawn(
-            deliver_commit(shared.clone(), core.clone(), full.clone(), in_flight)
-                .instrument(info_span!("commit", version = full.state.version)),
-        );
-        debug!(version = full.state.version, "update committed");
+        // The peers get the signatures in the background (a peer that gets
+        // our next update first waits for this commit, see
+        // `respond_update`); in a burst, with our next update.
+        let version = full.state.version;
+        let held = HeldCommit {
+            full: full.clone(),
+            in_flight: InFlight::new(shared),
+        };
+        l.last_own_commit = Some((version, std::time::Instant::now()));
+        if burst {
+            l.held = Some(Box::new(held));
+            drop(l);
+            let (shared, core) = (shared.clone(), core.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(crate::core::COMMIT_RIDE_WAIT).await;
+                let held = {
+                    let mut l = core.locked.lock().await;
+                    l.held.take_if(|h| h.full.state.version == version)
+                };
+                if let Some(h) = held {
+                    spawn_delivery(&shared, &core, *h);
+                }
+            });
+        } else {
+            drop(l);
+            spawn_delivery(shared, core, held);
+        }
+        debug!(version, "update committed");
         Ok(full)
     }
     .instrument(span)
     .await
+}
+
+/// Hands a commit of ours to every peer in the background, with retries.
+fn spawn_delivery(shared: &Arc<Shared>, core: &Arc<ChannelCore>, held: HeldCommit) {
+    let span = info_span!("commit", version = held.full.state.version);
+    tokio::spawn(
+        deliver_commit(shared.clone(), core.clone(), held.full, held.in_flight).instrument(span),
+    );
 }
 
 /// Ends a proposal of ours that failed after it was sent. Its version is
@@ -271,6 +340,57 @@ pub(crate) async fn handle_update(
     };
     let span = info_span!("handle_update", channel = %core.id, me = core.index, actor = u.actor);
     let reply = respond_update(&shared, &core, peer, u)
+        .instrument(span)
+        .await;
+    let _ = responder.reply(reply);
+}
+
+/// Answers an update that carries its proposer's previous commit: the
+/// commit is taken as an `UpdateCommit` would be, then the update is
+/// answered. A commit that does not fit refuses the whole request (its
+/// proposer hands the commit out again, or `Sync` settles it).
+pub(crate) async fn handle_update_with_commit(
+    shared: Arc<Shared>,
+    peer: PeerId,
+    m: UpdateWithCommit,
+    responder: Responder,
+) {
+    let UpdateWithCommit { commit, update } = m;
+    let refuse = |reason: &str| {
+        perun_wire::Refusal::new(perun_wire::RefusalCode::Malformed, reason.to_string())
+    };
+    if commit.channel_id != update.channel_id
+        || commit.index != update.actor
+        || commit.version >= update.state.version
+    {
+        crate::dispatch::warn_limited!(%peer, channel = %update.channel_id, "a commit that does not belong to its update");
+        let _ = responder.refuse(refuse("the commit does not belong to the update"));
+        return;
+    }
+    let Some(core) = shared.channel_core(&update.channel_id) else {
+        // As for a plain update: the peer learns the channel is unknown.
+        handle_update(shared, peer, update, responder).await;
+        return;
+    };
+    let span = info_span!("handle_update", channel = %core.id, me = core.index, actor = update.actor, commit = commit.version);
+    let taken = async {
+        let mut l = core.locked.lock().await;
+        match check_commit(&core, &l, peer, &commit) {
+            Ok(None) => Ok(()),
+            Ok(Some(trial)) => {
+                hold_unsaved(&shared, &core, &mut l, trial);
+                Ok(())
+            }
+            Err(reason) => Err(reason),
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    if let Err(reason) = taken {
+        let _ = responder.refuse(refuse(&reason));
+        return;
+    }
+    let reply = respond_update(&shared, &core, peer, update)
         .instrument(span)
         .await;
     let _ = responder.reply(reply);
@@ -558,15 +678,20 @@ fn hold_unsaved(
     let Some(full) = trial.current().cloned() else {
         return;
     };
-    let v = full.state.version;
     l.install(trial);
     l.unsaved = Some(full);
     l.announce(core);
+    if l.flush_pending {
+        // The task already waiting stores whatever is unsaved then.
+        return;
+    }
+    l.flush_pending = true;
     let (shared, core) = (shared.clone(), core.clone());
     tokio::spawn(async move {
         tokio::time::sleep(crate::core::COMMIT_FLUSH_DELAY).await;
         let mut l = core.locked.lock().await;
-        if l.unsaved.as_ref().is_some_and(|u| u.state.version == v)
+        l.flush_pending = false;
+        if l.unsaved.is_some()
             && let Err(e) = l.flush_unsaved(&shared, &core).await
         {
             warn!(error = %e, "could not store a committed update; a sync restores it");

@@ -114,11 +114,12 @@ impl ChannelRecord {
         let id = self.id();
         let invalid = |source| Error::InvalidInput { id, source };
         self.check_limits()?;
+        self.params.validate().map_err(invalid)?;
         if let Some(cur) = &self.current {
-            check_shape(&self.params, cur).map_err(invalid)?;
+            check_shape(id, &self.params, cur).map_err(invalid)?;
         }
         if let Some(st) = &self.staged {
-            check_shape(&self.params, st).map_err(invalid)?;
+            check_shape(id, &self.params, st).map_err(invalid)?;
             if let Some(cur) = &self.current
                 && st.state.version <= cur.state.version
             {
@@ -166,7 +167,7 @@ impl ChannelRecord {
         let invalid = |source| Error::InvalidInput { id, source };
         match change {
             Change::Staged(st) => {
-                check_shape(&self.params, &st).map_err(invalid)?;
+                check_shape(id, &self.params, &st).map_err(invalid)?;
                 if let Some(cur) = &self.current
                     && st.state.version <= cur.state.version
                 {
@@ -186,7 +187,7 @@ impl ChannelRecord {
                 })
             }
             Change::Committed(st) => {
-                check_shape(&self.params, &st).map_err(invalid)?;
+                check_shape(id, &self.params, &st).map_err(invalid)?;
                 if !st.is_fully_signed() {
                     let missing = st.sigs.iter().position(Option::is_none).unwrap_or(0);
                     return Err(invalid(perun_channel::Error::MissingSignature(missing)));
@@ -298,8 +299,10 @@ fn check_metadata(id: ChannelId, metadata: &[u8]) -> Result<()> {
 /// The cheap structural checks every stored state passes: valid for the
 /// channel (limits, dimensions, channel id) and one signature slot per
 /// participant, or none yet. Signatures themselves are verified on load.
-fn check_shape(params: &Params, st: &SignedState) -> perun_channel::Result<()> {
-    st.state.validate(params)?;
+fn check_shape(id: ChannelId, params: &Params, st: &SignedState) -> perun_channel::Result<()> {
+    // A record's params are checked, and its key is their hash, when it is
+    // created or loaded: no need to hash them again on every write.
+    st.state.validate_for(params, id)?;
     let n = params.participants.len();
     if !st.sigs.is_empty() && st.sigs.len() != n {
         return Err(perun_channel::Error::SignatureCount {

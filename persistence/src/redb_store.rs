@@ -29,6 +29,7 @@
 //! `perun_meta` table is created on first use, so stores of older builds
 //! open unchanged (schema version 1) and older builds ignore the table.
 
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -493,7 +494,15 @@ struct Writer {
     /// what readers would see may not be durable, so the store refuses
     /// everything until it is reopened (which replays the log).
     broken: Option<String>,
+    /// The records this thread last wrote, decoded: a write to a channel
+    /// in here neither reads nor decodes the stored record. Entries change
+    /// only after their transaction is durable; any failure empties it.
+    records: HashMap<ChannelId, ChannelRecord>,
 }
+
+/// Records the writer keeps decoded (beyond this, it starts over: a store
+/// with more channels updating at once reads the rest from redb's cache).
+const RECORD_CACHE: usize = 1024;
 
 impl Writer {
     fn open(path: &Path, options: &RedbOptions, counters: Arc<Counters>) -> Result<Self> {
@@ -530,6 +539,7 @@ impl Writer {
             wal: None,
             next_seq: 1,
             broken: None,
+            records: HashMap::new(),
         };
         let log = wal::path_for(path);
         if options.write_ahead_log || log.exists() {
@@ -696,6 +706,10 @@ impl Writer {
         let _guard = span.enter();
         let mut accepted: Vec<Reply<()>> = Vec::with_capacity(writes.len());
         let mut logged: Vec<wal::Entry> = Vec::new();
+        // The records as this batch leaves them (`None`: removed), for the
+        // cache once the batch is durable.
+        let mut written: Vec<(ChannelId, Option<ChannelRecord>)> = Vec::new();
+        let cache = &mut self.records;
         let logging = self.wal.is_some();
         let mut pending = writes.into_iter();
         let outcome = (|| -> std::result::Result<bool, String> {
@@ -714,11 +728,26 @@ impl Writer {
                 let mut tables = Tables::open(&txn).map_err(|e| db_err(e).to_string())?;
                 for req in pending.by_ref() {
                     let (result, reply) = match req {
-                        Request::Create(rec, reply) => (plan_create(&tables, &rec), reply),
-                        Request::Update(id, changes, reply) => {
-                            (plan_update(&tables, id, changes).map(|p| (id, p)), reply)
+                        Request::Create(rec, reply) => {
+                            let planned = plan_create(&tables, &rec);
+                            if planned.as_ref().is_ok_and(|(_, p)| !p.is_empty()) {
+                                written.push((rec.id(), Some(*rec)));
+                            }
+                            (planned, reply)
                         }
-                        Request::Remove(id, reply) => (plan_remove(&tables, id), reply),
+                        Request::Update(id, changes, reply) => {
+                            let planned = plan_update(&tables, cache, id, changes);
+                            let planned = planned.map(|(plan, rec)| {
+                                written.push((id, Some(rec)));
+                                (id, plan)
+                            });
+                            (planned, reply)
+                        }
+                        Request::Remove(id, reply) => {
+                            cache.remove(&id);
+                            written.push((id, None));
+                            (plan_remove(&tables, id), reply)
+                        }
                         _ => continue,
                     };
                     match result {
@@ -762,6 +791,20 @@ impl Writer {
             Ok(true) if logging => self.log_batch(&logged).map(|()| true),
             other => other,
         };
+        match &outcome {
+            Ok(_) => {
+                if self.records.len() + written.len() > RECORD_CACHE {
+                    self.records.clear();
+                }
+                for (id, rec) in written {
+                    match rec {
+                        Some(rec) => self.records.insert(id, rec),
+                        None => self.records.remove(&id),
+                    };
+                }
+            }
+            Err(_) => self.records.clear(),
+        }
         match outcome {
             Ok(wrote) => {
                 debug!(
@@ -914,13 +957,27 @@ fn plan_create(
     ))
 }
 
+/// Plans an update of `id` on its record, taken from `cache` (where it is
+/// no longer) or read from the tables; returns the plan and the record as
+/// the update leaves it.
 fn plan_update(
     tables: &Tables<'_>,
+    cache: &mut HashMap<ChannelId, ChannelRecord>,
     id: ChannelId,
     changes: Vec<Change>,
-) -> std::result::Result<Plan, Failure> {
-    let mut rec = tables.read(id)?.ok_or(Error::UnknownChannel(id))?;
-    let dirty = rec.apply_all(id, changes)?;
+) -> std::result::Result<(Plan, ChannelRecord), Failure> {
+    let mut rec = match cache.remove(&id) {
+        Some(rec) => rec,
+        None => tables.read(id)?.ok_or(Error::UnknownChannel(id))?,
+    };
+    let dirty = match rec.apply_all(id, changes) {
+        Ok(dirty) => dirty,
+        Err(e) => {
+            // Refused: the record is unchanged and stays cached.
+            cache.insert(id, rec);
+            return Err(e.into());
+        }
+    };
     let mut plan = Plan::default();
     if dirty.meta {
         plan.meta = Some(Some(encode_meta(&rec)?));
@@ -931,7 +988,7 @@ fn plan_update(
     if dirty.staged {
         plan.staged = Some(rec.staged.as_ref().map(encode_state).transpose()?);
     }
-    Ok(plan)
+    Ok((plan, rec))
 }
 
 fn plan_remove(

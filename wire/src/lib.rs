@@ -35,5 +35,6 @@ pub use libp2p::{Multiaddr, PeerId};
 pub use message::{
     Message, Participant, Proposal, ProposalAccept, ProposalId, ProposalReject, Refusal,
     RefusalCode, RejectKind, Signing0, Sync, Update, UpdateAccept, UpdateCommit, UpdateReject,
+    UpdateWithCommit,
 };
 pub use node::{Config, Handle, Incoming, Limits, Node, PeerEvent, Request, Responder};

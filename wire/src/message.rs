@@ -8,6 +8,7 @@
 //! | [`Signing0`] | [`UpdateAccept`] (version 0) or [`UpdateReject`] |
 //! | [`Update`] | [`UpdateAccept`] or [`UpdateReject`] |
 //! | [`UpdateCommit`] | [`Message::Ack`] |
+//! | [`UpdateWithCommit`] | as for its [`Update`] |
 //! | [`Sync`] | the peer's own [`Sync`] |
 //!
 //! Opening an `n`-party channel: the proposer sends the `Proposal` to every
@@ -22,7 +23,9 @@
 //! replies `UpdateAccept` with its signature, and the actor signs last and
 //! broadcasts `UpdateCommit` with the full set. Signing last means an actor
 //! whose proposal loses a same-version conflict has signed nothing for that
-//! version and can sign the winner's.
+//! version and can sign the winner's. An actor that updates again at once
+//! may instead send its previous commit inside the next update
+//! ([`UpdateWithCommit`]): one request per update instead of two.
 //!
 //! A refusal ([`Refusal`]) is not a message: it is the transport's answer to
 //! a request that could not be processed at all (bad frame, busy, no reply).
@@ -182,6 +185,19 @@ pub struct UpdateCommit {
     pub signatures: Vec<Signature>,
 }
 
+/// An [`Update`] that first hands out the full signature set of the
+/// sender's previous update of the same channel: a proposer updating again
+/// at once saves the commit's own request. The receiver takes the commit
+/// exactly as an [`UpdateCommit`], then answers the update; a commit it
+/// cannot take is refused with the whole request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateWithCommit {
+    /// The commit of the sender's previous update.
+    pub commit: UpdateCommit,
+    /// The next update, on top of that state.
+    pub update: Update,
+}
+
 /// On reconnect: where the sender stands on a channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sync {
@@ -222,6 +238,9 @@ pub enum Message {
     Sync(Sync),
     /// The empty reply to a one-way message.
     Ack,
+    /// A commit and the next update in one request (last, so the other
+    /// variants keep their encoding).
+    UpdateWithCommit(UpdateWithCommit),
 }
 
 /// Why the transport refused a request, sent back instead of a reply.
@@ -277,6 +296,7 @@ impl Message {
             Message::UpdateCommit(_) => "UpdateCommit",
             Message::Sync(_) => "Sync",
             Message::Ack => "Ack",
+            Message::UpdateWithCommit(_) => "UpdateWithCommit",
         }
     }
 
@@ -295,6 +315,7 @@ impl Message {
                 | Message::Update(_)
                 | Message::UpdateReject(_)
                 | Message::UpdateCommit(_)
+                | Message::UpdateWithCommit(_)
                 | Message::Sync(_)
         )
     }
@@ -313,6 +334,7 @@ impl Message {
             Message::UpdateReject(m) => Some(m.index),
             Message::UpdateCommit(m) => Some(m.index),
             Message::Sync(m) => Some(m.index),
+            Message::UpdateWithCommit(m) => Some(m.update.actor),
         }
     }
 
@@ -353,14 +375,11 @@ impl Message {
                 index("index", m.index, MAX_PARTICIPANTS)?;
                 at_most("reason", m.reason.len(), MAX_REASON)
             }
-            Message::UpdateCommit(m) => {
-                index("index", m.index, MAX_PARTICIPANTS)?;
-                range(
-                    "signatures",
-                    m.signatures.len(),
-                    MIN_PARTICIPANTS,
-                    MAX_PARTICIPANTS,
-                )
+            Message::UpdateCommit(m) => check_commit(m),
+            Message::UpdateWithCommit(m) => {
+                check_commit(&m.commit)?;
+                index("actor", m.update.actor, MAX_PARTICIPANTS)?;
+                check_state(&m.update.state)
             }
             Message::Sync(m) => {
                 index("index", m.index, MAX_PARTICIPANTS)?;
@@ -412,6 +431,16 @@ fn check_allocation(a: &Allocation, participants: Option<usize>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn check_commit(m: &UpdateCommit) -> Result<()> {
+    index("index", m.index, MAX_PARTICIPANTS)?;
+    range(
+        "signatures",
+        m.signatures.len(),
+        MIN_PARTICIPANTS,
+        MAX_PARTICIPANTS,
+    )
 }
 
 fn check_state(s: &State) -> Result<()> {

@@ -9,6 +9,7 @@ use perun_wallet::Signature;
 use perun_wire::{
     Config, Handle, Incoming, Message, Node, Participant, PeerId, Proposal, ProposalAccept,
     ProposalReject, RejectKind, Signing0, Sync, Update, UpdateAccept, UpdateCommit, UpdateReject,
+    UpdateWithCommit,
     generate_key,
 };
 
@@ -162,6 +163,27 @@ pub(crate) fn exchanges(peers: &[PeerId]) -> Vec<(Message, Message)> {
                 signatures: (0..n).map(|i| sig(i as u8)).collect(),
             }),
             Message::Ack,
+        ),
+        (
+            Message::UpdateWithCommit(UpdateWithCommit {
+                commit: UpdateCommit {
+                    channel_id: id,
+                    version: 6,
+                    index: 0,
+                    signatures: (0..n).map(|i| sig(i as u8)).collect(),
+                },
+                update: Update {
+                    channel_id: id,
+                    state: state(n, 7),
+                    actor: 0,
+                },
+            }),
+            Message::UpdateAccept(UpdateAccept {
+                channel_id: id,
+                version: 7,
+                index: 1,
+                signature: sig(1),
+            }),
         ),
         (
             Message::Sync(Sync {
