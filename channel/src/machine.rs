@@ -77,6 +77,11 @@ pub struct Machine {
     phase: Phase,
     current: Option<SignedState>,
     staged: Option<SignedState>,
+    /// The staged state's hash, computed once when it is staged (signing,
+    /// checking signatures and the protocol's comparisons all need it).
+    /// Not serialized: a deserialized machine computes it on use.
+    #[serde(skip)]
+    staged_hash: Option<B256>,
     /// Version and hash of the last state this participant signed, so that a
     /// second, different state of the same version is never signed.
     last_signed: Option<(u64, B256)>,
@@ -105,6 +110,7 @@ impl Machine {
             index,
             phase: Phase::Proposing,
             current: None,
+            staged_hash: Some(initial.hash()),
             staged: Some(SignedState::new(initial)),
             last_signed: None,
             signed_final: false,
@@ -153,6 +159,7 @@ impl Machine {
             index,
             phase,
             current,
+            staged_hash: staged.as_ref().map(|s| s.state.hash()),
             staged,
             last_signed,
             signed_final,
@@ -178,6 +185,11 @@ impl Machine {
     /// The state under signature, if any.
     pub fn staged(&self) -> Option<&SignedState> {
         self.staged.as_ref()
+    }
+    /// The staged state's hash (what each participant signs), if any.
+    pub fn staged_hash(&self) -> Option<B256> {
+        let staged = self.staged.as_ref()?;
+        Some(self.staged_hash.unwrap_or_else(|| staged.state.hash()))
     }
     /// Version and hash of the last state this participant signed.
     pub fn last_signed(&self) -> Option<(u64, B256)> {
@@ -215,8 +227,10 @@ impl Machine {
         })?;
         cur.state
             .validate_transition(&self.params, &next, actor, app)?;
-        self.check_double_sign(&next)?;
+        let hash = next.hash();
+        Self::check_sign(self.last_signed, self.signed_final, next.version, hash)?;
         self.staged = Some(SignedState::new(next));
+        self.staged_hash = Some(hash);
         self.phase = Phase::Updating;
         Ok(())
     }
@@ -266,13 +280,10 @@ impl Machine {
         let index = self.index;
         let (last, last_final) = (self.last_signed, self.signed_final);
         self.staged_mut("sign_staged")?;
+        let hash = self.staged_hash().ok_or(Error::NothingStaged)?;
         let (params, staged) = (&self.params, &mut self.staged);
         let staged = staged.as_mut().ok_or(Error::NothingStaged)?;
-        let (version, hash, is_final) = (
-            staged.state.version,
-            staged.state.hash(),
-            staged.state.isFinal,
-        );
+        let (version, is_final) = (staged.state.version, staged.state.isFinal);
         Self::check_sign(last, last_final, version, hash)?;
         // On error nothing is stored (`sign_hashed` sets the slot last).
         let sig = staged.sign_hashed(params, index, account, hash)?;
@@ -305,11 +316,12 @@ impl Machine {
     /// Verifies and adds participant `index`'s signature on the staged state.
     pub fn add_signature(&mut self, index: usize, sig: Signature) -> Result<()> {
         self.staged_mut("add_signature")?;
+        let hash = self.staged_hash().ok_or(Error::NothingStaged)?;
         let (params, staged) = (&self.params, &mut self.staged);
         staged
             .as_mut()
             .ok_or(Error::NothingStaged)?
-            .add_signature(params, index, sig)
+            .add_signature_hashed(params, index, sig, hash)
     }
 
     /// Makes the fully signed staged state current: `Signing0 → Funding`,
@@ -328,6 +340,7 @@ impl Machine {
         };
         self.set_phase(next)?;
         self.current = self.staged.take();
+        self.staged_hash = None;
         self.current.as_ref().ok_or(Error::NothingStaged)
     }
 
@@ -344,6 +357,7 @@ impl Machine {
         }
         self.phase = Phase::Active;
         self.staged = None;
+        self.staged_hash = None;
         Ok(())
     }
 
@@ -365,6 +379,7 @@ impl Machine {
             .is_some_and(|s| s.state.version <= st.state.version)
         {
             self.staged = None;
+            self.staged_hash = None;
             if self.phase == Phase::Updating {
                 self.phase = Phase::Active;
             }

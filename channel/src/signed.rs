@@ -78,7 +78,20 @@ impl SignedState {
 
     /// Verifies `sig` as participant `index`'s signature and stores it.
     pub fn add_signature(&mut self, params: &Params, index: usize, sig: Signature) -> Result<()> {
-        verify_sig(params, &self.state, index, &sig)?;
+        let hash = self.state.hash();
+        self.add_signature_hashed(params, index, sig, hash)
+    }
+
+    /// [`add_signature`](Self::add_signature) with the state's hash already
+    /// computed.
+    pub(crate) fn add_signature_hashed(
+        &mut self,
+        params: &Params,
+        index: usize,
+        sig: Signature,
+        hash: alloy_primitives::B256,
+    ) -> Result<()> {
+        verify_hash_sig(params, hash, index, &sig)?;
         self.ensure_slots(params.participants.len())?;
         self.sigs[index] = Some(sig);
         Ok(())

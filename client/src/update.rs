@@ -78,7 +78,10 @@ pub(crate) async fn propose(
             // A newer proposal supersedes an older failed one.
             l.pending = None;
             l.announce(core);
-            let hash = next.hash();
+            let hash = l
+                .machine
+                .staged_hash()
+                .ok_or(Error::Phase(l.machine.phase()))?;
             // Our held commit is of the state `next` builds on, unless a
             // newer state came meanwhile (then it goes on its own).
             let (ride, stray) = match l.held.take() {
@@ -123,8 +126,7 @@ pub(crate) async fn propose(
         }
 
         let mut l = core.locked.lock().await;
-        let ours = l.staged_actor == Some(core.index)
-            && l.machine.staged().is_some_and(|s| s.state.hash() == hash);
+        let ours = l.staged_actor == Some(core.index) && l.machine.staged_hash() == Some(hash);
         // Our proposal was built on `base`. If a newer state arrived
         // meanwhile (an update we had given up on was completed after all),
         // it would apply to the wrong state: not what the caller asked for.
@@ -412,7 +414,6 @@ async fn respond_update(
             "sender is not the actor".into(),
         );
     }
-    let hash = u.state.hash();
     if core.phase() == Phase::Funding {
         // The proposer saw every deposit a moment before we did.
         let _ = core
@@ -431,6 +432,8 @@ async fn respond_update(
             })
             .await;
     }
+    // The staged proposal's hash, once it is staged.
+    let hash;
     let request = {
         let mut l = core.locked.lock().await;
         if l.machine.phase() == Phase::Updating {
@@ -489,6 +492,7 @@ async fn respond_update(
         }
         l.staged_actor = Some(u.actor);
         l.announce(core);
+        hash = l.machine.staged_hash();
         IncomingUpdate {
             params: core.params.clone(),
             index: core.index,
@@ -501,8 +505,8 @@ async fn respond_update(
     let decision = ask_handler(shared, request).await;
 
     let mut l = core.locked.lock().await;
-    let still_staged = l.staged_actor == Some(u.actor)
-        && l.machine.staged().is_some_and(|s| s.state.hash() == hash);
+    let still_staged =
+        l.staged_actor == Some(u.actor) && hash.is_some() && l.machine.staged_hash() == hash;
     if !still_staged {
         return reject(core, version, RejectKind::Conflict, "superseded".into());
     }

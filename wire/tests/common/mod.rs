@@ -9,8 +9,7 @@ use perun_wallet::Signature;
 use perun_wire::{
     Config, Handle, Incoming, Message, Node, Participant, PeerId, Proposal, ProposalAccept,
     ProposalReject, RejectKind, Signing0, Sync, Update, UpdateAccept, UpdateCommit, UpdateReject,
-    UpdateWithCommit,
-    generate_key,
+    UpdateWithCommit, generate_key,
 };
 
 /// How long any single wait in a test may take before it fails.
