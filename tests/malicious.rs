@@ -17,7 +17,7 @@ use perun::client::{Channel, Error};
 use perun::wallet::{Account, LocalAccount};
 use perun::wire::{
     Config, Handle, Incoming, Message, Multiaddr, Node, PeerId, RejectKind, Update, UpdateAccept,
-    UpdateCommit,
+    UpdateCommit, UpdateWithCommit,
 };
 
 on_both_ledgers!(
@@ -31,6 +31,7 @@ on_both_ledgers!(
     after_signing_a_final_state_alice_signs_nothing_else,
     a_signed_final_state_still_binds_alice_after_a_restart,
     a_huge_synced_version_does_not_block_alice,
+    a_commit_riding_with_an_update_is_checked_like_a_commit,
 );
 
 struct Setup {
@@ -634,4 +635,95 @@ async fn a_signed_final_state_still_binds_alice_after_a_restart(ledger: Ledger) 
     assert_refused(&reply, "a state after a signed final one, after a restart");
     assert_eq!(restored.state(), before);
     parties.push(alice);
+}
+
+/// Bob's `UpdateWithCommit` (DESIGN §8): the carried commit is checked as an
+/// `UpdateCommit` would be, and one that does not belong to its update, or
+/// does not check out, refuses the whole request and changes nothing.
+async fn a_commit_riding_with_an_update_is_checked_like_a_commit(ledger: Ledger) {
+    let s = setup(ledger).await;
+    let before = s.alice.state();
+    let bob_pays = |st: &perun::channel::State, x: u64| {
+        let mut next = st.next();
+        next.outcome.balances[0][1] -= U256::from(x);
+        next.outcome.balances[0][0] += U256::from(x);
+        next
+    };
+    let fair = bob_pays(&before.state, 5);
+    let alice_sig = match send_update(&s, fair.clone(), 1).await {
+        Message::UpdateAccept(a) => a.signature,
+        other => panic!("a fair update is accepted, got {other:?}"),
+    };
+    let bob_sig = s.bob_key.sign_hash(fair.hash()).unwrap();
+    let on_old_state = s.bob_key.sign_hash(before.state.hash()).unwrap();
+    let next = bob_pays(&fair, 5);
+    let commit = |channel_id, index, version, signatures| UpdateCommit {
+        channel_id,
+        version,
+        index,
+        signatures,
+    };
+    let (evil, alice_peer, channel_id) = (&s.evil, s.alice_peer, s.alice.id());
+    let send = |commit: UpdateCommit, state: perun::channel::State| {
+        let msg = Message::UpdateWithCommit(UpdateWithCommit {
+            commit,
+            update: Update {
+                channel_id,
+                state,
+                actor: 1,
+            },
+        });
+        async move { evil.send(alice_peer, &msg).await }
+    };
+    let id = s.alice.id();
+    let mut other_id = id;
+    other_id.0[0] ^= 1;
+    let good = vec![alice_sig, bob_sig];
+    for (what, c) in [
+        (
+            "a commit by another sender",
+            commit(id, 0, fair.version, good.clone()),
+        ),
+        (
+            "a commit not older than its update",
+            commit(id, 1, next.version, good.clone()),
+        ),
+        (
+            "a commit of another channel",
+            commit(other_id, 1, fair.version, good.clone()),
+        ),
+        (
+            "a signature on another state",
+            commit(id, 1, fair.version, vec![alice_sig, on_old_state]),
+        ),
+        (
+            "a missing signature",
+            commit(id, 1, fair.version, vec![alice_sig]),
+        ),
+    ] {
+        assert!(send(c, next.clone()).await.is_err(), "{what} is refused");
+        assert_eq!(s.alice.state(), before, "{what} changes nothing");
+    }
+    // A good commit is taken even when the update it carries is refused.
+    let mut inflate = fair.next();
+    inflate.outcome.balances[0][1] += U256::from(50u64);
+    assert_refused(
+        &send(commit(id, 1, fair.version, good.clone()), inflate)
+            .await
+            .unwrap(),
+        "an inflating update after a good commit",
+    );
+    let done = s
+        .alice
+        .wait_for_version(fair.version, Duration::from_secs(10));
+    assert_eq!(done.await.unwrap().state, fair);
+    // Carried again (a repeated commit is harmless) with a fair update: signed.
+    match send(commit(id, 1, fair.version, good), next.clone())
+        .await
+        .unwrap()
+    {
+        Message::UpdateAccept(a) => assert_eq!(a.version, next.version),
+        other => panic!("a fair update after its commit is accepted, got {other:?}"),
+    }
+    assert_eq!(s.alice.state().state, fair);
 }

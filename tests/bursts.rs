@@ -1,0 +1,86 @@
+//! Back-to-back updates (DESIGN §8, issue 17): a proposer in a burst hands
+//! each commit out inside its next update (`UpdateWithCommit`) and the last
+//! one on its own a moment later. The peer must still end up with every
+//! state, in time, whichever side bursts, and also when the proposer shuts
+//! down right after its burst. Dishonest carried commits: `tests/malicious.rs`.
+
+#![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Ledger, Options, open, parties};
+use perun::channel::U256;
+
+on_both_ledgers!(
+    a_burst_ends_with_the_peer_holding_its_last_state,
+    bursts_in_turn_both_complete,
+);
+
+fn u(x: u64) -> U256 {
+    U256::from(x)
+}
+
+async fn a_burst_ends_with_the_peer_holding_its_last_state(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(1_000)).await;
+    let mut seen = chans[1].updates();
+    for _ in 0..100 {
+        chans[0].pay(1, 0, u(1)).await.unwrap();
+    }
+    let last = chans[0].state();
+    let bob = chans[1]
+        .wait_for_version(last.state.version, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(bob, last, "Bob holds Alice's last state of the burst");
+    assert_eq!(bob.state.outcome.balances[0][1], u(1_100));
+    // Every state reached Bob's readers, in order.
+    let mut versions = Vec::new();
+    while versions.last() != Some(&last.state.version) {
+        let st = tokio::time::timeout(Duration::from_secs(5), seen.next())
+            .await
+            .unwrap()
+            .unwrap();
+        versions.push(st.state.version);
+    }
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+
+    // A second burst, and Alice shuts down right after it: her held commit
+    // still reaches Bob (shutdown waits for commits in flight).
+    for _ in 0..20 {
+        chans[0].pay(1, 0, u(1)).await.unwrap();
+    }
+    let last = chans[0].state();
+    ps[0].client.shutdown().await;
+    let bob = chans[1]
+        .wait_for_version(last.state.version, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(bob, last);
+}
+
+async fn bursts_in_turn_both_complete(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(1_000)).await;
+    for round in 0..5 {
+        // Each side bursts right after the other: the first update of a
+        // burst meets the other side's last commit still held or in flight.
+        for _ in 0..20 {
+            chans[0].pay(1, 0, u(2)).await.unwrap();
+        }
+        for _ in 0..20 {
+            chans[1].pay(0, 0, u(1)).await.unwrap();
+        }
+        let a = chans[0].state();
+        let b = chans[1]
+            .wait_for_version(a.state.version, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(a, b, "round {round}");
+    }
+    let st = chans[0].state().state;
+    assert_eq!(st.outcome.balances[0][0], u(1_000 - 5 * 20));
+    assert_eq!(st.outcome.balances[0][1], u(1_000 + 5 * 20));
+}
