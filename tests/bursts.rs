@@ -73,9 +73,10 @@ async fn bursts_in_turn_both_complete(ledger: Ledger) {
         for _ in 0..20 {
             chans[1].pay(0, 0, u(1)).await.unwrap();
         }
-        let a = chans[0].state();
-        let b = chans[1]
-            .wait_for_version(a.state.version, Duration::from_secs(5))
+        // Bob proposed last: Alice gets his last commit a moment later.
+        let b = chans[1].state();
+        let a = chans[0]
+            .wait_for_version(b.state.version, Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(a, b, "round {round}");
