@@ -49,6 +49,10 @@ pub(crate) fn merge(out: &Path, runs: &[PathBuf]) -> Res<()> {
             .iter()
             .filter_map(|r| r["figures"][key.as_str()].as_f64())
             .collect();
+        if values.is_empty() {
+            // A part none of the runs ran.
+            continue;
+        }
         if values.len() < parsed.len() {
             // A figure some run could not measure: its median would
             // silently come from fewer runs.
