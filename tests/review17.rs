@@ -1,6 +1,11 @@
 //! Review of issue 17's changes (commit rides with the next update, the redb
-//! writer's record cache, the staged hash): `bug_*` tests fail on the code
-//! as reviewed, `check_*` tests pass and guard what must keep holding.
+//! writer's record cache, the staged hash). The tests without a `check_`
+//! prefix failed on the code as reviewed (a refused ride failed an honest
+//! update for good, a peer of the previous release failed every other
+//! update, a held commit kept a stopped client alive, a deserialized machine
+//! was not equal to itself, `validate_transition` took another channel's
+//! states, and, older, concurrent payments stalled for `update_wait`);
+//! `check_*` tests guard what held already.
 
 #![allow(clippy::unwrap_used)] // Tests may panic on failure.
 
@@ -60,7 +65,7 @@ fn initial(params: &Params) -> State {
 /// cache that serde skips: a machine that went through serde is no longer
 /// equal to itself (the derived equality compares the cache).
 #[test]
-fn bug_machine_is_not_equal_to_itself_after_serde() {
+fn machine_equals_itself_after_serde() {
     let (a, b) = (LocalAccount::random(), LocalAccount::random());
     let params = two_party_params(&a, &b);
     let m = Machine::new(params.clone(), 0, initial(&params)).unwrap();
@@ -100,7 +105,7 @@ fn check_machine_from_serde_signs_the_staged_state() {
 /// params' channel id; it now trusts `self.channelId`. A pair of states of
 /// another channel passes as a transition of `params`' channel.
 #[test]
-fn bug_validate_transition_accepts_a_pair_of_another_channels_states() {
+fn validate_transition_refuses_a_pair_of_another_channels_states() {
     let (a, b) = (LocalAccount::random(), LocalAccount::random());
     let params = two_party_params(&a, &b);
     let mut cur = initial(&params);
@@ -345,7 +350,7 @@ async fn twin(ledger: Ledger) -> Twin {
 /// Alice's back-to-back payments to it fail every other time: there is no
 /// fallback to a plain `Update` (nor a protocol version bump).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_burst_to_a_peer_of_the_previous_release_fails() {
+async fn a_burst_to_a_peer_of_the_previous_release_falls_back_to_plain_updates() {
     let mut t = twin(sim().await).await;
     let mut incoming = t.evil_in.take().unwrap();
     let bob_key = t.bob_key.clone();
@@ -583,7 +588,7 @@ fn is_refused_ride(e: &Error) -> bool {
 /// `Error::Wire(Refused(Malformed))` where a plain update gets a retryable
 /// `Conflict`. (Timing dependent: pays for up to 12 s or until it happens.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_three_party_concurrent_bursts_hit_a_refused_ride() {
+async fn three_party_concurrent_bursts_complete() {
     let ledger = sim().await;
     let opts = Options {
         timeouts: Some(perun::client::Timeouts {
@@ -684,7 +689,7 @@ async fn twin3(ledger: Ledger, opts: &Options) -> Twin3 {
 /// (retryable); with the ride Alice gets `Error::Wire(Refused(Malformed))`,
 /// which `settle` would even take as a reason to close on-chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_an_honest_peer_refusing_a_ride_fails_the_update_for_good() {
+async fn an_honest_peer_refusing_a_ride_answers_conflict() {
     let opts = Options {
         timeouts: Some(perun::client::Timeouts {
             update_wait: Duration::from_millis(300),
@@ -793,7 +798,7 @@ async fn bug_an_honest_peer_refusing_a_ride_fails_the_update_for_good() {
 /// blocked and the other side burns a version per retry. Here
 /// `update_wait` is 1 s; a payment must not take 800 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_preexisting_concurrent_payments_stall_for_update_wait() {
+async fn concurrent_payments_never_stall_for_update_wait() {
     let ledger = sim().await;
     let opts = Options {
         timeouts: Some(perun::client::Timeouts {
@@ -895,7 +900,7 @@ async fn check_responder_restart_right_after_a_burst() {
 /// the client alive for good: its store stays open, so the same process
 /// cannot open it again. Without a held commit the store reopens.
 #[test]
-fn bug_a_held_commit_leaks_the_client_when_the_runtime_stops() {
+fn a_held_commit_does_not_keep_the_client_alive() {
     fn reopen_after(burst_then_stop_at_once: bool) -> Result<(), String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -69,6 +69,19 @@ impl Phase {
     }
 }
 
+/// A cached hash: left out of equality and of serde, so a machine equals
+/// itself after a round trip through serde (which leaves it empty).
+#[derive(Debug, Clone, Copy, Default)]
+struct HashCache(Option<B256>);
+
+impl PartialEq for HashCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for HashCache {}
+
 /// One participant's state machine for one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
@@ -81,7 +94,7 @@ pub struct Machine {
     /// checking signatures and the protocol's comparisons all need it).
     /// Not serialized: a deserialized machine computes it on use.
     #[serde(skip)]
-    staged_hash: Option<B256>,
+    staged_hash: HashCache,
     /// Version and hash of the last state this participant signed, so that a
     /// second, different state of the same version is never signed.
     last_signed: Option<(u64, B256)>,
@@ -110,7 +123,7 @@ impl Machine {
             index,
             phase: Phase::Proposing,
             current: None,
-            staged_hash: Some(initial.hash()),
+            staged_hash: HashCache(Some(initial.hash())),
             staged: Some(SignedState::new(initial)),
             last_signed: None,
             signed_final: false,
@@ -159,7 +172,7 @@ impl Machine {
             index,
             phase,
             current,
-            staged_hash: staged.as_ref().map(|s| s.state.hash()),
+            staged_hash: HashCache(staged.as_ref().map(|s| s.state.hash())),
             staged,
             last_signed,
             signed_final,
@@ -189,7 +202,7 @@ impl Machine {
     /// The staged state's hash (what each participant signs), if any.
     pub fn staged_hash(&self) -> Option<B256> {
         let staged = self.staged.as_ref()?;
-        Some(self.staged_hash.unwrap_or_else(|| staged.state.hash()))
+        Some(self.staged_hash.0.unwrap_or_else(|| staged.state.hash()))
     }
     /// Version and hash of the last state this participant signed.
     pub fn last_signed(&self) -> Option<(u64, B256)> {
@@ -225,12 +238,13 @@ impl Machine {
             op: "stage_update",
             phase: self.phase,
         })?;
+        // The current state is valid for the params: its channel id is theirs.
         cur.state
-            .validate_transition(&self.params, &next, actor, app)?;
+            .validate_transition_for(&self.params, cur.state.channelId, &next, actor, app)?;
         let hash = next.hash();
         Self::check_sign(self.last_signed, self.signed_final, next.version, hash)?;
         self.staged = Some(SignedState::new(next));
-        self.staged_hash = Some(hash);
+        self.staged_hash = HashCache(Some(hash));
         self.phase = Phase::Updating;
         Ok(())
     }
@@ -340,7 +354,7 @@ impl Machine {
         };
         self.set_phase(next)?;
         self.current = self.staged.take();
-        self.staged_hash = None;
+        self.staged_hash = HashCache(None);
         self.current.as_ref().ok_or(Error::NothingStaged)
     }
 
@@ -357,7 +371,7 @@ impl Machine {
         }
         self.phase = Phase::Active;
         self.staged = None;
-        self.staged_hash = None;
+        self.staged_hash = HashCache(None);
         Ok(())
     }
 
@@ -379,7 +393,7 @@ impl Machine {
             .is_some_and(|s| s.state.version <= st.state.version)
         {
             self.staged = None;
-            self.staged_hash = None;
+            self.staged_hash = HashCache(None);
             if self.phase == Phase::Updating {
                 self.phase = Phase::Active;
             }

@@ -156,8 +156,22 @@ impl State {
         actor: usize,
         app: &dyn App,
     ) -> Result<()> {
-        // `self` is a valid state of `params`: its channel id is theirs.
-        next.validate_for(params, self.channelId)?;
+        params.validate()?;
+        self.validate_transition_for(params, params.channel_id(), next, actor, app)
+    }
+
+    /// [`validate_transition`](Self::validate_transition) for `params`
+    /// already known valid, whose channel id is `id` (a machine checks
+    /// every update against the same params).
+    pub(crate) fn validate_transition_for(
+        &self,
+        params: &Params,
+        id: crate::ChannelId,
+        next: &State,
+        actor: usize,
+        app: &dyn App,
+    ) -> Result<()> {
+        next.validate_for(params, id)?;
         if actor >= params.participants.len() {
             return Err(Error::Index(actor));
         }

@@ -259,13 +259,14 @@ pub(crate) const COMMIT_RIDE_WAIT: std::time::Duration = std::time::Duration::fr
 pub(crate) const COMMIT_RIDE_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Counts a commit as in flight from creation until dropped (see
-/// `Client::shutdown`).
-pub(crate) struct InFlight(Arc<Shared>);
+/// `Client::shutdown`). Weak: a held commit lives in the channel's lock,
+/// which the client owns, and must not keep the client alive.
+pub(crate) struct InFlight(std::sync::Weak<Shared>);
 
 impl InFlight {
     pub(crate) fn new(shared: &Arc<Shared>) -> Self {
         shared.commits_in_flight.send_modify(|n| *n += 1);
-        Self(shared.clone())
+        Self(Arc::downgrade(shared))
     }
 }
 
@@ -277,9 +278,11 @@ impl std::fmt::Debug for InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0
-            .commits_in_flight
-            .send_modify(|n| *n = n.saturating_sub(1));
+        if let Some(shared) = self.0.upgrade() {
+            shared
+                .commits_in_flight
+                .send_modify(|n| *n = n.saturating_sub(1));
+        }
     }
 }
 
@@ -497,6 +500,9 @@ pub(crate) struct ChannelCore {
     /// `settle` was called: a final state is concluded at once (otherwise
     /// the watcher gives the peer that asked for it time to do so).
     pub(crate) settling: AtomicBool,
+    /// Our commits may ride with our next update (`UpdateWithCommit`);
+    /// off once a peer could not read one.
+    pub(crate) rides: AtomicBool,
     /// States seen in `Registered` events, to conclude with (bounded).
     registered: Mutex<Vec<State>>,
     /// The version (+ 1; 0: none) whose conclusion the watcher announced,
@@ -583,6 +589,7 @@ impl ChannelCore {
             watch_status: watch::channel(WatchStatus::Idle).0,
             nudge: Notify::new(),
             settling: AtomicBool::new(false),
+            rides: AtomicBool::new(true),
             registered: Mutex::new(Vec::new()),
             conclude_announced: std::sync::atomic::AtomicU64::new(0),
             forced: OnceLock::new(),
@@ -735,6 +742,12 @@ impl ChannelCore {
     }
 
     /// Waits until `pred(phase)` holds or `timeout` passes.
+    /// A receiver of every phase change (each `publish` wakes it, also
+    /// when the phase comes back to what it was).
+    pub(crate) fn subscribe_phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
     pub(crate) async fn wait_phase(
         &self,
         timeout: std::time::Duration,

@@ -66,9 +66,10 @@ pub(crate) async fn propose(
             // Right after our own update, on its state: a burst. Its commit
             // rides with this update, and this update's commit waits for
             // the next one.
-            let burst = l.last_own_commit.is_some_and(|(v, at)| {
-                v == cur_version && at.elapsed() < crate::core::COMMIT_RIDE_WINDOW
-            });
+            let burst = core.rides.load(std::sync::atomic::Ordering::Relaxed)
+                && l.last_own_commit.is_some_and(|(v, at)| {
+                    v == cur_version && at.elapsed() < crate::core::COMMIT_RIDE_WINDOW
+                });
             let mut next = cur.state.next();
             next.version = l.next_version().ok_or(Error::Phase(l.machine.phase()))?;
             f(&mut next).map_err(Error::InvalidUpdate)?;
@@ -112,15 +113,39 @@ pub(crate) async fn propose(
             }),
             None => Message::Update(update),
         };
-        let replies = shared.broadcast(core, &msg).await;
+        let mut replies = shared.broadcast(core, &msg).await;
+        let ride = match ride {
+            Some((_, held)) if replies.iter().any(|(_, _, r)| unreadable(r)) => {
+                // A peer could not read the request (a release without
+                // `UpdateWithCommit`): it processed nothing. It gets the
+                // commit, then the update, each on its own, and this
+                // channel rides no more.
+                core.rides
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                crate::deliver::send_commit(shared, core, &held.full).await;
+                drop(held);
+                let plain = Message::Update(Update {
+                    channel_id: core.id,
+                    state: next.clone(),
+                    actor: core.index,
+                });
+                for (peer, _, reply) in replies.iter_mut().filter(|(_, _, r)| unreadable(r)) {
+                    *reply = shared.wire.send(*peer, &plain).await;
+                }
+                None
+            }
+            other => other,
+        };
         if let Some((_, held)) = ride {
-            // A peer that answered the update took the commit first; one
-            // that did not answer may lack it: hand it out again (a
-            // repeated commit is harmless).
-            let answered = replies.iter().all(|(_, _, r)| {
-                matches!(r, Ok(Message::UpdateAccept(_) | Message::UpdateReject(_)))
-            });
-            if !answered {
+            // A peer that signed the update took the commit first; one
+            // that did not may lack it (it did not answer, or it refused
+            // the commit): hand it out again on its own (a repeated commit
+            // is harmless; a peer that still cannot take it gets it by
+            // `Sync`).
+            let signed = replies
+                .iter()
+                .all(|(_, _, r)| matches!(r, Ok(Message::UpdateAccept(_))));
+            if !signed {
                 spawn_delivery(shared, core, held);
             }
         }
@@ -232,6 +257,11 @@ pub(crate) async fn propose(
     }
     .instrument(span)
     .await
+}
+
+/// A peer's answer that says it could not read the request at all.
+fn unreadable(reply: &perun_wire::Result<Message>) -> bool {
+    matches!(reply, Err(perun_wire::Error::Refused(r)) if r.code == perun_wire::RefusalCode::Malformed)
 }
 
 /// Hands a commit of ours to every peer in the background, with retries.
@@ -383,14 +413,30 @@ pub(crate) async fn handle_update_with_commit(
                 hold_unsaved(&shared, &core, &mut l, trial);
                 Ok(())
             }
-            Err(reason) => Err(reason),
+            Err(refusal) => Err(refusal),
         }
     }
     .instrument(span.clone())
     .await;
-    if let Err(reason) = taken {
-        let _ = responder.refuse(refuse(&reason));
-        return;
+    match taken {
+        Ok(()) => {}
+        // An honest race: we moved on from the update this commit is for.
+        // Answer as a plain update would have been answered then: the
+        // proposer retries, and hands the commit out on its own (it then
+        // reaches us by `Sync` if we still cannot take it).
+        Err(CommitRefusal::Elsewhere(why)) => {
+            let _ = responder.reply(reject(
+                &core,
+                update.state.version,
+                RejectKind::Conflict,
+                format!("the commit it carries: {why}"),
+            ));
+            return;
+        }
+        Err(refusal @ CommitRefusal::Bad(_)) => {
+            let _ = responder.refuse(refuse(&refusal.to_string()));
+            return;
+        }
     }
     let reply = respond_update(&shared, &core, peer, update)
         .instrument(span)
@@ -422,15 +468,21 @@ async fn respond_update(
             })
             .await;
     }
-    if awaits_commit(core, version).await {
-        // The commit of the update before is on its way (an update returns
-        // to its proposer before its peers have the commit): take it first.
+    // The commit of the update before is on its way (an update returns to
+    // its proposer before its peers have the commit): take it first. Each
+    // phase change is a fresh look at the machine, not at the phase: the
+    // commit may move it to `Active` and a proposal of ours back to
+    // `Updating` before this task runs again.
+    let mut changes = core.subscribe_phase();
+    let deadline = tokio::time::Instant::now() + shared.timeouts.update_wait;
+    while awaits_commit(core, version).await {
         debug!("waiting for the proposer's previous commit");
-        let _ = core
-            .wait_phase(shared.timeouts.update_wait, "commit", |p| {
-                p != Phase::Updating
-            })
-            .await;
+        if !matches!(
+            tokio::time::timeout_at(deadline, changes.changed()).await,
+            Ok(Ok(()))
+        ) {
+            break;
+        }
     }
     // The staged proposal's hash, once it is staged.
     let hash;
@@ -628,10 +680,10 @@ pub(crate) async fn handle_commit(
                 let _ = responder.reply(Message::Ack);
                 hold_unsaved(&shared, &core, &mut l, trial);
             }
-            Err(reason) => {
+            Err(refusal) => {
                 let _ = responder.refuse(perun_wire::Refusal::new(
                     perun_wire::RefusalCode::Malformed,
-                    reason,
+                    refusal.to_string(),
                 ));
             }
         }
@@ -640,19 +692,39 @@ pub(crate) async fn handle_commit(
     .await
 }
 
+/// Why a commit could not be taken.
+#[derive(Debug)]
+enum CommitRefusal {
+    /// It is for an update we do not hold (any more): we dropped it as
+    /// superseded, or staged another one meanwhile. An honest proposer
+    /// meets this in a race; a `Sync` settles who holds what.
+    Elsewhere(&'static str),
+    /// It is wrong: another sender, a missing or bad signature.
+    Bad(String),
+}
+
+impl std::fmt::Display for CommitRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitRefusal::Elsewhere(why) => f.write_str(why),
+            CommitRefusal::Bad(why) => f.write_str(why),
+        }
+    }
+}
+
 /// A commit for an update we dropped as abandoned (its proposer completed
 /// it after all): the fully signed state is adopted like one from a `Sync`.
 fn commit_abandoned(
     l: &Locked,
     peer: PeerId,
     c: &UpdateCommit,
-) -> std::result::Result<Option<perun_channel::Machine>, String> {
+) -> std::result::Result<Option<perun_channel::Machine>, CommitRefusal> {
     let Some(abandoned) = l
         .abandoned
         .as_ref()
         .filter(|a| a.state.version == c.version)
     else {
-        return Err("nothing staged".into());
+        return Err(CommitRefusal::Elsewhere("nothing staged"));
     };
     let full = SignedState {
         state: abandoned.state.clone(),
@@ -661,7 +733,7 @@ fn commit_abandoned(
     let mut trial = l.machine.clone();
     if let Err(e) = trial.adopt(full) {
         warn!(%peer, error = %e, "bad commit for an abandoned update");
-        return Err(e.to_string());
+        return Err(CommitRefusal::Bad(e.to_string()));
     }
     debug!(
         version = c.version,
@@ -710,10 +782,12 @@ fn check_commit(
     l: &Locked,
     peer: PeerId,
     c: &UpdateCommit,
-) -> std::result::Result<Option<perun_channel::Machine>, String> {
+) -> std::result::Result<Option<perun_channel::Machine>, CommitRefusal> {
     if core.peer_index(&peer) != Some(c.index) {
         crate::dispatch::warn_limited!(%peer, index = c.index, "commit from a peer that is not who it claims");
-        return Err("sender is not the participant it claims".into());
+        return Err(CommitRefusal::Bad(
+            "sender is not the participant it claims".into(),
+        ));
     }
     if l.machine
         .current()
@@ -721,15 +795,25 @@ fn check_commit(
     {
         return Ok(None);
     }
+    // Every commit carries our signature: one for a version we never
+    // signed is not a race, it is made up.
+    if l.machine.last_signed().is_none_or(|(v, _)| c.version > v) {
+        crate::dispatch::warn_limited!(%peer, version = c.version, "commit for a version we never signed");
+        return Err(CommitRefusal::Bad(
+            "a commit for a version we never signed".into(),
+        ));
+    }
     let Some(staged) = l.machine.staged() else {
         return commit_abandoned(l, peer, c);
     };
     if staged.state.version != c.version || l.staged_actor.is_some_and(|a| a != c.index) {
-        warn!(%peer, "commit does not match the staged update");
-        return Err("commit does not match the staged update".into());
+        crate::dispatch::warn_limited!(%peer, "commit does not match the staged update");
+        return Err(CommitRefusal::Elsewhere(
+            "commit does not match the staged update",
+        ));
     }
     if c.signatures.len() != core.params.participants.len() {
-        return Err("wrong number of signatures".into());
+        return Err(CommitRefusal::Bad("wrong number of signatures".into()));
     }
     let mut trial = l.machine.clone();
     for (i, sig) in c.signatures.iter().enumerate() {
@@ -740,9 +824,11 @@ fn check_commit(
             && let Err(e) = trial.add_signature(i, *sig)
         {
             warn!(%peer, index = i, error = %e, "bad signature in commit");
-            return Err(e.to_string());
+            return Err(CommitRefusal::Bad(e.to_string()));
         }
     }
-    trial.commit_staged().map_err(|e| e.to_string())?;
+    trial
+        .commit_staged()
+        .map_err(|e| CommitRefusal::Bad(e.to_string()))?;
     Ok(Some(trial))
 }
