@@ -23,8 +23,8 @@ use perun::channel::{
     Address, Allocation, App, AppRejection, ChannelId, Params, Phase, SignedState, State, U256,
 };
 use perun::client::{ChannelEvent, ChannelProposal, Error};
-use perun::wallet::{Account, LocalAccount};
-use perun::wire::{Config, Message, Node, RejectKind, Update, UpdateCommit};
+use perun::wallet::Account;
+use perun::wire::{Message, RejectKind, Update, UpdateCommit};
 
 on_both_ledgers!(a_progression_to_the_last_version_leaves_the_other_player_an_answer,);
 
@@ -541,22 +541,8 @@ async fn illegal_moves_over_the_wire_are_refused_and_change_nothing(ledger: Ledg
     let alice = &g.chans[0];
     let params = alice.params().clone();
     let before = alice.state();
-    let bob = &g.ps[1];
-    let bob_key = LocalAccount::from_bytes(&bob.account.secret_bytes()).unwrap();
-    bob.client.shutdown().await;
-    let (evil, _evil_in) = Node::start(Config::new(bob.key.clone())).await.unwrap();
+    let (evil, _evil_in, bob_key) = common::evil_twin(&g.ps, 1, 0).await;
     let alice_client = &g.ps[0].client;
-    for addr in alice_client.listen_addrs().await.unwrap() {
-        evil.add_address(alice_client.peer_id(), addr)
-            .await
-            .unwrap();
-    }
-    for addr in evil.listen_addrs().await.unwrap() {
-        alice_client
-            .add_peer(evil.local_peer_id(), addr)
-            .await
-            .unwrap();
-    }
     let send = |state: State, actor: usize| {
         let msg = Message::Update(Update {
             channel_id: alice.id(),

@@ -26,7 +26,7 @@ use perun::adjudicator::{
 use perun::channel::tictactoe::TicTacToe;
 use perun::channel::{Address, ChannelId, Phase, SignedState, U256};
 use perun::client::ChannelEvent;
-use perun::wire::{Config, Message, Node, Update};
+use perun::wire::{Message, Update};
 
 /// Sim-only tests (the client logic under review does not depend on the backend).
 macro_rules! on_sim {
@@ -331,21 +331,8 @@ async fn a_peer_proposal_we_signed_is_not_resumed_as_our_move(ledger: Ledger) {
     let v3 = v3.unwrap();
     let id = g.chans[0].id();
     let params = g.chans[0].params().clone();
-    let bob = &g.ps[1];
-    bob.client.shutdown().await;
-    let (evil, _evil_in) = Node::start(Config::new(bob.key.clone())).await.unwrap();
+    let (evil, _evil_in, _bob_key) = common::evil_twin(&g.ps, 1, 0).await;
     let alice_client = &g.ps[0].client;
-    for addr in alice_client.listen_addrs().await.unwrap() {
-        evil.add_address(alice_client.peer_id(), addr)
-            .await
-            .unwrap();
-    }
-    for addr in evil.listen_addrs().await.unwrap() {
-        alice_client
-            .add_peer(evil.local_peer_id(), addr)
-            .await
-            .unwrap();
-    }
     let proposal = TicTacToe.play(&params, &v3.state, 1, 8).unwrap();
     let reply = evil
         .send(

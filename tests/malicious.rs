@@ -50,23 +50,9 @@ async fn setup(ledger: Ledger) -> Setup {
     let mut ps = parties(&ledger, 2, U256::from(1_000_000u64), &Options::default()).await;
     let chans = open(&ledger, &mut ps, U256::from(100u64)).await;
     chans[0].pay(1, 0, U256::from(10u64)).await.unwrap();
-    let bob = &ps[1];
-    let bob_key = LocalAccount::from_bytes(&bob.account.secret_bytes()).unwrap();
-    bob.client.shutdown().await;
-    let (evil, evil_in) = Node::start(Config::new(bob.key.clone())).await.unwrap();
+    let (evil, evil_in, bob_key) = common::evil_twin(&ps, 1, 0).await;
     let alice_client = &ps[0].client;
     let alice_addrs = alice_client.listen_addrs().await.unwrap();
-    for addr in &alice_addrs {
-        evil.add_address(alice_client.peer_id(), addr.clone())
-            .await
-            .unwrap();
-    }
-    for addr in evil.listen_addrs().await.unwrap() {
-        alice_client
-            .add_peer(evil.local_peer_id(), addr)
-            .await
-            .unwrap();
-    }
     Setup {
         _ledger: ledger,
         alice: chans[0].clone(),

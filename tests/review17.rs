@@ -317,22 +317,8 @@ async fn twin(ledger: Ledger) -> Twin {
     let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
     let chans = open(&ledger, &mut ps, u(1_000)).await;
     chans[0].pay(1, 0, u(10)).await.unwrap();
-    let bob = &ps[1];
-    let bob_key = LocalAccount::from_bytes(&bob.account.secret_bytes()).unwrap();
-    bob.client.shutdown().await;
-    let (evil, evil_in) = Node::start(Config::new(bob.key.clone())).await.unwrap();
+    let (evil, evil_in, bob_key) = common::evil_twin(&ps, 1, 0).await;
     let alice_client = &ps[0].client;
-    for addr in alice_client.listen_addrs().await.unwrap() {
-        evil.add_address(alice_client.peer_id(), addr)
-            .await
-            .unwrap();
-    }
-    for addr in evil.listen_addrs().await.unwrap() {
-        alice_client
-            .add_peer(evil.local_peer_id(), addr)
-            .await
-            .unwrap();
-    }
     Twin {
         _ledger: ledger,
         alice: chans[0].clone(),

@@ -191,6 +191,32 @@ pub struct Party {
     pub dir: Option<tempfile::TempDir>,
 }
 
+/// Stops party `of`'s client and starts a raw wire endpoint with its
+/// network key in its place, introduced to party `to`'s client and back:
+/// an "evil twin" that sends whatever a test likes, as that party. Returns
+/// the endpoint, its incoming requests and the party's signing key.
+#[allow(dead_code)] // Not every test file has a twin.
+pub async fn evil_twin(
+    ps: &[Party],
+    of: usize,
+    to: usize,
+) -> (perun::wire::Handle, perun::wire::Incoming, LocalAccount) {
+    let victim = &ps[of];
+    let key = LocalAccount::from_bytes(&victim.account.secret_bytes()).unwrap();
+    victim.client.shutdown().await;
+    let (evil, evil_in) = perun::wire::Node::start(perun::wire::Config::new(victim.key.clone()))
+        .await
+        .unwrap();
+    let client = &ps[to].client;
+    for addr in client.listen_addrs().await.unwrap() {
+        evil.add_address(client.peer_id(), addr).await.unwrap();
+    }
+    for addr in evil.listen_addrs().await.unwrap() {
+        client.add_peer(evil.local_peer_id(), addr).await.unwrap();
+    }
+    (evil, evil_in, key)
+}
+
 impl Party {
     pub fn participant(&self) -> Participant {
         Participant {

@@ -52,16 +52,7 @@ pub(crate) fn run(args: &[String]) -> Result {
             dir.join("runs").join(format!("{stem}-run{i}.json"))
         };
         let file_s = file.to_string_lossy().into_owned();
-        let mut cargo_args = vec![
-            "run",
-            "--quiet",
-            "--release",
-            "--example",
-            "bench",
-            "--",
-            "--out",
-            &file_s,
-        ];
+        let mut cargo_args = bench_example(&["--out", &file_s]);
         if quick {
             cargo_args.push("--quick");
         }
@@ -79,17 +70,15 @@ pub(crate) fn run(args: &[String]) -> Result {
         return Ok(());
     }
     let out_s = out.to_string_lossy().into_owned();
-    let mut cargo_args = vec![
-        "run",
-        "--quiet",
-        "--release",
-        "--example",
-        "bench",
-        "--",
-        "--merge",
-        &out_s,
-    ];
+    let mut cargo_args = bench_example(&["--merge", &out_s]);
     cargo_args.extend(run_files.iter().map(String::as_str));
     util::step(&format!("medians of {runs} runs"));
     util::cargo(&cargo_args)
+}
+
+/// `cargo` arguments that run the `bench` example in release with `args`.
+fn bench_example<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["run", "--quiet", "--release", "--example", "bench", "--"];
+    all.extend_from_slice(args);
+    all
 }
