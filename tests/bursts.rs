@@ -85,3 +85,74 @@ async fn bursts_in_turn_both_complete(ledger: Ledger) {
     assert_eq!(st.outcome.balances[0][0], u(1_000 - 5 * 20));
     assert_eq!(st.outcome.balances[0][1], u(1_000 + 5 * 20));
 }
+
+/// A burst's held commit rides with the next update; if that update is
+/// dropped on the way (its caller gave up while the peer had not answered),
+/// the commit still goes out on its own at once, not only with a later
+/// `Sync`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_ride_is_dropped_goes_on_its_own() {
+    use perun::wallet::Account;
+    use perun::wire::{Message, UpdateAccept};
+    let ledger = Ledger::sim().await;
+    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(1_000)).await;
+    chans[0].pay(1, 0, u(1)).await.unwrap();
+    let (evil, mut evil_in, bob_key) = common::evil_twin(&ps, 1, 0).await;
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    // The twin signs plain updates, takes commits, and never answers a ride.
+    let twin = tokio::spawn(async move {
+        let mut unanswered = Vec::new();
+        while let Some(req) = evil_in.next().await {
+            let (_, msg, r) = req.into_parts();
+            match msg {
+                Message::Update(up) => {
+                    let signature = bob_key.sign_hash(up.state.hash()).unwrap();
+                    let _ = r.reply(Message::UpdateAccept(UpdateAccept {
+                        channel_id: up.channel_id,
+                        version: up.state.version,
+                        index: 1,
+                        signature,
+                    }));
+                }
+                Message::UpdateCommit(c) => {
+                    let _ = seen_tx.send(c.version);
+                    let _ = r.reply(Message::Ack);
+                }
+                _ => unanswered.push(r),
+            }
+        }
+        drop(evil);
+    });
+    // Two payments back to back, the second's commit held for the next
+    // update (the first requests may meet Alice's closing connection to
+    // Bob: try again).
+    let mut second = None;
+    for _ in 0..20 {
+        let a = chans[0].pay(1, 0, u(1)).await;
+        let b = chans[0].pay(1, 0, u(1)).await;
+        if let (Ok(a), Ok(b)) = (a, b)
+            && b.state.version == a.state.version + 1
+        {
+            second = Some(b);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = second.expect("two payments to the twin go through");
+    // The next update carries it; the twin does not answer, the caller
+    // gives up.
+    let third = tokio::time::timeout(Duration::from_millis(300), chans[0].pay(1, 0, u(1))).await;
+    assert!(third.is_err(), "the ride is never answered");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let v = tokio::time::timeout_at(deadline, seen.recv())
+            .await
+            .expect("the held commit reaches the twin on its own")
+            .unwrap();
+        if v == second.state.version {
+            break;
+        }
+    }
+    twin.abort();
+}

@@ -100,7 +100,7 @@ pub(crate) async fn propose(
             actor: core.index,
         };
         let ride = ride.and_then(|h| match crate::deliver::commit_of(core, &h.full) {
-            Some(c) => Some((c, *h)),
+            Some(c) => Some((c, Riding::new(shared, core, *h))),
             None => {
                 spawn_delivery(shared, core, *h);
                 None
@@ -115,7 +115,10 @@ pub(crate) async fn propose(
         };
         let mut replies = shared.broadcast(core, &msg).await;
         let ride = match ride {
-            Some((_, held)) if replies.iter().any(|(_, _, r)| unreadable(r)) => {
+            Some((_, mut riding)) if replies.iter().any(|(_, _, r)| unreadable(r)) => {
+                let Some(held) = riding.take() else {
+                    return Err(Error::Closed);
+                };
                 // A peer could not read the request (a release without
                 // `UpdateWithCommit`): it processed nothing. It gets the
                 // commit, then the update, each on its own, and this
@@ -136,7 +139,7 @@ pub(crate) async fn propose(
             }
             other => other,
         };
-        if let Some((_, held)) = ride {
+        if let Some(held) = ride.and_then(|(_, mut riding)| riding.take()) {
             // A peer that signed the update took the commit first; one
             // that did not may lack it (it did not answer, or it refused
             // the commit): hand it out again on its own (a repeated commit
@@ -257,6 +260,40 @@ pub(crate) async fn propose(
     }
     .instrument(span)
     .await
+}
+
+/// Our held commit while it rides with an update: handed out on its own
+/// if the update is dropped on the way (its caller gave up), so a peer
+/// never waits for a `Sync` to learn of it.
+struct Riding {
+    held: Option<HeldCommit>,
+    shared: Arc<Shared>,
+    core: Arc<ChannelCore>,
+}
+
+impl Riding {
+    fn new(shared: &Arc<Shared>, core: &Arc<ChannelCore>, held: HeldCommit) -> Self {
+        Self {
+            held: Some(held),
+            shared: shared.clone(),
+            core: core.clone(),
+        }
+    }
+
+    /// The commit, now that the update's answers are in.
+    fn take(&mut self) -> Option<HeldCommit> {
+        self.held.take()
+    }
+}
+
+impl Drop for Riding {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            spawn_delivery(&self.shared, &self.core, held);
+        }
+    }
 }
 
 /// A peer's answer that says it could not read the request at all.
