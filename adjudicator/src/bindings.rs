@@ -76,14 +76,10 @@ pub use token::TestToken;
 /// what app channels name in `params.app`. The app is stateless: one deployment serves every
 /// channel on the chain.
 pub async fn deploy_tictactoe<P: Provider + Clone>(provider: &P) -> Result<Address> {
-    let receipt = TicTacToeApp::deploy_builder(provider.clone())
-        .send()
+    let app = *TicTacToeApp::deploy(provider.clone())
         .await
         .map_err(contract_err)?
-        .get_receipt()
-        .await
-        .map_err(chain_err)?;
-    let app = deployed(&receipt)?;
+        .address();
     tracing::info!(%app, "tic-tac-toe app deployed");
     Ok(app)
 }

@@ -288,15 +288,21 @@ impl Machine {
         self.staged.as_mut().ok_or(Error::NothingStaged)
     }
 
+    /// The params, the staged state and its hash, to sign it or to add a
+    /// signature to it (only while a state is under signature).
+    fn staged_parts(&mut self, op: &'static str) -> Result<(&Params, &mut SignedState, B256)> {
+        self.staged_mut(op)?;
+        let hash = self.staged_hash().ok_or(Error::NothingStaged)?;
+        let staged = self.staged.as_mut().ok_or(Error::NothingStaged)?;
+        Ok((&self.params, staged, hash))
+    }
+
     /// Signs the staged state as this participant. Refuses to sign a state
     /// whose version was already signed with other contents.
     pub fn sign_staged(&mut self, account: &dyn Account) -> Result<Signature> {
         let index = self.index;
         let (last, last_final) = (self.last_signed, self.signed_final);
-        self.staged_mut("sign_staged")?;
-        let hash = self.staged_hash().ok_or(Error::NothingStaged)?;
-        let (params, staged) = (&self.params, &mut self.staged);
-        let staged = staged.as_mut().ok_or(Error::NothingStaged)?;
+        let (params, staged, hash) = self.staged_parts("sign_staged")?;
         let (version, is_final) = (staged.state.version, staged.state.isFinal);
         Self::check_sign(last, last_final, version, hash)?;
         // On error nothing is stored (`sign_hashed` sets the slot last).
@@ -329,13 +335,8 @@ impl Machine {
 
     /// Verifies and adds participant `index`'s signature on the staged state.
     pub fn add_signature(&mut self, index: usize, sig: Signature) -> Result<()> {
-        self.staged_mut("add_signature")?;
-        let hash = self.staged_hash().ok_or(Error::NothingStaged)?;
-        let (params, staged) = (&self.params, &mut self.staged);
-        staged
-            .as_mut()
-            .ok_or(Error::NothingStaged)?
-            .add_signature_hashed(params, index, sig, hash)
+        let (params, staged, hash) = self.staged_parts("add_signature")?;
+        staged.add_signature_hashed(params, index, sig, hash)
     }
 
     /// Makes the fully signed staged state current: `Signing0 → Funding`,

@@ -99,26 +99,21 @@ pub(crate) async fn propose(
             state: next.clone(),
             actor: core.index,
         };
-        let ride = ride.and_then(|h| match crate::deliver::commit_of(core, &h.full) {
-            Some(c) => Some((c, Riding::new(shared, core, *h))),
-            None => {
-                spawn_delivery(shared, core, *h);
-                None
+        let (msg, mut riding) = match ride.map(|h| (crate::deliver::commit_of(core, &h.full), h)) {
+            Some((Some(commit), h)) => (
+                Message::UpdateWithCommit(UpdateWithCommit { commit, update }),
+                Some(Riding::new(shared, core, *h)),
+            ),
+            other => {
+                if let Some((None, h)) = other {
+                    spawn_delivery(shared, core, *h);
+                }
+                (Message::Update(update), None)
             }
-        });
-        let msg = match &ride {
-            Some((commit, _)) => Message::UpdateWithCommit(UpdateWithCommit {
-                commit: commit.clone(),
-                update,
-            }),
-            None => Message::Update(update),
         };
         let mut replies = shared.broadcast(core, &msg).await;
-        let ride = match ride {
-            Some((_, mut riding)) if replies.iter().any(|(_, _, r)| unreadable(r)) => {
-                let Some(held) = riding.take() else {
-                    return Err(Error::Closed);
-                };
+        if let Some(held) = riding.as_mut().and_then(Riding::take) {
+            if replies.iter().any(|(_, _, r)| unreadable(r)) {
                 // A peer could not read the request (a release without
                 // `UpdateWithCommit`): it processed nothing. It gets the
                 // commit, then the update, each on its own, and this
@@ -126,7 +121,6 @@ pub(crate) async fn propose(
                 core.rides
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 crate::deliver::send_commit(shared, core, &held.full).await;
-                drop(held);
                 let plain = Message::Update(Update {
                     channel_id: core.id,
                     state: next.clone(),
@@ -135,20 +129,15 @@ pub(crate) async fn propose(
                 for (peer, _, reply) in replies.iter_mut().filter(|(_, _, r)| unreadable(r)) {
                     *reply = shared.wire.send(*peer, &plain).await;
                 }
-                None
-            }
-            other => other,
-        };
-        if let Some(held) = ride.and_then(|(_, mut riding)| riding.take()) {
-            // A peer that signed the update took the commit first; one
-            // that did not may lack it (it did not answer, or it refused
-            // the commit): hand it out again on its own (a repeated commit
-            // is harmless; a peer that still cannot take it gets it by
-            // `Sync`).
-            let signed = replies
+            } else if !replies
                 .iter()
-                .all(|(_, _, r)| matches!(r, Ok(Message::UpdateAccept(_))));
-            if !signed {
+                .all(|(_, _, r)| matches!(r, Ok(Message::UpdateAccept(_))))
+            {
+                // A peer that signed the update took the commit first; one
+                // that did not may lack it (it did not answer, or it
+                // refused the commit): hand it out again on its own (a
+                // repeated commit is harmless; a peer that still cannot
+                // take it gets it by `Sync`).
                 spawn_delivery(shared, core, held);
             }
         }

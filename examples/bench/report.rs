@@ -159,7 +159,7 @@ pub(crate) async fn run_all(opts: &Options) -> Res<()> {
         "update_latency_memory_p99_ms",
         memory.as_ref().map(|m| m.latency.ms(0.99)),
     );
-    record_issue17(&mut s, floor, memory.as_ref());
+    record_issue17(&mut s, floor, durable.as_ref(), memory.as_ref());
     record_restore(
         &mut s,
         restored.as_ref().map(|r| &r.json),
@@ -329,7 +329,12 @@ fn record_floor(s: &mut Summary, floor: Option<Floor>, durable: Option<&Durable>
 /// Issue 17's derived figures: the in-memory update against the floor
 /// without its fsyncs, the tails against the medians, and the number of
 /// updates per second this machine's cores could sign and check.
-fn record_issue17(s: &mut Summary, floor: Option<Floor>, memory: Option<&Sequential>) {
+fn record_issue17(
+    s: &mut Summary,
+    floor: Option<Floor>,
+    durable: Option<&Durable>,
+    memory: Option<&Sequential>,
+) {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let no_fsync = floor.map(|f| f.update_ms() - 2.0 * f.fsync_ms);
     s.set("floor_no_fsync_ms", no_fsync);
@@ -337,34 +342,21 @@ fn record_issue17(s: &mut Summary, floor: Option<Floor>, memory: Option<&Sequent
         "memory_floor_ratio",
         no_fsync.zip(memory).map(|(f, m)| m.latency.p50() / f),
     );
+    let tail = |l: &crate::stats::Samples| l.ms(0.99) / l.p50();
+    s.set("memory_p99_over_p50", memory.map(|m| tail(&m.latency)));
     s.set(
-        "memory_p99_over_p50",
-        memory.map(|m| m.latency.ms(0.99) / m.latency.p50()),
+        "durable_p99_over_p50",
+        durable.map(|d| tail(&d.sequential.latency)),
     );
     // Every update costs two signatures and two checks, whichever side
     // makes them: that CPU, spread over every core, bounds the aggregate.
     let crypto_ms = floor.map(|f| 2.0 * f.sign_ms + 2.0 * f.verify_ms);
     let bound = crypto_ms.map(|ms| cores as f64 * 1e3 / ms);
     s.set("cpu_bound_updates_per_s", bound);
-    let aggregate = s
-        .figures
-        .get("aggregate_updates_per_s_100ch")
-        .and_then(Value::as_f64);
     s.set(
         "aggregate_cpu_bound_ratio",
-        aggregate.zip(bound).map(|(a, b)| a / b),
+        durable.zip(bound).map(|(d, b)| d.aggregate.per_s() / b),
     );
-    let durable_tail = s
-        .figures
-        .get("update_latency_p99_ms")
-        .and_then(Value::as_f64)
-        .zip(
-            s.figures
-                .get("update_latency_p50_ms")
-                .and_then(Value::as_f64),
-        )
-        .map(|(p99, p50)| p99 / p50);
-    s.set("durable_p99_over_p50", durable_tail);
 }
 
 fn record_durable(s: &mut Summary, d: Option<&Durable>) {

@@ -454,6 +454,18 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
         topic: topic0,
         reason: BadEventReason::Decode(e.to_string()),
     };
+    // A registered or progressed state must be of the channel it names,
+    // and that of the channel asked about.
+    let ours = |named: ChannelId, state: &State| {
+        if named != id || state.channelId != id {
+            return Err(Error::BadEvent {
+                address: log.address(),
+                topic: topic0,
+                reason: BadEventReason::OtherChannel(named),
+            });
+        }
+        Ok(())
+    };
     let event = if log.address() == cfg.adjudicator
         && topic0 == AdjContract::Registered::SIGNATURE_HASH
     {
@@ -461,13 +473,7 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
             .map_err(bad)?
             .data;
         let state: State = e.state.into();
-        if e.channelId != id || state.channelId != id {
-            return Err(Error::BadEvent {
-                address: log.address(),
-                topic: topic0,
-                reason: BadEventReason::OtherChannel(e.channelId),
-            });
-        }
+        ours(e.channelId, &state)?;
         AdjudicatorEvent::Registered {
             id,
             version: e.version,
@@ -481,13 +487,7 @@ fn decode_event(cfg: &EthConfig, id: ChannelId, log: &Log) -> Result<Adjudicator
             .map_err(bad)?
             .data;
         let state: State = e.state.into();
-        if e.channelId != id || state.channelId != id {
-            return Err(Error::BadEvent {
-                address: log.address(),
-                topic: topic0,
-                reason: BadEventReason::OtherChannel(e.channelId),
-            });
-        }
+        ours(e.channelId, &state)?;
         // The contract checks `actor < participants`; anything else is not its log.
         let actor = usize::try_from(e.actor).map_err(|_| Error::BadEvent {
             address: log.address(),
