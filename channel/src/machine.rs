@@ -300,13 +300,26 @@ impl Machine {
     /// Signs the staged state as this participant. Refuses to sign a state
     /// whose version was already signed with other contents.
     pub fn sign_staged(&mut self, account: &dyn Account) -> Result<Signature> {
+        self.sign_staged_with(account, None)
+    }
+
+    /// [`sign_staged`](Self::sign_staged), taking `made`, this account's
+    /// signature over a hash computed earlier, if that hash is the staged
+    /// state's (else it signs afresh). The same rules apply: a signature
+    /// made ahead counts as signed only from here on.
+    pub fn sign_staged_with(
+        &mut self,
+        account: &dyn Account,
+        made: Option<(B256, Signature)>,
+    ) -> Result<Signature> {
         let index = self.index;
         let (last, last_final) = (self.last_signed, self.signed_final);
         let (params, staged, hash) = self.staged_parts("sign_staged")?;
         let (version, is_final) = (staged.state.version, staged.state.isFinal);
         Self::check_sign(last, last_final, version, hash)?;
         // On error nothing is stored (`sign_hashed` sets the slot last).
-        let sig = staged.sign_hashed(params, index, account, hash)?;
+        let made = made.and_then(|(h, sig)| (h == hash).then_some(sig));
+        let sig = staged.sign_hashed(params, index, account, hash, made)?;
         self.last_signed = Some((version, hash));
         self.signed_final = is_final;
         Ok(sig)

@@ -45,7 +45,7 @@ impl SignedState {
         account: &dyn Account,
     ) -> Result<Signature> {
         let hash = self.state.hash();
-        self.sign_hashed(params, index, account, hash)
+        self.sign_hashed(params, index, account, hash, None)
     }
 
     /// [`sign`](Self::sign) with the state's hash already computed.
@@ -55,6 +55,7 @@ impl SignedState {
         index: usize,
         account: &dyn Account,
         hash: alloy_primitives::B256,
+        made: Option<Signature>,
     ) -> Result<Signature> {
         let addr = *params.participants.get(index).ok_or(Error::Index(index))?;
         if account.address() != addr {
@@ -70,7 +71,10 @@ impl SignedState {
             });
         }
         // Signed before anything changes: on error the state is as it was.
-        let sig = account.sign_hash(hash)?;
+        let sig = match made {
+            Some(sig) => sig,
+            None => account.sign_hash(hash)?,
+        };
         self.ensure_slots(params.participants.len())?;
         self.sigs[index] = Some(sig);
         Ok(sig)

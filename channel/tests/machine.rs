@@ -283,3 +283,66 @@ fn adopt_takes_only_newer_fully_signed_states() {
     a.adopt(st).unwrap();
     assert_eq!(a.current(), b.current());
 }
+
+/// A signature made ahead (the proposer signs while its peers' answers are
+/// on the way, issue 17) is used only for the state it was made over, and
+/// counts as signed only once adopted: one made over a proposal that was
+/// then dropped leaves the version free for another state.
+#[test]
+fn a_signature_made_ahead_counts_only_once_adopted_and_only_for_its_state() {
+    let (mut a, _b, accs) = active_pair();
+    let first = pay(&a, 0, 1, 10);
+    a.stage_update(first.clone(), 0, &PaymentApp).unwrap();
+    let hash = a.staged_hash().unwrap();
+    let made = accs[0].sign_hash(hash).unwrap();
+    // Dropped before adoption: nothing counts as signed.
+    a.discard_staged().unwrap();
+    assert_eq!(a.last_signed().map(|(v, _)| v), Some(0));
+
+    // Another state of the same version: the old signature does not fit
+    // it, so it is signed afresh, and the new signature is over this state.
+    let second = pay(&a, 0, 1, 20);
+    assert_eq!(second.version, first.version);
+    a.stage_update(second.clone(), 0, &PaymentApp).unwrap();
+    let sig = a.sign_staged_with(&accs[0], Some((hash, made))).unwrap();
+    assert_ne!(sig, made, "a signature over another state is not used");
+    assert_eq!(sig, accs[0].sign_hash(second.hash()).unwrap());
+    assert_eq!(a.last_signed(), Some((second.version, second.hash())));
+
+    // Adopted for its own state, it counts as signed: the version is taken.
+    let (mut c, _d, accs) = active_pair();
+    let next = pay(&c, 0, 1, 10);
+    c.stage_update(next.clone(), 0, &PaymentApp).unwrap();
+    let hash = c.staged_hash().unwrap();
+    let made = accs[0].sign_hash(hash).unwrap();
+    assert_eq!(
+        c.sign_staged_with(&accs[0], Some((hash, made))).unwrap(),
+        made
+    );
+    assert_eq!(c.last_signed(), Some((next.version, hash)));
+    c.discard_staged().unwrap();
+    let other = pay(&c, 0, 1, 30);
+    assert!(matches!(
+        c.stage_update(other, 0, &PaymentApp),
+        Err(Error::DoubleSign(v)) if v == next.version
+    ));
+}
+
+/// Only a key in this process lets the client sign ahead; any other
+/// account (a remote signer, a hardware wallet) keeps the default.
+#[test]
+fn only_local_keys_sign_ahead() {
+    #[derive(Debug)]
+    struct Remote(perun_wallet::LocalAccount);
+    impl Account for Remote {
+        fn address(&self) -> perun_wallet::Address {
+            self.0.address()
+        }
+        fn sign_hash(&self, hash: perun_wallet::B256) -> perun_wallet::Result<Signature> {
+            self.0.sign_hash(hash)
+        }
+    }
+    let (_, _, accs) = fixture(2, 1, 100);
+    assert!(accs[0].signs_in_process());
+    assert!(!Remote(accs[0].clone()).signs_in_process());
+}

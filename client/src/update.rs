@@ -111,7 +111,19 @@ pub(crate) async fn propose(
                 (Message::Update(update), None)
             }
         };
-        let mut replies = shared.broadcast(core, &msg).await;
+        // A key in this process signs while the peers' answers are on the
+        // way (after the request is out: the yield lets the transport
+        // write it first). The signature stays here until every peer
+        // signed and the state is stored (`sign_staged_with` below), so
+        // the proposer still signs last; any other signer signs then.
+        let account = shared.account.as_ref();
+        let (mut replies, made) = futures::join!(shared.broadcast(core, &msg), async {
+            if !account.signs_in_process() {
+                return None;
+            }
+            tokio::task::yield_now().await;
+            account.sign_hash(hash).ok().map(|sig| (hash, sig))
+        });
         if let Some(held) = riding.as_mut().and_then(Riding::take) {
             if replies.iter().any(|(_, _, r)| unreadable(r)) {
                 // A peer could not read the request (a release without
@@ -206,7 +218,7 @@ pub(crate) async fn propose(
             return Err(e);
         }
         crate::failpoint::hit("propose_before_commit").await;
-        trial.sign_staged(shared.account.as_ref())?;
+        trial.sign_staged_with(shared.account.as_ref(), made)?;
         trial.commit_staged()?;
         let full = match l.commit_trial(shared, core, trial).await {
             Ok(full) => full,

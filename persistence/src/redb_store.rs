@@ -712,7 +712,7 @@ impl Writer {
         let cache = &mut self.records;
         let logging = self.wal.is_some();
         let mut pending = writes.into_iter();
-        let outcome = (|| -> std::result::Result<bool, String> {
+        let outcome = (|| -> std::result::Result<Option<WriteTransaction>, String> {
             let mut txn = self.db.begin_write().map_err(|e| db_err(e).to_string())?;
             // With the log, the log write makes the batch durable.
             let durability = if logging {
@@ -781,15 +781,38 @@ impl Writer {
                 }
             }
             if wrote {
-                txn.commit().map_err(|e| db_err(e).to_string())?;
+                Ok(Some(txn))
             } else {
                 txn.abort().map_err(|e| db_err(e).to_string())?;
+                Ok(None)
             }
-            Ok(wrote)
         })();
+        // With the log, the batch is durable once its record is: callers
+        // hear so before the database commits it (off their critical
+        // path; every read is served after this batch, so none sees the
+        // database without it). A log too full for the record takes a
+        // checkpoint, which needs the commit first.
+        let mut commit_after_ack = None;
         let outcome = match outcome {
-            Ok(true) if logging => self.log_batch(&logged).map(|()| true),
-            other => other,
+            Ok(Some(txn)) => {
+                let commit =
+                    |txn: WriteTransaction| txn.commit().map_err(|e| db_err(e).to_string());
+                if !logging {
+                    commit(txn).map(|()| true)
+                } else {
+                    let payload = wal::encode(&logged);
+                    if self.wal.as_ref().is_some_and(|w| w.fits(payload.len())) {
+                        self.log_batch(&payload).map(|()| {
+                            commit_after_ack = Some(txn);
+                            true
+                        })
+                    } else {
+                        commit(txn).and_then(|()| self.checkpoint_batch())
+                    }
+                }
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
         };
         match &outcome {
             Ok(_) => {
@@ -820,6 +843,18 @@ impl Writer {
                 for reply in accepted {
                     let _ = reply.send(Ok(()));
                 }
+                if let Some(txn) = commit_after_ack
+                    && let Err(e) = txn.commit()
+                {
+                    // Durable in the log, not in the database: nothing may
+                    // read or write it until a reopen replays the log.
+                    let e = db_err(e);
+                    error!(error = %e, "persistence: commit after the log failed; store closed");
+                    self.broken = Some(format!(
+                        "commit after the log failed ({e}); reopen the store"
+                    ));
+                    self.records.clear();
+                }
             }
             Err(e) => {
                 error!(error = %e, "persistence: write transaction failed");
@@ -833,22 +868,29 @@ impl Writer {
         }
     }
 
-    /// Makes a batch the database took (not durably) durable: appended to
-    /// the log, or, if the log is full, by a checkpoint. A failure here
-    /// breaks the store (see `broken`).
-    fn log_batch(&mut self, entries: &[wal::Entry]) -> std::result::Result<(), String> {
+    /// Makes a batch durable by appending its log record (the caller
+    /// checked that it fits). A failure here breaks the store (see
+    /// `broken`).
+    fn log_batch(&mut self, payload: &[u8]) -> std::result::Result<(), String> {
         let seq = self.next_seq;
-        let payload = wal::encode(entries);
-        let fits = self.wal.as_ref().is_some_and(|w| w.fits(payload.len()));
-        let result = if fits {
-            match self.wal.as_mut() {
-                Some(w) => w.append(seq, &payload).map_err(|e| e.to_string()),
-                None => Ok(()),
-            }
-        } else {
-            // The checkpoint makes this batch durable as well.
-            self.checkpoint(seq)
+        let result = match self.wal.as_mut() {
+            Some(w) => w.append(seq, payload).map_err(|e| e.to_string()),
+            None => Ok(()),
         };
+        self.logged(result)
+    }
+
+    /// Makes a batch the database committed (not durably) durable when the
+    /// log is too full for its record: a checkpoint covers it as well.
+    fn checkpoint_batch(&mut self) -> std::result::Result<bool, String> {
+        let result = self.checkpoint(self.next_seq);
+        self.logged(result).map(|()| true)
+    }
+
+    fn logged(
+        &mut self,
+        result: std::result::Result<(), String>,
+    ) -> std::result::Result<(), String> {
         match result {
             Ok(()) => {
                 self.next_seq += 1;

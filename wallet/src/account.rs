@@ -19,6 +19,17 @@ pub trait Account: Send + Sync + Debug {
     /// Signs a 32-byte hash the EIP-191 way (`"\x19Ethereum Signed Message:\n32" ‖ hash`),
     /// returning a low-`s` signature with `v ∈ {27, 28}`.
     fn sign_hash(&self, hash: B256) -> Result<Signature>;
+
+    /// Whether a signature made here stays in this process until the
+    /// caller hands it out (a key in memory), so a signature that is never
+    /// used is as if never made. Only such an account lets the client sign
+    /// an update it proposed while the peers' answers are on the way (the
+    /// signature leaves only once the update is complete); a remote signer
+    /// or a hardware wallet, whose signatures exist outside the process,
+    /// keeps the default `false` and signs once every peer has signed.
+    fn signs_in_process(&self) -> bool {
+        false
+    }
 }
 
 /// A collection of accounts, looked up by address.

@@ -80,6 +80,10 @@ impl Account for LocalAccount {
         self.address
     }
 
+    fn signs_in_process(&self) -> bool {
+        true
+    }
+
     fn sign_hash(&self, hash: B256) -> Result<Signature> {
         let digest = eip191_digest(hash);
         let sig = secp256k1::SECP256K1
