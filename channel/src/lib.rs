@@ -52,6 +52,6 @@ pub use alloy_primitives::{Address, B256, Bytes, Signature, U256};
 pub use app::{App, AppRejection, PaymentApp};
 pub use error::{Error, Result};
 pub use hash::{ChannelId, derive_nonce};
-pub use machine::{Machine, Phase};
+pub use machine::{Machine, Phase, Presigned};
 pub use signed::SignedState;
 pub use types::{Allocation, Asset, Domain, Params, State};

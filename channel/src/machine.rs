@@ -5,7 +5,7 @@
 //! Every method either succeeds and changes the machine, or fails with an
 //! [`Error`] and leaves it exactly as it was.
 
-use alloy_primitives::{B256, Signature};
+use alloy_primitives::{Address, B256, Signature};
 use perun_wallet::Account;
 use serde::{Deserialize, Serialize};
 
@@ -303,14 +303,14 @@ impl Machine {
         self.sign_staged_with(account, None)
     }
 
-    /// [`sign_staged`](Self::sign_staged), taking `made`, this account's
-    /// signature over a hash computed earlier, if that hash is the staged
-    /// state's (else it signs afresh). The same rules apply: a signature
-    /// made ahead counts as signed only from here on.
+    /// [`sign_staged`](Self::sign_staged), taking `made`, a signature made
+    /// earlier, if it is this account's over the staged state's hash (else
+    /// it signs afresh). The same rules apply: a signature made ahead
+    /// counts as signed only from here on.
     pub fn sign_staged_with(
         &mut self,
         account: &dyn Account,
-        made: Option<(B256, Signature)>,
+        made: Option<Presigned>,
     ) -> Result<Signature> {
         let index = self.index;
         let (last, last_final) = (self.last_signed, self.signed_final);
@@ -318,7 +318,9 @@ impl Machine {
         let (version, is_final) = (staged.state.version, staged.state.isFinal);
         Self::check_sign(last, last_final, version, hash)?;
         // On error nothing is stored (`sign_hashed` sets the slot last).
-        let made = made.and_then(|(h, sig)| (h == hash).then_some(sig));
+        let made = made
+            .filter(|m| m.hash == hash && m.signer == account.address())
+            .map(|m| m.sig);
         let sig = staged.sign_hashed(params, index, account, hash, made)?;
         self.last_signed = Some((version, hash));
         self.signed_final = is_final;
@@ -422,5 +424,34 @@ impl Machine {
         }
         self.current = Some(st);
         Ok(())
+    }
+}
+
+/// A signature made ahead of its use, by the account that made it: a
+/// proposer with a key in memory signs while its peers' answers are on the
+/// way ([`Account::signs_in_process`]) and hands this to
+/// [`Machine::sign_staged_with`] once they all signed. Only
+/// [`Presigned::new`] makes one, so it is always the named account's
+/// signature over `hash`.
+#[derive(Debug, Clone, Copy)]
+pub struct Presigned {
+    hash: B256,
+    signer: Address,
+    sig: Signature,
+}
+
+impl Presigned {
+    /// Signs `hash` with `account` now.
+    pub fn new(account: &dyn Account, hash: B256) -> Result<Self> {
+        Ok(Self {
+            hash,
+            signer: account.address(),
+            sig: account.sign_hash(hash)?,
+        })
+    }
+
+    /// The signature.
+    pub fn signature(&self) -> Signature {
+        self.sig
     }
 }

@@ -8,7 +8,7 @@ mod support {
     pub mod fixtures;
 }
 
-use perun_channel::{Error, Machine, PaymentApp, Phase, SignedState, U256};
+use perun_channel::{Error, Machine, PaymentApp, Phase, Presigned, SignedState, U256};
 use perun_wallet::{Account, Signature};
 use support::fixtures::fixture;
 
@@ -294,7 +294,7 @@ fn a_signature_made_ahead_counts_only_once_adopted_and_only_for_its_state() {
     let first = pay(&a, 0, 1, 10);
     a.stage_update(first.clone(), 0, &PaymentApp).unwrap();
     let hash = a.staged_hash().unwrap();
-    let made = accs[0].sign_hash(hash).unwrap();
+    let made = Presigned::new(&accs[0], hash).unwrap();
     // Dropped before adoption: nothing counts as signed.
     a.discard_staged().unwrap();
     assert_eq!(a.last_signed().map(|(v, _)| v), Some(0));
@@ -304,8 +304,12 @@ fn a_signature_made_ahead_counts_only_once_adopted_and_only_for_its_state() {
     let second = pay(&a, 0, 1, 20);
     assert_eq!(second.version, first.version);
     a.stage_update(second.clone(), 0, &PaymentApp).unwrap();
-    let sig = a.sign_staged_with(&accs[0], Some((hash, made))).unwrap();
-    assert_ne!(sig, made, "a signature over another state is not used");
+    let sig = a.sign_staged_with(&accs[0], Some(made)).unwrap();
+    assert_ne!(
+        sig,
+        made.signature(),
+        "a signature over another state is not used"
+    );
     assert_eq!(sig, accs[0].sign_hash(second.hash()).unwrap());
     assert_eq!(a.last_signed(), Some((second.version, second.hash())));
 
@@ -314,10 +318,17 @@ fn a_signature_made_ahead_counts_only_once_adopted_and_only_for_its_state() {
     let next = pay(&c, 0, 1, 10);
     c.stage_update(next.clone(), 0, &PaymentApp).unwrap();
     let hash = c.staged_hash().unwrap();
-    let made = accs[0].sign_hash(hash).unwrap();
+    // Another account's signature over the same state is not taken.
+    let theirs = Presigned::new(&accs[1], hash).unwrap();
+    let mut other_key = c.clone();
+    assert_ne!(
+        other_key.sign_staged_with(&accs[0], Some(theirs)).unwrap(),
+        theirs.signature()
+    );
+    let made = Presigned::new(&accs[0], hash).unwrap();
     assert_eq!(
-        c.sign_staged_with(&accs[0], Some((hash, made))).unwrap(),
-        made
+        c.sign_staged_with(&accs[0], Some(made)).unwrap(),
+        made.signature()
     );
     assert_eq!(c.last_signed(), Some((next.version, hash)));
     c.discard_staged().unwrap();

@@ -112,17 +112,18 @@ pub(crate) async fn propose(
             }
         };
         // A key in this process signs while the peers' answers are on the
-        // way (after the request is out: the yield lets the transport
-        // write it first). The signature stays here until every peer
-        // signed and the state is stored (`sign_staged_with` below), so
-        // the proposer still signs last; any other signer signs then.
+        // way (once the request is handed to the transport; the yield lets
+        // the transport's task run first where it can). The signature
+        // stays here until every peer signed (`sign_staged_with` below)
+        // and leaves only once the state is stored, so the proposer still
+        // signs last; any other signer signs then.
         let account = shared.account.as_ref();
         let (mut replies, made) = futures::join!(shared.broadcast(core, &msg), async {
             if !account.signs_in_process() {
                 return None;
             }
             tokio::task::yield_now().await;
-            account.sign_hash(hash).ok().map(|sig| (hash, sig))
+            perun_channel::Presigned::new(account, hash).ok()
         });
         if let Some(held) = riding.as_mut().and_then(Riding::take) {
             if replies.iter().any(|(_, _, r)| unreadable(r)) {
@@ -218,8 +219,15 @@ pub(crate) async fn propose(
             return Err(e);
         }
         crate::failpoint::hit("propose_before_commit").await;
-        trial.sign_staged_with(shared.account.as_ref(), made)?;
-        trial.commit_staged()?;
+        let signed = trial
+            .sign_staged_with(shared.account.as_ref(), made)
+            .and_then(|_| trial.commit_staged().map(|_| ()));
+        if let Err(e) = signed {
+            // Our signature never left: dropping the update is safe, and
+            // the peers that signed hear so.
+            fail(shared, core, l, (&next, base), true, false, signed_by).await;
+            return Err(e.into());
+        }
         let full = match l.commit_trial(shared, core, trial).await {
             Ok(full) => full,
             Err(e) => {

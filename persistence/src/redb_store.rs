@@ -18,11 +18,15 @@
 //! One dedicated writer thread owns the database. Calls send a request over
 //! a channel and await a one-shot reply, so no redb work (and no `fsync`)
 //! runs on the caller's async executor. The thread takes every request that
-//! is queued when it becomes free, applies all writes in one redb write
-//! transaction and commits it once with `Durability::Immediate` (one-phase
-//! by default, see [`RedbOptions::two_phase_commit`]); only then does it
-//! reply. Concurrent channels therefore share one `fsync` per batch, and
-//! each caller's `Ok` still means its own write is durable.
+//! is queued when it becomes free and applies all writes in one redb write
+//! transaction, made durable by one `fsync`: with the log (the default),
+//! the log record's, after which the callers hear back and the transaction
+//! commits without durability; without it, a commit with
+//! `Durability::Immediate` (one-phase by default, see
+//! [`RedbOptions::two_phase_commit`]) before the callers hear back.
+//! Concurrent channels therefore share one `fsync` per batch, and each
+//! caller's `Ok` still means its own write is durable. Every read is served
+//! by the same thread after the batch before it committed.
 //!
 //! A metadata write (`meta_put`, rare: the chain index stores its cursor
 //! once per scan) is its own durable transaction, outside the log. The
@@ -692,6 +696,17 @@ impl Writer {
         }
         if !writes.is_empty() {
             self.write_batch(writes);
+        }
+        // A commit that failed after its callers heard back leaves the
+        // database behind the log: nothing else in this batch may use it.
+        if let Some(why) = &self.broken {
+            for (_, _, reply) in metas {
+                let _ = reply.send(Err(Error::Storage(why.clone())));
+            }
+            for r in reads {
+                fail(r, why);
+            }
+            return;
         }
         for (key, value, reply) in metas {
             let _ = reply.send(self.meta_put(&key, &value));

@@ -3,10 +3,11 @@
 //!
 //! A redb commit copies and writes several B-tree pages and then syncs
 //! them: about three times the cost of syncing one small write on the same
-//! disk (`BENCHMARKS.md`). With the log on, the writer commits each batch
-//! to redb *without* durability (readers see it at once), appends the
-//! batch's table changes, already encoded, to this log, syncs the log, and
-//! only then acknowledges. Every so often, and when the log is full, a
+//! disk (`BENCHMARKS.md`). With the log on, the writer applies each batch
+//! to a redb write transaction, appends the batch's table changes, already
+//! encoded, to this log, syncs the log, acknowledges, and then commits the
+//! transaction *without* durability (before it serves any read; a commit
+//! that fails closes the store, and a reopen replays the log). Every so often, and when the log is full, a
 //! durable redb commit (a checkpoint) makes everything so far durable in
 //! the database itself and records the last sequence number it covers, and
 //! the log starts over from its beginning.
