@@ -21,7 +21,9 @@
 //! is queued when it becomes free and applies all writes in one redb write
 //! transaction, made durable by one `fsync`: with the log (the default),
 //! the log record's, after which the callers hear back and the transaction
-//! commits without durability; without it, a commit with
+//! commits without durability (a batch of updates of cached records is
+//! planned from the cache and opens its transaction only then); without
+//! it, a commit with
 //! `Durability::Immediate` (one-phase by default, see
 //! [`RedbOptions::two_phase_commit`]) before the callers hear back.
 //! Concurrent channels therefore share one `fsync` per batch, and each
@@ -33,7 +35,7 @@
 //! `perun_meta` table is created on first use, so stores of older builds
 //! open unchanged (schema version 1) and older builds ignore the table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -719,6 +721,10 @@ impl Writer {
     fn write_batch(&mut self, writes: Vec<Request>) {
         let span = debug_span!("persist_batch", writes = writes.len());
         let _guard = span.enter();
+        let writes = match self.write_cached(writes) {
+            Ok(()) => return,
+            Err(writes) => writes,
+        };
         let mut accepted: Vec<Reply<()>> = Vec::with_capacity(writes.len());
         let mut logged: Vec<wal::Entry> = Vec::new();
         // The records as this batch leaves them (`None`: removed), for the
@@ -883,6 +889,135 @@ impl Writer {
         }
     }
 
+    /// The common batch, with its database work after the replies: every
+    /// write updates a different channel whose record is cached, and the
+    /// log is on. Planned from the cache alone, logged, answered, and only
+    /// then applied to the database and committed. Any other batch comes
+    /// back untouched for the general path.
+    fn write_cached(&mut self, writes: Vec<Request>) -> std::result::Result<(), Vec<Request>> {
+        let mut seen = HashSet::with_capacity(writes.len());
+        let cached = |r: &Request, seen: &mut HashSet<ChannelId>| matches!(r, Request::Update(id, ..) if self.records.contains_key(id) && seen.insert(*id));
+        if self.wal.is_none() || !writes.iter().all(|r| cached(r, &mut seen)) {
+            return Err(writes);
+        }
+        let mut accepted: Vec<Reply<()>> = Vec::with_capacity(writes.len());
+        let mut logged: Vec<wal::Entry> = Vec::with_capacity(writes.len());
+        let mut plans: Vec<(ChannelId, Plan)> = Vec::with_capacity(writes.len());
+        let mut written: Vec<(ChannelId, ChannelRecord)> = Vec::with_capacity(writes.len());
+        for req in writes {
+            let (id, changes, reply, rec) = match req {
+                Request::Update(id, changes, reply) => match self.records.remove(&id) {
+                    Some(rec) => (id, changes, reply, rec),
+                    None => {
+                        fail(
+                            Request::Update(id, changes, reply),
+                            "internal: record not cached",
+                        );
+                        continue;
+                    }
+                },
+                other => {
+                    fail(other, "internal: not an update");
+                    continue;
+                }
+            };
+            match plan_record(rec, &mut self.records, id, changes) {
+                Ok((plan, rec)) => {
+                    if !plan.is_empty() {
+                        logged.push(wal::Entry {
+                            id,
+                            meta: plan.meta.clone(),
+                            current: plan.current.clone(),
+                            staged: plan.staged.clone(),
+                        });
+                        plans.push((id, plan));
+                    }
+                    written.push((id, rec));
+                    accepted.push(reply);
+                }
+                Err(Failure::Refused(e)) => {
+                    let _ = reply.send(Err(e));
+                }
+                Err(Failure::Fatal(e)) => {
+                    let _ = reply.send(Err(Error::Storage(e)));
+                }
+            }
+        }
+        let wrote = !plans.is_empty();
+        let mut commit_after = None;
+        let outcome = if !wrote {
+            Ok(())
+        } else {
+            let payload = wal::encode(&logged);
+            if self.wal.as_ref().is_some_and(|w| w.fits(payload.len())) {
+                commit_after = Some(plans);
+                self.log_batch(&payload)
+            } else {
+                // The checkpoint needs the database to hold the batch.
+                self.apply_commit(plans)
+                    .and_then(|()| self.checkpoint_batch().map(|_| ()))
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                if self.records.len() + written.len() > RECORD_CACHE {
+                    self.records.clear();
+                }
+                self.records.extend(written);
+                if wrote {
+                    self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                }
+                self.counters
+                    .writes
+                    .fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                debug!(
+                    acked = accepted.len(),
+                    wrote, "persistence: batch committed"
+                );
+                for reply in accepted {
+                    let _ = reply.send(Ok(()));
+                }
+                if let Some(plans) = commit_after
+                    && let Err(e) = self.apply_commit(plans)
+                {
+                    // Durable in the log, not in the database: nothing may
+                    // read or write it until a reopen replays the log.
+                    error!(error = %e, "persistence: commit after the log failed; store closed");
+                    self.broken = Some(format!(
+                        "commit after the log failed ({e}); reopen the store"
+                    ));
+                    self.records.clear();
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "persistence: write transaction failed");
+                self.records.clear();
+                for reply in accepted {
+                    let _ = reply.send(Err(Error::Storage(e.clone())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies planned changes in one redb transaction committed without
+    /// durability (the log or a checkpoint makes them durable).
+    fn apply_commit(&self, plans: Vec<(ChannelId, Plan)>) -> std::result::Result<(), String> {
+        let mut txn = self.db.begin_write().map_err(|e| db_err(e).to_string())?;
+        txn.set_durability(Durability::None)
+            .map_err(|e| db_err(e).to_string())?;
+        txn.set_two_phase_commit(self.options.two_phase_commit);
+        {
+            let mut tables = Tables::open(&txn).map_err(|e| db_err(e).to_string())?;
+            for (id, plan) in plans {
+                tables
+                    .apply(id, plan)
+                    .map_err(|f| failure_to_error(f).to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| db_err(e).to_string())
+    }
+
     /// Makes a batch durable by appending its log record (the caller
     /// checked that it fits). A failure here breaks the store (see
     /// `broken`).
@@ -1023,10 +1158,22 @@ fn plan_update(
     id: ChannelId,
     changes: Vec<Change>,
 ) -> std::result::Result<(Plan, ChannelRecord), Failure> {
-    let mut rec = match cache.remove(&id) {
+    let rec = match cache.remove(&id) {
         Some(rec) => rec,
         None => tables.read(id)?.ok_or(Error::UnknownChannel(id))?,
     };
+    plan_record(rec, cache, id, changes)
+}
+
+/// Plans `changes` on `rec`, the record of `id` taken out of `cache` (put
+/// back unchanged if they are refused); returns the plan and the record as
+/// the changes leave it.
+fn plan_record(
+    mut rec: ChannelRecord,
+    cache: &mut HashMap<ChannelId, ChannelRecord>,
+    id: ChannelId,
+    changes: Vec<Change>,
+) -> std::result::Result<(Plan, ChannelRecord), Failure> {
     let dirty = match rec.apply_all(id, changes) {
         Ok(dirty) => dirty,
         Err(e) => {

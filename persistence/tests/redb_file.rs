@@ -368,3 +368,35 @@ async fn a_log_of_another_database_is_not_replayed() {
         .expect("a new database opens");
     assert!(p.load_all().await.expect("load").is_empty());
 }
+
+/// With the log, a write is answered before the database commits it
+/// (DESIGN §2): a read right after the answer sees it, a refused write
+/// after it changes nothing, and a reopen sees the last one. Crashes
+/// between the answer and the commit: `tests/crash.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_write_is_read_back_at_once_and_after_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let ch = TestChannel::two_party(400);
+    let id = ch.id();
+    {
+        let p = RedbPersister::open(&path).await.expect("open");
+        p.channel_created(&ch.record()).await.expect("create");
+        for v in 0..50 {
+            p.state_committed(id, &ch.signed(v)).await.expect("commit");
+            let rec = p.load(id).await.expect("load").expect("present");
+            assert_eq!(rec.current, Some(ch.signed(v)), "read right after v{v}");
+            if v > 0 {
+                assert!(
+                    p.state_committed(id, &ch.signed(v - 1)).await.is_err(),
+                    "an older state is refused"
+                );
+                let rec = p.load(id).await.expect("load").expect("present");
+                assert_eq!(rec.current, Some(ch.signed(v)), "unchanged by the refusal");
+            }
+        }
+    }
+    let p = RedbPersister::open(&path).await.expect("reopen");
+    let rec = p.load(id).await.expect("load").expect("present");
+    assert_eq!(rec.current, Some(ch.signed(49)));
+}
