@@ -378,6 +378,11 @@ fn record_durable(s: &mut Summary, d: Option<&Durable>) {
         d.map(|d| d.aggregate.per_s()),
     );
     s.set("aggregate_channels", d.map(|d| d.channels));
+    s.set("aggregate_cores_busy", d.map(|d| d.aggregate.cores_busy()));
+    s.set(
+        "aggregate_cpu_ms_per_update",
+        d.map(|d| d.aggregate.cpu_ms_per_update()),
+    );
     s.set(
         "aggregate_latency_p50_ms",
         d.map(|d| d.aggregate.latency.p50()),
@@ -547,6 +552,8 @@ pub(crate) const ROWS: &[&str] = &[
     "floor_fsync_interleaved_p99_ms",
     "update_latency_mean_ms",
     "aggregate_channels",
+    "aggregate_cores_busy",
+    "aggregate_cpu_ms_per_update",
     "aggregate_latency_p50_ms",
     "aggregate_latency_p99_ms",
     "restore_store_open_ms",

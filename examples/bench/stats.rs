@@ -55,3 +55,24 @@ pub(crate) fn rss_bytes() -> Res<u64> {
         .ok_or("no VmRSS in /proc/self/status")?;
     Ok(kib * 1024)
 }
+
+/// CPU time this process has used so far, user and system, from
+/// `/proc/self/stat` (in clock ticks of `USER_HZ`, 100 on Linux).
+pub(crate) fn cpu_time() -> Res<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The command name (field 2) may hold spaces; fields count from after it.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("bad /proc/self/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Res<u64> {
+        Ok(fields
+            .get(i)
+            .ok_or("short /proc/self/stat")?
+            .parse::<u64>()?)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    let ticks = tick(11)? + tick(12)?;
+    Ok(Duration::from_millis(ticks * 10))
+}

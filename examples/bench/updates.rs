@@ -76,6 +76,9 @@ pub(crate) struct Aggregate {
     pub(crate) wall: Duration,
     /// Latency of every update.
     pub(crate) latency: Samples,
+    /// CPU time the whole process (both clients, their stores and
+    /// transports) used meanwhile.
+    pub(crate) cpu: Duration,
 }
 
 impl Aggregate {
@@ -83,10 +86,22 @@ impl Aggregate {
     pub(crate) fn per_s(&self) -> f64 {
         self.updates as f64 / self.wall.as_secs_f64()
     }
+
+    /// How many cores were busy on average: below the machine's count, the
+    /// run is bounded by waiting (fsyncs, round trips), not by the CPU.
+    pub(crate) fn cores_busy(&self) -> f64 {
+        self.cpu.as_secs_f64() / self.wall.as_secs_f64()
+    }
+
+    /// CPU time per update, in milliseconds, both sides together.
+    pub(crate) fn cpu_ms_per_update(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e3 / self.updates.max(1) as f64
+    }
 }
 
 /// One task per channel pays 1 wei in a loop until `run_for` passed.
 pub(crate) async fn aggregate(chans: &[Channel], run_for: Duration) -> Res<Aggregate> {
+    let cpu_before = crate::stats::cpu_time()?;
     let started = Instant::now();
     let deadline = started + run_for;
     let mut tasks = tokio::task::JoinSet::new();
@@ -106,9 +121,11 @@ pub(crate) async fn aggregate(chans: &[Channel], run_for: Duration) -> Res<Aggre
     while let Some(done) = tasks.join_next().await {
         all.extend(done??);
     }
+    let wall = started.elapsed();
     Ok(Aggregate {
         updates: all.len() as u64,
-        wall: started.elapsed(),
+        wall,
         latency: Samples::new(all),
+        cpu: crate::stats::cpu_time()?.saturating_sub(cpu_before),
     })
 }

@@ -939,6 +939,10 @@ impl Writer {
                     let _ = reply.send(Err(e));
                 }
                 Err(Failure::Fatal(e)) => {
+                    // Planning from the cache does no storage work, so it
+                    // refuses rather than fails; should it fail, nothing
+                    // was written for this request and the record has left
+                    // the cache (the next write reads it from the tables).
                     let _ = reply.send(Err(Error::Storage(e)));
                 }
             }
