@@ -867,14 +867,7 @@ impl Writer {
                 if let Some(txn) = commit_after_ack
                     && let Err(e) = txn.commit()
                 {
-                    // Durable in the log, not in the database: nothing may
-                    // read or write it until a reopen replays the log.
-                    let e = db_err(e);
-                    error!(error = %e, "persistence: commit after the log failed; store closed");
-                    self.broken = Some(format!(
-                        "commit after the log failed ({e}); reopen the store"
-                    ));
-                    self.records.clear();
+                    self.behind_the_log(db_err(e));
                 }
             }
             Err(e) => {
@@ -984,13 +977,7 @@ impl Writer {
                 if let Some(plans) = commit_after
                     && let Err(e) = self.apply_commit(plans)
                 {
-                    // Durable in the log, not in the database: nothing may
-                    // read or write it until a reopen replays the log.
-                    error!(error = %e, "persistence: commit after the log failed; store closed");
-                    self.broken = Some(format!(
-                        "commit after the log failed ({e}); reopen the store"
-                    ));
-                    self.records.clear();
+                    self.behind_the_log(e);
                 }
             }
             Err(e) => {
@@ -1002,6 +989,17 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// A batch its callers heard was durable (in the log) did not reach the
+    /// database: nothing may read or write it until a reopen replays the
+    /// log.
+    fn behind_the_log(&mut self, e: impl std::fmt::Display) {
+        error!(error = %e, "persistence: commit after the log failed; store closed");
+        self.broken = Some(format!(
+            "commit after the log failed ({e}); reopen the store"
+        ));
+        self.records.clear();
     }
 
     /// Applies planned changes in one redb transaction committed without
