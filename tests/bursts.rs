@@ -92,8 +92,7 @@ async fn bursts_in_turn_both_complete(ledger: Ledger) {
 /// `Sync`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_ride_is_dropped_goes_on_its_own() {
-    use perun::wallet::Account;
-    use perun::wire::{Message, UpdateAccept};
+    use perun::wire::Message;
     let ledger = Ledger::sim().await;
     let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
     let chans = open(&ledger, &mut ps, u(1_000)).await;
@@ -107,13 +106,7 @@ async fn a_commit_whose_ride_is_dropped_goes_on_its_own() {
             let (_, msg, r) = req.into_parts();
             match msg {
                 Message::Update(up) => {
-                    let signature = bob_key.sign_hash(up.state.hash()).unwrap();
-                    let _ = r.reply(Message::UpdateAccept(UpdateAccept {
-                        channel_id: up.channel_id,
-                        version: up.state.version,
-                        index: 1,
-                        signature,
-                    }));
+                    let _ = r.reply(common::accept(&bob_key, &up, 1));
                 }
                 Message::UpdateCommit(c) => {
                     let _ = seen_tx.send(c.version);

@@ -84,14 +84,7 @@ fn sign_first_update(
         while let Some(req) = incoming.next().await {
             let (_, msg, r) = req.into_parts();
             if let Message::Update(u) = msg {
-                let signature = bob_key.sign_hash(u.state.hash()).unwrap();
-                r.reply(Message::UpdateAccept(UpdateAccept {
-                    channel_id: u.channel_id,
-                    version: u.state.version,
-                    index: 1,
-                    signature,
-                }))
-                .unwrap();
+                r.reply(common::accept(&bob_key, &u, 1)).unwrap();
                 return u.state;
             }
         }

@@ -25,7 +25,7 @@ use perun::persistence::{Change, ChannelRecord, MemoryPersister, Persister, Redb
 use perun::wallet::{Account, LocalAccount};
 use perun::wire::{
     Config, Handle, Incoming, Message, Node, PeerId, Refusal, RefusalCode, RejectKind, Update,
-    UpdateAccept, UpdateCommit, UpdateReject, UpdateWithCommit,
+    UpdateCommit, UpdateReject, UpdateWithCommit,
 };
 
 fn u(x: u64) -> U256 {
@@ -344,15 +344,7 @@ async fn a_burst_to_a_peer_of_the_previous_release_falls_back_to_plain_updates()
         while let Some(req) = incoming.next().await {
             let (_, msg, r) = req.into_parts();
             let _ = match msg {
-                Message::Update(u) => {
-                    let signature = bob_key.sign_hash(u.state.hash()).unwrap();
-                    r.reply(Message::UpdateAccept(UpdateAccept {
-                        channel_id: u.channel_id,
-                        version: u.state.version,
-                        index: 1,
-                        signature,
-                    }))
-                }
+                Message::Update(u) => r.reply(common::accept(&bob_key, &u, 1)),
                 Message::UpdateCommit(_) | Message::UpdateReject(_) => r.reply(Message::Ack),
                 // What the previous release's wire answers to a frame it
                 // cannot decode.
@@ -562,6 +554,17 @@ async fn check_three_party_burst_reaches_every_peer() {
 /// Whether `e` is the refusal of a whole `UpdateWithCommit` because of its
 /// carried commit (an honest peer never refuses a plain `Update` as
 /// malformed: "commit does not match the staged update", "nothing staged").
+/// Test options with `update_wait` set to `d`.
+fn waiting(d: Duration) -> Options {
+    Options {
+        timeouts: Some(perun::client::Timeouts {
+            update_wait: d,
+            ..common::test_timeouts(Duration::from_secs(30))
+        }),
+        ..Options::default()
+    }
+}
+
 fn is_refused_ride(e: &Error) -> bool {
     matches!(e, Error::Wire(perun::wire::Error::Refused(r))
         if r.code == RefusalCode::Malformed)
@@ -576,13 +579,7 @@ fn is_refused_ride(e: &Error) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_party_concurrent_bursts_complete() {
     let ledger = sim().await;
-    let opts = Options {
-        timeouts: Some(perun::client::Timeouts {
-            update_wait: Duration::from_millis(500),
-            ..common::test_timeouts(Duration::from_secs(30))
-        }),
-        ..Options::default()
-    };
+    let opts = waiting(Duration::from_millis(500));
     let mut ps = parties(&ledger, 3, u(1_000_000), &opts).await;
     let chans = open(&ledger, &mut ps, u(100_000)).await;
     // Pay until a refused ride shows up, for at most 12 s.
@@ -676,13 +673,7 @@ async fn twin3(ledger: Ledger, opts: &Options) -> Twin3 {
 /// which `settle` would even take as a reason to close on-chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_honest_peer_refusing_a_ride_answers_conflict() {
-    let opts = Options {
-        timeouts: Some(perun::client::Timeouts {
-            update_wait: Duration::from_millis(300),
-            ..common::test_timeouts(Duration::from_secs(30))
-        }),
-        ..Options::default()
-    };
+    let opts = waiting(Duration::from_millis(300));
     let mut t = twin3(sim().await, &opts).await;
     let alice = t.chans[0].clone();
     // The version Carol interferes with and the state it builds on.
@@ -731,13 +722,7 @@ async fn an_honest_peer_refusing_a_ride_answers_conflict() {
                         .await;
                     eprintln!("Bob answered Carol's update: {reply:?}");
                 }
-                let signature = carol_key.sign_hash(update.state.hash()).unwrap();
-                let _ = r.reply(Message::UpdateAccept(UpdateAccept {
-                    channel_id: update.channel_id,
-                    version: update.state.version,
-                    index: 2,
-                    signature,
-                }));
+                let _ = r.reply(common::accept(&carol_key, &update, 2));
             });
         }
     });
@@ -786,13 +771,7 @@ async fn an_honest_peer_refusing_a_ride_answers_conflict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_payments_never_stall_for_update_wait() {
     let ledger = sim().await;
-    let opts = Options {
-        timeouts: Some(perun::client::Timeouts {
-            update_wait: Duration::from_secs(1),
-            ..common::test_timeouts(Duration::from_secs(30))
-        }),
-        ..Options::default()
-    };
+    let opts = waiting(Duration::from_secs(1));
     let mut ps = parties(&ledger, 2, u(1_000_000), &opts).await;
     let chans = open(&ledger, &mut ps, u(10_000)).await;
     let mut slow = Vec::new();

@@ -741,13 +741,13 @@ impl ChannelCore {
         self.phase.subscribe()
     }
 
-    /// Waits until `pred(phase)` holds or `timeout` passes.
     /// A receiver of every phase change (each `publish` wakes it, also
     /// when the phase comes back to what it was).
     pub(crate) fn subscribe_phase(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
     }
 
+    /// Waits until `pred(phase)` holds or `timeout` passes.
     pub(crate) async fn wait_phase(
         &self,
         timeout: std::time::Duration,

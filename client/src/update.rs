@@ -134,11 +134,10 @@ pub(crate) async fn propose(
                 core.rides
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 crate::deliver::send_commit(shared, core, &held.full).await;
-                let plain = Message::Update(Update {
-                    channel_id: core.id,
-                    state: next.clone(),
-                    actor: core.index,
-                });
+                let plain = match msg {
+                    Message::UpdateWithCommit(m) => Message::Update(m.update),
+                    other => other,
+                };
                 for (peer, _, reply) in replies.iter_mut().filter(|(_, _, r)| unreadable(r)) {
                     *reply = shared.wire.send(*peer, &plain).await;
                 }
@@ -751,10 +750,10 @@ enum CommitRefusal {
 
 impl std::fmt::Display for CommitRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CommitRefusal::Elsewhere(why) => f.write_str(why),
-            CommitRefusal::Bad(why) => f.write_str(why),
-        }
+        f.write_str(match self {
+            CommitRefusal::Elsewhere(why) => why,
+            CommitRefusal::Bad(why) => why,
+        })
     }
 }
 

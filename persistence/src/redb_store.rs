@@ -396,7 +396,7 @@ fn fatal(e: impl Into<redb::Error>) -> Failure {
 
 /// A write that passed every check, as the bytes to put in each table.
 /// `Some(None)` deletes the entry; `None` leaves it alone.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Plan {
     meta: Option<Option<Vec<u8>>>,
     current: Option<Option<Vec<u8>>>,
@@ -407,6 +407,27 @@ impl Plan {
     fn is_empty(&self) -> bool {
         self.meta.is_none() && self.current.is_none() && self.staged.is_none()
     }
+
+    /// The log's record of this plan for channel `id`.
+    fn entry(&self, id: ChannelId) -> wal::Entry {
+        self.clone().into_entry(id)
+    }
+
+    fn into_entry(self, id: ChannelId) -> wal::Entry {
+        wal::Entry {
+            id,
+            meta: self.meta,
+            current: self.current,
+            staged: self.staged,
+        }
+    }
+}
+
+/// What a durable batch still owes the database: its open transaction
+/// (the general path) or its log entries (a batch planned from the cache).
+enum Unapplied {
+    Txn(Box<WriteTransaction>),
+    Entries(Vec<wal::Entry>),
 }
 
 struct Tables<'txn> {
@@ -427,6 +448,16 @@ impl<'txn> Tables<'txn> {
     /// The stored record of `id`, decoded but not validated.
     fn read(&self, id: ChannelId) -> std::result::Result<Option<ChannelRecord>, Failure> {
         read_record(&self.channels, &self.current, &self.staged, id)
+    }
+
+    /// Applies a log entry (replayed, or logged before the database took it).
+    fn apply_entry(&mut self, e: wal::Entry) -> std::result::Result<(), Failure> {
+        let plan = Plan {
+            meta: e.meta,
+            current: e.current,
+            staged: e.staged,
+        };
+        self.apply(e.id, plan)
     }
 
     fn apply(&mut self, id: ChannelId, plan: Plan) -> std::result::Result<(), Failure> {
@@ -613,12 +644,7 @@ impl Writer {
             let mut tables = Tables::open(&txn).map_err(db_err)?;
             for rec in &todo {
                 for e in &rec.entries {
-                    let plan = Plan {
-                        meta: e.meta.clone(),
-                        current: e.current.clone(),
-                        staged: e.staged.clone(),
-                    };
-                    tables.apply(e.id, plan).map_err(failure_to_error)?;
+                    tables.apply_entry(e.clone()).map_err(failure_to_error)?;
                 }
             }
             let mut info = txn.open_table(INFO).map_err(db_err)?;
@@ -775,12 +801,7 @@ impl Writer {
                         Ok((id, plan)) => {
                             if !plan.is_empty() {
                                 if logging {
-                                    logged.push(wal::Entry {
-                                        id,
-                                        meta: plan.meta.clone(),
-                                        current: plan.current.clone(),
-                                        staged: plan.staged.clone(),
-                                    });
+                                    logged.push(plan.entry(id));
                                 }
                                 if let Err(f) = tables.apply(id, plan) {
                                     let e = failure_to_error(f).to_string();
@@ -811,73 +832,21 @@ impl Writer {
         // With the log, the batch is durable once its record is: callers
         // hear so before the database commits it (off their critical
         // path; every read is served after this batch, so none sees the
-        // database without it). A log too full for the record takes a
-        // checkpoint, which needs the commit first.
-        let mut commit_after_ack = None;
+        // database without it).
         let outcome = match outcome {
-            Ok(Some(txn)) => {
-                let commit =
-                    |txn: WriteTransaction| txn.commit().map_err(|e| db_err(e).to_string());
-                if !logging {
-                    commit(txn).map(|()| true)
-                } else {
-                    let payload = wal::encode(&logged);
-                    if self.wal.as_ref().is_some_and(|w| w.fits(payload.len())) {
-                        self.log_batch(&payload).map(|()| {
-                            commit_after_ack = Some(txn);
-                            true
-                        })
-                    } else {
-                        commit(txn).and_then(|()| self.checkpoint_batch())
-                    }
-                }
-            }
-            Ok(None) => Ok(false),
+            Ok(Some(txn)) if !logging => txn
+                .commit()
+                .map(|()| (true, None))
+                .map_err(|e| db_err(e).to_string()),
+            Ok(Some(txn)) => self
+                .make_durable(&wal::encode(&logged), Unapplied::Txn(Box::new(txn)))
+                .map(|after| (true, after)),
+            Ok(None) => Ok((false, None)),
             Err(e) => Err(e),
         };
-        match &outcome {
-            Ok(_) => {
-                if self.records.len() + written.len() > RECORD_CACHE {
-                    self.records.clear();
-                }
-                for (id, rec) in written {
-                    match rec {
-                        Some(rec) => self.records.insert(id, rec),
-                        None => self.records.remove(&id),
-                    };
-                }
-            }
-            Err(_) => self.records.clear(),
-        }
-        match outcome {
-            Ok(wrote) => {
-                debug!(
-                    acked = accepted.len(),
-                    wrote, "persistence: batch committed"
-                );
-                if wrote {
-                    self.counters.transactions.fetch_add(1, Ordering::Relaxed);
-                }
-                self.counters
-                    .writes
-                    .fetch_add(accepted.len() as u64, Ordering::Relaxed);
-                for reply in accepted {
-                    let _ = reply.send(Ok(()));
-                }
-                if let Some(txn) = commit_after_ack
-                    && let Err(e) = txn.commit()
-                {
-                    self.behind_the_log(db_err(e));
-                }
-            }
-            Err(e) => {
-                error!(error = %e, "persistence: write transaction failed");
-                for reply in accepted {
-                    let _ = reply.send(Err(Error::Storage(e.clone())));
-                }
-                for req in pending {
-                    fail(req, &e);
-                }
+        if let Err(e) = self.finish_batch(outcome, accepted, written) {
+            for req in pending {
+                fail(req, &e);
             }
         }
     }
@@ -889,14 +858,17 @@ impl Writer {
     /// back untouched for the general path.
     fn write_cached(&mut self, writes: Vec<Request>) -> std::result::Result<(), Vec<Request>> {
         let mut seen = HashSet::with_capacity(writes.len());
-        let cached = |r: &Request, seen: &mut HashSet<ChannelId>| matches!(r, Request::Update(id, ..) if self.records.contains_key(id) && seen.insert(*id));
+        let cached = |r: &Request, seen: &mut HashSet<ChannelId>| match r {
+            Request::Update(id, ..) => self.records.contains_key(id) && seen.insert(*id),
+            _ => false,
+        };
         if self.wal.is_none() || !writes.iter().all(|r| cached(r, &mut seen)) {
             return Err(writes);
         }
         let mut accepted: Vec<Reply<()>> = Vec::with_capacity(writes.len());
+        // Logged first, then applied as they are (no copy for the database).
         let mut logged: Vec<wal::Entry> = Vec::with_capacity(writes.len());
-        let mut plans: Vec<(ChannelId, Plan)> = Vec::with_capacity(writes.len());
-        let mut written: Vec<(ChannelId, ChannelRecord)> = Vec::with_capacity(writes.len());
+        let mut written: Vec<(ChannelId, Option<ChannelRecord>)> = Vec::with_capacity(writes.len());
         for req in writes {
             let (id, changes, reply, rec) = match req {
                 Request::Update(id, changes, reply) => match self.records.remove(&id) {
@@ -917,15 +889,9 @@ impl Writer {
             match plan_record(rec, &mut self.records, id, changes) {
                 Ok((plan, rec)) => {
                     if !plan.is_empty() {
-                        logged.push(wal::Entry {
-                            id,
-                            meta: plan.meta.clone(),
-                            current: plan.current.clone(),
-                            staged: plan.staged.clone(),
-                        });
-                        plans.push((id, plan));
+                        logged.push(plan.into_entry(id));
                     }
-                    written.push((id, rec));
+                    written.push((id, Some(rec)));
                     accepted.push(reply);
                 }
                 Err(Failure::Refused(e)) => {
@@ -940,55 +906,94 @@ impl Writer {
                 }
             }
         }
-        let wrote = !plans.is_empty();
-        let mut commit_after = None;
-        let outcome = if !wrote {
-            Ok(())
+        let outcome = if logged.is_empty() {
+            Ok((false, None))
         } else {
             let payload = wal::encode(&logged);
-            if self.wal.as_ref().is_some_and(|w| w.fits(payload.len())) {
-                commit_after = Some(plans);
-                self.log_batch(&payload)
-            } else {
-                // The checkpoint needs the database to hold the batch.
-                self.apply_commit(plans)
-                    .and_then(|()| self.checkpoint_batch().map(|_| ()))
-            }
+            self.make_durable(&payload, Unapplied::Entries(logged))
+                .map(|after| (true, after))
         };
-        match outcome {
-            Ok(()) => {
-                if self.records.len() + written.len() > RECORD_CACHE {
-                    self.records.clear();
-                }
-                self.records.extend(written);
-                if wrote {
-                    self.counters.transactions.fetch_add(1, Ordering::Relaxed);
-                }
-                self.counters
-                    .writes
-                    .fetch_add(accepted.len() as u64, Ordering::Relaxed);
-                debug!(
-                    acked = accepted.len(),
-                    wrote, "persistence: batch committed"
-                );
-                for reply in accepted {
-                    let _ = reply.send(Ok(()));
-                }
-                if let Some(plans) = commit_after
-                    && let Err(e) = self.apply_commit(plans)
-                {
-                    self.behind_the_log(e);
-                }
-            }
+        // A failure is answered to every caller of the batch.
+        let _ = self.finish_batch(outcome, accepted, written);
+        Ok(())
+    }
+
+    /// Makes a batch durable with the log: its record, if it fits, and the
+    /// database's part is handed back to follow the replies; otherwise the
+    /// database commits it and a checkpoint makes that durable.
+    fn make_durable(
+        &mut self,
+        payload: &[u8],
+        unapplied: Unapplied,
+    ) -> std::result::Result<Option<Unapplied>, String> {
+        if self.wal.as_ref().is_some_and(|w| w.fits(payload.len())) {
+            self.log_batch(payload)?;
+            Ok(Some(unapplied))
+        } else {
+            self.commit_unapplied(unapplied)?;
+            self.checkpoint_batch()?;
+            Ok(None)
+        }
+    }
+
+    /// Ends a batch of writes. Durable (`Ok((wrote, after))`): the cache
+    /// takes the records as the batch left them (`None`: removed), every
+    /// accepted caller hears `Ok`, then `after` reaches the database.
+    /// Failed: the cache is emptied, every accepted caller hears the
+    /// error, which is handed back for the batch's other requests.
+    fn finish_batch(
+        &mut self,
+        outcome: std::result::Result<(bool, Option<Unapplied>), String>,
+        accepted: Vec<Reply<()>>,
+        written: Vec<(ChannelId, Option<ChannelRecord>)>,
+    ) -> std::result::Result<(), String> {
+        let (wrote, after) = match outcome {
+            Ok(done) => done,
             Err(e) => {
                 error!(error = %e, "persistence: write transaction failed");
                 self.records.clear();
                 for reply in accepted {
                     let _ = reply.send(Err(Error::Storage(e.clone())));
                 }
+                return Err(e);
             }
+        };
+        if self.records.len() + written.len() > RECORD_CACHE {
+            self.records.clear();
+        }
+        for (id, rec) in written {
+            match rec {
+                Some(rec) => self.records.insert(id, rec),
+                None => self.records.remove(&id),
+            };
+        }
+        debug!(
+            acked = accepted.len(),
+            wrote, "persistence: batch committed"
+        );
+        if wrote {
+            self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counters
+            .writes
+            .fetch_add(accepted.len() as u64, Ordering::Relaxed);
+        for reply in accepted {
+            let _ = reply.send(Ok(()));
+        }
+        if let Some(unapplied) = after
+            && let Err(e) = self.commit_unapplied(unapplied)
+        {
+            self.behind_the_log(e);
         }
         Ok(())
+    }
+
+    /// Commits what a durable batch still owes the database.
+    fn commit_unapplied(&self, unapplied: Unapplied) -> std::result::Result<(), String> {
+        match unapplied {
+            Unapplied::Txn(txn) => txn.commit().map_err(|e| db_err(e).to_string()),
+            Unapplied::Entries(entries) => self.apply_commit(entries),
+        }
     }
 
     /// A batch its callers heard was durable (in the log) did not reach the
@@ -1004,16 +1009,16 @@ impl Writer {
 
     /// Applies planned changes in one redb transaction committed without
     /// durability (the log or a checkpoint makes them durable).
-    fn apply_commit(&self, plans: Vec<(ChannelId, Plan)>) -> std::result::Result<(), String> {
+    fn apply_commit(&self, entries: Vec<wal::Entry>) -> std::result::Result<(), String> {
         let mut txn = self.db.begin_write().map_err(|e| db_err(e).to_string())?;
         txn.set_durability(Durability::None)
             .map_err(|e| db_err(e).to_string())?;
         txn.set_two_phase_commit(self.options.two_phase_commit);
         {
             let mut tables = Tables::open(&txn).map_err(|e| db_err(e).to_string())?;
-            for (id, plan) in plans {
+            for e in entries {
                 tables
-                    .apply(id, plan)
+                    .apply_entry(e)
                     .map_err(|f| failure_to_error(f).to_string())?;
             }
         }
@@ -1034,9 +1039,9 @@ impl Writer {
 
     /// Makes a batch the database committed (not durably) durable when the
     /// log is too full for its record: a checkpoint covers it as well.
-    fn checkpoint_batch(&mut self) -> std::result::Result<bool, String> {
+    fn checkpoint_batch(&mut self) -> std::result::Result<(), String> {
         let result = self.checkpoint(self.next_seq);
-        self.logged(result).map(|()| true)
+        self.logged(result)
     }
 
     fn logged(

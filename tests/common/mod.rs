@@ -217,6 +217,22 @@ pub async fn evil_twin(
     (evil, evil_in, key)
 }
 
+/// A twin's honest answer to `update`: participant `index`'s signature
+/// over its state, made with `key`.
+#[allow(dead_code)] // Not every test file has a twin.
+pub fn accept(
+    key: &LocalAccount,
+    update: &perun::wire::Update,
+    index: usize,
+) -> perun::wire::Message {
+    perun::wire::Message::UpdateAccept(perun::wire::UpdateAccept {
+        channel_id: update.channel_id,
+        version: update.state.version,
+        index,
+        signature: key.sign_hash(update.state.hash()).unwrap(),
+    })
+}
+
 impl Party {
     pub fn participant(&self) -> Participant {
         Participant {
