@@ -551,9 +551,23 @@ async fn check_three_party_burst_reaches_every_peer() {
     }
 }
 
-/// Whether `e` is the refusal of a whole `UpdateWithCommit` because of its
-/// carried commit (an honest peer never refuses a plain `Update` as
-/// malformed: "commit does not match the staged update", "nothing staged").
+/// Test options with both clients on redb (sim ledger).
+fn on_redb() -> Options {
+    Options {
+        redb: true,
+        ..Options::default()
+    }
+}
+
+/// Waits until `ch` holds exactly `state` (5 s at most).
+async fn reaches(ch: &perun::client::Channel, state: &perun::channel::SignedState) {
+    let got = ch
+        .wait_for_version(state.state.version, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&got, state);
+}
+
 /// Test options with `update_wait` set to `d`.
 fn waiting(d: Duration) -> Options {
     Options {
@@ -565,6 +579,9 @@ fn waiting(d: Duration) -> Options {
     }
 }
 
+/// Whether `e` is the refusal of a whole `UpdateWithCommit` because of its
+/// carried commit (an honest peer never refuses a plain `Update` as
+/// malformed: "commit does not match the staged update", "nothing staged").
 fn is_refused_ride(e: &Error) -> bool {
     matches!(e, Error::Wire(perun::wire::Error::Refused(r))
         if r.code == RefusalCode::Malformed)
@@ -821,10 +838,7 @@ async fn concurrent_payments_never_stall_for_update_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_responder_restart_right_after_a_burst() {
     let ledger = sim().await;
-    let opts = Options {
-        redb: true,
-        ..Options::default()
-    };
+    let opts = on_redb();
     let mut ps = parties(&ledger, 2, u(1_000_000), &opts).await;
     let chans = open(&ledger, &mut ps, u(1_000)).await;
     for _ in 0..20 {
@@ -838,24 +852,12 @@ async fn check_responder_restart_right_after_a_burst() {
     ps.push(bob);
     common::introduce(&ps).await;
     let bob_ch = ps[1].client.channel(&alice.id()).unwrap();
-    assert_eq!(
-        bob_ch
-            .wait_for_version(last.state.version, Duration::from_secs(5))
-            .await
-            .unwrap(),
-        last
-    );
+    reaches(&bob_ch, &last).await;
     for _ in 0..20 {
         alice.pay(1, 0, u(1)).await.unwrap();
     }
     let last = alice.state();
-    assert_eq!(
-        bob_ch
-            .wait_for_version(last.state.version, Duration::from_secs(5))
-            .await
-            .unwrap(),
-        last
-    );
+    reaches(&bob_ch, &last).await;
 }
 
 /// A held commit (`Locked::held`) owns an `InFlight`, which owns an
@@ -874,10 +876,7 @@ fn a_held_commit_does_not_keep_the_client_alive() {
             .unwrap();
         let dir = rt.block_on(async move {
             let ledger = Ledger::sim().await;
-            let opts = Options {
-                redb: true,
-                ..Options::default()
-            };
+            let opts = on_redb();
             let mut ps = parties(&ledger, 2, u(1_000_000), &opts).await;
             let chans = open(&ledger, &mut ps, u(1_000)).await;
             for _ in 0..5 {
