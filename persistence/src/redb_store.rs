@@ -27,8 +27,13 @@
 //! `Durability::Immediate` (one-phase by default, see
 //! [`RedbOptions::two_phase_commit`]) before the callers hear back.
 //! Concurrent channels therefore share one `fsync` per batch, and each
-//! caller's `Ok` still means its own write is durable. Every read is served
-//! by the same thread after the batch before it committed.
+//! caller's `Ok` still means its own write is durable. While more requests
+//! wait, the database commit of answered cached batches is deferred (at
+//! most `DEFER_MAX` entries): the next batch's log `fsync` goes first,
+//! and the database takes several batches in one commit once the queue is
+//! empty. Every read, metadata write, write batch of the general path and
+//! checkpoint is served by the same thread after everything before it
+//! committed.
 //!
 //! A metadata write (`meta_put`, rare: the chain index stores its cursor
 //! once per scan) is its own durable transaction, outside the log. The
@@ -535,7 +540,16 @@ struct Writer {
     /// in here neither reads nor decodes the stored record. Entries change
     /// only after their transaction is durable; any failure empties it.
     records: HashMap<ChannelId, ChannelRecord>,
+    /// Logged entries of answered batches that the database has not taken
+    /// yet: while more requests wait, the next batch's log `fsync` goes
+    /// first, and the database takes several batches in one commit. Applied
+    /// before anything reads or commits the database, once the queue is
+    /// empty, and at `DEFER_MAX` entries.
+    deferred: Vec<wal::Entry>,
 }
+
+/// Most logged entries the database may lag behind by.
+const DEFER_MAX: usize = 1024;
 
 /// Records the writer keeps decoded (beyond this, it starts over: a store
 /// with more channels updating at once reads the rest from redb's cache).
@@ -577,6 +591,7 @@ impl Writer {
             next_seq: 1,
             broken: None,
             records: HashMap::new(),
+            deferred: Vec::new(),
         };
         let log = wal::path_for(path);
         if options.write_ahead_log || log.exists() {
@@ -680,7 +695,21 @@ impl Writer {
     }
 
     fn run(mut self, receiver: mpsc::Receiver<Request>) {
-        while let Ok(first) = receiver.recv() {
+        loop {
+            let first = match receiver.try_recv() {
+                Ok(first) => first,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    // Idle: the database catches up with the log.
+                    if !self.apply_deferred_guarded() {
+                        return;
+                    }
+                    match receiver.recv() {
+                        Ok(first) => first,
+                        Err(_) => break,
+                    }
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < self.options.max_batch.max(1) {
                 match receiver.try_recv() {
@@ -695,6 +724,9 @@ impl Writer {
                 error!("persistence: storage engine panicked; store closed");
                 return;
             }
+        }
+        if !self.apply_deferred_guarded() {
+            return;
         }
         // A clean close leaves nothing for the next open to replay.
         if self.wal.is_some()
@@ -725,6 +757,9 @@ impl Writer {
         if !writes.is_empty() {
             self.write_batch(writes);
         }
+        if !metas.is_empty() || !reads.is_empty() {
+            self.apply_deferred();
+        }
         // A commit that failed after its callers heard back leaves the
         // database behind the log: nothing else in this batch may use it.
         if let Some(why) = &self.broken {
@@ -751,6 +786,15 @@ impl Writer {
             Ok(()) => return,
             Err(writes) => writes,
         };
+        // This path plans from the database.
+        self.apply_deferred();
+        if let Some(why) = &self.broken {
+            let why = why.clone();
+            for r in writes {
+                fail(r, &why);
+            }
+            return;
+        }
         let mut accepted: Vec<Reply<()>> = Vec::with_capacity(writes.len());
         let mut logged: Vec<wal::Entry> = Vec::new();
         // The records as this batch leaves them (`None`: removed), for the
@@ -930,6 +974,10 @@ impl Writer {
             self.log_batch(payload)?;
             Ok(Some(unapplied))
         } else {
+            self.apply_deferred();
+            if let Some(why) = &self.broken {
+                return Err(why.clone());
+            }
             self.commit_unapplied(unapplied)?;
             self.checkpoint_batch()?;
             Ok(None)
@@ -980,12 +1028,42 @@ impl Writer {
         for reply in accepted {
             let _ = reply.send(Ok(()));
         }
-        if let Some(unapplied) = after
-            && let Err(e) = self.commit_unapplied(unapplied)
-        {
-            self.behind_the_log(e);
+        match after {
+            Some(Unapplied::Entries(entries)) => {
+                self.deferred.extend(entries);
+                if self.deferred.len() >= DEFER_MAX {
+                    self.apply_deferred();
+                }
+            }
+            Some(txn @ Unapplied::Txn(_)) => {
+                if let Err(e) = self.commit_unapplied(txn) {
+                    self.behind_the_log(e);
+                }
+            }
+            None => {}
         }
         Ok(())
+    }
+
+    /// [`Self::apply_deferred`] outside a batch, with the same guard as a
+    /// batch: `false` if the storage engine panicked (the store is closed).
+    fn apply_deferred_guarded(&mut self) -> bool {
+        if catch_unwind(AssertUnwindSafe(|| self.apply_deferred())).is_err() {
+            error!("persistence: storage engine panicked; store closed");
+            return false;
+        }
+        true
+    }
+
+    /// Applies the deferred entries in one commit (see `deferred`).
+    fn apply_deferred(&mut self) {
+        if self.deferred.is_empty() || self.broken.is_some() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.deferred);
+        if let Err(e) = self.apply_commit(entries) {
+            self.behind_the_log(e);
+        }
     }
 
     /// Commits what a durable batch still owes the database.

@@ -48,15 +48,45 @@ pub(crate) enum Resp {
 /// peer (DESIGN §6).
 pub(crate) const SMALL_FRAME: usize = 16 * 1024;
 
+/// Bytes of large inbound frames held at once, over all connections and
+/// both protocols: from their length prefix until they are answered.
+#[derive(Debug, Clone)]
+pub(crate) struct LargeFrames {
+    pub(crate) budget: Arc<Semaphore>,
+    /// The budget's size, for the error.
+    pub(crate) bytes: usize,
+}
+
+impl LargeFrames {
+    pub(crate) fn new(bytes: usize) -> Self {
+        let bytes = bytes.min(Semaphore::MAX_PERMITS);
+        Self {
+            budget: Arc::new(Semaphore::new(bytes)),
+            bytes,
+        }
+    }
+
+    /// A frame of `len` bytes: a small one needs nothing, a large one takes
+    /// its size from the budget or is `Busy`.
+    pub(crate) fn take(&self, len: usize) -> Result<Option<OwnedSemaphorePermit>> {
+        if len <= SMALL_FRAME {
+            return Ok(None);
+        }
+        let busy = || Error::Busy {
+            what: "bytes of large inbound frames",
+            limit: self.bytes,
+        };
+        let n = u32::try_from(len).map_err(|_| busy())?;
+        let permit = self.budget.clone().try_acquire_many_owned(n);
+        permit.map(Some).map_err(|_| busy())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct WireCodec {
     pub(crate) max_frame: usize,
     pub(crate) read_timeout: Duration,
-    /// Bytes of large inbound frames held at once, over all connections:
-    /// from their length prefix until they are answered.
-    pub(crate) large_frames: Arc<Semaphore>,
-    /// The budget's size, for the error.
-    pub(crate) large_frame_bytes: usize,
+    pub(crate) large_frames: LargeFrames,
 }
 
 impl WireCodec {
@@ -67,21 +97,7 @@ impl WireCodec {
         io: &mut T,
     ) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>)> {
         let len = frame::read_len(io, self.max_frame).await?;
-        let permit = if len > SMALL_FRAME {
-            let busy = || Error::Busy {
-                what: "bytes of large inbound frames",
-                limit: self.large_frame_bytes,
-            };
-            let n = u32::try_from(len).map_err(|_| busy())?;
-            Some(
-                self.large_frames
-                    .clone()
-                    .try_acquire_many_owned(n)
-                    .map_err(|_| busy())?,
-            )
-        } else {
-            None
-        };
+        let permit = self.large_frames.take(len)?;
         Ok((frame::read_exact_body(io, len).await?, permit))
     }
 }

@@ -12,8 +12,13 @@ use serde::Serialize;
 use crate::message::{MAX_REASON, Message, Refusal};
 use crate::{Error, Result};
 
-/// The libp2p protocol id of the perun wire protocol.
+/// The libp2p protocol id of the perun wire protocol: one stream per
+/// request (libp2p request-response).
 pub const PROTOCOL: &str = "/perun/wire/1";
+
+/// The same messages on long-lived lanes: one stream per peer and
+/// direction, each frame tagged with its request's id (see `lane.rs`).
+pub const LANE_PROTOCOL: &str = "/perun/wire/2";
 
 /// Default largest frame body, in bytes (1 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
@@ -26,10 +31,26 @@ pub type Reply = std::result::Result<Message, Refusal>;
 
 /// Encodes `value` as one frame (prefix + body) in a single allocation.
 pub fn encode_frame<T: Serialize>(value: &T, max_frame: usize) -> Result<Vec<u8>> {
+    encode_after(&[], value, max_frame)
+}
+
+/// Bytes of a lane frame's id, before its frame.
+pub const TAG_LEN: usize = 8;
+
+/// Encodes `value` as one lane frame on `/perun/wire/2`: its id (`u64`
+/// big-endian), then the frame as [`encode_frame`] writes it.
+pub fn encode_tagged<T: Serialize>(id: u64, value: &T, max_frame: usize) -> Result<Vec<u8>> {
+    encode_after(&id.to_be_bytes(), value, max_frame)
+}
+
+/// `header`, then `value` as a frame, in one allocation.
+fn encode_after<T: Serialize>(header: &[u8], value: &T, max_frame: usize) -> Result<Vec<u8>> {
+    let start = header.len() + PREFIX_LEN;
     let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(header);
     buf.extend_from_slice(&[0; PREFIX_LEN]);
     let mut buf = postcard::to_extend(value, buf)?;
-    let len = buf.len() - PREFIX_LEN;
+    let len = buf.len() - start;
     let too_large = Error::FrameTooLarge {
         len,
         max: max_frame,
@@ -38,7 +59,7 @@ pub fn encode_frame<T: Serialize>(value: &T, max_frame: usize) -> Result<Vec<u8>
         return Err(too_large);
     }
     let prefix = u32::try_from(len).map_err(|_| too_large)?.to_be_bytes();
-    buf[..PREFIX_LEN].copy_from_slice(&prefix);
+    buf[header.len()..start].copy_from_slice(&prefix);
     Ok(buf)
 }
 

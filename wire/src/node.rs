@@ -25,8 +25,9 @@ use libp2p::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info_span, instrument, warn};
 
-use crate::codec::{Req, Resp, WireCodec, refusal_frame};
-use crate::frame::{self, DEFAULT_MAX_FRAME, PROTOCOL, Reply};
+use crate::codec::{LargeFrames, Req, Resp, WireCodec, refusal_frame};
+use crate::frame::{self, DEFAULT_MAX_FRAME, LANE_PROTOCOL, PROTOCOL, Reply};
+use crate::lane::{self, Inbound, LaneConfig, LaneReply, Lanes};
 use crate::message::{Message, Refusal, RefusalCode};
 use crate::{Error, Result, authorize};
 
@@ -139,6 +140,7 @@ pub enum PeerEvent {
 struct Behaviour {
     limits: connection_limits::Behaviour,
     rr: request_response::Behaviour<WireCodec>,
+    streams: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
 }
 
@@ -171,7 +173,8 @@ impl Node {
     /// Builds the swarm, starts listening, and spawns its task on the current
     /// tokio runtime. Returns once every listen address is bound.
     pub async fn start(config: Config) -> Result<(Handle, Incoming)> {
-        let mut swarm = build_swarm(&config)?;
+        let large_frames = LargeFrames::new(config.limits.large_frame_bytes);
+        let mut swarm = build_swarm(&config, &large_frames)?;
         let mut unbound = HashSet::new();
         for addr in &config.listen {
             let id = swarm
@@ -197,8 +200,40 @@ impl Node {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (in_tx, in_rx) = mpsc::channel(config.incoming_capacity.max(1));
         let (events, _) = broadcast::channel(256);
+        let admission = Arc::new(Admission {
+            limits: config.limits,
+            held: Mutex::new(Held::default()),
+        });
+        let lane_config = LaneConfig {
+            max_frame: config.max_frame,
+            request_timeout: config.request_timeout,
+            read_timeout: config.read_timeout,
+            idle_timeout: config.idle_timeout,
+            queue: per_peer_slots(&config),
+        };
+        let mut control = swarm.behaviour().streams.new_control();
+        let accepted = control
+            .accept(StreamProtocol::new(LANE_PROTOCOL))
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        let lanes = Lanes::new(control, lane_config);
+        let inbound = Arc::new(Inbound {
+            admission: admission.clone(),
+            in_tx: in_tx.downgrade(),
+            requests_per_peer: config.limits.requests_per_peer.max(1),
+            large_frames,
+            config: lane_config,
+            lanes: Mutex::new(HashMap::new()),
+            refused: Mutex::new(Throttle::default()),
+            bad_frames: Mutex::new(Throttle::default()),
+        });
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(
+            lane::accept(accepted, inbound, stopped).instrument(info_span!("lanes", peer = %local)),
+        );
         let event_loop = EventLoop {
             swarm,
+            lanes: lanes.clone(),
+            _stop_lanes: stop,
             cmd_rx,
             in_tx,
             events: events.clone(),
@@ -206,10 +241,7 @@ impl Node {
             dials: HashMap::new(),
             book: Book::new(config.limits.known_peers),
             max_frame: config.max_frame,
-            admission: Arc::new(Admission {
-                limits: config.limits,
-                held: Mutex::new(Held::default()),
-            }),
+            admission,
             refused: Throttle::default(),
             bad_frames: Throttle::default(),
             denied: Throttle::default(),
@@ -221,10 +253,11 @@ impl Node {
         );
         let handle = Handle {
             slots: Arc::new(SendSlots {
-                per_peer: config.max_concurrent_streams.clamp(2, MAX_STREAMS) / 2,
+                per_peer: per_peer_slots(&config),
                 peers: Mutex::new(HashMap::new()),
             }),
             cmd: cmd_tx,
+            lanes,
             local,
             max_frame: config.max_frame,
             events,
@@ -233,23 +266,26 @@ impl Node {
     }
 }
 
+/// Our requests in flight to one peer: half the streams of a connection.
+fn per_peer_slots(config: &Config) -> usize {
+    config.max_concurrent_streams.clamp(2, MAX_STREAMS) / 2
+}
+
 /// Most request streams per connection: yamux refuses more than 4096 streams
 /// with its default 1 GiB connection window, and we give yamux twice ours.
 const MAX_STREAMS: usize = 2048;
 
-fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>> {
+fn build_swarm(config: &Config, large_frames: &LargeFrames) -> Result<Swarm<Behaviour>> {
     let streams = config.max_concurrent_streams.clamp(2, MAX_STREAMS);
     // yamux kills the whole connection when the remote opens one stream too
     // many, so it gets headroom above the request-response limit for
     // identify and for streams still closing.
     let mut yamux_config = yamux::Config::default();
     yamux_config.set_max_num_streams(streams * 2);
-    let large = config.limits.large_frame_bytes.min(Semaphore::MAX_PERMITS);
     let codec = WireCodec {
         max_frame: config.max_frame,
         read_timeout: config.read_timeout,
-        large_frames: Arc::new(Semaphore::new(large)),
-        large_frame_bytes: large,
+        large_frames: large_frames.clone(),
     };
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_incoming(Some(config.limits.incoming_connections))
@@ -276,6 +312,7 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>> {
                 )],
                 rr_config,
             ),
+            streams: libp2p_stream::Behaviour::new(),
             identify: identify::Behaviour::new(identify::Config::new(
                 "/perun/1".into(),
                 key.public(),
@@ -333,6 +370,7 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>> {
 #[derive(Debug, Clone)]
 pub struct Handle {
     cmd: mpsc::Sender<Command>,
+    lanes: Arc<Lanes>,
     slots: Arc<SendSlots>,
     local: PeerId,
     max_frame: usize,
@@ -368,14 +406,31 @@ impl Handle {
         if !msg.is_request() {
             return Err(Error::NotARequest(msg.kind()));
         }
-        let frame = frame::encode_frame(msg, self.max_frame)?;
         let _slot = self.slots.acquire(peer).await?;
+        if self.cmd.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        if let Some(lane) = self.lanes.route(peer).await
+            && let Some(reply) = lane.request(msg).await
+        {
+            return match reply {
+                Err(Error::ConnectionClosed) if self.cmd.is_closed() => Err(Error::Shutdown),
+                reply => reply,
+            };
+        }
+        let frame = frame::encode_frame(msg, self.max_frame)?;
         let (tx, rx) = oneshot::channel();
         self.command(Command::Send { peer, frame, tx }).await?;
         match rx.await.map_err(|_| Error::Shutdown)?? {
             Ok(reply) => Ok(reply),
             Err(refusal) => Err(Error::Refused(refusal)),
         }
+    }
+
+    /// Whether our requests to `peer` go on a lane (`/perun/wire/2`) now.
+    #[doc(hidden)]
+    pub fn on_lane(&self, peer: &PeerId) -> bool {
+        self.lanes.is_open(peer)
     }
 
     /// How many peers the address book holds (at most
@@ -463,6 +518,14 @@ pub struct Request {
 }
 
 impl Request {
+    pub(crate) fn new(peer: PeerId, message: Message, responder: Responder) -> Self {
+        Self {
+            peer,
+            message,
+            responder,
+        }
+    }
+
     /// The authenticated sender.
     pub fn peer(&self) -> PeerId {
         self.peer
@@ -489,32 +552,49 @@ impl Request {
 /// request counts against its peer's caps ([`Limits`]).
 #[derive(Debug)]
 pub struct Responder {
-    tx: oneshot::Sender<Vec<u8>>,
+    to: ReplyTo,
     max_frame: usize,
     _ticket: Ticket,
 }
 
+/// Where a reply goes: the request's own stream, or the lane it came on.
+#[derive(Debug)]
+enum ReplyTo {
+    Stream(oneshot::Sender<Vec<u8>>),
+    Lane(LaneReply),
+}
+
 impl Responder {
+    pub(crate) fn on_lane(reply: LaneReply, max_frame: usize, ticket: Ticket) -> Self {
+        Self {
+            to: ReplyTo::Lane(reply),
+            max_frame,
+            _ticket: ticket,
+        }
+    }
+
     /// Sends `reply`. Fails if it does not fit a frame (the sender is then
     /// refused instead) or if the request's stream is already gone.
     pub fn reply(self, reply: Message) -> Result<()> {
-        let framed: Reply = Ok(reply);
-        match frame::encode_frame(&framed, self.max_frame) {
-            Ok(frame) => self.tx.send(frame).map_err(|_| Error::ConnectionClosed),
-            Err(e) => {
-                let _ = self
-                    .tx
-                    .send(refusal_frame(RefusalCode::TooLarge, e.to_string()));
-                Err(e)
-            }
-        }
+        self.answer(&Ok(reply))
     }
 
     /// Refuses the request, e.g. because the sender is not who it claims.
     pub fn refuse(self, refusal: Refusal) -> Result<()> {
-        let framed: Reply = Err(refusal);
-        let frame = frame::encode_frame(&framed, self.max_frame)?;
-        self.tx.send(frame).map_err(|_| Error::ConnectionClosed)
+        self.answer(&Err(refusal))
+    }
+
+    fn answer(self, framed: &Reply) -> Result<()> {
+        match self.to {
+            ReplyTo::Lane(lane) => lane.send(framed, self.max_frame, self._ticket),
+            ReplyTo::Stream(tx) => match frame::encode_frame(framed, self.max_frame) {
+                Ok(frame) => tx.send(frame).map_err(|_| Error::ConnectionClosed),
+                Err(e) => {
+                    let _ = tx.send(refusal_frame(RefusalCode::TooLarge, e.to_string()));
+                    Err(e)
+                }
+            },
+        }
     }
 }
 
@@ -564,7 +644,7 @@ impl Drop for SendSlot {
 
 /// A poisoned lock only means a panic elsewhere mid-update of a counter map;
 /// the map is still usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -577,14 +657,14 @@ struct Held {
 
 /// Admits inbound requests under the caps of [`Limits`].
 #[derive(Debug)]
-struct Admission {
+pub(crate) struct Admission {
     limits: Limits,
     held: Mutex<Held>,
 }
 
 impl Admission {
     /// A ticket for one more request of `peer`, or which cap is full.
-    fn admit(
+    pub(crate) fn admit(
         self: &Arc<Self>,
         peer: PeerId,
         bytes: Option<OwnedSemaphorePermit>,
@@ -615,7 +695,7 @@ impl Admission {
 
 /// One admitted request; releases its place (and its frame bytes) on drop.
 #[derive(Debug)]
-struct Ticket {
+pub(crate) struct Ticket {
     admission: Arc<Admission>,
     peer: PeerId,
     _bytes: Option<OwnedSemaphorePermit>,
@@ -637,14 +717,14 @@ impl Drop for Ticket {
 /// Logs a kind of bad remote input at most once a second, with how many
 /// were not logged, so a flood cannot flood the log too.
 #[derive(Debug, Default)]
-struct Throttle {
+pub(crate) struct Throttle {
     last: Option<Instant>,
     skipped: u64,
 }
 
 impl Throttle {
     /// Whether to log now; `Some(skipped since the last line)` if so.
-    fn pass(&mut self) -> Option<u64> {
+    pub(crate) fn pass(&mut self) -> Option<u64> {
         let now = Instant::now();
         if self
             .last
@@ -727,6 +807,9 @@ impl Book {
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
+    lanes: Arc<Lanes>,
+    /// Dropped with the loop: the lane acceptor stops.
+    _stop_lanes: oneshot::Sender<()>,
     cmd_rx: mpsc::Receiver<Command>,
     in_tx: mpsc::Sender<Request>,
     events: broadcast::Sender<PeerEvent>,
@@ -839,6 +922,12 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                // Identify may report after the peer already left.
+                if self.swarm.is_connected(&peer_id)
+                    && info.protocols.iter().any(|p| p.as_ref() == LANE_PROTOCOL)
+                {
+                    self.lanes.set_capable(peer_id);
+                }
                 for addr in info.listen_addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
                     self.remember(peer_id, addr, false);
                 }
@@ -868,6 +957,7 @@ impl EventLoop {
                 ..
             } => {
                 debug!(peer = %peer_id, ?cause, "disconnected");
+                self.lanes.forget(&peer_id);
                 let _ = self.events.send(PeerEvent::Disconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1001,7 +1091,7 @@ impl EventLoop {
             return;
         }
         let responder = Responder {
-            tx,
+            to: ReplyTo::Stream(tx),
             max_frame: self.max_frame,
             _ticket: ticket,
         };

@@ -1,0 +1,770 @@
+//! Lanes: one long-lived stream per peer and direction on `/perun/wire/2`.
+//!
+//! On `/perun/wire/1` every request opens its own yamux stream, negotiates
+//! the protocol, starts a `futures-timer` timeout (a wake-up of that
+//! crate's helper thread, twice per side) and passes through the swarm task
+//! twice on each side. A lane pays for its stream once: the peer that opened
+//! it writes requests on it, the other peer writes the replies, and every
+//! frame is `[id: u64 big-endian][frame]` so replies may come in any order.
+//! Frames queued together are written together (one yamux frame, one noise
+//! frame, one syscall), which is what makes many channels between the same
+//! two peers cheap.
+//!
+//! We open a lane only to a peer whose identify info lists the protocol;
+//! until then, and with peers of older releases, requests go on
+//! `/perun/wire/1` as before. Both sides serve both protocols.
+//!
+//! An inbound lane is untrusted input like a request stream, under the same
+//! caps and with the same answers (DESIGN §6): a frame over the size limit
+//! or over the large-frame budget is skipped and refused (`TooLarge`,
+//! `Busy`), a bad body is refused `Malformed`, a reply sent as a request
+//! `NotARequest`, a request over a request cap or the incoming queue
+//! `Busy`, each under its id, and the lane goes on. A frame that stalls
+//! half-way (`read_timeout`) is refused `Stalled` and ends the lane, since
+//! its framing is lost; so does a peer that stops reading our replies. A
+//! peer holds at most [`LANES_PER_PEER`] inbound lanes.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use libp2p_stream::{Control, IncomingStreams};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::{Instant, timeout, timeout_at};
+use tracing::{Instrument, debug, debug_span, warn};
+
+use crate::codec::LargeFrames;
+use crate::frame::{self, LANE_PROTOCOL, PREFIX_LEN, Reply, TAG_LEN};
+use crate::message::{Message, Refusal, RefusalCode};
+use crate::node::{Admission, Request, Responder, Throttle, Ticket, lock};
+use crate::{Error, Result};
+
+/// Inbound lanes one peer may hold open at once.
+pub(crate) const LANES_PER_PEER: usize = 8;
+
+/// The first byte the serving side writes on a lane: it took the lane.
+const PREFACE: [u8; 1] = [0x01];
+
+/// Refusals a lane's reply queue holds beyond its replies.
+const REFUSALS: usize = 64;
+
+/// Bytes gathered into one write.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Timing and size settings of lanes, from the endpoint's `Config`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaneConfig {
+    pub(crate) max_frame: usize,
+    pub(crate) request_timeout: Duration,
+    pub(crate) read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    /// Requests queued on one of our lanes: our send slots per peer.
+    pub(crate) queue: usize,
+}
+
+/// Our outbound lanes, per peer.
+pub(crate) struct Lanes {
+    control: Mutex<Control>,
+    peers: Mutex<HashMap<PeerId, Peer>>,
+    config: LaneConfig,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes").finish_non_exhaustive()
+    }
+}
+
+/// What we know of one peer: whether it speaks lanes, and our lane to it.
+#[derive(Default)]
+struct Peer {
+    capable: bool,
+    lane: Option<Arc<Lane>>,
+    /// Held while a lane is being opened, so concurrent sends open one.
+    opening: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Lanes {
+    pub(crate) fn new(control: Control, config: LaneConfig) -> Arc<Self> {
+        Arc::new(Self {
+            control: Mutex::new(control),
+            peers: Mutex::new(HashMap::new()),
+            config,
+        })
+    }
+
+    /// The peer's identify info lists [`LANE_PROTOCOL`].
+    pub(crate) fn set_capable(&self, peer: PeerId) {
+        lock(&self.peers).entry(peer).or_default().capable = true;
+    }
+
+    /// The peer's last connection is gone; it may come back as another
+    /// release.
+    pub(crate) fn forget(&self, peer: &PeerId) {
+        lock(&self.peers).remove(peer);
+    }
+
+    /// Whether a lane to `peer` is open (for tests and diagnostics).
+    pub(crate) fn is_open(&self, peer: &PeerId) -> bool {
+        lock(&self.peers)
+            .get(peer)
+            .and_then(|p| p.lane.as_ref())
+            .is_some_and(|l| l.open.load(Ordering::Acquire))
+    }
+
+    /// The lane to use for `peer`, opened if need be; `None`: use
+    /// `/perun/wire/1` (the peer does not speak lanes, or opening failed).
+    pub(crate) async fn route(self: &Arc<Self>, peer: PeerId) -> Option<Arc<Lane>> {
+        let opening = {
+            let peers = lock(&self.peers);
+            let p = peers.get(&peer).filter(|p| p.capable)?;
+            if let Some(lane) = p.lane.as_ref().filter(|l| l.is_open()) {
+                return Some(lane.clone());
+            }
+            p.opening.clone()
+        };
+        let _opening = opening.lock().await;
+        if let Some(lane) = self.live(&peer) {
+            return Some(lane);
+        }
+        // A waiter behind a failed attempt does not try again.
+        if !lock(&self.peers).get(&peer).is_some_and(|p| p.capable) {
+            return None;
+        }
+        let mut control = lock(&self.control).clone();
+        let protocol = StreamProtocol::new(LANE_PROTOCOL);
+        // The lane is usable once the peer's preface arrived: a peer that
+        // dropped the stream (too many lanes, or its acceptor busy) is
+        // found out before any request is written on it.
+        let open = async {
+            let mut stream = control
+                .open_stream(peer, protocol)
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let mut preface = [0u8; 1];
+            stream.read_exact(&mut preface).await?;
+            if preface != PREFACE {
+                return Err(io::Error::from(io::ErrorKind::InvalidData));
+            }
+            Ok::<_, io::Error>(stream)
+        };
+        let stream = match timeout(self.config.request_timeout, open).await {
+            Ok(Ok(stream)) => stream,
+            failed => {
+                // Until the peer reconnects (and identifies again), its
+                // requests go on /perun/wire/1.
+                debug!(%peer, ?failed, "lane not opened; using /perun/wire/1");
+                if let Some(p) = lock(&self.peers).get_mut(&peer) {
+                    p.capable = false;
+                }
+                return None;
+            }
+        };
+        let (tx, rx) = mpsc::channel(self.config.queue.max(1));
+        let lane = Arc::new(Lane {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            open: AtomicBool::new(true),
+            delivered: Notify::new(),
+            config: self.config,
+        });
+        {
+            let mut peers = lock(&self.peers);
+            let p = peers.get_mut(&peer).filter(|p| p.capable)?;
+            p.lane = Some(lane.clone());
+        }
+        debug!(%peer, "lane opened");
+        tokio::spawn(
+            run_outbound(stream, rx, lane.clone(), self.clone(), peer)
+                .instrument(debug_span!("lane", %peer)),
+        );
+        Some(lane)
+    }
+
+    fn live(&self, peer: &PeerId) -> Option<Arc<Lane>> {
+        lock(&self.peers)
+            .get(peer)
+            .and_then(|p| p.lane.as_ref())
+            .filter(|l| l.is_open())
+            .cloned()
+    }
+
+    /// Takes `lane` out of use if it is still `peer`'s, so no new request
+    /// picks it; returns whether it was idle (nothing pending) and is now
+    /// retired. Under the map's lock, so a request either saw the lane
+    /// before it closed (and is drained) or opens a new one.
+    fn retire_if_idle(&self, peer: &PeerId, lane: &Arc<Lane>) -> bool {
+        let mut peers = lock(&self.peers);
+        if !lock(&lane.pending).is_empty() {
+            return false;
+        }
+        lane.open.store(false, Ordering::Release);
+        if let Some(p) = peers.get_mut(peer)
+            && p.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane))
+        {
+            p.lane = None;
+        }
+        true
+    }
+
+    fn remove(&self, peer: &PeerId, lane: &Arc<Lane>) {
+        let mut peers = lock(&self.peers);
+        if let Some(p) = peers.get_mut(peer)
+            && p.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane))
+        {
+            p.lane = None;
+        }
+    }
+}
+
+/// One outbound lane: requests go out tagged, replies find their caller.
+pub(crate) struct Lane {
+    tx: mpsc::Sender<Vec<u8>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>,
+    next: AtomicU64,
+    open: AtomicBool,
+    /// Signalled whenever a reply was handed on (a retiring lane waits for
+    /// the last one).
+    delivered: Notify,
+    config: LaneConfig,
+}
+
+impl Lane {
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+
+    /// Sends `msg` and waits for its reply. `None`: the lane closed before
+    /// the request was written, so it can go another way.
+    pub(crate) async fn request(&self, msg: &Message) -> Option<Result<Message>> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let frame = match frame::encode_tagged(id, msg, self.config.max_frame) {
+            Ok(frame) => frame,
+            Err(e) => return Some(Err(e)),
+        };
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let _pending = PendingGuard { lane: self, id };
+        if self.tx.send(frame).await.is_err() {
+            return None;
+        }
+        let reply = match timeout(self.config.request_timeout, rx).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(Err(_)) => Err(Error::ConnectionClosed),
+            Ok(Ok(reply)) => reply,
+        };
+        Some(reply.and_then(|r| r.map_err(Error::Refused)))
+    }
+
+    /// Fails every request still waiting.
+    fn close(&self) {
+        self.open.store(false, Ordering::Release);
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        for (_, tx) in pending {
+            let _ = tx.send(Err(Error::ConnectionClosed));
+        }
+        self.delivered.notify_one();
+    }
+}
+
+/// Takes a request out of the pending map however its caller ends.
+struct PendingGuard<'a> {
+    lane: &'a Lane,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.lane.pending).remove(&self.id);
+    }
+}
+
+/// Drives one outbound lane until its stream breaks or it has been idle
+/// for `idle_timeout`; then every request still waiting fails.
+async fn run_outbound(
+    stream: libp2p::Stream,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    lane: Arc<Lane>,
+    lanes: Arc<Lanes>,
+    peer: PeerId,
+) {
+    let config = lane.config;
+    let (mut reader, mut writer) = stream.split();
+    let write = async {
+        loop {
+            let first = match timeout(config.idle_timeout, rx.recv()).await {
+                Ok(Some(first)) => first,
+                // Retired and drained.
+                Ok(None) => break,
+                Err(_) => {
+                    if lanes.retire_if_idle(&peer, &lane) {
+                        rx.close();
+                    }
+                    continue;
+                }
+            };
+            if let Err(e) = write_batch(&mut writer, &mut rx, first, config).await {
+                debug!(error = %e, "lane write failed");
+                return;
+            }
+        }
+        // Requests that were written before the lane retired still get
+        // their replies.
+        let deadline = Instant::now() + config.request_timeout;
+        while !lock(&lane.pending).is_empty() {
+            if timeout_at(deadline, lane.delivered.notified())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = writer.close().await;
+    };
+    let read = async {
+        loop {
+            match read_reply(&mut reader, &lane).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    debug!(error = %e, "lane read ended");
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = write => {}
+        () = read => {}
+    }
+    lanes.remove(&peer, &lane);
+    lane.close();
+    debug!("lane closed");
+}
+
+/// Writes `first` and whatever else is queued, up to [`WRITE_BATCH`] bytes,
+/// as one write; the peer must take it within the request timeout.
+async fn write_batch<W: AsyncWrite + Unpin, T: AsRef<[u8]>>(
+    writer: &mut W,
+    rx: &mut mpsc::Receiver<T>,
+    first: T,
+    config: LaneConfig,
+) -> io::Result<()> {
+    let mut batch = first.as_ref().to_vec();
+    // Held (replies with their tickets) until written.
+    let mut taken = vec![first];
+    while batch.len() < WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(more) => {
+                batch.extend_from_slice(more.as_ref());
+                taken.push(more);
+            }
+            Err(_) => break,
+        }
+    }
+    let write = async {
+        writer.write_all(&batch).await?;
+        writer.flush().await
+    };
+    let written = timeout(config.request_timeout, write)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?;
+    drop(taken);
+    written
+}
+
+/// Reads one reply and hands it to its caller. `Ok(false)`: the stream
+/// ended. A reply nobody waits for (it came after its timeout) is dropped.
+async fn read_reply<R: AsyncRead + Unpin>(reader: &mut R, lane: &Lane) -> io::Result<bool> {
+    let Some((id, body)) = read_tagged(reader, lane.config, None).await? else {
+        return Ok(false);
+    };
+    let reply = match body {
+        Body::Frame(bytes, _) => frame::decode_reply(&bytes),
+        // Skipped whole: only its request fails.
+        Body::Refused(e) => Err(e),
+        Body::Broken(e) => {
+            warn!(error = %e, "reply frame stalled on a lane");
+            return Err(io::Error::new(io::ErrorKind::TimedOut, e));
+        }
+    };
+    if let Err(e) = &reply {
+        warn!(error = %e, "bad reply frame");
+    }
+    match lock(&lane.pending).remove(&id) {
+        Some(tx) => {
+            let _ = tx.send(reply);
+        }
+        None => debug!(id, "reply for no waiting request"),
+    }
+    lane.delivered.notify_one();
+    Ok(true)
+}
+
+/// One tagged frame as read.
+enum Body {
+    /// The frame's body, and its share of the large-frame budget.
+    Frame(Vec<u8>, Option<OwnedSemaphorePermit>),
+    /// The frame was skipped: over the size limit or the budget.
+    Refused(Error),
+    /// The frame stalled: the lane's framing is lost.
+    Broken(Error),
+}
+
+/// Reads one `[id][frame]`. `Ok(None)`: the stream ended between frames.
+/// Only the first byte may wait indefinitely (a lane sits idle between
+/// frames); the rest must arrive within `read_timeout`.
+async fn read_tagged<R: AsyncRead + Unpin>(
+    io: &mut R,
+    config: LaneConfig,
+    large: Option<&LargeFrames>,
+) -> io::Result<Option<(u64, Body)>> {
+    let mut tag = [0u8; TAG_LEN];
+    if io.read(&mut tag[..1]).await? == 0 {
+        return Ok(None);
+    }
+    let deadline = Instant::now() + config.read_timeout;
+    // A frame stalled inside its id ends the lane unanswered: a refusal
+    // under a partial id could reach another request.
+    timeout_at(deadline, io.read_exact(&mut tag[1..]))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    let rest = async {
+        let mut prefix = [0u8; PREFIX_LEN];
+        io.read_exact(&mut prefix).await?;
+        let len = usize::try_from(u32::from_be_bytes(prefix)).unwrap_or(usize::MAX);
+        let refused = if len > config.max_frame {
+            Error::FrameTooLarge {
+                len,
+                max: config.max_frame,
+            }
+        } else {
+            match large.map_or(Ok(None), |l| l.take(len)) {
+                Ok(permit) => {
+                    let body = frame::read_exact_body(io, len).await.map_err(into_io)?;
+                    return Ok(Body::Frame(body, permit));
+                }
+                Err(e) => e,
+            }
+        };
+        // Skip the body so that the next frame can be read.
+        let skipped = futures::io::copy(
+            io.take(u64::try_from(len).unwrap_or(u64::MAX)),
+            &mut futures::io::sink(),
+        )
+        .await?;
+        if usize::try_from(skipped).ok() != Some(len) {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        Ok(Body::Refused(refused))
+    };
+    let body = match timeout_at(deadline, rest).await {
+        Ok(body) => body?,
+        Err(_) => Body::Broken(Error::ReadTimeout(config.read_timeout)),
+    };
+    Ok(Some((u64::from_be_bytes(tag), body)))
+}
+
+fn into_io(e: Error) -> io::Error {
+    match e {
+        Error::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::UnexpectedEof, other),
+    }
+}
+
+/// A reply owed on an inbound lane. Dropping it unanswered answers
+/// [`RefusalCode::NoReply`], like a dropped request stream.
+#[derive(Debug)]
+pub(crate) struct LaneReply {
+    id: u64,
+    tx: Option<mpsc::Sender<Outgoing>>,
+}
+
+/// A reply frame waiting on an inbound lane, with the request's ticket:
+/// until it is written it still counts against its peer's caps, so a peer
+/// that reads slowly cannot make us hold more than those caps allow.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    frame: Vec<u8>,
+    _ticket: Option<Ticket>,
+}
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+impl LaneReply {
+    /// Queues `reply`; a reply too large for a frame is refused `TooLarge`
+    /// instead, and its error returned.
+    pub(crate) fn send(mut self, reply: &Reply, max_frame: usize, ticket: Ticket) -> Result<()> {
+        let Some(tx) = self.tx.take() else {
+            return Err(Error::ConnectionClosed);
+        };
+        let (frame, result) = match frame::encode_tagged(self.id, reply, max_frame) {
+            Ok(frame) => (frame, Ok(())),
+            Err(e) => (
+                tagged_refusal(self.id, RefusalCode::TooLarge, e.to_string()),
+                Err(e),
+            ),
+        };
+        let queued = Outgoing {
+            frame,
+            _ticket: Some(ticket),
+        };
+        // The queue keeps a place for every admitted request (see `serve`).
+        tx.try_send(queued).map_err(|_| Error::ConnectionClosed)?;
+        result
+    }
+}
+
+impl Drop for LaneReply {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let refusal = tagged_refusal(
+                self.id,
+                RefusalCode::NoReply,
+                "the receiver dropped the request",
+            );
+            let _ = tx.try_send(Outgoing {
+                frame: refusal,
+                _ticket: None,
+            });
+        }
+    }
+}
+
+/// A refusal under `id`. Refusals are tiny, so this cannot hit the limit.
+fn tagged_refusal(id: u64, code: RefusalCode, detail: impl Into<String>) -> Vec<u8> {
+    let reply: Reply = Err(Refusal::new(code, detail));
+    frame::encode_tagged(id, &reply, usize::MAX).unwrap_or_default()
+}
+
+/// What serving inbound lanes shares with the endpoint.
+pub(crate) struct Inbound {
+    pub(crate) admission: Arc<Admission>,
+    /// Weak: the incoming queue ends with the endpoint, whatever lanes
+    /// are still writing replies.
+    pub(crate) in_tx: mpsc::WeakSender<Request>,
+    /// Unanswered requests one peer may have: each reply queue keeps that
+    /// many places for replies, and refusals use only the rest.
+    pub(crate) requests_per_peer: usize,
+    pub(crate) large_frames: LargeFrames,
+    pub(crate) config: LaneConfig,
+    /// Inbound lanes per peer.
+    pub(crate) lanes: Mutex<HashMap<PeerId, usize>>,
+    /// Requests refused because a cap was full.
+    pub(crate) refused: Mutex<Throttle>,
+    /// Frames that were bad.
+    pub(crate) bad_frames: Mutex<Throttle>,
+}
+
+impl Inbound {
+    fn warn_refused(&self, peer: &PeerId, code: RefusalCode, error: &dyn std::fmt::Display) {
+        let throttle = if code == RefusalCode::Busy {
+            &self.refused
+        } else {
+            &self.bad_frames
+        };
+        if let Some(skipped) = lock(throttle).pass() {
+            warn!(%peer, %error, ?code, skipped, "refusing a request on a lane");
+        }
+    }
+}
+
+/// Accepts inbound lanes until `stop` fires or the endpoint is gone.
+pub(crate) async fn accept(
+    mut incoming: IncomingStreams,
+    inbound: Arc<Inbound>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        let (peer, stream) = tokio::select! {
+            next = incoming.next() => match next {
+                Some(next) => next,
+                None => return,
+            },
+            _ = &mut stop => return,
+        };
+        let seat = {
+            let mut lanes = lock(&inbound.lanes);
+            let n = lanes.entry(peer).or_default();
+            if *n >= LANES_PER_PEER {
+                None
+            } else {
+                *n += 1;
+                Some(Seat {
+                    inbound: inbound.clone(),
+                    peer,
+                })
+            }
+        };
+        let Some(seat) = seat else {
+            if let Some(skipped) = lock(&inbound.refused).pass() {
+                warn!(%peer, limit = LANES_PER_PEER, skipped, "too many lanes; stream dropped");
+            }
+            continue;
+        };
+        tokio::spawn(serve(seat, stream).instrument(debug_span!("lane_in", %peer)));
+    }
+}
+
+/// One peer's place among the inbound lanes; given back on drop.
+struct Seat {
+    inbound: Arc<Inbound>,
+    peer: PeerId,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut lanes = lock(&self.inbound.lanes);
+        if let Some(n) = lanes.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                lanes.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Serves one inbound lane: reads requests until the stream ends, and
+/// writes replies until the last one owed is written.
+async fn serve(seat: Seat, stream: libp2p::Stream) {
+    let inbound = seat.inbound.clone();
+    let inbound = &inbound;
+    let peer = seat.peer;
+    let config = inbound.config;
+    let reserved = inbound.requests_per_peer;
+    let (mut reader, mut writer) = stream.split();
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(reserved + REFUSALS);
+    let write = async move {
+        let preface = async {
+            writer.write_all(&PREFACE).await?;
+            writer.flush().await
+        };
+        if let Err(e) = timeout(config.request_timeout, preface).await {
+            debug!(error = %e, "lane preface not written");
+            return;
+        }
+        while let Some(first) = rx.recv().await {
+            if let Err(e) = write_batch(&mut writer, &mut rx, first, config).await {
+                debug!(error = %e, "lane reply write failed");
+                return;
+            }
+        }
+        let _ = writer.close().await;
+    };
+    let read = async move {
+        // Held while the lane reads: a lane still writing replies takes no
+        // place of the peer's.
+        let _seat = seat;
+        let refuse = |id: u64, code: RefusalCode, error: &dyn std::fmt::Display| {
+            inbound.warn_refused(&peer, code, error);
+            // Refusals leave a place for every reply the peer may be owed;
+            // a peer that does not read its refusals gets no more.
+            tx.capacity() > reserved
+                && tx
+                    .try_send(Outgoing {
+                        frame: tagged_refusal(id, code, error.to_string()),
+                        _ticket: None,
+                    })
+                    .is_ok()
+        };
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let (id, body) =
+                match read_tagged(&mut reader, config, Some(&inbound.large_frames)).await {
+                    Ok(Some(read)) => read,
+                    Ok(None) => return,
+                    Err(e) => {
+                        debug!(error = %e, "lane ended");
+                        return;
+                    }
+                };
+            let (bytes, permit) = match body {
+                Body::Frame(bytes, permit) => (bytes, permit),
+                Body::Refused(e) => {
+                    if refuse(id, refusal_code(&e), &e) {
+                        continue;
+                    }
+                    return;
+                }
+                Body::Broken(e) => {
+                    refuse(id, RefusalCode::Stalled, &e);
+                    return;
+                }
+            };
+            let message = match frame::decode_message(&bytes) {
+                Ok(msg) if msg.is_request() => msg,
+                Ok(msg) => {
+                    let kind = msg.kind();
+                    if refuse(id, RefusalCode::NotARequest, &kind) {
+                        continue;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if refuse(id, RefusalCode::Malformed, &e) {
+                        continue;
+                    }
+                    return;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let ticket = match inbound.admission.admit(peer, permit) {
+                Ok(ticket) => ticket,
+                Err(e) => {
+                    if refuse(id, RefusalCode::Busy, &e) {
+                        continue;
+                    }
+                    return;
+                }
+            };
+            let reply = LaneReply {
+                id,
+                tx: Some(tx.clone()),
+            };
+            let request = Request::new(
+                peer,
+                message,
+                Responder::on_lane(reply, config.max_frame, ticket),
+            );
+            let Some(in_tx) = inbound.in_tx.upgrade() else {
+                // The endpoint is gone: the dropped responder answers NoReply.
+                return;
+            };
+            match in_tx.try_send(request) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(req)) => {
+                    inbound.warn_refused(&peer, RefusalCode::Busy, &"incoming queue full");
+                    let _ = req
+                        .into_parts()
+                        .2
+                        .refuse(Refusal::new(RefusalCode::Busy, "incoming queue full"));
+                }
+                // Nobody listens: the dropped responder answers NoReply.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    };
+    futures::join!(write, read);
+}
+
+fn refusal_code(e: &Error) -> RefusalCode {
+    match e {
+        Error::FrameTooLarge { .. } => RefusalCode::TooLarge,
+        Error::ReadTimeout(_) => RefusalCode::Stalled,
+        Error::Busy { .. } => RefusalCode::Busy,
+        _ => RefusalCode::Malformed,
+    }
+}
