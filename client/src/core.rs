@@ -287,13 +287,16 @@ impl Drop for InFlight {
 }
 
 /// Our 2-party proposal that failed with the peer's answer unknown: the
-/// proposed state's hash and the hash of the state it was built on. Only
+/// proposed state's hash and the version of the state it was built on. Only
 /// while the channel still stands on that base may a peer's `Sync`
 /// complete it (on a newer base it would undo the updates in between).
+/// A channel's current state only ever moves to a higher version
+/// (`commit_staged` and `adopt` require one; restore builds a new core),
+/// so while its version is the base's, it is the base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Pending2 {
     pub(crate) proposal: perun_channel::B256,
-    pub(crate) base: perun_channel::B256,
+    pub(crate) base: u64,
 }
 
 /// The phase a store keeps for `p`: `Updating` is a moment, not a place

@@ -94,7 +94,7 @@ async fn merge(
     // A state the peer signed for our update that we never completed.
     // ... and only on the state it was built on: on a newer one it would
     // undo the updates in between.
-    let base_now = l.machine.current().map(|c| c.state.hash());
+    let base_now = l.machine.current().map(|c| c.state.version);
     let ours = l
         .pending
         .is_some_and(|p| p.proposal == staged.state.hash() && Some(p.base) == base_now);

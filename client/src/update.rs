@@ -61,8 +61,11 @@ pub(crate) async fn propose(
         let (next, hash, base, burst, ride) = {
             let mut l = core.locked.lock().await;
             let cur = l.machine.current().ok_or(Error::Phase(l.machine.phase()))?;
-            let base = cur.state.hash();
+            // The state this proposal builds on. The current state only
+            // ever moves to a higher version, so its version names it (no
+            // hashing on the hot path).
             let cur_version = cur.state.version;
+            let base = cur_version;
             // Right after our own update, on its state: a burst. Its commit
             // rides with this update, and this update's commit waits for
             // the next one.
@@ -159,7 +162,7 @@ pub(crate) async fn propose(
         // Our proposal was built on `base`. If a newer state arrived
         // meanwhile (an update we had given up on was completed after all),
         // it would apply to the wrong state: not what the caller asked for.
-        let same_base = l.machine.current().is_some_and(|c| c.state.hash() == base);
+        let same_base = l.machine.current().is_some_and(|c| c.state.version == base);
         let mut failure = (!ours || !same_base).then_some(Error::Conflict);
         let mut signed_by = Vec::new();
         let mut unknown = false;
@@ -325,7 +328,7 @@ async fn fail(
     shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
     mut l: tokio::sync::MutexGuard<'_, Locked>,
-    (next, base): (&State, perun_channel::B256),
+    (next, base): (&State, u64),
     ours: bool,
     unknown: bool,
     signed_by: Vec<PeerId>,
