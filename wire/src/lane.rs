@@ -33,7 +33,7 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use libp2p_stream::{Control, IncomingStreams};
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, debug_span, warn};
 
@@ -51,6 +51,10 @@ const PREFACE: [u8; 1] = [0x01];
 
 /// Refusals a lane's reply queue holds beyond its replies.
 const REFUSALS: usize = 64;
+
+/// Most replies a lane's queue keeps a place for (`Limits` may allow more
+/// unanswered requests; replies beyond this fail on a lane).
+const MAX_RESERVED: usize = 1 << 16;
 
 /// Bytes gathered into one write.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -84,9 +88,24 @@ impl std::fmt::Debug for Lanes {
 struct Peer {
     capable: bool,
     lane: Option<Arc<Lane>>,
-    /// Held while a lane is being opened, so concurrent sends open one.
+    /// Held while a lane is being opened, so concurrent sends open one;
+    /// also names this entry (a reconnect makes a new one).
     opening: Arc<tokio::sync::Mutex<()>>,
+    /// Lane opens that failed in a row, and when to try again.
+    failures: u32,
+    retry_at: Option<Instant>,
 }
+
+impl Peer {
+    fn usable(&self) -> bool {
+        self.capable && self.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+}
+
+/// The wait after a failed lane open, doubling with each failure in a row
+/// up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl Lanes {
     pub(crate) fn new(control: Control, config: LaneConfig) -> Arc<Self> {
@@ -117,23 +136,33 @@ impl Lanes {
     }
 
     /// The lane to use for `peer`, opened if need be; `None`: use
-    /// `/perun/wire/1` (the peer does not speak lanes, or opening failed).
+    /// `/perun/wire/1` (the peer does not speak lanes, or a lane could not
+    /// be opened lately). Waits at most `request_timeout`, for one attempt
+    /// that concurrent callers share.
     pub(crate) async fn route(self: &Arc<Self>, peer: PeerId) -> Option<Arc<Lane>> {
+        let deadline = Instant::now() + self.config.request_timeout;
         let opening = {
             let peers = lock(&self.peers);
-            let p = peers.get(&peer).filter(|p| p.capable)?;
+            let p = peers.get(&peer).filter(|p| p.usable())?;
             if let Some(lane) = p.lane.as_ref().filter(|l| l.is_open()) {
                 return Some(lane.clone());
             }
             p.opening.clone()
         };
-        let _opening = opening.lock().await;
-        if let Some(lane) = self.live(&peer) {
-            return Some(lane);
-        }
-        // A waiter behind a failed attempt does not try again.
-        if !lock(&self.peers).get(&peer).is_some_and(|p| p.capable) {
-            return None;
+        let _opening = timeout_at(deadline, opening.lock()).await.ok()?;
+        {
+            let peers = lock(&self.peers);
+            // Another entry (the peer reconnected meanwhile) or an attempt
+            // that just failed: not ours to try.
+            let p = peers
+                .get(&peer)
+                .filter(|p| Arc::ptr_eq(&p.opening, &opening))?;
+            if let Some(lane) = p.lane.as_ref().filter(|l| l.is_open()) {
+                return Some(lane.clone());
+            }
+            if !p.usable() {
+                return None;
+            }
         }
         let mut control = lock(&self.control).clone();
         let protocol = StreamProtocol::new(LANE_PROTOCOL);
@@ -152,18 +181,27 @@ impl Lanes {
             }
             Ok::<_, io::Error>(stream)
         };
-        let stream = match timeout(self.config.request_timeout, open).await {
+        let opened = timeout_at(deadline, open).await;
+        let mut peers = lock(&self.peers);
+        let p = peers
+            .get_mut(&peer)
+            .filter(|p| Arc::ptr_eq(&p.opening, &opening))?;
+        let stream = match opened {
             Ok(Ok(stream)) => stream,
             failed => {
-                // Until the peer reconnects (and identifies again), its
-                // requests go on /perun/wire/1.
-                debug!(%peer, ?failed, "lane not opened; using /perun/wire/1");
-                if let Some(p) = lock(&self.peers).get_mut(&peer) {
-                    p.capable = false;
-                }
+                // Its requests go on /perun/wire/1 for a while, longer
+                // after each failure in a row.
+                p.failures = p.failures.saturating_add(1);
+                let backoff = RETRY_FIRST
+                    .saturating_mul(1 << p.failures.min(16).saturating_sub(1))
+                    .min(RETRY_MAX);
+                p.retry_at = Some(Instant::now() + backoff);
+                debug!(%peer, ?failed, ?backoff, "lane not opened; using /perun/wire/1");
                 return None;
             }
         };
+        p.failures = 0;
+        p.retry_at = None;
         let (tx, rx) = mpsc::channel(self.config.queue.max(1));
         let lane = Arc::new(Lane {
             tx,
@@ -173,11 +211,8 @@ impl Lanes {
             delivered: Notify::new(),
             config: self.config,
         });
-        {
-            let mut peers = lock(&self.peers);
-            let p = peers.get_mut(&peer).filter(|p| p.capable)?;
-            p.lane = Some(lane.clone());
-        }
+        p.lane = Some(lane.clone());
+        drop(peers);
         debug!(%peer, "lane opened");
         tokio::spawn(
             run_outbound(stream, rx, lane.clone(), self.clone(), peer)
@@ -186,24 +221,19 @@ impl Lanes {
         Some(lane)
     }
 
-    fn live(&self, peer: &PeerId) -> Option<Arc<Lane>> {
-        lock(&self.peers)
-            .get(peer)
-            .and_then(|p| p.lane.as_ref())
-            .filter(|l| l.is_open())
-            .cloned()
-    }
-
     /// Takes `lane` out of use if it is still `peer`'s, so no new request
     /// picks it; returns whether it was idle (nothing pending) and is now
     /// retired. Under the map's lock, so a request either saw the lane
     /// before it closed (and is drained) or opens a new one.
     fn retire_if_idle(&self, peer: &PeerId, lane: &Arc<Lane>) -> bool {
         let mut peers = lock(&self.peers);
-        if !lock(&lane.pending).is_empty() {
-            return false;
+        {
+            let pending = lock(&lane.pending);
+            if !pending.is_empty() {
+                return false;
+            }
+            lane.open.store(false, Ordering::Release);
         }
-        lane.open.store(false, Ordering::Release);
         if let Some(p) = peers.get_mut(peer)
             && p.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane))
         {
@@ -248,7 +278,15 @@ impl Lane {
             Err(e) => return Some(Err(e)),
         };
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
+        {
+            // `close` clears `open` before it takes the pending map: a
+            // request either sees it closed here, or is in the map it fails.
+            let mut pending = lock(&self.pending);
+            if !self.open.load(Ordering::Acquire) {
+                return None;
+            }
+            pending.insert(id, tx);
+        }
         let _pending = PendingGuard { lane: self, id };
         if self.tx.send(frame).await.is_err() {
             return None;
@@ -483,15 +521,25 @@ fn into_io(e: Error) -> io::Error {
 pub(crate) struct LaneReply {
     id: u64,
     tx: Option<mpsc::Sender<Outgoing>>,
+    /// The request's place under its peer's caps, until its answer
+    /// (reply or `NoReply`) is written.
+    ticket: Option<Ticket>,
 }
 
-/// A reply frame waiting on an inbound lane, with the request's ticket:
-/// until it is written it still counts against its peer's caps, so a peer
-/// that reads slowly cannot make us hold more than those caps allow.
+/// A frame waiting on an inbound lane, with what reserves its place in
+/// the queue: a request's ticket until its answer is written (so a peer
+/// that reads slowly cannot make us hold more than its caps allow), or one
+/// of the lane's [`REFUSALS`] places for a refusal.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     frame: Vec<u8>,
-    _ticket: Option<Ticket>,
+    _place: Place,
+}
+
+#[derive(Debug)]
+enum Place {
+    Request { _ticket: Option<Ticket> },
+    Refusal { _place: OwnedSemaphorePermit },
 }
 
 impl AsRef<[u8]> for Outgoing {
@@ -503,7 +551,7 @@ impl AsRef<[u8]> for Outgoing {
 impl LaneReply {
     /// Queues `reply`; a reply too large for a frame is refused `TooLarge`
     /// instead, and its error returned.
-    pub(crate) fn send(mut self, reply: &Reply, max_frame: usize, ticket: Ticket) -> Result<()> {
+    pub(crate) fn send(mut self, reply: &Reply, max_frame: usize) -> Result<()> {
         let Some(tx) = self.tx.take() else {
             return Err(Error::ConnectionClosed);
         };
@@ -516,7 +564,9 @@ impl LaneReply {
         };
         let queued = Outgoing {
             frame,
-            _ticket: Some(ticket),
+            _place: Place::Request {
+                _ticket: self.ticket.take(),
+            },
         };
         // The queue keeps a place for every admitted request (see `serve`).
         tx.try_send(queued).map_err(|_| Error::ConnectionClosed)?;
@@ -534,7 +584,9 @@ impl Drop for LaneReply {
             );
             let _ = tx.try_send(Outgoing {
                 frame: refusal,
-                _ticket: None,
+                _place: Place::Request {
+                    _ticket: self.ticket.take(),
+                },
             });
         }
     }
@@ -640,7 +692,10 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
     let inbound = &inbound;
     let peer = seat.peer;
     let config = inbound.config;
-    let reserved = inbound.requests_per_peer;
+    // A place in the queue for every reply the peer may be owed (its
+    // tickets), and `REFUSALS` more for refusals.
+    let reserved = inbound.requests_per_peer.min(MAX_RESERVED);
+    let places = Arc::new(Semaphore::new(REFUSALS));
     let (mut reader, mut writer) = stream.split();
     let (tx, mut rx) = mpsc::channel::<Outgoing>(reserved + REFUSALS);
     let write = async move {
@@ -648,9 +703,12 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
             writer.write_all(&PREFACE).await?;
             writer.flush().await
         };
-        if let Err(e) = timeout(config.request_timeout, preface).await {
-            debug!(error = %e, "lane preface not written");
-            return;
+        match timeout(config.request_timeout, preface).await {
+            Ok(Ok(())) => {}
+            failed => {
+                debug!(?failed, "lane preface not written");
+                return;
+            }
         }
         while let Some(first) = rx.recv().await {
             if let Err(e) = write_batch(&mut writer, &mut rx, first, config).await {
@@ -664,17 +722,22 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
         // Held while the lane reads: a lane still writing replies takes no
         // place of the peer's.
         let _seat = seat;
-        let refuse = |id: u64, code: RefusalCode, error: &dyn std::fmt::Display| {
-            inbound.warn_refused(&peer, code, error);
-            // Refusals leave a place for every reply the peer may be owed;
-            // a peer that does not read its refusals gets no more.
-            tx.capacity() > reserved
-                && tx
-                    .try_send(Outgoing {
-                        frame: tagged_refusal(id, code, error.to_string()),
-                        _ticket: None,
-                    })
-                    .is_ok()
+        // Queues a refusal in one of the lane's refusal places, waiting for
+        // one while they are all taken (the peer is slow to read: this
+        // lane stops reading meanwhile; one that does not read at all
+        // fails the write timeout, and the lane ends). `false`: the lane
+        // is gone.
+        let refuse = async |id: u64, code: RefusalCode, detail: String| {
+            inbound.warn_refused(&peer, code, &detail);
+            let Ok(place) = places.clone().acquire_owned().await else {
+                return false;
+            };
+            let frame = tagged_refusal(id, code, detail);
+            tx.try_send(Outgoing {
+                frame,
+                _place: Place::Refusal { _place: place },
+            })
+            .is_ok()
         };
         loop {
             if tx.is_closed() {
@@ -692,27 +755,27 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
             let (bytes, permit) = match body {
                 Body::Frame(bytes, permit) => (bytes, permit),
                 Body::Refused(e) => {
-                    if refuse(id, refusal_code(&e), &e) {
+                    if refuse(id, refusal_code(&e), e.to_string()).await {
                         continue;
                     }
                     return;
                 }
                 Body::Broken(e) => {
-                    refuse(id, RefusalCode::Stalled, &e);
+                    refuse(id, RefusalCode::Stalled, e.to_string()).await;
                     return;
                 }
             };
             let message = match frame::decode_message(&bytes) {
                 Ok(msg) if msg.is_request() => msg,
                 Ok(msg) => {
-                    let kind = msg.kind();
-                    if refuse(id, RefusalCode::NotARequest, &kind) {
+                    let kind = msg.kind().to_string();
+                    if refuse(id, RefusalCode::NotARequest, kind).await {
                         continue;
                     }
                     return;
                 }
                 Err(e) => {
-                    if refuse(id, RefusalCode::Malformed, &e) {
+                    if refuse(id, RefusalCode::Malformed, e.to_string()).await {
                         continue;
                     }
                     return;
@@ -724,7 +787,7 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
             let ticket = match inbound.admission.admit(peer, permit) {
                 Ok(ticket) => ticket,
                 Err(e) => {
-                    if refuse(id, RefusalCode::Busy, &e) {
+                    if refuse(id, RefusalCode::Busy, e.to_string()).await {
                         continue;
                     }
                     return;
@@ -733,12 +796,9 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
             let reply = LaneReply {
                 id,
                 tx: Some(tx.clone()),
+                ticket: Some(ticket),
             };
-            let request = Request::new(
-                peer,
-                message,
-                Responder::on_lane(reply, config.max_frame, ticket),
-            );
+            let request = Request::new(peer, message, Responder::on_lane(reply, config.max_frame));
             let Some(in_tx) = inbound.in_tx.upgrade() else {
                 // The endpoint is gone: the dropped responder answers NoReply.
                 return;

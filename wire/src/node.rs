@@ -554,7 +554,9 @@ impl Request {
 pub struct Responder {
     to: ReplyTo,
     max_frame: usize,
-    _ticket: Ticket,
+    /// A request stream's place under the caps (a lane's reply holds its
+    /// own until it is written).
+    _ticket: Option<Ticket>,
 }
 
 /// Where a reply goes: the request's own stream, or the lane it came on.
@@ -565,11 +567,11 @@ enum ReplyTo {
 }
 
 impl Responder {
-    pub(crate) fn on_lane(reply: LaneReply, max_frame: usize, ticket: Ticket) -> Self {
+    pub(crate) fn on_lane(reply: LaneReply, max_frame: usize) -> Self {
         Self {
             to: ReplyTo::Lane(reply),
             max_frame,
-            _ticket: ticket,
+            _ticket: None,
         }
     }
 
@@ -586,7 +588,7 @@ impl Responder {
 
     fn answer(self, framed: &Reply) -> Result<()> {
         match self.to {
-            ReplyTo::Lane(lane) => lane.send(framed, self.max_frame, self._ticket),
+            ReplyTo::Lane(lane) => lane.send(framed, self.max_frame),
             ReplyTo::Stream(tx) => match frame::encode_frame(framed, self.max_frame) {
                 Ok(frame) => tx.send(frame).map_err(|_| Error::ConnectionClosed),
                 Err(e) => {
@@ -1093,7 +1095,7 @@ impl EventLoop {
         let responder = Responder {
             to: ReplyTo::Stream(tx),
             max_frame: self.max_frame,
-            _ticket: ticket,
+            _ticket: Some(ticket),
         };
         let request = Request {
             peer,

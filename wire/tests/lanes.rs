@@ -275,3 +275,51 @@ async fn a_peer_gets_a_bounded_number_of_lanes_and_requests() {
     held.abort();
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_request_is_refused_and_the_incoming_queue_ends_with_the_endpoint() {
+    init_tracing();
+    let (a, _a_in) = node().await;
+    let (b, mut b_in) = node().await;
+    introduce(&a, &b).await;
+    // b answers version 0 (to bring the lane up), drops version 1 unanswered,
+    // and holds version 2 without answering until its endpoint is gone.
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(req) = b_in.next().await {
+            let (_, msg, r) = req.into_parts();
+            match msg {
+                Message::UpdateCommit(c) if c.version == 1 => drop(r),
+                Message::UpdateCommit(c) if c.version == 2 => held.push(r),
+                _ => {
+                    let _ = r.reply(Message::Ack);
+                }
+            }
+        }
+        held.len()
+    });
+    until_on_lane(&a, &b).await;
+    let b_id = b.local_peer_id();
+    match a.send(b_id, &commit(1)).await {
+        Err(perun_wire::Error::Refused(r)) => assert_eq!(r.code, RefusalCode::NoReply),
+        other => panic!("a dropped request: {other:?}"),
+    }
+    let held = {
+        let a = a.clone();
+        tokio::spawn(async move { a.send(b_id, &commit(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.shutdown().await;
+    // The held request's lane may still owe a reply, yet b's incoming
+    // queue ends with b.
+    let held_count = tokio::time::timeout(WAIT, server)
+        .await
+        .expect("b's incoming queue ended")
+        .expect("server task");
+    assert_eq!(held_count, 1);
+    let outcome = tokio::time::timeout(WAIT, held)
+        .await
+        .expect("the held request ends");
+    assert!(outcome.expect("task").is_err());
+    a.shutdown().await;
+}
