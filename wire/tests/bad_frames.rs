@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use common::*;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::StreamProtocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{StreamProtocol, noise, tcp, yamux};
 use perun_wire::frame::{Reply, decode_reply};
 use perun_wire::{Message, PROTOCOL, RefusalCode, UpdateCommit, encode_frame};
 use rand::RngCore;
@@ -109,23 +109,10 @@ async fn bad_frames_are_refused_and_the_connection_keeps_serving() {
         seen
     });
 
-    let mut raw = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            request_response::Behaviour::<RawCodec>::new(
-                [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-            )
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
+    let mut raw = raw_swarm(request_response::Behaviour::<RawCodec>::new(
+        [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+    ));
 
     let mut random = vec![0u8; 300];
     rand::thread_rng().fill_bytes(&mut random);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
 use perun_wire::frame::{Reply, decode_reply, encode_tagged};
 use perun_wire::{Handle, LANE_PROTOCOL, Message, Refusal, RefusalCode, UpdateCommit};
 
@@ -97,18 +97,7 @@ async fn replies_find_their_callers_and_an_idle_lane_reopens() {
 
 /// A raw peer that only opens lanes to the endpoint and writes bytes on them.
 async fn raw_peer(addr: Multiaddr) -> libp2p_stream::Control {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
+    let mut swarm = raw_swarm(libp2p_stream::Behaviour::new());
     let control = swarm.behaviour().new_control();
     swarm.dial(addr).expect("dial");
     loop {

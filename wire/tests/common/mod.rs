@@ -205,3 +205,20 @@ pub(crate) fn exchanges(peers: &[PeerId]) -> Vec<(Message, Message)> {
         ),
     ]
 }
+
+/// A bare swarm (TCP + noise + yamux, a fresh identity) around `behaviour`,
+/// for tests that play a peer writing raw bytes.
+pub(crate) fn raw_swarm<B: libp2p::swarm::NetworkBehaviour>(behaviour: B) -> libp2p::Swarm<B> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| behaviour)
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build()
+}
