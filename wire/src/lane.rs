@@ -12,7 +12,11 @@
 //!
 //! We open a lane only to a peer whose identify info lists the protocol;
 //! until then, and with peers of older releases, requests go on
-//! `/perun/wire/1` as before. Both sides serve both protocols.
+//! `/perun/wire/1` as before. Both sides serve both protocols. The serving
+//! side first writes a one-byte preface, and the opener writes no request
+//! before it came: a lane that was not taken costs no request, and its
+//! peer's requests go on `/perun/wire/1` for a while (a backoff from 1 s
+//! to 5 min).
 //!
 //! An inbound lane is untrusted input like a request stream, under the same
 //! caps and with the same answers (DESIGN §6): a frame over the size limit
@@ -21,8 +25,11 @@
 //! `NotARequest`, a request over a request cap or the incoming queue
 //! `Busy`, each under its id, and the lane goes on. A frame that stalls
 //! half-way (`read_timeout`) is refused `Stalled` and ends the lane, since
-//! its framing is lost; so does a peer that stops reading our replies. A
-//! peer holds at most [`LANES_PER_PEER`] inbound lanes.
+//! its framing is lost. An answer keeps its request's place under the caps
+//! until it is written, refusals have [`REFUSALS`] places of their own (the
+//! lane stops reading while they are taken), and a peer that does not take
+//! a write within `request_timeout` loses the lane. A peer holds at most
+//! [`LANES_PER_PEER`] inbound lanes.
 
 use std::collections::HashMap;
 use std::io;
