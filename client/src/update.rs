@@ -65,7 +65,6 @@ pub(crate) async fn propose(
             // ever moves to a higher version, so its version names it (no
             // hashing on the hot path).
             let cur_version = cur.state.version;
-            let base = cur_version;
             // Right after our own update, on its state: a burst. Its commit
             // rides with this update, and this update's commit waits for
             // the next one.
@@ -95,7 +94,7 @@ pub(crate) async fn propose(
             if let Some(h) = stray {
                 spawn_delivery(shared, core, *h);
             }
-            (next, hash, base, burst, ride)
+            (next, hash, cur_version, burst, ride)
         };
         let update = Update {
             channel_id: core.id,

@@ -701,7 +701,7 @@ impl Writer {
                 Err(mpsc::TryRecvError::Disconnected) => break,
                 Err(mpsc::TryRecvError::Empty) => {
                     // Idle: the database catches up with the log.
-                    if !self.apply_deferred_guarded() {
+                    if !self.guarded(Self::apply_deferred) {
                         return;
                     }
                     match receiver.recv() {
@@ -717,15 +717,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // A panic inside the storage engine must not take the caller
-            // down; it stops this thread, every pending reply is dropped
-            // and callers see `Error::Closed`.
-            if catch_unwind(AssertUnwindSafe(|| self.process(batch))).is_err() {
-                error!("persistence: storage engine panicked; store closed");
+            if !self.guarded(|w| w.process(batch)) {
                 return;
             }
         }
-        if !self.apply_deferred_guarded() {
+        if !self.guarded(Self::apply_deferred) {
             return;
         }
         // A clean close leaves nothing for the next open to replay.
@@ -1045,10 +1041,12 @@ impl Writer {
         Ok(())
     }
 
-    /// [`Self::apply_deferred`] outside a batch, with the same guard as a
-    /// batch: `false` if the storage engine panicked (the store is closed).
-    fn apply_deferred_guarded(&mut self) -> bool {
-        if catch_unwind(AssertUnwindSafe(|| self.apply_deferred())).is_err() {
+    /// Runs `work` on this thread's database. A panic inside the storage
+    /// engine must not take the caller down: `false` then, and the thread
+    /// stops; every pending reply is dropped and callers see
+    /// `Error::Closed`.
+    fn guarded(&mut self, work: impl FnOnce(&mut Self)) -> bool {
+        if catch_unwind(AssertUnwindSafe(|| work(self))).is_err() {
             error!("persistence: storage engine panicked; store closed");
             return false;
         }

@@ -108,6 +108,23 @@ pub(crate) fn refusal_frame(code: RefusalCode, detail: impl Into<String>) -> Vec
     frame::encode_frame(&reply, usize::MAX).unwrap_or_default()
 }
 
+/// Frames a refusal on a lane, under its request's `id`.
+pub(crate) fn tagged_refusal(id: u64, code: RefusalCode, detail: impl Into<String>) -> Vec<u8> {
+    let reply: Reply = Err(Refusal::new(code, detail));
+    frame::encode_tagged(id, &reply, usize::MAX).unwrap_or_default()
+}
+
+/// What a request whose frame could not be read is refused with, on
+/// either protocol.
+pub(crate) fn refusal_code(e: &Error) -> RefusalCode {
+    match e {
+        Error::FrameTooLarge { .. } => RefusalCode::TooLarge,
+        Error::ReadTimeout(_) => RefusalCode::Stalled,
+        Error::Busy { .. } => RefusalCode::Busy,
+        _ => RefusalCode::Malformed,
+    }
+}
+
 async fn write_all<T: AsyncWrite + Unpin>(io: &mut T, frame: &[u8]) -> io::Result<()> {
     if frame.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty frame"));

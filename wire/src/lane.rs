@@ -44,8 +44,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, debug_span, warn};
 
-use crate::codec::LargeFrames;
-use crate::frame::{self, LANE_PROTOCOL, PREFIX_LEN, Reply, TAG_LEN};
+use crate::codec::{LargeFrames, refusal_code, tagged_refusal};
+use crate::frame::{self, LANE_PROTOCOL, Reply, TAG_LEN};
 use crate::message::{Message, Refusal, RefusalCode};
 use crate::node::{Admission, Request, Responder, Throttle, Ticket, lock};
 use crate::{Error, Result};
@@ -139,7 +139,7 @@ impl Lanes {
         lock(&self.peers)
             .get(peer)
             .and_then(|p| p.lane.as_ref())
-            .is_some_and(|l| l.open.load(Ordering::Acquire))
+            .is_some_and(|l| l.is_open())
     }
 
     /// The lane to use for `peer`, opened if need be; `None`: use
@@ -147,7 +147,6 @@ impl Lanes {
     /// be opened lately). Waits at most `request_timeout`, for one attempt
     /// that concurrent callers share.
     pub(crate) async fn route(self: &Arc<Self>, peer: PeerId) -> Option<Arc<Lane>> {
-        let deadline = Instant::now() + self.config.request_timeout;
         let opening = {
             let peers = lock(&self.peers);
             let p = peers.get(&peer).filter(|p| p.usable())?;
@@ -156,6 +155,7 @@ impl Lanes {
             }
             p.opening.clone()
         };
+        let deadline = Instant::now() + self.config.request_timeout;
         let _opening = timeout_at(deadline, opening.lock()).await.ok()?;
         {
             let peers = lock(&self.peers);
@@ -241,21 +241,22 @@ impl Lanes {
             }
             lane.open.store(false, Ordering::Release);
         }
-        if let Some(p) = peers.get_mut(peer)
-            && p.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane))
-        {
-            p.lane = None;
-        }
+        unset(&mut peers, peer, lane);
         true
     }
 
     fn remove(&self, peer: &PeerId, lane: &Arc<Lane>) {
-        let mut peers = lock(&self.peers);
-        if let Some(p) = peers.get_mut(peer)
-            && p.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane))
-        {
-            p.lane = None;
-        }
+        unset(&mut lock(&self.peers), peer, lane);
+    }
+}
+
+/// Clears `peer`'s lane if it is still `lane` (a reconnect may have put
+/// another entry there).
+fn unset(peers: &mut HashMap<PeerId, Peer>, peer: &PeerId, lane: &Arc<Lane>) {
+    if let Some(p) = peers.get_mut(peer)
+        && p.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane))
+    {
+        p.lane = None;
     }
 }
 
@@ -400,20 +401,29 @@ async fn write_batch<W: AsyncWrite + Unpin, T: AsRef<[u8]>>(
     first: T,
     config: LaneConfig,
 ) -> io::Result<()> {
-    let mut batch = first.as_ref().to_vec();
     // Held (replies with their tickets) until written.
     let mut taken = vec![first];
-    while batch.len() < WRITE_BATCH {
+    let mut bytes = taken[0].as_ref().len();
+    while bytes < WRITE_BATCH {
         match rx.try_recv() {
             Ok(more) => {
-                batch.extend_from_slice(more.as_ref());
+                bytes += more.as_ref().len();
                 taken.push(more);
             }
             Err(_) => break,
         }
     }
+    // A lone frame goes out as it is; several are joined into one write.
+    let joined = (taken.len() > 1).then(|| {
+        taken
+            .iter()
+            .flat_map(|f| f.as_ref())
+            .copied()
+            .collect::<Vec<u8>>()
+    });
+    let batch = joined.as_deref().unwrap_or_else(|| taken[0].as_ref());
     let write = async {
-        writer.write_all(&batch).await?;
+        writer.write_all(batch).await?;
         writer.flush().await
     };
     let written = timeout(config.request_timeout, write)
@@ -480,22 +490,16 @@ async fn read_tagged<R: AsyncRead + Unpin>(
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
     let rest = async {
-        let mut prefix = [0u8; PREFIX_LEN];
-        io.read_exact(&mut prefix).await?;
-        let len = usize::try_from(u32::from_be_bytes(prefix)).unwrap_or(usize::MAX);
-        let refused = if len > config.max_frame {
-            Error::FrameTooLarge {
-                len,
-                max: config.max_frame,
-            }
-        } else {
-            match large.map_or(Ok(None), |l| l.take(len)) {
+        let (refused, len) = match frame::read_len(io, config.max_frame).await {
+            Ok(len) => match large.map_or(Ok(None), |l| l.take(len)) {
                 Ok(permit) => {
                     let body = frame::read_exact_body(io, len).await.map_err(into_io)?;
                     return Ok(Body::Frame(body, permit));
                 }
-                Err(e) => e,
-            }
+                Err(e) => (e, len),
+            },
+            Err(e @ Error::FrameTooLarge { len, .. }) => (e, len),
+            Err(e) => return Err(into_io(e)),
         };
         // Skip the body so that the next frame can be read.
         let skipped = futures::io::copy(
@@ -599,21 +603,12 @@ impl Drop for LaneReply {
     }
 }
 
-/// A refusal under `id`. Refusals are tiny, so this cannot hit the limit.
-fn tagged_refusal(id: u64, code: RefusalCode, detail: impl Into<String>) -> Vec<u8> {
-    let reply: Reply = Err(Refusal::new(code, detail));
-    frame::encode_tagged(id, &reply, usize::MAX).unwrap_or_default()
-}
-
 /// What serving inbound lanes shares with the endpoint.
 pub(crate) struct Inbound {
     pub(crate) admission: Arc<Admission>,
     /// Weak: the incoming queue ends with the endpoint, whatever lanes
     /// are still writing replies.
     pub(crate) in_tx: mpsc::WeakSender<Request>,
-    /// Unanswered requests one peer may have: each reply queue keeps that
-    /// many places for replies, and refusals use only the rest.
-    pub(crate) requests_per_peer: usize,
     pub(crate) large_frames: LargeFrames,
     pub(crate) config: LaneConfig,
     /// Inbound lanes per peer.
@@ -701,7 +696,11 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
     let config = inbound.config;
     // A place in the queue for every reply the peer may be owed (its
     // tickets), and `REFUSALS` more for refusals.
-    let reserved = inbound.requests_per_peer.min(MAX_RESERVED);
+    let reserved = inbound
+        .admission
+        .limits
+        .requests_per_peer
+        .clamp(1, MAX_RESERVED);
     let places = Arc::new(Semaphore::new(REFUSALS));
     let (mut reader, mut writer) = stream.split();
     let (tx, mut rx) = mpsc::channel::<Outgoing>(reserved + REFUSALS);
@@ -825,13 +824,4 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
         }
     };
     futures::join!(write, read);
-}
-
-fn refusal_code(e: &Error) -> RefusalCode {
-    match e {
-        Error::FrameTooLarge { .. } => RefusalCode::TooLarge,
-        Error::ReadTimeout(_) => RefusalCode::Stalled,
-        Error::Busy { .. } => RefusalCode::Busy,
-        _ => RefusalCode::Malformed,
-    }
 }

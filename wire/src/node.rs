@@ -25,7 +25,7 @@ use libp2p::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info_span, instrument, warn};
 
-use crate::codec::{LargeFrames, Req, Resp, WireCodec, refusal_frame};
+use crate::codec::{LargeFrames, Req, Resp, WireCodec, refusal_code, refusal_frame};
 use crate::frame::{self, DEFAULT_MAX_FRAME, LANE_PROTOCOL, PROTOCOL, Reply};
 use crate::lane::{self, Inbound, LaneConfig, LaneReply, Lanes};
 use crate::message::{Message, Refusal, RefusalCode};
@@ -219,7 +219,6 @@ impl Node {
         let inbound = Arc::new(Inbound {
             admission: admission.clone(),
             in_tx: in_tx.downgrade(),
-            requests_per_peer: config.limits.requests_per_peer.max(1),
             large_frames,
             config: lane_config,
             lanes: Mutex::new(HashMap::new()),
@@ -660,7 +659,7 @@ struct Held {
 /// Admits inbound requests under the caps of [`Limits`].
 #[derive(Debug)]
 pub(crate) struct Admission {
-    limits: Limits,
+    pub(crate) limits: Limits,
     held: Mutex<Held>,
 }
 
@@ -1058,12 +1057,7 @@ impl EventLoop {
                 return;
             }
             Req::Received(Err(e), _) => {
-                let code = match e {
-                    Error::FrameTooLarge { .. } => RefusalCode::TooLarge,
-                    Error::ReadTimeout(_) => RefusalCode::Stalled,
-                    Error::Busy { .. } => RefusalCode::Busy,
-                    _ => RefusalCode::Malformed,
-                };
+                let code = refusal_code(&e);
                 let throttle = if code == RefusalCode::Busy {
                     &mut self.refused
                 } else {

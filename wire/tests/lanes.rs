@@ -273,13 +273,20 @@ async fn a_dropped_request_is_refused_and_the_incoming_queue_ends_with_the_endpo
     introduce(&a, &b).await;
     // b answers version 0 (to bring the lane up), drops version 1 unanswered,
     // and holds version 2 without answering until its endpoint is gone.
+    let (holding, is_held) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(async move {
         let mut held = Vec::new();
+        let mut holding = Some(holding);
         while let Some(req) = b_in.next().await {
             let (_, msg, r) = req.into_parts();
             match msg {
                 Message::UpdateCommit(c) if c.version == 1 => drop(r),
-                Message::UpdateCommit(c) if c.version == 2 => held.push(r),
+                Message::UpdateCommit(c) if c.version == 2 => {
+                    held.push(r);
+                    if let Some(tx) = holding.take() {
+                        let _ = tx.send(());
+                    }
+                }
                 _ => {
                     let _ = r.reply(Message::Ack);
                 }
@@ -297,7 +304,10 @@ async fn a_dropped_request_is_refused_and_the_incoming_queue_ends_with_the_endpo
         let a = a.clone();
         tokio::spawn(async move { a.send(b_id, &commit(2)).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(WAIT, is_held)
+        .await
+        .expect("b holds the request")
+        .expect("server task");
     b.shutdown().await;
     // The held request's lane may still owe a reply, yet b's incoming
     // queue ends with b.
