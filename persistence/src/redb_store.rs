@@ -557,6 +557,9 @@ const RECORD_CACHE: usize = 1024;
 
 impl Writer {
     fn open(path: &Path, options: &RedbOptions, counters: Arc<Counters>) -> Result<Self> {
+        if !path.try_exists()? {
+            create_in_place(path)?;
+        }
         let db = Database::builder()
             .set_cache_size(options.cache_size)
             .create(path)
@@ -576,13 +579,6 @@ impl Writer {
                 other => other,
             })?;
         check_schema(&db)?;
-        // A new file's directory entry must be durable too, or a power loss
-        // could lose the whole file along with every commit in it.
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(dir)?.sync_all()?;
         let mut this = Self {
             db,
             options: options.clone(),
@@ -1367,6 +1363,50 @@ fn read_all(txn: &ReadTransaction) -> Result<Vec<ChannelRecord>> {
     }
     debug!(channels = out.len(), "persistence: loaded");
     Ok(out)
+}
+
+/// Creates an empty store under a name of its own beside `path` and links
+/// it into place once its header and schema are durable, so that a crash
+/// while redb writes a new file never leaves a half-written file at the
+/// store's path (it would not open again). The link never replaces a
+/// file: if another process created the store first, this one opens
+/// theirs (and finds it locked while they hold it). A crash before the
+/// link leaves an unused `<file>.creating.*` behind.
+fn create_in_place(path: &Path) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(
+        ".creating.{}.{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let tmp = path.with_file_name(name);
+    let created = (|| -> Result<()> {
+        {
+            let db = Database::create(&tmp).map_err(db_err)?;
+            check_schema(&db)?;
+        }
+        std::fs::File::open(&tmp)?.sync_all()?;
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e.into()),
+            _ => Ok(()),
+        }
+    })();
+    // After the link it is a second name of the store; before, a file
+    // nobody needs.
+    if let Err(e) = std::fs::remove_file(&tmp)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(path = %tmp.display(), error = %e, "persistence: cannot remove the file a new store was made in");
+    }
+    created?;
+    // The new directory entry must be durable too, or a power loss could
+    // lose the whole file along with every commit in it.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 /// Reads the schema version without writing anything, then initialises a

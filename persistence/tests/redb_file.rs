@@ -255,6 +255,33 @@ async fn second_open_is_refused_until_the_first_is_dropped() {
     RedbPersister::open_blocking(&path, RedbOptions::default()).expect("reopen");
 }
 
+/// Openers racing to create one new store end up with one store: one of
+/// them holds it, the others are refused, and no temporary file is left.
+#[test]
+fn racing_creators_share_one_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let opens: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| RedbPersister::open_blocking(&path, RedbOptions::default())))
+            .collect();
+        opens.into_iter().map(|h| h.join().expect("join")).collect()
+    });
+    let (held, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    assert_eq!(held.len(), 1, "exactly one opener holds the store");
+    for r in &refused {
+        assert!(matches!(r, Err(Error::AlreadyOpen)), "{r:?}");
+    }
+    drop(held);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["store.redb", "store.redb.wal"]);
+    RedbPersister::open_blocking(&path, RedbOptions::default()).expect("reopen");
+}
+
 /// Concurrent writers share transactions, and every one of them is
 /// acknowledged only as part of a committed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -262,8 +262,8 @@ fn unset(peers: &mut HashMap<PeerId, Peer>, peer: &PeerId, lane: &Arc<Lane>) {
 
 /// One outbound lane: requests go out tagged, replies find their caller.
 pub(crate) struct Lane {
-    tx: mpsc::Sender<Vec<u8>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>,
+    tx: mpsc::Sender<Queued>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     next: AtomicU64,
     open: AtomicBool,
     /// Signalled whenever a reply was handed on (a retiring lane waits for
@@ -272,13 +272,39 @@ pub(crate) struct Lane {
     config: LaneConfig,
 }
 
+/// A request waiting to be written on our lane.
+struct Queued {
+    id: u64,
+    frame: Vec<u8>,
+}
+
+impl AsRef<[u8]> for Queued {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+/// How a request on our lane ended.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once through a oneshot; a box would cost an allocation per reply"
+)]
+enum Answer {
+    /// What came back under its id (a reply, a refusal or a bad frame).
+    Reply(Result<Reply>),
+    /// The lane closed before the request was written in full: the peer
+    /// cannot have taken it, so it may go another way.
+    Unsent,
+}
+
 impl Lane {
     fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire) && !self.tx.is_closed()
     }
 
     /// Sends `msg` and waits for its reply. `None`: the lane closed before
-    /// the request was written, so it can go another way.
+    /// the request was written in full, so it can go another way (a peer
+    /// that restarted leaves a lane that breaks under the next request).
     pub(crate) async fn request(&self, msg: &Message) -> Option<Result<Message>> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let frame = match frame::encode_tagged(id, msg, self.config.max_frame) {
@@ -296,23 +322,31 @@ impl Lane {
             pending.insert(id, tx);
         }
         let _pending = PendingGuard { lane: self, id };
-        if self.tx.send(frame).await.is_err() {
+        if self.tx.send(Queued { id, frame }).await.is_err() {
             return None;
         }
         let reply = match timeout(self.config.request_timeout, rx).await {
             Err(_) => Err(Error::Timeout),
             Ok(Err(_)) => Err(Error::ConnectionClosed),
-            Ok(Ok(reply)) => reply,
+            Ok(Ok(Answer::Unsent)) => return None,
+            Ok(Ok(Answer::Reply(reply))) => reply,
         };
         Some(reply.and_then(|r| r.map_err(Error::Refused)))
     }
 
-    /// Fails every request still waiting.
+    /// Tells the request `id` that it never left.
+    fn unsent(&self, id: u64) {
+        if let Some(tx) = lock(&self.pending).remove(&id) {
+            let _ = tx.send(Answer::Unsent);
+        }
+    }
+
+    /// Fails every request still waiting: each may have reached the peer.
     fn close(&self) {
         self.open.store(false, Ordering::Release);
         let pending = std::mem::take(&mut *lock(&self.pending));
         for (_, tx) in pending {
-            let _ = tx.send(Err(Error::ConnectionClosed));
+            let _ = tx.send(Answer::Reply(Err(Error::ConnectionClosed)));
         }
         self.delivered.notify_one();
     }
@@ -334,7 +368,7 @@ impl Drop for PendingGuard<'_> {
 /// for `idle_timeout`; then every request still waiting fails.
 async fn run_outbound(
     stream: libp2p::Stream,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Queued>,
     lane: Arc<Lane>,
     lanes: Arc<Lanes>,
     peer: PeerId,
@@ -354,8 +388,11 @@ async fn run_outbound(
                     continue;
                 }
             };
-            if let Err(e) = write_batch(&mut writer, &mut rx, first, config).await {
-                debug!(error = %e, "lane write failed");
+            if let Err((e, unwritten)) = write_batch(&mut writer, &mut rx, first, config).await {
+                debug!(error = %e, unwritten = unwritten.len(), "lane write failed");
+                for q in unwritten {
+                    lane.unsent(q.id);
+                }
                 return;
             }
         }
@@ -389,18 +426,26 @@ async fn run_outbound(
         () = read => {}
     }
     lanes.remove(&peer, &lane);
+    // What is still queued never left; a request not yet queued finds the
+    // queue closed. Both go another way.
+    rx.close();
+    while let Ok(q) = rx.try_recv() {
+        lane.unsent(q.id);
+    }
     lane.close();
     debug!("lane closed");
 }
 
 /// Writes `first` and whatever else is queued, up to [`WRITE_BATCH`] bytes,
-/// as one write; the peer must take it within the request timeout.
+/// as one write; the peer must take it within the request timeout. On
+/// failure, also returns the frames the stream did not take in full (the
+/// peer cannot have read them).
 async fn write_batch<W: AsyncWrite + Unpin, T: AsRef<[u8]>>(
     writer: &mut W,
     rx: &mut mpsc::Receiver<T>,
     first: T,
     config: LaneConfig,
-) -> io::Result<()> {
+) -> std::result::Result<(), (io::Error, Vec<T>)> {
     // Held (replies with their tickets) until written.
     let mut taken = vec![first];
     let mut bytes = taken[0].as_ref().len();
@@ -422,15 +467,30 @@ async fn write_batch<W: AsyncWrite + Unpin, T: AsRef<[u8]>>(
             .collect::<Vec<u8>>()
     });
     let batch = joined.as_deref().unwrap_or_else(|| taken[0].as_ref());
+    let mut accepted = 0;
     let write = async {
-        writer.write_all(batch).await?;
+        while accepted < batch.len() {
+            match writer.write(&batch[accepted..]).await? {
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                n => accepted += n,
+            }
+        }
         writer.flush().await
     };
     let written = timeout(config.request_timeout, write)
         .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?;
-    drop(taken);
-    written
+        .unwrap_or_else(|_| Err(io::Error::from(io::ErrorKind::TimedOut)));
+    written.map_err(|e| {
+        let mut end = 0;
+        let unwritten = taken
+            .into_iter()
+            .filter(|f| {
+                end += f.as_ref().len();
+                end > accepted
+            })
+            .collect();
+        (e, unwritten)
+    })
 }
 
 /// Reads one reply and hands it to its caller. `Ok(false)`: the stream
@@ -453,7 +513,7 @@ async fn read_reply<R: AsyncRead + Unpin>(reader: &mut R, lane: &Lane) -> io::Re
     }
     match lock(&lane.pending).remove(&id) {
         Some(tx) => {
-            let _ = tx.send(reply);
+            let _ = tx.send(Answer::Reply(reply));
         }
         None => debug!(id, "reply for no waiting request"),
     }
@@ -717,7 +777,7 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
             }
         }
         while let Some(first) = rx.recv().await {
-            if let Err(e) = write_batch(&mut writer, &mut rx, first, config).await {
+            if let Err((e, _)) = write_batch(&mut writer, &mut rx, first, config).await {
                 debug!(error = %e, "lane reply write failed");
                 return;
             }
@@ -824,4 +884,85 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
         }
     };
     futures::join!(write, read);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Takes `room` bytes, at most `chunk` per write, then fails.
+    struct Breaks {
+        room: usize,
+        chunk: usize,
+    }
+
+    impl AsyncWrite for Breaks {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.room == 0 {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            let n = buf.len().min(self.room).min(self.chunk);
+            self.room -= n;
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn config() -> LaneConfig {
+        LaneConfig {
+            max_frame: 1024,
+            request_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            queue: 8,
+        }
+    }
+
+    /// Writes three 10-byte frames into a stream that breaks after `room`
+    /// bytes; returns the ids of the frames reported unwritten.
+    async fn unwritten_after(room: usize) -> Vec<u64> {
+        let (tx, mut rx) = mpsc::channel(8);
+        for id in 1..3 {
+            tx.send(Queued {
+                id,
+                frame: vec![0; 10],
+            })
+            .await
+            .unwrap();
+        }
+        let first = Queued {
+            id: 0,
+            frame: vec![0; 10],
+        };
+        let mut w = Breaks { room, chunk: 7 };
+        match write_batch(&mut w, &mut rx, first, config()).await {
+            Ok(()) => panic!("the stream broke"),
+            Err((_, unwritten)) => unwritten.iter().map(|q| q.id).collect(),
+        }
+    }
+
+    /// A frame the stream took in part is unwritten too: the peer cannot
+    /// read a frame it did not get whole.
+    #[tokio::test]
+    async fn only_frames_the_stream_took_whole_count_as_sent() {
+        assert_eq!(unwritten_after(0).await, vec![0, 1, 2]);
+        assert_eq!(unwritten_after(9).await, vec![0, 1, 2]);
+        assert_eq!(unwritten_after(10).await, vec![1, 2]);
+        assert_eq!(unwritten_after(15).await, vec![1, 2]);
+        assert_eq!(unwritten_after(20).await, vec![2]);
+    }
 }
