@@ -81,6 +81,8 @@ async fn pay_once_reconnected(ch: &perun::client::Channel, to: usize, amount: U2
                     ) =>
             {
                 eprintln!("retrying a payment after the restart: {e}");
+                // A pause as an application's retry would take: the client
+                // has no event for "the old connection is gone" to wait on.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => panic!("payment after the restart failed: {e}"),

@@ -1399,14 +1399,7 @@ fn create_in_place(path: &Path) -> Result<()> {
         warn!(path = %tmp.display(), error = %e, "persistence: cannot remove the file a new store was made in");
     }
     created?;
-    // The new directory entry must be durable too, or a power loss could
-    // lose the whole file along with every commit in it.
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(wal::sync_parent(path)?)
 }
 
 /// Reads the schema version without writing anything, then initialises a

@@ -80,6 +80,16 @@ pub(crate) struct Wal {
     len: u64,
 }
 
+/// Makes `path`'s directory entry durable: a new file whose entry is
+/// lost in a power cut is lost with everything written to it.
+pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
 /// The log next to a store file: `<store>.wal`.
 pub(crate) fn path_for(store: &Path) -> PathBuf {
     let mut name = store.as_os_str().to_owned();
@@ -101,9 +111,7 @@ impl Wal {
         if len < LOG_SIZE {
             preallocate(&file, len, LOG_SIZE)?;
             len = LOG_SIZE;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
+            sync_parent(path)?;
         }
         let records = read_records(&file, len, db);
         debug!(path = %path.display(), records = records.len(), "persistence: log opened");
