@@ -185,12 +185,19 @@ impl Shared {
         core: &ChannelCore,
         msg: &Message,
     ) -> Vec<(PeerId, usize, perun_wire::Result<Message>)> {
-        let sends = core
+        let mut others = core
             .peers
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i != core.index)
-            .map(|(i, peer)| async move { (*peer, i, self.wire.send(*peer, msg).await) });
+            .filter(|(i, _)| *i != core.index);
+        // Two parties, one peer: no joined futures to allocate.
+        if core.peers.len() == 2
+            && let Some((i, peer)) = others.next()
+        {
+            return vec![(*peer, i, self.wire.send(*peer, msg).await)];
+        }
+        let sends =
+            others.map(|(i, peer)| async move { (*peer, i, self.wire.send(*peer, msg).await) });
         futures::future::join_all(sends).await
     }
 }

@@ -61,6 +61,34 @@ struct StateV1 {
     sigs: Vec<Option<Vec<u8>>>,
 }
 
+/// [`StateV1`] as it is written: borrowed, so a write copies nothing before
+/// the bytes (the same postcard encoding: a slice and a `Vec<u8>` are both
+/// a length and the bytes).
+#[derive(Serialize)]
+struct StateV1Ref<'a> {
+    state: &'a State,
+    sigs: SigsRef<'a>,
+}
+
+/// Signatures, each written as 65 bytes when present.
+struct SigsRef<'a>(&'a [Option<perun_wallet::Signature>]);
+
+impl Serialize for SigsRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for sig in self.0 {
+            let bytes = sig.as_ref().map(perun_wallet::signature_bytes);
+            seq.serialize_element(&bytes.as_ref().map(|b| &b[..]))?;
+        }
+        seq.end()
+    }
+}
+
+/// Room for a typical encoded value (a two-party state is about 250 bytes),
+/// so postcard rarely grows the buffer while it writes.
+const TYPICAL_LEN: usize = 512;
+
 /// The stored parts of a record other than its two states.
 pub(crate) struct Meta {
     pub(crate) params: Params,
@@ -124,7 +152,9 @@ fn frame<T: Serialize>(kind: u8, body: &T) -> Result<Vec<u8>> {
 }
 
 fn frame_as<T: Serialize>(format: u8, kind: u8, body: &T) -> Result<Vec<u8>> {
-    let mut out = postcard::to_extend(body, vec![format, kind])
+    let mut out = Vec::with_capacity(TYPICAL_LEN);
+    out.extend_from_slice(&[format, kind]);
+    let mut out = postcard::to_extend(body, out)
         .map_err(|e| Error::Storage(format!("encoding record: {e}")))?;
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -236,16 +266,9 @@ pub(crate) fn decode_meta(id: ChannelId, bytes: &[u8]) -> Result<Meta> {
 pub(crate) fn encode_state(st: &SignedState) -> Result<Vec<u8>> {
     frame(
         KIND_STATE,
-        &StateV1 {
-            state: st.state.clone(),
-            sigs: st
-                .sigs
-                .iter()
-                .map(|s| {
-                    s.as_ref()
-                        .map(|s| perun_wallet::signature_bytes(s).to_vec())
-                })
-                .collect(),
+        &StateV1Ref {
+            state: &st.state,
+            sigs: SigsRef(&st.sigs),
         },
     )
 }
@@ -327,6 +350,33 @@ mod tests {
         let staged =
             decode_state(id, &encode_state(rec.staged.as_ref().unwrap()).unwrap()).unwrap();
         assert_eq!(meta.into_record(Some(cur), Some(staged)), rec);
+    }
+
+    /// The borrowed form a write uses encodes exactly as the owned form a
+    /// read decodes: stores written before it and after it are alike.
+    #[test]
+    fn a_state_is_written_as_the_owned_form_encodes() {
+        let rec = record();
+        // One signature missing: both the `None` and the 65 bytes appear.
+        let staged = rec.staged.as_ref().unwrap();
+        assert!(staged.sigs.iter().any(Option::is_none));
+        for st in [rec.current.as_ref().unwrap(), staged] {
+            let owned = StateV1 {
+                state: st.state.clone(),
+                sigs: st
+                    .sigs
+                    .iter()
+                    .map(|s| {
+                        s.as_ref()
+                            .map(|s| perun_wallet::signature_bytes(s).to_vec())
+                    })
+                    .collect(),
+            };
+            assert_eq!(
+                encode_state(st).unwrap(),
+                frame(KIND_STATE, &owned).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub fn encode_tagged<T: Serialize>(id: u64, value: &T, max_frame: usize) -> Resu
 /// `header`, then `value` as a frame, in one allocation.
 fn encode_after<T: Serialize>(header: &[u8], value: &T, max_frame: usize) -> Result<Vec<u8>> {
     let start = header.len() + PREFIX_LEN;
-    let mut buf = Vec::with_capacity(256);
+    let mut buf = Vec::with_capacity(512);
     buf.extend_from_slice(header);
     buf.extend_from_slice(&[0; PREFIX_LEN]);
     let mut buf = postcard::to_extend(value, buf)?;
@@ -155,14 +155,23 @@ pub(crate) async fn read_exact_body<R: AsyncRead + Unpin>(
     io: &mut R,
     len: usize,
 ) -> Result<Vec<u8>> {
-    let mut body = Vec::with_capacity(len.min(64 * 1024));
-    let limit = u64::try_from(len).unwrap_or(u64::MAX);
-    io.take(limit).read_to_end(&mut body).await?;
-    if body.len() != len {
-        return Err(Error::Truncated {
-            expected: len,
-            got: body.len(),
-        });
+    // Memory grows with the bytes that arrive, not with the length a peer
+    // claims; a body within the first step is read in place (no probing
+    // read past its end, which would grow the buffer for nothing).
+    const STEP: usize = 64 * 1024;
+    let mut body = vec![0; len.min(STEP)];
+    let mut got = 0;
+    while got < len {
+        if got == body.len() {
+            let more = len.min(got + STEP);
+            body.reserve_exact(more - got);
+            body.resize(more, 0);
+        }
+        let n = io.read(&mut body[got..]).await?;
+        if n == 0 {
+            return Err(Error::Truncated { expected: len, got });
+        }
+        got += n;
     }
     Ok(body)
 }
@@ -451,6 +460,26 @@ mod tests {
         let big = [0xff, 0xff, 0xff, 0xff, 1, 2, 3];
         let big = futures::executor::block_on(read_body(&mut &big[..], DEFAULT_MAX_FRAME));
         assert!(matches!(big, Err(Error::FrameTooLarge { .. })));
+    }
+
+    /// A body is read whole, in a buffer of its own size, in one step or
+    /// in several; a short one names how much arrived.
+    #[test]
+    fn bodies_are_read_exactly() {
+        for len in [0, 1, 300, 64 * 1024, 64 * 1024 + 1, 200_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let body =
+                futures::executor::block_on(read_exact_body(&mut &bytes[..], len)).expect("read");
+            assert_eq!(body, bytes);
+            assert_eq!(body.capacity(), len, "no growth past the body");
+            if len > 0 {
+                let short =
+                    futures::executor::block_on(read_exact_body(&mut &bytes[..len - 1], len));
+                assert!(
+                    matches!(short, Err(Error::Truncated { expected, got }) if expected == len && got == len - 1)
+                );
+            }
+        }
     }
 
     fn arb_u256() -> impl Strategy<Value = U256> {
