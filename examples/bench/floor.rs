@@ -125,8 +125,12 @@ impl FsyncProbe {
     /// Creates and preallocates the file (synced, so each measured write
     /// changes data, not the file's size).
     pub(crate) fn new(dir: &Path) -> Res<Self> {
+        Self::named(dir, "floor-fsync.bin")
+    }
+
+    fn named(dir: &Path, name: &str) -> Res<Self> {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join("floor-fsync.bin");
+        let path = dir.join(name);
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -145,15 +149,21 @@ impl FsyncProbe {
 
     /// Times `n` writes of ~400 bytes, each followed by `sync_data`.
     pub(crate) fn sample(&mut self, n: usize) -> Res<()> {
-        let record = [0x5au8; Self::RECORD];
         for _ in 0..n {
-            let t = Instant::now();
-            self.file.write_all_at(&record, self.slot * 512)?;
-            self.file.sync_data()?;
-            self.took.push(t.elapsed());
-            self.slot = (self.slot + 1) % Self::SLOTS;
+            let took = self.write_one()?;
+            self.took.push(took);
         }
         Ok(())
+    }
+
+    /// One write of ~400 bytes and its `sync_data`, timed.
+    fn write_one(&mut self) -> Res<Duration> {
+        let record = [0x5au8; Self::RECORD];
+        let t = Instant::now();
+        self.file.write_all_at(&record, self.slot * 512)?;
+        self.file.sync_data()?;
+        self.slot = (self.slot + 1) % Self::SLOTS;
+        Ok(t.elapsed())
     }
 
     /// Every sample so far; removes the file.
@@ -164,6 +174,44 @@ impl FsyncProbe {
         drop(file);
         std::fs::remove_file(&path)?;
         Ok(Samples::new(took))
+    }
+}
+
+/// The disk part of sequential durable updates, and nothing else: two
+/// small durable writes in turn, each in its own file (the responder's
+/// store, then the proposer's). Sampled between batches of the updates, as
+/// many as they, so both meet the same spells of a slow disk (a virtual
+/// disk's syncs slow down several-fold for tens of milliseconds at a time,
+/// and both syncs of an update meet such a spell).
+pub(crate) struct PairProbe {
+    responder: FsyncProbe,
+    proposer: FsyncProbe,
+    took: Vec<Duration>,
+}
+
+impl PairProbe {
+    pub(crate) fn new(dir: &Path) -> Res<Self> {
+        Ok(Self {
+            responder: FsyncProbe::named(dir, "floor-fsync-a.bin")?,
+            proposer: FsyncProbe::named(dir, "floor-fsync-b.bin")?,
+            took: Vec::new(),
+        })
+    }
+
+    /// Times `n` pairs of syncs.
+    pub(crate) fn sample(&mut self, n: usize) -> Res<()> {
+        for _ in 0..n {
+            let took = self.responder.write_one()? + self.proposer.write_one()?;
+            self.took.push(took);
+        }
+        Ok(())
+    }
+
+    /// Every pair so far; removes the files.
+    pub(crate) fn finish(self) -> Res<Samples> {
+        self.responder.finish()?;
+        self.proposer.finish()?;
+        Ok(Samples::new(self.took))
     }
 }
 

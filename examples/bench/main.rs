@@ -21,6 +21,11 @@
 //!   calls' latencies; `update_latency_memory_p50_ms` / `_p99_ms` the
 //!   in-memory ones; `durable_p99_over_p50` / `memory_p99_over_p50` their
 //!   tails (issue 17: at most 2).
+//! - `disk_p99_over_p50`: the same tail of the disk alone, an update's two
+//!   syncs in turn (`floor_fsync_pair_p99_ms` its p99), sampled as many
+//!   times as the updates, between their batches; `floor_update_p99_ms` the
+//!   floor without its fsyncs plus that p99, and `durable_p99_floor_ratio`
+//!   the durable p99 over it: near 1, the disk's own tail is the update's.
 //! - `memory_floor_ratio`: the in-memory p50 over `floor_no_fsync_ms`, the
 //!   floor without its two fsyncs (issue 17: at most 1.15).
 //! - `cpu_bound_updates_per_s`: the updates per second this machine's cores
