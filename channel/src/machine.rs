@@ -354,24 +354,80 @@ impl Machine {
         staged.add_signature_hashed(params, index, sig, hash)
     }
 
-    /// Makes the fully signed staged state current: `Signing0 → Funding`,
-    /// `Updating → Active`, or `Updating → Final` for a final state.
-    pub fn commit_staged(&mut self) -> Result<&SignedState> {
-        let phase = self.phase;
-        let staged = self.staged_mut("commit_staged")?;
+    /// Verifies and adds several participants' signatures on the staged
+    /// state, all or none: one that fails leaves the staged state as it was.
+    pub fn add_signatures(&mut self, sigs: &[(usize, Signature)]) -> Result<()> {
+        let (params, staged, hash) = self.staged_parts("add_signatures")?;
+        for (index, sig) in sigs {
+            crate::signed::verify_hash_sig(params, hash, *index, sig)?;
+        }
+        for (index, sig) in sigs {
+            staged.set_verified(params, *index, *sig)?;
+        }
+        Ok(())
+    }
+
+    /// The phase [`commit_staged`](Self::commit_staged) moves to, if the
+    /// staged state is fully signed: `Signing0 → Funding`, `Updating →
+    /// Active`, or `Updating → Final` for a final state.
+    pub fn committed_phase(&self) -> Result<Phase> {
+        if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
+            return Err(Error::WrongPhase {
+                op: "commit_staged",
+                phase: self.phase,
+            });
+        }
+        let staged = self.staged.as_ref().ok_or(Error::NothingStaged)?;
         if !staged.is_fully_signed() {
             let missing = staged.sigs.iter().position(Option::is_none).unwrap_or(0);
             return Err(Error::MissingSignature(missing));
         }
-        let next = match (phase, staged.state.isFinal) {
+        Ok(match (self.phase, staged.state.isFinal) {
             (Phase::Signing0, _) => Phase::Funding,
             (_, true) => Phase::Final,
             (_, false) => Phase::Active,
-        };
+        })
+    }
+
+    /// Makes the fully signed staged state current (see
+    /// [`committed_phase`](Self::committed_phase)).
+    pub fn commit_staged(&mut self) -> Result<&SignedState> {
+        let next = self.committed_phase()?;
         self.set_phase(next)?;
         self.current = self.staged.take();
         self.staged_hash = HashCache(None);
         self.current.as_ref().ok_or(Error::NothingStaged)
+    }
+
+    /// Completes the staged state with a full signature set (a commit) and
+    /// makes it current, all or nothing: every signature the staged state
+    /// lacks is verified before anything changes. Signatures it holds
+    /// already are kept, not replaced.
+    pub fn complete_staged(&mut self, sigs: &[Signature]) -> Result<&SignedState> {
+        let n = self.params.participants.len();
+        if sigs.len() != n {
+            return Err(Error::SignatureCount {
+                expected: n,
+                got: sigs.len(),
+            });
+        }
+        let staged = self.staged.as_ref().ok_or(Error::NothingStaged)?;
+        let missing: Vec<(usize, Signature)> = sigs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| staged.sigs.get(*i).copied().flatten().is_none())
+            .map(|(i, s)| (i, *s))
+            .collect();
+        // Checked before anything changes: the staged state, once full,
+        // must be committable.
+        if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
+            return Err(Error::WrongPhase {
+                op: "complete_staged",
+                phase: self.phase,
+            });
+        }
+        self.add_signatures(&missing)?;
+        self.commit_staged()
     }
 
     /// Drops the staged update (`Updating → Active`).

@@ -101,6 +101,19 @@ impl SignedState {
         Ok(())
     }
 
+    /// Stores participant `index`'s signature, verified by the caller.
+    pub(crate) fn set_verified(
+        &mut self,
+        params: &Params,
+        index: usize,
+        sig: Signature,
+    ) -> Result<()> {
+        self.ensure_slots(params.participants.len())?;
+        let slot = self.sigs.get_mut(index).ok_or(Error::Index(index))?;
+        *slot = Some(sig);
+        Ok(())
+    }
+
     /// Whether every participant's slot holds a signature (not re-verified).
     pub fn is_fully_signed(&self) -> bool {
         !self.sigs.is_empty() && self.sigs.iter().all(Option::is_some)
@@ -140,7 +153,7 @@ pub fn verify_sig(params: &Params, state: &State, index: usize, sig: &Signature)
     verify_hash_sig(params, state.hash(), index, sig)
 }
 
-fn verify_hash_sig(
+pub(crate) fn verify_hash_sig(
     params: &Params,
     hash: alloy_primitives::B256,
     index: usize,

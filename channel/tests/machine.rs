@@ -357,3 +357,83 @@ fn only_local_keys_sign_ahead() {
     assert!(accs[0].signs_in_process());
     assert!(!Remote(accs[0].clone()).signs_in_process());
 }
+
+/// Three machines, one per participant, `Active` on a fully signed version 0.
+fn active_three() -> (Vec<Machine>, Vec<perun_wallet::LocalAccount>) {
+    let (params, init, accs) = fixture(3, 1, 100);
+    let mut ms: Vec<Machine> = (0..3)
+        .map(|i| Machine::new(params.clone(), i, init.clone()).unwrap())
+        .collect();
+    let sigs: Vec<Signature> = ms
+        .iter_mut()
+        .zip(&accs)
+        .map(|(m, acc)| {
+            m.set_phase(Phase::Signing0).unwrap();
+            m.sign_staged(acc).unwrap()
+        })
+        .collect();
+    for m in &mut ms {
+        m.complete_staged(&sigs).unwrap();
+        m.set_phase(Phase::Active).unwrap();
+    }
+    (ms, accs)
+}
+
+#[test]
+fn several_signatures_are_taken_all_or_none() {
+    let (mut ms, accs) = active_three();
+    let a = &mut ms[0];
+    let next = pay(a, 0, 1, 5);
+    a.stage_update(next.clone(), 0, &PaymentApp).unwrap();
+    a.sign_staged(&accs[0]).unwrap();
+    let s1 = accs[1].sign_hash(next.hash()).unwrap();
+    let s2 = accs[2].sign_hash(next.hash()).unwrap();
+    let snapshot = a.clone();
+    // The second one is participant 1's, offered as participant 2's.
+    assert!(matches!(
+        a.add_signatures(&[(1, s1), (2, s1)]),
+        Err(Error::BadSignature { index: 2, .. })
+    ));
+    assert_eq!(*a, snapshot, "the good signature was not taken alone");
+    assert!(a.add_signatures(&[(7, s1)]).is_err());
+    assert_eq!(*a, snapshot);
+    a.add_signatures(&[(1, s1), (2, s2)]).unwrap();
+    assert_eq!(a.committed_phase(), Ok(Phase::Active));
+    assert_eq!(a.commit_staged().unwrap().state.version, next.version);
+}
+
+#[test]
+fn a_commit_completes_the_staged_state_or_changes_nothing() {
+    let (mut ms, accs) = active_three();
+    let next = pay(&ms[0], 0, 1, 5);
+    let sigs: Vec<Signature> = accs
+        .iter()
+        .map(|acc| acc.sign_hash(next.hash()).unwrap())
+        .collect();
+    let b = &mut ms[1];
+    // Nothing staged: nothing to complete.
+    assert_eq!(b.complete_staged(&sigs).err(), Some(Error::NothingStaged));
+    b.stage_update(next.clone(), 0, &PaymentApp).unwrap();
+    let own = b.sign_staged(&accs[1]).unwrap();
+    let snapshot = b.clone();
+    // A bad signature, a short set, a signature over another state.
+    let other = accs[2].sign_hash(pay(b, 0, 1, 6).hash()).unwrap();
+    for bad in [
+        vec![sigs[0], sigs[1], sigs[0]],
+        vec![sigs[0], sigs[1]],
+        vec![sigs[0], sigs[1], other],
+    ] {
+        assert!(b.complete_staged(&bad).is_err());
+        assert_eq!(*b, snapshot);
+    }
+    // Our own slot is kept, whatever the commit carries in it.
+    let full = b
+        .complete_staged(&[sigs[0], sigs[0], sigs[2]])
+        .unwrap()
+        .clone();
+    assert_eq!(full.sigs[1], Some(own));
+    full.verify_all(b.params()).unwrap();
+    assert_eq!(b.phase(), Phase::Active);
+    // A repeated commit finds nothing staged.
+    assert!(b.complete_staged(&sigs).is_err());
+}

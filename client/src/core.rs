@@ -386,8 +386,14 @@ impl Locked {
     /// Makes `trial`, whose current state is newly fully signed, the
     /// machine (no write: callers write first, or hold it as unsaved).
     pub(crate) fn install(&mut self, trial: Machine) {
-        let v = trial.current().map_or(0, |c| c.state.version);
         self.machine = trial;
+        self.installed();
+    }
+
+    /// What follows a newly fully signed current state, however the machine
+    /// got it: no staged proposal is pending any more.
+    pub(crate) fn installed(&mut self) {
+        let v = self.machine.current().map_or(0, |c| c.state.version);
         self.staged_actor = None;
         self.signed_at = None;
         self.abandoned = self.abandoned.take().filter(|a| a.state.version > v);
@@ -459,16 +465,50 @@ impl Locked {
             .current()
             .cloned()
             .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
-        // A plain update writes the state alone.
-        let stored = stored_phase;
-        let mut changes = vec![Change::Committed(full.clone())];
-        if stored(trial.phase()) != stored(self.machine.phase()) {
-            changes.push(Change::Phase(trial.phase()));
-        }
-        self.write(shared, core, changes).await?;
+        self.store_commit(shared, core, &full, trial.phase())
+            .await?;
         self.install(trial);
         self.announce(core);
         Ok(full)
+    }
+
+    /// [`commit_trial`](Self::commit_trial) for the machine's own staged
+    /// state, once fully signed, without a copy of the machine: persisted
+    /// first, then committed in place and announced. On error the state is
+    /// still staged, with every signature it got (the caller drops it).
+    pub(crate) async fn commit_staged(
+        &mut self,
+        shared: &Shared,
+        core: &ChannelCore,
+    ) -> Result<SignedState> {
+        let after = self.machine.committed_phase()?;
+        let full = self
+            .machine
+            .staged()
+            .cloned()
+            .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
+        self.store_commit(shared, core, &full, after).await?;
+        self.machine.commit_staged()?;
+        self.installed();
+        self.announce(core);
+        Ok(full)
+    }
+
+    /// Durably writes `full` as the current state, with `after`, the phase
+    /// its commit moves the machine to, if that is stored differently (a
+    /// plain update writes the state alone).
+    async fn store_commit(
+        &mut self,
+        shared: &Shared,
+        core: &ChannelCore,
+        full: &SignedState,
+        after: Phase,
+    ) -> Result<()> {
+        let mut changes = vec![Change::Committed(full.clone())];
+        if stored_phase(after) != stored_phase(self.machine.phase()) {
+            changes.push(Change::Phase(after));
+        }
+        self.write(shared, core, changes).await.map(|_| ())
     }
 }
 

@@ -199,15 +199,13 @@ pub(crate) async fn propose(
                 }
             }
         }
-        let mut trial = l.machine.clone();
-        if failure.is_none() {
-            for (index, sig) in sigs {
-                if let Err(e) = trial.add_signature(index, sig) {
-                    warn!(index, error = %e, "peer signed badly");
-                    failure = Some(e.into());
-                    break;
-                }
-            }
+        // Only our own proposal, still staged on its base, takes the
+        // signatures (all or none); a failure below drops it.
+        if failure.is_none()
+            && let Err(e) = l.machine.add_signatures(&sigs)
+        {
+            warn!(error = %e, "peer signed badly");
+            failure = Some(e.into());
         }
         if let Some(e) = failure {
             if conflicted {
@@ -220,16 +218,16 @@ pub(crate) async fn propose(
             return Err(e);
         }
         crate::failpoint::hit("propose_before_commit").await;
-        let signed = trial
-            .sign_staged_with(shared.account.as_ref(), made)
-            .and_then(|_| trial.commit_staged().map(|_| ()));
-        if let Err(e) = signed {
+        // Signed in place: should the state not become durable, it is
+        // dropped below, and the version counts as signed (our next
+        // proposal skips it).
+        if let Err(e) = l.machine.sign_staged_with(shared.account.as_ref(), made) {
             // Our signature never left: dropping the update is safe, and
             // the peers that signed hear so.
             fail(shared, core, l, (&next, base), true, false, signed_by).await;
             return Err(e.into());
         }
-        let full = match l.commit_trial(shared, core, trial).await {
+        let full = match l.commit_staged(shared, core).await {
             Ok(full) => full,
             Err(e) => {
                 // Our signature never left: dropping the update is safe.
@@ -454,10 +452,10 @@ pub(crate) async fn handle_update_with_commit(
     let span = info_span!("handle_update", channel = %core.id, me = core.index, actor = update.actor, commit = commit.version);
     let taken = async {
         let mut l = core.locked.lock().await;
-        match check_commit(&core, &l, peer, &commit) {
-            Ok(None) => Ok(()),
-            Ok(Some(trial)) => {
-                hold_unsaved(&shared, &core, &mut l, trial);
+        match take_commit(&core, &mut l, peer, &commit) {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                hold_unsaved(&shared, &core, &mut l);
                 Ok(())
             }
             Err(refusal) => Err(refusal),
@@ -613,12 +611,14 @@ async fn respond_update(
         l.drop_staged(core);
         return reject(core, version, RejectKind::Refused, reason);
     }
-    // Persist our signature before it leaves this process.
-    let mut trial = l.machine.clone();
-    let signed = trial
+    // Persist our signature before it leaves this process. Signed in
+    // place: should the write fail, the staged state is dropped with it,
+    // and the version counts as signed (never signed again otherwise).
+    let signed = l
+        .machine
         .sign_staged(shared.account.as_ref())
         .map_err(Error::from)
-        .map(|sig| (sig, trial.staged().cloned()));
+        .map(|sig| (sig, l.machine.staged().cloned()));
     let (sig, carried) = match signed {
         Ok((sig, Some(staged))) => {
             crate::failpoint::hit("update_before_persist").await;
@@ -639,7 +639,6 @@ async fn respond_update(
             return reject(core, version, RejectKind::Refused, "cannot sign".into());
         }
     };
-    l.machine = trial;
     l.signed_at = Some(std::time::Instant::now());
     if carried {
         // The previous commit rode along: readers may see it now.
@@ -719,13 +718,13 @@ pub(crate) async fn handle_commit(
     let span = info_span!("handle_commit", channel = %core.id, version = c.version);
     async {
         let mut l = core.locked.lock().await;
-        match check_commit(&core, &l, peer, &c) {
-            Ok(None) => {
+        match take_commit(&core, &mut l, peer, &c) {
+            Ok(false) => {
                 let _ = responder.reply(Message::Ack);
             }
-            Ok(Some(trial)) => {
+            Ok(true) => {
                 let _ = responder.reply(Message::Ack);
-                hold_unsaved(&shared, &core, &mut l, trial);
+                hold_unsaved(&shared, &core, &mut l);
             }
             Err(refusal) => {
                 let _ = responder.refuse(perun_wire::Refusal::new(
@@ -760,12 +759,13 @@ impl std::fmt::Display for CommitRefusal {
 }
 
 /// A commit for an update we dropped as abandoned (its proposer completed
-/// it after all): the fully signed state is adopted like one from a `Sync`.
+/// it after all): the fully signed state is adopted like one from a `Sync`
+/// (checked whole before the machine changes).
 fn commit_abandoned(
-    l: &Locked,
+    l: &mut Locked,
     peer: PeerId,
     c: &UpdateCommit,
-) -> std::result::Result<Option<perun_channel::Machine>, CommitRefusal> {
+) -> std::result::Result<bool, CommitRefusal> {
     let Some(abandoned) = l
         .abandoned
         .as_ref()
@@ -777,8 +777,7 @@ fn commit_abandoned(
         state: abandoned.state.clone(),
         sigs: c.signatures.iter().copied().map(Some).collect(),
     };
-    let mut trial = l.machine.clone();
-    if let Err(e) = trial.adopt(full) {
+    if let Err(e) = l.machine.adopt(full) {
         warn!(%peer, error = %e, "bad commit for an abandoned update");
         return Err(CommitRefusal::Bad(e.to_string()));
     }
@@ -786,22 +785,17 @@ fn commit_abandoned(
         version = c.version,
         "an update we had given up on was completed"
     );
-    Ok(Some(trial))
+    Ok(true)
 }
 
 /// Applies a peer's commit without storing it yet (see `Locked::unsaved`):
 /// the proposer has it durably, we have our signed copy on disk, and our
 /// next write, or one a moment later, stores it. Readers see it once stored.
-fn hold_unsaved(
-    shared: &Arc<Shared>,
-    core: &Arc<ChannelCore>,
-    l: &mut Locked,
-    trial: perun_channel::Machine,
-) {
-    let Some(full) = trial.current().cloned() else {
+fn hold_unsaved(shared: &Arc<Shared>, core: &Arc<ChannelCore>, l: &mut Locked) {
+    let Some(full) = l.machine.current().cloned() else {
         return;
     };
-    l.install(trial);
+    l.installed();
     l.unsaved = Some(full);
     l.announce(core);
     if l.flush_pending {
@@ -822,14 +816,16 @@ fn hold_unsaved(
     });
 }
 
-/// Checks a commit against the staged state; returns the committed machine
-/// to store, or `None` if we have that state already (a repeated commit).
-fn check_commit(
+/// Checks a commit against the staged state and, if it completes it, makes
+/// it the machine's current state (not stored yet: see [`hold_unsaved`]).
+/// Returns whether it did; `false` if we have that state already (a
+/// repeated commit). A refused commit changes nothing.
+fn take_commit(
     core: &ChannelCore,
-    l: &Locked,
+    l: &mut Locked,
     peer: PeerId,
     c: &UpdateCommit,
-) -> std::result::Result<Option<perun_channel::Machine>, CommitRefusal> {
+) -> std::result::Result<bool, CommitRefusal> {
     if core.peer_index(&peer) != Some(c.index) {
         crate::dispatch::warn_limited!(%peer, index = c.index, "commit from a peer that is not who it claims");
         return Err(CommitRefusal::Bad(
@@ -840,7 +836,7 @@ fn check_commit(
         .current()
         .is_some_and(|s| s.state.version >= c.version)
     {
-        return Ok(None);
+        return Ok(false);
     }
     // Every commit carries our signature: one for a version we never
     // signed is not a race, it is made up.
@@ -862,20 +858,10 @@ fn check_commit(
     if c.signatures.len() != core.params.participants.len() {
         return Err(CommitRefusal::Bad("wrong number of signatures".into()));
     }
-    let mut trial = l.machine.clone();
-    for (i, sig) in c.signatures.iter().enumerate() {
-        let have = trial
-            .staged()
-            .and_then(|s| s.sigs.get(i).copied().flatten());
-        if have.is_none()
-            && let Err(e) = trial.add_signature(i, *sig)
-        {
-            warn!(%peer, index = i, error = %e, "bad signature in commit");
-            return Err(CommitRefusal::Bad(e.to_string()));
-        }
+    // The signatures we lack are all checked before any is taken.
+    if let Err(e) = l.machine.complete_staged(&c.signatures) {
+        warn!(%peer, error = %e, "bad signature in commit");
+        return Err(CommitRefusal::Bad(e.to_string()));
     }
-    trial
-        .commit_staged()
-        .map_err(|e| CommitRefusal::Bad(e.to_string()))?;
-    Ok(Some(trial))
+    Ok(true)
 }
