@@ -20,6 +20,7 @@ use perun::persistence::{Change, ChannelRecord, Persister};
 on_both_ledgers!(
     restart_restores_channels,
     a_failed_commit_burns_its_version,
+    a_responder_whose_store_fails_a_final_state_goes_on,
     a_burnt_version_survives_the_proposers_restart,
     a_responder_restarted_after_its_deposit_goes_on_funding,
     one_bad_record_does_not_keep_the_others_from_loading,
@@ -91,21 +92,50 @@ async fn pay_once_reconnected(ch: &perun::client::Channel, to: usize, amount: U2
     panic!("no payment went through after the restart");
 }
 
-/// A store that fails the next write of a fully signed state once armed:
-/// the update's proposer "crashes" after its peer signed, before it did.
-struct FailNextCommit {
+/// A store that fails the next write with a change `what` picks once
+/// armed. With [`commits`]: the update's proposer "crashes" after its peer
+/// signed, before it did.
+struct FailNext {
     inner: Arc<dyn Persister>,
     armed: Arc<AtomicBool>,
+    what: fn(&Change) -> bool,
+}
+
+/// A fully signed state.
+fn commits(c: &Change) -> bool {
+    matches!(c, Change::Committed(_))
+}
+
+/// A responder's signature on a final state.
+fn signs_final(c: &Change) -> bool {
+    matches!(c, Change::Staged(s) if s.state.isFinal)
+}
+
+/// A store for `opts` that fails as [`FailNext`] says, once `armed`.
+fn failing(armed: &Arc<AtomicBool>, what: fn(&Change) -> bool) -> Options {
+    Options {
+        wrap_persister: Some(Box::new({
+            let armed = armed.clone();
+            move |inner| {
+                Arc::new(FailNext {
+                    inner,
+                    armed: armed.clone(),
+                    what,
+                }) as Arc<dyn Persister>
+            }
+        })),
+        ..Options::default()
+    }
 }
 
 #[async_trait]
-impl Persister for FailNextCommit {
+impl Persister for FailNext {
     async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
         self.inner.channel_created(ch).await
     }
     async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
-        let commits = changes.iter().any(|c| matches!(c, Change::Committed(_)));
-        if commits && self.armed.swap(false, Ordering::SeqCst) {
+        let picked = changes.iter().any(self.what);
+        if picked && self.armed.swap(false, Ordering::SeqCst) {
             return Err(perun::persistence::Error::Storage(
                 "injected failure".into(),
             ));
@@ -128,18 +158,7 @@ impl Persister for FailNextCommit {
 
 async fn a_failed_commit_burns_its_version(ledger: Ledger) {
     let armed = Arc::new(AtomicBool::new(false));
-    let alice_opts = Options {
-        wrap_persister: Some(Box::new({
-            let armed = armed.clone();
-            move |inner| {
-                Arc::new(FailNextCommit {
-                    inner,
-                    armed: armed.clone(),
-                }) as Arc<dyn Persister>
-            }
-        })),
-        ..Options::default()
-    };
+    let alice_opts = failing(&armed, commits);
     let mut ps = vec![
         common::party(&ledger, u(1_000_000), &alice_opts).await,
         common::party(&ledger, u(1_000_000), &Options::default()).await,
@@ -182,6 +201,42 @@ async fn a_failed_commit_burns_its_version(ledger: Ledger) {
     st.verify_all(bob_ch.params()).unwrap();
 }
 
+/// Bob's store fails the write of his signature on a final state Alice
+/// proposes: he refuses it, and nothing of it stays with him (his
+/// signature was on a copy, and only a stored one counts). Both go on
+/// updating, and the final state can be signed after all.
+async fn a_responder_whose_store_fails_a_final_state_goes_on(ledger: Ledger) {
+    let armed = Arc::new(AtomicBool::new(false));
+    let mut ps = vec![
+        common::party(&ledger, u(1_000_000), &Options::default()).await,
+        common::party(&ledger, u(1_000_000), &failing(&armed, signs_final)).await,
+    ];
+    introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(1000)).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+
+    armed.store(true, Ordering::SeqCst);
+    let err = chans[0].update(|s| s.isFinal = true).await.unwrap_err();
+    assert!(
+        matches!(err, perun::client::Error::Rejected { index: 1, .. }),
+        "{err}"
+    );
+    assert!(!armed.load(Ordering::SeqCst), "Bob's write was tried");
+    assert_eq!(chans[1].phase(), Phase::Active);
+    // Both directions still go through: Bob did not count the final state
+    // as signed.
+    chans[0].pay(1, 0, u(20)).await.unwrap();
+    chans[1].pay(0, 0, u(5)).await.unwrap();
+    let fin = chans[0].update(|s| s.isFinal = true).await.unwrap();
+    assert!(fin.state.isFinal);
+    let st = common::caught_up(&chans).await;
+    assert_eq!(st.state.outcome.balances[0], vec![u(975), u(1025)]);
+    chans[1]
+        .wait_for_phase(Phase::Final, Duration::from_secs(30))
+        .await
+        .expect("Bob holds the final state");
+}
+
 /// Issue 13, client 3: Alice's update fails after Bob signed it (her store
 /// fails the commit); she aborts, Bob drops it, and the version is burnt.
 /// Alice restarts. Bob's `Sync` cannot tell her about the version (he
@@ -190,18 +245,7 @@ async fn a_failed_commit_burns_its_version(ledger: Ledger) {
 /// answered `Conflict` (5 of 5). Now all five go through, past it.
 async fn a_burnt_version_survives_the_proposers_restart(ledger: Ledger) {
     let armed = Arc::new(AtomicBool::new(false));
-    let alice_opts = Options {
-        wrap_persister: Some(Box::new({
-            let armed = armed.clone();
-            move |inner| {
-                Arc::new(FailNextCommit {
-                    inner,
-                    armed: armed.clone(),
-                }) as Arc<dyn Persister>
-            }
-        })),
-        ..Options::default()
-    };
+    let alice_opts = failing(&armed, commits);
     let mut ps = vec![
         common::party(&ledger, u(1_000_000), &alice_opts).await,
         common::party(&ledger, u(1_000_000), &Options::default()).await,

@@ -327,6 +327,39 @@ impl Machine {
         Ok(sig)
     }
 
+    /// [`sign_staged_with`](Self::sign_staged_with) on a copy of the staged
+    /// state, the machine unchanged: the copy is what a caller stores
+    /// before the signature may count, or leave. Once it is stored, the
+    /// returned [`Presigned`] goes to `sign_staged_with`, which then signs
+    /// nothing anew.
+    pub fn sign_staged_copy(
+        &self,
+        account: &dyn Account,
+        made: Option<Presigned>,
+    ) -> Result<(SignedState, Presigned)> {
+        if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
+            return Err(Error::WrongPhase {
+                op: "sign_staged",
+                phase: self.phase,
+            });
+        }
+        let staged = self.staged.as_ref().ok_or(Error::NothingStaged)?;
+        let hash = self.staged_hash().ok_or(Error::NothingStaged)?;
+        Self::check_sign(
+            self.last_signed,
+            self.signed_final,
+            staged.state.version,
+            hash,
+        )?;
+        let made = made
+            .filter(|m| m.hash == hash && m.signer == account.address())
+            .map(|m| m.sig);
+        let mut copy = staged.clone();
+        let sig = copy.sign_hashed(&self.params, self.index, account, hash, made)?;
+        let signer = account.address();
+        Ok((copy, Presigned { hash, signer, sig }))
+    }
+
     /// Signs `state` alone, outside the update protocol: our move in an app
     /// channel's on-chain dispute. The same rule as [`sign_staged`](Self::sign_staged):
     /// never a second state of a version already signed, nothing older,
@@ -371,13 +404,29 @@ impl Machine {
     /// staged state is fully signed: `Signing0 → Funding`, `Updating →
     /// Active`, or `Updating → Final` for a final state.
     pub fn committed_phase(&self) -> Result<Phase> {
+        match &self.staged {
+            Some(staged) => self.committed_phase_of(staged),
+            // The phase is the first complaint, as for the other operations.
+            None if !matches!(self.phase, Phase::Signing0 | Phase::Updating) => {
+                Err(Error::WrongPhase {
+                    op: "commit_staged",
+                    phase: self.phase,
+                })
+            }
+            None => Err(Error::NothingStaged),
+        }
+    }
+
+    /// [`committed_phase`](Self::committed_phase) for `staged`, a copy of
+    /// the staged state with more signatures (see
+    /// [`sign_staged_copy`](Self::sign_staged_copy)).
+    pub fn committed_phase_of(&self, staged: &SignedState) -> Result<Phase> {
         if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
             return Err(Error::WrongPhase {
                 op: "commit_staged",
                 phase: self.phase,
             });
         }
-        let staged = self.staged.as_ref().ok_or(Error::NothingStaged)?;
         if !staged.is_fully_signed() {
             let missing = staged.sigs.iter().position(Option::is_none).unwrap_or(0);
             return Err(Error::MissingSignature(missing));

@@ -437,3 +437,32 @@ fn a_commit_completes_the_staged_state_or_changes_nothing() {
     // A repeated commit finds nothing staged.
     assert!(b.complete_staged(&sigs).is_err());
 }
+
+#[test]
+fn a_signed_copy_changes_nothing_until_the_machine_takes_its_signature() {
+    let (mut a, _, accs) = active_pair();
+    let mut last = pay(&a, 0, 1, 5);
+    last.isFinal = true;
+    a.stage_update(last.clone(), 0, &PaymentApp).unwrap();
+    let snapshot = a.clone();
+    let (copy, signed) = a.sign_staged_copy(&accs[0], None).unwrap();
+    assert_eq!(a, snapshot, "nothing counts as signed yet");
+    assert_eq!(a.last_signed(), snapshot.last_signed());
+    assert!(!a.signed_final());
+    assert_eq!(copy.sigs[0], Some(signed.signature()));
+    assert_eq!(copy.state, last);
+    // The wrong account signs nothing.
+    assert!(a.sign_staged_copy(&accs[1], None).is_err());
+    assert_eq!(a, snapshot);
+    // Taken: the same signature, no new one; now it counts.
+    assert_eq!(
+        a.sign_staged_with(&accs[0], Some(signed)).unwrap(),
+        signed.signature()
+    );
+    assert_eq!(a.staged(), Some(&copy));
+    assert!(a.signed_final());
+    // A second state of that version is refused, on a copy as in place.
+    a.discard_staged().unwrap();
+    let other = pay(&a, 0, 1, 6);
+    assert!(a.stage_update(other, 0, &PaymentApp).is_err());
+}

@@ -472,22 +472,24 @@ impl Locked {
         Ok(full)
     }
 
-    /// [`commit_trial`](Self::commit_trial) for the machine's own staged
-    /// state, once fully signed, without a copy of the machine: persisted
-    /// first, then committed in place and announced. On error the state is
-    /// still staged, with every signature it got (the caller drops it).
-    pub(crate) async fn commit_staged(
+    /// [`commit_trial`](Self::commit_trial) without a copy of the machine:
+    /// `full` is the staged state with our signature, `signed`, on it
+    /// ([`Machine::sign_staged_copy`]). It is persisted first; only then
+    /// does the machine take the signature (so a caller dropped during the
+    /// write leaves none in memory for a `Sync` to hand out), commit in
+    /// place and announce. On error the machine holds the state staged,
+    /// unsigned by us (the caller drops it).
+    pub(crate) async fn commit_signed(
         &mut self,
         shared: &Shared,
         core: &ChannelCore,
+        full: SignedState,
+        signed: perun_channel::Presigned,
     ) -> Result<SignedState> {
-        let after = self.machine.committed_phase()?;
-        let full = self
-            .machine
-            .staged()
-            .cloned()
-            .ok_or(Error::Channel(perun_channel::Error::NothingStaged))?;
+        let after = self.machine.committed_phase_of(&full)?;
         self.store_commit(shared, core, &full, after).await?;
+        self.machine
+            .sign_staged_with(shared.account.as_ref(), Some(signed))?;
         self.machine.commit_staged()?;
         self.installed();
         self.announce(core);

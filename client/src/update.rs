@@ -218,16 +218,17 @@ pub(crate) async fn propose(
             return Err(e);
         }
         crate::failpoint::hit("propose_before_commit").await;
-        // Signed in place: should the state not become durable, it is
-        // dropped below, and the version counts as signed (our next
-        // proposal skips it).
-        if let Err(e) = l.machine.sign_staged_with(shared.account.as_ref(), made) {
-            // Our signature never left: dropping the update is safe, and
-            // the peers that signed hear so.
-            fail(shared, core, l, (&next, base), true, false, signed_by).await;
-            return Err(e.into());
-        }
-        let full = match l.commit_staged(shared, core).await {
+        // Our signature goes on a copy, into the machine once stored.
+        let (full, signed) = match l.machine.sign_staged_copy(shared.account.as_ref(), made) {
+            Ok(copy) => copy,
+            Err(e) => {
+                // Our signature never left: dropping the update is safe,
+                // and the peers that signed hear so.
+                fail(shared, core, l, (&next, base), true, false, signed_by).await;
+                return Err(e.into());
+            }
+        };
+        let full = match l.commit_signed(shared, core, full, signed).await {
             Ok(full) => full,
             Err(e) => {
                 // Our signature never left: dropping the update is safe.
@@ -611,32 +612,33 @@ async fn respond_update(
         l.drop_staged(core);
         return reject(core, version, RejectKind::Refused, reason);
     }
-    // Persist our signature before it leaves this process. Signed in
-    // place: should the write fail, the staged state is dropped with it,
-    // and the version counts as signed (never signed again otherwise).
-    let signed = l
-        .machine
-        .sign_staged(shared.account.as_ref())
-        .map_err(Error::from)
-        .map(|sig| (sig, l.machine.staged().cloned()));
-    let (sig, carried) = match signed {
-        Ok((sig, Some(staged))) => {
-            crate::failpoint::hit("update_before_persist").await;
-            match l.write(shared, core, vec![Change::Staged(staged)]).await {
-                Ok(carried) => {
-                    crate::failpoint::hit("update_after_persist").await;
-                    (sig, carried)
-                }
-                Err(e) => {
-                    warn!(error = %e, "could not persist our signature; refusing");
-                    l.drop_staged(core);
-                    return reject(core, version, RejectKind::Refused, "internal error".into());
-                }
-            }
-        }
-        Ok((_, None)) | Err(_) => {
+    // Persist our signature before it leaves this process: signed on a
+    // copy, which is stored; the machine takes the signature after that.
+    let account = shared.account.as_ref();
+    let (staged, signed) = match l.machine.sign_staged_copy(account, None) {
+        Ok(copy) => copy,
+        Err(_) => {
             l.drop_staged(core);
             return reject(core, version, RejectKind::Refused, "cannot sign".into());
+        }
+    };
+    crate::failpoint::hit("update_before_persist").await;
+    let stored = l.write(shared, core, vec![Change::Staged(staged)]).await;
+    let taken = stored.and_then(|carried| {
+        l.machine
+            .sign_staged_with(account, Some(signed))
+            .map(|sig| (sig, carried))
+            .map_err(Error::from)
+    });
+    let (sig, carried) = match taken {
+        Ok(done) => {
+            crate::failpoint::hit("update_after_persist").await;
+            done
+        }
+        Err(e) => {
+            warn!(error = %e, "could not persist our signature; refusing");
+            l.drop_staged(core);
+            return reject(core, version, RejectKind::Refused, "internal error".into());
         }
     };
     l.signed_at = Some(std::time::Instant::now());

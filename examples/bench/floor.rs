@@ -209,8 +209,10 @@ impl PairProbe {
 
     /// Every pair so far; removes the files.
     pub(crate) fn finish(self) -> Res<Samples> {
-        self.responder.finish()?;
-        self.proposer.finish()?;
+        // Both files go, even if one cannot.
+        let (a, b) = (self.responder.finish(), self.proposer.finish());
+        a?;
+        b?;
         Ok(Samples::new(self.took))
     }
 }

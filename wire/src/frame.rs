@@ -155,15 +155,16 @@ pub(crate) async fn read_exact_body<R: AsyncRead + Unpin>(
     io: &mut R,
     len: usize,
 ) -> Result<Vec<u8>> {
-    // Memory grows with the bytes that arrive, not with the length a peer
-    // claims; a body within the first step is read in place (no probing
-    // read past its end, which would grow the buffer for nothing).
-    const STEP: usize = 64 * 1024;
-    let mut body = vec![0; len.min(STEP)];
+    // Memory grows with the bytes that arrive (doubling), not with the
+    // length a peer claims; a body within the first step is read in place,
+    // in a buffer of its size (no probing read past its end, which would
+    // grow the buffer for nothing).
+    const FIRST: usize = 8 * 1024;
+    let mut body = vec![0; len.min(FIRST)];
     let mut got = 0;
     while got < len {
         if got == body.len() {
-            let more = len.min(got + STEP);
+            let more = len.min(got.saturating_mul(2));
             body.reserve_exact(more - got);
             body.resize(more, 0);
         }
@@ -466,7 +467,7 @@ mod tests {
     /// in several; a short one names how much arrived.
     #[test]
     fn bodies_are_read_exactly() {
-        for len in [0, 1, 300, 64 * 1024, 64 * 1024 + 1, 200_000] {
+        for len in [0, 1, 300, 8 * 1024, 8 * 1024 + 1, 200_000] {
             let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let body =
                 futures::executor::block_on(read_exact_body(&mut &bytes[..], len)).expect("read");
