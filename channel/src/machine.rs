@@ -559,4 +559,9 @@ impl Presigned {
     pub fn signature(&self) -> Signature {
         self.sig
     }
+
+    /// The hash it signs.
+    pub fn hash(&self) -> B256 {
+        self.hash
+    }
 }

@@ -486,6 +486,11 @@ impl Locked {
         full: SignedState,
         signed: perun_channel::Presigned,
     ) -> Result<SignedState> {
+        // `full` and `signed` come from the staged state as it still is
+        // (the lock is held): nothing else may be stored as committed.
+        if self.machine.staged_hash() != Some(signed.hash()) {
+            return Err(Error::Conflict);
+        }
         let after = self.machine.committed_phase_of(&full)?;
         self.store_commit(shared, core, &full, after).await?;
         self.machine
