@@ -361,21 +361,22 @@ mod tests {
         let staged = rec.staged.as_ref().unwrap();
         assert!(staged.sigs.iter().any(Option::is_none));
         for st in [rec.current.as_ref().unwrap(), staged] {
-            let owned = StateV1 {
-                state: st.state.clone(),
-                sigs: st
-                    .sigs
-                    .iter()
-                    .map(|s| {
-                        s.as_ref()
-                            .map(|s| perun_wallet::signature_bytes(s).to_vec())
-                    })
-                    .collect(),
-            };
             assert_eq!(
                 encode_state(st).unwrap(),
-                frame(KIND_STATE, &owned).unwrap()
+                frame(KIND_STATE, &owned(st)).unwrap()
             );
+        }
+    }
+
+    /// The owned form of `st`, as reads decode it.
+    fn owned(st: &SignedState) -> StateV1 {
+        let mut sigs = Vec::with_capacity(st.sigs.len());
+        for sig in &st.sigs {
+            sigs.push(sig.map(|s| perun_wallet::signature_bytes(&s).to_vec()));
+        }
+        StateV1 {
+            state: st.state.clone(),
+            sigs,
         }
     }
 
@@ -453,25 +454,7 @@ mod tests {
                 ..rec.clone()
             }
         );
-        let old_state = frame_as(
-            1,
-            KIND_STATE,
-            &StateV1 {
-                state: rec.current.as_ref().unwrap().state.clone(),
-                sigs: rec
-                    .current
-                    .as_ref()
-                    .unwrap()
-                    .sigs
-                    .iter()
-                    .map(|s| {
-                        s.as_ref()
-                            .map(|s| perun_wallet::signature_bytes(s).to_vec())
-                    })
-                    .collect(),
-            },
-        )
-        .unwrap();
+        let old_state = frame_as(1, KIND_STATE, &owned(rec.current.as_ref().unwrap())).unwrap();
         assert_eq!(
             decode_state(id, &old_state).unwrap(),
             *rec.current.as_ref().unwrap()
