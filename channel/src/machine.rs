@@ -278,14 +278,45 @@ impl Machine {
         }
     }
 
-    fn staged_mut(&mut self, op: &'static str) -> Result<&mut SignedState> {
-        if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
-            return Err(Error::WrongPhase {
+    /// Refuses `op` unless a state is under signature (`Signing0`,
+    /// `Updating`).
+    fn under_signature(&self, op: &'static str) -> Result<()> {
+        if matches!(self.phase, Phase::Signing0 | Phase::Updating) {
+            Ok(())
+        } else {
+            Err(Error::WrongPhase {
                 op,
                 phase: self.phase,
-            });
+            })
         }
+    }
+
+    fn staged_mut(&mut self, op: &'static str) -> Result<&mut SignedState> {
+        self.under_signature(op)?;
         self.staged.as_mut().ok_or(Error::NothingStaged)
+    }
+
+    /// What signing the staged state as `account` needs, checked against
+    /// the double-sign rule: its hash, and `made` if that is `account`'s
+    /// signature over it (else `None`: sign afresh).
+    fn signing(
+        &self,
+        account: &dyn Account,
+        made: Option<Presigned>,
+    ) -> Result<(B256, Option<Signature>)> {
+        self.under_signature("sign_staged")?;
+        let staged = self.staged.as_ref().ok_or(Error::NothingStaged)?;
+        let hash = self.staged_hash().ok_or(Error::NothingStaged)?;
+        Self::check_sign(
+            self.last_signed,
+            self.signed_final,
+            staged.state.version,
+            hash,
+        )?;
+        let made = made
+            .filter(|m| m.hash == hash && m.signer == account.address())
+            .map(|m| m.sig);
+        Ok((hash, made))
     }
 
     /// The params, the staged state and its hash, to sign it or to add a
@@ -313,15 +344,11 @@ impl Machine {
         made: Option<Presigned>,
     ) -> Result<Signature> {
         let index = self.index;
-        let (last, last_final) = (self.last_signed, self.signed_final);
-        let (params, staged, hash) = self.staged_parts("sign_staged")?;
+        let (hash, made) = self.signing(account, made)?;
+        let staged = self.staged.as_mut().ok_or(Error::NothingStaged)?;
         let (version, is_final) = (staged.state.version, staged.state.isFinal);
-        Self::check_sign(last, last_final, version, hash)?;
         // On error nothing is stored (`sign_hashed` sets the slot last).
-        let made = made
-            .filter(|m| m.hash == hash && m.signer == account.address())
-            .map(|m| m.sig);
-        let sig = staged.sign_hashed(params, index, account, hash, made)?;
+        let sig = staged.sign_hashed(&self.params, index, account, hash, made)?;
         self.last_signed = Some((version, hash));
         self.signed_final = is_final;
         Ok(sig)
@@ -337,24 +364,8 @@ impl Machine {
         account: &dyn Account,
         made: Option<Presigned>,
     ) -> Result<(SignedState, Presigned)> {
-        if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
-            return Err(Error::WrongPhase {
-                op: "sign_staged",
-                phase: self.phase,
-            });
-        }
-        let staged = self.staged.as_ref().ok_or(Error::NothingStaged)?;
-        let hash = self.staged_hash().ok_or(Error::NothingStaged)?;
-        Self::check_sign(
-            self.last_signed,
-            self.signed_final,
-            staged.state.version,
-            hash,
-        )?;
-        let made = made
-            .filter(|m| m.hash == hash && m.signer == account.address())
-            .map(|m| m.sig);
-        let mut copy = staged.clone();
+        let (hash, made) = self.signing(account, made)?;
+        let mut copy = self.staged.clone().ok_or(Error::NothingStaged)?;
         let sig = copy.sign_hashed(&self.params, self.index, account, hash, made)?;
         let signer = account.address();
         Ok((copy, Presigned { hash, signer, sig }))
@@ -404,29 +415,15 @@ impl Machine {
     /// staged state is fully signed: `Signing0 → Funding`, `Updating →
     /// Active`, or `Updating → Final` for a final state.
     pub fn committed_phase(&self) -> Result<Phase> {
-        match &self.staged {
-            Some(staged) => self.committed_phase_of(staged),
-            // The phase is the first complaint, as for the other operations.
-            None if !matches!(self.phase, Phase::Signing0 | Phase::Updating) => {
-                Err(Error::WrongPhase {
-                    op: "commit_staged",
-                    phase: self.phase,
-                })
-            }
-            None => Err(Error::NothingStaged),
-        }
+        self.under_signature("commit_staged")?;
+        self.committed_phase_of(self.staged.as_ref().ok_or(Error::NothingStaged)?)
     }
 
     /// [`committed_phase`](Self::committed_phase) for `staged`, a copy of
     /// the staged state with more signatures (see
     /// [`sign_staged_copy`](Self::sign_staged_copy)).
     pub fn committed_phase_of(&self, staged: &SignedState) -> Result<Phase> {
-        if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
-            return Err(Error::WrongPhase {
-                op: "commit_staged",
-                phase: self.phase,
-            });
-        }
+        self.under_signature("commit_staged")?;
         if !staged.is_fully_signed() {
             let missing = staged.sigs.iter().position(Option::is_none).unwrap_or(0);
             return Err(Error::MissingSignature(missing));
@@ -469,12 +466,7 @@ impl Machine {
             .collect();
         // Checked before anything changes: the staged state, once full,
         // must be committable.
-        if !matches!(self.phase, Phase::Signing0 | Phase::Updating) {
-            return Err(Error::WrongPhase {
-                op: "complete_staged",
-                phase: self.phase,
-            });
-        }
+        self.under_signature("complete_staged")?;
         self.add_signatures(&missing)?;
         self.commit_staged()
     }
