@@ -18,6 +18,25 @@ pub(crate) struct Sequential {
     pub(crate) latency: Samples,
 }
 
+/// Set, each measured sequential update is bracketed by two marker system
+/// calls that a system-wide trace can see (`diagnostics/update_trace.sh`):
+/// `statx` of a missing path, without flags before the update and with
+/// `AT_SYMLINK_NOFOLLOW` after it.
+const MARKS_VAR: &str = "PERUN_BENCH_MARKS";
+
+enum MarkAt {
+    Start,
+    End,
+}
+
+fn mark(at: MarkAt) {
+    // The calls fail (the path does not exist); only their trace matters.
+    let _ = match at {
+        MarkAt::Start => std::fs::metadata("/perun-bench-mark"),
+        MarkAt::End => std::fs::symlink_metadata("/perun-bench-mark"),
+    };
+}
+
 /// Measured updates between two calls of the `between` hook.
 pub(crate) const BATCH: usize = 100;
 
@@ -35,10 +54,17 @@ pub(crate) async fn sequential(
         ch.pay(1, 0, one).await?;
     }
     let mut lat = Vec::with_capacity(measured);
+    let marks = std::env::var_os(MARKS_VAR).is_some();
     for i in 0..measured {
+        if marks {
+            mark(MarkAt::Start);
+        }
         let t = Instant::now();
         ch.pay(1, 0, one).await?;
         lat.push(t.elapsed());
+        if marks {
+            mark(MarkAt::End);
+        }
         if (i + 1).is_multiple_of(BATCH) {
             between()?;
         }
