@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -246,6 +247,49 @@ async fn expected_payments_resolve_and_time_out_and_unexpected_ones_are_refused(
         Err(Error::Rejected { .. })
     ));
     assert_eq!(mine(&chans[1]), u(135));
+}
+
+/// Bob's tracker gets to run only after the payments landed (its runtime
+/// is not driven until then): both are still booked, on the channel open
+/// before `Payments` was made and on one opened after. A CI run lost a
+/// payment when the tracker read each channel's baseline once it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payments_made_before_the_tracker_runs_are_booked() {
+    let ledger = Ledger::sim().await;
+    let (a, b) = two(&ledger, 1000).await;
+    let mut ps = vec![a, b];
+    let old = open(&ledger, &mut ps, u(100)).await;
+    let pa = Payments::new(&ps[0].client).unwrap();
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pb = {
+        let _on_idle = idle.enter();
+        Payments::new(&ps[1].client).unwrap()
+    };
+    let (alice, eth) = (ps[0].client.peer_id(), ledger.asset());
+    let paid = pb.expect(alice, &eth, u(55), WAIT).unwrap();
+    let (pa_, pb_) = ps.split_at_mut(1);
+    let [new, bobs_new] = channel2(&ledger, &pa_[0], &mut pb_[0], 50, 0).await;
+    let bob = ps[1].client.peer_id();
+    for amount in [10, 45] {
+        let r = pa.reserve(bob, &eth, u(amount)).await.unwrap();
+        pa.send(r, u(amount)).await.unwrap();
+    }
+    assert_eq!((mine(&new), mine(&old[0])), (u(40), u(55)), "both paid");
+    // Bob holds both payments before his tracker may run.
+    let signed = tokio::time::timeout(WAIT, async {
+        while bobs_new.state().state.version == 0 || old[1].state().state.version == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    signed.await.unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        idle.block_on(paid.into_future()).map_err(|e| e.to_string())
+    });
+    assert_eq!(got.await.unwrap().unwrap().amount, u(55));
+    drop(pb);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

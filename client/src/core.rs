@@ -28,6 +28,49 @@ pub(crate) const RESUME_CONCURRENCY: usize = 32;
 /// limit of their own: a watcher never waits behind a peer's `Sync`).
 pub(crate) const WATCH_CONCURRENCY: usize = 64;
 
+/// What the channel follower ([`Shared::follow_channels`]) learns, in the
+/// order it happened.
+#[derive(Debug)]
+pub(crate) enum ChannelNews {
+    /// A channel to follow: each fully signed state after `baseline`
+    /// arrives on `states`.
+    Added {
+        core: Arc<ChannelCore>,
+        states: broadcast::Receiver<SignedState>,
+        baseline: SignedState,
+    },
+    /// The channel left the client (an opening that failed; a withdrawn
+    /// channel stays, and its follower ends on the phase).
+    Removed(ChannelId),
+}
+
+/// The follower's channel and which channels it follows.
+struct NewsTo {
+    wants: fn(&ChannelCore) -> bool,
+    tx: tokio::sync::mpsc::UnboundedSender<ChannelNews>,
+}
+
+impl NewsTo {
+    /// Tells of `core` if it is wanted; `false` once the follower is gone.
+    fn added(&self, core: &Arc<ChannelCore>) -> bool {
+        if !(self.wants)(core) {
+            return true;
+        }
+        // Subscribed before the baseline is read: an update published in
+        // between is seen twice, never lost (the follower skips versions
+        // it has passed).
+        let states = core.subscribe_updates();
+        let baseline = core.state.borrow().clone();
+        self.tx
+            .send(ChannelNews::Added {
+                core: core.clone(),
+                states,
+                baseline,
+            })
+            .is_ok()
+    }
+}
+
 /// An accepted proposal waiting for its `Signing0`.
 #[derive(Debug)]
 pub(crate) struct Pending {
@@ -54,9 +97,9 @@ pub(crate) struct Shared {
     pub(crate) apps: crate::apps::Apps,
     pub(crate) timeouts: Timeouts,
     channels: Mutex<HashMap<ChannelId, Arc<ChannelCore>>>,
-    /// Counts insertions into and removals from `channels`, so a
-    /// background task (the payments tracker) learns of new channels.
-    pub(crate) channels_changed: watch::Sender<u64>,
+    /// Where the payments tracker learns of channels, if one follows them.
+    /// Only taken with `channels` held, so the news keeps the map's order.
+    channel_news: Mutex<Option<NewsTo>>,
     /// Whether a `Payments` lives for this client (one at a time).
     pub(crate) payments_active: AtomicBool,
     pub(crate) pending: Mutex<HashMap<perun_wire::ProposalId, Pending>>,
@@ -121,7 +164,7 @@ impl Shared {
             apps: p.apps,
             timeouts: p.timeouts,
             channels: Mutex::new(HashMap::new()),
-            channels_changed: watch::channel(0).0,
+            channel_news: Mutex::new(None),
             payments_active: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             proposals: crate::dispatch::Gate::new(
@@ -146,13 +189,55 @@ impl Shared {
     }
 
     pub(crate) fn insert_channel(&self, core: Arc<ChannelCore>) {
-        lock(&self.channels).insert(core.id, core);
-        self.channels_changed.send_modify(|n| *n += 1);
+        let mut channels = lock(&self.channels);
+        // A channel is told of once: two followers on one stream would
+        // each book some of its payments.
+        if channels.insert(core.id, core.clone()).is_none() {
+            self.tell(|to| to.added(&core));
+        }
     }
 
     pub(crate) fn remove_channel(&self, id: &ChannelId) {
-        lock(&self.channels).remove(id);
-        self.channels_changed.send_modify(|n| *n += 1);
+        let mut channels = lock(&self.channels);
+        if channels.remove(id).is_some() {
+            // Unwanted ones too: the follower ignores what it never followed.
+            self.tell(|to| to.tx.send(ChannelNews::Removed(*id)).is_ok());
+        }
+    }
+
+    /// Tells the follower, if any, through `send` (`false`: it is gone).
+    /// Called with `channels` locked, so the news keeps their order.
+    fn tell(&self, send: impl FnOnce(&NewsTo) -> bool) {
+        let mut news = lock(&self.channel_news);
+        if news.as_ref().is_some_and(|to| !send(to)) {
+            *news = None;
+        }
+    }
+
+    /// From now on, `tx` learns of every channel that `wants` accepts: the
+    /// ones the client holds now at once, each later one as it is
+    /// inserted, each removal after it. Each comes with its updates
+    /// subscribed at the same moment its baseline state is read, so no
+    /// update is missed however late the follower runs (one that read
+    /// the state itself once it ran missed what came before). Replaces an
+    /// earlier follower.
+    pub(crate) fn follow_channels(
+        &self,
+        wants: fn(&ChannelCore) -> bool,
+        tx: tokio::sync::mpsc::UnboundedSender<ChannelNews>,
+    ) {
+        let channels = lock(&self.channels);
+        let to = NewsTo { wants, tx };
+        for core in channels.values() {
+            to.added(core);
+        }
+        *lock(&self.channel_news) = Some(to);
+    }
+
+    /// Stops telling the follower.
+    pub(crate) fn unfollow_channels(&self) {
+        let _channels = lock(&self.channels);
+        *lock(&self.channel_news) = None;
     }
 
     /// The update handler in charge now.
@@ -760,6 +845,9 @@ impl ChannelCore {
             st.state.version > old.state.version || !old.is_fully_signed()
         };
         if newer {
+            // The state first, then the stream: a follower that subscribes
+            // and then reads the state (`Shared::follow_channels`) loses
+            // nothing in between.
             self.state.send_replace(st.clone());
             if let Some(tx) = self.updates.get() {
                 let _ = tx.send(st.clone());

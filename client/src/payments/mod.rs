@@ -317,6 +317,8 @@ impl Drop for Inner {
                 *installed = previous;
             }
         }
+        // Before the next `Payments` may be made, so it never loses its news.
+        self.shared.unfollow_channels();
         self.shared
             .payments_active
             .store(false, std::sync::atomic::Ordering::Release);
@@ -388,7 +390,9 @@ impl Payments {
                 _alive: alive,
             }
         });
-        runtime.spawn(track::track(Arc::downgrade(&inner), stopped));
+        let (news_tx, news) = tokio::sync::mpsc::unbounded_channel();
+        shared.follow_channels(track::carries_payments, news_tx);
+        runtime.spawn(track::track(Arc::downgrade(&inner), news, stopped));
         Ok(Self { inner })
     }
 

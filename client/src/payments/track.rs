@@ -13,77 +13,107 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use perun_channel::{Address, Phase, SignedState};
-use tokio::sync::{broadcast, oneshot, watch};
+use perun_channel::{Address, ChannelId, Phase, SignedState};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{IncomingPayment, Inner, held_by};
-use crate::core::{ChannelCore, lock};
+use crate::core::{ChannelCore, ChannelNews, lock};
+
+/// Which channels carry payments: two-party ones without an app.
+pub(super) fn carries_payments(core: &ChannelCore) -> bool {
+    core.peers.len() == 2 && core.params.app == Address::ZERO
+}
 
 /// Runs until the `Payments` (every clone) is dropped or the client stops.
-pub(super) async fn track(inner: Weak<Inner>, stopped: watch::Receiver<()>) {
+/// `news` tells of each channel to follow with its baseline, taken when
+/// the channel was inserted (or when `Payments` was made), not when this
+/// task gets to run: a payment that lands before is still booked.
+pub(super) async fn track(
+    inner: Weak<Inner>,
+    mut news: mpsc::UnboundedReceiver<ChannelNews>,
+    stopped: watch::Receiver<()>,
+) {
     let Some(shared) = inner.upgrade().map(|i| i.shared.clone()) else {
         return;
     };
-    let mut changed = shared.channels_changed.subscribe();
-    // Dropping a channel's sender (it left the client: withdrawn, or a
-    // proposal that failed) ends its follower.
-    let mut followed: HashMap<_, oneshot::Sender<()>> = HashMap::new();
+    // Dropping a channel's sender (it left the client: a proposal that
+    // failed) ends its follower.
+    let mut followed: HashMap<ChannelId, oneshot::Sender<()>> = HashMap::new();
     loop {
-        let cores = shared.channel_cores();
-        followed.retain(|id, _| cores.iter().any(|c| c.id == *id));
-        for core in cores {
-            if core.peers.len() == 2
-                && core.params.app == Address::ZERO
-                && !followed.contains_key(&core.id)
-            {
-                let (gone_tx, gone) = oneshot::channel();
-                followed.insert(core.id, gone_tx);
-                let span = info_span!("payments_follow", channel = %core.id);
-                tokio::spawn(follow(inner.clone(), core, stopped.clone(), gone).instrument(span));
-            }
-        }
         let mut stop = stopped.clone();
-        tokio::select! {
-            r = changed.changed() => if r.is_err() { return },
+        let item = tokio::select! {
+            n = news.recv() => match n {
+                Some(n) => n,
+                None => return,
+            },
             _ = stop.changed() => return,
             _ = shared.stopping() => return,
+        };
+        match item {
+            ChannelNews::Added {
+                core,
+                states,
+                baseline,
+            } => {
+                let (gone_tx, gone) = oneshot::channel();
+                // Removed and inserted again: a new follower (the old one ended).
+                followed.insert(core.id, gone_tx);
+                let span = info_span!("payments_follow", channel = %core.id);
+                let follower = Follower {
+                    inner: inner.clone(),
+                    core,
+                    states,
+                    last: baseline,
+                };
+                tokio::spawn(follower.run(stopped.clone(), gone).instrument(span));
+            }
+            ChannelNews::Removed(id) => {
+                followed.remove(&id);
+            }
         }
     }
 }
 
-/// Follows one channel until it is withdrawn or leaves the client, or the
-/// `Payments` is dropped.
-async fn follow(
+/// One channel's follower: books each fully signed state over `last`.
+struct Follower {
     inner: Weak<Inner>,
     core: Arc<ChannelCore>,
-    mut stopped: watch::Receiver<()>,
-    mut gone: oneshot::Receiver<()>,
-) {
-    // Subscribed before the first read: nothing published in between is lost.
-    let mut states = core.subscribe_updates();
-    let mut phases = core.phase_changes();
-    let mut last = core.state.borrow().clone();
-    loop {
-        let now = tokio::select! {
-            r = states.recv() => match r {
-                Ok(st) => st,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(channel = %core.id, skipped = n, "payments follower lags; comparing with the latest state");
-                    core.state.borrow().clone()
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            _ = phases.wait_for(|p| *p == Phase::Withdrawn) => return,
-            _ = stopped.changed() => return,
-            _ = &mut gone => return,
-        };
-        let Some(inner) = inner.upgrade() else { return };
-        if now.state.version <= last.state.version || !now.is_fully_signed() {
-            continue;
+    states: broadcast::Receiver<SignedState>,
+    last: SignedState,
+}
+
+impl Follower {
+    /// Runs until the channel is withdrawn or leaves the client, or the
+    /// `Payments` is dropped.
+    async fn run(mut self, mut stopped: watch::Receiver<()>, mut gone: oneshot::Receiver<()>) {
+        let core = self.core.clone();
+        let mut phases = core.phase_changes();
+        loop {
+            let now = tokio::select! {
+                // States waiting are booked before a withdrawal ends us.
+                biased;
+                r = self.states.recv() => match r {
+                    Ok(st) => st,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(channel = %core.id, skipped = n, "payments follower lags; comparing with the latest state");
+                        core.state.borrow().clone()
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = phases.wait_for(|p| *p == Phase::Withdrawn) => return,
+                _ = stopped.changed() => return,
+                _ = &mut gone => return,
+            };
+            let Some(inner) = self.inner.upgrade() else {
+                return;
+            };
+            if now.state.version <= self.last.state.version || !now.is_fully_signed() {
+                continue;
+            }
+            book(&inner, &core, &self.last, &now);
+            self.last = now;
         }
-        book(&inner, &core, &last, &now);
-        last = now;
     }
 }
 
