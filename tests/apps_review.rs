@@ -313,7 +313,7 @@ async fn a_pending_forced_move_is_sent_after_a_restart(ledger: Ledger) {
         })
     };
     on_chain(&g, 4).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    move_stored(&g, 5).await;
     let alice = g.ps.remove(0);
     let alice = restart_opts(&g.ledger, alice, &app_opts(g.app)).await;
     let r = forcing.await.unwrap();
@@ -366,7 +366,7 @@ async fn after_a_restart_the_same_move_may_be_forced_again_but_no_other(ledger: 
         })
     };
     on_chain(&g, 4).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    move_stored(&g, 5).await;
     let alice = g.ps.remove(0);
     let alice = restart_opts(&g.ledger, alice, &app_opts(g.app)).await;
     let _ = forcing.await.unwrap();

@@ -174,13 +174,23 @@ async fn a_signed_forced_move_is_sent_even_if_its_caller_stopped_waiting(ledger:
     g.ps[1].client.shutdown().await;
     let id = g.chans[0].id();
     let params = g.chans[0].params().clone();
-    let first = tokio::time::timeout(
-        Duration::from_secs(2),
-        g.chans[0].force_update(|s| TicTacToe.play(&params, s, 0, 6)),
-    )
-    .await;
-    assert!(first.is_err(), "the window is not open yet: {first:?}");
+    let forcing = {
+        let alice = g.chans[0].clone();
+        tokio::spawn(async move {
+            alice
+                .force_update(|s| TicTacToe.play(&params, s, 0, 6))
+                .await
+        })
+    };
+    // The caller stops waiting once the move is signed and stored.
     on_chain(&g, 4).await;
+    move_stored(&g, 5).await;
+    forcing.abort();
+    let first = forcing.await;
+    assert!(
+        first.as_ref().is_err_and(|e| e.is_cancelled()),
+        "the window is not open yet: {first:?}"
+    );
     g.ledger.advance(CHALLENGE + 1).await;
     // The move is sent although nobody waits for it any more: the final
     // move concludes at once and Alice is paid, and a restart changes nothing.

@@ -439,7 +439,8 @@ async fn crash_after_signing0() {
         .await
         .unwrap()
         .expect("the channel opens after Bob's restart");
-    assert!(bob.command("status").starts_with("STATUS Active 0"));
+    // Bob sees the funding on his own schedule.
+    wait_status(&mut bob, "STATUS Active 0").await;
     w.settle_both(&ch, &mut bob).await;
 }
 

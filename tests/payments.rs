@@ -227,9 +227,17 @@ async fn expected_payments_resolve_and_time_out_and_unexpected_ones_are_refused(
         .expect(alice, &eth, u(20), Duration::from_millis(700))
         .unwrap();
     assert_eq!(pb.balance(alice)[0].incoming, u(50));
+    let mut incoming = pb.incoming();
     for amount in [10, 20, 5] {
         let r = pa.reserve(bob, &eth, u(amount)).await.unwrap();
         pa.send(r, u(amount)).await.unwrap();
+    }
+    // Booked (the 5 too) before `second`'s 700 ms start.
+    for _ in 0..3 {
+        tokio::time::timeout(WAIT, incoming.next())
+            .await
+            .unwrap()
+            .unwrap();
     }
     assert_eq!(first.await.unwrap().amount, u(30));
     match second.await {

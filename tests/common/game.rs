@@ -114,3 +114,24 @@ pub async fn dispute_version(g: &Game) -> Option<u64> {
         .unwrap()
         .map(|d| d.version)
 }
+
+/// Waits until Alice's store holds her forced move `version` (the staged
+/// state, signed by her): what a restart or a dropped caller relies on.
+pub async fn move_stored(g: &Game, version: u64) {
+    let id = g.chans[0].id();
+    let stored = async {
+        loop {
+            let rec = g.ps[0].persister.load(id).await.ok().flatten();
+            if rec
+                .and_then(|r| r.staged)
+                .is_some_and(|s| s.state.version == version)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(super::WAIT, stored)
+        .await
+        .expect("the forced move is stored");
+}
