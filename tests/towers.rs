@@ -470,7 +470,7 @@ async fn a_silent_tower_does_not_slow_updates() {
     let key = LocalAccount::random();
     let opts = Options {
         towers: vec![TowerConfig {
-            timeout: Duration::from_secs(4),
+            timeout: Duration::from_secs(10),
             ..config(addr, &key)
         }],
         ..Options::default()
@@ -481,13 +481,14 @@ async fn a_silent_tower_does_not_slow_updates() {
     for _ in 0..10 {
         chans[0].pay(1, 0, u(1)).await.unwrap();
     }
-    // Had they waited for the tower, the first alone would take 4 s.
+    // Had they waited for the tower, the first alone would take 10 s (a
+    // bound no loaded machine's scheduling reaches).
     assert!(
-        t.elapsed() < Duration::from_secs(3),
+        t.elapsed() < Duration::from_secs(8),
         "10 updates took {:?}: they waited for the tower",
         t.elapsed()
     );
-    let error = tokio::time::timeout(Duration::from_secs(20), async {
+    let error = tokio::time::timeout(Duration::from_secs(40), async {
         while let Some(ev) = events.next().await {
             if let ChannelEvent::TowerFailed { error, .. } = ev {
                 return error;

@@ -23,7 +23,7 @@ async fn silent_peer_times_out() {
     let request_timeout = Duration::from_millis(500);
     let (a, _a_in) = node_with(|c| c.request_timeout = request_timeout).await;
     let (b, mut b_in) = node().await;
-    introduce(&a, &b).await;
+    connect(&a, &b).await;
     let b_id = b.local_peer_id();
     let started = Instant::now();
     let send = tokio::spawn({
@@ -229,7 +229,7 @@ async fn full_incoming_queue_answers_busy() {
     let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_millis(500)).await;
     // b's application never reads: one request fits the queue, the rest bounce.
     let (b, _b_in) = node_with(|c| c.incoming_capacity = 1).await;
-    introduce(&a, &b).await;
+    connect(&a, &b).await;
     let b_id = b.local_peer_id();
     let sends: Vec<_> = (0..3)
         .map(|_| {

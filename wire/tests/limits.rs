@@ -24,14 +24,18 @@ fn is_busy(r: &perun_wire::Result<Message>) -> bool {
     matches!(r, Err(Error::Refused(r)) if r.code == RefusalCode::Busy)
 }
 
-/// Keeps every request unanswered (the responders stay alive) until dropped.
-fn hold(mut incoming: Incoming) -> tokio::task::JoinHandle<()> {
+/// Keeps every request unanswered (the responders stay alive) while the
+/// node runs; the receiver counts them.
+fn hold(mut incoming: Incoming) -> tokio::sync::watch::Receiver<usize> {
+    let (count, counted) = tokio::sync::watch::channel(0);
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Some(req) = incoming.next().await {
             held.push(req);
+            count.send_replace(held.len());
         }
-    })
+    });
+    counted
 }
 
 /// Acknowledges every request.
@@ -65,8 +69,8 @@ async fn unanswered_requests_are_capped_per_peer_and_in_all() {
     let quick = |c: &mut perun_wire::Config| c.request_timeout = Duration::from_millis(700);
     let (a, _a_in) = node_with(quick).await;
     let (c, _c_in) = node_with(quick).await;
-    introduce(&a, &b).await;
-    introduce(&c, &b).await;
+    connect(&a, &b).await;
+    connect(&c, &b).await;
     // a: two are held (and time out), the other two are refused at once.
     let results = send_many(&a, &b, 4).await;
     assert_eq!(
@@ -116,9 +120,9 @@ async fn answered_requests_give_their_place_back() {
 async fn large_frames_share_a_byte_budget() {
     init_tracing();
     let (b, b_in) = node_with(|c| c.limits.large_frame_bytes = 40 * 1024).await;
-    let _held = hold(b_in);
+    let mut held = hold(b_in);
     let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_millis(700)).await;
-    introduce(&a, &b).await;
+    connect(&a, &b).await;
     let mut st = state(2, 1);
     st.appData = Bytes::from(vec![7u8; 30 * 1024]);
     let big = Message::Update(Update {
@@ -127,10 +131,11 @@ async fn large_frames_share_a_byte_budget() {
         actor: 0,
     });
     let id = b.local_peer_id();
-    // The first holds 30 KiB of the 40 until answered; the second does not fit.
+    // The first holds 30 KiB of the 40 until answered; the second, sent
+    // once b holds the first, does not fit.
     let first = a.send(id, &big);
     let second = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        held.wait_for(|n| *n == 1).await.expect("b holds the first");
         a.send(id, &big).await
     };
     let (first, second) = timeout(WAIT, futures::future::join(first, second))

@@ -43,6 +43,16 @@ pub(crate) async fn introduce(from: &Handle, to: &Handle) {
         .expect("add address");
 }
 
+/// Connects `from` to `to` before a test's short request timeouts start
+/// (a dial on a loaded machine must not count against them).
+pub(crate) async fn connect(from: &Handle, to: &Handle) {
+    introduce(from, to).await;
+    tokio::time::timeout(WAIT, from.dial(to.local_peer_id(), None))
+        .await
+        .expect("in time")
+        .expect("dial");
+}
+
 pub(crate) fn sig(seed: u8) -> Signature {
     Signature::new(
         U256::from(seed) + U256::from(1),
