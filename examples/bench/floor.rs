@@ -1,5 +1,6 @@
 //! The floor: the primitives one durable two-party update cannot avoid,
-//! each measured on its own (p50) in this process.
+//! each measured on its own (p50) in this process (the round trip's other
+//! end in a child).
 //!
 //! - sign: `SignedState::sign` of a realistic two-party state (hash +
 //!   EIP-191 secp256k1 signature), as the responder and the proposer do;
@@ -11,7 +12,8 @@
 //!   batches of the durable updates ([`FsyncProbe`]); the floor uses the
 //!   interleaved samples when there are any;
 //! - round trip: an `Update` request answered with an `UpdateAccept` over a
-//!   real `perun_wire` connection on 127.0.0.1, as in `wire_bench`.
+//!   real `perun_wire` connection on 127.0.0.1 to a node in a child
+//!   process, as Bob is for the updates ([`crate::peer`]).
 //!
 //! `floor = 2 sign + 2 check + 2 fsync + 1 round trip`.
 
@@ -23,9 +25,10 @@ use std::time::{Duration, Instant};
 use perun::channel::signed::verify_sig;
 use perun::channel::{Address, Allocation, Asset, Params, SignedState, State, U256};
 use perun::wallet::{Account, LocalAccount};
-use perun::wire::{Config, Message, Node, Update, UpdateAccept, generate_key};
+use perun::wire::{Config, Message, Node, PeerId, Update, UpdateAccept, generate_key};
 
 use crate::Res;
+use crate::peer::{Process, parse_addrs, serve_until_stdin_closes};
 use crate::stats::Samples;
 
 /// The p50 of each primitive, in milliseconds.
@@ -232,21 +235,56 @@ fn update_msg(state: &State) -> Message {
     })
 }
 
-/// p50 of an `Update` request answered by an `UpdateAccept`, in milliseconds.
+/// The first argument that makes this binary the round trip's answering
+/// node.
+pub(crate) const ECHO_FLAG: &str = "--echo-child";
+
+/// p50 of an `Update` request answered by an `UpdateAccept`, in
+/// milliseconds, with the answering node in a child process: the updates
+/// it is the floor of run Bob in a process of his own ([`crate::peer`]),
+/// so both cross the same process boundary.
 async fn round_trip(iterations: usize) -> Res<f64> {
     let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
-    let (params, state) = sample_state(&alice, &bob);
-    let sig = SignedState::new(state.clone()).sign(&params, 1, &bob)?;
+    let (_, state) = sample_state(&alice, &bob);
+    let (echo, ready) = Process::spawn(&[ECHO_FLAG.to_string()]).await?;
+    let b_id: PeerId = ready["peer"]
+        .as_str()
+        .ok_or("the echo child's ready line lacks peer")?
+        .parse()?;
+    let addr = parse_addrs(&ready)?
+        .into_iter()
+        .next()
+        .ok_or("no listen address")?;
     let (a, _a_in) = Node::start(Config::new(generate_key())).await?;
+    a.dial(b_id, Some(addr)).await?;
+    let msg = update_msg(&state);
+    for _ in 0..iterations / 10 {
+        a.send(b_id, &msg).await?;
+    }
+    let mut took: Vec<Duration> = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        a.send(b_id, &msg).await?;
+        took.push(t.elapsed());
+    }
+    a.shutdown().await;
+    echo.shutdown().await?;
+    Ok(Samples::new(took).p50())
+}
+
+/// The echo child: answers every `Update` with a signed `UpdateAccept`
+/// until its standard input closes.
+pub(crate) async fn echo_child() -> Res<()> {
+    let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+    let (params, state) = sample_state(&alice, &bob);
+    let sig = SignedState::new(state).sign(&params, 1, &bob)?;
     let (b, mut b_in) = Node::start(Config::new(generate_key())).await?;
-    let b_id = b.local_peer_id();
-    let addr = b
+    let addrs: Vec<String> = b
         .listen_addrs()
         .await?
-        .first()
-        .cloned()
-        .ok_or("no listen address")?;
-    a.dial(b_id, Some(addr)).await?;
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let server = tokio::spawn(async move {
         while let Some(req) = b_in.next().await {
             let (_, msg, responder) = req.into_parts();
@@ -260,18 +298,9 @@ async fn round_trip(iterations: usize) -> Res<f64> {
             }
         }
     });
-    let msg = update_msg(&state);
-    for _ in 0..iterations / 10 {
-        a.send(b_id, &msg).await?;
-    }
-    let mut took: Vec<Duration> = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let t = Instant::now();
-        a.send(b_id, &msg).await?;
-        took.push(t.elapsed());
-    }
-    a.shutdown().await;
-    b.shutdown().await;
+    let ready = serde_json::json!({ "peer": b.local_peer_id().to_string(), "addrs": addrs });
+    let served = serve_until_stdin_closes(&ready).await;
     server.abort();
-    Ok(Samples::new(took).p50())
+    b.shutdown().await;
+    served
 }

@@ -16,7 +16,10 @@
 //!   Alice calls `pay` again and again, one at a time (after a warm-up), with
 //!   both clients on a `RedbPersister` in `target/bench/tmp` (default options)
 //!   resp. a `MemoryPersister`; measured updates over the time spent in
-//!   `pay` (so the fsync probes between batches do not count).
+//!   `pay` (so the fsync probes between batches do not count). Bob runs in
+//!   a child process of his own ([`peer`]), as a peer does in deployment:
+//!   in one process the clients would share the wallet's memo of checked
+//!   signatures and never recover each other's.
 //! - `update_latency_p50_ms` / `update_latency_p99_ms`: the durable `pay`
 //!   calls' latencies; `update_latency_memory_p50_ms` / `_p99_ms` the
 //!   in-memory ones; `durable_p99_over_p50` / `memory_p99_over_p50` their
@@ -34,9 +37,10 @@
 //!   100-channel figure over it (issue 17: at least 0.75).
 //! - `aggregate_updates_per_s_100ch`: 100 durable channels between the same
 //!   two clients, one task per channel paying in a loop for a fixed time;
-//!   `aggregate_cores_busy` is the process's CPU time over that run's wall
-//!   time (at the machine's core count the run is CPU-bound), and
-//!   `aggregate_cpu_ms_per_update` its CPU time per update, both sides.
+//!   `aggregate_cores_busy` is both processes' CPU time (Alice's and Bob's)
+//!   over that run's wall time (at the machine's core count the run is
+//!   CPU-bound), and `aggregate_cpu_ms_per_update` their CPU time per
+//!   update.
 //! - `open_channel_ms`: median of `propose_channel` calls (proposal, version-0
 //!   signatures, both deposits mined, `Active`), durable.
 //! - `restore_10k_channels_ms` / `rss_bytes_per_channel_10k`: 10,000 active
@@ -48,7 +52,9 @@
 //!   returned (what `restore_10k_channels_ms` measured before issue 12).
 //! - `payments_per_s` / `payments_raw_pay_per_s` / `payments_ratio`: one
 //!   durable channel, batches of `Payments::reserve` + `send` alternating
-//!   with batches of raw `pay` (see [`payments`]).
+//!   with batches of raw `pay` (see [`payments`]); both clients in this
+//!   process (Bob's payments follower is an API of his client), so only
+//!   the ratio compares with the figures above.
 //!
 //! - `chain_index_scan_100k_blocks_ms`: the client's chain index (issue 15)
 //!   scans 100,000 blocks holding 1,000 channels' deposits of its account
@@ -72,6 +78,7 @@ mod chain_index;
 mod floor;
 mod merge;
 mod payments;
+mod peer;
 mod report;
 mod restore;
 mod setup;
@@ -229,6 +236,14 @@ fn main() -> Res<()> {
     if args.first().map(String::as_str) == Some(restore::CHILD_FLAG) {
         // No log subscriber: the child measures the client alone.
         return runtime.block_on(restore::child(&args[1..]));
+    }
+    if args.first().map(String::as_str) == Some(floor::ECHO_FLAG) {
+        return runtime.block_on(floor::echo_child());
+    }
+    if args.first().map(String::as_str) == Some(peer::CHILD_FLAG) {
+        // Bob's process: errors only, to standard error.
+        init_logs();
+        return runtime.block_on(peer::child(&args[1..]));
     }
     if args.first().map(String::as_str) == Some(tower::CHILD_FLAG) {
         return runtime.block_on(tower::child(&args[1..]));

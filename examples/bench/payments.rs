@@ -24,8 +24,9 @@ pub(crate) async fn measure(chain: &Chain, opts: &Options, batches: usize) -> Re
     let mut pair = Pair::start(chain, Store::Durable, &opts.work.join("payments")).await?;
     let ch = pair.open(chain.asset()).await?;
     let payer = Payments::new(&pair.alice)?;
-    let _payee = Payments::new(&pair.bob)?;
-    let (bob, eth, one) = (pair.bob.peer_id(), chain.asset(), U256::from(1));
+    let bob = pair.local_bob().ok_or("Bob runs in this process here")?;
+    let _payee = Payments::new(bob)?;
+    let (bob, eth, one) = (bob.peer_id(), chain.asset(), U256::from(1));
     let mut raw = Duration::ZERO;
     let mut layer = Duration::ZERO;
     for round in 0..=batches {
@@ -54,7 +55,7 @@ pub(crate) async fn measure(chain: &Chain, opts: &Options, batches: usize) -> Re
         layer_per_s / raw_per_s
     );
     drop(ch);
-    pair.shutdown().await;
+    pair.shutdown().await?;
     Ok(json!({
         "payments_per_s": layer_per_s,
         "payments_raw_pay_per_s": raw_per_s,

@@ -248,7 +248,7 @@ struct Durable {
 /// `concurrent_channels` updating at once.
 async fn durable(chain: &Chain, opts: &Options) -> Res<Durable> {
     let c = &opts.counts;
-    let mut pair = Pair::start(chain, Store::Durable, &opts.work.join("durable")).await?;
+    let mut pair = Pair::start_apart(chain, Store::Durable, &opts.work.join("durable")).await?;
     let (mut chans, mut took) = updates::open_timed(&mut pair, chain, 1).await?;
     // The fsync floor is sampled between batches of these updates, in the
     // same directory, so both see the same disk.
@@ -284,10 +284,10 @@ async fn durable(chain: &Chain, opts: &Options) -> Res<Durable> {
         "    opened {rest} more channels in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let aggregate = updates::aggregate(&chans, c.concurrent_for).await?;
+    let aggregate = updates::aggregate(&chans, c.concurrent_for, || pair.bob_cpu_time()).await?;
     let channels = chans.len();
     drop(chans);
-    pair.shutdown().await;
+    pair.shutdown().await?;
     Ok(Durable {
         open,
         sequential,
@@ -301,11 +301,11 @@ async fn durable(chain: &Chain, opts: &Options) -> Res<Durable> {
 /// One in-memory pair, one channel, sequential updates.
 async fn memory(chain: &Chain, opts: &Options) -> Res<Sequential> {
     let c = &opts.counts;
-    let mut pair = Pair::start(chain, Store::Memory, &opts.work.join("memory")).await?;
+    let mut pair = Pair::start_apart(chain, Store::Memory, &opts.work.join("memory")).await?;
     let ch = pair.open(chain.asset()).await?;
     let seq = updates::sequential(&ch, c.warmup, c.measured, || Ok(())).await?;
     drop(ch);
-    pair.shutdown().await;
+    pair.shutdown().await?;
     Ok(seq)
 }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use perun::adjudicator::{Deployment, EthAdjudicator, EthConfig, EthFunder};
-use perun::channel::{Address, Allocation, Params, Phase, SignedState, State, U256};
+use perun::channel::{Allocation, Params, Phase, SignedState, State, U256};
 use perun::client::{Client, Timeouts};
 use perun::persistence::{ChannelRecord, Persister, RedbPersister};
 use perun::wallet::{Account, LocalAccount};
@@ -32,7 +32,7 @@ use perun::wire::{Keypair, PeerId, generate_key, load_key, save_key};
 use serde_json::{Value, json};
 
 use crate::Res;
-use crate::setup::{Chain, deposit, eth_asset};
+use crate::setup::{Chain, deployment_args, deposit, eth_asset, parse_deployment};
 use crate::stats::rss_bytes;
 
 /// The first argument that makes this binary the restore child.
@@ -181,14 +181,6 @@ fn rand_nonce() -> u64 {
         .unwrap_or(1)
 }
 
-fn deployment_args(d: &Deployment) -> Vec<String> {
-    [d.adjudicator, d.eth_holder, d.token, d.erc20_holder]
-        .iter()
-        .map(|a| a.to_string())
-        .chain([d.block.to_string()])
-        .collect()
-}
-
 /// Runs this binary with `args` and parses its result line; kills it
 /// after `time_box`.
 /// Runs this binary with `args`, killed after `time_box`; the JSON of its
@@ -234,23 +226,16 @@ struct ChildArgs {
 }
 
 fn child_args(args: &[String]) -> Res<ChildArgs> {
-    let [dir, url, adj, eth, token, erc20, block] = args else {
+    let [dir, url, deployment @ ..] = args else {
         return Err(
             "usage: --restore-child DIR WS_URL ADJUDICATOR ETH_HOLDER TOKEN ERC20_HOLDER BLOCK"
                 .into(),
         );
     };
-    let addr = |s: &String| s.parse::<Address>();
     Ok(ChildArgs {
         dir: PathBuf::from(dir),
         ws_url: url.clone(),
-        deployment: Deployment {
-            adjudicator: addr(adj)?,
-            eth_holder: addr(eth)?,
-            token: addr(token)?,
-            erc20_holder: addr(erc20)?,
-            block: block.parse()?,
-        },
+        deployment: parse_deployment(deployment)?,
     })
 }
 

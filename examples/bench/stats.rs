@@ -59,17 +59,22 @@ pub(crate) fn rss_bytes() -> Res<u64> {
 /// CPU time this process has used so far, user and system, from
 /// `/proc/self/stat` (in clock ticks of `USER_HZ`, 100 on Linux).
 pub(crate) fn cpu_time() -> Res<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    cpu_time_of(std::path::Path::new("/proc/self/stat"))
+}
+
+/// The same for the process whose `/proc/<pid>/stat` is at `path`.
+pub(crate) fn cpu_time_of(path: &std::path::Path) -> Res<Duration> {
+    let stat = std::fs::read_to_string(path)?;
     // The command name (field 2) may hold spaces; fields count from after it.
     let rest = stat
         .rsplit_once(')')
         .map(|(_, r)| r)
-        .ok_or("bad /proc/self/stat")?;
+        .ok_or("bad /proc/<pid>/stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let tick = |i: usize| -> Res<u64> {
         Ok(fields
             .get(i)
-            .ok_or("short /proc/self/stat")?
+            .ok_or("short /proc/<pid>/stat")?
             .parse::<u64>()?)
     };
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.

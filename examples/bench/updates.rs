@@ -102,8 +102,8 @@ pub(crate) struct Aggregate {
     pub(crate) wall: Duration,
     /// Latency of every update.
     pub(crate) latency: Samples,
-    /// CPU time the whole process (both clients, their stores and
-    /// transports) used meanwhile.
+    /// CPU time both clients (their stores and transports) used
+    /// meanwhile: this process's, plus Bob's when he runs in his own.
     pub(crate) cpu: Duration,
 }
 
@@ -126,8 +126,15 @@ impl Aggregate {
 }
 
 /// One task per channel pays 1 wei in a loop until `run_for` passed.
-pub(crate) async fn aggregate(chans: &[Channel], run_for: Duration) -> Res<Aggregate> {
-    let cpu_before = crate::stats::cpu_time()?;
+/// `peer_cpu` is Bob's process's CPU time so far, if he has one.
+pub(crate) async fn aggregate(
+    chans: &[Channel],
+    run_for: Duration,
+    peer_cpu: impl Fn() -> Res<Option<Duration>>,
+) -> Res<Aggregate> {
+    let cpu =
+        || -> Res<Duration> { Ok(crate::stats::cpu_time()? + peer_cpu()?.unwrap_or_default()) };
+    let cpu_before = cpu()?;
     let started = Instant::now();
     let deadline = started + run_for;
     let mut tasks = tokio::task::JoinSet::new();
@@ -152,6 +159,6 @@ pub(crate) async fn aggregate(chans: &[Channel], run_for: Duration) -> Res<Aggre
         updates: all.len() as u64,
         wall,
         latency: Samples::new(all),
-        cpu: crate::stats::cpu_time()?.saturating_sub(cpu_before),
+        cpu: cpu()?.saturating_sub(cpu_before),
     })
 }
