@@ -31,6 +31,9 @@
 //!   the durable p99 over it: near 1, the disk's own tail is the update's.
 //! - `memory_floor_ratio`: the in-memory p50 over `floor_no_fsync_ms`, the
 //!   floor without its two fsyncs (issue 17: at most 1.15).
+//! - `recoveries_per_update`: signatures Alice's process recovered per
+//!   sequential durable update (checks the wallet's memo could not answer):
+//!   at least 1, Bob's, or the part fails.
 //! - `cpu_bound_updates_per_s`: the updates per second this machine's cores
 //!   could sign and check: cores ÷ (2 signatures + 2 checks, as measured
 //!   for the floor in the same run); `aggregate_cpu_bound_ratio` is the
@@ -225,7 +228,12 @@ fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("error,alloy_pubsub=off,alloy_transport_ws=off")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Standard error: a child's standard output carries its lines to the
+    // parent.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> Res<()> {
@@ -241,7 +249,7 @@ fn main() -> Res<()> {
         return runtime.block_on(floor::echo_child());
     }
     if args.first().map(String::as_str) == Some(peer::CHILD_FLAG) {
-        // Bob's process: errors only, to standard error.
+        // Bob's process logs as the parent does (errors only by default).
         init_logs();
         return runtime.block_on(peer::child(&args[1..]));
     }

@@ -35,14 +35,18 @@ pub(crate) const CHILD_FLAG: &str = "--peer-child";
 const READY_PREFIX: &str = "PEER_READY ";
 /// Prefix of the child's line for each channel it has open.
 const OPENED_PREFIX: &str = "PEER_OPENED ";
-/// How long the child may take to start, and to stop.
+/// Prefix of the child's line for a channel it failed to open.
+const OPEN_FAILED_PREFIX: &str = "PEER_OPEN_FAILED ";
+/// How long the child may take to start (build its client and listen).
 const START_WAIT: Duration = Duration::from_secs(60);
+/// How long the child may take to stop once its input closed.
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// A child process of this binary that prints a ready line, then lines
 /// the parent waits for, and ends when its standard input closes.
 pub(crate) struct Process {
-    child: Child,
+    /// `None` once [`Process::shutdown`] took it.
+    child: Option<Child>,
     /// Closing it tells the child to shut down.
     stdin: Option<ChildStdin>,
     /// The child's standard output, line by line.
@@ -74,7 +78,7 @@ impl Process {
                 }
             })?;
         let mut this = Self {
-            child,
+            child: Some(child),
             stdin,
             lines,
         };
@@ -82,12 +86,16 @@ impl Process {
         Ok((this, ready))
     }
 
-    /// The next line of the child's that starts with `prefix`, without it.
+    /// The next line of the child's that starts with `prefix`, without it;
+    /// an [`OPEN_FAILED_PREFIX`] line before it is the child's error.
     async fn line(&mut self, prefix: &str, wait: Duration) -> Res<String> {
         let found = tokio::time::timeout(wait, async {
             while let Some(line) = self.lines.recv().await {
                 if let Some(rest) = line.strip_prefix(prefix) {
                     return Ok(rest.to_string());
+                }
+                if let Some(why) = line.strip_prefix(OPEN_FAILED_PREFIX) {
+                    return Err(format!("the child failed to open a channel: {why}"));
                 }
             }
             Err(format!("the child ended before a {prefix:?} line"))
@@ -99,14 +107,17 @@ impl Process {
 
     /// User plus system CPU time of the child so far.
     pub(crate) fn cpu_time(&self) -> Res<Duration> {
-        crate::stats::cpu_time_of(&PathBuf::from(format!("/proc/{}/stat", self.child.id())))
+        let child = self.child.as_ref().ok_or("the child was shut down")?;
+        crate::stats::cpu_time_of(&PathBuf::from(format!("/proc/{}/stat", child.id())))
     }
 
     /// Closes the child's input, which shuts it down; kills it if it has
     /// not exited after [`STOP_WAIT`].
     pub(crate) async fn shutdown(mut self) -> Res<()> {
         drop(self.stdin.take());
-        let mut child = self.child;
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
         let status = tokio::task::spawn_blocking(move || -> Res<_> {
             let deadline = std::time::Instant::now() + STOP_WAIT;
             loop {
@@ -126,6 +137,17 @@ impl Process {
             return Err(format!("the child failed with {status}").into());
         }
         Ok(())
+    }
+}
+
+/// A child left behind by an error (no [`Process::shutdown`]) is killed
+/// and reaped, so it neither loads the parts after it nor lingers.
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -231,7 +253,7 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
         while let Some(ch) = opened.recv().await {
             let line = match ch {
                 Ok(ch) => format!("{OPENED_PREFIX}{}", ch.id()),
-                Err(e) => format!("PEER_OPEN_FAILED {e}"),
+                Err(e) => format!("{OPEN_FAILED_PREFIX}{e}"),
             };
             if say(&line).is_err() {
                 break;

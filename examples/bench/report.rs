@@ -243,9 +243,9 @@ struct Durable {
     channels: usize,
 }
 
-/// One durable pair: the first channel for the sequential figures, then
-/// more opened one by one for `open_channel_ms`, then up to
-/// `concurrent_channels` updating at once.
+/// One durable pair, Bob in a process of his own: the first channel for
+/// the sequential figures, then more opened one by one for
+/// `open_channel_ms`, then up to `concurrent_channels` updating at once.
 async fn durable(chain: &Chain, opts: &Options) -> Res<Durable> {
     let c = &opts.counts;
     let mut pair = Pair::start_apart(chain, Store::Durable, &opts.work.join("durable")).await?;
@@ -298,7 +298,8 @@ async fn durable(chain: &Chain, opts: &Options) -> Res<Durable> {
     })
 }
 
-/// One in-memory pair, one channel, sequential updates.
+/// One in-memory pair, Bob in a process of his own, one channel,
+/// sequential updates.
 async fn memory(chain: &Chain, opts: &Options) -> Res<Sequential> {
     let c = &opts.counts;
     let mut pair = Pair::start_apart(chain, Store::Memory, &opts.work.join("memory")).await?;
@@ -394,6 +395,10 @@ fn record_durable(s: &mut Summary, d: Option<&Durable>) {
     s.set(
         "update_latency_mean_ms",
         d.map(|d| d.sequential.latency.mean_ms()),
+    );
+    s.set(
+        "recoveries_per_update",
+        d.map(|d| d.sequential.recoveries_per_update),
     );
     s.set(
         "aggregate_updates_per_s_100ch",
@@ -577,6 +582,7 @@ pub(crate) const ROWS: &[&str] = &[
     "floor_fsync_interleaved_p99_ms",
     "floor_fsync_pair_p99_ms",
     "update_latency_mean_ms",
+    "recoveries_per_update",
     "aggregate_channels",
     "aggregate_cores_busy",
     "aggregate_cpu_ms_per_update",

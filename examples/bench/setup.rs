@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use perun::adjudicator::testing::{Anvil, CHAIN_ID};
 use perun::adjudicator::{Deployment, EthAdjudicator, EthConfig, EthFunder, deploy};
-use perun::channel::Address;
-use perun::channel::{Allocation, Asset, U256};
+use perun::channel::{Address, Allocation, Asset, U256};
 use perun::client::{
     AcceptAllForTesting, AcceptPaymentsToMe, Channel, ChannelProposal, Client, Participant,
 };
@@ -55,6 +54,9 @@ pub(crate) fn eth_asset(deployment: &Deployment) -> Asset {
         holder: deployment.eth_holder,
     }
 }
+
+/// How long Bob may take to report a channel open.
+const OPEN_WAIT: Duration = Duration::from_secs(30);
 
 /// Where a pair keeps its channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +225,7 @@ impl Pair {
         let bob = match &mut self.bob {
             Bob::Local { opened, .. } => tokio::time::timeout(OPEN_WAIT, opened.recv())
                 .await
-                .map_err(|_| "Bob did not report the channel within 30 s")?
+                .map_err(|_| format!("Bob did not report the channel within {OPEN_WAIT:?}"))?
                 .ok_or("Bob's proposal handler stopped")??
                 .id(),
             Bob::Remote(peer) => peer.opened(OPEN_WAIT).await?,
@@ -246,6 +248,3 @@ impl Pair {
         }
     }
 }
-
-/// How long Bob may take to report a channel open.
-const OPEN_WAIT: Duration = Duration::from_secs(30);

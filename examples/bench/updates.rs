@@ -16,6 +16,10 @@ pub(crate) struct Sequential {
     pub(crate) per_s: f64,
     /// Each measured `pay`'s latency.
     pub(crate) latency: Samples,
+    /// Signatures this process recovered per measured update (a check that
+    /// missed the wallet's memo): at least one, the peer's, when the peer
+    /// runs in a process of its own ([`crate::peer`]).
+    pub(crate) recoveries_per_update: f64,
 }
 
 /// Set, each measured sequential update is bracketed by two marker system
@@ -55,6 +59,7 @@ pub(crate) async fn sequential(
     }
     let mut lat = Vec::with_capacity(measured);
     let marks = std::env::var_os(MARKS_VAR).is_some();
+    let misses_before = perun::wallet::memo::misses();
     for i in 0..measured {
         if marks {
             mark(MarkAt::Start);
@@ -69,10 +74,23 @@ pub(crate) async fn sequential(
             between()?;
         }
     }
+    let recovered = perun::wallet::memo::misses() - misses_before;
+    let recoveries_per_update = recovered as f64 / measured.max(1) as f64;
+    // Each update's check of the peer's signature is a recovery in
+    // deployment; fewer means the figures leave it out (the peer shares
+    // this process's memo).
+    if (recovered as usize) < measured {
+        return Err(format!(
+            "{recovered} signature recoveries over {measured} updates: the peer's \
+             signatures were never checked cold, the figures would be flattered"
+        )
+        .into());
+    }
     let busy: Duration = lat.iter().sum();
     Ok(Sequential {
         per_s: measured as f64 / busy.as_secs_f64(),
         latency: Samples::new(lat),
+        recoveries_per_update,
     })
 }
 

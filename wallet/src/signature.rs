@@ -80,6 +80,7 @@ pub fn verify(hash: B256, sig: &Signature, signer: Address) -> Result<()> {
     let recovered = match memo::get(hash, sig) {
         Some(a) => a,
         None => {
+            memo::MISSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let a = recover(hash, sig)?;
             memo::put(hash, sig, a);
             a
@@ -98,6 +99,7 @@ pub fn verify(hash: B256, sig: &Signature, signer: Address) -> Result<()> {
 /// The memo of recovered signers behind [`verify`].
 pub mod memo {
     use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{LazyLock, Mutex, PoisonError};
 
     use alloy_primitives::{Address, B256, Signature};
@@ -112,6 +114,9 @@ pub mod memo {
 
     static MEMO: LazyLock<Mutex<HashMap<Key, Address>>> =
         LazyLock::new(|| Mutex::new(HashMap::new()));
+
+    /// Checks that found nothing here and recovered (see [`misses`]).
+    pub(crate) static MISSES: AtomicU64 = AtomicU64::new(0);
 
     fn key(hash: B256, sig: &Signature) -> Key {
         (hash.0, sig.as_bytes())
@@ -135,6 +140,29 @@ pub mod memo {
     /// How many checks are remembered (for tests and diagnostics).
     pub fn len() -> usize {
         MEMO.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// How many checks in this process so far found nothing here and
+    /// recovered the signer. A benchmark reads it to prove it measured the
+    /// checks a deployment makes: two clients in one process find each
+    /// other's signatures here (each signer remembers its own) and never
+    /// recover one.
+    ///
+    /// ```
+    /// use perun_wallet::{Account, LocalAccount, memo, verify};
+    /// use alloy_primitives::B256;
+    ///
+    /// let alice = LocalAccount::random();
+    /// let hash = B256::repeat_byte(7);
+    /// let sig = alice.sign_hash(hash)?;
+    /// let before = memo::misses();
+    /// memo::clear(); // as if the signature had come from another process
+    /// verify(hash, &sig, alice.address())?;
+    /// assert!(memo::misses() > before);
+    /// # Ok::<(), perun_wallet::Error>(())
+    /// ```
+    pub fn misses() -> u64 {
+        MISSES.load(Ordering::Relaxed)
     }
 
     /// Forgets every remembered check (benchmarks measure cold checks).
