@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Prints the timelines of three sequential durable updates near the p50,
-from `perf script -F comm,tid,cpu,time,event,trace` of wake_trace.sh: who
+from `perf script -F comm,tid,cpu,time,event,trace` of
+`update_trace.sh --wakes`: who
 ran on which CPU, who woke whom, and the store's writes and syncs."""
 import bisect
 import collections
