@@ -18,7 +18,8 @@ use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, InboundFailure, OutboundFailure, OutboundRequestId};
-use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, tcp, yamux,
 };
@@ -238,6 +239,7 @@ impl Node {
             events: events.clone(),
             pending: HashMap::new(),
             dials: HashMap::new(),
+            dialed: HashMap::new(),
             book: Book::new(config.limits.known_peers),
             max_frame: config.max_frame,
             admission,
@@ -767,6 +769,11 @@ impl Book {
         }
     }
 
+    /// When `peer`'s entry last changed (0: no entry).
+    fn touched(&self, peer: &PeerId) -> u64 {
+        self.peers.get(peer).map_or(0, |e| e.touched)
+    }
+
     fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.peers
             .get(peer)
@@ -816,6 +823,9 @@ struct EventLoop {
     events: broadcast::Sender<PeerEvent>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Reply>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<()>>>>,
+    /// Per peer with a dial of ours in progress: the book's `touched` tick
+    /// of its addresses when that dial started (see `dial_peer`).
+    dialed: HashMap<PeerId, u64>,
     book: Book,
     max_frame: usize,
     admission: Arc<Admission>,
@@ -899,13 +909,40 @@ impl EventLoop {
     /// with port reuse, two peers dialing each other at the same moment form
     /// one TCP simultaneous-open connection on which both sides act as noise
     /// initiator, and the handshake fails.
+    ///
+    /// A dial already in progress is joined (`DialPeerConditionFalse`)
+    /// unless the book learned addresses since it started: then one more
+    /// dial goes out with them. Otherwise a dial hanging on a stale address
+    /// (a peer that restarted on another port) would hold every send until
+    /// its timeout and fail them all, though the new address is known.
     fn dial_peer(&mut self, peer: PeerId) -> std::result::Result<(), DialError> {
         let addrs = self.book.addrs(&peer);
+        let touched = self.book.touched(&peer);
         let opts = DialOpts::peer_id(peer)
-            .addresses(addrs)
+            .addresses(addrs.clone())
             .allocate_new_port()
             .build();
-        self.swarm.dial(opts)
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dialed.insert(peer, touched);
+                Ok(())
+            }
+            Err(DialError::DialPeerConditionFalse(_))
+                if !self.swarm.is_connected(&peer)
+                    && self.dialed.get(&peer).is_some_and(|t| *t < touched) =>
+            {
+                debug!(%peer, "dial in progress is older than the book; dialing again");
+                let opts = DialOpts::peer_id(peer)
+                    .condition(PeerCondition::Disconnected)
+                    .addresses(addrs)
+                    .allocate_new_port()
+                    .build();
+                self.swarm.dial(opts)?;
+                self.dialed.insert(peer, touched);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Adds an address to the book (pinned: the application gave it).
@@ -943,6 +980,7 @@ impl EventLoop {
                 if endpoint.is_dialer() {
                     self.remember(peer_id, endpoint.get_remote_address().clone(), false);
                 }
+                self.dialed.remove(&peer_id);
                 for tx in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = tx.send(Ok(()));
                 }
@@ -967,6 +1005,7 @@ impl EventLoop {
                 ..
             } => {
                 debug!(%peer, %error, "outgoing connection failed");
+                self.dialed.remove(&peer);
                 if !self.swarm.is_connected(&peer) {
                     for tx in self.dials.remove(&peer).unwrap_or_default() {
                         let _ = tx.send(Err(Error::DialFailure(peer)));

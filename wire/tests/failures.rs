@@ -281,3 +281,50 @@ async fn frame_limit_is_configurable() {
     a.shutdown().await;
     small.shutdown().await;
 }
+
+/// A send that finds a dial in progress to an address that hangs (a peer
+/// that restarted on another port, its old one taken by something mute)
+/// goes out on a dial to the address learned since, instead of waiting for
+/// that dial and failing with it (CI: `chaos_anvil` seed 2, "could not
+/// dial" right after the peer's restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_does_not_wait_for_a_dial_to_a_stale_address() {
+    init_tracing();
+    let (a, _a_in) = node().await;
+    let (b, mut b_in) = node().await;
+    let b_id = b.local_peer_id();
+    // Accepts connections and never speaks: a dial to it hangs in its
+    // handshake until the transport gives up (about 10 s).
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mute_port = mute.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = mute.incoming().take(4).collect();
+        std::thread::sleep(Duration::from_secs(30));
+        drop(held);
+    });
+    let stale = format!("/ip4/127.0.0.1/tcp/{mute_port}")
+        .parse()
+        .expect("addr");
+    a.add_address(b_id, stale).await.expect("add");
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.send(b_id, &commit()).await }
+    });
+    // The first send's dial is hanging now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for addr in b.listen_addrs().await.expect("addrs") {
+        a.add_address(b_id, addr).await.expect("add");
+    }
+    let answering = tokio::spawn(async move {
+        while let Some(req) = b_in.next().await {
+            let (_, _, responder) = req.into_parts();
+            let _ = responder.reply(Message::Ack);
+        }
+    });
+    let second = timeout(Duration::from_secs(8), a.send(b_id, &commit())).await;
+    assert!(matches!(second, Ok(Ok(Message::Ack))), "{second:?}");
+    // The first send, waiting for a connection, goes out on the new one.
+    let first = timeout(WAIT, first).await.expect("in time").expect("task");
+    assert!(matches!(first, Ok(Message::Ack)), "{first:?}");
+    answering.abort();
+}
