@@ -19,7 +19,7 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, InboundFailure, OutboundFailure, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{DialError, ListenError, NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, tcp, yamux,
 };
@@ -758,6 +758,8 @@ struct BookEntry {
     addrs: Vec<Multiaddr>,
     pinned: bool,
     touched: u64,
+    /// The tick of the last address new to this entry.
+    generation: u64,
 }
 
 impl Book {
@@ -769,9 +771,10 @@ impl Book {
         }
     }
 
-    /// When `peer`'s entry last changed (0: no entry).
-    fn touched(&self, peer: &PeerId) -> u64 {
-        self.peers.get(peer).map_or(0, |e| e.touched)
+    /// When `peer`'s entry last took an address it did not have (0: no
+    /// entry).
+    fn generation(&self, peer: &PeerId) -> u64 {
+        self.peers.get(peer).map_or(0, |e| e.generation)
     }
 
     fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
@@ -805,8 +808,11 @@ impl Book {
         let addrs = &mut entry.addrs;
         if let Some(i) = addrs.iter().position(|a| *a == addr) {
             addrs.remove(i);
-        } else if addrs.len() == MAX_ADDRS_PER_PEER {
-            addrs.remove(0);
+        } else {
+            entry.generation = self.tick;
+            if addrs.len() == MAX_ADDRS_PER_PEER {
+                addrs.remove(0);
+            }
         }
         addrs.push(addr);
         true
@@ -823,9 +829,10 @@ struct EventLoop {
     events: broadcast::Sender<PeerEvent>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Reply>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<()>>>>,
-    /// Per peer with a dial of ours in progress: the book's `touched` tick
-    /// of its addresses when that dial started (see `dial_peer`).
-    dialed: HashMap<PeerId, u64>,
+    /// Per peer: our latest dial to it and the book's address generation
+    /// (`Book::generation`) it started with, until that dial connects or
+    /// fails (see `dial_peer`).
+    dialed: HashMap<PeerId, (ConnectionId, u64)>,
     book: Book,
     max_frame: usize,
     admission: Arc<Admission>,
@@ -911,35 +918,43 @@ impl EventLoop {
     /// initiator, and the handshake fails.
     ///
     /// A dial already in progress is joined (`DialPeerConditionFalse`)
-    /// unless the book learned addresses since it started: then one more
-    /// dial goes out with them. Otherwise a dial hanging on a stale address
-    /// (a peer that restarted on another port) would hold every send until
-    /// its timeout and fail them all, though the new address is known.
+    /// unless the book took a new address for the peer since our latest
+    /// dial started: then one more dial goes out with the book's addresses.
+    /// Otherwise a dial hanging on a stale address (a peer that restarted
+    /// on another port, the old one taken by something mute) would hold
+    /// every send until libp2p's connection timeout (10 s), and its failure
+    /// fails every request waiting for a connection.
     fn dial_peer(&mut self, peer: PeerId) -> std::result::Result<(), DialError> {
-        let addrs = self.book.addrs(&peer);
-        let touched = self.book.touched(&peer);
+        let generation = self.book.generation(&peer);
         let opts = DialOpts::peer_id(peer)
-            .addresses(addrs.clone())
+            .addresses(self.book.addrs(&peer))
             .allocate_new_port()
             .build();
+        let id = opts.connection_id();
         match self.swarm.dial(opts) {
             Ok(()) => {
-                self.dialed.insert(peer, touched);
+                self.dialed.insert(peer, (id, generation));
                 Ok(())
             }
-            Err(DialError::DialPeerConditionFalse(_))
+            Err(DialError::DialPeerConditionFalse(c))
                 if !self.swarm.is_connected(&peer)
-                    && self.dialed.get(&peer).is_some_and(|t| *t < touched) =>
+                    && self.dialed.get(&peer).is_some_and(|(_, g)| *g < generation) =>
             {
-                debug!(%peer, "dial in progress is older than the book; dialing again");
+                debug!(%peer, "the book has a new address since our dial started; dialing again");
                 let opts = DialOpts::peer_id(peer)
                     .condition(PeerCondition::Disconnected)
-                    .addresses(addrs)
+                    .addresses(self.book.addrs(&peer))
                     .allocate_new_port()
                     .build();
-                self.swarm.dial(opts)?;
-                self.dialed.insert(peer, touched);
-                Ok(())
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.dialed.insert(peer, (id, generation));
+                    }
+                    // The dial in progress is still there to join.
+                    Err(e) => debug!(%peer, error = %e, "second dial not started"),
+                }
+                Err(DialError::DialPeerConditionFalse(c))
             }
             Err(e) => Err(e),
         }
@@ -975,12 +990,19 @@ impl EventLoop {
                 peer_id,
                 num_established,
                 endpoint,
+                connection_id,
                 ..
             } => {
                 if endpoint.is_dialer() {
                     self.remember(peer_id, endpoint.get_remote_address().clone(), false);
                 }
-                self.dialed.remove(&peer_id);
+                if self
+                    .dialed
+                    .get(&peer_id)
+                    .is_some_and(|(id, _)| *id == connection_id)
+                {
+                    self.dialed.remove(&peer_id);
+                }
                 for tx in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = tx.send(Ok(()));
                 }
@@ -1002,11 +1024,19 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
-                ..
+                connection_id,
             } => {
                 debug!(%peer, %error, "outgoing connection failed");
-                self.dialed.remove(&peer);
-                if !self.swarm.is_connected(&peer) {
+                // An older dial's failure leaves our latest one running:
+                // `Handle::dial` callers wait for that one.
+                let latest = match self.dialed.get(&peer) {
+                    Some((id, _)) if *id != connection_id => false,
+                    _ => {
+                        self.dialed.remove(&peer);
+                        true
+                    }
+                };
+                if latest && !self.swarm.is_connected(&peer) {
                     for tx in self.dials.remove(&peer).unwrap_or_default() {
                         let _ = tx.send(Err(Error::DialFailure(peer)));
                     }
@@ -1148,5 +1178,27 @@ impl EventLoop {
             // Nobody listens: the dropped responder answers NoReply.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_address_new_to_the_book_starts_a_generation() {
+        let mut book = Book::new(4);
+        let peer = PeerId::random();
+        let a: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let b: Multiaddr = "/ip4/127.0.0.1/tcp/2".parse().unwrap();
+        assert_eq!(book.generation(&peer), 0);
+        assert!(book.remember(peer, a.clone(), true));
+        let first = book.generation(&peer);
+        assert!(first > 0);
+        // Given again (e.g. re-introduced): no reason to dial again.
+        assert!(book.remember(peer, a, true));
+        assert_eq!(book.generation(&peer), first);
+        assert!(book.remember(peer, b, false));
+        assert!(book.generation(&peer) > first);
     }
 }

@@ -284,7 +284,7 @@ async fn frame_limit_is_configurable() {
 
 /// A send that finds a dial in progress to an address that hangs (a peer
 /// that restarted on another port, its old one taken by something mute)
-/// goes out on a dial to the address learned since, instead of waiting for
+/// goes out on a dial with the address learned since, instead of waiting for
 /// that dial and failing with it (CI: `chaos_anvil` seed 2, "could not
 /// dial" right after the peer's restart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,10 +297,17 @@ async fn a_send_does_not_wait_for_a_dial_to_a_stale_address() {
     // handshake until the transport gives up (about 10 s).
     let mute = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let mute_port = mute.local_addr().expect("addr").port();
+    let (accepted_tx, accepted) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let held: Vec<_> = mute.incoming().take(4).collect();
+        let mut accepted_tx = Some(accepted_tx);
+        let mut held = Vec::new();
+        for conn in mute.incoming().take(4) {
+            held.push(conn);
+            if let Some(tx) = accepted_tx.take() {
+                let _ = tx.send(());
+            }
+        }
         std::thread::sleep(Duration::from_secs(30));
-        drop(held);
     });
     let stale = format!("/ip4/127.0.0.1/tcp/{mute_port}")
         .parse()
@@ -310,8 +317,12 @@ async fn a_send_does_not_wait_for_a_dial_to_a_stale_address() {
         let a = a.clone();
         async move { a.send(b_id, &commit()).await }
     });
-    // The first send's dial is hanging now.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first send's dial reached the mute listener and hangs there.
+    timeout(WAIT, accepted)
+        .await
+        .expect("the first dial in time")
+        .expect("accepted");
+    assert!(!a.is_connected(b_id).await.expect("asks"));
     for addr in b.listen_addrs().await.expect("addrs") {
         a.add_address(b_id, addr).await.expect("add");
     }
@@ -327,4 +338,6 @@ async fn a_send_does_not_wait_for_a_dial_to_a_stale_address() {
     let first = timeout(WAIT, first).await.expect("in time").expect("task");
     assert!(matches!(first, Ok(Message::Ack)), "{first:?}");
     answering.abort();
+    a.shutdown().await;
+    b.shutdown().await;
 }
