@@ -926,38 +926,39 @@ impl EventLoop {
     /// fails every request waiting for a connection.
     fn dial_peer(&mut self, peer: PeerId) -> std::result::Result<(), DialError> {
         let generation = self.book.generation(&peer);
-        let opts = DialOpts::peer_id(peer)
-            .addresses(self.book.addrs(&peer))
-            .allocate_new_port()
-            .build();
-        let id = opts.connection_id();
-        match self.swarm.dial(opts) {
-            Ok(()) => {
-                self.dialed.insert(peer, (id, generation));
-                Ok(())
-            }
+        match self.dial_book(peer, PeerCondition::DisconnectedAndNotDialing, generation) {
             Err(DialError::DialPeerConditionFalse(c))
                 if !self.swarm.is_connected(&peer)
                     && self.dialed.get(&peer).is_some_and(|(_, g)| *g < generation) =>
             {
                 debug!(%peer, "the book has a new address since our dial started; dialing again");
-                let opts = DialOpts::peer_id(peer)
-                    .condition(PeerCondition::Disconnected)
-                    .addresses(self.book.addrs(&peer))
-                    .allocate_new_port()
-                    .build();
-                let id = opts.connection_id();
-                match self.swarm.dial(opts) {
-                    Ok(()) => {
-                        self.dialed.insert(peer, (id, generation));
-                    }
+                if let Err(e) = self.dial_book(peer, PeerCondition::Disconnected, generation) {
                     // The dial in progress is still there to join.
-                    Err(e) => debug!(%peer, error = %e, "second dial not started"),
+                    debug!(%peer, error = %e, "second dial not started");
                 }
                 Err(DialError::DialPeerConditionFalse(c))
             }
-            Err(e) => Err(e),
+            other => other,
         }
+    }
+
+    /// One dial of `peer` at the book's addresses (`generation` of them),
+    /// remembered as our latest if it starts.
+    fn dial_book(
+        &mut self,
+        peer: PeerId,
+        condition: PeerCondition,
+        generation: u64,
+    ) -> std::result::Result<(), DialError> {
+        let opts = DialOpts::peer_id(peer)
+            .condition(condition)
+            .addresses(self.book.addrs(&peer))
+            .allocate_new_port()
+            .build();
+        let id = opts.connection_id();
+        self.swarm.dial(opts)?;
+        self.dialed.insert(peer, (id, generation));
+        Ok(())
     }
 
     /// Adds an address to the book (pinned: the application gave it).
