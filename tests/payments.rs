@@ -287,12 +287,9 @@ async fn payments_made_before_the_tracker_runs_are_booked() {
     }
     assert_eq!((mine(&new), mine(&old[0])), (u(40), u(55)), "both paid");
     // Bob holds both payments before his tracker may run.
-    let signed = tokio::time::timeout(WAIT, async {
-        while bobs_new.state().state.version == 0 || old[1].state().state.version == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-    signed.await.unwrap();
+    for ch in [&bobs_new, &old[1]] {
+        ch.wait_for_version(1, WAIT).await.unwrap();
+    }
     let got = tokio::task::spawn_blocking(move || {
         idle.block_on(paid.into_future()).map_err(|e| e.to_string())
     });

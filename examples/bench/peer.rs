@@ -16,7 +16,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use perun::adjudicator::EthConfig;
@@ -118,25 +118,33 @@ impl Process {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        let status = tokio::task::spawn_blocking(move || -> Res<_> {
-            let deadline = std::time::Instant::now() + STOP_WAIT;
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    return Ok(status);
-                }
-                if std::time::Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err("the child did not stop; killed".into());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-        .await??;
+        let status = tokio::task::spawn_blocking(move || wait_or_kill(&mut child, STOP_WAIT))
+            .await??
+            .ok_or("the child did not stop; killed")?;
         if !status.success() {
             return Err(format!("the child failed with {status}").into());
         }
         Ok(())
+    }
+}
+
+/// Waits for `child` to exit; after `time_box` kills and reaps it
+/// (`None`). The standard library has no wait with a timeout.
+pub(crate) fn wait_or_kill(
+    child: &mut Child,
+    time_box: Duration,
+) -> std::io::Result<Option<ExitStatus>> {
+    let deadline = std::time::Instant::now() + time_box;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

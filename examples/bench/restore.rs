@@ -32,6 +32,7 @@ use perun::wire::{Keypair, PeerId, generate_key, load_key, save_key};
 use serde_json::{Value, json};
 
 use crate::Res;
+use crate::peer::wait_or_kill;
 use crate::setup::{Chain, deployment_args, deposit, eth_asset, parse_deployment};
 use crate::stats::rss_bytes;
 
@@ -181,8 +182,6 @@ fn rand_nonce() -> u64 {
         .unwrap_or(1)
 }
 
-/// Runs this binary with `args` and parses its result line; kills it
-/// after `time_box`.
 /// Runs this binary with `args`, killed after `time_box`; the JSON of its
 /// stdout line that starts with `prefix`.
 pub(crate) fn run_child(args: &[String], time_box: Duration, prefix: &str) -> Res<Value> {
@@ -192,17 +191,8 @@ pub(crate) fn run_child(args: &[String], time_box: Duration, prefix: &str) -> Re
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let deadline = Instant::now() + time_box;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("the child {args:?} took longer than {time_box:?}; killed").into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let Some(status) = wait_or_kill(&mut child, time_box)? else {
+        return Err(format!("the child {args:?} took longer than {time_box:?}; killed").into());
     };
     let mut out = String::new();
     if let Some(mut stdout) = child.stdout.take() {
