@@ -15,9 +15,16 @@
 //!
 //! # Threads and group commit
 //!
-//! One dedicated writer thread owns the database. Calls send a request over
-//! a channel and await a one-shot reply, so no redb work (and no `fsync`)
-//! runs on the caller's async executor. The thread takes every request that
+//! The writer's state (the database, its log, the cache) sits behind one
+//! lock; a batch runs with it held. A dedicated writer thread serves the
+//! queue: calls send a request over a channel and await a one-shot reply.
+//! One exception: an `update` that finds the store idle (nothing queued, no
+//! batch running) on a multi-thread tokio runtime runs its batch of one on
+//! the caller's thread, which blocks for that one `fsync` (the caller waits
+//! for it anyway) and saves the two thread hand-offs
+//! ([`RedbOptions::write_on_caller_when_idle`]). Every other call, and
+//! every call from a current-thread runtime, is the thread's: no redb work
+//! and no `fsync` blocks such an executor. The thread takes every request that
 //! is queued when it becomes free and applies all writes in one redb write
 //! transaction, made durable by one `fsync`: with the log (the default),
 //! the log record's, after which the callers hear back and the transaction
@@ -43,9 +50,10 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use perun_channel::ChannelId;
@@ -98,6 +106,18 @@ pub struct RedbOptions {
     pub cache_size: usize,
     /// Most requests folded into one write transaction.
     pub max_batch: usize,
+    /// An `update` that finds the store idle (nothing queued, no batch
+    /// running) runs on the caller's thread instead of the writer thread's,
+    /// when the caller is on a multi-thread tokio runtime: the same write
+    /// and `fsync`, without the two thread hand-offs (the caller waking the
+    /// writer, the writer waking the caller), about 57 µs less per update on
+    /// a 2-vCPU KVM guest (BENCHMARKS.md). That worker thread blocks for
+    /// the one `fsync` meanwhile; the runtime's other workers go on. On by
+    /// default; turn it off where an `fsync` can take long (a slow or
+    /// overloaded disk) and the runtime has other latency-critical work.
+    /// Writes that find others queued, or a batch running, always go to the
+    /// writer thread and share its `fsync`.
+    pub write_on_caller_when_idle: bool,
 }
 
 impl Default for RedbOptions {
@@ -107,6 +127,7 @@ impl Default for RedbOptions {
             write_ahead_log: true,
             cache_size: 64 * 1024 * 1024,
             max_batch: 1024,
+            write_on_caller_when_idle: true,
         }
     }
 }
@@ -118,12 +139,16 @@ pub struct RedbStats {
     pub transactions: u64,
     /// Write requests acknowledged by those transactions.
     pub writes: u64,
+    /// Updates run on the caller's thread
+    /// ([`RedbOptions::write_on_caller_when_idle`]).
+    pub on_caller: u64,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
     transactions: AtomicU64,
     writes: AtomicU64,
+    on_caller: AtomicU64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -137,6 +162,9 @@ enum Request {
     LoadAll(Reply<Vec<ChannelRecord>>),
     MetaGet(String, Reply<Option<Vec<u8>>>),
     MetaPut(String, Vec<u8>, Reply<()>),
+    /// Wakes the thread to let the database catch up with the log after
+    /// writes on callers' threads (not counted as queued).
+    CatchUp,
 }
 
 /// A [`Persister`] on one redb file, with group commit (see the module docs).
@@ -148,7 +176,23 @@ pub struct RedbPersister {
     worker: Option<JoinHandle<()>>,
     path: PathBuf,
     counters: Arc<Counters>,
+    store: Arc<Store>,
 }
+
+/// What the writer thread and the callers share: the writer's state (whoever
+/// holds the lock runs a batch on it; `None` once the store closed) and how
+/// many requests wait in the queue.
+struct Store {
+    writer: Mutex<Option<Writer>>,
+    queued: AtomicUsize,
+    /// [`RedbOptions::write_on_caller_when_idle`].
+    write_on_caller: bool,
+}
+
+/// Deferred log entries after which a write on a caller's thread wakes the
+/// writer thread to apply them (a wake-up every 64 such writes, not one
+/// per write).
+const NUDGE_AT: usize = 64;
 
 impl std::fmt::Debug for RedbPersister {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -219,6 +263,7 @@ impl RedbPersister {
         RedbStats {
             transactions: self.counters.transactions.load(Ordering::Relaxed),
             writes: self.counters.writes.load(Ordering::Relaxed),
+            on_caller: self.counters.on_caller.load(Ordering::Relaxed),
         }
     }
 
@@ -231,6 +276,12 @@ impl RedbPersister {
         let file = path.to_path_buf();
         let counters = Arc::new(Counters::default());
         let writer_counters = counters.clone();
+        let store = Arc::new(Store {
+            writer: Mutex::new(None),
+            queued: AtomicUsize::new(0),
+            write_on_caller: options.write_on_caller_when_idle,
+        });
+        let thread_store = store.clone();
         let worker = std::thread::Builder::new()
             .name("perun-redb-writer".into())
             .spawn(move || {
@@ -245,8 +296,9 @@ impl RedbPersister {
                 });
                 match opened {
                     Ok(writer) => {
+                        *lock_writer(&thread_store) = Some(writer);
                         ready(Ok(()));
-                        writer.run(receiver);
+                        run(&thread_store, &receiver);
                     }
                     Err(e) => {
                         warn!(path = %file.display(), error = %e, "persistence: cannot open store");
@@ -259,6 +311,7 @@ impl RedbPersister {
             worker: Some(worker),
             path: path.to_path_buf(),
             counters,
+            store,
         })
     }
 
@@ -273,12 +326,68 @@ impl RedbPersister {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.sender
-            .as_ref()
-            .ok_or(Error::Closed)?
-            .send(make(tx))
-            .map_err(|_| Error::Closed)?;
+        self.send(make(tx))?;
         rx.await.map_err(|_| Error::Closed)?
+    }
+
+    fn send(&self, req: Request) -> Result<()> {
+        let sender = self.sender.as_ref().ok_or(Error::Closed)?;
+        self.store.queued.fetch_add(1, Ordering::SeqCst);
+        sender.send(req).map_err(|_| {
+            self.store.queued.fetch_sub(1, Ordering::SeqCst);
+            Error::Closed
+        })
+    }
+
+    /// A write, on the caller's thread if the store is idle.
+    async fn write(&self, make: impl FnOnce(Reply<()>) -> Request) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let req = make(tx);
+        if let Some(req) = self.try_inline(req) {
+            self.send(req)?;
+        }
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Runs `req` on this thread if the store is idle (nothing queued, the
+    /// writer free) and the option allows it; otherwise hands it back.
+    fn try_inline(&self, req: Request) -> Option<Request> {
+        if !self.store.write_on_caller
+            || self.store.queued.load(Ordering::SeqCst) != 0
+            || !on_multi_thread_runtime()
+        {
+            return Some(req);
+        }
+        let Ok(mut guard) = self.store.writer.try_lock() else {
+            return Some(req);
+        };
+        let Some(writer) = guard.as_mut() else {
+            return Some(req);
+        };
+        // While writes come in groups faster than the store makes them
+        // durable (many channels at once), they go to the thread, whose
+        // batches share an `fsync`. Idle: the last batch was a single
+        // write, or it ended at least as long ago as it took.
+        if writer
+            .last_write
+            .is_some_and(|(ended, took, writes)| writes > 1 && ended.elapsed() < took)
+        {
+            return Some(req);
+        }
+        self.counters.on_caller.fetch_add(1, Ordering::Relaxed);
+        let ok = writer.guarded(|w| w.process(vec![req]));
+        let behind = ok && writer.deferred.len() >= NUDGE_AT;
+        if !ok {
+            // As on the thread: a panic in the storage engine closes the
+            // store (the request's reply was dropped: `Error::Closed`).
+            *guard = None;
+        }
+        drop(guard);
+        if behind && let Some(sender) = &self.sender {
+            // The thread lets the database catch up, off the callers' path.
+            let _ = sender.send(Request::CatchUp);
+        }
+        None
     }
 }
 
@@ -303,7 +412,7 @@ impl Persister for RedbPersister {
 
     #[instrument(level = "debug", skip_all, fields(channel = %id, changes = changes.len()))]
     async fn update(&self, id: ChannelId, changes: Vec<Change>) -> Result<()> {
-        self.call(|r| Request::Update(id, changes, r)).await
+        self.write(|r| Request::Update(id, changes, r)).await
     }
 
     #[instrument(level = "debug", skip_all, fields(channel = %id))]
@@ -546,6 +655,9 @@ struct Writer {
     /// before anything reads or commits the database, once the queue is
     /// empty, and at `DEFER_MAX` entries.
     deferred: Vec<wal::Entry>,
+    /// When the last write batch ended, how long it took and how many
+    /// writes it held.
+    last_write: Option<(Instant, Duration, usize)>,
 }
 
 /// Most logged entries the database may lag behind by.
@@ -588,6 +700,7 @@ impl Writer {
             broken: None,
             records: HashMap::new(),
             deferred: Vec::new(),
+            last_write: None,
         };
         let log = wal::path_for(path);
         if options.write_ahead_log || log.exists() {
@@ -690,56 +803,18 @@ impl Writer {
         Ok(())
     }
 
-    fn run(mut self, receiver: mpsc::Receiver<Request>) {
-        loop {
-            let first = match receiver.try_recv() {
-                Ok(first) => first,
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) if !self.deferred.is_empty() => {
-                    // Idle: the database catches up with the log, once the
-                    // callers just answered had the core. A caller woken on
-                    // this core would otherwise wait for the commit (about
-                    // 35 µs an update on a 2-vCPU KVM guest, BENCHMARKS.md).
-                    std::thread::yield_now();
-                    if let Ok(first) = receiver.try_recv() {
-                        first
-                    } else {
-                        if !self.guarded(Self::apply_deferred) {
-                            return;
-                        }
-                        match receiver.recv() {
-                            Ok(first) => first,
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Err(mpsc::TryRecvError::Empty) => match receiver.recv() {
-                    Ok(first) => first,
-                    Err(_) => break,
-                },
-            };
-            let mut batch = vec![first];
-            while batch.len() < self.options.max_batch.max(1) {
-                match receiver.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            if !self.guarded(|w| w.process(batch)) {
-                return;
-            }
-        }
+    /// Applies what is deferred and checkpoints: a clean close leaves
+    /// nothing for the next open to replay.
+    fn close(&mut self) {
         if !self.guarded(Self::apply_deferred) {
             return;
         }
-        // A clean close leaves nothing for the next open to replay.
         if self.wal.is_some()
             && self.broken.is_none()
             && let Err(e) = self.checkpoint(self.next_seq - 1)
         {
             warn!(error = %e, "persistence: final checkpoint failed; the log is replayed on open");
         }
-        debug!("persistence: writer thread stopped");
     }
 
     fn process(&mut self, batch: Vec<Request>) {
@@ -753,13 +828,16 @@ impl Writer {
         let (mut writes, mut reads, mut metas) = (Vec::new(), Vec::new(), Vec::new());
         for r in batch {
             match r {
+                Request::CatchUp => {}
                 Request::Create(..) | Request::Update(..) | Request::Remove(..) => writes.push(r),
                 Request::MetaPut(key, value, reply) => metas.push((key, value, reply)),
                 _ => reads.push(r),
             }
         }
         if !writes.is_empty() {
+            let (started, n) = (Instant::now(), writes.len());
             self.write_batch(writes);
+            self.last_write = Some((Instant::now(), started.elapsed(), n));
         }
         if !metas.is_empty() || !reads.is_empty() {
             self.apply_deferred();
@@ -1193,6 +1271,92 @@ impl Writer {
     }
 }
 
+fn lock_writer(store: &Store) -> MutexGuard<'_, Option<Writer>> {
+    store.writer.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether the caller runs on a multi-thread tokio runtime, where a worker
+/// blocked for one write leaves the others running. On a current-thread
+/// runtime (or outside tokio) every write goes to the writer thread.
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// The writer thread: takes every queued request, runs them as one batch.
+fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
+    let take = |r: &Request| {
+        if !matches!(r, Request::CatchUp) {
+            store.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+    };
+    loop {
+        let first = match receiver.try_recv() {
+            Ok(first) => first,
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                let behind = lock_writer(store)
+                    .as_ref()
+                    .is_some_and(|w| !w.deferred.is_empty());
+                if behind {
+                    // Idle: the database catches up with the log, once the
+                    // callers just answered had the core. A caller woken on
+                    // this core would otherwise wait for the commit (about
+                    // 35 µs an update on a 2-vCPU KVM guest, BENCHMARKS.md).
+                    std::thread::yield_now();
+                    if let Ok(first) = receiver.try_recv() {
+                        first
+                    } else {
+                        let mut guard = lock_writer(store);
+                        if let Some(w) = guard.as_mut()
+                            && !w.guarded(Writer::apply_deferred)
+                        {
+                            *guard = None;
+                            return;
+                        }
+                        drop(guard);
+                        match receiver.recv() {
+                            Ok(first) => first,
+                            Err(_) => break,
+                        }
+                    }
+                } else {
+                    match receiver.recv() {
+                        Ok(first) => first,
+                        Err(_) => break,
+                    }
+                }
+            }
+        };
+        take(&first);
+        let mut guard = lock_writer(store);
+        let Some(w) = guard.as_mut() else {
+            // A panic on a caller's thread closed the store: as after one
+            // here, the thread stops and every caller sees `Error::Closed`.
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < w.options.max_batch.max(1) {
+            match receiver.try_recv() {
+                Ok(r) => {
+                    take(&r);
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        if !w.guarded(|w| w.process(batch)) {
+            *guard = None;
+            return;
+        }
+    }
+    let mut guard = lock_writer(store);
+    if let Some(mut w) = guard.take() {
+        w.close();
+    }
+    debug!("persistence: writer thread stopped");
+}
+
 fn fail(req: Request, msg: &str) {
     let err = || Error::Storage(msg.to_owned());
     match req {
@@ -1214,6 +1378,7 @@ fn fail(req: Request, msg: &str) {
         Request::MetaGet(_, r) => {
             let _ = r.send(Err(err()));
         }
+        Request::CatchUp => {}
     }
 }
 

@@ -327,6 +327,69 @@ async fn concurrent_commits_are_grouped() {
     }
 }
 
+/// Sequential updates on a multi-thread runtime find the store idle and run
+/// on the caller's thread; each is durable all the same, and the database
+/// catches up with the log behind them (more than `NUDGE_AT` of them here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_store_writes_on_the_callers_thread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ch = TestChannel::two_party(310);
+    {
+        let p = RedbPersister::open(db_path(&dir)).await.expect("open");
+        p.channel_created(&ch.record()).await.expect("create");
+        for v in 0..100 {
+            p.state_committed(ch.id(), &ch.signed(v))
+                .await
+                .expect("commit");
+        }
+        // A write that finds the thread catching up (after the create, and
+        // once 64 entries are behind) goes to the thread instead.
+        let stats = p.stats();
+        assert!(stats.on_caller >= 90, "{stats:?}");
+        assert_eq!(stats.writes, 101, "{stats:?}");
+        // A read is served by the thread, after the deferred entries.
+        let rec = p.load(ch.id()).await.expect("load").expect("present");
+        assert_eq!(rec.current, Some(ch.signed(99)));
+    }
+    let p = RedbPersister::open(db_path(&dir)).await.expect("reopen");
+    let rec = p.load(ch.id()).await.expect("load").expect("present");
+    assert_eq!(rec.current, Some(ch.signed(99)));
+}
+
+/// On a current-thread runtime a write never blocks the runtime's only
+/// thread, and with the option off no write runs on the caller's thread.
+#[tokio::test]
+async fn writes_stay_on_the_writer_thread_where_they_must() {
+    async fn on_caller(dir: &tempfile::TempDir, options: RedbOptions) -> u64 {
+        let ch = TestChannel::two_party(320);
+        let p = RedbPersister::open_with(db_path(dir), options)
+            .await
+            .expect("open");
+        p.channel_created(&ch.record()).await.expect("create");
+        for v in 0..5 {
+            p.state_committed(ch.id(), &ch.signed(v))
+                .await
+                .expect("commit");
+        }
+        p.stats().on_caller
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_eq!(on_caller(&dir, RedbOptions::default()).await, 0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    let off = RedbOptions {
+        write_on_caller_when_idle: false,
+        ..RedbOptions::default()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = std::thread::spawn(move || rt.block_on(on_caller(&dir, off)))
+        .join()
+        .expect("thread");
+    assert_eq!(n, 0);
+}
+
 #[tokio::test]
 async fn one_phase_commit_option_round_trips() {
     let dir = tempfile::tempdir().expect("tempdir");
