@@ -18,13 +18,16 @@
 //! The writer's state (the database, its log, the cache) sits behind one
 //! lock; a batch runs with it held. A dedicated writer thread serves the
 //! queue: calls send a request over a channel and await a one-shot reply.
-//! One exception: an `update` that finds the store idle (nothing queued, no
-//! batch running) on a multi-thread tokio runtime runs its batch of one on
-//! the caller's thread, which blocks for that one `fsync` (the caller waits
-//! for it anyway) and saves the two thread hand-offs
-//! ([`RedbOptions::write_on_caller_when_idle`]). Every other call, and
-//! every call from a current-thread runtime, is the thread's: no redb work
-//! and no `fsync` blocks such an executor. The thread takes every request that
+//! One exception: an `update` that finds the store idle (nothing queued or
+//! running, and the thread's last batch either a single write or over for
+//! as long as it took) on a multi-thread tokio runtime runs its batch of
+//! one on the caller's thread, which blocks for that one `fsync` (the
+//! caller waits for it anyway) and saves the two thread hand-offs
+//! ([`RedbOptions::write_on_caller_when_idle`]). A request counts as
+//! queued until the thread has run it, so no write overtakes one sent
+//! before it. Every other call, and every call from a current-thread
+//! runtime, is the thread's: no redb work and no `fsync` blocks such an
+//! executor. The thread takes every request that
 //! is queued when it becomes free and applies all writes in one redb write
 //! transaction, made durable by one `fsync`: with the log (the default),
 //! the log record's, after which the callers hear back and the transaction
@@ -40,7 +43,11 @@
 //! and the database takes several batches in one commit once the queue is
 //! empty. Every read, metadata write, write batch of the general path and
 //! checkpoint is served by the same thread after everything before it
-//! committed.
+//! committed. A write on a caller's thread is only ever the fast path:
+//! one update of a cached record, logged with room to spare, while fewer
+//! than 64 entries are deferred; those entries wait for the thread (it is
+//! woken at 64, and applies them before any read or close; a crash replays
+//! them from the log).
 //!
 //! A metadata write (`meta_put`, rare: the chain index stores its cursor
 //! once per scan) is its own durable transaction, outside the log. The
@@ -106,17 +113,21 @@ pub struct RedbOptions {
     pub cache_size: usize,
     /// Most requests folded into one write transaction.
     pub max_batch: usize,
-    /// An `update` that finds the store idle (nothing queued, no batch
-    /// running) runs on the caller's thread instead of the writer thread's,
-    /// when the caller is on a multi-thread tokio runtime: the same write
-    /// and `fsync`, without the two thread hand-offs (the caller waking the
-    /// writer, the writer waking the caller), about 57 µs less per update on
-    /// a 2-vCPU KVM guest (BENCHMARKS.md). That worker thread blocks for
-    /// the one `fsync` meanwhile; the runtime's other workers go on. On by
-    /// default; turn it off where an `fsync` can take long (a slow or
-    /// overloaded disk) and the runtime has other latency-critical work.
-    /// Writes that find others queued, or a batch running, always go to the
-    /// writer thread and share its `fsync`.
+    /// An `update` that finds the store idle (nothing queued or running,
+    /// writes not coming in groups) runs on the caller's thread instead of
+    /// the writer thread's, when the caller is on a multi-thread tokio
+    /// runtime with two workers or more: the same log append and `fsync`,
+    /// without the two thread hand-offs (the caller waking the writer, the
+    /// writer waking the caller): 42–74 µs less per update on a 2-vCPU KVM
+    /// guest (BENCHMARKS.md, issue 17). That worker thread blocks for the
+    /// one `fsync` meanwhile (a task it had just woken waits with it); the
+    /// runtime's other workers go on. On by default; turn it off where an
+    /// `fsync` can take long (a slow or overloaded disk) and the runtime
+    /// has other latency-critical work. Only the fast path runs there (see
+    /// the module docs); anything else, and writes that find others queued,
+    /// go to the writer thread and share its `fsync`. A multi-thread
+    /// handle entered from inside a current-thread runtime counts as
+    /// multi-thread: that runtime's thread then blocks for the `fsync`.
     pub write_on_caller_when_idle: bool,
 }
 
@@ -132,7 +143,7 @@ impl Default for RedbOptions {
     }
 }
 
-/// Counters of the writer thread, to see group commit at work.
+/// Counters of the store's writes, to see group commit at work.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RedbStats {
     /// Write transactions committed.
@@ -162,7 +173,7 @@ enum Request {
     LoadAll(Reply<Vec<ChannelRecord>>),
     MetaGet(String, Reply<Option<Vec<u8>>>),
     MetaPut(String, Vec<u8>, Reply<()>),
-    /// Wakes the thread to let the database catch up with the log after
+    /// Has the thread let the database catch up with the log at once, after
     /// writes on callers' threads (not counted as queued).
     CatchUp,
 }
@@ -191,8 +202,13 @@ struct Store {
 
 /// Deferred log entries after which a write on a caller's thread wakes the
 /// writer thread to apply them (a wake-up every 64 such writes, not one
-/// per write).
+/// per write); with this many deferred, writes go to the thread.
 const NUDGE_AT: usize = 64;
+
+/// Room the log must have left for a write on a caller's thread (an update
+/// logs a few kilobytes at most; a full log means a checkpoint, which is
+/// the thread's).
+const INLINE_ROOM: usize = 256 * 1024;
 
 impl std::fmt::Debug for RedbPersister {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -364,25 +380,25 @@ impl RedbPersister {
         let Some(writer) = guard.as_mut() else {
             return Some(req);
         };
-        // While writes come in groups faster than the store makes them
-        // durable (many channels at once), they go to the thread, whose
-        // batches share an `fsync`. Idle: the last batch was a single
-        // write, or it ended at least as long ago as it took.
-        if writer
-            .last_write
-            .is_some_and(|(ended, took, writes)| writes > 1 && ended.elapsed() < took)
-        {
+        // Only the fast path runs here, and only while writes do not come
+        // in groups (those go to the thread, whose batches share an
+        // `fsync`).
+        if !writer.inline_fast_path(&req) {
             return Some(req);
         }
         self.counters.on_caller.fetch_add(1, Ordering::Relaxed);
-        let ok = writer.guarded(|w| w.process(vec![req]));
+        let ok = writer.guarded(|w| w.process(vec![req], true));
         let behind = ok && writer.deferred.len() >= NUDGE_AT;
-        if !ok {
-            // As on the thread: a panic in the storage engine closes the
-            // store (the request's reply was dropped: `Error::Closed`).
-            *guard = None;
-        }
+        // As on the thread, a panic in the storage engine closes the store
+        // (the request's reply was dropped: `Error::Closed`). The database
+        // is dropped outside the lock, and a panic there stays here.
+        let dead = if ok { None } else { guard.take() };
         drop(guard);
+        if let Some(dead) = dead
+            && catch_unwind(AssertUnwindSafe(move || drop(dead))).is_err()
+        {
+            error!("persistence: storage engine panicked while closing");
+        }
         if behind && let Some(sender) = &self.sender {
             // The thread lets the database catch up, off the callers' path.
             let _ = sender.send(Request::CatchUp);
@@ -655,9 +671,9 @@ struct Writer {
     /// before anything reads or commits the database, once the queue is
     /// empty, and at `DEFER_MAX` entries.
     deferred: Vec<wal::Entry>,
-    /// When the last write batch ended, how long it took and how many
-    /// writes it held.
-    last_write: Option<(Instant, Duration, usize)>,
+    /// When the thread's last write batch ended, how long it took and how
+    /// many writes it held.
+    last_batch: Option<(Instant, Duration, usize)>,
 }
 
 /// Most logged entries the database may lag behind by.
@@ -700,7 +716,7 @@ impl Writer {
             broken: None,
             records: HashMap::new(),
             deferred: Vec::new(),
-            last_write: None,
+            last_batch: None,
         };
         let log = wal::path_for(path);
         if options.write_ahead_log || log.exists() {
@@ -803,6 +819,25 @@ impl Writer {
         Ok(())
     }
 
+    /// Whether `req` may run on a caller's thread: an update of a cached
+    /// record with the log on, the log with room for it, little deferred
+    /// (so it is one append and one `fsync`, never a checkpoint, a commit
+    /// of the database or a read of it), and writes not coming in groups:
+    /// the last batch the thread ran ended at least as long ago as it
+    /// took, or held a single write.
+    fn inline_fast_path(&self, req: &Request) -> bool {
+        let Request::Update(id, ..) = req else {
+            return false;
+        };
+        self.broken.is_none()
+            && self.records.contains_key(id)
+            && self.wal.as_ref().is_some_and(|w| w.fits(INLINE_ROOM))
+            && self.deferred.len() < NUDGE_AT
+            && self
+                .last_batch
+                .is_none_or(|(ended, took, writes)| writes <= 1 || ended.elapsed() >= took)
+    }
+
     /// Applies what is deferred and checkpoints: a clean close leaves
     /// nothing for the next open to replay.
     fn close(&mut self) {
@@ -817,7 +852,8 @@ impl Writer {
         }
     }
 
-    fn process(&mut self, batch: Vec<Request>) {
+    /// Runs one batch; `on_caller`: on a caller's thread (a batch of one).
+    fn process(&mut self, batch: Vec<Request>, on_caller: bool) {
         if let Some(why) = &self.broken {
             let why = why.clone();
             for r in batch {
@@ -826,9 +862,10 @@ impl Writer {
             return;
         }
         let (mut writes, mut reads, mut metas) = (Vec::new(), Vec::new(), Vec::new());
+        let mut catch_up = false;
         for r in batch {
             match r {
-                Request::CatchUp => {}
+                Request::CatchUp => catch_up = true,
                 Request::Create(..) | Request::Update(..) | Request::Remove(..) => writes.push(r),
                 Request::MetaPut(key, value, reply) => metas.push((key, value, reply)),
                 _ => reads.push(r),
@@ -837,9 +874,11 @@ impl Writer {
         if !writes.is_empty() {
             let (started, n) = (Instant::now(), writes.len());
             self.write_batch(writes);
-            self.last_write = Some((Instant::now(), started.elapsed(), n));
+            if !on_caller {
+                self.last_batch = Some((Instant::now(), started.elapsed(), n));
+            }
         }
-        if !metas.is_empty() || !reads.is_empty() {
+        if catch_up || !metas.is_empty() || !reads.is_empty() {
             self.apply_deferred();
         }
         // A commit that failed after its callers heard back leaves the
@@ -1275,21 +1314,19 @@ fn lock_writer(store: &Store) -> MutexGuard<'_, Option<Writer>> {
     store.writer.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whether the caller runs on a multi-thread tokio runtime, where a worker
-/// blocked for one write leaves the others running. On a current-thread
-/// runtime (or outside tokio) every write goes to the writer thread.
+/// Whether the caller runs on a multi-thread tokio runtime with two workers
+/// or more, where a worker blocked for one write leaves the others running.
+/// On a current-thread runtime, a one-worker one or outside tokio every
+/// write goes to the writer thread.
 fn on_multi_thread_runtime() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+    tokio::runtime::Handle::try_current().is_ok_and(|h| {
+        h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            && h.metrics().num_workers() >= 2
+    })
 }
 
 /// The writer thread: takes every queued request, runs them as one batch.
 fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
-    let take = |r: &Request| {
-        if !matches!(r, Request::CatchUp) {
-            store.queued.fetch_sub(1, Ordering::SeqCst);
-        }
-    };
     loop {
         let first = match receiver.try_recv() {
             Ok(first) => first,
@@ -1328,7 +1365,6 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
                 }
             }
         };
-        take(&first);
         let mut guard = lock_writer(store);
         let Some(w) = guard.as_mut() else {
             // A panic on a caller's thread closed the store: as after one
@@ -1338,14 +1374,19 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
         let mut batch = vec![first];
         while batch.len() < w.options.max_batch.max(1) {
             match receiver.try_recv() {
-                Ok(r) => {
-                    take(&r);
-                    batch.push(r);
-                }
+                Ok(r) => batch.push(r),
                 Err(_) => break,
             }
         }
-        if !w.guarded(|w| w.process(batch)) {
+        let taken = batch
+            .iter()
+            .filter(|r| !matches!(r, Request::CatchUp))
+            .count();
+        let ok = w.guarded(|w| w.process(batch, false));
+        // Queued until applied: no caller's write overtakes one the thread
+        // took off the queue but had not run yet.
+        store.queued.fetch_sub(taken, Ordering::SeqCst);
+        if !ok {
             *guard = None;
             return;
         }
