@@ -18,10 +18,9 @@
 //! The writer's state (the database, its log, the cache) sits behind one
 //! lock; a batch runs with it held. A dedicated writer thread serves the
 //! queue: calls send a request over a channel and await a one-shot reply.
-//! One exception: an `update` that finds the store idle (nothing queued or
-//! running, and the thread's last batch either a single write or over for
-//! as long as it took) on a multi-thread tokio runtime runs its batch of
-//! one on the caller's thread, which blocks for that one `fsync` (the
+//! One exception: an `update` that finds the store idle (no other update in
+//! progress, nothing queued or running) on a multi-thread tokio runtime
+//! runs its batch of one on the caller's thread, which blocks for that one `fsync` (the
 //! caller waits for it anyway) and saves the two thread hand-offs
 //! ([`RedbOptions::write_on_caller_when_idle`]). A request counts as
 //! queued until the thread has run it, so no write overtakes one sent
@@ -60,7 +59,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use perun_channel::ChannelId;
@@ -113,12 +111,12 @@ pub struct RedbOptions {
     pub cache_size: usize,
     /// Most requests folded into one write transaction.
     pub max_batch: usize,
-    /// An `update` that finds the store idle (nothing queued or running,
-    /// writes not coming in groups) runs on the caller's thread instead of
+    /// An `update` that finds the store idle (no other update in progress,
+    /// nothing queued or running) runs on the caller's thread instead of
     /// the writer thread's, when the caller is on a multi-thread tokio
     /// runtime with two workers or more: the same log append and `fsync`,
     /// without the two thread hand-offs (the caller waking the writer, the
-    /// writer waking the caller): 42–74 µs less per update on a 2-vCPU KVM
+    /// writer waking the caller): 26–74 µs less per update on a 2-vCPU KVM
     /// guest (BENCHMARKS.md, issue 17). That worker thread blocks for the
     /// one `fsync` meanwhile (a task it had just woken waits with it); the
     /// runtime's other workers go on. On by default; turn it off where an
@@ -196,6 +194,8 @@ pub struct RedbPersister {
 struct Store {
     writer: Mutex<Option<Writer>>,
     queued: AtomicUsize,
+    /// `update` calls in progress, on either path.
+    writing: AtomicUsize,
     /// [`RedbOptions::write_on_caller_when_idle`].
     write_on_caller: bool,
 }
@@ -295,6 +295,7 @@ impl RedbPersister {
         let store = Arc::new(Store {
             writer: Mutex::new(None),
             queued: AtomicUsize::new(0),
+            writing: AtomicUsize::new(0),
             write_on_caller: options.write_on_caller_when_idle,
         });
         let thread_store = store.clone();
@@ -357,6 +358,7 @@ impl RedbPersister {
 
     /// A write, on the caller's thread if the store is idle.
     async fn write(&self, make: impl FnOnce(Reply<()>) -> Request) -> Result<()> {
+        let _writing = Writing::new(&self.store.writing);
         let (tx, rx) = oneshot::channel();
         let req = make(tx);
         if let Some(req) = self.try_inline(req) {
@@ -365,10 +367,15 @@ impl RedbPersister {
         rx.await.map_err(|_| Error::Closed)?
     }
 
-    /// Runs `req` on this thread if the store is idle (nothing queued, the
-    /// writer free) and the option allows it; otherwise hands it back.
+    /// Runs `req` on this thread if the store is idle (no other update in
+    /// progress, nothing queued, the writer free) and the option allows it;
+    /// otherwise hands it back.
     fn try_inline(&self, req: Request) -> Option<Request> {
+        // Another write in progress means writes come in groups (many
+        // channels at once): they go to the thread, whose batches share an
+        // `fsync` (BENCHMARKS.md: without this, the 100-channel run lost 3 %).
         if !self.store.write_on_caller
+            || self.store.writing.load(Ordering::SeqCst) != 1
             || self.store.queued.load(Ordering::SeqCst) != 0
             || !on_multi_thread_runtime()
         {
@@ -380,14 +387,12 @@ impl RedbPersister {
         let Some(writer) = guard.as_mut() else {
             return Some(req);
         };
-        // Only the fast path runs here, and only while writes do not come
-        // in groups (those go to the thread, whose batches share an
-        // `fsync`).
+        // Only the fast path runs here.
         if !writer.inline_fast_path(&req) {
             return Some(req);
         }
         self.counters.on_caller.fetch_add(1, Ordering::Relaxed);
-        let ok = writer.guarded(|w| w.process(vec![req], true));
+        let ok = writer.guarded(|w| w.process(vec![req]));
         let behind = ok && writer.deferred.len() >= NUDGE_AT;
         // As on the thread, a panic in the storage engine closes the store
         // (the request's reply was dropped: `Error::Closed`). The database
@@ -671,9 +676,6 @@ struct Writer {
     /// before anything reads or commits the database, once the queue is
     /// empty, and at `DEFER_MAX` entries.
     deferred: Vec<wal::Entry>,
-    /// When the thread's last write batch ended, how long it took and how
-    /// many writes it held.
-    last_batch: Option<(Instant, Duration, usize)>,
 }
 
 /// Most logged entries the database may lag behind by.
@@ -716,7 +718,6 @@ impl Writer {
             broken: None,
             records: HashMap::new(),
             deferred: Vec::new(),
-            last_batch: None,
         };
         let log = wal::path_for(path);
         if options.write_ahead_log || log.exists() {
@@ -820,11 +821,9 @@ impl Writer {
     }
 
     /// Whether `req` may run on a caller's thread: an update of a cached
-    /// record with the log on, the log with room for it, little deferred
-    /// (so it is one append and one `fsync`, never a checkpoint, a commit
-    /// of the database or a read of it), and writes not coming in groups:
-    /// the last batch the thread ran ended at least as long ago as it
-    /// took, or held a single write.
+    /// record with the log on, the log with room for it and little
+    /// deferred, so it is one append and one `fsync`, never a checkpoint,
+    /// a commit of the database or a read of it.
     fn inline_fast_path(&self, req: &Request) -> bool {
         let Request::Update(id, ..) = req else {
             return false;
@@ -833,9 +832,6 @@ impl Writer {
             && self.records.contains_key(id)
             && self.wal.as_ref().is_some_and(|w| w.fits(INLINE_ROOM))
             && self.deferred.len() < NUDGE_AT
-            && self
-                .last_batch
-                .is_none_or(|(ended, took, writes)| writes <= 1 || ended.elapsed() >= took)
     }
 
     /// Applies what is deferred and checkpoints: a clean close leaves
@@ -852,8 +848,8 @@ impl Writer {
         }
     }
 
-    /// Runs one batch; `on_caller`: on a caller's thread (a batch of one).
-    fn process(&mut self, batch: Vec<Request>, on_caller: bool) {
+    /// Runs one batch.
+    fn process(&mut self, batch: Vec<Request>) {
         if let Some(why) = &self.broken {
             let why = why.clone();
             for r in batch {
@@ -872,11 +868,7 @@ impl Writer {
             }
         }
         if !writes.is_empty() {
-            let (started, n) = (Instant::now(), writes.len());
             self.write_batch(writes);
-            if !on_caller {
-                self.last_batch = Some((Instant::now(), started.elapsed(), n));
-            }
         }
         if catch_up || !metas.is_empty() || !reads.is_empty() {
             self.apply_deferred();
@@ -1310,6 +1302,23 @@ impl Writer {
     }
 }
 
+/// Counts an `update` call in progress until dropped (also when its future
+/// is).
+struct Writing<'a>(&'a AtomicUsize);
+
+impl<'a> Writing<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn lock_writer(store: &Store) -> MutexGuard<'_, Option<Writer>> {
     store.writer.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -1382,7 +1391,7 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
             .iter()
             .filter(|r| !matches!(r, Request::CatchUp))
             .count();
-        let ok = w.guarded(|w| w.process(batch, false));
+        let ok = w.guarded(|w| w.process(batch));
         // Queued until applied: no caller's write overtakes one the thread
         // took off the queue but had not run yet.
         store.queued.fetch_sub(taken, Ordering::SeqCst);
