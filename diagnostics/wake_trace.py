@@ -116,28 +116,29 @@ def account(a, b):
                     return ev[0]
         return None
 
-    a_send = first(lambda e: e[4] == "sys_enter_sendto" and of(e, True), a)
-    if a_send is None:
+    def call(syscall, alice, after):
+        ev = first(lambda e: e[4] == syscall and of(e, alice), after)
+        return None if ev is None else ev[0]
+
+    def store(alice, after):
+        """The store's thread woken (or, on the caller's thread, the
+        write), the write, the sync's end."""
+        sync = sync_of(alice, after)
+        if sync is None:
+            return None
+        # A store thread that was not asleep needs no wake-up: no hand-off.
+        return (woke_writer(alice, after, sync[0]) or sync[0], *sync)
+
+    # Times are seconds since boot: never 0, so `and` chains on None only.
+    a_send = call("sys_enter_sendto", True, a)
+    b_recv = a_send and call("sys_enter_recvfrom", False, a_send)
+    b_store = b_recv and store(False, b_recv)
+    b_send = b_store and call("sys_enter_sendto", False, b_store[2])
+    a_recv = b_send and call("sys_enter_recvfrom", True, b_send)
+    a_store = a_recv and store(True, a_recv)
+    if not a_store or a_store[2] > b:
         return None
-    b_recv = first(lambda e: e[4] == "sys_enter_recvfrom" and of(e, False), a_send[0])
-    if b_recv is None:
-        return None
-    b_sync = sync_of(False, b_recv[0])
-    if b_sync is None:
-        return None
-    # A store thread that was not asleep needs no wake-up: no hand-off.
-    b_wake = woke_writer(False, b_recv[0], b_sync[0]) or b_sync[0]
-    b_send = first(lambda e: e[4] == "sys_enter_sendto" and of(e, False), b_sync[1])
-    if b_send is None:
-        return None
-    a_recv = first(lambda e: e[4] == "sys_enter_recvfrom" and of(e, True), b_send[0])
-    if a_recv is None:
-        return None
-    a_sync = sync_of(True, a_recv[0])
-    if a_sync is None or a_sync[1] > b:
-        return None
-    a_wake = woke_writer(True, a_recv[0], a_sync[0]) or a_sync[0]
-    marks = [a, a_send[0], b_recv[0], b_wake, b_sync[0], b_sync[1], b_send[0], a_recv[0], a_wake, a_sync[0], a_sync[1], b]
+    marks = [a, a_send, b_recv, *b_store, b_send, a_recv, *a_store, b]
     return [(y - x) * 1e6 for x, y in zip(marks, marks[1:])]
 
 
