@@ -3,7 +3,10 @@
 //! end in a child).
 //!
 //! - sign: `SignedState::sign` of a realistic two-party state (hash +
-//!   EIP-191 secp256k1 signature), as the responder and the proposer do;
+//!   EIP-191 secp256k1 signature), as the responder and the proposer do.
+//!   Measured alone here and again between batches of the durable updates
+//!   ([`CryptoProbe`]), like the check; the floor uses the interleaved
+//!   samples when there are any;
 //! - check: `verify_sig` (hash + public key recovery + compare) with the
 //!   signature memo cleared, as each side does with the other's signature;
 //! - fsync: `write_at` of ~400 bytes into a preallocated file in the
@@ -88,26 +91,61 @@ fn sample_state(alice: &LocalAccount, bob: &LocalAccount) -> (Params, State) {
 
 /// p50 of signing and of checking a signature, in milliseconds.
 fn crypto(iterations: usize) -> Res<(f64, f64)> {
-    let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
-    let (params, state) = sample_state(&alice, &bob);
-    let mut signs = Vec::with_capacity(iterations);
-    let mut checks = Vec::with_capacity(iterations);
-    for v in 0..iterations as u64 {
-        let mut st = SignedState::new(State {
-            version: v + 1,
-            ..state.clone()
-        });
-        let t = Instant::now();
-        let sig = st.sign(&params, 0, &alice)?;
-        signs.push(t.elapsed());
-        // A peer's signature is new to the checker: no memo hit (signing
-        // remembered this one as ours).
-        perun::wallet::memo::clear();
-        let t = Instant::now();
-        verify_sig(&params, &st.state, 0, &sig)?;
-        checks.push(t.elapsed());
+    let mut probe = CryptoProbe::new();
+    probe.sample(iterations)?;
+    let (signs, checks) = probe.finish();
+    Ok((signs.p50(), checks.p50()))
+}
+
+/// Signatures and checks of a realistic state, timed one by one: the
+/// crypto part of the floor. Used alone and between batches of the
+/// durable updates: on a shared host this guest's crypto runs at two
+/// speeds that alternate within a second (a signature 25 or 37 µs,
+/// BENCHMARKS.md), and the floor should see the mix the updates see.
+pub(crate) struct CryptoProbe {
+    alice: LocalAccount,
+    params: Params,
+    state: State,
+    signs: Vec<Duration>,
+    checks: Vec<Duration>,
+}
+
+impl CryptoProbe {
+    pub(crate) fn new() -> Self {
+        let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+        let (params, state) = sample_state(&alice, &bob);
+        Self {
+            alice,
+            params,
+            state,
+            signs: Vec::new(),
+            checks: Vec::new(),
+        }
     }
-    Ok((Samples::new(signs).p50(), Samples::new(checks).p50()))
+
+    /// Times `n` signatures, each of a new version, and their checks.
+    pub(crate) fn sample(&mut self, n: usize) -> Res<()> {
+        for _ in 0..n {
+            let version = self.state.version + 1;
+            self.state.version = version;
+            let mut st = SignedState::new(self.state.clone());
+            let t = Instant::now();
+            let sig = st.sign(&self.params, 0, &self.alice)?;
+            self.signs.push(t.elapsed());
+            // A peer's signature is new to the checker: no memo hit
+            // (signing remembered this one as ours).
+            perun::wallet::memo::clear();
+            let t = Instant::now();
+            verify_sig(&self.params, &st.state, 0, &sig)?;
+            self.checks.push(t.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Every signature's and every check's time so far.
+    pub(crate) fn finish(self) -> (Samples, Samples) {
+        (Samples::new(self.signs), Samples::new(self.checks))
+    }
 }
 
 /// Small durable writes into a preallocated file in the benchmark's

@@ -148,6 +148,7 @@ pub(crate) async fn run_all(opts: &Options) -> Res<()> {
         s.set(key, payments.as_ref().and_then(|p| p[key].as_f64()));
     }
 
+    let floor = interleaved(&mut s, floor, durable.as_ref());
     record_floor(&mut s, floor, durable.as_ref());
     record_durable(&mut s, durable.as_ref());
     s.set("updates_per_s_memory", memory.as_ref().map(|m| m.per_s));
@@ -229,6 +230,8 @@ fn record_tower_watch(s: &mut Summary, watch: Option<&Value>, stored: usize) {
 
 /// fsync samples taken after each batch of sequential durable updates.
 const FSYNCS_PER_BATCH: usize = 10;
+/// Signatures and checks timed after each batch of them.
+const CRYPTO_PER_BATCH: usize = 20;
 
 /// What the durable pair measured.
 struct Durable {
@@ -239,6 +242,9 @@ struct Durable {
     /// The disk part of as many sequential updates, sampled between their
     /// batches ([`floor::PairProbe`]).
     fsync_pairs: crate::stats::Samples,
+    /// Signatures and checks timed between the sequential updates.
+    signs: crate::stats::Samples,
+    checks: crate::stats::Samples,
     aggregate: updates::Aggregate,
     channels: usize,
 }
@@ -254,13 +260,16 @@ async fn durable(chain: &Chain, opts: &Options) -> Res<Durable> {
     // same directory, so both see the same disk.
     let mut probe = floor::FsyncProbe::new(&opts.work.join("durable"))?;
     let mut pairs = floor::PairProbe::new(&opts.work.join("durable"))?;
+    let mut crypto = floor::CryptoProbe::new();
     let sequential = updates::sequential(&chans[0], c.warmup, c.measured, || {
         probe.sample(FSYNCS_PER_BATCH)?;
+        crypto.sample(CRYPTO_PER_BATCH)?;
         pairs.sample(updates::BATCH)
     })
     .await?;
     let fsync = probe.finish()?;
     let fsync_pairs = pairs.finish()?;
+    let (signs, checks) = crypto.finish();
     println!(
         "    sequential durable: {:.0} updates/s, p50 {:.2} ms",
         sequential.per_s,
@@ -293,6 +302,8 @@ async fn durable(chain: &Chain, opts: &Options) -> Res<Durable> {
         sequential,
         fsync,
         fsync_pairs,
+        signs,
+        checks,
         aggregate,
         channels,
     })
@@ -310,19 +321,32 @@ async fn memory(chain: &Chain, opts: &Options) -> Res<Sequential> {
     Ok(seq)
 }
 
-/// The floor, with the fsync part taken from the samples between the
-/// durable updates when there are any (the standalone figure is kept too).
-fn record_floor(s: &mut Summary, floor: Option<Floor>, durable: Option<&Durable>) {
-    let Some(mut f) = floor else {
-        s.set("floor_update_ms", Value::Null);
-        s.set("floor_ratio", Value::Null);
-        return;
-    };
+/// The floor, with the fsync and crypto parts taken from the samples
+/// between the durable updates when there are any (the standalone figures
+/// are kept too), as every figure compared with the floor uses it.
+fn interleaved(s: &mut Summary, floor: Option<Floor>, durable: Option<&Durable>) -> Option<Floor> {
+    let mut f = floor?;
     s.set("floor_fsync_standalone_ms", f.fsync_ms);
+    s.set("floor_sign_standalone_ms", f.sign_ms);
+    s.set("floor_verify_standalone_ms", f.verify_ms);
     if let Some(d) = durable.filter(|d| !d.fsync.is_empty()) {
         f.fsync_ms = d.fsync.p50();
         s.set("floor_fsync_interleaved_p99_ms", d.fsync.ms(0.99));
     }
+    if let Some(d) = durable.filter(|d| !d.signs.is_empty() && !d.checks.is_empty()) {
+        f.sign_ms = d.signs.p50();
+        f.verify_ms = d.checks.p50();
+    }
+    Some(f)
+}
+
+/// The floor and the durable update against it.
+fn record_floor(s: &mut Summary, floor: Option<Floor>, durable: Option<&Durable>) {
+    let Some(f) = floor else {
+        s.set("floor_update_ms", Value::Null);
+        s.set("floor_ratio", Value::Null);
+        return;
+    };
     s.set("floor_update_ms", f.update_ms());
     s.set("floor_sign_ms", f.sign_ms);
     s.set("floor_verify_ms", f.verify_ms);
@@ -579,6 +603,8 @@ pub(crate) const ROWS: &[&str] = &[
     "floor_fsync_ms",
     "floor_round_trip_ms",
     "floor_fsync_standalone_ms",
+    "floor_sign_standalone_ms",
+    "floor_verify_standalone_ms",
     "floor_fsync_interleaved_p99_ms",
     "floor_fsync_pair_p99_ms",
     "update_latency_mean_ms",
