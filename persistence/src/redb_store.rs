@@ -18,15 +18,18 @@
 //! The writer's state (the database, its log, the cache) sits behind one
 //! lock; a batch runs with it held. A dedicated writer thread serves the
 //! queue: calls send a request over a channel and await a one-shot reply.
-//! One exception: an `update` that finds the store idle (no other update in
-//! progress, nothing queued or running) on a multi-thread tokio runtime
-//! runs its batch of one on the caller's thread, which blocks for that one `fsync` (the
-//! caller waits for it anyway) and saves the two thread hand-offs
+//! One exception: an `update` that finds the store idle (no other update
+//! in progress, nothing queued or running) on a multi-thread tokio runtime
+//! of two workers or more runs its batch of one on the caller's thread,
+//! which blocks for that one `fsync` (the caller waits for it anyway) and
+//! saves the two thread hand-offs
 //! ([`RedbOptions::write_on_caller_when_idle`]). A request counts as
 //! queued until the thread has run it, so no write overtakes one sent
 //! before it. Every other call, and every call from a current-thread
 //! runtime, is the thread's: no redb work and no `fsync` blocks such an
-//! executor. The thread takes every request that
+//! executor.
+//!
+//! The thread takes every request that
 //! is queued when it becomes free and applies all writes in one redb write
 //! transaction, made durable by one `fsync`: with the log (the default),
 //! the log record's, after which the callers hear back and the transaction
