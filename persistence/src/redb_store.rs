@@ -1322,6 +1322,32 @@ impl Drop for Writing<'_> {
     }
 }
 
+/// With the queue empty, lets the database catch up with the log, once
+/// the callers just answered had the core: a caller woken on this core
+/// would otherwise wait for the commit (about 35 µs an update on a 2-vCPU
+/// KVM guest, BENCHMARKS.md). A request that came meanwhile goes first.
+/// `false` if the storage engine panicked (the store is closed).
+fn catch_up_when_idle(store: &Store) -> bool {
+    let behind = lock_writer(store)
+        .as_ref()
+        .is_some_and(|w| !w.deferred.is_empty());
+    if !behind {
+        return true;
+    }
+    std::thread::yield_now();
+    if store.queued.load(Ordering::SeqCst) != 0 {
+        return true;
+    }
+    let mut guard = lock_writer(store);
+    if let Some(w) = guard.as_mut()
+        && !w.guarded(Writer::apply_deferred)
+    {
+        *guard = None;
+        return false;
+    }
+    true
+}
+
 fn lock_writer(store: &Store) -> MutexGuard<'_, Option<Writer>> {
     store.writer.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -1344,36 +1370,12 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
             Ok(first) => first,
             Err(mpsc::TryRecvError::Disconnected) => break,
             Err(mpsc::TryRecvError::Empty) => {
-                let behind = lock_writer(store)
-                    .as_ref()
-                    .is_some_and(|w| !w.deferred.is_empty());
-                if behind {
-                    // Idle: the database catches up with the log, once the
-                    // callers just answered had the core. A caller woken on
-                    // this core would otherwise wait for the commit (about
-                    // 35 µs an update on a 2-vCPU KVM guest, BENCHMARKS.md).
-                    std::thread::yield_now();
-                    if let Ok(first) = receiver.try_recv() {
-                        first
-                    } else {
-                        let mut guard = lock_writer(store);
-                        if let Some(w) = guard.as_mut()
-                            && !w.guarded(Writer::apply_deferred)
-                        {
-                            *guard = None;
-                            return;
-                        }
-                        drop(guard);
-                        match receiver.recv() {
-                            Ok(first) => first,
-                            Err(_) => break,
-                        }
-                    }
-                } else {
-                    match receiver.recv() {
-                        Ok(first) => first,
-                        Err(_) => break,
-                    }
+                if !catch_up_when_idle(store) {
+                    return;
+                }
+                match receiver.recv() {
+                    Ok(first) => first,
+                    Err(_) => break,
                 }
             }
         };
