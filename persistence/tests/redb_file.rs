@@ -358,6 +358,55 @@ async fn an_idle_store_writes_on_the_callers_thread() {
     assert_eq!(rec.current, Some(ch.signed(99)));
 }
 
+/// A write refused on the caller's thread (a stale version, as a hostile
+/// or confused caller may send) is an error that changes nothing: the
+/// store keeps the newer state, and the next write goes the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_on_the_callers_thread_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ch = TestChannel::two_party(315);
+    {
+        let p = RedbPersister::open(db_path(&dir)).await.expect("open");
+        p.channel_created(&ch.record()).await.expect("create");
+        for v in 0..3 {
+            p.state_committed(ch.id(), &ch.signed(v))
+                .await
+                .expect("commit");
+        }
+        // A write finds the thread busy now and then (catching up after the
+        // create); the refusal is the same either way, so repeat it until
+        // one ran on the caller's thread.
+        let mut on_caller = false;
+        for _ in 0..100 {
+            let before = p.stats().on_caller;
+            let err = p
+                .state_committed(ch.id(), &ch.signed(1))
+                .await
+                .expect_err("stale");
+            assert!(
+                matches!(
+                    err,
+                    Error::StaleVersion {
+                        stored: 2,
+                        got: 1,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            if p.stats().on_caller > before {
+                on_caller = true;
+                break;
+            }
+        }
+        assert!(on_caller, "no refusal ran on the caller's thread");
+        p.state_committed(ch.id(), &ch.signed(3)).await.expect("v3");
+    }
+    let p = RedbPersister::open(db_path(&dir)).await.expect("reopen");
+    let rec = p.load(ch.id()).await.expect("load").expect("present");
+    assert_eq!(rec.current, Some(ch.signed(3)));
+}
+
 /// On a current-thread runtime, or a multi-thread one with one worker, a
 /// write never blocks the runtime's only thread, and with the option off no
 /// write runs on the caller's thread.
