@@ -19,14 +19,24 @@
 //!   process, as Bob is for the updates ([`crate::peer`]).
 //!
 //! `floor = 2 sign + 2 check + 2 fsync + 1 round trip`.
+//!
+//! Its fsyncs come back to back. An update's cannot: each follows the other
+//! by the update's other work, about half the floor without its fsyncs.
+//! `floor_fsync_spaced_ms` samples the same write and sync after such a
+//! pause, alternating between two files as an update's two stores do
+//! ([`SpacedProbe`]), and `floor_ratio_spaced` compares
+//! the update with the floor built on it (information, not a target).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use perun::channel::signed::verify_sig;
 use perun::channel::{Address, Allocation, Asset, Params, SignedState, State, U256};
+use perun::wallet::signature::recover;
 use perun::wallet::{Account, LocalAccount};
 use perun::wire::{Config, Message, Node, PeerId, Update, UpdateAccept, generate_key};
 
@@ -148,6 +158,86 @@ impl CryptoProbe {
     }
 }
 
+/// The crypto of one update (two signatures and two checks of a realistic
+/// state: each a hash and a signature, resp. a hash, a key recovery and a
+/// compare) timed as CPU time on a thread of its own, sampled while the
+/// 100-channel run goes on: the signature CPU that run meets, under its
+/// load and in the machine's speed of the moment. CPU time, not wall time:
+/// the probe waits for a core like every thread of that run, and only its
+/// own work counts. One update's crypto every 50 ms, about 0.3 % of a core.
+/// Only meaningful while the cores are busy: on an idle machine each sample
+/// after the pause finds cold caches (about 30 % slower).
+pub(crate) struct CryptoDuring {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<Vec<Duration>, String>>>,
+}
+
+impl CryptoDuring {
+    const EVERY: Duration = Duration::from_millis(50);
+
+    pub(crate) fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
+            let (_, mut state) = sample_state(&alice, &bob);
+            let mut took = Vec::new();
+            loop {
+                std::thread::park_timeout(Self::EVERY);
+                if stopped.load(Ordering::Relaxed) {
+                    return Ok(took);
+                }
+                let t = thread_cpu();
+                for _ in 0..2 {
+                    state.version += 1;
+                    let sig = alice.sign_hash(state.hash()).map_err(|e| e.to_string())?;
+                    // Not `verify`: its memo would answer without a recovery.
+                    let signer = recover(state.hash(), &sig).map_err(|e| e.to_string())?;
+                    if signer != alice.address() {
+                        return Err("the probe's check recovered another signer".into());
+                    }
+                }
+                took.push(thread_cpu().saturating_sub(t));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the probe; every update's crypto CPU time it sampled.
+    pub(crate) fn finish(mut self) -> Res<Samples> {
+        let thread = self.stop_thread().ok_or("the crypto probe is gone")?;
+        let took = thread.join().map_err(|_| "the crypto probe panicked")??;
+        Ok(Samples::new(took))
+    }
+
+    fn stop_thread(&mut self) -> Option<std::thread::JoinHandle<Result<Vec<Duration>, String>>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take()?;
+        thread.thread().unpark();
+        Some(thread)
+    }
+}
+
+impl Drop for CryptoDuring {
+    /// A run that failed or timed out still stops the probe: it must not
+    /// sign on through the parts after it.
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+/// This thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
 /// Small durable writes into a preallocated file in the benchmark's
 /// directory: the fsync part of the floor. Used alone and between batches
 /// of durable updates, so the floor sees the disk as the updates do (a
@@ -252,6 +342,56 @@ impl PairProbe {
     pub(crate) fn finish(self) -> Res<Samples> {
         // Both files go, even if one cannot.
         let (a, b) = (self.responder.finish(), self.proposer.finish());
+        a?;
+        b?;
+        Ok(Samples::new(self.took))
+    }
+}
+
+/// The floor's write and sync as an update meets it: the syncs alternate
+/// between two files (the responder's store, then the proposer's), and each
+/// follows the one before by `gap` without I/O, as in an update, where
+/// signatures, checks and messages lie between them (this thread spins
+/// meanwhile; in an update other threads work while the syncing one waits).
+/// `gap` comes from the standalone floor, measured before the updates. On this guest's
+/// virtual disk that alone makes a sync slower than the floor's back-to-back
+/// ones (BENCHMARKS.md); no update can sync back to back.
+pub(crate) struct SpacedProbe {
+    files: [FsyncProbe; 2],
+    gap: Duration,
+    took: Vec<Duration>,
+}
+
+impl SpacedProbe {
+    pub(crate) fn new(dir: &Path, gap: Duration) -> Res<Self> {
+        Ok(Self {
+            files: [
+                FsyncProbe::named(dir, "floor-fsync-spaced-a.bin")?,
+                FsyncProbe::named(dir, "floor-fsync-spaced-b.bin")?,
+            ],
+            gap,
+            took: Vec::new(),
+        })
+    }
+
+    /// Times `n` syncs, alternating between the files.
+    pub(crate) fn sample(&mut self, n: usize) -> Res<()> {
+        for i in 0..n {
+            let quiet = Instant::now();
+            while quiet.elapsed() < self.gap {
+                std::hint::spin_loop();
+            }
+            let took = self.files[i % 2].write_one()?;
+            self.took.push(took);
+        }
+        Ok(())
+    }
+
+    /// Every sync so far, of both files; removes them.
+    pub(crate) fn finish(self) -> Res<Samples> {
+        let [a, b] = self.files;
+        // Both files go, even if one cannot.
+        let (a, b) = (a.finish(), b.finish());
         a?;
         b?;
         Ok(Samples::new(self.took))

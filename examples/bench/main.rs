@@ -29,15 +29,28 @@
 //!   times as the updates, between their batches; `floor_update_p99_ms` the
 //!   floor without its fsyncs plus that p99, and `durable_p99_floor_ratio`
 //!   the durable p99 over it: near 1, the disk's own tail is the update's.
+//! - `floor_fsync_spaced_ms`: the floor's write and sync, each after a pause
+//!   of busy CPU as long as half the floor without its fsyncs (what an
+//!   update does between its two syncs), sampled between the same batches;
+//!   `floor_spaced_update_ms` the floor with it in place of
+//!   `floor_fsync_ms`, and `floor_ratio_spaced` the durable p50 over that
+//!   (information: how much of `floor_ratio`'s gap is the disk's pause).
 //! - `memory_floor_ratio`: the in-memory p50 over `floor_no_fsync_ms`, the
 //!   floor without its two fsyncs (issue 17: at most 1.15).
 //! - `recoveries_per_update`: signatures Alice's process recovered per
 //!   sequential durable update (checks the wallet's memo could not answer):
 //!   at least 1, Bob's, or the part fails.
 //! - `cpu_bound_updates_per_s`: the updates per second this machine's cores
-//!   could sign and check: cores ÷ (2 signatures + 2 checks, as measured
-//!   for the floor in the same run); `aggregate_cpu_bound_ratio` is the
-//!   100-channel figure over it (issue 17: at least 0.75).
+//!   could sign and check: cores ÷ `aggregate_crypto_cpu_ms_per_update`,
+//!   one update's 2 signatures + 2 checks as CPU time on a probe thread,
+//!   sampled every 50 ms during the 100-channel run
+//!   ([`floor::CryptoDuring`]; the p50 of the samples, `_p90_ms` their
+//!   spread);
+//!   `aggregate_cpu_bound_ratio` is the 100-channel figure over it (issue
+//!   17: at least 0.75). This guest's crypto alternates between two speeds
+//!   within seconds, so the crypto timed at another moment of the run (the
+//!   floor's, `floor_crypto_ms_per_update`) can bound another machine: the
+//!   `_sequential` variants divide by that instead.
 //! - `aggregate_updates_per_s_100ch`: 100 durable channels between the same
 //!   two clients, one task per channel paying in a loop for a fixed time;
 //!   `aggregate_cores_busy` is both processes' CPU time (Alice's and Bob's)
