@@ -33,8 +33,9 @@ import collections
 import re
 import sys
 
+import markers
+
 HEADER = re.compile(r"\s*(.+?)\s+(-?\d+)/(-?\d+)\s+([\d.]+):\s+(\S+):\s*(.*)")
-FLAGS = re.compile(r"flags: (0x[0-9a-f]+)")
 SYSCALL = re.compile(r"(?:__x64_sys_|__do_sys_|__se_sys_)(\w+)")
 CRATES = [
     ("redb", "redb"),
@@ -125,28 +126,13 @@ def main():
         for k, v in c.most_common():
             print("%6.2f %%  %s" % (100 * v / len(cpu), k))
         return
-    # The markers: `statx` without flags before each measured `pay`, with
-    # AT_SYMLINK_NOFOLLOW after it, from the thread that runs the loop
-    # (the one with the most of them); a start without an end before the
-    # next start is not an update.
-    marks = []
-    for comm, pid, tid, t, event, trace, _ in recs:
-        flags = FLAGS.search(trace) if "statx" in event else None
-        if flags:
-            marks.append((t, tid, int(flags.group(1), 16) == 0))
+    marks = [(t, tid, markers.is_start(trace))
+             for _, _, tid, t, event, trace, _ in recs
+             if "statx" in event and markers.FLAGS.search(trace)]
     if not marks:
         sys.exit("no update markers: run with PERUN_BENCH_MARKS=1, record "
                  "syscalls:sys_enter_statx and keep `trace` in perf script's fields")
-    marker_tid = collections.Counter(tid for _, tid, _ in marks).most_common(1)[0][0]
-    spans, start = [], None
-    for t, tid, is_start in sorted(marks):
-        if tid != marker_tid:
-            continue
-        if is_start:
-            start = t
-        elif start is not None:
-            spans.append((start, t))
-            start = None
+    spans = markers.updates(marks)
     if not spans:
         sys.exit("no complete update between the markers")
     starts = [a for a, _ in spans]

@@ -6,6 +6,8 @@ import collections
 import re
 import sys
 
+import markers
+
 LINE = re.compile(r"\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)")
 events, switches, timeline = [], [], []
 for line in open(sys.argv[1]):
@@ -15,8 +17,7 @@ for line in open(sys.argv[1]):
     comm, tid, cpu, t, event, rest = m.groups()
     tid, cpu, t, event = int(tid), int(cpu), float(t), event.split(":")[1]
     if event == "sys_enter_statx":
-        flags = int(re.search(r"flags: (0x[0-9a-f]+)", rest).group(1), 16)
-        events.append((t, tid, "start" if flags == 0 else "end"))
+        events.append((t, tid, markers.is_start(rest)))
         timeline.append((t, f"cpu{cpu} {comm} marker"))
     elif event in ("sys_enter_fdatasync", "sys_exit_fdatasync"):
         events.append((t, tid, event))
@@ -26,20 +27,7 @@ for line in open(sys.argv[1]):
         switches.append((t, cpu, n.group(3)))
         timeline.append((t, f"cpu{cpu} {n.group(1)}({n.group(2)}) -> {n.group(3)}"))
 
-# Markers come from the thread that runs the measured loop, the one with
-# the most of them (other `statx` calls of the process are not markers);
-# a "start" with no "end" before the next "start" is not an update.
-marker_tid = collections.Counter(tid for _, tid, e in events if e in ("start", "end")).most_common(1)[0][0]
-updates, start = [], None
-for t, tid, e in events:
-    if tid != marker_tid:
-        continue
-    if e == "start":
-        start = t
-    elif e == "end" and start is not None:
-        if t - start < 1.0:
-            updates.append((start, t))
-        start = None
+updates = markers.updates(e for e in events if isinstance(e[2], bool))
 syncs, open_ = [], {}
 for t, tid, e in events:
     if e == "sys_enter_fdatasync":

@@ -9,6 +9,8 @@ import collections
 import re
 import sys
 
+import markers
+
 LINE = re.compile(r"\s*(.+?)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)")
 SWITCH = re.compile(r"prev_comm=(.+?) prev_pid=\d+ prev_prio=\d+ prev_state=(\S+) ==> next_comm=(.+?) next_pid=(\d+)")
 WAKE = re.compile(r"comm=(.+?) pid=(\d+).*target_cpu=(\d+)")
@@ -22,25 +24,11 @@ for line in open(sys.argv[1]):
         process[int(tid)] = int(pid)
         events.append((float(t), int(tid), int(cpu), comm, event.split(":")[1], rest))
 
-# Markers come from the thread that runs the measured loop (see update_trace.py).
-marks = []
-for t, tid, _, _, e, rest in events:
-    if e == "sys_enter_statx":
-        flags = int(re.search(r"flags: (0x[0-9a-f]+)", rest).group(1), 16)
-        marks.append((t, tid, "start" if flags == 0 else "end"))
+marks = [(t, tid, markers.is_start(rest)) for t, tid, _, _, e, rest in events if e == "sys_enter_statx"]
 if not marks:
     sys.exit("no marked updates in the trace (was PERUN_BENCH_MARKS set?)")
-marker_tid = collections.Counter(tid for _, tid, _ in marks).most_common(1)[0][0]
-updates, start = [], None
-for t, tid, kind in marks:
-    if tid != marker_tid:
-        continue
-    if kind == "start":
-        start = t
-    elif start is not None:
-        if t - start < 1.0:
-            updates.append((start, t))
-        start = None
+marker_tid = markers.marker_tid(marks)
+updates = markers.updates(marks)
 lat = sorted((b - a) * 1e6 for a, b in updates)
 p50 = lat[len(lat) // 2]
 print(f"{len(updates)} updates, p50 {p50:.0f} us (times include the tracing's cost)")

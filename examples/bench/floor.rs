@@ -24,8 +24,9 @@
 //! by the update's other work, about half the floor without its fsyncs.
 //! `floor_fsync_spaced_ms` samples the same write and sync after such a
 //! pause, alternating between two files as an update's two stores do
-//! ([`SpacedProbe`]), and `floor_ratio_spaced` compares
-//! the update with the floor built on it (information, not a target).
+//! ([`PairProbe::sample_spaced`]), and `floor_ratio_spaced` compares the
+//! update with the floor built on it (information, not a target). The
+//! pause comes from the standalone floor, measured before the updates.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -314,10 +315,14 @@ impl FsyncProbe {
 /// many as they, so both meet the same spells of a slow disk (a virtual
 /// disk's syncs slow down several-fold for tens of milliseconds at a time,
 /// and both syncs of an update meet such a spell).
+///
+/// The same files also give the floor's write and sync as an update meets
+/// it ([`sample_spaced`](Self::sample_spaced)).
 pub(crate) struct PairProbe {
     responder: FsyncProbe,
     proposer: FsyncProbe,
     took: Vec<Duration>,
+    spaced: Vec<Duration>,
 }
 
 impl PairProbe {
@@ -326,6 +331,7 @@ impl PairProbe {
             responder: FsyncProbe::named(dir, "floor-fsync-a.bin")?,
             proposer: FsyncProbe::named(dir, "floor-fsync-b.bin")?,
             took: Vec::new(),
+            spaced: Vec::new(),
         })
     }
 
@@ -338,63 +344,36 @@ impl PairProbe {
         Ok(())
     }
 
-    /// Every pair so far; removes the files.
-    pub(crate) fn finish(self) -> Res<Samples> {
-        // Both files go, even if one cannot.
-        let (a, b) = (self.responder.finish(), self.proposer.finish());
-        a?;
-        b?;
-        Ok(Samples::new(self.took))
-    }
-}
-
-/// The floor's write and sync as an update meets it: the syncs alternate
-/// between two files (the responder's store, then the proposer's), and each
-/// follows the one before by `gap` without I/O, as in an update, where
-/// signatures, checks and messages lie between them (this thread spins
-/// meanwhile; in an update other threads work while the syncing one waits).
-/// `gap` comes from the standalone floor, measured before the updates. On this guest's
-/// virtual disk that alone makes a sync slower than the floor's back-to-back
-/// ones (BENCHMARKS.md); no update can sync back to back.
-pub(crate) struct SpacedProbe {
-    files: [FsyncProbe; 2],
-    gap: Duration,
-    took: Vec<Duration>,
-}
-
-impl SpacedProbe {
-    pub(crate) fn new(dir: &Path, gap: Duration) -> Res<Self> {
-        Ok(Self {
-            files: [
-                FsyncProbe::named(dir, "floor-fsync-spaced-a.bin")?,
-                FsyncProbe::named(dir, "floor-fsync-spaced-b.bin")?,
-            ],
-            gap,
-            took: Vec::new(),
-        })
-    }
-
-    /// Times `n` syncs, alternating between the files.
-    pub(crate) fn sample(&mut self, n: usize) -> Res<()> {
+    /// Times `n` single syncs, alternating between the files, each after
+    /// `gap` without I/O, as in an update, where signatures, checks and
+    /// messages lie between them (this thread spins meanwhile; in an update
+    /// other threads work while the syncing one waits). On this guest's
+    /// virtual disk that alone makes a sync slower than the floor's
+    /// back-to-back ones (BENCHMARKS.md); no update can sync back to back.
+    pub(crate) fn sample_spaced(&mut self, n: usize, gap: Duration) -> Res<()> {
         for i in 0..n {
             let quiet = Instant::now();
-            while quiet.elapsed() < self.gap {
+            while quiet.elapsed() < gap {
                 std::hint::spin_loop();
             }
-            let took = self.files[i % 2].write_one()?;
-            self.took.push(took);
+            let file = if i % 2 == 0 {
+                &mut self.responder
+            } else {
+                &mut self.proposer
+            };
+            let took = file.write_one()?;
+            self.spaced.push(took);
         }
         Ok(())
     }
 
-    /// Every sync so far, of both files; removes them.
-    pub(crate) fn finish(self) -> Res<Samples> {
-        let [a, b] = self.files;
+    /// Every pair so far and every spaced sync; removes the files.
+    pub(crate) fn finish(self) -> Res<(Samples, Samples)> {
         // Both files go, even if one cannot.
-        let (a, b) = (a.finish(), b.finish());
+        let (a, b) = (self.responder.finish(), self.proposer.finish());
         a?;
         b?;
-        Ok(Samples::new(self.took))
+        Ok((Samples::new(self.took), Samples::new(self.spaced)))
     }
 }
 

@@ -272,26 +272,19 @@ async fn durable(chain: &Chain, opts: &Options, gap: Option<Duration>) -> Res<Du
     // The fsync floor is sampled between batches of these updates, in the
     // same directory, so both see the same disk.
     let mut probe = floor::FsyncProbe::new(&opts.work.join("durable"))?;
-    let mut spaced = gap
-        .map(|gap| floor::SpacedProbe::new(&opts.work.join("durable"), gap))
-        .transpose()?;
     let mut pairs = floor::PairProbe::new(&opts.work.join("durable"))?;
     let mut crypto = floor::CryptoProbe::new();
     let sequential = updates::sequential(&chans[0], c.warmup, c.measured, || {
         probe.sample(FSYNCS_PER_BATCH)?;
-        if let Some(spaced) = spaced.as_mut() {
-            spaced.sample(FSYNCS_PER_BATCH)?;
+        if let Some(gap) = gap {
+            pairs.sample_spaced(FSYNCS_PER_BATCH, gap)?;
         }
         crypto.sample(CRYPTO_PER_BATCH)?;
         pairs.sample(updates::BATCH)
     })
     .await?;
     let fsync = probe.finish()?;
-    let fsync_spaced = match spaced {
-        Some(spaced) => spaced.finish()?,
-        None => crate::stats::Samples::new(Vec::new()),
-    };
-    let fsync_pairs = pairs.finish()?;
+    let (fsync_pairs, fsync_spaced) = pairs.finish()?;
     let (signs, checks) = crypto.finish();
     println!(
         "    sequential durable: {:.0} updates/s, p50 {:.2} ms",

@@ -397,16 +397,13 @@ impl RedbPersister {
         self.counters.on_caller.fetch_add(1, Ordering::Relaxed);
         let ok = writer.guarded(|w| w.process(vec![req]));
         let behind = ok && writer.deferred.len() >= NUDGE_AT;
-        // As on the thread, a panic in the storage engine closes the store
-        // (the request's reply was dropped: `Error::Closed`). The database
-        // is dropped outside the lock, and a panic there stays here.
-        let dead = if ok { None } else { guard.take() };
-        drop(guard);
-        if let Some(dead) = dead
-            && catch_unwind(AssertUnwindSafe(move || drop(dead))).is_err()
-        {
-            error!("persistence: storage engine panicked while closing");
+        if !ok {
+            // As on the thread (the request's reply was dropped:
+            // `Error::Closed`).
+            close_after_panic(guard);
+            return None;
         }
+        drop(guard);
         if behind && let Some(sender) = &self.sender {
             // The thread lets the database catch up, off the callers' path.
             let _ = sender.send(Request::CatchUp);
@@ -1342,10 +1339,23 @@ fn catch_up_when_idle(store: &Store) -> bool {
     if let Some(w) = guard.as_mut()
         && !w.guarded(Writer::apply_deferred)
     {
-        *guard = None;
+        close_after_panic(guard);
         return false;
     }
     true
+}
+
+/// Closes the store after a panic in the storage engine: every later call
+/// sees `Error::Closed`. The database is dropped outside the lock, and a
+/// panic in its drop stays here.
+fn close_after_panic(mut guard: MutexGuard<'_, Option<Writer>>) {
+    let dead = guard.take();
+    drop(guard);
+    if let Some(dead) = dead
+        && catch_unwind(AssertUnwindSafe(move || drop(dead))).is_err()
+    {
+        error!("persistence: storage engine panicked while closing");
+    }
 }
 
 fn lock_writer(store: &Store) -> MutexGuard<'_, Option<Writer>> {
@@ -1401,7 +1411,7 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
         // took off the queue but had not run yet.
         store.queued.fetch_sub(taken, Ordering::SeqCst);
         if !ok {
-            *guard = None;
+            close_after_panic(guard);
             return;
         }
     }

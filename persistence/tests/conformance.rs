@@ -195,17 +195,7 @@ async fn version_rules(mut s: impl Store) {
         .state_committed(id, &ch.signed(1))
         .await
         .expect_err("stale");
-    assert!(
-        matches!(
-            err,
-            Error::StaleVersion {
-                stored: 2,
-                got: 1,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    common::assert_stale(&err, 2, 1);
     assert!(err.is_rejection());
 
     let mut conflicting = ch.state(2);

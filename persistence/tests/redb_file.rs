@@ -19,6 +19,39 @@ fn db_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("store.redb")
 }
 
+/// `ch`'s current state in the store in `dir`, opened anew.
+async fn current_after_reopen(
+    dir: &tempfile::TempDir,
+    ch: &TestChannel,
+) -> Option<perun_channel::SignedState> {
+    let p = RedbPersister::open(db_path(dir)).await.expect("reopen");
+    p.load(ch.id())
+        .await
+        .expect("load")
+        .expect("present")
+        .current
+}
+
+/// A store in `dir` opened with `options`, holding `ch` committed at
+/// versions `0..versions`, one at a time.
+async fn committed(
+    dir: &tempfile::TempDir,
+    options: RedbOptions,
+    ch: &TestChannel,
+    versions: u64,
+) -> RedbPersister {
+    let p = RedbPersister::open_with(db_path(dir), options)
+        .await
+        .expect("open");
+    p.channel_created(&ch.record()).await.expect("create");
+    for v in 0..versions {
+        p.state_committed(ch.id(), &ch.signed(v))
+            .await
+            .expect("commit");
+    }
+    p
+}
+
 /// A store with two channels at version 1 and 2, closed again.
 async fn populated(path: &Path) -> (TestChannel, TestChannel) {
     let (a, b) = (TestChannel::two_party(100), TestChannel::two_party(101));
@@ -335,13 +368,7 @@ async fn an_idle_store_writes_on_the_callers_thread() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ch = TestChannel::two_party(310);
     {
-        let p = RedbPersister::open(db_path(&dir)).await.expect("open");
-        p.channel_created(&ch.record()).await.expect("create");
-        for v in 0..100 {
-            p.state_committed(ch.id(), &ch.signed(v))
-                .await
-                .expect("commit");
-        }
+        let p = committed(&dir, RedbOptions::default(), &ch, 100).await;
         // A write that finds the thread busy (after the create, and while it
         // catches up once 64 entries are behind) goes to the thread; one
         // that finds 64 behind does too, so more than 64 here also shows
@@ -353,9 +380,7 @@ async fn an_idle_store_writes_on_the_callers_thread() {
         let rec = p.load(ch.id()).await.expect("load").expect("present");
         assert_eq!(rec.current, Some(ch.signed(99)));
     }
-    let p = RedbPersister::open(db_path(&dir)).await.expect("reopen");
-    let rec = p.load(ch.id()).await.expect("load").expect("present");
-    assert_eq!(rec.current, Some(ch.signed(99)));
+    assert_eq!(current_after_reopen(&dir, &ch).await, Some(ch.signed(99)));
 }
 
 /// A write refused on the caller's thread (a stale version, as a hostile
@@ -366,13 +391,7 @@ async fn a_write_refused_on_the_callers_thread_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ch = TestChannel::two_party(315);
     {
-        let p = RedbPersister::open(db_path(&dir)).await.expect("open");
-        p.channel_created(&ch.record()).await.expect("create");
-        for v in 0..3 {
-            p.state_committed(ch.id(), &ch.signed(v))
-                .await
-                .expect("commit");
-        }
+        let p = committed(&dir, RedbOptions::default(), &ch, 3).await;
         // A write finds the thread busy now and then (catching up after the
         // create); the refusal is the same either way, so repeat it until
         // one ran on the caller's thread.
@@ -383,17 +402,7 @@ async fn a_write_refused_on_the_callers_thread_changes_nothing() {
                 .state_committed(ch.id(), &ch.signed(1))
                 .await
                 .expect_err("stale");
-            assert!(
-                matches!(
-                    err,
-                    Error::StaleVersion {
-                        stored: 2,
-                        got: 1,
-                        ..
-                    }
-                ),
-                "{err}"
-            );
+            common::assert_stale(&err, 2, 1);
             if p.stats().on_caller > before {
                 on_caller = true;
                 break;
@@ -402,9 +411,7 @@ async fn a_write_refused_on_the_callers_thread_changes_nothing() {
         assert!(on_caller, "no refusal ran on the caller's thread");
         p.state_committed(ch.id(), &ch.signed(3)).await.expect("v3");
     }
-    let p = RedbPersister::open(db_path(&dir)).await.expect("reopen");
-    let rec = p.load(ch.id()).await.expect("load").expect("present");
-    assert_eq!(rec.current, Some(ch.signed(3)));
+    assert_eq!(current_after_reopen(&dir, &ch).await, Some(ch.signed(3)));
 }
 
 /// On a current-thread runtime, or a multi-thread one with one worker, a
@@ -414,16 +421,7 @@ async fn a_write_refused_on_the_callers_thread_changes_nothing() {
 async fn writes_stay_on_the_writer_thread_where_they_must() {
     async fn on_caller(dir: &tempfile::TempDir, options: RedbOptions) -> u64 {
         let ch = TestChannel::two_party(320);
-        let p = RedbPersister::open_with(db_path(dir), options)
-            .await
-            .expect("open");
-        p.channel_created(&ch.record()).await.expect("create");
-        for v in 0..5 {
-            p.state_committed(ch.id(), &ch.signed(v))
-                .await
-                .expect("commit");
-        }
-        p.stats().on_caller
+        committed(dir, options, &ch, 5).await.stats().on_caller
     }
     let dir = tempfile::tempdir().expect("tempdir");
     assert_eq!(on_caller(&dir, RedbOptions::default()).await, 0);

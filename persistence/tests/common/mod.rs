@@ -117,3 +117,15 @@ impl TestChannel {
         }
     }
 }
+
+/// Panics unless `err` refuses a stale version: `got` against `stored`.
+pub fn assert_stale(err: &perun_persistence::Error, stored: u64, got: u64) {
+    assert!(
+        matches!(
+            err,
+            perun_persistence::Error::StaleVersion { stored: s, got: g, .. }
+                if *s == stored && *g == got
+        ),
+        "{err}"
+    );
+}
