@@ -2,8 +2,9 @@
 //! watched: many transactions of one account at once, a stuck transaction
 //! replaced with higher fees, a dropped one sent again, a nonce taken by
 //! another transaction of the account, the fee cap against a cheater's tips,
-//! a retry joining the transaction in flight, a dead queue task, and an
-//! identical registration that wins the race.
+//! a retry joining the transaction in flight, a dead queue task, an
+//! identical registration that wins the race, and a receipt that lags its
+//! block.
 
 #![allow(clippy::unwrap_used)]
 
@@ -586,5 +587,57 @@ async fn a_transaction_a_reorg_removed_is_sent_again() {
     assert!(again.block_number.unwrap() > first_block);
     s.anvil.mine(2).await.unwrap();
     registering.await.unwrap().unwrap();
+    assert_eq!(s.version(&adj, &ch).await, Some(1));
+}
+
+/// A node that mined our transaction but has no receipt for it yet (the
+/// proxy answers `null` for receipts, for longer than the ticks after which
+/// a used nonce counts as another transaction's): the queue keeps waiting
+/// for that receipt and sends nothing again. Before, it took the nonce for
+/// another transaction's and sent the call a second time, which for a
+/// conclusion reverted and answered `AlreadyConcluded` to the caller whose
+/// own transaction had concluded the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_receipt_is_waited_for_not_sent_again() {
+    let s = setup().await;
+    let proxy = perun_adjudicator::testing::RpcProxy::start(&s.anvil.ws_url())
+        .await
+        .unwrap();
+    let account = s.anvil.funded_account().await.unwrap();
+    let adj = EthAdjudicator::connect(&proxy.ws_url(), &account, s.cfg.clone())
+        .await
+        .unwrap();
+    s.anvil.set_automine(false).await.unwrap();
+    let ch = s.channel();
+    let req = ch.signed(&s.parties, 1);
+    let a = adj.clone();
+    let registering = tokio::spawn(async move { a.register(&req).await });
+    s.pool_holds(1).await;
+    proxy.answer_null("eth_getTransactionReceipt", true);
+    // Blocks (each a tick of the queue) while the receipt is hidden.
+    for _ in 0..6 {
+        s.anvil.mine(1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(proxy.stats().nulled >= 3, "the queue asked for the receipt");
+    assert!(
+        s.anvil.pool_hashes().await.unwrap().is_empty(),
+        "nothing sent again"
+    );
+    assert!(!registering.is_finished());
+    proxy.answer_null("eth_getTransactionReceipt", false);
+    s.anvil.mine(1).await.unwrap();
+    tokio::time::timeout(WAIT, registering)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let sent = s
+        .anvil
+        .admin()
+        .get_transaction_count(account.address())
+        .await
+        .unwrap();
+    assert_eq!(sent, 1, "one transaction of the account");
     assert_eq!(s.version(&adj, &ch).await, Some(1));
 }

@@ -26,9 +26,12 @@
 //!    `replace_after` is replaced at the same nonce with both fees up by an
 //!    eighth (within the caps); one that left the pool unmined is sent again
 //!    (with higher fees if the old ones no longer fit); if the nonce was used,
-//!    whichever of its fee versions was mined is the result, and if none was
-//!    (another transaction of the same account took the nonce), the request
-//!    is simulated and sent again with a fresh nonce.
+//!    whichever of its fee versions was mined is the result (one the node
+//!    shows in a block but has no receipt for yet is waited for), and if
+//!    none was (another transaction of the same account took the nonce),
+//!    the request is simulated and sent again with a fresh nonce. A
+//!    submission answered "nonce too low" that the node has anyway (it
+//!    reached the node twice) counts as sent.
 //! 5. Confirmation: the receipt counts once its block is `confirmations`
 //!    deep and still canonical (a reorg that removed it puts the transaction
 //!    back into tracking). A reverted receipt is answered with the revert
@@ -732,8 +735,17 @@ impl Worker {
                 fees,
                 raw: Some(Bytes::from(signed.encoded_2718())),
             };
-            self.send_raw(&v).await?;
-            return Ok(v);
+            return match self.send_raw(&v).await {
+                // A submission that reached the node twice (a reconnecting
+                // transport sends its requests again) finds its own nonce
+                // used: it is sent, not refused.
+                Err(Rejected::NonceTaken(f)) if self.node_knows(v.hash).await => {
+                    debug!(tx = %v.hash, %f, "the node has this transaction already");
+                    Ok(v)
+                }
+                Err(r) => Err(r),
+                Ok(()) => Ok(v),
+            };
         }
         let hash = self
             .conn
@@ -891,6 +903,40 @@ impl Worker {
         }
     }
 
+    /// Whether the node has the transaction `hash`, pending or mined (an
+    /// unanswered question counts as no).
+    async fn node_knows(&self, hash: B256) -> bool {
+        matches!(
+            self.conn
+                .try_rpc("eth_getTransactionByHash", |p| async move {
+                    p.get_transaction_by_hash(hash).await
+                })
+                .await,
+            Ok(Some(_))
+        )
+    }
+
+    /// Whether one of `e`'s versions is in a block although no receipt was
+    /// found, or the node did not answer (then nothing proves the nonce went
+    /// to another transaction).
+    async fn ours_without_receipt(&self, e: &Entry) -> bool {
+        for v in e.versions.iter().rev() {
+            let hash = v.hash;
+            let tx = self
+                .conn
+                .try_rpc("eth_getTransactionByHash", |p| async move {
+                    p.get_transaction_by_hash(hash).await
+                })
+                .await;
+            match tx {
+                Err(_) => return true,
+                Ok(Some(tx)) if tx.block_number.is_some() => return true,
+                Ok(_) => {}
+            }
+        }
+        false
+    }
+
     /// One step of a sent transaction at `nonce`, given the account's used nonces and the head.
     async fn check(&self, e: &mut Entry, nonce: u64, used: u64, head: u64) -> Check {
         let op = e.call.op;
@@ -963,6 +1009,13 @@ impl Worker {
             }
         }
         let Some(m) = e.mined else {
+            if self.ours_without_receipt(e).await {
+                // The node mined one of our versions but has no receipt for
+                // it yet (or did not say): not another transaction's nonce.
+                debug!(op, nonce, "mined, no receipt yet");
+                e.foreign = 0;
+                return Check::Keep;
+            }
             e.foreign += 1;
             if e.foreign < FOREIGN_TICKS {
                 return Check::Keep;

@@ -245,6 +245,9 @@ pub struct ProxyStats {
     /// Requests refused because of [`RpcProxy::block_method`] (a manual
     /// control, not counted as an injected fault).
     pub blocked: u64,
+    /// Requests answered `null` because of [`RpcProxy::answer_null`] (a
+    /// manual control, not counted as an injected fault).
+    pub nulled: u64,
     /// Connections closed because a client or the node sent garbage.
     pub garbage: u64,
 }
@@ -280,6 +283,7 @@ struct Counters {
     notifications_duplicated: AtomicU64,
     notifications_delayed: AtomicU64,
     blocked: AtomicU64,
+    nulled: AtomicU64,
     garbage: AtomicU64,
 }
 
@@ -305,16 +309,20 @@ impl Counters {
             notifications_duplicated: get(&self.notifications_duplicated),
             notifications_delayed: get(&self.notifications_delayed),
             blocked: get(&self.blocked),
+            nulled: get(&self.nulled),
             garbage: get(&self.garbage),
         }
     }
 }
 
-/// What to do with a request: its planned fault, or refuse a blocked method.
+/// What to do with a request: its planned fault, refuse a blocked method,
+/// or answer `null` for a hidden one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RequestAction {
     Planned(RequestFault),
     Blocked,
+    /// Answered `null`, not forwarded ([`RpcProxy::answer_null`]).
+    Null,
 }
 
 /// The error answer to a request for a blocked method.
@@ -376,6 +384,8 @@ struct Shared {
     upstream: Upstream,
     faults: Mutex<ProxyFaults>,
     blocked: Mutex<HashSet<String>>,
+    /// Methods answered `null` ([`RpcProxy::answer_null`]).
+    nulled: Mutex<HashSet<String>>,
     /// `true` while everything is held ([`RpcProxy::stall`]).
     stall: watch::Sender<bool>,
     next_request: AtomicU64,
@@ -405,6 +415,15 @@ impl Shared {
             bump(&self.stats.blocked);
             debug!(n, "request for a blocked method");
             return RequestAction::Blocked;
+        }
+        let nulled = {
+            let nulled = lock(&self.nulled);
+            req.methods().any(|m| nulled.contains(m))
+        };
+        if nulled {
+            bump(&self.stats.nulled);
+            debug!(n, "request for a method answered null");
+            return RequestAction::Null;
         }
         let fault = self.faults().request_plan(n);
         let s = &self.stats;
@@ -503,6 +522,7 @@ impl RpcProxy {
             upstream,
             faults: Mutex::new(ProxyFaults::none(0)),
             blocked: Mutex::new(HashSet::new()),
+            nulled: Mutex::new(HashSet::new()),
             stall: watch::Sender::new(false),
             next_request: AtomicU64::new(0),
             next_response: AtomicU64::new(0),
@@ -570,6 +590,19 @@ impl RpcProxy {
             blocked.insert(method.to_owned());
         } else {
             blocked.remove(method);
+        }
+    }
+
+    /// Answers (`on`) requests for `method` with `"result": null` instead
+    /// of forwarding them, or forwards them again: a node that does not know
+    /// something yet, e.g. a receipt that lags behind its block (a batch
+    /// that calls it gets `null` for every call).
+    pub fn answer_null(&self, method: &str, on: bool) {
+        let mut nulled = lock(&self.shared.nulled);
+        if on {
+            nulled.insert(method.to_owned());
+        } else {
+            nulled.remove(method);
         }
     }
 

@@ -115,15 +115,14 @@ impl Conn {
         let shared = &self.shared;
         let req = RpcRequest::parse(&body).map_err(|reason| garbage(ProxySide::Client, reason))?;
         let action = shared.request(&req);
-        let answer = |(code, message): (i64, &str)| {
-            let body = req.error_response(code, message);
-            async move {
-                shared.unstalled().await;
-                Ok(json(StatusCode::OK, Bytes::from(body)))
-            }
+        let reply = |body: String| async move {
+            shared.unstalled().await;
+            Ok(json(StatusCode::OK, Bytes::from(body)))
         };
+        let answer = |(code, message): (i64, &str)| reply(req.error_response(code, message));
         match action {
             RequestAction::Blocked => return answer(BLOCKED).await,
+            RequestAction::Null => return reply(req.null_response()).await,
             RequestAction::Planned(RequestFault::Drop) => return Err(Close::Injected("drop")),
             RequestAction::Planned(RequestFault::Disconnect) => {
                 return Err(Close::Injected("disconnect"));

@@ -52,17 +52,28 @@ impl RpcRequest {
     /// single request without id gets `"id": null`; in a batch, requests
     /// without id, being notifications, get none).
     pub(super) fn error_response(&self, code: i64, message: &str) -> String {
-        let error = |id: &Value| json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
+        self.answer(
+            |id| json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}),
+        )
+    }
+
+    /// The answer `"result": null` to this message, per request as
+    /// [`error_response`](Self::error_response) answers.
+    pub(super) fn null_response(&self) -> String {
+        self.answer(|id| json!({"jsonrpc": "2.0", "id": id, "result": null}))
+    }
+
+    fn answer(&self, one: impl Fn(&Value) -> Value) -> String {
         if self.batch {
             let all: Vec<Value> = self
                 .calls
                 .iter()
-                .filter_map(|(id, _)| id.as_ref().map(error))
+                .filter_map(|(id, _)| id.as_ref().map(&one))
                 .collect();
             Value::Array(all).to_string()
         } else {
             let id = self.calls.first().and_then(|(id, _)| id.clone());
-            error(&id.unwrap_or(Value::Null)).to_string()
+            one(&id.unwrap_or(Value::Null)).to_string()
         }
     }
 }
@@ -123,6 +134,19 @@ mod tests {
             .map(|a| a["id"].clone())
             .collect();
         assert_eq!(ids, [json!("a"), json!(2)]);
+    }
+
+    #[test]
+    fn null_answers_keep_ids() {
+        let one = RpcRequest::parse(br#"{"id":3,"method":"eth_getTransactionReceipt"}"#).unwrap();
+        let answer: Value = serde_json::from_str(&one.null_response()).unwrap();
+        assert_eq!(
+            (answer["id"].clone(), answer.get("result")),
+            (json!(3), Some(&Value::Null))
+        );
+        let batch = RpcRequest::parse(br#"[{"id":1,"method":"a"},{"method":"b"}]"#).unwrap();
+        let answer: Value = serde_json::from_str(&batch.null_response()).unwrap();
+        assert_eq!(answer, json!([{"jsonrpc": "2.0", "id": 1, "result": null}]));
     }
 
     #[test]

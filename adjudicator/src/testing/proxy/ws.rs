@@ -184,6 +184,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             |(code, message): (i64, &str)| Utf8Bytes::from(req.error_response(code, message));
         match self.shared.request(&req) {
             RequestAction::Blocked => self.send(To::Client, Kind::Answer, answer(BLOCKED)).await,
+            RequestAction::Null => {
+                let body = Utf8Bytes::from(req.null_response());
+                self.send(To::Client, Kind::Answer, body).await
+            }
             RequestAction::Planned(fault) => match fault {
                 RequestFault::Forward => self.send(To::Upstream, Kind::Request, text).await,
                 RequestFault::Drop => Ok(()),
