@@ -259,6 +259,17 @@ impl ChannelRecord {
     /// Applies `changes` in order, all or nothing: on error `self` is left
     /// as it was.
     pub(crate) fn apply_all(&mut self, id: ChannelId, changes: Vec<Change>) -> Result<Dirty> {
+        if changes.len() <= 1 {
+            // `apply` changes nothing when it fails: no copy to roll back
+            // to (one change is the common write).
+            let mut dirty = Dirty::default();
+            for change in changes {
+                dirty = self.apply(id, change).inspect_err(|e| {
+                    warn!(channel = %id, error = %e, "persistence: change rejected");
+                })?;
+            }
+            return Ok(dirty);
+        }
         let mut next = self.clone();
         let mut dirty = Dirty::default();
         for change in changes {

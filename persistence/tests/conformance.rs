@@ -261,6 +261,35 @@ async fn version_rules(mut s: impl Store) {
     ));
     let p = s.reopen(p).await;
     assert_eq!(loaded(&p, id).await, snapshot, "rejections changed nothing");
+
+    // The same single-change refusals on a warm store (the redb store plans
+    // a write on its cached record, without a copy to roll back to): the
+    // next good write still builds on the record as it was.
+    p.state_staged(id, &ch.signed_by(3, &[0]))
+        .await
+        .expect("v3 staged");
+    for refused in [
+        Change::Staged(ch.signed_by(2, &[0])),
+        Change::Committed(ch.signed(1)),
+        Change::Committed(conflicting.clone()),
+        Change::Committed(wrong_slots.clone()),
+        Change::Committed(other.signed(3)),
+        Change::Burnt(u64::MAX),
+        Change::Metadata(vec![0; perun_persistence::MAX_METADATA_LEN + 1]),
+    ] {
+        assert!(p.update(id, vec![refused]).await.is_err());
+    }
+    p.update(id, vec![Change::Burnt(4)]).await.expect("burnt");
+    let mut expected = snapshot;
+    expected.staged = Some(ch.signed_by(3, &[0]));
+    expected.burnt = 4;
+    assert_eq!(
+        loaded(&p, id).await,
+        expected,
+        "warm refusals changed nothing"
+    );
+    let p = s.reopen(p).await;
+    assert_eq!(loaded(&p, id).await, expected);
 }
 
 /// A commit clears a staged state of the same or lower version only.
