@@ -159,11 +159,13 @@ impl ChannelRecord {
         check_metadata(id, &self.metadata)
     }
 
-    /// Applies one change in place, after checking it against the record.
+    /// Applies one change in place, after checking it against the record,
+    /// keeping in `undo` what it replaced.
     ///
-    /// On error the record is unchanged. Applying the same change twice is
-    /// the same as applying it once.
-    pub(crate) fn apply(&mut self, id: ChannelId, change: Change) -> Result<Dirty> {
+    /// On error the record is unchanged (every check comes before the
+    /// first assignment). Applying the same change twice is the same as
+    /// applying it once.
+    fn apply_noting(&mut self, id: ChannelId, change: Change, undo: &mut Undo) -> Result<Dirty> {
         let invalid = |source| Error::InvalidInput { id, source };
         match change {
             Change::Staged(st) => {
@@ -180,7 +182,7 @@ impl ChannelRecord {
                 if self.staged.as_ref() == Some(&st) {
                     return Ok(Dirty::default());
                 }
-                self.staged = Some(st);
+                undo.staged(self.staged.replace(st));
                 Ok(Dirty {
                     staged: true,
                     ..Dirty::default()
@@ -207,7 +209,7 @@ impl ChannelRecord {
                     }
                     Some(cur) if *cur == st => {}
                     _ => {
-                        self.current = Some(st);
+                        undo.current(self.current.replace(st));
                         dirty.current = true;
                     }
                 }
@@ -216,15 +218,20 @@ impl ChannelRecord {
                     .as_ref()
                     .is_some_and(|s| s.state.version <= version)
                 {
-                    self.staged = None;
+                    undo.staged(self.staged.take());
                     dirty.staged = true;
                 }
                 Ok(dirty)
             }
-            Change::DiscardStaged => Ok(Dirty {
-                staged: self.staged.take().is_some(),
-                ..Dirty::default()
-            }),
+            Change::DiscardStaged => {
+                let discarded = self.staged.take();
+                let staged = discarded.is_some();
+                undo.staged(discarded);
+                Ok(Dirty {
+                    staged,
+                    ..Dirty::default()
+                })
+            }
             Change::Phase(phase) => {
                 let changed = self.phase != phase;
                 self.phase = phase;
@@ -247,7 +254,7 @@ impl ChannelRecord {
             Change::Metadata(metadata) => {
                 check_metadata(id, &metadata)?;
                 let changed = self.metadata != metadata;
-                self.metadata = metadata;
+                undo.metadata(std::mem::replace(&mut self.metadata, metadata));
                 Ok(Dirty {
                     meta: changed,
                     ..Dirty::default()
@@ -259,26 +266,69 @@ impl ChannelRecord {
     /// Applies `changes` in order, all or nothing: on error `self` is left
     /// as it was.
     pub(crate) fn apply_all(&mut self, id: ChannelId, changes: Vec<Change>) -> Result<Dirty> {
-        if changes.len() <= 1 {
-            // `apply` changes nothing when it fails: no copy to roll back
-            // to (one change is the common write).
-            let mut dirty = Dirty::default();
-            for change in changes {
-                dirty = self.apply(id, change).inspect_err(|e| {
-                    warn!(channel = %id, error = %e, "persistence: change rejected");
-                })?;
-            }
-            return Ok(dirty);
-        }
-        let mut next = self.clone();
+        // In place: what the changes replace is kept until all of them
+        // applied, and put back if one fails (no copy of the record).
+        let mut undo = Undo::of(self);
         let mut dirty = Dirty::default();
         for change in changes {
-            dirty = dirty.or(next.apply(id, change).inspect_err(|e| {
-                warn!(channel = %id, error = %e, "persistence: change rejected");
-            })?);
+            match self.apply_noting(id, change, &mut undo) {
+                Ok(d) => dirty = dirty.or(d),
+                Err(e) => {
+                    undo.restore(self);
+                    warn!(channel = %id, error = %e, "persistence: change rejected");
+                    return Err(e);
+                }
+            }
         }
-        *self = next;
         Ok(dirty)
+    }
+}
+
+/// What a series of changes replaced in a record, first value of each
+/// field only: enough to put the record back as it was.
+struct Undo {
+    phase: Phase,
+    burnt: u64,
+    current: Option<Option<SignedState>>,
+    staged: Option<Option<SignedState>>,
+    metadata: Option<Vec<u8>>,
+}
+
+impl Undo {
+    fn of(rec: &ChannelRecord) -> Self {
+        Self {
+            phase: rec.phase,
+            burnt: rec.burnt,
+            current: None,
+            staged: None,
+            metadata: None,
+        }
+    }
+
+    fn current(&mut self, old: Option<SignedState>) {
+        self.current.get_or_insert(old);
+    }
+
+    fn staged(&mut self, old: Option<SignedState>) {
+        self.staged.get_or_insert(old);
+    }
+
+    fn metadata(&mut self, old: Vec<u8>) {
+        self.metadata.get_or_insert(old);
+    }
+
+    fn restore(self, rec: &mut ChannelRecord) {
+        rec.phase = self.phase;
+        rec.burnt = self.burnt;
+        if let Some(old) = self.current {
+            rec.current = old;
+        }
+        if let Some(old) = self.staged {
+            rec.staged = old;
+        }
+        if let Some(old) = self.metadata {
+            rec.metadata = old;
+        }
     }
 }
 

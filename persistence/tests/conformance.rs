@@ -279,10 +279,32 @@ async fn version_rules(mut s: impl Store) {
     ] {
         assert!(p.update(id, vec![refused]).await.is_err());
     }
+    // Several changes, the last refused: the ones before it are undone.
+    assert!(
+        p.update(
+            id,
+            vec![
+                Change::Committed(ch.signed(3)),
+                Change::Phase(Phase::Final),
+                Change::Burnt(5),
+                Change::Metadata(vec![1]),
+                Change::DiscardStaged,
+                Change::Staged(ch.signed_by(2, &[0])),
+            ],
+        )
+        .await
+        .is_err()
+    );
+    let mut refused = snapshot.clone();
+    refused.staged = Some(ch.signed_by(3, &[0]));
+    assert_eq!(loaded(&p, id).await, refused, "refusals changed nothing");
+    // Good writes that depend on the staged state being there (a commit
+    // clears it): a cached record the refusals changed would show.
     p.update(id, vec![Change::Burnt(4)]).await.expect("burnt");
+    p.state_committed(id, &ch.signed(3)).await.expect("v3");
     let mut expected = snapshot;
-    expected.staged = Some(ch.signed_by(3, &[0]));
     expected.burnt = 4;
+    expected.current = Some(ch.signed(3));
     assert_eq!(
         loaded(&p, id).await,
         expected,
