@@ -88,15 +88,20 @@ async fn bursts_in_turn_both_complete(ledger: Ledger) {
     assert_eq!(st.outcome.balances[0][1], u(1_000 + 5 * 20));
 }
 
-/// A burst's held commit rides with the next update; if that update is
-/// dropped on the way (its caller gave up while the peer had not answered),
-/// the commit still goes out on its own at once, not only with a later
-/// `Sync`.
+/// A burst's held commit rides with the next update; if that update fails
+/// on the way (the peer never answers it: the request times out), the
+/// commit still goes out on its own at once, not only with a later `Sync`.
+/// The caller gives up first, which no longer stops the update
+/// (`tests/cancel.rs`): its task runs until the request's timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_ride_is_dropped_goes_on_its_own() {
     use perun::wire::Message;
     let ledger = Ledger::sim().await;
-    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    let opts = Options {
+        request_timeout: Some(Duration::from_secs(1)),
+        ..Options::default()
+    };
+    let mut ps = parties(&ledger, 2, u(1_000_000), &opts).await;
     let chans = open(&ledger, &mut ps, u(1_000)).await;
     chans[0].pay(1, 0, u(1)).await.unwrap();
     let (evil, mut evil_in, bob_key) = common::evil_twin(&ps, 1, 0).await;

@@ -180,6 +180,10 @@ impl Channel {
     /// Fails with [`Error::Rejected`] if a peer refuses, with the retryable
     /// [`Error::Conflict`] if a peer with a lower index proposed at the same
     /// time; in both cases the channel stays on its old state.
+    ///
+    /// Dropping the future (a timeout, a `select!`) does not cut short an
+    /// update whose proposal is made: the rest runs on a task of its own,
+    /// and [`state`](Self::state) shows whether it went through.
     pub async fn update(&self, f: impl FnOnce(&mut State)) -> Result<SignedState> {
         self.try_update(|s| {
             f(s);

@@ -315,6 +315,11 @@ impl Client {
 
     /// Runs the channel proposal protocol: every participant must accept,
     /// sign version 0 and fund; returns the active channel.
+    ///
+    /// Dropping the future does not stop the protocol: the rest runs on a
+    /// task of its own (a deposit is never left behind for a channel the
+    /// client does not follow), and a channel it opens appears in
+    /// [`channels`](Self::channels).
     pub async fn propose_channel(&self, proposal: ChannelProposal) -> Result<Channel> {
         open::propose(&self.shared, proposal).await
     }

@@ -620,8 +620,9 @@ pub(crate) struct ChannelCore {
     pub(crate) peers: Vec<PeerId>,
     /// Protocol steps take this lock; readers never do.
     pub(crate) locked: tokio::sync::Mutex<Locked>,
-    /// One local update at a time.
-    pub(crate) update_lock: tokio::sync::Mutex<()>,
+    /// One local update at a time (held by the update's task, which may
+    /// outlive its caller).
+    pub(crate) update_lock: Arc<tokio::sync::Mutex<()>>,
     /// The latest fully signed state, for lock-free reads (before version 0
     /// is fully signed: the staged version 0; no `Channel` exists yet then).
     pub(crate) state: watch::Sender<SignedState>,
@@ -722,7 +723,7 @@ impl ChannelCore {
                 last_own_commit: None,
                 flush_pending: false,
             }),
-            update_lock: tokio::sync::Mutex::new(()),
+            update_lock: Arc::new(tokio::sync::Mutex::new(())),
             state,
             phase,
             synced,

@@ -60,6 +60,7 @@ pub mod recover;
 mod restore;
 mod settle;
 mod sync;
+mod to_end;
 pub mod tower;
 mod update;
 mod watcher;

@@ -145,6 +145,14 @@ fn check_proposal(shared: &Shared, from: Option<PeerId>, p: &Proposal) -> Result
 
 /// Runs the proposer's side.
 pub(crate) async fn propose(shared: &Arc<Shared>, spec: ChannelProposal) -> Result<Channel> {
+    // To its end, whatever the caller does: a dropped future must not
+    // leave a deposit sent for a channel this client no longer follows,
+    // nor peers waiting on a half-run proposal.
+    crate::to_end::ToEnd::new(propose_to_end(shared.clone(), spec)).await
+}
+
+async fn propose_to_end(shared: Arc<Shared>, spec: ChannelProposal) -> Result<Channel> {
+    let shared = &shared;
     let proposal = Proposal {
         proposal_id: random_word(),
         challenge_duration: spec.challenge_duration,

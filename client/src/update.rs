@@ -37,7 +37,7 @@ pub(crate) async fn propose(
     core: &Arc<ChannelCore>,
     f: impl FnOnce(&mut State) -> std::result::Result<(), String>,
 ) -> Result<SignedState> {
-    let _one = core.update_lock.lock().await;
+    let one = core.update_lock.clone().lock_owned().await;
     let span = info_span!("update", channel = %core.id, me = core.index);
     async {
         // A restored channel first tells its peers where it stands.
@@ -96,6 +96,53 @@ pub(crate) async fn propose(
             }
             (next, hash, cur_version, burst, ride)
         };
+        // Our proposal is staged: from here the update runs to its end,
+        // whatever the caller does (a dropped future would leave it
+        // staged, its peers' signatures unanswered and the channel
+        // `Updating` for good).
+        let staged = Staged {
+            next,
+            hash,
+            base,
+            burst,
+            ride,
+        };
+        crate::to_end::ToEnd::new(
+            finish(shared.clone(), core.clone(), one, staged).instrument(tracing::Span::current()),
+        )
+        .await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Our proposal, staged: what finishing it needs.
+struct Staged {
+    next: State,
+    hash: perun_channel::B256,
+    /// The version it builds on.
+    base: u64,
+    burst: bool,
+    ride: Option<Box<HeldCommit>>,
+}
+
+/// Sends a staged proposal, collects the signatures, commits and stores
+/// it, or fails it (the version burnt where a peer may have signed).
+async fn finish(
+    shared: Arc<Shared>,
+    core: Arc<ChannelCore>,
+    _one: tokio::sync::OwnedMutexGuard<()>,
+    staged: Staged,
+) -> Result<SignedState> {
+    let (shared, core) = (&shared, &core);
+    let Staged {
+        next,
+        hash,
+        base,
+        burst,
+        ride,
+    } = staged;
+    {
         let update = Update {
             channel_id: core.id,
             state: next.clone(),
@@ -267,8 +314,6 @@ pub(crate) async fn propose(
         debug!(version, "update committed");
         Ok(full)
     }
-    .instrument(span)
-    .await
 }
 
 /// Our held commit while it rides with an update: handed out on its own
