@@ -359,6 +359,87 @@ async fn a_channel_is_opened_when_none_covers_the_payment_if_asked() {
     ));
 }
 
+/// Bob's handler: accepts every update after a pause (the update is
+/// surely under way when Alice's caller gives up).
+struct SlowAccept;
+
+#[async_trait::async_trait]
+impl perun::client::UpdateHandler for SlowAccept {
+    async fn handle_update(
+        &self,
+        _update: perun::client::IncomingUpdate,
+        responder: perun::client::UpdateResponder,
+    ) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        responder.accept();
+    }
+}
+
+/// A send whose caller gives up while the update is out: the payment goes
+/// on, and its amount stays held until it ended, so no other reservation
+/// is promised the same money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_send_dropped_mid_update_keeps_its_hold_until_the_update_ends() {
+    let ledger = Ledger::sim().await;
+    let a = party(&ledger, u(1000), &Options::default()).await;
+    let slow = Options {
+        update_handler: Some(Arc::new(SlowAccept)),
+        ..Options::default()
+    };
+    let b = party(&ledger, u(1000), &slow).await;
+    introduce(&[&a, &b]).await;
+    let mut ps = vec![a, b];
+    let chans = open(&ledger, &mut ps, u(100)).await;
+    let pa = Payments::new(&ps[0].client).unwrap();
+    let (bob, eth) = (ps[1].client.peer_id(), ledger.asset());
+    let before = chans[0].state().state.version;
+    let r = pa.reserve(bob, &eth, u(60)).await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), pa.send(r, u(60))).await;
+    assert!(gave_up.is_err(), "the caller gave up during the update");
+    assert!(
+        matches!(
+            pa.reserve(bob, &eth, u(60)).await,
+            Err(Error::InsufficientFunds { available, .. }) if available == u(40)
+        ),
+        "the 60 are spoken for while the update is out"
+    );
+    let st = chans[0]
+        .wait_for_version(before + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(st.state.outcome.balances[0], vec![u(40), u(160)]);
+    assert_eq!(pa.balance(bob)[0].reserved, U256::ZERO);
+}
+
+/// A reservation that opens a channel and whose caller gives up during
+/// the opening: the opening goes on, and a retry waits for that channel
+/// instead of opening (and funding) a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_dropped_while_its_channel_opens_opens_one_channel() {
+    let ledger = Ledger::sim().await;
+    let (a, mut b) = two(&ledger, 1000).await;
+    let first = channel(&ledger, &a, &mut b, 20, 0).await;
+    let pa = Payments::with_config(
+        &a.client,
+        PaymentsConfig::default().open_channels(OpenPolicy {
+            deposit: u(200),
+            challenge_duration: 60,
+        }),
+    )
+    .unwrap();
+    let (bob, eth) = (b.client.peer_id(), ledger.asset());
+    // Gives up long before the opening (deposits, signatures) can end.
+    let gave_up =
+        tokio::time::timeout(Duration::from_micros(200), pa.reserve(bob, &eth, u(50))).await;
+    assert!(gave_up.is_err(), "the caller gave up during the opening");
+    let r = pa.reserve(bob, &eth, u(50)).await.unwrap();
+    assert_ne!(r.channel(), first.id());
+    pa.send(r, u(50)).await.unwrap();
+    let chans = a.client.channels();
+    assert_eq!(chans.len(), 2, "one channel opened, not two");
+    assert_eq!(ledger.balance(a.client.address()).await, u(1000 - 20 - 200));
+}
+
 /// Many tasks on both sides reserve, send, cancel and drop at random
 /// (seeded) on two channels; the books never hold more than a channel's
 /// balance, and at the end every reservation is released and the money

@@ -414,7 +414,8 @@ impl Client {
     ///
     /// Commits of updates that already returned are handed to the peers
     /// first (for at most [`SHUTDOWN_GRACE`]), so a peer learns of an update
-    /// before its proposer goes away.
+    /// before its proposer goes away; within the same grace, updates and
+    /// channel proposals whose callers gave up run to their end.
     pub async fn shutdown(&self) {
         let mut commits = self.shared.commits_in_flight.subscribe();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, commits.wait_for(|n| *n == 0)).await;

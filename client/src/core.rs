@@ -350,7 +350,8 @@ pub(crate) const COMMIT_RIDE_WAIT: std::time::Duration = std::time::Duration::fr
 /// of a burst.
 pub(crate) const COMMIT_RIDE_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// Counts a commit as in flight from creation until dropped (see
+/// Counts a commit, or a protocol run whose caller is gone
+/// (`crate::to_end`), as in flight from creation until dropped (see
 /// `Client::shutdown`). Weak: a held commit lives in the channel's lock,
 /// which the client owns, and must not keep the client alive.
 pub(crate) struct InFlight(std::sync::Weak<Shared>);

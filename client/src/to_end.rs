@@ -9,10 +9,14 @@
 //! move to a task of its own.
 
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use tracing::debug;
+
+use crate::core::{InFlight, Shared};
 
 /// Polls `F` in place; dropped before `F` ends, it spawns the rest.
 pub(crate) struct ToEnd<F>
@@ -22,6 +26,8 @@ where
 {
     /// `None` once it ended.
     run: Option<Pin<Box<F>>>,
+    /// The client whose shutdown waits for the run once it is on its own.
+    client: Option<Weak<Shared>>,
 }
 
 impl<F> ToEnd<F>
@@ -32,7 +38,15 @@ where
     pub(crate) fn new(run: F) -> Self {
         Self {
             run: Some(Box::pin(run)),
+            client: None,
         }
+    }
+
+    /// Counts the run, once its caller is gone, as in flight for
+    /// `Client::shutdown` (which waits a grace period for it).
+    pub(crate) fn in_flight_of(mut self, shared: &Arc<Shared>) -> Self {
+        self.client = Some(Arc::downgrade(shared));
+        self
     }
 }
 
@@ -48,7 +62,14 @@ where
         let Some(run) = self.run.as_mut() else {
             return Poll::Pending;
         };
-        let out = run.as_mut().poll(cx);
+        // A run that panicked is over: not one to hand to a task on drop.
+        let out = match catch_unwind(AssertUnwindSafe(|| run.as_mut().poll(cx))) {
+            Ok(out) => out,
+            Err(panic) => {
+                self.run = None;
+                resume_unwind(panic);
+            }
+        };
         if out.is_ready() {
             self.run = None;
         }
@@ -68,7 +89,13 @@ where
         // Without a runtime (it is shutting down) nothing could run it on.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             debug!("caller gone; the run goes on on its own task");
+            let counted = self
+                .client
+                .as_ref()
+                .and_then(Weak::upgrade)
+                .map(|shared| InFlight::new(&shared));
             rt.spawn(async move {
+                let _counted = counted;
                 let _ = run.await;
             });
         }
@@ -107,5 +134,20 @@ mod tests {
         .await
         .expect("the dropped run ended on its own task");
         assert_eq!(ToEnd::new(async { 7 }).await, 7);
+    }
+
+    #[tokio::test]
+    async fn a_run_that_panicked_is_not_run_again_on_drop() {
+        static POLLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let run = ToEnd::new(async {
+            POLLS.fetch_add(1, Ordering::SeqCst);
+            panic!("a bug in the run");
+        });
+        let joined = tokio::spawn(run).await;
+        assert!(joined.unwrap_err().is_panic());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(POLLS.load(Ordering::SeqCst), 1);
     }
 }

@@ -110,6 +110,7 @@ pub(crate) async fn propose(
         crate::to_end::ToEnd::new(
             finish(shared.clone(), core.clone(), one, staged).instrument(tracing::Span::current()),
         )
+        .in_flight_of(shared)
         .await
     }
     .instrument(span)

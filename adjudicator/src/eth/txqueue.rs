@@ -917,9 +917,8 @@ impl Worker {
     }
 
     /// Whether one of `e`'s versions is in a block although no receipt was
-    /// found, or the node did not answer (then nothing proves the nonce went
-    /// to another transaction).
-    async fn ours_without_receipt(&self, e: &Entry) -> bool {
+    /// found; `None` if the node did not answer.
+    async fn ours_without_receipt(&self, e: &Entry) -> Option<bool> {
         for v in e.versions.iter().rev() {
             let hash = v.hash;
             let tx = self
@@ -929,12 +928,12 @@ impl Worker {
                 })
                 .await;
             match tx {
-                Err(_) => return true,
-                Ok(Some(tx)) if tx.block_number.is_some() => return true,
+                Err(_) => return None,
+                Ok(Some(tx)) if tx.block_number.is_some() => return Some(true),
                 Ok(_) => {}
             }
         }
-        false
+        Some(false)
     }
 
     /// One step of a sent transaction at `nonce`, given the account's used nonces and the head.
@@ -1009,12 +1008,18 @@ impl Worker {
             }
         }
         let Some(m) = e.mined else {
-            if self.ours_without_receipt(e).await {
-                // The node mined one of our versions but has no receipt for
-                // it yet (or did not say): not another transaction's nonce.
-                debug!(op, nonce, "mined, no receipt yet");
-                e.foreign = 0;
-                return Check::Keep;
+            match self.ours_without_receipt(e).await {
+                // The node mined one of our versions but has no receipt
+                // for it yet: not another transaction's nonce.
+                Some(true) => {
+                    debug!(op, nonce, "mined, no receipt yet");
+                    e.foreign = 0;
+                    return Check::Keep;
+                }
+                // It did not say: next tick (as for a receipt it did not
+                // answer), without counting this one either way.
+                None => return Check::Keep,
+                Some(false) => {}
             }
             e.foreign += 1;
             if e.foreign < FOREIGN_TICKS {

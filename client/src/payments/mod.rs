@@ -300,7 +300,7 @@ pub(crate) struct Inner {
     handlers: Option<(Arc<dyn UpdateHandler>, Arc<dyn UpdateHandler>)>,
     /// One channel opening at a time (concurrent reservations that none
     /// covers would each open one otherwise).
-    opening: tokio::sync::Mutex<()>,
+    opening: Arc<tokio::sync::Mutex<()>>,
     /// Dropped with the last `Payments`: stops the tracker.
     _alive: watch::Sender<()>,
 }
@@ -386,7 +386,7 @@ impl Payments {
                 incoming: broadcast::channel(INCOMING_BUFFER).0,
                 config,
                 handlers,
-                opening: tokio::sync::Mutex::new(()),
+                opening: Arc::new(tokio::sync::Mutex::new(())),
                 _alive: alive,
             }
         });
@@ -473,11 +473,20 @@ impl Payments {
         if self.inner.config.open.is_none() || !first.as_ref().is_err_and(uncovered) {
             return first;
         }
-        let _one = self.inner.opening.lock().await;
+        let one = self.inner.opening.clone().lock_owned().await;
         // A channel another reservation opened meanwhile may cover it.
         match self.try_reserve(peer, asset, amount) {
             Err(e) if uncovered(&e) => {
-                self.open_channel(peer, asset, amount, e).await?;
+                // The opening holds the lock to its end, even if this
+                // caller gives up: a retry waits for that channel instead
+                // of opening (and funding) a second one.
+                let (this, owned) = (self.clone(), asset.clone());
+                crate::to_end::ToEnd::new(async move {
+                    let _one = one;
+                    this.open_channel(peer, &owned, amount, e).await
+                })
+                .in_flight_of(&self.inner.shared)
+                .await?;
                 self.try_reserve(peer, asset, amount)
             }
             other => other,
@@ -609,8 +618,28 @@ impl Payments {
             return Err(Error::Phase(core.phase()));
         }
         lock(&self.inner.books).sending(reservation.id, amount);
+        // From here the payment runs to its end (`pay` would, a caller
+        // that gives up notwithstanding), and so does its bookkeeping: the
+        // hold is released, or kept in doubt, only when the update ended.
+        let inner = self.inner.clone();
+        crate::to_end::ToEnd::new(async move {
+            Self::sent(&inner, core, reservation, to, asset, amount).await
+        })
+        .in_flight_of(&self.inner.shared)
+        .await
+    }
+
+    /// Pays a reservation's `amount` on its channel and settles its hold.
+    async fn sent(
+        inner: &Arc<Inner>,
+        core: Arc<ChannelCore>,
+        reservation: Reservation,
+        to: usize,
+        asset: usize,
+        amount: U256,
+    ) -> Result<Sent> {
         let base = core.state.borrow().state.version;
-        let channel = Channel::new(core, self.inner.shared.clone());
+        let channel = Channel::new(core, inner.shared.clone());
         // The hold stays until the update returned: its state is then the
         // channel's, so the balance already shows the payment.
         let paid = channel
@@ -623,7 +652,7 @@ impl Payments {
                 if outcome_unknown(&e) {
                     warn!(channel = %reservation.channel, %amount, error = %e,
                         "payment outcome unknown; the amount stays reserved until the channel moves on");
-                    lock(&self.inner.books).doubt(reservation.id, base);
+                    lock(&inner.books).doubt(reservation.id, base);
                 }
                 return Err(e);
             }
