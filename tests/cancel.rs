@@ -117,21 +117,7 @@ async fn payments_cancelled_at_random_moments_leave_a_working_channel(ledger: Le
         "every completed payment moved the version"
     );
 
-    common::caught_up(&chans).await;
-    for c in &chans {
-        c.settle().await.unwrap();
-        assert_eq!(c.phase(), Phase::Withdrawn);
-    }
-    let fin = chans[0].state().state;
-    assert!(fin.isFinal);
-    for (i, p) in ps.iter().enumerate() {
-        assert_eq!(
-            ledger.balance(p.client.address()).await,
-            u(MINT - EACH) + fin.outcome.balances[0][i],
-            "{}: participant {i} got exactly its share",
-            ledger.name()
-        );
-    }
+    common::settle_all_and_check(&ledger, &ps, &chans, u(MINT - EACH)).await;
 }
 
 async fn channel_proposals_cancelled_at_random_moments_still_open(ledger: Ledger) {

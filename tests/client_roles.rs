@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Ledger, Options, Party, open, parties, proposal};
+use common::{Ledger, Options, open, parties, proposal};
 use perun::channel::{Phase, U256};
 use perun::client::{
     AcceptWithin, Error, IncomingUpdate, Refusal, RejectAll, UpdateHandler, UpdateResponder,
@@ -35,31 +35,6 @@ fn u(x: u64) -> U256 {
     U256::from(x)
 }
 
-/// Settles every channel and checks each party got exactly its final balance.
-async fn settle_all_and_check(
-    ledger: &Ledger,
-    ps: &[Party],
-    chans: &[perun::client::Channel],
-    each: u64,
-) {
-    common::caught_up(chans).await;
-    for c in chans {
-        c.settle().await.unwrap();
-        assert_eq!(c.phase(), Phase::Withdrawn);
-    }
-    let fin = chans[0].state().state;
-    assert!(fin.isFinal);
-    for (i, p) in ps.iter().enumerate() {
-        let expect = u(MINT - each) + fin.outcome.balances[0][i];
-        assert_eq!(
-            ledger.balance(p.client.address()).await,
-            expect,
-            "{}: participant {i} on-chain balance equals the final state",
-            ledger.name()
-        );
-    }
-}
-
 async fn two_parties_pay_both_ways_and_settle(ledger: Ledger) {
     let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
     let chans = open(&ledger, &mut ps, u(1000)).await;
@@ -82,7 +57,7 @@ async fn two_parties_pay_both_ways_and_settle(ledger: Ledger) {
     let bal = &a.state().state.outcome.balances[0];
     assert_eq!(bal[0], u(1000 - sent_by_a + 150));
     assert_eq!(bal[1], u(1000 + sent_by_a - 150));
-    settle_all_and_check(&ledger, &ps, &chans, 1000).await;
+    common::settle_all_and_check(&ledger, &ps, &chans, u(MINT - 1000)).await;
 }
 
 async fn three_parties_open_update_settle(ledger: Ledger) {
@@ -100,7 +75,7 @@ async fn three_parties_open_update_settle(ledger: Ledger) {
         );
         c.state().verify_all(c.params()).unwrap();
     }
-    settle_all_and_check(&ledger, &ps, &chans, 100).await;
+    common::settle_all_and_check(&ledger, &ps, &chans, u(MINT - 100)).await;
 }
 
 async fn rejected_proposal_moves_no_funds(ledger: Ledger) {
@@ -355,7 +330,7 @@ async fn three_parties_a_refusal_after_a_signature_burns_the_version(ledger: Led
     assert_eq!(chans[0].pay(1, 0, u(10)).await.unwrap().state.version, 3);
     let st = common::caught_up(&chans).await;
     assert_eq!(st.state.outcome.balances[0], vec![u(90), u(105), u(105)]);
-    settle_all_and_check(&ledger, &ps, &chans, 100).await;
+    common::settle_all_and_check(&ledger, &ps, &chans, u(MINT - 100)).await;
 }
 
 /// Pays, retrying a retryable failure after a pause that differs per
@@ -399,7 +374,7 @@ async fn three_parties_concurrent_updates_never_get_stuck(ledger: Ledger) {
     );
     assert!(st.state.version >= 60);
     assert_eq!(st.state.outcome.balances[0], vec![u(960), u(1020), u(1020)]);
-    settle_all_and_check(&ledger, &ps, &chans, 1000).await;
+    common::settle_all_and_check(&ledger, &ps, &chans, u(MINT - 1000)).await;
 }
 
 /// Panics on the first update it is asked about, accepts later ones.

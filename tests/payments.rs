@@ -52,6 +52,19 @@ async fn channel2(
     [opening.await.unwrap().unwrap(), bobs]
 }
 
+/// A `Payments` of `a` that opens a channel (depositing 200) when none
+/// covers a reservation.
+fn opening_payments(a: &Party) -> Payments {
+    Payments::with_config(
+        &a.client,
+        PaymentsConfig::default().open_channels(OpenPolicy {
+            deposit: u(200),
+            challenge_duration: 60,
+        }),
+    )
+    .unwrap()
+}
+
 /// Alice's handle on a new channel (see [`channel2`]).
 async fn channel(ledger: &Ledger, a: &Party, b: &mut Party, mine: u64, theirs: u64) -> Channel {
     let [ch, _] = channel2(ledger, a, b, mine, theirs).await;
@@ -327,14 +340,7 @@ async fn a_channel_is_opened_when_none_covers_the_payment_if_asked() {
     let ledger = Ledger::sim().await;
     let (a, mut b) = two(&ledger, 1000).await;
     let first = channel(&ledger, &a, &mut b, 20, 0).await;
-    let pa = Payments::with_config(
-        &a.client,
-        PaymentsConfig::default().open_channels(OpenPolicy {
-            deposit: u(200),
-            challenge_duration: 60,
-        }),
-    )
-    .unwrap();
+    let pa = opening_payments(&a);
     let (bob, eth) = (b.client.peer_id(), ledger.asset());
     let r = pa.reserve(bob, &eth, u(50)).await.unwrap();
     assert_ne!(r.channel(), first.id());
@@ -419,14 +425,7 @@ async fn a_reservation_dropped_while_its_channel_opens_opens_one_channel() {
     let ledger = Ledger::sim().await;
     let (a, mut b) = two(&ledger, 1000).await;
     let first = channel(&ledger, &a, &mut b, 20, 0).await;
-    let pa = Payments::with_config(
-        &a.client,
-        PaymentsConfig::default().open_channels(OpenPolicy {
-            deposit: u(200),
-            challenge_duration: 60,
-        }),
-    )
-    .unwrap();
+    let pa = opening_payments(&a);
     let (bob, eth) = (b.client.peer_id(), ledger.asset());
     // Gives up long before the opening (deposits, signatures) can end.
     let gave_up =

@@ -527,6 +527,28 @@ pub async fn open(ledger: &Ledger, ps: &mut [Party], each: U256) -> Vec<Channel>
     chans
 }
 
+/// Settles every channel (cooperatively: each side's `settle`) and checks
+/// that each party's on-chain balance is what it kept off-chain (`kept`)
+/// plus its share of the final state.
+#[allow(dead_code)] // Not every test file settles this way.
+pub async fn settle_all_and_check(ledger: &Ledger, ps: &[Party], chans: &[Channel], kept: U256) {
+    caught_up(chans).await;
+    for c in chans {
+        c.settle().await.unwrap();
+        assert_eq!(c.phase(), perun::channel::Phase::Withdrawn);
+    }
+    let fin = chans[0].state().state;
+    assert!(fin.isFinal);
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(
+            ledger.balance(p.client.address()).await,
+            kept + fin.outcome.balances[0][i],
+            "{}: participant {i} on-chain balance equals the final state",
+            ledger.name()
+        );
+    }
+}
+
 /// Waits until every channel holds the newest state any of them holds (a
 /// peer stores a committed update right after its proposer returns), and
 /// returns it.

@@ -407,20 +407,16 @@ impl Shared {
     /// Takes the next request number and decides, counting the fault.
     fn request(&self, req: &RpcRequest) -> RequestAction {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let blocked = {
-            let blocked = lock(&self.blocked);
-            req.methods().any(|m| blocked.contains(m))
+        let calls = |set: &Mutex<HashSet<String>>| {
+            let set = lock(set);
+            req.methods().any(|m| set.contains(m))
         };
-        if blocked {
+        if calls(&self.blocked) {
             bump(&self.stats.blocked);
             debug!(n, "request for a blocked method");
             return RequestAction::Blocked;
         }
-        let nulled = {
-            let nulled = lock(&self.nulled);
-            req.methods().any(|m| nulled.contains(m))
-        };
-        if nulled {
+        if calls(&self.nulled) {
             bump(&self.stats.nulled);
             debug!(n, "request for a method answered null");
             return RequestAction::Null;
