@@ -414,7 +414,15 @@ async fn a_send_dropped_mid_update_keeps_its_hold_until_the_update_ends() {
         .await
         .unwrap();
     assert_eq!(st.state.outcome.balances[0], vec![u(40), u(160)]);
-    assert_eq!(pa.balance(bob)[0].reserved, U256::ZERO);
+    // The hold ends right after the update returned to the run.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pa.balance(bob)[0].reserved != U256::ZERO {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hold ends with the update"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A reservation that opens a channel and whose caller gives up during
@@ -427,10 +435,17 @@ async fn a_reservation_dropped_while_its_channel_opens_opens_one_channel() {
     let first = channel(&ledger, &a, &mut b, 20, 0).await;
     let pa = opening_payments(&a);
     let (bob, eth) = (b.client.peer_id(), ledger.asset());
-    // Gives up long before the opening (deposits, signatures) can end.
-    let gave_up =
-        tokio::time::timeout(Duration::from_micros(200), pa.reserve(bob, &eth, u(50))).await;
-    assert!(gave_up.is_err(), "the caller gave up during the opening");
+    // Gives up long before the opening (deposits, signatures) can end;
+    // should it end anyway (a stalled runtime polls late), it must have
+    // reserved on the new channel.
+    match tokio::time::timeout(Duration::from_micros(200), pa.reserve(bob, &eth, u(50))).await {
+        Err(_) => {}
+        Ok(Ok(r)) => {
+            assert_ne!(r.channel(), first.id());
+            pa.cancel(r);
+        }
+        Ok(Err(e)) => panic!("the first reservation failed: {e}"),
+    }
     let r = pa.reserve(bob, &eth, u(50)).await.unwrap();
     assert_ne!(r.channel(), first.id());
     pa.send(r, u(50)).await.unwrap();
