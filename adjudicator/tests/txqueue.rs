@@ -64,10 +64,13 @@ impl Setup {
 
     /// A backend of a new funded account with `cfg`.
     async fn backend(&self, cfg: EthConfig) -> (LocalAccount, EthAdjudicator) {
+        self.backend_at(&self.anvil.ws_url(), cfg).await
+    }
+
+    /// The same, talking to the node through `url` (a fault proxy).
+    async fn backend_at(&self, url: &str, cfg: EthConfig) -> (LocalAccount, EthAdjudicator) {
         let account = self.anvil.funded_account().await.unwrap();
-        let adj = EthAdjudicator::connect(&self.anvil.ws_url(), &account, cfg)
-            .await
-            .unwrap();
+        let adj = EthAdjudicator::connect(url, &account, cfg).await.unwrap();
         (account, adj)
     }
 
@@ -603,10 +606,7 @@ async fn a_lagging_receipt_is_waited_for_not_sent_again() {
     let proxy = perun_adjudicator::testing::RpcProxy::start(&s.anvil.ws_url())
         .await
         .unwrap();
-    let account = s.anvil.funded_account().await.unwrap();
-    let adj = EthAdjudicator::connect(&proxy.ws_url(), &account, s.cfg.clone())
-        .await
-        .unwrap();
+    let (account, adj) = s.backend_at(&proxy.ws_url(), s.cfg.clone()).await;
     s.anvil.set_automine(false).await.unwrap();
     let ch = s.channel();
     let req = ch.signed(&s.parties, 1);
@@ -614,10 +614,17 @@ async fn a_lagging_receipt_is_waited_for_not_sent_again() {
     let registering = tokio::spawn(async move { a.register(&req).await });
     s.pool_holds(1).await;
     proxy.answer_null("eth_getTransactionReceipt", true);
-    // Blocks (each a tick of the queue) while the receipt is hidden.
-    for _ in 0..6 {
-        s.anvil.mine(1).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // The block with our transaction; then the queue's ticks (one a
+    // second without blocks) until it asked for the hidden receipt four
+    // times, or sent the call again (into the pool, where it stays).
+    s.anvil.mine(1).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while proxy.stats().nulled < 4 && s.anvil.pool_hashes().await.unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue keeps asking"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(proxy.stats().nulled >= 3, "the queue asked for the receipt");
     assert!(

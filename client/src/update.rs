@@ -143,178 +143,176 @@ async fn finish(
         burst,
         ride,
     } = staged;
-    {
-        let update = Update {
-            channel_id: core.id,
-            state: next.clone(),
-            actor: core.index,
-        };
-        let (msg, mut riding) = match ride.map(|h| (crate::deliver::commit_of(core, &h.full), h)) {
-            Some((Some(commit), h)) => (
-                Message::UpdateWithCommit(UpdateWithCommit { commit, update }),
-                Some(Riding::new(shared, core, *h)),
-            ),
-            other => {
-                if let Some((None, h)) = other {
-                    spawn_delivery(shared, core, *h);
-                }
-                (Message::Update(update), None)
+    let update = Update {
+        channel_id: core.id,
+        state: next.clone(),
+        actor: core.index,
+    };
+    let (msg, mut riding) = match ride.map(|h| (crate::deliver::commit_of(core, &h.full), h)) {
+        Some((Some(commit), h)) => (
+            Message::UpdateWithCommit(UpdateWithCommit { commit, update }),
+            Some(Riding::new(shared, core, *h)),
+        ),
+        other => {
+            if let Some((None, h)) = other {
+                spawn_delivery(shared, core, *h);
             }
-        };
-        // A key in this process signs while the peers' answers are on the
-        // way (once the request is handed to the transport; the yield lets
-        // the transport's task run first where it can). The signature
-        // stays here until every peer signed (`sign_staged_with` below)
-        // and leaves only once the state is stored, so the proposer still
-        // signs last; any other signer signs then.
-        let account = shared.account.as_ref();
-        let (mut replies, made) = futures::join!(shared.broadcast(core, &msg), async {
-            if !account.signs_in_process() {
-                return None;
-            }
-            tokio::task::yield_now().await;
-            perun_channel::Presigned::new(account, hash).ok()
-        });
-        if let Some(held) = riding.as_mut().and_then(Riding::take) {
-            if replies.iter().any(|(_, _, r)| unreadable(r)) {
-                // A peer could not read the request (a release without
-                // `UpdateWithCommit`): it processed nothing. It gets the
-                // commit, then the update, each on its own, and this
-                // channel rides no more.
-                core.rides
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                crate::deliver::send_commit(shared, core, &held.full).await;
-                let plain = match msg {
-                    Message::UpdateWithCommit(m) => Message::Update(m.update),
-                    other => other,
-                };
-                for (peer, _, reply) in replies.iter_mut().filter(|(_, _, r)| unreadable(r)) {
-                    *reply = shared.wire.send(*peer, &plain).await;
-                }
-            } else if !replies
-                .iter()
-                .all(|(_, _, r)| matches!(r, Ok(Message::UpdateAccept(_))))
-            {
-                // A peer that signed the update took the commit first; one
-                // that did not may lack it (it did not answer, or it
-                // refused the commit): hand it out again on its own (a
-                // repeated commit is harmless; a peer that still cannot
-                // take it gets it by `Sync`).
-                spawn_delivery(shared, core, held);
-            }
+            (Message::Update(update), None)
         }
-
-        let mut l = core.locked.lock().await;
-        let ours = l.staged_actor == Some(core.index) && l.machine.staged_hash() == Some(hash);
-        // Our proposal was built on `base`. If a newer state arrived
-        // meanwhile (an update we had given up on was completed after all),
-        // it would apply to the wrong state: not what the caller asked for.
-        let same_base = l.machine.current().is_some_and(|c| c.state.version == base);
-        let mut failure = (!ours || !same_base).then_some(Error::Conflict);
-        let mut signed_by = Vec::new();
-        let mut unknown = false;
-        let mut conflicted = false;
-        let mut sigs = Vec::with_capacity(replies.len());
-        for (peer, index, reply) in replies {
-            match reply {
-                Ok(Message::UpdateAccept(a))
-                    if a.channel_id == core.id && a.version == next.version && a.index == index =>
-                {
-                    signed_by.push(peer);
-                    sigs.push((index, a.signature))
-                }
-                Ok(Message::UpdateReject(r)) if r.channel_id == core.id => {
-                    conflicted |= r.kind == RejectKind::Conflict;
-                    failure.get_or_insert(match r.kind {
-                        RejectKind::Conflict => Error::Conflict,
-                        RejectKind::Refused => Error::Rejected {
-                            index,
-                            reason: r.reason,
-                        },
-                    });
-                }
-                Ok(other) => {
-                    warn!(%peer, ?other, "unexpected reply to an update");
-                    unknown = true;
-                    failure.get_or_insert(Error::Protocol {
-                        peer,
-                        reason: "unexpected reply to an update".into(),
-                    });
-                }
-                Err(e) => {
-                    unknown = true;
-                    failure.get_or_insert(e.into());
-                }
-            }
+    };
+    // A key in this process signs while the peers' answers are on the
+    // way (once the request is handed to the transport; the yield lets
+    // the transport's task run first where it can). The signature
+    // stays here until every peer signed (`sign_staged_with` below)
+    // and leaves only once the state is stored, so the proposer still
+    // signs last; any other signer signs then.
+    let account = shared.account.as_ref();
+    let (mut replies, made) = futures::join!(shared.broadcast(core, &msg), async {
+        if !account.signs_in_process() {
+            return None;
         }
-        // Only our own proposal, still staged on its base, takes the
-        // signatures (all or none); a failure below drops it.
-        if failure.is_none()
-            && let Err(e) = l.machine.add_signatures(&sigs)
+        tokio::task::yield_now().await;
+        perun_channel::Presigned::new(account, hash).ok()
+    });
+    if let Some(held) = riding.as_mut().and_then(Riding::take) {
+        if replies.iter().any(|(_, _, r)| unreadable(r)) {
+            // A peer could not read the request (a release without
+            // `UpdateWithCommit`): it processed nothing. It gets the
+            // commit, then the update, each on its own, and this
+            // channel rides no more.
+            core.rides
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            crate::deliver::send_commit(shared, core, &held.full).await;
+            let plain = match msg {
+                Message::UpdateWithCommit(m) => Message::Update(m.update),
+                other => other,
+            };
+            for (peer, _, reply) in replies.iter_mut().filter(|(_, _, r)| unreadable(r)) {
+                *reply = shared.wire.send(*peer, &plain).await;
+            }
+        } else if !replies
+            .iter()
+            .all(|(_, _, r)| matches!(r, Ok(Message::UpdateAccept(_))))
         {
-            warn!(error = %e, "peer signed badly");
-            failure = Some(e.into());
-        }
-        if let Some(e) = failure {
-            if conflicted {
-                // The peer may have signed another state of this version
-                // (in an update that failed, perhaps before a restart of
-                // ours): skipping it costs nothing, retrying it forever would.
-                l.burn(shared, core, next.version).await;
-            }
-            fail(shared, core, l, (&next, base), ours, unknown, signed_by).await;
-            return Err(e);
-        }
-        crate::failpoint::hit("propose_before_commit").await;
-        // Our signature goes on a copy, into the machine once stored.
-        let (full, signed) = match l.machine.sign_staged_copy(shared.account.as_ref(), made) {
-            Ok(copy) => copy,
-            Err(e) => {
-                // Our signature never left: dropping the update is safe,
-                // and the peers that signed hear so.
-                fail(shared, core, l, (&next, base), true, false, signed_by).await;
-                return Err(e.into());
-            }
-        };
-        let full = match l.commit_signed(shared, core, full, signed).await {
-            Ok(full) => full,
-            Err(e) => {
-                // Our signature never left: dropping the update is safe.
-                fail(shared, core, l, (&next, base), true, false, signed_by).await;
-                return Err(e);
-            }
-        };
-        // Our state is durable and fully signed: the update is done for us.
-        // The peers get the signatures in the background (a peer that gets
-        // our next update first waits for this commit, see
-        // `respond_update`); in a burst, with our next update.
-        let version = full.state.version;
-        let held = HeldCommit {
-            full: full.clone(),
-            in_flight: InFlight::new(shared),
-        };
-        l.last_own_commit = Some((version, std::time::Instant::now()));
-        if burst {
-            l.held = Some(Box::new(held));
-            drop(l);
-            let (shared, core) = (shared.clone(), core.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(crate::core::COMMIT_RIDE_WAIT).await;
-                let held = {
-                    let mut l = core.locked.lock().await;
-                    l.held.take_if(|h| h.full.state.version == version)
-                };
-                if let Some(h) = held {
-                    spawn_delivery(&shared, &core, *h);
-                }
-            });
-        } else {
-            drop(l);
+            // A peer that signed the update took the commit first; one
+            // that did not may lack it (it did not answer, or it
+            // refused the commit): hand it out again on its own (a
+            // repeated commit is harmless; a peer that still cannot
+            // take it gets it by `Sync`).
             spawn_delivery(shared, core, held);
         }
-        debug!(version, "update committed");
-        Ok(full)
     }
+
+    let mut l = core.locked.lock().await;
+    let ours = l.staged_actor == Some(core.index) && l.machine.staged_hash() == Some(hash);
+    // Our proposal was built on `base`. If a newer state arrived
+    // meanwhile (an update we had given up on was completed after all),
+    // it would apply to the wrong state: not what the caller asked for.
+    let same_base = l.machine.current().is_some_and(|c| c.state.version == base);
+    let mut failure = (!ours || !same_base).then_some(Error::Conflict);
+    let mut signed_by = Vec::new();
+    let mut unknown = false;
+    let mut conflicted = false;
+    let mut sigs = Vec::with_capacity(replies.len());
+    for (peer, index, reply) in replies {
+        match reply {
+            Ok(Message::UpdateAccept(a))
+                if a.channel_id == core.id && a.version == next.version && a.index == index =>
+            {
+                signed_by.push(peer);
+                sigs.push((index, a.signature))
+            }
+            Ok(Message::UpdateReject(r)) if r.channel_id == core.id => {
+                conflicted |= r.kind == RejectKind::Conflict;
+                failure.get_or_insert(match r.kind {
+                    RejectKind::Conflict => Error::Conflict,
+                    RejectKind::Refused => Error::Rejected {
+                        index,
+                        reason: r.reason,
+                    },
+                });
+            }
+            Ok(other) => {
+                warn!(%peer, ?other, "unexpected reply to an update");
+                unknown = true;
+                failure.get_or_insert(Error::Protocol {
+                    peer,
+                    reason: "unexpected reply to an update".into(),
+                });
+            }
+            Err(e) => {
+                unknown = true;
+                failure.get_or_insert(e.into());
+            }
+        }
+    }
+    // Only our own proposal, still staged on its base, takes the
+    // signatures (all or none); a failure below drops it.
+    if failure.is_none()
+        && let Err(e) = l.machine.add_signatures(&sigs)
+    {
+        warn!(error = %e, "peer signed badly");
+        failure = Some(e.into());
+    }
+    if let Some(e) = failure {
+        if conflicted {
+            // The peer may have signed another state of this version
+            // (in an update that failed, perhaps before a restart of
+            // ours): skipping it costs nothing, retrying it forever would.
+            l.burn(shared, core, next.version).await;
+        }
+        fail(shared, core, l, (&next, base), ours, unknown, signed_by).await;
+        return Err(e);
+    }
+    crate::failpoint::hit("propose_before_commit").await;
+    // Our signature goes on a copy, into the machine once stored.
+    let (full, signed) = match l.machine.sign_staged_copy(shared.account.as_ref(), made) {
+        Ok(copy) => copy,
+        Err(e) => {
+            // Our signature never left: dropping the update is safe,
+            // and the peers that signed hear so.
+            fail(shared, core, l, (&next, base), true, false, signed_by).await;
+            return Err(e.into());
+        }
+    };
+    let full = match l.commit_signed(shared, core, full, signed).await {
+        Ok(full) => full,
+        Err(e) => {
+            // Our signature never left: dropping the update is safe.
+            fail(shared, core, l, (&next, base), true, false, signed_by).await;
+            return Err(e);
+        }
+    };
+    // Our state is durable and fully signed: the update is done for us.
+    // The peers get the signatures in the background (a peer that gets
+    // our next update first waits for this commit, see
+    // `respond_update`); in a burst, with our next update.
+    let version = full.state.version;
+    let held = HeldCommit {
+        full: full.clone(),
+        in_flight: InFlight::new(shared),
+    };
+    l.last_own_commit = Some((version, std::time::Instant::now()));
+    if burst {
+        l.held = Some(Box::new(held));
+        drop(l);
+        let (shared, core) = (shared.clone(), core.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::core::COMMIT_RIDE_WAIT).await;
+            let held = {
+                let mut l = core.locked.lock().await;
+                l.held.take_if(|h| h.full.state.version == version)
+            };
+            if let Some(h) = held {
+                spawn_delivery(&shared, &core, *h);
+            }
+        });
+    } else {
+        drop(l);
+        spawn_delivery(shared, core, held);
+    }
+    debug!(version, "update committed");
+    Ok(full)
 }
 
 /// Our held commit while it rides with an update: handed out on its own

@@ -903,31 +903,30 @@ impl Worker {
         }
     }
 
+    /// The node's view of transaction `hash`: pending or mined, or `None`
+    /// if it does not know it.
+    async fn transaction(
+        &self,
+        hash: B256,
+    ) -> std::result::Result<Option<alloy::rpc::types::Transaction>, Fault> {
+        self.conn
+            .try_rpc("eth_getTransactionByHash", |p| async move {
+                p.get_transaction_by_hash(hash).await
+            })
+            .await
+    }
+
     /// Whether the node has the transaction `hash`, pending or mined (an
     /// unanswered question counts as no).
     async fn node_knows(&self, hash: B256) -> bool {
-        matches!(
-            self.conn
-                .try_rpc("eth_getTransactionByHash", |p| async move {
-                    p.get_transaction_by_hash(hash).await
-                })
-                .await,
-            Ok(Some(_))
-        )
+        matches!(self.transaction(hash).await, Ok(Some(_)))
     }
 
     /// Whether one of `e`'s versions is in a block although no receipt was
     /// found; `None` if the node did not answer.
     async fn ours_without_receipt(&self, e: &Entry) -> Option<bool> {
         for v in e.versions.iter().rev() {
-            let hash = v.hash;
-            let tx = self
-                .conn
-                .try_rpc("eth_getTransactionByHash", |p| async move {
-                    p.get_transaction_by_hash(hash).await
-                })
-                .await;
-            match tx {
+            match self.transaction(v.hash).await {
                 Err(_) => return None,
                 Ok(Some(tx)) if tx.block_number.is_some() => return Some(true),
                 Ok(_) => {}
@@ -952,13 +951,7 @@ impl Worker {
                 return Check::Requeue;
             };
             let hash = latest.hash;
-            let known = self
-                .conn
-                .try_rpc("eth_getTransactionByHash", |p| async move {
-                    p.get_transaction_by_hash(hash).await
-                })
-                .await;
-            match known {
+            match self.transaction(hash).await {
                 Err(_) => {}
                 Ok(None) => {
                     warn!(op, nonce, tx = %hash, "the transaction left the pool unmined; sending it again");
