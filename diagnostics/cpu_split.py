@@ -14,6 +14,13 @@ Whole profile (e.g. taken during the 100-channel run):
     perf script -i /tmp/perf.data -F comm,pid,tid,time,event,trace,ip,sym > /tmp/perf.txt
     python3 diagnostics/cpu_split.py /tmp/perf.txt
 
+The same profile by what the stack was doing (`--by-task`: crypto, the
+proposer's `propose`, the responder's handlers, the stores' writer
+threads, the wire, libp2p, tokio, idle; BENCHMARKS.md's split of the
+100-channel run by task):
+
+    python3 diagnostics/cpu_split.py /tmp/perf.txt --by-task
+
 Per sequential update and per process: run the benchmark with
 `PERUN_BENCH_MARKS=1` and record its markers as well, every one of them
 (the sampling frequency goes on the sampling event only: a global `-F`
@@ -108,10 +115,45 @@ def kind(frames):
     return "other"
 
 
+# `--by-task`: what each sample's stack was doing, first match wins.
+TASKS = [
+    ("crypto", re.compile(r"secp256k1|keccak|Keccak")),
+    ("propose (the proposer's update)", re.compile(r"perun_client::update::propose")),
+    ("handle_update (the responder's)", re.compile(r"perun_client::dispatch::spawn|perun_client::update::handle_update")),
+    ("commit delivery", re.compile(r"perun_client::update::handle_commit|perun_client::deliver")),
+    ("dispatch task", re.compile(r"perun_client::dispatch::dispatch")),
+    ("wire lanes and node", re.compile(r"perun_wire::")),
+    ("libp2p (swarm, yamux, noise)", re.compile(r"libp2p|yamux|noise|multistream")),
+    ("bench", re.compile(r"bench::")),
+    ("tokio scheduler, timers", re.compile(r"tokio::runtime::scheduler|tokio::runtime::time")),
+]
+
+
+def task(comm, frames):
+    if comm == "swapper":
+        return "idle"
+    crypto = TASKS[0][1]
+    if comm.startswith("perun-redb"):
+        return "crypto" if any(crypto.search(f) for f in frames) else "store writer thread"
+    for name, pat in TASKS:
+        if any(pat.search(f) for f in frames):
+            return name
+    return "other"
+
+
 def main():
     args = sys.argv[1:]
     if not args:
         sys.exit(__doc__)
+    if "--by-task" in args:
+        args.remove("--by-task")
+        cpu = [r for r in samples(args[0]) if not r[4].startswith("syscalls:")]
+        if not cpu:
+            sys.exit("no sampled events in the profile")
+        c = collections.Counter(task(r[0], r[6]) for r in cpu)
+        for k, v in c.most_common():
+            print("%6.2f %%  %s" % (100 * v / len(cpu), k))
+        return
     per_update = None
     if "--per-update" in args:
         i = args.index("--per-update")
