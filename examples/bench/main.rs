@@ -56,7 +56,9 @@
 //!   `aggregate_cores_busy` is both processes' CPU time (Alice's and Bob's)
 //!   over that run's wall time (at the machine's core count the run is
 //!   CPU-bound), and `aggregate_cpu_ms_per_update` their CPU time per
-//!   update.
+//!   update. `aggregate_writes_per_transaction` is Alice's store's mean
+//!   group-commit batch meanwhile, `aggregate_batch_waits_per_s` how often
+//!   its writer waited for a fuller one (`RedbOptions::batch_wait`).
 //! - `open_channel_ms`: median of `propose_channel` calls (proposal, version-0
 //!   signatures, both deposits mined, `Active`), durable.
 //! - `restore_10k_channels_ms` / `rss_bytes_per_channel_10k`: 10,000 active
@@ -248,6 +250,13 @@ fn init_logs() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// An application that cares about speed links a faster allocator than
+/// glibc's; the SDK allocates per update (messages, states, signatures), so
+/// the allocator is part of the figures (BENCHMARKS.md: +5 % at 100
+/// channels with mimalloc).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

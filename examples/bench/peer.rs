@@ -245,7 +245,7 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
     };
     let config = EthConfig::from_deployment(&parse_deployment(deployment)?);
     let anvil = Anvil::attach(url).await?;
-    let (bob, mut opened) = client(&anvil, &config, store, Path::new(dir), "bob").await?;
+    let (bob, mut opened, _) = client(&anvil, &config, store, Path::new(dir), "bob").await?;
     let addrs: Vec<String> = bob
         .listen_addrs()
         .await?

@@ -310,7 +310,13 @@ async fn durable(chain: &Chain, opts: &Options, gap: Option<Duration>) -> Res<Du
         t.elapsed().as_secs_f64()
     );
     let during = floor::CryptoDuring::start();
-    let aggregate = updates::aggregate(&chans, c.concurrent_for, || pair.bob_cpu_time()).await?;
+    let aggregate = updates::aggregate(
+        &chans,
+        c.concurrent_for,
+        || pair.bob_cpu_time(),
+        pair.alice_store.as_deref(),
+    )
+    .await?;
     let crypto_during = during.finish()?;
     let channels = chans.len();
     drop(chans);
@@ -486,6 +492,18 @@ fn record_durable(s: &mut Summary, d: Option<&Durable>) {
     s.set(
         "aggregate_cpu_ms_per_update",
         d.map(|d| d.aggregate.cpu_ms_per_update()),
+    );
+    let store = d.and_then(|d| d.aggregate.store);
+    s.set(
+        "aggregate_writes_per_transaction",
+        store
+            .filter(|s| s.transactions > 0)
+            .map(|s| s.writes as f64 / s.transactions as f64),
+    );
+    s.set(
+        "aggregate_batch_waits_per_s",
+        d.zip(store)
+            .map(|(d, s)| s.batch_waits as f64 / d.aggregate.wall.as_secs_f64()),
     );
     s.set(
         "aggregate_latency_p50_ms",
@@ -673,6 +691,8 @@ pub(crate) const ROWS: &[&str] = &[
     "aggregate_channels",
     "aggregate_cores_busy",
     "aggregate_cpu_ms_per_update",
+    "aggregate_writes_per_transaction",
+    "aggregate_batch_waits_per_s",
     "aggregate_latency_p50_ms",
     "aggregate_latency_p99_ms",
     "restore_store_open_ms",

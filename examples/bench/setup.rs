@@ -70,6 +70,8 @@ pub(crate) enum Store {
 /// Alice (proposes and pays) and Bob (accepts everything), connected.
 pub(crate) struct Pair {
     pub(crate) alice: Client,
+    /// Alice's redb store, when durable.
+    pub(crate) alice_store: Option<Arc<RedbPersister>>,
     bob: Bob,
 }
 
@@ -88,37 +90,47 @@ enum Bob {
     Remote(Peer),
 }
 
-async fn persister(store: Store, dir: &Path, name: &str) -> Res<Arc<dyn Persister>> {
+/// The store, and its redb handle when it has one (for its batch counters).
+async fn persister(
+    store: Store,
+    dir: &Path,
+    name: &str,
+) -> Res<(Arc<dyn Persister>, Option<Arc<RedbPersister>>)> {
     Ok(match store {
-        Store::Durable => Arc::new(RedbPersister::open(dir.join(format!("{name}.redb"))).await?),
-        Store::Memory => Arc::new(MemoryPersister::new()),
+        Store::Durable => {
+            let redb = Arc::new(RedbPersister::open(dir.join(format!("{name}.redb"))).await?);
+            (redb.clone(), Some(redb))
+        }
+        Store::Memory => (Arc::new(MemoryPersister::new()), None),
     })
 }
 
 /// A client with a fresh funded account on `anvil` and Bob's accept-all
-/// handlers; `opened` reports the channels it accepted once they are active.
+/// handlers; `opened` reports the channels it accepted once they are active,
+/// and the redb store is there when `store` is durable.
 pub(crate) async fn client(
     anvil: &Anvil,
     config: &EthConfig,
     store: Store,
     dir: &Path,
     name: &str,
-) -> Res<(Client, perun::client::Opened)> {
+) -> Res<(Client, perun::client::Opened, Option<Arc<RedbPersister>>)> {
     let account = anvil.funded_account().await?;
     let url = anvil.ws_url();
     let funder = EthFunder::connect(&url, &account, config.clone()).await?;
     let adjudicator = EthAdjudicator::connect(&url, &account, config.clone()).await?;
     let (accept_all, opened) = AcceptAllForTesting::new();
+    let (persister, redb) = persister(store, dir, name).await?;
     let client = Client::builder()
         .account(Arc::new(account))
         .funder(Arc::new(funder))
         .adjudicator(Arc::new(adjudicator))
-        .persister(persister(store, dir, name).await?)
+        .persister(persister)
         .proposal_handler(accept_all)
         .update_handler(Arc::new(AcceptPaymentsToMe))
         .build()
         .await?;
-    Ok((client, opened))
+    Ok((client, opened, redb))
 }
 
 /// The deployment as command-line arguments for a child process.
@@ -150,13 +162,15 @@ impl Pair {
     /// go to `dir`.
     pub(crate) async fn start(chain: &Chain, store: Store, dir: &Path) -> Res<Self> {
         std::fs::create_dir_all(dir)?;
-        let (alice, _) = client(&chain.anvil, &chain.config, store, dir, "alice").await?;
-        let (bob, opened) = client(&chain.anvil, &chain.config, store, dir, "bob").await?;
+        let (alice, _, alice_store) =
+            client(&chain.anvil, &chain.config, store, dir, "alice").await?;
+        let (bob, opened, _) = client(&chain.anvil, &chain.config, store, dir, "bob").await?;
         for addr in bob.listen_addrs().await? {
             alice.add_peer(bob.peer_id(), addr).await?;
         }
         Ok(Self {
             alice,
+            alice_store,
             bob: Bob::Local {
                 client: bob,
                 opened,
@@ -168,13 +182,15 @@ impl Pair {
     /// keeps its redb file in `dir`.
     pub(crate) async fn start_apart(chain: &Chain, store: Store, dir: &Path) -> Res<Self> {
         std::fs::create_dir_all(dir)?;
-        let (alice, _) = client(&chain.anvil, &chain.config, store, dir, "alice").await?;
+        let (alice, _, alice_store) =
+            client(&chain.anvil, &chain.config, store, dir, "alice").await?;
         let bob = Peer::spawn(chain, store, dir).await?;
         for addr in &bob.addrs {
             alice.add_peer(bob.peer, addr.clone()).await?;
         }
         Ok(Self {
             alice,
+            alice_store,
             bob: Bob::Remote(bob),
         })
     }

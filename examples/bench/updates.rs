@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use perun::channel::U256;
 use perun::client::Channel;
+use perun::persistence::{RedbPersister, RedbStats};
 
 use crate::Res;
 use crate::setup::{Chain, Pair};
@@ -128,6 +129,9 @@ pub(crate) struct Aggregate {
     /// CPU time both clients (their stores and transports) used
     /// meanwhile: this process's, plus Bob's when he runs in his own.
     pub(crate) cpu: Duration,
+    /// Alice's store meanwhile (durable only): its writes, write
+    /// transactions and waits for fuller batches.
+    pub(crate) store: Option<RedbStats>,
 }
 
 impl Aggregate {
@@ -154,7 +158,9 @@ pub(crate) async fn aggregate(
     chans: &[Channel],
     run_for: Duration,
     peer_cpu: impl Fn() -> Res<Option<Duration>>,
+    store: Option<&RedbPersister>,
 ) -> Res<Aggregate> {
+    let stats_before = store.map(RedbPersister::stats);
     let cpu =
         || -> Res<Duration> { Ok(crate::stats::cpu_time()? + peer_cpu()?.unwrap_or_default()) };
     let cpu_before = cpu()?;
@@ -183,5 +189,14 @@ pub(crate) async fn aggregate(
         wall,
         latency: Samples::new(all),
         cpu: cpu()?.saturating_sub(cpu_before),
+        store: store.zip(stats_before).map(|(s, b)| {
+            let a = s.stats();
+            RedbStats {
+                transactions: a.transactions - b.transactions,
+                writes: a.writes - b.writes,
+                on_caller: a.on_caller - b.on_caller,
+                batch_waits: a.batch_waits - b.batch_waits,
+            }
+        }),
     })
 }

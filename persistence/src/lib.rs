@@ -14,6 +14,8 @@
 //! - [`memory`]: [`MemoryPersister`], the contract without a disk, for tests.
 //! - [`redb_store`]: [`RedbPersister`], the embedded default: one redb file,
 //!   a writer thread and group commit.
+//! - `cpu_busy`: whether the machine's CPUs are all busy, which decides
+//!   whether the writer thread waits for a fuller batch.
 //! - `wal`: the write-ahead log that makes a batch durable with one small
 //!   write instead of a durable redb commit; replayed on open.
 //! - [`tower`]: [`TowerRecord`], the client's watchtower receipts and
@@ -73,6 +75,7 @@
 
 pub mod chain_index;
 pub mod codec;
+mod cpu_busy;
 pub mod error;
 pub mod memory;
 pub mod persister;
@@ -86,5 +89,7 @@ pub use error::{Error, RecordDefect, Result};
 pub use memory::MemoryPersister;
 pub use persister::{MAX_META_KEY_LEN, MAX_META_VALUE_LEN, Persister};
 pub use record::{Change, ChannelRecord, MAX_METADATA_LEN, MAX_PEER_ID_LEN};
-pub use redb_store::{RedbOptions, RedbPersister, RedbStats, SCHEMA_VERSION};
+pub use redb_store::{
+    BATCH_WAIT_FROM, BatchWait, RedbOptions, RedbPersister, RedbStats, SCHEMA_VERSION,
+};
 pub use tower::{TowerReceipt, TowerRecord};

@@ -62,6 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use perun_channel::ChannelId;
@@ -73,6 +74,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, debug_span, error, info, instrument, warn};
 
 use crate::codec::{decode_meta, decode_state, encode_meta, encode_state};
+use crate::cpu_busy::CpuBusy;
 use crate::error::RecordDefect;
 use crate::wal::{self, Wal};
 use crate::{Change, ChannelRecord, Error, Persister, Result};
@@ -130,6 +132,32 @@ pub struct RedbOptions {
     /// handle entered from inside a current-thread runtime counts as
     /// multi-thread: that runtime's thread then blocks for the `fsync`.
     pub write_on_caller_when_idle: bool,
+    /// Whether the writer thread waits for more writes before it takes a
+    /// batch, after a batch of several ([`BATCH_WAIT_FROM`] or more). By
+    /// default it waits 1 ms, and only while the machine's CPUs are all
+    /// busy ([`BatchWait::WhenCpusBusy`]): then each `fsync` and commit it
+    /// saves is CPU for signing other channels' updates, and the wait costs
+    /// no throughput (BENCHMARKS.md, issue 17: +5 % updates at 100
+    /// channels on a 2-vCPU guest). A single channel's writes are never
+    /// kept waiting.
+    pub batch_wait: BatchWait,
+}
+
+/// The writer thread waits before a batch only after one of at least this
+/// many writes: fewer means little load, where waiting is only latency.
+pub const BATCH_WAIT_FROM: usize = 4;
+
+/// When the writer thread waits for a fuller batch ([`RedbOptions::batch_wait`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchWait {
+    /// Never: every batch is what is queued when the thread gets free.
+    Never,
+    /// This long, while less than a tenth of the machine's CPU time is idle
+    /// (read from `/proc/stat` at most every 100 ms; off Linux, never).
+    WhenCpusBusy(Duration),
+    /// This long, whatever the CPUs do: for throughput over latency, or to
+    /// test batching.
+    Always(Duration),
 }
 
 impl Default for RedbOptions {
@@ -140,6 +168,7 @@ impl Default for RedbOptions {
             cache_size: 64 * 1024 * 1024,
             max_batch: 1024,
             write_on_caller_when_idle: true,
+            batch_wait: BatchWait::WhenCpusBusy(Duration::from_millis(1)),
         }
     }
 }
@@ -154,6 +183,9 @@ pub struct RedbStats {
     /// Updates run on the caller's thread
     /// ([`RedbOptions::write_on_caller_when_idle`]).
     pub on_caller: u64,
+    /// Times the writer thread waited for a fuller batch
+    /// ([`RedbOptions::batch_wait`]).
+    pub batch_waits: u64,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +193,7 @@ struct Counters {
     transactions: AtomicU64,
     writes: AtomicU64,
     on_caller: AtomicU64,
+    batch_waits: AtomicU64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -283,6 +316,7 @@ impl RedbPersister {
             transactions: self.counters.transactions.load(Ordering::Relaxed),
             writes: self.counters.writes.load(Ordering::Relaxed),
             on_caller: self.counters.on_caller.load(Ordering::Relaxed),
+            batch_waits: self.counters.batch_waits.load(Ordering::Relaxed),
         }
     }
 
@@ -295,6 +329,7 @@ impl RedbPersister {
         let file = path.to_path_buf();
         let counters = Arc::new(Counters::default());
         let writer_counters = counters.clone();
+        let thread_counters = counters.clone();
         let store = Arc::new(Store {
             writer: Mutex::new(None),
             queued: AtomicUsize::new(0),
@@ -318,7 +353,12 @@ impl RedbPersister {
                     Ok(writer) => {
                         *lock_writer(&thread_store) = Some(writer);
                         ready(Ok(()));
-                        run(&thread_store, &receiver);
+                        run(
+                            &thread_store,
+                            &receiver,
+                            options.batch_wait,
+                            &thread_counters,
+                        );
                     }
                     Err(e) => {
                         warn!(path = %file.display(), error = %e, "persistence: cannot open store");
@@ -1374,8 +1414,23 @@ fn on_multi_thread_runtime() -> bool {
 }
 
 /// The writer thread: takes every queued request, runs them as one batch.
-fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
+fn run(store: &Store, receiver: &mpsc::Receiver<Request>, wait: BatchWait, counters: &Counters) {
+    let mut cpus = CpuBusy::default();
+    let mut last_batch = 0;
     loop {
+        if last_batch >= BATCH_WAIT_FROM {
+            let pause = match wait {
+                BatchWait::Never => None,
+                BatchWait::WhenCpusBusy(d) => cpus.busy().then_some(d),
+                BatchWait::Always(d) => Some(d),
+            };
+            if let Some(pause) = pause {
+                // A caller that finds the store idle meanwhile writes on
+                // its own thread: the lock is free.
+                std::thread::sleep(pause);
+                counters.batch_waits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let first = match receiver.try_recv() {
             Ok(first) => first,
             Err(mpsc::TryRecvError::Disconnected) => break,
@@ -1406,6 +1461,7 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>) {
             .iter()
             .filter(|r| !matches!(r, Request::CatchUp))
             .count();
+        last_batch = taken;
         let ok = w.guarded(|w| w.process(batch));
         // Queued until applied: no caller's write overtakes one the thread
         // took off the queue but had not run yet.

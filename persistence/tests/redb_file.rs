@@ -6,9 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::TestChannel;
-use perun_persistence::{Error, Persister, RedbOptions, RedbPersister, SCHEMA_VERSION};
+use perun_persistence::{BatchWait, Error, Persister, RedbOptions, RedbPersister, SCHEMA_VERSION};
 use rand::{Rng, SeedableRng};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -358,6 +359,71 @@ async fn concurrent_commits_are_grouped() {
         let rec = p.load(ch.id()).await.expect("load").expect("present");
         assert_eq!(rec.current, Some(ch.signed(3)));
     }
+}
+
+/// With [`BatchWait::Always`], the writer thread waits after a batch of
+/// several writes, so each round of 50 concurrent writers lands in a few
+/// transactions; a lone writer's batches of one never wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_more_writes_only_after_a_batch_of_several() {
+    let wait = RedbOptions {
+        batch_wait: BatchWait::Always(Duration::from_millis(20)),
+        ..RedbOptions::default()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = Arc::new(
+        RedbPersister::open_with(db_path(&dir), wait.clone())
+            .await
+            .expect("open"),
+    );
+    let channels: Vec<TestChannel> = (0..50).map(|s| TestChannel::two_party(600 + s)).collect();
+    for ch in &channels {
+        p.channel_created(&ch.record()).await.expect("create");
+    }
+    let rounds = 8;
+    let before = p.stats();
+    let mut tasks = Vec::new();
+    for ch in &channels {
+        let (p, id) = (p.clone(), ch.id());
+        let states: Vec<_> = (0..rounds).map(|v| ch.signed(v)).collect();
+        tasks.push(tokio::spawn(async move {
+            for st in states {
+                p.state_committed(id, &st).await.expect("commit");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let after = p.stats();
+    let (writes, txns) = (
+        after.writes - before.writes,
+        after.transactions - before.transactions,
+    );
+    assert_eq!(writes, 50 * rounds);
+    // Once a batch had several, the thread waits for the round's other
+    // writers (a few find the store idle meanwhile and write on their own
+    // threads). Here 11-47 transactions; without the wait, 170-220.
+    assert!(txns <= writes / 4, "{writes} writes in {txns} transactions");
+    drop(p);
+    let p = RedbPersister::open(db_path(&dir)).await.expect("reopen");
+    for ch in &channels {
+        let rec = p.load(ch.id()).await.expect("load").expect("present");
+        assert_eq!(rec.current, Some(ch.signed(rounds - 1)));
+    }
+    drop(p);
+
+    // One channel at a time: batches of one, which never wait (20 writes
+    // would take 20 s if each waited a second).
+    let lone = RedbOptions {
+        batch_wait: BatchWait::Always(Duration::from_secs(1)),
+        ..RedbOptions::default()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    let p = committed(&dir, lone, &TestChannel::two_party(700), 20).await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(p.stats().writes, 21);
 }
 
 /// Sequential updates on a multi-thread runtime find the store idle and run
