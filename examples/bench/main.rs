@@ -251,13 +251,6 @@ fn init_logs() {
         .init();
 }
 
-/// An application that cares about speed links a faster allocator than
-/// glibc's; the SDK allocates per update (messages, states, signatures), so
-/// the allocator is part of the figures (BENCHMARKS.md: +5 % at 100
-/// channels with mimalloc).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
