@@ -13,6 +13,7 @@
 //! - [`rules`]: validity of params and states, and the generic transition rule.
 //! - [`app`]: the `App` trait an app channel's rules implement, off-chain and on-chain.
 //! - [`tictactoe`]: one real app, the same rules as `TicTacToeApp.sol`.
+//! - [`serial`]: serializers of those types that allocate nothing, for the codecs.
 //! - [`signed`]: `SignedState` and signing / verification helpers.
 //! - [`machine`]: the channel's phases and the `Machine` that moves between them.
 //! - [`error`]: the crate's one error enum.
@@ -44,6 +45,7 @@ pub mod hash;
 pub mod limits;
 pub mod machine;
 pub mod rules;
+pub mod serial;
 pub mod signed;
 pub mod tictactoe;
 pub mod types;

@@ -66,8 +66,14 @@ struct StateV1 {
 /// a length and the bytes).
 #[derive(Serialize)]
 struct StateV1Ref<'a> {
+    #[serde(serialize_with = "state_ref")]
     state: &'a State,
     sigs: SigsRef<'a>,
+}
+
+/// The state as its derived `Serialize` writes it, without allocating.
+fn state_ref<S: serde::Serializer>(st: &&State, s: S) -> std::result::Result<S::Ok, S::Error> {
+    perun_channel::serial::state(st, s)
 }
 
 /// Signatures, each written as 65 bytes when present.

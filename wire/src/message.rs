@@ -36,7 +36,7 @@ use perun_channel::limits::{
     MAX_APP_DATA, MAX_ASSETS, MAX_PARTICIPANTS, MIN_ASSETS, MIN_CHALLENGE_DURATION,
     MIN_PARTICIPANTS,
 };
-use perun_channel::{Allocation, ChannelId, Domain, Phase, SignedState, State};
+use perun_channel::{Allocation, ChannelId, Domain, Phase, SignedState, State, serial};
 use serde::{Deserialize, Serialize};
 
 use crate::bounded;
@@ -74,7 +74,10 @@ pub struct Proposal {
     /// The proposer's index in `participants`.
     pub proposer: usize,
     /// The initial balances (`balances[asset][participant]`).
-    #[serde(deserialize_with = "bounded::allocation")]
+    #[serde(
+        serialize_with = "serial::allocation",
+        deserialize_with = "bounded::allocation"
+    )]
     pub allocation: Allocation,
     /// The app contract; zero for a payment channel.
     pub app: Address,
@@ -117,6 +120,7 @@ pub struct Signing0 {
     #[serde(deserialize_with = "bounded::shares")]
     pub nonce_shares: Vec<B256>,
     /// The proposer's signature on version 0.
+    #[serde(serialize_with = "serial::signature")]
     pub signature: Signature,
 }
 
@@ -126,7 +130,7 @@ pub struct Update {
     /// The channel.
     pub channel_id: ChannelId,
     /// The proposed state (version = current + 1).
-    #[serde(deserialize_with = "bounded::state")]
+    #[serde(serialize_with = "serial::state", deserialize_with = "bounded::state")]
     pub state: State,
     /// The proposer's participant index. The proposer signs last (after
     /// every peer has signed), so the request carries no signature.
@@ -143,6 +147,7 @@ pub struct UpdateAccept {
     /// The signer's participant index.
     pub index: usize,
     /// The signature.
+    #[serde(serialize_with = "serial::signature")]
     pub signature: Signature,
 }
 
@@ -181,7 +186,10 @@ pub struct UpdateCommit {
     /// The sender's participant index.
     pub index: usize,
     /// Every participant's signature, in index order.
-    #[serde(deserialize_with = "bounded::signatures")]
+    #[serde(
+        serialize_with = "serial::signatures",
+        deserialize_with = "bounded::signatures"
+    )]
     pub signatures: Vec<Signature>,
 }
 
@@ -208,10 +216,16 @@ pub struct Sync {
     /// The sender's phase.
     pub phase: Phase,
     /// The latest fully signed state.
-    #[serde(deserialize_with = "bounded::signed")]
+    #[serde(
+        serialize_with = "serial::signed",
+        deserialize_with = "bounded::signed"
+    )]
     pub latest: SignedState,
     /// A partially signed state, if an update was in flight.
-    #[serde(deserialize_with = "bounded::opt_signed")]
+    #[serde(
+        serialize_with = "serial::opt_signed",
+        deserialize_with = "bounded::opt_signed"
+    )]
     pub staged: Option<SignedState>,
 }
 
