@@ -850,7 +850,7 @@ impl ChannelCore {
             // The state first, then the stream: a follower that subscribes
             // and then reads the state (`Shared::follow_channels`) loses
             // nothing in between.
-            self.state.send_replace(st.clone());
+            self.state.send_modify(|old| old.clone_from(st));
             if let Some(tx) = self.updates.get() {
                 let _ = tx.send(st.clone());
             }
