@@ -616,7 +616,7 @@ const REGISTERED_MEMORY: usize = 8;
 #[derive(Debug)]
 pub(crate) struct ChannelCore {
     pub(crate) id: ChannelId,
-    pub(crate) params: Params,
+    pub(crate) params: Arc<Params>,
     pub(crate) index: usize,
     pub(crate) peers: Vec<PeerId>,
     /// Protocol steps take this lock; readers never do.
@@ -710,7 +710,7 @@ impl ChannelCore {
         Ok(Arc::new(Self {
             id: params.channel_id(),
             index: machine.index(),
-            params,
+            params: Arc::new(params),
             peers,
             locked: tokio::sync::Mutex::new(Locked {
                 machine,
@@ -913,7 +913,7 @@ impl ChannelCore {
     /// A new channel's record (nothing burnt yet).
     pub(crate) fn record(&self, m: &Machine) -> ChannelRecord {
         ChannelRecord {
-            params: self.params.clone(),
+            params: Params::clone(&self.params),
             index: self.index,
             phase: m.phase(),
             current: m.current().cloned(),

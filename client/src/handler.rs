@@ -84,8 +84,9 @@ pub trait ProposalHandler: Send + Sync {
 /// An update a peer proposes on one of our channels.
 #[derive(Debug, Clone)]
 pub struct IncomingUpdate {
-    /// The channel's parameters.
-    pub params: Params,
+    /// The channel's parameters, shared with the channel (not copied for
+    /// every update).
+    pub params: Arc<Params>,
     /// Our index in the channel.
     pub index: usize,
     /// The current fully signed state.

@@ -318,7 +318,7 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
             .ok_or(Error::Phase(l.machine.phase()))?
     };
     let req = FundingRequest {
-        params: core.params.clone(),
+        params: Params::clone(&core.params),
         state,
         index: core.index,
         timeout: shared.timeouts.funding,
@@ -386,7 +386,7 @@ async fn sweep_late_deposit(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
         return;
     };
     let req = perun_adjudicator::WithdrawRequest {
-        params: core.params.clone(),
+        params: Params::clone(&core.params),
         state: latest.state,
         index: core.index,
         account: shared.account.clone(),

@@ -66,7 +66,7 @@ pub(super) async fn step(
         version,
     };
     let req = ProgressRequest {
-        params: core.params.clone(),
+        params: perun_channel::Params::clone(&core.params),
         from,
         to: m.to,
         actor: core.index,

@@ -157,7 +157,7 @@ async fn register(
 ) -> Result<Outcome, Failed> {
     core.emit(ChannelEvent::Step(step));
     let req = SignedChannel {
-        params: core.params.clone(),
+        params: perun_channel::Params::clone(&core.params),
         state,
     };
     match shared.adjudicator.register(&req).await {
@@ -186,7 +186,7 @@ async fn conclude(
     let version = state.state.version;
     let step = WatcherStep::Conclude { version };
     let req = SignedChannel {
-        params: core.params.clone(),
+        params: perun_channel::Params::clone(&core.params),
         state,
     };
     let tag = version.saturating_add(1);
@@ -227,7 +227,7 @@ async fn withdraw(
     }
     core.emit(ChannelEvent::Step(step));
     let req = WithdrawRequest {
-        params: core.params.clone(),
+        params: perun_channel::Params::clone(&core.params),
         state,
         index: core.index,
         account: shared.account.clone(),
