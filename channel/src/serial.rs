@@ -237,18 +237,28 @@ mod tests {
             app in proptest::collection::vec(any::<u8>(), 0..40),
             signers in 1usize..4,
             staged in any::<bool>(),
+            assets in 0usize..4,
+            parts in 0usize..4,
         ) {
             let signed = signed_state(&words, version, &app, signers);
             let opt = staged.then(|| signed.clone());
             let sig = signed.sigs.iter().flatten().next().copied()
                 .unwrap_or_else(|| Signature::new(U256::from(1), U256::MAX, true));
             let sigs = vec![sig, Signature::new(U256::MAX, U256::from(7), false)];
+            // Several assets and rows of any length, unlike a payment state.
+            let w = |i: usize| U256::from_be_bytes(words[i % words.len()]);
+            let wide = Allocation {
+                assets: (0..assets)
+                    .map(|i| Asset { chainId: w(i), holder: Address::repeat_byte(i as u8) })
+                    .collect(),
+                balances: (0..assets).map(|a| (0..a + parts).map(|p| w(a + p)).collect()).collect(),
+            };
             let fast = Fast {
-                state: signed.state.clone(), alloc: signed.state.outcome.clone(),
+                state: signed.state.clone(), alloc: wide.clone(),
                 signed: signed.clone(), opt: opt.clone(), sig, sigs: sigs.clone(),
             };
             let derived = Derived {
-                state: signed.state.clone(), alloc: signed.state.outcome.clone(),
+                state: signed.state.clone(), alloc: wide,
                 signed, opt, sig, sigs,
             };
             prop_assert_eq!(

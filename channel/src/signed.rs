@@ -4,7 +4,7 @@ use alloy_primitives::Signature;
 use perun_wallet::Account;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Params, Result, State};
+use crate::{Allocation, Error, Params, Result, State};
 
 /// A state and one signature slot per participant.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,22 +27,24 @@ impl Clone for SignedState {
     /// state's `clone` allocates four times): a state published to
     /// readers on every update replaces the previous one this way.
     fn clone_from(&mut self, src: &Self) {
-        // Destructured, so a new field of `State` fails to compile here.
+        // Destructured, so a new field anywhere fails to compile here.
+        let SignedState { state, sigs } = src;
         let State {
             channelId,
             version,
             outcome,
             appData,
             isFinal,
-        } = &src.state;
+        } = state;
+        let Allocation { assets, balances } = outcome;
         let to = &mut self.state;
         to.channelId = *channelId;
         to.version = *version;
-        to.outcome.assets.clone_from(&outcome.assets);
-        to.outcome.balances.clone_from(&outcome.balances);
+        to.outcome.assets.clone_from(assets);
+        to.outcome.balances.clone_from(balances);
         to.appData.clone_from(appData);
         to.isFinal = *isFinal;
-        self.sigs.clone_from(&src.sigs);
+        self.sigs.clone_from(sigs);
     }
 }
 
@@ -200,7 +202,7 @@ pub(crate) fn verify_hash_sig(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Address, Allocation, Asset, B256, Bytes, U256};
+    use crate::{Address, Asset, B256, Bytes, U256};
 
     fn shaped(assets: usize, parts: usize, app: usize, sigs: usize, seed: u64) -> SignedState {
         let w = |i: usize| U256::from(seed * 1000 + i as u64);

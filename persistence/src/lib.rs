@@ -90,6 +90,7 @@ pub use memory::MemoryPersister;
 pub use persister::{MAX_META_KEY_LEN, MAX_META_VALUE_LEN, Persister};
 pub use record::{Change, ChannelRecord, MAX_METADATA_LEN, MAX_PEER_ID_LEN};
 pub use redb_store::{
-    BATCH_WAIT_FROM, BatchWait, RedbOptions, RedbPersister, RedbStats, SCHEMA_VERSION,
+    BATCH_WAIT_FROM, BatchWait, MAX_BATCH_WAIT, RedbOptions, RedbPersister, RedbStats,
+    SCHEMA_VERSION,
 };
 pub use tower::{TowerReceipt, TowerRecord};

@@ -133,13 +133,14 @@ pub struct RedbOptions {
     /// multi-thread: that runtime's thread then blocks for the `fsync`.
     pub write_on_caller_when_idle: bool,
     /// Whether the writer thread waits for more writes before it takes a
-    /// batch, after a batch of several ([`BATCH_WAIT_FROM`] or more). By
-    /// default it waits 1 ms, and only while the machine's CPUs are all
-    /// busy ([`BatchWait::WhenCpusBusy`]): then each `fsync` and commit it
-    /// saves is CPU for signing other channels' updates, and the wait costs
-    /// no throughput (BENCHMARKS.md, issue 17: +5 % updates at 100
-    /// channels on a 2-vCPU guest). A single channel's writes are never
-    /// kept waiting.
+    /// batch, after a batch of several writes ([`BATCH_WAIT_FROM`] or
+    /// more). By default it waits 1 ms, and only while the machine's CPUs
+    /// are all busy and this process is one of those keeping them busy
+    /// ([`BatchWait::WhenCpusBusy`]): then each `fsync` and commit it saves
+    /// is CPU for signing other channels' updates, and the wait costs no
+    /// throughput (BENCHMARKS.md, issue 17: writes per batch about 7 → 13
+    /// and about 4 % more updates at 100 channels on a 2-vCPU guest). A
+    /// single channel's writes are never kept waiting.
     pub batch_wait: BatchWait,
 }
 
@@ -147,13 +148,20 @@ pub struct RedbOptions {
 /// many writes: fewer means little load, where waiting is only latency.
 pub const BATCH_WAIT_FROM: usize = 4;
 
+/// The longest wait [`BatchWait`] may ask for; longer ones are cut to it
+/// (closing the store waits for the writer thread, so for a wait too).
+pub const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
+
 /// When the writer thread waits for a fuller batch ([`RedbOptions::batch_wait`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchWait {
     /// Never: every batch is what is queued when the thread gets free.
     Never,
     /// This long, while less than a tenth of the machine's CPU time is idle
-    /// (read from `/proc/stat` at most every 100 ms; off Linux, never).
+    /// and this process used at least half a CPU (read from `/proc/stat`
+    /// and `/proc/self/stat` at most every 100 ms; off Linux, never). A
+    /// CPU limit of a container is not seen: there the CPUs may never look
+    /// busy, and the writer never waits.
     WhenCpusBusy(Duration),
     /// This long, whatever the CPUs do: for throughput over latency, or to
     /// test batching.
@@ -1427,7 +1435,7 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>, wait: BatchWait, count
             if let Some(pause) = pause {
                 // A caller that finds the store idle meanwhile writes on
                 // its own thread: the lock is free.
-                std::thread::sleep(pause);
+                std::thread::sleep(pause.min(MAX_BATCH_WAIT));
                 counters.batch_waits.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -1461,7 +1469,17 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>, wait: BatchWait, count
             .iter()
             .filter(|r| !matches!(r, Request::CatchUp))
             .count();
-        last_batch = taken;
+        // Only writes share an `fsync`: a batch of reads is no reason to
+        // wait for the next one.
+        last_batch = batch
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Request::Create(..) | Request::Update(..) | Request::Remove(..)
+                )
+            })
+            .count();
         let ok = w.guarded(|w| w.process(batch));
         // Queued until applied: no caller's write overtakes one the thread
         // took off the queue but had not run yet.

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::TestChannel;
 use perun_persistence::{BatchWait, Error, Persister, RedbOptions, RedbPersister, SCHEMA_VERSION};
@@ -405,6 +405,7 @@ async fn a_batch_waits_for_more_writes_only_after_a_batch_of_several() {
     // writers (a few find the store idle meanwhile and write on their own
     // threads). Here 11-47 transactions; without the wait, 170-220.
     assert!(txns <= writes / 4, "{writes} writes in {txns} transactions");
+    assert!(after.batch_waits > before.batch_waits);
     drop(p);
     let p = RedbPersister::open(db_path(&dir)).await.expect("reopen");
     for ch in &channels {
@@ -413,17 +414,18 @@ async fn a_batch_waits_for_more_writes_only_after_a_batch_of_several() {
     }
     drop(p);
 
-    // One channel at a time: batches of one, which never wait (20 writes
-    // would take 20 s if each waited a second).
+    // One channel at a time, every write on the writer thread: batches of
+    // one, which never wait.
     let lone = RedbOptions {
-        batch_wait: BatchWait::Always(Duration::from_secs(1)),
+        batch_wait: BatchWait::Always(Duration::from_millis(50)),
+        write_on_caller_when_idle: false,
         ..RedbOptions::default()
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let started = Instant::now();
     let p = committed(&dir, lone, &TestChannel::two_party(700), 20).await;
-    assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(p.stats().writes, 21);
+    let stats = p.stats();
+    assert_eq!((stats.writes, stats.on_caller), (21, 0));
+    assert_eq!(stats.batch_waits, 0);
 }
 
 /// Sequential updates on a multi-thread runtime find the store idle and run
