@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestChannel;
-use perun_persistence::{BatchWait, Error, Persister, RedbOptions, RedbPersister, SCHEMA_VERSION};
+use perun_persistence::{
+    BatchWait, Error, Persister, RedbOptions, RedbPersister, RedbStats, SCHEMA_VERSION,
+};
 use rand::{Rng, SeedableRng};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -316,6 +318,30 @@ fn racing_creators_share_one_store() {
     RedbPersister::open_blocking(&path, RedbOptions::default()).expect("reopen");
 }
 
+/// Commits versions `0..versions` of every channel, one task per channel,
+/// all at once; the store's counters before and after.
+async fn commit_concurrently(
+    p: &Arc<RedbPersister>,
+    channels: &[TestChannel],
+    versions: u64,
+) -> (RedbStats, RedbStats) {
+    let before = p.stats();
+    let mut tasks = Vec::new();
+    for ch in channels {
+        let (p, id) = (p.clone(), ch.id());
+        let states: Vec<_> = (0..versions).map(|v| ch.signed(v)).collect();
+        tasks.push(tokio::spawn(async move {
+            for st in states {
+                p.state_committed(id, &st).await.expect("commit");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    (before, p.stats())
+}
+
 /// Concurrent writers share transactions, and every one of them is
 /// acknowledged only as part of a committed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,24 +352,7 @@ async fn concurrent_commits_are_grouped() {
     for ch in &channels {
         p.channel_created(&ch.record()).await.expect("create");
     }
-    let states: Vec<Vec<_>> = channels
-        .iter()
-        .map(|ch| (0..4).map(|v| ch.signed(v)).collect())
-        .collect();
-    let before = p.stats();
-    let mut tasks = Vec::new();
-    for (ch, states) in channels.iter().zip(states) {
-        let (p, id) = (p.clone(), ch.id());
-        tasks.push(tokio::spawn(async move {
-            for st in states {
-                p.state_committed(id, &st).await.expect("commit");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
-    let after = p.stats();
+    let (before, after) = commit_concurrently(&p, &channels, 4).await;
     let writes = after.writes - before.writes;
     let txns = after.transactions - before.transactions;
     assert_eq!(writes, 200);
@@ -381,21 +390,7 @@ async fn a_batch_waits_for_more_writes_only_after_a_batch_of_several() {
         p.channel_created(&ch.record()).await.expect("create");
     }
     let rounds = 8;
-    let before = p.stats();
-    let mut tasks = Vec::new();
-    for ch in &channels {
-        let (p, id) = (p.clone(), ch.id());
-        let states: Vec<_> = (0..rounds).map(|v| ch.signed(v)).collect();
-        tasks.push(tokio::spawn(async move {
-            for st in states {
-                p.state_committed(id, &st).await.expect("commit");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
-    let after = p.stats();
+    let (before, after) = commit_concurrently(&p, &channels, rounds).await;
     let (writes, txns) = (
         after.writes - before.writes,
         after.transactions - before.transactions,
