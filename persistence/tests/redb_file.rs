@@ -356,8 +356,11 @@ async fn concurrent_commits_are_grouped() {
     let writes = after.writes - before.writes;
     let txns = after.transactions - before.transactions;
     assert_eq!(writes, 200);
+    // Here 78-97 transactions on a 2-vCPU guest, and 100 once in CI under
+    // load (each task waits for its write, so batches are small unless the
+    // writer is slow): the bound says "shared", not "how much".
     assert!(
-        txns < writes / 2,
+        txns <= writes * 3 / 4,
         "group commit: {writes} writes in {txns} transactions"
     );
     let p = Arc::into_inner(p).expect("only handle");
