@@ -3,7 +3,7 @@
 use alloy_primitives::{B256, Keccak256, U256, keccak256};
 use alloy_sol_types::SolValue;
 
-use crate::{Allocation, Params, State};
+use crate::{Params, State};
 
 /// A channel's id: `keccak256(abi.encode(params))`.
 pub type ChannelId = B256;
@@ -24,6 +24,12 @@ impl State {
     pub fn hash(&self) -> B256 {
         let mut h = Abi(Keccak256::new());
         let alloc = &self.outcome;
+        // The allocation's two dynamic members: a length and two words per
+        // asset; a length, an offset per row, and each row's length and
+        // words.
+        let assets_len = 32 + 64 * alloc.assets.len();
+        let rows_len: usize = alloc.balances.iter().map(|r| 32 + 32 * r.len()).sum();
+        let balances_len = 32 + 32 * alloc.balances.len() + rows_len;
         // `abi.encode` of one dynamic struct: its offset, then the struct,
         // whose head holds the static fields and the offsets of the others.
         const HEAD: usize = 5 * 32;
@@ -31,10 +37,9 @@ impl State {
         h.0.update(self.channelId);
         h.word(&U256::from(self.version));
         h.int(HEAD);
-        h.int(HEAD + allocation_len(alloc));
+        h.int(HEAD + 64 + assets_len + balances_len);
         h.int(usize::from(self.isFinal));
-        // The allocation: two dynamic members.
-        let assets_len = 32 + 64 * alloc.assets.len();
+        // The allocation: the offsets of its two members, then each.
         h.int(64);
         h.int(64 + assets_len);
         h.int(alloc.assets.len());
@@ -60,12 +65,6 @@ impl State {
         h.0.update(&[0u8; 32][..self.appData.len().next_multiple_of(32) - self.appData.len()]);
         h.0.finalize()
     }
-}
-
-/// The bytes of an allocation's ABI encoding (its two offsets and tails).
-fn allocation_len(a: &Allocation) -> usize {
-    let rows: usize = a.balances.iter().map(|r| 32 + 32 * r.len()).sum();
-    64 + (32 + 64 * a.assets.len()) + (32 + 32 * a.balances.len() + rows)
 }
 
 /// A hasher fed ABI words.
@@ -94,7 +93,7 @@ pub fn derive_nonce(shares: &[B256]) -> U256 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Address, Asset, Bytes};
+    use crate::{Address, Allocation, Asset, Bytes};
     use proptest::prelude::*;
 
     fn word() -> impl Strategy<Value = U256> {

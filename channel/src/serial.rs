@@ -7,9 +7,10 @@
 //! every update's message and store write. These write the same bytes from
 //! the stack: in a binary format they produce exactly what the derived
 //! impls produce (the tests pin it), and a human-readable format gets the
-//! derived output itself.
+//! derived output itself (the public functions decide; the wrappers below
+//! are only ever written in a binary format).
 
-use alloy_primitives::{Address, B256, Bytes, Signature, U64, U256};
+use alloy_primitives::{Address, B256, Bytes, Signature, U256};
 use serde::ser::{SerializeSeq, SerializeStruct, SerializeTuple};
 use serde::{Serialize, Serializer};
 
@@ -20,9 +21,6 @@ struct Word<'a>(&'a U256);
 
 impl Serialize for Word<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() {
-            return self.0.serialize(s);
-        }
         s.serialize_bytes(&self.0.to_be_bytes::<32>())
     }
 }
@@ -32,24 +30,20 @@ struct Sig<'a>(&'a Signature);
 
 impl Serialize for Sig<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() {
-            return self.0.serialize(s);
-        }
-        let parity = U64::from(u64::from(self.0.v()));
         let mut t = s.serialize_tuple(3)?;
         t.serialize_element(&Word(&self.0.r()))?;
         t.serialize_element(&Word(&self.0.s()))?;
-        t.serialize_element(&Parity(&parity))?;
+        t.serialize_element(&Parity(u64::from(self.0.v())))?;
         t.end()
     }
 }
 
 /// A signature's `y_parity` as the `U64` alloy writes: 8 big-endian bytes.
-struct Parity<'a>(&'a U64);
+struct Parity(u64);
 
-impl Serialize for Parity<'_> {
+impl Serialize for Parity {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0.to_be_bytes::<8>())
+        s.serialize_bytes(&self.0.to_be_bytes())
     }
 }
 

@@ -148,9 +148,7 @@ pub(crate) async fn propose(shared: &Arc<Shared>, spec: ChannelProposal) -> Resu
     // To its end, whatever the caller does: a dropped future must not
     // leave a deposit sent for a channel this client no longer follows,
     // nor peers waiting on a half-run proposal.
-    crate::to_end::ToEnd::new(propose_to_end(shared.clone(), spec))
-        .in_flight_of(shared)
-        .await
+    crate::to_end::ToEnd::of_client(shared, propose_to_end(shared.clone(), spec)).await
 }
 
 async fn propose_to_end(shared: Arc<Shared>, spec: ChannelProposal) -> Result<Channel> {

@@ -35,18 +35,22 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    pub(crate) fn new(run: F) -> Self {
+    /// A run no client's shutdown waits for (the tests' runs).
+    #[cfg(test)]
+    fn new(run: F) -> Self {
         Self {
             run: Some(Box::pin(run)),
             client: None,
         }
     }
 
-    /// Counts the run, once its caller is gone, as in flight for
-    /// `Client::shutdown` (which waits a grace period for it).
-    pub(crate) fn in_flight_of(mut self, shared: &Arc<Shared>) -> Self {
-        self.client = Some(Arc::downgrade(shared));
-        self
+    /// A run of the client's that, once its caller is gone, counts as in
+    /// flight for `Client::shutdown` (which waits a grace period for it).
+    pub(crate) fn of_client(shared: &Arc<Shared>, run: F) -> Self {
+        Self {
+            run: Some(Box::pin(run)),
+            client: Some(Arc::downgrade(shared)),
+        }
     }
 }
 

@@ -107,11 +107,9 @@ pub(crate) async fn propose(
             burst,
             ride,
         };
-        crate::to_end::ToEnd::new(
-            finish(shared.clone(), core.clone(), one, staged).instrument(tracing::Span::current()),
-        )
-        .in_flight_of(shared)
-        .await
+        let rest =
+            finish(shared.clone(), core.clone(), one, staged).instrument(tracing::Span::current());
+        crate::to_end::ToEnd::of_client(shared, rest).await
     }
     .instrument(span)
     .await

@@ -189,14 +189,8 @@ pub(crate) async fn aggregate(
         wall,
         latency: Samples::new(all),
         cpu: cpu()?.saturating_sub(cpu_before),
-        store: store.zip(stats_before).map(|(s, b)| {
-            let a = s.stats();
-            RedbStats {
-                transactions: a.transactions - b.transactions,
-                writes: a.writes - b.writes,
-                on_caller: a.on_caller - b.on_caller,
-                batch_waits: a.batch_waits - b.batch_waits,
-            }
-        }),
+        store: store
+            .zip(stats_before)
+            .map(|(s, before)| s.stats().since(&before)),
     })
 }

@@ -28,20 +28,23 @@ const STALE_AFTER: Duration = Duration::from_secs(1);
 
 /// The CPUs' cumulated time, in `/proc/stat`'s ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Times {
+struct Times {
     /// Idle, or waiting for I/O with nothing else to run.
-    pub(crate) idle: u64,
+    idle: u64,
     /// Every state, idle included.
-    pub(crate) total: u64,
+    total: u64,
     /// This process's CPU time (user and system), in the same ticks.
-    pub(crate) own: u64,
+    own: u64,
 }
 
-/// Samples `/proc/stat` and answers from the last two samples.
+/// Samples `/proc/stat` and `/proc/self/stat`, and answers from the last
+/// two samples.
 #[derive(Debug, Default)]
 pub(crate) struct CpuBusy {
     last: Option<(Instant, Times)>,
     busy: bool,
+    /// The CPUs `/proc/stat`'s totals sum over, counted on first use.
+    cpus: Option<usize>,
 }
 
 impl CpuBusy {
@@ -58,9 +61,10 @@ impl CpuBusy {
             self.busy = false;
             return false;
         };
+        let cpus = *self.cpus.get_or_insert_with(online_cpus);
         self.busy = match self.last {
             Some((at, before)) if now.duration_since(at) < STALE_AFTER => {
-                busy_between(before, times, cpus())
+                busy_between(before, times, cpus)
             }
             _ => false,
         };
@@ -72,7 +76,7 @@ impl CpuBusy {
 /// Whether less than [`IDLE_BELOW`] of the CPUs' time from `before` to
 /// `after` was idle while this process used at least [`OWN_CPUS_FROM`] of
 /// `cpus` CPUs; a span without ticks (or counters that went back) is not.
-pub(crate) fn busy_between(before: Times, after: Times, cpus: usize) -> bool {
+fn busy_between(before: Times, after: Times, cpus: usize) -> bool {
     let total = after.total.saturating_sub(before.total);
     let idle = after.idle.saturating_sub(before.idle);
     let own = after.own.saturating_sub(before.own);
@@ -82,9 +86,21 @@ pub(crate) fn busy_between(before: Times, after: Times, cpus: usize) -> bool {
     total > 0 && (idle as f64) < IDLE_BELOW * total as f64 && own_cpus >= OWN_CPUS_FROM
 }
 
-/// The CPUs `/proc/stat`'s first line sums over.
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+/// The CPUs `/proc/stat`'s first line sums over: its `cpuN` lines (not
+/// this process's affinity or quota, which the totals do not follow).
+fn online_cpus() -> usize {
+    std::fs::read_to_string("/proc/stat").map_or(1, |stat| count_cpus(&stat))
+}
+
+/// Counts the `cpuN` lines of a `/proc/stat` (at least 1).
+fn count_cpus(stat: &str) -> usize {
+    stat.lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count()
+        .max(1)
 }
 
 /// The machine's and this process's CPU times.
@@ -117,7 +133,7 @@ fn read_own() -> Option<u64> {
 /// Parses `cpu  user nice system idle iowait irq softirq steal ...` into
 /// idle and total ticks; `guest` and `guest_nice` are already inside
 /// `user` and `nice`.
-pub(crate) fn parse(stat: &str) -> Option<(u64, u64)> {
+fn parse(stat: &str) -> Option<(u64, u64)> {
     let line = stat.lines().next()?;
     let mut fields = line.split_ascii_whitespace();
     if fields.next()? != "cpu" {
@@ -140,7 +156,7 @@ pub(crate) fn parse(stat: &str) -> Option<(u64, u64)> {
 /// Parses `pid (comm) state ppid ... utime stime ...`: `utime` and
 /// `stime` are the 14th and 15th fields, counted after the command name,
 /// which may itself hold spaces and parentheses (hence the last `)`).
-pub(crate) fn parse_own(stat: &str) -> Option<u64> {
+fn parse_own(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_ascii_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
@@ -158,6 +174,9 @@ mod tests {
         assert_eq!(parse(stat), Some((840, 1001)));
         // Older kernels print fewer columns.
         assert_eq!(parse("cpu 1 2 3 4 5\n"), Some((9, 15)));
+        assert_eq!(count_cpus(stat), 1);
+        assert_eq!(count_cpus("cpu 1\ncpu0 1\ncpu1 1\ncpufreq 3\nintr 1\n"), 2);
+        assert_eq!(count_cpus(""), 1);
     }
 
     #[test]

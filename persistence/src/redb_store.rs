@@ -196,6 +196,18 @@ pub struct RedbStats {
     pub batch_waits: u64,
 }
 
+impl RedbStats {
+    /// What happened between `earlier` (an older reading) and this one.
+    pub fn since(&self, earlier: &RedbStats) -> RedbStats {
+        RedbStats {
+            transactions: self.transactions.saturating_sub(earlier.transactions),
+            writes: self.writes.saturating_sub(earlier.writes),
+            on_caller: self.on_caller.saturating_sub(earlier.on_caller),
+            batch_waits: self.batch_waits.saturating_sub(earlier.batch_waits),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     transactions: AtomicU64,
@@ -218,6 +230,16 @@ enum Request {
     /// Has the thread let the database catch up with the log at once, after
     /// writes on callers' threads (not counted as queued).
     CatchUp,
+}
+
+impl Request {
+    /// A channel write: what a batch's `fsync` is shared by.
+    fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Request::Create(..) | Request::Update(..) | Request::Remove(..)
+        )
+    }
 }
 
 /// A [`Persister`] on one redb file, with group commit (see the module docs).
@@ -337,7 +359,6 @@ impl RedbPersister {
         let file = path.to_path_buf();
         let counters = Arc::new(Counters::default());
         let writer_counters = counters.clone();
-        let thread_counters = counters.clone();
         let store = Arc::new(Store {
             writer: Mutex::new(None),
             queued: AtomicUsize::new(0),
@@ -361,12 +382,7 @@ impl RedbPersister {
                     Ok(writer) => {
                         *lock_writer(&thread_store) = Some(writer);
                         ready(Ok(()));
-                        run(
-                            &thread_store,
-                            &receiver,
-                            options.batch_wait,
-                            &thread_counters,
-                        );
+                        run(&thread_store, &receiver, options.batch_wait);
                     }
                     Err(e) => {
                         warn!(path = %file.display(), error = %e, "persistence: cannot open store");
@@ -910,7 +926,7 @@ impl Writer {
         for r in batch {
             match r {
                 Request::CatchUp => catch_up = true,
-                Request::Create(..) | Request::Update(..) | Request::Remove(..) => writes.push(r),
+                _ if r.is_write() => writes.push(r),
                 Request::MetaPut(key, value, reply) => metas.push((key, value, reply)),
                 _ => reads.push(r),
             }
@@ -1422,23 +1438,22 @@ fn on_multi_thread_runtime() -> bool {
 }
 
 /// The writer thread: takes every queued request, runs them as one batch.
-fn run(store: &Store, receiver: &mpsc::Receiver<Request>, wait: BatchWait, counters: &Counters) {
+fn run(store: &Store, receiver: &mpsc::Receiver<Request>, wait: BatchWait) {
     let mut cpus = CpuBusy::default();
     let mut last_batch = 0;
     loop {
-        if last_batch >= BATCH_WAIT_FROM {
-            let pause = match wait {
-                BatchWait::Never => None,
-                BatchWait::WhenCpusBusy(d) => cpus.busy().then_some(d),
-                BatchWait::Always(d) => Some(d),
-            };
-            if let Some(pause) = pause {
-                // A caller that finds the store idle meanwhile writes on
-                // its own thread: the lock is free.
-                std::thread::sleep(pause.min(MAX_BATCH_WAIT));
-                counters.batch_waits.fetch_add(1, Ordering::Relaxed);
-            }
+        let pause = match wait {
+            _ if last_batch < BATCH_WAIT_FROM => None,
+            BatchWait::Never => None,
+            BatchWait::WhenCpusBusy(d) => cpus.busy().then_some(d),
+            BatchWait::Always(d) => Some(d),
+        };
+        if let Some(pause) = pause {
+            // A caller that finds the store idle meanwhile writes on its
+            // own thread: the lock is free.
+            std::thread::sleep(pause.min(MAX_BATCH_WAIT));
         }
+        let waited = pause.is_some();
         let first = match receiver.try_recv() {
             Ok(first) => first,
             Err(mpsc::TryRecvError::Disconnected) => break,
@@ -1471,15 +1486,10 @@ fn run(store: &Store, receiver: &mpsc::Receiver<Request>, wait: BatchWait, count
             .count();
         // Only writes share an `fsync`: a batch of reads is no reason to
         // wait for the next one.
-        last_batch = batch
-            .iter()
-            .filter(|r| {
-                matches!(
-                    r,
-                    Request::Create(..) | Request::Update(..) | Request::Remove(..)
-                )
-            })
-            .count();
+        last_batch = batch.iter().filter(|r| r.is_write()).count();
+        if waited {
+            w.counters.batch_waits.fetch_add(1, Ordering::Relaxed);
+        }
         let ok = w.guarded(|w| w.process(batch));
         // Queued until applied: no caller's write overtakes one the thread
         // took off the queue but had not run yet.

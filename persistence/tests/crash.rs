@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::TestChannel;
 use perun_channel::Phase;
-use perun_persistence::{Change, Persister, RedbOptions, RedbPersister};
+use perun_persistence::{BatchWait, Change, Persister, RedbOptions, RedbPersister};
 use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "PERUN_CRASH_CHILD";
@@ -66,6 +66,9 @@ fn child(path: PathBuf) {
         let options = RedbOptions {
             two_phase_commit: std::env::var(TWO_PHASE_ENV).as_deref() != Ok("0"),
             write_ahead_log: std::env::var(LOG_ENV).as_deref() != Ok("0"),
+            // Whenever all channels' writes share a batch, the writer
+            // waits before the next one: kills land in those waits too.
+            batch_wait: BatchWait::Always(std::time::Duration::from_millis(1)),
             ..RedbOptions::default()
         };
         let p: Arc<dyn Persister> = Arc::new(

@@ -481,12 +481,11 @@ impl Payments {
                 // caller gives up: a retry waits for that channel instead
                 // of opening (and funding) a second one.
                 let (this, owned) = (self.clone(), asset.clone());
-                crate::to_end::ToEnd::new(async move {
+                let opening = async move {
                     let _one = one;
                     this.open_channel(peer, &owned, amount, e).await
-                })
-                .in_flight_of(&self.inner.shared)
-                .await?;
+                };
+                crate::to_end::ToEnd::of_client(&self.inner.shared, opening).await?;
                 self.try_reserve(peer, asset, amount)
             }
             other => other,
@@ -622,11 +621,8 @@ impl Payments {
         // that gives up notwithstanding), and so does its bookkeeping: the
         // hold is released, or kept in doubt, only when the update ended.
         let inner = self.inner.clone();
-        crate::to_end::ToEnd::new(async move {
-            Self::sent(&inner, core, reservation, to, asset, amount).await
-        })
-        .in_flight_of(&self.inner.shared)
-        .await
+        let sending = async move { Self::sent(&inner, core, reservation, to, asset, amount).await };
+        crate::to_end::ToEnd::of_client(&self.inner.shared, sending).await
     }
 
     /// Pays a reservation's `amount` on its channel and settles its hold.
