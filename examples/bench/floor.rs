@@ -79,7 +79,7 @@ pub(crate) async fn measure(dir: &Path, iterations: usize) -> Res<Floor> {
 }
 
 /// A two-party payment channel's state as the benchmark channels hold it.
-fn sample_state(alice: &LocalAccount, bob: &LocalAccount) -> (Params, State) {
+pub(crate) fn sample_state(alice: &LocalAccount, bob: &LocalAccount) -> (Params, State) {
     let wei = U256::from(10u64).pow(U256::from(15));
     let domain = perun::channel::Domain {
         chain_id: U256::from(31337),

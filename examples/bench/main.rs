@@ -59,6 +59,16 @@
 //!   update. `aggregate_writes_per_transaction` is Alice's store's mean
 //!   group-commit batch meanwhile, `aggregate_batch_waits_per_s` how often
 //!   its writer waited for a fuller one (`RedbOptions::batch_wait`).
+//! - `aggregate_floor_updates_per_s`: the floor at as many channels, right
+//!   after that run ([`floor_many`]): the same updates made of nothing but
+//!   their primitives (2 signatures, 2 checks, a request and its reply over
+//!   `perun_wire`, a group-committed durable write on each side).
+//!   `aggregate_floor_cpu_bound_ratio` is it over the bound of a crypto
+//!   probe run during it (how near the cores' crypto even the primitives
+//!   come: the rest is the network's, the disk's and the scheduler's), and
+//!   `aggregate_over_floor` the SDK's run over it (the SDK's own share);
+//!   `aggregate_floor_cpu_ms_per_update`, `_cores_busy`,
+//!   `_writes_per_sync` and `_crypto_cpu_ms_per_update` as for the SDK's.
 //! - `open_channel_ms`: median of `propose_channel` calls (proposal, version-0
 //!   signatures, both deposits mined, `Active`), durable.
 //! - `restore_10k_channels_ms` / `rss_bytes_per_channel_10k`: 10,000 active
@@ -94,6 +104,7 @@
 
 mod chain_index;
 mod floor;
+mod floor_many;
 mod merge;
 mod payments;
 mod peer;
@@ -267,6 +278,9 @@ fn main() -> Res<()> {
         // Bob's process logs as the parent does (errors only by default).
         init_logs();
         return runtime.block_on(peer::child(&args[1..]));
+    }
+    if args.first().map(String::as_str) == Some(floor_many::CHILD_FLAG) {
+        return runtime.block_on(floor_many::child(&args[1..]));
     }
     if args.first().map(String::as_str) == Some(tower::CHILD_FLAG) {
         return runtime.block_on(tower::child(&args[1..]));

@@ -259,6 +259,8 @@ struct Durable {
     /// One update's crypto as CPU time, sampled during `aggregate`
     /// ([`floor::CryptoDuring`]).
     crypto_during: crate::stats::Samples,
+    /// The floor at as many channels, right after `aggregate`.
+    floor_many: crate::floor_many::FloorMany,
     channels: usize,
 }
 
@@ -321,6 +323,12 @@ async fn durable(chain: &Chain, opts: &Options, gap: Option<Duration>) -> Res<Du
     let channels = chans.len();
     drop(chans);
     pair.shutdown().await?;
+    let floor_many =
+        crate::floor_many::run(&opts.work.join("floor-many"), channels, c.concurrent_for).await?;
+    println!(
+        "    the floor at {channels} channels: {:.0} updates/s",
+        floor_many.per_s()
+    );
     Ok(Durable {
         open,
         sequential,
@@ -331,6 +339,7 @@ async fn durable(chain: &Chain, opts: &Options, gap: Option<Duration>) -> Res<Du
         checks,
         aggregate,
         crypto_during,
+        floor_many,
         channels,
     })
 }
@@ -456,6 +465,31 @@ fn record_issue17(
     s.set(
         "aggregate_cpu_bound_ratio",
         aggregate.zip(bound).map(|(a, b)| a / b),
+    );
+    // The floor at as many channels, against its own probe's bound.
+    let many = durable.map(|d| &d.floor_many);
+    let many_crypto = many
+        .map(|m| &m.crypto_during)
+        .filter(|c| !c.is_empty())
+        .map(crate::stats::Samples::p50);
+    s.set("aggregate_floor_updates_per_s", many.map(|m| m.per_s()));
+    s.set(
+        "aggregate_floor_cpu_ms_per_update",
+        many.map(|m| m.cpu_ms_per_update()),
+    );
+    s.set("aggregate_floor_cores_busy", many.map(|m| m.cores_busy()));
+    s.set(
+        "aggregate_floor_writes_per_sync",
+        many.and_then(|m| m.writes_per_sync()),
+    );
+    s.set("aggregate_floor_crypto_cpu_ms_per_update", many_crypto);
+    s.set(
+        "aggregate_floor_cpu_bound_ratio",
+        many.zip(many_crypto).map(|(m, c)| m.per_s() / per_s(c)),
+    );
+    s.set(
+        "aggregate_over_floor",
+        aggregate.zip(many).map(|(a, m)| a / m.per_s()),
     );
     let sequential = floor_crypto.map(per_s);
     s.set("cpu_bound_updates_per_s_sequential", sequential);
@@ -654,6 +688,9 @@ pub(crate) const ROWS: &[&str] = &[
     "aggregate_cpu_bound_ratio_sequential",
     "aggregate_crypto_cpu_ms_per_update",
     "aggregate_crypto_cpu_p90_ms",
+    "aggregate_floor_updates_per_s",
+    "aggregate_floor_cpu_bound_ratio",
+    "aggregate_over_floor",
     "floor_crypto_ms_per_update",
     "floor_update_ms",
     "floor_ratio",
@@ -695,6 +732,10 @@ pub(crate) const ROWS: &[&str] = &[
     "aggregate_batch_waits_per_s",
     "aggregate_latency_p50_ms",
     "aggregate_latency_p99_ms",
+    "aggregate_floor_cpu_ms_per_update",
+    "aggregate_floor_cores_busy",
+    "aggregate_floor_writes_per_sync",
+    "aggregate_floor_crypto_cpu_ms_per_update",
     "restore_store_open_ms",
     "restore_client_built_ms",
     "restore_channels",
