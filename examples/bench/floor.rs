@@ -160,8 +160,9 @@ impl CryptoProbe {
 }
 
 /// The crypto of one update (two signatures and two checks of a realistic
-/// state: each a hash and a signature, resp. a hash, a key recovery and a
-/// compare) timed as CPU time on a thread of its own, sampled while the
+/// state: per side one hash of the new state, a signature of it, and a key
+/// recovery and a compare for the other side's, as each side hashes a new
+/// state once) timed as CPU time on a thread of its own, sampled while the
 /// 100-channel run goes on: the signature CPU that run meets, under its
 /// load and in the machine's speed of the moment. CPU time, not wall time:
 /// the probe waits for a core like every thread of that run, and only its
@@ -191,9 +192,10 @@ impl CryptoDuring {
                 let t = thread_cpu();
                 for _ in 0..2 {
                     state.version += 1;
-                    let sig = alice.sign_hash(state.hash()).map_err(|e| e.to_string())?;
+                    let hash = state.hash();
+                    let sig = alice.sign_hash(hash).map_err(|e| e.to_string())?;
                     // Not `verify`: its memo would answer without a recovery.
-                    let signer = recover(state.hash(), &sig).map_err(|e| e.to_string())?;
+                    let signer = recover(hash, &sig).map_err(|e| e.to_string())?;
                     if signer != alice.address() {
                         return Err("the probe's check recovered another signer".into());
                     }

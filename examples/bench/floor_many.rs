@@ -1,29 +1,31 @@
 //! The floor at many channels: `n` two-party updates at once, each made of
-//! nothing but what an update cannot avoid, timed like the SDK's
+//! nearly nothing but what an update cannot avoid, timed like the SDK's
 //! 100-channel run ([`crate::updates::aggregate`]) right after it.
 //!
-//! One update here: Alice hashes the state and signs it, sends it with her
-//! signature as an `UpdateWithCommit` over a real `perun_wire` connection
-//! to a node in a child process; there a task of its own (as the SDK's
-//! dispatch spawns one) hashes it, checks her signature, signs, writes 400
-//! bytes durably and answers with an `UpdateAccept`; Alice checks that
-//! signature and writes 400 bytes durably. Each side's writes go through a
-//! thread that syncs whatever is queued with one `fdatasync` (group commit,
-//! never waiting for a fuller batch). No state machine, store, memo,
-//! handler or event: what the SDK's run would reach if its own work cost
-//! nothing. Its figures say how near the machine's crypto bound even that
-//! comes (the network's and the disk's share), and how much of the rest is
-//! the SDK's.
+//! One update here runs as the SDK's does in a burst: Alice hashes the new
+//! state and sends it as an `UpdateWithCommit` carrying the last state's
+//! signatures over a real `perun_wire` connection to a node in a child
+//! process, signing it while the request is on its way; there a task of
+//! its own (as the SDK's dispatch spawns one) checks her signature of the
+//! last state, hashes and signs the new one, writes 400 bytes durably and
+//! answers with an `UpdateAccept`; Alice checks that signature and writes
+//! 400 bytes durably. Each side's writes go through a thread that syncs
+//! whatever is queued with one `fdatasync` (group commit, with a wait for
+//! fuller batches). No state machine (no transition rules, no guard against
+//! signing a version twice), store, memo, handler or event: what the SDK's
+//! run would reach if its own work cost nothing. Its figures say how near
+//! the machine's crypto bound even that comes (the network's, the disk's
+//! and the scheduler's share), and how much of the rest is the SDK's.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use perun::channel::{Address, B256, State, U256};
+use perun::channel::{Address, B256, Signature, State, U256};
 use perun::persistence::BATCH_WAIT_FROM;
 use perun::wallet::signature::recover;
 use perun::wallet::{Account, LocalAccount};
@@ -53,8 +55,9 @@ pub(crate) struct FloorMany {
     pub(crate) cpu: Duration,
     /// One update's crypto as CPU time, sampled meanwhile.
     pub(crate) crypto_during: Samples,
-    /// Alice's durable writes, and the `fdatasync`s they shared.
+    /// Alice's durable writes.
     pub(crate) writes: u64,
+    /// The `fdatasync`s those writes shared.
     pub(crate) syncs: u64,
 }
 
@@ -87,11 +90,11 @@ pub(crate) async fn run(dir: &Path, channels: usize, run_for: Duration) -> Res<F
         alice.address().to_string(),
     ])
     .await?;
-    let bob_id: PeerId = ready["peer"]
+    let id: PeerId = ready["peer"]
         .as_str()
         .ok_or("the floor child's ready line lacks peer")?
         .parse()?;
-    let bob: Address = ready["address"]
+    let address: Address = ready["address"]
         .as_str()
         .ok_or("the floor child's ready line lacks address")?
         .parse()?;
@@ -100,35 +103,48 @@ pub(crate) async fn run(dir: &Path, channels: usize, run_for: Duration) -> Res<F
         .next()
         .ok_or("no listen address")?;
     let (node, _inbound) = Node::start(Config::new(generate_key())).await?;
-    node.dial(bob_id, Some(addr)).await?;
-    let log = Arc::new(GroupLog::open(&dir.join("floor-many-alice.log"))?);
-    let peer = Peer {
-        node,
-        id: bob_id,
-        address: bob,
-    };
-    let peer = Arc::new(peer);
-    // Every channel once before the clock starts (connections, lanes).
-    let mut states = Vec::with_capacity(channels);
-    for i in 0..channels {
-        let (_, mut state) = sample_state(&alice, &LocalAccount::random());
-        state.channelId = B256::from(U256::from(i + 1));
-        update(&peer, &alice, &mut state, &log).await?;
-        states.push(state);
-    }
+    node.dial(id, Some(addr)).await?;
+    let bob = Arc::new(Bob { node, id, address });
     let cpu = || -> Res<Duration> { Ok(crate::stats::cpu_time()? + child.cpu_time()?) };
+    let measured = measure(&bob, &alice, dir, channels, run_for, cpu).await;
+    // Also after a failure: the node's tasks would run on through the
+    // parts after this one (the child is killed when dropped).
+    bob.node.shutdown().await;
+    child.shutdown().await?;
+    measured
+}
+
+/// The run proper; `cpu` is both processes' CPU time so far.
+async fn measure(
+    bob: &Arc<Bob>,
+    alice: &Arc<LocalAccount>,
+    dir: &Path,
+    channels: usize,
+    run_for: Duration,
+    cpu: impl Fn() -> Res<Duration>,
+) -> Res<FloorMany> {
+    let log = Arc::new(GroupLog::open(&dir.join("floor-many-alice.log"))?);
+    // Every channel once before the clock starts (connections, lanes).
+    let mut chans = Vec::with_capacity(channels);
+    for i in 0..channels {
+        let (_, mut state) = sample_state(alice, &LocalAccount::random());
+        state.channelId = B256::from(U256::from(i + 1));
+        let mut ch = Chan { state, last: None };
+        update(bob, alice, &mut ch, &log).await?;
+        chans.push(ch);
+    }
     let (writes_before, syncs_before) = log.counts();
     let cpu_before = cpu()?;
     let during = CryptoDuring::start();
     let started = Instant::now();
     let deadline = started + run_for;
     let mut tasks = tokio::task::JoinSet::new();
-    for mut state in states {
-        let (peer, alice, log) = (peer.clone(), alice.clone(), log.clone());
+    for mut ch in chans {
+        let (bob, alice, log) = (bob.clone(), alice.clone(), log.clone());
         tasks.spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
-                update(&peer, &alice, &mut state, &log).await?;
+                update(&bob, &alice, &mut ch, &log).await?;
                 n += 1;
             }
             Res::Ok(n)
@@ -142,8 +158,6 @@ pub(crate) async fn run(dir: &Path, channels: usize, run_for: Duration) -> Res<F
     let cpu = cpu()?.saturating_sub(cpu_before);
     let crypto_during = during.finish()?;
     let (writes, syncs) = log.counts();
-    peer.node.shutdown().await;
-    child.shutdown().await?;
     Ok(FloorMany {
         updates,
         wall,
@@ -155,41 +169,59 @@ pub(crate) async fn run(dir: &Path, channels: usize, run_for: Duration) -> Res<F
 }
 
 /// Bob's node as Alice sees it.
-struct Peer {
+struct Bob {
     node: Handle,
     id: PeerId,
     address: Address,
 }
 
-/// One update on `state`'s channel, Alice's side.
-async fn update(peer: &Peer, alice: &LocalAccount, state: &mut State, log: &GroupLog) -> Res<()> {
-    state.version += 1;
-    let hash = state.hash();
-    let ours = alice.sign_hash(hash)?;
-    let msg = Message::UpdateWithCommit(UpdateWithCommit {
-        commit: UpdateCommit {
-            channel_id: state.channelId,
-            version: state.version,
-            index: 0,
-            // The SDK's commit carries every participant's signature; Bob
-            // checks only Alice's (the other is his own): here it fills
-            // the message to the same size.
-            signatures: vec![ours, ours],
-        },
-        update: Update {
-            channel_id: state.channelId,
-            state: state.clone(),
-            actor: 0,
-        },
+/// One channel as Alice drives it.
+struct Chan {
+    state: State,
+    /// The last state's version and both signatures: its commit rides with
+    /// the next update, as the SDK's does in a burst.
+    last: Option<(u64, Signature, Signature)>,
+}
+
+/// One update of `ch`, Alice's side.
+async fn update(bob: &Bob, alice: &LocalAccount, ch: &mut Chan, log: &GroupLog) -> Res<()> {
+    ch.state.version += 1;
+    let hash = ch.state.hash();
+    let channel_id = ch.state.channelId;
+    let update = Update {
+        channel_id,
+        state: ch.state.clone(),
+        actor: 0,
+    };
+    let msg = match ch.last {
+        Some((version, ours, theirs)) => Message::UpdateWithCommit(UpdateWithCommit {
+            commit: UpdateCommit {
+                channel_id,
+                version,
+                index: 0,
+                signatures: vec![ours, theirs],
+            },
+            update,
+        }),
+        None => Message::Update(update),
+    };
+    // As the SDK's proposer does: her signature is made while the request
+    // is on its way, and leaves with the next update.
+    let (reply, ours) = futures::join!(bob.node.send(bob.id, &msg), async {
+        tokio::task::yield_now().await;
+        alice.sign_hash(hash)
     });
-    let Message::UpdateAccept(accept) = peer.node.send(peer.id, &msg).await? else {
+    let Message::UpdateAccept(accept) = reply? else {
         return Err("the floor child did not accept".into());
     };
-    if recover(hash, &accept.signature)? != peer.address {
+    let ours = ours?;
+    if recover(hash, &accept.signature)? != bob.address {
         return Err("the floor child's signature recovered another signer".into());
     }
     log.write(record(&[ours.as_bytes(), accept.signature.as_bytes()]))
-        .await
+        .await?;
+    ch.last = Some((ch.state.version, ours, accept.signature));
+    Ok(())
 }
 
 /// A 400-byte record (the floor's durable write) starting with `parts`.
@@ -202,9 +234,13 @@ fn record(parts: &[[u8; 65]]) -> Vec<u8> {
     r
 }
 
-/// The child: answers every `UpdateWithCommit` as Bob would, each in a
-/// task of its own, until its standard input closes. Arguments: the
-/// directory of its log, Alice's address.
+/// What Bob signed last on each channel: its version and hash, to check
+/// Alice's signature of it when its commit comes.
+type Signed = Mutex<HashMap<B256, (u64, B256)>>;
+
+/// The child: answers every update as Bob would, each in a task of its
+/// own, until its standard input closes. Arguments: the directory of its
+/// log, Alice's address.
 pub(crate) async fn child(args: &[String]) -> Res<()> {
     let dir = PathBuf::from(args.first().ok_or("the floor child needs a directory")?);
     let alice: Address = args
@@ -213,6 +249,7 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
         .parse()?;
     let bob = Arc::new(LocalAccount::random());
     let log = Arc::new(GroupLog::open(&dir.join("floor-many-bob.log"))?);
+    let signed = Arc::new(Signed::default());
     let (node, mut inbound) = Node::start(Config::new(generate_key())).await?;
     let addrs: Vec<String> = node
         .listen_addrs()
@@ -224,16 +261,14 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
     let server = tokio::spawn(async move {
         while let Some(req) = inbound.next().await {
             let (_, msg, responder) = req.into_parts();
-            let (bob, log) = (bob.clone(), log.clone());
+            let (bob, log, signed) = (bob.clone(), log.clone(), signed.clone());
             tokio::spawn(async move {
-                let Message::UpdateWithCommit(m) = msg else {
-                    return;
-                };
-                match answer(&bob, alice, &log, m).await {
+                match answer(&bob, alice, &log, &signed, msg).await {
                     Ok(reply) => {
                         let _ = responder.reply(reply);
                     }
-                    // Alice's update then fails, and the run with it.
+                    // The responder dropped unanswered refuses the request:
+                    // Alice's update fails, and the run with it.
                     Err(e) => eprintln!("floor child: {e}"),
                 }
             });
@@ -250,24 +285,45 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
     served
 }
 
-/// Bob's side of one update.
+/// Bob's side of one update: the ridden commit checked, the new state
+/// signed and written.
 async fn answer(
     bob: &LocalAccount,
     alice: Address,
     log: &GroupLog,
-    m: UpdateWithCommit,
+    signed: &Signed,
+    msg: Message,
 ) -> Res<Message> {
-    let hash = m.update.state.hash();
-    let theirs = m.commit.signatures.first().ok_or("no signature")?;
-    if recover(hash, theirs)? != alice {
-        return Err("Alice's signature recovered another signer".into());
+    let (commit, update) = match msg {
+        Message::UpdateWithCommit(m) => (Some(m.commit), m.update),
+        Message::Update(u) => (None, u),
+        _ => return Err("not an update".into()),
+    };
+    let lock = || {
+        signed
+            .lock()
+            .map_err(|_| "the floor child's map is poisoned")
+    };
+    if let Some(c) = &commit {
+        let Some((_, hash)) = lock()?
+            .get(&c.channel_id)
+            .copied()
+            .filter(|(v, _)| *v == c.version)
+        else {
+            return Err("a commit of a state Bob did not sign".into());
+        };
+        let theirs = c.signatures.first().ok_or("a commit without signatures")?;
+        if recover(hash, theirs)? != alice {
+            return Err("Alice's signature recovered another signer".into());
+        }
     }
+    let hash = update.state.hash();
     let ours = bob.sign_hash(hash)?;
-    log.write(record(&[theirs.as_bytes(), ours.as_bytes()]))
-        .await?;
+    lock()?.insert(update.channel_id, (update.state.version, hash));
+    log.write(record(&[ours.as_bytes()])).await?;
     Ok(Message::UpdateAccept(UpdateAccept {
-        channel_id: m.update.channel_id,
-        version: m.update.state.version,
+        channel_id: update.channel_id,
+        version: update.state.version,
         index: 1,
         signature: ours,
     }))
@@ -276,7 +332,8 @@ async fn answer(
 /// A preallocated file whose writes share one `fdatasync` per batch: a
 /// thread takes every queued record, writes them as one, syncs, and
 /// acknowledges each; after a batch of several it waits for a fuller one,
-/// as the SDK's store does while the CPUs are busy (they are, here).
+/// as the SDK's store does while the CPUs are busy (they are, here). The
+/// thread is not joined: it ends when the log is dropped.
 struct GroupLog {
     queue: mpsc::Sender<(Vec<u8>, oneshot::Sender<()>)>,
     writes: Arc<AtomicU64>,
@@ -286,14 +343,15 @@ struct GroupLog {
 impl GroupLog {
     const RECORD: usize = 400;
     /// Written with zeros and synced first, so an append never changes the
-    /// file's size; wraps around at its end.
+    /// file's size; wraps around at its end (a batch holds at most one
+    /// record per channel, far less than this).
     const SIZE: u64 = 8 * 1024 * 1024;
-    /// How long the thread waits for a fuller batch: the one that gave
-    /// this run the most updates per second on a 2-vCPU guest (1 ms, the
-    /// SDK's default [`perun::persistence::RedbOptions::batch_wait`]: 5
-    /// writes per sync and 0.72 of the crypto bound; 2 ms: 11 and 0.76–0.77;
-    /// 3 ms: 20 and 0.75; BENCHMARKS.md). The floor's round is shorter
-    /// than the SDK's, so it needs longer to fill a batch as full.
+    /// How long the thread waits for a fuller batch. Single runs on a
+    /// 2-vCPU guest (BENCHMARKS.md): 1 ms, the SDK's default
+    /// ([`perun::persistence::RedbOptions::batch_wait`]), gave 5–6 writes
+    /// per sync and 0.71–0.72 of the crypto bound; 2 ms 11–13 and
+    /// 0.73–0.75; 3 ms 21 and 0.73, with fewer cores busy. The floor's
+    /// round is shorter than the SDK's, so it needs longer to fill a batch.
     const BATCH_WAIT: Duration = Duration::from_millis(2);
 
     fn open(path: &Path) -> Res<Self> {

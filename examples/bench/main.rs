@@ -66,7 +66,8 @@
 //!   `aggregate_floor_cpu_bound_ratio` is it over the bound of a crypto
 //!   probe run during it (how near the cores' crypto even the primitives
 //!   come: the rest is the network's, the disk's and the scheduler's), and
-//!   `aggregate_over_floor` the SDK's run over it (the SDK's own share);
+//!   `aggregate_over_floor` the SDK's `aggregate_cpu_bound_ratio` over it
+//!   (each run against its own moment's crypto speed; the SDK's share);
 //!   `aggregate_floor_cpu_ms_per_update`, `_cores_busy`,
 //!   `_writes_per_sync` and `_crypto_cpu_ms_per_update` as for the SDK's.
 //! - `open_channel_ms`: median of `propose_channel` calls (proposal, version-0
