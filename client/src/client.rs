@@ -243,6 +243,11 @@ impl ClientBuilder {
             error!(channel = %d.id, error = %d.error, "stored channel is damaged; not restored, not watched");
         }
         tokio::spawn(crate::dispatch::dispatch(Arc::downgrade(&shared), incoming));
+        tokio::spawn(crate::update::run_chores(
+            Arc::downgrade(&shared),
+            shared.later.clone(),
+            shared.stop.subscribe(),
+        ));
         crate::sync::spawn_resync(&shared);
         for core in restored.channels {
             crate::restore::resume(&shared, core);

@@ -125,6 +125,8 @@ pub(crate) struct Shared {
     pub(crate) resync_wake: broadcast::Sender<PeerId>,
     /// The watchtowers, if any are configured.
     pub(crate) towers: Option<Arc<crate::tower::Towers>>,
+    /// Chores updates leave for a moment later (`update::run_chores`).
+    pub(crate) later: Arc<crate::later::Later>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -181,6 +183,7 @@ impl Shared {
             resyncing: Mutex::new(HashMap::new()),
             resync_wake: broadcast::channel(64).0,
             towers: p.towers,
+            later: Arc::default(),
         })
     }
 
@@ -332,7 +335,7 @@ pub(crate) struct Locked {
     /// starts on that very state within [`COMMIT_RIDE_WINDOW`] is part of
     /// a burst, so its own commit is held for the next one.
     pub(crate) last_own_commit: Option<(u64, std::time::Instant)>,
-    /// A task is about to store `unsaved` (at most one per channel).
+    /// A chore is queued to store `unsaved` (at most one per channel).
     pub(crate) flush_pending: bool,
 }
 

@@ -54,6 +54,7 @@ pub mod event;
 mod failpoint;
 mod force;
 pub mod handler;
+mod later;
 pub mod open;
 pub mod payments;
 pub mod recover;

@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::core::{ChannelCore, HeldCommit, InFlight, Locked, Shared};
 use crate::deliver::{deliver_commit, reject, send_abort};
 use crate::handler::{IncomingUpdate, UpdateResponder};
+use crate::later::{Chore, Later};
 use crate::{Error, Result};
 
 /// Runs one update we propose, start to finish.
@@ -294,17 +295,13 @@ async fn finish(
     if burst {
         l.held = Some(Box::new(held));
         drop(l);
-        let (shared, core) = (shared.clone(), core.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(crate::core::COMMIT_RIDE_WAIT).await;
-            let held = {
-                let mut l = core.locked.lock().await;
-                l.held.take_if(|h| h.full.state.version == version)
-            };
-            if let Some(h) = held {
-                spawn_delivery(&shared, &core, *h);
-            }
-        });
+        shared.later.after(
+            crate::core::COMMIT_RIDE_WAIT,
+            Chore::Deliver {
+                core: Arc::downgrade(core),
+                version,
+            },
+        );
     } else {
         drop(l);
         spawn_delivery(shared, core, held);
@@ -847,17 +844,96 @@ fn hold_unsaved(shared: &Arc<Shared>, core: &Arc<ChannelCore>, l: &mut Locked) {
         return;
     }
     l.flush_pending = true;
-    let (shared, core) = (shared.clone(), core.clone());
-    tokio::spawn(async move {
-        tokio::time::sleep(crate::core::COMMIT_FLUSH_DELAY).await;
-        let mut l = core.locked.lock().await;
-        l.flush_pending = false;
-        if l.unsaved.is_some()
-            && let Err(e) = l.flush_unsaved(&shared, &core).await
-        {
-            warn!(error = %e, "could not store a committed update; a sync restores it");
+    shared.later.after(
+        crate::core::COMMIT_FLUSH_DELAY,
+        Chore::Flush {
+            core: Arc::downgrade(core),
+        },
+    );
+}
+
+/// Runs the client's chores for later ([`crate::later`]) as they fall due;
+/// once the client stops, those still queued, then ends.
+pub(crate) async fn run_chores(
+    shared: std::sync::Weak<Shared>,
+    later: Arc<Later>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let chores = if *stop.borrow_and_update() {
+            if later.is_empty() {
+                return;
+            }
+            later.due().await
+        } else {
+            tokio::select! {
+                chores = later.due() => chores,
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        for chore in chores {
+            run_chore(&shared, chore);
         }
-    });
+    }
+}
+
+/// One chore. It never waits here: one whose channel is busy, or that has
+/// a write to make, goes on a task of its own (the queue must not stall).
+fn run_chore(shared: &Arc<Shared>, chore: Chore) {
+    match chore {
+        Chore::Deliver { core, version } => {
+            let Some(core) = core.upgrade() else {
+                return;
+            };
+            if let Ok(mut l) = core.locked.try_lock() {
+                let held = l.held.take_if(|h| h.full.state.version == version);
+                drop(l);
+                if let Some(h) = held {
+                    spawn_delivery(shared, &core, *h);
+                }
+                return;
+            }
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let held = {
+                    let mut l = core.locked.lock().await;
+                    l.held.take_if(|h| h.full.state.version == version)
+                };
+                if let Some(h) = held {
+                    spawn_delivery(&shared, &core, *h);
+                }
+            });
+        }
+        Chore::Flush { core } => {
+            let Some(core) = core.upgrade() else {
+                return;
+            };
+            if let Ok(mut l) = core.locked.try_lock() {
+                l.flush_pending = false;
+                if l.unsaved.is_none() {
+                    return;
+                }
+            }
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut l = core.locked.lock().await;
+                l.flush_pending = false;
+                if l.unsaved.is_some()
+                    && let Err(e) = l.flush_unsaved(&shared, &core).await
+                {
+                    warn!(error = %e, "could not store a committed update; a sync restores it");
+                }
+            });
+        }
+    }
 }
 
 /// Checks a commit against the staged state and, if it completes it, makes
