@@ -7,7 +7,7 @@ use perun_channel::{Address, App, ChannelId};
 use perun_persistence::{MemoryPersister, Persister};
 use perun_wallet::Account;
 use perun_wire::{Keypair, Multiaddr, PeerId};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::core::{Parts, Shared};
 use crate::handler::{ProposalHandler, RejectAll, UpdateHandler};
@@ -420,7 +420,9 @@ impl Client {
     /// Commits of updates that already returned are handed to the peers
     /// first (for at most [`SHUTDOWN_GRACE`]), so a peer learns of an update
     /// before its proposer goes away; within the same grace, updates and
-    /// channel proposals whose callers gave up run to their end.
+    /// channel proposals whose callers gave up run to their end. A peer's
+    /// commit held back to ride with our next write is stored before it
+    /// returns (again for at most [`SHUTDOWN_GRACE`]).
     pub async fn shutdown(&self) {
         let mut commits = self.shared.commits_in_flight.subscribe();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, commits.wait_for(|n| *n == 0)).await;
@@ -429,5 +431,21 @@ impl Client {
         }
         self.shared.stop.send_replace(true);
         self.shared.wire.shutdown().await;
+        // A peer's commit taken in the last moment is stored before we
+        // return: its chore ([`crate::later`]) would come too late for a
+        // process that exits now.
+        let flush = async {
+            for core in self.shared.channel_cores() {
+                let mut l = core.locked.lock().await;
+                if l.unsaved.is_some()
+                    && let Err(e) = l.flush_unsaved(&self.shared, &core).await
+                {
+                    warn!(channel = %core.id, error = %e, "could not store a committed update at shutdown; a sync restores it");
+                }
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, flush).await.is_err() {
+            warn!("shutdown: a channel stayed busy; its unsaved commit, if any, waits for a sync");
+        }
     }
 }

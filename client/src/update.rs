@@ -740,8 +740,8 @@ async fn ask_handler(
 /// The acknowledgement goes out before our own write: the proposer's state
 /// is durable already and our signature went out earlier, so the write only
 /// saves us a `Sync` after a crash, and the proposer need not wait for it.
-/// The channel lock is held until the write is done, so nothing acts on
-/// the new state before it is stored.
+/// The new state is held unsaved ([`hold_unsaved`]): readers see it once
+/// our next write, or a flush a moment later, has stored it.
 pub(crate) async fn handle_commit(
     shared: Arc<Shared>,
     peer: PeerId,
@@ -852,28 +852,22 @@ fn hold_unsaved(shared: &Arc<Shared>, core: &Arc<ChannelCore>, l: &mut Locked) {
     );
 }
 
-/// Runs the client's chores for later ([`crate::later`]) as they fall due;
-/// once the client stops, those still queued, then ends.
+/// Runs the client's chores for later ([`crate::later`]) as they fall due,
+/// for as long as the client exists (also after `shutdown`, as the tasks
+/// it replaces did); `stop`'s sender going away says the client is gone.
 pub(crate) async fn run_chores(
     shared: std::sync::Weak<Shared>,
     later: Arc<Later>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let chores = if *stop.borrow_and_update() {
-            if later.is_empty() {
-                return;
-            }
-            later.due().await
-        } else {
-            tokio::select! {
-                chores = later.due() => chores,
-                changed = stop.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    continue;
+        let chores = tokio::select! {
+            chores = later.due() => chores,
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    return;
                 }
+                continue;
             }
         };
         let Some(shared) = shared.upgrade() else {
@@ -887,6 +881,7 @@ pub(crate) async fn run_chores(
 
 /// One chore. It never waits here: one whose channel is busy, or that has
 /// a write to make, goes on a task of its own (the queue must not stall).
+/// Nothing here may panic: the runner is every channel's only one.
 fn run_chore(shared: &Arc<Shared>, chore: Chore) {
     match chore {
         Chore::Deliver { core, version } => {
