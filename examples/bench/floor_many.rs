@@ -40,6 +40,7 @@ use crate::Res;
 use crate::floor::{CryptoDuring, sample_state};
 use crate::peer::{Process, parse_addrs, serve_until_stdin_closes};
 use crate::stats::Samples;
+use crate::updates::Pace;
 
 /// The first argument that makes this binary the floor's answering node.
 pub(crate) const CHILD_FLAG: &str = "--floor-many-child";
@@ -47,12 +48,8 @@ pub(crate) const CHILD_FLAG: &str = "--floor-many-child";
 /// What the run measured.
 #[derive(Debug)]
 pub(crate) struct FloorMany {
-    /// Updates completed over all channels.
-    pub(crate) updates: u64,
-    /// From the start to the last task's end.
-    pub(crate) wall: Duration,
-    /// Both processes' CPU time meanwhile.
-    pub(crate) cpu: Duration,
+    /// Updates, wall time and both processes' CPU time.
+    pub(crate) pace: Pace,
     /// One update's crypto as CPU time, sampled meanwhile.
     pub(crate) crypto_during: Samples,
     /// Alice's durable writes.
@@ -62,18 +59,6 @@ pub(crate) struct FloorMany {
 }
 
 impl FloorMany {
-    pub(crate) fn per_s(&self) -> f64 {
-        self.updates as f64 / self.wall.as_secs_f64()
-    }
-
-    pub(crate) fn cores_busy(&self) -> f64 {
-        self.cpu.as_secs_f64() / self.wall.as_secs_f64()
-    }
-
-    pub(crate) fn cpu_ms_per_update(&self) -> f64 {
-        self.cpu.as_secs_f64() * 1e3 / self.updates.max(1) as f64
-    }
-
     pub(crate) fn writes_per_sync(&self) -> Option<f64> {
         (self.syncs > 0).then(|| self.writes as f64 / self.syncs as f64)
     }
@@ -159,9 +144,7 @@ async fn measure(
     let crypto_during = during.finish()?;
     let (writes, syncs) = log.counts();
     Ok(FloorMany {
-        updates,
-        wall,
-        cpu,
+        pace: Pace { updates, wall, cpu },
         crypto_during,
         writes: writes - writes_before,
         syncs: syncs - syncs_before,

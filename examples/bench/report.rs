@@ -331,7 +331,7 @@ async fn durable(chain: &Chain, opts: &Options, gap: Option<Duration>) -> Res<Du
     match &floor_many {
         Ok(m) => println!(
             "    the floor at {channels} channels: {:.0} updates/s",
-            m.per_s()
+            m.pace.per_s()
         ),
         Err(e) => println!("    the floor at {channels} channels FAILED: {e}"),
     }
@@ -465,7 +465,7 @@ fn record_issue17(
     s.set("floor_crypto_ms_per_update", floor_crypto);
     s.set("aggregate_crypto_cpu_ms_per_update", during);
     s.set("aggregate_crypto_cpu_p90_ms", sampled.map(|c| c.ms(0.9)));
-    let aggregate = durable.map(|d| d.aggregate.per_s());
+    let aggregate = durable.map(|d| d.aggregate.pace.per_s());
     let bound = during.map(per_s);
     s.set("cpu_bound_updates_per_s", bound);
     s.set(
@@ -481,18 +481,26 @@ fn record_issue17(
         .map(|m| &m.crypto_during)
         .filter(|c| !c.is_empty())
         .map(crate::stats::Samples::p50);
-    s.set("aggregate_floor_updates_per_s", many.map(|m| m.per_s()));
+    s.set(
+        "aggregate_floor_updates_per_s",
+        many.map(|m| m.pace.per_s()),
+    );
     s.set(
         "aggregate_floor_cpu_ms_per_update",
-        many.map(|m| m.cpu_ms_per_update()),
+        many.map(|m| m.pace.cpu_ms_per_update()),
     );
-    s.set("aggregate_floor_cores_busy", many.map(|m| m.cores_busy()));
+    s.set(
+        "aggregate_floor_cores_busy",
+        many.map(|m| m.pace.cores_busy()),
+    );
     s.set(
         "aggregate_floor_writes_per_sync",
         many.and_then(|m| m.writes_per_sync()),
     );
     s.set("aggregate_floor_crypto_cpu_ms_per_update", many_crypto);
-    let floor_bound = many.zip(many_crypto).map(|(m, c)| m.per_s() / per_s(c));
+    let floor_bound = many
+        .zip(many_crypto)
+        .map(|(m, c)| m.pace.per_s() / per_s(c));
     s.set("aggregate_floor_cpu_bound_ratio", floor_bound);
     // Each run against its own moment's crypto bound: a change of the
     // guest's crypto speed between the two runs cancels.
@@ -531,13 +539,16 @@ fn record_durable(s: &mut Summary, d: Option<&Durable>) {
     );
     s.set(
         "aggregate_updates_per_s_100ch",
-        d.map(|d| d.aggregate.per_s()),
+        d.map(|d| d.aggregate.pace.per_s()),
     );
     s.set("aggregate_channels", d.map(|d| d.channels));
-    s.set("aggregate_cores_busy", d.map(|d| d.aggregate.cores_busy()));
+    s.set(
+        "aggregate_cores_busy",
+        d.map(|d| d.aggregate.pace.cores_busy()),
+    );
     s.set(
         "aggregate_cpu_ms_per_update",
-        d.map(|d| d.aggregate.cpu_ms_per_update()),
+        d.map(|d| d.aggregate.pace.cpu_ms_per_update()),
     );
     let store = d.and_then(|d| d.aggregate.store);
     s.set(
@@ -549,7 +560,7 @@ fn record_durable(s: &mut Summary, d: Option<&Durable>) {
     s.set(
         "aggregate_batch_waits_per_s",
         d.zip(store)
-            .map(|(d, s)| s.batch_waits as f64 / d.aggregate.wall.as_secs_f64()),
+            .map(|(d, s)| s.batch_waits as f64 / d.aggregate.pace.wall.as_secs_f64()),
     );
     s.set(
         "aggregate_latency_p50_ms",

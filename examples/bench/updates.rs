@@ -117,24 +117,20 @@ pub(crate) async fn open_timed(
     Ok((chans, took))
 }
 
-/// Many channels updating at once.
-#[derive(Debug)]
-pub(crate) struct Aggregate {
+/// Updates completed by many channels at once, over how long and for how
+/// much CPU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
     /// Updates completed over all channels.
     pub(crate) updates: u64,
     /// From the start signal to the last task's end.
     pub(crate) wall: Duration,
-    /// Latency of every update.
-    pub(crate) latency: Samples,
-    /// CPU time both clients (their stores and transports) used
-    /// meanwhile: this process's, plus Bob's when he runs in his own.
+    /// CPU time both sides used meanwhile: this process's, plus the other
+    /// side's process's.
     pub(crate) cpu: Duration,
-    /// Alice's store meanwhile (durable only): its writes, write
-    /// transactions and waits for fuller batches.
-    pub(crate) store: Option<RedbStats>,
 }
 
-impl Aggregate {
+impl Pace {
     /// Updates per second over all channels.
     pub(crate) fn per_s(&self) -> f64 {
         self.updates as f64 / self.wall.as_secs_f64()
@@ -150,6 +146,19 @@ impl Aggregate {
     pub(crate) fn cpu_ms_per_update(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e3 / self.updates.max(1) as f64
     }
+}
+
+/// Many channels updating at once.
+#[derive(Debug)]
+pub(crate) struct Aggregate {
+    /// Updates, wall time and both clients' CPU time (their stores and
+    /// transports).
+    pub(crate) pace: Pace,
+    /// Latency of every update.
+    pub(crate) latency: Samples,
+    /// Alice's store meanwhile (durable only): its writes, write
+    /// transactions and waits for fuller batches.
+    pub(crate) store: Option<RedbStats>,
 }
 
 /// One task per channel pays 1 wei in a loop until `run_for` passed.
@@ -185,10 +194,12 @@ pub(crate) async fn aggregate(
     }
     let wall = started.elapsed();
     Ok(Aggregate {
-        updates: all.len() as u64,
-        wall,
+        pace: Pace {
+            updates: all.len() as u64,
+            wall,
+            cpu: cpu()?.saturating_sub(cpu_before),
+        },
         latency: Samples::new(all),
-        cpu: cpu()?.saturating_sub(cpu_before),
         store: store
             .zip(stats_before)
             .map(|(s, before)| s.stats().since(&before)),
