@@ -437,9 +437,7 @@ impl Client {
         let flush = async {
             for core in self.shared.channel_cores() {
                 let mut l = core.locked.lock().await;
-                if l.unsaved.is_some()
-                    && let Err(e) = l.flush_unsaved(&self.shared, &core).await
-                {
+                if let Err(e) = l.flush_unsaved(&self.shared, &core).await {
                     warn!(channel = %core.id, error = %e, "could not store a committed update at shutdown; a sync restores it");
                 }
             }

@@ -460,12 +460,16 @@ impl Locked {
         Ok(carried)
     }
 
-    /// Writes the unsaved commit on its own, if it is still unsaved.
+    /// Writes the unsaved commit on its own, if it is still unsaved (no
+    /// write otherwise).
     pub(crate) async fn flush_unsaved(
         &mut self,
         shared: &Shared,
         core: &ChannelCore,
     ) -> Result<()> {
+        if self.unsaved.is_none() {
+            return Ok(());
+        }
         if self.write(shared, core, Vec::new()).await? {
             self.announce(core);
         }

@@ -889,22 +889,13 @@ fn run_chore(shared: &Arc<Shared>, chore: Chore) {
                 return;
             };
             if let Ok(mut l) = core.locked.try_lock() {
-                let held = l.held.take_if(|h| h.full.state.version == version);
-                drop(l);
-                if let Some(h) = held {
-                    spawn_delivery(shared, &core, *h);
-                }
+                hand_out_held(shared, &core, &mut l, version);
                 return;
             }
             let shared = shared.clone();
             tokio::spawn(async move {
-                let held = {
-                    let mut l = core.locked.lock().await;
-                    l.held.take_if(|h| h.full.state.version == version)
-                };
-                if let Some(h) = held {
-                    spawn_delivery(&shared, &core, *h);
-                }
+                let mut l = core.locked.lock().await;
+                hand_out_held(&shared, &core, &mut l, version);
             });
         }
         Chore::Flush { core } => {
@@ -921,13 +912,19 @@ fn run_chore(shared: &Arc<Shared>, chore: Chore) {
             tokio::spawn(async move {
                 let mut l = core.locked.lock().await;
                 l.flush_pending = false;
-                if l.unsaved.is_some()
-                    && let Err(e) = l.flush_unsaved(&shared, &core).await
-                {
+                if let Err(e) = l.flush_unsaved(&shared, &core).await {
                     warn!(error = %e, "could not store a committed update; a sync restores it");
                 }
             });
         }
+    }
+}
+
+/// Hands out our held commit of `version` on its own, if it still waits to
+/// ride (delivery runs on a task of its own).
+fn hand_out_held(shared: &Arc<Shared>, core: &Arc<ChannelCore>, l: &mut Locked, version: u64) {
+    if let Some(h) = l.held.take_if(|h| h.full.state.version == version) {
+        spawn_delivery(shared, core, *h);
     }
 }
 

@@ -42,7 +42,7 @@ use perun::wallet::{Account, LocalAccount};
 use perun::wire::{Config, Message, Node, PeerId, Update, UpdateAccept, generate_key};
 
 use crate::Res;
-use crate::peer::{Process, parse_addrs, serve_until_stdin_closes};
+use crate::peer::{Process, addr_strings, parse_addrs, serve_until_stdin_closes};
 use crate::stats::Samples;
 
 /// The p50 of each primitive, in milliseconds.
@@ -438,12 +438,7 @@ pub(crate) async fn echo_child() -> Res<()> {
     let (params, state) = sample_state(&alice, &bob);
     let sig = SignedState::new(state).sign(&params, 1, &bob)?;
     let (b, mut b_in) = Node::start(Config::new(generate_key())).await?;
-    let addrs: Vec<String> = b
-        .listen_addrs()
-        .await?
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let addrs = addr_strings(&b.listen_addrs().await?);
     let server = tokio::spawn(async move {
         while let Some(req) = b_in.next().await {
             let (_, msg, responder) = req.into_parts();

@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 
 use crate::Res;
 use crate::floor::{CryptoDuring, sample_state};
-use crate::peer::{Process, parse_addrs, serve_until_stdin_closes};
+use crate::peer::{Process, addr_strings, parse_addrs, serve_until_stdin_closes};
 use crate::stats::Samples;
 use crate::updates::Pace;
 
@@ -234,12 +234,7 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
     let log = Arc::new(GroupLog::open(&dir.join("floor-many-bob.log"))?);
     let signed = Arc::new(Signed::default());
     let (node, mut inbound) = Node::start(Config::new(generate_key())).await?;
-    let addrs: Vec<String> = node
-        .listen_addrs()
-        .await?
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let addrs = addr_strings(&node.listen_addrs().await?);
     let address = bob.address();
     let server = tokio::spawn(async move {
         while let Some(req) = inbound.next().await {

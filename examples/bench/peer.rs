@@ -220,6 +220,11 @@ impl Peer {
     }
 }
 
+/// Listen addresses as a ready line's `addrs` ([`parse_addrs`] reads them).
+pub(crate) fn addr_strings(addrs: &[Multiaddr]) -> Vec<String> {
+    addrs.iter().map(ToString::to_string).collect()
+}
+
 /// The `addrs` of a ready line.
 pub(crate) fn parse_addrs(ready: &Value) -> Res<Vec<Multiaddr>> {
     ready["addrs"]
@@ -246,12 +251,7 @@ pub(crate) async fn child(args: &[String]) -> Res<()> {
     let config = EthConfig::from_deployment(&parse_deployment(deployment)?);
     let anvil = Anvil::attach(url).await?;
     let (bob, mut opened, _) = client(&anvil, &config, store, Path::new(dir), "bob").await?;
-    let addrs: Vec<String> = bob
-        .listen_addrs()
-        .await?
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let addrs = addr_strings(&bob.listen_addrs().await?);
     let ready = json!({
         "peer": bob.peer_id().to_string(),
         "address": bob.address().to_string(),

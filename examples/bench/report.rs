@@ -468,10 +468,8 @@ fn record_issue17(
     let aggregate = durable.map(|d| d.aggregate.pace.per_s());
     let bound = during.map(per_s);
     s.set("cpu_bound_updates_per_s", bound);
-    s.set(
-        "aggregate_cpu_bound_ratio",
-        aggregate.zip(bound).map(|(a, b)| a / b),
-    );
+    let ratio = aggregate.zip(bound).map(|(a, b)| a / b);
+    s.set("aggregate_cpu_bound_ratio", ratio);
     // The floor at as many channels, against its own probe's bound.
     if let Some(Err(e)) = durable.map(|d| &d.floor_many) {
         s.errors.insert("floor_many".into(), json!(e));
@@ -506,10 +504,7 @@ fn record_issue17(
     // guest's crypto speed between the two runs cancels.
     s.set(
         "aggregate_over_floor",
-        aggregate
-            .zip(bound)
-            .zip(floor_bound)
-            .map(|((a, b), f)| a / b / f),
+        ratio.zip(floor_bound).map(|(r, f)| r / f),
     );
     let sequential = floor_crypto.map(per_s);
     s.set("cpu_bound_updates_per_s_sequential", sequential);
