@@ -18,6 +18,7 @@ use perun::channel::U256;
 on_both_ledgers!(
     a_burst_ends_with_the_peer_holding_its_last_state,
     bursts_in_turn_both_complete,
+    a_commit_held_unsaved_is_stored_at_shutdown,
 );
 
 fn u(x: u64) -> U256 {
@@ -181,4 +182,45 @@ async fn a_commit_whose_ride_is_dropped_goes_on_its_own() {
         }
     }
     twin.abort();
+}
+
+/// Bob takes Alice's commit and holds it unsaved, to ride with his next
+/// write; his chore that would store it on its own is held back (as on a
+/// stalled runtime). `shutdown` must store it itself before it returns: a
+/// process that exits then would otherwise lose it (a `Sync` would bring
+/// it back, but only once both are up again).
+async fn a_commit_held_unsaved_is_stored_at_shutdown(ledger: Ledger) {
+    let mut ps = parties(&ledger, 2, u(1_000_000), &Options::default()).await;
+    let chans = open(&ledger, &mut ps, u(1_000)).await;
+    let id = chans[0].id();
+    let before = chans[1].state().state.version;
+    ps[1].client.hold_chores_for_testing(true);
+    let paid = chans[0].pay(1, 0, u(5)).await.unwrap();
+    // Alice's shutdown waits until Bob acknowledged the commit: he has
+    // taken it by then.
+    ps[0].client.shutdown().await;
+    let stored = |p: &common::Party| {
+        let persister = p.persister.clone();
+        async move {
+            let rec = persister.load(id).await.unwrap().unwrap();
+            rec.current.unwrap().state.version
+        }
+    };
+    assert_eq!(
+        stored(&ps[1]).await,
+        before,
+        "Bob holds the commit unsaved while his chores are held back"
+    );
+    assert_eq!(
+        chans[1].state().state.version,
+        before,
+        "readers wait for it too"
+    );
+    ps[1].client.shutdown().await;
+    assert_eq!(
+        stored(&ps[1]).await,
+        paid.state.version,
+        "shutdown stored the commit"
+    );
+    ps[1].client.hold_chores_for_testing(false);
 }

@@ -411,6 +411,15 @@ impl Client {
         self.chain_index_handle()?.recover_funds().await
     }
 
+    /// Holds this client's timer chores back while `held` (a peer's
+    /// commit then stays unsaved, our held commit unsent), as a stalled
+    /// runtime would. Tests only (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn hold_chores_for_testing(&self, held: bool) {
+        self.shared.later.hold(held);
+    }
+
     /// Stops the network endpoint. Channels stay in the persister.
     ///
     /// With watchtowers, each channel first sends its latest state to the

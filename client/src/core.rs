@@ -316,13 +316,18 @@ pub(crate) struct Locked {
     /// The last staged update we dropped as abandoned. If its proposer did
     /// complete it after all, its commit still applies.
     pub(crate) abandoned: Option<SignedState>,
-    /// A peer's commit we applied but have not stored yet: the machine's
-    /// current state, held back from readers until it is durable. It rides
-    /// along with our next write (in a tight loop: our signature on the
-    /// next update), or is written on its own a moment later
-    /// ([`COMMIT_FLUSH_DELAY`]). Our signed staged copy is on disk
+    /// The version of a peer's commit we applied but have not stored yet:
+    /// the machine's current state, held back from readers until it is
+    /// durable. It rides along with our next write (in a tight loop: our
+    /// signature on the next update), or is written on its own a moment
+    /// later ([`COMMIT_FLUSH_DELAY`]). Our signed staged copy is on disk
     /// meanwhile, so a crash loses nothing a `Sync` cannot bring back.
-    pub(crate) unsaved: Option<SignedState>,
+    ///
+    /// Only the version is kept, not a copy: while it is set, the machine's
+    /// current state *is* that commit. Every other way the current state
+    /// moves writes first (which stores the commit and clears this), or
+    /// applies a newer commit and sets this anew (`hold_unsaved`).
+    pub(crate) unsaved: Option<u64>,
     /// When we signed the staged state of a peer's update: a commit that
     /// has not come `update_wait` later is asked for by `Sync`
     /// (`sync::sweep_commits`).
@@ -330,7 +335,7 @@ pub(crate) struct Locked {
     /// The commit of our last update, held back for a moment to ride with
     /// our next update (`UpdateWithCommit`) when we are updating back to
     /// back; sent on its own after [`COMMIT_RIDE_WAIT`] otherwise.
-    pub(crate) held: Option<Box<HeldCommit>>,
+    pub(crate) held: Option<HeldCommit>,
     /// The version and time of our last update's commit: a proposal that
     /// starts on that very state within [`COMMIT_RIDE_WINDOW`] is part of
     /// a burst, so its own commit is held for the next one.
@@ -339,10 +344,12 @@ pub(crate) struct Locked {
     pub(crate) flush_pending: bool,
 }
 
-/// A fully signed state of ours whose commit no peer has yet.
+/// The commit of a fully signed state of ours that no peer has yet: the
+/// signatures are all a peer needs (it holds the state staged), so no copy
+/// of the state is kept.
 #[derive(Debug)]
 pub(crate) struct HeldCommit {
-    pub(crate) full: SignedState,
+    pub(crate) commit: perun_wire::UpdateCommit,
     pub(crate) in_flight: InFlight,
 }
 
@@ -440,7 +447,7 @@ impl Locked {
         changes: Vec<Change>,
     ) -> Result<bool> {
         let carried = self.unsaved.is_some();
-        let changes = match &self.unsaved {
+        let changes = match self.unsaved.and(self.machine.current()) {
             Some(u) => [
                 Change::Committed(u.clone()),
                 Change::Phase(stored_phase(self.machine.phase())),
@@ -451,11 +458,13 @@ impl Locked {
             None => changes,
         };
         persist(shared, core.id, changes).await?;
-        if let Some(u) = self.unsaved.take() {
+        if self.unsaved.take().is_some()
+            && let Some(u) = self.machine.current()
+        {
             // Durable now: readers see it before whatever this write
             // carries (a payment to us must not be netted away by our
             // next payment back).
-            core.publish_state(&u);
+            core.publish_state(u);
         }
         Ok(carried)
     }

@@ -26,15 +26,32 @@ const COMMIT_RETRIES: [std::time::Duration; 3] = [
 pub(crate) async fn deliver_commit(
     shared: Arc<Shared>,
     core: Arc<ChannelCore>,
-    full: SignedState,
+    commit: UpdateCommit,
     _in_flight: InFlight,
 ) {
-    hand_out(&shared, &core, &full, &COMMIT_RETRIES).await;
+    hand_out(
+        &shared,
+        &core,
+        Message::UpdateCommit(commit),
+        &COMMIT_RETRIES,
+    )
+    .await;
 }
 
 /// Hands the full signature set to every peer once.
 pub(crate) async fn send_commit(shared: &Arc<Shared>, core: &Arc<ChannelCore>, full: &SignedState) {
-    hand_out(shared, core, full, &[]).await;
+    if let Some(msg) = commit_message(core, full) {
+        hand_out(shared, core, msg, &[]).await;
+    }
+}
+
+/// [`send_commit`] of a commit made already.
+pub(crate) async fn send_update_commit(
+    shared: &Arc<Shared>,
+    core: &Arc<ChannelCore>,
+    commit: UpdateCommit,
+) {
+    hand_out(shared, core, Message::UpdateCommit(commit), &[]).await;
 }
 
 /// Sends the commit, then again after each pause to the peers that did not
@@ -43,12 +60,9 @@ pub(crate) async fn send_commit(shared: &Arc<Shared>, core: &Arc<ChannelCore>, f
 async fn hand_out(
     shared: &Arc<Shared>,
     core: &ChannelCore,
-    full: &SignedState,
+    msg: Message,
     retries: &[std::time::Duration],
 ) {
-    let Some(msg) = commit_message(core, full) else {
-        return;
-    };
     let mut missing = unacked(shared, &msg, peers_of(core)).await;
     for pause in retries {
         if missing.is_empty() || shared.stopped() {

@@ -39,6 +39,10 @@ pub(crate) enum Chore {
 pub(crate) struct Later {
     queue: Mutex<VecDeque<(Instant, Chore)>>,
     wake: Notify,
+    /// Tests hold chores back, as a busy runtime may, to see what does
+    /// not wait for them (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    held: std::sync::atomic::AtomicBool,
 }
 
 impl Later {
@@ -55,10 +59,22 @@ impl Later {
         }
     }
 
+    /// Holds every chore back (`true`) until released (feature
+    /// `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn hold(&self, held: bool) {
+        self.held.store(held, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Waits until the first chore is due and returns every due one. An
     /// empty queue waits for the next `after`.
     pub(crate) async fn due(&self) -> Vec<Chore> {
         loop {
+            #[cfg(feature = "failpoints")]
+            if self.held.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
             let first = self
                 .queue
                 .lock()

@@ -89,11 +89,11 @@ pub(crate) async fn propose(
             // Our held commit is of the state `next` builds on, unless a
             // newer state came meanwhile (then it goes on its own).
             let (ride, stray) = match l.held.take() {
-                Some(h) if h.full.state.version == cur_version => (Some(h), None),
+                Some(h) if h.commit.version == cur_version => (Some(h), None),
                 other => (None, other),
             };
             if let Some(h) = stray {
-                spawn_delivery(shared, core, *h);
+                spawn_delivery(shared, core, h);
             }
             (next, hash, cur_version, burst, ride)
         };
@@ -116,6 +116,15 @@ pub(crate) async fn propose(
     .await
 }
 
+/// What a failed proposal of ours is known by: its version, its state's
+/// hash, and the version of the state it was built on.
+#[derive(Debug, Clone, Copy)]
+struct Proposal {
+    version: u64,
+    hash: perun_channel::B256,
+    base: u64,
+}
+
 /// Our proposal, staged: what finishing it needs.
 struct Staged {
     next: State,
@@ -123,7 +132,7 @@ struct Staged {
     /// The version it builds on.
     base: u64,
     burst: bool,
-    ride: Option<Box<HeldCommit>>,
+    ride: Option<HeldCommit>,
 }
 
 /// Sends a staged proposal, collects the signatures, commits and stores
@@ -142,22 +151,27 @@ async fn finish(
         burst,
         ride,
     } = staged;
+    // The message takes the state: the machine holds it staged, and a
+    // failure needs only its version and hash.
+    let proposal = Proposal {
+        version: next.version,
+        hash,
+        base,
+    };
     let update = Update {
         channel_id: core.id,
-        state: next.clone(),
+        state: next,
         actor: core.index,
     };
-    let (msg, mut riding) = match ride.map(|h| (crate::deliver::commit_of(core, &h.full), h)) {
-        Some((Some(commit), h)) => (
-            Message::UpdateWithCommit(UpdateWithCommit { commit, update }),
-            Some(Riding::new(shared, core, *h)),
+    let (msg, mut riding) = match ride {
+        Some(h) => (
+            Message::UpdateWithCommit(UpdateWithCommit {
+                commit: h.commit.clone(),
+                update,
+            }),
+            Some(Riding::new(shared, core, h)),
         ),
-        other => {
-            if let Some((None, h)) = other {
-                spawn_delivery(shared, core, *h);
-            }
-            (Message::Update(update), None)
-        }
+        None => (Message::Update(update), None),
     };
     // A key in this process signs while the peers' answers are on the
     // way (once the request is handed to the transport; the yield lets
@@ -181,7 +195,7 @@ async fn finish(
             // channel rides no more.
             core.rides
                 .store(false, std::sync::atomic::Ordering::Relaxed);
-            crate::deliver::send_commit(shared, core, &held.full).await;
+            crate::deliver::send_update_commit(shared, core, held.commit).await;
             let plain = match msg {
                 Message::UpdateWithCommit(m) => Message::Update(m.update),
                 other => other,
@@ -216,7 +230,7 @@ async fn finish(
     for (peer, index, reply) in replies {
         match reply {
             Ok(Message::UpdateAccept(a))
-                if a.channel_id == core.id && a.version == next.version && a.index == index =>
+                if a.channel_id == core.id && a.version == proposal.version && a.index == index =>
             {
                 signed_by.push(peer);
                 sigs.push((index, a.signature))
@@ -258,9 +272,9 @@ async fn finish(
             // The peer may have signed another state of this version
             // (in an update that failed, perhaps before a restart of
             // ours): skipping it costs nothing, retrying it forever would.
-            l.burn(shared, core, next.version).await;
+            l.burn(shared, core, proposal.version).await;
         }
-        fail(shared, core, l, (&next, base), ours, unknown, signed_by).await;
+        fail(shared, core, l, proposal, ours, unknown, signed_by).await;
         return Err(e);
     }
     crate::failpoint::hit("propose_before_commit").await;
@@ -270,7 +284,7 @@ async fn finish(
         Err(e) => {
             // Our signature never left: dropping the update is safe,
             // and the peers that signed hear so.
-            fail(shared, core, l, (&next, base), true, false, signed_by).await;
+            fail(shared, core, l, proposal, true, false, signed_by).await;
             return Err(e.into());
         }
     };
@@ -278,7 +292,7 @@ async fn finish(
         Ok(full) => full,
         Err(e) => {
             // Our signature never left: dropping the update is safe.
-            fail(shared, core, l, (&next, base), true, false, signed_by).await;
+            fail(shared, core, l, proposal, true, false, signed_by).await;
             return Err(e);
         }
     };
@@ -287,13 +301,20 @@ async fn finish(
     // our next update first waits for this commit, see
     // `respond_update`); in a burst, with our next update.
     let version = full.state.version;
+    let Some(commit) = crate::deliver::commit_of(core, &full) else {
+        // Cannot be: `full` was just stored fully signed. Nothing to hand
+        // out then; the peers learn the state by `Sync`.
+        warn!(version, "our commit lacks a signature; not handing it out");
+        drop(l);
+        return Ok(full);
+    };
     let held = HeldCommit {
-        full: full.clone(),
+        commit,
         in_flight: InFlight::new(shared),
     };
     l.last_own_commit = Some((version, std::time::Instant::now()));
     if burst {
-        l.held = Some(Box::new(held));
+        l.held = Some(held);
         drop(l);
         shared.later.after(
             crate::core::COMMIT_RIDE_WAIT,
@@ -351,9 +372,9 @@ fn unreadable(reply: &perun_wire::Result<Message>) -> bool {
 
 /// Hands a commit of ours to every peer in the background, with retries.
 fn spawn_delivery(shared: &Arc<Shared>, core: &Arc<ChannelCore>, held: HeldCommit) {
-    let span = info_span!("commit", version = held.full.state.version);
+    let span = info_span!("commit", version = held.commit.version);
     tokio::spawn(
-        deliver_commit(shared.clone(), core.clone(), held.full, held.in_flight).instrument(span),
+        deliver_commit(shared.clone(), core.clone(), held.commit, held.in_flight).instrument(span),
     );
 }
 
@@ -365,7 +386,7 @@ async fn fail(
     shared: &Arc<Shared>,
     core: &Arc<ChannelCore>,
     mut l: tokio::sync::MutexGuard<'_, Locked>,
-    (next, base): (&State, u64),
+    proposal: Proposal,
     ours: bool,
     unknown: bool,
     signed_by: Vec<PeerId>,
@@ -373,14 +394,14 @@ async fn fail(
     if unknown || !signed_by.is_empty() {
         // Someone may hold a signature on this version; stored before the
         // abort goes out, so even our restart cannot make us propose it again.
-        l.burn(shared, core, next.version).await;
+        l.burn(shared, core, proposal.version).await;
     }
     if ours {
         l.drop_staged(core);
     }
-    l.pending = (unknown && core.peers.len() == 2).then(|| crate::core::Pending2 {
-        proposal: next.hash(),
-        base,
+    l.pending = (unknown && core.peers.len() == 2).then_some(crate::core::Pending2 {
+        proposal: proposal.hash,
+        base: proposal.base,
     });
     drop(l);
     if unknown {
@@ -390,7 +411,7 @@ async fn fail(
             crate::deliver::mark_unsynced(shared, core.id, peer);
         }
     }
-    send_abort(shared, core, next.version, signed_by).await;
+    send_abort(shared, core, proposal.version, signed_by).await;
 }
 
 /// Answers a proposer's abort of an update it could not complete: the
@@ -833,11 +854,11 @@ fn commit_abandoned(
 /// the proposer has it durably, we have our signed copy on disk, and our
 /// next write, or one a moment later, stores it. Readers see it once stored.
 fn hold_unsaved(shared: &Arc<Shared>, core: &Arc<ChannelCore>, l: &mut Locked) {
-    let Some(full) = l.machine.current().cloned() else {
+    let Some(version) = l.machine.current().map(|c| c.state.version) else {
         return;
     };
     l.installed();
-    l.unsaved = Some(full);
+    l.unsaved = Some(version);
     l.announce(core);
     if l.flush_pending {
         // The task already waiting stores whatever is unsaved then.
@@ -923,8 +944,8 @@ fn run_chore(shared: &Arc<Shared>, chore: Chore) {
 /// Hands out our held commit of `version` on its own, if it still waits to
 /// ride (delivery runs on a task of its own).
 fn hand_out_held(shared: &Arc<Shared>, core: &Arc<ChannelCore>, l: &mut Locked, version: u64) {
-    if let Some(h) = l.held.take_if(|h| h.full.state.version == version) {
-        spawn_delivery(shared, core, *h);
+    if let Some(h) = l.held.take_if(|h| h.commit.version == version) {
+        spawn_delivery(shared, core, h);
     }
 }
 
