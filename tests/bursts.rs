@@ -197,8 +197,9 @@ async fn a_commit_held_unsaved_is_stored_at_shutdown(ledger: Ledger) {
     ps[1].client.hold_chores_for_testing(true);
     let paid = chans[0].pay(1, 0, u(5)).await.unwrap();
     // Alice's shutdown waits until Bob acknowledged the commit: he has
-    // taken it by then.
+    // taken it by then (his phase left `Updating` with it).
     ps[0].client.shutdown().await;
+    assert_eq!(chans[1].phase(), perun::channel::Phase::Active);
     let stored = |p: &common::Party| {
         let persister = p.persister.clone();
         async move {

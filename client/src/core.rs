@@ -446,8 +446,14 @@ impl Locked {
         core: &ChannelCore,
         changes: Vec<Change>,
     ) -> Result<bool> {
-        let carried = self.unsaved.is_some();
-        let changes = match self.unsaved.and(self.machine.current()) {
+        debug_assert!(
+            self.unsaved.is_none()
+                || self.unsaved == self.machine.current().map(|c| c.state.version),
+            "an unsaved commit is the machine's current state"
+        );
+        let held = self.unsaved.and(self.machine.current());
+        let carried = held.is_some();
+        let changes = match held {
             Some(u) => [
                 Change::Committed(u.clone()),
                 Change::Phase(stored_phase(self.machine.phase())),
@@ -458,9 +464,8 @@ impl Locked {
             None => changes,
         };
         persist(shared, core.id, changes).await?;
-        if self.unsaved.take().is_some()
-            && let Some(u) = self.machine.current()
-        {
+        if carried && let Some(u) = self.machine.current() {
+            self.unsaved = None;
             // Durable now: readers see it before whatever this write
             // carries (a payment to us must not be netted away by our
             // next payment back).

@@ -302,8 +302,9 @@ async fn finish(
     // `respond_update`); in a burst, with our next update.
     let version = full.state.version;
     let Some(commit) = crate::deliver::commit_of(core, &full) else {
-        // Cannot be: `full` was just stored fully signed. Nothing to hand
-        // out then; the peers learn the state by `Sync`.
+        // Cannot be: `full` was just stored fully signed (a commit needs
+        // every signature). Nothing to hand out then; a peer left waiting
+        // asks for the state by `Sync` (`sync::sweep_commits`).
         warn!(version, "our commit lacks a signature; not handing it out");
         drop(l);
         return Ok(full);
