@@ -40,8 +40,8 @@ pub(crate) async fn deliver_commit(
 
 /// Hands the full signature set to every peer once.
 pub(crate) async fn send_commit(shared: &Arc<Shared>, core: &Arc<ChannelCore>, full: &SignedState) {
-    if let Some(msg) = commit_message(core, full) {
-        hand_out(shared, core, msg, &[]).await;
+    if let Some(commit) = commit_of(core, full) {
+        send_update_commit(shared, core, commit).await;
     }
 }
 
@@ -128,10 +128,6 @@ pub(crate) fn keep_unsynced(shared: &Shared, channel: perun_channel::ChannelId, 
         .entry(peer)
         .or_default()
         .insert(channel);
-}
-
-fn commit_message(core: &ChannelCore, full: &SignedState) -> Option<Message> {
-    commit_of(core, full).map(Message::UpdateCommit)
 }
 
 /// Our commit of `full`: its full signature set (`None` if one is missing).

@@ -10,7 +10,7 @@
 /// message just handed to the transport time to leave.
 #[cfg(feature = "failpoints")]
 pub(crate) async fn hit(name: &str) {
-    if std::env::var("PERUN_FAILPOINT").as_deref() == Ok(name) {
+    if armed(name) {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         stop(name).await;
     }
@@ -19,9 +19,21 @@ pub(crate) async fn hit(name: &str) {
 /// Stops the process here, at once, if `PERUN_FAILPOINT` is `name`.
 #[cfg(feature = "failpoints")]
 pub(crate) async fn hit_now(name: &str) {
-    if std::env::var("PERUN_FAILPOINT").as_deref() == Ok(name) {
+    if armed(name) {
         stop(name).await;
     }
+}
+
+/// Whether `PERUN_FAILPOINT` names `name`. Read once per process: points
+/// sit on the update path, and builds with the feature (the workspace's
+/// tests and benchmarks) must not read the environment on every update.
+#[cfg(feature = "failpoints")]
+fn armed(name: &str) -> bool {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var("PERUN_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
 }
 
 #[cfg(feature = "failpoints")]

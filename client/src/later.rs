@@ -42,7 +42,7 @@ pub(crate) struct Later {
     /// Tests hold chores back, as a busy runtime may, to see what does
     /// not wait for them (feature `failpoints`).
     #[cfg(feature = "failpoints")]
-    held: std::sync::atomic::AtomicBool,
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 impl Later {
@@ -63,7 +63,7 @@ impl Later {
     /// `failpoints`).
     #[cfg(feature = "failpoints")]
     pub(crate) fn hold(&self, held: bool) {
-        self.held.store(held, std::sync::atomic::Ordering::SeqCst);
+        self.held.send_replace(held);
     }
 
     /// Waits until the first chore is due and returns every due one. An
@@ -71,10 +71,7 @@ impl Later {
     pub(crate) async fn due(&self) -> Vec<Chore> {
         loop {
             #[cfg(feature = "failpoints")]
-            if self.held.load(std::sync::atomic::Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
-            }
+            let _ = self.held.subscribe().wait_for(|held| !held).await;
             let first = self
                 .queue
                 .lock()

@@ -42,7 +42,7 @@ use perun::wallet::{Account, LocalAccount};
 use perun::wire::{Config, Message, Node, PeerId, Update, UpdateAccept, generate_key};
 
 use crate::Res;
-use crate::peer::{Process, addr_strings, parse_addrs, serve_until_stdin_closes};
+use crate::peer::{Process, addr_strings, first_addr, ready_field, serve_until_stdin_closes};
 use crate::stats::Samples;
 
 /// The p50 of each primitive, in milliseconds.
@@ -406,14 +406,8 @@ async fn round_trip(iterations: usize) -> Res<f64> {
     let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
     let (_, state) = sample_state(&alice, &bob);
     let (echo, ready) = Process::spawn(&[ECHO_FLAG.to_string()]).await?;
-    let b_id: PeerId = ready["peer"]
-        .as_str()
-        .ok_or("the echo child's ready line lacks peer")?
-        .parse()?;
-    let addr = parse_addrs(&ready)?
-        .into_iter()
-        .next()
-        .ok_or("no listen address")?;
+    let b_id: PeerId = ready_field(&ready, "peer")?.parse()?;
+    let addr = first_addr(&ready)?;
     let (a, _a_in) = Node::start(Config::new(generate_key())).await?;
     a.dial(b_id, Some(addr)).await?;
     let msg = update_msg(&state);

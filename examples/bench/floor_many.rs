@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 
 use crate::Res;
 use crate::floor::{CryptoDuring, sample_state};
-use crate::peer::{Process, addr_strings, parse_addrs, serve_until_stdin_closes};
+use crate::peer::{Process, addr_strings, first_addr, ready_field, serve_until_stdin_closes};
 use crate::stats::Samples;
 use crate::updates::Pace;
 
@@ -75,18 +75,9 @@ pub(crate) async fn run(dir: &Path, channels: usize, run_for: Duration) -> Res<F
         alice.address().to_string(),
     ])
     .await?;
-    let id: PeerId = ready["peer"]
-        .as_str()
-        .ok_or("the floor child's ready line lacks peer")?
-        .parse()?;
-    let address: Address = ready["address"]
-        .as_str()
-        .ok_or("the floor child's ready line lacks address")?
-        .parse()?;
-    let addr = parse_addrs(&ready)?
-        .into_iter()
-        .next()
-        .ok_or("no listen address")?;
+    let id: PeerId = ready_field(&ready, "peer")?.parse()?;
+    let address: Address = ready_field(&ready, "address")?.parse()?;
+    let addr = first_addr(&ready)?;
     let (node, _inbound) = Node::start(Config::new(generate_key())).await?;
     node.dial(id, Some(addr)).await?;
     let bob = Arc::new(Bob { node, id, address });

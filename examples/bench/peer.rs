@@ -191,14 +191,9 @@ impl Peer {
         ];
         args.extend(deployment_args(&chain.deployment));
         let (process, ready) = Process::spawn(&args).await?;
-        let field = |k: &str| -> Res<&str> {
-            ready[k]
-                .as_str()
-                .ok_or_else(|| format!("the peer child's ready line lacks {k}").into())
-        };
         Ok(Self {
-            peer: field("peer")?.parse()?,
-            address: field("address")?.parse()?,
+            peer: ready_field(&ready, "peer")?.parse()?,
+            address: ready_field(&ready, "address")?.parse()?,
             addrs: parse_addrs(&ready)?,
             process,
         })
@@ -223,6 +218,21 @@ impl Peer {
 /// Listen addresses as a ready line's `addrs` ([`parse_addrs`] reads them).
 pub(crate) fn addr_strings(addrs: &[Multiaddr]) -> Vec<String> {
     addrs.iter().map(ToString::to_string).collect()
+}
+
+/// A string field of a child's ready line.
+pub(crate) fn ready_field<'a>(ready: &'a Value, key: &str) -> Res<&'a str> {
+    ready[key]
+        .as_str()
+        .ok_or_else(|| format!("the child's ready line lacks {key}").into())
+}
+
+/// The first of a ready line's `addrs`: where to dial the child.
+pub(crate) fn first_addr(ready: &Value) -> Res<Multiaddr> {
+    Ok(parse_addrs(ready)?
+        .into_iter()
+        .next()
+        .ok_or("the child's ready line has no address")?)
 }
 
 /// The `addrs` of a ready line.
