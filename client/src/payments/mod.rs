@@ -296,16 +296,25 @@ pub(crate) struct Inner {
     books: Mutex<Books>,
     incoming: broadcast::Sender<IncomingPayment>,
     config: PaymentsConfig,
-    /// Our handler, and the one it replaced (put back when we go).
-    handlers: Option<(Arc<dyn UpdateHandler>, Arc<dyn UpdateHandler>)>,
     /// One channel opening at a time (concurrent reservations that none
     /// covers would each open one otherwise).
     opening: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The layer's hold on its client, kept by the `Payments` clones and the
+/// payments they still run, and by nothing else: the books ([`Inner`])
+/// are also held for a moment by the layer's own tasks (a follower
+/// booking a state, a reservation's drop), which must not keep a dropped
+/// layer in use.
+struct Owner {
+    shared: Arc<Shared>,
+    /// Our handler, and the one it replaced (put back when we go).
+    handlers: Option<(Arc<dyn UpdateHandler>, Arc<dyn UpdateHandler>)>,
     /// Dropped with the last `Payments`: stops the tracker.
     _alive: watch::Sender<()>,
 }
 
-impl Drop for Inner {
+impl Drop for Owner {
     fn drop(&mut self) {
         if let Some((ours, previous)) = self.handlers.take() {
             let mut installed = self
@@ -330,6 +339,7 @@ impl Drop for Inner {
 #[derive(Clone)]
 pub struct Payments {
     inner: Arc<Inner>,
+    owner: Arc<Owner>,
 }
 
 impl std::fmt::Debug for Payments {
@@ -351,10 +361,12 @@ impl Payments {
 
     /// The payments layer with `config`.
     ///
-    /// One per client at a time: a second one while the first (any clone)
+    /// One per client at a time: a second one while the first (any clone,
+    /// or a [`send`](Self::send) whose caller gave up but that still runs)
     /// lives fails with [`Error::PaymentsInUse`], since two sets of books
     /// would promise the same funds twice. Dropping the last clone puts
-    /// back the update handler it replaced.
+    /// back the update handler it replaced, and a new one may be made at
+    /// once.
     pub fn with_config(client: &Client, config: PaymentsConfig) -> Result<Self> {
         use std::sync::atomic::Ordering;
         let runtime =
@@ -369,8 +381,9 @@ impl Payments {
         }
         let (alive, stopped) = watch::channel(());
         let keep = config.keep_update_handler;
+        let mut handlers = None;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
-            let handlers = (!keep).then(|| {
+            if !keep {
                 let ours: Arc<dyn UpdateHandler> =
                     Arc::new(PaymentsHandler::new(weak.clone(), config.incoming));
                 let mut installed = shared
@@ -378,22 +391,25 @@ impl Payments {
                     .write()
                     .unwrap_or_else(|p| p.into_inner());
                 let previous = std::mem::replace(&mut *installed, ours.clone());
-                (ours, previous)
-            });
+                handlers = Some((ours, previous));
+            }
             Inner {
                 shared: shared.clone(),
                 books: Mutex::new(Books::default()),
                 incoming: broadcast::channel(INCOMING_BUFFER).0,
                 config,
-                handlers,
                 opening: Arc::new(tokio::sync::Mutex::new(())),
-                _alive: alive,
             }
+        });
+        let owner = Arc::new(Owner {
+            shared: shared.clone(),
+            handlers,
+            _alive: alive,
         });
         let (news_tx, news) = tokio::sync::mpsc::unbounded_channel();
         shared.follow_channels(track::carries_payments, news_tx);
         runtime.spawn(track::track(Arc::downgrade(&inner), news, stopped));
-        Ok(Self { inner })
+        Ok(Self { inner, owner })
     }
 
     /// This layer's update handler, for an application that keeps its own
@@ -620,8 +636,13 @@ impl Payments {
         // From here the payment runs to its end (`pay` would, a caller
         // that gives up notwithstanding), and so does its bookkeeping: the
         // hold is released, or kept in doubt, only when the update ended.
-        let inner = self.inner.clone();
-        let sending = async move { Self::sent(&inner, core, reservation, to, asset, amount).await };
+        // A payment still running keeps the layer in use, as a clone would:
+        // its hold is in these books.
+        let (inner, owner) = (self.inner.clone(), self.owner.clone());
+        let sending = async move {
+            let _owner = owner;
+            Self::sent(&inner, core, reservation, to, asset, amount).await
+        };
         crate::to_end::ToEnd::of_client(&self.inner.shared, sending).await
     }
 
@@ -793,4 +814,58 @@ fn usable(core: &ChannelCore) -> Option<PeerId> {
         && core.params.app == perun_channel::Address::ZERO
         && matches!(core.phase(), Phase::Active | Phase::Updating))
     .then(|| core.peers[1 - core.index])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+    use perun_adjudicator::SimLedger;
+    use perun_wallet::LocalAccount;
+
+    use super::*;
+
+    /// The layer's own tasks hold its books for a moment (a follower
+    /// booking a state, a reservation's drop). One that does so right as
+    /// the last `Payments` goes must not keep the layer in use, nor put a
+    /// handler back later over the next layer's. A CI run failed on this
+    /// race (`a_channel_is_opened_when_none_covers_the_payment_if_asked`);
+    /// here the task's hold is taken by hand.
+    #[tokio::test]
+    async fn the_last_handle_gives_the_layer_up_whoever_holds_its_books() {
+        let ledger = Arc::new(SimLedger::new(1337));
+        let client = Client::builder()
+            .account(Arc::new(LocalAccount::random()))
+            .funder(ledger.clone())
+            .adjudicator(ledger)
+            .build()
+            .await
+            .unwrap();
+        let installed = || client.shared.update_handler();
+        let before = installed();
+        let first = Payments::new(&client).unwrap();
+        let copy = first.clone();
+        let booking = first.inner.clone();
+        drop(first);
+        assert!(
+            matches!(Payments::new(&client), Err(Error::PaymentsInUse)),
+            "a clone still lives"
+        );
+        drop(copy);
+        assert!(
+            Arc::ptr_eq(&installed(), &before),
+            "the handler is put back"
+        );
+        let second = Payments::new(&client).unwrap();
+        let ours = installed();
+        assert!(!Arc::ptr_eq(&ours, &before));
+        drop(booking);
+        assert!(
+            Arc::ptr_eq(&installed(), &ours),
+            "the first layer's books going leave the second's handler alone"
+        );
+        drop(second);
+        assert!(Arc::ptr_eq(&installed(), &before));
+        client.shutdown().await;
+    }
 }
