@@ -454,13 +454,15 @@ async fn force_update_on_an_unrefutable_stale_registration_ends_and_the_watcher_
     // Alice is back: too late to refute.
     let alice = restart_opts(&g.ledger, alice, &app_opts(g.app)).await;
     let ch = alice.client.channel(&v1.state.channelId).expect("restored");
-    let forcing = {
+    let mut forcing = {
         let ch = ch.clone();
         let params = params.clone();
         tokio::spawn(async move { ch.force_update(|s| TicTacToe.play(&params, s, 0, 6)).await })
     };
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let hangs = !forcing.is_finished();
+    // It must end before the chain moves on (generous: a loaded machine).
+    let hangs = tokio::time::timeout(Duration::from_secs(30), &mut forcing)
+        .await
+        .is_err();
     g.ledger.advance(CHALLENGE + 1).await;
     let concluded = ch
         .wait_for_phase(Phase::Withdrawn, Duration::from_secs(15))

@@ -151,7 +151,7 @@ async fn run(kind: Kind, schedules: u64, parallel: usize) {
     assert!(lost.is_zero());
 }
 
-/// Advances the chain's clock 100 chain seconds per wall second.
+/// Advances the chain's clock 100 chain seconds per wall second, at most.
 fn run_clock(ledger: Arc<Ledger>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let (step, every) = match &*ledger {
@@ -159,6 +159,10 @@ fn run_clock(ledger: Arc<Ledger>) -> tokio::task::JoinHandle<()> {
             Ledger::Anvil { .. } => (10, Duration::from_millis(100)),
         };
         let mut tick = tokio::time::interval(every);
+        // After a stall (a loaded machine), chain time goes on from where
+        // it was, not in a burst that eats the challenge period while
+        // nobody could act.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             match &*ledger {

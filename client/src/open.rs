@@ -468,11 +468,15 @@ pub(crate) async fn handle_proposal(
         }
         let done = match decision {
             Ok(Ok(ProposalDecision::Accept(done))) => done,
+            // The place is free before the proposer hears: its next
+            // proposal must not find it still taken.
             Ok(Ok(ProposalDecision::Reject(reason))) => {
+                drop(slot);
                 let _ = responder.reply(reject_proposal(&p, index, reason));
                 return;
             }
             Ok(Err(_)) | Err(_) => {
+                drop(slot);
                 let _ = responder.reply(reject_proposal(&p, index, "no decision".into()));
                 return;
             }
@@ -567,10 +571,17 @@ pub(crate) async fn handle_signing0(
     let signed = sign0(&shared, &pending, &s).instrument(span.clone()).await;
     match signed {
         Ok((core, signature)) => {
+            // Signed: the proposal's place among the pending ones is free
+            // before the proposer hears (funding is the channel's, not the
+            // proposal's).
+            let Pending {
+                done, index, _slot, ..
+            } = pending;
+            drop(_slot);
             let _ = responder.reply(Message::UpdateAccept(UpdateAccept {
                 channel_id: core.id,
                 version: 0,
-                index: pending.index,
+                index,
                 signature,
             }));
             crate::failpoint::hit("signed0").await;
@@ -584,7 +595,7 @@ pub(crate) async fn handle_signing0(
                         fund_and_activate(&shared, core).await
                     }
                     .await;
-                    let _ = pending.done.send(res);
+                    let _ = done.send(res);
                 }
                 .instrument(span),
             );

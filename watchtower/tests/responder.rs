@@ -487,8 +487,10 @@ async fn junk_planted_at_the_locator_does_not_stall_the_job() {
     })
     .await;
     let took = t0.elapsed();
+    // The bound only has to tell linear steps over 60,001 blobs from
+    // quadratic ones; a loaded machine gets the slack.
     assert!(
-        took < Duration::from_secs(5),
+        took < Duration::from_secs(30),
         "the conclusion took {took:?}"
     );
     assert_eq!(balances(&s), paid(5));
