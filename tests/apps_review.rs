@@ -454,15 +454,24 @@ async fn force_update_on_an_unrefutable_stale_registration_ends_and_the_watcher_
     // Alice is back: too late to refute.
     let alice = restart_opts(&g.ledger, alice, &app_opts(g.app)).await;
     let ch = alice.client.channel(&v1.state.channelId).expect("restored");
-    let mut forcing = {
+    let forcing = {
         let ch = ch.clone();
         let params = params.clone();
         tokio::spawn(async move { ch.force_update(|s| TicTacToe.play(&params, s, 0, 6)).await })
     };
-    // It must end before the chain moves on (generous: a loaded machine).
-    let hangs = tokio::time::timeout(Duration::from_secs(30), &mut forcing)
-        .await
-        .is_err();
+    // It must end before the chain moves on (generous: a loaded machine),
+    // refusing the move on the registered state (version 1 is Bob's
+    // turn); giving up on finding that state (after 10 s) would be a
+    // failure of its own.
+    let forced = tokio::time::timeout(Duration::from_secs(30), forcing).await;
+    let hangs = forced.is_err();
+    if let Ok(res) = forced {
+        let res = res.expect("force_update panicked");
+        assert!(
+            matches!(res, Err(Error::Channel(_))),
+            "force_update on an unrefutable base: {res:?}"
+        );
+    }
     g.ledger.advance(CHALLENGE + 1).await;
     let concluded = ch
         .wait_for_phase(Phase::Withdrawn, Duration::from_secs(15))

@@ -63,7 +63,9 @@ async fn proposals_past_the_cap_are_rejected_at_once() {
     let ledger = Ledger::sim().await;
     let mut ps = common::parties(&ledger, 1, u(1_000_000), &Options::default()).await;
     let mut timeouts = common::test_timeouts(Duration::from_secs(30));
-    timeouts.handler = Duration::from_secs(2);
+    // Long enough that "at once" below cannot be the first's place
+    // coming free.
+    timeouts.handler = Duration::from_secs(4);
     let never = Arc::new(NeverDecides::default());
     let bob_opts = Options {
         proposal_handler: Some(never.clone()),
@@ -89,7 +91,7 @@ async fn proposals_past_the_cap_are_rejected_at_once() {
         }
         other => panic!("expected a rejection at the cap, got {other:?}"),
     }
-    // Sooner than the handler timeout (2 s) that ends the first.
+    // Well before the handler timeout (4 s) that ends the first.
     assert!(t.elapsed() < Duration::from_secs(2));
     // The handler timeout rejects the first and gives its place back: the
     // next one reaches the handler again.

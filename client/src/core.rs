@@ -79,7 +79,8 @@ pub(crate) struct Pending {
     pub(crate) index: usize,
     pub(crate) share: perun_channel::B256,
     pub(crate) done: tokio::sync::oneshot::Sender<Result<Channel>>,
-    /// Its place among the pending proposals ([`Shared::proposals`]).
+    /// Its place among the pending proposals ([`Shared::proposals`]),
+    /// kept until the channel is funded or failed.
     pub(crate) _slot: crate::dispatch::Pass,
 }
 

@@ -440,7 +440,8 @@ pub(crate) async fn handle_proposal(
                 return;
             }
         };
-        // Held while the handler decides and, accepted, until Signing0.
+        // Held while the handler decides and, accepted, until the channel
+        // is funded or failed.
         let slot = match shared.proposals.enter(peer) {
             Ok(slot) => slot,
             Err(e) => {
@@ -571,13 +572,13 @@ pub(crate) async fn handle_signing0(
     let signed = sign0(&shared, &pending, &s).instrument(span.clone()).await;
     match signed {
         Ok((core, signature)) => {
-            // Signed: the proposal's place among the pending ones is free
-            // before the proposer hears (funding is the channel's, not the
-            // proposal's).
+            // The proposal keeps its place among the pending ones until
+            // its channel is funded or failed (a peer that never deposits
+            // must not pile up channels waiting for funding), and gives it
+            // back before the application hears.
             let Pending {
                 done, index, _slot, ..
             } = pending;
-            drop(_slot);
             let _ = responder.reply(Message::UpdateAccept(UpdateAccept {
                 channel_id: core.id,
                 version: 0,
@@ -595,6 +596,7 @@ pub(crate) async fn handle_signing0(
                         fund_and_activate(&shared, core).await
                     }
                     .await;
+                    drop(_slot);
                     let _ = done.send(res);
                 }
                 .instrument(span),
@@ -602,14 +604,18 @@ pub(crate) async fn handle_signing0(
         }
         Err(e) => {
             span.in_scope(|| warn!(error = %e, "Signing0 refused"));
+            let Pending {
+                done, index, _slot, ..
+            } = pending;
+            drop(_slot);
             let _ = responder.reply(Message::UpdateReject(perun_wire::UpdateReject {
                 channel_id: B256::ZERO,
                 version: 0,
-                index: pending.index,
+                index,
                 reason: e.to_string(),
                 kind: perun_wire::RejectKind::Refused,
             }));
-            let _ = pending.done.send(Err(e));
+            let _ = done.send(Err(e));
         }
     }
 }
