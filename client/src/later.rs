@@ -71,7 +71,9 @@ impl Later {
     pub(crate) async fn due(&self) -> Vec<Chore> {
         loop {
             #[cfg(feature = "failpoints")]
-            let _ = self.held.subscribe().wait_for(|held| !held).await;
+            if *self.held.borrow() {
+                let _ = self.held.subscribe().wait_for(|held| !held).await;
+            }
             let first = self
                 .queue
                 .lock()

@@ -570,15 +570,18 @@ pub(crate) async fn handle_signing0(
     };
     let span = info_span!("handle_signing0", proposal = %s.proposal_id, me = pending.index);
     let signed = sign0(&shared, &pending, &s).instrument(span.clone()).await;
+    // The proposal's place among the pending ones is given back before
+    // anyone hears of its end: at once if refused, else once its channel
+    // is funded or failed (a peer that never deposits must not pile up
+    // channels waiting for funding).
+    let Pending {
+        done,
+        index,
+        _slot: slot,
+        ..
+    } = pending;
     match signed {
         Ok((core, signature)) => {
-            // The proposal keeps its place among the pending ones until
-            // its channel is funded or failed (a peer that never deposits
-            // must not pile up channels waiting for funding), and gives it
-            // back before the application hears.
-            let Pending {
-                done, index, _slot, ..
-            } = pending;
             let _ = responder.reply(Message::UpdateAccept(UpdateAccept {
                 channel_id: core.id,
                 version: 0,
@@ -596,7 +599,7 @@ pub(crate) async fn handle_signing0(
                         fund_and_activate(&shared, core).await
                     }
                     .await;
-                    drop(_slot);
+                    drop(slot);
                     let _ = done.send(res);
                 }
                 .instrument(span),
@@ -604,10 +607,7 @@ pub(crate) async fn handle_signing0(
         }
         Err(e) => {
             span.in_scope(|| warn!(error = %e, "Signing0 refused"));
-            let Pending {
-                done, index, _slot, ..
-            } = pending;
-            drop(_slot);
+            drop(slot);
             let _ = responder.reply(Message::UpdateReject(perun_wire::UpdateReject {
                 channel_id: B256::ZERO,
                 version: 0,

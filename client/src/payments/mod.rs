@@ -361,12 +361,12 @@ impl Payments {
 
     /// The payments layer with `config`.
     ///
-    /// One per client at a time: a second one while the first (any clone,
-    /// or a [`send`](Self::send) or a [`reserve`](Self::reserve)'s channel
-    /// opening whose caller gave up but that still runs) lives fails with [`Error::PaymentsInUse`], since two sets of books
-    /// would promise the same funds twice. Dropping the last clone puts
-    /// back the update handler it replaced, and a new one may be made at
-    /// once.
+    /// One per client at a time: a second one while the first lives (any
+    /// clone, or a [`send`](Self::send) or a [`reserve`](Self::reserve)'s
+    /// channel opening whose caller gave up but that still runs) fails
+    /// with [`Error::PaymentsInUse`], since two sets of books would promise
+    /// the same funds twice. Dropping the last clone puts back the update
+    /// handler it replaced, and a new one may be made at once.
     pub fn with_config(client: &Client, config: PaymentsConfig) -> Result<Self> {
         use std::sync::atomic::Ordering;
         let runtime =
