@@ -336,7 +336,8 @@ impl Lane {
 
     /// Tells the request `id` that it never left.
     fn unsent(&self, id: u64) {
-        if let Some(tx) = lock(&self.pending).remove(&id) {
+        let waiting = lock(&self.pending).remove(&id);
+        if let Some(tx) = waiting {
             let _ = tx.send(Answer::Unsent);
         }
     }
@@ -511,7 +512,11 @@ async fn read_reply<R: AsyncRead + Unpin>(reader: &mut R, lane: &Lane) -> io::Re
     if let Err(e) = &reply {
         warn!(error = %e, "bad reply frame");
     }
-    match lock(&lane.pending).remove(&id) {
+    // The map's lock is released before the send: the send wakes the
+    // caller, who takes that lock at once to leave the map, and a caller
+    // woken on this core preempts us while we would still hold it.
+    let waiting = lock(&lane.pending).remove(&id);
+    match waiting {
         Some(tx) => {
             let _ = tx.send(Answer::Reply(reply));
         }

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Who wakes a thread during the sequential updates: every `futex` wake
+inside a measured `pay`, per update, by the first frames of its stack
+outside the runtime's and the standard library's own.
+
+A tokio task woken from a worker usually needs no system call (it goes in
+the worker's next slot); a `futex` wake means another thread had to be
+woken, which on this guest costs an IPI to a halted vCPU and often a
+preemption. BENCHMARKS.md ("Two wake-ups off the sequential update")
+reads its counts.
+
+    CARGO_TARGET_DIR=target/prof CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \\
+        RUSTFLAGS="-C force-frame-pointers=yes" cargo build --release --example bench
+    PERUN_BENCH_MARKS=1 target/prof/release/examples/bench --only durable &
+    perf record -a -g -e syscalls:sys_enter_futex,syscalls:sys_enter_statx \\
+        -o /tmp/fx.data -- sleep 6
+    perf script -i /tmp/fx.data -F comm,tid,cpu,time,event,trace,ip,sym > /tmp/fx.txt
+    python3 diagnostics/wake_callers.py /tmp/fx.txt [DEPTH]
+
+`--raw` prints whole stacks instead (the runtime's frames too): the wakes
+tokio's scheduler makes itself (a worker that found work wakes another)
+show there as `worker::Context::run`.
+"""
+
+import bisect
+import collections
+import re
+import sys
+
+import markers
+
+HEADER = re.compile(r"^(\S.*?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
+OP = re.compile(r"op: (0x[0-9a-f]+)")
+FUTEX_WAKE, FUTEX_WAKE_BITSET = 1, 10
+# Frames that say nothing about who asked for the wake.
+PLUMBING = (
+    "syscall", "futex", "std::", "parking_lot", "tokio::", "core::", "alloc::",
+    "[unknown]", "__GI", "pthread", "mio::", "futures_", "<", "event_listener",
+)
+
+
+def read(path):
+    samples, cur = [], None
+    for line in open(path, errors="replace"):
+        if not line.strip():
+            if cur:
+                samples.append(cur)
+            cur = None
+            continue
+        if not line[0].isspace():
+            m = HEADER.match(line.rstrip("\n"))
+            if m:
+                cur = dict(comm=m.group(1), tid=int(m.group(2)), t=float(m.group(4)),
+                           event=m.group(5), trace=m.group(6), stack=[])
+            continue
+        if cur is not None:
+            parts = line.strip().split(None, 1)
+            cur["stack"].append(parts[1] if len(parts) > 1 else parts[0])
+    if cur:
+        samples.append(cur)
+    return samples
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    raw = "--raw" in sys.argv
+    depth = int(args[1]) if len(args) > 1 else 3
+    samples = read(args[0])
+    marks = [(s["t"], s["tid"], markers.is_start(s["trace"]))
+             for s in samples if s["event"].endswith("sys_enter_statx")]
+    spans = markers.updates(marks)
+    starts = [a for a, _ in spans]
+
+    def inside(t):
+        i = bisect.bisect_right(starts, t) - 1
+        return i >= 0 and t <= spans[i][1]
+
+    counts, wakes = collections.Counter(), 0
+    for s in samples:
+        if not s["event"].endswith("sys_enter_futex") or not inside(s["t"]):
+            continue
+        if int(OP.search(s["trace"]).group(1), 16) & 0x7F not in (FUTEX_WAKE, FUTEX_WAKE_BITSET):
+            continue
+        wakes += 1
+        if raw:
+            frames = [f for f in s["stack"] if not f.startswith(("syscall", "[unknown]"))][:12]
+        else:
+            frames = [f for f in s["stack"] if not f.startswith(PLUMBING)][:depth]
+        counts[(s["comm"][:15],) + tuple(f[:100] for f in frames)] += 1
+    n = max(len(spans), 1)
+    print(f"{len(spans)} updates, {wakes / n:.2f} futex wakes per update")
+    for key, c in counts.most_common(25):
+        sep = "\n        " if raw else " | "
+        print(f"{c / n:6.2f}  " + sep.join(key))
+
+
+if __name__ == "__main__":
+    main()
