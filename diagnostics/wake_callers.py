@@ -47,8 +47,8 @@ def read(path):
                 samples.append(cur)
             cur = None
             continue
-        if not line[0].isspace():
-            m = HEADER.match(line.rstrip("\n"))
+        if not line.startswith("\t"):
+            m = HEADER.match(line.strip())
             if m:
                 cur = dict(comm=m.group(1), tid=int(m.group(2)), t=float(m.group(4)),
                            event=m.group(5), trace=m.group(6), stack=[])
