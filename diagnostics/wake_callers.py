@@ -6,7 +6,7 @@ outside the runtime's and the standard library's own.
 A tokio task woken from a worker usually needs no system call (it goes in
 the worker's next slot); a `futex` wake means another thread had to be
 woken, which on this guest costs an IPI to a halted vCPU and often a
-preemption. BENCHMARKS.md ("Two wake-ups off the sequential update")
+preemption. BENCHMARKS.md ("Who wakes whom during a sequential update")
 reads its counts.
 
     CARGO_TARGET_DIR=target/prof CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \\
@@ -15,11 +15,17 @@ reads its counts.
     perf record -a -g -e syscalls:sys_enter_futex,syscalls:sys_enter_statx \\
         -o /tmp/fx.data -- sleep 6
     perf script -i /tmp/fx.data -F comm,tid,cpu,time,event,trace,ip,sym > /tmp/fx.txt
-    python3 diagnostics/wake_callers.py /tmp/fx.txt [DEPTH]
+    python3 diagnostics/wake_callers.py /tmp/fx.txt [DEPTH] [--raw] [--wait]
 
 `--raw` prints whole stacks instead (the runtime's frames too): the wakes
 tokio's scheduler makes itself (a worker that found work wakes another)
-show there as `worker::Context::run`.
+show there as `worker::Context::run`. `--wait` counts the `futex` waits
+instead of the wakes (a contended lock shows there, e.g. a
+`PendingGuard::drop`).
+
+Every process on the machine counts while a measured update runs (the
+bench's two, and anything else). Only `futex` calls count: a worker
+parked on tokio's I/O driver is woken by an eventfd `write` instead.
 """
 
 import bisect
@@ -31,11 +37,12 @@ import markers
 
 HEADER = re.compile(r"^(\S.*?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
 OP = re.compile(r"op: (0x[0-9a-f]+)")
-FUTEX_WAKE, FUTEX_WAKE_BITSET = 1, 10
+FUTEX_WAIT, FUTEX_WAKE, FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET = 0, 1, 9, 10
 # Frames that say nothing about who asked for the wake.
 PLUMBING = (
     "syscall", "futex", "std::", "parking_lot", "tokio::", "core::", "alloc::",
-    "[unknown]", "__GI", "pthread", "mio::", "futures_", "<", "event_listener",
+    "[unknown]", "__GI", "pthread", "mio::", "futures_", "event_listener",
+    "<core::", "<alloc::", "<std::", "<tokio::", "<futures", "<tracing::",
 )
 
 
@@ -50,6 +57,9 @@ def read(path):
         if not line.startswith("\t"):
             m = HEADER.match(line.strip())
             if m:
+                # Without stacks no blank line ends a sample.
+                if cur:
+                    samples.append(cur)
                 cur = dict(comm=m.group(1), tid=int(m.group(2)), t=float(m.group(4)),
                            event=m.group(5), trace=m.group(6), stack=[])
             continue
@@ -64,6 +74,7 @@ def read(path):
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     raw = "--raw" in sys.argv
+    ops = (FUTEX_WAIT, FUTEX_WAIT_BITSET) if "--wait" in sys.argv else (FUTEX_WAKE, FUTEX_WAKE_BITSET)
     depth = int(args[1]) if len(args) > 1 else 3
     samples = read(args[0])
     marks = [(s["t"], s["tid"], markers.is_start(s["trace"]))
@@ -79,7 +90,7 @@ def main():
     for s in samples:
         if not s["event"].endswith("sys_enter_futex") or not inside(s["t"]):
             continue
-        if int(OP.search(s["trace"]).group(1), 16) & 0x7F not in (FUTEX_WAKE, FUTEX_WAKE_BITSET):
+        if int(OP.search(s["trace"]).group(1), 16) & 0x7F not in ops:
             continue
         wakes += 1
         if raw:
@@ -88,7 +99,8 @@ def main():
             frames = [f for f in s["stack"] if not f.startswith(PLUMBING)][:depth]
         counts[(s["comm"][:15],) + tuple(f[:100] for f in frames)] += 1
     n = max(len(spans), 1)
-    print(f"{len(spans)} updates, {wakes / n:.2f} futex wakes per update")
+    kind = "waits" if "--wait" in sys.argv else "wakes"
+    print(f"{len(spans)} updates, {wakes / n:.2f} futex {kind} per update")
     for key, c in counts.most_common(25):
         sep = "\n        " if raw else " | "
         print(f"{c / n:6.2f}  " + sep.join(key))
