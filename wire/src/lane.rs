@@ -334,10 +334,17 @@ impl Lane {
         Some(reply.and_then(|r| r.map_err(Error::Refused)))
     }
 
+    /// Takes the request `id` out of the pending map. The map's lock is
+    /// released on return, before anyone answers the request: the answer
+    /// wakes its caller, who takes that lock at once to leave the map, and
+    /// a caller woken on this core would preempt us while we still held it.
+    fn take_pending(&self, id: u64) -> Option<oneshot::Sender<Answer>> {
+        lock(&self.pending).remove(&id)
+    }
+
     /// Tells the request `id` that it never left.
     fn unsent(&self, id: u64) {
-        let waiting = lock(&self.pending).remove(&id);
-        if let Some(tx) = waiting {
+        if let Some(tx) = self.take_pending(id) {
             let _ = tx.send(Answer::Unsent);
         }
     }
@@ -361,7 +368,7 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        lock(&self.lane.pending).remove(&self.id);
+        self.lane.take_pending(self.id);
     }
 }
 
@@ -512,11 +519,7 @@ async fn read_reply<R: AsyncRead + Unpin>(reader: &mut R, lane: &Lane) -> io::Re
     if let Err(e) = &reply {
         warn!(error = %e, "bad reply frame");
     }
-    // The map's lock is released before the send: the send wakes the
-    // caller, who takes that lock at once to leave the map, and a caller
-    // woken on this core preempts us while we would still hold it.
-    let waiting = lock(&lane.pending).remove(&id);
-    match waiting {
+    match lane.take_pending(id) {
         Some(tx) => {
             let _ = tx.send(Answer::Reply(reply));
         }
