@@ -33,9 +33,12 @@ frequency.
         -o /tmp/perf.data -- sleep 8
     perf script -i /tmp/perf.data -F comm,pid,tid,time,event,trace,ip,sym > /tmp/perf.txt
     python3 diagnostics/cpu_split.py /tmp/perf.txt --per-update 9999
+
+With `--crypto-callers` as well, the crypto is split by the first `perun_`
+frame above it (whose signature check or signing it is): BENCHMARKS.md's
+recovery inside an update against the floor's.
 """
 
-import bisect
 import collections
 import re
 import sys
@@ -75,6 +78,9 @@ def samples(path):
             elif not line.startswith("\t"):
                 m = HEADER.match(line)
                 if m:
+                    # Recorded without stacks, no blank line ends a sample.
+                    if head:
+                        yield (*head, frames)
                     head = (m.group(1), int(m.group(2)), int(m.group(3)), float(m.group(4)),
                             m.group(5), m.group(6))
                     frames = []
@@ -154,6 +160,9 @@ def main():
         for k, v in c.most_common():
             print("%6.2f %%  %s" % (100 * v / len(cpu), k))
         return
+    callers = "--crypto-callers" in args
+    if callers:
+        args.remove("--crypto-callers")
     per_update = None
     if "--per-update" in args:
         i = args.index("--per-update")
@@ -177,12 +186,14 @@ def main():
     spans = markers.updates(marks)
     if not spans:
         sys.exit("no complete update between the markers")
-    starts = [a for a, _ in spans]
+    inside = markers.within(spans)
     by = collections.defaultdict(collections.Counter)
     for comm, pid, _, t, _, _, frames in cpu:
-        i = bisect.bisect_right(starts, t) - 1
-        if i >= 0 and t <= spans[i][1]:
-            by[(pid, comm)][kind(frames)] += 1
+        if inside(t):
+            k = kind(frames)
+            if callers and k.startswith("crypto"):
+                k += " < " + next((f for f in frames if f.startswith("perun_")), "?")
+            by[(pid, comm)][k] += 1
     n = len(spans)
     us = lambda count: count / per_update / n * 1e6
     print("%d updates, mean %.1f µs" % (n, sum(b - a for a, b in spans) / n * 1e6))

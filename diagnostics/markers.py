@@ -2,6 +2,7 @@
 `statx` without flags before each measured `pay`, one with
 `AT_SYMLINK_NOFOLLOW` after it."""
 
+import bisect
 import collections
 import re
 
@@ -39,3 +40,15 @@ def updates(marks):
 def marker_tid(marks):
     """The thread that wrote the most markers."""
     return collections.Counter(tid for _, tid, _ in marks).most_common(1)[0][0]
+
+
+def within(spans):
+    """A test of whether a time falls inside one of `spans` (as `updates`
+    returns them: in order, not overlapping)."""
+    starts = [a for a, _ in spans]
+
+    def inside(t):
+        i = bisect.bisect_right(starts, t) - 1
+        return i >= 0 and t <= spans[i][1]
+
+    return inside

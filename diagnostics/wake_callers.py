@@ -14,28 +14,28 @@ reads its counts.
     PERUN_BENCH_MARKS=1 target/prof/release/examples/bench --only durable &
     perf record -a -g -e syscalls:sys_enter_futex,syscalls:sys_enter_statx \\
         -o /tmp/fx.data -- sleep 6
-    perf script -i /tmp/fx.data -F comm,tid,cpu,time,event,trace,ip,sym > /tmp/fx.txt
-    python3 diagnostics/wake_callers.py /tmp/fx.txt [DEPTH] [--raw] [--wait]
+    perf script -i /tmp/fx.data -F comm,pid,tid,time,event,trace,ip,sym > /tmp/fx.txt
+    python3 diagnostics/wake_callers.py /tmp/fx.txt [DEPTH] [--raw] [--wait] [--all]
 
 `--raw` prints whole stacks instead (the runtime's frames too): the wakes
 tokio's scheduler makes itself (a worker that found work wakes another)
 show there as `worker::Context::run`. `--wait` counts the `futex` waits
 instead of the wakes (a contended lock shows there, e.g. a
-`PendingGuard::drop`).
+`PendingGuard::drop`). `--all` counts the whole recording, not only the
+measured updates, and prints totals (the 100-channel run has no markers).
 
 Every process on the machine counts while a measured update runs (the
 bench's two, and anything else). Only `futex` calls count: a worker
 parked on tokio's I/O driver is woken by an eventfd `write` instead.
 """
 
-import bisect
 import collections
 import re
 import sys
 
+import cpu_split
 import markers
 
-HEADER = re.compile(r"^(\S.*?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
 OP = re.compile(r"op: (0x[0-9a-f]+)")
 FUTEX_WAIT, FUTEX_WAKE, FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET = 0, 1, 9, 10
 # Frames that say nothing about who asked for the wake.
@@ -46,61 +46,37 @@ PLUMBING = (
 )
 
 
-def read(path):
-    samples, cur = [], None
-    for line in open(path, errors="replace"):
-        if not line.strip():
-            if cur:
-                samples.append(cur)
-            cur = None
-            continue
-        if not line.startswith("\t"):
-            m = HEADER.match(line.strip())
-            if m:
-                # Without stacks no blank line ends a sample.
-                if cur:
-                    samples.append(cur)
-                cur = dict(comm=m.group(1), tid=int(m.group(2)), t=float(m.group(4)),
-                           event=m.group(5), trace=m.group(6), stack=[])
-            continue
-        if cur is not None:
-            parts = line.strip().split(None, 1)
-            cur["stack"].append(parts[1] if len(parts) > 1 else parts[0])
-    if cur:
-        samples.append(cur)
-    return samples
-
-
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     raw = "--raw" in sys.argv
     ops = (FUTEX_WAIT, FUTEX_WAIT_BITSET) if "--wait" in sys.argv else (FUTEX_WAKE, FUTEX_WAKE_BITSET)
     depth = int(args[1]) if len(args) > 1 else 3
-    samples = read(args[0])
-    marks = [(s["t"], s["tid"], markers.is_start(s["trace"]))
-             for s in samples if s["event"].endswith("sys_enter_statx")]
+    recs = list(cpu_split.samples(args[0]))
+    marks = [(t, tid, markers.is_start(trace))
+             for _, _, tid, t, event, trace, _ in recs if event.endswith("sys_enter_statx")]
     spans = markers.updates(marks)
-    starts = [a for a, _ in spans]
-
-    def inside(t):
-        i = bisect.bisect_right(starts, t) - 1
-        return i >= 0 and t <= spans[i][1]
+    whole = "--all" in sys.argv
+    inside = (lambda _: True) if whole else markers.within(spans)
 
     counts, wakes = collections.Counter(), 0
-    for s in samples:
-        if not s["event"].endswith("sys_enter_futex") or not inside(s["t"]):
+    for comm, _, _, t, event, trace, stack in recs:
+        if not event.endswith("sys_enter_futex") or not inside(t):
             continue
-        if int(OP.search(s["trace"]).group(1), 16) & 0x7F not in ops:
+        if int(OP.search(trace).group(1), 16) & 0x7F not in ops:
             continue
         wakes += 1
         if raw:
-            frames = [f for f in s["stack"] if not f.startswith(("syscall", "[unknown]"))][:12]
+            frames = [f for f in stack if not f.startswith(("syscall", "[unknown]"))][:12]
         else:
-            frames = [f for f in s["stack"] if not f.startswith(PLUMBING)][:depth]
-        counts[(s["comm"][:15],) + tuple(f[:100] for f in frames)] += 1
-    n = max(len(spans), 1)
+            frames = [f for f in stack if not f.startswith(PLUMBING)][:depth]
+        counts[(comm[:15],) + tuple(f[:100] for f in frames)] += 1
     kind = "waits" if "--wait" in sys.argv else "wakes"
-    print(f"{len(spans)} updates, {wakes / n:.2f} futex {kind} per update")
+    if whole:
+        n = 1
+        print(f"{wakes} futex {kind} in the recording")
+    else:
+        n = max(len(spans), 1)
+        print(f"{len(spans)} updates, {wakes / n:.2f} futex {kind} per update")
     for key, c in counts.most_common(25):
         sep = "\n        " if raw else " | "
         print(f"{c / n:6.2f}  " + sep.join(key))
