@@ -22,7 +22,7 @@ use perun::channel::tictactoe::{Board, Illegal, TicTacToe};
 use perun::channel::{
     Address, Allocation, App, AppRejection, ChannelId, Params, Phase, SignedState, State, U256,
 };
-use perun::client::{ChannelEvent, ChannelProposal, Error};
+use perun::client::{ChannelEvent, ChannelProposal, Error, MootReason};
 use perun::wallet::Account;
 use perun::wire::{Message, RejectKind, Update, UpdateCommit};
 
@@ -460,15 +460,24 @@ async fn force_update_on_an_unrefutable_stale_registration_ends_and_the_watcher_
         tokio::spawn(async move { ch.force_update(|s| TicTacToe.play(&params, s, 0, 6)).await })
     };
     // It must end before the chain moves on (generous: a loaded machine),
-    // refusing the move on the registered state (version 1 is Bob's
-    // turn); giving up on finding that state (after 10 s) would be a
-    // failure of its own.
+    // refusing the move: on the registered state (version 1 is Bob's
+    // turn), or, if it built the move on its own version 4 first, as moot
+    // once it finds version 1 registered. Which comes first is a race.
+    // Giving up on finding that state (after 10 s) would be a failure of
+    // its own.
     let forced = tokio::time::timeout(Duration::from_secs(30), forcing).await;
     let hangs = forced.is_err();
     if let Ok(res) = forced {
         let res = res.expect("force_update panicked");
         assert!(
-            matches!(res, Err(Error::Channel(_))),
+            matches!(
+                res,
+                Err(Error::Channel(_))
+                    | Err(Error::MoveMoot {
+                        reason: MootReason::ChainMoved { registered: 1 },
+                        ..
+                    })
+            ),
             "force_update on an unrefutable base: {res:?}"
         );
     }
