@@ -447,7 +447,7 @@ impl Client {
             for core in self.shared.channel_cores() {
                 let mut l = core.locked.lock().await;
                 if let Err(e) = l.flush_unsaved(&self.shared, &core).await {
-                    warn!(channel = %core.id, error = %e, "could not store a committed update at shutdown; a sync restores it");
+                    warn!(channel = %core.id, error = %e, "could not store a peer's commit at shutdown; after a restart a sync asks the peer for it");
                 }
             }
         };

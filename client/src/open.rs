@@ -304,16 +304,34 @@ pub(crate) async fn resume_funding(
 
 /// Deposits our share, waits for everyone's, and marks the channel active.
 async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Result<Channel> {
-    let state = {
+    // A responder of an n-party channel holds the version-0 commit unsaved
+    // for a moment: store it, with the phase `Funding`, before any
+    // deposit, so a restart after the deposit goes on funding. A failed
+    // write is tried again while the funding timeout lasts: giving up
+    // leaves every peer waiting for our deposit until then.
+    let deadline = tokio::time::Instant::now() + shared.timeouts.funding;
+    let mut attempt = 0u32;
+    let state = loop {
         let mut l = core.locked.lock().await;
-        // A responder of an n-party channel holds the version-0 commit
-        // unsaved for a moment: store it, with the phase `Funding`, before
-        // any deposit, so a restart after the deposit goes on funding.
-        l.flush_unsaved(shared, &core).await?;
-        l.machine
-            .current()
-            .map(|c| c.state.clone())
-            .ok_or(Error::Phase(l.machine.phase()))?
+        match l.flush_unsaved(shared, &core).await {
+            Ok(()) => {
+                break l
+                    .machine
+                    .current()
+                    .map(|c| c.state.clone())
+                    .ok_or(Error::Phase(l.machine.phase()))?;
+            }
+            Err(e) => {
+                drop(l);
+                attempt = attempt.saturating_add(1);
+                let pause = shared.timeouts.backoff(attempt);
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(e);
+                }
+                warn!(channel = %core.id, attempt, retry_in = ?pause, error = %e, "could not store the opening state before funding; retrying");
+                tokio::time::sleep(pause).await;
+            }
+        }
     };
     let req = FundingRequest {
         params: Params::clone(&core.params),

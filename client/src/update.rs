@@ -920,25 +920,51 @@ fn run_chore(shared: &Arc<Shared>, chore: Chore) {
                 hand_out_held(&shared, &core, &mut l, version);
             });
         }
-        Chore::Flush { core } => {
-            let Some(core) = core.upgrade() else {
+        Chore::Flush { core: weak } => {
+            let Some(core) = weak.upgrade() else {
                 return;
             };
-            if let Ok(mut l) = core.locked.try_lock() {
+            if let Ok(mut l) = core.locked.try_lock()
+                && l.unsaved.is_none()
+            {
                 l.flush_pending = false;
-                if l.unsaved.is_none() {
+                return;
+            }
+            tokio::spawn(flush_until_stored(Arc::downgrade(shared), weak));
+        }
+    }
+}
+
+/// Stores a channel's unsaved commit, retrying with the client's backoff
+/// until it is stored (by this write or another) or moot (the client or
+/// the channel is gone). The peer heard we took it and will not send it
+/// again, and a `Sync` would not bring it back either: its state is
+/// already ours in memory. While this runs `flush_pending` stays set, so
+/// a newer commit rides on this task's next try.
+async fn flush_until_stored(shared: std::sync::Weak<Shared>, core: std::sync::Weak<ChannelCore>) {
+    let mut attempt = 0u32;
+    loop {
+        let (Some(shared), Some(core)) = (shared.upgrade(), core.upgrade()) else {
+            return;
+        };
+        let pause = {
+            let mut l = core.locked.lock().await;
+            match l.flush_unsaved(&shared, &core).await {
+                Ok(()) => {
+                    l.flush_pending = false;
                     return;
                 }
-            }
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let mut l = core.locked.lock().await;
-                l.flush_pending = false;
-                if let Err(e) = l.flush_unsaved(&shared, &core).await {
-                    warn!(error = %e, "could not store a committed update; a sync restores it");
+                Err(e) => {
+                    attempt = attempt.saturating_add(1);
+                    let pause = shared.timeouts.backoff(attempt);
+                    warn!(channel = %core.id, attempt, retry_in = ?pause, error = %e, "could not store a peer's commit; retrying");
+                    pause
                 }
-            });
-        }
+            }
+        };
+        // Neither the client nor the channel is kept alive by the wait.
+        drop((shared, core));
+        tokio::time::sleep(pause).await;
     }
 }
 
