@@ -115,6 +115,11 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl Lanes {
+    /// When a request sent now must have its answer.
+    pub(crate) fn deadline(&self) -> Instant {
+        Instant::now() + self.config.request_timeout
+    }
+
     pub(crate) fn new(control: Control, config: LaneConfig) -> Arc<Self> {
         Arc::new(Self {
             control: Mutex::new(control),
@@ -144,9 +149,13 @@ impl Lanes {
 
     /// The lane to use for `peer`, opened if need be; `None`: use
     /// `/perun/wire/1` (the peer does not speak lanes, or a lane could not
-    /// be opened lately). Waits at most `request_timeout`, for one attempt
-    /// that concurrent callers share.
-    pub(crate) async fn route(self: &Arc<Self>, peer: PeerId) -> Option<Arc<Lane>> {
+    /// be opened lately). Waits until the request's `deadline` at most, for
+    /// one attempt that concurrent callers share.
+    pub(crate) async fn route(
+        self: &Arc<Self>,
+        peer: PeerId,
+        deadline: Instant,
+    ) -> Option<Arc<Lane>> {
         let opening = {
             let peers = lock(&self.peers);
             let p = peers.get(&peer).filter(|p| p.usable())?;
@@ -155,7 +164,6 @@ impl Lanes {
             }
             p.opening.clone()
         };
-        let deadline = Instant::now() + self.config.request_timeout;
         let _opening = timeout_at(deadline, opening.lock()).await.ok()?;
         {
             let peers = lock(&self.peers);
@@ -302,10 +310,15 @@ impl Lane {
         self.open.load(Ordering::Acquire) && !self.tx.is_closed()
     }
 
-    /// Sends `msg` and waits for its reply. `None`: the lane closed before
-    /// the request was written in full, so it can go another way (a peer
-    /// that restarted leaves a lane that breaks under the next request).
-    pub(crate) async fn request(&self, msg: &Message) -> Option<Result<Message>> {
+    /// Sends `msg` and waits for its reply until `deadline`. `None`: the
+    /// lane closed before the request was written in full, so it can go
+    /// another way (a peer that restarted leaves a lane that breaks under
+    /// the next request).
+    pub(crate) async fn request(
+        &self,
+        msg: &Message,
+        deadline: Instant,
+    ) -> Option<Result<Message>> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let frame = match frame::encode_tagged(id, msg, self.config.max_frame) {
             Ok(frame) => frame,
@@ -322,10 +335,14 @@ impl Lane {
             pending.insert(id, tx);
         }
         let _pending = PendingGuard { lane: self, id };
-        if self.tx.send(Queued { id, frame }).await.is_err() {
-            return None;
+        // The deadline covers the wait for a place in the queue too: behind
+        // a peer that reads slowly the queue stays full.
+        match timeout_at(deadline, self.tx.send(Queued { id, frame })).await {
+            Err(_) => return Some(Err(Error::Timeout)),
+            Ok(Err(_)) => return None,
+            Ok(Ok(())) => {}
         }
-        let reply = match timeout(self.config.request_timeout, rx).await {
+        let reply = match timeout_at(deadline, rx).await {
             Err(_) => Err(Error::Timeout),
             Ok(Err(_)) => Err(Error::ConnectionClosed),
             Ok(Ok(Answer::Unsent)) => return None,
@@ -396,7 +413,12 @@ async fn run_outbound(
                     continue;
                 }
             };
-            if let Err((e, unwritten)) = write_batch(&mut writer, &mut rx, first, config).await {
+            // A request whose caller is gone (timed out, dropped) is not
+            // written: nobody waits for its reply.
+            let waited = |q: &Queued| lock(&lane.pending).contains_key(&q.id);
+            if let Err((e, unwritten)) =
+                write_batch(&mut writer, &mut rx, first, waited, config).await
+            {
                 debug!(error = %e, unwritten = unwritten.len(), "lane write failed");
                 for q in unwritten {
                     lane.unsent(q.id);
@@ -445,26 +467,31 @@ async fn run_outbound(
 }
 
 /// Writes `first` and whatever else is queued, up to [`WRITE_BATCH`] bytes,
-/// as one write; the peer must take it within the request timeout. On
-/// failure, also returns the frames the stream did not take in full (the
-/// peer cannot have read them).
+/// as one write, leaving out the frames `keep` refuses; the peer must take
+/// it within the request timeout. On failure, also returns the frames the
+/// stream did not take in full (the peer cannot have read them).
 async fn write_batch<W: AsyncWrite + Unpin, T: AsRef<[u8]>>(
     writer: &mut W,
     rx: &mut mpsc::Receiver<T>,
     first: T,
+    keep: impl Fn(&T) -> bool,
     config: LaneConfig,
 ) -> std::result::Result<(), (io::Error, Vec<T>)> {
     // Held (replies with their tickets) until written.
-    let mut taken = vec![first];
-    let mut bytes = taken[0].as_ref().len();
-    while bytes < WRITE_BATCH {
-        match rx.try_recv() {
-            Ok(more) => {
-                bytes += more.as_ref().len();
-                taken.push(more);
-            }
-            Err(_) => break,
+    let mut taken = Vec::with_capacity(1);
+    let mut bytes = 0;
+    let mut next = Some(first);
+    while let Some(frame) = next.take() {
+        if keep(&frame) {
+            bytes += frame.as_ref().len();
+            taken.push(frame);
         }
+        if bytes < WRITE_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    if taken.is_empty() {
+        return Ok(());
     }
     // A lone frame goes out as it is; several are joined into one write.
     let joined = (taken.len() > 1).then(|| {
@@ -516,14 +543,16 @@ async fn read_reply<R: AsyncRead + Unpin>(reader: &mut R, lane: &Lane) -> io::Re
             return Err(io::Error::new(io::ErrorKind::TimedOut, e));
         }
     };
-    if let Err(e) = &reply {
-        warn!(error = %e, "bad reply frame");
-    }
     match lane.take_pending(id) {
         Some(tx) => {
+            // At most one per request we sent: no throttle needed.
+            if let Err(e) = &reply {
+                warn!(error = %e, "bad reply frame");
+            }
             let _ = tx.send(Answer::Reply(reply));
         }
-        None => debug!(id, "reply for no waiting request"),
+        // Anything the peer likes, as often as it likes: no warn.
+        None => debug!(id, ok = reply.is_ok(), "reply for no waiting request"),
     }
     lane.delivered.notify_one();
     Ok(true)
@@ -785,7 +814,7 @@ async fn serve(seat: Seat, stream: libp2p::Stream) {
             }
         }
         while let Some(first) = rx.recv().await {
-            if let Err((e, _)) = write_batch(&mut writer, &mut rx, first, config).await {
+            if let Err((e, _)) = write_batch(&mut writer, &mut rx, first, |_| true, config).await {
                 debug!(error = %e, "lane reply write failed");
                 return;
             }
@@ -940,6 +969,49 @@ mod tests {
         }
     }
 
+    /// Frames `keep` refuses (requests whose caller is gone) are left out
+    /// of the write, the first one included; the rest go out in order.
+    #[tokio::test]
+    async fn frames_nobody_waits_for_are_not_written() {
+        let (tx, mut rx) = mpsc::channel(8);
+        for id in 1..4u8 {
+            tx.send(Queued {
+                id: id.into(),
+                frame: vec![id; 3],
+            })
+            .await
+            .unwrap();
+        }
+        let first = Queued {
+            id: 0,
+            frame: vec![0; 3],
+        };
+        let mut w = Breaks {
+            room: 100,
+            chunk: 100,
+        };
+        let waited = |q: &Queued| q.id % 2 == 1;
+        assert!(
+            write_batch(&mut w, &mut rx, first, waited, config())
+                .await
+                .is_ok()
+        );
+        assert_eq!(w.room, 100 - 6, "only frames 1 and 3 were written");
+        let mut w = Breaks { room: 0, chunk: 1 };
+        let (tx, mut rx) = mpsc::channel::<Queued>(1);
+        drop(tx);
+        let gone = Queued {
+            id: 0,
+            frame: vec![0; 3],
+        };
+        // Nothing left to write: no write at all (the stream has no room).
+        assert!(
+            write_batch(&mut w, &mut rx, gone, |_| false, config())
+                .await
+                .is_ok()
+        );
+    }
+
     /// Writes three 10-byte frames into a stream that breaks after `room`
     /// bytes; returns the ids of the frames reported unwritten.
     async fn unwritten_after(room: usize) -> Vec<u64> {
@@ -957,7 +1029,7 @@ mod tests {
             frame: vec![0; 10],
         };
         let mut w = Breaks { room, chunk: 7 };
-        match write_batch(&mut w, &mut rx, first, config()).await {
+        match write_batch(&mut w, &mut rx, first, |_| true, config()).await {
             Ok(()) => panic!("the stream broke"),
             Err((_, unwritten)) => unwritten.iter().map(|q| q.id).collect(),
         }

@@ -394,8 +394,10 @@ impl Handle {
     /// no connection, using the addresses we know for it.
     ///
     /// At most half of [`Config::max_concurrent_streams`] requests to one
-    /// peer are in flight at once; more wait here for a slot (the request
-    /// timeout starts once the request is handed to the swarm). Each peer has
+    /// peer are in flight at once; more wait here for a slot. The request
+    /// timeout starts once the request has its slot and covers everything
+    /// after: opening a lane, a place in its queue, the fallback to
+    /// `/perun/wire/1`, dialing, the reply. Each peer has
     /// its own slots, so a peer that answers slowly never delays requests
     /// to the others.
     ///
@@ -411,8 +413,11 @@ impl Handle {
         if self.cmd.is_closed() {
             return Err(Error::Shutdown);
         }
-        if let Some(lane) = self.lanes.route(peer).await
-            && let Some(reply) = lane.request(msg).await
+        // One request timeout for all of it: opening a lane, the lane's
+        // queue and reply, and `/perun/wire/1` if the lane cannot take it.
+        let deadline = self.lanes.deadline();
+        if let Some(lane) = self.lanes.route(peer, deadline).await
+            && let Some(reply) = lane.request(msg, deadline).await
         {
             return match reply {
                 Err(Error::ConnectionClosed) if self.cmd.is_closed() => Err(Error::Shutdown),
@@ -421,10 +426,13 @@ impl Handle {
         }
         let frame = frame::encode_frame(msg, self.max_frame)?;
         let (tx, rx) = oneshot::channel();
-        self.command(Command::Send { peer, frame, tx }).await?;
-        match rx.await.map_err(|_| Error::Shutdown)?? {
-            Ok(reply) => Ok(reply),
-            Err(refusal) => Err(Error::Refused(refusal)),
+        let fallback = async {
+            self.command(Command::Send { peer, frame, tx }).await?;
+            rx.await.map_err(|_| Error::Shutdown)?
+        };
+        match tokio::time::timeout_at(deadline, fallback).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(reply) => reply?.map_err(Error::Refused),
         }
     }
 
