@@ -745,6 +745,11 @@ struct Writer {
 /// Most logged entries the database may lag behind by.
 const DEFER_MAX: usize = 1024;
 
+/// Largest log sequence number an open accepts (a store writing a million
+/// batches a second would take 290,000 years to reach it), so the writer's
+/// `next_seq + 1` cannot overflow.
+const MAX_SEQ: u64 = u64::MAX / 2;
+
 /// Records the writer keeps decoded (beyond this, it starts over: a store
 /// with more channels updating at once reads the rest from redb's cache).
 const RECORD_CACHE: usize = 1024;
@@ -829,9 +834,18 @@ impl Writer {
                 .map_or(0, |v| v.value())
         };
         let todo: Vec<_> = records.into_iter().filter(|r| r.seq > applied).collect();
-        let Some(last) = todo.last().map(|r| r.seq) else {
+        let last = todo.last().map_or(applied, |r| r.seq);
+        if last > MAX_SEQ {
+            // Bytes from disk: no store gets near this by writing, and the
+            // writer counts on from here unchecked.
+            return Err(Error::Corrupt {
+                id: None,
+                reason: format!("the write-ahead log's sequence number {last} is out of range"),
+            });
+        }
+        if todo.is_empty() {
             return Ok(applied);
-        };
+        }
         if todo.first().is_some_and(|r| r.seq != applied + 1) {
             // A gap between the database and the log: records are missing.
             return Err(Error::Corrupt {
@@ -1565,7 +1579,15 @@ fn plan_update(
 ) -> std::result::Result<(Plan, ChannelRecord), Failure> {
     let rec = match cache.remove(&id) {
         Some(rec) => rec,
-        None => tables.read(id)?.ok_or(Error::UnknownChannel(id))?,
+        None => {
+            let rec = tables.read(id)?.ok_or(Error::UnknownChannel(id))?;
+            // Bytes from disk: checked as a load checks them (its key is
+            // its params' hash, the params valid), which is what the cheap
+            // checks of each write (`check_shape`) rely on. Once per record
+            // this thread has not cached.
+            check_loaded(id, &rec)?;
+            rec
+        }
     };
     plan_record(rec, cache, id, changes)
 }

@@ -214,7 +214,10 @@ fn read_records(file: &File, len: u64, db: u64) -> Vec<Record> {
     let mut out: Vec<Record> = Vec::new();
     let mut pos = 0u64;
     while let Some((rec, next)) = read_one(file, pos, len, db) {
-        if out.last().is_some_and(|prev| rec.seq != prev.seq + 1) {
+        if out
+            .last()
+            .is_some_and(|prev| prev.seq.checked_add(1) != Some(rec.seq))
+        {
             break;
         }
         out.push(rec);
