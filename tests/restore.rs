@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -92,73 +92,20 @@ async fn pay_once_reconnected(ch: &perun::client::Channel, to: usize, amount: U2
     panic!("no payment went through after the restart");
 }
 
-/// A store that fails the next write with a change `what` picks once
-/// armed. With [`commits`]: the update's proposer "crashes" after its peer
-/// signed, before it did.
-struct FailNext {
-    inner: Arc<dyn Persister>,
-    armed: Arc<AtomicBool>,
-    what: fn(&Change) -> bool,
+/// A write of a fully signed state: with it failing, the update's
+/// proposer "crashes" after its peer signed, before it did.
+fn commits(cs: &[Change]) -> bool {
+    cs.iter().any(|c| matches!(c, Change::Committed(_)))
 }
 
-/// A fully signed state.
-fn commits(c: &Change) -> bool {
-    matches!(c, Change::Committed(_))
-}
-
-/// A responder's signature on a final state.
-fn signs_final(c: &Change) -> bool {
-    matches!(c, Change::Staged(s) if s.state.isFinal)
-}
-
-/// A store for `opts` that fails as [`FailNext`] says, once `armed`.
-fn failing(armed: &Arc<AtomicBool>, what: fn(&Change) -> bool) -> Options {
-    Options {
-        wrap_persister: Some(Box::new({
-            let armed = armed.clone();
-            move |inner| {
-                Arc::new(FailNext {
-                    inner,
-                    armed: armed.clone(),
-                    what,
-                }) as Arc<dyn Persister>
-            }
-        })),
-        ..Options::default()
-    }
-}
-
-#[async_trait]
-impl Persister for FailNext {
-    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
-        self.inner.channel_created(ch).await
-    }
-    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
-        let picked = changes.iter().any(self.what);
-        if picked && self.armed.swap(false, Ordering::SeqCst) {
-            return Err(perun::persistence::Error::Storage(
-                "injected failure".into(),
-            ));
-        }
-        self.inner.update(id, changes).await
-    }
-    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
-        self.inner.channel_removed(id).await
-    }
-    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
-        self.inner.channel_ids().await
-    }
-    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
-        self.inner.load(id).await
-    }
-    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
-        self.inner.load_all().await
-    }
+/// A write of a responder's signature on a final state.
+fn signs_final(cs: &[Change]) -> bool {
+    cs.iter()
+        .any(|c| matches!(c, Change::Staged(s) if s.state.isFinal))
 }
 
 async fn a_failed_commit_burns_its_version(ledger: Ledger) {
-    let armed = Arc::new(AtomicBool::new(false));
-    let alice_opts = failing(&armed, commits);
+    let (alice_opts, failures) = common::failing_writes(commits);
     let mut ps = vec![
         common::party(&ledger, u(1_000_000), &alice_opts).await,
         common::party(&ledger, u(1_000_000), &Options::default()).await,
@@ -167,7 +114,7 @@ async fn a_failed_commit_burns_its_version(ledger: Ledger) {
     let chans = open(&ledger, &mut ps, u(1000)).await;
     chans[0].pay(1, 0, u(10)).await.unwrap();
 
-    armed.store(true, Ordering::SeqCst);
+    failures.arm(1);
     let err = chans[0].pay(1, 0, u(20)).await.unwrap_err();
     assert!(matches!(err, perun::client::Error::Persistence(_)), "{err}");
     // Alice stays on version 1. Bob had signed version 2; Alice's abort made
@@ -206,22 +153,22 @@ async fn a_failed_commit_burns_its_version(ledger: Ledger) {
 /// signature was on a copy, and only a stored one counts). Both go on
 /// updating, and the final state can be signed after all.
 async fn a_responder_whose_store_fails_a_final_state_goes_on(ledger: Ledger) {
-    let armed = Arc::new(AtomicBool::new(false));
+    let (bob_opts, failures) = common::failing_writes(signs_final);
     let mut ps = vec![
         common::party(&ledger, u(1_000_000), &Options::default()).await,
-        common::party(&ledger, u(1_000_000), &failing(&armed, signs_final)).await,
+        common::party(&ledger, u(1_000_000), &bob_opts).await,
     ];
     introduce(&ps).await;
     let chans = open(&ledger, &mut ps, u(1000)).await;
     chans[0].pay(1, 0, u(10)).await.unwrap();
 
-    armed.store(true, Ordering::SeqCst);
+    failures.arm(1);
     let err = chans[0].update(|s| s.isFinal = true).await.unwrap_err();
     assert!(
         matches!(err, perun::client::Error::Rejected { index: 1, .. }),
         "{err}"
     );
-    assert!(!armed.load(Ordering::SeqCst), "Bob's write was tried");
+    assert_eq!(failures.injected(), 1, "Bob's write was tried");
     assert_eq!(chans[1].phase(), Phase::Active);
     // Both directions still go through: Bob did not count the final state
     // as signed.
@@ -244,8 +191,7 @@ async fn a_responder_whose_store_fails_a_final_state_goes_on(ledger: Ledger) {
 /// again: before the burnt version was stored, every payment of Alice's
 /// answered `Conflict` (5 of 5). Now all five go through, past it.
 async fn a_burnt_version_survives_the_proposers_restart(ledger: Ledger) {
-    let armed = Arc::new(AtomicBool::new(false));
-    let alice_opts = failing(&armed, commits);
+    let (alice_opts, failures) = common::failing_writes(commits);
     let mut ps = vec![
         common::party(&ledger, u(1_000_000), &alice_opts).await,
         common::party(&ledger, u(1_000_000), &Options::default()).await,
@@ -253,7 +199,7 @@ async fn a_burnt_version_survives_the_proposers_restart(ledger: Ledger) {
     introduce(&ps).await;
     let chans = open(&ledger, &mut ps, u(1000)).await;
     chans[0].pay(1, 0, u(10)).await.unwrap();
-    armed.store(true, Ordering::SeqCst);
+    failures.arm(1);
     let err = chans[0].pay(1, 0, u(20)).await.unwrap_err();
     assert!(matches!(err, perun::client::Error::Persistence(_)), "{err}");
     assert_eq!(chans[1].state().state.version, 1);

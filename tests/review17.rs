@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use common::{Ledger, Options, open, parties};
+use common::{Ledger, Options, initial, open, parties, two_party_params};
 use perun::channel::{
     Address, Allocation, Asset, Domain, Machine, Params, PaymentApp, Phase, SignedState, State,
     U256,
@@ -35,31 +35,6 @@ fn u(x: u64) -> U256 {
 // ---------------------------------------------------------------------------
 // channel crate: `staged_hash`, `validate_for`
 // ---------------------------------------------------------------------------
-
-fn two_party_params(a: &LocalAccount, b: &LocalAccount) -> Params {
-    let domain = Domain {
-        chain_id: U256::from(31337),
-        adjudicator: Address::repeat_byte(0xad),
-    };
-    Params::payment(
-        domain,
-        60,
-        U256::from(7),
-        vec![a.address(), b.address()],
-        vec![vec![u(100), u(100)]],
-    )
-}
-
-fn initial(params: &Params) -> State {
-    let asset = Asset {
-        chainId: U256::from(31337),
-        holder: Address::repeat_byte(0x10),
-    };
-    State::initial(
-        params,
-        Allocation::new(vec![asset], vec![vec![u(100), u(100)]]),
-    )
-}
 
 /// `Machine` derives `PartialEq` and `Deserialize`, and `staged_hash` is a
 /// cache that serde skips: a machine that went through serde is no longer

@@ -9,17 +9,11 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use common::{Ledger, Options, introduce, open, parties};
-use perun::channel::{
-    Address, Allocation, Asset, ChannelId, Domain, Machine, Params, PaymentApp, Phase, Presigned,
-    SignedState, State, U256,
-};
-use perun::persistence::{Change, ChannelRecord, Persister};
+use common::{Ledger, Options, initial, introduce, open, parties, two_party_params};
+use perun::channel::{Machine, Params, PaymentApp, Phase, Presigned, SignedState, State, U256};
+use perun::persistence::Change;
 use perun::wallet::{Account, LocalAccount};
 use perun::wire::{Message, Update, UpdateCommit, UpdateWithCommit};
 
@@ -27,76 +21,11 @@ fn u(x: u64) -> U256 {
     U256::from(x)
 }
 
-// ---------------------------------------------------------------------------
-// A store that fails chosen writes
-// ---------------------------------------------------------------------------
-
-/// Fails the next `fails` writes that `what` picks (once armed), as a
-/// transient disk error would; every other call goes through.
-struct FailPicked {
-    inner: Arc<dyn Persister>,
-    fails: Arc<AtomicU32>,
-    injected: Arc<AtomicU32>,
-    what: fn(&[Change]) -> bool,
-}
-
-#[async_trait]
-impl Persister for FailPicked {
-    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
-        self.inner.channel_created(ch).await
-    }
-    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
-        if (self.what)(&changes)
-            && self
-                .fails
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            self.injected.fetch_add(1, Ordering::SeqCst);
-            return Err(perun::persistence::Error::Storage(
-                "injected transient failure".into(),
-            ));
-        }
-        self.inner.update(id, changes).await
-    }
-    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
-        self.inner.channel_removed(id).await
-    }
-    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
-        self.inner.channel_ids().await
-    }
-    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
-        self.inner.load(id).await
-    }
-    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
-        self.inner.load_all().await
-    }
-}
-
 /// A write that stores a peer's commit on its own: a fully signed state
 /// and no signature of ours (the flush chore's write, `Locked::flush_unsaved`).
 fn flush_only(changes: &[Change]) -> bool {
     changes.iter().any(|c| matches!(c, Change::Committed(_)))
         && !changes.iter().any(|c| matches!(c, Change::Staged(_)))
-}
-
-fn failing(
-    fails: &Arc<AtomicU32>,
-    injected: &Arc<AtomicU32>,
-    what: fn(&[Change]) -> bool,
-) -> Options {
-    let (fails, injected) = (fails.clone(), injected.clone());
-    Options {
-        wrap_persister: Some(Box::new(move |inner| {
-            Arc::new(FailPicked {
-                inner,
-                fails: fails.clone(),
-                injected: injected.clone(),
-                what,
-            }) as Arc<dyn Persister>
-        })),
-        ..Options::default()
-    }
 }
 
 /// Bob acknowledges Alice's commit before he stores it (DESIGN §8: "a
@@ -114,9 +43,7 @@ fn failing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peers_commit_whose_write_fails_once_is_stored_on_a_retry() {
     let ledger = Ledger::sim().await;
-    let fails = Arc::new(AtomicU32::new(0));
-    let injected = Arc::new(AtomicU32::new(0));
-    let bob_opts = failing(&fails, &injected, flush_only);
+    let (bob_opts, failures) = common::failing_writes(flush_only);
     let mut ps = vec![
         common::party(&ledger, u(1_000_000), &Options::default()).await,
         common::party(&ledger, u(1_000_000), &bob_opts).await,
@@ -124,12 +51,12 @@ async fn a_peers_commit_whose_write_fails_once_is_stored_on_a_retry() {
     introduce(&ps).await;
     let chans = open(&ledger, &mut ps, u(1_000)).await;
     // One transient failure, for Bob's next flush only.
-    fails.store(1, Ordering::SeqCst);
+    failures.arm(1);
     let paid = chans[0].pay(1, 0, u(10)).await.unwrap();
     let v = paid.state.version;
     // The failure happened (the commit reached Bob and he tried to store it).
     tokio::time::timeout(Duration::from_secs(10), async {
-        while injected.load(Ordering::SeqCst) == 0 {
+        while failures.injected() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -161,9 +88,8 @@ async fn a_peers_commit_whose_write_fails_once_is_stored_on_a_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_responders_opening_write_that_fails_once_is_tried_again_before_funding() {
     let ledger = Ledger::sim().await;
-    let fails = Arc::new(AtomicU32::new(1));
-    let injected = Arc::new(AtomicU32::new(0));
-    let bob_opts = failing(&fails, &injected, flush_only);
+    let (bob_opts, failures) = common::failing_writes(flush_only);
+    failures.arm(1);
     let mut ps = vec![
         common::party(&ledger, u(1_000_000), &Options::default()).await,
         common::party(&ledger, u(1_000_000), &bob_opts).await,
@@ -171,11 +97,7 @@ async fn a_responders_opening_write_that_fails_once_is_tried_again_before_fundin
     ];
     introduce(&ps).await;
     let chans = open(&ledger, &mut ps, u(1_000)).await;
-    assert_eq!(
-        injected.load(Ordering::SeqCst),
-        1,
-        "Bob's opening write failed once"
-    );
+    assert_eq!(failures.injected(), 1, "Bob's opening write failed once");
     for c in &chans {
         assert_eq!(c.phase(), Phase::Active);
     }
@@ -186,31 +108,6 @@ async fn a_responders_opening_write_that_fails_once_is_tried_again_before_fundin
 // ---------------------------------------------------------------------------
 // channel crate: `Presigned` and the memoised staged hash
 // ---------------------------------------------------------------------------
-
-fn two_party_params(a: &LocalAccount, b: &LocalAccount) -> Params {
-    let domain = Domain {
-        chain_id: U256::from(31337),
-        adjudicator: Address::repeat_byte(0xad),
-    };
-    Params::payment(
-        domain,
-        60,
-        U256::from(7),
-        vec![a.address(), b.address()],
-        vec![vec![u(100), u(100)]],
-    )
-}
-
-fn initial(params: &Params) -> State {
-    let asset = Asset {
-        chainId: U256::from(31337),
-        holder: Address::repeat_byte(0x10),
-    };
-    State::initial(
-        params,
-        Allocation::new(vec![asset], vec![vec![u(100), u(100)]]),
-    )
-}
 
 /// An active machine for participant `me` of (a, b), at version 0.
 fn active(a: &LocalAccount, b: &LocalAccount, me: usize) -> (Params, Machine) {

@@ -602,15 +602,7 @@ async fn burnt_version_is_kept(mut s: impl Store) {
     let ch = TestChannel::two_party(77);
     let id = ch.id();
     p.channel_created(&ch.record()).await.expect("create");
-    p.update(
-        id,
-        vec![
-            Change::Committed(ch.signed(0)),
-            Change::Phase(Phase::Active),
-        ],
-    )
-    .await
-    .expect("v0");
+    p.update(id, ch.commit(0)).await.expect("v0");
     assert_eq!(loaded(&p, id).await.burnt, 0);
     p.update(id, vec![Change::Burnt(2)]).await.expect("burn 2");
     p.update(id, vec![Change::Burnt(1)])

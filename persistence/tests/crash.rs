@@ -11,7 +11,16 @@
 //! - every channel holds a current state whose version is at least the
 //!   last acknowledged one, with exactly the contents of that version;
 //! - the state tables and the phase agree, which they only do if each
-//!   multi-change write was applied atomically.
+//!   multi-change write was applied atomically;
+//! - a channel removed and created again over and over is present exactly
+//!   when its last acknowledged step says so, and metadata (durable redb
+//!   commits outside the log, which make earlier non-durable commits
+//!   durable without moving the checkpoint) is at least the last
+//!   acknowledged value.
+//!
+//! The last channel's states carry 40 KiB of app data, so the log fills and
+//! is checkpointed every few dozen of its versions; some rounds run long
+//! enough for that.
 //!
 //! This binary has its own `main` (`harness = false`): with
 //! `PERUN_CRASH_CHILD=<path>` set it is the child, otherwise the parent.
@@ -34,12 +43,23 @@ use rand::{Rng, SeedableRng};
 const CHILD_ENV: &str = "PERUN_CRASH_CHILD";
 const TWO_PHASE_ENV: &str = "PERUN_CRASH_TWO_PHASE";
 const LOG_ENV: &str = "PERUN_CRASH_LOG";
-const CHANNELS: u64 = 4;
+const CHANNELS: u64 = 5;
+/// The channel with large states (checkpoints).
+const BIG: u64 = CHANNELS - 1;
 const KILLS: usize = 60;
 const SEED_BASE: u64 = 9000;
 
 fn channel(c: u64) -> TestChannel {
-    TestChannel::two_party(SEED_BASE + c)
+    if c == BIG {
+        TestChannel::new(SEED_BASE + c, 2, 1, 40 * 1024)
+    } else {
+        TestChannel::two_party(SEED_BASE + c)
+    }
+}
+
+/// Removed and created again, over and over.
+fn churn() -> TestChannel {
+    TestChannel::two_party(SEED_BASE + 99)
 }
 
 fn main() {
@@ -95,15 +115,7 @@ fn child(path: PathBuf) {
                     Some(cur) => cur.state.version,
                     None => {
                         p.channel_created(&ch.record()).await.expect("create");
-                        p.update(
-                            id,
-                            vec![
-                                Change::Committed(ch.signed(0)),
-                                Change::Phase(Phase::Active),
-                            ],
-                        )
-                        .await
-                        .expect("commit v0");
+                        p.update(id, ch.commit(0)).await.expect("commit v0");
                         say(&format!("ack {c} 0"));
                         0
                     }
@@ -111,32 +123,89 @@ fn child(path: PathBuf) {
                 // Runs until killed; the bound only keeps the loop finite.
                 while version < 1_000_000 {
                     version += 1;
-                    p.update(
-                        id,
-                        vec![
-                            Change::Staged(ch.signed_by(version, &[0])),
-                            Change::Phase(Phase::Updating),
-                        ],
-                    )
-                    .await
-                    .expect("stage");
-                    p.update(
-                        id,
-                        vec![
-                            Change::Committed(ch.signed(version)),
-                            Change::Phase(Phase::Active),
-                        ],
-                    )
-                    .await
-                    .expect("commit");
+                    p.update(id, ch.stage(version)).await.expect("stage");
+                    p.update(id, ch.commit(version)).await.expect("commit");
                     say(&format!("ack {c} {version}"));
                 }
             }));
         }
+        tasks.push(tokio::spawn(churn_forever(
+            p.clone(),
+            existing.contains_key(&churn().id()),
+        )));
+        tasks.push(tokio::spawn(meta_forever(p.clone())));
         for t in tasks {
             t.await.expect("child task");
         }
     });
+}
+
+/// Removes and creates the churn channel in turn, saying each step before
+/// it is issued and once it is acknowledged.
+async fn churn_forever(p: Arc<dyn Persister>, mut present: bool) {
+    let ch = churn();
+    loop {
+        if present {
+            say("issue remove");
+            p.channel_removed(ch.id()).await.expect("remove");
+            say("ack removed");
+        } else {
+            say("issue create");
+            p.channel_created(&ch.record()).await.expect("create churn");
+            p.update(ch.id(), vec![Change::Committed(ch.signed(0))])
+                .await
+                .expect("churn v0");
+            say("ack created");
+        }
+        present = !present;
+    }
+}
+
+/// Writes a growing metadata value every 3 ms.
+async fn meta_forever(p: Arc<dyn Persister>) {
+    let start = match p.meta_get("m").await.expect("meta_get") {
+        Some(b) => u64::from_le_bytes(b.try_into().expect("8 bytes")),
+        None => 0,
+    };
+    for v in start + 1.. {
+        p.meta_put("m", &v.to_le_bytes()).await.expect("meta_put");
+        say(&format!("meta {v}"));
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+/// What the children acknowledged, over all rounds.
+#[derive(Default)]
+struct Seen {
+    /// The highest acknowledged version of each channel.
+    acked: BTreeMap<u64, u64>,
+    /// The churn channel's last step: "issue remove", "ack removed", ...
+    churn_last: Option<String>,
+    meta: u64,
+}
+
+impl Seen {
+    /// Takes one line of the child's; returns whether it was an ack of a
+    /// channel's version.
+    fn record(&mut self, line: &str) -> bool {
+        if let Some(rest) = line.strip_prefix("ack ") {
+            if rest == "removed" || rest == "created" {
+                self.churn_last = Some(line.to_owned());
+                return false;
+            }
+            let mut parts = rest.split(' ').map(|x| x.parse::<u64>().expect("number"));
+            let (c, v) = (parts.next().expect("c"), parts.next().expect("v"));
+            let e = self.acked.entry(c).or_insert(v);
+            *e = (*e).max(v);
+            return true;
+        }
+        if line.starts_with("issue ") {
+            self.churn_last = Some(line.to_owned());
+        } else if let Some(v) = line.strip_prefix("meta ") {
+            self.meta = self.meta.max(v.parse().expect("meta"));
+        }
+        false
+    }
 }
 
 struct Round {
@@ -145,7 +214,7 @@ struct Round {
 }
 
 /// Runs one child, kills it after `delay` (counted from "ready", or from the
-/// start when `before_ready`), and folds its acknowledgements into `acked`.
+/// start when `before_ready`), and folds what it acknowledged into `seen`.
 fn run_child(
     exe: &Path,
     path: &Path,
@@ -153,7 +222,7 @@ fn run_child(
     before_ready: bool,
     two_phase: bool,
     log: bool,
-    acked: &mut BTreeMap<u64, u64>,
+    seen: &mut Seen,
 ) -> Round {
     let mut child: Child = Command::new(exe)
         .env(CHILD_ENV, path)
@@ -178,11 +247,7 @@ fn run_child(
     let mut record = |line: &str, ready: &mut bool, acks: &mut usize| {
         if line == "ready" {
             *ready = true;
-        } else if let Some(rest) = line.strip_prefix("ack ") {
-            let mut parts = rest.split(' ').map(|x| x.parse::<u64>().expect("number"));
-            let (c, v) = (parts.next().expect("c"), parts.next().expect("v"));
-            let e = acked.entry(c).or_insert(v);
-            *e = (*e).max(v);
+        } else if seen.record(line) {
             *acks += 1;
         }
     };
@@ -227,7 +292,8 @@ fn run_child(
 }
 
 /// Reopens the store and checks it against everything acknowledged so far.
-fn verify(rt: &tokio::runtime::Runtime, path: &Path, acked: &BTreeMap<u64, u64>, round: usize) {
+fn verify(rt: &tokio::runtime::Runtime, path: &Path, seen: &Seen, round: usize) {
+    let acked = &seen.acked;
     let p = RedbPersister::open_blocking(path, RedbOptions::default())
         .unwrap_or_else(|e| panic!("round {round}: reopen failed: {e}"));
     let records: BTreeMap<_, _> = rt
@@ -278,6 +344,30 @@ fn verify(rt: &tokio::runtime::Runtime, path: &Path, acked: &BTreeMap<u64, u64>,
             other => panic!("round {round}: channel {c}: impossible record {other:?}"),
         }
     }
+    let churned = records.get(&churn().id());
+    match seen.churn_last.as_deref() {
+        Some("ack removed") => assert!(
+            churned.is_none(),
+            "round {round}: removal acked, channel back"
+        ),
+        Some("ack created") => assert!(
+            churned.is_some(),
+            "round {round}: creation acked, channel gone"
+        ),
+        _ => {}
+    }
+    if let Some(rec) = churned {
+        rec.to_machine().expect("churn restorable");
+    }
+    let meta = rt
+        .block_on(p.meta_get("m"))
+        .unwrap_or_else(|e| panic!("round {round}: meta_get failed: {e}"))
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    assert!(
+        meta >= seen.meta,
+        "round {round}: metadata {meta}, {} acknowledged",
+        seen.meta
+    );
 }
 
 fn parent() {
@@ -294,7 +384,7 @@ fn parent() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let mut acked = BTreeMap::new();
+    let mut seen = Seen::default();
     let (mut total_acks, mut rounds_with_acks, mut early_kills) = (0, 0, 0);
     for round in 0..KILLS {
         let before_ready = rng.gen_bool(0.2);
@@ -304,22 +394,26 @@ fn parent() {
         let log = rng.gen_bool(0.75);
         let delay = if before_ready {
             Duration::from_micros(rng.gen_range(0..8_000))
+        } else if rng.gen_bool(0.15) {
+            // Long enough for the big channel to fill the log.
+            Duration::from_micros(rng.gen_range(150_000..400_000))
         } else {
             Duration::from_micros(rng.gen_range(0..80_000))
         };
-        let r = run_child(&exe, &path, delay, before_ready, two_phase, log, &mut acked);
+        let r = run_child(&exe, &path, delay, before_ready, two_phase, log, &mut seen);
         total_acks += r.acks;
         rounds_with_acks += usize::from(r.acks > 0);
         early_kills += usize::from(r.killed_before_ready);
-        verify(&rt, &path, &acked, round);
+        verify(&rt, &path, &seen, round);
     }
     let elapsed = started.elapsed();
     println!(
         "crash test: {KILLS} kills ({early_kills} before the child was ready), {total_acks} acknowledged commits, \
-         {rounds_with_acks} rounds with acks, final versions {acked:?}, {elapsed:.1?}"
+         {rounds_with_acks} rounds with acks, final versions {:?}, metadata {}, {elapsed:.1?}",
+        seen.acked, seen.meta
     );
     assert!(
-        acked.len() == CHANNELS as usize,
+        seen.acked.len() == CHANNELS as usize,
         "every channel made progress"
     );
     assert!(

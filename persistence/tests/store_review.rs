@@ -2,8 +2,9 @@
 //! (write-ahead log, writes on callers' threads, group commit, deferred
 //! entries, catch-up, checkpoints, replay): two tests of untrusted bytes
 //! from disk that failed before their fixes, and checks of suspicions that
-//! held (read-your-writes on every path, checkpoints under load, SIGKILL
-//! with churn and metadata, a full disk).
+//! held (read-your-writes on every path, checkpoints under load, a full
+//! disk). Its SIGKILL test with checkpoints, a churning channel and
+//! metadata went into `crash.rs`.
 
 mod common;
 
@@ -66,15 +67,7 @@ async fn read_your_writes_across_all_paths() {
         .collect();
     for ch in &channels {
         p.channel_created(&ch.record()).await.expect("create");
-        p.update(
-            ch.id(),
-            vec![
-                Change::Committed(ch.signed(0)),
-                Change::Phase(Phase::Active),
-            ],
-        )
-        .await
-        .expect("v0");
+        p.update(ch.id(), ch.commit(0)).await.expect("v0");
     }
     let versions = 60u64;
     let mut tasks = Vec::new();
@@ -83,29 +76,13 @@ async fn read_your_writes_across_all_paths() {
         tasks.push(tokio::spawn(async move {
             let id = ch.id();
             for v in 1..=versions {
-                p.update(
-                    id,
-                    vec![
-                        Change::Staged(ch.signed_by(v, &[0])),
-                        Change::Phase(Phase::Updating),
-                    ],
-                )
-                .await
-                .expect("stage");
+                p.update(id, ch.stage(v)).await.expect("stage");
                 if v % 3 == 0 {
                     let rec = p.load(id).await.expect("load").expect("present");
                     assert_eq!(rec.staged, Some(ch.signed_by(v, &[0])), "staged v{v}");
                     assert_eq!(rec.phase, Phase::Updating);
                 }
-                p.update(
-                    id,
-                    vec![
-                        Change::Committed(ch.signed(v)),
-                        Change::Phase(Phase::Active),
-                    ],
-                )
-                .await
-                .expect("commit");
+                p.update(id, ch.commit(v)).await.expect("commit");
                 if v % 2 == 0 || i % 4 == 0 {
                     let rec = p.load(id).await.expect("load").expect("present");
                     assert_eq!(rec.current, Some(ch.signed(v)), "current v{v}");
@@ -200,23 +177,11 @@ async fn checkpoints_under_concurrent_writes() {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Crash test with what tests/crash.rs does not exercise: states large enough
-// that the log fills and is checkpointed every few hundred writes, a channel
-// removed and created again over and over, and metadata writes (durable redb
-// commits outside the log, which make earlier non-durable commits durable
-// without moving the checkpoint's sequence number).
-
-const CHILD_ENV: &str = "PERUN_STORE_REVIEW_CHILD";
-const BIG: u64 = 3;
 const SEED: u64 = 7100;
 
+/// A channel whose states carry 40 KiB of app data.
 fn big(c: u64) -> TestChannel {
     TestChannel::new(SEED + c, 2, 1, 40 * 1024)
-}
-
-fn churn() -> TestChannel {
-    TestChannel::two_party(SEED + 99)
 }
 
 fn say(line: &str) {
@@ -224,288 +189,6 @@ fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}").expect("stdout");
     out.flush().expect("flush");
-}
-
-/// The child: writes until killed. Not a test of its own.
-#[test]
-#[ignore = "run by crash_with_checkpoints_churn_and_metadata"]
-fn store_review_crash_child() {
-    let Some(path) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
-    let path = PathBuf::from(path);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let options = RedbOptions {
-            batch_wait: BatchWait::Always(std::time::Duration::from_millis(1)),
-            ..RedbOptions::default()
-        };
-        let p: Arc<dyn Persister> = Arc::new(
-            RedbPersister::open_with(&path, options)
-                .await
-                .expect("child: open"),
-        );
-        let existing = p.load_all().await.expect("child: load_all");
-        say("ready");
-        let mut tasks = Vec::new();
-        for c in 0..BIG {
-            let p = p.clone();
-            let rec = existing.iter().find(|r| r.id() == big(c).id()).cloned();
-            tasks.push(tokio::spawn(async move {
-                let ch = big(c);
-                let id = ch.id();
-                let mut version = match rec.and_then(|r| r.current) {
-                    Some(cur) => cur.state.version,
-                    None => {
-                        p.channel_created(&ch.record()).await.expect("create");
-                        p.update(
-                            id,
-                            vec![
-                                Change::Committed(ch.signed(0)),
-                                Change::Phase(Phase::Active),
-                            ],
-                        )
-                        .await
-                        .expect("v0");
-                        say(&format!("ack {c} 0"));
-                        0
-                    }
-                };
-                loop {
-                    version += 1;
-                    p.update(
-                        id,
-                        vec![
-                            Change::Staged(ch.signed_by(version, &[0])),
-                            Change::Phase(Phase::Updating),
-                        ],
-                    )
-                    .await
-                    .expect("stage");
-                    p.update(
-                        id,
-                        vec![
-                            Change::Committed(ch.signed(version)),
-                            Change::Phase(Phase::Active),
-                        ],
-                    )
-                    .await
-                    .expect("commit");
-                    say(&format!("ack {c} {version}"));
-                }
-            }));
-        }
-        {
-            let p = p.clone();
-            let present = existing.iter().any(|r| r.id() == churn().id());
-            tasks.push(tokio::spawn(async move {
-                let ch = churn();
-                let mut present = present;
-                loop {
-                    if present {
-                        say("issue remove");
-                        p.channel_removed(ch.id()).await.expect("remove");
-                        say("ack removed");
-                    } else {
-                        say("issue create");
-                        p.channel_created(&ch.record()).await.expect("create churn");
-                        p.update(ch.id(), vec![Change::Committed(ch.signed(0))])
-                            .await
-                            .expect("churn v0");
-                        say("ack created");
-                    }
-                    present = !present;
-                }
-            }));
-        }
-        {
-            let p = p.clone();
-            let start = match p.meta_get("m").await.expect("meta_get") {
-                Some(b) => u64::from_le_bytes(b.try_into().expect("8 bytes")),
-                None => 0,
-            };
-            tasks.push(tokio::spawn(async move {
-                for v in start + 1.. {
-                    p.meta_put("m", &v.to_le_bytes()).await.expect("meta_put");
-                    say(&format!("meta {v}"));
-                    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("child task");
-        }
-    });
-}
-
-#[derive(Default)]
-struct Seen {
-    acked: std::collections::BTreeMap<u64, u64>,
-    /// The churn channel's last line: "issue remove", "ack removed", ...
-    churn_last: Option<String>,
-    meta: u64,
-}
-
-fn run_review_child(path: &Path, delay: std::time::Duration, seen: &mut Seen) -> usize {
-    use std::io::BufRead;
-    let exe = std::env::current_exe().expect("exe");
-    let mut child = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "store_review_crash_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut acks = 0;
-    let mut record = |line: &str, seen: &mut Seen| {
-        if let Some(rest) = line.strip_prefix("ack ") {
-            if rest == "removed" || rest == "created" {
-                seen.churn_last = Some(line.to_owned());
-            } else {
-                let mut it = rest.split(' ').map(|x| x.parse::<u64>().expect("n"));
-                let (c, v) = (it.next().expect("c"), it.next().expect("v"));
-                let e = seen.acked.entry(c).or_insert(v);
-                *e = (*e).max(v);
-                acks += 1;
-            }
-        } else if line.starts_with("issue ") {
-            seen.churn_last = Some(line.to_owned());
-        } else if let Some(v) = line.strip_prefix("meta ") {
-            seen.meta = seen.meta.max(v.parse().expect("meta"));
-        }
-    };
-    // Wait for ready.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = match rx.recv_timeout(left) {
-            Ok(line) => line,
-            Err(e) => {
-                let _ = child.kill();
-                panic!("child never ready: {e}");
-            }
-        };
-        // libtest prints "test store_review_crash_child ... " before it.
-        if line == "ready" || line.ends_with(" ready") {
-            break;
-        }
-        record(&line, seen);
-    }
-    let kill_at = std::time::Instant::now() + delay;
-    loop {
-        let left = kill_at.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        match rx.recv_timeout(left) {
-            Ok(line) => record(&line, seen),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
-            Err(e) => panic!("child ended: {e}"),
-        }
-    }
-    child.kill().expect("kill");
-    let _ = child.wait();
-    for line in rx.iter() {
-        record(&line, seen);
-    }
-    reader.join().expect("reader");
-    acks
-}
-
-fn verify_review(rt: &tokio::runtime::Runtime, path: &Path, seen: &Seen, round: usize) {
-    let p = RedbPersister::open_blocking(path, RedbOptions::default())
-        .unwrap_or_else(|e| panic!("round {round}: reopen: {e}"));
-    let all = rt
-        .block_on(p.load_all())
-        .unwrap_or_else(|e| panic!("round {round}: load_all: {e}"));
-    for c in 0..BIG {
-        let ch = big(c);
-        let Some(rec) = all.iter().find(|r| r.id() == ch.id()) else {
-            assert!(!seen.acked.contains_key(&c), "round {round}: {c} missing");
-            continue;
-        };
-        let Some(cur) = &rec.current else {
-            assert!(!seen.acked.contains_key(&c), "round {round}: {c} lost v0");
-            continue;
-        };
-        let v = cur.state.version;
-        assert_eq!(cur, &ch.signed(v), "round {round}: {c} contents");
-        let min = seen.acked.get(&c).copied().unwrap_or(0);
-        assert!(v >= min, "round {round}: channel {c} at v{v}, v{min} acked");
-        match (&rec.staged, rec.phase) {
-            (None, Phase::Active) => {}
-            (Some(st), Phase::Updating) => {
-                assert_eq!(st, &ch.signed_by(v + 1, &[0]), "round {round}: staged")
-            }
-            other => panic!("round {round}: channel {c}: mixed {other:?}"),
-        }
-    }
-    let present = all.iter().any(|r| r.id() == churn().id());
-    match seen.churn_last.as_deref() {
-        Some("ack removed") => assert!(!present, "round {round}: removal acked, channel back"),
-        Some("ack created") => assert!(present, "round {round}: creation acked, channel gone"),
-        _ => {}
-    }
-    if let Some(rec) = all.iter().find(|r| r.id() == churn().id()) {
-        rec.to_machine().expect("churn restorable");
-    }
-    let meta = rt
-        .block_on(p.meta_get("m"))
-        .unwrap_or_else(|e| panic!("round {round}: meta_get: {e}"))
-        .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8")));
-    assert!(
-        meta >= seen.meta,
-        "round {round}: meta {meta} < acked {}",
-        seen.meta
-    );
-}
-
-#[test]
-fn crash_with_checkpoints_churn_and_metadata() {
-    use rand::{Rng, SeedableRng};
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let seed: u64 = std::env::var("STORE_REVIEW_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("seed {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let path = dir.path().join("crash.redb");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("rt");
-    let mut seen = Seen::default();
-    let mut total = 0;
-    for round in 0..25 {
-        let delay = std::time::Duration::from_millis(rng.gen_range(20..400));
-        total += run_review_child(&path, delay, &mut seen);
-        verify_review(&rt, &path, &seen, round);
-    }
-    println!("acks {total}, final {:?}, meta {}", seen.acked, seen.meta);
-    assert!(total > 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -656,7 +339,7 @@ fn store_review_full_child() {
 
 #[test]
 fn full_disk_never_acknowledges_a_lost_write() {
-    if std::env::var_os(FULL_ENV).is_some() || std::env::var_os(CHILD_ENV).is_some() {
+    if std::env::var_os(FULL_ENV).is_some() {
         return;
     }
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");

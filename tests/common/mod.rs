@@ -11,12 +11,12 @@ use perun::adjudicator::testing::Anvil;
 use perun::adjudicator::{
     Adjudicator, Deployment, EthAdjudicator, EthConfig, EthFunder, Funder, SimLedger,
 };
-use perun::channel::{Address, Allocation, Asset, U256};
+use perun::channel::{Address, Allocation, Asset, ChannelId, U256};
 use perun::client::{
     AcceptAllForTesting, Channel, ChannelProposal, Client, Participant, ProposalHandler, Timeouts,
     UpdateHandler,
 };
-use perun::persistence::{MemoryPersister, Persister, RedbPersister};
+use perun::persistence::{Change, ChannelRecord, MemoryPersister, Persister, RedbPersister};
 use perun::wallet::{Account, LocalAccount};
 use perun::wire::Keypair;
 
@@ -715,4 +715,114 @@ pub fn deployment_from_env() -> (Deployment, String) {
         block: env("DEPLOY_BLOCK").parse().unwrap(),
     };
     (d, env("ANVIL_URL"))
+}
+
+/// Params of a payment channel between `a` and `b` on a made-up chain
+/// and adjudicator: for tests of the channel crate's machine alone.
+pub fn two_party_params(a: &LocalAccount, b: &LocalAccount) -> perun::channel::Params {
+    let domain = perun::channel::Domain {
+        chain_id: U256::from(31337),
+        adjudicator: Address::repeat_byte(0xad),
+    };
+    perun::channel::Params::payment(
+        domain,
+        60,
+        U256::from(7),
+        vec![a.address(), b.address()],
+        vec![vec![U256::from(100), U256::from(100)]],
+    )
+}
+
+/// The version-0 state of [`two_party_params`]' channels: 100 each.
+pub fn initial(params: &perun::channel::Params) -> perun::channel::State {
+    let asset = Asset {
+        chainId: U256::from(31337),
+        holder: Address::repeat_byte(0x10),
+    };
+    perun::channel::State::initial(
+        params,
+        Allocation::new(vec![asset], vec![vec![U256::from(100), U256::from(100)]]),
+    )
+}
+
+/// How many writes a [`failing_writes`] store is still to fail (a test
+/// arms it by storing a count), and how many it failed.
+#[derive(Clone, Default)]
+pub struct Failures {
+    pub fails: Arc<std::sync::atomic::AtomicU32>,
+    pub injected: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Failures {
+    /// Fails the next `n` writes the store picks.
+    pub fn arm(&self, n: u32) {
+        self.fails.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Writes failed so far.
+    pub fn injected(&self) -> u32 {
+        self.injected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Options whose store fails, once armed, the writes `pick` selects, as a
+/// transient disk error would (`Error::Storage`); every other call goes
+/// through.
+pub fn failing_writes(pick: fn(&[Change]) -> bool) -> (Options, Failures) {
+    let failures = Failures::default();
+    let opts = Options {
+        wrap_persister: Some(Box::new({
+            let failures = failures.clone();
+            move |inner| {
+                Arc::new(FailWrites {
+                    inner,
+                    failures: failures.clone(),
+                    pick,
+                }) as Arc<dyn Persister>
+            }
+        })),
+        ..Options::default()
+    };
+    (opts, failures)
+}
+
+struct FailWrites {
+    inner: Arc<dyn Persister>,
+    failures: Failures,
+    pick: fn(&[Change]) -> bool,
+}
+
+#[async_trait::async_trait]
+impl Persister for FailWrites {
+    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
+        self.inner.channel_created(ch).await
+    }
+    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if (self.pick)(&changes)
+            && self
+                .failures
+                .fails
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            self.failures.injected.fetch_add(1, SeqCst);
+            return Err(perun::persistence::Error::Storage(
+                "injected failure".into(),
+            ));
+        }
+        self.inner.update(id, changes).await
+    }
+    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
+        self.inner.channel_removed(id).await
+    }
+    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
+        self.inner.channel_ids().await
+    }
+    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
+        self.inner.load(id).await
+    }
+    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
+        self.inner.load_all().await
+    }
 }

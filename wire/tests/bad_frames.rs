@@ -109,10 +109,12 @@ async fn bad_frames_are_refused_and_the_connection_keeps_serving() {
         seen
     });
 
-    let mut raw = raw_swarm(request_response::Behaviour::<RawCodec>::new(
-        [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
-        request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-    ));
+    let mut raw = raw_swarm(|_| {
+        request_response::Behaviour::<RawCodec>::new(
+            [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Outbound)],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+        )
+    });
 
     let mut random = vec![0u8; 300];
     rand::thread_rng().fill_bytes(&mut random);

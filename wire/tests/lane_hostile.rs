@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::NetworkBehaviour;
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, identify};
 use perun_channel::Bytes;
 use perun_wire::frame::{Reply, decode_message, decode_reply, encode_tagged};
@@ -80,24 +80,10 @@ where
     F: Fn(Stream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|key| RawServer {
-            identify: identify::Behaviour::new(identify::Config::new(
-                "/perun/1".into(),
-                key.public(),
-            )),
-            streams: libp2p_stream::Behaviour::new(),
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let swarm = raw_swarm(|key| RawServer {
+        identify: identify::Behaviour::new(identify::Config::new("/perun/1".into(), key.public())),
+        streams: libp2p_stream::Behaviour::new(),
+    });
     let id = *swarm.local_peer_id();
     let mut incoming = swarm
         .behaviour()
@@ -105,19 +91,7 @@ where
         .new_control()
         .accept(StreamProtocol::new(LANE_PROTOCOL))
         .expect("accept");
-    swarm.dial(addr).expect("dial");
-    loop {
-        match timeout(WAIT, swarm.select_next_some()).await {
-            Ok(SwarmEvent::ConnectionEstablished { .. }) => break,
-            Ok(_) => {}
-            Err(_) => panic!("raw server did not connect"),
-        }
-    }
-    tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
+    connect_and_drive(swarm, addr).await;
     tokio::spawn(async move {
         while let Some((_, stream)) = incoming.next().await {
             tokio::spawn(serve(stream));
@@ -433,22 +407,7 @@ async fn an_opener_that_half_closes_still_gets_its_replies() {
     });
     let b_id = b.local_peer_id();
     let addr = b.listen_addrs().await.expect("addrs")[0].clone();
-    let mut swarm = raw_swarm(libp2p_stream::Behaviour::new());
-    let control = swarm.behaviour().new_control();
-    swarm.dial(addr).expect("dial");
-    loop {
-        if let SwarmEvent::ConnectionEstablished { .. } = timeout(WAIT, swarm.select_next_some())
-            .await
-            .expect("connect")
-        {
-            break;
-        }
-    }
-    tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
+    let control = raw_lane_peer(addr).await;
     let mut lane = control
         .clone()
         .open_stream(b_id, StreamProtocol::new(LANE_PROTOCOL))

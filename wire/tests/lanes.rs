@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, Stream, StreamProtocol};
 use perun_wire::frame::{Reply, decode_reply, encode_tagged};
 use perun_wire::{Handle, LANE_PROTOCOL, Message, Refusal, RefusalCode, UpdateCommit};
 
@@ -95,26 +94,6 @@ async fn replies_find_their_callers_and_an_idle_lane_reopens() {
     b.shutdown().await;
 }
 
-/// A raw peer that only opens lanes to the endpoint and writes bytes on them.
-async fn raw_peer(addr: Multiaddr) -> libp2p_stream::Control {
-    let mut swarm = raw_swarm(libp2p_stream::Behaviour::new());
-    let control = swarm.behaviour().new_control();
-    swarm.dial(addr).expect("dial");
-    loop {
-        match tokio::time::timeout(WAIT, swarm.select_next_some()).await {
-            Ok(SwarmEvent::ConnectionEstablished { .. }) => break,
-            Ok(_) => {}
-            Err(_) => panic!("raw peer did not connect"),
-        }
-    }
-    tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
-    control
-}
-
 /// Opens a lane; `None` if the endpoint did not take it (no preface byte).
 async fn try_open(control: &libp2p_stream::Control, peer: PeerId) -> Option<Stream> {
     let mut stream = control
@@ -176,7 +155,7 @@ async fn bad_frames_on_a_lane_are_refused_under_their_id_and_the_lane_goes_on() 
         }
     });
     let b_id = b.local_peer_id();
-    let control = raw_peer(b.listen_addrs().await.expect("addrs")[0].clone()).await;
+    let control = raw_lane_peer(b.listen_addrs().await.expect("addrs")[0].clone()).await;
     let mut lane = open(&control, b_id).await;
 
     let valid = |id| encode_tagged(id, &commit(id), 1 << 20).expect("encode");
@@ -239,7 +218,7 @@ async fn a_peer_gets_a_bounded_number_of_lanes_and_requests() {
         }
     });
     let b_id = b.local_peer_id();
-    let control = raw_peer(b.listen_addrs().await.expect("addrs")[0].clone()).await;
+    let control = raw_lane_peer(b.listen_addrs().await.expect("addrs")[0].clone()).await;
     let mut lane = open(&control, b_id).await;
     for id in 1..=3 {
         write(

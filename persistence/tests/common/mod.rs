@@ -2,7 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use perun_channel::{Address, Allocation, Asset, Bytes, Params, Phase, SignedState, State, U256};
-use perun_persistence::ChannelRecord;
+use perun_persistence::{Change, ChannelRecord};
 use perun_wallet::{LocalAccount, keccak256};
 
 /// A channel whose participants' keys derive from `seed`, so another
@@ -98,6 +98,22 @@ impl TestChannel {
     pub fn signed(&self, version: u64) -> SignedState {
         let all: Vec<usize> = (0..self.accounts.len()).collect();
         self.signed_by(version, &all)
+    }
+
+    /// The write that stages `version`, signed by participant 0 only.
+    pub fn stage(&self, version: u64) -> Vec<Change> {
+        vec![
+            Change::Staged(self.signed_by(version, &[0])),
+            Change::Phase(Phase::Updating),
+        ]
+    }
+
+    /// The write that commits `version`, fully signed.
+    pub fn commit(&self, version: u64) -> Vec<Change> {
+        vec![
+            Change::Committed(self.signed(version)),
+            Change::Phase(Phase::Active),
+        ]
     }
 
     /// A fresh record as participant 0 would create it after proposing:

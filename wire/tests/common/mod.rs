@@ -216,9 +216,12 @@ pub(crate) fn exchanges(peers: &[PeerId]) -> Vec<(Message, Message)> {
     ]
 }
 
-/// A bare swarm (TCP + noise + yamux, a fresh identity) around `behaviour`,
-/// for tests that play a peer writing raw bytes.
-pub(crate) fn raw_swarm<B: libp2p::swarm::NetworkBehaviour>(behaviour: B) -> libp2p::Swarm<B> {
+/// A bare swarm (TCP + noise + yamux, a fresh identity) around the
+/// behaviour `make` builds from its key, for tests that play a peer
+/// writing raw bytes.
+pub(crate) fn raw_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    make: impl FnOnce(&libp2p::identity::Keypair) -> B,
+) -> libp2p::Swarm<B> {
     libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -227,8 +230,40 @@ pub(crate) fn raw_swarm<B: libp2p::swarm::NetworkBehaviour>(behaviour: B) -> lib
             libp2p::yamux::Config::default,
         )
         .expect("tcp")
-        .with_behaviour(|_| behaviour)
+        .with_behaviour(make)
         .expect("behaviour")
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
         .build()
+}
+
+/// Dials `addr`, waits until connected, then drives `swarm` on a task of
+/// its own.
+pub(crate) async fn connect_and_drive<B>(mut swarm: libp2p::Swarm<B>, addr: libp2p::Multiaddr)
+where
+    B: libp2p::swarm::NetworkBehaviour + Send + 'static,
+    B::ToSwarm: Send,
+{
+    use futures::StreamExt;
+    swarm.dial(addr).expect("dial");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await {
+            Ok(libp2p::swarm::SwarmEvent::ConnectionEstablished { .. }) => break,
+            Ok(_) => {}
+            Err(_) => panic!("raw peer did not connect"),
+        }
+    }
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+}
+
+/// A raw peer connected to `addr` that only opens lanes and writes bytes
+/// on them.
+pub(crate) async fn raw_lane_peer(addr: libp2p::Multiaddr) -> libp2p_stream::Control {
+    let swarm = raw_swarm(|_| libp2p_stream::Behaviour::new());
+    let control = swarm.behaviour().new_control();
+    connect_and_drive(swarm, addr).await;
+    control
 }
