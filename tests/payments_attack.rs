@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::{Ledger, Options, Party, introduce, open, party};
-use perun::channel::{Address, Asset, U256};
+use perun::channel::{Address, Asset, Phase, U256};
 use perun::client::payments::{IncomingPolicy, OpenPolicy, Payments, PaymentsConfig};
 use perun::client::{Channel, Error, IncomingUpdate, UpdateHandler, UpdateResponder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -313,22 +313,89 @@ async fn pump(
 }
 
 /// Bob's handler: signs everything, but on version `at` first stalls the
-/// relay both ways, so his signature does not reach Alice in time and
-/// nothing Alice sends reaches him.
+/// relay both ways (once the relay is known), so his signature does not
+/// reach Alice in time.
 struct StallAt {
-    relay: Arc<PauseRelay>,
+    relay: Arc<std::sync::OnceLock<Arc<PauseRelay>>>,
     at: u64,
 }
 
 #[async_trait]
 impl UpdateHandler for StallAt {
     async fn handle_update(&self, update: IncomingUpdate, responder: UpdateResponder) {
-        if update.next.version == self.at {
-            self.relay.forth.send_replace(true);
-            self.relay.back.send_replace(true);
+        if update.next.version == self.at
+            && let Some(relay) = self.relay.get()
+        {
+            relay.forth.send_replace(true);
+            relay.back.send_replace(true);
         }
         responder.accept();
     }
+}
+
+/// Alice (dial-only, through a pausable relay) and Bob, with a channel of
+/// 100 each; Bob's handler stalls the relay on Alice's proposal of `at`.
+async fn stalled_pair(ledger: &Ledger, at: u64) -> (Vec<Party>, Vec<Channel>, Arc<PauseRelay>) {
+    let slot: Arc<std::sync::OnceLock<Arc<PauseRelay>>> = Arc::new(std::sync::OnceLock::new());
+    let opts = Options {
+        request_timeout: Some(Duration::from_secs(1)),
+        update_handler: Some(Arc::new(StallAt {
+            relay: slot.clone(),
+            at,
+        })),
+        timeouts: Some(perun::client::Timeouts {
+            update_wait: Duration::from_secs(1),
+            ..common::test_timeouts(Duration::from_secs(30))
+        }),
+        ..Options::default()
+    };
+    let bob = party(ledger, u(1000), &opts).await;
+    let target = bob.client.listen_addrs().await.unwrap()[0].to_string();
+    let port: u16 = target.rsplit('/').next().unwrap().parse().unwrap();
+    let relay = PauseRelay::start(([127, 0, 0, 1], port).into()).await;
+    let _ = slot.set(relay.clone());
+    let alice = party(
+        ledger,
+        u(1000),
+        &Options {
+            dial_only: true,
+            request_timeout: Some(Duration::from_secs(1)),
+            ..Options::default()
+        },
+    )
+    .await;
+    alice
+        .client
+        .add_peer(bob.client.peer_id(), relay.multiaddr())
+        .await
+        .unwrap();
+    let mut ps = vec![alice, bob];
+    let chans = common::open(ledger, &mut ps, u(100)).await;
+    (ps, chans, relay)
+}
+
+/// Bob pays Alice 10 (version 1). Alice takes his commit and holds it
+/// unsaved; her chore that stores it on its own is held back (until the
+/// test releases it), as on a busy runtime (in production: the 1 ms before
+/// the flush).
+async fn bob_pays_alice_10_held(ps: &[Party], chans: &[Channel]) {
+    ps[0].client.hold_chores_for_testing(true);
+    chans[1].pay(0, 0, u(10)).await.unwrap();
+    until("Alice took Bob's commit", || {
+        chans[0].phase() == Phase::Active
+    })
+    .await;
+    assert_eq!(chans[0].state().state.version, 0, "held back from readers");
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
 
 // ---------------------------------------------------------------------------
@@ -351,58 +418,9 @@ impl UpdateHandler for StallAt {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_timed_out_send_completed_later_overdraws_the_books() {
     let ledger = Ledger::sim().await;
-    // Bob listens; Alice listens nowhere and reaches Bob only through the
-    // relay. The relay needs Bob's address, and Bob's handler the relay:
-    // the handler finds it in a slot filled once the relay runs.
-    let slot: Arc<std::sync::OnceLock<Arc<PauseRelay>>> = Arc::new(std::sync::OnceLock::new());
-    struct Late(Arc<std::sync::OnceLock<Arc<PauseRelay>>>);
-    #[async_trait]
-    impl UpdateHandler for Late {
-        async fn handle_update(&self, update: IncomingUpdate, responder: UpdateResponder) {
-            match self.0.get() {
-                Some(relay) => {
-                    StallAt {
-                        relay: relay.clone(),
-                        at: 1,
-                    }
-                    .handle_update(update, responder)
-                    .await
-                }
-                None => responder.accept(),
-            }
-        }
-    }
-    let opts = Options {
-        request_timeout: Some(Duration::from_secs(1)),
-        update_handler: Some(Arc::new(Late(slot.clone()))),
-        timeouts: Some(perun::client::Timeouts {
-            update_wait: Duration::from_secs(1),
-            ..common::test_timeouts(Duration::from_secs(30))
-        }),
-        ..Options::default()
-    };
-    let bob = party(&ledger, u(1000), &opts).await;
-    let target = bob.client.listen_addrs().await.unwrap()[0].to_string();
-    let port: u16 = target.rsplit('/').next().unwrap().parse().unwrap();
-    let relay = PauseRelay::start(([127, 0, 0, 1], port).into()).await;
-    let _ = slot.set(relay.clone());
-    let alice = party(
-        &ledger,
-        u(1000),
-        &Options {
-            dial_only: true,
-            request_timeout: Some(Duration::from_secs(1)),
-            ..Options::default()
-        },
-    )
-    .await;
-    alice
-        .client
-        .add_peer(bob.client.peer_id(), relay.multiaddr())
-        .await
-        .unwrap();
-    let mut ps = vec![alice, bob];
-    let chans = open(&ledger, &mut ps, u(100)).await;
+    // Alice reaches Bob only through the relay, which Bob's handler stalls
+    // on version 1.
+    let (ps, chans, relay) = stalled_pair(&ledger, 1).await;
     let (bob_id, eth) = (ps[1].client.peer_id(), ledger.asset());
     let pa = Payments::new(&ps[0].client).unwrap();
 
@@ -435,4 +453,97 @@ async fn a_timed_out_send_completed_later_overdraws_the_books() {
         (bal[0].reserved, bal[0].spendable),
         (U256::ZERO, U256::ZERO)
     );
+}
+
+// ---------------------------------------------------------------------------
+// Found by a review of issue 17 (funds promised twice, fixed): a payment in
+// doubt was kept against the base readers saw, not the one its update was
+// built on. A peer's commit held unsaved (`Locked::unsaved`) is not shown
+// to readers until stored, so right after a payment to us the two differ;
+// the failed update's own write then published the held commit, the
+// visible version passed the stale base, and the doubt was released while
+// the peer's `Sync` could still complete the payment. The doubt now takes
+// the base and the proposal from `Locked::pending`.
+// ---------------------------------------------------------------------------
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_doubt_stays_on_the_base_its_update_was_built_on() {
+    let ledger = Ledger::sim().await;
+    // Bob's handler stalls the relay on Alice's proposal of version 2.
+    let (ps, chans, relay) = stalled_pair(&ledger, 2).await;
+    let (bob_id, eth) = (ps[1].client.peer_id(), ledger.asset());
+    let pa = Payments::new(&ps[0].client).unwrap();
+
+    bob_pays_alice_10_held(&ps, &chans).await;
+
+    // Alice pays 100 (version 2, on version 1); Bob signs it but his
+    // answer is held up: the outcome is unknown.
+    let r = pa.reserve(bob_id, &eth, u(100)).await.unwrap();
+    let sent = pa.send(r, u(100)).await;
+    assert!(
+        matches!(sent, Err(Error::Timeout(_) | Error::Wire(_))),
+        "{sent:?}"
+    );
+    ps[0].client.hold_chores_for_testing(false);
+    let doubts = pa.payments_in_doubt();
+    // The held commit is stored and published by now (Alice: 110).
+    let again = pa.reserve(bob_id, &eth, u(100)).await;
+    let again_ok = again.is_ok();
+    // Bob's side gets through again: his Sync completes Alice's payment.
+    relay.back.send_replace(false);
+    chans[0]
+        .wait_for_version(2, WAIT)
+        .await
+        .expect("Alice completes the timed-out payment from Bob's Sync");
+    assert_eq!(mine(&chans[0]), u(10), "the 100 were paid after all");
+    let audit = pa.audit();
+    relay.forth.send_replace(false);
+    drop(again);
+    eprintln!("doubts {doubts}, granted again {again_ok}, audit {audit:?}");
+    assert_eq!(
+        doubts, 1,
+        "the payment's outcome is unknown: its 100 stay reserved"
+    );
+    assert!(
+        !again_ok,
+        "the 100 of the payment in doubt were granted to a new reservation"
+    );
+    audit.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// A peer's commit held unsaved (its flush held back) and
+// then carried by our own payment's write is published before our state,
+// so the follower books the payment to us, not a netted zero
+// (DESIGN §13 "Incoming"; payments_attack's version is timing based).
+// ---------------------------------------------------------------------------
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_commit_carried_by_our_payment_is_booked_not_netted() {
+    let ledger = Ledger::sim().await;
+    let a = party(&ledger, u(1000), &Options::default()).await;
+    let b = party(&ledger, u(1000), &Options::default()).await;
+    common::introduce(&[&a, &b]).await;
+    let mut ps = vec![a, b];
+    let chans = common::open(&ledger, &mut ps, u(100)).await;
+    let (alice_id, bob_id, eth) = (
+        ps[0].client.peer_id(),
+        ps[1].client.peer_id(),
+        ledger.asset(),
+    );
+    let pa = Payments::new(&ps[0].client).unwrap();
+    let mut incoming = pa.incoming();
+    let expected = pa.expect(bob_id, &eth, u(10), WAIT).unwrap();
+    bob_pays_alice_10_held(&ps, &chans).await;
+    let r = pa.reserve(bob_id, &eth, u(10)).await.unwrap();
+    let sent = pa.send(r, u(10)).await.unwrap();
+    assert_eq!(sent.version, 2);
+    ps[0].client.hold_chores_for_testing(false);
+    expected.await.expect("Bob's 10 are booked");
+    let p = tokio::time::timeout(WAIT, incoming.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((p.peer, p.amount, p.version), (bob_id, u(10), 1));
+    assert_eq!(mine(&chans[0]), u(100));
+    pa.audit().unwrap();
+    let _ = alice_id;
 }

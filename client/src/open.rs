@@ -329,7 +329,10 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
                     return Err(e);
                 }
                 warn!(channel = %core.id, attempt, retry_in = ?pause, error = %e, "could not store the opening state before funding; retrying");
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shared.stopping() => return Err(Error::Closed),
+                }
             }
         }
     };

@@ -47,6 +47,9 @@ pub(crate) struct Doubt {
     pub(crate) amount: U256,
     /// The version the update was built on.
     pub(crate) base: u64,
+    /// The proposal's hash (`Locked::pending` names it while a peer's
+    /// `Sync` may still complete it).
+    pub(crate) proposal: perun_channel::B256,
 }
 
 /// What arrived for a payment we expected.
@@ -165,13 +168,14 @@ impl Books {
     }
 
     /// Turns hold `id` into a [`Doubt`] on the update built on `base`.
-    pub(crate) fn doubt(&mut self, id: u64, base: u64) {
+    pub(crate) fn doubt(&mut self, id: u64, base: u64, proposal: perun_channel::B256) {
         if let Some(h) = self.holds.remove(&id) {
             self.doubts.push(Doubt {
                 channel: h.channel,
                 asset: h.asset,
                 amount: h.amount,
                 base,
+                proposal,
             });
         }
     }

@@ -655,8 +655,7 @@ impl Payments {
         asset: usize,
         amount: U256,
     ) -> Result<Sent> {
-        let base = core.state.borrow().state.version;
-        let channel = Channel::new(core, inner.shared.clone());
+        let channel = Channel::new(core.clone(), inner.shared.clone());
         // The hold stays until the update returned: its state is then the
         // channel's, so the balance already shows the payment.
         let paid = channel
@@ -667,9 +666,18 @@ impl Payments {
             Ok(st) => st,
             Err(e) => {
                 if outcome_unknown(&e) {
-                    warn!(channel = %reservation.channel, %amount, error = %e,
-                        "payment outcome unknown; the amount stays reserved until the channel moves on");
-                    lock(&inner.books).doubt(reservation.id, base);
+                    // What the failed proposal was built on, as the update
+                    // left it: the state readers see may lag behind (a
+                    // peer's commit not stored yet), and one read before
+                    // `pay` may be older still (`propose` waits out a
+                    // peer's update). No pending proposal: it cannot land
+                    // any more, and the hold goes with the reservation.
+                    let pending = core.locked.lock().await.pending;
+                    if let Some(p) = pending {
+                        warn!(channel = %reservation.channel, %amount, error = %e,
+                            "payment outcome unknown; the amount stays reserved until the channel moves on");
+                        lock(&inner.books).doubt(reservation.id, p.base, p.proposal);
+                    }
                 }
                 return Err(e);
             }
@@ -768,8 +776,8 @@ impl Payments {
     }
 
     /// Releases the doubts that are settled: the channel left the client
-    /// or is closing, its state moved past the payment's base, or no
-    /// proposal of ours on it waits for the peer's sync any more (checked
+    /// or is closing, its state moved past the payment's base, or the
+    /// payment's proposal no longer waits for the peer's sync (checked
     /// without waiting; a busy channel keeps its doubt for now).
     fn settle_doubts(&self, books: &mut Books) {
         if books.doubts().is_empty() {
@@ -783,7 +791,9 @@ impl Payments {
             if usable(&core).is_none() || core.state.borrow().state.version > d.base {
                 return true;
             }
-            core.locked.try_lock().is_ok_and(|l| l.pending.is_none())
+            core.locked
+                .try_lock()
+                .is_ok_and(|l| l.pending.is_none_or(|p| p.proposal != d.proposal))
         });
     }
 }
