@@ -351,7 +351,7 @@ mod tests {
         let mut b = Books::default();
         let cs = [cand(1, 100)];
         let (id, _) = b.reserve(&cs, u(60)).unwrap();
-        b.doubt(id, 7);
+        b.doubt(id, 7, perun_channel::B256::ZERO);
         assert_eq!(b.release(id), None, "no longer a hold");
         assert_eq!(b.free(&cs[0]), u(40));
         b.settle_doubts(|d| d.base != 7);
