@@ -81,6 +81,54 @@ async fn a_peers_commit_whose_write_fails_once_is_stored_on_a_retry() {
     );
 }
 
+/// While the retry of a failed write waits out its backoff, a newer commit
+/// queues no write of its own (`flush_pending` is set): it wakes the retry
+/// instead. Before that (a second review's finding), the newer commit
+/// stayed unsaved and unseen by readers for the whole backoff (up to
+/// `retry_max`, 30 s by default) though the store worked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_a_healed_write_failure_is_not_held_for_the_backoff() {
+    let ledger = Ledger::sim().await;
+    let (mut bob_opts, failures) = common::failing_writes(flush_only);
+    bob_opts.timeouts = Some(perun::client::Timeouts {
+        retry_min: Duration::from_secs(6),
+        retry_max: Duration::from_secs(6),
+        ..common::test_timeouts(bob_opts.funding_timeout)
+    });
+    let mut ps = vec![
+        common::party(&ledger, u(1_000_000), &Options::default()).await,
+        common::party(&ledger, u(1_000_000), &bob_opts).await,
+    ];
+    introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(1_000)).await;
+    // One transient failure of Bob's flush of Alice's first payment.
+    failures.arm(1);
+    let v1 = chans[0].pay(1, 0, u(10)).await.unwrap().state.version;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while failures.injected() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("Bob's flush failed once");
+    // The store works again. Alice pays again: Bob's signature write
+    // carries v1; the commit of v2 is held unsaved and left to a flush.
+    let v2 = chans[0].pay(1, 0, u(10)).await.unwrap().state.version;
+    assert!(v2 > v1);
+    let t = std::time::Instant::now();
+    let seen = chans[1].wait_for_version(v2, Duration::from_secs(15)).await;
+    let took = t.elapsed();
+    assert!(seen.is_ok(), "v{v2} never shown");
+    assert!(
+        took < Duration::from_secs(2),
+        "Bob's readers saw v{v2} only {took:?} after Alice's update returned (the store \
+         worked again; the retrier slept out its 6 s backoff with flush_pending set)"
+    );
+    for p in &ps {
+        p.client.shutdown().await;
+    }
+}
+
 /// The same one-shot write on the n-party opening path: a responder holds
 /// the version-0 commit unsaved and stores it before it deposits
 /// (`open::fund_and_activate`). One failed write there must not end its

@@ -343,6 +343,9 @@ pub(crate) struct Locked {
     pub(crate) last_own_commit: Option<(u64, std::time::Instant)>,
     /// A chore is queued to store `unsaved` (at most one per channel).
     pub(crate) flush_pending: bool,
+    /// Wakes that chore's retry while it waits out its backoff after a
+    /// failed write: a newer commit is tried at once, not after the wait.
+    pub(crate) flush_retry: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The commit of a fully signed state of ours that no peer has yet: the
@@ -745,6 +748,7 @@ impl ChannelCore {
                 held: None,
                 last_own_commit: None,
                 flush_pending: false,
+                flush_retry: None,
             }),
             update_lock: Arc::new(tokio::sync::Mutex::new(())),
             state,

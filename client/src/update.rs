@@ -862,7 +862,11 @@ fn hold_unsaved(shared: &Arc<Shared>, core: &Arc<ChannelCore>, l: &mut Locked) {
     l.unsaved = Some(version);
     l.announce(core);
     if l.flush_pending {
-        // The task already waiting stores whatever is unsaved then.
+        // The task already waiting stores whatever is unsaved then; one
+        // waiting out a failed write's backoff tries again now.
+        if let Some(wake) = &l.flush_retry {
+            wake.notify_one();
+        }
         return;
     }
     l.flush_pending = true;
@@ -943,6 +947,7 @@ fn run_chore(shared: &Arc<Shared>, chore: Chore) {
 /// a newer commit rides on this task's next try.
 async fn flush_until_stored(shared: std::sync::Weak<Shared>, core: std::sync::Weak<ChannelCore>) {
     let mut attempt = 0u32;
+    let wake = Arc::new(tokio::sync::Notify::new());
     loop {
         let (Some(shared), Some(core)) = (shared.upgrade(), core.upgrade()) else {
             return;
@@ -952,19 +957,24 @@ async fn flush_until_stored(shared: std::sync::Weak<Shared>, core: std::sync::We
             match l.flush_unsaved(&shared, &core).await {
                 Ok(()) => {
                     l.flush_pending = false;
+                    l.flush_retry = None;
                     return;
                 }
                 Err(e) => {
                     attempt = attempt.saturating_add(1);
                     let pause = shared.timeouts.backoff(attempt);
                     warn!(channel = %core.id, attempt, retry_in = ?pause, error = %e, "could not store a peer's commit; retrying");
+                    l.flush_retry = Some(wake.clone());
                     pause
                 }
             }
         };
         // Neither the client nor the channel is kept alive by the wait.
         drop((shared, core));
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = wake.notified() => {}
+        }
     }
 }
 

@@ -424,6 +424,11 @@ impl Handle {
                 reply => reply,
             };
         }
+        if tokio::time::Instant::now() >= deadline {
+            // Opening a lane took it all: no request the caller no longer
+            // waits for goes out.
+            return Err(Error::Timeout);
+        }
         let frame = frame::encode_frame(msg, self.max_frame)?;
         let (tx, rx) = oneshot::channel();
         let fallback = async {
@@ -1108,9 +1113,19 @@ impl EventLoop {
                     let _ = tx.send(Err(err));
                 }
             }
+            // A peer causes these at will (a stream it resets after one
+            // byte fails our refusal's write): throttled like bad frames.
             request_response::Event::InboundFailure { peer, error, .. } => match error {
-                InboundFailure::Io(e) => warn!(%peer, error = %e, "inbound stream failed"),
-                InboundFailure::Timeout => warn!(%peer, "inbound request timed out"),
+                InboundFailure::Io(e) => {
+                    if let Some(skipped) = self.bad_frames.pass() {
+                        warn!(%peer, error = %e, skipped, "inbound stream failed");
+                    }
+                }
+                InboundFailure::Timeout => {
+                    if let Some(skipped) = self.bad_frames.pass() {
+                        warn!(%peer, skipped, "inbound request timed out");
+                    }
+                }
                 other => debug!(%peer, error = %other, "inbound request failed"),
             },
             request_response::Event::ResponseSent { .. } => {}

@@ -267,3 +267,54 @@ pub(crate) async fn raw_lane_peer(addr: libp2p::Multiaddr) -> libp2p_stream::Con
     connect_and_drive(swarm, addr).await;
     control
 }
+
+/// Every `warn!` message logged in this test binary so far.
+static WARNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records `warn!` messages for [`warns`] (and logs at `RUST_LOG`, default
+/// `error`), for the whole test binary; later calls do nothing.
+pub(crate) fn count_warns() {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    let subscriber = tracing_subscriber::registry().with(WarnRecorder).with(
+        tracing_subscriber::fmt::layer()
+            .with_test_writer()
+            .with_filter(tracing_subscriber::EnvFilter::new(
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+            )),
+    );
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+/// How many `warn!` messages containing `text` were logged since
+/// [`count_warns`].
+pub(crate) fn warns(text: &str) -> usize {
+    WARNS
+        .lock()
+        .expect("warns")
+        .iter()
+        .filter(|m| m.contains(text))
+        .count()
+}
+
+struct WarnRecorder;
+
+struct MessageVisitor(String);
+
+impl tracing::field::Visit for MessageVisitor {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnRecorder {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut v = MessageVisitor(String::new());
+            event.record(&mut v);
+            WARNS.lock().expect("warns").push(v.0);
+        }
+    }
+}

@@ -1,10 +1,9 @@
-//! Lanes (`/perun/wire/2`) against hostile or slow peers, from an
-//! adversarial review (issue 17): the first two tests failed before the
-//! fixes they name; the others guard suspicions that turned out fine.
+//! The wire against hostile or slow peers, from adversarial reviews (issue
+//! 17), mostly lanes (`/perun/wire/2`): the tests that name a fix failed
+//! before it; the others guard suspicions that turned out fine.
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -14,55 +13,9 @@ use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, identify};
 use perun_channel::Bytes;
 use perun_wire::frame::{Reply, decode_message, decode_reply, encode_tagged};
 use perun_wire::{
-    Error, Handle, LANE_PROTOCOL, Message, Refusal, RefusalCode, Update, UpdateCommit,
+    Error, Handle, LANE_PROTOCOL, Message, PROTOCOL, Refusal, RefusalCode, Update, UpdateCommit,
 };
 use tokio::time::{Instant, sleep, timeout};
-
-// ---------------------------------------------------------------------------
-// Counting warn! lines.
-
-/// Counts `warn!` events whose message contains a given text, for the whole
-/// test binary.
-struct WarnCounter;
-
-static BAD_REPLY_WARNS: AtomicUsize = AtomicUsize::new(0);
-
-struct MessageVisitor(String);
-
-impl tracing::field::Visit for MessageVisitor {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0 = format!("{value:?}");
-        }
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnCounter {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if *event.metadata().level() != tracing::Level::WARN {
-            return;
-        }
-        let mut v = MessageVisitor(String::new());
-        event.record(&mut v);
-        if v.0.contains("bad reply frame") {
-            BAD_REPLY_WARNS.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-fn init_counting() {
-    use tracing_subscriber::layer::SubscriberExt;
-    let subscriber = tracing_subscriber::registry().with(WarnCounter).with(
-        tracing_subscriber::fmt::layer()
-            .with_test_writer()
-            .with_filter(tracing_subscriber::EnvFilter::new(
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
-            )),
-    );
-    let _ = tracing::subscriber::set_global_default(subscriber);
-}
-
-use tracing_subscriber::Layer as _;
 
 // ---------------------------------------------------------------------------
 // A raw peer that serves lanes itself (identify lists /perun/wire/2).
@@ -157,7 +110,7 @@ async fn until_on_lane(a: &Handle, peer: PeerId) {
 /// rate-limited warn the rules promise for remote input.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsolicited_bad_reply_frames_do_not_flood_the_log() {
-    init_counting();
+    count_warns();
     let (a, _a_in) = node().await;
     let addr = a.listen_addrs().await.expect("addrs")[0].clone();
     const GARBAGE: u64 = 500;
@@ -183,10 +136,10 @@ async fn unsolicited_bad_reply_frames_do_not_flood_the_log() {
     until_on_lane(&a, raw).await;
     // 500 frames of 16 bytes arrive within a moment; give them a second.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while BAD_REPLY_WARNS.load(Ordering::Relaxed) < GARBAGE as usize && Instant::now() < deadline {
+    while warns("bad reply frame") < GARBAGE as usize && Instant::now() < deadline {
         sleep(Duration::from_millis(50)).await;
     }
-    let warns = BAD_REPLY_WARNS.load(Ordering::Relaxed);
+    let warns = warns("bad reply frame");
     assert!(
         warns <= 10,
         "{warns} warn! lines for {GARBAGE} unsolicited bad reply frames in a few seconds \
@@ -216,7 +169,7 @@ fn big_update(version: u64) -> Message {
 /// that take up to `request_timeout` each, up to 512 × that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_ends_within_its_request_timeout_behind_a_slow_reader() {
-    init_counting();
+    count_warns();
     let request_timeout = Duration::from_secs(3);
     let (a, _a_in) = node_with(|c| {
         c.request_timeout = request_timeout;
@@ -290,7 +243,7 @@ async fn a_send_ends_within_its_request_timeout_behind_a_slow_reader() {
 /// caller cancelled mid-request does not leave its late reply to the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_reach_only_their_own_request_under_a_hostile_server() {
-    init_counting();
+    count_warns();
     let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_secs(5)).await;
     let addr = a.listen_addrs().await.expect("addrs")[0].clone();
     let raw = raw_server(addr, |mut stream| async move {
@@ -344,7 +297,7 @@ async fn replies_reach_only_their_own_request_under_a_hostile_server() {
 /// a typed error well within its `request_timeout`, no hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reply_fails_its_caller_in_time() {
-    init_counting();
+    count_warns();
     let request_timeout = Duration::from_secs(4);
     let (a, _a_in) = node_with(|c| {
         c.request_timeout = request_timeout;
@@ -388,7 +341,7 @@ async fn a_stalled_reply_fails_its_caller_in_time() {
 /// endpoint still writes every reply owed, then ends the lane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opener_that_half_closes_still_gets_its_replies() {
-    init_counting();
+    count_warns();
     let (b, mut b_in) = node().await;
     tokio::spawn(async move {
         while let Some(req) = b_in.next().await {
@@ -450,7 +403,7 @@ async fn an_opener_that_half_closes_still_gets_its_replies() {
 /// process (on /perun/wire/1, then on a new lane) instead of a dead lane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_restart_mid_request_fails_it_and_later_requests_reach_the_new_one() {
-    init_counting();
+    count_warns();
     let dir = tempfile::tempdir().expect("tempdir");
     let key_path = dir.path().join("b.key");
     let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_secs(5)).await;
@@ -515,4 +468,38 @@ async fn a_peer_restart_mid_request_fails_it_and_later_requests_reach_the_new_on
     }
     a.shutdown().await;
     b2.shutdown().await;
+}
+
+/// Any connected peer opens `/perun/wire/1` streams, writes one byte of a
+/// length prefix and resets each: our refusal's write fails every time.
+/// Before the fix each was an unthrottled `warn!` ("inbound stream
+/// failed"), 300 lines in 0.15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_request_streams_do_not_flood_the_log() {
+    count_warns();
+    let (a, _a_in) = node().await;
+    let addr = a.listen_addrs().await.expect("addrs")[0].clone();
+    let mut control = raw_lane_peer(addr).await;
+    const STREAMS: usize = 300;
+    for _ in 0..STREAMS {
+        let Ok(mut s) = control
+            .open_stream(a.local_peer_id(), StreamProtocol::new(PROTOCOL))
+            .await
+        else {
+            continue;
+        };
+        let _ = s.write_all(&[0]).await;
+        let _ = s.flush().await;
+        drop(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while warns("inbound stream failed") < STREAMS && Instant::now() < deadline {
+        sleep(Duration::from_millis(50)).await;
+    }
+    let warned = warns("inbound stream failed");
+    assert!(
+        warned <= 10,
+        "{warned} warn! lines for {STREAMS} request streams a peer opened and reset"
+    );
+    a.shutdown().await;
 }
