@@ -28,6 +28,32 @@ fn flush_only(changes: &[Change]) -> bool {
         && !changes.iter().any(|c| matches!(c, Change::Staged(_)))
 }
 
+/// Alice and Bob (with `bob_opts`) on a channel; Alice pays once and
+/// Bob's write of her commit on its own fails once. Returns the payment's
+/// version once that failure happened.
+async fn alice_pays_and_bobs_write_fails_once(
+    ledger: &Ledger,
+    bob_opts: &Options,
+    failures: &common::Failures,
+) -> (Vec<common::Party>, Vec<perun::client::Channel>, u64) {
+    let mut ps = vec![
+        common::party(ledger, u(1_000_000), &Options::default()).await,
+        common::party(ledger, u(1_000_000), bob_opts).await,
+    ];
+    introduce(&ps).await;
+    let chans = open(ledger, &mut ps, u(1_000)).await;
+    failures.arm(1);
+    let v = chans[0].pay(1, 0, u(10)).await.unwrap().state.version;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while failures.injected() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("Bob's write of Alice's commit failed once");
+    (ps, chans, v)
+}
+
 /// Bob acknowledges Alice's commit before he stores it (DESIGN §8: "a
 /// peer's commit stored on its own a moment later"), so Alice's delivery,
 /// with its retries, ends at once. The chore that stores it
@@ -44,24 +70,7 @@ fn flush_only(changes: &[Change]) -> bool {
 async fn a_peers_commit_whose_write_fails_once_is_stored_on_a_retry() {
     let ledger = Ledger::sim().await;
     let (bob_opts, failures) = common::failing_writes(flush_only);
-    let mut ps = vec![
-        common::party(&ledger, u(1_000_000), &Options::default()).await,
-        common::party(&ledger, u(1_000_000), &bob_opts).await,
-    ];
-    introduce(&ps).await;
-    let chans = open(&ledger, &mut ps, u(1_000)).await;
-    // One transient failure, for Bob's next flush only.
-    failures.arm(1);
-    let paid = chans[0].pay(1, 0, u(10)).await.unwrap();
-    let v = paid.state.version;
-    // The failure happened (the commit reached Bob and he tried to store it).
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while failures.injected() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("Bob's flush of Alice's commit was attempted");
+    let (ps, chans, v) = alice_pays_and_bobs_write_fails_once(&ledger, &bob_opts, &failures).await;
     // A transient failure should be retried: Bob's store and his readers
     // should get the state Alice (and Bob, in memory) hold fully signed.
     let seen = chans[1].wait_for_version(v, Duration::from_secs(8)).await;
@@ -95,22 +104,7 @@ async fn a_commit_after_a_healed_write_failure_is_not_held_for_the_backoff() {
         retry_max: Duration::from_secs(6),
         ..common::test_timeouts(bob_opts.funding_timeout)
     });
-    let mut ps = vec![
-        common::party(&ledger, u(1_000_000), &Options::default()).await,
-        common::party(&ledger, u(1_000_000), &bob_opts).await,
-    ];
-    introduce(&ps).await;
-    let chans = open(&ledger, &mut ps, u(1_000)).await;
-    // One transient failure of Bob's flush of Alice's first payment.
-    failures.arm(1);
-    let v1 = chans[0].pay(1, 0, u(10)).await.unwrap().state.version;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while failures.injected() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("Bob's flush failed once");
+    let (ps, chans, v1) = alice_pays_and_bobs_write_fails_once(&ledger, &bob_opts, &failures).await;
     // The store works again. Alice pays again: Bob's signature write
     // carries v1; the commit of v2 is held unsaved and left to a flush.
     let v2 = chans[0].pay(1, 0, u(10)).await.unwrap().state.version;

@@ -408,31 +408,13 @@ async fn a_peer_restart_mid_request_fails_it_and_later_requests_reach_the_new_on
     let key_path = dir.path().join("b.key");
     let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_secs(5)).await;
     let b_key = perun_wire::load_or_generate_key(&key_path).expect("key");
-    let (b, mut b_in) = perun_wire::Node::start(perun_wire::Config::new(b_key))
+    let (b, b_in) = perun_wire::Node::start(perun_wire::Config::new(b_key))
         .await
         .expect("start b");
     let b_id = b.local_peer_id();
     let b_addr = b.listen_addrs().await.expect("addrs")[0].clone();
     a.dial(b_id, Some(b_addr.clone())).await.expect("dial");
-    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut held_tx = Some(held_tx);
-        let mut held = Vec::new();
-        while let Some(req) = b_in.next().await {
-            let (_, msg, r) = req.into_parts();
-            match msg {
-                Message::UpdateCommit(c) if c.version == 9 => {
-                    held.push(r);
-                    if let Some(tx) = held_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                _ => {
-                    let _ = r.reply(Message::Ack);
-                }
-            }
-        }
-    });
+    let (held_rx, _server) = serve_holding(b_in, 9, None);
     let deadline = Instant::now() + WAIT;
     while !a.on_lane(&b_id) {
         assert!(Instant::now() < deadline, "no lane");

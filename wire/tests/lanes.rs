@@ -248,31 +248,11 @@ async fn a_peer_gets_a_bounded_number_of_lanes_and_requests() {
 async fn a_dropped_request_is_refused_and_the_incoming_queue_ends_with_the_endpoint() {
     init_tracing();
     let (a, _a_in) = node().await;
-    let (b, mut b_in) = node().await;
+    let (b, b_in) = node().await;
     introduce(&a, &b).await;
     // b answers version 0 (to bring the lane up), drops version 1 unanswered,
     // and holds version 2 without answering until its endpoint is gone.
-    let (holding, is_held) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(async move {
-        let mut held = Vec::new();
-        let mut holding = Some(holding);
-        while let Some(req) = b_in.next().await {
-            let (_, msg, r) = req.into_parts();
-            match msg {
-                Message::UpdateCommit(c) if c.version == 1 => drop(r),
-                Message::UpdateCommit(c) if c.version == 2 => {
-                    held.push(r);
-                    if let Some(tx) = holding.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                _ => {
-                    let _ = r.reply(Message::Ack);
-                }
-            }
-        }
-        held.len()
-    });
+    let (is_held, server) = serve_holding(b_in, 2, Some(1));
     until_on_lane(&a, &b).await;
     let b_id = b.local_peer_id();
     match a.send(b_id, &commit(1)).await {

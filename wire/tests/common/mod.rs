@@ -318,3 +318,40 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnRecorder {
         }
     }
 }
+
+/// Serves `incoming`: answers every request `Ack`, except that an
+/// `UpdateCommit` of version `hold` is held unanswered until the endpoint
+/// is gone, and one of version `drop` (if any) is dropped unanswered. The
+/// receiver hears when the first held request arrives; the task ends with
+/// the incoming queue and returns how many it held.
+pub(crate) fn serve_holding(
+    mut incoming: Incoming,
+    hold: u64,
+    drop: Option<u64>,
+) -> (
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::task::JoinHandle<usize>,
+) {
+    let (holding, is_held) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut holding = Some(holding);
+        while let Some(req) = incoming.next().await {
+            let (_, msg, r) = req.into_parts();
+            match msg {
+                Message::UpdateCommit(c) if Some(c.version) == drop => std::mem::drop(r),
+                Message::UpdateCommit(c) if c.version == hold => {
+                    held.push(r);
+                    if let Some(tx) = holding.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                _ => {
+                    let _ = r.reply(Message::Ack);
+                }
+            }
+        }
+        held.len()
+    });
+    (is_held, server)
+}
