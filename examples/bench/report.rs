@@ -89,8 +89,7 @@ pub(crate) async fn run_all(opts: &Options) -> Res<()> {
         )
         .await;
     // Half of what an update does between its two syncs, by the floor.
-    let gap =
-        floor.map(|f| Duration::from_secs_f64((f.update_ms() - 2.0 * f.fsync_ms).max(0.0) / 2e3));
+    let gap = floor.map(|f| Duration::from_secs_f64(f.without_fsync_ms().max(0.0) / 2e3));
     let durable = s
         .part(
             "durable",
@@ -371,7 +370,7 @@ struct Memory {
 impl Memory {
     /// The floor without its fsyncs, from this run's own samples.
     fn floor_ms(&self) -> f64 {
-        2.0 * self.signs.p50() + 2.0 * self.checks.p50() + self.round_trips.p50()
+        floor::without_fsync_ms(self.signs.p50(), self.checks.p50(), self.round_trips.p50())
     }
 }
 
@@ -465,7 +464,7 @@ fn record_issue17(
     memory: Option<&Memory>,
 ) {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let no_fsync = floor.map(|f| f.update_ms() - 2.0 * f.fsync_ms);
+    let no_fsync = floor.map(|f| f.without_fsync_ms());
     s.set("floor_no_fsync_ms", no_fsync);
     // The in-memory updates against the floor sampled between their own
     // batches (a minute after the durable ones, the guest may be in

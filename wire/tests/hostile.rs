@@ -12,9 +12,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, identify};
 use perun_channel::Bytes;
 use perun_wire::frame::{Reply, decode_message, decode_reply, encode_tagged};
-use perun_wire::{
-    Error, Handle, LANE_PROTOCOL, Message, PROTOCOL, Refusal, RefusalCode, Update, UpdateCommit,
-};
+use perun_wire::{Error, Handle, LANE_PROTOCOL, Message, PROTOCOL, Refusal, RefusalCode, Update};
 use tokio::time::{Instant, sleep, timeout};
 
 // ---------------------------------------------------------------------------
@@ -51,26 +49,6 @@ where
         }
     });
     id
-}
-
-/// Reads one `[id][len][body]` request off a lane.
-async fn read_request(stream: &mut Stream) -> Option<(u64, Vec<u8>)> {
-    let mut tag = [0u8; 8];
-    stream.read_exact(&mut tag).await.ok()?;
-    let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).await.ok()?;
-    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-    stream.read_exact(&mut body).await.ok()?;
-    Some((u64::from_be_bytes(tag), body))
-}
-
-fn commit(version: u64) -> Message {
-    Message::UpdateCommit(UpdateCommit {
-        channel_id: Default::default(),
-        version,
-        index: 0,
-        signatures: vec![sig(0), sig(1)],
-    })
 }
 
 fn version_of(body: &[u8]) -> u64 {
@@ -118,7 +96,7 @@ async fn unsolicited_bad_reply_frames_do_not_flood_the_log() {
         stream.write_all(&[1]).await.expect("preface");
         stream.flush().await.expect("flush");
         // Wait for the first request, then flood.
-        if read_request(&mut stream).await.is_none() {
+        if read_tagged_frame(&mut stream).await.is_none() {
             return;
         }
         let mut flood = Vec::new();
@@ -249,11 +227,11 @@ async fn replies_reach_only_their_own_request_under_a_hostile_server() {
     let raw = raw_server(addr, |mut stream| async move {
         stream.write_all(&[1]).await.expect("preface");
         stream.flush().await.expect("flush");
-        while let Some((id, body)) = read_request(&mut stream).await {
+        while let Some((id, body)) = read_tagged_frame(&mut stream).await {
             let v = version_of(&body);
             // Version 1000: answered only after the next request came.
             if v == 1000 {
-                let Some((next_id, next_body)) = read_request(&mut stream).await else {
+                let Some((next_id, next_body)) = read_tagged_frame(&mut stream).await else {
                     return;
                 };
                 let mut out = tagged_answer(id, v);
@@ -308,7 +286,7 @@ async fn a_stalled_reply_fails_its_caller_in_time() {
     let raw = raw_server(addr, |mut stream| async move {
         stream.write_all(&[1]).await.expect("preface");
         stream.flush().await.expect("flush");
-        while let Some((id, body)) = read_request(&mut stream).await {
+        while let Some((id, body)) = read_tagged_frame(&mut stream).await {
             if version_of(&body) == 5 {
                 let mut out = id.to_be_bytes().to_vec();
                 out.extend_from_slice(&(1u32 << 20).to_be_bytes());
@@ -361,13 +339,7 @@ async fn an_opener_that_half_closes_still_gets_its_replies() {
     let b_id = b.local_peer_id();
     let addr = b.listen_addrs().await.expect("addrs")[0].clone();
     let control = raw_lane_peer(addr).await;
-    let mut lane = control
-        .clone()
-        .open_stream(b_id, StreamProtocol::new(LANE_PROTOCOL))
-        .await
-        .expect("open");
-    let mut preface = [0u8; 1];
-    lane.read_exact(&mut preface).await.expect("preface");
+    let mut lane = try_open_lane(&control, b_id).await.expect("open");
     let mut out = Vec::new();
     for v in 1..=5u64 {
         out.extend(encode_tagged(v * 10, &commit(v), 1 << 20).expect("encode"));
@@ -376,17 +348,9 @@ async fn an_opener_that_half_closes_still_gets_its_replies() {
     lane.close().await.expect("half-close");
     let mut got = Vec::new();
     let read_all = async {
-        loop {
-            let mut tag = [0u8; 8];
-            if lane.read_exact(&mut tag).await.is_err() {
-                break;
-            }
-            let mut prefix = [0u8; 4];
-            lane.read_exact(&mut prefix).await.expect("prefix");
-            let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-            lane.read_exact(&mut body).await.expect("body");
+        while let Some((id, body)) = read_tagged_frame(&mut lane).await {
             let reply = decode_reply(&body).expect("reply");
-            got.push((u64::from_be_bytes(tag), reply.err().map(|r| r.detail)));
+            got.push((id, reply.err().map(|r| r.detail)));
         }
     };
     timeout(WAIT, read_all)

@@ -9,19 +9,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::{PeerId, Stream, StreamProtocol};
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream};
 use perun_wire::frame::{Reply, decode_reply, encode_tagged};
-use perun_wire::{Handle, LANE_PROTOCOL, Message, Refusal, RefusalCode, UpdateCommit};
-
-fn commit(version: u64) -> Message {
-    Message::UpdateCommit(UpdateCommit {
-        channel_id: Default::default(),
-        version,
-        index: 0,
-        signatures: vec![sig(0), sig(1)],
-    })
-}
+use perun_wire::{Handle, Message, Refusal, RefusalCode};
 
 /// Sends commits from `a` to `b` until they travel on a lane.
 async fn until_on_lane(a: &Handle, b: &Handle) {
@@ -94,26 +85,8 @@ async fn replies_find_their_callers_and_an_idle_lane_reopens() {
     b.shutdown().await;
 }
 
-/// Opens a lane; `None` if the endpoint did not take it (no preface byte).
-async fn try_open(control: &libp2p_stream::Control, peer: PeerId) -> Option<Stream> {
-    let mut stream = control
-        .clone()
-        .open_stream(peer, StreamProtocol::new(LANE_PROTOCOL))
-        .await
-        .expect("open lane");
-    let mut preface = [0u8; 1];
-    let read = tokio::time::timeout(WAIT, stream.read_exact(&mut preface));
-    match read.await.expect("preface or end in time") {
-        Ok(()) => {
-            assert_eq!(preface, [1], "the lane's preface");
-            Some(stream)
-        }
-        Err(_) => None,
-    }
-}
-
 async fn open(control: &libp2p_stream::Control, peer: PeerId) -> Stream {
-    try_open(control, peer)
+    try_open_lane(control, peer)
         .await
         .expect("the endpoint takes the lane")
 }
@@ -121,13 +94,8 @@ async fn open(control: &libp2p_stream::Control, peer: PeerId) -> Stream {
 /// Reads one `[id][frame]` reply; `None` if the lane ended.
 async fn read_reply(stream: &mut Stream) -> Option<(u64, Reply)> {
     let read = async {
-        let mut tag = [0u8; 8];
-        stream.read_exact(&mut tag).await.ok()?;
-        let mut prefix = [0u8; 4];
-        stream.read_exact(&mut prefix).await.ok()?;
-        let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-        stream.read_exact(&mut body).await.ok()?;
-        Some((u64::from_be_bytes(tag), decode_reply(&body).expect("reply")))
+        let (id, body) = read_tagged_frame(stream).await?;
+        Some((id, decode_reply(&body).expect("reply")))
     };
     tokio::time::timeout(WAIT, read)
         .await
@@ -233,11 +201,11 @@ async fn a_peer_gets_a_bounded_number_of_lanes_and_requests() {
     // Eight lanes are served; a ninth is dropped at once.
     let mut lanes = Vec::new();
     for n in 2..=8 {
-        let lane = try_open(&control, b_id).await;
+        let lane = try_open_lane(&control, b_id).await;
         lanes.push(lane.unwrap_or_else(|| panic!("lane {n} not taken")));
     }
     assert!(
-        try_open(&control, b_id).await.is_none(),
+        try_open_lane(&control, b_id).await.is_none(),
         "the ninth lane is dropped before its preface"
     );
     held.abort();

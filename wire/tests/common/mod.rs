@@ -355,3 +355,48 @@ pub(crate) fn serve_holding(
     });
     (is_held, server)
 }
+
+/// An `UpdateCommit` of `version`, two signatures.
+pub(crate) fn commit(version: u64) -> Message {
+    Message::UpdateCommit(UpdateCommit {
+        channel_id: Default::default(),
+        version,
+        index: 0,
+        signatures: vec![sig(0), sig(1)],
+    })
+}
+
+/// Opens a lane to `peer` from a raw peer; `None` if the endpoint did not
+/// take it (no preface byte).
+pub(crate) async fn try_open_lane(
+    control: &libp2p_stream::Control,
+    peer: PeerId,
+) -> Option<libp2p::Stream> {
+    use futures::AsyncReadExt;
+    let mut stream = control
+        .clone()
+        .open_stream(peer, libp2p::StreamProtocol::new(perun_wire::LANE_PROTOCOL))
+        .await
+        .expect("open lane");
+    let mut preface = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, stream.read_exact(&mut preface));
+    match read.await.expect("preface or end in time") {
+        Ok(()) => {
+            assert_eq!(preface, [1], "the lane's preface");
+            Some(stream)
+        }
+        Err(_) => None,
+    }
+}
+
+/// Reads one `[id][len][body]` frame off a lane; `None` if it ended.
+pub(crate) async fn read_tagged_frame(stream: &mut libp2p::Stream) -> Option<(u64, Vec<u8>)> {
+    use futures::AsyncReadExt;
+    let mut tag = [0u8; 8];
+    stream.read_exact(&mut tag).await.ok()?;
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await.ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((u64::from_be_bytes(tag), body))
+}
