@@ -314,10 +314,12 @@ async fn pump(
 
 /// Bob's handler: signs everything, but on version `at` first stalls the
 /// relay both ways (once the relay is known), so his signature does not
-/// reach Alice in time.
+/// reach Alice in time. With `refuse`, it stalls only Bob's way back and
+/// refuses that version instead: Alice never hears the refusal.
 struct StallAt {
     relay: Arc<std::sync::OnceLock<Arc<PauseRelay>>>,
     at: u64,
+    refuse: bool,
 }
 
 #[async_trait]
@@ -326,8 +328,12 @@ impl UpdateHandler for StallAt {
         if update.next.version == self.at
             && let Some(relay) = self.relay.get()
         {
-            relay.forth.send_replace(true);
             relay.back.send_replace(true);
+            if self.refuse {
+                responder.reject("not this one");
+                return;
+            }
+            relay.forth.send_replace(true);
         }
         responder.accept();
     }
@@ -336,12 +342,21 @@ impl UpdateHandler for StallAt {
 /// Alice (dial-only, through a pausable relay) and Bob, with a channel of
 /// 100 each; Bob's handler stalls the relay on Alice's proposal of `at`.
 async fn stalled_pair(ledger: &Ledger, at: u64) -> (Vec<Party>, Vec<Channel>, Arc<PauseRelay>) {
+    stalled_pair_with(ledger, at, false).await
+}
+
+async fn stalled_pair_with(
+    ledger: &Ledger,
+    at: u64,
+    refuse: bool,
+) -> (Vec<Party>, Vec<Channel>, Arc<PauseRelay>) {
     let slot: Arc<std::sync::OnceLock<Arc<PauseRelay>>> = Arc::new(std::sync::OnceLock::new());
     let opts = Options {
         request_timeout: Some(Duration::from_secs(1)),
         update_handler: Some(Arc::new(StallAt {
             relay: slot.clone(),
             at,
+            refuse,
         })),
         timeouts: Some(perun::client::Timeouts {
             update_wait: Duration::from_secs(1),
@@ -546,4 +561,108 @@ async fn a_held_commit_carried_by_our_payment_is_booked_not_netted() {
     assert_eq!(mine(&chans[0]), u(100));
     pa.audit().unwrap();
     let _ = alice_id;
+}
+
+// ---------------------------------------------------------------------------
+// Left open by the review of issue 17, fixed since: a payment whose answer
+// was lost stayed in doubt, its amount reserved, for as long as the
+// channel did not move on, even after the peer's `Sync` showed it never
+// signed it. Only we could complete that proposal, and only from a `Sync`
+// that shows the peer signed it; a peer that shows it does not hold it
+// (nor anything newer) has refused it or never got it. The channel now
+// forgets the proposal then, and the doubt is released.
+// ---------------------------------------------------------------------------
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_doubt_is_released_once_the_peers_sync_shows_it_never_signed() {
+    let ledger = Ledger::sim().await;
+    // Bob refuses Alice's proposal of version 1, but his way back is
+    // stalled: Alice never hears the refusal.
+    let (ps, chans, relay) = stalled_pair_with(&ledger, 1, true).await;
+    let (bob_id, eth) = (ps[1].client.peer_id(), ledger.asset());
+    let pa = Payments::new(&ps[0].client).unwrap();
+
+    let r = pa.reserve(bob_id, &eth, u(100)).await.unwrap();
+    let sent = pa.send(r, u(100)).await;
+    assert!(
+        matches!(sent, Err(Error::Timeout(_) | Error::Wire(_))),
+        "{sent:?}"
+    );
+    assert_eq!(pa.payments_in_doubt(), 1, "the outcome is unknown");
+    assert!(
+        pa.reserve(bob_id, &eth, u(1)).await.is_err(),
+        "the 100 stay reserved while the outcome is unknown"
+    );
+    // Bob's way back opens: Alice's resync gets his `Sync`, which holds no
+    // state of version 1.
+    relay.back.send_replace(false);
+    until("the doubt is released", || pa.payments_in_doubt() == 0).await;
+    assert_eq!(chans[0].state().state.version, 0, "nothing was paid");
+    assert_eq!(chans[1].state().state.version, 0);
+    assert_eq!(mine(&chans[0]), u(100));
+    let bal = pa.balance(bob_id);
+    assert_eq!(
+        (bal[0].reserved, bal[0].spendable),
+        (U256::ZERO, u(100)),
+        "the 100 are Alice's to spend again"
+    );
+    pa.audit().unwrap();
+    // The channel works on (past the burnt version).
+    let r = pa.reserve(bob_id, &eth, u(30)).await.unwrap();
+    pa.send(r, u(30)).await.unwrap();
+    assert_eq!(mine(&chans[0]), u(70));
+    pa.audit().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Guards from a review of a change tried on 2026-12-05 and reverted
+// (withdrawn channels leaving the client's map): the payments layer relies
+// on a withdrawn channel staying known. Both failed with that change.
+//
+// `PaymentsConfig::open_channels` takes the peer's address from an earlier
+// channel with it (`Payments::open_channel` looks in the client's
+// channels), a settled one included.
+// ---------------------------------------------------------------------------
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_channels_reopens_with_a_peer_whose_channel_was_withdrawn() {
+    let ledger = Ledger::sim().await;
+    let (ps, chans) = pair(&ledger).await;
+    let (bob, eth) = (ps[1].client.peer_id(), ledger.asset());
+    chans[0].settle().await.unwrap();
+    assert_eq!(chans[0].phase(), Phase::Withdrawn);
+    let pa = Payments::with_config(
+        &ps[0].client,
+        PaymentsConfig::default().open_channels(OpenPolicy {
+            deposit: u(200),
+            challenge_duration: 60,
+        }),
+    )
+    .unwrap();
+    let r = pa.reserve(bob, &eth, u(50)).await;
+    assert!(
+        r.is_ok(),
+        "Alice had a channel with Bob; with open_channels a new one should be proposed: {r:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// `Payments::audit` takes a channel's balance from the client's channel (0
+// if it has none): a reservation still open while its channel is settled
+// must not read as `BooksOverdrawn` (the final state still covers it).
+// ---------------------------------------------------------------------------
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_does_not_report_an_overdraw_once_a_reserved_channel_is_withdrawn() {
+    let ledger = Ledger::sim().await;
+    let (ps, chans) = pair(&ledger).await;
+    let (bob, eth) = (ps[1].client.peer_id(), ledger.asset());
+    let pa = Payments::new(&ps[0].client).unwrap();
+    let r = pa.reserve(bob, &eth, u(30)).await.unwrap();
+    pa.audit().unwrap();
+    chans[0].settle().await.unwrap();
+    assert_eq!(chans[0].phase(), Phase::Withdrawn);
+    let audit = pa.audit();
+    assert!(
+        audit.is_ok(),
+        "the books were not overdrawn by anything: {audit:?}"
+    );
+    pa.cancel(r);
 }

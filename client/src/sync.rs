@@ -80,6 +80,7 @@ async fn merge(
     if sent.is_none_or(|sent| sent == staged_now) {
         abandon_if_proposer_dropped(core, &mut l, peer_index, theirs);
     }
+    forget_pending_the_peer_lacks(&mut l, theirs);
     let Some(staged) = &theirs.staged else {
         return Ok(None);
     };
@@ -160,6 +161,33 @@ fn abandon_if_proposer_dropped(
             "the proposer no longer holds our staged update; dropping it"
         );
         l.abandon_staged(core);
+    }
+}
+
+/// Forgets our failed proposal (`Locked::pending`) once the peer's `Sync`
+/// shows it holds neither that state nor anything newer: it refused it or
+/// has not got it yet. Only we could complete it, from a `Sync` that shows
+/// the peer signed it; keeping it for a signature that may come later
+/// would keep what it reserved (a payment in doubt) out of reach, and a
+/// peer that does sign it later drops it once our `Sync` shows we do not
+/// hold it. Safe whatever the peer says: our signature never left, so a
+/// peer that claims to lack the state only gives up its own chance to
+/// have it. (Only 2-party channels have a `pending`; the peer's index was
+/// checked by the caller.)
+fn forget_pending_the_peer_lacks(l: &mut Locked, theirs: &Sync) {
+    let Some(p) = l.pending else {
+        return;
+    };
+    let holds = theirs
+        .staged
+        .as_ref()
+        .is_some_and(|s| s.state.hash() == p.proposal);
+    if !holds && theirs.latest.state.version <= p.base {
+        debug!(
+            base = p.base,
+            "the peer does not hold our failed proposal; forgetting it"
+        );
+        l.pending = None;
     }
 }
 
