@@ -19,7 +19,7 @@
 //! `POST /add_appointment`
 //! ```json
 //! request:  { "locator": "0x<32 bytes>", "seq": 7, "blob": "0x<at most 32 KiB>",
-//!             "signature": "0x<65 bytes over keccak256(locator ‖ seq (8 bytes, BE) ‖ blob)>" }
+//!             "signature": "0x<65 bytes over appointment_hash(locator, seq, blob)>" }
 //! response: { "locator": "0x..", "start_block": 123, "user_signature": "0x..",
 //!             "tower_signature": "0x<65 bytes over receipt_hash(tower, locator, start_block, user_signature)>" }
 //! ```
@@ -91,7 +91,7 @@ use axum::routing::{get, post};
 use perun_wallet::{Account, LocalAccount, parse_signature, recover, signature_bytes};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::batch::Writer;
 pub use crate::json::{
@@ -133,6 +133,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds a connection has to send a request's headers.
     pub header_timeout_secs: u64,
+    /// Seconds a request has, once its headers are in, to send its body and
+    /// be answered; then it gets `408 request_timeout` and its connection
+    /// is closed (a body that never comes must not hold a connection slot).
+    pub request_timeout_secs: u64,
     /// Most users, appointments, and slots per user the store holds.
     pub store: crate::store::StoreLimits,
 }
@@ -154,6 +158,7 @@ impl Default for Config {
             max_buckets: 100_000,
             max_connections: 1024,
             header_timeout_secs: 10,
+            request_timeout_secs: 10,
             store: crate::store::StoreLimits::default(),
         }
     }
@@ -342,6 +347,13 @@ pub struct Tower {
     ip_limits: Mutex<Limiter<IpAddr>>,
     user_limits: Mutex<Limiter<Address>>,
     requests: Mutex<BTreeMap<(&'static str, u16, &'static str), u64>>,
+    /// Warnings about refused requests, at most one a second each (anyone
+    /// can send bad requests; the counters count them all).
+    warn_refused: Throttle,
+    warn_ip: Throttle,
+    warn_user: Throttle,
+    /// When the store was last swept for expired users (see `reclaimed`).
+    last_reclaim: Mutex<Option<Instant>>,
     /// The responder's counters and health, once one runs.
     responder: std::sync::OnceLock<Arc<crate::responder::Stats>>,
 }
@@ -380,6 +392,10 @@ impl Tower {
             ip_limits: Mutex::new(Limiter::new(config.ip_rate, config.max_buckets)),
             user_limits: Mutex::new(Limiter::new(config.user_rate, config.max_buckets)),
             requests: Mutex::new(BTreeMap::new()),
+            warn_refused: Throttle::default(),
+            warn_ip: Throttle::default(),
+            warn_user: Throttle::default(),
+            last_reclaim: Mutex::new(None),
             responder: std::sync::OnceLock::new(),
             store,
             account,
@@ -412,7 +428,9 @@ impl Tower {
         if ok {
             Ok(())
         } else {
-            warn!(%ip, "rate limited (ip)");
+            if let Some(suppressed) = self.warn_ip.pass() {
+                warn!(%ip, suppressed, "rate limited (ip)");
+            }
             Err(ApiError::rate_limited(format!(
                 "too many requests from {ip}"
             )))
@@ -428,7 +446,9 @@ impl Tower {
         if ok {
             Ok(())
         } else {
-            warn!(%user, "rate limited (user)");
+            if let Some(suppressed) = self.warn_user.pass() {
+                warn!(%user, suppressed, "rate limited (user)");
+            }
             Err(ApiError::rate_limited(format!(
                 "too many requests from {user}"
             )))
@@ -495,14 +515,52 @@ impl Tower {
         }
         self.check_user(req.user)?;
         let user = req.user;
-        self.blocking(move |t| {
+        let register = move |t: &Tower| {
             let expiry = (t.clock)().saturating_add(t.config.subscription_secs);
             let sub = t
                 .store
                 .register(user, t.config.slots_per_registration, expiry)?;
             t.subscription_response(user, sub)
-        })
-        .await
+        };
+        match self.blocking(register).await {
+            Err(e) if e.code == "tower_full" && self.reclaimed().await => {
+                self.blocking(register).await
+            }
+            r => r,
+        }
+    }
+
+    /// After a `tower_full`: drops what users whose subscription expired
+    /// long ago hold ([`Store::reclaim_expired`]) and says whether to try
+    /// once more. At most once every [`RECLAIM_EVERY`]: the sweep reads
+    /// every user, and a full tower must not do it per request.
+    async fn reclaimed(self: &Arc<Self>) -> bool {
+        {
+            let mut last = self
+                .last_reclaim
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < RECLAIM_EVERY) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        match self
+            .blocking(|t| t.store.reclaim_expired((t.clock)()))
+            .await
+        {
+            Ok(freed) => {
+                info!(
+                    appointments = freed,
+                    "the store was full; dropped what expired users held"
+                );
+                true
+            }
+            Err(e) => {
+                error!(error = %e.message, "could not sweep the full store");
+                false
+            }
+        }
     }
 
     async fn add_appointment(self: &Arc<Self>, body: &[u8]) -> Result<ReceiptResponse, ApiError> {
@@ -521,16 +579,17 @@ impl Tower {
             &req.signature,
         )?;
         self.check_user(user)?;
-        let added = self
-            .writer
-            .add(NewAppointment {
-                user,
-                locator,
-                seq,
-                blob,
-                user_signature: user_sig,
-            })
-            .await?;
+        let new = NewAppointment {
+            user,
+            locator,
+            seq,
+            blob,
+            user_signature: user_sig,
+        };
+        let added = match self.writer.add(new.clone()).await {
+            Err(Error::TowerFull { .. }) if self.reclaimed().await => self.writer.add(new).await?,
+            r => r?,
+        };
         let r = added.receipt;
         Ok(ReceiptResponse {
             locator: r.locator,
@@ -624,6 +683,29 @@ impl Tower {
 
 type Shared = Arc<Tower>;
 
+/// The shortest time between two sweeps of a full store for expired users.
+const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Lets one warning a second through; counts the ones it held back.
+#[derive(Debug, Default)]
+struct Throttle(Mutex<(Option<Instant>, u64)>);
+
+impl Throttle {
+    /// `Some(held back since the last one)` if this one may be logged.
+    fn pass(&self) -> Option<u64> {
+        let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if s.0
+            .is_some_and(|last| now.duration_since(last) < std::time::Duration::from_secs(1))
+        {
+            s.1 = s.1.saturating_add(1);
+            return None;
+        }
+        s.0 = Some(now);
+        Some(std::mem::take(&mut s.1))
+    }
+}
+
 /// Runs one POST endpoint: the IP bucket, the body, the handler, the count.
 async fn post_endpoint<T, F, Fut>(
     tower: Shared,
@@ -659,8 +741,10 @@ where
             axum::Json(v).into_response()
         }
         Err(e) => {
-            if e.status != StatusCode::INTERNAL_SERVER_ERROR {
-                warn!(%peer, endpoint, code = e.code, message = %e.message, "refused");
+            if e.status != StatusCode::INTERNAL_SERVER_ERROR
+                && let Some(suppressed) = tower.warn_refused.pass()
+            {
+                warn!(%peer, endpoint, code = e.code, message = %e.message, suppressed, "refused");
             }
             tower.count(endpoint, e.status, e.code);
             e.into_response()
@@ -747,7 +831,41 @@ pub fn router(tower: Shared) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&tower),
+            within_request_timeout,
+        ))
         .with_state(tower)
+}
+
+/// Bounds a request from its headers on: reading its body and answering it
+/// (see [`Config::request_timeout_secs`]). On expiry the request is dropped
+/// (a write it started still lands; a retry gets its stored answer) and the
+/// client hears `408`.
+async fn within_request_timeout(
+    State(t): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = std::time::Duration::from_secs(t.config.request_timeout_secs.max(1));
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            t.count("any", StatusCode::REQUEST_TIMEOUT, "request_timeout");
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("no complete request within {limit:?}"),
+            )
+            .into_response();
+            // The rest of the body may never come: do not wait for it.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

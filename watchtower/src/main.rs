@@ -61,7 +61,8 @@ struct Cli {
     /// as the flags (rpc, adjudicator, keystore, password_file, db, listen,
     /// from_block), an optional [api] table: slots_per_registration,
     /// subscription_secs, max_body, ip_rate / user_rate {burst, per_second},
-    /// max_buckets, max_connections, header_timeout_secs, [api.store]
+    /// max_buckets, max_connections, header_timeout_secs, request_timeout_secs
+    /// (default 10: a body that does not arrive in time gets 408), [api.store]
     /// {max_users, max_appointments, max_slots_per_user} (defaults 1,000,000,
     /// 1,000,000, 100,000: new users and appointments past them get
     /// tower_full); and an optional [responder] table: poll_ms (how often a

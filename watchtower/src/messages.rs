@@ -54,12 +54,19 @@ pub fn subscription_hash(user: Address, sub: &Subscription) -> B256 {
     )
 }
 
-/// The user signs an appointment: `keccak256(locator ‖ seq (8, BE) ‖ blob)`.
+/// The user signs an appointment:
+/// `keccak256("perun/tower/appointment/v1" ‖ locator ‖ seq (8, BE) ‖ blob)`.
 ///
 /// `seq` grows with each appointment the user sends for a locator, so an
 /// older request replayed by whoever saw it cannot replace a newer blob.
+/// The tag keeps the user's other signatures from reading as appointments
+/// (without it, any signed preimage of 40 bytes or more parsed as one).
+/// It names no tower: one appointment goes to every tower of the channel.
 pub fn appointment_hash(locator: &Locator, seq: u64, blob: &[u8]) -> B256 {
-    tagged(locator.as_slice(), &[&seq.to_be_bytes(), blob])
+    tagged(
+        b"perun/tower/appointment/v1",
+        &[locator.as_slice(), &seq.to_be_bytes(), blob],
+    )
 }
 
 /// The tower signs a receipt:

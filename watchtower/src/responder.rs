@@ -738,18 +738,33 @@ impl Inner {
                 self.store_call(move |s| s.update_job(id, |j| j.refuted = Some(version)))
                     .await?;
                 info!(version, "refuted");
-                Ok(Next::Wait(Duration::ZERO))
+                // The dispute is read at the confirmation depth, the
+                // transaction's checks at the latest block: until the two
+                // agree, the next look would only find the old version
+                // again and refute once more, so it waits a poll.
+                Ok(Next::Wait(self.config.poll()))
             }
+            // Someone else's refutation or conclusion landed first (another
+            // tower, the user's own client): as above.
             Err(
                 perun_adjudicator::Error::VersionTooLow { .. }
                 | perun_adjudicator::Error::AlreadyConcluded,
-            ) => Ok(Next::Wait(Duration::ZERO)),
-            Err(e) if e.is_transient() => Err(e.into()),
-            Err(e) => {
+            ) => Ok(Next::Wait(self.config.poll())),
+            Err(e) if refused_for_good(&e) => {
                 // A contract rule refuses it (too late, ...): never retried.
                 warn!(error = %e, version, "refutation refused; concluding what is registered");
                 run.no_refute = Some(version);
                 Ok(Next::Wait(Duration::ZERO))
+            }
+            // Anything else (the node, an account that cannot pay the gas,
+            // a revert without a reason) is tried again with backoff until
+            // the challenge period ends: giving up here would conclude the
+            // stale state.
+            Err(e) => {
+                if matches!(e, perun_adjudicator::Error::InsufficientFunds { .. }) {
+                    error!(error = %e, version, "the tower's account cannot pay for a refutation; top it up");
+                }
+                Err(e.into())
             }
         }
     }
@@ -808,7 +823,9 @@ impl Inner {
                 .await?;
                 Ok(Next::Done)
             }
-            Err(perun_adjudicator::Error::AlreadyConcluded) => Ok(Next::Wait(Duration::ZERO)),
+            // Concluded by someone else; our view of the dispute (at the
+            // confirmation depth) catches up within a few polls.
+            Err(perun_adjudicator::Error::AlreadyConcluded) => Ok(Next::Wait(self.config.poll())),
             Err(perun_adjudicator::Error::TimeoutNotPassed { timeout, now }) => {
                 let left = Duration::from_secs(timeout.saturating_sub(now));
                 debug!(timeout, now, "the challenge period runs");
@@ -823,6 +840,28 @@ impl Inner {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Whether a refutation failed on a rule the chain will keep enforcing:
+/// the challenge period is over, the dispute moved on to app moves, or the
+/// state itself is one the adjudicator refuses. Only these end the attempt.
+fn refused_for_good(e: &perun_adjudicator::Error) -> bool {
+    use perun_adjudicator::Error as E;
+    matches!(
+        e,
+        E::TimeoutPassed
+            | E::AlreadyProgressed
+            | E::VersionStep { .. }
+            | E::Channel(_)
+            | E::TooFewSignatures { .. }
+            | E::BadSignature { .. }
+            | E::MalformedSignature
+            | E::NotParticipant(_)
+            | E::WrongDomain { .. }
+            | E::Dimensions
+            | E::ChallengeDuration(_)
+            | E::DuplicateParticipant { .. }
+    )
 }
 
 /// What one run of a job's task remembers (nothing durable).
