@@ -15,7 +15,7 @@
 //! ([`Timeouts::backoff`](crate::Timeouts::backoff)), with a
 //! [`ChannelEvent::TowerFailed`] for each failure.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,15 +130,23 @@ impl Link {
         user: &dyn Account,
         force: bool,
     ) -> Result<(), perun_watchtower::Error> {
-        let mut subs = self.subs.lock().await;
-        let fresh = subs.get(&user.address()).is_some_and(|s| {
-            s.expiry > unix_now().saturating_add(RENEW_MARGIN_SECS) && s.slots_used < s.slots_total
-        });
+        let fresh = self
+            .subs
+            .lock()
+            .await
+            .get(&user.address())
+            .is_some_and(|s| {
+                s.expiry > unix_now().saturating_add(RENEW_MARGIN_SECS)
+                    && s.slots_used < s.slots_total
+            });
         if fresh && !force {
             return Ok(());
         }
+        // Not under the lock: every channel's identity registers on its
+        // own, and a tower that hangs must not queue them all behind one
+        // call (two registrations of one identity at once only renew it).
         let sub = self.client.register(user).await?;
-        subs.insert(user.address(), sub);
+        self.subs.lock().await.insert(user.address(), sub);
         debug!(tower = %self.client.tower(), user = %user.address(), "registered with tower");
         Ok(())
     }
@@ -163,6 +171,53 @@ impl Link {
             r => r,
         }
     }
+}
+
+/// How long a round waits for the other towers once one has answered: a
+/// tower that hangs (until the client's timeout) must not hold the others'
+/// next appointment back. A tower cut off is retried with its backoff.
+const LAGGARD_WAIT: Duration = Duration::from_millis(500);
+
+/// Runs one round's calls, and returns every answer that came by
+/// [`LAGGARD_WAIT`] after the first; the calls still running then are
+/// dropped and count as timed out.
+async fn answers_without_laggards<F>(
+    sends: impl IntoIterator<Item = F>,
+    due: &[usize],
+) -> Vec<(usize, Result<Receipt, perun_watchtower::Error>)>
+where
+    F: std::future::Future<Output = (usize, Result<Receipt, perun_watchtower::Error>)>,
+{
+    use futures::StreamExt;
+    let mut running: futures::stream::FuturesUnordered<F> = sends.into_iter().collect();
+    let mut results = Vec::with_capacity(due.len());
+    let mut cutoff: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match cutoff {
+            None => running.next().await,
+            Some(at) => match tokio::time::timeout_at(at, running.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+        };
+        let Some(answer) = next else {
+            return results;
+        };
+        results.push(answer);
+        cutoff.get_or_insert_with(|| tokio::time::Instant::now() + LAGGARD_WAIT);
+    }
+    drop(running);
+    let answered: HashSet<usize> = results.iter().map(|(i, _)| *i).collect();
+    for &i in due.iter().filter(|i| !answered.contains(i)) {
+        results.push((
+            i,
+            Err(perun_watchtower::Error::Timeout {
+                what: "an appointment (another tower had answered)",
+                after: LAGGARD_WAIT,
+            }),
+        ));
+    }
+    results
 }
 
 /// The towers of one client and the per-channel records.
@@ -564,7 +619,7 @@ impl Worker {
             let (link, a, user) = (&self.towers.links[i], &appointment, user.as_ref());
             async move { (i, link.send(user, a).await) }
         });
-        let results = futures::future::join_all(sends).await;
+        let results = answers_without_laggards(sends, due).await;
         // What the record held before: restored if the new receipts cannot be
         // stored (an older receipt that is durable still counts).
         let before = lock(&self.entry.record).clone();
