@@ -163,6 +163,12 @@ pub struct EthConfig {
     /// How long any one call to the node may take before it counts as
     /// failed ([`RpcFailure::Timeout`]). Default 20 s.
     pub rpc_timeout: Duration,
+    /// The most blocks one `eth_getLogs` of the channel event scanner
+    /// covers (halved after a failed round, grown back after successes).
+    /// Nodes refuse wide ranges (hosted ones at 1,000 to 10,000 blocks); a
+    /// node without a limit reads a new channel's history in fewer rounds
+    /// with a larger one. Default 2,000.
+    pub log_range: u64,
 }
 
 impl EthConfig {
@@ -198,6 +204,8 @@ impl EthConfig {
     pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(60);
     /// Default [`rpc_timeout`](Self::rpc_timeout).
     pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(20);
+    /// Default [`log_range`](Self::log_range).
+    pub const DEFAULT_LOG_RANGE: u64 = 2_000;
 
     /// A configuration for the adjudicator deployed in block `from_block`
     /// and the asset holders you use (an ether-only deployment lists just
@@ -217,6 +225,7 @@ impl EthConfig {
             max_priority_fee_per_gas: Self::DEFAULT_MAX_PRIORITY_FEE_PER_GAS,
             replace_after: Self::DEFAULT_REPLACE_AFTER,
             rpc_timeout: Self::DEFAULT_RPC_TIMEOUT,
+            log_range: Self::DEFAULT_LOG_RANGE,
         }
     }
 

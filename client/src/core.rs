@@ -862,6 +862,21 @@ impl ChannelCore {
         self.locked.lock().await.machine.current().cloned()
     }
 
+    /// The latest fully signed state, for an on-chain step: if the
+    /// channel's lock stays taken for [`LOCAL_WAIT`] (a write that does not
+    /// return holds it), the latest one readers were shown, which is
+    /// durable and at most a peer's commit not stored yet behind.
+    pub(crate) async fn latest_for_chain(&self) -> Option<SignedState> {
+        match tokio::time::timeout(LOCAL_WAIT, self.locked.lock()).await {
+            Ok(l) => l.machine.current().cloned(),
+            Err(_) => {
+                warn!(channel = %self.id, "the channel stayed busy (a write that does not return?); acting on its last published state");
+                let shown = self.state.borrow().clone();
+                shown.is_fully_signed().then_some(shown)
+            }
+        }
+    }
+
     /// Publishes the machine's phase and, unless `hold_state` (it is not
     /// durable yet), its current state to readers; announces a new fully
     /// signed state on the updates stream. Use [`Locked::announce`].
@@ -974,10 +989,12 @@ pub(crate) async fn persist(shared: &Shared, id: ChannelId, changes: Vec<Change>
 }
 
 /// Moves the channel to the closing phase `to` unless it is there or past
-/// it (decided under the channel's lock). If the store fails, the phase
-/// still moves in memory (no more updates) and the failure is returned for
-/// the caller to log: an on-chain step must not wait for a disk. A restart
-/// then finds the old phase on disk, and the watcher moves it again.
+/// it (decided under the channel's lock). The phase moves in memory first
+/// (no more updates), then is stored; a failed write is returned for the
+/// caller to log, and a caller may drop a write that does not return (see
+/// [`enter_closing_within`]): an on-chain step must not wait for a disk.
+/// A restart then finds the old phase on disk, and the watcher moves it
+/// again.
 pub(crate) async fn enter_closing(shared: &Shared, core: &ChannelCore, to: Phase) -> Result<()> {
     let mut l = core.locked.lock().await;
     let now = l.machine.phase();
@@ -986,10 +1003,31 @@ pub(crate) async fn enter_closing(shared: &Shared, core: &ChannelCore, to: Phase
     }
     let mut trial = l.machine.clone();
     trial.set_phase(to)?;
-    let stored = l.write(shared, core, vec![Change::Phase(to)]).await;
     l.machine = trial;
     l.announce(core);
-    stored.map(|_| ())
+    l.write(shared, core, vec![Change::Phase(to)])
+        .await
+        .map(|_| ())
+}
+
+/// How long an on-chain step waits for the channel's lock or a local write
+/// before it acts without them: a store that hangs (a stalled disk or
+/// mount) must not keep a refutation from the chain.
+pub(crate) const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`enter_closing`] for an on-chain step: gives up on the lock or the write
+/// after [`LOCAL_WAIT`] (warning), so the step goes on.
+pub(crate) async fn enter_closing_within(shared: &Shared, core: &ChannelCore, to: Phase) {
+    match tokio::time::timeout(LOCAL_WAIT, enter_closing(shared, core, to)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, phase = ?to, "could not store the closing phase; acting anyway")
+        }
+        Err(_) => warn!(
+            phase = ?to,
+            "the store did not answer within {LOCAL_WAIT:?}; acting without it"
+        ),
+    }
 }
 
 /// Moves the channel to phase `to` and persists it (a no-op if it is there).

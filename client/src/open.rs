@@ -381,8 +381,13 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
     if let Err(e) = funded {
         if core.phase() == Phase::Withdrawn {
             // The watcher withdrew before a deposit of ours that was in
-            // flight landed: take that one back too (withdrawing is idempotent).
-            sweep_late_deposit(shared, &core).await;
+            // flight landed: take that one back too (withdrawing is
+            // idempotent), now and for a while (it may still land).
+            let (shared, core) = (shared.clone(), core.clone());
+            tokio::spawn(
+                async move { sweep_late_deposit(&shared, &core).await }
+                    .instrument(info_span!("sweep_late_deposit")),
+            );
             return Err(e);
         }
         warn!(channel = %core.id, error = %e, "funding failed; recovering deposits via version 0");
@@ -399,7 +404,13 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
     Ok(Channel::new(core, shared.clone()))
 }
 
-/// Withdraws whatever is still credited to us in a withdrawn channel.
+/// Withdraws whatever is still credited to us in a withdrawn channel: a
+/// deposit of ours that landed after the watcher withdrew. The watcher is
+/// done and the record gone, so nothing else would. A deposit whose
+/// transaction is still queued may land later, so this sweeps again with
+/// backoff for one funding timeout, and retries a failed sweep until it
+/// succeeds once after that (a sweep with nothing credited sends nothing).
+/// Stops at shutdown; `Client::recover_funds` finds what is left then.
 async fn sweep_late_deposit(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
     let Some(latest) = core.latest().await else {
         return;
@@ -411,8 +422,24 @@ async fn sweep_late_deposit(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
         account: shared.account.clone(),
         receiver: shared.account.address(),
     };
-    if let Err(e) = shared.adjudicator.withdraw(&req).await {
-        warn!(channel = %core.id, error = %e, "could not withdraw a late deposit");
+    let until = tokio::time::Instant::now() + shared.timeouts.funding;
+    let mut attempt = 0u32;
+    loop {
+        let swept = shared.adjudicator.withdraw(&req).await;
+        if let Err(e) = &swept {
+            warn!(channel = %core.id, error = %e, attempt, "could not withdraw a late deposit; trying again");
+        }
+        if swept.is_ok() && tokio::time::Instant::now() >= until {
+            return;
+        }
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(shared.timeouts.backoff(attempt)) => {}
+            () = shared.stopping() => {
+                warn!(channel = %core.id, "shutdown: a late deposit may be left credited; recover_funds finds it");
+                return;
+            }
+        }
     }
 }
 

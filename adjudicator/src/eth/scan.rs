@@ -4,19 +4,32 @@
 //!
 //! # How history and live scanning meet
 //! The scanner has scanned every block below `next`, and every *live*
-//! subscriber has received its channel's events of exactly those blocks. A
-//! new subscriber waits until the next round. A round picks `safe`, the newest
-//! block `confirmations` deep, and reads in one go (checked against the same
-//! hash of `safe`):
-//! - for the live subscribers, the logs of `next..=safe` (address and event
+//! subscriber has received its channel's events of exactly those blocks.
+//! New subscribers wait; the oldest waiting ones become the *joining* group,
+//! which reads its history from `from_block` on, one range per round. A
+//! round picks `safe`, the newest block `confirmations` deep, and `end`, the
+//! last block the round takes the live subscribers to (at most `range`
+//! blocks past `next`), and reads in one go (checked against the same hash
+//! of `end`):
+//! - for the live subscribers, the logs of `next..=end` (address and event
 //!   filter only, no channel filter);
-//! - for the waiting ones, the logs of `from_block..=safe` of just their
-//!   channels (an OR list of channel ids, in chunks).
+//! - for the joining group, the logs of its next range, at most `range`
+//!   blocks and at most up to `end`, of just its channels (an OR list of
+//!   channel ids, in chunks).
 //!
-//! Then everybody has seen `..=safe`, the waiting subscribers turn live and
-//! `next` becomes `safe + 1`. Every event is thus delivered once and only when
-//! `confirmations` deep, whenever one subscribes. A round that finds the
-//! chain changed under it delivers nothing and is retried at the next block.
+//! The live subscribers have then seen `..=end`; a joining group whose
+//! history reached `end` gets `CaughtUp { block: end }` and turns live, and
+//! `next` becomes `end + 1`. Every event is thus delivered once and only
+//! when `confirmations` deep, whenever one subscribes. A round that finds
+//! the chain changed under it delivers nothing and is retried at the next
+//! block.
+//!
+//! No query spans more than `range` blocks: nodes refuse wide `eth_getLogs`
+//! (hosted ones at 1,000 to 10,000 blocks), and one subscriber's history
+//! from an old deployment block must not stop the live events of every
+//! other. A failed round halves `range`; successes grow it back (as the
+//! registration feed does). A scanner that is behind, or a group still
+//! joining, starts its next round at once.
 //!
 //! # Reorgs
 //! The scanner remembers the hash of the last block of each scanned range; if
@@ -163,6 +176,9 @@ pub(super) fn spawn(c: Chain, hub: Arc<Hub>, generation: u64) {
         scanned: VecDeque::new(),
         live: HashMap::new(),
         waiting: Vec::new(),
+        joining: Vec::new(),
+        joined_to: c.cfg.from_block,
+        range: c.cfg.log_range.max(1),
         filter,
         _stopped: Stopped {
             hub: hub.clone(),
@@ -210,8 +226,16 @@ struct Scanner {
     scanned: VecDeque<(u64, B256)>,
     /// Subscribers that have seen every event below `next`, by channel.
     live: HashMap<ChannelId, Vec<EventSender>>,
-    /// Subscribers that have seen nothing yet; they get their history in the next round.
+    /// Subscribers that have seen nothing yet; they join once the group
+    /// joining now has.
     waiting: Vec<(ChannelId, EventSender)>,
+    /// Subscribers reading their history, a range per round.
+    joining: Vec<(ChannelId, EventSender)>,
+    /// The first block the joining group has not read yet.
+    joined_to: u64,
+    /// The most blocks one `eth_getLogs` covers now (halved after a failed
+    /// round, grown back after successes, at most `EthConfig::log_range`).
+    range: u64,
     _stopped: Stopped,
 }
 
@@ -227,13 +251,14 @@ impl Scanner {
             }
             heads.ensure().await;
             let wait = match self.round().await {
-                Ok(()) => {
+                Ok(caught_up) => {
                     backoff.reset();
-                    None
+                    (!caught_up).then_some(Duration::ZERO)
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(%e, ?delay, next = self.next, "scan round failed; retrying from the same block");
+                    self.range = (self.range / 2).max(1);
+                    warn!(%e, ?delay, next = self.next, range = self.range, "scan round failed; retrying from the same block");
                     Some(delay)
                 }
             };
@@ -262,6 +287,7 @@ impl Scanner {
             drop(st);
             self.live.clear();
             self.waiting.clear();
+            self.joining.clear();
             info!("adjudicator dropped; event streams end");
             return false;
         }
@@ -272,8 +298,9 @@ impl Scanner {
                 !subs.is_empty()
             });
             self.waiting.retain(|(_, s)| !s.is_closed());
+            self.joining.retain(|(_, s)| !s.is_closed());
         }
-        if !self.live.is_empty() || !self.waiting.is_empty() {
+        if !self.live.is_empty() || !self.waiting.is_empty() || !self.joining.is_empty() {
             return true;
         }
         let mut st = self.hub.lock();
@@ -287,31 +314,49 @@ impl Scanner {
     }
 
     fn subscribers(&self) -> usize {
-        self.live.values().map(Vec::len).sum::<usize>() + self.waiting.len()
+        self.live.values().map(Vec::len).sum::<usize>() + self.waiting.len() + self.joining.len()
     }
 
-    /// Scans the blocks that became `confirmations` deep for the live
-    /// subscribers and the history up to the same block for the waiting ones.
-    async fn round(&mut self) -> Result<()> {
+    /// Scans up to `range` blocks that became `confirmations` deep for the
+    /// live subscribers and the next range of the joining group's history,
+    /// up to the same block. `true` once everybody has seen every confirmed
+    /// block (the next round may wait for a new one).
+    async fn round(&mut self) -> Result<bool> {
         self.rewind_on_reorg().await?;
         let c = &self.c;
         let Some(safe) = c.head().await?.checked_sub(c.cfg.depth()) else {
-            return Ok(());
+            return Ok(true);
         };
         if safe.saturating_add(1) < self.next {
             // The chain got shorter than what was scanned but kept its blocks:
             // wait until it is as deep again before anyone joins.
-            return Ok(());
+            return Ok(true);
         }
+        if self.joining.is_empty() && !self.waiting.is_empty() {
+            self.joining = std::mem::take(&mut self.waiting);
+            self.joined_to = self.first;
+        }
+        let span = self.range.max(1) - 1;
+        // Where everybody stands after this round: the live subscribers
+        // move on by a range at most; without any, the cursor follows `safe`.
         let scan_live = !self.live.is_empty() && safe >= self.next;
-        if !scan_live && self.waiting.is_empty() {
-            return Ok(());
+        let end = if scan_live {
+            safe.min(self.next.saturating_add(span))
+        } else if self.live.is_empty() {
+            safe
+        } else {
+            self.next.saturating_sub(1)
+        };
+        let history_to = (!self.joining.is_empty() && end >= self.joined_to)
+            .then(|| end.min(self.joined_to.saturating_add(span)));
+        if !scan_live && history_to.is_none() && self.joining.is_empty() {
+            return Ok(true);
         }
-        let Some((_, tip, _)) = c.block(BlockNumberOrTag::Number(safe)).await? else {
-            return Ok(()); // The chain got shorter meanwhile: a reorg; next block.
+        let Some((_, tip, _)) = c.block(BlockNumberOrTag::Number(end)).await? else {
+            return Ok(true); // The chain got shorter meanwhile: a reorg; next block.
         };
         let fresh = if scan_live {
-            let f = self.filter.clone().from_block(self.next).to_block(safe);
+            let f = self.filter.clone().from_block(self.next).to_block(end);
             c.conn
                 .rpc("eth_getLogs", |p| async move { p.get_logs(&f).await })
                 .await?
@@ -319,8 +364,8 @@ impl Scanner {
             Vec::new()
         };
         let mut history = Vec::new();
-        if !self.waiting.is_empty() && safe >= self.first {
-            let mut ids: Vec<B256> = self.waiting.iter().map(|(id, _)| *id).collect();
+        if let Some(to) = history_to {
+            let mut ids: Vec<B256> = self.joining.iter().map(|(id, _)| *id).collect();
             ids.sort_unstable();
             ids.dedup();
             for chunk in ids.chunks(HISTORY_IDS) {
@@ -328,8 +373,8 @@ impl Scanner {
                     .filter
                     .clone()
                     .topic1(chunk.to_vec())
-                    .from_block(self.first)
-                    .to_block(safe);
+                    .from_block(self.joined_to)
+                    .to_block(to);
                 history.extend(
                     c.conn
                         .rpc("eth_getLogs", |p| async move { p.get_logs(&f).await })
@@ -338,46 +383,60 @@ impl Scanner {
             }
         }
         // The logs belong to the chain ending in `tip` only if it is still there.
-        if c.block(BlockNumberOrTag::Number(safe))
+        if c.block(BlockNumberOrTag::Number(end))
             .await?
             .map(|(n, h, _)| (n, h))
-            != Some((safe, tip))
+            != Some((end, tip))
         {
-            warn!(block = safe, "reorg during the scan; scanning again");
-            return Ok(());
+            warn!(block = end, "reorg during the scan; scanning again");
+            return Ok(true);
         }
         debug!(
             from = self.next,
-            to = safe,
+            to = end,
             live = fresh.len(),
-            joining = self.waiting.len(),
+            joining = self.joining.len(),
+            history_from = self.joined_to,
+            history_to = ?history_to,
             history = history.len(),
             "scanned"
         );
-        if safe >= self.next {
-            self.next = safe.saturating_add(1);
-            self.scanned.push_back((safe, tip));
+        if end >= self.next {
+            self.next = end.saturating_add(1);
+            self.scanned.push_back((end, tip));
             if self.scanned.len() > SCAN_MEMORY {
                 self.scanned.pop_front();
             }
         }
-        for (id, event) in self.events(fresh, safe, tip) {
+        for (id, event) in self.events(fresh, end, tip) {
             for s in self.live.get(&id).into_iter().flatten() {
                 s.send(Ok(event.clone()));
             }
         }
         let mut past: HashMap<ChannelId, Vec<AdjudicatorEvent>> = HashMap::new();
-        for (id, event) in self.events(history, safe, tip) {
+        for (id, event) in self.events(history, end, tip) {
             past.entry(id).or_default().push(event);
         }
-        for (id, s) in self.waiting.drain(..) {
-            for event in past.get(&id).into_iter().flatten() {
+        for (id, s) in &self.joining {
+            for event in past.get(id).into_iter().flatten() {
                 s.send(Ok(event.clone()));
             }
-            s.send(Ok(AdjudicatorEvent::CaughtUp { id, block: safe }));
-            self.live.entry(id).or_default().push(s);
         }
-        Ok(())
+        // History read up to `end` (or none below it: a deployment block
+        // above `safe`): the group turns live.
+        if history_to.is_none_or(|to| to == end) {
+            for (id, s) in self.joining.drain(..) {
+                s.send(Ok(AdjudicatorEvent::CaughtUp { id, block: end }));
+                self.live.entry(id).or_default().push(s);
+            }
+        } else if let Some(to) = history_to {
+            self.joined_to = to.saturating_add(1);
+        }
+        self.range = self
+            .range
+            .saturating_mul(2)
+            .min(self.c.cfg.log_range.max(1));
+        Ok(end == safe && self.joining.is_empty() && self.waiting.is_empty())
     }
 
     /// The channel events of `logs` (in chain order) on the chain ending in
@@ -406,6 +465,8 @@ impl Scanner {
                 .scanned
                 .back()
                 .map_or(self.first, |(n, _)| n.saturating_add(1));
+            // History read past the fork is read again (its events may come twice).
+            self.joined_to = self.joined_to.min(self.next);
             warn!(
                 from = self.next,
                 confirmations = self.c.cfg.depth(),

@@ -24,7 +24,7 @@ use perun_adjudicator::{Dispute, SignedChannel, WithdrawRequest};
 use perun_channel::{Phase, SignedState};
 use tracing::{debug, info, warn};
 
-use crate::core::{ChannelCore, Shared, enter_closing, set_phase};
+use crate::core::{ChannelCore, Shared, enter_closing_within, set_phase};
 use crate::event::{ChannelEvent, WatcherStep};
 use crate::{Error, Result};
 
@@ -56,7 +56,7 @@ pub(crate) async fn step(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Resul
             .await
             .map_err(|e| (WatcherStep::Read, e.into()))?
     };
-    let latest = core.latest().await;
+    let latest = core.latest_for_chain().await;
     match d {
         None => nothing_on_chain(shared, core, latest).await,
         Some(d) if d.concluded => {
@@ -95,10 +95,8 @@ async fn dispute_running(
     d: &Dispute,
     latest: Option<SignedState>,
 ) -> Result<Outcome, Failed> {
-    if let Err(e) = enter_closing(shared, core, Phase::Registered).await {
-        // The refutation must not wait for the disk.
-        warn!(error = %e, "could not store the phase Registered; acting anyway");
-    }
+    // The refutation must not wait for the disk.
+    enter_closing_within(shared, core, Phase::Registered).await;
     // After the first progression only moves follow (`register` reverts).
     if let Some(latest) = latest
         .as_ref()
@@ -222,9 +220,7 @@ async fn withdraw(
         .registered_state(d, latest)
         .or_else(|| latest.map(|l| l.state.clone()))
         .ok_or((step, Error::Phase(core.phase())))?;
-    if let Err(e) = enter_closing(shared, core, Phase::Concluded).await {
-        warn!(error = %e, "could not store the phase Concluded; withdrawing anyway");
-    }
+    enter_closing_within(shared, core, Phase::Concluded).await;
     core.emit(ChannelEvent::Step(step));
     let req = WithdrawRequest {
         params: perun_channel::Params::clone(&core.params),

@@ -1,0 +1,454 @@
+//! A channel's watcher when its store hangs, and deposits that land after
+//! it withdrew: from an adversarial review, each test failed before its
+//! fix.
+//!
+//! - `a_hung_store_does_not_keep_the_watcher_from_refuting`: the refutation
+//!   waited for a disk write under the channel's lock (`enter_closing`).
+//! - `a_late_deposit_is_swept_even_if_the_first_withdrawal_fails` and
+//!   `a_deposit_still_in_flight_when_the_channel_is_withdrawn_is_swept`: a
+//!   deposit of ours that landed after the watcher withdrew was swept by one
+//!   `withdraw` call at one moment (`open.rs`, `sweep_late_deposit`), never
+//!   again.
+
+#![allow(clippy::unwrap_used)] // Tests may panic on failure.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Ledger, Options, Party, bob_registers, open};
+use perun::adjudicator::Adjudicator;
+use perun::channel::{ChannelId, SignedState, U256};
+use perun::persistence::{Change, ChannelRecord, Persister};
+
+const MINT: u64 = 1_000_000;
+const EACH: u64 = 1_000;
+
+fn u(x: u64) -> U256 {
+    U256::from(x)
+}
+
+/// A store whose writes, once armed, never return (a hung disk, an NFS
+/// mount that stopped answering, a remote store behind a dead connection):
+/// not an error the client could act on, just no answer.
+struct StallingWrites {
+    inner: Arc<dyn Persister>,
+    armed: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Persister for StallingWrites {
+    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
+        self.inner.channel_created(ch).await
+    }
+    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
+        if self.armed.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.update(id, changes).await
+    }
+    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
+        self.inner.channel_removed(id).await
+    }
+    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
+        self.inner.channel_ids().await
+    }
+    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
+        self.inner.load(id).await
+    }
+    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
+        self.inner.load_all().await
+    }
+}
+
+/// Bob pays Alice 100 six times; returns his best stale state (after the
+/// first payment) and the latest one.
+async fn stale_and_latest(chans: &[perun::client::Channel]) -> (SignedState, SignedState) {
+    let bob = &chans[1];
+    bob.pay(0, 0, u(100)).await.unwrap();
+    let stale = bob.state();
+    for _ in 0..5 {
+        bob.pay(0, 0, u(100)).await.unwrap();
+    }
+    let latest = common::caught_up(chans).await;
+    assert_eq!(latest.state.version, 6);
+    (stale, latest)
+}
+
+/// DESIGN §8: "On-chain steps never wait for the disk: if the phase cannot
+/// be stored, it moves in memory and the step goes ahead." Alice's store
+/// stops answering (it does not fail: it hangs). Bob registers a stale
+/// state. Alice's watcher reads the dispute, then stores the phase
+/// `Registered` under the channel's lock before it refutes
+/// (`enter_closing`, and `ChannelCore::latest` takes the same lock): the
+/// write never returns, and the refutation is never sent. Bob's stale
+/// state stands and concludes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_store_does_not_keep_the_watcher_from_refuting() {
+    let ledger = Ledger::sim().await;
+    let armed = Arc::new(AtomicBool::new(false));
+    let alice_opts = Options {
+        wrap_persister: Some(Box::new({
+            let armed = armed.clone();
+            move |inner| {
+                Arc::new(StallingWrites {
+                    inner,
+                    armed: armed.clone(),
+                }) as Arc<dyn Persister>
+            }
+        })),
+        ..Options::default()
+    };
+    let mut ps: Vec<Party> = vec![
+        common::party(&ledger, u(MINT), &alice_opts).await,
+        common::party(&ledger, u(MINT), &Options::default()).await,
+    ];
+    common::introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(EACH)).await;
+    let (stale, latest) = stale_and_latest(&chans).await;
+    // Bob goes rogue (his own client would refute his stale state).
+    ps[1].client.shutdown().await;
+    armed.store(true, Ordering::SeqCst);
+    let adj: Arc<dyn Adjudicator> = bob_registers(&ledger, &ps[1], &chans[1], stale).await;
+    let id = chans[0].id();
+    let refuted = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if adj
+                .dispute(id)
+                .await
+                .unwrap()
+                .is_some_and(|d| d.version == latest.state.version)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let d = adj.dispute(id).await.unwrap().unwrap();
+    assert!(
+        refuted.is_ok(),
+        "Alice's watcher must refute Bob's stale version 1 with version {} although her \
+         store hangs; after 20 s the chain still holds version {} (phase {:?})",
+        latest.state.version,
+        d.version,
+        chans[0].phase(),
+    );
+}
+
+/// An adjudicator whose next `fails` withdrawals fail before reaching the
+/// chain (a node that did not answer): transient, retry and it works.
+struct FailWithdraw {
+    inner: Arc<dyn Adjudicator>,
+    fails: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl Adjudicator for FailWithdraw {
+    fn domain(&self) -> perun::channel::Domain {
+        self.inner.domain()
+    }
+    async fn register(
+        &self,
+        req: &perun::adjudicator::SignedChannel,
+    ) -> perun::adjudicator::Result<()> {
+        self.inner.register(req).await
+    }
+    async fn progress(
+        &self,
+        req: &perun::adjudicator::ProgressRequest,
+    ) -> perun::adjudicator::Result<()> {
+        self.inner.progress(req).await
+    }
+    async fn conclude(
+        &self,
+        req: &perun::adjudicator::SignedChannel,
+    ) -> perun::adjudicator::Result<()> {
+        self.inner.conclude(req).await
+    }
+    async fn withdraw(
+        &self,
+        req: &perun::adjudicator::WithdrawRequest,
+    ) -> perun::adjudicator::Result<()> {
+        if self
+            .fails
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(perun::adjudicator::Error::Rpc {
+                op: "withdraw",
+                source: perun::adjudicator::RpcFailure::Injected(0),
+            });
+        }
+        self.inner.withdraw(req).await
+    }
+    async fn subscribe(
+        &self,
+        id: ChannelId,
+    ) -> perun::adjudicator::Result<perun::adjudicator::EventStream> {
+        self.inner.subscribe(id).await
+    }
+    async fn dispute(
+        &self,
+        id: ChannelId,
+    ) -> perun::adjudicator::Result<Option<perun::adjudicator::Dispute>> {
+        self.inner.dispute(id).await
+    }
+    fn history(&self) -> Option<&dyn perun::adjudicator::ChainHistory> {
+        self.inner.history()
+    }
+}
+
+/// Alice's funder as an `EthFunder` behaves when her deposit transaction
+/// sat in the pool (a fee spike under her fee cap) and is mined only after
+/// the channel was closed with version 0 and concluded: the deposit lands
+/// in the concluded channel (the holder takes it: a deposit after the
+/// conclusion is withdrawable at once), and funding reports failure.
+struct LateDeposit {
+    sim: Arc<perun::adjudicator::SimLedger>,
+    /// Armed (set to 1) right after the late deposit landed.
+    fails: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl perun::adjudicator::Funder for LateDeposit {
+    async fn fund(
+        &self,
+        req: perun::adjudicator::FundingRequest,
+    ) -> perun::adjudicator::Result<()> {
+        let id = req.state.channelId;
+        while !self.sim.dispute(id).await?.is_some_and(|d| d.concluded) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Alice's watcher has withdrawn her (empty) share by now.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let me = req.params.participants[req.index];
+        let holder = req.state.outcome.assets[0].holder;
+        let amount = req.params.funding_of(0, req.index);
+        self.sim
+            .deposit_to(holder, me, id, me, U256::ZERO, amount)
+            .unwrap();
+        // The one withdrawal that sweeps it meets a node hiccup.
+        self.fails.store(1, Ordering::SeqCst);
+        Err(perun::adjudicator::Error::FundingTimeout {
+            missing: vec![(1, req.params.participants[1])],
+        })
+    }
+
+    fn supports(&self, _: &perun::channel::Asset) -> bool {
+        true
+    }
+}
+
+/// `open.rs` sweeps a deposit of ours that landed after the watcher had
+/// withdrawn (`sweep_late_deposit`), but with exactly one `withdraw` call:
+/// if that call fails (any RPC call can), the deposit stays credited in a
+/// concluded channel whose record was already deleted (`Withdrawn`), and
+/// nothing ever tries again. Alice's 1,000 are stranded until someone
+/// thinks of running `recover_funds` by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_deposit_is_swept_even_if_the_first_withdrawal_fails() {
+    let ledger = Ledger::sim().await;
+    let Ledger::Sim(sim) = &ledger else {
+        unreachable!()
+    };
+    let fails = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let alice_opts = Options {
+        funder: Some(Arc::new(LateDeposit {
+            sim: sim.clone(),
+            fails: fails.clone(),
+        })),
+        wrap_adjudicator: Some(Box::new({
+            let fails = fails.clone();
+            move |inner| {
+                Arc::new(FailWithdraw {
+                    inner,
+                    fails: fails.clone(),
+                }) as Arc<dyn Adjudicator>
+            }
+        })),
+        ..Options::default()
+    };
+    let bob_opts = Options {
+        funding_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let ps: Vec<Party> = vec![
+        common::party(&ledger, u(MINT), &alice_opts).await,
+        common::party(&ledger, u(MINT), &bob_opts).await,
+    ];
+    common::introduce(&ps).await;
+    let alice = ps[0].client.clone();
+    let prop = common::proposal(&ledger, &ps, u(EACH));
+    let opening = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.propose_channel(prop).await }
+    });
+    // Bob deposits, waits for Alice in vain, and closes with version 0.
+    let id = tokio::time::timeout(common::WAIT, async {
+        loop {
+            if let Some(ch) = alice.channels().pop()
+                && sim.dispute(ch.id()).await.unwrap().is_some()
+            {
+                return ch.id();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("Bob closes the unfunded channel with version 0");
+    ledger.advance(61).await;
+    opening.await.unwrap().unwrap_err();
+    // The sweep runs on a task of its own; its first withdrawal meets the
+    // injected failure.
+    tokio::time::timeout(common::WAIT, async {
+        while fails.load(Ordering::SeqCst) != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the sweep's withdrawal was tried");
+    let alice_addr = alice.address();
+    let back = tokio::time::timeout(Duration::from_secs(15), async {
+        while ledger.balance(alice_addr).await != u(MINT) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (credit, settled) = sim.holdings(
+        ledger.asset().holder,
+        perun::adjudicator::funding_id(id, alice_addr),
+    );
+    assert!(
+        back.is_ok(),
+        "Alice's late deposit must be withdrawn (retried after one failed call); 15 s later \
+         she has {} of {MINT}, {credit} stays credited to her in the concluded channel \
+         (settled: {settled}), and the channel is {:?} (its record deleted from her store)",
+        ledger.balance(alice_addr).await,
+        alice.channel(&id).map(|c| c.phase()),
+    );
+}
+
+/// Alice's funder as an `EthFunder` behaves when her deposit transaction
+/// waits in the pool past `receipt_timeout`: `fund` reports the transient
+/// `ReceiptTimeout` (the queue keeps the transaction going, as documented)
+/// and the transaction is mined a moment later, into the channel that was
+/// closed with version 0 and concluded meanwhile.
+struct DepositInFlight {
+    sim: Arc<perun::adjudicator::SimLedger>,
+    /// What the late deposit came to.
+    landed: Arc<std::sync::Mutex<Option<perun::adjudicator::Result<()>>>>,
+}
+
+#[async_trait::async_trait]
+impl perun::adjudicator::Funder for DepositInFlight {
+    async fn fund(
+        &self,
+        req: perun::adjudicator::FundingRequest,
+    ) -> perun::adjudicator::Result<()> {
+        let id = req.state.channelId;
+        while !self.sim.dispute(id).await?.is_some_and(|d| d.concluded) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Alice's watcher has withdrawn her (empty) share by now.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let me = req.params.participants[req.index];
+        let holder = req.state.outcome.assets[0].holder;
+        let amount = req.params.funding_of(0, req.index);
+        let sim = self.sim.clone();
+        let landed = self.landed.clone();
+        // The queue keeps the deposit going; it is mined a second later.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let res = sim.deposit_to(holder, me, id, me, U256::ZERO, amount);
+            *landed.lock().unwrap() = Some(res);
+        });
+        Err(perun::adjudicator::Error::ReceiptTimeout {
+            op: "deposit",
+            tx: perun::channel::B256::repeat_byte(0xde),
+            waited: Duration::from_secs(120),
+        })
+    }
+
+    fn supports(&self, _: &perun::channel::Asset) -> bool {
+        true
+    }
+}
+
+/// The same sweep, without any failed call: Alice's deposit is still in the
+/// transaction queue when her funding loop sees the channel `Withdrawn`;
+/// `sweep_late_deposit` withdraws at once, finds nothing credited yet, and
+/// returns. The deposit lands a second later in the concluded channel
+/// (the holder takes it) and nothing ever withdraws it: the watcher is done
+/// and the channel's record is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deposit_still_in_flight_when_the_channel_is_withdrawn_is_swept() {
+    let ledger = Ledger::sim().await;
+    let Ledger::Sim(sim) = &ledger else {
+        unreachable!()
+    };
+    let landed = Arc::new(std::sync::Mutex::new(None));
+    let alice_opts = Options {
+        funder: Some(Arc::new(DepositInFlight {
+            sim: sim.clone(),
+            landed: landed.clone(),
+        })),
+        ..Options::default()
+    };
+    let bob_opts = Options {
+        funding_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let ps: Vec<Party> = vec![
+        common::party(&ledger, u(MINT), &alice_opts).await,
+        common::party(&ledger, u(MINT), &bob_opts).await,
+    ];
+    common::introduce(&ps).await;
+    let alice = ps[0].client.clone();
+    let prop = common::proposal(&ledger, &ps, u(EACH));
+    let opening = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.propose_channel(prop).await }
+    });
+    let id = tokio::time::timeout(common::WAIT, async {
+        loop {
+            if let Some(ch) = alice.channels().pop()
+                && sim.dispute(ch.id()).await.unwrap().is_some()
+            {
+                return ch.id();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("Bob closes the unfunded channel with version 0");
+    ledger.advance(61).await;
+    opening.await.unwrap().unwrap_err();
+    // The deposit lands a second after funding gave up (and the sweep ran).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        matches!(*landed.lock().unwrap(), Some(Ok(()))),
+        "the late deposit landed in the concluded channel"
+    );
+    let alice_addr = alice.address();
+    let back = tokio::time::timeout(Duration::from_secs(15), async {
+        while ledger.balance(alice_addr).await != u(MINT) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (credit, settled) = sim.holdings(
+        ledger.asset().holder,
+        perun::adjudicator::funding_id(id, alice_addr),
+    );
+    assert!(
+        back.is_ok(),
+        "Alice's deposit that landed after the sweep must be withdrawn too; 15 s later \
+         she has {} of {MINT}, {credit} stays credited to her in the concluded channel \
+         (settled: {settled}), and the channel is {:?} (its record deleted from her store)",
+        ledger.balance(alice_addr).await,
+        alice.channel(&id).map(|c| c.phase()),
+    );
+}
