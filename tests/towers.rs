@@ -455,10 +455,8 @@ async fn receipts_and_the_counter_survive_a_restart() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_silent_tower_does_not_slow_updates() {
-    let ledger = Ledger::sim().await;
-    // Accepts connections and never answers.
+/// A tower that accepts connections and never answers (hung, overloaded).
+async fn silent_tower() -> SocketAddr {
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = silent.local_addr().unwrap();
     tokio::spawn(async move {
@@ -467,6 +465,13 @@ async fn a_silent_tower_does_not_slow_updates() {
             held.push(s);
         }
     });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_tower_does_not_slow_updates() {
+    let ledger = Ledger::sim().await;
+    let addr = silent_tower().await;
     let key = LocalAccount::random();
     let opts = Options {
         towers: vec![TowerConfig {
@@ -574,4 +579,106 @@ async fn the_tower_never_sees_a_participant_address() {
         );
     }
     drop(ps);
+}
+
+// ------------------------------------------------ from an adversarial review
+// Both failed before their fixes.
+
+/// The version of the state `tower` holds for the channel, if any.
+fn held_version(ch: &Channel, tower: &Tower) -> Option<u64> {
+    let user = ch.tower_status()[0].user?;
+    let secret = ChannelSecret::of(ch.params());
+    let stored = tower.store().appointment(user, secret.locator()).unwrap()?;
+    let (_, state) = open_blob(&secret, &stored.blob).ok()?;
+    Some(state.state.version)
+}
+
+/// Alice's towers: `good` and a silent one, both with `timeout` per call.
+async fn good_and_silent(good: &TowerProc, key: &LocalAccount, timeout: Duration) -> Options {
+    let silent = silent_tower().await;
+    Options {
+        towers: vec![
+            TowerConfig {
+                timeout,
+                ..config(good.addr, key)
+            },
+            TowerConfig {
+                timeout,
+                ..config(silent, &LocalAccount::random())
+            },
+        ],
+        ..Options::default()
+    }
+}
+
+/// A round sent one appointment to every due tower and waited for all
+/// (`join_all`) before it looked at the channel again: the second
+/// payment's state reached the good tower only after the silent tower's
+/// call timed out (4.7 s of a 5 s timeout), and again each time its backoff
+/// ran out. Alice offline then, the only working tower held a stale state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_tower_does_not_hold_up_the_good_one() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let good = start_tower(&key).await;
+    let opts = good_and_silent(&good, &key, Duration::from_secs(5)).await;
+    let (_ps, chans) = alice_and_bob(&ledger, &opts).await;
+    let ch = &chans[0];
+    ch.pay(1, 0, u(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ch.pay(1, 0, u(1)).await.unwrap();
+    let latest = ch.state().state.version;
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(15) && held_version(ch, &good.tower) != Some(latest) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the good tower held the latest version {latest} only after {:?} (the silent \
+         tower's timeout is 5 s)",
+        t.elapsed()
+    );
+}
+
+/// Registering held the tower's subscription lock across the `/register`
+/// call, so every channel's registration with the silent tower waited for
+/// the one before it to time out, each holding one of the 32 round permits:
+/// four channels with a 2 s timeout took 7.7 s; 32 with the default 10 s,
+/// minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_tower_does_not_serialise_every_channel() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let good = start_tower(&key).await;
+    let timeout = Duration::from_secs(2);
+    let opts = good_and_silent(&good, &key, timeout).await;
+    let alice = party(&ledger, u(1_000_000), &opts).await;
+    let bob = party(&ledger, u(1_000_000), &Options::default()).await;
+    let mut ps = vec![alice, bob];
+    introduce(&ps).await;
+    let mut chans = Vec::new();
+    for _ in 0..4 {
+        chans.push(open(&ledger, &mut ps, u(1000)).await.remove(0));
+    }
+    for _ in 0..2 {
+        for r in futures::future::join_all(chans.iter().map(|c| c.pay(1, 0, u(1)))).await {
+            r.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let t = std::time::Instant::now();
+    let all_latest = || {
+        chans
+            .iter()
+            .all(|c| held_version(c, &good.tower) == Some(c.state().state.version))
+    };
+    while t.elapsed() < Duration::from_secs(20) && !all_latest() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t.elapsed();
+    assert!(
+        took < 2 * timeout,
+        "the good tower held every channel's latest state only after {took:?} \
+         (the silent tower's timeout {timeout:?}, 4 channels)"
+    );
 }

@@ -89,20 +89,6 @@ fn collect(mut events: perun::client::EventStream) -> tokio::task::JoinHandle<Ve
     })
 }
 
-/// Bob pays Alice 100 six times; returns the state after the first payment
-/// (Bob's best stale state) and the latest one.
-async fn stale_and_latest(chans: &[perun::client::Channel]) -> (SignedState, SignedState) {
-    let bob = &chans[1];
-    bob.pay(0, 0, u(100)).await.unwrap();
-    let stale = bob.state();
-    for _ in 0..5 {
-        bob.pay(0, 0, u(100)).await.unwrap();
-    }
-    let latest = common::caught_up(chans).await;
-    assert_eq!(latest.state.version, 6);
-    (stale, latest)
-}
-
 async fn check_balances(ledger: &Ledger, ps: &[Party], st: &SignedState) {
     for (i, p) in ps.iter().enumerate() {
         assert_eq!(
@@ -142,7 +128,7 @@ async fn failed_refute_is_retried(ledger: Ledger) {
     let (opts, flaky) = flaky_alice();
     let mut ps = alice_and_bob(&ledger, opts).await;
     let chans = open(&ledger, &mut ps, u(EACH)).await;
-    let (stale, latest) = stale_and_latest(&chans).await;
+    let (stale, latest) = common::stale_and_latest(&chans).await;
     let flaky = flaky.lock().unwrap().clone().unwrap();
     flaky.fail_registers.store(2, Ordering::SeqCst);
     let seen = collect(chans[0].events());
@@ -182,7 +168,7 @@ async fn ended_event_stream_is_subscribed_again(ledger: Ledger) {
     flaky.end_streams.store(2, Ordering::SeqCst);
     let chans = open(&ledger, &mut ps, u(EACH)).await;
     let seen = collect(chans[0].events());
-    let (stale, latest) = stale_and_latest(&chans).await;
+    let (stale, latest) = common::stale_and_latest(&chans).await;
     // End the open stream until the watcher reported two re-subscriptions
     // (an end during its backoff finds no stream to end).
     let mut events = chans[0].events();
@@ -234,7 +220,7 @@ async fn panicking_watcher_is_restarted(ledger: Ledger) {
     let (opts, flaky) = flaky_alice();
     let mut ps = alice_and_bob(&ledger, opts).await;
     let chans = open(&ledger, &mut ps, u(EACH)).await;
-    let (stale, latest) = stale_and_latest(&chans).await;
+    let (stale, latest) = common::stale_and_latest(&chans).await;
     let flaky = flaky.lock().unwrap().clone().unwrap();
     flaky.panic_disputes.store(1, Ordering::SeqCst);
     let seen = collect(chans[0].events());
@@ -285,7 +271,7 @@ async fn concluded_while_offline_is_withdrawn(ledger: Ledger) {
 async fn too_late_to_refute_concludes_what_is_registered(ledger: Ledger) {
     let mut ps = parties(&ledger, 2, u(MINT), &Options::default()).await;
     let chans = open(&ledger, &mut ps, u(EACH)).await;
-    let (stale, _latest) = stale_and_latest(&chans).await;
+    let (stale, _latest) = common::stale_and_latest(&chans).await;
     let id = chans[0].id();
     ps[0].client.shutdown().await;
     // Bob cheats (his own client would refute his stale state).

@@ -15,66 +15,18 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Ledger, Options, Party, bob_registers, open};
 use perun::adjudicator::Adjudicator;
-use perun::channel::{ChannelId, SignedState, U256};
-use perun::persistence::{Change, ChannelRecord, Persister};
+use perun::channel::{ChannelId, U256};
 
 const MINT: u64 = 1_000_000;
 const EACH: u64 = 1_000;
 
 fn u(x: u64) -> U256 {
     U256::from(x)
-}
-
-/// A store whose writes, once armed, never return (a hung disk, an NFS
-/// mount that stopped answering, a remote store behind a dead connection):
-/// not an error the client could act on, just no answer.
-struct StallingWrites {
-    inner: Arc<dyn Persister>,
-    armed: Arc<AtomicBool>,
-}
-
-#[async_trait::async_trait]
-impl Persister for StallingWrites {
-    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
-        self.inner.channel_created(ch).await
-    }
-    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
-        if self.armed.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-        self.inner.update(id, changes).await
-    }
-    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
-        self.inner.channel_removed(id).await
-    }
-    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
-        self.inner.channel_ids().await
-    }
-    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
-        self.inner.load(id).await
-    }
-    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
-        self.inner.load_all().await
-    }
-}
-
-/// Bob pays Alice 100 six times; returns his best stale state (after the
-/// first payment) and the latest one.
-async fn stale_and_latest(chans: &[perun::client::Channel]) -> (SignedState, SignedState) {
-    let bob = &chans[1];
-    bob.pay(0, 0, u(100)).await.unwrap();
-    let stale = bob.state();
-    for _ in 0..5 {
-        bob.pay(0, 0, u(100)).await.unwrap();
-    }
-    let latest = common::caught_up(chans).await;
-    assert_eq!(latest.state.version, 6);
-    (stale, latest)
 }
 
 /// DESIGN §8: "On-chain steps never wait for the disk: if the phase cannot
@@ -88,29 +40,17 @@ async fn stale_and_latest(chans: &[perun::client::Channel]) -> (SignedState, Sig
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_store_does_not_keep_the_watcher_from_refuting() {
     let ledger = Ledger::sim().await;
-    let armed = Arc::new(AtomicBool::new(false));
-    let alice_opts = Options {
-        wrap_persister: Some(Box::new({
-            let armed = armed.clone();
-            move |inner| {
-                Arc::new(StallingWrites {
-                    inner,
-                    armed: armed.clone(),
-                }) as Arc<dyn Persister>
-            }
-        })),
-        ..Options::default()
-    };
+    let (alice_opts, store) = common::failing_writes(|_| true);
     let mut ps: Vec<Party> = vec![
         common::party(&ledger, u(MINT), &alice_opts).await,
         common::party(&ledger, u(MINT), &Options::default()).await,
     ];
     common::introduce(&ps).await;
     let chans = open(&ledger, &mut ps, u(EACH)).await;
-    let (stale, latest) = stale_and_latest(&chans).await;
+    let (stale, latest) = common::stale_and_latest(&chans).await;
     // Bob goes rogue (his own client would refute his stale state).
     ps[1].client.shutdown().await;
-    armed.store(true, Ordering::SeqCst);
+    store.hang();
     let adj: Arc<dyn Adjudicator> = bob_registers(&ledger, &ps[1], &chans[1], stale).await;
     let id = chans[0].id();
     let refuted = tokio::time::timeout(Duration::from_secs(20), async {
@@ -271,22 +211,44 @@ async fn a_late_deposit_is_swept_even_if_the_first_withdrawal_fails() {
         })),
         ..Options::default()
     };
+    let (ps, id) = bob_closes_the_channel_alice_funds_late(&ledger, &alice_opts).await;
+    // The sweep runs on a task of its own; its first withdrawal meets the
+    // injected failure.
+    tokio::time::timeout(common::WAIT, async {
+        while fails.load(Ordering::SeqCst) != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the sweep's withdrawal was tried");
+    alice_gets_her_deposit_back(&ledger, &ps[0].client, id, "retried after one failed call").await;
+}
+
+/// Bob deposits, Alice's funding fails (her funder decides how her deposit
+/// lands late), Bob closes the channel with version 0 once his funding
+/// timeout passed, and it concludes: returns both parties and the id.
+async fn bob_closes_the_channel_alice_funds_late(
+    ledger: &Ledger,
+    alice_opts: &Options,
+) -> (Vec<Party>, ChannelId) {
+    let Ledger::Sim(sim) = ledger else {
+        unreachable!()
+    };
     let bob_opts = Options {
         funding_timeout: Duration::from_secs(2),
         ..Options::default()
     };
     let ps: Vec<Party> = vec![
-        common::party(&ledger, u(MINT), &alice_opts).await,
-        common::party(&ledger, u(MINT), &bob_opts).await,
+        common::party(ledger, u(MINT), alice_opts).await,
+        common::party(ledger, u(MINT), &bob_opts).await,
     ];
     common::introduce(&ps).await;
     let alice = ps[0].client.clone();
-    let prop = common::proposal(&ledger, &ps, u(EACH));
+    let prop = common::proposal(ledger, &ps, u(EACH));
     let opening = tokio::spawn({
         let alice = alice.clone();
         async move { alice.propose_channel(prop).await }
     });
-    // Bob deposits, waits for Alice in vain, and closes with version 0.
     let id = tokio::time::timeout(common::WAIT, async {
         loop {
             if let Some(ch) = alice.channels().pop()
@@ -301,15 +263,20 @@ async fn a_late_deposit_is_swept_even_if_the_first_withdrawal_fails() {
     .expect("Bob closes the unfunded channel with version 0");
     ledger.advance(61).await;
     opening.await.unwrap().unwrap_err();
-    // The sweep runs on a task of its own; its first withdrawal meets the
-    // injected failure.
-    tokio::time::timeout(common::WAIT, async {
-        while fails.load(Ordering::SeqCst) != 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the sweep's withdrawal was tried");
+    (ps, id)
+}
+
+/// Alice's balance is back to what she minted within 15 s: her late
+/// deposit was withdrawn (`why` says what made it hard).
+async fn alice_gets_her_deposit_back(
+    ledger: &Ledger,
+    alice: &perun::client::Client,
+    id: ChannelId,
+    why: &str,
+) {
+    let Ledger::Sim(sim) = ledger else {
+        unreachable!()
+    };
     let alice_addr = alice.address();
     let back = tokio::time::timeout(Duration::from_secs(15), async {
         while ledger.balance(alice_addr).await != u(MINT) {
@@ -323,9 +290,9 @@ async fn a_late_deposit_is_swept_even_if_the_first_withdrawal_fails() {
     );
     assert!(
         back.is_ok(),
-        "Alice's late deposit must be withdrawn (retried after one failed call); 15 s later \
-         she has {} of {MINT}, {credit} stays credited to her in the concluded channel \
-         (settled: {settled}), and the channel is {:?} (its record deleted from her store)",
+        "Alice's late deposit must be withdrawn ({why}); 15 s later she has {} of {MINT}, \
+         {credit} stays credited to her in the concluded channel (settled: {settled}), and \
+         the channel is {:?} (its record deleted from her store)",
         ledger.balance(alice_addr).await,
         alice.channel(&id).map(|c| c.phase()),
     );
@@ -397,58 +364,18 @@ async fn a_deposit_still_in_flight_when_the_channel_is_withdrawn_is_swept() {
         })),
         ..Options::default()
     };
-    let bob_opts = Options {
-        funding_timeout: Duration::from_secs(2),
-        ..Options::default()
-    };
-    let ps: Vec<Party> = vec![
-        common::party(&ledger, u(MINT), &alice_opts).await,
-        common::party(&ledger, u(MINT), &bob_opts).await,
-    ];
-    common::introduce(&ps).await;
-    let alice = ps[0].client.clone();
-    let prop = common::proposal(&ledger, &ps, u(EACH));
-    let opening = tokio::spawn({
-        let alice = alice.clone();
-        async move { alice.propose_channel(prop).await }
-    });
-    let id = tokio::time::timeout(common::WAIT, async {
-        loop {
-            if let Some(ch) = alice.channels().pop()
-                && sim.dispute(ch.id()).await.unwrap().is_some()
-            {
-                return ch.id();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("Bob closes the unfunded channel with version 0");
-    ledger.advance(61).await;
-    opening.await.unwrap().unwrap_err();
+    let (ps, id) = bob_closes_the_channel_alice_funds_late(&ledger, &alice_opts).await;
     // The deposit lands a second after funding gave up (and the sweep ran).
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         matches!(*landed.lock().unwrap(), Some(Ok(()))),
         "the late deposit landed in the concluded channel"
     );
-    let alice_addr = alice.address();
-    let back = tokio::time::timeout(Duration::from_secs(15), async {
-        while ledger.balance(alice_addr).await != u(MINT) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
+    alice_gets_her_deposit_back(
+        &ledger,
+        &ps[0].client,
+        id,
+        "it landed after the first sweep",
+    )
     .await;
-    let (credit, settled) = sim.holdings(
-        ledger.asset().holder,
-        perun::adjudicator::funding_id(id, alice_addr),
-    );
-    assert!(
-        back.is_ok(),
-        "Alice's deposit that landed after the sweep must be withdrawn too; 15 s later \
-         she has {} of {MINT}, {credit} stays credited to her in the concluded channel \
-         (settled: {settled}), and the channel is {:?} (its record deleted from her store)",
-        ledger.balance(alice_addr).await,
-        alice.channel(&id).map(|c| c.phase()),
-    );
 }

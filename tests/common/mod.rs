@@ -751,12 +751,19 @@ pub fn initial(params: &perun::channel::Params) -> perun::channel::State {
 pub struct Failures {
     pub fails: Arc<std::sync::atomic::AtomicU32>,
     pub injected: Arc<std::sync::atomic::AtomicU32>,
+    /// Once set, the writes the store picks never return (a hung disk).
+    pub hangs: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Failures {
     /// Fails the next `n` writes the store picks.
     pub fn arm(&self, n: u32) {
         self.fails.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on the writes the store picks hang: no answer, no error.
+    pub fn hang(&self) {
+        self.hangs.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Writes failed so far.
@@ -799,6 +806,9 @@ impl Persister for FailWrites {
     }
     async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
+        if (self.pick)(&changes) && self.failures.hangs.load(SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if (self.pick)(&changes)
             && self
                 .failures
@@ -825,4 +835,20 @@ impl Persister for FailWrites {
     async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
         self.inner.load_all().await
     }
+}
+
+/// Bob pays Alice 100 six times; returns the state after the first payment
+/// (Bob's best stale state) and the latest one.
+pub async fn stale_and_latest(
+    chans: &[Channel],
+) -> (perun::channel::SignedState, perun::channel::SignedState) {
+    let bob = &chans[1];
+    bob.pay(0, 0, U256::from(100)).await.unwrap();
+    let stale = bob.state();
+    for _ in 0..5 {
+        bob.pay(0, 0, U256::from(100)).await.unwrap();
+    }
+    let latest = caught_up(chans).await;
+    assert_eq!(latest.state.version, 6);
+    (stale, latest)
 }

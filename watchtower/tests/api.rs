@@ -684,3 +684,264 @@ async fn concurrent_appointments_never_overspend_slots() {
     }
     srv.stop().await;
 }
+
+// ------------------------------------------------ from an adversarial review
+// Each of these failed before its fix.
+
+/// `api::serve` promises that "idle or slow sockets cannot pin the tower":
+/// only the *headers* have a timeout. A client that sends complete headers
+/// (`Content-Length: 100`, well under `max_body`) and then never sends the
+/// body holds its connection slot for ever (axum waits for the body with no
+/// deadline, and the per-IP bucket is checked only after the body is read).
+/// `max_connections` such sockets (1024 by default; 4 here) shut the API
+/// for everyone: no honest client can send an appointment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_do_not_pin_every_connection() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = api::Config {
+        max_connections: 4,
+        header_timeout_secs: 1,
+        request_timeout_secs: 2,
+        ..api::Config::default()
+    };
+    let srv = Server::start(
+        &dir.path().join("tower.redb"),
+        &LocalAccount::random(),
+        config,
+    )
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(srv.addr)
+            .await
+            .expect("connect");
+        s.write_all(
+            b"POST /add_appointment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+        stalled.push(s);
+    }
+    // Once the stalled requests time out (2 s) an honest one is served.
+    let served =
+        tokio::time::timeout(Duration::from_secs(10), common::get(srv.addr, "/health")).await;
+    drop(stalled);
+    srv.stop().await;
+    let r = served.expect(
+        "an honest /health waited 10 s: four sockets with stalled bodies hold every connection slot",
+    );
+    assert_eq!(r.status, 200);
+}
+
+/// A shared buffer the log goes to.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An unauthenticated client sends 600 malformed requests. Each gets its
+/// `malformed_request` (right), and each also writes an unthrottled `WARN`
+/// line (`api.rs` `post_endpoint`: `warn!(.., "refused")`; a rate-limited
+/// one writes two, with `check_ip`'s). The rest of the project logs bad
+/// remote input at most once a second per site (`warn_limited!`,
+/// `wire::node::Throttle`) so that a flood cannot grow the log without
+/// bound; the tower's log grows with every hostile request.
+#[tokio::test]
+async fn a_flood_of_bad_requests_does_not_flood_the_log() {
+    let buf = LogBuf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    // A current-thread runtime: the server's tasks run on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = Server::start(
+        &dir.path().join("tower.redb"),
+        &LocalAccount::random(),
+        api::Config::default(),
+    )
+    .await;
+    const N: usize = 600;
+    for _ in 0..N {
+        let r = common::request(srv.addr, "POST", "/register", b"{not json").await;
+        assert!(r.status == 400 || r.status == 429, "{}", r.status);
+    }
+    srv.stop().await;
+    let text = String::from_utf8_lossy(&buf.0.lock().expect("log buffer")).into_owned();
+    let warns = text.lines().filter(|l| l.contains("WARN")).count();
+    assert!(
+        warns <= 20,
+        "{N} bad requests from one client wrote {warns} WARN lines, e.g. {:?}",
+        text.lines().next()
+    );
+}
+
+/// `messages.rs` promises "a signature for one purpose is never valid for
+/// another", but the appointment hash had no domain tag:
+/// `keccak256(locator ‖ seq ‖ blob)` with a blob of any length (the API has
+/// no minimum) covers every preimage of 40 bytes or more, so every other
+/// message a user signs is also an appointment signature. Whoever sees a
+/// user's `/register` request (the tower, or anyone on the path: the API
+/// is plain HTTP) replays its signature as an appointment: the locator is
+/// the tag's first 32 bytes, `seq` the next 8, the blob the rest. The tower
+/// stores it under the user and takes one of the user's slots.
+#[tokio::test]
+async fn a_register_signature_is_not_an_appointment_signature() {
+    use perun_wallet::signature_bytes;
+    use perun_watchtower::messages;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = Server::start(
+        &dir.path().join("tower.redb"),
+        &LocalAccount::random(),
+        api::Config::default(),
+    )
+    .await;
+    let tower = srv.tower.address();
+    let user = LocalAccount::random();
+    let sig = signature_bytes(
+        &user
+            .sign_hash(messages::register_hash(tower, user.address()))
+            .expect("sign"),
+    );
+    let sig_hex = format!("0x{}", hex::encode(sig));
+    let r = common::post(
+        srv.addr,
+        "/register",
+        &serde_json::json!({ "user": user.address(), "signature": sig_hex }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    // The observer's forgery, from the register request alone.
+    let mut pre = b"perun/tower/register/v1".to_vec();
+    pre.extend_from_slice(tower.as_slice());
+    pre.extend_from_slice(user.address().as_slice());
+    let locator = alloy_primitives::B256::from_slice(&pre[..32]);
+    let seq = u64::from_be_bytes(pre[32..40].try_into().expect("8 bytes"));
+    let blob = &pre[40..];
+    // Before the appointment hash had its own tag, these two were equal.
+    assert_ne!(
+        messages::appointment_hash(&locator, seq, blob),
+        messages::register_hash(tower, user.address())
+    );
+    let r = common::post(
+        srv.addr,
+        "/add_appointment",
+        &serde_json::json!({
+            "locator": locator,
+            "seq": seq,
+            "blob": format!("0x{}", hex::encode(blob)),
+            "signature": sig_hex,
+        }),
+    )
+    .await;
+    let stored = srv
+        .tower
+        .store()
+        .appointment(user.address(), locator)
+        .expect("read");
+    let sub = srv
+        .tower
+        .store()
+        .subscription(user.address())
+        .expect("read");
+    srv.stop().await;
+    assert_ne!(
+        r.status, 200,
+        "a register signature was taken as the user's appointment: stored {stored:?}, \
+         subscription {sub:?}"
+    );
+}
+
+/// Registration is free, so the store is capped (`max_appointments`), but
+/// nothing was ever given back: appointments of expired subscriptions kept
+/// their place for ever. A hostile client that filled the cap once locked
+/// every new channel of every honest user out (`tower_full`), even after
+/// its subscriptions expired. Now a full store drops what users expired
+/// for `reclaim_after_secs` hold. Here the cap is 4 and the attacker's
+/// subscription expired long ago.
+#[tokio::test]
+async fn expired_junk_does_not_lock_new_users_out_for_ever() {
+    use perun_wallet::signature_bytes;
+    use perun_watchtower::messages;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = api::Config {
+        slots_per_registration: 10,
+        subscription_secs: 100,
+        store: perun_watchtower::store::StoreLimits {
+            max_appointments: 4,
+            reclaim_after_secs: 1_000,
+            ..Default::default()
+        },
+        ..api::Config::default()
+    };
+    let srv = Server::start(
+        &dir.path().join("tower.redb"),
+        &LocalAccount::random(),
+        config,
+    )
+    .await;
+    let tower = srv.tower.address();
+    let sig = |who: &LocalAccount, h| {
+        format!(
+            "0x{}",
+            hex::encode(signature_bytes(&who.sign_hash(h).expect("sign")))
+        )
+    };
+    let register = async |who: &LocalAccount| {
+        let body = serde_json::json!({ "user": who.address(), "signature": sig(who, messages::register_hash(tower, who.address())) });
+        common::post(srv.addr, "/register", &body).await
+    };
+    let appoint = async |who: &LocalAccount| {
+        let mut l = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut l);
+        let locator = alloy_primitives::B256::from(l);
+        let blob = vec![7u8; 64];
+        let body = serde_json::json!({
+            "locator": locator, "seq": 1, "blob": format!("0x{}", hex::encode(&blob)),
+            "signature": sig(who, messages::appointment_hash(&locator, 1, &blob)),
+        });
+        common::post(srv.addr, "/add_appointment", &body).await
+    };
+    let attacker = LocalAccount::random();
+    assert_eq!(register(&attacker).await.status, 200);
+    for _ in 0..4 {
+        assert_eq!(appoint(&attacker).await.status, 200);
+    }
+    let honest = LocalAccount::random();
+    assert_eq!(register(&honest).await.status, 200);
+    // Full while the attacker's subscription runs (and for 1,000 s after).
+    assert_eq!(appoint(&honest).await.code(), "tower_full");
+    srv.now.fetch_add(500, Ordering::SeqCst);
+    assert_eq!(appoint(&attacker).await.code(), "subscription_expired");
+    // Long after (here: far past the attacker's 100 s subscription). The
+    // sweep runs at most every 10 s; the one above ran before the expiry.
+    srv.now.fetch_add(10_000, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The honest user renews (its own 100 s are long over too).
+    assert_eq!(register(&honest).await.status, 200);
+    let r = appoint(&honest).await;
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    let attacker_left = srv
+        .tower
+        .store()
+        .subscription(attacker.address())
+        .expect("read");
+    srv.stop().await;
+    assert_eq!(
+        r.status, 200,
+        "an honest user's appointment, with only an expired user's junk stored: {body}"
+    );
+    assert!(attacker_left.is_none(), "the expired user is gone too");
+}

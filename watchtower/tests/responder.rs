@@ -45,6 +45,13 @@ struct Counting {
     /// a transient node error (each), before they reach the ledger.
     fail_reads: AtomicU64,
     fail_registers: AtomicU64,
+    /// Fail this many of the next `register` calls as `EthAdjudicator`
+    /// does when the account cannot pay the gas ("insufficient funds").
+    broke_registers: AtomicU64,
+    /// Until the instant, `dispute` answers this older dispute: as
+    /// `EthAdjudicator::dispute` reads at the confirmation depth while a
+    /// transaction's checks read the latest block.
+    lagging: std::sync::Mutex<Option<(Option<Dispute>, std::time::Instant)>>,
 }
 
 /// A node that did not answer.
@@ -58,6 +65,13 @@ fn take_one(n: &AtomicU64) -> bool {
 }
 
 impl Counting {
+    /// For the next 1.5 s `dispute` answers `old`: the confirmed view of a
+    /// chain whose latest block already shows something newer.
+    fn lag_with(&self, old: Option<Dispute>) {
+        *self.lagging.lock().unwrap() =
+            Some((old, std::time::Instant::now() + Duration::from_millis(1500)));
+    }
+
     fn new(ledger: SimLedger) -> Arc<Self> {
         Arc::new(Self {
             ledger,
@@ -68,6 +82,8 @@ impl Counting {
             freeze_before_register: AtomicBool::new(false),
             fail_reads: AtomicU64::new(0),
             fail_registers: AtomicU64::new(0),
+            broke_registers: AtomicU64::new(0),
+            lagging: std::sync::Mutex::new(None),
         })
     }
 }
@@ -85,6 +101,12 @@ impl Adjudicator for Counting {
             return Err(node_down("register"));
         }
         self.registers.fetch_add(1, Ordering::SeqCst);
+        if take_one(&self.broke_registers) {
+            return Err(perun_adjudicator::Error::InsufficientFunds {
+                need: U256::from(1_000_000u64),
+                have: U256::ZERO,
+            });
+        }
         let r = self.ledger.register(req).await;
         if self.freeze_after_register.swap(false, Ordering::SeqCst) {
             std::future::pending::<()>().await;
@@ -114,6 +136,15 @@ impl Adjudicator for Counting {
     async fn dispute(&self, id: ChannelId) -> perun_adjudicator::Result<Option<Dispute>> {
         if take_one(&self.fail_reads) {
             return Err(node_down("dispute"));
+        }
+        let lag = *self
+            .lagging
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((old, until)) = lag
+            && std::time::Instant::now() < until
+        {
+            return Ok(old);
         }
         self.ledger.dispute(id).await
     }
@@ -278,11 +309,28 @@ fn config() -> Config {
 }
 
 fn start(s: &Setup, chain: &Arc<Counting>) -> Running {
+    start_with(s, chain, config())
+}
+
+/// A responder that polls a running dispute every 200 ms (about 6 times in
+/// the 1.2 s the spin tests watch).
+fn start_polling_slowly(s: &Setup, chain: &Arc<Counting>) -> Running {
+    start_with(
+        s,
+        chain,
+        Config {
+            poll_ms: 200,
+            ..config()
+        },
+    )
+}
+
+fn start_with(s: &Setup, chain: &Arc<Counting>, config: Config) -> Running {
     let stats = Arc::new(Stats::default());
     let r = Responder::new(
         s.store.clone(),
         Arc::clone(chain) as Arc<dyn Adjudicator>,
-        config(),
+        config,
         Arc::clone(&stats),
     );
     let ledger = s.ledger.clone();
@@ -653,4 +701,85 @@ async fn node_failures_are_retried_until_the_refutation_lands() {
     assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
     assert_eq!(balances(&s), paid(5));
     r.stop().await;
+}
+
+// ------------------------------------------------ from an adversarial review
+// Each of these failed before its fix.
+
+/// The tower's gas account runs dry just as Bob registers an old state
+/// (version 2; Alice's appointment holds version 5): its first refutation
+/// fails with `InsufficientFunds`, and the operator tops the account up at
+/// once, with the challenge period still running. The refutation was
+/// filed under "a contract rule refuses it" and never tried again: after
+/// the timeout the tower concluded Bob's stale state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfunded_tower_refutes_once_its_account_is_topped_up() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    chain.broke_registers.store(1, Ordering::SeqCst);
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the refutation lands after the failed one", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 2);
+    r.stop().await;
+}
+
+/// Another tower's refutation with version 5 lands first. For the
+/// confirmation depth this tower's read still shows version 2, while the
+/// transaction's check sees version 5 and answers `Ok` without sending:
+/// the job looked again at once, and spun (639 calls in 1.2 s) until the
+/// block was confirmed. Polling every 200 ms, a paced job asks about 6
+/// times in 1.2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refutation_landed_by_another_tower_does_not_spin_the_job() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    s.bob_registers(2).await;
+    let confirmed = s.dispute().await;
+    assert_eq!(confirmed.as_ref().map(|d| d.version), Some(2));
+    chain.lag_with(confirmed);
+    s.bob_registers(5).await; // as the other tower would
+    let r = start_polling_slowly(&s, &chain);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let calls = chain.registers.load(Ordering::SeqCst);
+    r.stop().await;
+    assert!(
+        calls <= 10,
+        "in 1.2 s of confirmation lag the job called register {calls} times: a busy loop"
+    );
+}
+
+/// The same at the end of a dispute: another tower (or Alice's client)
+/// concludes first; `AlreadyConcluded` made the job look again at once
+/// (2,342 calls in 1.2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conclusion_landed_by_another_tower_does_not_spin_the_job() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    s.bob_registers(5).await;
+    s.ledger.advance(61);
+    let confirmed = s.dispute().await;
+    assert!(confirmed.as_ref().is_some_and(|d| !d.concluded));
+    chain.lag_with(confirmed);
+    s.ledger
+        .conclude(&SignedChannel {
+            params: s.params.clone(),
+            state: SignedState::new(s.state(5).state),
+        })
+        .await
+        .unwrap();
+    let r = start_polling_slowly(&s, &chain);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let calls = chain.conclude_calls.load(Ordering::SeqCst);
+    r.stop().await;
+    assert!(
+        calls <= 10,
+        "in 1.2 s of confirmation lag the job called conclude {calls} times: a busy loop"
+    );
 }
