@@ -23,7 +23,7 @@ use perun::watchtower::scheme::{ChannelSecret, open as open_blob};
 use perun::watchtower::store::Store;
 use perun::watchtower::{Receipt, messages};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 fn u(x: u64) -> U256 {
     U256::from(x)
@@ -680,5 +680,115 @@ async fn a_hung_tower_does_not_serialise_every_channel() {
         took < 2 * timeout,
         "the good tower held every channel's latest state only after {took:?} \
          (the silent tower's timeout {timeout:?}, 4 channels)"
+    );
+}
+
+/// A proxy in front of `upstream` that holds each new connection for
+/// `delay` before it connects it (a tower far away, or busy: every call of
+/// the tower client is a connection of its own).
+async fn slow_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = l.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let Ok(mut up) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An address nothing listens on: a tower that is down (its calls fail at
+/// once with "connection refused").
+async fn down_tower() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+/// A round stopped waiting 500 ms after the *first answer*, whatever it
+/// was: a tower that is down answers first (connection refused, in
+/// microseconds) and cut off every good tower slower than 500 ms. Now only
+/// a receipt starts the clock. The shutdown flush,
+/// which exists so that the towers hold the latest state while the client
+/// is offline, then leaves the only working tower without it: Alice goes
+/// offline and the tower that is up cannot refute a stale state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_down_tower_cuts_off_a_slow_good_one_at_the_shutdown_flush() {
+    down_and_slow(AppointmentPolicy::AtMost(Duration::from_secs(3600)), true).await;
+}
+
+/// The same without a shutdown, on every update: the rounds that retry the
+/// slow tower retry the down one with it (the same backoff), so each is cut
+/// off again 500 ms after the down tower's refusal, for as long as the
+/// down tower stays down. (Alone, the slow tower holds the latest state
+/// within 1.5 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_down_tower_keeps_a_slow_good_one_without_any_state() {
+    down_and_slow(AppointmentPolicy::EveryUpdate, false).await;
+}
+
+/// Alice with a tower that is down and a working one 700 ms a call away
+/// pays three times; `shutdown`: then she goes offline.
+async fn down_and_slow(policy: AppointmentPolicy, shutdown: bool) {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let good = start_tower(&key).await;
+    // 700 ms per call: register + add_appointment is 1.4 s, well inside the
+    // tower client's timeout (10 s by default).
+    let slow = slow_proxy(good.addr, Duration::from_millis(700)).await;
+    let down = down_tower().await;
+    let opts = Options {
+        towers: vec![
+            TowerConfig::new(format!("http://{down}"), LocalAccount::random().address()),
+            TowerConfig::new(format!("http://{slow}"), key.address()),
+        ],
+        policy,
+        ..Options::default()
+    };
+    let alice = party(&ledger, u(1_000_000), &opts).await;
+    let bob = party(&ledger, u(1_000_000), &Options::default()).await;
+    let mut ps = vec![alice, bob];
+    introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(1000)).await;
+    let ch = &chans[0];
+    for _ in 0..3 {
+        ch.pay(1, 0, u(1)).await.unwrap();
+    }
+    let latest = ch.state().state.version;
+    // Give the worker the time a slow tower needs, then shut down: the
+    // flush sends the latest state to every tower.
+    tokio::time::sleep(Duration::from_secs(if shutdown { 3 } else { 8 })).await;
+    if shutdown {
+        ps[0].client.shutdown().await;
+    }
+    // Whatever the client recorded, the good tower's store is what counts.
+    let secret = ChannelSecret::of(ch.params());
+    let held = ch.tower_status()[1].user.and_then(|user| {
+        let a = good
+            .tower
+            .store()
+            .appointment(user, secret.locator())
+            .unwrap()?;
+        open_blob(&secret, &a.blob)
+            .ok()
+            .map(|(_, s)| s.state.version)
+    });
+    assert_eq!(
+        held,
+        Some(latest),
+        "the working (slow, 700 ms a call) tower holds version {held:?} (shutdown flush: \
+         {shutdown}), the channel is at {latest}; the client's view (version, latest) \
+         per tower: {:?}",
+        ch.tower_status()
+            .iter()
+            .map(|t| (t.version, t.latest))
+            .collect::<Vec<_>>()
     );
 }

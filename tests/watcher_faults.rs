@@ -2,8 +2,10 @@
 //! it withdrew: from an adversarial review, each test failed before its
 //! fix.
 //!
-//! - `a_hung_store_does_not_keep_the_watcher_from_refuting`: the refutation
-//!   waited for a disk write under the channel's lock (`enter_closing`).
+//! - `a_hung_store_does_not_keep_the_watcher_from_refuting` and
+//!   `a_hung_fsync_on_the_callers_thread_does_not_keep_the_watcher_from_refuting`:
+//!   the refutation waited for a disk write under the channel's lock
+//!   (`enter_closing`).
 //! - `a_late_deposit_is_swept_even_if_the_first_withdrawal_fails` and
 //!   `a_deposit_still_in_flight_when_the_channel_is_withdrawn_is_swept`: a
 //!   deposit of ours that landed after the watcher withdrew was swept by one
@@ -15,12 +17,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::{Ledger, Options, Party, bob_registers, open};
 use perun::adjudicator::Adjudicator;
 use perun::channel::{ChannelId, U256};
+use perun::persistence::{Change, ChannelRecord, Persister};
 
 const MINT: u64 = 1_000_000;
 const EACH: u64 = 1_000;
@@ -52,7 +55,18 @@ async fn a_hung_store_does_not_keep_the_watcher_from_refuting() {
     ps[1].client.shutdown().await;
     store.hang();
     let adj: Arc<dyn Adjudicator> = bob_registers(&ledger, &ps[1], &chans[1], stale).await;
-    let id = chans[0].id();
+    refutes_within_20_s(&adj, &chans[0], &latest, "").await;
+}
+
+/// Alice's watcher refutes Bob's stale registration with `latest` within
+/// 20 s (`why` adds to the failure message).
+async fn refutes_within_20_s(
+    adj: &Arc<dyn Adjudicator>,
+    ch: &perun::client::Channel,
+    latest: &perun::channel::SignedState,
+    why: &str,
+) {
+    let id = ch.id();
     let refuted = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             if adj
@@ -71,10 +85,10 @@ async fn a_hung_store_does_not_keep_the_watcher_from_refuting() {
     assert!(
         refuted.is_ok(),
         "Alice's watcher must refute Bob's stale version 1 with version {} although her \
-         store hangs; after 20 s the chain still holds version {} (phase {:?})",
+         store hangs; after 20 s the chain still holds version {} (phase {:?}){why}",
         latest.state.version,
         d.version,
-        chans[0].phase(),
+        ch.phase(),
     );
 }
 
@@ -378,4 +392,137 @@ async fn a_deposit_still_in_flight_when_the_channel_is_withdrawn_is_swept() {
         "it landed after the first sweep",
     )
     .await;
+}
+
+// ------------------------------------------------------------------------
+// A store that hangs in `fsync`, as the default store does it.
+
+/// Releases the stalled `fsync` when the test ends (also on a failed
+/// assertion), so the runtime can shut down.
+struct Release(Arc<AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Alice's real redb store ([`Options::redb`], default `RedbOptions`), with
+/// a disk whose `fsync` stops returning once `armed`.
+///
+/// `RedbPersister::update` on an idle store runs its batch of one, `fsync`
+/// included, on the caller's thread inside the caller's poll
+/// (`RedbOptions::write_on_caller_when_idle`, on by default; module docs of
+/// `redb_store`): unarmed, this wrapper polls the real store's update once
+/// and counts the updates that were done (durable) within that one poll.
+/// Armed, the first update blocks its thread the way that inline `fsync`
+/// does on a hung disk, and later ones wait (asynchronously) behind it, as
+/// a request queued for the writer thread waits for the writer's lock.
+struct FsyncStalls {
+    inner: Arc<dyn Persister>,
+    armed: Arc<AtomicBool>,
+    stalling: AtomicBool,
+    released: Arc<AtomicBool>,
+    inline: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl Persister for FsyncStalls {
+    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
+        self.inner.channel_created(ch).await
+    }
+    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
+        if self.armed.load(Ordering::SeqCst) {
+            if !self.stalling.swap(true, Ordering::SeqCst) {
+                // The inline `fsync` that does not return: the thread is stuck.
+                let t = std::time::Instant::now();
+                while !self.released.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(60)
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            } else {
+                while !self.released.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            return self.inner.update(id, changes).await;
+        }
+        let mut fut = self.inner.update(id, changes);
+        let first = {
+            let waker = futures::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            fut.as_mut().poll(&mut cx)
+        };
+        match first {
+            std::task::Poll::Ready(r) => {
+                self.inline.fetch_add(1, Ordering::SeqCst);
+                r
+            }
+            std::task::Poll::Pending => fut.await,
+        }
+    }
+    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
+        self.inner.channel_removed(id).await
+    }
+    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
+        self.inner.channel_ids().await
+    }
+    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
+        self.inner.load(id).await
+    }
+    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
+        self.inner.load_all().await
+    }
+}
+
+/// The first fix of the test above bounded the closing phase's write with
+/// a `tokio::time::timeout`. That bounds a write that hangs
+/// asynchronously, but the client's own store writes an idle channel's
+/// update on the caller's thread, `fsync` included, within one poll: a
+/// hung `fsync` there blocked the watcher's task, and the timeout was never
+/// polled. The write now runs on a task of its own. (Precondition checked
+/// first: with Alice's real redb store, her updates are durable within the
+/// one poll of the caller.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_fsync_on_the_callers_thread_does_not_keep_the_watcher_from_refuting() {
+    let ledger = Ledger::sim().await;
+    let armed = Arc::new(AtomicBool::new(false));
+    let released = Arc::new(AtomicBool::new(false));
+    let _release = Release(released.clone());
+    let inline = Arc::new(AtomicU32::new(0));
+    let alice_opts = Options {
+        redb: true,
+        wrap_persister: Some(Box::new({
+            let (armed, released, inline) = (armed.clone(), released.clone(), inline.clone());
+            move |inner| {
+                Arc::new(FsyncStalls {
+                    inner,
+                    armed: armed.clone(),
+                    stalling: AtomicBool::new(false),
+                    released: released.clone(),
+                    inline: inline.clone(),
+                }) as Arc<dyn Persister>
+            }
+        })),
+        ..Options::default()
+    };
+    let mut ps = vec![
+        common::party(&ledger, u(MINT), &alice_opts).await,
+        common::party(&ledger, u(MINT), &Options::default()).await,
+    ];
+    common::introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(EACH)).await;
+    let (stale, latest) = common::stale_and_latest(&chans).await;
+    let inline = inline.load(Ordering::SeqCst);
+    assert!(
+        inline > 0,
+        "precondition: the redb store wrote some of Alice's updates (fsync and all) \
+         within the caller's poll"
+    );
+    // Bob goes rogue (his own client would refute his stale state).
+    ps[1].client.shutdown().await;
+    armed.store(true, Ordering::SeqCst);
+    let adj: Arc<dyn Adjudicator> = bob_registers(&ledger, &ps[1], &chans[1], stale).await;
+    let why = format!(" ({inline} updates were durable within one poll before)");
+    refutes_within_20_s(&adj, &chans[0], &latest, &why).await;
 }

@@ -1015,13 +1015,27 @@ pub(crate) async fn enter_closing(shared: &Shared, core: &ChannelCore, to: Phase
 /// mount) must not keep a refutation from the chain.
 pub(crate) const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// [`enter_closing`] for an on-chain step: gives up on the lock or the write
-/// after [`LOCAL_WAIT`] (warning), so the step goes on.
-pub(crate) async fn enter_closing_within(shared: &Shared, core: &ChannelCore, to: Phase) {
-    match tokio::time::timeout(LOCAL_WAIT, enter_closing(shared, core, to)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
+/// [`enter_closing`] for an on-chain step: it runs on a task of its own,
+/// and the step waits for it at most [`LOCAL_WAIT`] (warning), then goes
+/// on while the write may still finish. A task, not a timeout around the
+/// future: a store may write on the caller's thread (redb's idle path), and
+/// an `fsync` that hangs there blocks the thread, timeout and all.
+pub(crate) async fn enter_closing_within(shared: &Arc<Shared>, core: &Arc<ChannelCore>, to: Phase) {
+    // Moved already (also by a write still hanging: the phase moves in
+    // memory before the write): no second task.
+    let now = core.phase();
+    if now == to || now >= to && now >= Phase::Registered {
+        return;
+    }
+    let (s, c) = (shared.clone(), core.clone());
+    let write = tokio::spawn(async move { enter_closing(&s, &c, to).await });
+    match tokio::time::timeout(LOCAL_WAIT, write).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
             warn!(error = %e, phase = ?to, "could not store the closing phase; acting anyway")
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, phase = ?to, "the closing phase's write task failed; acting anyway")
         }
         Err(_) => warn!(
             phase = ?to,

@@ -173,14 +173,15 @@ impl Link {
     }
 }
 
-/// How long a round waits for the other towers once one has answered: a
-/// tower that hangs (until the client's timeout) must not hold the others'
-/// next appointment back. A tower cut off is retried with its backoff.
+/// How long a round waits for the other towers once one has given a
+/// receipt: a tower that hangs (until the client's timeout) must not hold
+/// the others' next appointment back. A tower cut off is retried with its
+/// backoff.
 const LAGGARD_WAIT: Duration = Duration::from_millis(500);
 
 /// Runs one round's calls, and returns every answer that came by
-/// [`LAGGARD_WAIT`] after the first; the calls still running then are
-/// dropped and count as timed out.
+/// [`LAGGARD_WAIT`] after the first receipt; the calls still running then
+/// are dropped and count as timed out.
 async fn answers_without_laggards<F>(
     sends: impl IntoIterator<Item = F>,
     due: &[usize],
@@ -203,8 +204,12 @@ where
         let Some(answer) = next else {
             return results;
         };
+        // Only a receipt starts the clock: a tower that is down fails in
+        // microseconds, and must not cut a slow good one off every round.
+        if answer.1.is_ok() {
+            cutoff.get_or_insert_with(|| tokio::time::Instant::now() + LAGGARD_WAIT);
+        }
         results.push(answer);
-        cutoff.get_or_insert_with(|| tokio::time::Instant::now() + LAGGARD_WAIT);
     }
     drop(running);
     let answered: HashSet<usize> = results.iter().map(|(i, _)| *i).collect();

@@ -91,7 +91,7 @@ use axum::routing::{get, post};
 use perun_wallet::{Account, LocalAccount, parse_signature, recover, signature_bytes};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use crate::batch::Writer;
 pub use crate::json::{
@@ -352,8 +352,6 @@ pub struct Tower {
     warn_refused: Throttle,
     warn_ip: Throttle,
     warn_user: Throttle,
-    /// When the store was last swept for expired users (see `reclaimed`).
-    last_reclaim: Mutex<Option<Instant>>,
     /// The responder's counters and health, once one runs.
     responder: std::sync::OnceLock<Arc<crate::responder::Stats>>,
 }
@@ -395,7 +393,6 @@ impl Tower {
             warn_refused: Throttle::default(),
             warn_ip: Throttle::default(),
             warn_user: Throttle::default(),
-            last_reclaim: Mutex::new(None),
             responder: std::sync::OnceLock::new(),
             store,
             account,
@@ -515,52 +512,14 @@ impl Tower {
         }
         self.check_user(req.user)?;
         let user = req.user;
-        let register = move |t: &Tower| {
+        self.blocking(move |t| {
             let expiry = (t.clock)().saturating_add(t.config.subscription_secs);
             let sub = t
                 .store
                 .register(user, t.config.slots_per_registration, expiry)?;
             t.subscription_response(user, sub)
-        };
-        match self.blocking(register).await {
-            Err(e) if e.code == "tower_full" && self.reclaimed().await => {
-                self.blocking(register).await
-            }
-            r => r,
-        }
-    }
-
-    /// After a `tower_full`: drops what users whose subscription expired
-    /// long ago hold ([`Store::reclaim_expired`]) and says whether to try
-    /// once more. At most once every [`RECLAIM_EVERY`]: the sweep reads
-    /// every user, and a full tower must not do it per request.
-    async fn reclaimed(self: &Arc<Self>) -> bool {
-        {
-            let mut last = self
-                .last_reclaim
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if last.is_some_and(|at| at.elapsed() < RECLAIM_EVERY) {
-                return false;
-            }
-            *last = Some(Instant::now());
-        }
-        match self
-            .blocking(|t| t.store.reclaim_expired((t.clock)()))
-            .await
-        {
-            Ok(freed) => {
-                info!(
-                    appointments = freed,
-                    "the store was full; dropped what expired users held"
-                );
-                true
-            }
-            Err(e) => {
-                error!(error = %e.message, "could not sweep the full store");
-                false
-            }
-        }
+        })
+        .await
     }
 
     async fn add_appointment(self: &Arc<Self>, body: &[u8]) -> Result<ReceiptResponse, ApiError> {
@@ -579,17 +538,16 @@ impl Tower {
             &req.signature,
         )?;
         self.check_user(user)?;
-        let new = NewAppointment {
-            user,
-            locator,
-            seq,
-            blob,
-            user_signature: user_sig,
-        };
-        let added = match self.writer.add(new.clone()).await {
-            Err(Error::TowerFull { .. }) if self.reclaimed().await => self.writer.add(new).await?,
-            r => r?,
-        };
+        let added = self
+            .writer
+            .add(NewAppointment {
+                user,
+                locator,
+                seq,
+                blob,
+                user_signature: user_sig,
+            })
+            .await?;
         let r = added.receipt;
         Ok(ReceiptResponse {
             locator: r.locator,
@@ -682,9 +640,6 @@ impl Tower {
 }
 
 type Shared = Arc<Tower>;
-
-/// The shortest time between two sweeps of a full store for expired users.
-const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Lets one warning a second through; counts the ones it held back.
 #[derive(Debug, Default)]

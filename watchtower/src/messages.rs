@@ -1,8 +1,9 @@
-//! What users and the tower sign. Every hash but the appointment's starts
-//! with its own domain tag, so a signature for one purpose is never valid
-//! for another; the register and query messages name the tower, so they do
-//! not replay at another tower. The appointment hash names no tower: a
-//! client sends the same signed appointment to each of its towers.
+//! What users and the tower sign. Every hash starts with its own domain
+//! tag, and no tag is a prefix of another, so a signature for one purpose
+//! is never valid for another; the register and query messages name the
+//! tower, so they do not replay at another tower. The appointment hash
+//! names no tower: a client sends the same signed appointment to each of
+//! its towers.
 //!
 //! All signatures are EIP-191 `personal_sign` over the 32-byte hash
 //! (`perun_wallet::Account::sign_hash`), 65 bytes `r ‖ s ‖ v`.

@@ -225,17 +225,6 @@ pub struct StoreLimits {
     pub max_appointments: u64,
     /// Slots one user can hold, however often it renews.
     pub max_slots_per_user: u32,
-    /// Seconds after its subscription expired that a user's appointments
-    /// (but none a dispute has) and then the user may be dropped to make
-    /// room, once the store is full ([`Store::reclaim_expired`]): without
-    /// it, junk stored once under free registrations would lock every new
-    /// user out for good. Default 7 days.
-    #[serde(default = "default_reclaim_after")]
-    pub reclaim_after_secs: u64,
-}
-
-fn default_reclaim_after() -> u64 {
-    7 * 24 * 60 * 60
 }
 
 impl Default for StoreLimits {
@@ -244,7 +233,6 @@ impl Default for StoreLimits {
             max_users: 1_000_000,
             max_appointments: 1_000_000,
             max_slots_per_user: 100_000,
-            reclaim_after_secs: default_reclaim_after(),
         }
     }
 }
@@ -579,73 +567,6 @@ impl Store {
         };
         txn.commit()?;
         Ok(results)
-    }
-
-    /// Drops what users whose subscription expired more than
-    /// [`StoreLimits::reclaim_after_secs`] before `now` hold: each
-    /// appointment no dispute has (`DisputeTriggered` ones stay, the
-    /// responder may act on them), and the user once none is left. Returns
-    /// how many appointments went. Reads every user: run when the store is
-    /// full, not per request.
-    pub fn reclaim_expired(&self, now: u64) -> Result<u64> {
-        let cutoff = now.saturating_sub(self.limits.reclaim_after_secs);
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        let mut freed = 0u64;
-        let mut emptied: Vec<[u8; 32]> = Vec::new();
-        {
-            let mut users = txn.open_table(USERS)?;
-            let mut appointments = txn.open_table(APPOINTMENTS)?;
-            let mut index = txn.open_multimap_table(LOCATORS)?;
-            let mut expired: Vec<[u8; 20]> = Vec::new();
-            for entry in users.iter()? {
-                let (user, value) = entry?;
-                let sub: Subscription = decode("tower_users", value.value())?;
-                if sub.expiry < cutoff {
-                    expired.push(*user.value());
-                }
-            }
-            for user in expired {
-                let address = Address::from(user);
-                let from = appointment_key(address, Locator::ZERO);
-                let to = appointment_key(address, Locator::repeat_byte(0xff));
-                let mut held: Vec<([u8; 52], Appointment)> = Vec::new();
-                for entry in appointments.range::<&[u8; 52]>(&from..=&to)? {
-                    let (key, value) = entry?;
-                    held.push((*key.value(), decode("tower_appointments", value.value())?));
-                }
-                let mut kept = false;
-                for (key, a) in held {
-                    if a.status == Status::DisputeTriggered {
-                        kept = true;
-                        continue;
-                    }
-                    appointments.remove(&key)?;
-                    let locator = a.receipt.locator.0;
-                    index.remove(&locator, &user)?;
-                    if redb::ReadableMultimapTable::get(&index, &locator)?
-                        .next()
-                        .is_none()
-                    {
-                        emptied.push(locator);
-                    }
-                    freed += 1;
-                }
-                if !kept {
-                    users.remove(&user)?;
-                }
-            }
-        }
-        txn.commit()?;
-        // After the commit: the set stays a superset of the index.
-        let mut set = self
-            .locators
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for locator in emptied {
-            set.remove(&Locator::from(locator));
-        }
-        Ok(freed)
     }
 
     /// The appointment of `user` at `locator`.

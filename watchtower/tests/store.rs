@@ -353,7 +353,6 @@ fn limits_bound_users_appointments_and_slots() {
             max_users: 2,
             max_appointments: 3,
             max_slots_per_user: 5,
-            ..StoreLimits::default()
         });
     let (a, b, c) = (
         Address::repeat_byte(1),
@@ -386,71 +385,4 @@ fn limits_bound_users_appointments_and_slots() {
     store
         .add_appointment(new(a, l(0), 2, vec![2], vec![]), 10, sign)
         .expect("a replacement takes no new room");
-}
-
-#[test]
-fn reclaiming_drops_what_long_expired_users_hold_but_not_a_dispute() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path().join("tower.redb"))
-        .expect("open")
-        .with_limits(perun_watchtower::store::StoreLimits {
-            reclaim_after_secs: 50,
-            ..Default::default()
-        });
-    let (old, disputed, fresh) = (
-        Address::repeat_byte(1),
-        Address::repeat_byte(2),
-        Address::repeat_byte(3),
-    );
-    let (l1, l2, l3, l4) = (
-        B256::repeat_byte(1),
-        B256::repeat_byte(2),
-        B256::repeat_byte(3),
-        B256::repeat_byte(4),
-    );
-    store.register(old, 10, 100).expect("register");
-    store.register(disputed, 10, 100).expect("register");
-    store.register(fresh, 10, 1_000).expect("register");
-    for (user, locator) in [
-        (old, l1),
-        (old, l2),
-        (disputed, l3),
-        (disputed, l4),
-        (fresh, l1),
-    ] {
-        store
-            .add_appointment(new(user, locator, 1, vec![1], vec![9]), 10, sign)
-            .expect("add");
-    }
-    assert!(
-        store
-            .set_status(disputed, l3, Status::DisputeTriggered)
-            .expect("status")
-    );
-    // Expired, but not for `reclaim_after_secs` yet: nothing goes.
-    assert_eq!(store.reclaim_expired(149).expect("reclaim"), 0);
-    assert_eq!(store.counts().expect("counts").1, 5);
-    // Long expired: all but the disputed appointment and the fresh user's.
-    assert_eq!(store.reclaim_expired(151).expect("reclaim"), 3);
-    assert_eq!(store.counts().expect("counts").1, 2);
-    assert!(
-        store.subscription(old).expect("sub").is_none(),
-        "nothing left: the user goes"
-    );
-    assert!(
-        store.subscription(disputed).expect("sub").is_some(),
-        "a dispute keeps its user"
-    );
-    assert!(store.appointment(disputed, l3).expect("get").is_some());
-    assert!(store.appointment(disputed, l4).expect("get").is_none());
-    assert_eq!(store.users_for(l1).expect("users"), vec![fresh]);
-    assert!(
-        store.watches(&l1),
-        "the fresh user's locator is still watched"
-    );
-    assert!(
-        !store.watches(&l2) && !store.watches(&l4),
-        "emptied locators leave the set"
-    );
-    assert!(store.watches(&l3));
 }
