@@ -421,7 +421,7 @@ impl Tower {
             .ip_limits
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .allow(ip, Instant::now());
+            .allow(client_of(ip), Instant::now());
         if ok {
             Ok(())
         } else {
@@ -640,6 +640,23 @@ impl Tower {
 }
 
 type Shared = Arc<Tower>;
+
+/// The client a request counts against: an IPv4 address, or an IPv6
+/// address's /64 (one host gets a whole /64, and keyed by full address it
+/// would get a bucket per address it picks). An IPv4 address mapped into
+/// IPv6 counts as itself.
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
 
 /// Lets one warning a second through; counts the ones it held back.
 #[derive(Debug, Default)]
@@ -894,6 +911,25 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let net = client_of(ip("2001:db8:1:2::1"));
+        assert_eq!(client_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")), net);
+        assert_ne!(client_of(ip("2001:db8:1:3::1")), net);
+        assert_eq!(client_of(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(client_of(ip("10.0.0.1")), ip("10.0.0.1"));
+        // One bucket for the whole /64: a host cannot pick fresh addresses.
+        let rate = RateLimit {
+            burst: 1,
+            per_second: 0.001,
+        };
+        let mut l = Limiter::new(rate, 100);
+        let t0 = Instant::now();
+        assert!(l.allow(client_of(ip("2001:db8:1:2::1")), t0));
+        assert!(!l.allow(client_of(ip("2001:db8:1:2::2")), t0));
+    }
 
     #[test]
     fn bucket_refills_and_the_map_stays_bounded() {
