@@ -584,9 +584,15 @@ async fn the_tower_never_sees_a_participant_address() {
 // ------------------------------------------------ from an adversarial review
 // Both failed before their fixes.
 
-/// The version of the state `tower` holds for the channel, if any.
+/// The version of the state `tower` (the client's first) holds for the
+/// channel, if any.
 fn held_version(ch: &Channel, tower: &Tower) -> Option<u64> {
-    let user = ch.tower_status()[0].user?;
+    held_version_at(ch, tower, 0)
+}
+
+/// The same for the client's tower number `at`.
+fn held_version_at(ch: &Channel, tower: &Tower, at: usize) -> Option<u64> {
+    let user = ch.tower_status()[at].user?;
     let secret = ChannelSecret::of(ch.params());
     let stored = tower.store().appointment(user, secret.locator()).unwrap()?;
     let (_, state) = open_blob(&secret, &stored.blob).ok()?;
@@ -762,24 +768,21 @@ async fn down_and_slow(policy: AppointmentPolicy, shutdown: bool) {
         ch.pay(1, 0, u(1)).await.unwrap();
     }
     let latest = ch.state().state.version;
-    // Give the worker the time a slow tower needs, then shut down: the
-    // flush sends the latest state to every tower.
-    tokio::time::sleep(Duration::from_secs(if shutdown { 3 } else { 8 })).await;
+    let held = || held_version_at(ch, &good.tower, 1);
     if shutdown {
+        // Alice stays a moment, then goes offline: the flush sends the
+        // latest state to every tower.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         ps[0].client.shutdown().await;
+    } else {
+        // Alone, the slow tower holds the latest state within 1.5 s.
+        let until = std::time::Instant::now() + Duration::from_secs(8);
+        while std::time::Instant::now() < until && held() != Some(latest) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     // Whatever the client recorded, the good tower's store is what counts.
-    let secret = ChannelSecret::of(ch.params());
-    let held = ch.tower_status()[1].user.and_then(|user| {
-        let a = good
-            .tower
-            .store()
-            .appointment(user, secret.locator())
-            .unwrap()?;
-        open_blob(&secret, &a.blob)
-            .ok()
-            .map(|(_, s)| s.state.version)
-    });
+    let held = held();
     assert_eq!(
         held,
         Some(latest),

@@ -156,14 +156,24 @@ impl Adjudicator for FailWithdraw {
 }
 
 /// Alice's funder as an `EthFunder` behaves when her deposit transaction
-/// sat in the pool (a fee spike under her fee cap) and is mined only after
-/// the channel was closed with version 0 and concluded: the deposit lands
-/// in the concluded channel (the holder takes it: a deposit after the
-/// conclusion is withdrawable at once), and funding reports failure.
+/// sits in the pool (a fee spike under her fee cap) until the channel was
+/// closed with version 0 and concluded: the deposit lands in the concluded
+/// channel (the holder takes it: a deposit after the conclusion is
+/// withdrawable at once), and funding reports failure.
 struct LateDeposit {
     sim: Arc<perun::adjudicator::SimLedger>,
-    /// Armed (set to 1) right after the late deposit landed.
-    fails: Arc<std::sync::atomic::AtomicU32>,
+    how: Lands,
+}
+
+/// How the late deposit lands and what funding reports.
+enum Lands {
+    /// Mined before `fund` returns `FundingTimeout`; then the next
+    /// withdrawal fails (`fails` set to 1, for [`FailWithdraw`]).
+    ThenOneWithdrawalFails(Arc<AtomicU32>),
+    /// `fund` reports the transient `ReceiptTimeout` (the queue keeps the
+    /// transaction going, as documented) and it is mined a second later;
+    /// `landed` holds what it came to.
+    InFlight(Arc<std::sync::Mutex<Option<perun::adjudicator::Result<()>>>>),
 }
 
 #[async_trait::async_trait]
@@ -176,19 +186,36 @@ impl perun::adjudicator::Funder for LateDeposit {
         while !self.sim.dispute(id).await?.is_some_and(|d| d.concluded) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Alice's watcher has withdrawn her (empty) share by now.
+        // Alice's watcher has withdrawn her (empty) share by now (nothing
+        // on-chain tells: her share is zero either way).
         tokio::time::sleep(Duration::from_secs(2)).await;
         let me = req.params.participants[req.index];
         let holder = req.state.outcome.assets[0].holder;
         let amount = req.params.funding_of(0, req.index);
-        self.sim
-            .deposit_to(holder, me, id, me, U256::ZERO, amount)
-            .unwrap();
-        // The one withdrawal that sweeps it meets a node hiccup.
-        self.fails.store(1, Ordering::SeqCst);
-        Err(perun::adjudicator::Error::FundingTimeout {
-            missing: vec![(1, req.params.participants[1])],
-        })
+        match &self.how {
+            Lands::ThenOneWithdrawalFails(fails) => {
+                self.sim
+                    .deposit_to(holder, me, id, me, U256::ZERO, amount)
+                    .unwrap();
+                fails.store(1, Ordering::SeqCst);
+                Err(perun::adjudicator::Error::FundingTimeout {
+                    missing: vec![(1, req.params.participants[1])],
+                })
+            }
+            Lands::InFlight(landed) => {
+                let (sim, landed) = (self.sim.clone(), landed.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let res = sim.deposit_to(holder, me, id, me, U256::ZERO, amount);
+                    *landed.lock().unwrap() = Some(res);
+                });
+                Err(perun::adjudicator::Error::ReceiptTimeout {
+                    op: "deposit",
+                    tx: perun::channel::B256::repeat_byte(0xde),
+                    waited: Duration::from_secs(120),
+                })
+            }
+        }
     }
 
     fn supports(&self, _: &perun::channel::Asset) -> bool {
@@ -208,11 +235,11 @@ async fn a_late_deposit_is_swept_even_if_the_first_withdrawal_fails() {
     let Ledger::Sim(sim) = &ledger else {
         unreachable!()
     };
-    let fails = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let fails = Arc::new(AtomicU32::new(0));
     let alice_opts = Options {
         funder: Some(Arc::new(LateDeposit {
             sim: sim.clone(),
-            fails: fails.clone(),
+            how: Lands::ThenOneWithdrawalFails(fails.clone()),
         })),
         wrap_adjudicator: Some(Box::new({
             let fails = fails.clone();
@@ -312,52 +339,6 @@ async fn alice_gets_her_deposit_back(
     );
 }
 
-/// Alice's funder as an `EthFunder` behaves when her deposit transaction
-/// waits in the pool past `receipt_timeout`: `fund` reports the transient
-/// `ReceiptTimeout` (the queue keeps the transaction going, as documented)
-/// and the transaction is mined a moment later, into the channel that was
-/// closed with version 0 and concluded meanwhile.
-struct DepositInFlight {
-    sim: Arc<perun::adjudicator::SimLedger>,
-    /// What the late deposit came to.
-    landed: Arc<std::sync::Mutex<Option<perun::adjudicator::Result<()>>>>,
-}
-
-#[async_trait::async_trait]
-impl perun::adjudicator::Funder for DepositInFlight {
-    async fn fund(
-        &self,
-        req: perun::adjudicator::FundingRequest,
-    ) -> perun::adjudicator::Result<()> {
-        let id = req.state.channelId;
-        while !self.sim.dispute(id).await?.is_some_and(|d| d.concluded) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Alice's watcher has withdrawn her (empty) share by now.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let me = req.params.participants[req.index];
-        let holder = req.state.outcome.assets[0].holder;
-        let amount = req.params.funding_of(0, req.index);
-        let sim = self.sim.clone();
-        let landed = self.landed.clone();
-        // The queue keeps the deposit going; it is mined a second later.
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let res = sim.deposit_to(holder, me, id, me, U256::ZERO, amount);
-            *landed.lock().unwrap() = Some(res);
-        });
-        Err(perun::adjudicator::Error::ReceiptTimeout {
-            op: "deposit",
-            tx: perun::channel::B256::repeat_byte(0xde),
-            waited: Duration::from_secs(120),
-        })
-    }
-
-    fn supports(&self, _: &perun::channel::Asset) -> bool {
-        true
-    }
-}
-
 /// The same sweep, without any failed call: Alice's deposit is still in the
 /// transaction queue when her funding loop sees the channel `Withdrawn`;
 /// `sweep_late_deposit` withdraws at once, finds nothing credited yet, and
@@ -372,15 +353,20 @@ async fn a_deposit_still_in_flight_when_the_channel_is_withdrawn_is_swept() {
     };
     let landed = Arc::new(std::sync::Mutex::new(None));
     let alice_opts = Options {
-        funder: Some(Arc::new(DepositInFlight {
+        funder: Some(Arc::new(LateDeposit {
             sim: sim.clone(),
-            landed: landed.clone(),
+            how: Lands::InFlight(landed.clone()),
         })),
         ..Options::default()
     };
     let (ps, id) = bob_closes_the_channel_alice_funds_late(&ledger, &alice_opts).await;
     // The deposit lands a second after funding gave up (and the sweep ran).
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = tokio::time::timeout(common::WAIT, async {
+        while landed.lock().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     assert!(
         matches!(*landed.lock().unwrap(), Some(Ok(()))),
         "the late deposit landed in the concluded channel"

@@ -47,6 +47,7 @@ pub mod machine;
 pub mod rules;
 pub mod serial;
 pub mod signed;
+pub mod throttle;
 pub mod tictactoe;
 pub mod types;
 

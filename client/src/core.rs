@@ -997,8 +997,7 @@ pub(crate) async fn persist(shared: &Shared, id: ChannelId, changes: Vec<Change>
 /// again.
 pub(crate) async fn enter_closing(shared: &Shared, core: &ChannelCore, to: Phase) -> Result<()> {
     let mut l = core.locked.lock().await;
-    let now = l.machine.phase();
-    if now == to || now >= to && now >= Phase::Registered {
+    if closing_reached(l.machine.phase(), to) {
         return Ok(());
     }
     let mut trial = l.machine.clone();
@@ -1008,6 +1007,11 @@ pub(crate) async fn enter_closing(shared: &Shared, core: &ChannelCore, to: Phase
     l.write(shared, core, vec![Change::Phase(to)])
         .await
         .map(|_| ())
+}
+
+/// Whether a channel in phase `now` is at the closing phase `to` or past it.
+fn closing_reached(now: Phase, to: Phase) -> bool {
+    now == to || now >= to && now >= Phase::Registered
 }
 
 /// How long an on-chain step waits for the channel's lock or a local write
@@ -1023,8 +1027,7 @@ pub(crate) const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_sec
 pub(crate) async fn enter_closing_within(shared: &Arc<Shared>, core: &Arc<ChannelCore>, to: Phase) {
     // Moved already (also by a write still hanging: the phase moves in
     // memory before the write): no second task.
-    let now = core.phase();
-    if now == to || now >= to && now >= Phase::Registered {
+    if closing_reached(core.phase(), to) {
         return;
     }
     let (s, c) = (shared.clone(), core.clone());

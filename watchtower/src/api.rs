@@ -88,6 +88,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use perun_channel::throttle::Throttle;
 use perun_wallet::{Account, LocalAccount, parse_signature, recover, signature_bytes};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -349,9 +350,9 @@ pub struct Tower {
     requests: Mutex<BTreeMap<(&'static str, u16, &'static str), u64>>,
     /// Warnings about refused requests, at most one a second each (anyone
     /// can send bad requests; the counters count them all).
-    warn_refused: Throttle,
-    warn_ip: Throttle,
-    warn_user: Throttle,
+    warn_refused: Mutex<Throttle>,
+    warn_ip: Mutex<Throttle>,
+    warn_user: Mutex<Throttle>,
     /// The responder's counters and health, once one runs.
     responder: std::sync::OnceLock<Arc<crate::responder::Stats>>,
 }
@@ -390,9 +391,9 @@ impl Tower {
             ip_limits: Mutex::new(Limiter::new(config.ip_rate, config.max_buckets)),
             user_limits: Mutex::new(Limiter::new(config.user_rate, config.max_buckets)),
             requests: Mutex::new(BTreeMap::new()),
-            warn_refused: Throttle::default(),
-            warn_ip: Throttle::default(),
-            warn_user: Throttle::default(),
+            warn_refused: Mutex::default(),
+            warn_ip: Mutex::default(),
+            warn_user: Mutex::default(),
             responder: std::sync::OnceLock::new(),
             store,
             account,
@@ -425,7 +426,7 @@ impl Tower {
         if ok {
             Ok(())
         } else {
-            if let Some(suppressed) = self.warn_ip.pass() {
+            if let Some(suppressed) = may_warn(&self.warn_ip) {
                 warn!(%ip, suppressed, "rate limited (ip)");
             }
             Err(ApiError::rate_limited(format!(
@@ -443,7 +444,7 @@ impl Tower {
         if ok {
             Ok(())
         } else {
-            if let Some(suppressed) = self.warn_user.pass() {
+            if let Some(suppressed) = may_warn(&self.warn_user) {
                 warn!(%user, suppressed, "rate limited (user)");
             }
             Err(ApiError::rate_limited(format!(
@@ -658,24 +659,9 @@ fn client_of(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Lets one warning a second through; counts the ones it held back.
-#[derive(Debug, Default)]
-struct Throttle(Mutex<(Option<Instant>, u64)>);
-
-impl Throttle {
-    /// `Some(held back since the last one)` if this one may be logged.
-    fn pass(&self) -> Option<u64> {
-        let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        if s.0
-            .is_some_and(|last| now.duration_since(last) < std::time::Duration::from_secs(1))
-        {
-            s.1 = s.1.saturating_add(1);
-            return None;
-        }
-        s.0 = Some(now);
-        Some(std::mem::take(&mut s.1))
-    }
+/// Whether a warning of `kind` may be logged now (see [`Throttle`]).
+fn may_warn(kind: &Mutex<Throttle>) -> Option<u64> {
+    kind.lock().unwrap_or_else(PoisonError::into_inner).pass()
 }
 
 /// Runs one POST endpoint: the IP bucket, the body, the handler, the count.
@@ -714,7 +700,7 @@ where
         }
         Err(e) => {
             if e.status != StatusCode::INTERNAL_SERVER_ERROR
-                && let Some(suppressed) = tower.warn_refused.pass()
+                && let Some(suppressed) = may_warn(&tower.warn_refused)
             {
                 warn!(%peer, endpoint, code = e.code, message = %e.message, suppressed, "refused");
             }

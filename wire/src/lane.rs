@@ -40,6 +40,7 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use libp2p_stream::{Control, IncomingStreams};
+use perun_channel::throttle::Throttle;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, debug_span, warn};
@@ -47,7 +48,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 use crate::codec::{LargeFrames, refusal_code, tagged_refusal};
 use crate::frame::{self, LANE_PROTOCOL, Reply, TAG_LEN};
 use crate::message::{Message, Refusal, RefusalCode};
-use crate::node::{Admission, Request, Responder, Throttle, Ticket, lock};
+use crate::node::{Admission, Request, Responder, Ticket, lock};
 use crate::{Error, Result};
 
 /// Inbound lanes one peer may hold open at once.

@@ -12,7 +12,7 @@ use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
@@ -23,6 +23,7 @@ use libp2p::swarm::{ConnectionId, DialError, ListenError, NetworkBehaviour, Swar
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, tcp, yamux,
 };
+use perun_channel::throttle::Throttle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info_span, instrument, warn};
 
@@ -727,30 +728,6 @@ impl Drop for Ticket {
                 held.per_peer.remove(&self.peer);
             }
         }
-    }
-}
-
-/// Logs a kind of bad remote input at most once a second, with how many
-/// were not logged, so a flood cannot flood the log too.
-#[derive(Debug, Default)]
-pub(crate) struct Throttle {
-    last: Option<Instant>,
-    skipped: u64,
-}
-
-impl Throttle {
-    /// Whether to log now; `Some(skipped since the last line)` if so.
-    pub(crate) fn pass(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            self.skipped += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.skipped))
     }
 }
 
