@@ -795,3 +795,67 @@ async fn down_and_slow(policy: AppointmentPolicy, shutdown: bool) {
             .collect::<Vec<_>>()
     );
 }
+
+/// A channel record full of receipts from towers the client no longer
+/// uses (32, from configurations before restarts) once refused the
+/// configured tower's receipt, and the round started again at once, for
+/// good: the oldest receipt of a tower gone now makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_full_of_past_towers_makes_room_for_the_current_one() {
+    use perun::persistence::{Change, TowerReceipt, tower::MAX_TOWERS};
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let tower = start_tower(&key).await;
+    let opts = Options {
+        towers: vec![config(tower.addr, &key)],
+        redb: true,
+        ..Options::default()
+    };
+    let (mut ps, chans) = alice_and_bob(&ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "first receipt", all_latest).await;
+    let id = chans[0].id();
+    drop(chans);
+    // The stored record as 32 past towers left it: the current tower's
+    // receipt gone, the identity and counter kept.
+    let stored = ps[0].persister.load(id).await.unwrap().unwrap();
+    let mut record = TowerRecord::decode(id, &stored.metadata).unwrap();
+    let mine = record.receipts.pop().unwrap();
+    let past = |t: u8| TowerReceipt {
+        tower: Address::repeat_byte(t),
+        seq: u64::from(t),
+        ..mine.clone()
+    };
+    record.receipts = (1..=MAX_TOWERS as u8).map(past).collect();
+    record.blobs.clear();
+    ps[0]
+        .persister
+        .update(id, vec![Change::Metadata(record.encode().unwrap())])
+        .await
+        .unwrap();
+
+    let alice = ps.remove(0);
+    let alice = restart_opts(&ledger, alice, &opts).await;
+    ps.insert(0, alice);
+    introduce(&ps).await;
+    let ch = ps[0].client.channel(&id).expect("restored");
+    assert_eq!(ch.tower_status()[0].receipt, None);
+    let bob_ch = ps[1].client.channel(&id).unwrap();
+    common::caught_up(&[ch.clone(), bob_ch]).await;
+    ch.pay(1, 0, u(10)).await.unwrap();
+    wait_status(&ch, "the current tower's receipt", all_latest).await;
+    check_covered(
+        &ch,
+        ps[0].client.address(),
+        &ch.tower_status()[0],
+        &tower.tower,
+    );
+    let stored = ps[0].persister.load(id).await.unwrap().unwrap();
+    let record = TowerRecord::decode(id, &stored.metadata).unwrap();
+    assert_eq!(record.receipts.len(), MAX_TOWERS);
+    assert!(
+        record.receipt(Address::repeat_byte(1)).is_none(),
+        "the oldest past tower's receipt made room"
+    );
+    assert!((2..=MAX_TOWERS as u8).all(|t| record.receipt(Address::repeat_byte(t)).is_some()));
+}

@@ -628,12 +628,14 @@ impl Worker {
         // What the record held before: restored if the new receipts cannot be
         // stored (an older receipt that is durable still counts).
         let before = lock(&self.entry.record).clone();
+        let current = |a: &Address| towers.links.iter().any(|l| l.client.tower() == *a);
         let mut stored = Vec::new();
+        let mut refused = Vec::new();
         for (i, res) in results {
             let tower = self.towers.links[i].client.tower();
             match res {
                 Ok(r) => {
-                    let kept = lock(&self.entry.record).put(TowerReceipt {
+                    let receipt = TowerReceipt {
                         tower,
                         version,
                         seq,
@@ -641,10 +643,14 @@ impl Worker {
                         start_block: r.start_block,
                         user_signature: r.user_signature,
                         tower_signature: r.tower_signature,
-                    });
-                    self.backoff[i] = Backoff::default();
-                    if kept {
+                    };
+                    if lock(&self.entry.record).put(receipt, current) {
+                        self.backoff[i] = Backoff::default();
                         stored.push(tower);
+                    } else {
+                        // Never expected (a newer receipt of ours is stored,
+                        // or no room); backed off, so a round cannot spin.
+                        refused.push(i);
                     }
                 }
                 Err(e) => self.failed(
@@ -656,6 +662,14 @@ impl Worker {
                     }),
                 ),
             }
+        }
+        for i in refused {
+            let tower = self.towers.links[i].client.tower();
+            let error = Error::TowerConfig {
+                tower,
+                reason: "its receipt finds no room in the channel's record",
+            };
+            self.failed(i, version, Arc::new(error));
         }
         if stored.is_empty() {
             return;

@@ -99,20 +99,37 @@ impl TowerRecord {
     /// Keeps `r` as `tower`'s receipt unless the stored one has a higher
     /// `seq` (a late answer never replaces a newer receipt). Returns whether
     /// it was kept.
-    pub fn put(&mut self, r: TowerReceipt) -> bool {
-        let full = self.receipts.len() >= MAX_TOWERS;
-        match self.receipts.iter_mut().find(|x| x.tower == r.tower) {
-            Some(old) if old.seq > r.seq => false,
-            Some(old) => {
-                *old = r;
-                true
+    ///
+    /// A full record makes room by dropping the oldest receipt (lowest
+    /// `seq`) of a tower `current` says no longer serves the channel (a
+    /// client configured with other towers before a restart): with at most
+    /// [`MAX_TOWERS`] current towers there always is one, so a current
+    /// tower's receipt is never refused for room.
+    pub fn put(&mut self, r: TowerReceipt, current: impl Fn(&Address) -> bool) -> bool {
+        if let Some(old) = self.receipts.iter_mut().find(|x| x.tower == r.tower) {
+            if old.seq > r.seq {
+                return false;
             }
-            None if full => false,
-            None => {
-                self.receipts.push(r);
-                true
+            *old = r;
+            return true;
+        }
+        if self.receipts.len() >= MAX_TOWERS {
+            let oldest_gone = self
+                .receipts
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| !current(&x.tower))
+                .min_by_key(|(_, x)| x.seq)
+                .map(|(i, _)| i);
+            match oldest_gone {
+                Some(i) => {
+                    self.receipts.swap_remove(i);
+                }
+                None => return false,
             }
         }
+        self.receipts.push(r);
+        true
     }
 
     /// The sealed blob of round `seq`, if kept.
@@ -241,10 +258,10 @@ mod tests {
             seq: 9,
             ..TowerRecord::default()
         };
-        assert!(rec.put(receipt(1, 5)));
-        assert!(rec.put(receipt(2, 4)));
-        assert!(!rec.put(receipt(1, 3)), "older receipt kept out");
-        assert!(rec.put(receipt(1, 6)));
+        assert!(rec.put(receipt(1, 5), |_| true));
+        assert!(rec.put(receipt(2, 4), |_| true));
+        assert!(!rec.put(receipt(1, 3), |_| true), "older receipt kept out");
+        assert!(rec.put(receipt(1, 6), |_| true));
         let bytes = rec.encode().expect("encode");
         assert_eq!(TowerRecord::decode(id, &bytes).expect("decode"), rec);
         assert_eq!(rec.receipt(Address::repeat_byte(1)).map(|r| r.seq), Some(6));
@@ -262,23 +279,42 @@ mod tests {
     }
 
     #[test]
+    fn a_full_record_drops_the_oldest_receipt_of_a_tower_gone() {
+        let mut rec = TowerRecord::default();
+        for t in 0..MAX_TOWERS as u8 {
+            assert!(rec.put(receipt(t, 10 + u64::from(t)), |_| true));
+        }
+        // Towers 0..4 are still configured; 4 is the oldest of the rest.
+        let current = |a: &Address| (0..4).any(|t| *a == Address::repeat_byte(t));
+        assert!(rec.put(receipt(200, 99), current));
+        assert_eq!(rec.receipts.len(), MAX_TOWERS);
+        assert!(rec.receipt(Address::repeat_byte(4)).is_none());
+        assert!(rec.receipt(Address::repeat_byte(200)).is_some());
+        assert!((0..4).all(|t| rec.receipt(Address::repeat_byte(t)).is_some()));
+        // Were every stored tower current, there is no room (a client never
+        // configures more than MAX_TOWERS).
+        assert!(!rec.put(receipt(201, 100), |_| true));
+        assert!(rec.receipt(Address::repeat_byte(201)).is_none());
+    }
+
+    #[test]
     fn blobs_are_kept_for_the_receipts_that_name_them() {
         let id = ChannelId::repeat_byte(1);
         let mut rec = TowerRecord::default();
-        rec.put(receipt(1, 5));
+        rec.put(receipt(1, 5), |_| true);
         rec.keep_blob(5, &[5; 700]);
-        rec.put(receipt(2, 6));
+        rec.put(receipt(2, 6), |_| true);
         rec.keep_blob(6, &[6; 700]);
         assert_eq!(rec.blob(5), Some(&[5u8; 700][..]));
         // Tower 1 moves on to round 6: round 5's blob is named by no receipt.
-        rec.put(receipt(1, 6));
+        rec.put(receipt(1, 6), |_| true);
         rec.keep_blob(6, &[6; 700]);
         assert_eq!(rec.blob(5), None);
         assert_eq!(rec.blobs.len(), 1);
         let bytes = rec.encode().expect("encode");
         assert_eq!(TowerRecord::decode(id, &bytes).expect("decode"), rec);
         // A blob too big for the record is dropped; the receipts stay.
-        rec.put(receipt(3, 7));
+        rec.put(receipt(3, 7), |_| true);
         rec.keep_blob(7, &vec![7; MAX_METADATA_LEN]);
         assert_eq!(rec.blob(7), None);
         assert!(rec.encode().is_ok());
