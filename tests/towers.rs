@@ -46,18 +46,15 @@ impl Drop for TowerProc {
 }
 
 async fn serve_tower(listener: TcpListener, key: &LocalAccount) -> TowerProc {
+    serve_tower_with(listener, key, Config::default()).await
+}
+
+async fn serve_tower_with(listener: TcpListener, key: &LocalAccount, config: Config) -> TowerProc {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("tower.redb")).unwrap();
     let account = LocalAccount::from_bytes(&key.secret_bytes()).unwrap();
-    let tower = Arc::new(
-        Tower::new(
-            store,
-            Arc::new(account),
-            Config::default(),
-            api::system_clock(),
-        )
-        .unwrap(),
-    );
+    let tower =
+        Arc::new(Tower::new(store, Arc::new(account), config, api::system_clock()).unwrap());
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(api::serve(listener, tower.clone(), async {
@@ -858,4 +855,88 @@ async fn a_record_full_of_past_towers_makes_room_for_the_current_one() {
         "the oldest past tower's receipt made room"
     );
     assert!((2..=MAX_TOWERS as u8).all(|t| record.receipt(Address::repeat_byte(t)).is_some()));
+}
+
+/// A tower drops users whose subscription expired a while ago
+/// (`reclaim_after_secs`). A channel's worker renews only when it sends,
+/// so an idle channel once lost its only appointment while its status
+/// still said covered: the client renews every covered channel's
+/// subscription on its own, before it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_channel_keeps_its_appointment_past_its_first_subscription() {
+    idle_channel_keeps_its_appointment(false).await;
+}
+
+/// As above across a restart: subscriptions are not stored, so the
+/// restarted client renews each covered channel's at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restored_idle_channel_keeps_its_appointment() {
+    idle_channel_keeps_its_appointment(true).await;
+}
+
+async fn idle_channel_keeps_its_appointment(restart: bool) {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let short = Config {
+        subscription_secs: 4,
+        reclaim_after_secs: 1,
+        reclaim_interval_secs: 1,
+        ..Config::default()
+    };
+    let tower = serve_tower_with(listener, &key, short).await;
+    let opts = Options {
+        towers: vec![config(tower.addr, &key)],
+        redb: restart,
+        ..Options::default()
+    };
+    let (mut ps, mut chans) = alice_and_bob(&ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "first receipt", all_latest).await;
+    let status = chans[0].tower_status()[0].clone();
+    let (user, locator) = (status.user.unwrap(), status.receipt.unwrap().locator);
+    let first = tower
+        .tower
+        .store()
+        .subscription(user)
+        .unwrap()
+        .unwrap()
+        .expiry;
+    if restart {
+        let id = chans[0].id();
+        chans.clear();
+        let alice = ps.remove(0);
+        let alice = restart_opts(&ledger, alice, &opts).await;
+        ps.insert(0, alice);
+        chans.push(ps[0].client.channel(&id).expect("restored"));
+    }
+    // Three subscription lengths with no update: renewed, never dropped.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            tower
+                .tower
+                .store()
+                .appointment(user, locator)
+                .unwrap()
+                .is_some(),
+            "the tower dropped the idle channel's appointment"
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = tower
+        .tower
+        .store()
+        .subscription(user)
+        .unwrap()
+        .unwrap()
+        .expiry;
+    assert!(
+        expiry > now && expiry >= first + 8,
+        "renewed: {first} -> {expiry} at {now}"
+    );
+    assert!(chans[0].tower_status()[0].latest);
 }

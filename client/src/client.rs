@@ -249,6 +249,7 @@ impl ClientBuilder {
             shared.stop.subscribe(),
         ));
         crate::sync::spawn_resync(&shared);
+        crate::tower::spawn_renewals(&shared);
         for core in restored.channels {
             crate::restore::resume(&shared, core);
         }

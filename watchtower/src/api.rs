@@ -14,7 +14,10 @@
 //!             "tower_signature": "0x<65 bytes over subscription_hash(user, sub)>" }
 //! ```
 //! A new user gets `slots_per_registration` slots until `now + subscription_secs`;
-//! a registered one gets as many more and a later expiry.
+//! a registered one gets as many more and a later expiry. A user whose
+//! subscription expired more than `reclaim_after_secs` ago is dropped with
+//! its appointments ([`Tower::reclaim`], every `reclaim_interval_secs`):
+//! clients renew before expiry (`perun_client` does so by itself).
 //!
 //! `POST /add_appointment`
 //! ```json
@@ -47,6 +50,7 @@
 //!
 //! `GET /metrics` → Prometheus text: `perun_tower_users`,
 //! `perun_tower_appointments`, `perun_tower_requests_total{endpoint,status,code}`,
+//! `perun_tower_reclaimed_users_total`, `perun_tower_reclaimed_appointments_total`,
 //! and with a responder (`responder::Stats`) `perun_tower_disputes_seen_total`,
 //! `perun_tower_refutations_total`, `perun_tower_conclusions_total`,
 //! `perun_tower_bad_blobs_total`, `perun_tower_responder_retries_total`,
@@ -140,6 +144,12 @@ pub struct Config {
     pub request_timeout_secs: u64,
     /// Most users, appointments, and slots per user the store holds.
     pub store: crate::store::StoreLimits,
+    /// Seconds after its expiry that a user and its appointments are
+    /// dropped, giving their room back (0: never). Long enough for a client
+    /// that was offline through its renewal window to come back and renew.
+    pub reclaim_after_secs: u64,
+    /// Seconds between two passes of [`Tower::reclaim`] while serving.
+    pub reclaim_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -161,6 +171,8 @@ impl Default for Config {
             header_timeout_secs: 10,
             request_timeout_secs: 10,
             store: crate::store::StoreLimits::default(),
+            reclaim_after_secs: 90 * 24 * 60 * 60,
+            reclaim_interval_secs: 60 * 60,
         }
     }
 }
@@ -355,6 +367,8 @@ pub struct Tower {
     warn_user: Mutex<Throttle>,
     /// The responder's counters and health, once one runs.
     responder: std::sync::OnceLock<Arc<crate::responder::Stats>>,
+    /// Users and appointments [`Tower::reclaim`] dropped.
+    reclaimed: Mutex<crate::store::Reclaimed>,
 }
 
 impl std::fmt::Debug for Tower {
@@ -395,6 +409,7 @@ impl Tower {
             warn_ip: Mutex::default(),
             warn_user: Mutex::default(),
             responder: std::sync::OnceLock::new(),
+            reclaimed: Mutex::default(),
             store,
             account,
             config,
@@ -415,6 +430,48 @@ impl Tower {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Drops every user whose subscription expired more than
+    /// [`Config::reclaim_after_secs`] ago, with its appointments (those in a
+    /// running dispute stay), in transactions of at most 1,000 users; returns
+    /// how many it dropped (`next` is `None`). [`serve`] calls it every
+    /// [`Config::reclaim_interval_secs`].
+    pub async fn reclaim(self: &Arc<Self>) -> Result<crate::store::Reclaimed> {
+        const BATCH: usize = 1_000;
+        let mut total = crate::store::Reclaimed::default();
+        if self.config.reclaim_after_secs == 0 {
+            return Ok(total);
+        }
+        let before = (self.clock)().saturating_sub(self.config.reclaim_after_secs);
+        let mut after = None;
+        loop {
+            let store = self.store.clone();
+            let r =
+                tokio::task::spawn_blocking(move || store.reclaim(before, after, BATCH)).await??;
+            total.users += r.users;
+            total.appointments += r.appointments;
+            {
+                let mut all = self
+                    .reclaimed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                all.users += r.users;
+                all.appointments += r.appointments;
+            }
+            match r.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        if total.users > 0 {
+            tracing::info!(
+                users = total.users,
+                appointments = total.appointments,
+                "reclaimed users whose subscription expired long ago"
+            );
+        }
+        Ok(total)
     }
 
     fn check_ip(&self, ip: IpAddr) -> Result<(), ApiError> {
@@ -633,6 +690,24 @@ impl Tower {
                 "perun_tower_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\",code=\"{code}\"}} {n}\n"
             ));
         }
+        let reclaimed = *self
+            .reclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        out.push_str(
+            "# HELP perun_tower_reclaimed_users_total Users dropped long after their subscription expired.\n# TYPE perun_tower_reclaimed_users_total counter\n",
+        );
+        out.push_str(&format!(
+            "perun_tower_reclaimed_users_total {}\n",
+            reclaimed.users
+        ));
+        out.push_str(
+            "# HELP perun_tower_reclaimed_appointments_total Their appointments.\n# TYPE perun_tower_reclaimed_appointments_total counter\n",
+        );
+        out.push_str(&format!(
+            "perun_tower_reclaimed_appointments_total {}\n",
+            reclaimed.appointments
+        ));
         if let Some(r) = self.responder.get() {
             out.push_str(&r.metrics_text());
         }
@@ -845,6 +920,7 @@ pub async fn serve(
     let permits = Arc::new(tokio::sync::Semaphore::new(
         tower.config.max_connections.max(1),
     ));
+    let reclaims = tokio::spawn(reclaim_every_interval(Arc::clone(&tower)));
     let app = router(tower);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -881,6 +957,7 @@ pub async fn serve(
             }
         });
     }
+    reclaims.abort();
     let drain = async { while conns.join_next().await.is_some() {} };
     if tokio::time::timeout(std::time::Duration::from_secs(5), drain)
         .await
@@ -890,6 +967,22 @@ pub async fn serve(
         while conns.join_next().await.is_some() {}
     }
     Ok(())
+}
+
+/// Runs [`Tower::reclaim`] every [`Config::reclaim_interval_secs`] (the
+/// first pass one interval after the start) until aborted; a failed pass is
+/// logged and the next interval tries again.
+async fn reclaim_every_interval(tower: Shared) {
+    if tower.config.reclaim_after_secs == 0 {
+        return;
+    }
+    let every = std::time::Duration::from_secs(tower.config.reclaim_interval_secs.max(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = tower.reclaim().await {
+            warn!(error = %e, ?every, "reclaiming expired users failed; trying again next interval");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -62,7 +62,10 @@ struct Cli {
     /// from_block), an optional [api] table: slots_per_registration,
     /// subscription_secs, max_body, ip_rate / user_rate {burst, per_second},
     /// max_buckets, max_connections, header_timeout_secs, request_timeout_secs
-    /// (default 10: a body that does not arrive in time gets 408), [api.store]
+    /// (default 10: a body that does not arrive in time gets 408),
+    /// reclaim_after_secs (default 90 days; 0: never) and
+    /// reclaim_interval_secs (default 3600: users expired that long ago are
+    /// dropped with their appointments, once per interval), [api.store]
     /// {max_users, max_appointments, max_slots_per_user} (defaults 1,000,000,
     /// 1,000,000, 100,000: new users and appointments past them get
     /// tower_full); and an optional [responder] table: poll_ms (how often a

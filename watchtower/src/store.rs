@@ -125,6 +125,18 @@ pub struct Added {
     pub subscription: Subscription,
 }
 
+/// What one [`Store::reclaim`] transaction dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Users dropped.
+    pub users: u64,
+    /// Their appointments dropped.
+    pub appointments: u64,
+    /// The last user looked at, where the next transaction goes on; `None`
+    /// once the whole table was looked at.
+    pub next: Option<Address>,
+}
+
 /// Where the responder is with one dispute. Written *before* the transaction
 /// it names, so after a crash the tower checks the chain for it first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -783,6 +795,86 @@ impl Store {
                 out.push(job);
             }
         }
+        Ok(out)
+    }
+
+    /// Drops users whose subscription expired before unix time
+    /// `expired_before`, with their appointments: the tower's room is given
+    /// back (registration is free, so junk could otherwise fill it for
+    /// good). A user with an appointment in a running dispute
+    /// ([`Status::DisputeTriggered`]) is kept: the responder works with it.
+    ///
+    /// One write transaction looks at up to `batch` users after `after`
+    /// (in address order; `None`: from the first), so a pass over a large
+    /// store is many short transactions; [`Reclaimed::next`] is where the
+    /// next one goes on (`None`: the pass is complete).
+    ///
+    /// The in-memory locator set ([`Store::watches`]) stays a superset: a
+    /// reclaimed locator leaves it at the next open (removing it here could
+    /// race with a new appointment at the same locator).
+    pub fn reclaim(
+        &self,
+        expired_before: u64,
+        after: Option<Address>,
+        batch: usize,
+    ) -> Result<Reclaimed> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let mut out = Reclaimed::default();
+        {
+            let mut users = txn.open_table(USERS)?;
+            let mut appointments = txn.open_table(APPOINTMENTS)?;
+            let mut index = txn.open_multimap_table(LOCATORS)?;
+            let mut expired = Vec::new();
+            let mut looked = 0;
+            let from = after.map(|a| a.0.0);
+            let range = match &from {
+                Some(k) => users.range::<&[u8; 20]>((
+                    std::ops::Bound::Excluded(k),
+                    std::ops::Bound::Unbounded,
+                ))?,
+                None => users.range::<&[u8; 20]>(..)?,
+            };
+            for entry in range {
+                if looked >= batch.max(1) {
+                    break;
+                }
+                let (k, v) = entry?;
+                looked += 1;
+                let user = Address::from(*k.value());
+                out.next = Some(user);
+                let sub: Subscription = decode("tower_users", v.value())?;
+                if sub.expiry < expired_before {
+                    expired.push(user);
+                }
+            }
+            if looked < batch.max(1) {
+                out.next = None;
+            }
+            for user in expired {
+                let lo = appointment_key(user, Locator::ZERO);
+                let hi = appointment_key(user, Locator::repeat_byte(0xff));
+                let mut held = Vec::new();
+                for entry in appointments.range::<&[u8; 52]>(&lo..=&hi)? {
+                    let (k, v) = entry?;
+                    let a: Appointment = decode("tower_appointments", v.value())?;
+                    held.push((*k.value(), a.status));
+                }
+                if held.iter().any(|(_, s)| *s == Status::DisputeTriggered) {
+                    continue;
+                }
+                for (key, _) in &held {
+                    appointments.remove(key)?;
+                    let mut locator = [0u8; 32];
+                    locator.copy_from_slice(&key[20..]);
+                    index.remove(&locator, &user.0.0)?;
+                }
+                users.remove(&user.0.0)?;
+                out.users += 1;
+                out.appointments += held.len() as u64;
+            }
+        }
+        txn.commit()?;
         Ok(out)
     }
 

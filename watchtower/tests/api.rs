@@ -863,3 +863,121 @@ async fn a_register_signature_is_not_an_appointment_signature() {
          subscription {sub:?}"
     );
 }
+
+/// Registration is free, so junk can fill a tower. A user whose
+/// subscription expired more than `reclaim_after_secs` ago is dropped with
+/// its appointments by the tower's own periodic pass, and new users fit
+/// again; a user whose subscription runs is never touched.
+#[tokio::test]
+async fn long_expired_users_give_their_room_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tower_key = LocalAccount::random();
+    let config = Config {
+        subscription_secs: 100,
+        reclaim_after_secs: 50,
+        reclaim_interval_secs: 1,
+        store: perun_watchtower::store::StoreLimits {
+            max_users: 2,
+            max_appointments: 2,
+            max_slots_per_user: 10,
+        },
+        ..Config::default()
+    };
+    let srv = Server::start(&db(&dir), &tower_key, config).await;
+    let (addr, tw) = (srv.addr, tower_key.address());
+    let (junk, kept, late) = (
+        LocalAccount::random(),
+        LocalAccount::random(),
+        LocalAccount::random(),
+    );
+    let r = post(addr, "/register", &register_body(tw, &junk)).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let (params, signed) = channel(1);
+    let (locator, blob) = seal(&params, &signed).expect("seal");
+    let r = post(
+        addr,
+        "/add_appointment",
+        &appointment_body(&junk, locator, &blob),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+
+    // The junk's subscription runs out; `kept` registers later, so its
+    // subscription still runs when the junk's is 50 s past expiry.
+    srv.now.fetch_add(90, Ordering::SeqCst);
+    let r = post(addr, "/register", &register_body(tw, &kept)).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let (params2, signed2) = channel(2);
+    let (locator2, blob2) = seal(&params2, &signed2).expect("seal");
+    let r = post(
+        addr,
+        "/add_appointment",
+        &appointment_body(&kept, locator2, &blob2),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = post(addr, "/register", &register_body(tw, &late)).await;
+    assert_eq!((r.status, r.code()), (503, "tower_full".into()));
+
+    // 149 s: the junk expired 49 s ago; the pass (every second) keeps it.
+    srv.now.fetch_add(59, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        srv.tower
+            .store()
+            .subscription(junk.address())
+            .expect("read")
+            .is_some()
+    );
+    // 151 s: 51 s past its expiry; the next pass drops it.
+    srv.now.fetch_add(2, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv
+        .tower
+        .store()
+        .subscription(junk.address())
+        .expect("read")
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the periodic pass never dropped the junk"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        srv.tower
+            .store()
+            .appointment(junk.address(), locator)
+            .expect("read"),
+        None
+    );
+    assert!(
+        srv.tower
+            .store()
+            .appointment(kept.address(), locator2)
+            .expect("read")
+            .is_some()
+    );
+    let r = post(addr, "/register", &register_body(tw, &late)).await;
+    assert_eq!(r.status, 200, "room again: {:?}", r.json());
+    let (params3, signed3) = channel(3);
+    let (locator3, blob3) = seal(&params3, &signed3).expect("seal");
+    let r = post(
+        addr,
+        "/add_appointment",
+        &appointment_body(&late, locator3, &blob3),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let metrics = String::from_utf8(get(addr, "/metrics").await.body).expect("utf8");
+    assert!(
+        metrics.contains("perun_tower_reclaimed_users_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("perun_tower_reclaimed_appointments_total 1\n"),
+        "{metrics}"
+    );
+    srv.stop().await;
+}

@@ -386,3 +386,73 @@ fn limits_bound_users_appointments_and_slots() {
         .add_appointment(new(a, l(0), 2, vec![2], vec![]), 10, sign)
         .expect("a replacement takes no new room");
 }
+
+#[test]
+fn reclaim_drops_long_expired_users_and_gives_their_room_back() {
+    use perun_watchtower::store::StoreLimits;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("tower.redb"))
+        .expect("open")
+        .with_limits(StoreLimits {
+            max_users: 3,
+            max_appointments: 4,
+            max_slots_per_user: 10,
+        });
+    let (a, b, c, d) = (
+        Address::repeat_byte(1),
+        Address::repeat_byte(2),
+        Address::repeat_byte(3),
+        Address::repeat_byte(4),
+    );
+    let l = |x: u8| B256::repeat_byte(x);
+    store.register(a, 5, 100).expect("a");
+    store.register(b, 5, 100).expect("b");
+    store.register(c, 5, 1_000).expect("c");
+    for (who, at) in [(a, 1), (a, 2), (b, 2), (c, 3)] {
+        store
+            .add_appointment(new(who, l(at), 1, vec![at], vec![]), 10, sign)
+            .expect("stored");
+    }
+    // B's appointment is in a running dispute: B stays, expired or not.
+    store
+        .set_status(b, l(2), Status::DisputeTriggered)
+        .expect("status");
+    assert!(matches!(
+        store.register(d, 5, 1_000),
+        Err(Error::TowerFull { what: "users", .. })
+    ));
+
+    // One user per transaction, in address order, until the pass is complete.
+    let (mut users, mut appointments, mut after, mut rounds) = (0, 0, None, 0);
+    loop {
+        let r = store.reclaim(500, after, 1).expect("reclaim");
+        users += r.users;
+        appointments += r.appointments;
+        rounds += 1;
+        match r.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!((users, appointments), (1, 2), "only A went");
+    assert!(
+        rounds >= 3,
+        "{rounds} transactions for 3 users in batches of 1"
+    );
+    assert_eq!(store.subscription(a).expect("read"), None);
+    assert_eq!(store.appointment(a, l(1)).expect("read"), None);
+    assert_eq!(store.users_for(l(2)).expect("index"), vec![b]);
+    assert!(store.users_for(l(1)).expect("index").is_empty());
+    assert!(store.subscription(b).expect("read").is_some());
+    assert!(store.appointment(c, l(3)).expect("read").is_some());
+    assert_eq!(store.counts().expect("counts"), (2, 2));
+
+    // The room is back: a new user and its appointments fit again.
+    store.register(d, 5, 1_000).expect("d fits");
+    store
+        .add_appointment(new(d, l(4), 1, vec![4], vec![]), 10, sign)
+        .expect("d's appointment fits");
+    // Nothing is old enough now; a pass drops nothing.
+    let r = store.reclaim(100, None, 1_000).expect("reclaim");
+    assert_eq!((r.users, r.appointments, r.next), (0, 0, None));
+}

@@ -15,6 +15,10 @@
 //! ([`Timeouts::backoff`](crate::Timeouts::backoff)), with a
 //! [`ChannelEvent::TowerFailed`] for each failure.
 
+mod renew;
+
+pub(crate) use renew::spawn as spawn_renewals;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,8 +98,11 @@ pub struct TowerStatus {
     pub user: Option<Address>,
 }
 
-/// Renew a subscription this long before it expires.
-const RENEW_MARGIN_SECS: u64 = 24 * 60 * 60;
+/// Renew a subscription when this much of it is left (or a quarter of its
+/// length, if that is less): a client offline for weeks around that time
+/// still renews before the tower drops its appointments
+/// (`reclaim_after_secs` past the expiry).
+const RENEW_MARGIN_SECS: u64 = 30 * 24 * 60 * 60;
 /// Appointment rounds (one per channel, to every lagging tower) at once.
 const ROUNDS_AT_ONCE: usize = 32;
 /// How long [`Towers::flush`] waits at most.
@@ -114,12 +121,37 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A subscription as the client last saw it.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    sub: Subscription,
+    /// Its length then (expiry minus the time it arrived), in seconds.
+    span: u64,
+}
+
+impl Held {
+    fn new(sub: Subscription) -> Self {
+        Self {
+            sub,
+            span: sub.expiry.saturating_sub(unix_now()),
+        }
+    }
+
+    /// When to renew it (unix seconds).
+    fn renew_at(&self) -> u64 {
+        let margin = RENEW_MARGIN_SECS.min(self.span / 4);
+        self.sub.expiry.saturating_sub(margin)
+    }
+}
+
 /// One tower: its client and the subscription of each channel's identity
 /// with it.
 #[derive(Debug)]
 struct Link {
     client: TowerClient,
-    subs: tokio::sync::Mutex<HashMap<Address, Subscription>>,
+    subs: tokio::sync::Mutex<HashMap<Address, Held>>,
+    /// Wakes the renewal task: a subscription changed.
+    renewals: Arc<tokio::sync::Notify>,
 }
 
 impl Link {
@@ -135,10 +167,7 @@ impl Link {
             .lock()
             .await
             .get(&user.address())
-            .is_some_and(|s| {
-                s.expiry > unix_now().saturating_add(RENEW_MARGIN_SECS)
-                    && s.slots_used < s.slots_total
-            });
+            .is_some_and(|h| unix_now() < h.renew_at() && h.sub.slots_used < h.sub.slots_total);
         if fresh && !force {
             return Ok(());
         }
@@ -146,7 +175,11 @@ impl Link {
         // own, and a tower that hangs must not queue them all behind one
         // call (two registrations of one identity at once only renew it).
         let sub = self.client.register(user).await?;
-        self.subs.lock().await.insert(user.address(), sub);
+        self.subs
+            .lock()
+            .await
+            .insert(user.address(), Held::new(sub));
+        self.renewals.notify_one();
         debug!(tower = %self.client.tower(), user = %user.address(), "registered with tower");
         Ok(())
     }
@@ -234,6 +267,8 @@ pub(crate) struct Towers {
     flush: watch::Sender<u64>,
     /// Appointment rounds running at once, over all channels.
     permits: tokio::sync::Semaphore,
+    /// Wakes the renewal task ([`renew`]).
+    renewals: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Towers {
@@ -272,6 +307,7 @@ impl Towers {
                 });
             }
         }
+        let renewals = Arc::new(tokio::sync::Notify::new());
         let links = configs
             .into_iter()
             .map(|c| {
@@ -284,6 +320,7 @@ impl Towers {
                 Ok(Link {
                     client,
                     subs: tokio::sync::Mutex::new(HashMap::new()),
+                    renewals: renewals.clone(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -293,6 +330,7 @@ impl Towers {
             channels: Mutex::new(HashMap::new()),
             flush: watch::channel(0).0,
             permits: tokio::sync::Semaphore::new(ROUNDS_AT_ONCE),
+            renewals,
         })
     }
 
