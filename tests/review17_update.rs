@@ -332,3 +332,37 @@ async fn a_ride_with_garbage_in_our_own_slot_stores_our_signature() {
     assert_eq!(cur.state, fair);
     cur.verify_all(alice.params()).unwrap();
 }
+
+/// A peer's commit whose write keeps failing is retried until it is
+/// stored, but not past `shutdown`: there it is tried once more and the
+/// task ends (the next start gets the commit back from the peer). Before,
+/// it went on retrying, and warning, for as long as the stopped client's
+/// handle lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_write_that_keeps_failing_stops_retrying_at_shutdown() {
+    let ledger = Ledger::sim().await;
+    let (mut bob_opts, failures) = common::failing_writes(flush_only);
+    bob_opts.timeouts = Some(perun::client::Timeouts {
+        retry_min: Duration::from_millis(100),
+        retry_max: Duration::from_millis(100),
+        ..common::test_timeouts(bob_opts.funding_timeout)
+    });
+    let (ps, _chans, _) = alice_pays_and_bobs_write_fails_once(&ledger, &bob_opts, &failures).await;
+    failures.arm(u32::MAX);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while failures.injected() < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the write is retried while the client runs");
+    ps[1].client.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = failures.injected();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        failures.injected(),
+        after,
+        "the stopped client still retries the write"
+    );
+}

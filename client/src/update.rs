@@ -24,7 +24,7 @@ use perun_wire::{
     Message, PeerId, RejectKind, Responder, Update, UpdateAccept, UpdateCommit, UpdateReject,
     UpdateWithCommit,
 };
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, error, info_span, warn};
 
 use crate::core::{ChannelCore, HeldCommit, InFlight, Locked, Shared};
 use crate::deliver::{deliver_commit, reject, send_abort};
@@ -945,6 +945,10 @@ fn run_chore(shared: &Arc<Shared>, chore: Chore) {
 /// again, and a `Sync` would not bring it back either: its state is
 /// already ours in memory. While this runs `flush_pending` stays set, so
 /// a newer commit rides on this task's next try.
+///
+/// At shutdown it tries once more at once and then ends: the next start
+/// has only the older stored state, and its sync with the peer (who holds
+/// the commit, fully signed) brings the newer one back.
 async fn flush_until_stored(shared: std::sync::Weak<Shared>, core: std::sync::Weak<ChannelCore>) {
     let mut attempt = 0u32;
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -952,12 +956,19 @@ async fn flush_until_stored(shared: std::sync::Weak<Shared>, core: std::sync::We
         let (Some(shared), Some(core)) = (shared.upgrade(), core.upgrade()) else {
             return;
         };
+        let last = shared.stopped();
         let pause = {
             let mut l = core.locked.lock().await;
             match l.flush_unsaved(&shared, &core).await {
                 Ok(()) => {
                     l.flush_pending = false;
                     l.flush_retry = None;
+                    return;
+                }
+                Err(e) if last => {
+                    l.flush_pending = false;
+                    l.flush_retry = None;
+                    error!(channel = %core.id, attempt, error = %e, "stopped with a peer's commit unstored; the next start gets it back from the peer");
                     return;
                 }
                 Err(e) => {
@@ -969,11 +980,19 @@ async fn flush_until_stored(shared: std::sync::Weak<Shared>, core: std::sync::We
                 }
             }
         };
-        // Neither the client nor the channel is kept alive by the wait.
+        // Neither the client nor the channel is kept alive by the wait; a
+        // shutdown cuts it short for the last try.
+        let stopping = {
+            let mut stop = shared.stop.subscribe();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        };
         drop((shared, core));
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = wake.notified() => {}
+            () = stopping => {}
         }
     }
 }

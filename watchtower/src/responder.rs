@@ -26,7 +26,9 @@
 //!    every unfinished job; one whose transaction may be in flight first
 //!    waits [`Config::resume_grace`] for it to show on-chain, then decides
 //!    from the chain, so a refutation or conclusion the chain shows is
-//!    never sent again.
+//!    never sent again. A refutation is not held back when the challenge
+//!    period would end within the grace: a duplicate costs gas, a missed
+//!    refutation the users' funds.
 //!
 //! Every failure (node, store) is retried with capped exponential backoff;
 //! job tasks run under a supervisor that restarts them after a panic. The
@@ -65,7 +67,9 @@ pub struct Config {
     /// Longest pause between retries (ms).
     pub retry_max_ms: u64,
     /// After a restart, how long (ms) a job whose transaction may be in
-    /// flight waits for the chain to show it before sending it again.
+    /// flight waits for the chain to show it before sending it again (a
+    /// refutation waits only while the challenge period, by the tower's
+    /// clock, outlasts the grace and two polls).
     pub resume_grace_ms: u64,
 }
 
@@ -698,16 +702,40 @@ impl Inner {
         if version > d.version && run.no_refute != Some(version) {
             if let Some(w) = run.in_flight(&job.phase, JobPhase::Refuting { version }, &self.config)
             {
-                debug!(
+                if !self.ends_within_grace(&d) {
+                    debug!(
+                        version,
+                        "a refutation may be in flight from before the restart; waiting"
+                    );
+                    return Ok(Next::Wait(w));
+                }
+                warn!(
                     version,
-                    "a refutation may be in flight from before the restart; waiting"
+                    timeout = d.timeout,
+                    "the challenge period ends within the grace: refuting again now rather than wait for one that may be in flight"
                 );
-                return Ok(Next::Wait(w));
             }
             return self.refute(id, &d, params, best, run).await;
         }
         self.conclude(id, &job, users, &d, (params, best), run)
             .await
+    }
+
+    /// Whether the dispute's challenge period ends before a grace and two
+    /// polls are over. The chain's time is taken to be the tower's clock
+    /// (block timestamps follow it within seconds); a clock that runs
+    /// ahead costs at most a duplicate transaction's gas, one that runs
+    /// behind waits as before.
+    fn ends_within_grace(&self, d: &Dispute) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.as_secs())
+            .unwrap_or(0);
+        let margin_ms = self
+            .config
+            .resume_grace_ms
+            .saturating_add(self.config.poll_ms.saturating_mul(2));
+        d.timeout.saturating_sub(now) <= margin_ms.div_ceil(1000)
     }
 
     async fn refute(

@@ -170,6 +170,13 @@ async fn setup() -> Setup {
 /// As [`setup`], with the store in a temporary directory under `tmp`.
 async fn setup_in(tmp: impl AsRef<std::path::Path>) -> Setup {
     let ledger = SimLedger::new(1337);
+    // The chain's clock near the wall clock, as on a real chain: the
+    // responder reads the time left in a challenge period by its own clock.
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    ledger.advance(wall);
     ledger.add_asset(ETH);
     let (alice, bob) = (LocalAccount::random(), LocalAccount::random());
     for who in [alice.address(), bob.address()] {
@@ -642,6 +649,46 @@ async fn a_restart_before_the_refutation_left_sends_it_once() {
     assert_eq!(balances(&s), paid(5));
     assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
+    r.stop().await;
+}
+
+/// As above, but the challenge period ends within the grace: the restarted
+/// responder does not wait the grace out (the period would be over, and
+/// the stale state concluded) but refutes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_near_the_end_of_the_challenge_refutes_without_waiting() {
+    let s = setup().await;
+    s.appoint_version(5);
+    let chain = Counting::new(s.ledger.clone());
+    chain.freeze_before_register.store(true, Ordering::SeqCst);
+    let long_grace = Config {
+        resume_grace_ms: 120_000,
+        ..config()
+    };
+    let r = start_with(&s, &chain, long_grace);
+    s.bob_registers(2).await;
+    until("the job in Refuting", async || {
+        s.store
+            .job(s.id())
+            .unwrap()
+            .is_some_and(|j| j.phase == JobPhase::Refuting { version: 5 })
+    })
+    .await;
+    r.task.abort();
+
+    // The 60 s challenge period ends within the 120 s grace.
+    let r = start_with(&s, &chain, long_grace);
+    until("the refutation, well before the 120 s grace", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(balances(&s), paid(5));
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     r.stop().await;
 }
 
