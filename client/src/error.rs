@@ -150,6 +150,26 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A watchtower no longer holds the channel's appointment (it dropped
+    /// the channel's identity, long after its subscription expired, or
+    /// lost its store): the client sends the latest state again.
+    #[error("watchtower {tower} no longer holds the channel's appointment; sending it again")]
+    TowerLostAppointment {
+        /// The tower's address.
+        tower: perun_channel::Address,
+    },
+    /// A watchtower renewed the channel's subscription only until a time
+    /// already past by this machine's clock (a skewed clock, or a tower
+    /// with very short subscriptions): tried again with backoff.
+    #[error("watchtower {tower} renewed until {expiry}, already past here ({now})")]
+    TowerExpiryPast {
+        /// The tower's address.
+        tower: perun_channel::Address,
+        /// The expiry it answered (unix seconds).
+        expiry: u64,
+        /// This machine's time then (unix seconds).
+        now: u64,
+    },
     /// A channel's watchtower task panicked (a bug); its supervisor
     /// restarted it (reported as `ChannelEvent::WatcherRestarted`).
     #[error("the watchtower task panicked")]

@@ -434,23 +434,39 @@ impl Tower {
 
     /// Drops every user whose subscription expired more than
     /// [`Config::reclaim_after_secs`] ago, with its appointments (those in a
-    /// running dispute stay), in transactions of at most 1,000 users; returns
-    /// how many it dropped (`next` is `None`). [`serve`] calls it every
+    /// running dispute stay), in short transactions ([`Store::reclaim`]: at
+    /// most 1,000 users looked at and 10,000 appointments dropped each);
+    /// returns what it dropped. [`serve`] calls it every
     /// [`Config::reclaim_interval_secs`].
     pub async fn reclaim(self: &Arc<Self>) -> Result<crate::store::Reclaimed> {
-        const BATCH: usize = 1_000;
+        self.reclaim_until(&tokio::sync::watch::channel(false).1)
+            .await
+    }
+
+    /// [`Tower::reclaim`], stopping between two transactions once `stop`
+    /// turns true.
+    async fn reclaim_until(
+        self: &Arc<Self>,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<crate::store::Reclaimed> {
+        const USERS: usize = 1_000;
+        const APPOINTMENTS: usize = 10_000;
         let mut total = crate::store::Reclaimed::default();
         if self.config.reclaim_after_secs == 0 {
+            total.done = true;
             return Ok(total);
         }
         let before = (self.clock)().saturating_sub(self.config.reclaim_after_secs);
         let mut after = None;
-        loop {
+        while !*stop.borrow() {
             let store = self.store.clone();
-            let r =
-                tokio::task::spawn_blocking(move || store.reclaim(before, after, BATCH)).await??;
+            let r = tokio::task::spawn_blocking(move || {
+                store.reclaim(before, after, USERS, APPOINTMENTS)
+            })
+            .await??;
             total.users += r.users;
             total.appointments += r.appointments;
+            total.undecodable += r.undecodable;
             {
                 let mut all = self
                     .reclaimed
@@ -459,16 +475,23 @@ impl Tower {
                 all.users += r.users;
                 all.appointments += r.appointments;
             }
-            match r.next {
-                Some(next) => after = Some(next),
-                None => break,
+            after = r.next;
+            if r.done {
+                total.done = true;
+                break;
             }
         }
-        if total.users > 0 {
+        if total.users > 0 || total.appointments > 0 {
             tracing::info!(
                 users = total.users,
                 appointments = total.appointments,
-                "reclaimed users whose subscription expired long ago"
+                "reclaimed what users whose subscription expired long ago held"
+            );
+        }
+        if total.undecodable > 0 {
+            warn!(
+                values = total.undecodable,
+                "values in the store do not decode; their users were not reclaimed"
             );
         }
         Ok(total)
@@ -920,7 +943,8 @@ pub async fn serve(
     let permits = Arc::new(tokio::sync::Semaphore::new(
         tower.config.max_connections.max(1),
     ));
-    let reclaims = tokio::spawn(reclaim_every_interval(Arc::clone(&tower)));
+    let (stop_reclaims, reclaims_stopped) = tokio::sync::watch::channel(false);
+    let reclaims = tokio::spawn(reclaim_every_interval(Arc::clone(&tower), reclaims_stopped));
     let app = router(tower);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -957,7 +981,12 @@ pub async fn serve(
             }
         });
     }
-    reclaims.abort();
+    // A pass stops between two transactions; waiting for it means no
+    // transaction of it outlives `serve` (the store could not be reopened).
+    let _ = stop_reclaims.send(true);
+    if let Err(e) = reclaims.await {
+        error!(error = %e, "the reclaim task failed");
+    }
     let drain = async { while conns.join_next().await.is_some() {} };
     if tokio::time::timeout(std::time::Duration::from_secs(5), drain)
         .await
@@ -970,16 +999,19 @@ pub async fn serve(
 }
 
 /// Runs [`Tower::reclaim`] every [`Config::reclaim_interval_secs`] (the
-/// first pass one interval after the start) until aborted; a failed pass is
-/// logged and the next interval tries again.
-async fn reclaim_every_interval(tower: Shared) {
+/// first pass one interval after the start) until `stop` turns true; a
+/// failed pass is logged and the next interval tries again.
+async fn reclaim_every_interval(tower: Shared, mut stop: tokio::sync::watch::Receiver<bool>) {
     if tower.config.reclaim_after_secs == 0 {
         return;
     }
     let every = std::time::Duration::from_secs(tower.config.reclaim_interval_secs.max(1));
     loop {
-        tokio::time::sleep(every).await;
-        if let Err(e) = tower.reclaim().await {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = tower.reclaim_until(&stop).await {
             warn!(error = %e, ?every, "reclaiming expired users failed; trying again next interval");
         }
     }

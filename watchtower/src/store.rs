@@ -130,11 +130,33 @@ pub struct Added {
 pub struct Reclaimed {
     /// Users dropped.
     pub users: u64,
-    /// Their appointments dropped.
+    /// Appointments dropped.
     pub appointments: u64,
-    /// The last user looked at, where the next transaction goes on; `None`
-    /// once the whole table was looked at.
+    /// Values that did not decode; their users were kept.
+    pub undecodable: u64,
+    /// Where the next call goes on (its `after`).
     pub next: Option<Address>,
+    /// Every user was looked at: the pass is complete.
+    pub done: bool,
+}
+
+/// An appointment's status, read without copying its blob; `None` if the
+/// value does not decode.
+fn status_of(bytes: &[u8]) -> Option<Status> {
+    #[derive(Deserialize)]
+    struct StatusOnly<'a> {
+        _seq: u64,
+        #[serde(borrow)]
+        _blob: &'a [u8],
+        _receipt: Receipt,
+        status: Status,
+    }
+    match bytes.split_first() {
+        Some((&VALUE_FORMAT, body)) => postcard::from_bytes::<StatusOnly<'_>>(body)
+            .ok()
+            .map(|a| a.status),
+        _ => None,
+    }
 }
 
 /// Where the responder is with one dispute. Written *before* the transaction
@@ -800,78 +822,119 @@ impl Store {
 
     /// Drops users whose subscription expired before unix time
     /// `expired_before`, with their appointments: the tower's room is given
-    /// back (registration is free, so junk could otherwise fill it for
-    /// good). A user with an appointment in a running dispute
-    /// ([`Status::DisputeTriggered`]) is kept: the responder works with it.
+    /// back (registration is free, so abandoned junk could otherwise fill
+    /// it for good). An appointment in a running dispute
+    /// ([`Status::DisputeTriggered`]) stays, and so does its user: the
+    /// responder works with it.
     ///
-    /// One write transaction looks at up to `batch` users after `after`
-    /// (in address order; `None`: from the first), so a pass over a large
-    /// store is many short transactions; [`Reclaimed::next`] is where the
-    /// next one goes on (`None`: the pass is complete).
+    /// One call is one write transaction, bounded twice, so it never holds
+    /// the tower's single writer long: it looks at up to `users` users
+    /// after `after` (in address order; `None`: from the first) and drops
+    /// up to `appointments` appointments (a user holding more is dropped
+    /// over several calls). Go on with [`Reclaimed::next`] until
+    /// [`Reclaimed::done`].
     ///
+    /// Reads only each appointment's status, not its blob. A value that
+    /// does not decode keeps its user (counted in
+    /// [`Reclaimed::undecodable`]) rather than stop every later pass at it.
     /// The in-memory locator set ([`Store::watches`]) stays a superset: a
     /// reclaimed locator leaves it at the next open (removing it here could
-    /// race with a new appointment at the same locator).
+    /// race a new appointment at the same locator).
     pub fn reclaim(
         &self,
         expired_before: u64,
         after: Option<Address>,
-        batch: usize,
+        users: usize,
+        appointments: usize,
     ) -> Result<Reclaimed> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
-        let mut out = Reclaimed::default();
+        let mut out = Reclaimed {
+            next: after,
+            ..Reclaimed::default()
+        };
         {
-            let mut users = txn.open_table(USERS)?;
-            let mut appointments = txn.open_table(APPOINTMENTS)?;
+            let mut user_table = txn.open_table(USERS)?;
+            let mut table = txn.open_table(APPOINTMENTS)?;
             let mut index = txn.open_multimap_table(LOCATORS)?;
-            let mut expired = Vec::new();
-            let mut looked = 0;
-            let from = after.map(|a| a.0.0);
-            let range = match &from {
-                Some(k) => users.range::<&[u8; 20]>((
-                    std::ops::Bound::Excluded(k),
-                    std::ops::Bound::Unbounded,
-                ))?,
-                None => users.range::<&[u8; 20]>(..)?,
-            };
-            for entry in range {
-                if looked >= batch.max(1) {
-                    break;
-                }
-                let (k, v) = entry?;
-                looked += 1;
-                let user = Address::from(*k.value());
-                out.next = Some(user);
-                let sub: Subscription = decode("tower_users", v.value())?;
-                if sub.expiry < expired_before {
-                    expired.push(user);
+            // The users to look at, and whether each expired.
+            let mut looked = Vec::new();
+            {
+                let from = after.map(|a| a.0.0);
+                let range = match &from {
+                    Some(k) => user_table.range::<&[u8; 20]>((
+                        std::ops::Bound::Excluded(k),
+                        std::ops::Bound::Unbounded,
+                    ))?,
+                    None => user_table.range::<&[u8; 20]>(..)?,
+                };
+                out.done = true;
+                for entry in range {
+                    if looked.len() >= users.max(1) {
+                        out.done = false;
+                        break;
+                    }
+                    let (k, v) = entry?;
+                    let user = Address::from(*k.value());
+                    let expired = match decode::<Subscription>("tower_users", v.value()) {
+                        Ok(sub) => Some(sub.expiry < expired_before),
+                        Err(_) => None,
+                    };
+                    looked.push((user, expired));
                 }
             }
-            if looked < batch.max(1) {
-                out.next = None;
-            }
-            for user in expired {
+            let mut budget = appointments.max(1);
+            for (user, expired) in looked {
+                match expired {
+                    Some(true) => {}
+                    Some(false) => {
+                        out.next = Some(user);
+                        continue;
+                    }
+                    None => {
+                        out.undecodable += 1;
+                        out.next = Some(user);
+                        continue;
+                    }
+                }
+                // Up to `budget` of its appointments that may go; whether
+                // any must stay, and whether more are left.
                 let lo = appointment_key(user, Locator::ZERO);
                 let hi = appointment_key(user, Locator::repeat_byte(0xff));
-                let mut held = Vec::new();
-                for entry in appointments.range::<&[u8; 52]>(&lo..=&hi)? {
+                let (mut drop, mut keep, mut more) = (Vec::new(), false, false);
+                for entry in table.range::<&[u8; 52]>(&lo..=&hi)? {
                     let (k, v) = entry?;
-                    let a: Appointment = decode("tower_appointments", v.value())?;
-                    held.push((*k.value(), a.status));
+                    match status_of(v.value()) {
+                        Some(Status::DisputeTriggered) => keep = true,
+                        Some(_) if drop.len() < budget => drop.push(*k.value()),
+                        Some(_) => {
+                            more = true;
+                            break;
+                        }
+                        None => {
+                            out.undecodable += 1;
+                            keep = true;
+                        }
+                    }
                 }
-                if held.iter().any(|(_, s)| *s == Status::DisputeTriggered) {
-                    continue;
-                }
-                for (key, _) in &held {
-                    appointments.remove(key)?;
+                for key in &drop {
+                    table.remove(key)?;
                     let mut locator = [0u8; 32];
                     locator.copy_from_slice(&key[20..]);
                     index.remove(&locator, &user.0.0)?;
                 }
-                users.remove(&user.0.0)?;
-                out.users += 1;
-                out.appointments += held.len() as u64;
+                budget -= drop.len();
+                out.appointments += drop.len() as u64;
+                if more {
+                    // Not finished with this user: the next call starts at it.
+                    out.done = false;
+                    break;
+                }
+                if !keep {
+                    user_table.remove(&user.0.0)?;
+                    out.users += 1;
+                }
+                out.next = Some(user);
             }
         }
         txn.commit()?;

@@ -425,13 +425,13 @@ fn reclaim_drops_long_expired_users_and_gives_their_room_back() {
     // One user per transaction, in address order, until the pass is complete.
     let (mut users, mut appointments, mut after, mut rounds) = (0, 0, None, 0);
     loop {
-        let r = store.reclaim(500, after, 1).expect("reclaim");
+        let r = store.reclaim(500, after, 1, 1_000).expect("reclaim");
         users += r.users;
         appointments += r.appointments;
         rounds += 1;
-        match r.next {
-            Some(next) => after = Some(next),
-            None => break,
+        after = r.next;
+        if r.done {
+            break;
         }
     }
     assert_eq!((users, appointments), (1, 2), "only A went");
@@ -453,6 +453,62 @@ fn reclaim_drops_long_expired_users_and_gives_their_room_back() {
         .add_appointment(new(d, l(4), 1, vec![4], vec![]), 10, sign)
         .expect("d's appointment fits");
     // Nothing is old enough now; a pass drops nothing.
-    let r = store.reclaim(100, None, 1_000).expect("reclaim");
-    assert_eq!((r.users, r.appointments, r.next), (0, 0, None));
+    let r = store.reclaim(100, None, 1_000, 1_000).expect("reclaim");
+    assert_eq!((r.users, r.appointments, r.done), (0, 0, true));
+}
+
+/// One reclaim transaction drops at most its budget of appointments, so a
+/// few users holding many cannot hold the tower's only writer long (a
+/// review's finding: the batch counted users only); a user holding more
+/// goes over several transactions, and one in a running dispute keeps
+/// that appointment, and so itself, while the rest of its room goes.
+#[test]
+fn reclaim_drops_many_appointments_over_short_transactions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("tower.redb")).expect("open");
+    let (a, b) = (Address::repeat_byte(1), Address::repeat_byte(2));
+    let l = |u: u8, i: u8| {
+        let mut x = [0u8; 32];
+        x[0] = u;
+        x[31] = i;
+        B256::from(x)
+    };
+    for who in [a, b] {
+        store.register(who, 100, 100).expect("register");
+        for i in 0..25 {
+            store
+                .add_appointment(new(who, l(who.0[0], i), 1, vec![i; 64], vec![]), 10, sign)
+                .expect("stored");
+        }
+    }
+    store
+        .set_status(b, l(2, 24), Status::DisputeTriggered)
+        .expect("status");
+    let (mut after, mut dropped, mut users) = (None, Vec::new(), 0);
+    for _ in 0..100 {
+        let r = store.reclaim(500, after, 1_000, 10).expect("reclaim");
+        assert!(
+            r.appointments <= 10,
+            "{} in one transaction",
+            r.appointments
+        );
+        dropped.push(r.appointments);
+        users += r.users;
+        after = r.next;
+        if r.done {
+            break;
+        }
+    }
+    assert_eq!(
+        dropped.iter().sum::<u64>(),
+        49,
+        "all but the disputed one: {dropped:?}"
+    );
+    assert!(dropped.len() >= 5, "{dropped:?}");
+    assert_eq!(users, 1, "A went; B stays with its disputed appointment");
+    assert_eq!(store.subscription(a).expect("read"), None);
+    assert!(store.subscription(b).expect("read").is_some());
+    assert!(store.appointment(b, l(2, 24)).expect("read").is_some());
+    assert_eq!(store.users_for(l(2, 24)).expect("index"), vec![b]);
+    assert_eq!(store.counts().expect("counts"), (1, 1));
 }

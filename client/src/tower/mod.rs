@@ -121,12 +121,19 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The least time between two registrations of one identity before a
+/// send, whatever the subscription says (a tower whose expiry is past by
+/// our clock must not cost a registration per appointment).
+const REREGISTER_GAP: Duration = Duration::from_secs(5);
+
 /// A subscription as the client last saw it.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     sub: Subscription,
     /// Its length then (expiry minus the time it arrived), in seconds.
     span: u64,
+    /// When it arrived.
+    received: Instant,
 }
 
 impl Held {
@@ -134,6 +141,7 @@ impl Held {
         Self {
             sub,
             span: sub.expiry.saturating_sub(unix_now()),
+            received: Instant::now(),
         }
     }
 
@@ -141,6 +149,12 @@ impl Held {
     fn renew_at(&self) -> u64 {
         let margin = RENEW_MARGIN_SECS.min(self.span / 4);
         self.sub.expiry.saturating_sub(margin)
+    }
+
+    /// Good for a send without registering first.
+    fn fresh(&self) -> bool {
+        self.sub.slots_used < self.sub.slots_total
+            && (unix_now() < self.renew_at() || self.received.elapsed() < REREGISTER_GAP)
     }
 }
 
@@ -156,32 +170,30 @@ struct Link {
 
 impl Link {
     /// Registers (or renews) `user` unless a subscription with time and
-    /// slots left is known.
+    /// slots left is known; wakes the renewal task with the news.
     async fn ensure_registered(
         &self,
         user: &dyn Account,
         force: bool,
     ) -> Result<(), perun_watchtower::Error> {
-        let fresh = self
-            .subs
-            .lock()
-            .await
-            .get(&user.address())
-            .is_some_and(|h| unix_now() < h.renew_at() && h.sub.slots_used < h.sub.slots_total);
-        if fresh && !force {
+        let known = self.subs.lock().await.get(&user.address()).copied();
+        if !force && known.is_some_and(|h| h.fresh()) {
             return Ok(());
         }
+        self.register(user).await?;
+        self.renewals.notify_one();
+        Ok(())
+    }
+
+    /// Registers (or renews) `user` and keeps what the tower answered.
+    async fn register(&self, user: &dyn Account) -> Result<Held, perun_watchtower::Error> {
         // Not under the lock: every channel's identity registers on its
         // own, and a tower that hangs must not queue them all behind one
         // call (two registrations of one identity at once only renew it).
-        let sub = self.client.register(user).await?;
-        self.subs
-            .lock()
-            .await
-            .insert(user.address(), Held::new(sub));
-        self.renewals.notify_one();
+        let held = Held::new(self.client.register(user).await?);
+        self.subs.lock().await.insert(user.address(), held);
         debug!(tower = %self.client.tower(), user = %user.address(), "registered with tower");
-        Ok(())
+        Ok(held)
     }
 
     /// Forgets `user`'s subscription (its channel is withdrawn).
@@ -288,6 +300,8 @@ struct Entry {
     started: std::sync::atomic::AtomicBool,
     /// The last flush generation the worker has served.
     flushed: watch::Sender<u64>,
+    /// Wakes the worker: a tower lost its receipt ([`renew`]).
+    wake: tokio::sync::Notify,
 }
 
 impl Towers {
@@ -342,6 +356,7 @@ impl Towers {
                     record: Mutex::new(record()),
                     started: std::sync::atomic::AtomicBool::new(false),
                     flushed: watch::channel(*self.flush.borrow()).0,
+                    wake: tokio::sync::Notify::new(),
                 })
             })
             .clone()
@@ -566,6 +581,7 @@ impl Worker {
                 r = state_rx.changed() => if r.is_err() { return },
                 r = phase_rx.changed() => if r.is_err() { return },
                 r = flush_rx.changed() => if r.is_err() { return },
+                () = self.entry.wake.notified() => {}
                 () = sleep => {}
                 () = self.shared.stopping() => return,
             }
@@ -705,7 +721,7 @@ impl Worker {
             let tower = self.towers.links[i].client.tower();
             let error = Error::TowerConfig {
                 tower,
-                reason: "its receipt finds no room in the channel's record",
+                reason: "its receipt was not kept (a newer one is stored, or no room)",
             };
             self.failed(i, version, Arc::new(error));
         }
