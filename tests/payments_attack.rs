@@ -644,6 +644,65 @@ async fn open_channels_reopens_with_a_peer_whose_channel_was_withdrawn() {
     );
 }
 
+/// A long-running client must not keep every channel it ever settled:
+/// past `Limits::withdrawn_kept` the oldest withdrawn ones leave it. The
+/// payments layer still opens a new channel with a peer whose channels all
+/// left (the peer's address outlives them), and a reservation left open on
+/// a channel that left overdraws nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settled_channels_leave_the_client_past_the_kept_count() {
+    let ledger = Ledger::sim().await;
+    let keep_one = Options {
+        limits: Some(perun::client::Limits {
+            withdrawn_kept: 1,
+            ..perun::client::Limits::default()
+        }),
+        ..Options::default()
+    };
+    let a = party(&ledger, u(1000), &keep_one).await;
+    let b = party(&ledger, u(1000), &Options::default()).await;
+    introduce(&[&a, &b]).await;
+    let mut ps = vec![a, b];
+    let (bob, eth) = (ps[1].client.peer_id(), ledger.asset());
+    let pa = Payments::with_config(
+        &ps[0].client,
+        PaymentsConfig::default().open_channels(OpenPolicy {
+            deposit: u(200),
+            challenge_duration: 60,
+        }),
+    )
+    .unwrap();
+    let mut ids = Vec::new();
+    let mut left_open = None;
+    for round in 0..3 {
+        let chans = open(&ledger, &mut ps, u(100)).await;
+        if round == 0 {
+            left_open = Some(pa.reserve(bob, &eth, u(30)).await.unwrap());
+        }
+        chans[0].settle().await.unwrap();
+        assert_eq!(chans[0].phase(), Phase::Withdrawn);
+        ids.push(chans[0].id());
+    }
+    let kept: Vec<_> = ids
+        .iter()
+        .filter(|id| ps[0].client.channel(id).is_some())
+        .collect();
+    assert_eq!(
+        kept,
+        vec![&ids[2]],
+        "only the newest withdrawn channel stays"
+    );
+    assert_eq!(ps[0].client.channels().len(), 1);
+    let audit = pa.audit();
+    assert!(audit.is_ok(), "{audit:?}");
+    let r = pa.reserve(bob, &eth, u(50)).await;
+    assert!(
+        r.is_ok(),
+        "a new channel with Bob should be proposed: {r:?}"
+    );
+    pa.cancel(left_open.unwrap());
+}
+
 // ---------------------------------------------------------------------------
 // `Payments::audit` takes a channel's balance from the client's channel (0
 // if it has none): a reservation still open while its channel is settled

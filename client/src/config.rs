@@ -171,17 +171,27 @@ pub struct Limits {
     /// The transport's caps: connections, unanswered requests, large
     /// frames, the address book.
     pub wire: perun_wire::Limits,
+    /// Withdrawn channels kept for readers ([`Client::channel`],
+    /// [`Client::channels`]), the oldest leaving first: a long-running
+    /// client that opens and settles channels must not keep every one it
+    /// ever had. Nothing is at stake in them, and their records already
+    /// left the store (a restart knows none).
+    ///
+    /// [`Client::channel`]: crate::Client::channel
+    /// [`Client::channels`]: crate::Client::channels
+    pub withdrawn_kept: usize,
 }
 
 impl Default for Limits {
     /// 32 pending proposals per peer, 1024 in all, 1024 tasks per peer,
-    /// and the wire's defaults.
+    /// the wire's defaults, and the last 1024 withdrawn channels.
     fn default() -> Self {
         Self {
             proposals_per_peer: 32,
             proposals: 1024,
             tasks_per_peer: 1024,
             wire: perun_wire::Limits::default(),
+            withdrawn_kept: 1024,
         }
     }
 }

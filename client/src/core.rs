@@ -98,6 +98,13 @@ pub(crate) struct Shared {
     pub(crate) apps: crate::apps::Apps,
     pub(crate) timeouts: Timeouts,
     channels: Mutex<HashMap<ChannelId, Arc<ChannelCore>>>,
+    /// The withdrawn channels still in `channels`, oldest first (at most
+    /// `withdrawn_kept`).
+    withdrawn: Mutex<std::collections::VecDeque<ChannelId>>,
+    withdrawn_kept: usize,
+    /// Each peer's on-chain address, from the channels it was in: kept
+    /// after they leave (the payments layer opens new ones with it).
+    peer_addresses: Mutex<HashMap<PeerId, perun_channel::Address>>,
     /// Where the payments tracker learns of channels, if one follows them.
     /// Only taken with `channels` held, so the news keeps the map's order.
     channel_news: Mutex<Option<NewsTo>>,
@@ -167,6 +174,9 @@ impl Shared {
             apps: p.apps,
             timeouts: p.timeouts,
             channels: Mutex::new(HashMap::new()),
+            withdrawn: Mutex::default(),
+            withdrawn_kept: p.limits.withdrawn_kept,
+            peer_addresses: Mutex::default(),
             channel_news: Mutex::new(None),
             payments_active: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
@@ -193,6 +203,14 @@ impl Shared {
     }
 
     pub(crate) fn insert_channel(&self, core: Arc<ChannelCore>) {
+        {
+            let mut book = lock(&self.peer_addresses);
+            for (peer, address) in core.peers.iter().zip(&core.params.participants) {
+                if *peer != self.wire.local_peer_id() {
+                    book.insert(*peer, *address);
+                }
+            }
+        }
         let mut channels = lock(&self.channels);
         // A channel is told of once: two followers on one stream would
         // each book some of its payments.
@@ -207,6 +225,27 @@ impl Shared {
             // Unwanted ones too: the follower ignores what it never followed.
             self.tell(|to| to.tx.send(ChannelNews::Removed(*id)).is_ok());
         }
+    }
+
+    /// A channel reached `Withdrawn`: it stays for readers until
+    /// `withdrawn_kept` newer ones did.
+    pub(crate) fn retire_channel(&self, id: ChannelId) {
+        let gone: Vec<ChannelId> = {
+            let mut w = lock(&self.withdrawn);
+            if !w.contains(&id) {
+                w.push_back(id);
+            }
+            let over = w.len().saturating_sub(self.withdrawn_kept);
+            w.drain(..over).collect()
+        };
+        for id in gone {
+            self.remove_channel(&id);
+        }
+    }
+
+    /// The on-chain address `peer` had in a channel with us, if any ever.
+    pub(crate) fn peer_address(&self, peer: &PeerId) -> Option<perun_channel::Address> {
+        lock(&self.peer_addresses).get(peer).copied()
     }
 
     /// Tells the follower, if any, through `send` (`false`: it is gone).
@@ -1072,5 +1111,8 @@ pub(crate) async fn set_phase(shared: &Shared, core: &ChannelCore, to: Phase) ->
     }
     l.machine = trial;
     l.announce(core);
+    if to == Phase::Withdrawn {
+        shared.retire_channel(core.id);
+    }
     Ok(())
 }

@@ -565,10 +565,9 @@ impl Payments {
         let Some(policy) = self.inner.config.open.clone() else {
             return Err(why);
         };
-        let Some(address) = self.inner.shared.channel_cores().iter().find_map(|c| {
-            let i = c.peers.iter().position(|p| *p == peer)?;
-            c.params.participants.get(i).copied()
-        }) else {
+        // From any channel the peer was ever in with us, settled ones
+        // included (they leave the client: `Limits::withdrawn_kept`).
+        let Some(address) = self.inner.shared.peer_address(&peer) else {
             return Err(Error::UnknownPeer(peer));
         };
         let me = Participant {
@@ -746,12 +745,12 @@ impl Payments {
         let mut books = lock(&self.inner.books);
         self.settle_doubts(&mut books);
         for ((channel, asset), reserved) in books.promised() {
-            let balance = self
-                .inner
-                .shared
-                .channel_core(&channel)
-                .map(|c| held_by(&c.state.borrow().state.outcome, asset, c.index))
-                .unwrap_or_default();
+            // A channel that left the client was withdrawn: nothing can be
+            // sent on it, so what it promised overdraws nothing.
+            let Some(core) = self.inner.shared.channel_core(&channel) else {
+                continue;
+            };
+            let balance = held_by(&core.state.borrow().state.outcome, asset, core.index);
             if reserved > balance {
                 return Err(Error::BooksOverdrawn {
                     channel,
