@@ -293,19 +293,17 @@ async fn a_down_tower_is_reported_and_catches_up() {
     );
 }
 
-/// A fake tower that signs subscriptions with its real key but receipts
-/// with another one.
-async fn impostor(key: LocalAccount) -> SocketAddr {
+/// A fake tower on 127.0.0.1: `answer(head, body)` makes the JSON answer
+/// of each request (head lower-cased), sent with status 200.
+async fn fake_tower(
+    answer: impl Fn(&str, &serde_json::Value) -> serde_json::Value + Send + Sync + 'static,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let other = LocalAccount::random();
-    let key = Arc::new(key);
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let (key, other) = (
-                key.clone(),
-                LocalAccount::from_bytes(&other.secret_bytes()).unwrap(),
-            );
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 8192];
@@ -334,38 +332,7 @@ async fn impostor(key: LocalAccount) -> SocketAddr {
                     }
                 };
                 let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                let hex = |b: &[u8]| format!("0x{}", ::hex::encode(b));
-                let answer = if head.starts_with("post /register") {
-                    let user: Address = req["user"].as_str().unwrap().parse().unwrap();
-                    let sub = perun::watchtower::Subscription {
-                        slots_total: 10,
-                        slots_used: 0,
-                        expiry: u64::MAX / 2,
-                    };
-                    let sig = key
-                        .sign_hash(messages::subscription_hash(user, &sub))
-                        .unwrap();
-                    serde_json::json!({ "user": user, "slots_total": 10, "slots_used": 0,
-                        "expiry": sub.expiry, "tower_signature": hex(&signature_bytes(&sig)) })
-                } else {
-                    let locator: perun::channel::B256 =
-                        req["locator"].as_str().unwrap().parse().unwrap();
-                    let user_sig =
-                        ::hex::decode(req["signature"].as_str().unwrap().trim_start_matches("0x"))
-                            .unwrap();
-                    // Signed by the wrong key.
-                    let sig = other
-                        .sign_hash(messages::receipt_hash(
-                            key.address(),
-                            &locator,
-                            1,
-                            &user_sig,
-                        ))
-                        .unwrap();
-                    serde_json::json!({ "locator": locator, "start_block": 1,
-                        "user_signature": hex(&user_sig), "tower_signature": hex(&signature_bytes(&sig)) })
-                };
-                let body = answer.to_string();
+                let body = answer(&head, &req).to_string();
                 let reply = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -375,6 +342,60 @@ async fn impostor(key: LocalAccount) -> SocketAddr {
         }
     });
     addr
+}
+
+fn hex(b: &[u8]) -> String {
+    format!("0x{}", ::hex::encode(b))
+}
+
+/// A subscription answer signed by `key`.
+fn subscription_answer(
+    key: &LocalAccount,
+    user: Address,
+    sub: perun::watchtower::Subscription,
+) -> serde_json::Value {
+    let sig = key
+        .sign_hash(messages::subscription_hash(user, &sub))
+        .unwrap();
+    serde_json::json!({ "user": user, "slots_total": sub.slots_total, "slots_used": sub.slots_used,
+        "expiry": sub.expiry, "tower_signature": hex(&signature_bytes(&sig)) })
+}
+
+/// A receipt answer for an appointment request, signed by `signer`.
+fn receipt_answer(
+    tower: Address,
+    signer: &LocalAccount,
+    req: &serde_json::Value,
+) -> serde_json::Value {
+    let locator: perun::channel::B256 = req["locator"].as_str().unwrap().parse().unwrap();
+    let user_sig =
+        ::hex::decode(req["signature"].as_str().unwrap().trim_start_matches("0x")).unwrap();
+    let sig = signer
+        .sign_hash(messages::receipt_hash(tower, &locator, 1, &user_sig))
+        .unwrap();
+    serde_json::json!({ "locator": locator, "start_block": 1,
+        "user_signature": hex(&user_sig), "tower_signature": hex(&signature_bytes(&sig)) })
+}
+
+/// A fake tower that signs subscriptions with its real key but receipts
+/// with another one.
+async fn impostor(key: LocalAccount) -> SocketAddr {
+    let other = LocalAccount::random();
+    fake_tower(move |head, req| {
+        if head.starts_with("post /register") {
+            let user: Address = req["user"].as_str().unwrap().parse().unwrap();
+            let sub = perun::watchtower::Subscription {
+                slots_total: 10,
+                slots_used: 0,
+                expiry: u64::MAX / 2,
+            };
+            subscription_answer(&key, user, sub)
+        } else {
+            // Signed by the wrong key.
+            receipt_answer(key.address(), &other, req)
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1156,4 +1177,151 @@ async fn a_tower_whose_expiry_is_past_here_is_not_asked_again_at_once() {
         after - before
     );
     let _ = stop.send(());
+}
+
+/// A tower that loses its store while the client runs is found at the
+/// next look (hourly, or 8 times per subscription length: here every 5 s)
+/// and gets the state again; before (a review's finding), a running
+/// client looked only at its next renewal, months later, and the status
+/// said covered all that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tower_that_loses_its_store_while_the_client_runs_gets_the_state_again() {
+    let ledger = Ledger::sim().await;
+    let key = LocalAccount::random();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let forty = Config {
+        subscription_secs: 40,
+        ..Config::default()
+    };
+    let tower = serve_tower_with(listener, &key, forty).await;
+    let opts = Options {
+        towers: vec![config(tower.addr, &key)],
+        ..Options::default()
+    };
+    let (_ps, chans) = alice_and_bob(&ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "first receipt", all_latest).await;
+    let status = chans[0].tower_status()[0].clone();
+    let (user, locator) = (status.user.unwrap(), status.receipt.unwrap().locator);
+    // The tower loses everything (emptied in place).
+    let r = tower
+        .tower
+        .store()
+        .reclaim(u64::MAX, None, 1000, 10_000)
+        .unwrap();
+    assert_eq!(r.users, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tower
+        .tower
+        .store()
+        .appointment(user, locator)
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "20 s after the tower lost its store it still holds nothing (status {:?})",
+            chans[0].tower_status()[0].version
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_status(&chans[0], "covered again", all_latest).await;
+}
+
+/// A tower that answers slowly holds up only its own channels: another
+/// tower's lost appointment is sent again at once after a restart, not
+/// once the slow tower's checks are over (a review's finding: with 10,000
+/// channels and 6 s answers, two hours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_tower_does_not_hold_up_another_towers_lost_appointment() {
+    let ledger = Ledger::sim().await;
+    let (ka, kb) = (LocalAccount::random(), LocalAccount::random());
+    let a = start_tower(&ka).await;
+    let b = start_tower(&kb).await;
+    let slow_b = slow_proxy(b.addr, Duration::from_secs(6)).await;
+    let opts = Options {
+        towers: vec![
+            config(a.addr, &ka),
+            TowerConfig {
+                timeout: Duration::from_secs(20),
+                ..config(slow_b, &kb)
+            },
+        ],
+        redb: true,
+        ..Options::default()
+    };
+    let (mut ps, chans) = alice_and_bob(&ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "both receipts", all_latest).await;
+    let id = chans[0].id();
+    let status = chans[0].tower_status()[0].clone();
+    let (user, locator) = (status.user.unwrap(), status.receipt.unwrap().locator);
+    drop(chans);
+    // Tower A loses the identity (reclaimed, or a lost store).
+    a.tower
+        .store()
+        .reclaim(u64::MAX, None, 1000, 10_000)
+        .unwrap();
+    let alice = ps.remove(0);
+    let alice = restart_opts(&ledger, alice, &opts).await;
+    let started = tokio::time::Instant::now();
+    let ch = alice.client.channel(&id).expect("restored");
+    while a
+        .tower
+        .store()
+        .appointment(user, locator)
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "3 s after the restart tower A still holds nothing (status A: {:?}): \
+             its lost appointment waits for slow tower B",
+            ch.tower_status()[0].version
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A hostile tower that takes every appointment but says, at every look,
+/// that the identity holds none (no slot used) and that its subscription
+/// ends in 2 s: the client believes a second loss only 10 minutes after
+/// the first, so the tower cannot make every channel write and send in a
+/// loop (a review's finding: 2 writes per channel every 1 to 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tower_that_keeps_saying_it_lost_us_is_believed_once_per_gap() {
+    let ledger = Ledger::sim().await;
+    let key = Arc::new(LocalAccount::random());
+    let appointments = Arc::new(AtomicU64::new(0));
+    let liar = {
+        let (key, appointments) = (key.clone(), appointments.clone());
+        fake_tower(move |head, req| {
+            if head.starts_with("post /add_appointment") {
+                appointments.fetch_add(1, Ordering::SeqCst);
+                receipt_answer(key.address(), &key, req)
+            } else {
+                let user: Address = req["user"].as_str().unwrap().parse().unwrap();
+                let sub = perun::watchtower::Subscription {
+                    slots_total: 10,
+                    slots_used: 0,
+                    expiry: unix_now() + 2,
+                };
+                subscription_answer(&key, user, sub)
+            }
+        })
+        .await
+    };
+    let opts = Options {
+        towers: vec![config(liar, &key)],
+        ..Options::default()
+    };
+    let (_ps, chans) = alice_and_bob(&ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "a receipt", all_latest).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let sent = appointments.load(Ordering::SeqCst);
+    assert!(
+        sent <= 2,
+        "{sent} appointments in 8 s: the lie was believed every time"
+    );
 }

@@ -925,6 +925,18 @@ impl Store {
                 }
                 budget -= drop.len();
                 out.appointments += drop.len() as u64;
+                if (more || keep) && !drop.is_empty() {
+                    // It stays, for now or for good: its slots are given back.
+                    let sub = match user_table.get(&user.0.0)? {
+                        Some(v) => decode::<Subscription>("tower_users", v.value()).ok(),
+                        None => None,
+                    };
+                    if let Some(mut sub) = sub {
+                        let freed = u32::try_from(drop.len()).unwrap_or(u32::MAX);
+                        sub.slots_used = sub.slots_used.saturating_sub(freed);
+                        user_table.insert(&user.0.0, encode(&sub)?.as_slice())?;
+                    }
+                }
                 if more {
                     // Not finished with this user: the next call starts at it.
                     out.done = false;

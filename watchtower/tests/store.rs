@@ -507,7 +507,8 @@ fn reclaim_drops_many_appointments_over_short_transactions() {
     assert!(dropped.len() >= 5, "{dropped:?}");
     assert_eq!(users, 1, "A went; B stays with its disputed appointment");
     assert_eq!(store.subscription(a).expect("read"), None);
-    assert!(store.subscription(b).expect("read").is_some());
+    let b_sub = store.subscription(b).expect("read").expect("B stays");
+    assert_eq!(b_sub.slots_used, 1, "the slots of what went are given back");
     assert!(store.appointment(b, l(2, 24)).expect("read").is_some());
     assert_eq!(store.users_for(l(2, 24)).expect("index"), vec![b]);
     assert_eq!(store.counts().expect("counts"), (1, 1));

@@ -130,25 +130,50 @@ const REREGISTER_GAP: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy)]
 struct Held {
     sub: Subscription,
-    /// Its length then (expiry minus the time it arrived), in seconds.
+    /// Its length (expiry minus the time a registration answered), in
+    /// seconds; after a start, the time it had left when first read.
     span: u64,
     /// When it arrived.
     received: Instant,
+    /// The same, in unix seconds.
+    received_unix: u64,
 }
 
+/// The longest time between two looks at a subscription (a read at the
+/// tower): a tower that lost its store is found within it.
+const CHECK_EVERY_SECS: u64 = 60 * 60;
+
 impl Held {
+    /// What a registration answered.
     fn new(sub: Subscription) -> Self {
+        let now = unix_now();
         Self {
             sub,
-            span: sub.expiry.saturating_sub(unix_now()),
+            span: sub.expiry.saturating_sub(now),
             received: Instant::now(),
+            received_unix: now,
         }
+    }
+
+    /// What a read answered: the length stays what it was known to be (the
+    /// time left shrinks with every read, and renewal would never come).
+    fn read(sub: Subscription, before: Option<&Held>) -> Self {
+        let mut h = Self::new(sub);
+        h.span = before.map_or(h.span, |b| b.span.max(h.span));
+        h
     }
 
     /// When to renew it (unix seconds).
     fn renew_at(&self) -> u64 {
         let margin = RENEW_MARGIN_SECS.min(self.span / 4);
         self.sub.expiry.saturating_sub(margin)
+    }
+
+    /// When to look at it again (unix seconds): hourly, or 8 times per
+    /// length for short subscriptions.
+    fn check_at(&self) -> u64 {
+        let every = CHECK_EVERY_SECS.min(self.span / 8).max(1);
+        self.received_unix.saturating_add(every)
     }
 
     /// Good for a send without registering first.
@@ -741,11 +766,20 @@ impl Worker {
             Err(e) => {
                 let e = Arc::new(e);
                 warn!(error = %e, "could not store tower receipts; sending again");
-                // Not durable: back to the stored receipts (keeping the new
-                // `seq`, which is durable), so the next round sends again.
+                // Not durable: the new receipts go back to the stored ones
+                // (keeping the new `seq`, which is durable), so the next
+                // round sends again. Only theirs: a receipt the renewal task
+                // dropped meanwhile (its tower lost the appointment) stays
+                // dropped.
                 {
                     let mut r = lock(&self.entry.record);
-                    r.receipts = before.receipts;
+                    r.receipts.retain(|x| !stored.contains(&x.tower));
+                    r.receipts.extend(
+                        before
+                            .receipts
+                            .into_iter()
+                            .filter(|x| stored.contains(&x.tower)),
+                    );
                     r.blobs = before.blobs;
                 }
                 let towers = self.towers.clone();

@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -68,11 +69,18 @@ async fn supervise(shared: Arc<Shared>, towers: Arc<Towers>) {
     debug!("tower renewal task ended");
 }
 
-/// A renewal that failed: attempts in a row, and when to try again (unix s).
+/// Per identity at a tower: a failure (attempts in a row, and when to try
+/// again, unix s), or a pause after a lost appointment (attempts 0).
 type Failing = HashMap<(usize, Address), (u32, u64)>;
+/// When each identity's appointment was last found lost at a tower (unix s).
+type LostAt = HashMap<(usize, Address), u64>;
+
+/// A tower found to have lost an appointment again within this is
+/// believed only after it.
+const LOST_GAP_SECS: u64 = 10 * 60;
 
 async fn run(shared: &Arc<Shared>, towers: &Arc<Towers>) {
-    let mut failing = Failing::new();
+    let state = PassState::default();
     let mut last: Option<Instant> = None;
     loop {
         if let Some(last) = last {
@@ -82,7 +90,7 @@ async fn run(shared: &Arc<Shared>, towers: &Arc<Towers>) {
             }
         }
         last = Some(Instant::now());
-        let next = pass(shared, towers, &mut failing).await;
+        let next = pass(shared, towers, &state).await;
         let wait = Duration::from_secs(next.saturating_sub(unix_now())).min(RECHECK);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -92,6 +100,13 @@ async fn run(shared: &Arc<Shared>, towers: &Arc<Towers>) {
     }
 }
 
+/// What the task keeps between passes.
+#[derive(Default)]
+struct PassState {
+    failing: std::sync::Mutex<Failing>,
+    lost_at: std::sync::Mutex<LostAt>,
+}
+
 /// One channel identity with a receipt at one tower.
 #[derive(Clone)]
 struct Covered {
@@ -99,67 +114,127 @@ struct Covered {
     user: Arc<LocalAccount>,
     /// The version the tower's receipt covers.
     version: u64,
-    /// Its subscription is known (not right after a start).
-    known: bool,
+    /// What the client knows of its subscription there.
+    held: Option<Held>,
 }
 
 /// What a check found.
 enum Found {
-    /// The subscription runs until after its next renewal time.
+    /// The tower holds the appointment; the subscription runs.
     Fine,
     /// The tower holds no appointment of the identity any more.
     Lost,
 }
 
-/// Renews every subscription that is due; returns when the next one is
-/// (unix seconds).
-async fn pass(shared: &Shared, towers: &Towers, failing: &mut Failing) -> u64 {
+/// Looks at (and renews) every subscription that is due; returns when the
+/// next one is (unix seconds).
+async fn pass(shared: &Shared, towers: &Towers, state: &PassState) -> u64 {
     let now = unix_now();
-    let mut next = now.saturating_add(RECHECK.as_secs());
+    let next = std::sync::atomic::AtomicU64::new(now.saturating_add(RECHECK.as_secs()));
     let mut due: Vec<Vec<Covered>> = vec![Vec::new(); towers.links.len()];
     let mut live = HashSet::new();
     for (i, mut c) in covered(towers) {
         let addr = c.user.address();
         live.insert((i, addr));
-        let held = towers.links[i].subs.lock().await.get(&addr).copied();
-        c.known = held.is_some();
-        let at = match failing.get(&(i, addr)) {
+        c.held = towers.links[i].subs.lock().await.get(&addr).copied();
+        let at = match lock(&state.failing).get(&(i, addr)) {
             Some((_, retry_at)) => *retry_at,
             // Not known (right after a start): look now.
-            None => held.map_or(now, |h| h.renew_at()),
+            None => c.held.map_or(now, |h| h.renew_at().min(h.check_at())),
         };
         if at <= now {
             due[i].push(c);
         } else {
-            next = next.min(at);
+            next.fetch_min(at, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    // Channels gone (withdrawn) take their failures with them.
-    failing.retain(|k, _| live.contains(k));
-    // Each tower on its own: a hung one holds up only its own renewals.
-    let results = futures::future::join_all(
+    // Channels gone (withdrawn) take their state with them.
+    lock(&state.failing).retain(|k, _| live.contains(k));
+    lock(&state.lost_at).retain(|k, _| live.contains(k));
+    // Each tower on its own, results handled as they come: a slow tower
+    // holds up only its own channels.
+    futures::future::join_all(
         due.into_iter()
             .enumerate()
-            .map(|(i, due)| at_tower(towers, i, due)),
+            .map(|(i, due)| at_tower(shared, towers, state, &next, i, due)),
     )
     .await;
-    for (i, results) in results.into_iter().enumerate() {
-        let tower = towers.links[i].client.tower();
+    next.into_inner()
+}
+
+/// Looks at the due identities at tower `i`, [`AT_ONCE`] at a time, and
+/// acts on each group's answers; once a whole group fails, the rest wait
+/// for the next try with the same error (a tower down or hung is not asked
+/// 10,000 times).
+async fn at_tower(
+    shared: &Shared,
+    towers: &Towers,
+    state: &PassState,
+    next: &std::sync::atomic::AtomicU64,
+    i: usize,
+    due: Vec<Covered>,
+) {
+    let link = &towers.links[i];
+    let tower = link.client.tower();
+    let mut down: Option<Arc<Error>> = None;
+    for group in due.chunks(AT_ONCE) {
+        let results: Vec<(&Covered, Result<Found, Arc<Error>>)> = match &down {
+            Some(e) => group.iter().map(|c| (c, Err(e.clone()))).collect(),
+            None => {
+                let results = futures::future::join_all(group.iter().map(|c| async move {
+                    let r = check(link, c).await.map_err(|e| match e {
+                        Checked::Tower(source) => Arc::new(Error::Tower {
+                            tower,
+                            source: Arc::new(source),
+                        }),
+                        Checked::Past { expiry } => Arc::new(Error::TowerExpiryPast {
+                            tower,
+                            expiry,
+                            now: unix_now(),
+                        }),
+                    });
+                    (c, r)
+                }))
+                .await;
+                if results.iter().all(|(_, r)| r.is_err()) {
+                    down = results.last().and_then(|(_, r)| r.as_ref().err().cloned());
+                }
+                results
+            }
+        };
         for (c, r) in results {
-            let addr = c.user.address();
+            let key = (i, c.user.address());
+            let now = unix_now();
             match r {
                 Ok(Found::Fine) => {
-                    failing.remove(&(i, addr));
-                    if let Some(h) = towers.links[i].subs.lock().await.get(&addr) {
-                        next = next.min(h.renew_at());
+                    lock(&state.failing).remove(&key);
+                    if let Some(h) = link.subs.lock().await.get(&key.1) {
+                        next.fetch_min(h.renew_at().min(h.check_at()), Relaxed);
                     }
                 }
                 Ok(Found::Lost) => {
-                    failing.remove(&(i, addr));
-                    lost(shared, towers, i, &c).await;
+                    let recent = lock(&state.lost_at)
+                        .get(&key)
+                        .is_some_and(|at| now < at.saturating_add(LOST_GAP_SECS));
+                    if recent {
+                        // Believed once the gap is over, not at once.
+                        let at = lock(&state.lost_at)
+                            .get(&key)
+                            .map_or(now, |at| at.saturating_add(LOST_GAP_SECS));
+                        lock(&state.failing).insert(key, (0, at));
+                        next.fetch_min(at, Relaxed);
+                        continue;
+                    }
+                    lock(&state.failing).remove(&key);
+                    lock(&state.lost_at).insert(key, now);
+                    lost(shared, towers, i, c).await;
+                    // Look again when due: the resent state should be there.
+                    if let Some(h) = link.subs.lock().await.get(&key.1) {
+                        next.fetch_min(h.renew_at().min(h.check_at()), Relaxed);
+                    }
                 }
                 Err(error) => {
-                    let n = failing.get(&(i, addr)).map_or(0, |f| f.0) + 1;
+                    let n = lock(&state.failing).get(&key).map_or(0, |f| f.0) + 1;
                     // Clocks that disagree by more than a subscription do
                     // not agree sooner for asking often.
                     let delay = if matches!(*error, Error::TowerExpiryPast { .. }) {
@@ -167,10 +242,10 @@ async fn pass(shared: &Shared, towers: &Towers, failing: &mut Failing) -> u64 {
                     } else {
                         shared.timeouts.backoff(n)
                     };
-                    let at = unix_now().saturating_add(delay.as_secs().max(1));
-                    failing.insert((i, addr), (n, at));
-                    next = next.min(at);
-                    warn!(%tower, user = %addr, attempt = n, ?delay, %error, "renewing a tower subscription failed; retrying");
+                    let at = now.saturating_add(delay.as_secs().max(1));
+                    lock(&state.failing).insert(key, (n, at));
+                    next.fetch_min(at, Relaxed);
+                    warn!(%tower, user = %key.1, attempt = n, ?delay, %error, "renewing a tower subscription failed; retrying");
                     if let Some(core) = shared.channel_core(&c.channel) {
                         core.emit(ChannelEvent::TowerFailed {
                             tower,
@@ -184,47 +259,6 @@ async fn pass(shared: &Shared, towers: &Towers, failing: &mut Failing) -> u64 {
             }
         }
     }
-    next
-}
-
-/// Checks (and renews) the due identities at tower `i`, [`AT_ONCE`] at a
-/// time; once a whole group fails, the rest wait for the next try with
-/// the same error (a tower down or hung is not asked 10,000 times).
-async fn at_tower(
-    towers: &Towers,
-    i: usize,
-    due: Vec<Covered>,
-) -> Vec<(Covered, Result<Found, Arc<Error>>)> {
-    let link = &towers.links[i];
-    let tower = link.client.tower();
-    let mut out = Vec::with_capacity(due.len());
-    let mut down: Option<Arc<Error>> = None;
-    for group in due.chunks(AT_ONCE) {
-        if let Some(e) = &down {
-            out.extend(group.iter().map(|c| (c.clone(), Err(e.clone()))));
-            continue;
-        }
-        let results = futures::future::join_all(group.iter().map(|c| async move {
-            let r = check(link, c).await.map_err(|e| match e {
-                Checked::Tower(source) => Arc::new(Error::Tower {
-                    tower,
-                    source: Arc::new(source),
-                }),
-                Checked::Past { expiry } => Arc::new(Error::TowerExpiryPast {
-                    tower,
-                    expiry,
-                    now: unix_now(),
-                }),
-            });
-            (c.clone(), r)
-        }))
-        .await;
-        if results.iter().all(|(_, r)| r.is_err()) {
-            down = results.last().and_then(|(_, r)| r.as_ref().err().cloned());
-        }
-        out.extend(results);
-    }
-    out
 }
 
 /// Why a check failed.
@@ -237,18 +271,23 @@ enum Checked {
 }
 
 /// Whether the tower still holds the identity's appointment, renewing its
-/// subscription if due. Right after a start it reads the subscription
-/// first (a read at the tower, not a write) and renews only if that is due.
+/// subscription if due. Unless a renewal is due by what the client knows,
+/// it reads the subscription first (a read at the tower, not a write).
 /// One identity holds one appointment, so `slots_used` 0 means the tower
 /// holds none: it dropped the identity (reclaimed) or lost its store.
 async fn check(link: &super::Link, c: &Covered) -> Result<Found, Checked> {
     let user = c.user.as_ref();
-    if !c.known {
+    let renew_due = c.held.is_some_and(|h| unix_now() >= h.renew_at());
+    if !renew_due {
         match link.client.get_subscription_info(user).await {
             Ok(sub) if sub.slots_used == 0 => return Ok(Found::Lost),
             Ok(sub) => {
-                let held = Held::new(sub);
-                link.subs.lock().await.insert(user.address(), held);
+                let held = {
+                    let mut subs = link.subs.lock().await;
+                    let held = Held::read(sub, subs.get(&user.address()));
+                    subs.insert(user.address(), held);
+                    held
+                };
                 if unix_now() < held.renew_at() {
                     return Ok(Found::Fine);
                 }
@@ -340,7 +379,7 @@ fn covered(towers: &Towers) -> Vec<(usize, Covered)> {
                     channel,
                     user: user.clone(),
                     version,
-                    known: false,
+                    held: None,
                 },
             )
         }));
