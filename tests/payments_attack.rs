@@ -14,10 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Ledger, Options, Party, introduce, open, party};
-use perun::channel::{Address, Asset, Phase, U256};
+use common::{Ledger, Options, Party, evil_twin, introduce, open, party};
+use perun::channel::{
+    Address, Allocation, Asset, B256, Bytes, Params, Phase, State, U256, derive_nonce,
+};
 use perun::client::payments::{IncomingPolicy, OpenPolicy, Payments, PaymentsConfig};
 use perun::client::{Channel, Error, IncomingUpdate, UpdateHandler, UpdateResponder};
+use perun::wallet::Account;
+use perun::wire::{Message, Participant, Proposal, Signing0};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -724,4 +728,171 @@ async fn audit_does_not_report_an_overdraw_once_a_reserved_channel_is_withdrawn(
         "the books were not overdrawn by anything: {audit:?}"
     );
     pa.cancel(r);
+}
+
+fn keep(n: usize) -> Options {
+    Options {
+        limits: Some(perun::client::Limits {
+            withdrawn_kept: n,
+            ..perun::client::Limits::default()
+        }),
+        ..Options::default()
+    }
+}
+
+fn opening() -> PaymentsConfig {
+    PaymentsConfig::default().open_channels(OpenPolicy {
+        deposit: u(200),
+        challenge_duration: 60,
+    })
+}
+
+/// A third party (Carol) proposes a 3-party channel to Alice that names
+/// Bob's peer id with an address of Carol's choosing, and sends Signing0
+/// (never the commit). The book takes a peer's address only from funded
+/// two-party channels, so Alice still reopens with Bob at his own address.
+/// Before (a review's finding), Carol's address for Bob replaced his, and
+/// every opening with Bob failed from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_third_party_cannot_change_a_peers_address_in_the_book() {
+    let ledger = Ledger::sim().await;
+    let a = party(&ledger, u(1000), &keep(0)).await;
+    let b = party(&ledger, u(1000), &Options::default()).await;
+    let c = party(&ledger, u(1000), &Options::default()).await;
+    introduce(&[&a, &b, &c]).await;
+    let mut ps = vec![a, b];
+    let chans = open(&ledger, &mut ps, u(100)).await;
+    chans[0].settle().await.unwrap();
+    assert_eq!(chans[0].phase(), Phase::Withdrawn);
+    assert!(
+        ps[0].client.channel(&chans[0].id()).is_none(),
+        "kept 0: gone"
+    );
+    let (bob_peer, eth) = (ps[1].client.peer_id(), ledger.asset());
+    let alice = ps[0].participant();
+    let carol = c.participant();
+    let mut three = vec![ps.remove(0), ps.remove(0), c];
+    let (evil, _evil_in, carol_key) = evil_twin(&three, 2, 0).await;
+    let fake_bob = Participant {
+        address: Address::repeat_byte(0x66),
+        peer: bob_peer,
+    };
+    let p = Proposal {
+        proposal_id: B256::repeat_byte(7),
+        domain: perun::channel::Domain {
+            chain_id: U256::from(1337),
+            adjudicator: perun::adjudicator::SimLedger::ADJUDICATOR,
+        },
+        challenge_duration: 60,
+        participants: vec![carol.clone(), alice.clone(), fake_bob.clone()],
+        proposer: 0,
+        allocation: Allocation::new(vec![eth.clone()], vec![vec![u(1), u(0), u(0)]]),
+        app: Address::ZERO,
+        app_data: Bytes::new(),
+        nonce_share: B256::repeat_byte(1),
+    };
+    let reply = evil
+        .send(alice.peer, &Message::Proposal(p.clone()))
+        .await
+        .unwrap();
+    let Message::ProposalAccept(acc) = reply else {
+        panic!("Alice's handler should accept: {reply:?}")
+    };
+    let shares = vec![p.nonce_share, acc.nonce_share, B256::repeat_byte(3)];
+    let params = Params {
+        challengeDuration: p.challenge_duration,
+        nonce: derive_nonce(&shares),
+        participants: p.participants.iter().map(|x| x.address).collect(),
+        app: p.app,
+        chainId: p.domain.chain_id,
+        adjudicator: p.domain.adjudicator,
+        funding: p.allocation.balances.clone(),
+    };
+    let state0 = State::initial(&params, p.allocation.clone());
+    let signature = carol_key.sign_hash(state0.hash()).unwrap();
+    let reply = evil
+        .send(
+            alice.peer,
+            &Message::Signing0(Signing0 {
+                proposal_id: p.proposal_id,
+                nonce_shares: shares,
+                signature,
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(reply, Message::UpdateAccept(_)),
+        "Alice signs version 0: {reply:?}"
+    );
+    let pa = Payments::with_config(&three[0].client, opening()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), pa.reserve(bob_peer, &eth, u(50))).await;
+    let _ = three.remove(2);
+    assert!(
+        matches!(r, Ok(Ok(_))),
+        "Alice should reopen with Bob at Bob's address; a third party's proposal redirected it: {r:?}"
+    );
+}
+
+/// With `withdrawn_kept` 0 and 1: payments, expectations, audit, sending
+/// on a reservation whose channel left, reopening, `wait_protected` and
+/// `shutdown`, with channels leaving the client as they are withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payments_and_protection_with_channels_leaving_at_once() {
+    for kept in [0usize, 1] {
+        let ledger = Ledger::sim().await;
+        let a = party(&ledger, u(1000), &keep(kept)).await;
+        let b = party(&ledger, u(1000), &keep(kept)).await;
+        introduce(&[&a, &b]).await;
+        let mut ps = vec![a, b];
+        let (alice, bob, eth) = (
+            ps[0].client.peer_id(),
+            ps[1].client.peer_id(),
+            ledger.asset(),
+        );
+        let pa = Payments::with_config(&ps[0].client, opening()).unwrap();
+        let pb = Payments::new(&ps[1].client).unwrap();
+        for _ in 0..3 {
+            let chans = open(&ledger, &mut ps, u(100)).await;
+            let want = pb
+                .expect(alice, &eth, u(10), Duration::from_secs(20))
+                .unwrap();
+            let r = pa.reserve(bob, &eth, u(10)).await.unwrap();
+            let held = pa.reserve(bob, &eth, u(5)).await.unwrap();
+            pa.send(r, u(10)).await.unwrap();
+            want.await.unwrap();
+            common::caught_up(&chans).await;
+            chans[0].settle().await.unwrap();
+            chans[1]
+                .wait_for_phase(Phase::Withdrawn, Duration::from_secs(30))
+                .await
+                .unwrap();
+            pa.audit().unwrap();
+            pb.audit().unwrap();
+            assert!(pa.send(held, u(5)).await.is_err());
+            assert_eq!(pa.open_reservations(), 0);
+        }
+        assert!(ps[0].client.channels().len() <= kept);
+        // Auto-open after every channel left.
+        let want = pb
+            .expect(alice, &eth, u(7), Duration::from_secs(20))
+            .unwrap();
+        let r = pa.reserve(bob, &eth, u(7)).await.unwrap();
+        pa.send(r, u(7)).await.unwrap();
+        want.await.unwrap();
+        ps[0]
+            .client
+            .wait_protected(Duration::from_secs(10))
+            .await
+            .unwrap();
+        ps[1]
+            .client
+            .wait_protected(Duration::from_secs(10))
+            .await
+            .unwrap();
+        pa.audit().unwrap();
+        for p in &ps {
+            p.client.shutdown().await;
+        }
+    }
 }

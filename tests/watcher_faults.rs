@@ -174,6 +174,8 @@ enum Lands {
     /// transaction going, as documented) and it is mined a second later;
     /// `landed` holds what it came to.
     InFlight(Arc<std::sync::Mutex<Option<perun::adjudicator::Result<()>>>>),
+    /// Mined, and `fund` reports success (every deposit is in).
+    AndFundingSucceeds,
 }
 
 #[async_trait::async_trait]
@@ -201,6 +203,12 @@ impl perun::adjudicator::Funder for LateDeposit {
                 Err(perun::adjudicator::Error::FundingTimeout {
                     missing: vec![(1, req.params.participants[1])],
                 })
+            }
+            Lands::AndFundingSucceeds => {
+                self.sim
+                    .deposit_to(holder, me, id, me, U256::ZERO, amount)
+                    .unwrap();
+                Ok(())
             }
             Lands::InFlight(landed) => {
                 let (sim, landed) = (self.sim.clone(), landed.clone());
@@ -263,6 +271,28 @@ async fn a_late_deposit_is_swept_even_if_the_first_withdrawal_fails() {
     .await
     .expect("the sweep's withdrawal was tried");
     alice_gets_her_deposit_back(&ledger, &ps[0].client, id, "retried after one failed call").await;
+}
+
+/// The late deposit lands and the funder reports the channel funded, while
+/// the watcher has withdrawn already: the move to `Active` is refused
+/// (`Withdrawn` is final), and the deposit must be swept all the same (a
+/// review found only a failed funding swept; this one stayed credited in
+/// the concluded channel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_deposit_reported_as_funded_is_swept() {
+    let ledger = Ledger::sim().await;
+    let Ledger::Sim(sim) = &ledger else {
+        unreachable!()
+    };
+    let alice_opts = Options {
+        funder: Some(Arc::new(LateDeposit {
+            sim: sim.clone(),
+            how: Lands::AndFundingSucceeds,
+        })),
+        ..Options::default()
+    };
+    let (ps, id) = bob_closes_the_channel_alice_funds_late(&ledger, &alice_opts).await;
+    alice_gets_her_deposit_back(&ledger, &ps[0].client, id, "funding said it succeeded").await;
 }
 
 /// Bob deposits, Alice's funding fails (her funder decides how her deposit

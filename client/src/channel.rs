@@ -36,7 +36,9 @@ pub struct UpdateStream {
 
 impl UpdateStream {
     /// The next new state. States missed by a slow reader are skipped (the
-    /// latest one is always delivered); `None` once the client is gone.
+    /// latest one is always delivered); `None` once the client is gone, or
+    /// the channel left it (withdrawn, past `Limits::withdrawn_kept`) and
+    /// no other handle holds it.
     pub async fn next(&mut self) -> Option<SignedState> {
         loop {
             match self.rx.recv().await {
@@ -55,8 +57,10 @@ pub struct EventStream {
 }
 
 impl EventStream {
-    /// The next event; `None` once the client is gone. Events missed by a
-    /// slow reader are skipped.
+    /// The next event; `None` once the client is gone, or the channel left
+    /// it (withdrawn, past `Limits::withdrawn_kept`, after its `Withdrawn`
+    /// event) and no other handle holds it. Events missed by a slow reader
+    /// are skipped.
     pub async fn next(&mut self) -> Option<ChannelEvent> {
         loop {
             match self.rx.recv().await {

@@ -330,7 +330,8 @@ impl Client {
         open::propose(&self.shared, proposal).await
     }
 
-    /// A channel the client knows (open or restored).
+    /// A channel the client knows (open, restored, or withdrawn among the
+    /// last [`Limits::withdrawn_kept`](crate::Limits::withdrawn_kept)).
     pub fn channel(&self, id: &ChannelId) -> Option<Channel> {
         self.shared
             .channel_core(id)

@@ -27,6 +27,8 @@ pub(crate) const RESUME_CONCURRENCY: usize = 32;
 /// Chain reads and transactions the watchers of one client run at once (a
 /// limit of their own: a watcher never waits behind a peer's `Sync`).
 pub(crate) const WATCH_CONCURRENCY: usize = 64;
+/// Most peers whose address the client keeps ([`Shared::note_peer_address`]).
+pub(crate) const PEER_BOOK: usize = 65_536;
 
 /// What the channel follower ([`Shared::follow_channels`]) learns, in the
 /// order it happened.
@@ -39,8 +41,9 @@ pub(crate) enum ChannelNews {
         states: broadcast::Receiver<SignedState>,
         baseline: SignedState,
     },
-    /// The channel left the client (an opening that failed; a withdrawn
-    /// channel stays, and its follower ends on the phase).
+    /// The channel left the client (an opening that failed, or a withdrawn
+    /// channel past `Limits::withdrawn_kept`; its follower ended on the
+    /// phase already).
     Removed(ChannelId),
 }
 
@@ -102,8 +105,9 @@ pub(crate) struct Shared {
     /// `withdrawn_kept`).
     withdrawn: Mutex<std::collections::VecDeque<ChannelId>>,
     withdrawn_kept: usize,
-    /// Each peer's on-chain address, from the channels it was in: kept
-    /// after they leave (the payments layer opens new ones with it).
+    /// Each peer's on-chain address, from the funded two-party channels it
+    /// was in: kept after they leave the client (the payments layer opens
+    /// new ones with it). At most `PEER_BOOK` entries.
     peer_addresses: Mutex<HashMap<PeerId, perun_channel::Address>>,
     /// Where the payments tracker learns of channels, if one follows them.
     /// Only taken with `channels` held, so the news keeps the map's order.
@@ -203,13 +207,8 @@ impl Shared {
     }
 
     pub(crate) fn insert_channel(&self, core: Arc<ChannelCore>) {
-        {
-            let mut book = lock(&self.peer_addresses);
-            for (peer, address) in core.peers.iter().zip(&core.params.participants) {
-                if *peer != self.wire.local_peer_id() {
-                    book.insert(*peer, *address);
-                }
-            }
+        if core.phase() >= Phase::Active {
+            self.note_peer_address(&core);
         }
         let mut channels = lock(&self.channels);
         // A channel is told of once: two followers on one stream would
@@ -232,9 +231,8 @@ impl Shared {
     pub(crate) fn retire_channel(&self, id: ChannelId) {
         let gone: Vec<ChannelId> = {
             let mut w = lock(&self.withdrawn);
-            if !w.contains(&id) {
-                w.push_back(id);
-            }
+            // Once per channel: `set_phase` moves to `Withdrawn` once.
+            w.push_back(id);
             let over = w.len().saturating_sub(self.withdrawn_kept);
             w.drain(..over).collect()
         };
@@ -243,7 +241,30 @@ impl Shared {
         }
     }
 
-    /// The on-chain address `peer` had in a channel with us, if any ever.
+    /// Keeps the peer's address of a funded two-party channel. Only those:
+    /// the peer itself gave it (an n-party proposal names peers with
+    /// addresses its proposer picked), and funding bounds how fast the book
+    /// grows; past `PEER_BOOK` entries one makes room.
+    pub(crate) fn note_peer_address(&self, core: &ChannelCore) {
+        if core.peers.len() != 2 {
+            return;
+        }
+        let (peer, address) = (
+            core.peers[1 - core.index],
+            core.params.participants[1 - core.index],
+        );
+        let mut book = lock(&self.peer_addresses);
+        if book.len() >= PEER_BOOK
+            && !book.contains_key(&peer)
+            && let Some(any) = book.keys().next().copied()
+        {
+            book.remove(&any);
+        }
+        book.insert(peer, address);
+    }
+
+    /// The on-chain address `peer` had in a funded two-party channel with
+    /// us, if any since the client started.
     pub(crate) fn peer_address(&self, peer: &PeerId) -> Option<perun_channel::Address> {
         lock(&self.peer_addresses).get(peer).copied()
     }
@@ -1110,9 +1131,12 @@ pub(crate) async fn set_phase(shared: &Shared, core: &ChannelCore, to: Phase) ->
         l.write(shared, core, vec![Change::Phase(to)]).await?;
     }
     l.machine = trial;
-    l.announce(core);
-    if to == Phase::Withdrawn {
-        shared.retire_channel(core.id);
+    // Before the news: whoever sees `Withdrawn` sees the client trimmed.
+    match to {
+        Phase::Active => shared.note_peer_address(core),
+        Phase::Withdrawn => shared.retire_channel(core.id),
+        _ => {}
     }
+    l.announce(core);
     Ok(())
 }

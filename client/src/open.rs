@@ -378,18 +378,20 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
             other => break other,
         }
     };
+    if core.phase() == Phase::Withdrawn {
+        // The watcher withdrew before a deposit of ours that was in flight
+        // landed (whatever the funder said: it may report the channel
+        // funded once our deposit is in): take that one back too
+        // (withdrawing is idempotent), now and for a while (it may still
+        // land).
+        let (shared, core) = (shared.clone(), core.clone());
+        tokio::spawn(
+            async move { sweep_late_deposit(&shared, &core).await }
+                .instrument(info_span!("sweep_late_deposit")),
+        );
+        return Err(funded.err().unwrap_or(Error::Phase(Phase::Withdrawn)));
+    }
     if let Err(e) = funded {
-        if core.phase() == Phase::Withdrawn {
-            // The watcher withdrew before a deposit of ours that was in
-            // flight landed: take that one back too (withdrawing is
-            // idempotent), now and for a while (it may still land).
-            let (shared, core) = (shared.clone(), core.clone());
-            tokio::spawn(
-                async move { sweep_late_deposit(&shared, &core).await }
-                    .instrument(info_span!("sweep_late_deposit")),
-            );
-            return Err(e);
-        }
         warn!(channel = %core.id, error = %e, "funding failed; recovering deposits via version 0");
         // Register version 0: once its challenge period is over the holders
         // pay every deposit back (an under-funded channel refunds), and the
