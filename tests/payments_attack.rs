@@ -769,62 +769,12 @@ async fn a_third_party_cannot_change_a_peers_address_in_the_book() {
         "kept 0: gone"
     );
     let (bob_peer, eth) = (ps[1].client.peer_id(), ledger.asset());
-    let alice = ps[0].participant();
-    let carol = c.participant();
-    let mut three = vec![ps.remove(0), ps.remove(0), c];
-    let (evil, _evil_in, carol_key) = evil_twin(&three, 2, 0).await;
     let fake_bob = Participant {
         address: Address::repeat_byte(0x66),
         peer: bob_peer,
     };
-    let p = Proposal {
-        proposal_id: B256::repeat_byte(7),
-        domain: perun::channel::Domain {
-            chain_id: U256::from(1337),
-            adjudicator: perun::adjudicator::SimLedger::ADJUDICATOR,
-        },
-        challenge_duration: 60,
-        participants: vec![carol.clone(), alice.clone(), fake_bob.clone()],
-        proposer: 0,
-        allocation: Allocation::new(vec![eth.clone()], vec![vec![u(1), u(0), u(0)]]),
-        app: Address::ZERO,
-        app_data: Bytes::new(),
-        nonce_share: B256::repeat_byte(1),
-    };
-    let reply = evil
-        .send(alice.peer, &Message::Proposal(p.clone()))
-        .await
-        .unwrap();
-    let Message::ProposalAccept(acc) = reply else {
-        panic!("Alice's handler should accept: {reply:?}")
-    };
-    let shares = vec![p.nonce_share, acc.nonce_share, B256::repeat_byte(3)];
-    let params = Params {
-        challengeDuration: p.challenge_duration,
-        nonce: derive_nonce(&shares),
-        participants: p.participants.iter().map(|x| x.address).collect(),
-        app: p.app,
-        chainId: p.domain.chain_id,
-        adjudicator: p.domain.adjudicator,
-        funding: p.allocation.balances.clone(),
-    };
-    let state0 = State::initial(&params, p.allocation.clone());
-    let signature = carol_key.sign_hash(state0.hash()).unwrap();
-    let reply = evil
-        .send(
-            alice.peer,
-            &Message::Signing0(Signing0 {
-                proposal_id: p.proposal_id,
-                nonce_shares: shares,
-                signature,
-            }),
-        )
-        .await
-        .unwrap();
-    assert!(
-        matches!(reply, Message::UpdateAccept(_)),
-        "Alice signs version 0: {reply:?}"
-    );
+    let mut three = vec![ps.remove(0), ps.remove(0), c];
+    carol_leaves_alice_in_signing0(&ledger, &three, fake_bob).await;
     let pa = Payments::with_config(&three[0].client, opening()).unwrap();
     let r = tokio::time::timeout(Duration::from_secs(30), pa.reserve(bob_peer, &eth, u(50))).await;
     let _ = three.remove(2);
@@ -894,5 +844,117 @@ async fn payments_and_protection_with_channels_leaving_at_once() {
         for p in &ps {
             p.client.shutdown().await;
         }
+    }
+}
+
+/// Carol (`ps[2]`, through an evil twin) proposes to Alice (`ps[0]`) a
+/// three-party channel with `third`, and sends `Signing0` but never the
+/// version-0 commit: Alice signs version 0 and waits in `Signing0`.
+/// Returns the channel's id.
+async fn carol_leaves_alice_in_signing0(
+    ledger: &Ledger,
+    ps: &[Party],
+    third: Participant,
+) -> perun::channel::ChannelId {
+    let alice = ps[0].participant();
+    let carol = ps[2].participant();
+    let (evil, _evil_in, carol_key) = evil_twin(ps, 2, 0).await;
+    let p = Proposal {
+        proposal_id: B256::repeat_byte(7),
+        domain: perun::channel::Domain {
+            chain_id: U256::from(1337),
+            adjudicator: perun::adjudicator::SimLedger::ADJUDICATOR,
+        },
+        challenge_duration: 60,
+        participants: vec![carol, alice.clone(), third],
+        proposer: 0,
+        allocation: Allocation::new(vec![ledger.asset()], vec![vec![u(1), u(0), u(0)]]),
+        app: Address::ZERO,
+        app_data: Bytes::new(),
+        nonce_share: B256::repeat_byte(1),
+    };
+    let reply = evil
+        .send(alice.peer, &Message::Proposal(p.clone()))
+        .await
+        .unwrap();
+    let Message::ProposalAccept(acc) = reply else {
+        panic!("Alice's handler should accept: {reply:?}")
+    };
+    let shares = vec![p.nonce_share, acc.nonce_share, B256::repeat_byte(3)];
+    let params = Params {
+        challengeDuration: p.challenge_duration,
+        nonce: derive_nonce(&shares),
+        participants: p.participants.iter().map(|x| x.address).collect(),
+        app: p.app,
+        chainId: p.domain.chain_id,
+        adjudicator: p.domain.adjudicator,
+        funding: p.allocation.balances.clone(),
+    };
+    let state0 = State::initial(&params, p.allocation.clone());
+    let signature = carol_key.sign_hash(state0.hash()).unwrap();
+    let reply = evil
+        .send(
+            alice.peer,
+            &Message::Signing0(Signing0 {
+                proposal_id: p.proposal_id,
+                nonce_shares: shares,
+                signature,
+            }),
+        )
+        .await
+        .unwrap();
+    let Message::UpdateAccept(accepted) = reply else {
+        panic!("Alice signs version 0: {reply:?}")
+    };
+    accepted.channel_id
+}
+
+/// A proposer that never sends the version-0 commit once left the channel
+/// in the client's memory and its record in the store for good (a review's
+/// finding: every accepted proposal could add one). Nothing of ours is
+/// deposited before version 0 is complete, so the channel is forgotten
+/// once the signing timeout passes, and a restart prunes such a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_channel_whose_version_0_never_completes_is_forgotten() {
+    for restart_first in [false, true] {
+        let ledger = Ledger::sim().await;
+        let quick = Options {
+            timeouts: Some(perun::client::Timeouts {
+                signing: Duration::from_secs(3),
+                ..common::test_timeouts(Options::default().funding_timeout)
+            }),
+            redb: true,
+            ..Options::default()
+        };
+        let a = party(&ledger, u(1000), &quick).await;
+        let b = party(&ledger, u(1000), &Options::default()).await;
+        let c = party(&ledger, u(1000), &Options::default()).await;
+        introduce(&[&a, &b, &c]).await;
+        let mut ps = vec![a, b, c];
+        let bob = ps[1].participant();
+        let id = carol_leaves_alice_in_signing0(&ledger, &ps, bob).await;
+        assert!(ps[0].client.channel(&id).is_some(), "waiting in Signing0");
+        assert!(ps[0].persister.channel_ids().await.unwrap().contains(&id));
+        if restart_first {
+            let alice = common::restart_opts(&ledger, ps.remove(0), &quick).await;
+            ps.insert(0, alice);
+            assert!(
+                ps[0].client.channel(&id).is_none(),
+                "a restart keeps an opening that never got to funding"
+            );
+        } else {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while ps[0].client.channel(&id).is_some() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still in the client 15 s after a 3 s signing timeout"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        assert!(
+            !ps[0].persister.channel_ids().await.unwrap().contains(&id),
+            "its record stays in the store (restart first: {restart_first})"
+        );
     }
 }

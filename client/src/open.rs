@@ -642,10 +642,15 @@ pub(crate) async fn handle_signing0(
             tokio::spawn(
                 async move {
                     let res = async {
-                        core.wait_phase(shared.timeouts.signing, "version-0 commit", |p| {
-                            p != Phase::Signing0
-                        })
-                        .await?;
+                        let committed = core
+                            .wait_phase(shared.timeouts.signing, "version-0 commit", |p| {
+                                p != Phase::Signing0
+                            })
+                            .await;
+                        if let Err(e) = committed {
+                            forget_unfunded(&shared, &core).await;
+                            return Err(e);
+                        }
                         fund_and_activate(&shared, core).await
                     }
                     .await;
@@ -668,6 +673,27 @@ pub(crate) async fn handle_signing0(
             let _ = done.send(Err(e));
         }
     }
+}
+
+/// Forgets a channel whose version 0 never became complete here (still
+/// `Signing0`): nothing of ours is deposited before it does, and the peers
+/// can refund theirs with version 0 on-chain. A proposer that never sends
+/// the commit must not leave a channel in memory and a record in the
+/// store for good (every accepted proposal would).
+pub(crate) async fn forget_unfunded(shared: &Shared, core: &ChannelCore) {
+    let l = core.locked.lock().await;
+    if l.machine.phase() != Phase::Signing0 {
+        return;
+    }
+    warn!(channel = %core.id, "the version-0 commit never came; forgetting the channel");
+    shared.remove_channel(&core.id);
+    match shared.persister.channel_removed(core.id).await {
+        Ok(()) | Err(perun_persistence::Error::UnknownChannel(_)) => {}
+        Err(e) => {
+            warn!(channel = %core.id, error = %e, "could not remove the unfunded channel's record")
+        }
+    }
+    drop(l);
 }
 
 async fn sign0(

@@ -51,8 +51,14 @@ pub(crate) async fn restore(shared: &Arc<Shared>) -> Result<Restored> {
     let mut channels = Vec::with_capacity(records.len());
     for rec in records {
         let id = rec.id();
-        if rec.phase == Phase::Withdrawn {
-            prune(shared, id).await;
+        // Nothing at stake: withdrawn, or version 0 never complete here (no
+        // deposit of ours comes before it is, and nothing would go on with
+        // an opening after a restart).
+        if matches!(
+            rec.phase,
+            Phase::Withdrawn | Phase::Proposing | Phase::Signing0
+        ) {
+            prune(shared, id, rec.phase).await;
             continue;
         }
         if let Some(towers) = &shared.towers {
@@ -81,15 +87,17 @@ pub(crate) async fn restore(shared: &Arc<Shared>) -> Result<Restored> {
     Ok(Restored { channels, damaged })
 }
 
-/// Removes a withdrawn channel's record (written by a build that kept
-/// them): nothing is at stake in it, and a store that keeps every closed
-/// channel grows, and slows every restore, forever.
-async fn prune(shared: &Shared, id: perun_channel::ChannelId) {
+/// Removes the record of a channel with nothing at stake: a withdrawn one
+/// (written by a build that kept them) or one whose opening never got to
+/// funding. A store that keeps them grows, and slows every restore, forever.
+async fn prune(shared: &Shared, id: perun_channel::ChannelId, phase: Phase) {
     match shared.persister.channel_removed(id).await {
         Ok(()) | Err(perun_persistence::Error::UnknownChannel(_)) => {
-            debug!(channel = %id, "pruned a withdrawn channel");
+            debug!(channel = %id, ?phase, "pruned a channel with nothing at stake");
         }
-        Err(e) => warn!(channel = %id, error = %e, "could not prune a withdrawn channel"),
+        Err(e) => {
+            warn!(channel = %id, ?phase, error = %e, "could not prune a channel with nothing at stake")
+        }
     }
 }
 
