@@ -656,26 +656,12 @@ async fn open_channels_reopens_with_a_peer_whose_channel_was_withdrawn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn settled_channels_leave_the_client_past_the_kept_count() {
     let ledger = Ledger::sim().await;
-    let keep_one = Options {
-        limits: Some(perun::client::Limits {
-            withdrawn_kept: 1,
-            ..perun::client::Limits::default()
-        }),
-        ..Options::default()
-    };
-    let a = party(&ledger, u(1000), &keep_one).await;
+    let a = party(&ledger, u(1000), &keep(1)).await;
     let b = party(&ledger, u(1000), &Options::default()).await;
     introduce(&[&a, &b]).await;
     let mut ps = vec![a, b];
     let (bob, eth) = (ps[1].client.peer_id(), ledger.asset());
-    let pa = Payments::with_config(
-        &ps[0].client,
-        PaymentsConfig::default().open_channels(OpenPolicy {
-            deposit: u(200),
-            challenge_duration: 60,
-        }),
-    )
-    .unwrap();
+    let pa = Payments::with_config(&ps[0].client, opening()).unwrap();
     let mut ids = Vec::new();
     let mut left_open = None;
     for round in 0..3 {

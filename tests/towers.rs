@@ -51,11 +51,20 @@ async fn serve_tower(listener: TcpListener, key: &LocalAccount) -> TowerProc {
 }
 
 async fn serve_tower_with(listener: TcpListener, key: &LocalAccount, config: Config) -> TowerProc {
+    serve_tower_at(listener, key, config, api::system_clock()).await
+}
+
+/// A tower with `config` whose clock is `clock`.
+async fn serve_tower_at(
+    listener: TcpListener,
+    key: &LocalAccount,
+    config: Config,
+    clock: api::Clock,
+) -> TowerProc {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("tower.redb")).unwrap();
     let account = LocalAccount::from_bytes(&key.secret_bytes()).unwrap();
-    let tower =
-        Arc::new(Tower::new(store, Arc::new(account), config, api::system_clock()).unwrap());
+    let tower = Arc::new(Tower::new(store, Arc::new(account), config, clock).unwrap());
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(api::serve(listener, tower.clone(), async {
@@ -85,6 +94,25 @@ async fn alice_and_bob(ledger: &Ledger, opts: &Options) -> (Vec<Party>, Vec<Chan
     introduce(&ps).await;
     let chans = open(ledger, &mut ps, u(1000)).await;
     (ps, chans)
+}
+
+/// Alice (with `tower` alone, on redb if asked) and Bob with a channel,
+/// once Alice's first payment is covered by the tower.
+async fn covered_by(
+    ledger: &Ledger,
+    tower: &TowerProc,
+    key: &LocalAccount,
+    redb: bool,
+) -> (Options, Vec<Party>, Vec<Channel>) {
+    let opts = Options {
+        towers: vec![config(tower.addr, key)],
+        redb,
+        ..Options::default()
+    };
+    let (ps, chans) = alice_and_bob(ledger, &opts).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    wait_status(&chans[0], "first receipt", all_latest).await;
+    (opts, ps, chans)
 }
 
 /// Polls until `pred` holds for the channel's tower status.
@@ -825,14 +853,7 @@ async fn a_record_full_of_past_towers_makes_room_for_the_current_one() {
     let ledger = Ledger::sim().await;
     let key = LocalAccount::random();
     let tower = start_tower(&key).await;
-    let opts = Options {
-        towers: vec![config(tower.addr, &key)],
-        redb: true,
-        ..Options::default()
-    };
-    let (mut ps, chans) = alice_and_bob(&ledger, &opts).await;
-    chans[0].pay(1, 0, u(10)).await.unwrap();
-    wait_status(&chans[0], "first receipt", all_latest).await;
+    let (opts, mut ps, chans) = covered_by(&ledger, &tower, &key, true).await;
     let id = chans[0].id();
     drop(chans);
     // The stored record as 32 past towers left it: the current tower's
@@ -907,14 +928,7 @@ async fn idle_channel_keeps_its_appointment(restart: bool) {
         ..Config::default()
     };
     let tower = serve_tower_with(listener, &key, short).await;
-    let opts = Options {
-        towers: vec![config(tower.addr, &key)],
-        redb: restart,
-        ..Options::default()
-    };
-    let (mut ps, mut chans) = alice_and_bob(&ledger, &opts).await;
-    chans[0].pay(1, 0, u(10)).await.unwrap();
-    wait_status(&chans[0], "first receipt", all_latest).await;
+    let (opts, mut ps, mut chans) = covered_by(&ledger, &tower, &key, restart).await;
     let status = chans[0].tower_status()[0].clone();
     let (user, locator) = (status.user.unwrap(), status.receipt.unwrap().locator);
     let first = tower
@@ -983,41 +997,18 @@ async fn a_client_back_after_the_tower_reclaimed_it_sends_its_state_again() {
     let ledger = Ledger::sim().await;
     let key = LocalAccount::random();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     // The tower's clock: the system's plus an offset the test moves on.
     let offset = Arc::new(AtomicU64::new(0));
     let clock_offset = offset.clone();
     let clock: api::Clock = Arc::new(move || unix_now() + clock_offset.load(Ordering::SeqCst));
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("tower.redb")).unwrap();
-    let account = LocalAccount::from_bytes(&key.secret_bytes()).unwrap();
     let config = Config {
         // Defaults (365 days, 90 days), a pass every second.
         reclaim_interval_secs: 1,
         ..Config::default()
     };
-    let tower = Arc::new(Tower::new(store, Arc::new(account), config, clock).unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(api::serve(listener, tower.clone(), async {
-        let _ = stopped.await;
-    }));
-
-    let opts = Options {
-        towers: vec![TowerConfig::new(format!("http://{addr}"), key.address())],
-        redb: true,
-        ..Options::default()
-    };
-    let alice = party(&ledger, u(1_000_000), &opts).await;
-    let bob = party(&ledger, u(1_000_000), &Options::default()).await;
-    let mut ps: Vec<Party> = vec![alice, bob];
-    introduce(&ps).await;
-    let chans: Vec<Channel> = open(&ledger, &mut ps, u(1000)).await;
-    chans[0].pay(1, 0, u(10)).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !chans[0].tower_status()[0].latest {
-        assert!(tokio::time::Instant::now() < deadline, "no first receipt");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let proc = serve_tower_at(listener, &key, config, clock).await;
+    let tower = proc.tower.clone();
+    let (opts, mut ps, chans) = covered_by(&ledger, &proc, &key, true).await;
     let status = chans[0].tower_status()[0].clone();
     let (user, locator) = (status.user.unwrap(), status.receipt.unwrap().locator);
     let id = chans[0].id();
@@ -1067,7 +1058,7 @@ async fn a_client_back_after_the_tower_reclaimed_it_sends_its_state_again() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = stop.send(());
+    drop(proc);
 }
 
 /// Counts the tower's answered `/register` requests (its `/metrics`).
@@ -1100,14 +1091,7 @@ async fn a_restart_reads_subscriptions_rather_than_renew_them() {
     let ledger = Ledger::sim().await;
     let key = LocalAccount::random();
     let tower = start_tower(&key).await;
-    let opts = Options {
-        towers: vec![config(tower.addr, &key)],
-        redb: true,
-        ..Options::default()
-    };
-    let (mut ps, chans) = alice_and_bob(&ledger, &opts).await;
-    chans[0].pay(1, 0, u(10)).await.unwrap();
-    wait_status(&chans[0], "first receipt", all_latest).await;
+    let (opts, mut ps, chans) = covered_by(&ledger, &tower, &key, true).await;
     drop(chans);
     let registered = registrations(tower.addr).await;
     let read = requests(tower.addr, "get_subscription_info").await;
@@ -1139,33 +1123,12 @@ async fn a_tower_whose_expiry_is_past_here_is_not_asked_again_at_once() {
     let ledger = Ledger::sim().await;
     let key = LocalAccount::random();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     // The tower's clock is 400 days behind: its 365-day subscriptions
     // end 35 days ago by the client's clock.
     let clock: api::Clock = Arc::new(|| unix_now() - 400 * DAY);
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("tower.redb")).unwrap();
-    let account = LocalAccount::from_bytes(&key.secret_bytes()).unwrap();
-    let tower = Arc::new(Tower::new(store, Arc::new(account), Config::default(), clock).unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(api::serve(listener, tower.clone(), async {
-        let _ = stopped.await;
-    }));
-    let opts = Options {
-        towers: vec![TowerConfig::new(format!("http://{addr}"), key.address())],
-        ..Options::default()
-    };
-    let alice = party(&ledger, u(1_000_000), &opts).await;
-    let bob = party(&ledger, u(1_000_000), &Options::default()).await;
-    let mut ps: Vec<Party> = vec![alice, bob];
-    introduce(&ps).await;
-    let chans: Vec<Channel> = open(&ledger, &mut ps, u(1000)).await;
-    chans[0].pay(1, 0, u(10)).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !chans[0].tower_status()[0].latest {
-        assert!(tokio::time::Instant::now() < deadline, "no first receipt");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let proc = serve_tower_at(listener, &key, Config::default(), clock).await;
+    let addr = proc.addr;
+    let (_opts, _ps, _chans) = covered_by(&ledger, &proc, &key, false).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = registrations(addr).await;
     // The channel is idle for 6 s.
@@ -1176,7 +1139,7 @@ async fn a_tower_whose_expiry_is_past_here_is_not_asked_again_at_once() {
         "an idle channel registered {} times in 6 s ({before} -> {after})",
         after - before
     );
-    let _ = stop.send(());
+    drop(proc);
 }
 
 /// A tower that loses its store while the client runs is found at the
@@ -1194,13 +1157,7 @@ async fn a_tower_that_loses_its_store_while_the_client_runs_gets_the_state_again
         ..Config::default()
     };
     let tower = serve_tower_with(listener, &key, forty).await;
-    let opts = Options {
-        towers: vec![config(tower.addr, &key)],
-        ..Options::default()
-    };
-    let (_ps, chans) = alice_and_bob(&ledger, &opts).await;
-    chans[0].pay(1, 0, u(10)).await.unwrap();
-    wait_status(&chans[0], "first receipt", all_latest).await;
+    let (_opts, _ps, chans) = covered_by(&ledger, &tower, &key, false).await;
     let status = chans[0].tower_status()[0].clone();
     let (user, locator) = (status.user.unwrap(), status.receipt.unwrap().locator);
     // The tower loses everything (emptied in place).

@@ -93,10 +93,14 @@ async fn refutes_within_20_s(
 }
 
 /// An adjudicator whose next `fails` withdrawals fail before reaching the
-/// chain (a node that did not answer): transient, retry and it works.
+/// chain (a node that did not answer): transient, retry and it works. With
+/// `slow_first`, its first withdrawal lands, raises the flag, and returns
+/// only 4 s later (an `EthAdjudicator` waiting for confirmations): the
+/// watcher sits in `Concluded` meanwhile.
 struct FailWithdraw {
     inner: Arc<dyn Adjudicator>,
     fails: Arc<std::sync::atomic::AtomicU32>,
+    slow_first: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[async_trait::async_trait]
@@ -136,7 +140,13 @@ impl Adjudicator for FailWithdraw {
                 source: perun::adjudicator::RpcFailure::Injected(0),
             });
         }
-        self.inner.withdraw(req).await
+        let res = self.inner.withdraw(req).await;
+        if let Some(landed) = &self.slow_first
+            && !landed.swap(true, Ordering::SeqCst)
+        {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+        res
     }
     async fn subscribe(
         &self,
@@ -176,6 +186,13 @@ enum Lands {
     InFlight(Arc<std::sync::Mutex<Option<perun::adjudicator::Result<()>>>>),
     /// Mined, and `fund` reports success (every deposit is in).
     AndFundingSucceeds,
+    /// Mined once the watcher's (slow, [`FailWithdraw::slow_first`])
+    /// withdrawal landed and before it returned; `fund` reports success
+    /// or, `ok` false, a timeout.
+    WhileTheWatcherConcludes {
+        landed: Arc<std::sync::atomic::AtomicBool>,
+        ok: bool,
+    },
 }
 
 #[async_trait::async_trait]
@@ -185,12 +202,18 @@ impl perun::adjudicator::Funder for LateDeposit {
         req: perun::adjudicator::FundingRequest,
     ) -> perun::adjudicator::Result<()> {
         let id = req.state.channelId;
-        while !self.sim.dispute(id).await?.is_some_and(|d| d.concluded) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Lands::WhileTheWatcherConcludes { landed, .. } = &self.how {
+            while !landed.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        } else {
+            while !self.sim.dispute(id).await?.is_some_and(|d| d.concluded) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Alice's watcher has withdrawn her (empty) share by now
+            // (nothing on-chain tells: her share is zero either way).
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        // Alice's watcher has withdrawn her (empty) share by now (nothing
-        // on-chain tells: her share is zero either way).
-        tokio::time::sleep(Duration::from_secs(2)).await;
         let me = req.params.participants[req.index];
         let holder = req.state.outcome.assets[0].holder;
         let amount = req.params.funding_of(0, req.index);
@@ -209,6 +232,18 @@ impl perun::adjudicator::Funder for LateDeposit {
                     .deposit_to(holder, me, id, me, U256::ZERO, amount)
                     .unwrap();
                 Ok(())
+            }
+            Lands::WhileTheWatcherConcludes { ok, .. } => {
+                self.sim
+                    .deposit_to(holder, me, id, me, U256::ZERO, amount)
+                    .unwrap();
+                if *ok {
+                    Ok(())
+                } else {
+                    Err(perun::adjudicator::Error::FundingTimeout {
+                        missing: vec![(1, req.params.participants[1])],
+                    })
+                }
             }
             Lands::InFlight(landed) => {
                 let (sim, landed) = (self.sim.clone(), landed.clone());
@@ -255,6 +290,7 @@ async fn a_late_deposit_is_swept_even_if_the_first_withdrawal_fails() {
                 Arc::new(FailWithdraw {
                     inner,
                     fails: fails.clone(),
+                    slow_first: None,
                 }) as Arc<dyn Adjudicator>
             }
         })),
@@ -293,6 +329,45 @@ async fn a_late_deposit_reported_as_funded_is_swept() {
     };
     let (ps, id) = bob_closes_the_channel_alice_funds_late(&ledger, &alice_opts).await;
     alice_gets_her_deposit_back(&ledger, &ps[0].client, id, "funding said it succeeded").await;
+}
+
+/// The late deposit lands after the watcher's withdrawal landed but before
+/// the watcher stored `Withdrawn` (still `Concluded`: its withdrawal waits
+/// for confirmations). A review found it swept only if the phase was
+/// `Withdrawn` just when funding returned: here it stayed credited, whether
+/// the funder reported success or a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_deposit_landing_while_the_watcher_concludes_is_swept() {
+    for ok in [true, false] {
+        let ledger = Ledger::sim().await;
+        let Ledger::Sim(sim) = &ledger else {
+            unreachable!()
+        };
+        let landed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let alice_opts = Options {
+            funder: Some(Arc::new(LateDeposit {
+                sim: sim.clone(),
+                how: Lands::WhileTheWatcherConcludes {
+                    landed: landed.clone(),
+                    ok,
+                },
+            })),
+            wrap_adjudicator: Some(Box::new({
+                let landed = landed.clone();
+                move |inner| {
+                    Arc::new(FailWithdraw {
+                        inner,
+                        fails: Arc::default(),
+                        slow_first: Some(landed.clone()),
+                    }) as Arc<dyn Adjudicator>
+                }
+            })),
+            ..Options::default()
+        };
+        let (ps, id) = bob_closes_the_channel_alice_funds_late(&ledger, &alice_opts).await;
+        let why = format!("it landed while the watcher concluded; the funder said ok: {ok}");
+        alice_gets_her_deposit_back(&ledger, &ps[0].client, id, &why).await;
+    }
 }
 
 /// Bob deposits, Alice's funding fails (her funder decides how her deposit

@@ -241,12 +241,14 @@ impl Shared {
         }
     }
 
-    /// Keeps the peer's address of a funded two-party channel. Only those:
-    /// the peer itself gave it (an n-party proposal names peers with
-    /// addresses its proposer picked), and funding bounds how fast the book
-    /// grows; past `PEER_BOOK` entries one makes room.
+    /// Keeps the peer's address of a funded two-party channel that holds
+    /// funds. Only those: the peer itself gave it (an n-party proposal
+    /// names peers with addresses its proposer picked), and deposits bound
+    /// how fast the book grows; past `PEER_BOOK` entries one makes room.
     pub(crate) fn note_peer_address(&self, core: &ChannelCore) {
-        if core.peers.len() != 2 {
+        // A channel with nothing deposited is funded at once and for free.
+        let holds_funds = core.params.funding.iter().flatten().any(|x| !x.is_zero());
+        if core.peers.len() != 2 || !holds_funds {
             return;
         }
         let (peer, address) = (

@@ -378,18 +378,17 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
             other => break other,
         }
     };
-    if core.phase() == Phase::Withdrawn {
-        // The watcher withdrew before a deposit of ours that was in flight
-        // landed (whatever the funder said: it may report the channel
-        // funded once our deposit is in): take that one back too
-        // (withdrawing is idempotent), now and for a while (it may still
-        // land).
-        let (shared, core) = (shared.clone(), core.clone());
-        tokio::spawn(
-            async move { sweep_late_deposit(&shared, &core).await }
-                .instrument(info_span!("sweep_late_deposit")),
-        );
-        return Err(funded.err().unwrap_or(Error::Phase(Phase::Withdrawn)));
+    if core.phase() != Phase::Funding || funded.is_err() {
+        // The channel closes without us funding it to the end. A deposit of
+        // ours may still be in flight (a transient failure, or the funder
+        // saw it land as the watcher was closing): whenever it lands after
+        // the watcher's withdrawal, it is credited to us in a concluded
+        // channel whose record is gone. So once the watcher is done, sweep
+        // (withdrawing is idempotent), again for a while.
+        sweep_once_withdrawn(shared, &core);
+    }
+    if core.phase() != Phase::Funding {
+        return Err(funded.err().unwrap_or(Error::Phase(core.phase())));
     }
     if let Err(e) = funded {
         warn!(channel = %core.id, error = %e, "funding failed; recovering deposits via version 0");
@@ -401,7 +400,11 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
         }
         return Err(e);
     }
-    set_phase(shared, &core, Phase::Active).await?;
+    if let Err(e) = set_phase(shared, &core, Phase::Active).await {
+        // The watcher moved it on meanwhile (closing): as above.
+        sweep_once_withdrawn(shared, &core);
+        return Err(e);
+    }
     info!(channel = %core.id, "channel active");
     Ok(Channel::new(core, shared.clone()))
 }
@@ -413,6 +416,24 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
 /// backoff for one funding timeout, and retries a failed sweep until it
 /// succeeds once after that (a sweep with nothing credited sends nothing).
 /// Stops at shutdown; `Client::recover_funds` finds what is left then.
+/// Sweeps a late deposit (below) once the watcher has withdrawn, on a task
+/// of its own: the watcher may be in `Concluded` (its withdrawal waiting
+/// for confirmations, its store write retried) or still closing.
+fn sweep_once_withdrawn(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
+    let (shared, core) = (shared.clone(), core.clone());
+    tokio::spawn(
+        async move {
+            let mut phases = core.phase_changes();
+            tokio::select! {
+                r = phases.wait_for(|p| *p == Phase::Withdrawn) => if r.is_err() { return },
+                () = shared.stopping() => return,
+            }
+            sweep_late_deposit(&shared, &core).await;
+        }
+        .instrument(info_span!("sweep_late_deposit")),
+    );
+}
+
 async fn sweep_late_deposit(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
     let Some(latest) = core.latest().await else {
         return;
@@ -647,8 +668,11 @@ pub(crate) async fn handle_signing0(
                                 p != Phase::Signing0
                             })
                             .await;
-                        if let Err(e) = committed {
-                            forget_unfunded(&shared, &core).await;
+                        // The commit may come just as the wait gives up: a
+                        // channel it moved on is funded as any other.
+                        if let Err(e) = committed
+                            && forget_unfunded(&shared, &core).await
+                        {
                             return Err(e);
                         }
                         fund_and_activate(&shared, core).await
@@ -679,11 +703,12 @@ pub(crate) async fn handle_signing0(
 /// `Signing0`): nothing of ours is deposited before it does, and the peers
 /// can refund theirs with version 0 on-chain. A proposer that never sends
 /// the commit must not leave a channel in memory and a record in the
-/// store for good (every accepted proposal would).
-pub(crate) async fn forget_unfunded(shared: &Shared, core: &ChannelCore) {
+/// store for good (every accepted proposal would). Returns whether it
+/// forgot it (not if the commit came meanwhile).
+pub(crate) async fn forget_unfunded(shared: &Shared, core: &ChannelCore) -> bool {
     let l = core.locked.lock().await;
     if l.machine.phase() != Phase::Signing0 {
-        return;
+        return false;
     }
     warn!(channel = %core.id, "the version-0 commit never came; forgetting the channel");
     shared.remove_channel(&core.id);
@@ -694,6 +719,7 @@ pub(crate) async fn forget_unfunded(shared: &Shared, core: &ChannelCore) {
         }
     }
     drop(l);
+    true
 }
 
 async fn sign0(

@@ -620,11 +620,32 @@ async fn a_restart_after_the_refutation_does_not_refute_again() {
 /// refutes (once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_before_the_refutation_left_sends_it_once() {
+    restart_before_the_refutation_left(config(), "the refutation").await;
+}
+
+/// As above, but the challenge period ends within the grace: the restarted
+/// responder does not wait the grace out (the period would be over, and
+/// the stale state concluded) but refutes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_near_the_end_of_the_challenge_refutes_without_waiting() {
+    let long_grace = Config {
+        resume_grace_ms: 120_000,
+        ..config()
+    };
+    // The 60 s challenge period ends within the 120 s grace.
+    restart_before_the_refutation_left(long_grace, "the refutation, well before the 120 s grace")
+        .await;
+}
+
+/// The responder (with `config`) is killed after it wrote `Refuting` and
+/// before the transaction left; restarted, it refutes (once, by `what`)
+/// and concludes.
+async fn restart_before_the_refutation_left(config: Config, what: &str) {
     let s = setup().await;
     s.appoint_version(5);
     let chain = Counting::new(s.ledger.clone());
     chain.freeze_before_register.store(true, Ordering::SeqCst);
-    let r = start(&s, &chain);
+    let r = start_with(&s, &chain, config);
     s.bob_registers(2).await;
     until("the job in Refuting", async || {
         s.store
@@ -636,8 +657,8 @@ async fn a_restart_before_the_refutation_left_sends_it_once() {
     r.task.abort();
     assert_eq!(s.dispute().await.unwrap().version, 2);
 
-    let r = start(&s, &chain);
-    until("the refutation", async || {
+    let r = start_with(&s, &chain, config);
+    until(what, async || {
         s.dispute().await.is_some_and(|d| d.version == 5)
     })
     .await;
@@ -649,46 +670,6 @@ async fn a_restart_before_the_refutation_left_sends_it_once() {
     assert_eq!(balances(&s), paid(5));
     assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
-    r.stop().await;
-}
-
-/// As above, but the challenge period ends within the grace: the restarted
-/// responder does not wait the grace out (the period would be over, and
-/// the stale state concluded) but refutes at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_near_the_end_of_the_challenge_refutes_without_waiting() {
-    let s = setup().await;
-    s.appoint_version(5);
-    let chain = Counting::new(s.ledger.clone());
-    chain.freeze_before_register.store(true, Ordering::SeqCst);
-    let long_grace = Config {
-        resume_grace_ms: 120_000,
-        ..config()
-    };
-    let r = start_with(&s, &chain, long_grace);
-    s.bob_registers(2).await;
-    until("the job in Refuting", async || {
-        s.store
-            .job(s.id())
-            .unwrap()
-            .is_some_and(|j| j.phase == JobPhase::Refuting { version: 5 })
-    })
-    .await;
-    r.task.abort();
-
-    // The 60 s challenge period ends within the 120 s grace.
-    let r = start_with(&s, &chain, long_grace);
-    until("the refutation, well before the 120 s grace", async || {
-        s.dispute().await.is_some_and(|d| d.version == 5)
-    })
-    .await;
-    s.ledger.advance(61);
-    until("resolved", async || {
-        s.status(s.alice.address()) == Status::Resolved
-    })
-    .await;
-    assert_eq!(balances(&s), paid(5));
-    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     r.stop().await;
 }
 
