@@ -327,6 +327,9 @@ struct Entry {
     flushed: watch::Sender<u64>,
     /// Wakes the worker: a tower lost its receipt ([`renew`]).
     wake: tokio::sync::Notify,
+    /// The record changed outside the worker (a receipt dropped): the
+    /// worker stores it.
+    unsaved: std::sync::atomic::AtomicBool,
 }
 
 impl Towers {
@@ -382,6 +385,7 @@ impl Towers {
                     started: std::sync::atomic::AtomicBool::new(false),
                     flushed: watch::channel(*self.flush.borrow()).0,
                     wake: tokio::sync::Notify::new(),
+                    unsaved: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .clone()
@@ -558,6 +562,16 @@ impl Worker {
         loop {
             if self.shared.stopped() || self.core.phase() == Phase::Withdrawn {
                 return;
+            }
+            if self
+                .entry
+                .unsaved
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+                && let Err(e) = self.save().await
+            {
+                // The next round stores it with its receipts; a restart
+                // finds the tower's loss again at once.
+                warn!(error = %e, "could not store a dropped tower receipt");
             }
             let latest = state_rx.borrow_and_update().clone();
             let flush = *flush_rx.borrow_and_update();

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use perun_channel::{Address, ChannelId};
-use perun_persistence::Change;
 use perun_wallet::{Account, LocalAccount};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info_span, warn};
@@ -309,31 +308,20 @@ async fn check(link: &super::Link, c: &Covered) -> Result<Found, Checked> {
 }
 
 /// Tower `i` no longer holds `c`'s appointment: its receipt is dropped (the
-/// status stops saying covered, and is stored so), the channel is told,
-/// and its worker sends the latest state again.
+/// status stops saying covered; the worker stores it so), the channel is
+/// told, and its worker sends the latest state again.
 async fn lost(shared: &Shared, towers: &Towers, i: usize, c: &Covered) {
     let tower = towers.links[i].client.tower();
     let Some(entry) = lock(&towers.channels).get(&c.channel).cloned() else {
         return;
     };
     warn!(%tower, channel = %c.channel, version = c.version, "the tower no longer holds the channel's appointment; sending it again");
-    let bytes = {
-        let mut r = lock(&entry.record);
-        r.receipts.retain(|x| x.tower != tower);
-        r.encode()
-    };
-    // Best effort: the worker stores the record again with the new receipt.
-    let stored = match bytes {
-        Ok(b) => shared
-            .persister
-            .update(c.channel, vec![Change::Metadata(b)])
-            .await
-            .map_err(Error::from),
-        Err(e) => Err(Error::from(e)),
-    };
-    if let Err(e) = stored {
-        warn!(%tower, channel = %c.channel, error = %e, "could not store the dropped receipt");
-    }
+    lock(&entry.record).receipts.retain(|x| x.tower != tower);
+    // The worker stores the record (it alone writes it, so two copies
+    // never race to the store) and sends the state again.
+    entry
+        .unsaved
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     if let Some(core) = shared.channel_core(&c.channel) {
         core.emit(ChannelEvent::TowerFailed {
             tower,
