@@ -53,7 +53,8 @@
 //! `perun_tower_reclaimed_users_total`, `perun_tower_reclaimed_appointments_total`,
 //! and with a responder (`responder::Stats`) `perun_tower_disputes_seen_total`,
 //! `perun_tower_refutations_total`, `perun_tower_conclusions_total`,
-//! `perun_tower_bad_blobs_total`, `perun_tower_responder_retries_total`,
+//! `perun_tower_bad_blobs_total`, `perun_tower_blobs_opened_total`,
+//! `perun_tower_responder_retries_total`,
 //! `perun_tower_active_jobs`, `perun_tower_cursor_block`, `perun_tower_responder_up`.
 //!
 //! # Errors

@@ -141,6 +141,9 @@ pub struct Stats {
     pub conclusions: AtomicU64,
     /// Blobs refused when their dispute came (no transaction).
     pub bad_blobs: AtomicU64,
+    /// Blobs the responder decrypted (a refused one once per job run, not
+    /// at every step).
+    pub blobs_opened: AtomicU64,
     /// Failed chain or store steps, each retried.
     pub retries: AtomicU64,
     /// Jobs running now.
@@ -157,6 +160,7 @@ impl Default for Stats {
             refutations: AtomicU64::new(0),
             conclusions: AtomicU64::new(0),
             bad_blobs: AtomicU64::new(0),
+            blobs_opened: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             active_jobs: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
@@ -217,6 +221,11 @@ impl Stats {
                 "perun_tower_bad_blobs_total",
                 "Blobs refused when their dispute came (no transaction).",
                 &self.bad_blobs,
+            ),
+            (
+                "perun_tower_blobs_opened_total",
+                "Blobs the responder decrypted (a refused one once per job run).",
+                &self.blobs_opened,
             ),
             (
                 "perun_tower_responder_retries_total",
@@ -560,6 +569,7 @@ impl Inner {
             resumed,
             missing: 0,
             no_refute: None,
+            refused_seq: HashMap::new(),
         };
         let mut failures = 0u32;
         loop {
@@ -600,18 +610,27 @@ impl Inner {
     /// start) can put any number of blobs under it, so this is linear in
     /// them and holds one blob at a time: it runs on the blocking pool, reads
     /// and opens each blob in turn, and looks refusals up in a set.
-    async fn open(&self, job: &Job) -> Result<Opened> {
+    async fn open(&self, job: &Job, run: &mut JobRun) -> Result<Opened> {
         let locator = job.locator;
         let secret = ChannelSecret {
             channel_id: job.channel,
             nonce: job.nonce,
         };
         let known: HashSet<(Address, Refusal)> = job.refused.iter().copied().collect();
-        let (users, best, refused) = self
+        // A blob refused before is not decrypted again while it stays (its
+        // user replacing it brings a higher `seq`).
+        let refused_before = run.refused_seq.clone();
+        let (users, best, refused, newly, opened) = self
             .store_call(move |s| {
                 let mut best: Option<(Params, SignedState)> = None;
                 let mut refused = Vec::new();
+                let mut newly = Vec::new();
+                let mut opened = 0u64;
                 let users = s.each_at(locator, |user, a| {
+                    if refused_before.get(&user) == Some(&a.seq) {
+                        return Ok(());
+                    }
+                    opened += 1;
                     match scheme::open(&secret, &a.blob) {
                         Ok((params, signed)) => {
                             if best
@@ -623,6 +642,7 @@ impl Inner {
                         }
                         Err(e) => match Refusal::of(&e) {
                             Some(r) if !known.contains(&(user, r)) => {
+                                newly.push((user, a.seq));
                                 if refused.is_empty() {
                                     warn!(%user, error = %e, "refusing an appointment's blob: no transaction for it");
                                 } else {
@@ -630,15 +650,17 @@ impl Inner {
                                 }
                                 refused.push((user, r));
                             }
-                            Some(_) => {}
+                            Some(_) => newly.push((user, a.seq)),
                             None => return Err(e),
                         },
                     }
                     Ok(())
                 })?;
-                Ok((users, best, refused))
+                Ok((users, best, refused, newly, opened))
             })
             .await?;
+        run.refused_seq.extend(newly);
+        self.stats.blobs_opened.fetch_add(opened, Ordering::Relaxed);
         if !refused.is_empty() {
             let n = refused.len() as u64;
             if n > 1 {
@@ -664,7 +686,7 @@ impl Inner {
         if job.phase == JobPhase::Done {
             return Ok(Next::Done);
         }
-        let opened = self.open(&job).await?;
+        let opened = self.open(&job, run).await?;
         let users = opened.users.clone();
         let d = self.chain.dispute(id).await?;
         let d = match d {
@@ -902,6 +924,8 @@ struct JobRun {
     missing: u32,
     /// A version the contract refused to take as a refutation.
     no_refute: Option<u64>,
+    /// Each user's blob refused in this run, by its `seq`.
+    refused_seq: HashMap<Address, u64>,
 }
 
 impl JobRun {

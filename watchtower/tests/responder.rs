@@ -483,7 +483,8 @@ async fn refused_blobs_cost_no_transaction() {
 /// locator from many users. Each step of the job opens every blob at the
 /// locator; the tower must still answer in time, and the junk must not cost
 /// it more than one look per blob (no quadratic work, no blocking of the
-/// runtime the API and the other jobs share).
+/// runtime the API and the other jobs share), nor a decryption per blob at
+/// every step (a refused blob is not opened again while it stays).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_planted_at_the_locator_does_not_stall_the_job() {
     const JUNK: usize = 60_000;
@@ -551,6 +552,13 @@ async fn junk_planted_at_the_locator_does_not_stall_the_job() {
     assert_eq!(balances(&s), paid(5));
     assert_eq!(r.stats.bad_blobs.load(Ordering::SeqCst), JUNK as u64);
     assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
+    // Each junk blob is decrypted once, not at every step (refuting and
+    // concluding took at least two).
+    let opened = r.stats.blobs_opened.load(Ordering::SeqCst);
+    assert!(
+        opened < 2 * JUNK as u64,
+        "{opened} blobs decrypted for {JUNK} junk ones and one good one"
+    );
     r.stop().await;
 }
 
