@@ -226,6 +226,18 @@ impl Shared {
         }
     }
 
+    /// Removes a channel that never got to funding from the client and
+    /// from the store (nothing of ours is at stake in it).
+    pub(crate) async fn forget_channel(&self, id: ChannelId) {
+        self.remove_channel(&id);
+        match self.persister.channel_removed(id).await {
+            Ok(()) | Err(perun_persistence::Error::UnknownChannel(_)) => {}
+            Err(e) => {
+                warn!(channel = %id, error = %e, "could not remove an unfunded channel's record")
+            }
+        }
+    }
+
     /// A channel reached `Withdrawn`: it stays for readers until
     /// `withdrawn_kept` newer ones did.
     pub(crate) fn retire_channel(&self, id: ChannelId) {

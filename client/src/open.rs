@@ -244,8 +244,7 @@ async fn propose_to_end(shared: Arc<Shared>, spec: ChannelProposal) -> Result<Ch
             Ok(full) => full,
             Err(e) => {
                 // Nothing is funded yet; forget the channel.
-                shared.remove_channel(&core.id);
-                let _ = shared.persister.channel_removed(core.id).await;
+                shared.forget_channel(core.id).await;
                 return Err(e);
             }
         };
@@ -409,16 +408,10 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
     Ok(Channel::new(core, shared.clone()))
 }
 
-/// Withdraws whatever is still credited to us in a withdrawn channel: a
-/// deposit of ours that landed after the watcher withdrew. The watcher is
-/// done and the record gone, so nothing else would. A deposit whose
-/// transaction is still queued may land later, so this sweeps again with
-/// backoff for one funding timeout, and retries a failed sweep until it
-/// succeeds once after that (a sweep with nothing credited sends nothing).
-/// Stops at shutdown; `Client::recover_funds` finds what is left then.
-/// Sweeps a late deposit (below) once the watcher has withdrawn, on a task
-/// of its own: the watcher may be in `Concluded` (its withdrawal waiting
-/// for confirmations, its store write retried) or still closing.
+/// Sweeps a late deposit ([`sweep_late_deposit`]) once the watcher has
+/// withdrawn, on a task of its own: the watcher may be in `Concluded` (its
+/// withdrawal waiting for confirmations, its store write retried) or still
+/// closing.
 fn sweep_once_withdrawn(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
     let (shared, core) = (shared.clone(), core.clone());
     tokio::spawn(
@@ -434,6 +427,13 @@ fn sweep_once_withdrawn(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
     );
 }
 
+/// Withdraws whatever is still credited to us in a withdrawn channel: a
+/// deposit of ours that landed after the watcher withdrew. The watcher is
+/// done and the record gone, so nothing else would. A deposit whose
+/// transaction is still queued may land later, so this sweeps again with
+/// backoff for one funding timeout, and retries a failed sweep until it
+/// succeeds once after that (a sweep with nothing credited sends nothing).
+/// Stops at shutdown; `Client::recover_funds` finds what is left then.
 async fn sweep_late_deposit(shared: &Arc<Shared>, core: &Arc<ChannelCore>) {
     let Some(latest) = core.latest().await else {
         return;
@@ -711,13 +711,7 @@ pub(crate) async fn forget_unfunded(shared: &Shared, core: &ChannelCore) -> bool
         return false;
     }
     warn!(channel = %core.id, "the version-0 commit never came; forgetting the channel");
-    shared.remove_channel(&core.id);
-    match shared.persister.channel_removed(core.id).await {
-        Ok(()) | Err(perun_persistence::Error::UnknownChannel(_)) => {}
-        Err(e) => {
-            warn!(channel = %core.id, error = %e, "could not remove the unfunded channel's record")
-        }
-    }
+    shared.forget_channel(core.id).await;
     drop(l);
     true
 }

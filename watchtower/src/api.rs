@@ -718,20 +718,22 @@ impl Tower {
             .reclaimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        out.push_str(
-            "# HELP perun_tower_reclaimed_users_total Users dropped long after their subscription expired.\n# TYPE perun_tower_reclaimed_users_total counter\n",
-        );
-        out.push_str(&format!(
-            "perun_tower_reclaimed_users_total {}\n",
-            reclaimed.users
-        ));
-        out.push_str(
-            "# HELP perun_tower_reclaimed_appointments_total Their appointments.\n# TYPE perun_tower_reclaimed_appointments_total counter\n",
-        );
-        out.push_str(&format!(
-            "perun_tower_reclaimed_appointments_total {}\n",
-            reclaimed.appointments
-        ));
+        for (name, help, value) in [
+            (
+                "perun_tower_reclaimed_users_total",
+                "Users dropped long after their subscription expired.",
+                reclaimed.users,
+            ),
+            (
+                "perun_tower_reclaimed_appointments_total",
+                "Their appointments.",
+                reclaimed.appointments,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            ));
+        }
         if let Some(r) = self.responder.get() {
             out.push_str(&r.metrics_text());
         }

@@ -124,7 +124,7 @@ fn unix_now() -> u64 {
 /// The least time between two registrations of one identity before a
 /// send, whatever the subscription says (a tower whose expiry is past by
 /// our clock must not cost a registration per appointment).
-const REREGISTER_GAP: Duration = Duration::from_secs(5);
+const REREGISTER_GAP_SECS: u64 = 5;
 
 /// A subscription as the client last saw it.
 #[derive(Debug, Clone, Copy)]
@@ -133,10 +133,8 @@ struct Held {
     /// Its length (expiry minus the time a registration answered), in
     /// seconds; after a start, the time it had left when first read.
     span: u64,
-    /// When it arrived.
-    received: Instant,
-    /// The same, in unix seconds.
-    received_unix: u64,
+    /// When it arrived (unix seconds).
+    received: u64,
 }
 
 /// The longest time between two looks at a subscription (a read at the
@@ -150,8 +148,7 @@ impl Held {
         Self {
             sub,
             span: sub.expiry.saturating_sub(now),
-            received: Instant::now(),
-            received_unix: now,
+            received: now,
         }
     }
 
@@ -173,13 +170,19 @@ impl Held {
     /// length for short subscriptions.
     fn check_at(&self) -> u64 {
         let every = CHECK_EVERY_SECS.min(self.span / 8).max(1);
-        self.received_unix.saturating_add(every)
+        self.received.saturating_add(every)
+    }
+
+    /// When to look at it next: a check or a renewal, whichever is first.
+    fn due_at(&self) -> u64 {
+        self.renew_at().min(self.check_at())
     }
 
     /// Good for a send without registering first.
     fn fresh(&self) -> bool {
         self.sub.slots_used < self.sub.slots_total
-            && (unix_now() < self.renew_at() || self.received.elapsed() < REREGISTER_GAP)
+            && (unix_now() < self.renew_at()
+                || unix_now() < self.received.saturating_add(REREGISTER_GAP_SECS))
     }
 }
 

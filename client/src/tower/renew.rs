@@ -139,7 +139,7 @@ async fn pass(shared: &Shared, towers: &Towers, state: &PassState) -> u64 {
         let at = match lock(&state.failing).get(&(i, addr)) {
             Some((_, retry_at)) => *retry_at,
             // Not known (right after a start): look now.
-            None => c.held.map_or(now, |h| h.renew_at().min(h.check_at())),
+            None => c.held.map_or(now, |h| h.due_at()),
         };
         if at <= now {
             due[i].push(c);
@@ -208,18 +208,15 @@ async fn at_tower(
                 Ok(Found::Fine) => {
                     lock(&state.failing).remove(&key);
                     if let Some(h) = link.subs.lock().await.get(&key.1) {
-                        next.fetch_min(h.renew_at().min(h.check_at()), Relaxed);
+                        next.fetch_min(h.due_at(), Relaxed);
                     }
                 }
                 Ok(Found::Lost) => {
-                    let recent = lock(&state.lost_at)
+                    let gap_over = lock(&state.lost_at)
                         .get(&key)
-                        .is_some_and(|at| now < at.saturating_add(LOST_GAP_SECS));
-                    if recent {
+                        .map(|at| at.saturating_add(LOST_GAP_SECS));
+                    if let Some(at) = gap_over.filter(|at| now < *at) {
                         // Believed once the gap is over, not at once.
-                        let at = lock(&state.lost_at)
-                            .get(&key)
-                            .map_or(now, |at| at.saturating_add(LOST_GAP_SECS));
                         lock(&state.failing).insert(key, (0, at));
                         next.fetch_min(at, Relaxed);
                         continue;
@@ -229,7 +226,7 @@ async fn at_tower(
                     lost(shared, towers, i, c).await;
                     // Look again when due: the resent state should be there.
                     if let Some(h) = link.subs.lock().await.get(&key.1) {
-                        next.fetch_min(h.renew_at().min(h.check_at()), Relaxed);
+                        next.fetch_min(h.due_at(), Relaxed);
                     }
                 }
                 Err(error) => {
