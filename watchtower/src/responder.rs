@@ -9,8 +9,13 @@
 //!    one index lookup. No appointment: nothing happens. Otherwise a durable
 //!    [`Job`] is created (its appointments become `dispute_triggered`) and a
 //!    task drives it.
+//!    Every `Registered` is also kept until its channel concludes
+//!    ([`crate::store::OpenDispute`]): an appointment stored while the
+//!    dispute runs, or at the locator of a job that ended for want of a
+//!    valid blob, starts the job then.
 //! 2. The cursor: a [`FeedItem::Scanned`] mark is stored only after every
-//!    event before it was turned into a durable job, so a restart from
+//!    event before it was turned into a durable job, and in one transaction
+//!    with the disputes seen since the last mark, so a restart from
 //!    `cursor + 1` misses no dispute (an event may come twice; jobs are keyed
 //!    by channel, so that is harmless).
 //! 3. A job re-reads the dispute from the chain before every decision and
@@ -51,7 +56,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::scheme::{self, ChannelSecret};
-use crate::store::{Job, JobPhase, JobStart, Refusal, Status, Store};
+use crate::store::{Job, JobPhase, JobStart, OpenDispute, Refusal, Seen, Status, Store};
 use crate::{Error, Result};
 
 /// The responder's timings.
@@ -144,6 +149,12 @@ pub struct Stats {
     /// Blobs the responder decrypted (a refused one once per job run, not
     /// at every step).
     pub blobs_opened: AtomicU64,
+    /// Jobs started (or restarted) by an appointment that came while its
+    /// dispute ran: not counted in `disputes_seen`.
+    pub late_jobs: AtomicU64,
+    /// `Registered` events not kept because the kept disputes were at
+    /// [`crate::store::MAX_OPEN_DISPUTES`].
+    pub disputes_not_kept: AtomicU64,
     /// Failed chain or store steps, each retried.
     pub retries: AtomicU64,
     /// Jobs running now.
@@ -161,6 +172,8 @@ impl Default for Stats {
             conclusions: AtomicU64::new(0),
             bad_blobs: AtomicU64::new(0),
             blobs_opened: AtomicU64::new(0),
+            late_jobs: AtomicU64::new(0),
+            disputes_not_kept: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             active_jobs: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
@@ -228,6 +241,16 @@ impl Stats {
                 &self.blobs_opened,
             ),
             (
+                "perun_tower_late_jobs_total",
+                "Jobs started by an appointment that came while its dispute ran.",
+                &self.late_jobs,
+            ),
+            (
+                "perun_tower_disputes_not_kept_total",
+                "Registered events not kept: the kept disputes were at their cap.",
+                &self.disputes_not_kept,
+            ),
+            (
                 "perun_tower_responder_retries_total",
                 "Failed chain or store steps of the responder (each retried).",
                 &self.retries,
@@ -286,6 +309,8 @@ struct Inner {
     stats: Arc<Stats>,
     /// The running job tasks, each with the bell that wakes it.
     jobs: Mutex<HashMap<ChannelId, Arc<Notify>>>,
+    /// What the feed showed since the last cursor mark, stored with the next one.
+    seen: Mutex<Seen>,
     stop: watch::Receiver<bool>,
 }
 
@@ -305,6 +330,7 @@ impl Responder {
                 config,
                 stats,
                 jobs: Mutex::new(HashMap::new()),
+                seen: Mutex::new(Seen::default()),
                 stop,
             }),
             stop: stop_tx,
@@ -333,10 +359,22 @@ impl Responder {
             // Up until a scan fails: a feed that is caught up sends no mark
             // until the next block.
             inner.stats.set_health(Health::Scanning);
-            loop {
-                let item = feed.next().await;
-                inner.handle(item).await;
-            }
+            let scan = async {
+                loop {
+                    let item = feed.next().await;
+                    inner.handle(item).await;
+                }
+            };
+            // Jobs that appointments started, on their own loop: a wake-up
+            // here never cancels a scan in flight.
+            let late = async {
+                loop {
+                    for id in inner.store.started_jobs().await {
+                        inner.late_job(id);
+                    }
+                }
+            };
+            tokio::join!(scan, late);
         };
         tokio::select! {
             () = work => {}
@@ -411,9 +449,9 @@ impl Inner {
                     AdjudicatorEvent::Registered {
                         id,
                         version,
+                        timeout,
                         nonce,
                         state,
-                        ..
                     },
             } => {
                 let locator = ChannelSecret {
@@ -423,13 +461,25 @@ impl Inner {
                 .locator();
                 // One hash lookup in memory for the many disputes that are
                 // not ours; redb only for a hit.
-                if !self.store.watches(&locator) {
-                    debug!(channel = %id, version, block, "a dispute without appointments");
-                    return;
-                }
-                let users = self
-                    .retrying("users_for", move |s| s.users_for(locator))
-                    .await;
+                let open = OpenDispute {
+                    timeout,
+                    channel: id,
+                    nonce,
+                    registered: Some(state.clone()),
+                };
+                let users = if self.store.watches(&locator) {
+                    self.retrying("users_for", move |s| s.users_for(locator))
+                        .await
+                } else {
+                    Vec::new()
+                };
+                // Kept with the next cursor mark, which also starts the job
+                // if an appointment arrives before it.
+                self.seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .registered
+                    .push((open, !users.is_empty()));
                 if users.is_empty() {
                     debug!(channel = %id, version, block, "a dispute without appointments");
                     return;
@@ -456,11 +506,40 @@ impl Inner {
             FeedItem::Event {
                 event: AdjudicatorEvent::Concluded { id, .. },
                 ..
-            } => self.wake(id),
+            } => {
+                self.seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .concluded
+                    .push(id);
+                self.wake(id);
+            }
             FeedItem::Event { .. } => {}
             FeedItem::Scanned { block } => {
-                self.retrying("set_cursor", move |s| s.set_cursor(block))
+                let seen = Arc::new(std::mem::take(
+                    &mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner),
+                ));
+                let marked = self
+                    .retrying("mark_scanned", move |s| {
+                        s.mark_scanned(block, &seen, unix_now())
+                    })
                     .await;
+                for id in marked.started {
+                    self.late_job(id);
+                }
+                if marked.not_kept > 0 {
+                    self.stats
+                        .disputes_not_kept
+                        .fetch_add(marked.not_kept, Ordering::Relaxed);
+                    warn!(
+                        not_kept = marked.not_kept,
+                        max = crate::store::MAX_OPEN_DISPUTES,
+                        "too many running disputes to keep; an appointment arriving during these will not start their job"
+                    );
+                }
+                if marked.pruned > 0 {
+                    debug!(pruned = marked.pruned, "dropped disputes over for a day");
+                }
                 self.stats.cursor.store(block, Ordering::Relaxed);
                 self.stats.set_health(Health::Scanning);
             }
@@ -481,6 +560,14 @@ impl Inner {
     /// Told to stop, or the responder's `run` is gone (dropped or aborted).
     fn is_stopped(&self) -> bool {
         *self.stop.borrow() || self.stop.has_changed().is_err()
+    }
+
+    /// Starts the task of a job that an appointment started while its
+    /// dispute ran.
+    fn late_job(self: &Arc<Self>, id: ChannelId) {
+        self.stats.late_jobs.fetch_add(1, Ordering::Relaxed);
+        info!(channel = %id, "an appointment came during a dispute; acting on it");
+        self.spawn_job(id, false);
     }
 
     fn wake(&self, id: ChannelId) {
@@ -749,10 +836,7 @@ impl Inner {
     /// ahead costs at most a duplicate transaction's gas, one that runs
     /// behind waits as before.
     fn ends_within_grace(&self, d: &Dispute) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|t| t.as_secs())
-            .unwrap_or(0);
+        let now = unix_now();
         let margin_ms = self
             .config
             .resume_grace_ms
@@ -890,6 +974,14 @@ impl Inner {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The tower's clock in unix seconds (0 if it is before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.as_secs())
+        .unwrap_or(0)
 }
 
 /// Whether a refutation failed on a rule the chain will keep enforcing:

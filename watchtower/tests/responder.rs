@@ -242,13 +242,19 @@ impl Setup {
 
     /// `user` registers with the tower and stores `blob` at the channel's locator.
     fn appoint(&self, user: Address, blob: Vec<u8>) {
+        self.appoint_seq(user, 1, blob);
+    }
+
+    /// As [`Self::appoint`], with sequence number `seq` (a higher one
+    /// replaces the user's appointment).
+    fn appoint_seq(&self, user: Address, seq: u64, blob: Vec<u8>) {
         self.store.register(user, 10, u64::MAX).unwrap();
         self.store
             .add_appointment(
                 NewAppointment {
                     user,
                     locator: self.locator(),
-                    seq: 1,
+                    seq,
                     blob,
                     user_signature: vec![0; 65],
                 },
@@ -707,6 +713,85 @@ async fn a_dispute_started_while_down_is_found_from_the_cursor() {
     assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     assert_eq!(chain.concludes.load(Ordering::SeqCst), 1);
     assert_eq!(r.stats.disputes_seen.load(Ordering::SeqCst), 1);
+    r.stop().await;
+}
+
+/// Bob registers a stale state while the tower holds nothing for the
+/// channel; Alice's appointment arrives during the challenge period (a
+/// client back from an absence, or resending to a tower that lost it). The
+/// tower refutes with it, though the dispute's event is long scanned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appointment_that_arrives_during_the_dispute_is_acted_on() {
+    let s = setup().await;
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the dispute is kept", async || {
+        s.store.open_dispute(s.locator()).unwrap().is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(r.stats.disputes_seen.load(Ordering::SeqCst), 0);
+    s.appoint_version(5);
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(balances(&s), paid(5));
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
+    assert_eq!(r.stats.late_jobs.load(Ordering::SeqCst), 1);
+    let text = r.stats.metrics_text();
+    assert!(text.contains("perun_tower_late_jobs_total 1"), "{text}");
+    // Concluded: the kept dispute goes with the next mark.
+    until("the dispute is dropped", async || {
+        s.store.open_dispute(s.locator()).unwrap().is_none()
+    })
+    .await;
+    r.stop().await;
+}
+
+/// Alice's only appointment was damaged (it does not open), so the job for
+/// Bob's stale registration ended with nothing to send; her client then
+/// replaces it with a good one while the challenge period runs. The job
+/// starts again and refutes. The same holds when the appointment arrives
+/// while the tower is down: the job is durable and resumed at the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_appointment_after_a_refused_one_restarts_the_job_even_across_a_restart() {
+    let s = setup().await;
+    let mut junk = vec![0u8; 200];
+    rand::thread_rng().fill_bytes(&mut junk);
+    s.appoint(s.alice.address(), junk);
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the job ends with nothing to send", async || {
+        s.store
+            .job(s.id())
+            .unwrap()
+            .is_some_and(|j| j.phase == JobPhase::Done)
+    })
+    .await;
+    r.stop().await;
+    let (_, blob) = seal(&s.params, &s.state(5)).unwrap();
+    s.appoint_seq(s.alice.address(), 2, blob);
+    assert_eq!(s.status(s.alice.address()), Status::DisputeTriggered);
+    let r = start(&s, &chain);
+    until("the refutation", async || {
+        s.dispute().await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    s.ledger.advance(61);
+    until("resolved", async || {
+        s.status(s.alice.address()) == Status::Resolved
+    })
+    .await;
+    assert_eq!(balances(&s), paid(5));
+    assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     r.stop().await;
 }
 

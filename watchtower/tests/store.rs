@@ -513,3 +513,150 @@ fn reclaim_drops_many_appointments_over_short_transactions() {
     assert_eq!(store.users_for(l(2, 24)).expect("index"), vec![b]);
     assert_eq!(store.counts().expect("counts"), (1, 1));
 }
+
+/// A running dispute the chain showed is kept with the cursor mark, over a
+/// reopen: an appointment stored at its locator then starts its job in the
+/// same transaction (new, or reopened after ending), and so does a mark
+/// that finds appointments stored after the event was handled. `Concluded`
+/// drops it; so does the hourly check a day after its timeout.
+#[test]
+fn running_disputes_are_kept_until_they_end_and_start_late_jobs() {
+    use perun_channel::{Allocation, Asset, Domain, Params, State, U256};
+    use perun_watchtower::scheme::ChannelSecret;
+    use perun_watchtower::store::{JobPhase, KEPT_AFTER_TIMEOUT, OpenDispute, Seen};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tower.redb");
+    let alice = Address::repeat_byte(1);
+    let domain = Domain {
+        chain_id: U256::from(1),
+        adjudicator: Address::repeat_byte(0xad),
+    };
+    let params = |nonce: u64| {
+        Params::payment(
+            domain,
+            60,
+            U256::from(nonce),
+            vec![alice, Address::repeat_byte(2)],
+            vec![vec![U256::from(1); 2]],
+        )
+    };
+    let open = |p: &Params, v: u64, timeout: u64| {
+        let asset = Asset {
+            chainId: U256::from(1),
+            holder: Address::repeat_byte(0xee),
+        };
+        let mut s = State::initial(
+            p,
+            Allocation::new(vec![asset], vec![vec![U256::from(1); 2]]),
+        );
+        s.version = v;
+        OpenDispute {
+            timeout,
+            channel: p.channel_id(),
+            nonce: p.nonce,
+            registered: Some(s),
+        }
+    };
+    let (p1, p2, p3, p4) = (params(1), params(2), params(3), params(4));
+    let loc = |p: &Params| ChannelSecret::of(p).locator();
+    let now = 1_000_000;
+    {
+        let store = Store::open(&path).expect("open");
+        store.register(alice, 10, u64::MAX).expect("register");
+        // p2's appointment is stored before the mark that brings its event,
+        // which was handled when the locator had none (`false`).
+        store
+            .add_appointment(new(alice, loc(&p2), 1, vec![2], vec![]), 0, sign)
+            .expect("add");
+        let seen = Seen {
+            registered: vec![
+                (open(&p1, 2, now + 60), false),
+                (open(&p2, 2, now + 60), false),
+                (open(&p3, 1, now + 60), false),
+                // Over for more than a day (a history read from far back).
+                (open(&p4, 1, now - KEPT_AFTER_TIMEOUT - 1), false),
+            ],
+            concluded: vec![],
+        };
+        let marked = store.mark_scanned(50, &seen, now).expect("mark");
+        assert_eq!(marked.started, vec![p2.channel_id()]);
+        assert_eq!(store.cursor().expect("cursor"), 50);
+        assert!(store.open_dispute(loc(&p4)).expect("read").is_none());
+        let job = store.job(p2.channel_id()).expect("job").expect("started");
+        assert_eq!(job.registered.map(|s| s.version), Some(2));
+        assert_eq!(
+            store
+                .appointment(alice, loc(&p2))
+                .expect("read")
+                .expect("kept")
+                .status,
+            Status::DisputeTriggered
+        );
+        // A refutation of p1 seen twice, and out of order: the newer stays.
+        let seen = Seen {
+            registered: vec![
+                (open(&p1, 4, now + 60), false),
+                (open(&p1, 3, now + 60), false),
+            ],
+            concluded: vec![],
+        };
+        assert!(
+            store
+                .mark_scanned(51, &seen, now)
+                .expect("mark")
+                .started
+                .is_empty()
+        );
+        // p3 concludes: dropped.
+        let seen = Seen {
+            registered: vec![],
+            concluded: vec![p3.channel_id()],
+        };
+        store.mark_scanned(52, &seen, now).expect("mark");
+        assert!(store.open_dispute(loc(&p3)).expect("read").is_none());
+        assert!(store.job(p1.channel_id()).expect("job").is_none());
+    }
+    {
+        let store = Store::open(&path).expect("reopen");
+        let kept = store.open_dispute(loc(&p1)).expect("read").expect("kept");
+        assert_eq!(kept.registered.map(|s| s.version), Some(4));
+        // An appointment at p1's locator starts its job in its own transaction.
+        store
+            .add_appointment(new(alice, loc(&p1), 1, vec![1], vec![]), 0, sign)
+            .expect("add");
+        let job = store.job(p1.channel_id()).expect("job").expect("started");
+        assert_eq!(job.phase, JobPhase::Triggered);
+        assert_eq!(job.registered.map(|s| s.version), Some(4));
+        assert_eq!(
+            store
+                .appointment(alice, loc(&p1))
+                .expect("read")
+                .expect("kept")
+                .status,
+            Status::DisputeTriggered
+        );
+        // A job that ended (no valid blob) starts again with a replacement.
+        store
+            .finish_job(p1.channel_id(), &[alice], Status::Resolved, |_| {})
+            .expect("finish");
+        store
+            .add_appointment(new(alice, loc(&p1), 2, vec![9], vec![]), 0, sign)
+            .expect("replace");
+        assert_eq!(
+            store.job(p1.channel_id()).expect("job").expect("job").phase,
+            JobPhase::Triggered
+        );
+        // p3 concluded: an appointment there starts nothing.
+        store
+            .add_appointment(new(alice, loc(&p3), 1, vec![3], vec![]), 0, sign)
+            .expect("add");
+        assert!(store.job(p3.channel_id()).expect("job").is_none());
+        // A day after the timeout, the hourly check drops what is left.
+        let later = now + 60 + KEPT_AFTER_TIMEOUT + 1;
+        let marked = store
+            .mark_scanned(53, &Seen::default(), later)
+            .expect("mark");
+        assert_eq!(marked.pruned, 2);
+        assert!(store.open_dispute(loc(&p1)).expect("read").is_none());
+    }
+}

@@ -10,6 +10,7 @@
 //! | `tower_appointments` | user ‖ locator (52 bytes) | [`Appointment`] (sequence number, blob, user signature, start block, receipt, status) |
 //! | `tower_locators` | locator (multimap) | user addresses holding it |
 //! | `tower_jobs` | channel id (32 bytes) | [`Job`]: the responder's durable record of one dispute |
+//! | `tower_open_disputes` | locator | [`OpenDispute`]: a running dispute the chain showed, kept so that an appointment arriving during it starts its job ([`disputes`]) |
 //!
 //! The multimap index makes a `Registered` event one lookup: its locator
 //! gives every user with an appointment for it, whatever the number of
@@ -45,6 +46,11 @@ use serde::{Deserialize, Serialize};
 use crate::scheme::Locator;
 use crate::{Error, Result};
 
+mod disputes;
+pub use disputes::{
+    KEPT_AFTER_TIMEOUT, MAX_KEPT_STATE, MAX_OPEN_DISPUTES, Marked, OpenDispute, Seen,
+};
+
 /// The schema version this build writes and the newest it opens. Version 2
 /// added `tower_jobs`: a build of version 1 must not open a store with
 /// unfinished jobs it would ignore.
@@ -57,6 +63,8 @@ const APPOINTMENTS: TableDefinition<&[u8; 52], &[u8]> = TableDefinition::new("to
 const LOCATORS: MultimapTableDefinition<&[u8; 32], &[u8; 20]> =
     MultimapTableDefinition::new("tower_locators");
 const JOBS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("tower_jobs");
+const OPEN_DISPUTES: TableDefinition<&[u8; 32], &[u8]> =
+    TableDefinition::new("tower_open_disputes");
 const SCHEMA_KEY: &str = "schema_version";
 const CURSOR_KEY: &str = "cursor";
 
@@ -78,7 +86,8 @@ pub enum Status {
 pub struct Receipt {
     /// The appointment's locator.
     pub locator: Locator,
-    /// The tower watches from this block on.
+    /// The tower watches from this block on (and acts on a dispute
+    /// already running then, which it keeps until the channel concludes).
     pub start_block: u64,
     /// The user's signature over [`crate::messages::appointment_hash`] (65 bytes).
     pub user_signature: Vec<u8>,
@@ -283,6 +292,12 @@ pub struct Store {
     /// one leaves a harmless extra entry). SipHash with a random key, since
     /// users choose locators.
     locators: std::sync::Arc<std::sync::RwLock<std::collections::HashSet<Locator>>>,
+    /// The kept disputes' channels and locators ([`disputes`]).
+    open_ids: std::sync::Arc<disputes::OpenIds>,
+    /// Jobs that appointments started, for the responder.
+    started: std::sync::Arc<disputes::Started>,
+    /// When [`Store::mark_scanned`] next drops disputes long over (unix seconds).
+    next_prune: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -431,6 +446,7 @@ impl Store {
                 }
             }
             txn.open_table(JOBS)?;
+            txn.open_table(OPEN_DISPUTES)?;
             txn.open_table(USERS)?;
             txn.open_table(APPOINTMENTS)?;
             txn.open_multimap_table(LOCATORS)?;
@@ -445,10 +461,14 @@ impl Store {
                 locators.insert(Locator::from(*locator.value()));
             }
         }
+        let open_ids = disputes::load_open_ids(&db)?;
         Ok(Self {
             db: std::sync::Arc::new(db),
             limits: StoreLimits::default(),
             locators: std::sync::Arc::new(std::sync::RwLock::new(locators)),
+            open_ids: std::sync::Arc::new(std::sync::Mutex::new(open_ids)),
+            started: std::sync::Arc::default(),
+            next_prune: std::sync::Arc::default(),
         })
     }
 
@@ -559,7 +579,7 @@ impl Store {
     ) -> Result<Vec<Result<Added>>> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
-        let results = {
+        let (results, stored) = {
             let mut users = txn.open_table(USERS)?;
             let mut appointments = txn.open_table(APPOINTMENTS)?;
             let mut index = txn.open_multimap_table(LOCATORS)?;
@@ -574,7 +594,9 @@ impl Store {
                 index: &mut index,
             };
             let mut results = Vec::with_capacity(batch.len());
+            let mut stored = Vec::new();
             for new in batch {
+                let (user, locator) = (new.user, new.locator);
                 let r = add_one(
                     &mut tables,
                     new,
@@ -590,6 +612,9 @@ impl Store {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .insert(added.receipt.locator);
                 }
+                if r.is_ok() {
+                    stored.push((user, locator));
+                }
                 // A store error leaves the transaction in an unknown state:
                 // give up the whole batch (dropping `txn` aborts it).
                 if let Err(e @ (Error::Store(_) | Error::Corrupt { .. })) = r {
@@ -597,9 +622,12 @@ impl Store {
                 }
                 results.push(r);
             }
-            results
+            (results, stored)
         };
+        // An appointment at a running dispute's locator starts its job.
+        let started = disputes::start_for_new_appointments(&txn, &stored)?;
         txn.commit()?;
+        self.started.push(started);
         Ok(results)
     }
 
@@ -713,35 +741,8 @@ impl Store {
         txn.set_durability(Durability::Immediate)?;
         let start = {
             let mut jobs = txn.open_table(JOBS)?;
-            let old: Option<Job> = match jobs.get(&job.channel.0)? {
-                Some(v) => Some(decode("tower_jobs", v.value())?),
-                None => None,
-            };
-            let (stored, start) = match old {
-                None => (job.clone(), JobStart::New),
-                Some(mut old) => {
-                    let newer = match (&old.registered, &job.registered) {
-                        (Some(o), Some(n)) => n.version > o.version,
-                        (None, Some(_)) => true,
-                        _ => false,
-                    };
-                    if newer {
-                        old.registered.clone_from(&job.registered);
-                    }
-                    if old.phase == JobPhase::Done {
-                        old.phase = JobPhase::Triggered;
-                        (old, JobStart::Reopened)
-                    } else {
-                        (old, JobStart::Running)
-                    }
-                }
-            };
-            jobs.insert(&job.channel.0, encode(&stored)?.as_slice())?;
-            if start != JobStart::Running {
-                let mut t = txn.open_table(APPOINTMENTS)?;
-                set_statuses(&mut t, users, job.locator, Status::DisputeTriggered)?;
-            }
-            start
+            let mut t = txn.open_table(APPOINTMENTS)?;
+            start_job_in(&mut jobs, &mut t, job, users, false)?
         };
         txn.commit()?;
         Ok(start)
@@ -982,4 +983,46 @@ fn set_statuses(
         }
     }
     Ok(())
+}
+
+/// [`Store::start_job`] inside a write transaction. The appointments of
+/// `users` become [`Status::DisputeTriggered`] when the job is new or
+/// reopened, or always with `mark_always` (a new appointment joining a
+/// running job; a `Registered` for a running job leaves them, as they are
+/// marked already and there may be many).
+fn start_job_in(
+    jobs: &mut redb::Table<'_, &'static [u8; 32], &'static [u8]>,
+    appointments: &mut redb::Table<'_, &'static [u8; 52], &'static [u8]>,
+    job: &Job,
+    users: &[Address],
+    mark_always: bool,
+) -> Result<JobStart> {
+    let old: Option<Job> = match jobs.get(&job.channel.0)? {
+        Some(v) => Some(decode("tower_jobs", v.value())?),
+        None => None,
+    };
+    let (stored, start) = match old {
+        None => (job.clone(), JobStart::New),
+        Some(mut old) => {
+            let newer = match (&old.registered, &job.registered) {
+                (Some(o), Some(n)) => n.version > o.version,
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            if newer {
+                old.registered.clone_from(&job.registered);
+            }
+            if old.phase == JobPhase::Done {
+                old.phase = JobPhase::Triggered;
+                (old, JobStart::Reopened)
+            } else {
+                (old, JobStart::Running)
+            }
+        }
+    };
+    jobs.insert(&job.channel.0, encode(&stored)?.as_slice())?;
+    if mark_always || start != JobStart::Running {
+        set_statuses(appointments, users, job.locator, Status::DisputeTriggered)?;
+    }
+    Ok(start)
 }
