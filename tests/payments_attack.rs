@@ -648,6 +648,53 @@ async fn open_channels_reopens_with_a_peer_whose_channel_was_withdrawn() {
     );
 }
 
+/// The same after a restart: the withdrawn channel's record is pruned when
+/// the client starts again, so only the stored peer book still knows Bob's
+/// address (before it was kept, `reserve` failed with `UnknownPeer`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_channels_reopens_with_a_settled_peer_after_a_restart() {
+    let ledger = Ledger::sim().await;
+    let durable = Options {
+        redb: true,
+        ..Options::default()
+    };
+    let a = party(&ledger, u(1000), &durable).await;
+    let b = party(&ledger, u(1000), &Options::default()).await;
+    introduce(&[&a, &b]).await;
+    let mut ps = vec![a, b];
+    let chans = open(&ledger, &mut ps, u(100)).await;
+    let (bob, eth) = (ps[1].client.peer_id(), ledger.asset());
+    chans[0].settle().await.unwrap();
+    assert_eq!(chans[0].phase(), Phase::Withdrawn);
+    drop(chans);
+    let alice = common::restart_opts(&ledger, ps.remove(0), &durable).await;
+    ps.insert(0, alice);
+    introduce(&[&ps[0], &ps[1]]).await;
+    assert!(
+        ps[0].persister.channel_ids().await.unwrap().is_empty(),
+        "the withdrawn channel's record is pruned at the restart"
+    );
+    let pa = Payments::with_config(
+        &ps[0].client,
+        PaymentsConfig::default().open_channels(OpenPolicy {
+            deposit: u(200),
+            challenge_duration: 60,
+        }),
+    )
+    .unwrap();
+    let r = pa.reserve(bob, &eth, u(50)).await;
+    assert!(r.is_ok(), "Bob's address must outlive the restart: {r:?}");
+    // A damaged entry (bytes from disk) is ignored, not trusted.
+    let carol = perun::wire::PeerId::random();
+    let key = format!("perun/peer/{carol}");
+    ps[0].persister.meta_put(&key, &[1, 2, 3]).await.unwrap();
+    let r = pa.reserve(carol, &eth, u(50)).await;
+    assert!(
+        matches!(r, Err(Error::UnknownPeer(p)) if p == carol),
+        "{r:?}"
+    );
+}
+
 /// A long-running client must not keep every channel it ever settled:
 /// past `Limits::withdrawn_kept` the oldest withdrawn ones leave it. The
 /// payments layer still opens a new channel with a peer whose channels all

@@ -27,8 +27,12 @@ pub(crate) const RESUME_CONCURRENCY: usize = 32;
 /// Chain reads and transactions the watchers of one client run at once (a
 /// limit of their own: a watcher never waits behind a peer's `Sync`).
 pub(crate) const WATCH_CONCURRENCY: usize = 64;
-/// Most peers whose address the client keeps ([`Shared::note_peer_address`]).
+/// Most peers whose address the client keeps in memory
+/// ([`Shared::note_peer_address`]); the store keeps every one.
 pub(crate) const PEER_BOOK: usize = 65_536;
+/// The store's metadata key of a peer's address: this prefix and the
+/// peer id (base58).
+const PEER_KEY_PREFIX: &str = "perun/peer/";
 
 /// What the channel follower ([`Shared::follow_channels`]) learns, in the
 /// order it happened.
@@ -254,19 +258,44 @@ impl Shared {
     }
 
     /// Keeps the peer's address of a funded two-party channel that holds
-    /// funds. Only those: the peer itself gave it (an n-party proposal
-    /// names peers with addresses its proposer picked), and deposits bound
-    /// how fast the book grows; past `PEER_BOOK` entries one makes room.
-    pub(crate) fn note_peer_address(&self, core: &ChannelCore) {
+    /// funds, in memory. Only those: the peer itself gave it (an n-party
+    /// proposal names peers with addresses its proposer picked), and
+    /// deposits bound how fast the book grows; past `PEER_BOOK` entries one
+    /// makes room (the store still has it: [`Self::peer_address`]).
+    /// Returns the entry if it is new or changed.
+    pub(crate) fn note_peer_address(
+        &self,
+        core: &ChannelCore,
+    ) -> Option<(PeerId, perun_channel::Address)> {
         // A channel with nothing deposited is funded at once and for free.
         let holds_funds = core.params.funding.iter().flatten().any(|x| !x.is_zero());
         if core.peers.len() != 2 || !holds_funds {
-            return;
+            return None;
         }
         let (peer, address) = (
             core.peers[1 - core.index],
             core.params.participants[1 - core.index],
         );
+        self.book_insert(peer, address).then_some((peer, address))
+    }
+
+    /// As [`Self::note_peer_address`], and stores the entry (the book
+    /// outlives a restart, after which a peer whose channels were all
+    /// settled is known only from there). A failed write is warned about:
+    /// the channel goes on, and its record still names the peer.
+    pub(crate) async fn remember_peer_address(&self, core: &ChannelCore) {
+        let Some((peer, address)) = self.note_peer_address(core) else {
+            return;
+        };
+        let key = format!("{PEER_KEY_PREFIX}{peer}");
+        match self.persister.meta_put(&key, address.as_slice()).await {
+            Ok(()) | Err(perun_persistence::Error::MetaUnsupported) => {}
+            Err(e) => warn!(%peer, error = %e, "could not store the peer's address"),
+        }
+    }
+
+    /// Puts an entry in the memory book; whether it was new or changed.
+    fn book_insert(&self, peer: PeerId, address: perun_channel::Address) -> bool {
         let mut book = lock(&self.peer_addresses);
         if book.len() >= PEER_BOOK
             && !book.contains_key(&peer)
@@ -274,13 +303,32 @@ impl Shared {
         {
             book.remove(&any);
         }
-        book.insert(peer, address);
+        book.insert(peer, address) != Some(address)
     }
 
     /// The on-chain address `peer` had in a funded two-party channel with
-    /// us, if any since the client started.
-    pub(crate) fn peer_address(&self, peer: &PeerId) -> Option<perun_channel::Address> {
-        lock(&self.peer_addresses).get(peer).copied()
+    /// us, from memory or else from the store (bytes from disk: anything
+    /// but 20 bytes is warned about and ignored).
+    pub(crate) async fn peer_address(&self, peer: &PeerId) -> Option<perun_channel::Address> {
+        if let Some(a) = lock(&self.peer_addresses).get(peer).copied() {
+            return Some(a);
+        }
+        let key = format!("{PEER_KEY_PREFIX}{peer}");
+        let bytes = match self.persister.meta_get(&key).await {
+            Ok(b) => b?,
+            Err(perun_persistence::Error::MetaUnsupported) => return None,
+            Err(e) => {
+                warn!(%peer, error = %e, "could not read the peer's address");
+                return None;
+            }
+        };
+        let Ok(raw) = <[u8; 20]>::try_from(bytes.as_slice()) else {
+            warn!(%peer, len = bytes.len(), "the stored peer address is not 20 bytes; ignored");
+            return None;
+        };
+        let address = perun_channel::Address::from(raw);
+        self.book_insert(*peer, address);
+        Some(address)
     }
 
     /// Tells the follower, if any, through `send` (`false`: it is gone).
@@ -1147,7 +1195,7 @@ pub(crate) async fn set_phase(shared: &Shared, core: &ChannelCore, to: Phase) ->
     l.machine = trial;
     // Before the news: whoever sees `Withdrawn` sees the client trimmed.
     match to {
-        Phase::Active => shared.note_peer_address(core),
+        Phase::Active => shared.remember_peer_address(core).await,
         Phase::Withdrawn => shared.retire_channel(core.id),
         _ => {}
     }

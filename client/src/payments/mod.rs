@@ -567,7 +567,7 @@ impl Payments {
         };
         // From any channel the peer was ever in with us, settled ones
         // included (they leave the client: `Limits::withdrawn_kept`).
-        let Some(address) = self.inner.shared.peer_address(&peer) else {
+        let Some(address) = self.inner.shared.peer_address(&peer).await else {
             return Err(Error::UnknownPeer(peer));
         };
         let me = Participant {
