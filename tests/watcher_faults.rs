@@ -11,6 +11,8 @@
 //!   deposit of ours that landed after the watcher withdrew was swept by one
 //!   `withdraw` call at one moment (`open.rs`, `sweep_late_deposit`), never
 //!   again.
+//! - `a_failed_write_of_the_active_phase_is_tried_again`: a funded opening
+//!   failed on one failed write of its phase and stayed in `Funding`.
 
 #![allow(clippy::unwrap_used)] // Tests may panic on failure.
 
@@ -56,6 +58,32 @@ async fn a_hung_store_does_not_keep_the_watcher_from_refuting() {
     store.hang();
     let adj: Arc<dyn Adjudicator> = bob_registers(&ledger, &ps[1], &chans[1], stale).await;
     refutes_within_20_s(&adj, &chans[0], &latest, "").await;
+}
+
+/// Alice's store fails to record her funded channel as `Active` three
+/// times (a transient disk error). The opening tries again and hands out an
+/// active channel, which then pays; it once returned the error and left the
+/// funded channel in `Funding` until a restart, while Bob had it active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_write_of_the_active_phase_is_tried_again() {
+    use perun::channel::Phase;
+    let ledger = Ledger::sim().await;
+    let (alice_opts, store) = common::failing_writes(|changes| {
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::Phase(Phase::Active)))
+    });
+    let mut ps: Vec<Party> = vec![
+        common::party(&ledger, u(MINT), &alice_opts).await,
+        common::party(&ledger, u(MINT), &Options::default()).await,
+    ];
+    common::introduce(&ps).await;
+    store.arm(3);
+    let chans = open(&ledger, &mut ps, u(EACH)).await;
+    assert_eq!(store.injected(), 3);
+    assert_eq!(chans[0].phase(), Phase::Active);
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    assert_eq!(chans[0].state().state.version, 1);
 }
 
 /// Alice's watcher refutes Bob's stale registration with `latest` within

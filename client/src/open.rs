@@ -399,10 +399,28 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
         }
         return Err(e);
     }
-    if let Err(e) = set_phase(shared, &core, Phase::Active).await {
-        // The watcher moved it on meanwhile (closing): as above.
-        sweep_once_withdrawn(shared, &core);
-        return Err(e);
+    // Funded: a store that fails to record it is tried again (the channel
+    // is no use to anyone in `Funding`, and every peer has it active) until
+    // it works, the channel moves on, or the client stops.
+    let mut attempt = 0u32;
+    loop {
+        match set_phase(shared, &core, Phase::Active).await {
+            Ok(()) => break,
+            Err(Error::Persistence(e)) if !e.is_rejection() && core.phase() == Phase::Funding => {
+                attempt = attempt.saturating_add(1);
+                let pause = shared.timeouts.backoff(attempt);
+                warn!(channel = %core.id, attempt, retry_in = ?pause, error = %e, "could not store the funded channel as active; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shared.stopping() => return Err(Error::Closed),
+                }
+            }
+            Err(e) => {
+                // The watcher moved it on meanwhile (closing): as above.
+                sweep_once_withdrawn(shared, &core);
+                return Err(e);
+            }
+        }
     }
     info!(channel = %core.id, "channel active");
     Ok(Channel::new(core, shared.clone()))
