@@ -3,8 +3,9 @@
 //! and while a second channel's dispute starts. Restarted on the same
 //! database it refutes each stale state once, concludes each channel once
 //! (the tower account's nonce counts its transactions) and the participants
-//! are paid the latest states' balances. Fails loudly without anvil
-//! (`cargo xtask setup`).
+//! are paid the latest states' balances. An appointment sent after its
+//! dispute started (and after a kill) is acted on too. Fails loudly
+//! without anvil (`cargo xtask setup`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -285,6 +286,18 @@ impl World {
 
     /// The tower account's transactions so far (its nonce), read over JSON-RPC.
     async fn tower_txs(&self) -> u64 {
+        let tower = self.tower.address();
+        self.rpc_u64("eth_getTransactionCount", json!([tower, "latest"]))
+            .await
+    }
+
+    /// The node's latest block number.
+    async fn block_number(&self) -> u64 {
+        self.rpc_u64("eth_blockNumber", json!([])).await
+    }
+
+    /// A JSON-RPC call answering a hex quantity.
+    async fn rpc_u64(&self, method: &str, params: Value) -> u64 {
         let url = self.anvil.http_url();
         let addr: SocketAddr = url
             .trim_start_matches("http://")
@@ -294,7 +307,7 @@ impl World {
         let r = common::post(
             addr,
             "/",
-            &json!({"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionCount", "params": [self.tower.address(), "latest"]}),
+            &json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}),
         )
         .await;
         let n = r.json()["result"].as_str().unwrap().to_string();
@@ -445,4 +458,44 @@ async fn a_tower_killed_around_the_conclusions_concludes_each_once() {
     let alice = w.anvil.eth_balance(w.alice.address()).await.unwrap();
     assert_eq!(alice, U256::from(3 * DEPOSIT + 1000 * (4 + 5 + 6)));
     drop(tower);
+}
+
+/// Bob registers a stale state while the tower holds nothing for the
+/// channel, and the tower scans past it; it is then killed and restarted.
+/// Alice's appointment arrives only now, during the challenge period: the
+/// tower keeps running disputes (over the kill), so it refutes, and
+/// concludes once the period is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appointment_sent_during_the_dispute_is_acted_on_after_a_kill() {
+    let w = World::new().await;
+    let ch = w.channel().await;
+    let mut tower = w.start_tower();
+    w.until_ready().await;
+    w.bob_registers(&ch, 2).await;
+    let head = w.block_number().await;
+    w.until("the tower scanned past the registration", async || {
+        let h = common::get(w.listen, "/health").await.json();
+        h["responder"]["cursor"].as_u64().is_some_and(|c| c >= head)
+    })
+    .await;
+    tower.kill9();
+    let _tower = w.start_tower();
+    w.until_ready().await;
+
+    w.register_alice().await;
+    let locator = w.appoint(&ch, 5).await;
+    w.until("the refutation", async || {
+        w.dispute(&ch).await.is_some_and(|d| d.version == 5)
+    })
+    .await;
+    w.anvil.increase_time(61).await.unwrap();
+    w.anvil.mine(1).await.unwrap();
+    w.until("resolved", async || w.status(locator).await == "resolved")
+        .await;
+    assert!(w.dispute(&ch).await.unwrap().concluded);
+    assert_eq!(w.tower_txs().await, 2, "1 refutation + 1 conclusion");
+    let alice = w.anvil.eth_balance(w.alice.address()).await.unwrap();
+    assert_eq!(alice, U256::from(DEPOSIT + 1000 * 5));
+    let text = String::from_utf8(common::get(w.listen, "/metrics").await.body).unwrap();
+    assert_eq!(metric(&text, "perun_tower_late_jobs_total"), 1);
 }
