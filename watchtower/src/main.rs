@@ -68,7 +68,8 @@ struct Cli {
     /// dropped with their appointments, once per interval), [api.store]
     /// {max_users, max_appointments, max_slots_per_user} (defaults 1,000,000,
     /// 1,000,000, 100,000: new users and appointments past them get
-    /// tower_full); and an optional [responder] table: poll_ms (how often a
+    /// tower_full) and max_open_disputes (100,000 running disputes kept for
+    /// appointments that arrive during them); and an optional [responder] table: poll_ms (how often a
     /// running dispute is read again, default 5000), retry_min_ms,
     /// retry_max_ms, resume_grace_ms (after a restart, how long to wait for
     /// a transaction that may be in flight, default 30000).

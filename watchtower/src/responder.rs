@@ -311,6 +311,12 @@ struct Inner {
     jobs: Mutex<HashMap<ChannelId, Arc<Notify>>>,
     /// What the feed showed since the last cursor mark, stored with the next one.
     seen: Mutex<Seen>,
+    /// The blobs refused by a job that ended with nothing to send, by
+    /// channel (user → `seq`): an appointment arriving later restarts the
+    /// job, which then opens only what changed, not every blob at the
+    /// locator again (at most [`REFUSALS_KEPT`] channels; dropped when the
+    /// channel concludes).
+    refusals: Mutex<HashMap<ChannelId, HashMap<Address, u64>>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -331,6 +337,7 @@ impl Responder {
                 stats,
                 jobs: Mutex::new(HashMap::new()),
                 seen: Mutex::new(Seen::default()),
+                refusals: Mutex::new(HashMap::new()),
                 stop,
             }),
             stop: stop_tx,
@@ -464,6 +471,7 @@ impl Inner {
                 let open = OpenDispute {
                     timeout,
                     channel: id,
+                    version,
                     nonce,
                     registered: Some(state.clone()),
                 };
@@ -473,14 +481,14 @@ impl Inner {
                 } else {
                     Vec::new()
                 };
-                // Kept with the next cursor mark, which also starts the job
-                // if an appointment arrives before it.
-                self.seen
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .registered
-                    .push((open, !users.is_empty()));
                 if users.is_empty() {
+                    // Kept with the next cursor mark, which also starts the
+                    // job if an appointment arrives before it.
+                    self.seen
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .registered
+                        .push(open);
                     debug!(channel = %id, version, block, "a dispute without appointments");
                     return;
                 }
@@ -494,8 +502,11 @@ impl Inner {
                     concluded: false,
                     refused: Vec::new(),
                 };
+                let open = Arc::new(open);
                 let start = self
-                    .retrying("start_job", move |s| s.start_job(&job, &users))
+                    .retrying("start_job", move |s| {
+                        s.start_job_keeping(&job, &users, &open, unix_now())
+                    })
                     .await;
                 if start == JobStart::New {
                     self.stats.disputes_seen.fetch_add(1, Ordering::Relaxed);
@@ -512,6 +523,10 @@ impl Inner {
                     .unwrap_or_else(PoisonError::into_inner)
                     .concluded
                     .push(id);
+                self.refusals
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
                 self.wake(id);
             }
             FeedItem::Event { .. } => {}
@@ -533,7 +548,6 @@ impl Inner {
                         .fetch_add(marked.not_kept, Ordering::Relaxed);
                     warn!(
                         not_kept = marked.not_kept,
-                        max = crate::store::MAX_OPEN_DISPUTES,
                         "too many running disputes to keep; an appointment arriving during these will not start their job"
                     );
                 }
@@ -545,6 +559,14 @@ impl Inner {
             }
             FeedItem::Reorged { from } => {
                 warn!(from, "reorg: scanning again");
+                // A conclusion seen since the last mark may be gone with the
+                // orphaned blocks (it comes again if not); a registration
+                // kept for nothing only waits for its end.
+                self.seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .concluded
+                    .clear();
                 let to = from.saturating_sub(1);
                 self.retrying("rewind_cursor", move |s| s.rewind_cursor(to))
                     .await;
@@ -651,12 +673,19 @@ impl Inner {
     /// Steps the job until it is done or the responder stops.
     async fn drive(self: Arc<Self>, id: ChannelId, notify: Arc<Notify>, resumed: bool) {
         let mut stop = self.stop.clone();
+        let refused_seq = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)
+            .unwrap_or_default();
         let mut state = JobRun {
             grace: None,
             resumed,
             missing: 0,
             no_refute: None,
-            refused_seq: HashMap::new(),
+            refused_seq,
+            nothing_to_send: false,
         };
         let mut failures = 0u32;
         loop {
@@ -666,6 +695,12 @@ impl Inner {
             let wait = match self.step(id, &mut state).await {
                 Ok(Next::Done) => {
                     debug!("job done");
+                    if state.nothing_to_send {
+                        let mut kept = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+                        if kept.len() < REFUSALS_KEPT {
+                            kept.insert(id, std::mem::take(&mut state.refused_seq));
+                        }
+                    }
                     return;
                 }
                 Ok(Next::Wait(d)) => {
@@ -805,6 +840,7 @@ impl Inner {
             );
             self.store_call(move |s| s.finish_job(id, &users, Status::Resolved, |_| {}))
                 .await?;
+            run.nothing_to_send = true;
             return Ok(Next::Done);
         };
         let version = best.state.version;
@@ -976,6 +1012,10 @@ impl Inner {
     }
 }
 
+/// Channels whose refused blobs the responder remembers across job runs
+/// ([`Inner::refusals`]); past it a restarted job opens every blob again.
+const REFUSALS_KEPT: usize = 10_000;
+
 /// The tower's clock in unix seconds (0 if it is before 1970).
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -1016,8 +1056,11 @@ struct JobRun {
     missing: u32,
     /// A version the contract refused to take as a refutation.
     no_refute: Option<u64>,
-    /// Each user's blob refused in this run, by its `seq`.
+    /// Each user's blob refused in this run (or by the job's last run that
+    /// ended with nothing to send), by its `seq`.
     refused_seq: HashMap<Address, u64>,
+    /// The run ended because no blob opened to a state it could use.
+    nothing_to_send: bool,
 }
 
 impl JobRun {

@@ -89,7 +89,10 @@ impl Service {
         config: ServiceConfig,
     ) -> Result<Self> {
         let db = db.to_path_buf();
-        let store = tokio::task::spawn_blocking(move || Store::open(db)).await??;
+        let store = tokio::task::spawn_blocking(move || Store::open(db))
+            .await??
+            // The responder's copy too (it keeps the running disputes).
+            .with_limits(config.api.store);
         let tower = Arc::new(Tower::new(
             store.clone(),
             Arc::clone(&account),

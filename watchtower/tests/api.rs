@@ -880,6 +880,7 @@ async fn long_expired_users_give_their_room_back() {
             max_users: 2,
             max_appointments: 2,
             max_slots_per_user: 10,
+            ..perun_watchtower::store::StoreLimits::default()
         },
         ..Config::default()
     };

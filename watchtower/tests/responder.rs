@@ -20,7 +20,7 @@ use perun_channel::{Allocation, Asset, ChannelId, Domain, Params, SignedState, S
 use perun_wallet::{Account, LocalAccount};
 use perun_watchtower::responder::{Config, Responder, Stats};
 use perun_watchtower::scheme::{ChannelSecret, seal};
-use perun_watchtower::store::{JobPhase, NewAppointment, Status, Store};
+use perun_watchtower::store::{Job, JobPhase, NewAppointment, OpenDispute, Seen, Status, Store};
 use rand::RngCore;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -37,6 +37,8 @@ struct Counting {
     conclude_calls: AtomicU64,
     /// `conclude` calls that concluded.
     concludes: AtomicU64,
+    /// `dispute` reads (RPC calls on a node).
+    reads: AtomicU64,
     /// Freeze after the next `register` reached the ledger.
     freeze_after_register: AtomicBool,
     /// Freeze before the next `register` reaches the ledger.
@@ -77,6 +79,7 @@ impl Counting {
             ledger,
             registers: AtomicU64::new(0),
             conclude_calls: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             concludes: AtomicU64::new(0),
             freeze_after_register: AtomicBool::new(false),
             freeze_before_register: AtomicBool::new(false),
@@ -134,6 +137,7 @@ impl Adjudicator for Counting {
         self.ledger.subscribe(id).await
     }
     async fn dispute(&self, id: ChannelId) -> perun_adjudicator::Result<Option<Dispute>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         if take_one(&self.fail_reads) {
             return Err(node_down("dispute"));
         }
@@ -793,6 +797,321 @@ async fn a_good_appointment_after_a_refused_one_restarts_the_job_even_across_a_r
     assert_eq!(balances(&s), paid(5));
     assert_eq!(chain.registers.load(Ordering::SeqCst), 1);
     r.stop().await;
+}
+
+fn junk_users(n: usize) -> Vec<Address> {
+    (0..n)
+        .map(|_| {
+            let mut a = [0u8; 20];
+            rand::thread_rng().fill_bytes(&mut a);
+            Address::from(a)
+        })
+        .collect()
+}
+
+fn plant(s: &Setup, users: &[Address], seq: u64) {
+    for u in users {
+        s.store.register(*u, 1, u64::MAX).unwrap();
+    }
+    for chunk in users.chunks(256) {
+        let batch = chunk
+            .iter()
+            .map(|&user| NewAppointment {
+                user,
+                locator: s.locator(),
+                seq,
+                blob: vec![0; 28],
+                user_signature: vec![0; 65],
+            })
+            .collect();
+        for r in s
+            .store
+            .add_appointments(batch, 0, |_, _, _| Ok(vec![0; 65]))
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+// From a review of the late-appointment change (b466c5f); each failed on it.
+
+/// A `Registered` whose locator holds an appointment starts the job at
+/// once, and the job may end (its only blob refused) before the range's
+/// cursor mark. A good appointment stored in that window found no kept
+/// dispute, and the mark skipped events that had a job: the job stayed
+/// Done while the stale state ran to its conclusion. Now the responder
+/// keeps the dispute in the job's own transaction, and a mark checks every
+/// event for appointments stored since. Both orders of the store calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appointment_stored_after_the_job_ended_but_before_the_mark_is_acted_on() {
+    for keeping in [true, false] {
+        appointment_after_the_job_ended(keeping).await;
+    }
+}
+
+async fn appointment_after_the_job_ended(keeping: bool) {
+    let s = setup().await;
+    // Alice's old appointment does not open (damaged / junk).
+    let mut junk = vec![0u8; 200];
+    rand::thread_rng().fill_bytes(&mut junk);
+    s.appoint(s.alice.address(), junk);
+    let stale = s.state(2).state;
+    // handle(Registered): users non-empty -> start_job, seen gets (d, true).
+    let job = Job {
+        channel: s.id(),
+        nonce: s.params.nonce,
+        locator: s.locator(),
+        phase: JobPhase::Triggered,
+        registered: Some(stale.clone()),
+        refuted: None,
+        concluded: false,
+        refused: Vec::new(),
+    };
+    let open = OpenDispute {
+        timeout: now_secs() + 60,
+        channel: s.id(),
+        version: 2,
+        nonce: s.params.nonce,
+        registered: Some(stale.clone()),
+    };
+    if keeping {
+        // What the responder does now: the job and the kept dispute at once.
+        s.store
+            .start_job_keeping(&job, &[s.alice.address()], &open, now_secs())
+            .unwrap();
+    } else {
+        s.store.start_job(&job, &[s.alice.address()]).unwrap();
+    }
+    // The job task: nothing opens -> finish_job(Resolved) -> Done.
+    s.store
+        .finish_job(s.id(), &[s.alice.address()], Status::Resolved, |_| {})
+        .unwrap();
+    // Alice's client comes back and replaces her appointment with a good one.
+    let (_, blob) = seal(&s.params, &s.state(5)).unwrap();
+    s.appoint_seq(s.alice.address(), 2, blob);
+    // The range's cursor mark.
+    if keeping {
+        assert_eq!(
+            s.store.job(s.id()).unwrap().unwrap().phase,
+            JobPhase::Triggered,
+            "the appointment restarts the job in its own transaction"
+        );
+    }
+    let seen = Seen {
+        registered: vec![open],
+        concluded: vec![],
+    };
+    let marked = s.store.mark_scanned(7, &seen, now_secs()).unwrap();
+    let phase = s.store.job(s.id()).unwrap().unwrap().phase;
+    assert!(
+        phase != JobPhase::Done,
+        "a good appointment is stored at the locator of a running dispute, but the job stays {phase:?} \
+         (mark started {:?}, alice's status {:?}, dispute kept: {})",
+        marked.started,
+        s.status(s.alice.address()),
+        s.store.open_dispute(s.locator()).unwrap().is_some()
+    );
+}
+
+/// Every appointment stored at a kept locator whose job was Done reopened
+/// it, an unchanged resend too, and each reopened run decrypted every blob
+/// at the locator again: each API call (users are free) cost N
+/// decryptions, a chain read and two durable writes. Now a resend starts
+/// nothing, and a replacement restarts the job opening only what changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resending_one_appointment_does_not_reopen_all_blobs_each_time() {
+    const JUNK: usize = 300;
+    const RESENDS: u64 = 20;
+    let s = setup().await;
+    let users = junk_users(JUNK);
+    plant(&s, &users, 1);
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the job ends and the dispute is kept", async || {
+        s.store
+            .job(s.id())
+            .unwrap()
+            .is_some_and(|j| j.phase == JobPhase::Done)
+            && s.store.open_dispute(s.locator()).unwrap().is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let opened0 = r.stats.blobs_opened.load(Ordering::SeqCst);
+    let reads0 = chain.reads.load(Ordering::SeqCst);
+    for _ in 0..RESENDS {
+        // The same appointment again, unchanged (a client retrying).
+        s.store
+            .add_appointment(
+                NewAppointment {
+                    user: users[0],
+                    locator: s.locator(),
+                    seq: 1,
+                    blob: vec![0; 28],
+                    user_signature: vec![0; 65],
+                },
+                0,
+                |_, _, _| Ok(vec![0; 65]),
+            )
+            .unwrap();
+        until("the job ends again", async || {
+            s.store
+                .job(s.id())
+                .unwrap()
+                .is_some_and(|j| j.phase == JobPhase::Done)
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let opened = r.stats.blobs_opened.load(Ordering::SeqCst) - opened0;
+    let reads = chain.reads.load(Ordering::SeqCst) - reads0;
+    let late = r.stats.late_jobs.load(Ordering::SeqCst);
+    assert!(
+        opened == 0 && late == 0,
+        "{RESENDS} unchanged resends of one junk appointment made the tower decrypt {opened} blobs \
+         ({JUNK} at the locator), read the chain {reads} times, start {late} late jobs"
+    );
+    // Replacements (a higher seq each) restart the job; each run opens the
+    // one blob that changed.
+    for seq in 2..2 + RESENDS {
+        s.store
+            .add_appointment(
+                NewAppointment {
+                    user: users[0],
+                    locator: s.locator(),
+                    seq,
+                    blob: vec![1; 28],
+                    user_signature: vec![0; 65],
+                },
+                0,
+                |_, _, _| Ok(vec![0; 65]),
+            )
+            .unwrap();
+        until("the restarted job ends", async || {
+            r.stats.late_jobs.load(Ordering::SeqCst) == seq - 1
+                && s.store
+                    .job(s.id())
+                    .unwrap()
+                    .is_some_and(|j| j.phase == JobPhase::Done)
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let opened = r.stats.blobs_opened.load(Ordering::SeqCst) - opened0;
+    r.stop().await;
+    assert_eq!(
+        opened, RESENDS,
+        "one decryption per replacement, not {JUNK}"
+    );
+}
+
+/// The same race end to end through the responder. Our dispute
+/// is first in a range that holds many more watched disputes (a tower back
+/// from downtime, or a busy block range), so the cursor mark comes long
+/// after our job's task ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn race_end_to_end_a_good_appointment_before_the_mark_is_lost() {
+    const OTHERS: usize = 400;
+    let s = setup().await;
+    let mut junk = vec![0u8; 200];
+    rand::thread_rng().fill_bytes(&mut junk);
+    s.appoint(s.alice.address(), junk.clone());
+    // Bob registers the stale state while the tower is down...
+    s.bob_registers(2).await;
+    // ...and so do many other watched channels after him, in the same range.
+    let asset = Asset {
+        chainId: U256::from(1337),
+        holder: ETH,
+    };
+    let funding = vec![vec![U256::from(1u64); 2]];
+    for i in 0..OTHERS {
+        let mut nonce = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let p = Params::payment(
+            s.ledger.domain(),
+            60,
+            U256::from_be_bytes(nonce),
+            vec![s.alice.address(), s.bob.address()],
+            funding.clone(),
+        );
+        let st = State::initial(&p, Allocation::new(vec![asset.clone()], funding.clone()));
+        let mut signed = SignedState::new(st);
+        signed.sign(&p, 0, &s.alice).unwrap();
+        signed.sign(&p, 1, &s.bob).unwrap();
+        let user = Address::with_last_byte((i % 200) as u8 + 1);
+        s.store.register(user, 10_000, u64::MAX).unwrap();
+        s.store
+            .add_appointment(
+                NewAppointment {
+                    user,
+                    locator: ChannelSecret::of(&p).locator(),
+                    seq: 1,
+                    blob: vec![0; 28],
+                    user_signature: vec![0; 65],
+                },
+                0,
+                |_, _, _| Ok(vec![0; 65]),
+            )
+            .unwrap();
+        s.ledger
+            .register(&SignedChannel {
+                params: p,
+                state: signed,
+            })
+            .await
+            .unwrap();
+    }
+    let chain = Counting::new(s.ledger.clone());
+    let r = start(&s, &chain);
+    // Alice's client comes back as soon as the job for her channel ended.
+    let t0 = std::time::Instant::now();
+    loop {
+        if s.store
+            .job(s.id())
+            .unwrap()
+            .is_some_and(|j| j.phase == JobPhase::Done)
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no job");
+        tokio::task::yield_now().await;
+    }
+    let (_, blob) = seal(&s.params, &s.state(5)).unwrap();
+    s.appoint_seq(s.alice.address(), 2, blob);
+    let cursor = s.store.cursor().unwrap();
+    assert_eq!(
+        cursor, 0,
+        "precondition: the mark came before the appointment; rerun"
+    );
+    let mut refuted = false;
+    for _ in 0..300 {
+        if s.dispute().await.is_some_and(|d| d.version == 5) {
+            refuted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let job = s.store.job(s.id()).unwrap().unwrap();
+    let cursor_after = s.store.cursor().unwrap();
+    r.stop().await;
+    assert!(
+        refuted,
+        "Alice's good appointment (v5) came during Bob's stale dispute (v2) and was never acted on: \
+         job {:?}, kept {}, alice {:?}, cursor {} -> {}",
+        job.phase,
+        s.store.open_dispute(s.locator()).unwrap().is_some(),
+        s.status(s.alice.address()),
+        cursor,
+        cursor_after
+    );
 }
 
 /// Node failures on reads and on the refutation are retried with backoff

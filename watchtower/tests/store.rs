@@ -353,6 +353,7 @@ fn limits_bound_users_appointments_and_slots() {
             max_users: 2,
             max_appointments: 3,
             max_slots_per_user: 5,
+            ..StoreLimits::default()
         });
     let (a, b, c) = (
         Address::repeat_byte(1),
@@ -397,6 +398,7 @@ fn reclaim_drops_long_expired_users_and_gives_their_room_back() {
             max_users: 3,
             max_appointments: 4,
             max_slots_per_user: 10,
+            ..StoreLimits::default()
         });
     let (a, b, c, d) = (
         Address::repeat_byte(1),
@@ -553,6 +555,7 @@ fn running_disputes_are_kept_until_they_end_and_start_late_jobs() {
         OpenDispute {
             timeout,
             channel: p.channel_id(),
+            version: v,
             nonce: p.nonce,
             registered: Some(s),
         }
@@ -570,11 +573,11 @@ fn running_disputes_are_kept_until_they_end_and_start_late_jobs() {
             .expect("add");
         let seen = Seen {
             registered: vec![
-                (open(&p1, 2, now + 60), false),
-                (open(&p2, 2, now + 60), false),
-                (open(&p3, 1, now + 60), false),
+                open(&p1, 2, now + 60),
+                open(&p2, 2, now + 60),
+                open(&p3, 1, now + 60),
                 // Over for more than a day (a history read from far back).
-                (open(&p4, 1, now - KEPT_AFTER_TIMEOUT - 1), false),
+                open(&p4, 1, now - KEPT_AFTER_TIMEOUT - 1),
             ],
             concluded: vec![],
         };
@@ -594,10 +597,7 @@ fn running_disputes_are_kept_until_they_end_and_start_late_jobs() {
         );
         // A refutation of p1 seen twice, and out of order: the newer stays.
         let seen = Seen {
-            registered: vec![
-                (open(&p1, 4, now + 60), false),
-                (open(&p1, 3, now + 60), false),
-            ],
+            registered: vec![open(&p1, 4, now + 60), open(&p1, 3, now + 60)],
             concluded: vec![],
         };
         assert!(
@@ -659,4 +659,55 @@ fn running_disputes_are_kept_until_they_end_and_start_late_jobs() {
         assert_eq!(marked.pruned, 2);
         assert!(store.open_dispute(loc(&p1)).expect("read").is_none());
     }
+}
+
+/// At `max_open_disputes`, a dispute ending sooner takes the place of the
+/// one ending last (disputes registered with year-long challenge periods
+/// cannot hold the room); one ending later is not kept, and counted.
+#[test]
+fn a_full_set_of_kept_disputes_gives_way_to_one_ending_sooner() {
+    use perun_channel::{ChannelId, U256};
+    use perun_watchtower::scheme::ChannelSecret;
+    use perun_watchtower::store::{OpenDispute, Seen, StoreLimits};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("tower.redb"))
+        .expect("open")
+        .with_limits(StoreLimits {
+            max_open_disputes: 3,
+            ..StoreLimits::default()
+        });
+    let now = 1_000_000;
+    let open = |n: u8, timeout: u64| OpenDispute {
+        timeout,
+        channel: ChannelId::repeat_byte(n),
+        version: 1,
+        nonce: U256::from(n),
+        registered: None,
+    };
+    let loc = |d: &OpenDispute| {
+        ChannelSecret {
+            channel_id: d.channel,
+            nonce: d.nonce,
+        }
+        .locator()
+    };
+    let year = now + 365 * 86_400;
+    let kept = [open(1, year), open(2, year + 1), open(3, now + 60)];
+    let seen = Seen {
+        registered: kept.to_vec(),
+        concluded: vec![],
+    };
+    assert_eq!(store.mark_scanned(1, &seen, now).expect("mark").not_kept, 0);
+    let sooner = open(4, now + 120);
+    let later = open(5, year + 2);
+    let seen = Seen {
+        registered: vec![sooner.clone(), later.clone()],
+        concluded: vec![],
+    };
+    assert_eq!(store.mark_scanned(2, &seen, now).expect("mark").not_kept, 1);
+    let is_kept = |d: &OpenDispute| store.open_dispute(loc(d)).expect("read").is_some();
+    assert!(is_kept(&sooner), "the sooner one is kept");
+    assert!(!is_kept(&kept[1]), "in place of the one ending last");
+    assert!(is_kept(&kept[0]) && is_kept(&kept[2]));
+    assert!(!is_kept(&later), "one ending later than all is not kept");
 }

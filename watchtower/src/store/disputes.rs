@@ -21,12 +21,21 @@
 //! the job. Jobs started that way are handed to the responder through
 //! [`Store::started_jobs`].
 //!
+//! A `Registered` whose locator holds appointments is kept in the same
+//! transaction that starts its job ([`Store::start_job_keeping`]): the job
+//! may end (its only blob refused) before the next mark, and an appointment
+//! arriving then must find the dispute kept (a review found the good
+//! appointment lost in that window).
+//!
 //! Kept until the channel's `Concluded` event, or a day after the
 //! challenge period's end by the tower's clock (nothing can be refuted
 //! then; chain time follows the wall clock within seconds); at most
-//! [`MAX_OPEN_DISPUTES`], each registered state kept only up to
-//! [`MAX_KEPT_STATE`] bytes (a job without it can still refute, and
-//! concludes once it has seen the state or someone else concluded).
+//! [`StoreLimits::max_open_disputes`](super::StoreLimits) (100,000): past
+//! it a dispute ending sooner takes the place of the one ending last, so
+//! disputes registered with year-long challenge periods cannot hold the
+//! room. Each registered state is kept only up to [`MAX_KEPT_STATE`] bytes
+//! (a job without it can still refute, and concludes once it has seen the
+//! state or someone else concluded).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -44,9 +53,6 @@ use super::{
 use crate::Result;
 use crate::scheme::{ChannelSecret, Locator};
 
-/// Open disputes kept at most; events past it are counted and not kept
-/// (each costs its sender a registration's gas).
-pub const MAX_OPEN_DISPUTES: u64 = 100_000;
 /// The largest registered state kept with its dispute (encoded bytes).
 pub const MAX_KEPT_STATE: usize = 4096;
 /// How long after its challenge period's end a dispute is kept (seconds).
@@ -60,8 +66,10 @@ pub struct OpenDispute {
     /// When its challenge period ends (chain seconds). First in the
     /// encoding: the hourly check decodes only this.
     pub timeout: u64,
-    /// The channel.
+    /// The channel. Second: the hourly check reads it with the timeout.
     pub channel: ChannelId,
+    /// The registered version (kept when the state is not).
+    pub version: u64,
     /// Its `params.nonce`: with the id, the locator and the blobs' key.
     pub nonce: U256,
     /// The registered state, unless larger than [`MAX_KEPT_STATE`].
@@ -91,18 +99,14 @@ impl OpenDispute {
             refused: Vec::new(),
         }
     }
-
-    fn version(&self) -> Option<u64> {
-        self.registered.as_ref().map(|s| s.version)
-    }
 }
 
 /// What the feed showed since the last cursor mark.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Seen {
-    /// Each `Registered` event, with whether a job was started for it when
-    /// it was handled (its locator had appointments then).
-    pub registered: Vec<(OpenDispute, bool)>,
+    /// Each `Registered` event whose locator had no appointment when it
+    /// was handled (the others are kept by [`Store::start_job_keeping`]).
+    pub registered: Vec<OpenDispute>,
     /// Channels whose `Concluded` event came.
     pub concluded: Vec<ChannelId>,
 }
@@ -121,7 +125,7 @@ pub struct Marked {
     /// the event was handled and before this mark (the responder starts
     /// their tasks).
     pub started: Vec<ChannelId>,
-    /// Disputes not kept: [`MAX_OPEN_DISPUTES`] were.
+    /// Disputes not kept: as many as allowed were, all ending sooner.
     pub not_kept: u64,
     /// Kept disputes dropped as over (their challenge period ended more
     /// than [`KEPT_AFTER_TIMEOUT`] ago).
@@ -215,33 +219,19 @@ impl Store {
             let index = txn.open_multimap_table(LOCATORS)?;
             let mut jobs = txn.open_table(JOBS)?;
             let mut appointments = txn.open_table(APPOINTMENTS)?;
-            for (d, had_job) in &seen.registered {
+            for d in &seen.registered {
                 let locator = d.locator();
-                let kept: Option<OpenDispute> = match open.get(&locator.0)? {
-                    Some(v) => Some(decode("tower_open_disputes", v.value())?),
-                    None => None,
-                };
-                let merged = match kept {
-                    // An event seen again (a rescan) or out of order: the
-                    // newer registration stays.
-                    Some(k) if (k.version(), k.timeout) >= (d.version(), d.timeout) => Some(k),
-                    Some(_) => Some(d.clone()),
-                    // Past already (a history read from far back).
-                    None if over(d.timeout, now) => None,
-                    None if open.len()? >= MAX_OPEN_DISPUTES => {
-                        out.not_kept += 1;
-                        None
-                    }
-                    None => Some(d.clone()),
-                };
-                if let Some(m) = &merged {
-                    ids.insert(d.channel, locator);
-                    open.insert(&locator.0, encode_kept(m)?.as_slice())?;
-                }
+                let merged =
+                    match keep_in(&mut open, &mut ids, d, now, self.limits.max_open_disputes)? {
+                        Keep::Kept(m) => Some(*m),
+                        Keep::Past => None,
+                        Keep::Full => {
+                            out.not_kept += 1;
+                            None
+                        }
+                    };
                 let merged = merged.as_ref().unwrap_or(d);
-                if *had_job {
-                    continue;
-                }
+                // An appointment stored since the event was handled.
                 let mut users = Vec::new();
                 for u in index.get(&locator.0)? {
                     users.push(alloy_primitives::Address::from(*u?.value()));
@@ -299,6 +289,36 @@ impl Store {
         Ok(out)
     }
 
+    /// [`Store::start_job`] for a `Registered` event whose locator holds
+    /// appointments, keeping the dispute in the same transaction (see the
+    /// module docs: the job may end before the next mark).
+    pub fn start_job_keeping(
+        &self,
+        job: &Job,
+        users: &[alloy_primitives::Address],
+        dispute: &OpenDispute,
+        now: u64,
+    ) -> Result<JobStart> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let start = {
+            let mut open = txn.open_table(OPEN_DISPUTES)?;
+            let mut ids = self.open_ids.lock().unwrap_or_else(PoisonError::into_inner);
+            keep_in(
+                &mut open,
+                &mut ids,
+                dispute,
+                now,
+                self.limits.max_open_disputes,
+            )?;
+            let mut jobs = txn.open_table(JOBS)?;
+            let mut appointments = txn.open_table(APPOINTMENTS)?;
+            start_job_in(&mut jobs, &mut appointments, job, users, false)?
+        };
+        txn.commit()?;
+        Ok(start)
+    }
+
     /// The kept dispute at `locator`, if any.
     pub fn open_dispute(&self, locator: Locator) -> Result<Option<OpenDispute>> {
         use redb::ReadableDatabase;
@@ -328,6 +348,67 @@ impl Store {
             self.started.bell.notified().await;
         }
     }
+}
+
+/// What [`keep_in`] did with a dispute.
+enum Keep {
+    /// Kept (merged with what was): this.
+    Kept(Box<OpenDispute>),
+    /// Over for more than a day already (a history read from far back).
+    Past,
+    /// The room is taken by disputes that all end sooner.
+    Full,
+}
+
+/// Keeps `d` in the open table, merged with what is kept for its locator
+/// (the newer registration wins: an event may come again on a rescan, or
+/// out of order). At `max`, the kept dispute ending last gives its place
+/// to `d` if `d` ends sooner: one scan of the table, only when full.
+fn keep_in(
+    open: &mut redb::Table<'_, &'static [u8; 32], &'static [u8]>,
+    ids: &mut HashMap<ChannelId, Locator>,
+    d: &OpenDispute,
+    now: u64,
+    max: u64,
+) -> Result<Keep> {
+    let locator = d.locator();
+    let kept: Option<OpenDispute> = match open.get(&locator.0)? {
+        Some(v) => Some(decode("tower_open_disputes", v.value())?),
+        None => None,
+    };
+    let merged = match kept {
+        Some(k) if (k.version, k.timeout) >= (d.version, d.timeout) => k,
+        Some(_) => d.clone(),
+        None if over(d.timeout, now) => return Ok(Keep::Past),
+        None if open.len()? >= max => {
+            let mut last: Option<([u8; 32], u64, Option<ChannelId>)> = None;
+            for row in open.iter()? {
+                let (k, v) = row?;
+                // One that does not decode goes first.
+                let (t, id) = match timeout_of(v.value()) {
+                    Some((t, id)) => (t, Some(id)),
+                    None => (u64::MAX, None),
+                };
+                if last.as_ref().is_none_or(|l| t > l.1) {
+                    last = Some((*k.value(), t, id));
+                }
+            }
+            match last {
+                Some((k, t, id)) if t > d.timeout => {
+                    open.remove(&k)?;
+                    if let Some(id) = id {
+                        ids.remove(&id);
+                    }
+                    d.clone()
+                }
+                _ => return Ok(Keep::Full),
+            }
+        }
+        None => d.clone(),
+    };
+    ids.insert(d.channel, locator);
+    open.insert(&locator.0, encode_kept(&merged)?.as_slice())?;
+    Ok(Keep::Kept(Box::new(merged)))
 }
 
 /// Inside [`Store::add_appointments`]' transaction: starts the job of each

@@ -47,9 +47,7 @@ use crate::scheme::Locator;
 use crate::{Error, Result};
 
 mod disputes;
-pub use disputes::{
-    KEPT_AFTER_TIMEOUT, MAX_KEPT_STATE, MAX_OPEN_DISPUTES, Marked, OpenDispute, Seen,
-};
+pub use disputes::{KEPT_AFTER_TIMEOUT, MAX_KEPT_STATE, Marked, OpenDispute, Seen};
 
 /// The schema version this build writes and the newest it opens. Version 2
 /// added `tower_jobs`: a build of version 1 must not open a store with
@@ -130,6 +128,8 @@ pub struct Added {
     pub receipt: Receipt,
     /// It replaced an older appointment of the same user and locator (no slot taken).
     pub replaced: bool,
+    /// The very appointment stored already (a retry): nothing changed.
+    pub unchanged: bool,
     /// The subscription after the change.
     pub subscription: Subscription,
 }
@@ -259,6 +259,7 @@ pub enum JobStart {
 /// the tower's disk: new users and new appointments past these are
 /// [`Error::TowerFull`]; renewals stop adding slots at the cap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreLimits {
     /// Users in all.
     pub max_users: u64,
@@ -268,6 +269,10 @@ pub struct StoreLimits {
     pub max_appointments: u64,
     /// Slots one user can hold, however often it renews.
     pub max_slots_per_user: u32,
+    /// Running disputes kept for appointments that arrive during them
+    /// ([`OpenDispute`]); past it, a nearer-ending dispute takes the place
+    /// of the one ending last.
+    pub max_open_disputes: u64,
 }
 
 impl Default for StoreLimits {
@@ -276,6 +281,7 @@ impl Default for StoreLimits {
             max_users: 1_000_000,
             max_appointments: 1_000_000,
             max_slots_per_user: 100_000,
+            max_open_disputes: 100_000,
         }
     }
 }
@@ -374,6 +380,7 @@ fn add_one(
             return Ok(Added {
                 receipt: old.receipt.clone(),
                 replaced: true,
+                unchanged: true,
                 subscription: sub,
             });
         }
@@ -419,6 +426,7 @@ fn add_one(
     Ok(Added {
         receipt,
         replaced,
+        unchanged: false,
         subscription: sub,
     })
 }
@@ -612,7 +620,8 @@ impl Store {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .insert(added.receipt.locator);
                 }
-                if r.is_ok() {
+                // A retry of what is stored changes nothing and starts nothing.
+                if r.as_ref().is_ok_and(|a| !a.unchanged) {
                     stored.push((user, locator));
                 }
                 // A store error leaves the transaction in an unknown state:
@@ -1002,7 +1011,7 @@ fn start_job_in(
         None => None,
     };
     let (stored, start) = match old {
-        None => (job.clone(), JobStart::New),
+        None => (Some(job.clone()), JobStart::New),
         Some(mut old) => {
             let newer = match (&old.registered, &job.registered) {
                 (Some(o), Some(n)) => n.version > o.version,
@@ -1014,13 +1023,18 @@ fn start_job_in(
             }
             if old.phase == JobPhase::Done {
                 old.phase = JobPhase::Triggered;
-                (old, JobStart::Reopened)
+                (Some(old), JobStart::Reopened)
             } else {
-                (old, JobStart::Running)
+                // Rewritten only if it changed: a running job's record holds
+                // every refusal at its locator, and appointments joining it
+                // must not copy that each time.
+                (newer.then_some(old), JobStart::Running)
             }
         }
     };
-    jobs.insert(&job.channel.0, encode(&stored)?.as_slice())?;
+    if let Some(stored) = stored {
+        jobs.insert(&job.channel.0, encode(&stored)?.as_slice())?;
+    }
     if mark_always || start != JobStart::Running {
         set_statuses(appointments, users, job.locator, Status::DisputeTriggered)?;
     }
