@@ -405,6 +405,9 @@ enum Next {
 struct Opened {
     /// Every user with an appointment at the locator.
     users: Vec<Address>,
+    /// Each appointment read, by user and `seq`: a job ends with nothing
+    /// to send only if the locator still holds just these.
+    read: Vec<(Address, u64)>,
     /// The channel's params and the newest valid state among them.
     best: Option<(Params, SignedState)>,
 }
@@ -697,9 +700,14 @@ impl Inner {
                     debug!("job done");
                     if state.nothing_to_send {
                         let mut kept = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
-                        if kept.len() < REFUSALS_KEPT {
-                            kept.insert(id, std::mem::take(&mut state.refused_seq));
+                        // Full: one makes room (a channel nobody concluded
+                        // must not hold it for good).
+                        if kept.len() >= REFUSALS_KEPT
+                            && let Some(any) = kept.keys().next().copied()
+                        {
+                            kept.remove(&any);
                         }
+                        kept.insert(id, std::mem::take(&mut state.refused_seq));
                     }
                     return;
                 }
@@ -742,13 +750,15 @@ impl Inner {
         // A blob refused before is not decrypted again while it stays (its
         // user replacing it brings a higher `seq`).
         let refused_before = run.refused_seq.clone();
-        let (users, best, refused, newly, opened) = self
+        let (users, read, best, refused, newly, opened) = self
             .store_call(move |s| {
                 let mut best: Option<(Params, SignedState)> = None;
                 let mut refused = Vec::new();
                 let mut newly = Vec::new();
+                let mut read = Vec::new();
                 let mut opened = 0u64;
                 let users = s.each_at(locator, |user, a| {
+                    read.push((user, a.seq));
                     if refused_before.get(&user) == Some(&a.seq) {
                         return Ok(());
                     }
@@ -778,7 +788,7 @@ impl Inner {
                     }
                     Ok(())
                 })?;
-                Ok((users, best, refused, newly, opened))
+                Ok((users, read, best, refused, newly, opened))
             })
             .await?;
         run.refused_seq.extend(newly);
@@ -797,7 +807,7 @@ impl Inner {
             .await?;
             self.stats.bad_blobs.fetch_add(n, Ordering::Relaxed);
         }
-        Ok(Opened { users, best })
+        Ok(Opened { users, read, best })
     }
 
     /// One look at the chain and the step it calls for.
@@ -838,8 +848,16 @@ impl Inner {
                 appointments = users.len(),
                 "no appointment opens to a valid state; nothing to send"
             );
-            self.store_call(move |s| s.finish_job(id, &users, Status::Resolved, |_| {}))
+            // Unless an appointment came meanwhile: it joined this job,
+            // which must look again (a review found it lost here).
+            let read = opened.read;
+            let ended = self
+                .store_call(move |s| s.finish_job_unless_joined(id, &read, Status::Resolved))
                 .await?;
+            if !ended {
+                debug!("an appointment came while the job looked; looking again");
+                return Ok(Next::Wait(Duration::ZERO));
+            }
             run.nothing_to_send = true;
             return Ok(Next::Done);
         };

@@ -39,6 +39,9 @@ struct Counting {
     concludes: AtomicU64,
     /// `dispute` reads (RPC calls on a node).
     reads: AtomicU64,
+    /// While set, `dispute` reads wait (a slow node); `held` says one did.
+    hold_reads: AtomicBool,
+    held: AtomicBool,
     /// Freeze after the next `register` reached the ledger.
     freeze_after_register: AtomicBool,
     /// Freeze before the next `register` reaches the ledger.
@@ -80,6 +83,8 @@ impl Counting {
             registers: AtomicU64::new(0),
             conclude_calls: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            hold_reads: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             concludes: AtomicU64::new(0),
             freeze_after_register: AtomicBool::new(false),
             freeze_before_register: AtomicBool::new(false),
@@ -138,6 +143,10 @@ impl Adjudicator for Counting {
     }
     async fn dispute(&self, id: ChannelId) -> perun_adjudicator::Result<Option<Dispute>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        while self.hold_reads.load(Ordering::SeqCst) {
+            self.held.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         if take_one(&self.fail_reads) {
             return Err(node_down("dispute"));
         }
@@ -1011,6 +1020,38 @@ async fn resending_one_appointment_does_not_reopen_all_blobs_each_time() {
         opened, RESENDS,
         "one decryption per replacement, not {JUNK}"
     );
+}
+
+/// The job's step opened the blobs (only Alice's damaged one: refused) and
+/// waits for the node's answer; Alice's client replaces her appointment
+/// with a good one (v5) in that window. It joins the running job, which is
+/// not woken; the step then found nothing to send from its earlier read
+/// and ended the job, so nothing read the new one. Now the job ends only if
+/// the locator holds just what it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appointment_joining_a_job_that_is_about_to_end_with_nothing_is_acted_on() {
+    let s = setup().await;
+    let mut junk = vec![0u8; 200];
+    rand::thread_rng().fill_bytes(&mut junk);
+    s.appoint_seq(s.alice.address(), 1, junk);
+    let chain = Counting::new(s.ledger.clone());
+    chain.hold_reads.store(true, Ordering::SeqCst);
+    let r = start(&s, &chain);
+    s.bob_registers(2).await;
+    until("the job reads the dispute", async || {
+        chain.held.load(Ordering::SeqCst)
+    })
+    .await;
+    let (_, blob) = seal(&s.params, &s.state(5)).unwrap();
+    s.appoint_seq(s.alice.address(), 2, blob);
+    chain.hold_reads.store(false, Ordering::SeqCst);
+    until(
+        "the refutation with the appointment that joined",
+        async || s.dispute().await.is_some_and(|d| d.version == 5),
+    )
+    .await;
+    assert_ne!(s.store.job(s.id()).unwrap().unwrap().phase, JobPhase::Done);
+    r.stop().await;
 }
 
 /// The same race end to end through the responder. Our dispute

@@ -711,3 +711,101 @@ fn a_full_set_of_kept_disputes_gives_way_to_one_ending_sooner() {
     assert!(is_kept(&kept[0]) && is_kept(&kept[2]));
     assert!(!is_kept(&later), "one ending later than all is not kept");
 }
+
+/// At the cap, disputes whose challenge period is over (kept a day past
+/// it, for clock skew) go first: a review found them holding the room
+/// against a live one, since they always end sooner (the chain allows
+/// 1-second challenge periods, so throwaway disputes could turn the
+/// protection off for everyone).
+#[test]
+fn disputes_already_over_do_not_crowd_out_a_running_one() {
+    use perun_channel::{ChannelId, U256};
+    use perun_watchtower::scheme::ChannelSecret;
+    use perun_watchtower::store::{OpenDispute, Seen, StoreLimits};
+    let now_secs = || 1_000_000u64;
+    let dir = tempfile::tempdir().expect("store");
+    let store = Store::open(dir.path().join("tower.redb"))
+        .expect("store")
+        .with_limits(StoreLimits {
+            max_open_disputes: 3,
+            ..StoreLimits::default()
+        });
+    let now = now_secs();
+    let open = |n: u8, timeout: u64| OpenDispute {
+        timeout,
+        channel: ChannelId::repeat_byte(n),
+        version: 1,
+        nonce: U256::from(n),
+        registered: None,
+    };
+    // Three throwaway disputes with 1 s challenge periods, over minutes ago.
+    let over = [open(1, now - 600), open(2, now - 300), open(3, now - 60)];
+    let seen = Seen {
+        registered: over.to_vec(),
+        concluded: vec![],
+    };
+    store.mark_scanned(1, &seen, now).expect("store");
+    // A real dispute, its challenge period running for an hour.
+    let live = open(9, now + 3600);
+    let seen = Seen {
+        registered: vec![live.clone()],
+        concluded: vec![],
+    };
+    let marked = store.mark_scanned(2, &seen, now).expect("store");
+    let loc = ChannelSecret {
+        channel_id: live.channel,
+        nonce: live.nonce,
+    }
+    .locator();
+    assert!(
+        store.open_dispute(loc).expect("store").is_some(),
+        "a running dispute was not kept (not_kept {}) while three disputes whose challenge period \
+         is over hold the room: an appointment arriving during it will start nothing",
+        marked.not_kept
+    );
+}
+
+/// A kept dispute that does not decode (here b466c5f's layout, before
+/// `version`) must not keep the tower from starting, nor stop a mark: it
+/// failed `Store::open` once.
+#[test]
+fn a_store_with_disputes_kept_by_b466c5f_still_opens() {
+    use perun_channel::{ChannelId, State, U256};
+    use perun_watchtower::scheme::ChannelSecret;
+    use perun_watchtower::store::Seen;
+    let now_secs = || 1_000_000u64;
+    let dir = tempfile::tempdir().expect("store");
+    let path = dir.path().join("tower.redb");
+    drop(Store::open(&path).expect("store"));
+    {
+        let db = redb::Database::create(&path).expect("store");
+        let txn = db.begin_write().expect("store");
+        {
+            let def: redb::TableDefinition<&[u8; 32], &[u8]> =
+                redb::TableDefinition::new("tower_open_disputes");
+            let mut t = txn.open_table(def).expect("store");
+            let (channel, nonce) = (ChannelId::repeat_byte(7), U256::from(7u64));
+            // b466c5f's layout: timeout, channel, nonce, registered.
+            let old: (u64, ChannelId, U256, Option<State>) =
+                (now_secs() + 60, channel, nonce, None);
+            let bytes = postcard::to_extend(&old, vec![1u8]).expect("store");
+            let loc = ChannelSecret {
+                channel_id: channel,
+                nonce,
+            }
+            .locator();
+            t.insert(&loc.0, bytes.as_slice()).expect("store");
+        }
+        txn.commit().expect("store");
+    }
+    let opened = Store::open(&path);
+    assert!(
+        opened.is_ok(),
+        "a store that kept a dispute under b466c5f does not open: {:?}",
+        opened.err()
+    );
+    let store = opened.expect("open");
+    store
+        .mark_scanned(1, &Seen::default(), now_secs())
+        .expect("a mark goes on");
+}

@@ -167,8 +167,11 @@ pub(super) fn load_open_ids(db: &redb::Database) -> Result<HashMap<ChannelId, Lo
     let mut out = HashMap::new();
     for row in t.iter()? {
         let (k, v) = row?;
-        let d: OpenDispute = decode("tower_open_disputes", v.value())?;
-        out.insert(d.channel, Locator::from(*k.value()));
+        // The channel only; a row that does not decode is pruned hourly
+        // and must not keep the tower from starting.
+        if let Some((_, channel)) = timeout_of(v.value()) {
+            out.insert(channel, Locator::from(*k.value()));
+        }
     }
     Ok(out)
 }
@@ -372,8 +375,10 @@ fn keep_in(
     max: u64,
 ) -> Result<Keep> {
     let locator = d.locator();
+    // A kept row that does not decode (damaged, or an older layout) is
+    // replaced: it must not stop every later mark.
     let kept: Option<OpenDispute> = match open.get(&locator.0)? {
-        Some(v) => Some(decode("tower_open_disputes", v.value())?),
+        Some(v) => decode("tower_open_disputes", v.value()).ok(),
         None => None,
     };
     let merged = match kept {
@@ -381,28 +386,36 @@ fn keep_in(
         Some(_) => d.clone(),
         None if over(d.timeout, now) => return Ok(Keep::Past),
         None if open.len()? >= max => {
+            // Disputes already over go first, all of them (they are kept a
+            // day for clock skew, and would otherwise always end sooner
+            // than a live one); else the one ending last, if after `d`.
+            let mut over_now = Vec::new();
             let mut last: Option<([u8; 32], u64, Option<ChannelId>)> = None;
             for row in open.iter()? {
                 let (k, v) = row?;
                 // One that does not decode goes first.
                 let (t, id) = match timeout_of(v.value()) {
                     Some((t, id)) => (t, Some(id)),
-                    None => (u64::MAX, None),
+                    None => (0, None),
                 };
-                if last.as_ref().is_none_or(|l| t > l.1) {
+                if t < now {
+                    over_now.push((*k.value(), id));
+                } else if last.as_ref().is_none_or(|l| t > l.1) {
                     last = Some((*k.value(), t, id));
                 }
             }
-            match last {
-                Some((k, t, id)) if t > d.timeout => {
-                    open.remove(&k)?;
-                    if let Some(id) = id {
-                        ids.remove(&id);
-                    }
-                    d.clone()
-                }
+            let victims = match last {
+                _ if !over_now.is_empty() => over_now,
+                Some((k, t, id)) if t > d.timeout => vec![(k, id)],
                 _ => return Ok(Keep::Full),
+            };
+            for (k, id) in victims {
+                open.remove(&k)?;
+                if let Some(id) = id {
+                    ids.remove(&id);
+                }
             }
+            d.clone()
         }
         None => d.clone(),
     };
@@ -430,7 +443,10 @@ pub(super) fn start_for_new_appointments(
         let Some(v) = open.get(&locator.0)? else {
             continue;
         };
-        let d: OpenDispute = decode("tower_open_disputes", v.value())?;
+        // A row that does not decode starts nothing (and fails no batch).
+        let Ok(d) = decode::<OpenDispute>("tower_open_disputes", v.value()) else {
+            continue;
+        };
         let start = start_job_in(
             &mut jobs,
             &mut appointments,

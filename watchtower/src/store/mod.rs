@@ -789,6 +789,59 @@ impl Store {
         })
     }
 
+    /// [`finish_job`](Self::finish_job) for a job that found nothing to
+    /// send in the appointments `read` (user, `seq`), over the appointments
+    /// at its locator now, in one transaction, unless one was stored since
+    /// (it joined the running job): then nothing changes and `false` comes
+    /// back, so the job looks again rather than end with it unread.
+    pub fn finish_job_unless_joined(
+        &self,
+        channel: ChannelId,
+        read: &[(Address, u64)],
+        status: Status,
+    ) -> Result<bool> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut jobs = txn.open_table(JOBS)?;
+            let mut job: Job = match jobs.get(&channel.0)? {
+                Some(v) => decode("tower_jobs", v.value())?,
+                None => return Ok(true),
+            };
+            let index = txn.open_multimap_table(LOCATORS)?;
+            let mut t = txn.open_table(APPOINTMENTS)?;
+            let read: std::collections::HashSet<(Address, u64)> = read.iter().copied().collect();
+            let mut users = Vec::new();
+            for u in redb::ReadableMultimapTable::get(&index, &job.locator.0)? {
+                let user = Address::from(*u?.value());
+                // The sequence number only (the first field), not the blob.
+                let seq = match t.get(&appointment_key(user, job.locator))? {
+                    Some(v) => match v.value().split_first() {
+                        Some((&VALUE_FORMAT, body)) => postcard::take_from_bytes::<u64>(body)
+                            .map(|(seq, _)| seq)
+                            .ok(),
+                        _ => None,
+                    },
+                    None => continue,
+                };
+                let Some(seq) = seq else {
+                    // Does not decode: nothing new can come of it.
+                    users.push(user);
+                    continue;
+                };
+                if !read.contains(&(user, seq)) {
+                    return Ok(false);
+                }
+                users.push(user);
+            }
+            job.phase = JobPhase::Done;
+            jobs.insert(&channel.0, encode(&job)?.as_slice())?;
+            set_statuses(&mut t, &users, job.locator, status)?;
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+
     fn change_job(
         &self,
         channel: ChannelId,
