@@ -650,7 +650,11 @@ async fn open_channels_reopens_with_a_peer_whose_channel_was_withdrawn() {
 
 /// The same after a restart: the withdrawn channel's record is pruned when
 /// the client starts again, so only the stored peer book still knows Bob's
-/// address (before it was kept, `reserve` failed with `UnknownPeer`).
+/// address (before it was kept, `reserve` failed with `UnknownPeer`). The
+/// entry is stored again when the channel settles (a channel restored
+/// from before the book was stored had its peer in memory only; here the
+/// entry is damaged first). Damaged entries, and one copied under another
+/// peer's key, are ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn open_channels_reopens_with_a_settled_peer_after_a_restart() {
     let ledger = Ledger::sim().await;
@@ -664,6 +668,13 @@ async fn open_channels_reopens_with_a_settled_peer_after_a_restart() {
     let mut ps = vec![a, b];
     let chans = open(&ledger, &mut ps, u(100)).await;
     let (bob, eth) = (ps[1].client.peer_id(), ledger.asset());
+    let bob_key = format!("perun/peer/{bob}");
+    let good = ps[0].persister.meta_get(&bob_key).await.unwrap().unwrap();
+    ps[0]
+        .persister
+        .meta_put(&bob_key, b"damaged")
+        .await
+        .unwrap();
     chans[0].settle().await.unwrap();
     assert_eq!(chans[0].phase(), Phase::Withdrawn);
     drop(chans);
@@ -684,15 +695,17 @@ async fn open_channels_reopens_with_a_settled_peer_after_a_restart() {
     .unwrap();
     let r = pa.reserve(bob, &eth, u(50)).await;
     assert!(r.is_ok(), "Bob's address must outlive the restart: {r:?}");
-    // A damaged entry (bytes from disk) is ignored, not trusted.
+    // Damaged bytes, or Bob's entry under Carol's key, are not trusted.
     let carol = perun::wire::PeerId::random();
     let key = format!("perun/peer/{carol}");
-    ps[0].persister.meta_put(&key, &[1, 2, 3]).await.unwrap();
-    let r = pa.reserve(carol, &eth, u(50)).await;
-    assert!(
-        matches!(r, Err(Error::UnknownPeer(p)) if p == carol),
-        "{r:?}"
-    );
+    for bytes in [&[1u8, 2, 3][..], &good] {
+        ps[0].persister.meta_put(&key, bytes).await.unwrap();
+        let r = pa.reserve(carol, &eth, u(50)).await;
+        assert!(
+            matches!(r, Err(Error::UnknownPeer(p)) if p == carol),
+            "{r:?}"
+        );
+    }
 }
 
 /// A long-running client must not keep every channel it ever settled:

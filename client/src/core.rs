@@ -31,8 +31,33 @@ pub(crate) const WATCH_CONCURRENCY: usize = 64;
 /// ([`Shared::note_peer_address`]); the store keeps every one.
 pub(crate) const PEER_BOOK: usize = 65_536;
 /// The store's metadata key of a peer's address: this prefix and the
-/// peer id (base58).
+/// peer id (base58). The value: the address and the first 4 bytes of
+/// `keccak256(key ‖ address)`, so a damaged value, or one copied under
+/// another peer's key, is told from a good one.
 const PEER_KEY_PREFIX: &str = "perun/peer/";
+
+/// The peer and its address, for a two-party channel that holds funds
+/// (what the book takes: see [`Shared::note_peer_address`]).
+fn book_entry(core: &ChannelCore) -> Option<(PeerId, perun_channel::Address)> {
+    // A channel with nothing deposited is funded at once and for free.
+    let holds_funds = core.params.funding.iter().flatten().any(|x| !x.is_zero());
+    if core.peers.len() != 2 || !holds_funds {
+        return None;
+    }
+    Some((
+        core.peers[1 - core.index],
+        core.params.participants[1 - core.index],
+    ))
+}
+
+/// A peer book entry's stored bytes ([`PEER_KEY_PREFIX`]).
+fn peer_entry(key: &str, address: perun_channel::Address) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..20].copy_from_slice(address.as_slice());
+    let check = alloy_primitives::keccak256([key.as_bytes(), address.as_slice()].concat());
+    out[20..].copy_from_slice(&check[..4]);
+    out
+}
 
 /// What the channel follower ([`Shared::follow_channels`]) learns, in the
 /// order it happened.
@@ -267,16 +292,18 @@ impl Shared {
         &self,
         core: &ChannelCore,
     ) -> Option<(PeerId, perun_channel::Address)> {
-        // A channel with nothing deposited is funded at once and for free.
-        let holds_funds = core.params.funding.iter().flatten().any(|x| !x.is_zero());
-        if core.peers.len() != 2 || !holds_funds {
-            return None;
-        }
-        let (peer, address) = (
-            core.peers[1 - core.index],
-            core.params.participants[1 - core.index],
-        );
+        let (peer, address) = book_entry(core)?;
         self.book_insert(peer, address).then_some((peer, address))
+    }
+
+    /// Stores the peer's address of a settled channel that qualifies for
+    /// the book, whatever memory holds: a channel restored from before the
+    /// book was stored had its peer noted in memory only.
+    pub(crate) async fn keep_peer_address(&self, core: &ChannelCore) {
+        if let Some((peer, address)) = book_entry(core) {
+            self.book_insert(peer, address);
+            self.store_peer_address(peer, address).await;
+        }
     }
 
     /// As [`Self::note_peer_address`], and stores the entry (the book
@@ -287,8 +314,17 @@ impl Shared {
         let Some((peer, address)) = self.note_peer_address(core) else {
             return;
         };
+        self.store_peer_address(peer, address).await;
+    }
+
+    /// Stores a peer book entry (a failed write is warned about).
+    async fn store_peer_address(&self, peer: PeerId, address: perun_channel::Address) {
         let key = format!("{PEER_KEY_PREFIX}{peer}");
-        match self.persister.meta_put(&key, address.as_slice()).await {
+        match self
+            .persister
+            .meta_put(&key, &peer_entry(&key, address))
+            .await
+        {
             Ok(()) | Err(perun_persistence::Error::MetaUnsupported) => {}
             Err(e) => warn!(%peer, error = %e, "could not store the peer's address"),
         }
@@ -322,11 +358,14 @@ impl Shared {
                 return None;
             }
         };
-        let Ok(raw) = <[u8; 20]>::try_from(bytes.as_slice()) else {
-            warn!(%peer, len = bytes.len(), "the stored peer address is not 20 bytes; ignored");
+        let address = <[u8; 24]>::try_from(bytes.as_slice())
+            .ok()
+            .map(|b| perun_channel::Address::from_slice(&b[..20]))
+            .filter(|a| bytes.as_slice() == peer_entry(&key, *a));
+        let Some(address) = address else {
+            warn!(%peer, len = bytes.len(), "the stored peer address is damaged; ignored");
             return None;
         };
-        let address = perun_channel::Address::from(raw);
         self.book_insert(*peer, address);
         Some(address)
     }
@@ -1196,7 +1235,10 @@ pub(crate) async fn set_phase(shared: &Shared, core: &ChannelCore, to: Phase) ->
     // Before the news: whoever sees `Withdrawn` sees the client trimmed.
     match to {
         Phase::Active => shared.remember_peer_address(core).await,
-        Phase::Withdrawn => shared.retire_channel(core.id),
+        Phase::Withdrawn => {
+            shared.keep_peer_address(core).await;
+            shared.retire_channel(core.id);
+        }
         _ => {}
     }
     l.announce(core);

@@ -401,12 +401,21 @@ async fn fund_and_activate(shared: &Arc<Shared>, core: Arc<ChannelCore>) -> Resu
     }
     // Funded: a store that fails to record it is tried again (the channel
     // is no use to anyone in `Funding`, and every peer has it active) until
-    // it works, the channel moves on, or the client stops.
+    // it works, the channel moves on, the client stops, or a funding
+    // timeout passes (a store that stays broken: the error comes back, and
+    // a restart finds the channel funded).
+    let deadline = tokio::time::Instant::now() + shared.timeouts.funding;
     let mut attempt = 0u32;
     loop {
         match set_phase(shared, &core, Phase::Active).await {
             Ok(()) => break,
-            Err(Error::Persistence(e)) if !e.is_rejection() && core.phase() == Phase::Funding => {
+            Err(Error::Persistence(e))
+                if !e.is_rejection()
+                    && core.phase() == Phase::Funding
+                    && tokio::time::Instant::now()
+                        + shared.timeouts.backoff(attempt.saturating_add(1))
+                        < deadline =>
+            {
                 attempt = attempt.saturating_add(1);
                 let pause = shared.timeouts.backoff(attempt);
                 warn!(channel = %core.id, attempt, retry_in = ?pause, error = %e, "could not store the funded channel as active; retrying");
