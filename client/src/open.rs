@@ -221,6 +221,10 @@ async fn propose_to_end(shared: Arc<Shared>, spec: ChannelProposal) -> Result<Ch
         let (params, state0) = channel_of(&proposal, &shares)?;
         let mut machine = Machine::new(params, index, state0)?;
         machine.set_phase(Phase::Signing0)?;
+        if shared.stopped() {
+            // A stopped client signs nothing (see `update::respond_update`).
+            return Err(Error::Closed);
+        }
         let signature = machine.sign_staged(shared.account.as_ref())?;
         let core = ChannelCore::new(machine, peers, 0)?;
         {
@@ -760,6 +764,9 @@ async fn sign0(
     let mut machine = Machine::new(params, pending.index, state0)?;
     machine.set_phase(Phase::Signing0)?;
     machine.add_signature(p.proposer, s.signature)?;
+    if shared.stopped() {
+        return Err(Error::Closed);
+    }
     let signature = machine.sign_staged(shared.account.as_ref())?;
     if n == 2 {
         // We now hold both signatures: version 0 is complete.

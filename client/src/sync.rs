@@ -102,6 +102,10 @@ async fn merge(
     if !ours || l.machine.phase() != Phase::Active || core.params.participants.len() != 2 {
         return Ok(None);
     }
+    if shared.stopped() {
+        // A stopped client signs nothing (see `update::respond_update`).
+        return Ok(None);
+    }
     let mut trial = l.machine.clone();
     if let Err(e) = trial.stage_update(
         staged.state.clone(),

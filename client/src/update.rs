@@ -278,6 +278,12 @@ async fn finish(
         return Err(e);
     }
     crate::failpoint::hit("propose_before_commit").await;
+    if shared.stopped() {
+        // A stopped client signs nothing (see `respond_update`); our
+        // signature never left, and the peers that signed hear so.
+        fail(shared, core, l, proposal, true, false, signed_by).await;
+        return Err(Error::Closed);
+    }
     // Our signature goes on a copy, into the machine once stored.
     let (full, signed) = match l.machine.sign_staged_copy(shared.account.as_ref(), made) {
         Ok(copy) => copy,
@@ -668,6 +674,16 @@ async fn respond_update(
         l.staged_actor == Some(u.actor) && hash.is_some() && l.machine.staged_hash() == hash;
     if !still_staged {
         return reject(core, version, RejectKind::Conflict, "superseded".into());
+    }
+    // A client that was shut down signs nothing: its tasks may outlive
+    // `shutdown` (this one waited for a commit and a handler), and a new
+    // client on the same store, unaware of this signature, could sign
+    // another state of the version (a seeded consistency test found it).
+    // `shutdown` takes every channel's lock after setting the flag, so a
+    // signature checked here before is stored before it returns.
+    if shared.stopped() {
+        l.drop_staged(core);
+        return reject(core, version, RejectKind::Conflict, "shutting down".into());
     }
     if let Err(reason) = decision {
         l.drop_staged(core);

@@ -23,6 +23,7 @@ use perun::wire::Keypair;
 pub mod flaky;
 pub mod game;
 pub mod relay;
+pub mod sign_log;
 
 /// Runs each named role test against both ledgers: `SimLedger` with the
 /// in-memory store, and anvil (real contracts) with redb.
