@@ -305,6 +305,21 @@ impl Setup {
     async fn dispute(&self) -> Option<Dispute> {
         self.ledger.dispute(self.id()).await.unwrap()
     }
+
+    /// The channel's job exists and is over.
+    fn job_done(&self) -> bool {
+        self.store
+            .job(self.id())
+            .unwrap()
+            .is_some_and(|j| j.phase == JobPhase::Done)
+    }
+}
+
+/// 200 random bytes: a blob that opens to nothing.
+fn junk() -> Vec<u8> {
+    let mut junk = vec![0u8; 200];
+    rand::thread_rng().fill_bytes(&mut junk);
+    junk
 }
 
 struct Running {
@@ -515,36 +530,8 @@ async fn junk_planted_at_the_locator_does_not_stall_the_job() {
         setup().await
     };
     s.appoint_version(5);
-    let users: Vec<Address> = (0..JUNK)
-        .map(|_| {
-            let mut a = [0u8; 20];
-            rand::thread_rng().fill_bytes(&mut a);
-            Address::from(a)
-        })
-        .collect();
-    for u in &users {
-        s.store.register(*u, 1, u64::MAX).unwrap();
-    }
-    for chunk in users.chunks(256) {
-        let batch = chunk
-            .iter()
-            .map(|&user| NewAppointment {
-                user,
-                locator: s.locator(),
-                seq: 1,
-                // The shortest blob the tower takes: a nonce and a tag.
-                blob: vec![0; 28],
-                user_signature: vec![0; 65],
-            })
-            .collect();
-        for r in s
-            .store
-            .add_appointments(batch, 0, |_, _, _| Ok(vec![0; 65]))
-            .unwrap()
-        {
-            r.unwrap();
-        }
-    }
+    let users = junk_users(JUNK);
+    plant(&s, &users, 1);
 
     let chain = Counting::new(s.ledger.clone());
     let r = start(&s, &chain);
@@ -776,19 +763,11 @@ async fn an_appointment_that_arrives_during_the_dispute_is_acted_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_appointment_after_a_refused_one_restarts_the_job_even_across_a_restart() {
     let s = setup().await;
-    let mut junk = vec![0u8; 200];
-    rand::thread_rng().fill_bytes(&mut junk);
-    s.appoint(s.alice.address(), junk);
+    s.appoint(s.alice.address(), junk());
     let chain = Counting::new(s.ledger.clone());
     let r = start(&s, &chain);
     s.bob_registers(2).await;
-    until("the job ends with nothing to send", async || {
-        s.store
-            .job(s.id())
-            .unwrap()
-            .is_some_and(|j| j.phase == JobPhase::Done)
-    })
-    .await;
+    until("the job ends with nothing to send", async || s.job_done()).await;
     r.stop().await;
     let (_, blob) = seal(&s.params, &s.state(5)).unwrap();
     s.appoint_seq(s.alice.address(), 2, blob);
@@ -808,6 +787,7 @@ async fn a_good_appointment_after_a_refused_one_restarts_the_job_even_across_a_r
     r.stop().await;
 }
 
+/// `n` random users.
 fn junk_users(n: usize) -> Vec<Address> {
     (0..n)
         .map(|_| {
@@ -818,6 +798,8 @@ fn junk_users(n: usize) -> Vec<Address> {
         .collect()
 }
 
+/// Each of `users` registers and stores the shortest blob the tower takes
+/// (a nonce and a tag: it opens to nothing) at the channel's locator.
 fn plant(s: &Setup, users: &[Address], seq: u64) {
     for u in users {
         s.store.register(*u, 1, u64::MAX).unwrap();
@@ -869,9 +851,7 @@ async fn an_appointment_stored_after_the_job_ended_but_before_the_mark_is_acted_
 async fn appointment_after_the_job_ended(keeping: bool) {
     let s = setup().await;
     // Alice's old appointment does not open (damaged / junk).
-    let mut junk = vec![0u8; 200];
-    rand::thread_rng().fill_bytes(&mut junk);
-    s.appoint(s.alice.address(), junk);
+    s.appoint(s.alice.address(), junk());
     let stale = s.state(2).state;
     // handle(Registered): users non-empty -> start_job, seen gets (d, true).
     let job = Job {
@@ -946,11 +926,7 @@ async fn resending_one_appointment_does_not_reopen_all_blobs_each_time() {
     let r = start(&s, &chain);
     s.bob_registers(2).await;
     until("the job ends and the dispute is kept", async || {
-        s.store
-            .job(s.id())
-            .unwrap()
-            .is_some_and(|j| j.phase == JobPhase::Done)
-            && s.store.open_dispute(s.locator()).unwrap().is_some()
+        s.job_done() && s.store.open_dispute(s.locator()).unwrap().is_some()
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -971,13 +947,7 @@ async fn resending_one_appointment_does_not_reopen_all_blobs_each_time() {
                 |_, _, _| Ok(vec![0; 65]),
             )
             .unwrap();
-        until("the job ends again", async || {
-            s.store
-                .job(s.id())
-                .unwrap()
-                .is_some_and(|j| j.phase == JobPhase::Done)
-        })
-        .await;
+        until("the job ends again", async || s.job_done()).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let opened = r.stats.blobs_opened.load(Ordering::SeqCst) - opened0;
@@ -1005,11 +975,7 @@ async fn resending_one_appointment_does_not_reopen_all_blobs_each_time() {
             )
             .unwrap();
         until("the restarted job ends", async || {
-            r.stats.late_jobs.load(Ordering::SeqCst) == seq - 1
-                && s.store
-                    .job(s.id())
-                    .unwrap()
-                    .is_some_and(|j| j.phase == JobPhase::Done)
+            r.stats.late_jobs.load(Ordering::SeqCst) == seq - 1 && s.job_done()
         })
         .await;
     }
@@ -1031,9 +997,7 @@ async fn resending_one_appointment_does_not_reopen_all_blobs_each_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_appointment_joining_a_job_that_is_about_to_end_with_nothing_is_acted_on() {
     let s = setup().await;
-    let mut junk = vec![0u8; 200];
-    rand::thread_rng().fill_bytes(&mut junk);
-    s.appoint_seq(s.alice.address(), 1, junk);
+    s.appoint_seq(s.alice.address(), 1, junk());
     let chain = Counting::new(s.ledger.clone());
     chain.hold_reads.store(true, Ordering::SeqCst);
     let r = start(&s, &chain);
@@ -1062,9 +1026,7 @@ async fn an_appointment_joining_a_job_that_is_about_to_end_with_nothing_is_acted
 async fn race_end_to_end_a_good_appointment_before_the_mark_is_lost() {
     const OTHERS: usize = 400;
     let s = setup().await;
-    let mut junk = vec![0u8; 200];
-    rand::thread_rng().fill_bytes(&mut junk);
-    s.appoint(s.alice.address(), junk.clone());
+    s.appoint(s.alice.address(), junk());
     // Bob registers the stale state while the tower is down...
     s.bob_registers(2).await;
     // ...and so do many other watched channels after him, in the same range.
@@ -1115,11 +1077,7 @@ async fn race_end_to_end_a_good_appointment_before_the_mark_is_lost() {
     // Alice's client comes back as soon as the job for her channel ended.
     let t0 = std::time::Instant::now();
     loop {
-        if s.store
-            .job(s.id())
-            .unwrap()
-            .is_some_and(|j| j.phase == JobPhase::Done)
-        {
+        if s.job_done() {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(20), "no job");
