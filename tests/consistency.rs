@@ -14,18 +14,27 @@
 //! double signature in about one run in five: a client that was shut
 //! down still answered an update its handler task had been waiting on,
 //! signing into the store the restarted client was using.
-//! `a_client_shut_down_mid_update_signs_nothing_afterwards` pins that down.
+//! `a_client_shut_down_mid_update_signs_nothing_afterwards` pins that down;
+//! a review added the other ways a stopped client acted: a forced move
+//! (app channels), and `settle`, which went on-chain.
 
 #![allow(clippy::unwrap_used)] // Tests may panic on failure.
 
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use common::game::{alice_about_to_win, app_opts};
 use common::sign_log::SignLog;
 use common::{Ledger, Options, Party, open, parties};
-use perun::channel::U256;
+use perun::adjudicator::{
+    Adjudicator, EventStream, ProgressRequest, Result as AdjResult, SignedChannel, WithdrawRequest,
+};
+use perun::channel::tictactoe::TicTacToe;
+use perun::channel::{ChannelId, Phase, U256};
 use perun::client::{Channel, Error, IncomingUpdate, UpdateHandler, UpdateResponder};
 use rand::{Rng, SeedableRng};
 
@@ -136,12 +145,13 @@ async fn random_payments_cuts_and_restarts_never_double_sign() {
 
     pay_until_done(&ps, &chan, 0).await;
     pay_until_done(&ps, &chan, 1).await;
+    // First: a double signature would also make the sides disagree below.
+    log.assert_no_double_sign();
     let (a, b) = (handle(&ps, &chan, 0), handle(&ps, &chan, 1));
     let last = common::caught_up(&[a.clone(), b.clone()]).await;
     assert!(last.is_fully_signed());
     let held: U256 = last.state.outcome.balances[0].iter().copied().sum();
     assert_eq!(held, u(2 * EACH), "no wei appeared or vanished");
-    log.assert_no_double_sign();
     eprintln!(
         "{} (channel, signer, version) signatures logged",
         log.signatures()
@@ -152,7 +162,7 @@ async fn random_payments_cuts_and_restarts_never_double_sign() {
 /// Accepts every update after a pause (a user's handler that asks someone).
 struct Slow(Duration);
 
-#[async_trait::async_trait]
+#[async_trait]
 impl UpdateHandler for Slow {
     async fn handle_update(&self, _update: IncomingUpdate, responder: UpdateResponder) {
         tokio::time::sleep(self.0).await;
@@ -203,5 +213,209 @@ async fn a_client_shut_down_mid_update_signs_nothing_afterwards() {
         log.signatures(),
         before,
         "a stopped client signed (and stored) a state"
+    );
+    log.assert_no_double_sign();
+}
+
+/// An adjudicator whose `dispute` reads take a second once armed (a slow
+/// node): `force_update` sits in its first read meanwhile.
+struct SlowReads {
+    inner: Arc<dyn Adjudicator>,
+    armed: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Adjudicator for SlowReads {
+    fn domain(&self) -> perun::channel::Domain {
+        self.inner.domain()
+    }
+    async fn register(&self, req: &SignedChannel) -> AdjResult<()> {
+        self.inner.register(req).await
+    }
+    async fn progress(&self, req: &ProgressRequest) -> AdjResult<()> {
+        self.inner.progress(req).await
+    }
+    async fn conclude(&self, req: &SignedChannel) -> AdjResult<()> {
+        self.inner.conclude(req).await
+    }
+    async fn withdraw(&self, req: &WithdrawRequest) -> AdjResult<()> {
+        self.inner.withdraw(req).await
+    }
+    async fn subscribe(&self, id: ChannelId) -> AdjResult<EventStream> {
+        self.inner.subscribe(id).await
+    }
+    async fn dispute(&self, id: ChannelId) -> AdjResult<Option<perun::adjudicator::Dispute>> {
+        if self.armed.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.inner.dispute(id).await
+    }
+}
+
+/// A forced move (app channels) is a signing place too: `force_update`
+/// checked the stop flag only at its start, so a call waiting on a chain
+/// read across `shutdown` closed the channel (stored `Registered`) and
+/// stored a signed move after `shutdown` returned, into a store a client
+/// started again may already use. From a review; it now checks the flag
+/// before closing and, under the channel lock, before signing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_force_update_racing_shutdown_signs_after_shutdown_returned() {
+    let log = SignLog::new();
+    let armed = Arc::new(AtomicBool::new(false));
+    let g = alice_about_to_win(Ledger::sim().await, {
+        let (log, armed) = (log.clone(), armed.clone());
+        move |app| Options {
+            wrap_persister: Some(Box::new(move |inner| log.wrap(inner))),
+            wrap_adjudicator: Some(Box::new(move |inner| {
+                Arc::new(SlowReads {
+                    inner,
+                    armed: armed.clone(),
+                }) as Arc<dyn Adjudicator>
+            })),
+            ..app_opts(app)
+        }
+    })
+    .await;
+    g.ps[1].client.shutdown().await;
+    let alice = g.chans[0].clone();
+    let params = alice.params().clone();
+    armed.store(true, Ordering::SeqCst);
+    let forcing = tokio::spawn({
+        let alice = alice.clone();
+        async move {
+            alice
+                .force_update(|s| TicTacToe.play(&params, s, 0, 6))
+                .await
+        }
+    });
+    // force_update passed its stop check and waits on the dispute read.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    g.ps[0].client.shutdown().await;
+    let before = log.signatures();
+    let phase_at_shutdown = alice.phase();
+    let r = tokio::time::timeout(Duration::from_secs(15), forcing)
+        .await
+        .expect("force_update ends")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    eprintln!(
+        "force_update: {r:?}; phase at shutdown {phase_at_shutdown:?}, now {:?}; signatures logged {before} -> {}",
+        alice.phase(),
+        log.signatures()
+    );
+    assert_eq!(
+        log.signatures(),
+        before,
+        "a stopped client signed (and stored) a forced move after shutdown returned"
+    );
+    assert_eq!(
+        alice.phase(),
+        Phase::Active,
+        "a stopped client closed the channel on-chain in its store (Registered)"
+    );
+}
+
+/// The same with a restart in between: the old client's `force_update`
+/// (cell 6) signed version 5 into the store after the new client restored
+/// it, and the new client, not knowing it, forced another move (cell 3)
+/// at version 5: two states of one version (the sign log caught it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forced_move_of_a_stopped_client_and_one_of_its_restart_double_sign() {
+    let log = SignLog::new();
+    let armed = Arc::new(AtomicBool::new(false));
+    let mut g = alice_about_to_win(Ledger::sim().await, {
+        let (log, armed) = (log.clone(), armed.clone());
+        move |app| Options {
+            wrap_persister: Some(Box::new(move |inner| log.wrap(inner))),
+            wrap_adjudicator: Some(Box::new(move |inner| {
+                Arc::new(SlowReads {
+                    inner,
+                    armed: armed.clone(),
+                }) as Arc<dyn Adjudicator>
+            })),
+            ..app_opts(app)
+        }
+    })
+    .await;
+    g.ps[1].client.shutdown().await;
+    let old = g.chans[0].clone();
+    let id = old.id();
+    let params = old.params().clone();
+    let base = old.state().state;
+    let hash_of = |cell| {
+        let mut m = TicTacToe.play(&params, &base, 0, cell).unwrap();
+        m.version = base.version + 1;
+        m.hash()
+    };
+    eprintln!(
+        "old client's move (cell 6): {}; new client's (cell 3): {}",
+        hash_of(6),
+        hash_of(3)
+    );
+    armed.store(true, Ordering::SeqCst);
+    let forcing = tokio::spawn({
+        let params = params.clone();
+        async move { old.force_update(|s| TicTacToe.play(&params, s, 0, 6)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let alice = g.ps.remove(0);
+    let alice = common::restart_opts(&g.ledger, alice, &app_opts(g.app)).await;
+    let store = alice.persister.clone();
+    let new = alice.client.channel(&id).expect("restored");
+    eprintln!("restored in phase {:?}", new.phase());
+    let second = tokio::spawn({
+        let params = params.clone();
+        async move { new.force_update(|s| TicTacToe.play(&params, s, 0, 3)).await }
+    });
+    let old_result = tokio::time::timeout(Duration::from_secs(15), forcing)
+        .await
+        .expect("old force_update ends")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rec = store.load(id).await.unwrap().unwrap();
+    eprintln!(
+        "old client's force_update: {old_result:?}; store: phase {:?}, staged {:?}",
+        rec.phase,
+        rec.staged
+            .as_ref()
+            .map(|s| (s.state.version, s.state.hash()))
+    );
+    second.abort();
+    log.assert_no_double_sign();
+}
+
+/// Not a signature, but a stored step a next start acts on: `settle` on a
+/// handle of a client that was shut down (a caller still holding it, or a
+/// call racing `shutdown`) failed its final update (the wire is down) and
+/// went on to `force_close`, which stored `Registered`: the next start on
+/// that store would register the channel on-chain. From a review; a
+/// stopped client's `settle` now fails with `Closed`, as `force_update`'s
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settle_on_a_stopped_client_leaves_the_channel_open_in_its_store() {
+    let ledger = Ledger::sim().await;
+    let opts = Options {
+        redb: true,
+        ..Options::default()
+    };
+    let mut ps = common::parties(&ledger, 2, u(MINT), &opts).await;
+    let chans = open(&ledger, &mut ps, u(EACH)).await;
+    let alice = chans[0].clone();
+    ps[0].client.shutdown().await;
+    let r = tokio::time::timeout(Duration::from_secs(20), alice.settle()).await;
+    let stored = ps[0]
+        .persister
+        .load(alice.id())
+        .await
+        .unwrap()
+        .map(|r| r.phase);
+    eprintln!(
+        "settle after shutdown: {r:?}; phase in memory {:?}, stored {stored:?}",
+        alice.phase()
+    );
+    assert_eq!(
+        stored,
+        Some(Phase::Active),
+        "a stopped client stored a closing phase (the next start registers on-chain)"
     );
 }

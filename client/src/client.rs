@@ -434,6 +434,12 @@ impl Client {
     /// channel proposals whose callers gave up run to their end. A peer's
     /// commit held back to ride with our next write is stored before it
     /// returns (again for at most [`SHUTDOWN_GRACE`]).
+    ///
+    /// From then on the client signs nothing and closes no channel, even
+    /// in tasks that outlive this call (an answer to a peer's update still
+    /// waiting on its handler): another client may be started on the same
+    /// store, and must know every signature in it. Call this before doing
+    /// so; dropping a `Client` does not stop it.
     pub async fn shutdown(&self) {
         let mut commits = self.shared.commits_in_flight.subscribe();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, commits.wait_for(|n| *n == 0)).await;

@@ -61,7 +61,11 @@ where
         base.validate_transition(&core.params, &next, core.index, app)?;
         if d.is_none() || !closing(core.phase()) {
             // A dispute gives the move its window; the phase is stored
-            // first, so no off-chain update is signed from here on.
+            // first, so no off-chain update is signed from here on. Not
+            // by a client stopped while the chain was read.
+            if shared.stopped() {
+                return Err(Error::Closed);
+            }
             crate::watcher::force_close(shared, core).await?;
         }
         let signature = sign_once(shared, core, &next).await?;
@@ -159,6 +163,11 @@ async fn sign_once(
     next: &State,
 ) -> Result<perun_channel::Signature> {
     let mut l = core.locked.lock().await;
+    // A stopped client signs nothing (DESIGN §8): a client started again
+    // on this store would not know this move, and could force another.
+    if shared.stopped() {
+        return Err(Error::Closed);
+    }
     let mut trial = l.machine.clone();
     let signed = trial
         .sign_forced(next, shared.account.as_ref())

@@ -18,6 +18,11 @@ use crate::{Error, Result, watcher};
 pub(crate) const SETTLE_MAX_FAILURES: u32 = 20;
 
 pub(crate) async fn settle(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Result<()> {
+    // A stopped client starts no close: a failed final update would go
+    // on-chain and store `Registered`, which the next start acts on.
+    if shared.stopped() {
+        return Err(Error::Closed);
+    }
     let span = info_span!("settle", channel = %core.id, me = core.index);
     async {
         // Listen before anything happens, so no retry report is missed.
@@ -50,6 +55,9 @@ pub(crate) async fn settle(shared: &Arc<Shared>, core: &Arc<ChannelCore>) -> Res
                         })
                         .await;
                 }
+                // Stopped meanwhile: the final update failed because the
+                // client stopped, not because the peers would not sign.
+                Ok(Err(_)) | Err(_) if shared.stopped() => return Err(Error::Closed),
                 Ok(Err(e)) => {
                     warn!(error = %e, "peers did not sign the final state; closing on-chain");
                     watcher::force_close(shared, core).await?;
