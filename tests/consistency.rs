@@ -252,14 +252,9 @@ impl Adjudicator for SlowReads {
     }
 }
 
-/// A forced move (app channels) is a signing place too: `force_update`
-/// checked the stop flag only at its start, so a call waiting on a chain
-/// read across `shutdown` closed the channel (stored `Registered`) and
-/// stored a signed move after `shutdown` returned, into a store a client
-/// started again may already use. From a review; it now checks the flag
-/// before closing and, under the channel lock, before signing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_force_update_racing_shutdown_signs_after_shutdown_returned() {
+/// A tic-tac-toe game with Alice about to win, her signatures logged and
+/// her chain reads made slow once `armed` is set.
+async fn slow_game() -> (common::game::Game, Arc<SignLog>, Arc<AtomicBool>) {
     let log = SignLog::new();
     let armed = Arc::new(AtomicBool::new(false));
     let g = alice_about_to_win(Ledger::sim().await, {
@@ -276,6 +271,18 @@ async fn a_force_update_racing_shutdown_signs_after_shutdown_returned() {
         }
     })
     .await;
+    (g, log, armed)
+}
+
+/// A forced move (app channels) is a signing place too: `force_update`
+/// checked the stop flag only at its start, so a call waiting on a chain
+/// read across `shutdown` closed the channel (stored `Registered`) and
+/// stored a signed move after `shutdown` returned, into a store a client
+/// started again may already use. From a review; it now checks the flag
+/// before closing and, under the channel lock, before signing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_force_update_racing_shutdown_signs_after_shutdown_returned() {
+    let (g, log, armed) = slow_game().await;
     g.ps[1].client.shutdown().await;
     let alice = g.chans[0].clone();
     let params = alice.params().clone();
@@ -321,22 +328,7 @@ async fn a_force_update_racing_shutdown_signs_after_shutdown_returned() {
 /// at version 5: two states of one version (the sign log caught it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forced_move_of_a_stopped_client_and_one_of_its_restart_double_sign() {
-    let log = SignLog::new();
-    let armed = Arc::new(AtomicBool::new(false));
-    let mut g = alice_about_to_win(Ledger::sim().await, {
-        let (log, armed) = (log.clone(), armed.clone());
-        move |app| Options {
-            wrap_persister: Some(Box::new(move |inner| log.wrap(inner))),
-            wrap_adjudicator: Some(Box::new(move |inner| {
-                Arc::new(SlowReads {
-                    inner,
-                    armed: armed.clone(),
-                }) as Arc<dyn Adjudicator>
-            })),
-            ..app_opts(app)
-        }
-    })
-    .await;
+    let (mut g, log, armed) = slow_game().await;
     g.ps[1].client.shutdown().await;
     let old = g.chans[0].clone();
     let id = old.id();
