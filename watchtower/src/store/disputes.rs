@@ -233,8 +233,13 @@ impl Store {
                             None
                         }
                     };
+                // An appointment stored since the event was handled; the
+                // in-memory locator set (a superset, added to before each
+                // commit) spares the index read for the disputes not ours.
+                if !self.watches(&locator) {
+                    continue;
+                }
                 let merged = merged.as_ref().unwrap_or(d);
-                // An appointment stored since the event was handled.
                 let mut users = Vec::new();
                 for u in index.get(&locator.0)? {
                     users.push(alloy_primitives::Address::from(*u?.value()));
