@@ -802,8 +802,11 @@ pub(crate) async fn handle_commit(
                 let _ = responder.reply(Message::Ack);
             }
             Ok(true) => {
-                let _ = responder.reply(Message::Ack);
+                // Installed before the ack: once the proposer knows we
+                // have it, our phase has left `Updating` (its `shutdown`
+                // waits for that ack).
                 hold_unsaved(&shared, &core, &mut l);
+                let _ = responder.reply(Message::Ack);
             }
             Err(refusal) => {
                 let _ = responder.refuse(perun_wire::Refusal::new(
