@@ -16,7 +16,7 @@ use perun_persistence::{Change, ChannelRecord, Persister};
 use perun_wallet::Account;
 use perun_wire::{Handle, Message, PeerId};
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::event::{ChannelEvent, WatchStatus};
 use crate::handler::{ProposalHandler, UpdateHandler};
@@ -663,8 +663,23 @@ impl Locked {
     }
 
     /// What follows a newly fully signed current state, however the machine
-    /// got it: no staged proposal is pending any more.
+    /// got it: no staged proposal is pending any more. A newer staged one
+    /// that outlived the adoption of a state from a `Sync` or an abandoned
+    /// update's commit (`Machine::adopt` keeps it) was checked against an
+    /// older state: completed, it would undo the adopted one. It is dropped
+    /// as abandoned (its version burnt); it once stayed staged with no
+    /// actor, and the channel in `Updating` until a restart.
+    /// Callers announce.
     pub(crate) fn installed(&mut self) {
+        if let Some(s) = self.machine.staged().cloned() {
+            debug!(
+                version = s.state.version,
+                "a newer state was adopted under a staged update; dropping it"
+            );
+            self.note_burnt(s.state.version);
+            self.abandoned = Some(s);
+            let _ = self.machine.discard_staged();
+        }
         let v = self.machine.current().map_or(0, |c| c.state.version);
         self.staged_actor = None;
         self.signed_at = None;

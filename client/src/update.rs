@@ -602,6 +602,19 @@ async fn respond_update(
     let request = {
         let mut l = core.locked.lock().await;
         if l.machine.phase() == Phase::Updating {
+            // Bad input changes nothing: an update that is no valid move
+            // from our state may not push out the staged one (another
+            // peer's, honest) on its way to being refused.
+            let valid = l.machine.current().map(|c| {
+                shared.apps.rules(&core.params).and_then(|app| {
+                    c.state
+                        .validate_transition(&core.params, &u.state, u.actor, app)
+                })
+            });
+            if let Some(Err(e)) = valid {
+                warn!(%peer, error = %e, "invalid update");
+                return reject(core, version, RejectKind::Refused, e.to_string());
+            }
             let staged_version = l.machine.staged().map_or(0, |s| s.state.version);
             let mine = l.staged_actor == Some(core.index);
             let unsigned_by_me = l
