@@ -506,11 +506,15 @@ impl Inner {
                     refused: Vec::new(),
                 };
                 let open = Arc::new(open);
-                let start = self
+                let (start, kept) = self
                     .retrying("start_job", move |s| {
                         s.start_job_keeping(&job, &users, &open, unix_now())
                     })
                     .await;
+                if !kept {
+                    self.stats.disputes_not_kept.fetch_add(1, Ordering::Relaxed);
+                    warn!(channel = %id, version, "too many running disputes to keep this one of our users; an appointment arriving after its job ended will not restart it");
+                }
                 if start == JobStart::New {
                     self.stats.disputes_seen.fetch_add(1, Ordering::Relaxed);
                     info!(channel = %id, version, block, "dispute on a watched channel");

@@ -299,20 +299,23 @@ impl Store {
 
     /// [`Store::start_job`] for a `Registered` event whose locator holds
     /// appointments, keeping the dispute in the same transaction (see the
-    /// module docs: the job may end before the next mark).
+    /// module docs: the job may end before the next mark). The flag says
+    /// whether the dispute was kept: `false` when the kept disputes are at
+    /// their cap and all end sooner (the caller counts and warns; an
+    /// appointment arriving after this job ended starts nothing).
     pub fn start_job_keeping(
         &self,
         job: &Job,
         users: &[alloy_primitives::Address],
         dispute: &OpenDispute,
         now: u64,
-    ) -> Result<JobStart> {
+    ) -> Result<(JobStart, bool)> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let start = {
             let mut open = txn.open_table(OPEN_DISPUTES)?;
             let mut ids = self.open_ids.lock().unwrap_or_else(PoisonError::into_inner);
-            keep_in(
+            let kept = keep_in(
                 &mut open,
                 &mut ids,
                 dispute,
@@ -321,7 +324,8 @@ impl Store {
             )?;
             let mut jobs = txn.open_table(JOBS)?;
             let mut appointments = txn.open_table(APPOINTMENTS)?;
-            start_job_in(&mut jobs, &mut appointments, job, users, false)?
+            let start = start_job_in(&mut jobs, &mut appointments, job, users, false)?;
+            (start, !matches!(kept, Keep::Full))
         };
         txn.commit()?;
         Ok(start)

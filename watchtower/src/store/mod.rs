@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use crate::scheme::Locator;
 use crate::{Error, Result};
 
+mod bytes;
 mod disputes;
 pub use disputes::{KEPT_AFTER_TIMEOUT, MAX_KEPT_STATE, Marked, OpenDispute, Seen};
 
@@ -99,6 +100,7 @@ pub struct Appointment {
     /// The user's sequence number for this locator (signed with the blob).
     pub seq: u64,
     /// The encrypted blob.
+    #[serde(with = "bytes")]
     pub blob: Vec<u8>,
     /// The receipt the user got (it holds the user signature).
     pub receipt: Receipt,
@@ -147,6 +149,35 @@ pub struct Reclaimed {
     pub next: Option<Address>,
     /// Every user was looked at: the pass is complete.
     pub done: bool,
+}
+
+/// The head of a [`Job`] record: all but its refusals (the last field,
+/// which may be long). `None` if it does not decode.
+struct JobHead {
+    phase: JobPhase,
+    registered: Option<State>,
+}
+
+fn job_head(bytes: &[u8]) -> Option<JobHead> {
+    #[derive(Deserialize)]
+    struct Head {
+        _channel: ChannelId,
+        _nonce: U256,
+        _locator: Locator,
+        phase: JobPhase,
+        registered: Option<State>,
+    }
+    match bytes.split_first() {
+        Some((&VALUE_FORMAT, body)) => {
+            postcard::take_from_bytes::<Head>(body)
+                .ok()
+                .map(|(h, _)| JobHead {
+                    phase: h.phase,
+                    registered: h.registered,
+                })
+        }
+        _ => None,
+    }
 }
 
 /// An appointment's status, read without copying its blob; `None` if the
@@ -311,6 +342,21 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
         table: "encode",
         reason: e.to_string(),
     })
+}
+
+/// [`decode`] for a value the caller can go on without: one that does not
+/// decode (a disk fault, a damaged row) is logged and passed over, so it
+/// costs only itself. It once failed the transaction that read it, and
+/// the responder, which retries a failed store call until it succeeds,
+/// stopped for every channel (a damaged job row: before it read the feed).
+fn decode_or_skip<T: for<'a> Deserialize<'a>>(table: &'static str, bytes: &[u8]) -> Option<T> {
+    match decode(table, bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "a stored value does not decode; passing it over");
+            None
+        }
+    }
 }
 
 fn decode<T: for<'a> Deserialize<'a>>(table: &'static str, bytes: &[u8]) -> Result<T> {
@@ -676,8 +722,9 @@ impl Store {
         for v in index.get(&locator.0)? {
             let user = Address::from(*v?.value());
             users.push(user);
-            if let Some(a) = t.get(&appointment_key(user, locator))? {
-                f(user, decode("tower_appointments", a.value())?)?;
+            let found = t.get(&appointment_key(user, locator))?;
+            if let Some(a) = found.and_then(|a| decode_or_skip("tower_appointments", a.value())) {
+                f(user, a)?;
             }
         }
         Ok(users)
@@ -761,10 +808,10 @@ impl Store {
     pub fn job(&self, channel: ChannelId) -> Result<Option<Job>> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(JOBS)?;
-        match t.get(&channel.0)? {
-            Some(v) => Ok(Some(decode("tower_jobs", v.value())?)),
-            None => Ok(None),
-        }
+        // A damaged record is no job: the next event or appointment at
+        // its channel writes a new one (`start_job_in`).
+        Ok(t.get(&channel.0)?
+            .and_then(|v| decode_or_skip("tower_jobs", v.value())))
     }
 
     /// Changes the job of `channel` with `f` in one durable transaction and
@@ -852,9 +899,10 @@ impl Store {
         txn.set_durability(Durability::Immediate)?;
         let job = {
             let mut jobs = txn.open_table(JOBS)?;
-            let mut job: Job = match jobs.get(&channel.0)? {
-                Some(v) => decode("tower_jobs", v.value())?,
-                None => return Ok(None),
+            let found = jobs.get(&channel.0)?;
+            let Some(mut job) = found.and_then(|v| decode_or_skip::<Job>("tower_jobs", v.value()))
+            else {
+                return Ok(None);
             };
             f(&mut job);
             jobs.insert(&channel.0, encode(&job)?.as_slice())?;
@@ -875,8 +923,9 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter()? {
             let (_, v) = row?;
-            let job: Job = decode("tower_jobs", v.value())?;
-            if job.phase != JobPhase::Done {
+            if let Some(job) = decode_or_skip::<Job>("tower_jobs", v.value())
+                && job.phase != JobPhase::Done
+            {
                 out.push(job);
             }
         }
@@ -1035,10 +1084,13 @@ fn set_statuses(
 ) -> Result<()> {
     for user in users {
         let key = appointment_key(*user, locator);
-        let old: Option<Appointment> = match t.get(&key)? {
-            Some(v) => Some(decode("tower_appointments", v.value())?),
-            None => None,
-        };
+        let found = t.get(&key)?;
+        // One with that status already is not rewritten (blob and all).
+        if found.as_ref().and_then(|v| status_of(v.value())) == Some(status) {
+            continue;
+        }
+        let old: Option<Appointment> =
+            found.and_then(|v| decode_or_skip("tower_appointments", v.value()));
         if let Some(mut a) = old {
             a.status = status;
             t.insert(&key, encode(&a)?.as_slice())?;
@@ -1059,11 +1111,34 @@ fn start_job_in(
     users: &[Address],
     mark_always: bool,
 ) -> Result<JobStart> {
-    let old: Option<Job> = match jobs.get(&job.channel.0)? {
-        Some(v) => Some(decode("tower_jobs", v.value())?),
-        None => None,
+    // A damaged record is replaced, as if there were none.
+    let (unchanged, old) = {
+        let found = jobs.get(&job.channel.0)?;
+        // A running job that this changes nothing of is not decoded whole: its
+        // record ends with every refusal at its locator (anyone may add junk
+        // there once the dispute is public), and each appointment joining the
+        // job comes here, in the one writer (a review measured 5.4 s for 256
+        // appointments at 100,000 refusals).
+        let unchanged = found
+            .as_ref()
+            .and_then(|v| job_head(v.value()))
+            .is_some_and(|h| {
+                h.phase != JobPhase::Done
+                    && match (&h.registered, &job.registered) {
+                        (_, None) => true,
+                        (Some(o), Some(n)) => n.version <= o.version,
+                        (None, Some(_)) => false,
+                    }
+            });
+        let old: Option<Job> = if unchanged {
+            None
+        } else {
+            found.and_then(|v| decode_or_skip("tower_jobs", v.value()))
+        };
+        (unchanged, old)
     };
     let (stored, start) = match old {
+        None if unchanged => (None, JobStart::Running),
         None => (Some(job.clone()), JobStart::New),
         Some(mut old) => {
             let newer = match (&old.registered, &job.registered) {
@@ -1092,4 +1167,27 @@ fn start_job_in(
         set_statuses(appointments, users, job.locator, Status::DisputeTriggered)?;
     }
     Ok(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_head_reads_a_whole_job_records_phase_and_state() {
+        let job = Job {
+            channel: ChannelId::repeat_byte(1),
+            nonce: U256::from(7u64),
+            locator: Locator::repeat_byte(2),
+            phase: JobPhase::Refuting { version: 9 },
+            registered: None,
+            refuted: Some(3),
+            concluded: true,
+            refused: vec![(Address::repeat_byte(4), Refusal::Decrypt); 3],
+        };
+        let head = job_head(&encode(&job).unwrap()).unwrap();
+        assert_eq!(head.phase, job.phase);
+        assert_eq!(head.registered, None);
+        assert!(job_head(&[VALUE_FORMAT, 1, 2]).is_none());
+    }
 }
