@@ -151,32 +151,54 @@ pub struct Reclaimed {
     pub done: bool,
 }
 
-/// The head of a [`Job`] record: all but its refusals (the last field,
-/// which may be long). `None` if it does not decode.
+/// The head of a [`Job`] record: its first fields, without what it
+/// learned since (refutation, conclusion, and the refusals, which may be
+/// long). `None` if it does not decode.
+#[derive(Deserialize)]
 struct JobHead {
+    channel: ChannelId,
+    nonce: U256,
+    locator: Locator,
     phase: JobPhase,
     registered: Option<State>,
 }
 
 fn job_head(bytes: &[u8]) -> Option<JobHead> {
-    #[derive(Deserialize)]
-    struct Head {
-        _channel: ChannelId,
-        _nonce: U256,
-        _locator: Locator,
-        phase: JobPhase,
-        registered: Option<State>,
-    }
     match bytes.split_first() {
-        Some((&VALUE_FORMAT, body)) => {
-            postcard::take_from_bytes::<Head>(body)
-                .ok()
-                .map(|(h, _)| JobHead {
-                    phase: h.phase,
-                    registered: h.registered,
-                })
-        }
+        Some((&VALUE_FORMAT, body)) => postcard::take_from_bytes::<JobHead>(body)
+            .ok()
+            .map(|(h, _)| h),
         _ => None,
+    }
+}
+
+/// A job record, whole if it decodes, else from its head if that does (a
+/// record damaged past it): the job runs on as if it had sent and refused
+/// nothing yet (a repeated transaction meets the chain's checks; a blob
+/// refused before is opened again). Every reader of job records decodes
+/// through here, so a record that [`start_job_in`] finds running from its
+/// head alone does run (a review found one damaged past its head neither
+/// replaced nor run). `None` (warned about) if not even the head decodes.
+fn decode_job(bytes: &[u8]) -> Option<Job> {
+    match decode::<Job>("tower_jobs", bytes) {
+        Ok(job) => Some(job),
+        Err(e) => {
+            let Some(h) = job_head(bytes) else {
+                tracing::warn!(error = %e, "a job record does not decode; passing it over");
+                return None;
+            };
+            tracing::warn!(channel = %h.channel, error = %e, "a job record is damaged past its head; running it from its head");
+            Some(Job {
+                channel: h.channel,
+                nonce: h.nonce,
+                locator: h.locator,
+                phase: h.phase,
+                registered: h.registered,
+                refuted: None,
+                concluded: false,
+                refused: Vec::new(),
+            })
+        }
     }
 }
 
@@ -417,9 +439,12 @@ fn add_one(
         });
     }
     let key = appointment_key(user, locator);
-    let old: Option<Appointment> = match t.appointments.get(&key)? {
-        Some(v) => Some(decode("tower_appointments", v.value())?),
-        None => None,
+    // One that does not decode is replaced (it holds its slot and index
+    // entry already): refusing its user's fresh one would leave the
+    // channel unprotected for good.
+    let (exists, old): (bool, Option<Appointment>) = match t.appointments.get(&key)? {
+        Some(v) => (true, decode_or_skip("tower_appointments", v.value())),
+        None => (false, None),
     };
     if let Some(old) = old.as_ref().filter(|o| seq <= o.seq) {
         if old.seq == seq && old.blob == blob {
@@ -436,7 +461,7 @@ fn add_one(
             stored: old.seq,
         });
     }
-    let replaced = old.is_some();
+    let replaced = exists;
     if !replaced && t.appointments.len()? >= max_appointments {
         return Err(Error::TowerFull {
             what: "appointments",
@@ -690,10 +715,10 @@ impl Store {
     pub fn appointment(&self, user: Address, locator: Locator) -> Result<Option<Appointment>> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(APPOINTMENTS)?;
-        match t.get(&appointment_key(user, locator))? {
-            Some(v) => Ok(Some(decode("tower_appointments", v.value())?)),
-            None => Ok(None),
-        }
+        // A damaged one is none: its user is told to send it again, which
+        // replaces it.
+        Ok(t.get(&appointment_key(user, locator))?
+            .and_then(|v| decode_or_skip("tower_appointments", v.value())))
     }
 
     /// Every user with an appointment at `locator` (one index lookup).
@@ -810,8 +835,7 @@ impl Store {
         let t = txn.open_table(JOBS)?;
         // A damaged record is no job: the next event or appointment at
         // its channel writes a new one (`start_job_in`).
-        Ok(t.get(&channel.0)?
-            .and_then(|v| decode_or_skip("tower_jobs", v.value())))
+        Ok(t.get(&channel.0)?.and_then(|v| decode_job(v.value())))
     }
 
     /// Changes the job of `channel` with `f` in one durable transaction and
@@ -852,7 +876,10 @@ impl Store {
         {
             let mut jobs = txn.open_table(JOBS)?;
             let mut job: Job = match jobs.get(&channel.0)? {
-                Some(v) => decode("tower_jobs", v.value())?,
+                Some(v) => match decode_job(v.value()) {
+                    Some(job) => job,
+                    None => return Ok(true),
+                },
                 None => return Ok(true),
             };
             let index = txn.open_multimap_table(LOCATORS)?;
@@ -900,8 +927,7 @@ impl Store {
         let job = {
             let mut jobs = txn.open_table(JOBS)?;
             let found = jobs.get(&channel.0)?;
-            let Some(mut job) = found.and_then(|v| decode_or_skip::<Job>("tower_jobs", v.value()))
-            else {
+            let Some(mut job) = found.and_then(|v| decode_job(v.value())) else {
                 return Ok(None);
             };
             f(&mut job);
@@ -923,7 +949,7 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter()? {
             let (_, v) = row?;
-            if let Some(job) = decode_or_skip::<Job>("tower_jobs", v.value())
+            if let Some(job) = decode_job(v.value())
                 && job.phase != JobPhase::Done
             {
                 out.push(job);
@@ -1133,7 +1159,7 @@ fn start_job_in(
         let old: Option<Job> = if unchanged {
             None
         } else {
-            found.and_then(|v| decode_or_skip("tower_jobs", v.value()))
+            found.and_then(|v| decode_job(v.value()))
         };
         (unchanged, old)
     };
