@@ -79,12 +79,25 @@ async fn twin_aborts(s: &Setup, version: u64) {
 
 /// The twin signs every update Alice proposes, as Bob would, and acks
 /// her commits.
-fn sign_updates(mut incoming: Incoming, bob_key: LocalAccount) -> tokio::task::JoinHandle<()> {
+fn sign_updates(incoming: Incoming, bob_key: LocalAccount) -> tokio::task::JoinHandle<()> {
+    sign_updates_after(incoming, bob_key, async {})
+}
+
+/// [`sign_updates`], the first update answered only once `first` is done.
+fn sign_updates_after(
+    mut incoming: Incoming,
+    bob_key: LocalAccount,
+    first: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut first = Some(first);
         while let Some(req) = incoming.next().await {
             let (_, msg, r) = req.into_parts();
             match msg {
                 Message::Update(u) => {
+                    if let Some(first) = first.take() {
+                        first.await;
+                    }
                     let _ = r.reply(common::accept(&bob_key, &u, 1));
                 }
                 Message::UpdateWithCommit(m) => {
@@ -136,42 +149,17 @@ async fn a_state_adopted_while_our_update_is_out_does_not_wedge_the_channel() {
 
     // The twin: the first update of Alice's is answered only after a
     // `Sync` that completes v2; later ones are signed at once.
-    let mut incoming = s.evil_in.take().unwrap();
-    let (evil, alice_peer, id, bob_key) = (
-        s.evil.clone(),
-        s.alice_peer,
-        s.alice.id(),
-        s.bob_key.clone(),
-    );
-    let twin = tokio::spawn(async move {
-        let mut first = true;
-        while let Some(req) = incoming.next().await {
-            let (_, msg, r) = req.into_parts();
-            match msg {
-                Message::Update(u) => {
-                    if first {
-                        first = false;
-                        let sync = Message::Sync(perun::wire::Sync {
-                            channel_id: id,
-                            index: 1,
-                            phase: Phase::Active,
-                            latest: full_v2.clone(),
-                            staged: None,
-                        });
-                        let reply = evil.send(alice_peer, &sync).await;
-                        assert!(matches!(reply, Ok(Message::Sync(_))), "{reply:?}");
-                    }
-                    let _ = r.reply(common::accept(&bob_key, &u, 1));
-                }
-                Message::UpdateWithCommit(m) => {
-                    let _ = r.reply(common::accept(&bob_key, &m.update, 1));
-                }
-                Message::Sync(_) => {}
-                _ => {
-                    let _ = r.reply(Message::Ack);
-                }
-            }
-        }
+    let (evil, alice_peer, id) = (s.evil.clone(), s.alice_peer, s.alice.id());
+    let sync = Message::Sync(perun::wire::Sync {
+        channel_id: id,
+        index: 1,
+        phase: Phase::Active,
+        latest: full_v2,
+        staged: None,
+    });
+    let twin = sign_updates_after(s.evil_in.take().unwrap(), s.bob_key.clone(), async move {
+        let reply = evil.send(alice_peer, &sync).await;
+        assert!(matches!(reply, Ok(Message::Sync(_))), "{reply:?}");
     });
 
     let first = s.alice.pay(1, 0, U256::from(1u64)).await;

@@ -246,6 +246,28 @@ fn store_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("tower.redb")
 }
 
+/// A ledger with one funded channel, and where a store goes (the
+/// directory lives as long as the test holds it).
+async fn fresh() -> (SimLedger, Chan, tempfile::TempDir, PathBuf) {
+    let ledger = ledger();
+    let c = Chan::new(&ledger).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = store_path(&dir);
+    (ledger, c, dir, path)
+}
+
+/// Opens the store at `path` and runs a responder until Alice's v5 is
+/// registered for `c`.
+async fn refutes_with_v5(ledger: &SimLedger, c: &Chan, path: &Path) {
+    let store = Store::open(path).unwrap();
+    let r = start(&store, ledger);
+    until("the refutation with alice's v5", 10, async || {
+        c.version().await == Some(5)
+    })
+    .await;
+    r.stop().await;
+}
+
 /// One appointment value at a disputed locator that does not
 /// decode (a stranger's: anyone may put an appointment at a locator; the
 /// bytes came from disk) makes `start_job_keeping` fail for good
@@ -293,10 +315,7 @@ async fn a_corrupt_appointment_at_one_disputed_locator_halts_the_responder_for_e
 /// never used: the stale v2 runs to its conclusion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_stranger_appointment_at_the_locator_stops_the_refutation() {
-    let ledger = ledger();
-    let c = Chan::new(&ledger).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = store_path(&dir);
+    let (ledger, c, _dir, path) = fresh().await;
     let stranger = random_user();
     c.bob_registers(2).await;
     {
@@ -324,13 +343,7 @@ async fn a_corrupt_stranger_appointment_at_the_locator_stops_the_refutation() {
         appointment_key(stranger, c.locator()),
         &[1, 0xff, 0xff],
     );
-    let store = Store::open(&path).unwrap();
-    let r = start(&store, &ledger);
-    until("the refutation with alice's v5", 10, async || {
-        c.version().await == Some(5)
-    })
-    .await;
-    r.stop().await;
+    refutes_with_v5(&ledger, &c, &path).await;
 }
 
 /// One job record that does not decode (any channel's) makes
@@ -339,10 +352,7 @@ async fn a_corrupt_stranger_appointment_at_the_locator_stops_the_refutation() {
 /// handled. Here a good appointment for another channel is never used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_job_record_keeps_the_responder_from_ever_starting() {
-    let ledger = ledger();
-    let c = Chan::new(&ledger).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = store_path(&dir);
+    let (ledger, c, _dir, path) = fresh().await;
     {
         let store = Store::open(&path).unwrap();
         appoint(&store, c.alice.address(), c.locator(), 1, c.blob(5));
@@ -633,38 +643,20 @@ fn a_job_record_damaged_past_its_head_is_still_a_job() {
 /// job task read `job` = None: Done. Alice's v5 appointment was never used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_record_damaged_past_its_head_still_refutes() {
-    let ledger = ledger();
-    let c = Chan::new(&ledger).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = store_path(&dir);
+    let (ledger, c, _dir, path) = fresh().await;
     c.bob_registers(2).await;
     store_tail_damaged_job(&c, &path);
-    let store = Store::open(&path).unwrap();
-    let r = start(&store, &ledger);
-    until("the refutation with alice's v5", 10, async || {
-        c.version().await == Some(5)
-    })
-    .await;
-    r.stop().await;
+    refutes_with_v5(&ledger, &c, &path).await;
 }
 
 /// The same with the whole record damaged: replaced by the replayed event's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_record_damaged_whole_is_replaced_and_refutes() {
-    let ledger = ledger();
-    let c = Chan::new(&ledger).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = store_path(&dir);
+    let (ledger, c, _dir, path) = fresh().await;
     c.bob_registers(2).await;
     store_tail_damaged_job(&c, &path);
     poke(&path, "tower_jobs", c.id().0, &[1, 0xff, 0xff]);
-    let store = Store::open(&path).unwrap();
-    let r = start(&store, &ledger);
-    until("the refutation with alice's v5", 10, async || {
-        c.version().await == Some(5)
-    })
-    .await;
-    r.stop().await;
+    refutes_with_v5(&ledger, &c, &path).await;
 }
 
 /// `add_one` decoded the user's old appointment at the locator with `?`:
