@@ -664,9 +664,10 @@ impl Locked {
 
     /// What follows a newly fully signed current state, however the machine
     /// got it: no staged proposal is pending any more. A newer staged one
-    /// that outlived the adoption of a state from a `Sync` or an abandoned
-    /// update's commit (`Machine::adopt` keeps it) was checked against an
-    /// older state: completed, it would undo the adopted one. It is dropped
+    /// that outlived the adoption of a state from a `Sync` (`Machine::adopt`
+    /// keeps it; an abandoned update's commit is adopted only with nothing
+    /// staged) was checked against an older state: completed, it would
+    /// undo the adopted one. It is dropped
     /// as abandoned (its version burnt); it once stayed staged with no
     /// actor, and the channel in `Updating` until a restart.
     /// Callers announce.
