@@ -23,18 +23,17 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use common::flaky::Flaky;
 use common::game::{alice_about_to_win, app_opts};
 use common::sign_log::SignLog;
 use common::{Ledger, Options, Party, open, parties};
-use perun::adjudicator::{
-    Adjudicator, EventStream, ProgressRequest, Result as AdjResult, SignedChannel, WithdrawRequest,
-};
+use perun::adjudicator::Adjudicator;
 use perun::channel::tictactoe::TicTacToe;
-use perun::channel::{ChannelId, Phase, U256};
+use perun::channel::{Phase, U256};
 use perun::client::{Channel, Error, IncomingUpdate, UpdateHandler, UpdateResponder};
 use rand::{Rng, SeedableRng};
 
@@ -217,61 +216,27 @@ async fn a_client_shut_down_mid_update_signs_nothing_afterwards() {
     log.assert_no_double_sign();
 }
 
-/// An adjudicator whose `dispute` reads take a second once armed (a slow
-/// node): `force_update` sits in its first read meanwhile.
-struct SlowReads {
-    inner: Arc<dyn Adjudicator>,
-    armed: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl Adjudicator for SlowReads {
-    fn domain(&self) -> perun::channel::Domain {
-        self.inner.domain()
-    }
-    async fn register(&self, req: &SignedChannel) -> AdjResult<()> {
-        self.inner.register(req).await
-    }
-    async fn progress(&self, req: &ProgressRequest) -> AdjResult<()> {
-        self.inner.progress(req).await
-    }
-    async fn conclude(&self, req: &SignedChannel) -> AdjResult<()> {
-        self.inner.conclude(req).await
-    }
-    async fn withdraw(&self, req: &WithdrawRequest) -> AdjResult<()> {
-        self.inner.withdraw(req).await
-    }
-    async fn subscribe(&self, id: ChannelId) -> AdjResult<EventStream> {
-        self.inner.subscribe(id).await
-    }
-    async fn dispute(&self, id: ChannelId) -> AdjResult<Option<perun::adjudicator::Dispute>> {
-        if self.armed.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        self.inner.dispute(id).await
-    }
-}
-
 /// A tic-tac-toe game with Alice about to win, her signatures logged and
-/// her chain reads made slow once `armed` is set.
-async fn slow_game() -> (common::game::Game, Arc<SignLog>, Arc<AtomicBool>) {
+/// her adjudicator wrapped (`slow_disputes` makes its chain reads slow: a
+/// `force_update` sits in its first read meanwhile).
+async fn slow_game() -> (common::game::Game, Arc<SignLog>, Arc<Flaky>) {
     let log = SignLog::new();
-    let armed = Arc::new(AtomicBool::new(false));
+    let slot = Arc::new(std::sync::Mutex::new(None));
     let g = alice_about_to_win(Ledger::sim().await, {
-        let (log, armed) = (log.clone(), armed.clone());
+        let (log, keep) = (log.clone(), slot.clone());
         move |app| Options {
             wrap_persister: Some(Box::new(move |inner| log.wrap(inner))),
             wrap_adjudicator: Some(Box::new(move |inner| {
-                Arc::new(SlowReads {
-                    inner,
-                    armed: armed.clone(),
-                }) as Arc<dyn Adjudicator>
+                let f = Flaky::new(inner);
+                *keep.lock().unwrap() = Some(f.clone());
+                f as Arc<dyn Adjudicator>
             })),
             ..app_opts(app)
         }
     })
     .await;
-    (g, log, armed)
+    let chain = slot.lock().unwrap().take().expect("Alice's adjudicator");
+    (g, log, chain)
 }
 
 /// A forced move (app channels) is a signing place too: `force_update`
@@ -282,11 +247,11 @@ async fn slow_game() -> (common::game::Game, Arc<SignLog>, Arc<AtomicBool>) {
 /// before closing and, under the channel lock, before signing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_force_update_racing_shutdown_signs_after_shutdown_returned() {
-    let (g, log, armed) = slow_game().await;
+    let (g, log, chain) = slow_game().await;
     g.ps[1].client.shutdown().await;
     let alice = g.chans[0].clone();
     let params = alice.params().clone();
-    armed.store(true, Ordering::SeqCst);
+    chain.slow_disputes.store(true, Ordering::SeqCst);
     let forcing = tokio::spawn({
         let alice = alice.clone();
         async move {
@@ -328,7 +293,7 @@ async fn a_force_update_racing_shutdown_signs_after_shutdown_returned() {
 /// at version 5: two states of one version (the sign log caught it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forced_move_of_a_stopped_client_and_one_of_its_restart_double_sign() {
-    let (mut g, log, armed) = slow_game().await;
+    let (mut g, log, chain) = slow_game().await;
     g.ps[1].client.shutdown().await;
     let old = g.chans[0].clone();
     let id = old.id();
@@ -344,7 +309,7 @@ async fn a_forced_move_of_a_stopped_client_and_one_of_its_restart_double_sign() 
         hash_of(6),
         hash_of(3)
     );
-    armed.store(true, Ordering::SeqCst);
+    chain.slow_disputes.store(true, Ordering::SeqCst);
     let forcing = tokio::spawn({
         let params = params.clone();
         async move { old.force_update(|s| TicTacToe.play(&params, s, 0, 6)).await }

@@ -187,6 +187,20 @@ struct Gated {
     armed: std::sync::atomic::AtomicBool,
 }
 
+/// A [`Gated`] handler (waiting only while `armed`), and options with it.
+fn gated(armed: bool) -> (std::sync::Arc<Gated>, Options) {
+    let gate = std::sync::Arc::new(Gated {
+        entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Semaphore::new(0),
+        armed: std::sync::atomic::AtomicBool::new(armed),
+    });
+    let opts = Options {
+        update_handler: Some(gate.clone()),
+        ..Options::default()
+    };
+    (gate, opts)
+}
+
 #[async_trait::async_trait]
 impl perun::client::UpdateHandler for Gated {
     async fn handle_update(
@@ -213,15 +227,7 @@ impl perun::client::UpdateHandler for Gated {
 async fn an_invalid_update_does_not_drop_another_peers_staged_update() {
     let ledger = Ledger::sim().await;
     let deposit = U256::from(1_000_000u64);
-    let gate = std::sync::Arc::new(Gated {
-        entered: tokio::sync::Notify::new(),
-        release: tokio::sync::Semaphore::new(0),
-        armed: std::sync::atomic::AtomicBool::new(true),
-    });
-    let alice_opts = Options {
-        update_handler: Some(gate.clone()),
-        ..Options::default()
-    };
+    let (gate, alice_opts) = gated(true);
     let mut ps = vec![
         common::party(&ledger, deposit, &alice_opts).await,
         common::party(&ledger, deposit, &Options::default()).await,
@@ -327,15 +333,7 @@ async fn an_invalid_update_does_not_drop_another_peers_staged_update() {
 /// complete or abort, and her own payments time out for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_state_adopted_while_we_decide_a_peers_update_does_not_wedge_the_channel() {
-    let gate = std::sync::Arc::new(Gated {
-        entered: tokio::sync::Notify::new(),
-        release: tokio::sync::Semaphore::new(0),
-        armed: std::sync::atomic::AtomicBool::new(false),
-    });
-    let opts = Options {
-        update_handler: Some(gate.clone()),
-        ..Options::default()
-    };
+    let (gate, opts) = gated(false);
     let mut s = setup(Ledger::sim().await, opts).await;
     let before = s.alice.state();
     let v2 = bob_pays(&before.state, 1);

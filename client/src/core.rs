@@ -672,13 +672,12 @@ impl Locked {
     /// actor, and the channel in `Updating` until a restart.
     /// Callers announce.
     pub(crate) fn installed(&mut self) {
-        if let Some(s) = self.machine.staged().cloned() {
+        if let Some(version) = self.machine.staged().map(|s| s.state.version) {
             debug!(
-                version = s.state.version,
+                version,
                 "a newer state was adopted under a staged update; dropping it"
             );
-            self.note_burnt(s.state.version);
-            self.abandoned = Some(s);
+            self.set_abandoned();
             let _ = self.machine.discard_staged();
         }
         let v = self.machine.current().map_or(0, |c| c.state.version);
@@ -691,11 +690,17 @@ impl Locked {
     /// version is burnt. The store keeps the staged state, which is our
     /// record of what we signed, until a newer state replaces it.
     pub(crate) fn abandon_staged(&mut self, core: &ChannelCore) {
+        self.set_abandoned();
+        self.drop_staged(core);
+    }
+
+    /// Burns the staged update's version and keeps it as `abandoned` (its
+    /// commit may still come); the machine still holds it staged.
+    fn set_abandoned(&mut self) {
         if let Some(s) = self.machine.staged().cloned() {
             self.note_burnt(s.state.version);
             self.abandoned = Some(s);
         }
-        self.drop_staged(core);
     }
 
     /// Records that `version` is burnt (some participant signed it in a

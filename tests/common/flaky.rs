@@ -2,7 +2,7 @@
 //! (the seeded chaos runs use `perun::adjudicator::testing::FaultyChain`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use perun::adjudicator::{
@@ -21,6 +21,8 @@ pub struct Flaky {
     pub end_streams: AtomicU32,
     /// `dispute` reads that panic (a bug in a backend).
     pub panic_disputes: AtomicU32,
+    /// While set, every `dispute` read takes a second (a slow node).
+    pub slow_disputes: AtomicBool,
     /// How many faults were injected so far.
     pub injected: AtomicU32,
     /// How many subscriptions were made.
@@ -36,6 +38,7 @@ impl Flaky {
             fail_registers: AtomicU32::new(0),
             end_streams: AtomicU32::new(0),
             panic_disputes: AtomicU32::new(0),
+            slow_disputes: AtomicBool::new(false),
             injected: AtomicU32::new(0),
             subscriptions: AtomicU32::new(0),
             cut: Arc::new(tokio::sync::Notify::new()),
@@ -111,6 +114,9 @@ impl Adjudicator for Flaky {
     async fn dispute(&self, id: ChannelId) -> Result<Option<Dispute>> {
         if self.take(&self.panic_disputes) {
             panic!("injected panic in dispute()");
+        }
+        if self.slow_disputes.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
         self.inner.dispute(id).await
     }

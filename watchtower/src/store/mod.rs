@@ -151,9 +151,9 @@ pub struct Reclaimed {
     pub done: bool,
 }
 
-/// The head of a [`Job`] record: its first fields, without what it
-/// learned since (refutation, conclusion, and the refusals, which may be
-/// long). `None` if it does not decode.
+/// The head of a [`Job`] record ([`decode_head`]): its first fields,
+/// without what it learned since (refutation, conclusion, and the
+/// refusals, which may be long).
 #[derive(Deserialize)]
 struct JobHead {
     channel: ChannelId,
@@ -163,12 +163,21 @@ struct JobHead {
     registered: Option<State>,
 }
 
-fn job_head(bytes: &[u8]) -> Option<JobHead> {
+/// The first fields of a stored value as `T`, the rest unread (a blob, a
+/// job's refusals); `None` if they do not decode.
+fn decode_head<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Option<T> {
     match bytes.split_first() {
-        Some((&VALUE_FORMAT, body)) => postcard::take_from_bytes::<JobHead>(body)
-            .ok()
-            .map(|(h, _)| h),
+        Some((&VALUE_FORMAT, body)) => postcard::take_from_bytes(body).ok().map(|(v, _)| v),
         _ => None,
+    }
+}
+
+/// Whether `new` is a newer registered state than `old` (none is oldest).
+fn registered_newer(old: Option<&State>, new: Option<&State>) -> bool {
+    match (old, new) {
+        (Some(o), Some(n)) => n.version > o.version,
+        (None, Some(_)) => true,
+        _ => false,
     }
 }
 
@@ -183,7 +192,7 @@ fn decode_job(bytes: &[u8]) -> Option<Job> {
     match decode::<Job>("tower_jobs", bytes) {
         Ok(job) => Some(job),
         Err(e) => {
-            let Some(h) = job_head(bytes) else {
+            let Some(h) = decode_head::<JobHead>(bytes) else {
                 tracing::warn!(error = %e, "a job record does not decode; passing it over");
                 return None;
             };
@@ -213,12 +222,7 @@ fn status_of(bytes: &[u8]) -> Option<Status> {
         _receipt: Receipt,
         status: Status,
     }
-    match bytes.split_first() {
-        Some((&VALUE_FORMAT, body)) => postcard::from_bytes::<StatusOnly<'_>>(body)
-            .ok()
-            .map(|a| a.status),
-        _ => None,
-    }
+    decode_head::<StatusOnly<'_>>(bytes).map(|a| a.status)
 }
 
 /// Where the responder is with one dispute. Written *before* the transaction
@@ -833,8 +837,8 @@ impl Store {
     pub fn job(&self, channel: ChannelId) -> Result<Option<Job>> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(JOBS)?;
-        // A damaged record is no job: the next event or appointment at
-        // its channel writes a new one (`start_job_in`).
+        // One damaged in its head is no job: the next event or appointment
+        // at its channel writes a new one (`start_job_in`).
         Ok(t.get(&channel.0)?.and_then(|v| decode_job(v.value())))
     }
 
@@ -890,12 +894,7 @@ impl Store {
                 let user = Address::from(*u?.value());
                 // The sequence number only (the first field), not the blob.
                 let seq = match t.get(&appointment_key(user, job.locator))? {
-                    Some(v) => match v.value().split_first() {
-                        Some((&VALUE_FORMAT, body)) => postcard::take_from_bytes::<u64>(body)
-                            .map(|(seq, _)| seq)
-                            .ok(),
-                        _ => None,
-                    },
+                    Some(v) => decode_head::<u64>(v.value()),
                     None => continue,
                 };
                 let Some(seq) = seq else {
@@ -1137,7 +1136,7 @@ fn start_job_in(
     users: &[Address],
     mark_always: bool,
 ) -> Result<JobStart> {
-    // A damaged record is replaced, as if there were none.
+    // A record damaged in its head is replaced, as if there were none.
     let (unchanged, old) = {
         let found = jobs.get(&job.channel.0)?;
         // A running job that this changes nothing of is not decoded whole: its
@@ -1147,14 +1146,10 @@ fn start_job_in(
         // appointments at 100,000 refusals).
         let unchanged = found
             .as_ref()
-            .and_then(|v| job_head(v.value()))
+            .and_then(|v| decode_head::<JobHead>(v.value()))
             .is_some_and(|h| {
                 h.phase != JobPhase::Done
-                    && match (&h.registered, &job.registered) {
-                        (_, None) => true,
-                        (Some(o), Some(n)) => n.version <= o.version,
-                        (None, Some(_)) => false,
-                    }
+                    && !registered_newer(h.registered.as_ref(), job.registered.as_ref())
             });
         let old: Option<Job> = if unchanged {
             None
@@ -1167,11 +1162,7 @@ fn start_job_in(
         None if unchanged => (None, JobStart::Running),
         None => (Some(job.clone()), JobStart::New),
         Some(mut old) => {
-            let newer = match (&old.registered, &job.registered) {
-                (Some(o), Some(n)) => n.version > o.version,
-                (None, Some(_)) => true,
-                _ => false,
-            };
+            let newer = registered_newer(old.registered.as_ref(), job.registered.as_ref());
             if newer {
                 old.registered.clone_from(&job.registered);
             }
@@ -1211,9 +1202,9 @@ mod tests {
             concluded: true,
             refused: vec![(Address::repeat_byte(4), Refusal::Decrypt); 3],
         };
-        let head = job_head(&encode(&job).unwrap()).unwrap();
+        let head: JobHead = decode_head(&encode(&job).unwrap()).unwrap();
         assert_eq!(head.phase, job.phase);
         assert_eq!(head.registered, None);
-        assert!(job_head(&[VALUE_FORMAT, 1, 2]).is_none());
+        assert!(decode_head::<JobHead>(&[VALUE_FORMAT, 1, 2]).is_none());
     }
 }
