@@ -809,6 +809,20 @@ impl Book {
     }
 }
 
+/// A request on `/perun/wire/1` waiting for its reply.
+struct Pending {
+    tx: oneshot::Sender<Result<Reply>>,
+    /// The frame, kept while the request waits for a dial, to send it again
+    /// if a dial other than our latest fails (see `on_dial_failure`).
+    redial: Option<(PeerId, Vec<u8>)>,
+    /// How many times it was sent again after such a failure.
+    resent: u8,
+}
+
+/// How often one request is sent again after a dial failure while another
+/// dial to its peer is still running: each time is a different dial.
+const MAX_RESENDS: u8 = 4;
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     lanes: Arc<Lanes>,
@@ -817,7 +831,7 @@ struct EventLoop {
     cmd_rx: mpsc::Receiver<Command>,
     in_tx: mpsc::Sender<Request>,
     events: broadcast::Sender<PeerEvent>,
-    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Reply>>>,
+    pending: HashMap<OutboundRequestId, Pending>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<()>>>>,
     /// Per peer: our latest dial to it and the book's address generation
     /// (`Book::generation`) it started with, until that dial connects or
@@ -855,20 +869,26 @@ impl EventLoop {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Send { peer, frame, tx } => {
-                if !self.swarm.is_connected(&peer) {
+                let redial = if self.swarm.is_connected(&peer) {
+                    None
+                } else {
                     // Ours goes first; the behaviour's own dial then finds one
                     // in progress and waits for it.
                     match self.dial_peer(peer) {
                         Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
                         Err(e) => debug!(%peer, error = %e, "dial on demand not started"),
                     }
-                }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .rr
-                    .send_request(&peer, Req::Frame(frame));
-                self.pending.insert(id, tx);
+                    Some((peer, frame.clone()))
+                };
+                self.send_request(
+                    peer,
+                    frame,
+                    Pending {
+                        tx,
+                        redial,
+                        resent: 0,
+                    },
+                );
             }
             Command::AddAddress { peer, addr } => self.remember(peer, addr, true),
             Command::KnownPeers(tx) => {
@@ -949,6 +969,47 @@ impl EventLoop {
         self.swarm.dial(opts)?;
         self.dialed.insert(peer, (id, generation));
         Ok(())
+    }
+
+    fn send_request(&mut self, peer: PeerId, frame: Vec<u8>, pending: Pending) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&peer, Req::Frame(frame));
+        self.pending.insert(id, pending);
+    }
+
+    /// A request failed because *a* dial to its peer failed. The
+    /// request-response behaviour fails every request waiting for a
+    /// connection on any dial failure, even with another dial running: an
+    /// old dial to a stale address (a peer that restarted on another port)
+    /// would fail requests that our latest dial, made with the address
+    /// learned since, is about to carry. Such a request never left the
+    /// process, so it goes out again while that dial runs or once the peer
+    /// is connected; otherwise it fails with [`Error::DialFailure`].
+    fn on_dial_failure(
+        &mut self,
+        peer: PeerId,
+        failed: ConnectionId,
+        request_id: OutboundRequestId,
+    ) {
+        let Some(mut pending) = self.pending.remove(&request_id) else {
+            return;
+        };
+        let Some((_, frame)) = pending.redial.take() else {
+            let _ = pending.tx.send(Err(Error::DialFailure(peer)));
+            return;
+        };
+        let another_dial = self.dialed.get(&peer).is_some_and(|(id, _)| *id != failed);
+        if pending.resent < MAX_RESENDS && (another_dial || self.swarm.is_connected(&peer)) {
+            debug!(%peer, "a dial failed while another runs; sending the request again");
+            pending.resent += 1;
+            pending.redial = Some((peer, frame.clone()));
+            self.send_request(peer, frame, pending);
+        } else {
+            let _ = pending.tx.send(Err(Error::DialFailure(peer)));
+        }
     }
 
     /// Adds an address to the book (pinned: the application gave it).
@@ -1067,11 +1128,20 @@ impl EventLoop {
                         }
                         Resp::Pending(_) | Resp::Frame(_) => Err(Error::ConnectionClosed),
                     };
-                    if let Some(tx) = self.pending.remove(&request_id) {
-                        let _ = tx.send(result);
+                    if let Some(pending) = self.pending.remove(&request_id) {
+                        let _ = pending.tx.send(result);
                     }
                 }
             },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error: OutboundFailure::DialFailure,
+                connection_id,
+            } => {
+                debug!(%peer, "request failed: a dial failed");
+                self.on_dial_failure(peer, connection_id, request_id);
+            }
             request_response::Event::OutboundFailure {
                 peer,
                 request_id,
@@ -1086,8 +1156,8 @@ impl EventLoop {
                     OutboundFailure::UnsupportedProtocols => Error::UnsupportedProtocol,
                     OutboundFailure::Io(e) => Error::Io(e),
                 };
-                if let Some(tx) = self.pending.remove(&request_id) {
-                    let _ = tx.send(Err(err));
+                if let Some(pending) = self.pending.remove(&request_id) {
+                    let _ = pending.tx.send(Err(err));
                 }
             }
             // A peer causes these at will (a stream it resets after one
