@@ -997,6 +997,10 @@ impl EventLoop {
         let Some(mut pending) = self.pending.remove(&request_id) else {
             return;
         };
+        if pending.tx.is_closed() {
+            // Its caller gave up (timed out): it must not go out later.
+            return;
+        }
         let Some((_, frame)) = pending.redial.take() else {
             let _ = pending.tx.send(Err(Error::DialFailure(peer)));
             return;

@@ -5,7 +5,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use perun_wire::{Config, Error, Message, Node, PeerEvent, RefusalCode, UpdateCommit};
+use perun_wire::{Config, Error, Handle, Message, Node, PeerEvent, RefusalCode, UpdateCommit};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 fn commit() -> Message {
@@ -343,66 +345,80 @@ async fn a_send_does_not_wait_for_a_dial_to_a_stale_address() {
     b.shutdown().await;
 }
 
-/// A dial to a stale address that *fails* (the peer's old port now closes
-/// what it accepts) must not fail requests that a later dial, made with the
-/// address learned since, is about to carry: the request-response behaviour
-/// fails every request waiting for a connection on any dial failure. CI:
-/// `chaos_sim` seed 2, "could not dial" on Bob's first payment after Alice
-/// restarted, while his resync's dial to her old port was still failing.
+/// A listener at a peer's old port, now taken by something that accepts
+/// and closes each connection after `after`: a dial to it fails then.
+/// Also returns a signal of its first accept.
+async fn closing_listener(after: Duration) -> (u16, oneshot::Receiver<()>, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (accepted_tx, accepted) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut accepted_tx = Some(accepted_tx);
+        while let Ok((conn, _)) = listener.accept().await {
+            if let Some(tx) = accepted_tx.take() {
+                let _ = tx.send(());
+            }
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                drop(conn);
+            });
+        }
+    });
+    (port, accepted, task)
+}
+
+/// A relay to `node`'s listener that connects each connection through only
+/// after `after`: a dial to it succeeds late.
+async fn slow_relay(node: &Handle, after: Duration) -> (u16, JoinHandle<()>) {
+    let addr = node.listen_addrs().await.expect("addrs")[0].clone();
+    let Some(libp2p::multiaddr::Protocol::Tcp(to)) = addr.iter().nth(1) else {
+        panic!("not a TCP address: {addr}");
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                if let Ok(mut to_node) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut to_node).await;
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+fn tcp(port: u16) -> libp2p::Multiaddr {
+    format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")
+}
+
+/// A dial to a stale address that *fails* must not fail requests that a
+/// later dial, made with the address learned since, is about to carry: the
+/// request-response behaviour fails every request waiting for a connection
+/// on any dial failure. CI: `chaos_sim` seed 2, "could not dial" on Bob's
+/// first payment after Alice restarted, while an older dial to her old port
+/// was failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_dial_to_a_stale_address_does_not_fail_requests_a_later_dial_carries() {
     init_tracing();
     let (a, _a_in) = node().await;
     let (b, mut b_in) = node().await;
     let b_id = b.local_peer_id();
-    let b_addr = b.listen_addrs().await.expect("addrs")[0].clone();
-    let b_port = match b_addr.iter().nth(1) {
-        Some(libp2p::multiaddr::Protocol::Tcp(port)) => port,
-        other => panic!("not a TCP address: {other:?}"),
-    };
-    // The stale address: accepts, and closes each connection after 300 ms,
-    // so the first dial fails while the second is still on its way.
-    let stale = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let stale_port = stale.local_addr().expect("addr").port();
-    let (accepted_tx, accepted) = tokio::sync::oneshot::channel();
-    let closer = tokio::spawn(async move {
-        let mut accepted_tx = Some(accepted_tx);
-        while let Ok((conn, _)) = stale.accept().await {
-            if let Some(tx) = accepted_tx.take() {
-                let _ = tx.send(());
-            }
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                drop(conn);
-            });
-        }
-    });
-    // The address learned since: B behind a relay that connects through
-    // only after 1.5 s, long after the stale dial failed.
-    let relay = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let relay_port = relay.local_addr().expect("addr").port();
-    let relaying = tokio::spawn(async move {
-        while let Ok((mut conn, _)) = relay.accept().await {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                if let Ok(mut to_b) = tokio::net::TcpStream::connect(("127.0.0.1", b_port)).await {
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut to_b).await;
-                }
-            });
-        }
-    });
+    // The stale dial fails at 300 ms; the later one connects at 1.5 s.
+    let (stale, accepted, closer) = closing_listener(Duration::from_millis(300)).await;
+    let (relay, relaying) = slow_relay(&b, Duration::from_millis(1500)).await;
     let answering = tokio::spawn(async move {
         while let Some(req) = b_in.next().await {
             let (_, _, responder) = req.into_parts();
             let _ = responder.reply(Message::Ack);
         }
     });
-    let tcp = |port: u16| format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr");
-    a.add_address(b_id, tcp(stale_port)).await.expect("add");
+    a.add_address(b_id, tcp(stale)).await.expect("add");
     let first = tokio::spawn({
         let a = a.clone();
         async move { a.send(b_id, &commit()).await }
@@ -411,12 +427,55 @@ async fn a_failing_dial_to_a_stale_address_does_not_fail_requests_a_later_dial_c
         .await
         .expect("the first dial in time")
         .expect("accepted");
-    a.add_address(b_id, tcp(relay_port)).await.expect("add");
+    a.add_address(b_id, tcp(relay)).await.expect("add");
     let second = timeout(WAIT, a.send(b_id, &commit())).await;
     assert!(matches!(second, Ok(Ok(Message::Ack))), "{second:?}");
     let first = timeout(WAIT, first).await.expect("in time").expect("task");
     assert!(matches!(first, Ok(Message::Ack)), "{first:?}");
     for task in [closer, relaying, answering] {
+        task.abort();
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// ...but a request whose caller gave up (`Handle::send` returned
+/// `Timeout`) is not sent again when the stale dial fails: no request the
+/// caller no longer waits for goes out (review of the change above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_caller_timed_out_is_not_sent_again_after_a_dial_failure() {
+    init_tracing();
+    let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_millis(700)).await;
+    let (b, mut b_in) = node().await;
+    let b_id = b.local_peer_id();
+    // The caller gives up at 0.7 s, the stale dial fails at 1.2 s, the
+    // later one connects at 2 s.
+    let (stale, accepted, closer) = closing_listener(Duration::from_millis(1200)).await;
+    let (relay, relaying) = slow_relay(&b, Duration::from_millis(2000)).await;
+    a.add_address(b_id, tcp(stale)).await.expect("add");
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.send(b_id, &commit()).await }
+    });
+    timeout(WAIT, accepted)
+        .await
+        .expect("the first dial in time")
+        .expect("accepted");
+    // A second dial with the address learned since (no second request).
+    let dialing = tokio::spawn({
+        let a = a.clone();
+        async move { a.dial(b_id, Some(tcp(relay))).await }
+    });
+    let first = timeout(WAIT, first).await.expect("in time").expect("task");
+    assert!(matches!(first, Err(Error::Timeout)), "{first:?}");
+    let delivered = timeout(Duration::from_secs(4), b_in.next()).await;
+    let dialed = timeout(WAIT, dialing).await;
+    assert!(matches!(dialed, Ok(Ok(Ok(())))), "{dialed:?}");
+    assert!(
+        delivered.is_err(),
+        "B received the request after A's caller got Timeout"
+    );
+    for task in [closer, relaying] {
         task.abort();
     }
     a.shutdown().await;
