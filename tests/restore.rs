@@ -68,19 +68,13 @@ async fn restart_restores_channels(ledger: Ledger) {
     chans[0].settle().await.unwrap();
 }
 
-/// Pays, retrying while the failure is retryable or the connection closed
-/// under the request (at most 5 times); returns how many attempts failed.
+/// Pays, retrying while the failure is transient (the connection closed
+/// under the request; at most 5 times); returns how many attempts failed.
 async fn pay_once_reconnected(ch: &perun::client::Channel, to: usize, amount: U256) -> u64 {
     for failed in 0..5 {
         match ch.pay(to, 0, amount).await {
             Ok(_) => return failed,
-            Err(e)
-                if e.is_retryable()
-                    || matches!(
-                        e,
-                        perun::client::Error::Wire(perun::wire::Error::ConnectionClosed)
-                    ) =>
-            {
+            Err(e) if e.is_transient() => {
                 eprintln!("retrying a payment after the restart: {e}");
                 // A pause as an application's retry would take: the client
                 // has no event for "the old connection is gone" to wait on.

@@ -292,8 +292,11 @@ pub enum MootReason {
 }
 
 impl Error {
-    /// Whether retrying the same operation later can succeed (a lost
-    /// conflict, a busy peer, a timeout).
+    /// Whether it failed only because something else ran at the same time
+    /// (a conflicting update; a busy channel, peer or store; a timeout
+    /// waiting for one): retrying soon can succeed. Cooperative settlement
+    /// retries these before it goes on-chain. A peer out of reach is not
+    /// included: see [`is_transient`](Self::is_transient).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -301,6 +304,24 @@ impl Error {
         ) || matches!(self, Error::Channel(perun_channel::Error::Busy))
             || matches!(self, Error::Wire(perun_wire::Error::Refused(r))
                 if r.code == perun_wire::RefusalCode::Busy)
+    }
+
+    /// Whether the same operation can succeed later: it is
+    /// [retryable](Self::is_retryable), or a peer was out of reach for now
+    /// (not dialable, the connection closed, no reply in time:
+    /// [`perun_wire::Error::is_transient`]). A payment that failed so may
+    /// have reached the peer; the update protocol resolves that (DESIGN
+    /// §8), and a retry is a new update.
+    ///
+    /// ```
+    /// use perun_client::Error;
+    /// let offline = Error::Wire(perun_wire::Error::ConnectionClosed);
+    /// assert!(offline.is_transient() && !offline.is_retryable());
+    /// assert!(Error::Conflict.is_transient());
+    /// assert!(!Error::Wire(perun_wire::Error::UnsupportedProtocol).is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        self.is_retryable() || matches!(self, Error::Wire(e) if e.is_transient())
     }
 }
 

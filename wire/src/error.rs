@@ -102,3 +102,60 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Whether the same request may get through later: the peer was out of
+    /// reach (no connection, closed, no reply in time) or busy. A request
+    /// that failed so may or may not have reached the peer; the perun
+    /// protocols tolerate both.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Timeout
+            | Error::ConnectionClosed
+            | Error::DialFailure(_)
+            | Error::Busy { .. } => true,
+            Error::Refused(r) => matches!(
+                r.code,
+                crate::RefusalCode::Busy | crate::RefusalCode::Stalled
+            ),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Refusal, RefusalCode};
+
+    #[test]
+    fn only_an_unreachable_or_busy_peer_is_transient() {
+        let refused = |code| Error::Refused(Refusal::new(code, "x"));
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        for e in [
+            Error::Timeout,
+            Error::ConnectionClosed,
+            Error::DialFailure(peer),
+            Error::Busy {
+                what: "requests",
+                limit: 1,
+            },
+            refused(RefusalCode::Busy),
+            refused(RefusalCode::Stalled),
+        ] {
+            assert!(e.is_transient(), "{e}");
+        }
+        for e in [
+            refused(RefusalCode::Malformed),
+            refused(RefusalCode::Unauthorized),
+            refused(RefusalCode::NoReply),
+            Error::UnsupportedProtocol,
+            Error::Shutdown,
+            Error::NotARequest("Ack"),
+        ] {
+            assert!(!e.is_transient(), "{e}");
+        }
+    }
+}
