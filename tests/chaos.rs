@@ -13,6 +13,10 @@
 //!   connections and drops, duplicates and delays notifications; the chain
 //!   clock also runs at 100 s per second.
 //!
+//! - Both: the connection between Alice and Bob is cut (closed by one of
+//!   them) in the middle of some payments; a payment that fails so is
+//!   retried while its error is transient, as an application would.
+//!
 //! Both assume what the README states the watcher needs: Alice is back
 //! online (and her node reachable) well within the challenge period.
 //!
@@ -112,12 +116,15 @@ async fn run(kind: Kind, schedules: u64, parallel: usize) {
         .collect()
         .await;
     let mut faults = 0;
+    let (mut cuts, mut retries) = (0, 0);
     let mut lost = U256::ZERO;
     let mut failed = Vec::new();
     for (seed, res) in &outcomes {
         match res {
             Ok(o) => {
                 faults += o.faults;
+                cuts += o.cuts;
+                retries += o.retries;
                 lost += o.lost;
                 if !o.lost.is_zero() || o.failure.is_some() {
                     failed.push(format!(
@@ -133,7 +140,7 @@ async fn run(kind: Kind, schedules: u64, parallel: usize) {
     }
     let ledger = format!("{kind:?}").to_lowercase();
     println!(
-        "chaos: {n} schedules, {faults} faults injected, {lost} wei lost ({ledger}, seeds {base}..{}, {:.0} s)",
+        "chaos: {n} schedules, {faults} chain faults injected, {cuts} connections cut ({retries} payment attempts retried), {lost} wei lost ({ledger}, seeds {base}..{}, {:.0} s)",
         base + n,
         started.elapsed().as_secs_f64()
     );
@@ -147,6 +154,12 @@ async fn run(kind: Kind, schedules: u64, parallel: usize) {
         failed.is_empty(),
         "{} of {n} schedules failed",
         failed.len()
+    );
+    // Cuts land mid-payment often enough to fail some attempts (about 90
+    // in 335 cuts per 200 schedules): none would mean they no longer cut.
+    assert!(
+        n < 50 || retries > 0,
+        "{cuts} cuts and no payment failed: the cuts do not reach the payments"
     );
     assert!(lost.is_zero());
 }
@@ -221,6 +234,9 @@ struct Plan {
     away_at_end: Option<u64>,
     /// Which of Bob's older states he registers (index into his history).
     stale_pick: u64,
+    /// Payments during which the connection is cut: `(payment, cut by
+    /// Alice?, after how many µs)`.
+    cuts: Vec<(usize, bool, u64)>,
 }
 
 impl Plan {
@@ -238,12 +254,57 @@ impl Plan {
         };
         let away_at_end =
             (!matches!(ending, Ending::AliceSettles) && d.chance(50)).then(|| d.range(50, 800));
+        let stale_pick = d.next();
+        // Their own dice: adding cuts left every other decision of a
+        // seed's schedule as it was.
+        let mut c = Dice(seed ^ 0x6375_7473_6375_7473);
+        let mut cuts = Vec::new();
+        for i in 0..k {
+            if c.chance(25) {
+                cuts.push((i, c.chance(50), c.range(0, 3_000)));
+            }
+        }
         Plan {
             payments,
             nap,
             ending,
             away_at_end,
-            stale_pick: d.next(),
+            stale_pick,
+            cuts,
+        }
+    }
+}
+
+/// Pays `amount` to `to`; with `cut`, the connection between Alice and
+/// Bob is closed by one of them that many µs into the first attempt. A
+/// failure is retried while it is transient (the cut's closed connection,
+/// a conflict with the update the cut left behind); returns how many
+/// attempts failed.
+async fn pay_through_cuts(
+    payer: &perun::client::Channel,
+    to: usize,
+    amount: U256,
+    cut: Option<(&Party, &Party, u64)>,
+) -> Result<u32, perun::client::Error> {
+    let mut failed = 0u32;
+    loop {
+        let res = match (failed, cut) {
+            (0, Some((by, other, after_us))) => {
+                let cutting = async {
+                    tokio::time::sleep(Duration::from_micros(after_us)).await;
+                    let _ = by.client.disconnect(other.client.peer_id()).await;
+                };
+                tokio::join!(payer.pay(to, 0, amount), cutting).0
+            }
+            _ => payer.pay(to, 0, amount).await,
+        };
+        match res {
+            Ok(_) => return Ok(failed),
+            Err(e) if e.is_transient() && failed < 100 => {
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -251,6 +312,10 @@ impl Plan {
 /// What one schedule came to.
 struct Outcome {
     faults: u64,
+    /// Payments during which the connection was cut.
+    cuts: usize,
+    /// Payment attempts that failed (transiently) and were retried.
+    retries: u32,
     lost: U256,
     story: String,
     /// What went wrong, if Alice's client did not finish on its own.
@@ -344,8 +409,10 @@ async fn schedule(shared: Option<Arc<Ledger>>, seed: u64) -> Result<Outcome, Str
     };
     let res = play(&ledger, &faults, &plan).await;
     match res {
-        Ok((lost, failure)) => Ok(Outcome {
+        Ok((lost, failure, retries)) => Ok(Outcome {
             faults: faults.injected(),
+            cuts: plan.cuts.len(),
+            retries,
             lost,
             story,
             failure,
@@ -368,7 +435,7 @@ async fn play(
     ledger: &Ledger,
     faults: &Faults,
     plan: &Plan,
-) -> Result<(U256, Option<String>), String> {
+) -> Result<(U256, Option<String>, u32), String> {
     let alice_account = ledger.account(u(MINT)).await;
     let alice_opts = faults.options(&alice_account).await;
     let mut alice = common::party_with_account(ledger, alice_account, &alice_opts).await;
@@ -392,6 +459,7 @@ async fn play(
         .map_err(|e| format!("open: {e}"))?
         .id();
     let mut history: Vec<SignedState> = vec![bob_ch.state()];
+    let mut retries = 0u32;
 
     for (i, (from_alice, permille)) in plan.payments.iter().enumerate() {
         let alice_ch = alice.client.channel(&id).ok_or("Alice lost the channel")?;
@@ -403,8 +471,18 @@ async fn play(
         let have = payer.state().state.outcome.balances[0][me];
         let amount = have * u(*permille) / u(1000);
         if !amount.is_zero() {
-            payer
-                .pay(to, 0, amount)
+            let cut = plan
+                .cuts
+                .iter()
+                .find(|c| c.0 == i)
+                .map(|&(_, by_alice, us)| {
+                    if by_alice {
+                        (&alice, &bob, us)
+                    } else {
+                        (&bob, &alice, us)
+                    }
+                });
+            retries += pay_through_cuts(payer, to, amount, cut)
                 .await
                 .map_err(|e| format!("payment {i}: {e}"))?;
         }
@@ -527,14 +605,14 @@ async fn play(
     // the commit of (a payment to her: then she gets more).
     if got != expected && !(got > expected && mine.state.version < latest.state.version) {
         note.push_str(&format!(
-            "Alice got {got}, her latest state (version {}) gives her {expected}; ",
+            "Alice got {got}, her latest state (version {}) gives her {expected} (channel {id}); ",
             mine.state.version
         ));
     }
     drop(alice_ch);
     alice.client.shutdown().await;
     let lost = expected.saturating_sub(got);
-    Ok((lost, (!note.is_empty()).then_some(note)))
+    Ok((lost, (!note.is_empty()).then_some(note), retries))
 }
 
 /// Concludes whatever is registered once its timeout passed, and withdraws

@@ -314,6 +314,14 @@ impl Client {
         Ok(self.shared.wire.listen_addrs().await?)
     }
 
+    /// Closes every connection to `peer` (e.g. one that misbehaves, or to
+    /// test how channels ride out a dropped connection). Its requests in
+    /// flight fail with a transient error; the next message to it dials it
+    /// again, and channels with it resync when it is back.
+    pub async fn disconnect(&self, peer: PeerId) -> Result<()> {
+        Ok(self.shared.wire.disconnect(peer).await?)
+    }
+
     /// Tells the client where to reach `peer`.
     pub async fn add_peer(&self, peer: PeerId, addr: Multiaddr) -> Result<()> {
         Ok(self.shared.wire.add_address(peer, addr).await?)

@@ -135,9 +135,23 @@ impl Lanes {
     }
 
     /// The peer's last connection is gone; it may come back as another
-    /// release.
+    /// release. Its lane ends: requests waiting on it fail at once with
+    /// [`Error::ConnectionClosed`] (each may have reached the peer).
     pub(crate) fn forget(&self, peer: &PeerId) {
-        lock(&self.peers).remove(peer);
+        let gone = lock(&self.peers).remove(peer);
+        if let Some(lane) = gone.and_then(|p| p.lane) {
+            lane.close();
+            lane.cut.notify_one();
+        }
+    }
+
+    /// The node stops: every lane ends as in [`forget`](Self::forget).
+    pub(crate) fn forget_all(&self) {
+        let gone = std::mem::take(&mut *lock(&self.peers));
+        for lane in gone.into_values().filter_map(|p| p.lane) {
+            lane.close();
+            lane.cut.notify_one();
+        }
     }
 
     /// Whether a lane to `peer` is open (for tests and diagnostics).
@@ -225,6 +239,7 @@ impl Lanes {
             next: AtomicU64::new(0),
             open: AtomicBool::new(true),
             delivered: Notify::new(),
+            cut: Notify::new(),
             config: self.config,
         });
         p.lane = Some(lane.clone());
@@ -278,6 +293,10 @@ pub(crate) struct Lane {
     /// Signalled whenever a reply was handed on (a retiring lane waits for
     /// the last one).
     delivered: Notify,
+    /// Signalled when the peer's last connection closed: the stream's
+    /// reader is not always woken then, and its requests would wait for
+    /// their timeout.
+    cut: Notify,
     config: LaneConfig,
 }
 
@@ -455,6 +474,7 @@ async fn run_outbound(
     tokio::select! {
         () = write => {}
         () = read => {}
+        () = lane.cut.notified() => debug!("the peer's connection closed"),
     }
     lanes.remove(&peer, &lane);
     // What is still queued never left; a request not yet queued finds the

@@ -164,6 +164,7 @@ enum Command {
     },
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     IsConnected(PeerId, oneshot::Sender<bool>),
+    Disconnect(PeerId, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -481,6 +482,14 @@ impl Handle {
     pub async fn is_connected(&self, peer: PeerId) -> Result<bool> {
         let (tx, rx) = oneshot::channel();
         self.command(Command::IsConnected(peer, tx)).await?;
+        rx.await.map_err(|_| Error::Shutdown)
+    }
+
+    /// Closes every connection to `peer`: its requests in flight on them
+    /// fail ([`Error::ConnectionClosed`]), and a later send dials it again.
+    pub async fn disconnect(&self, peer: PeerId) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Disconnect(peer, tx)).await?;
         rx.await.map_err(|_| Error::Shutdown)
     }
 
@@ -854,12 +863,22 @@ impl EventLoop {
             tokio::select! {
                 cmd = self.cmd_rx.recv() => match cmd {
                     Some(Command::Shutdown(tx)) => {
+                        // Requests on lanes fail now (as `Shutdown`: the
+                        // handle is closed by then), not at their timeout.
+                        // The handle is closed first: a request that the
+                        // dropped swarm's connections fail sees `Shutdown`.
+                        self.cmd_rx.close();
+                        let lanes = self.lanes.clone();
                         drop(self);
+                        lanes.forget_all();
                         let _ = tx.send(());
                         return;
                     }
                     Some(cmd) => self.on_command(cmd),
-                    None => return,
+                    None => {
+                        self.lanes.forget_all();
+                        return;
+                    }
                 },
                 event = self.swarm.select_next_some() => self.on_event(event),
             }
@@ -914,6 +933,11 @@ impl EventLoop {
             }
             Command::ListenAddrs(tx) => {
                 let _ = tx.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Disconnect(peer, tx) => {
+                // Not connected: nothing to close.
+                let _ = self.swarm.disconnect_peer_id(peer);
+                let _ = tx.send(());
             }
             Command::IsConnected(peer, tx) => {
                 let _ = tx.send(self.swarm.is_connected(&peer));

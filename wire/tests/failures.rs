@@ -481,3 +481,104 @@ async fn a_request_whose_caller_timed_out_is_not_sent_again_after_a_dial_failure
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Sends from `a` until its requests to `peer` go on a lane (once identify
+/// told it the peer has them).
+async fn until_on_lane(a: &Handle, peer: perun_wire::PeerId) {
+    let deadline = Instant::now() + WAIT;
+    while !a.on_lane(&peer) {
+        assert!(Instant::now() < deadline, "no lane opened");
+        let a = a.clone();
+        tokio::spawn(async move { a.send(peer, &commit()).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request in flight on a lane when its node shuts down fails at once
+/// with `Shutdown`, not at its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_fails_requests_in_flight_on_a_lane() {
+    init_tracing();
+    let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_secs(60)).await;
+    let (b, mut b_in) = node().await;
+    connect(&a, &b).await;
+    let b_id = b.local_peer_id();
+    until_on_lane(&a, b_id).await;
+    let send = tokio::spawn({
+        let a = a.clone();
+        async move { a.send(b_id, &commit()).await }
+    });
+    let mut held = Vec::new();
+    let _ = timeout(Duration::from_millis(500), async {
+        while let Some(req) = b_in.next().await {
+            held.push(req);
+        }
+    })
+    .await;
+    assert!(!send.is_finished(), "B holds every request");
+    a.shutdown().await;
+    let result = timeout(Duration::from_secs(5), send)
+        .await
+        .expect("the shutdown ends the request, not its timeout")
+        .expect("task");
+    assert!(matches!(result, Err(Error::Shutdown)), "{result:?}");
+    drop(held);
+    b.shutdown().await;
+}
+
+/// `disconnect` closes the connection under a request in flight (a typed,
+/// transient error, on `/perun/wire/1` and on a lane alike), and the next
+/// send dials again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_fails_requests_in_flight_and_a_later_send_dials_again() {
+    init_tracing();
+    let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_secs(60)).await;
+    let (b, mut b_in) = node().await;
+    connect(&a, &b).await;
+    let b_id = b.local_peer_id();
+    for on_lane in [false, true] {
+        if on_lane {
+            until_on_lane(&a, b_id).await;
+        }
+        let send = tokio::spawn({
+            let a = a.clone();
+            async move { a.send(b_id, &commit()).await }
+        });
+        // Hold every request B got: only the disconnect may end ours.
+        let mut held = Vec::new();
+        let got_it = async {
+            while let Some(req) = b_in.next().await {
+                held.push(req);
+                if send.is_finished() {
+                    break;
+                }
+            }
+        };
+        let _ = timeout(Duration::from_millis(500), got_it).await;
+        assert_eq!(a.on_lane(&b_id), on_lane);
+        a.disconnect(b_id).await.expect("disconnect");
+        let result = timeout(Duration::from_secs(5), send)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("on lane: {on_lane}: the disconnect must end the request, not its timeout")
+            })
+            .expect("task");
+        assert!(
+            matches!(&result, Err(e) if e.is_transient()),
+            "on lane: {on_lane}: {result:?}"
+        );
+        drop(held);
+    }
+    assert!(!a.is_connected(b_id).await.expect("asks"));
+    let answering = tokio::spawn(async move {
+        while let Some(req) = b_in.next().await {
+            let (_, _, responder) = req.into_parts();
+            let _ = responder.reply(Message::Ack);
+        }
+    });
+    let again = timeout(WAIT, a.send(b_id, &commit())).await;
+    assert!(matches!(again, Ok(Ok(Message::Ack))), "{again:?}");
+    answering.abort();
+    a.shutdown().await;
+    b.shutdown().await;
+}

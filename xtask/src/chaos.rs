@@ -1,6 +1,6 @@
 //! `cargo xtask chaos [--ledger sim|anvil] [--schedules N] [--seed S]`: a
 //! longer run of the chaos suite (`tests/chaos.rs`) than `cargo xtask test`
-//! makes. It prints `chaos: N schedules, F faults injected, L wei lost`;
+//! makes. It prints `chaos: N schedules, F chain faults injected, C connections cut (R payment attempts retried), L wei lost`;
 //! a failing schedule names its seed and the command that replays it.
 
 use std::process::Command;
