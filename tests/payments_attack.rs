@@ -11,7 +11,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{Ledger, Options, Party, evil_twin, introduce, open, party};
@@ -19,7 +20,10 @@ use perun::channel::{
     Address, Allocation, Asset, B256, Bytes, Params, Phase, State, U256, derive_nonce,
 };
 use perun::client::payments::{IncomingPolicy, OpenPolicy, Payments, PaymentsConfig};
-use perun::client::{Channel, Error, IncomingUpdate, UpdateHandler, UpdateResponder};
+use perun::client::{
+    AcceptAllForTesting, Channel, ChannelProposal, Error, IncomingProposal, IncomingUpdate,
+    ProposalHandler, ProposalResponder, UpdateHandler, UpdateResponder,
+};
 use perun::wallet::Account;
 use perun::wire::{Message, Participant, Proposal, Signing0};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1003,4 +1007,195 @@ async fn a_channel_whose_version_0_never_completes_is_forgotten() {
             "its record stays in the store (restart first: {restart_first})"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// BUG (accounting, review of 2026-12-06): with `OnlyExpected`, the handler
+// checked each update's gain against `incoming`, which an accepted payment
+// leaves only once the follower books it; a peer's commit is stored (and
+// booked) only with our next write, and the next update is decided before
+// that write. So a second payment in a burst (its predecessor's commit
+// riding with it) was checked against the same expectation and signed.
+// Fix: an update the handler lets in claims (`Books::earmark`) its gain
+// until its version is booked (`Books::booked`).
+// ---------------------------------------------------------------------------
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_expected_signs_a_second_payment_on_one_channel_in_a_burst() {
+    let ledger = Ledger::sim().await;
+    let (ps, chans) = pair(&ledger).await;
+    let (alice, bob, eth) = (
+        ps[0].client.peer_id(),
+        ps[1].client.peer_id(),
+        ledger.asset(),
+    );
+    let pb = Payments::with_config(
+        &ps[1].client,
+        PaymentsConfig::default().incoming(IncomingPolicy::OnlyExpected),
+    )
+    .unwrap();
+    let pa = Payments::new(&ps[0].client).unwrap();
+    let expected = pb.expect(alice, &eth, u(10), WAIT).unwrap();
+    let r = pa.reserve(bob, &eth, u(10)).await.unwrap();
+    pa.send(r, u(10)).await.unwrap();
+    let r = pa.reserve(bob, &eth, u(10)).await.unwrap();
+    let second = pa.send(r, u(10)).await;
+    expected.await.unwrap();
+    // Once booked, the policy does refuse (the check itself works):
+    let r = pa.reserve(bob, &eth, u(10)).await.unwrap();
+    let third = pa.send(r, u(10)).await;
+    assert!(
+        matches!(third, Err(Error::Rejected { .. })),
+        "third: {third:?}"
+    );
+    assert!(
+        matches!(second, Err(Error::Rejected { .. })),
+        "Bob expected 10 from Alice and nothing more, yet signed a second 10 \
+         on the same channel ({second:?}); Alice's balance {}",
+        mine(&chans[0])
+    );
+}
+
+/// The same with 100 ms between payments while Bob's chores (the flush of
+/// a held commit) are held back, as on a busy runtime or a retrying store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_expected_signs_a_second_payment_while_the_first_is_unbooked() {
+    let ledger = Ledger::sim().await;
+    let (ps, chans) = pair(&ledger).await;
+    let (alice, bob, eth) = (
+        ps[0].client.peer_id(),
+        ps[1].client.peer_id(),
+        ledger.asset(),
+    );
+    let pb = Payments::with_config(
+        &ps[1].client,
+        PaymentsConfig::default().incoming(IncomingPolicy::OnlyExpected),
+    )
+    .unwrap();
+    let pa = Payments::new(&ps[0].client).unwrap();
+    let expected = pb.expect(alice, &eth, u(10), WAIT).unwrap();
+    ps[1].client.hold_chores_for_testing(true);
+    let mut accepted = 0;
+    for _ in 0..5 {
+        let r = pa.reserve(bob, &eth, u(10)).await.unwrap();
+        if pa.send(r, u(10)).await.is_ok() {
+            accepted += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ps[1].client.hold_chores_for_testing(false);
+    expected.await.unwrap();
+    assert_eq!(
+        accepted,
+        1,
+        "Bob expected 10 from Alice; he signed {accepted} payments of 10 (Alice now holds {})",
+        mine(&chans[0])
+    );
+}
+
+/// Proposal handler that accepts (forwarding the channel) until `stall`
+/// is set; then it sits on each proposal until Bob's handler timeout.
+struct Staller {
+    stall: AtomicBool,
+    accept: Arc<AcceptAllForTesting>,
+}
+
+#[async_trait]
+impl ProposalHandler for Staller {
+    async fn handle_proposal(&self, p: IncomingProposal, r: ProposalResponder) {
+        if self.stall.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            r.reject("late");
+            return;
+        }
+        self.accept.handle_proposal(p, r).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// BUG (liveness, review of 2026-12-06): `reserve` with `open_channels`
+// opened every channel of the layer under one lock, held through the
+// opening to its end: a peer that does not answer a proposal held up
+// reservations that needed a channel with any other peer. Fix: one lock
+// per (peer, asset).
+// ---------------------------------------------------------------------------
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_peer_holds_up_channel_openings_for_every_other_peer() {
+    let ledger = Ledger::sim().await;
+    let (accept, _bob_opened) = AcceptAllForTesting::new();
+    let staller = Arc::new(Staller {
+        stall: AtomicBool::new(false),
+        accept,
+    });
+    let a = party(&ledger, u(10_000), &Options::default()).await;
+    let b = party(
+        &ledger,
+        u(10_000),
+        &Options {
+            proposal_handler: Some(staller.clone()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut c = party(&ledger, u(10_000), &Options::default()).await;
+    introduce(&[&a, &b, &c]).await;
+    let eth = ledger.asset();
+    let prop = |other: &Party| {
+        ChannelProposal::payment(
+            vec![a.participant(), other.participant()],
+            Allocation::new(vec![eth.clone()], vec![vec![u(100), u(100)]]),
+            60,
+        )
+    };
+    a.client.propose_channel(prop(&b)).await.unwrap();
+    let opening = tokio::spawn({
+        let (client, p) = (a.client.clone(), prop(&c));
+        async move { client.propose_channel(p).await }
+    });
+    let _carol_ch = c.accepted().await;
+    opening.await.unwrap().unwrap();
+    staller.stall.store(true, Ordering::SeqCst);
+
+    let pa = Payments::with_config(
+        &a.client,
+        PaymentsConfig::default().open_channels(OpenPolicy {
+            deposit: u(200),
+            challenge_duration: 60,
+        }),
+    )
+    .unwrap();
+    let (bob, carol) = (b.client.peer_id(), c.client.peer_id());
+    // Both channels are fully reserved: new payments need new channels.
+    let _all_b = pa.reserve(bob, &eth, u(100)).await.unwrap();
+    let _all_c = pa.reserve(carol, &eth, u(100)).await.unwrap();
+    // Control: with nobody else opening, Carol's opening is quick.
+    let t = Instant::now();
+    let c1 = pa.reserve(carol, &eth, u(50)).await.unwrap();
+    let control = t.elapsed();
+    let c2 = pa.reserve(carol, &eth, u(150)).await.unwrap();
+    assert_eq!(
+        c2.channel(),
+        c1.channel(),
+        "the new channel of 200 is used up"
+    );
+    assert!(
+        control < Duration::from_secs(2),
+        "control opening took {control:?}"
+    );
+    let to_bob = tokio::spawn({
+        let (pa, eth) = (pa.clone(), eth.clone());
+        async move { pa.reserve(bob, &eth, u(50)).await.map(|r| r.amount()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let to_carol =
+        tokio::time::timeout(Duration::from_secs(5), pa.reserve(carol, &eth, u(50))).await;
+    let took = t.elapsed();
+    // Carol's own opening alone takes well under a second on the sim ledger.
+    assert!(
+        matches!(to_carol, Ok(Ok(_))),
+        "Carol's reservation waited {took:?} (alone: {control:?}) behind Bob's unanswered proposal: {:?}",
+        to_carol.map(|r| r.map(|r| r.amount()))
+    );
+    drop(to_carol);
+    let _ = to_bob.await;
 }

@@ -77,6 +77,12 @@ pub(crate) struct Books {
     doubts: Vec<Doubt>,
     /// Expected payments per (peer, asset), oldest first.
     expected: HashMap<(PeerId, Asset), VecDeque<Expect>>,
+    /// Gains the handler let in against the expectations and the follower
+    /// has not booked yet, per channel: `(version, peer, asset, amount)`.
+    /// A peer's commit is stored (and booked) only with our next write, so
+    /// without these a second payment in a burst would be checked against
+    /// the same expectation again.
+    earmarked: HashMap<ChannelId, Vec<(u64, PeerId, Asset, U256)>>,
 }
 
 impl Books {
@@ -253,6 +259,45 @@ impl Books {
         })
     }
 
+    /// What is still expected from `peer` in `asset` and not yet taken by
+    /// an update the handler let in.
+    pub(crate) fn unclaimed(&self, peer: PeerId, asset: &Asset) -> U256 {
+        let claimed = self
+            .earmarked
+            .values()
+            .flatten()
+            .filter(|(_, p, a, _)| *p == peer && a == asset)
+            .fold(U256::ZERO, |sum, (.., amount)| sum.saturating_add(*amount));
+        self.incoming(peer, asset).saturating_sub(claimed)
+    }
+
+    /// Notes that the update to `version` of `channel`, which the handler
+    /// let in, brings `amount` of `asset` from `peer`, until it is booked.
+    pub(crate) fn earmark(
+        &mut self,
+        channel: ChannelId,
+        version: u64,
+        peer: PeerId,
+        asset: &Asset,
+        amount: U256,
+    ) {
+        self.earmarked
+            .entry(channel)
+            .or_default()
+            .push((version, peer, asset.clone(), amount));
+    }
+
+    /// `channel`'s state `version` was booked: updates up to it either are
+    /// in it or will never be (versions only grow).
+    pub(crate) fn booked(&mut self, channel: ChannelId, version: u64) {
+        if let Some(marks) = self.earmarked.get_mut(&channel) {
+            marks.retain(|(v, ..)| *v > version);
+            if marks.is_empty() {
+                self.earmarked.remove(&channel);
+            }
+        }
+    }
+
     /// Books an arrived payment against the oldest expectations first;
     /// each one that is met resolves. A surplus is simply ours.
     pub(crate) fn arrived(&mut self, peer: PeerId, asset: &Asset, mut amount: U256) {
@@ -358,6 +403,31 @@ mod tests {
         assert_eq!(b.free(&cs[0]), u(40));
         b.settle_doubts(|d| d.base == 7);
         assert_eq!((b.free(&cs[0]), b.doubts().len()), (u(100), 0));
+    }
+
+    #[test]
+    fn earmarks_hold_an_expectation_until_their_version_is_booked() {
+        let mut b = Books::default();
+        let peer = PeerId::random();
+        let asset = Asset {
+            chainId: u(1),
+            holder: Address::repeat_byte(1),
+        };
+        let (ch, other) = (ChannelId::from([1u8; 32]), ChannelId::from([2u8; 32]));
+        let (_, _rx) = b.expect(peer, asset.clone(), u(10)).unwrap();
+        b.earmark(ch, 2, peer, &asset, u(6));
+        assert_eq!(b.unclaimed(peer, &asset), u(4));
+        b.earmark(other, 7, peer, &asset, u(4));
+        assert_eq!(b.unclaimed(peer, &asset), U256::ZERO);
+        // Booked up to version 1 of `ch`: version 2 is still to come.
+        b.booked(ch, 1);
+        assert_eq!(b.unclaimed(peer, &asset), U256::ZERO);
+        b.arrived(peer, &asset, u(6));
+        b.booked(ch, 2);
+        assert_eq!(b.unclaimed(peer, &asset), U256::ZERO);
+        // Version 7 was abandoned; version 8 of `other` settles it too.
+        b.booked(other, 8);
+        assert_eq!(b.unclaimed(peer, &asset), u(4));
     }
 
     #[test]

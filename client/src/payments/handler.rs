@@ -14,10 +14,11 @@ use crate::handler::{IncomingUpdate, UpdateHandler, UpdateResponder};
 /// increase must also be at most what is still expected from the paying
 /// peer. So nothing a peer proposes can take money that is reserved.
 ///
-/// Two payments accepted at once on two channels with one peer may both
-/// count against the same expectation: more money to us than expected,
-/// never less. On channels the layer does not book (more than two
-/// participants, an app) only the balance rule applies.
+/// An update it lets in claims its part of the expectations until the
+/// follower books its version, so a burst of payments on one channel or
+/// several cannot use one expectation twice. On channels the layer does
+/// not book (more than two participants, an app) only the balance rule
+/// applies.
 ///
 /// Built by [`Payments::new`](super::Payments::new), which installs it, or
 /// [`Payments::handler`](super::Payments::handler), for an application
@@ -58,16 +59,32 @@ impl PaymentsHandler {
         let Some(peer) = core.peers.get(u.actor).copied() else {
             return Some("unknown actor");
         };
-        let books = lock(&inner.books);
-        for (i, asset) in u.next.outcome.assets.iter().enumerate() {
-            let grows = held_by(&u.next.outcome, i, u.index).saturating_sub(held_by(
-                &u.current.outcome,
-                i,
-                u.index,
-            ));
-            if grows > books.incoming(peer, asset) {
-                return Some("payment not expected");
-            }
+        let mut books = lock(&inner.books);
+        let gains: Vec<_> = u
+            .next
+            .outcome
+            .assets
+            .iter()
+            .enumerate()
+            .map(|(i, asset)| {
+                let was = held_by(&u.current.outcome, i, u.index);
+                (
+                    asset,
+                    held_by(&u.next.outcome, i, u.index).saturating_sub(was),
+                )
+            })
+            .filter(|(_, grows)| !grows.is_zero())
+            .collect();
+        if gains
+            .iter()
+            .any(|(asset, grows)| *grows > books.unclaimed(peer, asset))
+        {
+            return Some("payment not expected");
+        }
+        // Claimed until the follower books this version (or a later one).
+        let channel = u.channel_id();
+        for (asset, grows) in gains {
+            books.earmark(channel, u.next.version, peer, asset, grows);
         }
         None
     }

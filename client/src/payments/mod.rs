@@ -291,14 +291,19 @@ impl std::future::IntoFuture for Expectation {
     }
 }
 
+/// Held while a channel with one (peer, asset) is being opened.
+type OpeningLock = Arc<tokio::sync::Mutex<()>>;
+
 pub(crate) struct Inner {
     shared: Arc<Shared>,
     books: Mutex<Books>,
     incoming: broadcast::Sender<IncomingPayment>,
     config: PaymentsConfig,
-    /// One channel opening at a time (concurrent reservations that none
-    /// covers would each open one otherwise).
-    opening: Arc<tokio::sync::Mutex<()>>,
+    /// One channel opening at a time per (peer, asset): concurrent
+    /// reservations that none covers would each open one otherwise, and a
+    /// peer that does not answer must not hold up openings with others.
+    /// An entry per pair that ever needed an opening (a few bytes each).
+    opening: Mutex<HashMap<(PeerId, Asset), OpeningLock>>,
 }
 
 /// The layer's hold on its client, kept by the `Payments` clones and the
@@ -398,7 +403,7 @@ impl Payments {
                 books: Mutex::new(Books::default()),
                 incoming: broadcast::channel(INCOMING_BUFFER).0,
                 config,
-                opening: Arc::new(tokio::sync::Mutex::new(())),
+                opening: Mutex::new(HashMap::new()),
             }
         });
         let owner = Arc::new(Owner {
@@ -489,7 +494,11 @@ impl Payments {
         if self.inner.config.open.is_none() || !first.as_ref().is_err_and(uncovered) {
             return first;
         }
-        let one = self.inner.opening.clone().lock_owned().await;
+        let pair = lock(&self.inner.opening)
+            .entry((peer, asset.clone()))
+            .or_default()
+            .clone();
+        let one = pair.lock_owned().await;
         // A channel another reservation opened meanwhile may cover it.
         match self.try_reserve(peer, asset, amount) {
             Err(e) if uncovered(&e) => {

@@ -117,19 +117,41 @@ impl Follower {
     }
 }
 
-/// Books what `now` pays us over `last`.
+impl Drop for Follower {
+    /// A channel no longer followed books nothing more: what the handler
+    /// let in on it claims no expectation.
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            lock(&inner.books).booked(self.core.id, u64::MAX);
+        }
+    }
+}
+
+/// Books what `now` pays us over `last`, and settles what the handler
+/// let in up to its version, in one hold of the books' lock: the handler
+/// never sees a payment both booked and still claimed, or neither.
 fn book(inner: &Inner, core: &ChannelCore, last: &SignedState, now: &SignedState) {
     let me = core.index;
     let peer = core.peers[1 - me];
-    for (i, asset) in now.state.outcome.assets.iter().enumerate() {
-        // States of one channel keep their shape (the transition rule).
-        let amount =
-            held_by(&now.state.outcome, i, me).saturating_sub(held_by(&last.state.outcome, i, me));
-        if amount.is_zero() {
-            continue;
+    let mut arrived = Vec::new();
+    {
+        let mut books = lock(&inner.books);
+        for (i, asset) in now.state.outcome.assets.iter().enumerate() {
+            // States of one channel keep their shape (the transition rule).
+            let amount = held_by(&now.state.outcome, i, me).saturating_sub(held_by(
+                &last.state.outcome,
+                i,
+                me,
+            ));
+            if !amount.is_zero() {
+                books.arrived(peer, asset, amount);
+                arrived.push((asset, amount));
+            }
         }
+        books.booked(core.id, now.state.version);
+    }
+    for (asset, amount) in arrived {
         debug!(%peer, %amount, version = now.state.version, "payment arrived");
-        lock(&inner.books).arrived(peer, asset, amount);
         let _ = inner.incoming.send(IncomingPayment {
             peer,
             channel: core.id,
