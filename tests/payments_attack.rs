@@ -1194,7 +1194,7 @@ async fn a_silent_peer_holds_up_channel_openings_for_every_other_peer() {
     assert!(
         matches!(to_carol, Ok(Ok(_))),
         "Carol's reservation waited {took:?} (alone: {control:?}) behind Bob's unanswered proposal: {:?}",
-        to_carol.map(|r| r.map(|r| r.amount()))
+        to_carol.as_ref().map(|r| r.as_ref().map(|r| r.amount()))
     );
     drop(to_carol);
     let _ = to_bob.await;

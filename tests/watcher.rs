@@ -22,7 +22,6 @@ use common::{
     Ledger, Options, Party, WAIT, bob_registers, bob_withdraws, on_chain_version, open, parties,
     restart,
 };
-use perun::adjudicator::Adjudicator;
 use perun::channel::{Phase, SignedState, U256};
 use perun::client::{
     ChannelEvent, IncomingUpdate, UpdateHandler, UpdateResponder, WatchStatus, WatcherStep,
@@ -58,17 +57,7 @@ async fn alice_and_bob(ledger: &Ledger, alice: Options) -> Vec<Party> {
 
 /// Alice's options with her adjudicator wrapped in a [`Flaky`], and the wrapper.
 fn flaky_alice() -> (Options, Arc<std::sync::Mutex<Option<Arc<Flaky>>>>) {
-    let slot = Arc::new(std::sync::Mutex::new(None));
-    let keep = slot.clone();
-    let opts = Options {
-        wrap_adjudicator: Some(Box::new(move |inner| {
-            let f = Flaky::new(inner);
-            *keep.lock().unwrap() = Some(f.clone());
-            f as Arc<dyn Adjudicator>
-        })),
-        ..Options::default()
-    };
-    (opts, slot)
+    Flaky::wrapping(Options::default())
 }
 
 /// Every event a channel reports until it is withdrawn (or `WAIT` passes).

@@ -13,6 +13,10 @@
 //!   again.
 //! - `a_failed_write_of_the_active_phase_is_tried_again`: a funded opening
 //!   failed on one failed write of its phase and stayed in `Funding`.
+//! - `a_stalled_resubscription_is_replaced` and
+//!   `an_app_move_is_answered_after_a_stalled_resubscription`: a registered
+//!   state the client does not hold is learnt from the event history, and
+//!   a stream that never delivered it was never replaced.
 
 #![allow(clippy::unwrap_used)] // Tests may panic on failure.
 
@@ -22,9 +26,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use common::flaky::Flaky;
 use common::{Ledger, Options, Party, bob_registers, open};
 use perun::adjudicator::Adjudicator;
-use perun::channel::{ChannelId, U256};
+use perun::channel::{ChannelId, Phase, U256};
 use perun::persistence::{Change, ChannelRecord, Persister};
 
 const MINT: u64 = 1_000_000;
@@ -644,4 +649,155 @@ async fn a_hung_fsync_on_the_callers_thread_does_not_keep_the_watcher_from_refut
     let adj: Arc<dyn Adjudicator> = bob_registers(&ledger, &ps[1], &chans[1], stale).await;
     let why = format!(" ({inline} updates were durable within one poll before)");
     refutes_within_20_s(&adj, &chans[0], &latest, &why).await;
+}
+
+/// Alice's watcher (events through a `Flaky`) with timeouts short enough
+/// for a stalled stream to be given up on within the test.
+fn watched_alice(base: Options) -> (Options, Arc<std::sync::Mutex<Option<Arc<Flaky>>>>) {
+    Flaky::wrapping(Options {
+        timeouts: Some(common::test_timeouts(Duration::from_secs(30))),
+        ..base
+    })
+}
+
+/// Waits until the watcher subscribed `n` times in all.
+async fn subscribed(chain: &Flaky, n: u32) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while chain.subscriptions.load(Ordering::SeqCst) < n {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the watcher subscribed again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Bob's twin gets Alice's signature on a newer state that pays her 5 and
+/// never commits it; Bob registers it. Alice's watcher must learn that
+/// state from the event history: the live `Registered` event is lost, and
+/// the one subscription it then makes stalls (no history, no end: a silent
+/// node connection); the node works again right after. The watcher never
+/// replaced a stream that had not delivered its history, so it never
+/// concluded: the money stayed locked (review of 2026-12-06).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_resubscription_is_replaced() {
+    use perun::wallet::Account;
+    let ledger = Ledger::sim().await;
+    let (alice_opts, slot) = watched_alice(Options::default());
+    let mut ps = vec![
+        common::party(&ledger, u(MINT), &alice_opts).await,
+        common::party(&ledger, u(MINT), &Options::default()).await,
+    ];
+    common::introduce(&ps).await;
+    let chans = open(&ledger, &mut ps, u(EACH)).await;
+    chans[0].pay(1, 0, u(10)).await.unwrap();
+    let before = common::caught_up(&chans).await;
+    let alice = chans[0].clone();
+    drop(chans);
+    let chain = slot.lock().unwrap().clone().unwrap();
+    let (evil, _evil_in, bob_key) = common::evil_twin(&ps, 1, 0).await;
+    let mut newer = before.state.next();
+    newer.outcome.balances[0][1] -= u(5);
+    newer.outcome.balances[0][0] += u(5);
+    let update = perun::wire::Message::Update(perun::wire::Update {
+        channel_id: alice.id(),
+        state: newer.clone(),
+        actor: 1,
+    });
+    let alice_sig = match evil.send(ps[0].client.peer_id(), &update).await.unwrap() {
+        perun::wire::Message::UpdateAccept(a) => a.signature,
+        other => panic!("Alice accepts a payment to her, got {other:?}"),
+    };
+    let newer = perun::channel::SignedState {
+        sigs: vec![
+            Some(alice_sig),
+            Some(bob_key.sign_hash(newer.hash()).unwrap()),
+        ],
+        state: newer,
+    };
+    chain.lose_dispute_events.store(true, Ordering::SeqCst);
+    chain.stall_new_streams.store(true, Ordering::SeqCst);
+    let (_, bob_adj) = ledger.backends(&ps[1].account).await;
+    bob_adj
+        .register(&perun::adjudicator::SignedChannel {
+            params: alice.params().clone(),
+            state: newer.clone(),
+        })
+        .await
+        .unwrap();
+    ledger.advance(common::game::CHALLENGE + 1).await;
+    // The watcher finds the registration by its periodic read, does not
+    // know the state, and subscribes again: that stream stalls.
+    subscribed(&chain, 2).await;
+    chain.lose_dispute_events.store(false, Ordering::SeqCst);
+    chain.stall_new_streams.store(false, Ordering::SeqCst);
+    alice
+        .wait_for_phase(Phase::Withdrawn, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("Alice never concluded the state she signed: {e}"));
+    assert_eq!(
+        ledger.balance(alice.params().participants[0]).await,
+        u(MINT - EACH) + newer.state.outcome.balances[0][0],
+    );
+}
+
+/// The same fault on an app channel (tic-tac-toe): Bob forces his move
+/// on-chain, its `Progressed` event is lost and Alice's new subscription
+/// stalls. She was never told it is her move and could not answer it
+/// (`RegisteredStateUnknown`): at its timeout Bob would conclude holding
+/// the pot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_app_move_is_answered_after_a_stalled_resubscription() {
+    use perun::channel::tictactoe::TicTacToe;
+    use perun::client::ChannelEvent;
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let keep = slot.clone();
+    let g = common::game::game_with(Ledger::sim().await, move |app| {
+        let (opts, inner) = watched_alice(common::game::app_opts(app));
+        *keep.lock().unwrap() = Some(inner);
+        opts
+    })
+    .await;
+    let chain = slot
+        .lock()
+        .unwrap()
+        .take()
+        .and_then(|s: Arc<std::sync::Mutex<Option<Arc<Flaky>>>>| s.lock().unwrap().clone())
+        .expect("Alice's adjudicator");
+    common::game::play(&g, 0, 4).await; // X takes the centre (version 1)
+    let (alice, bob) = (g.chans[0].clone(), g.chans[1].clone());
+    let params = alice.params().clone();
+    let mut alice_events = alice.events();
+    let forcing = {
+        let params = params.clone();
+        tokio::spawn(async move { bob.force_update(|s| TicTacToe.play(&params, s, 1, 0)).await })
+    };
+    common::game::on_chain(&g, 1).await;
+    alice
+        .wait_for_phase(Phase::Registered, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let before = chain.subscriptions.load(Ordering::SeqCst);
+    chain.lose_dispute_events.store(true, Ordering::SeqCst);
+    chain.stall_new_streams.store(true, Ordering::SeqCst);
+    g.ledger.advance(common::game::CHALLENGE + 1).await;
+    assert_eq!(forcing.await.unwrap().unwrap().version, 2);
+    subscribed(&chain, before + 1).await;
+    chain.lose_dispute_events.store(false, Ordering::SeqCst);
+    chain.stall_new_streams.store(false, Ordering::SeqCst);
+    let told = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match alice_events.next().await {
+                Some(ChannelEvent::YourMove { state }) if state.version == 2 => return,
+                Some(_) => {}
+                None => panic!("event stream ended"),
+            }
+        }
+    })
+    .await;
+    assert!(told.is_ok(), "Alice was never told it is her move");
+    let answer = alice
+        .force_update(|st| TicTacToe.play(&params, st, 0, 1))
+        .await;
+    assert!(answer.is_ok(), "Alice cannot answer Bob's move: {answer:?}");
 }

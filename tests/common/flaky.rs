@@ -27,6 +27,13 @@ pub struct Flaky {
     pub injected: AtomicU32,
     /// How many subscriptions were made.
     pub subscriptions: AtomicU32,
+    /// While set, `Registered` and `Progressed` events are lost.
+    pub lose_dispute_events: Arc<AtomicBool>,
+    /// While set, new subscriptions deliver nothing and never end (a
+    /// silent connection).
+    pub stall_new_streams: AtomicBool,
+    /// The stalled streams' sinks, kept so those streams never end.
+    stalled: std::sync::Mutex<Vec<perun::adjudicator::EventSink>>,
     /// Ends every open stream when notified ([`Flaky::end_open_streams`]).
     cut: Arc<tokio::sync::Notify>,
 }
@@ -41,8 +48,29 @@ impl Flaky {
             slow_disputes: AtomicBool::new(false),
             injected: AtomicU32::new(0),
             subscriptions: AtomicU32::new(0),
+            lose_dispute_events: Arc::new(AtomicBool::new(false)),
+            stall_new_streams: AtomicBool::new(false),
+            stalled: std::sync::Mutex::new(Vec::new()),
             cut: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// `opts` with the party's adjudicator wrapped in a `Flaky`, and a slot
+    /// that holds the wrapper once the party is built.
+    pub fn wrapping(
+        opts: super::Options,
+    ) -> (super::Options, Arc<std::sync::Mutex<Option<Arc<Flaky>>>>) {
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let keep = slot.clone();
+        let opts = super::Options {
+            wrap_adjudicator: Some(Box::new(move |inner| {
+                let f = Flaky::new(inner);
+                *keep.lock().unwrap() = Some(f.clone());
+                f as Arc<dyn Adjudicator>
+            })),
+            ..opts
+        };
+        (opts, slot)
     }
 
     /// Ends every stream open now, as a lost node connection would.
@@ -88,18 +116,30 @@ impl Adjudicator for Flaky {
     }
 
     async fn subscribe(&self, id: ChannelId) -> Result<EventStream> {
-        let mut events = self.inner.subscribe(id).await?;
         self.subscriptions.fetch_add(1, Ordering::SeqCst);
-        let end_after_history = self.take(&self.end_streams);
         let (sink, stream) = EventStream::pair();
+        if self.stall_new_streams.load(Ordering::SeqCst) {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+            self.stalled.lock().unwrap().push(sink);
+            return Ok(stream);
+        }
+        let mut events = self.inner.subscribe(id).await?;
+        let end_after_history = self.take(&self.end_streams);
         let cut = self.cut.clone();
+        let lose = self.lose_dispute_events.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     ev = events.next() => {
                         let Some(ev) = ev else { break };
                         let caught_up = matches!(ev, Ok(AdjudicatorEvent::CaughtUp { .. }));
-                        if !sink.send(ev) || (caught_up && end_after_history) {
+                        let lost = lose.load(Ordering::SeqCst)
+                            && matches!(
+                                ev,
+                                Ok(AdjudicatorEvent::Registered { .. }
+                                    | AdjudicatorEvent::Progressed { .. })
+                            );
+                        if (!lost && !sink.send(ev)) || (caught_up && end_after_history) {
                             break;
                         }
                     }

@@ -164,12 +164,26 @@ impl Watcher {
                         // The history shows the registered state: read it
                         // again, unless it is still being delivered (an app
                         // channel's latest state comes in a later event than
-                        // its registration).
+                        // its registration) and has not stalled.
                         let reread = matches!(e, Error::RegisteredStateUnknown { .. });
                         let at = Instant::now() + self.failed(step, e);
                         retry_at = Some(at);
-                        if reread && stream.complete && stream.events.take().is_some() {
-                            stream.subscribe_at = Some(at);
+                        if reread && stream.events.is_some() {
+                            if stream.complete {
+                                stream.events = None;
+                                stream.subscribe_at = Some(at);
+                            } else if stream.stalled(&t) {
+                                let (attempt, pause) = stream.ended(&t);
+                                warn!(
+                                    attempt,
+                                    ?pause,
+                                    "event stream delivered no history in time; subscribing again"
+                                );
+                                core.emit(ChannelEvent::Resubscribing {
+                                    attempt,
+                                    error: None,
+                                });
+                            }
                         }
                     }
                 }
@@ -346,6 +360,16 @@ impl Stream {
             Some(events) => events.next().await,
             None => std::future::pending().await,
         }
+    }
+
+    /// It has not delivered the channel's history within its wait: a
+    /// backend's stream may hang, and a registered state we do not hold
+    /// is learnt only from that history. The wait is `retry_max` times
+    /// the stalls and failures in a row so far (plus one), so a long but
+    /// live history read is not restarted for ever.
+    fn stalled(&self, t: &crate::Timeouts) -> bool {
+        let wait = t.retry_max.saturating_mul(self.failures.saturating_add(1));
+        !self.complete && self.since.elapsed() >= wait
     }
 
     /// The stream ended: when to subscribe again. A stream that ended
