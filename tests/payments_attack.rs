@@ -1019,22 +1019,56 @@ async fn a_channel_whose_version_0_never_completes_is_forgotten() {
 // Fix: an update the handler lets in claims (`Books::earmark`) its gain
 // until its version is booked (`Books::booked`).
 // ---------------------------------------------------------------------------
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn only_expected_signs_a_second_payment_on_one_channel_in_a_burst() {
+/// Alice and Bob with a channel; Bob's payments layer signs only what he
+/// expects, and he expects 10 from Alice.
+struct ExpectsTen {
+    _ledger: Ledger,
+    ps: Vec<Party>,
+    chans: Vec<Channel>,
+    pa: Payments,
+    _pb: Payments,
+    bob: perun::wire::PeerId,
+    eth: Asset,
+    expected: perun::client::payments::Expectation,
+}
+
+async fn bob_expects_10_from_alice() -> ExpectsTen {
     let ledger = Ledger::sim().await;
     let (ps, chans) = pair(&ledger).await;
-    let (alice, bob, eth) = (
-        ps[0].client.peer_id(),
-        ps[1].client.peer_id(),
-        ledger.asset(),
-    );
+    let eth = ledger.asset();
     let pb = Payments::with_config(
         &ps[1].client,
         PaymentsConfig::default().incoming(IncomingPolicy::OnlyExpected),
     )
     .unwrap();
     let pa = Payments::new(&ps[0].client).unwrap();
-    let expected = pb.expect(alice, &eth, u(10), WAIT).unwrap();
+    let expected = pb
+        .expect(ps[0].client.peer_id(), &eth, u(10), WAIT)
+        .unwrap();
+    ExpectsTen {
+        _ledger: ledger,
+        bob: ps[1].client.peer_id(),
+        ps,
+        chans,
+        pa,
+        _pb: pb,
+        eth,
+        expected,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_expected_signs_a_second_payment_on_one_channel_in_a_burst() {
+    let ExpectsTen {
+        _ledger,
+        ps: _ps,
+        chans,
+        pa,
+        _pb,
+        bob,
+        eth,
+        expected,
+    } = bob_expects_10_from_alice().await;
     let r = pa.reserve(bob, &eth, u(10)).await.unwrap();
     pa.send(r, u(10)).await.unwrap();
     let r = pa.reserve(bob, &eth, u(10)).await.unwrap();
@@ -1059,20 +1093,16 @@ async fn only_expected_signs_a_second_payment_on_one_channel_in_a_burst() {
 /// a held commit) are held back, as on a busy runtime or a retrying store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_expected_signs_a_second_payment_while_the_first_is_unbooked() {
-    let ledger = Ledger::sim().await;
-    let (ps, chans) = pair(&ledger).await;
-    let (alice, bob, eth) = (
-        ps[0].client.peer_id(),
-        ps[1].client.peer_id(),
-        ledger.asset(),
-    );
-    let pb = Payments::with_config(
-        &ps[1].client,
-        PaymentsConfig::default().incoming(IncomingPolicy::OnlyExpected),
-    )
-    .unwrap();
-    let pa = Payments::new(&ps[0].client).unwrap();
-    let expected = pb.expect(alice, &eth, u(10), WAIT).unwrap();
+    let ExpectsTen {
+        _ledger,
+        ps,
+        chans,
+        pa,
+        _pb,
+        bob,
+        eth,
+        expected,
+    } = bob_expects_10_from_alice().await;
     ps[1].client.hold_chores_for_testing(true);
     let mut accepted = 0;
     for _ in 0..5 {

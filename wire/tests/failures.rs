@@ -28,10 +28,7 @@ async fn silent_peer_times_out() {
     connect(&a, &b).await;
     let b_id = b.local_peer_id();
     let started = Instant::now();
-    let send = tokio::spawn({
-        let a = a.clone();
-        async move { a.send(b_id, &commit()).await }
-    });
+    let send = spawn_send(&a, b_id);
     // b receives the request and keeps the responder without answering.
     let held = timeout(WAIT, b_in.next())
         .await
@@ -54,10 +51,7 @@ async fn dropped_responder_is_a_refusal() {
     let (b, mut b_in) = node().await;
     introduce(&a, &b).await;
     let b_id = b.local_peer_id();
-    let send = tokio::spawn({
-        let a = a.clone();
-        async move { a.send(b_id, &commit()).await }
-    });
+    let send = spawn_send(&a, b_id);
     drop(
         timeout(WAIT, b_in.next())
             .await
@@ -81,10 +75,7 @@ async fn peer_that_disconnects_mid_request_is_an_error() {
     let (b, mut b_in) = node().await;
     introduce(&a, &b).await;
     let b_id = b.local_peer_id();
-    let send = tokio::spawn({
-        let a = a.clone();
-        async move { a.send(b_id, &commit()).await }
-    });
+    let send = spawn_send(&a, b_id);
     let _held = timeout(WAIT, b_in.next())
         .await
         .expect("in time")
@@ -316,10 +307,7 @@ async fn a_send_does_not_wait_for_a_dial_to_a_stale_address() {
         .parse()
         .expect("addr");
     a.add_address(b_id, stale).await.expect("add");
-    let first = tokio::spawn({
-        let a = a.clone();
-        async move { a.send(b_id, &commit()).await }
-    });
+    let first = spawn_send(&a, b_id);
     // The first send's dial reached the mute listener and hangs there.
     timeout(WAIT, accepted)
         .await
@@ -419,10 +407,7 @@ async fn a_failing_dial_to_a_stale_address_does_not_fail_requests_a_later_dial_c
         }
     });
     a.add_address(b_id, tcp(stale)).await.expect("add");
-    let first = tokio::spawn({
-        let a = a.clone();
-        async move { a.send(b_id, &commit()).await }
-    });
+    let first = spawn_send(&a, b_id);
     timeout(WAIT, accepted)
         .await
         .expect("the first dial in time")
@@ -453,10 +438,7 @@ async fn a_request_whose_caller_timed_out_is_not_sent_again_after_a_dial_failure
     let (stale, accepted, closer) = closing_listener(Duration::from_millis(1200)).await;
     let (relay, relaying) = slow_relay(&b, Duration::from_millis(2000)).await;
     a.add_address(b_id, tcp(stale)).await.expect("add");
-    let first = tokio::spawn({
-        let a = a.clone();
-        async move { a.send(b_id, &commit()).await }
-    });
+    let first = spawn_send(&a, b_id);
     timeout(WAIT, accepted)
         .await
         .expect("the first dial in time")
@@ -482,14 +464,31 @@ async fn a_request_whose_caller_timed_out_is_not_sent_again_after_a_dial_failure
     b.shutdown().await;
 }
 
+/// `a` sends `peer` a request on a task of its own.
+fn spawn_send(a: &Handle, peer: perun_wire::PeerId) -> JoinHandle<perun_wire::Result<Message>> {
+    let a = a.clone();
+    tokio::spawn(async move { a.send(peer, &commit()).await })
+}
+
+/// Takes every request that arrives for `d` and holds it unanswered.
+async fn hold_for(incoming: &mut perun_wire::Incoming, d: Duration) -> Vec<perun_wire::Request> {
+    let mut held = Vec::new();
+    let _ = timeout(d, async {
+        while let Some(req) = incoming.next().await {
+            held.push(req);
+        }
+    })
+    .await;
+    held
+}
+
 /// Sends from `a` until its requests to `peer` go on a lane (once identify
 /// told it the peer has them).
 async fn until_on_lane(a: &Handle, peer: perun_wire::PeerId) {
     let deadline = Instant::now() + WAIT;
     while !a.on_lane(&peer) {
         assert!(Instant::now() < deadline, "no lane opened");
-        let a = a.clone();
-        tokio::spawn(async move { a.send(peer, &commit()).await });
+        spawn_send(a, peer);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -504,17 +503,8 @@ async fn a_shutdown_fails_requests_in_flight_on_a_lane() {
     connect(&a, &b).await;
     let b_id = b.local_peer_id();
     until_on_lane(&a, b_id).await;
-    let send = tokio::spawn({
-        let a = a.clone();
-        async move { a.send(b_id, &commit()).await }
-    });
-    let mut held = Vec::new();
-    let _ = timeout(Duration::from_millis(500), async {
-        while let Some(req) = b_in.next().await {
-            held.push(req);
-        }
-    })
-    .await;
+    let send = spawn_send(&a, b_id);
+    let held = hold_for(&mut b_in, Duration::from_millis(500)).await;
     assert!(!send.is_finished(), "B holds every request");
     a.shutdown().await;
     let result = timeout(Duration::from_secs(5), send)
@@ -540,21 +530,10 @@ async fn disconnect_fails_requests_in_flight_and_a_later_send_dials_again() {
         if on_lane {
             until_on_lane(&a, b_id).await;
         }
-        let send = tokio::spawn({
-            let a = a.clone();
-            async move { a.send(b_id, &commit()).await }
-        });
+        let send = spawn_send(&a, b_id);
         // Hold every request B got: only the disconnect may end ours.
-        let mut held = Vec::new();
-        let got_it = async {
-            while let Some(req) = b_in.next().await {
-                held.push(req);
-                if send.is_finished() {
-                    break;
-                }
-            }
-        };
-        let _ = timeout(Duration::from_millis(500), got_it).await;
+        let held = hold_for(&mut b_in, Duration::from_millis(500)).await;
+        assert!(!send.is_finished(), "B holds every request");
         assert_eq!(a.on_lane(&b_id), on_lane);
         a.disconnect(b_id).await.expect("disconnect");
         let result = timeout(Duration::from_secs(5), send)
