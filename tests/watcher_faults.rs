@@ -13,10 +13,11 @@
 //!   again.
 //! - `a_failed_write_of_the_active_phase_is_tried_again`: a funded opening
 //!   failed on one failed write of its phase and stayed in `Funding`.
-//! - `a_stalled_resubscription_is_replaced` and
-//!   `an_app_move_is_answered_after_a_stalled_resubscription`: a registered
-//!   state the client does not hold is learnt from the event history, and
-//!   a stream that never delivered it was never replaced.
+//! - `an_app_move_is_answered_after_a_stalled_resubscription`: a
+//!   registered state the client does not hold is learnt from the event
+//!   history, and a stream that never delivered it was never replaced.
+//! - `a_registered_state_we_signed_is_concluded_without_any_event`: nor
+//!   was our own staged state used when the peer registered it.
 
 #![allow(clippy::unwrap_used)] // Tests may panic on failure.
 
@@ -655,7 +656,11 @@ async fn a_hung_fsync_on_the_callers_thread_does_not_keep_the_watcher_from_refut
 /// for a stalled stream to be given up on within the test.
 fn watched_alice(base: Options) -> (Options, Arc<std::sync::Mutex<Option<Arc<Flaky>>>>) {
     Flaky::wrapping(Options {
-        timeouts: Some(common::test_timeouts(Duration::from_secs(30))),
+        timeouts: Some(perun::client::Timeouts {
+            // Without events, the periodic read finds the dispute.
+            chain_recheck: Duration::from_millis(500),
+            ..common::test_timeouts(Duration::from_secs(30))
+        }),
         ..base
     })
 }
@@ -673,14 +678,15 @@ async fn subscribed(chain: &Flaky, n: u32) {
 }
 
 /// Bob's twin gets Alice's signature on a newer state that pays her 5 and
-/// never commits it; Bob registers it. Alice's watcher must learn that
-/// state from the event history: the live `Registered` event is lost, and
-/// the one subscription it then makes stalls (no history, no end: a silent
-/// node connection); the node works again right after. The watcher never
-/// replaced a stream that had not delivered its history, so it never
-/// concluded: the money stayed locked (review of 2026-12-06).
+/// never commits it; Bob registers it. Every `Registered` event is lost
+/// and every subscription stalls (no history, no end: a silent node
+/// connection). The registered state is Alice's staged update, which she
+/// signed herself: she needs no event to conclude it. Before, the watcher
+/// knew registered states only from events (or its latest state), so it
+/// never concluded and the money stayed locked (review of 2026-12-06; the
+/// stall itself: `an_app_move_is_answered_after_a_stalled_resubscription`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stalled_resubscription_is_replaced() {
+async fn a_registered_state_we_signed_is_concluded_without_any_event() {
     use perun::wallet::Account;
     let ledger = Ledger::sim().await;
     let (alice_opts, slot) = watched_alice(Options::default());
@@ -726,11 +732,7 @@ async fn a_stalled_resubscription_is_replaced() {
         .await
         .unwrap();
     ledger.advance(common::game::CHALLENGE + 1).await;
-    // The watcher finds the registration by its periodic read, does not
-    // know the state, and subscribes again: that stream stalls.
-    subscribed(&chain, 2).await;
-    chain.lose_dispute_events.store(false, Ordering::SeqCst);
-    chain.stall_new_streams.store(false, Ordering::SeqCst);
+    // The watcher finds the registration by its periodic read.
     alice
         .wait_for_phase(Phase::Withdrawn, Duration::from_secs(30))
         .await

@@ -1016,8 +1016,8 @@ impl ChannelCore {
         }
     }
 
-    /// The state whose hash is on-chain in `d`: `latest`, or one a
-    /// registration or progression event showed.
+    /// The state whose hash is on-chain in `d`: `latest`, one a
+    /// registration or progression event showed, or our staged one.
     pub(crate) fn registered_state(
         &self,
         d: &perun_adjudicator::Dispute,
@@ -1029,6 +1029,18 @@ impl ChannelCore {
             return Some(l.state.clone());
         }
         self.registered_matching(d.state_hash)
+            .or_else(|| self.staged_matching(d.state_hash))
+    }
+
+    /// Our staged state if `hash` is its hash: an update we signed that the
+    /// peer completed and registered without committing it to us. Known
+    /// without any event; `None` while a protocol step holds the channel.
+    pub(crate) fn staged_matching(&self, hash: perun_channel::B256) -> Option<State> {
+        let l = self.locked.try_lock().ok()?;
+        if l.machine.staged_hash()? != hash {
+            return None;
+        }
+        l.machine.staged().map(|s| s.state.clone())
     }
 
     /// A remembered registered state with this hash.
