@@ -140,8 +140,7 @@ impl Lanes {
     pub(crate) fn forget(&self, peer: &PeerId) {
         let gone = lock(&self.peers).remove(peer);
         if let Some(lane) = gone.and_then(|p| p.lane) {
-            lane.close();
-            lane.cut.notify_one();
+            lane.end();
         }
     }
 
@@ -149,8 +148,7 @@ impl Lanes {
     pub(crate) fn forget_all(&self) {
         let gone = std::mem::take(&mut *lock(&self.peers));
         for lane in gone.into_values().filter_map(|p| p.lane) {
-            lane.close();
-            lane.cut.notify_one();
+            lane.end();
         }
     }
 
@@ -384,6 +382,19 @@ impl Lane {
         if let Some(tx) = self.take_pending(id) {
             let _ = tx.send(Answer::Unsent);
         }
+    }
+
+    /// Takes no more requests and has its task end it: the task tells
+    /// those still queued that they never left (they go another way) and
+    /// fails the rest, which may have reached the peer.
+    fn end(&self) {
+        {
+            // Under the map's lock: a request either sees it closed, or is
+            // in the map the task drains.
+            let _pending = lock(&self.pending);
+            self.open.store(false, Ordering::Release);
+        }
+        self.cut.notify_one();
     }
 
     /// Fails every request still waiting: each may have reached the peer.

@@ -5,8 +5,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use perun_channel::Bytes;
+use perun_wire::Update;
 use perun_wire::{Config, Error, Handle, Message, Node, PeerEvent, RefusalCode, UpdateCommit};
-use tokio::sync::oneshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
@@ -464,10 +467,72 @@ async fn a_request_whose_caller_timed_out_is_not_sent_again_after_a_dial_failure
     b.shutdown().await;
 }
 
-/// `a` sends `peer` a request on a task of its own.
+/// `a` sends `peer` a commit on a task of its own.
 fn spawn_send(a: &Handle, peer: perun_wire::PeerId) -> JoinHandle<perun_wire::Result<Message>> {
+    spawn_sending(a, peer, commit())
+}
+
+/// `a` sends `peer` `msg` on a task of its own.
+fn spawn_sending(
+    a: &Handle,
+    peer: perun_wire::PeerId,
+    msg: Message,
+) -> JoinHandle<perun_wire::Result<Message>> {
     let a = a.clone();
-    tokio::spawn(async move { a.send(peer, &commit()).await })
+    tokio::spawn(async move { a.send(peer, &msg).await })
+}
+
+/// A request of about `len` bytes.
+fn big(len: usize) -> Message {
+    let mut st = state(2, 1);
+    st.appData = Bytes::from(vec![7u8; len]);
+    Message::Update(Update {
+        channel_id: st.channelId,
+        state: st,
+        actor: 0,
+    })
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 || paused.wait_for(|p| !*p).await.is_err() {
+            break;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// A TCP relay to `node` that stops forwarding (both ways) while paused.
+async fn pause_relay(node: &Handle) -> (u16, watch::Sender<bool>, JoinHandle<()>) {
+    let addr = node.listen_addrs().await.expect("addrs")[0].clone();
+    let Some(libp2p::multiaddr::Protocol::Tcp(to)) = addr.iter().nth(1) else {
+        panic!("not a TCP address: {addr}");
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (paused, rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let rx = rx.clone();
+            tokio::spawn(async move {
+                if let Ok(to_node) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let (cr, cw) = conn.into_split();
+                    let (nr, nw) = to_node.into_split();
+                    tokio::join!(pump(cr, nw, rx.clone()), pump(nr, cw, rx));
+                }
+            });
+        }
+    });
+    (port, paused, task)
 }
 
 /// Takes every request that arrives for `d` and holds it unanswered.
@@ -557,6 +622,64 @@ async fn disconnect_fails_requests_in_flight_and_a_later_send_dials_again() {
     });
     let again = timeout(WAIT, a.send(b_id, &commit())).await;
     assert!(matches!(again, Ok(Ok(Message::Ack))), "{again:?}");
+    answering.abort();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Requests still queued on a lane (never written: the writer is stuck
+/// behind a large frame the peer's window does not take) when the peer's
+/// last connection closes were never sent, so they go another way
+/// (`/perun/wire/1`, which dials again). A review of the change that ends
+/// a lane on that close found them failed with `ConnectionClosed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_queued_unwritten_on_a_cut_lane_go_another_way() {
+    init_tracing();
+    let (a, _a_in) = node_with(|c| c.request_timeout = Duration::from_secs(30)).await;
+    let (b, mut b_in) = node().await;
+    let b_id = b.local_peer_id();
+    let (port, paused, _relay) = pause_relay(&b).await;
+    a.add_address(b_id, tcp(port)).await.expect("add address");
+    timeout(WAIT, a.dial(b_id, None))
+        .await
+        .expect("in time")
+        .expect("dial");
+    // B answers every small request at once, and holds the big ones.
+    let answering = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(req) = b_in.next().await {
+            let (_, msg, responder) = req.into_parts();
+            if matches!(msg, Message::Update(_)) {
+                held.push(responder);
+            } else {
+                let _ = responder.reply(Message::Ack);
+            }
+        }
+    });
+    until_on_lane(&a, b_id).await;
+    // Control: a request on the lane gets its answer.
+    assert!(matches!(a.send(b_id, &commit()).await, Ok(Message::Ack)));
+
+    paused.send_replace(true);
+    // More than the stream's window: the lane's writer is stuck in it.
+    let stuck = spawn_sending(&a, b_id, big(900 * 1024));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queued: Vec<_> = (0..3).map(|_| spawn_send(&a, b_id)).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(a.on_lane(&b_id), "still on the lane");
+    assert!(!stuck.is_finished() && queued.iter().all(|q| !q.is_finished()));
+
+    a.disconnect(b_id).await.expect("disconnect");
+    paused.send_replace(false);
+    let mut results = Vec::new();
+    for q in queued {
+        results.push(timeout(WAIT, q).await.expect("in time").expect("task"));
+    }
+    assert!(
+        results.iter().all(|r| matches!(r, Ok(Message::Ack))),
+        "requests that never left A failed instead of going another way: {results:?}"
+    );
+    stuck.abort();
     answering.abort();
     a.shutdown().await;
     b.shutdown().await;

@@ -8,6 +8,7 @@
 //! reservation, so nothing the books hold can disagree with a channel.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 use perun_channel::{Asset, ChannelId, U256};
 use perun_wire::PeerId;
@@ -78,11 +79,20 @@ pub(crate) struct Books {
     /// Expected payments per (peer, asset), oldest first.
     expected: HashMap<(PeerId, Asset), VecDeque<Expect>>,
     /// Gains the handler let in against the expectations and the follower
-    /// has not booked yet, per channel: `(version, peer, asset, amount)`.
-    /// A peer's commit is stored (and booked) only with our next write, so
-    /// without these a second payment in a burst would be checked against
-    /// the same expectation again.
-    earmarked: HashMap<ChannelId, Vec<(u64, PeerId, Asset, U256)>>,
+    /// has not booked yet, per channel. A peer's commit is stored (and
+    /// booked) only with our next write, so without these a second payment
+    /// in a burst would be checked against the same expectation again.
+    earmarked: HashMap<ChannelId, Vec<Earmark>>,
+}
+
+/// One accepted update's gain in one asset, until it is booked, dead, or
+/// old.
+struct Earmark {
+    version: u64,
+    peer: PeerId,
+    asset: Asset,
+    amount: U256,
+    at: Instant,
 }
 
 impl Books {
@@ -260,15 +270,24 @@ impl Books {
     }
 
     /// What is still expected from `peer` in `asset` and not yet taken by
-    /// an update the handler let in.
-    pub(crate) fn unclaimed(&self, peer: PeerId, asset: &Asset) -> U256 {
+    /// an update the handler let in since `since` (older claims are of
+    /// updates that died without a word: their version was never booked).
+    pub(crate) fn unclaimed(&self, peer: PeerId, asset: &Asset, since: Instant) -> U256 {
         let claimed = self
             .earmarked
             .values()
             .flatten()
-            .filter(|(_, p, a, _)| *p == peer && a == asset)
-            .fold(U256::ZERO, |sum, (.., amount)| sum.saturating_add(*amount));
+            .filter(|m| m.peer == peer && m.asset == *asset && m.at >= since)
+            .fold(U256::ZERO, |sum, m| sum.saturating_add(m.amount));
         self.incoming(peer, asset).saturating_sub(claimed)
+    }
+
+    /// An update of `channel` on the base `base` is being decided: updates
+    /// above that base that we let in before did not get installed, and a
+    /// new one replaces them (ours failed after the handler, or the peer
+    /// gave up on it). Their claims end.
+    pub(crate) fn proposed_on(&mut self, channel: ChannelId, base: u64) {
+        self.booked_or_dead(channel, |m| m.version <= base);
     }
 
     /// Notes that the update to `version` of `channel`, which the handler
@@ -281,21 +300,32 @@ impl Books {
         asset: &Asset,
         amount: U256,
     ) {
-        self.earmarked
-            .entry(channel)
-            .or_default()
-            .push((version, peer, asset.clone(), amount));
+        let marks = self.earmarked.entry(channel).or_default();
+        // The same update asked again (a repeated request) claims once.
+        marks.retain(|m| !(m.version == version && m.asset == *asset));
+        marks.push(Earmark {
+            version,
+            peer,
+            asset: asset.clone(),
+            amount,
+            at: Instant::now(),
+        });
+    }
+
+    /// Keeps only `channel`'s claims for which `keep` holds.
+    fn booked_or_dead(&mut self, channel: ChannelId, keep: impl Fn(&Earmark) -> bool) {
+        if let Some(marks) = self.earmarked.get_mut(&channel) {
+            marks.retain(keep);
+            if marks.is_empty() {
+                self.earmarked.remove(&channel);
+            }
+        }
     }
 
     /// `channel`'s state `version` was booked: updates up to it either are
     /// in it or will never be (versions only grow).
     pub(crate) fn booked(&mut self, channel: ChannelId, version: u64) {
-        if let Some(marks) = self.earmarked.get_mut(&channel) {
-            marks.retain(|(v, ..)| *v > version);
-            if marks.is_empty() {
-                self.earmarked.remove(&channel);
-            }
-        }
+        self.booked_or_dead(channel, |m| m.version > version);
     }
 
     /// Books an arrived payment against the oldest expectations first;
@@ -413,21 +443,32 @@ mod tests {
             chainId: u(1),
             holder: Address::repeat_byte(1),
         };
+        let since = Instant::now();
         let (ch, other) = (ChannelId::from([1u8; 32]), ChannelId::from([2u8; 32]));
         let (_, _rx) = b.expect(peer, asset.clone(), u(10)).unwrap();
         b.earmark(ch, 2, peer, &asset, u(6));
-        assert_eq!(b.unclaimed(peer, &asset), u(4));
+        // Asked again: claims once.
+        b.earmark(ch, 2, peer, &asset, u(6));
+        assert_eq!(b.unclaimed(peer, &asset, since), u(4));
         b.earmark(other, 7, peer, &asset, u(4));
-        assert_eq!(b.unclaimed(peer, &asset), U256::ZERO);
+        assert_eq!(b.unclaimed(peer, &asset, since), U256::ZERO);
         // Booked up to version 1 of `ch`: version 2 is still to come.
         b.booked(ch, 1);
-        assert_eq!(b.unclaimed(peer, &asset), U256::ZERO);
+        assert_eq!(b.unclaimed(peer, &asset, since), U256::ZERO);
         b.arrived(peer, &asset, u(6));
         b.booked(ch, 2);
-        assert_eq!(b.unclaimed(peer, &asset), U256::ZERO);
+        assert_eq!(b.unclaimed(peer, &asset, since), U256::ZERO);
         // Version 7 was abandoned; version 8 of `other` settles it too.
         b.booked(other, 8);
-        assert_eq!(b.unclaimed(peer, &asset), u(4));
+        assert_eq!(b.unclaimed(peer, &asset, since), u(4));
+        // A claim whose update died: a new update on an older base ends it.
+        b.earmark(other, 9, peer, &asset, u(4));
+        assert_eq!(b.unclaimed(peer, &asset, since), U256::ZERO);
+        b.proposed_on(other, 8);
+        assert_eq!(b.unclaimed(peer, &asset, since), u(4));
+        // And an old one no longer counts.
+        b.earmark(other, 10, peer, &asset, u(4));
+        assert_eq!(b.unclaimed(peer, &asset, Instant::now()), u(4));
     }
 
     #[test]

@@ -8,6 +8,12 @@ use super::{IncomingPolicy, Inner, held_by};
 use crate::core::lock;
 use crate::handler::{IncomingUpdate, UpdateHandler, UpdateResponder};
 
+/// How long an update the handler let in claims its gain if its version
+/// is never booked and no later update of the channel replaces it: a
+/// peer's commit comes within milliseconds, or through a `Sync` within a
+/// request's time.
+const EARMARK_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Signs an incoming update only if none of our balances decreases and its
 /// app data stays as it is (a payment to us, or the final update of a
 /// cooperative close); with [`IncomingPolicy::OnlyExpected`], each asset's
@@ -75,14 +81,18 @@ impl PaymentsHandler {
             })
             .filter(|(_, grows)| !grows.is_zero())
             .collect();
+        let channel = u.channel_id();
+        books.proposed_on(channel, u.current.version);
+        // An update still unbooked after this long died without a word.
+        let now = std::time::Instant::now();
+        let since = now.checked_sub(EARMARK_LIFE).unwrap_or(now);
         if gains
             .iter()
-            .any(|(asset, grows)| *grows > books.unclaimed(peer, asset))
+            .any(|(asset, grows)| *grows > books.unclaimed(peer, asset, since))
         {
             return Some("payment not expected");
         }
         // Claimed until the follower books this version (or a later one).
-        let channel = u.channel_id();
         for (asset, grows) in gains {
             books.earmark(channel, u.next.version, peer, asset, grows);
         }

@@ -173,6 +173,7 @@ impl Watcher {
                                 stream.events = None;
                                 stream.subscribe_at = Some(at);
                             } else if stream.stalled(&t) {
+                                stream.stalls = stream.stalls.saturating_add(1);
                                 let (attempt, pause) = stream.ended(&t);
                                 warn!(
                                     attempt,
@@ -328,6 +329,8 @@ struct Stream {
     complete: bool,
     /// Subscriptions in a row that failed or ended early.
     failures: u32,
+    /// Streams in a row replaced for delivering no history in time.
+    stalls: u32,
 }
 
 impl Default for Stream {
@@ -338,6 +341,7 @@ impl Default for Stream {
             since: Instant::now(),
             complete: false,
             failures: 0,
+            stalls: 0,
         }
     }
 }
@@ -352,6 +356,7 @@ impl Stream {
 
     fn caught_up(&mut self) {
         self.complete = true;
+        self.stalls = 0;
     }
 
     /// The next event; never resolves without a stream.
@@ -365,10 +370,10 @@ impl Stream {
     /// It has not delivered the channel's history within its wait: a
     /// backend's stream may hang, and a registered state we do not hold
     /// is learnt only from that history. The wait is `retry_max` times
-    /// the stalls and failures in a row so far (plus one), so a long but
-    /// live history read is not restarted for ever.
+    /// the stalls in a row so far (plus one), so a long but live history
+    /// read is not restarted for ever; a stream that catches up resets it.
     fn stalled(&self, t: &crate::Timeouts) -> bool {
-        let wait = t.retry_max.saturating_mul(self.failures.saturating_add(1));
+        let wait = t.retry_max.saturating_mul(self.stalls.saturating_add(1));
         !self.complete && self.since.elapsed() >= wait
     }
 
