@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::{Ledger, Options, Party, evil_twin, introduce, open, party};
 use perun::channel::{
-    Address, Allocation, Asset, B256, Bytes, ChannelId, Params, Phase, State, U256, derive_nonce,
+    Address, Allocation, Asset, B256, Bytes, Params, Phase, State, U256, derive_nonce,
 };
 use perun::client::payments::{IncomingPolicy, OpenPolicy, Payments, PaymentsConfig};
 use perun::client::{
     AcceptAllForTesting, Channel, ChannelProposal, Error, IncomingProposal, IncomingUpdate,
     ProposalHandler, ProposalResponder, UpdateHandler, UpdateResponder,
 };
-use perun::persistence::{Change, ChannelRecord, Persister};
+use perun::persistence::Change;
 use perun::wallet::Account;
 use perun::wire::{Message, Participant, Proposal, Signing0};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1231,45 +1231,6 @@ async fn a_silent_peer_holds_up_channel_openings_for_every_other_peer() {
     let _ = to_bob.await;
 }
 
-/// A store whose next write of a staged state fails while `armed`.
-struct FailStaged {
-    inner: Arc<dyn Persister>,
-    armed: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl Persister for FailStaged {
-    async fn channel_created(&self, ch: &ChannelRecord) -> perun::persistence::Result<()> {
-        self.inner.channel_created(ch).await
-    }
-    async fn update(&self, id: ChannelId, changes: Vec<Change>) -> perun::persistence::Result<()> {
-        if changes.iter().any(|c| matches!(c, Change::Staged(_)))
-            && self.armed.swap(false, Ordering::SeqCst)
-        {
-            return Err(perun::persistence::Error::UnknownChannel(id));
-        }
-        self.inner.update(id, changes).await
-    }
-    async fn channel_removed(&self, id: ChannelId) -> perun::persistence::Result<()> {
-        self.inner.channel_removed(id).await
-    }
-    async fn channel_ids(&self) -> perun::persistence::Result<Vec<ChannelId>> {
-        self.inner.channel_ids().await
-    }
-    async fn load(&self, id: ChannelId) -> perun::persistence::Result<Option<ChannelRecord>> {
-        self.inner.load(id).await
-    }
-    async fn load_all(&self) -> perun::persistence::Result<Vec<ChannelRecord>> {
-        self.inner.load_all().await
-    }
-    async fn meta_get(&self, key: &str) -> perun::persistence::Result<Option<Vec<u8>>> {
-        self.inner.meta_get(key).await
-    }
-    async fn meta_put(&self, key: &str, value: &[u8]) -> perun::persistence::Result<()> {
-        self.inner.meta_put(key, value).await
-    }
-}
-
 // ---------------------------------------------------------------------------
 // BUG (accounting, second review of 2026-12-06, of the claims above): Bob
 // expects 10 from Alice. His handler lets her payment in (claiming it),
@@ -1282,25 +1243,11 @@ impl Persister for FailStaged {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_update_our_machine_refuses_after_the_handler_does_not_keep_its_claim() {
     let ledger = Ledger::sim().await;
-    let armed = Arc::new(AtomicBool::new(false));
+    // Bob's store fails, once armed, a write of his signature (staged).
+    let (bob_opts, failures) =
+        common::failing_writes(|c| c.iter().any(|c| matches!(c, Change::Staged(_))));
     let a = party(&ledger, u(1000), &Options::default()).await;
-    let b = party(
-        &ledger,
-        u(1000),
-        &Options {
-            wrap_persister: Some(Box::new({
-                let armed = armed.clone();
-                move |inner| {
-                    Arc::new(FailStaged {
-                        inner,
-                        armed: armed.clone(),
-                    }) as Arc<dyn Persister>
-                }
-            })),
-            ..Options::default()
-        },
-    )
-    .await;
+    let b = party(&ledger, u(1000), &bob_opts).await;
     introduce(&[&a, &b]).await;
     let mut ps = vec![a, b];
     let chans = open(&ledger, &mut ps, u(100)).await;
@@ -1314,13 +1261,13 @@ async fn an_update_our_machine_refuses_after_the_handler_does_not_keep_its_claim
         .expect(ps[0].client.peer_id(), &eth, u(10), Duration::from_secs(20))
         .unwrap();
 
-    armed.store(true, Ordering::SeqCst);
+    failures.arm(1);
     let first = chans[0].pay(1, 0, u(10)).await;
     assert!(
         matches!(first, Err(Error::Rejected { .. })),
         "Bob's store failed his signature's write: {first:?}"
     );
-    assert!(!armed.load(Ordering::SeqCst), "the failure was injected");
+    assert_eq!(failures.injected(), 1, "the failure was injected");
     // Nothing changed: Bob still expects the 10, and Alice pays them again.
     assert_eq!(pb.balance(ps[0].client.peer_id())[0].incoming, u(10));
     let retry = chans[0].pay(1, 0, u(10)).await;
