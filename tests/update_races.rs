@@ -66,6 +66,14 @@ async fn send_update(s: &Setup, state: perun::channel::State) -> Message {
     .await
 }
 
+/// Bob's twin proposes `state`, a payment to Alice; returns her signature.
+async fn alice_signs(s: &Setup, state: perun::channel::State) -> perun::wallet::Signature {
+    match send_update(s, state).await {
+        Message::UpdateAccept(a) => a.signature,
+        other => panic!("Alice signs a payment to her, got {other:?}"),
+    }
+}
+
 async fn twin_aborts(s: &Setup, version: u64) {
     let abort = Message::UpdateReject(perun::wire::UpdateReject {
         channel_id: s.alice.id(),
@@ -133,10 +141,7 @@ async fn a_state_adopted_while_our_update_is_out_does_not_wedge_the_channel() {
     let mut s = setup(Ledger::sim().await, Options::default()).await;
     let before = s.alice.state();
     let v2 = bob_pays(&before.state, 1);
-    let alice_sig = match send_update(&s, v2.clone()).await {
-        Message::UpdateAccept(a) => a.signature,
-        other => panic!("Alice signs a payment to her, got {other:?}"),
-    };
+    let alice_sig = alice_signs(&s, v2.clone()).await;
     twin_aborts(&s, v2.version).await;
     assert_eq!(s.alice.state(), before);
     let full_v2 = SignedState {
@@ -337,10 +342,7 @@ async fn a_state_adopted_while_we_decide_a_peers_update_does_not_wedge_the_chann
     let mut s = setup(Ledger::sim().await, opts).await;
     let before = s.alice.state();
     let v2 = bob_pays(&before.state, 1);
-    let alice_sig = match send_update(&s, v2.clone()).await {
-        Message::UpdateAccept(a) => a.signature,
-        other => panic!("Alice signs a payment to her, got {other:?}"),
-    };
+    let alice_sig = alice_signs(&s, v2.clone()).await;
     twin_aborts(&s, v2.version).await;
     let full_v2 = SignedState {
         state: v2.clone(),

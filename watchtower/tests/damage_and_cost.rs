@@ -323,16 +323,7 @@ async fn a_corrupt_stranger_appointment_at_the_locator_stops_the_refutation() {
         appoint(&store, c.alice.address(), c.locator(), 1, c.blob(5));
         appoint(&store, stranger, c.locator(), 1, vec![0; 28]);
         // The tower saw the dispute before it went down: its job is stored.
-        let job = Job {
-            channel: c.id(),
-            nonce: c.params.nonce,
-            locator: c.locator(),
-            phase: JobPhase::Triggered,
-            registered: Some(c.state(2).state),
-            refuted: None,
-            concluded: false,
-            refused: Vec::new(),
-        };
+        let job = job_v2(&c);
         store
             .start_job(&job, &[c.alice.address(), stranger])
             .unwrap();

@@ -135,8 +135,8 @@ impl Lanes {
     }
 
     /// The peer's last connection is gone; it may come back as another
-    /// release. Its lane ends: requests waiting on it fail at once with
-    /// [`Error::ConnectionClosed`] (each may have reached the peer).
+    /// release. Its lane ends at once ([`Lane::end`]), not at its requests'
+    /// timeout.
     pub(crate) fn forget(&self, peer: &PeerId) {
         let gone = lock(&self.peers).remove(peer);
         if let Some(lane) = gone.and_then(|p| p.lane) {

@@ -823,7 +823,7 @@ struct Pending {
     tx: oneshot::Sender<Result<Reply>>,
     /// The frame, kept while the request waits for a dial, to send it again
     /// if a dial other than our latest fails (see `on_dial_failure`).
-    redial: Option<(PeerId, Vec<u8>)>,
+    redial: Option<Vec<u8>>,
     /// How many times it was sent again after such a failure.
     resent: u8,
 }
@@ -863,10 +863,9 @@ impl EventLoop {
             tokio::select! {
                 cmd = self.cmd_rx.recv() => match cmd {
                     Some(Command::Shutdown(tx)) => {
-                        // Requests on lanes fail now (as `Shutdown`: the
-                        // handle is closed by then), not at their timeout.
-                        // The handle is closed first: a request that the
-                        // dropped swarm's connections fail sees `Shutdown`.
+                        // Requests on lanes end now, not at their timeout;
+                        // the handle is closed first, so one that fails
+                        // sees `Shutdown`.
                         self.cmd_rx.close();
                         let lanes = self.lanes.clone();
                         drop(self);
@@ -897,7 +896,7 @@ impl EventLoop {
                         Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
                         Err(e) => debug!(%peer, error = %e, "dial on demand not started"),
                     }
-                    Some((peer, frame.clone()))
+                    Some(frame.clone())
                 };
                 self.send_request(
                     peer,
@@ -1025,7 +1024,7 @@ impl EventLoop {
             // Its caller gave up (timed out): it must not go out later.
             return;
         }
-        let Some((_, frame)) = pending.redial.take() else {
+        let Some(frame) = pending.redial.take() else {
             let _ = pending.tx.send(Err(Error::DialFailure(peer)));
             return;
         };
@@ -1033,7 +1032,7 @@ impl EventLoop {
         if pending.resent < MAX_RESENDS && (another_dial || self.swarm.is_connected(&peer)) {
             debug!(%peer, "a dial failed while another runs; sending the request again");
             pending.resent += 1;
-            pending.redial = Some((peer, frame.clone()));
+            pending.redial = Some(frame.clone());
             self.send_request(peer, frame, pending);
         } else {
             let _ = pending.tx.send(Err(Error::DialFailure(peer)));

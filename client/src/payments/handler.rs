@@ -4,7 +4,7 @@ use std::sync::Weak;
 
 use async_trait::async_trait;
 
-use super::{IncomingPolicy, Inner, held_by};
+use super::{IncomingPolicy, Inner, gains};
 use crate::core::lock;
 use crate::handler::{IncomingUpdate, UpdateHandler, UpdateResponder};
 
@@ -66,21 +66,7 @@ impl PaymentsHandler {
             return Some("unknown actor");
         };
         let mut books = lock(&inner.books);
-        let gains: Vec<_> = u
-            .next
-            .outcome
-            .assets
-            .iter()
-            .enumerate()
-            .map(|(i, asset)| {
-                let was = held_by(&u.current.outcome, i, u.index);
-                (
-                    asset,
-                    held_by(&u.next.outcome, i, u.index).saturating_sub(was),
-                )
-            })
-            .filter(|(_, grows)| !grows.is_zero())
-            .collect();
+        let gains: Vec<_> = gains(&u.current.outcome, &u.next.outcome, u.index).collect();
         let channel = u.channel_id();
         books.proposed_on(channel, u.current.version);
         // An update still unbooked after this long died without a word.

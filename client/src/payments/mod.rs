@@ -825,6 +825,19 @@ pub(crate) fn held_by(outcome: &Allocation, asset: usize, who: usize) -> U256 {
         .unwrap_or_default()
 }
 
+/// What `who` gains in each asset from `from` to `to` (states of one
+/// channel: same assets), the assets whose balance grew only.
+pub(crate) fn gains<'a>(
+    from: &Allocation,
+    to: &'a Allocation,
+    who: usize,
+) -> impl Iterator<Item = (&'a Asset, U256)> {
+    to.assets.iter().enumerate().filter_map(move |(i, asset)| {
+        let grows = held_by(to, i, who).saturating_sub(held_by(from, i, who));
+        (!grows.is_zero()).then_some((asset, grows))
+    })
+}
+
 /// The peer of a channel the payments layer may draw on: two participants,
 /// no app, funded and not closing.
 fn usable(core: &ChannelCore) -> Option<PeerId> {

@@ -17,7 +17,7 @@ use perun_channel::{Address, ChannelId, Phase, SignedState};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{IncomingPayment, Inner, held_by};
+use super::{IncomingPayment, Inner, gains};
 use crate::core::{ChannelCore, ChannelNews, lock};
 
 /// Which channels carry payments: two-party ones without an app.
@@ -133,20 +133,12 @@ impl Drop for Follower {
 fn book(inner: &Inner, core: &ChannelCore, last: &SignedState, now: &SignedState) {
     let me = core.index;
     let peer = core.peers[1 - me];
-    let mut arrived = Vec::new();
+    // States of one channel keep their shape (the transition rule).
+    let arrived: Vec<_> = gains(&last.state.outcome, &now.state.outcome, me).collect();
     {
         let mut books = lock(&inner.books);
-        for (i, asset) in now.state.outcome.assets.iter().enumerate() {
-            // States of one channel keep their shape (the transition rule).
-            let amount = held_by(&now.state.outcome, i, me).saturating_sub(held_by(
-                &last.state.outcome,
-                i,
-                me,
-            ));
-            if !amount.is_zero() {
-                books.arrived(peer, asset, amount);
-                arrived.push((asset, amount));
-            }
+        for (asset, amount) in &arrived {
+            books.arrived(peer, asset, *amount);
         }
         books.booked(core.id, now.state.version);
     }

@@ -173,8 +173,7 @@ impl Watcher {
                                 stream.events = None;
                                 stream.subscribe_at = Some(at);
                             } else if stream.stalled(&t) {
-                                stream.stalls = stream.stalls.saturating_add(1);
-                                let (attempt, pause) = stream.ended(&t);
+                                let (attempt, pause) = stream.replace_stalled(&t);
                                 warn!(
                                     attempt,
                                     ?pause,
@@ -375,6 +374,13 @@ impl Stream {
     fn stalled(&self, t: &crate::Timeouts) -> bool {
         let wait = t.retry_max.saturating_mul(self.stalls.saturating_add(1));
         !self.complete && self.since.elapsed() >= wait
+    }
+
+    /// Gives up on a stalled stream: when to subscribe again, as for one
+    /// that ended early.
+    fn replace_stalled(&mut self, t: &crate::Timeouts) -> (u32, Duration) {
+        self.stalls = self.stalls.saturating_add(1);
+        self.ended(t)
     }
 
     /// The stream ended: when to subscribe again. A stream that ended
