@@ -1123,6 +1123,49 @@ async fn only_expected_signs_a_second_payment_while_the_first_is_unbooked() {
     );
 }
 
+/// An expectation whose timeout passes while a payment it let in waits
+/// only for the payer's commit (Alice's, held for her next update while
+/// her chores are held back) waits for that commit instead of failing
+/// `NotReceived` and booking the money as a surplus a moment later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expectation_waits_past_its_timeout_for_a_payment_let_in() {
+    let ExpectsTen {
+        _ledger,
+        ps,
+        chans: _chans,
+        pa,
+        _pb: pb,
+        bob,
+        eth,
+        expected,
+    } = bob_expects_10_from_alice().await;
+    let second = pb
+        .expect(
+            ps[0].client.peer_id(),
+            &eth,
+            u(10),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+    let second = tokio::spawn(second.into_future());
+    // Alice's second payment comes in a burst: its commit is held for her
+    // next update, and her chores (which would send it 1 ms later) are held.
+    ps[0].client.hold_chores_for_testing(true);
+    for _ in 0..2 {
+        let r = pa.reserve(bob, &eth, u(10)).await.unwrap();
+        pa.send(r, u(10)).await.unwrap();
+    }
+    expected.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !second.is_finished(),
+        "gave up on a payment it let in: {second:?}"
+    );
+    ps[0].client.hold_chores_for_testing(false);
+    let got = tokio::time::timeout(WAIT, second).await.unwrap().unwrap();
+    assert_eq!(got.unwrap().amount, u(10));
+}
+
 /// Proposal handler that accepts (forwarding the channel) until `stall`
 /// is set; then it sits on each proposal until Bob's handler timeout.
 struct Staller {

@@ -8,11 +8,12 @@
 //! reservation, so nothing the books hold can disagree with a channel.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use perun_channel::{Asset, ChannelId, U256};
 use perun_wire::PeerId;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use crate::{Error, Result};
 
@@ -83,7 +84,16 @@ pub(crate) struct Books {
     /// booked) only with our next write, so without these a second payment
     /// in a burst would be checked against the same expectation again.
     earmarked: HashMap<ChannelId, Vec<Earmark>>,
+    /// Woken when claims end: an expectation past its timeout waits for
+    /// the claims on its peer's money to end before it gives up.
+    claims_ended: Arc<Notify>,
 }
+
+/// How long an update the handler let in claims its gain if its version
+/// is never booked and no later update of the channel replaces it: a
+/// peer's commit comes within milliseconds, or through a `Sync` within a
+/// request's time.
+pub(crate) const EARMARK_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One accepted update's gain in one asset, until it is booked, dead, or
 /// old.
@@ -315,11 +325,34 @@ impl Books {
     /// Keeps only `channel`'s claims for which `keep` holds.
     fn booked_or_dead(&mut self, channel: ChannelId, keep: impl Fn(&Earmark) -> bool) {
         if let Some(marks) = self.earmarked.get_mut(&channel) {
+            let before = marks.len();
             marks.retain(keep);
+            if marks.len() < before {
+                self.claims_ended.notify_waiters();
+            }
             if marks.is_empty() {
                 self.earmarked.remove(&channel);
             }
         }
+    }
+
+    /// When the last live claim on `peer`'s money in `asset` runs out
+    /// ([`EARMARK_LIFE`] after it was made), if any is live: an update
+    /// bringing that money was let in and is neither booked nor dead yet.
+    pub(crate) fn claimed_until(&self, peer: PeerId, asset: &Asset) -> Option<Instant> {
+        let now = Instant::now();
+        self.earmarked
+            .values()
+            .flatten()
+            .filter(|m| m.peer == peer && m.asset == *asset)
+            .map(|m| m.at + EARMARK_LIFE)
+            .filter(|end| *end > now)
+            .max()
+    }
+
+    /// Notified whenever claims end (see [`claimed_until`](Self::claimed_until)).
+    pub(crate) fn claims_ended(&self) -> Arc<Notify> {
+        Arc::clone(&self.claims_ended)
     }
 
     /// `channel`'s state `version` was booked: updates up to it either are
@@ -469,6 +502,35 @@ mod tests {
         // And an old one no longer counts.
         b.earmark(other, 10, peer, &asset, u(4));
         assert_eq!(b.unclaimed(peer, &asset, Instant::now()), u(4));
+    }
+
+    #[test]
+    fn claims_tell_how_long_they_live_and_wake_waiters_as_they_end() {
+        let mut b = Books::default();
+        let (peer, stranger) = (PeerId::random(), PeerId::random());
+        let asset = Asset {
+            chainId: u(1),
+            holder: Address::repeat_byte(1),
+        };
+        let ch = ChannelId::from([1u8; 32]);
+        assert_eq!(b.claimed_until(peer, &asset), None);
+        let before = Instant::now();
+        b.earmark(ch, 3, peer, &asset, u(6));
+        let until = b.claimed_until(peer, &asset).unwrap();
+        assert!(until >= before + EARMARK_LIFE && until <= Instant::now() + EARMARK_LIFE);
+        assert_eq!(b.claimed_until(stranger, &asset), None, "another peer's");
+        let ended = b.claims_ended();
+        let woken = ended.notified();
+        futures::pin_mut!(woken);
+        assert!(!woken.as_mut().enable(), "not yet");
+        b.booked(ch, 2);
+        assert!(
+            b.claimed_until(peer, &asset).is_some(),
+            "version 3 is to come"
+        );
+        b.booked(ch, 3);
+        assert_eq!(b.claimed_until(peer, &asset), None);
+        assert!(woken.as_mut().enable(), "the waiter was woken");
     }
 
     #[test]

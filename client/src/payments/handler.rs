@@ -4,15 +4,10 @@ use std::sync::Weak;
 
 use async_trait::async_trait;
 
+use super::books::EARMARK_LIFE;
 use super::{IncomingPolicy, Inner, gains};
 use crate::core::lock;
 use crate::handler::{IncomingUpdate, UpdateHandler, UpdateResponder};
-
-/// How long an update the handler let in claims its gain if its version
-/// is never booked and no later update of the channel replaces it: a
-/// peer's commit comes within milliseconds, or through a `Sync` within a
-/// request's time.
-const EARMARK_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Signs an incoming update only if none of our balances decreases and its
 /// app data stays as it is (a payment to us, or the final update of a

@@ -234,7 +234,10 @@ impl IncomingStream {
 /// A payment we expect; `.await` it. Resolves with [`Received`] once that
 /// much has arrived from the peer in the asset (counting from the moment
 /// [`Payments::expect`] was called), or fails with [`Error::NotReceived`]
-/// after the timeout. Dropping it forgets the expectation.
+/// after the timeout. A payment from the peer in the asset that was
+/// accepted but is not yet committed when the timeout passes is waited
+/// for (at most 30 s more): its commit may be a moment away. Dropping it
+/// forgets the expectation.
 #[derive(Debug)]
 #[must_use = "an expectation does nothing unless awaited"]
 pub struct Expectation {
@@ -257,6 +260,9 @@ impl Expectation {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => {
+                if let Some(r) = self.await_claims(&mut rx).await {
+                    return r;
+                }
                 let forgot = self
                     .inner
                     .upgrade()
@@ -269,6 +275,36 @@ impl Expectation {
                     // Met between the timeout and the lock.
                     None => rx.try_recv().map_err(|_| Error::Closed),
                 }
+            }
+        }
+    }
+}
+
+impl Expectation {
+    /// Past the timeout: while an update bringing the peer's money in the
+    /// asset was let in and is neither booked nor dead, its commit may be
+    /// a moment away (held for the peer's next write, or coming by
+    /// `Sync`); the expectation waits for it rather than call money that
+    /// is arriving `NotReceived`. At most [`books::EARMARK_LIFE`] more.
+    /// `Some` if it resolved meanwhile.
+    async fn await_claims(&self, rx: &mut oneshot::Receiver<Received>) -> Option<Result<Received>> {
+        let ended = self
+            .inner
+            .upgrade()
+            .map(|i| lock(&i.books).claims_ended())?;
+        loop {
+            let notified = ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let until = self
+                .inner
+                .upgrade()
+                .and_then(|i| lock(&i.books).claimed_until(self.peer, &self.asset))?;
+            tracing::debug!(peer = %self.peer, "expectation past its timeout waits for a payment let in");
+            tokio::select! {
+                r = &mut *rx => return Some(r.map_err(|_| Error::Closed)),
+                () = notified => {}
+                () = tokio::time::sleep_until(until.into()) => {}
             }
         }
     }
