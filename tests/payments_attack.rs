@@ -1166,6 +1166,77 @@ async fn an_expectation_waits_past_its_timeout_for_a_payment_let_in() {
     assert_eq!(got.unwrap().amount, u(10));
 }
 
+/// The wait past the timeout counts only payments let in by then: a payer
+/// (Alice's twin) that keeps proposing payments and aborting them, each a
+/// fresh claim, cannot keep an expectation from failing `NotReceived`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payments_proposed_and_aborted_after_the_timeout_do_not_hold_an_expectation() {
+    let ledger = Ledger::sim().await;
+    let (ps, chans) = pair(&ledger).await;
+    let eth = ledger.asset();
+    let pb = Payments::with_config(
+        &ps[1].client,
+        PaymentsConfig::default().incoming(IncomingPolicy::OnlyExpected),
+    )
+    .unwrap();
+    let (evil, _evil_in, _alice_key) = evil_twin(&ps, 0, 1).await;
+    let bob = ps[1].client.peer_id();
+    let base = chans[1].state().state;
+    // A long expectation keeps Bob letting the twin's payments in.
+    let _long = pb
+        .expect(ps[0].client.peer_id(), &eth, u(50), WAIT)
+        .unwrap();
+    let expected = pb
+        .expect(
+            ps[0].client.peer_id(),
+            &eth,
+            u(10),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+    let expected = tokio::spawn(expected.into_future());
+    let started = Instant::now();
+    let mut accepted = 0;
+    // 1.5 s of fresh claims, one every 100 ms.
+    for step in 1..=15u64 {
+        let mut next = base.clone();
+        next.version = base.version + step;
+        next.outcome.balances[0][0] -= u(10);
+        next.outcome.balances[0][1] += u(10);
+        let update = Message::Update(perun::wire::Update {
+            channel_id: base.channelId,
+            state: next,
+            actor: 0,
+        });
+        if let Ok(Message::UpdateAccept(_)) = evil.send(bob, &update).await {
+            accepted += 1;
+        }
+        let abort = Message::UpdateReject(perun::wire::UpdateReject {
+            channel_id: base.channelId,
+            version: base.version + step,
+            index: 0,
+            reason: "aborted".into(),
+            kind: perun::wire::RejectKind::Refused,
+        });
+        let _ = evil.send(bob, &abort).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        accepted >= 10,
+        "Bob let in {accepted} of the twin's payments"
+    );
+    assert!(
+        expected.is_finished(),
+        "still waiting {:?} after a 300 ms timeout",
+        started.elapsed()
+    );
+    let got = expected.await.unwrap();
+    assert!(
+        matches!(got, Err(Error::NotReceived { arrived, .. }) if arrived.is_zero()),
+        "{got:?}"
+    );
+}
+
 /// Proposal handler that accepts (forwarding the channel) until `stall`
 /// is set; then it sits on each proposal until Bob's handler timeout.
 struct Staller {

@@ -336,15 +336,22 @@ impl Books {
         }
     }
 
-    /// When the last live claim on `peer`'s money in `asset` runs out
-    /// ([`EARMARK_LIFE`] after it was made), if any is live: an update
-    /// bringing that money was let in and is neither booked nor dead yet.
-    pub(crate) fn claimed_until(&self, peer: PeerId, asset: &Asset) -> Option<Instant> {
+    /// When the last live claim on `peer`'s money in `asset` made by
+    /// `made_by` runs out ([`EARMARK_LIFE`] after it was made), if any is
+    /// live: an update bringing that money was let in and is neither booked
+    /// nor dead yet. Later claims do not count, so a peer that keeps
+    /// sending payments it never commits cannot keep a waiter waiting.
+    pub(crate) fn claimed_until(
+        &self,
+        peer: PeerId,
+        asset: &Asset,
+        made_by: Instant,
+    ) -> Option<Instant> {
         let now = Instant::now();
         self.earmarked
             .values()
             .flatten()
-            .filter(|m| m.peer == peer && m.asset == *asset)
+            .filter(|m| m.peer == peer && m.asset == *asset && m.at <= made_by)
             .map(|m| m.at + EARMARK_LIFE)
             .filter(|end| *end > now)
             .max()
@@ -513,23 +520,22 @@ mod tests {
             holder: Address::repeat_byte(1),
         };
         let ch = ChannelId::from([1u8; 32]);
-        assert_eq!(b.claimed_until(peer, &asset), None);
+        let by_now = |b: &Books, p| b.claimed_until(p, &asset, Instant::now());
+        assert_eq!(by_now(&b, peer), None);
         let before = Instant::now();
         b.earmark(ch, 3, peer, &asset, u(6));
-        let until = b.claimed_until(peer, &asset).unwrap();
+        let until = by_now(&b, peer).unwrap();
         assert!(until >= before + EARMARK_LIFE && until <= Instant::now() + EARMARK_LIFE);
-        assert_eq!(b.claimed_until(stranger, &asset), None, "another peer's");
+        assert_eq!(by_now(&b, stranger), None, "another peer's");
+        assert_eq!(b.claimed_until(peer, &asset, before), None, "made later");
         let ended = b.claims_ended();
         let woken = ended.notified();
         futures::pin_mut!(woken);
         assert!(!woken.as_mut().enable(), "not yet");
         b.booked(ch, 2);
-        assert!(
-            b.claimed_until(peer, &asset).is_some(),
-            "version 3 is to come"
-        );
+        assert!(by_now(&b, peer).is_some(), "version 3 is to come");
         b.booked(ch, 3);
-        assert_eq!(b.claimed_until(peer, &asset), None);
+        assert_eq!(by_now(&b, peer), None);
         assert!(woken.as_mut().enable(), "the waiter was woken");
     }
 

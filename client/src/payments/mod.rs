@@ -285,9 +285,11 @@ impl Expectation {
     /// asset was let in and is neither booked nor dead, its commit may be
     /// a moment away (held for the peer's next write, or coming by
     /// `Sync`); the expectation waits for it rather than call money that
-    /// is arriving `NotReceived`. At most [`books::EARMARK_LIFE`] more.
+    /// is arriving `NotReceived`. Only updates let in by the timeout
+    /// count, so this waits at most [`books::EARMARK_LIFE`] more.
     /// `Some` if it resolved meanwhile.
     async fn await_claims(&self, rx: &mut oneshot::Receiver<Received>) -> Option<Result<Received>> {
+        let timed_out = std::time::Instant::now();
         let ended = self
             .inner
             .upgrade()
@@ -299,7 +301,7 @@ impl Expectation {
             let until = self
                 .inner
                 .upgrade()
-                .and_then(|i| lock(&i.books).claimed_until(self.peer, &self.asset))?;
+                .and_then(|i| lock(&i.books).claimed_until(self.peer, &self.asset, timed_out))?;
             tracing::debug!(peer = %self.peer, "expectation past its timeout waits for a payment let in");
             tokio::select! {
                 r = &mut *rx => return Some(r.map_err(|_| Error::Closed)),
