@@ -47,7 +47,11 @@ struct Setup {
 
 /// Opens Alice–Bob, then replaces Bob by an endpoint with his network key.
 async fn setup(ledger: Ledger) -> Setup {
-    let mut ps = parties(&ledger, 2, U256::from(1_000_000u64), &Options::default()).await;
+    setup_with(ledger, &Options::default()).await
+}
+
+async fn setup_with(ledger: Ledger, opts: &Options) -> Setup {
+    let mut ps = parties(&ledger, 2, U256::from(1_000_000u64), opts).await;
     let chans = open(&ledger, &mut ps, U256::from(100u64)).await;
     chans[0].pay(1, 0, U256::from(10u64)).await.unwrap();
     let (evil, evil_in, bob_key) = common::evil_twin(&ps, 1, 0).await;
@@ -705,4 +709,68 @@ async fn a_commit_riding_with_an_update_is_checked_like_a_commit(ledger: Ledger)
         other => panic!("a fair update after its commit is accepted, got {other:?}"),
     }
     assert_eq!(s.alice.state().state, fair);
+}
+
+/// Bob's twin proposes an update, Alice signs it, and the twin never
+/// commits it; from then on it answers everything as an honest Bob would
+/// (its `Sync` says it holds the old state and nothing staged). Alice pays
+/// and retries each retryable failure at once, as `is_retryable` allows.
+/// Her resync with Bob, which drops the dead update, needs her channel's
+/// update lock; her payment held it while it waited for `Updating` to
+/// clear, and the resync counted the busy lock as Bob unreachable and
+/// backed off: she stayed `Updating` for good (an adversarial review
+/// of 3-party channels; the same code runs here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_retried_at_once_is_freed_from_a_dead_update_by_the_resync() {
+    let quick = Options {
+        timeouts: Some(perun::client::Timeouts {
+            update_wait: Duration::from_secs(2),
+            ..common::test_timeouts(Options::default().funding_timeout)
+        }),
+        ..Options::default()
+    };
+    let s = setup_with(Ledger::sim().await, &quick).await;
+    let before = s.alice.state();
+    let mut dead = before.state.next();
+    dead.outcome.balances[0][1] -= U256::from(1u64);
+    dead.outcome.balances[0][0] += U256::from(1u64);
+    assert!(matches!(
+        send_update(&s, dead, 1).await,
+        Message::UpdateAccept(_)
+    ));
+    assert_eq!(s.alice.phase(), Phase::Updating);
+    let (key, latest) = (s.bob_key.clone(), before.clone());
+    let mut incoming = s.evil_in.unwrap();
+    tokio::spawn(async move {
+        while let Some(req) = incoming.next().await {
+            let (_, msg, r) = req.into_parts();
+            let reply = match msg {
+                Message::Update(u) => common::accept(&key, &u, 1),
+                Message::UpdateWithCommit(m) => common::accept(&key, &m.update, 1),
+                Message::Sync(theirs) => Message::Sync(perun::wire::Sync {
+                    channel_id: theirs.channel_id,
+                    index: 1,
+                    phase: Phase::Active,
+                    latest: latest.clone(),
+                    staged: None,
+                }),
+                _ => Message::Ack,
+            };
+            let _ = r.reply(reply);
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut tries = 0;
+    let paid = loop {
+        tries += 1;
+        match s.alice.pay(1, 0, U256::from(1u64)).await {
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {}
+            other => break other,
+        }
+    };
+    let paid = paid.unwrap_or_else(|e| panic!("still stuck after {tries} tries: {e}"));
+    assert_eq!(
+        paid.state.outcome.balances[0][1],
+        before.state.outcome.balances[0][1] + U256::from(1u64)
+    );
 }

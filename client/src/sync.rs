@@ -412,24 +412,39 @@ async fn resync_peer(shared: Arc<Shared>, peer: PeerId, poke: Arc<tokio::sync::N
             }
             ids
         };
-        // One channel first: if the peer is away, do not try thousands.
-        let (first, rest) = ids.split_at(1);
-        let mut reachable = resync_one(&shared, peer, first[0]).await;
-        if reachable {
-            let results: Vec<bool> = futures::stream::iter(rest.iter().copied())
+        // One channel at a time until one reaches the peer or not (a busy
+        // one tells nothing): if the peer is away, do not try thousands.
+        let mut results = Vec::new();
+        let mut rest = ids.iter().copied();
+        for id in rest.by_ref() {
+            let r = resync_one(&shared, peer, id).await;
+            results.push(r);
+            if r != Resync::Busy {
+                break;
+            }
+        }
+        if results.last() == Some(&Resync::Done) {
+            let more: Vec<Resync> = futures::stream::iter(rest)
                 .map(|id| resync_one(&shared, peer, id))
                 .buffer_unordered(RESYNC_CONCURRENCY)
                 .collect()
                 .await;
-            reachable = results.into_iter().all(|ok| ok);
+            results.extend(more);
         }
-        if reachable {
+        let pause = if results.contains(&Resync::Unreachable) {
+            attempt += 1;
+            let pause = shared.timeouts.backoff(attempt);
+            debug!(attempt, ?pause, "peer not reachable; resync later");
+            pause
+        } else if results.contains(&Resync::Busy) {
+            // The peer answers; a channel's own update runs. Soon again,
+            // without backing off: it ends within a request's time.
+            attempt = 0;
+            shared.timeouts.backoff(1)
+        } else {
             attempt = 0;
             continue;
-        }
-        attempt += 1;
-        let pause = shared.timeouts.backoff(attempt);
-        debug!(attempt, ?pause, "peer not reachable; resync later");
+        };
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = poke.notified() => attempt = 0,
@@ -441,45 +456,56 @@ async fn resync_peer(shared: Arc<Shared>, peer: PeerId, poke: Arc<tokio::sync::N
     }
 }
 
-/// Syncs one unsynced channel with `peer`; `false` if the peer could not be
-/// reached (the channel stays unsynced).
-async fn resync_one(shared: &Arc<Shared>, peer: PeerId, id: perun_channel::ChannelId) -> bool {
+/// How one channel's resync went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resync {
+    /// Synced, or nothing left to sync.
+    Done,
+    /// One of our updates runs on the channel: it stays unsynced, to be
+    /// tried again soon.
+    Busy,
+    /// The peer could not be reached: it stays unsynced.
+    Unreachable,
+}
+
+/// Syncs one unsynced channel with `peer`.
+async fn resync_one(shared: &Arc<Shared>, peer: PeerId, id: perun_channel::ChannelId) -> Resync {
     // Unmarked first: a mark made during the exchange (a commit it sends
     // that the peer does not take) must survive it.
     if let Some(set) = lock(&shared.unsynced).get_mut(&peer) {
         set.remove(&id);
     }
     let Some(core) = shared.channel_core(&id) else {
-        return true;
+        return Resync::Done;
     };
     let (Some(index), true) = (
         core.peer_index(&peer),
         matches!(core.phase(), Phase::Active | Phase::Updating | Phase::Final),
     ) else {
         // Closing on-chain (or not our peer): nothing to agree on off-chain.
-        return true;
+        return Resync::Done;
     };
     // No update of ours may start while our `Sync` is out: the peer takes a
     // `Sync` request as where we stand now. If one runs, try again later.
     let Ok(_quiet) = core.update_lock.try_lock() else {
         keep_unsynced(shared, id, peer);
-        return false;
+        return Resync::Busy;
     };
     let span = info_span!("resync", channel = %id);
     match exchange(shared, &core, index, peer).instrument(span).await {
-        Ok(()) => true,
+        Ok(()) => Resync::Done,
         Err(Exchange::Merge(e)) => {
             warn!(channel = %id, error = %e, "peer's sync did not merge; not retried");
-            true
+            Resync::Done
         }
         Err(Exchange::Refused(e)) => {
             warn!(channel = %id, error = %e, "peer refused our sync; not retried");
-            true
+            Resync::Done
         }
         Err(Exchange::Unreachable(e)) => {
             debug!(channel = %id, error = %e, "sync failed");
             keep_unsynced(shared, id, peer);
-            false
+            Resync::Unreachable
         }
     }
 }

@@ -53,11 +53,19 @@ pub(crate) async fn propose(
             }
         }
         // An update a peer proposed may still be waiting for its commit.
+        // Waited for without the update lock: the resync that brings the
+        // commit, or shows the update dead, takes it (held, a caller that
+        // retries at once kept the resync out for good).
+        let mut one = one;
         if core.phase() == Phase::Updating {
-            core.wait_phase(shared.timeouts.update_wait, "earlier update", |p| {
-                p != Phase::Updating
-            })
-            .await?;
+            let until = tokio::time::Instant::now() + shared.timeouts.update_wait;
+            while core.phase() == Phase::Updating {
+                drop(one);
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                core.wait_phase(left, "earlier update", |p| p != Phase::Updating)
+                    .await?;
+                one = core.update_lock.clone().lock_owned().await;
+            }
         }
         let (next, hash, base, burst, ride) = {
             let mut l = core.locked.lock().await;
