@@ -9,6 +9,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Ledger, Options, open, parties};
@@ -711,20 +713,28 @@ async fn a_commit_riding_with_an_update_is_checked_like_a_commit(ledger: Ledger)
     assert_eq!(s.alice.state().state, fair);
 }
 
-/// Bob's twin proposes an update, Alice signs it, and the twin never
-/// commits it; from then on it answers everything as an honest Bob would
-/// (its `Sync` says it holds the old state and nothing staged). Alice pays
-/// and retries each retryable failure at once, as `is_retryable` allows.
-/// Her resync with Bob, which drops the dead update, needs her channel's
-/// update lock; her payment held it while it waited for `Updating` to
-/// clear, and the resync counted the busy lock as Bob unreachable and
-/// backed off: she stayed `Updating` for good (an adversarial review
-/// of 3-party channels; the same code runs here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_payment_retried_at_once_is_freed_from_a_dead_update_by_the_resync() {
+/// How Bob's twin answers Alice's first `Sync` once it serves as an
+/// honest Bob ([`serve_as_honest_bob`]).
+#[derive(Debug, Clone, Copy)]
+enum FirstSync {
+    /// Truthfully, like every later one.
+    Truthful,
+    /// It says it still holds the dead update (and then neither commits
+    /// nor aborts it).
+    ClaimsTheUpdate,
+    /// A `Sync` under the wrong index: a bad reply.
+    WrongIndex,
+    /// A `Busy` refusal, as a peer at its request cap sends.
+    Busy,
+}
+
+/// Opens the channel with timeouts of `update_wait`, then Bob's twin
+/// proposes that Bob pays Alice 1 and never commits it: Alice signed it
+/// and waits `Updating`. Returns the setup and the state before.
+async fn alice_holds_a_dead_update(update_wait: Duration) -> (Setup, SignedState) {
     let quick = Options {
         timeouts: Some(perun::client::Timeouts {
-            update_wait: Duration::from_secs(2),
+            update_wait,
             ..common::test_timeouts(Options::default().funding_timeout)
         }),
         ..Options::default()
@@ -739,38 +749,107 @@ async fn a_payment_retried_at_once_is_freed_from_a_dead_update_by_the_resync() {
         Message::UpdateAccept(_)
     ));
     assert_eq!(s.alice.phase(), Phase::Updating);
-    let (key, latest) = (s.bob_key.clone(), before.clone());
-    let mut incoming = s.evil_in.unwrap();
+    (s, before)
+}
+
+/// From now on Bob's twin answers as an honest Bob that never got the
+/// update it proposed: it signs Alice's updates, and its `Sync` stands on
+/// Alice's latest state with nothing staged (`first` may answer her first
+/// `Sync` otherwise). Counts her `Sync`s.
+fn serve_as_honest_bob(s: &mut Setup, first: FirstSync) -> Arc<AtomicUsize> {
+    let syncs = Arc::new(AtomicUsize::new(0));
+    let (key, count) = (s.bob_key.clone(), syncs.clone());
+    let mut incoming = s.evil_in.take().unwrap();
     tokio::spawn(async move {
         while let Some(req) = incoming.next().await {
             let (_, msg, r) = req.into_parts();
             let reply = match msg {
                 Message::Update(u) => common::accept(&key, &u, 1),
                 Message::UpdateWithCommit(m) => common::accept(&key, &m.update, 1),
-                Message::Sync(theirs) => Message::Sync(perun::wire::Sync {
-                    channel_id: theirs.channel_id,
-                    index: 1,
-                    phase: Phase::Active,
-                    latest: latest.clone(),
-                    staged: None,
-                }),
+                Message::Sync(theirs) => {
+                    let mut ours = perun::wire::Sync {
+                        channel_id: theirs.channel_id,
+                        index: 1,
+                        phase: Phase::Active,
+                        latest: theirs.latest.clone(),
+                        staged: None,
+                    };
+                    match (count.fetch_add(1, Ordering::SeqCst), first) {
+                        (0, FirstSync::ClaimsTheUpdate) => {
+                            ours.phase = Phase::Updating;
+                            ours.staged = theirs.staged;
+                        }
+                        (0, FirstSync::WrongIndex) => ours.index = 0,
+                        (0, FirstSync::Busy) => {
+                            let busy =
+                                perun::wire::Refusal::new(perun::wire::RefusalCode::Busy, "busy");
+                            let _ = r.refuse(busy);
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    Message::Sync(ours)
+                }
                 _ => Message::Ack,
             };
             let _ = r.reply(reply);
         }
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    syncs
+}
+
+/// Alice pays Bob 1 until it goes through or `within` passes, retrying
+/// each retryable failure after `pause`.
+async fn alice_pays_through(s: &Setup, within: Duration, pause: Duration) -> SignedState {
+    let deadline = tokio::time::Instant::now() + within;
     let mut tries = 0;
     let paid = loop {
         tries += 1;
         match s.alice.pay(1, 0, U256::from(1u64)).await {
-            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {}
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+            }
             other => break other,
         }
     };
-    let paid = paid.unwrap_or_else(|e| panic!("still stuck after {tries} tries: {e}"));
+    paid.unwrap_or_else(|e| panic!("still stuck after {tries} tries: {e}"))
+}
+
+/// Bob's twin proposes an update, Alice signs it, and the twin never
+/// commits it; from then on it answers everything as an honest Bob would.
+/// Alice pays and retries each retryable failure at once, as
+/// `is_retryable` allows. Her resync with Bob, which drops the dead
+/// update, needs her channel's update lock; her payment held it while it
+/// waited for `Updating` to clear, and the resync counted the busy lock as
+/// Bob unreachable and backed off: she stayed `Updating` for good (an
+/// adversarial review of 3-party channels; the same code runs here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_retried_at_once_is_freed_from_a_dead_update_by_the_resync() {
+    let (mut s, before) = alice_holds_a_dead_update(Duration::from_secs(2)).await;
+    serve_as_honest_bob(&mut s, FirstSync::Truthful);
+    let paid = alice_pays_through(&s, Duration::from_secs(30), Duration::ZERO).await;
     assert_eq!(
         paid.state.outcome.balances[0][1],
         before.state.outcome.balances[0][1] + U256::from(1u64)
     );
+}
+
+/// The commit sweep asked the proposer of a dead update once. An answer
+/// that did not settle it (the twin still claims the update, answers
+/// under a wrong index, or is `Busy`) left Alice `Updating` for good,
+/// although every later answer would have been truthful (found by
+/// `tests/fuzz_peer.rs`, seed 3072). She asks again every `update_wait`,
+/// and a `Busy` refusal is retried like an unreachable peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sync_answer_that_does_not_settle_a_dead_update_is_asked_again() {
+    for first in [
+        FirstSync::ClaimsTheUpdate,
+        FirstSync::WrongIndex,
+        FirstSync::Busy,
+    ] {
+        let (mut s, _) = alice_holds_a_dead_update(Duration::from_secs(1)).await;
+        let syncs = serve_as_honest_bob(&mut s, first);
+        alice_pays_through(&s, Duration::from_secs(20), Duration::from_millis(500)).await;
+        assert!(syncs.load(Ordering::SeqCst) >= 2, "{first:?}");
+    }
 }

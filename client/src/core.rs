@@ -490,9 +490,9 @@ pub(crate) struct Locked {
     /// moves writes first (which stores the commit and clears this), or
     /// applies a newer commit and sets this anew (`hold_unsaved`).
     pub(crate) unsaved: Option<u64>,
-    /// When we signed the staged state of a peer's update: a commit that
-    /// has not come `update_wait` later is asked for by `Sync`
-    /// (`sync::sweep_commits`).
+    /// When we signed the staged state of a peer's update (or last asked
+    /// for its commit): a commit that has not come `update_wait` later is
+    /// asked for by `Sync` (`sync::sweep_commits`).
     pub(crate) signed_at: Option<std::time::Instant>,
     /// The commit of our last update, held back for a moment to ride with
     /// our next update (`UpdateWithCommit`) when we are updating back to

@@ -322,6 +322,8 @@ async fn exchange(
                 reason: "bad reply to sync".into(),
             }))
         }
+        // A `Busy` or `Stalled` refusal is the peer's load, not its answer.
+        Err(e) if e.is_transient() => Err(Exchange::Unreachable(e.into())),
         Err(e @ perun_wire::Error::Refused(_)) => Err(Exchange::Refused(e.into())),
         Err(e) => Err(Exchange::Unreachable(e.into())),
     }
@@ -513,7 +515,8 @@ async fn resync_one(shared: &Arc<Shared>, peer: PeerId, id: perun_channel::Chann
 /// Every so often, marks the channels whose commit did not come within
 /// `update_wait` after we signed as unsynced with their proposer: a `Sync`
 /// then brings the commit (or shows the update was given up), so a
-/// responder is never left `Updating`.
+/// responder is never left `Updating` by a proposer that answers. Again
+/// every `update_wait` while the update stays staged.
 fn spawn_commit_sweep(shared: &Arc<Shared>) {
     let weak = Arc::downgrade(shared);
     let period = (shared.timeouts.update_wait / 2).max(std::time::Duration::from_millis(50));
@@ -544,8 +547,11 @@ async fn sweep_commits(shared: &Arc<Shared>) {
                 .is_some_and(|at| at.elapsed() >= shared.timeouts.update_wait);
             match proposer.and_then(|a| core.peers.get(a)) {
                 Some(peer) if late && l.machine.phase() == Phase::Updating => {
-                    // Asked once; the `Sync` settles it either way.
-                    l.signed_at = None;
+                    // Asked again after another `update_wait` while the
+                    // update stays: the peer's answer need not settle it
+                    // (it may say it still holds the update, then neither
+                    // commit nor abort it).
+                    l.signed_at = Some(std::time::Instant::now());
                     Some(*peer)
                 }
                 _ => None,

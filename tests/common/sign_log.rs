@@ -7,20 +7,23 @@
 //! (as `Staged`, `Committed` or in a created record), so the log sees it.
 //! Peers' signatures in our store are checked too.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use perun::channel::{B256, ChannelId, SignedState};
+use perun::channel::{B256, ChannelId, SignedState, U256};
 use perun::persistence::{Change, ChannelRecord, Persister, Result};
 
 /// Which wrapped store took a state, as what change, with which slots signed.
 type Stored = (usize, &'static str, Vec<bool>);
 
-/// (channel, signer's index, version) → hashes of the states it signed.
+/// (channel, signer's index, version) → hash of each state it signed →
+/// the signer's balance of the first asset in it.
+type Seen = BTreeMap<(ChannelId, usize, u64), BTreeMap<B256, U256>>;
+
 #[derive(Default)]
 pub struct SignLog {
-    seen: Mutex<BTreeMap<(ChannelId, usize, u64), BTreeSet<B256>>>,
+    seen: Mutex<Seen>,
     /// Where each state was stored: (store, how, signature slots filled).
     whence: Mutex<BTreeMap<B256, Vec<Stored>>>,
     stores: std::sync::atomic::AtomicUsize,
@@ -53,9 +56,10 @@ impl SignLog {
         let mut seen = self.seen.lock().unwrap();
         for (i, sig) in st.sigs.iter().enumerate() {
             if sig.is_some() {
+                let balance = st.state.balance(0, i).unwrap_or_default();
                 seen.entry((id, i, st.state.version))
                     .or_default()
-                    .insert(hash);
+                    .insert(hash, balance);
             }
         }
     }
@@ -67,17 +71,43 @@ impl SignLog {
 
     /// Panics, naming them, if anyone signed two states with one version.
     pub fn assert_no_double_sign(&self) {
+        self.assert_no_double_sign_by(|_| true);
+    }
+
+    /// Panics, naming them, if a signer for which `honest` holds signed two
+    /// states with one version (a hostile peer's own are no finding).
+    pub fn assert_no_double_sign_by(&self, honest: impl Fn(usize) -> bool) {
         let seen = self.seen.lock().unwrap();
-        let doubles: Vec<_> = seen.iter().filter(|(_, h)| h.len() > 1).collect();
+        let doubles: Vec<_> = seen
+            .iter()
+            .filter(|((_, signer, _), h)| honest(*signer) && h.len() > 1)
+            .collect();
         let whence = self.whence.lock().unwrap();
         let how: Vec<_> = doubles
             .iter()
-            .flat_map(|(_, hs)| hs.iter().map(|h| (h, whence.get(h))))
+            .flat_map(|(_, hs)| hs.keys().map(|h| (h, whence.get(h))))
             .collect();
         assert!(
             doubles.is_empty(),
             "two different states signed with one version (channel, signer, version → hashes): {doubles:?}; stored as (store, change, slots signed): {how:?}"
         );
+    }
+
+    /// Panics if signer `who` signed a state newer than version `after`
+    /// that gives it less than `floor` of the first asset.
+    pub fn assert_floor(&self, who: usize, floor: U256, after: u64) {
+        let seen = self.seen.lock().unwrap();
+        for ((_, signer, version), states) in seen.iter() {
+            if *signer != who || *version <= after {
+                continue;
+            }
+            for (hash, balance) in states {
+                assert!(
+                    *balance >= floor,
+                    "signer {who} signed version {version} ({hash}) giving it {balance} < {floor}"
+                );
+            }
+        }
     }
 }
 

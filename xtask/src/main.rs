@@ -9,11 +9,13 @@
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
 //! | `bench [--quick] [--only PART[,PART]] [--runs N]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` (some parts, e.g. `chain_index`: `summary-PART.json`; `--runs N`: medians and ranges of N runs) |
 //! | `chaos [--ledger sim\|anvil] [--schedules N] [--seed S]` | a long run of the chaos suite; replays a failing seed |
+//! | `fuzz [--seeds N\|A..B\|A,B,C] [--steps N] [--ledger sim\|anvil\|both]` | the protocol fuzzer with a hostile peer over more seeds, and every 3-party hostile test |
 //! | `demo [payment\|payments\|dispute\|watchtower\|tictactoe]` | runs `examples/payment_channel.rs` (or `payments.rs`, `dispute.rs`, `watchtower.rs`, `tictactoe.rs`) on a local anvil |
 
 mod bench;
 mod chaos;
 mod contracts;
+mod fuzz;
 mod gas;
 mod setup;
 mod util;
@@ -37,10 +39,11 @@ fn main() -> ExitCode {
         Some("gas") => gas::run(),
         Some("bench") => bench::run(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("demo") => demo(args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick] [--only PART[,PART]] [--runs N]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|demo [payment|payments|dispute|watchtower|tictactoe]>"
+                "usage: cargo xtask <setup|test|vectors|contracts [--check]|gas|bench [--quick] [--only PART[,PART]] [--runs N]|chaos [--ledger sim|anvil] [--schedules N] [--seed S]|fuzz [--seeds N|A..B|A,B,C] [--steps N] [--ledger sim|anvil|both]|demo [payment|payments|dispute|watchtower|tictactoe]>"
             );
             return ExitCode::from(2);
         }
