@@ -728,18 +728,64 @@ enum FirstSync {
     Busy,
 }
 
-/// Opens the channel with timeouts of `update_wait`, then Bob's twin
-/// proposes that Bob pays Alice 1 and never commits it: Alice signed it
-/// and waits `Updating`. Returns the setup and the state before.
-async fn alice_holds_a_dead_update(update_wait: Duration) -> (Setup, SignedState) {
-    let quick = Options {
+/// The test timeouts with `update_wait`.
+fn quick(update_wait: Duration) -> Options {
+    Options {
         timeouts: Some(perun::client::Timeouts {
             update_wait,
             ..common::test_timeouts(Options::default().funding_timeout)
         }),
         ..Options::default()
-    };
-    let s = setup_with(Ledger::sim().await, &quick).await;
+    }
+}
+
+/// Restarts Alice's client on her store with `opts` (every handle on the
+/// old one goes first, or its store stays open), and introduces her and
+/// Bob's twin to each other again.
+async fn restart_alice(s: Setup, opts: &Options) -> Setup {
+    let Setup {
+        _ledger: ledger,
+        alice,
+        bob_key,
+        alice_peer,
+        evil,
+        evil_in,
+        _parties: mut parties,
+        ..
+    } = s;
+    let id = alice.id();
+    drop(alice);
+    let restarted = common::restart_opts(&ledger, parties.remove(0), opts).await;
+    let alice_addrs = restarted.client.listen_addrs().await.unwrap();
+    for addr in &alice_addrs {
+        evil.add_address(alice_peer, addr.clone()).await.unwrap();
+    }
+    for addr in evil.listen_addrs().await.unwrap() {
+        restarted
+            .client
+            .add_peer(evil.local_peer_id(), addr)
+            .await
+            .unwrap();
+    }
+    let alice = restarted.client.channel(&id).expect("restored");
+    parties.insert(0, restarted);
+    Setup {
+        _ledger: ledger,
+        alice,
+        bob_key,
+        alice_peer,
+        alice_addrs,
+        evil,
+        evil_in,
+        _parties: parties,
+    }
+}
+
+/// Opens the channel with timeouts of `update_wait`, then Bob's twin
+/// proposes that Bob pays Alice 1 and never commits it: Alice signed it
+/// and waits `Updating`. Returns the setup and the state before.
+async fn alice_holds_a_dead_update(update_wait: Duration) -> (Setup, SignedState) {
+    let s = setup_with(Ledger::sim().await, &quick(update_wait)).await;
     let before = s.alice.state();
     let mut dead = before.state.next();
     dead.outcome.balances[0][1] -= U256::from(1u64);
@@ -849,6 +895,23 @@ async fn a_sync_answer_that_does_not_settle_a_dead_update_is_asked_again() {
     ] {
         let (mut s, _) = alice_holds_a_dead_update(Duration::from_secs(1)).await;
         let syncs = serve_as_honest_bob(&mut s, first);
+        alice_pays_through(&s, Duration::from_secs(20), Duration::from_millis(500)).await;
+        assert!(syncs.load(Ordering::SeqCst) >= 2, "{first:?}");
+    }
+}
+
+/// The same after Alice restarts with the dead update staged: its
+/// proposer is not stored, so the sweep never asked about it, and one
+/// unsettling answer to her restore `Sync` left her `Updating` for good
+/// (review of d63c94d). A restored update is asked about `update_wait`
+/// after the restart, of every peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restored_dead_update_is_asked_about_again() {
+    for first in [FirstSync::ClaimsTheUpdate, FirstSync::WrongIndex] {
+        let (mut s, _) = alice_holds_a_dead_update(Duration::from_secs(1)).await;
+        let syncs = serve_as_honest_bob(&mut s, first);
+        let s = restart_alice(s, &quick(Duration::from_secs(1))).await;
+        assert_eq!(s.alice.phase(), Phase::Updating, "restored with it staged");
         alice_pays_through(&s, Duration::from_secs(20), Duration::from_millis(500)).await;
         assert!(syncs.load(Ordering::SeqCst) >= 2, "{first:?}");
     }

@@ -914,6 +914,9 @@ impl ChannelCore {
         let (state, _) = watch::channel(snapshot);
         let (phase, _) = watch::channel(machine.phase());
         let (synced, _) = watch::channel(true);
+        // A restored update still staged: its proposer is not stored, so
+        // the commit sweep asks every peer about it `update_wait` from now.
+        let signed_at = (machine.phase() == Phase::Updating).then(std::time::Instant::now);
         Ok(Arc::new(Self {
             id: params.channel_id(),
             index: machine.index(),
@@ -926,7 +929,7 @@ impl ChannelCore {
                 pending: None,
                 abandoned: None,
                 unsaved: None,
-                signed_at: None,
+                signed_at,
                 held: None,
                 last_own_commit: None,
                 flush_pending: false,

@@ -539,26 +539,34 @@ async fn sweep_commits(shared: &Arc<Shared>) {
         if core.phase() != Phase::Updating {
             continue;
         }
-        let late = {
+        let ask: Vec<PeerId> = {
             let mut l = core.locked.lock().await;
-            let proposer = l.staged_actor.filter(|a| *a != core.index);
             let late = l
                 .signed_at
                 .is_some_and(|at| at.elapsed() >= shared.timeouts.update_wait);
-            match proposer.and_then(|a| core.peers.get(a)) {
-                Some(peer) if late && l.machine.phase() == Phase::Updating => {
-                    // Asked again after another `update_wait` while the
-                    // update stays: the peer's answer need not settle it
-                    // (it may say it still holds the update, then neither
-                    // commit nor abort it).
-                    l.signed_at = Some(std::time::Instant::now());
-                    Some(*peer)
-                }
-                _ => None,
+            if !late || l.machine.phase() != Phase::Updating {
+                continue;
+            }
+            // Asked again after another `update_wait` while the update
+            // stays: the peer's answer need not settle it (it may say it
+            // still holds the update, then neither commit nor abort it).
+            l.signed_at = Some(std::time::Instant::now());
+            match l.staged_actor {
+                // Our own proposal: its run (or its failure's sync) decides.
+                Some(a) if a == core.index => Vec::new(),
+                Some(a) => core.peers.get(a).copied().into_iter().collect(),
+                // Restored: the proposer is not stored, so every peer.
+                None => core
+                    .peers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != core.index)
+                    .map(|(_, p)| *p)
+                    .collect(),
             }
         };
-        if let Some(peer) = late {
-            info!(channel = %core.id, %peer, "no commit from the proposer; asking it by Sync");
+        for peer in ask {
+            info!(channel = %core.id, %peer, "no commit for the update we signed; asking by Sync");
             mark_unsynced(shared, core.id, peer);
         }
     }
