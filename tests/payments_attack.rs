@@ -1237,6 +1237,83 @@ async fn payments_proposed_and_aborted_after_the_timeout_do_not_hold_an_expectat
     );
 }
 
+/// Alice's twin's update paying Bob 10 on `base`.
+fn twin_pays_10(base: &State) -> Message {
+    let mut next = base.clone();
+    next.version = base.version + 1;
+    next.outcome.balances[0][0] -= u(10);
+    next.outcome.balances[0][1] += u(10);
+    Message::Update(perun::wire::Update {
+        channel_id: base.channelId,
+        state: next,
+        actor: 0,
+    })
+}
+
+/// Alice's twin pays Bob 10 on `base`, Bob signs, the twin aborts it and
+/// Bob drops it: the payment is dead.
+async fn twin_pays_10_and_aborts(
+    evil: &perun::wire::Handle,
+    bob: perun::wire::PeerId,
+    bobs: &Channel,
+) {
+    let base = bobs.state().state;
+    let reply = evil.send(bob, &twin_pays_10(&base)).await.unwrap();
+    assert!(matches!(reply, Message::UpdateAccept(_)), "{reply:?}");
+    let abort = Message::UpdateReject(perun::wire::UpdateReject {
+        channel_id: base.channelId,
+        version: base.version + 1,
+        index: 0,
+        reason: "aborted".into(),
+        kind: perun::wire::RejectKind::Refused,
+    });
+    assert_eq!(evil.send(bob, &abort).await.unwrap(), Message::Ack);
+    assert_eq!(bobs.phase(), Phase::Active, "Bob dropped the payment");
+}
+
+/// A payment Bob let in that its payer then aborted (Bob dropped it) kept
+/// its claim for the claim's full 30 s: an expectation whose timeout
+/// passed waited that long to fail `NotReceived`, and the payer's retry on
+/// its other channel with Bob was refused "payment not expected" (review
+/// of 1d8f623). A dropped update's claims end with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_dropped_after_an_abort_claims_nothing() {
+    let ledger = Ledger::sim().await;
+    let (mut ps, one) = pair(&ledger).await;
+    let two = open(&ledger, &mut ps, u(100)).await;
+    let eth = ledger.asset();
+    let pb = Payments::with_config(
+        &ps[1].client,
+        PaymentsConfig::default().incoming(IncomingPolicy::OnlyExpected),
+    )
+    .unwrap();
+    let alice = ps[0].client.peer_id();
+    let (evil, _evil_in, _alice_key) = evil_twin(&ps, 0, 1).await;
+    let bob = ps[1].client.peer_id();
+    let short = pb
+        .expect(alice, &eth, u(10), Duration::from_millis(300))
+        .unwrap();
+    let started = Instant::now();
+    let short = tokio::spawn(short.into_future());
+    let retried = pb.expect(alice, &eth, u(10), WAIT).unwrap();
+    twin_pays_10_and_aborts(&evil, bob, &one[1]).await;
+    let got = tokio::time::timeout(Duration::from_secs(5), short).await;
+    assert!(got.is_ok(), "still waiting after {:?}", started.elapsed());
+    let got = got.unwrap().unwrap();
+    assert!(
+        matches!(got, Err(Error::NotReceived { arrived, .. }) if arrived.is_zero()),
+        "{got:?}"
+    );
+    // The payer retries on its other channel with Bob: let in.
+    twin_pays_10_and_aborts(&evil, bob, &one[1]).await;
+    let reply = evil
+        .send(bob, &twin_pays_10(&two[1].state().state))
+        .await
+        .unwrap();
+    assert!(matches!(reply, Message::UpdateAccept(_)), "{reply:?}");
+    drop(retried);
+}
+
 /// Proposal handler that accepts (forwarding the channel) until `stall`
 /// is set; then it sits on each proposal until Bob's handler timeout.
 struct Staller {

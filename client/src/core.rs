@@ -584,6 +584,9 @@ impl Locked {
     /// Drops the staged update (`Updating → Active`) and announces it.
     /// Only for a state nobody holds our signature on.
     pub(crate) fn drop_staged(&mut self, core: &ChannelCore) {
+        if let Some(v) = self.machine.staged().map(|s| s.state.version) {
+            core.dropped.send_replace(v);
+        }
         let _ = self.machine.discard_staged();
         self.staged_actor = None;
         self.signed_at = None;
@@ -838,6 +841,11 @@ pub(crate) struct ChannelCore {
     /// `false` while a restored channel's first `Sync` runs: we propose
     /// only after it, so a peer never gets our update before our Sync.
     pub(crate) synced: watch::Sender<bool>,
+    /// The version of the last staged update dropped uncommitted (given
+    /// up, superseded, refused): the payments layer ends the claim of the
+    /// update it let in at that version. Only that version: an older one
+    /// may be committed, and booked only with our next write.
+    pub(crate) dropped: watch::Sender<u64>,
     /// Created on the first `updates()` call: a channel nobody listens to
     /// costs no buffer (10,000 channels in one client must stay small).
     pub(crate) updates: OnceLock<broadcast::Sender<SignedState>>,
@@ -939,6 +947,7 @@ impl ChannelCore {
             state,
             phase,
             synced,
+            dropped: watch::channel(0).0,
             updates: OnceLock::new(),
             events: OnceLock::new(),
             watch_status: watch::channel(WatchStatus::Idle).0,

@@ -362,6 +362,17 @@ impl Books {
         Arc::clone(&self.claims_ended)
     }
 
+    /// The channels with claims.
+    pub(crate) fn claimed_channels(&self) -> Vec<ChannelId> {
+        self.earmarked.keys().copied().collect()
+    }
+
+    /// `channel`'s staged update of `version` was dropped uncommitted: its
+    /// claim ends (a commit that comes after all is booked as it arrives).
+    pub(crate) fn dead(&mut self, channel: ChannelId, version: u64) {
+        self.booked_or_dead(channel, |m| m.version != version);
+    }
+
     /// `channel`'s state `version` was booked: updates up to it either are
     /// in it or will never be (versions only grow).
     pub(crate) fn booked(&mut self, channel: ChannelId, version: u64) {
@@ -537,6 +548,14 @@ mod tests {
         b.booked(ch, 3);
         assert_eq!(by_now(&b, peer), None);
         assert!(woken.as_mut().enable(), "the waiter was woken");
+        // A dropped update's claim ends; an older one (committed, booked
+        // with our next write) stays.
+        b.earmark(ch, 4, peer, &asset, u(1));
+        b.earmark(ch, 5, peer, &asset, u(1));
+        b.dead(ch, 5);
+        assert!(by_now(&b, peer).is_some(), "version 4's claim stays");
+        b.booked(ch, 4);
+        assert_eq!(by_now(&b, peer), None);
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl PaymentsHandler {
         let gains: Vec<_> = gains(&u.current.outcome, &u.next.outcome, u.index).collect();
         let channel = u.channel_id();
         books.proposed_on(channel, u.current.version);
+        super::end_dropped_claims(&inner, &mut books);
         // An update still unbooked after this long died without a word.
         let now = std::time::Instant::now();
         let since = now.checked_sub(EARMARK_LIFE).unwrap_or(now);

@@ -298,10 +298,11 @@ impl Expectation {
             let notified = ended.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let until = self
-                .inner
-                .upgrade()
-                .and_then(|i| lock(&i.books).claimed_until(self.peer, &self.asset, timed_out))?;
+            let until = self.inner.upgrade().and_then(|i| {
+                let mut books = lock(&i.books);
+                end_dropped_claims(&i, &mut books);
+                books.claimed_until(self.peer, &self.asset, timed_out)
+            })?;
             tracing::debug!(peer = %self.peer, "expectation past its timeout waits for a payment let in");
             tokio::select! {
                 r = &mut *rx => return Some(r.map_err(|_| Error::Closed)),
@@ -326,6 +327,17 @@ impl std::future::IntoFuture for Expectation {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.wait())
+    }
+}
+
+/// Ends the claim of the update each channel dropped last (read from the
+/// channel, so a decision made right after a drop sees it before the
+/// follower does).
+fn end_dropped_claims(inner: &Inner, books: &mut Books) {
+    for id in books.claimed_channels() {
+        if let Some(core) = inner.shared.channel_core(&id) {
+            books.dead(id, *core.dropped.borrow());
+        }
     }
 }
 

@@ -89,6 +89,7 @@ impl Follower {
     async fn run(mut self, mut stopped: watch::Receiver<()>, mut gone: oneshot::Receiver<()>) {
         let core = self.core.clone();
         let mut phases = core.phase_changes();
+        let mut dropped = core.dropped.subscribe();
         loop {
             let now = tokio::select! {
                 // States waiting are booked before a withdrawal ends us.
@@ -101,6 +102,17 @@ impl Follower {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
+                Ok(()) = dropped.changed() => {
+                    // An update was dropped: what it brought is not
+                    // coming (a commit that comes after all is booked when
+                    // it does).
+                    let Some(inner) = self.inner.upgrade() else {
+                        return;
+                    };
+                    let version = *dropped.borrow_and_update();
+                    lock(&inner.books).dead(core.id, version);
+                    continue;
+                }
                 _ = phases.wait_for(|p| *p == Phase::Withdrawn) => return,
                 _ = stopped.changed() => return,
                 _ = &mut gone => return,
