@@ -316,7 +316,7 @@ async fn exchange(
             Ok(())
         }
         Ok(other) => {
-            warn!(%peer, ?other, "bad reply to sync");
+            crate::dispatch::warn_limited!(%peer, ?other, "bad reply to sync");
             Err(Exchange::Refused(Error::Protocol {
                 peer,
                 reason: "bad reply to sync".into(),
@@ -497,11 +497,11 @@ async fn resync_one(shared: &Arc<Shared>, peer: PeerId, id: perun_channel::Chann
     match exchange(shared, &core, index, peer).instrument(span).await {
         Ok(()) => Resync::Done,
         Err(Exchange::Merge(e)) => {
-            warn!(channel = %id, error = %e, "peer's sync did not merge; not retried");
+            crate::dispatch::warn_limited!(channel = %id, error = %e, "peer's sync did not merge; not retried now");
             Resync::Done
         }
         Err(Exchange::Refused(e)) => {
-            warn!(channel = %id, error = %e, "peer refused our sync; not retried");
+            crate::dispatch::warn_limited!(channel = %id, error = %e, "peer refused our sync; not retried now");
             Resync::Done
         }
         Err(Exchange::Unreachable(e)) => {
