@@ -1123,6 +1123,18 @@ async fn only_expected_signs_a_second_payment_while_the_first_is_unbooked() {
     );
 }
 
+/// `p` expects 10 from `peer` within 300 ms, awaited on a task of its own.
+fn expect_10_within_300_ms(
+    p: &Payments,
+    peer: perun::wire::PeerId,
+    asset: &Asset,
+) -> tokio::task::JoinHandle<perun::client::Result<perun::client::payments::Received>> {
+    let expected = p
+        .expect(peer, asset, u(10), Duration::from_millis(300))
+        .unwrap();
+    tokio::spawn(expected.into_future())
+}
+
 /// An expectation whose timeout passes while a payment it let in waits
 /// only for the payer's commit (Alice's, held for her next update while
 /// her chores are held back) waits for that commit instead of failing
@@ -1139,15 +1151,7 @@ async fn an_expectation_waits_past_its_timeout_for_a_payment_let_in() {
         eth,
         expected,
     } = bob_expects_10_from_alice().await;
-    let second = pb
-        .expect(
-            ps[0].client.peer_id(),
-            &eth,
-            u(10),
-            Duration::from_millis(300),
-        )
-        .unwrap();
-    let second = tokio::spawn(second.into_future());
+    let second = expect_10_within_300_ms(&pb, ps[0].client.peer_id(), &eth);
     // Alice's second payment comes in a burst: its commit is held for her
     // next update, and her chores (which would send it 1 ms later) are held.
     ps[0].client.hold_chores_for_testing(true);
@@ -1186,15 +1190,7 @@ async fn payments_proposed_and_aborted_after_the_timeout_do_not_hold_an_expectat
     let _long = pb
         .expect(ps[0].client.peer_id(), &eth, u(50), WAIT)
         .unwrap();
-    let expected = pb
-        .expect(
-            ps[0].client.peer_id(),
-            &eth,
-            u(10),
-            Duration::from_millis(300),
-        )
-        .unwrap();
-    let expected = tokio::spawn(expected.into_future());
+    let expected = expect_10_within_300_ms(&pb, ps[0].client.peer_id(), &eth);
     let started = Instant::now();
     let mut accepted = 0;
     // 1.5 s of fresh claims, one every 100 ms.
@@ -1290,11 +1286,8 @@ async fn a_payment_dropped_after_an_abort_claims_nothing() {
     let alice = ps[0].client.peer_id();
     let (evil, _evil_in, _alice_key) = evil_twin(&ps, 0, 1).await;
     let bob = ps[1].client.peer_id();
-    let short = pb
-        .expect(alice, &eth, u(10), Duration::from_millis(300))
-        .unwrap();
+    let short = expect_10_within_300_ms(&pb, alice, &eth);
     let started = Instant::now();
-    let short = tokio::spawn(short.into_future());
     let retried = pb.expect(alice, &eth, u(10), WAIT).unwrap();
     twin_pays_10_and_aborts(&evil, bob, &one[1]).await;
     let got = tokio::time::timeout(Duration::from_secs(5), short).await;
