@@ -591,15 +591,19 @@ async fn disconnect_fails_requests_in_flight_and_a_later_send_dials_again() {
     let (b, mut b_in) = node().await;
     connect(&a, &b).await;
     let b_id = b.local_peer_id();
-    for on_lane in [false, true] {
-        if on_lane {
+    // The first request goes on `/perun/wire/1` unless identify came first
+    // and it opened a lane (a race: the fresh-clone CI once saw a lane);
+    // the second is on a lane.
+    for lane_first in [false, true] {
+        if lane_first {
             until_on_lane(&a, b_id).await;
         }
         let send = spawn_send(&a, b_id);
         // Hold every request B got: only the disconnect may end ours.
         let held = hold_for(&mut b_in, Duration::from_millis(500)).await;
         assert!(!send.is_finished(), "B holds every request");
-        assert_eq!(a.on_lane(&b_id), on_lane);
+        let on_lane = a.on_lane(&b_id);
+        assert!(on_lane || !lane_first, "the second request is on a lane");
         a.disconnect(b_id).await.expect("disconnect");
         let result = timeout(Duration::from_secs(5), send)
             .await
