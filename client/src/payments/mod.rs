@@ -278,9 +278,7 @@ impl Expectation {
             }
         }
     }
-}
 
-impl Expectation {
     /// Past the timeout: while an update bringing the peer's money in the
     /// asset was let in and is neither booked nor dead, its commit may be
     /// a moment away (held for the peer's next write, or coming by
