@@ -221,7 +221,25 @@ impl Bob {
         }
     }
 
+    /// SIGKILLs Bob once his failpoint has stopped him. The failpoint stops
+    /// him by running `kill -STOP` on himself: until that child execs, it
+    /// holds copies of Bob's files, and so his store's lock. Killed before
+    /// he stops, Bob could leave the child behind him, and his restart
+    /// would find the store still open (a CI run failed so).
     fn kill(mut self) {
+        let stat = format!("/proc/{}/stat", self.child.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let Ok(stat) = std::fs::read_to_string(&stat) else {
+                break;
+            };
+            // "pid (comm) STATE ...": the state follows the last ')'.
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            if state.is_some_and(|s| s.starts_with(['T', 't'])) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
     }
