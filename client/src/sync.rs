@@ -19,7 +19,8 @@
 //! - after a restore, with every peer of every open channel;
 //! - whenever a channel may disagree with a peer: a commit or abort the
 //!   peer did not take, a commit we waited for in vain (`sweep_commits`),
-//!   our own update whose answer got lost, a restore sync that failed. Such
+//!   our own update whose answer got lost, a restore sync that failed, a
+//!   peer's proposal we refuse as no valid move from our state. Such
 //!   a (channel, peer) pair is *unsynced*; a resync worker per peer syncs
 //!   it with backoff until it succeeds, and at once when the peer's
 //!   connection comes back.

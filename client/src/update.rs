@@ -621,6 +621,8 @@ async fn respond_update(
             });
             if let Some(Err(e)) = valid {
                 warn!(%peer, error = %e, "invalid update");
+                drop(l);
+                crate::deliver::mark_unsynced(shared, core.id, peer);
                 return reject(core, version, RejectKind::Refused, e.to_string());
             }
             let staged_version = l.machine.staged().map_or(0, |s| s.state.version);
@@ -674,6 +676,11 @@ async fn respond_update(
                 return reject(core, version, RejectKind::Conflict, e.to_string());
             }
             warn!(%peer, error = %e, "invalid update");
+            // An honest proposer builds on the state it holds: we may stand
+            // on different states (a third party committed to one of us
+            // only). A `Sync` hands the newer fully signed one across.
+            drop(l);
+            crate::deliver::mark_unsynced(shared, core.id, peer);
             return reject(core, version, RejectKind::Refused, e.to_string());
         }
         l.staged_actor = Some(u.actor);
