@@ -3,7 +3,7 @@
 //! | command | does |
 //! |---|---|
 //! | `setup` | installs the pinned npm tools (anvil, solc, OpenZeppelin) into `tools/node_modules` |
-//! | `test` | setup, contract artifacts check, `cargo fmt --check`, clippy with `-D warnings`, every test |
+//! | `test` | setup, contract artifacts check, `cargo fmt --check`, clippy with `-D warnings`, every test (test binaries 3 at a time: `PERUN_TEST_JOBS`) |
 //! | `vectors` | regenerates `channel/tests/vectors.json` |
 //! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
@@ -18,6 +18,7 @@ mod contracts;
 mod fuzz;
 mod gas;
 mod setup;
+mod tests;
 mod util;
 
 use std::process::ExitCode;
@@ -116,8 +117,5 @@ fn test() -> util::Result {
         "-D",
         "warnings",
     ])?;
-    util::step("cargo test --workspace");
-    util::cargo(&["test", "--workspace", "--all-targets"])?;
-    util::cargo(&["test", "--workspace", "--doc"])?;
-    Ok(())
+    tests::run()
 }

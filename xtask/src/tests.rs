@@ -1,0 +1,217 @@
+//! The test run of `cargo xtask test`: every test binary of the workspace,
+//! a few at a time.
+//!
+//! `cargo test` runs one test binary after another. Most of ours wait (on
+//! timeouts, on anvil, on a chain clock) rather than compute: run one by
+//! one they kept the two cores mostly idle and took about ten of the
+//! twenty minutes `cargo xtask test` may take. Here the binaries that
+//! `cargo test --no-run` builds run [`jobs`] at a time, each as `cargo
+//! test` runs it (in its package's directory, no arguments), the slow ones
+//! first. A binary's output goes to `target/xtask-test/<name>.log` and is
+//! printed if it fails; every binary runs even after one failed.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::util::{Result, root};
+
+/// Binaries that take the longest (seconds on the 2-vCPU CI machine), started
+/// first so the run does not end waiting on one of them alone.
+const SLOW_FIRST: &[&str] = &[
+    "tests/chaos.rs",       // 126 (its anvil half)
+    "tests/malicious.rs",   // 51
+    "tests/towers.rs",      // 42
+    "tests/consistency.rs", // 35
+    "tests/crash.rs",       // 30
+    "tests/flood.rs",       // 30
+    "tests/payments_attack.rs",
+    "tests/nparty_hostile.rs",
+    "tests/watcher_faults.rs",
+];
+
+/// How many test binaries run at once: `PERUN_TEST_JOBS`, by default 3.
+fn jobs() -> usize {
+    std::env::var("PERUN_TEST_JOBS")
+        .ok()
+        .and_then(|j| j.parse().ok())
+        .filter(|&j| j > 0)
+        .unwrap_or(3)
+}
+
+/// One test binary to run.
+struct Binary {
+    /// Where it lives in the workspace, e.g. `wire/tests/failures.rs`.
+    name: String,
+    exe: PathBuf,
+    /// Its package's directory: `cargo test` runs a binary there.
+    dir: PathBuf,
+}
+
+/// Builds every test binary (`cargo test --workspace --all-targets
+/// --no-run`), runs them, then the doc tests.
+pub(crate) fn run() -> Result {
+    let binaries = build()?;
+    let jobs = jobs();
+    crate::util::step(&format!(
+        "{} test binaries, {jobs} at a time (PERUN_TEST_JOBS)",
+        binaries.len()
+    ));
+    let logs = root().join("target").join("xtask-test");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("creating {}: {e}", logs.display()))?;
+    let started = Instant::now();
+    let failed = run_all(binaries, jobs, &logs);
+    eprintln!(
+        "==> test binaries done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        for (name, log) in &failed {
+            eprintln!("\n==> {name} FAILED; its output ({}):", log.display());
+            match std::fs::read_to_string(log) {
+                Ok(out) => eprintln!("{out}"),
+                Err(e) => eprintln!("(could not read it: {e})"),
+            }
+        }
+        let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(format!("test binaries failed: {}", names.join(", ")));
+    }
+    crate::util::step("cargo test --workspace --doc");
+    crate::util::cargo(&["test", "--workspace", "--doc"])
+}
+
+/// Builds the test binaries and lists them, slow ones first.
+fn build() -> Result<Vec<Binary>> {
+    crate::util::step("cargo test --workspace --all-targets --no-run");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "test",
+            "--workspace",
+            "--all-targets",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not start cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("building the tests failed with {}", out.status));
+    }
+    let root = root();
+    let mut binaries: Vec<Binary> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| binary(line, &root))
+        .collect();
+    if binaries.is_empty() {
+        return Err("cargo built no test binary".into());
+    }
+    binaries.sort_by_key(|b| {
+        SLOW_FIRST
+            .iter()
+            .position(|s| b.name == *s)
+            .unwrap_or(SLOW_FIRST.len())
+    });
+    Ok(binaries)
+}
+
+/// The test binary a line of cargo's JSON output announces, if any: an
+/// artifact with an executable, built by the test profile (examples are
+/// built but not run, as with `cargo test`).
+fn binary(line: &str, root: &Path) -> Option<Binary> {
+    if !line.contains(r#""reason":"compiler-artifact""#) {
+        return None;
+    }
+    let profile = field_object(line, "profile")?;
+    if !profile.contains(r#""test":true"#) {
+        return None;
+    }
+    let exe = PathBuf::from(string_field(line, "executable")?);
+    let dir = PathBuf::from(string_field(line, "manifest_path")?)
+        .parent()?
+        .to_path_buf();
+    let src = PathBuf::from(string_field(line, "src_path")?);
+    let name = src.strip_prefix(root).unwrap_or(&src).display().to_string();
+    Some(Binary { name, exe, dir })
+}
+
+/// The value of `"key":"…"` in a line of JSON (cargo's paths carry no
+/// escapes on the platforms we run on; one that does is not taken).
+fn string_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(r#""{key}":""#))? + key.len() + 4;
+    let len = line[start..].find('"')?;
+    let value = &line[start..start + len];
+    (!value.contains('\\')).then_some(value)
+}
+
+/// The flat object `"key":{…}` in a line of JSON.
+fn field_object<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(r#""{key}":{{"#))? + key.len() + 3;
+    let len = line[start..].find('}')?;
+    Some(&line[start..start + len])
+}
+
+/// Runs `binaries`, `jobs` at a time; returns the failed ones and their logs.
+fn run_all(binaries: Vec<Binary>, jobs: usize, logs: &Path) -> Vec<(String, PathBuf)> {
+    let queue = Mutex::new(VecDeque::from(binaries));
+    let failed = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| {
+                while let Some(b) = next(&queue) {
+                    let log = logs.join(format!("{}.log", b.name.replace('/', "_")));
+                    let started = Instant::now();
+                    let result = run_one(&b, &log);
+                    let took = started.elapsed();
+                    report(&b.name, &result, took);
+                    if result.is_err() {
+                        push(&failed, (b.name, log));
+                    }
+                }
+            });
+        }
+    });
+    failed.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
+fn next(queue: &Mutex<VecDeque<Binary>>) -> Option<Binary> {
+    queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+}
+
+fn push<T>(list: &Mutex<Vec<T>>, item: T) {
+    list.lock().unwrap_or_else(|e| e.into_inner()).push(item);
+}
+
+/// Runs one binary with its output in `log`.
+fn run_one(b: &Binary, log: &Path) -> Result {
+    let out = File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("sharing {}: {e}", log.display()))?;
+    let status = Command::new(&b.exe)
+        .current_dir(&b.dir)
+        .env("CARGO_MANIFEST_DIR", &b.dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .map_err(|e| format!("could not start {}: {e}", b.exe.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{status}"))
+    }
+}
+
+fn report(name: &str, result: &Result, took: Duration) {
+    let secs = took.as_secs_f64();
+    match result {
+        Ok(()) => eprintln!("    ok     {secs:6.1} s  {name}"),
+        Err(e) => eprintln!("    FAILED {secs:6.1} s  {name} ({e})"),
+    }
+}
