@@ -1307,6 +1307,66 @@ async fn a_payment_dropped_after_an_abort_claims_nothing() {
     drop(retried);
 }
 
+/// A payment Bob signed before he expected anything is not the payment he
+/// expects, though its commit (which the payer held) lands, and is booked,
+/// after: an expectation counts only states signed after it was made.
+/// Before, it met the expectation (the "Not closed" note of DESIGN §13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_signed_before_expect_does_not_meet_it() {
+    let ledger = Ledger::sim().await;
+    let (ps, one) = pair(&ledger).await;
+    let eth = ledger.asset();
+    let pb = Payments::new(&ps[1].client).unwrap();
+    let alice = ps[0].client.peer_id();
+    let (evil, _evil_in, alice_key) = evil_twin(&ps, 0, 1).await;
+    let bob = ps[1].client.peer_id();
+    // Alice's twin pays 10; Bob signs; the twin holds the commit.
+    let pays = async || {
+        let Message::Update(update) = twin_pays_10(&one[1].state().state) else {
+            unreachable!()
+        };
+        let reply = evil
+            .send(bob, &Message::Update(update.clone()))
+            .await
+            .unwrap();
+        let Message::UpdateAccept(accepted) = reply else {
+            panic!("{reply:?}")
+        };
+        Message::UpdateCommit(perun::wire::UpdateCommit {
+            channel_id: update.channel_id,
+            version: update.state.version,
+            index: 0,
+            signatures: vec![
+                alice_key.sign_hash(update.state.hash()).unwrap(),
+                accepted.signature,
+            ],
+        })
+    };
+    let commits = async |commit: Message| {
+        assert_eq!(evil.send(bob, &commit).await.unwrap(), Message::Ack);
+        let v = one[1].state().state.version + 1;
+        one[1]
+            .wait_for_version(v, Duration::from_secs(5))
+            .await
+            .unwrap();
+    };
+    let commit = pays().await;
+    let expected = pb
+        .expect(alice, &eth, u(10), Duration::from_millis(500))
+        .unwrap();
+    commits(commit).await;
+    let got = expected.await;
+    assert!(
+        matches!(got, Err(Error::NotReceived { arrived, .. }) if arrived.is_zero()),
+        "{got:?}"
+    );
+    // A payment signed after the expectation meets it.
+    let expected = pb.expect(alice, &eth, u(10), WAIT).unwrap();
+    let commit = pays().await;
+    commits(commit).await;
+    assert_eq!(expected.await.unwrap().amount, u(10));
+}
+
 /// Proposal handler that accepts (forwarding the channel) until `stall`
 /// is set; then it sits on each proposal until Bob's handler timeout.
 struct Staller {

@@ -846,6 +846,9 @@ pub(crate) struct ChannelCore {
     /// update it let in at that version. Only that version: an older one
     /// may be committed, and booked only with our next write.
     pub(crate) dropped: watch::Sender<u64>,
+    /// The newest version of a peer's update we signed (0: none since the
+    /// start): an expected payment counts only money in later states.
+    pub(crate) answered: std::sync::atomic::AtomicU64,
     /// Created on the first `updates()` call: a channel nobody listens to
     /// costs no buffer (10,000 channels in one client must stay small).
     pub(crate) updates: OnceLock<broadcast::Sender<SignedState>>,
@@ -948,6 +951,7 @@ impl ChannelCore {
             phase,
             synced,
             dropped: watch::channel(0).0,
+            answered: std::sync::atomic::AtomicU64::new(0),
             updates: OnceLock::new(),
             events: OnceLock::new(),
             watch_status: watch::channel(WatchStatus::Idle).0,

@@ -747,6 +747,8 @@ async fn respond_update(
         }
     };
     l.signed_at = Some(std::time::Instant::now());
+    core.answered
+        .fetch_max(version, std::sync::atomic::Ordering::Relaxed);
     if carried {
         // The previous commit rode along: readers may see it now.
         l.announce(core);

@@ -66,6 +66,17 @@ struct Expect {
     remaining: U256,
     tx: oneshot::Sender<Received>,
     amount: U256,
+    /// The version each of the peer's channels stood at when the
+    /// expectation was made: only later states pay it (a state that landed
+    /// before may be booked a moment after).
+    after: HashMap<ChannelId, u64>,
+}
+
+impl Expect {
+    /// Whether money in `version` of `channel` may count toward it.
+    fn takes(&self, channel: ChannelId, version: u64) -> bool {
+        self.after.get(&channel).is_none_or(|&v| version > v)
+    }
 }
 
 /// Reservations and expected payments.
@@ -248,6 +259,7 @@ impl Books {
         peer: PeerId,
         asset: Asset,
         amount: U256,
+        after: HashMap<ChannelId, u64>,
     ) -> Result<(u64, oneshot::Receiver<Received>)> {
         if amount.is_zero() {
             return Err(Error::ZeroAmount);
@@ -263,6 +275,7 @@ impl Books {
             remaining: amount,
             tx,
             amount,
+            after,
         });
         Ok((self.next_id, rx))
     }
@@ -381,13 +394,21 @@ impl Books {
 
     /// Books an arrived payment against the oldest expectations first;
     /// each one that is met resolves. A surplus is simply ours.
-    pub(crate) fn arrived(&mut self, peer: PeerId, asset: &Asset, mut amount: U256) {
+    pub(crate) fn arrived(
+        &mut self,
+        peer: PeerId,
+        asset: &Asset,
+        mut amount: U256,
+        (channel, version): (ChannelId, u64),
+    ) {
         let key = (peer, asset.clone());
         let Some(queue) = self.expected.get_mut(&key) else {
             return;
         };
         while !amount.is_zero() {
-            let Some(front) = queue.front_mut() else {
+            // Later expectations were made later: if the oldest does not
+            // take this state, none does.
+            let Some(front) = queue.front_mut().filter(|e| e.takes(channel, version)) else {
                 break;
             };
             let take = front.remaining.min(amount);
@@ -496,7 +517,9 @@ mod tests {
         };
         let since = Instant::now();
         let (ch, other) = (ChannelId::from([1u8; 32]), ChannelId::from([2u8; 32]));
-        let (_, _rx) = b.expect(peer, asset.clone(), u(10)).unwrap();
+        let (_, _rx) = b
+            .expect(peer, asset.clone(), u(10), HashMap::new())
+            .unwrap();
         b.earmark(ch, 2, peer, &asset, u(6));
         // Asked again: claims once.
         b.earmark(ch, 2, peer, &asset, u(6));
@@ -506,7 +529,7 @@ mod tests {
         // Booked up to version 1 of `ch`: version 2 is still to come.
         b.booked(ch, 1);
         assert_eq!(b.unclaimed(peer, &asset, since), U256::ZERO);
-        b.arrived(peer, &asset, u(6));
+        b.arrived(peer, &asset, u(6), (ChannelId::ZERO, 1));
         b.booked(ch, 2);
         assert_eq!(b.unclaimed(peer, &asset, since), U256::ZERO);
         // Version 7 was abandoned; version 8 of `other` settles it too.
@@ -559,6 +582,26 @@ mod tests {
     }
 
     #[test]
+    fn an_expectation_takes_only_states_after_it() {
+        let mut b = Books::default();
+        let peer = PeerId::random();
+        let asset = Asset {
+            chainId: u(1),
+            holder: Address::repeat_byte(1),
+        };
+        let (ch, other) = (ChannelId::repeat_byte(1), ChannelId::repeat_byte(2));
+        let (_, mut first) = b
+            .expect(peer, asset.clone(), u(10), HashMap::from([(ch, 5)]))
+            .unwrap();
+        // Version 5 of `ch` was there before: it pays nothing expected.
+        b.arrived(peer, &asset, u(10), (ch, 5));
+        assert_eq!(b.incoming(peer, &asset), u(10));
+        b.arrived(peer, &asset, u(4), (ch, 6));
+        b.arrived(peer, &asset, u(6), (other, 1));
+        assert_eq!(first.try_recv().unwrap().amount, u(10));
+    }
+
+    #[test]
     fn expectations_fill_oldest_first_and_overflow_is_refused() {
         let mut b = Books::default();
         let peer = PeerId::random();
@@ -566,20 +609,25 @@ mod tests {
             chainId: u(1),
             holder: Address::repeat_byte(1),
         };
-        let (_, mut first) = b.expect(peer, asset.clone(), u(10)).unwrap();
-        let (second_id, mut second) = b.expect(peer, asset.clone(), u(10)).unwrap();
-        b.arrived(peer, &asset, u(15));
+        let (_, mut first) = b
+            .expect(peer, asset.clone(), u(10), HashMap::new())
+            .unwrap();
+        let (second_id, mut second) = b
+            .expect(peer, asset.clone(), u(10), HashMap::new())
+            .unwrap();
+        b.arrived(peer, &asset, u(15), (ChannelId::ZERO, 1));
         assert_eq!(first.try_recv().unwrap().amount, u(10));
         assert!(second.try_recv().is_err());
         assert_eq!(b.incoming(peer, &asset), u(5));
         assert_eq!(b.forget(peer, &asset, second_id), Some(u(5)));
         assert_eq!(b.incoming(peer, &asset), U256::ZERO);
-        b.expect(peer, asset.clone(), U256::MAX).unwrap();
+        b.expect(peer, asset.clone(), U256::MAX, HashMap::new())
+            .unwrap();
         assert!(matches!(
-            b.expect(peer, asset.clone(), u(1)),
+            b.expect(peer, asset.clone(), u(1), HashMap::new()),
             Err(Error::AmountOverflow)
         ));
-        b.arrived(PeerId::random(), &asset, u(1)); // nobody expects it: ignored
+        b.arrived(PeerId::random(), &asset, u(1), (ChannelId::ZERO, 1)); // nobody expects it: ignored
     }
 
     proptest::proptest! {

@@ -773,7 +773,22 @@ impl Payments {
         amount: U256,
         timeout: Duration,
     ) -> Result<Expectation> {
-        let (id, rx) = lock(&self.inner.books).expect(peer, asset.clone(), amount)?;
+        // Money in a state we hold or signed already is not for this
+        // expectation, even if the follower books it after (a peer's
+        // commit is stored with our next write). Read before the books are
+        // locked: a state signed after this read is after `expect`.
+        let after = self
+            .inner
+            .shared
+            .channel_cores()
+            .into_iter()
+            .filter(|c| track::carries_payments(c) && c.peers.contains(&peer))
+            .map(|c| {
+                let answered = c.answered.load(std::sync::atomic::Ordering::Relaxed);
+                (c.id, c.state.borrow().state.version.max(answered))
+            })
+            .collect();
+        let (id, rx) = lock(&self.inner.books).expect(peer, asset.clone(), amount, after)?;
         Ok(Expectation {
             inner: Arc::downgrade(&self.inner),
             peer,

@@ -150,7 +150,7 @@ fn book(inner: &Inner, core: &ChannelCore, last: &SignedState, now: &SignedState
     {
         let mut books = lock(&inner.books);
         for (asset, amount) in &arrived {
-            books.arrived(peer, asset, *amount);
+            books.arrived(peer, asset, *amount, (core.id, now.state.version));
         }
         books.booked(core.id, now.state.version);
     }
