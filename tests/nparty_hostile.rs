@@ -1,6 +1,7 @@
 //! A hostile participant in a 3-party channel (an adversarial review of
-//! 2026-12-06). The tests marked `ignore` take 10-35 s each: `cargo xtask
-//! fuzz` runs them with the protocol fuzzer.
+//! 2026-12-06). Half the tests wait out timeouts (10-35 s each); the
+//! binary takes about 100 s, beside the other binaries in `cargo xtask
+//! test`.
 //!
 //! Alice (0), Bob (1) and Carol (2) open a payment channel with real
 //! clients on the simulated ledger; then Carol's client stops and an evil
@@ -852,7 +853,6 @@ async fn bad_and_mixed_commits_are_refused() {
 /// refusal makes the responder sync with the proposer, Bob adopts X from
 /// Alice, and the two update with each other again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "long (10-35 s): `cargo xtask fuzz` runs it"]
 async fn a_commit_to_one_honest_party_only() {
     let s = setup().await;
     let b = s.base.state.clone();
@@ -934,7 +934,6 @@ async fn a_final_state_signed_by_one_honest_party_only() {
 /// Then she registers X on-chain herself after Alice registered the older
 /// state: X stands, and each honest party gets at least its latest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "long (10-35 s): `cargo xtask fuzz` runs it"]
 async fn silent_carol_registers_a_state_she_never_committed() {
     let s = setup().await;
     let b = s.base.state.clone();
@@ -991,7 +990,6 @@ async fn silent_carol_registers_a_state_she_never_committed() {
 /// no version is signed twice, and once Carol behaves the payment goes
 /// through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "long (10-35 s): `cargo xtask fuzz` runs it"]
 async fn carol_answers_alice_badly() {
     let s = setup().await;
     let mut late = Vec::new();
@@ -1081,7 +1079,6 @@ async fn carol_answers_alice_badly() {
 /// hostile), answering Bob at once and Alice late. One wins, the other
 /// retries; no honest double sign, and they end on one state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "long (10-35 s): `cargo xtask fuzz` runs it"]
 async fn carol_signs_both_concurrent_proposals() {
     let s = setup().await;
     for round in 0..3 {
@@ -1284,7 +1281,6 @@ async fn carol_cannot_drop_alices_update_at_bob() {
 /// so it fails and is aborted. From then on Carol signs everything. Can
 /// Alice and Bob still update with each other?
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "long (10-35 s): `cargo xtask fuzz` runs it"]
 async fn a_synced_huge_version_and_one_refusal_leave_the_chain_as_remedy() {
     let s = setup().await;
     let b = s.base.state.clone();
@@ -1370,7 +1366,6 @@ async fn a_synced_huge_version_and_one_refusal_leave_the_chain_as_remedy() {
 /// sends Alice and Bob different nonce shares (two channel ids): a commit
 /// mixing their version-0 signatures is refused and nobody deposits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "long (10-35 s): `cargo xtask fuzz` runs it"]
 async fn carol_opens_with_a_commit_to_alice_only_and_with_split_nonces() {
     use perun::channel::{Allocation, derive_nonce};
     use perun::wire::{Participant, Proposal, ProposalAccept, Signing0};
@@ -1560,7 +1555,6 @@ async fn carol_registers_a_stale_state() {
 /// never take it. Both stay safe: Bob's latest is older and worse for him,
 /// and the chain pays him Alice's payment when Alice closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "long (10-35 s): `cargo xtask fuzz` runs it"]
 async fn carols_late_answer_splits_a_completed_payment() {
     let s = setup().await;
     let b = s.base.state.clone();
@@ -1613,7 +1607,6 @@ async fn carols_late_answer_splits_a_completed_payment() {
 /// signs whatever else comes. Alice's `settle` cannot finalise off-chain
 /// while X is pinned, but still closes on-chain; both withdraw their latest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "long (10-35 s): `cargo xtask fuzz` runs it"]
 async fn carol_pinning_her_update_cannot_stop_an_on_chain_close() {
     let s = setup().await;
     let x = moved(&s.base.state, 2, 1, 2);

@@ -1,9 +1,8 @@
 //! `cargo xtask fuzz [--seeds SPEC] [--steps N] [--ledger sim|anvil|both]`:
-//! the hostile-peer runs longer than `cargo xtask test` makes them. The
-//! protocol fuzzer (`tests/fuzz_peer.rs`) over more seeds (`SPEC`: `n`,
-//! `a..b` or `a,b,c`; default `1..51`), then every test of
-//! `tests/nparty_hostile.rs`, the slow ones included. A failing seed
-//! prints its violations; `--seeds N` replays it.
+//! the protocol fuzzer (`tests/fuzz_peer.rs`) over more seeds than
+//! `cargo xtask test` runs (`SPEC`: `n`, `a..b` or `a,b,c`; default
+//! `1..51`). A failing seed prints its
+//! violations; `--seeds N` replays it.
 
 use std::process::Command;
 
@@ -45,8 +44,7 @@ pub(crate) fn run(args: &[String]) -> Result {
         }
     }
     setup::run()?;
-    let cargo = || Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    let mut fuzz = cargo();
+    let mut fuzz = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     fuzz.current_dir(util::root())
         .args([
             "test",
@@ -64,16 +62,5 @@ pub(crate) fn run(args: &[String]) -> Result {
         fuzz.env("FUZZ_LEDGER", l);
     }
     util::step(&format!("{fuzz:?}"));
-    util::run(&mut fuzz)?;
-    let mut nparty = cargo();
-    nparty.current_dir(util::root()).args([
-        "test",
-        "--quiet",
-        "--test",
-        "nparty_hostile",
-        "--",
-        "--include-ignored",
-    ]);
-    util::step(&format!("{nparty:?}"));
-    util::run(&mut nparty)
+    util::run(&mut fuzz)
 }

@@ -9,7 +9,7 @@
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |
 //! | `bench [--quick] [--only PART[,PART]] [--runs N]` | end-to-end client figures (release, anvil + libp2p) into `target/bench/summary.json` (some parts, e.g. `chain_index`: `summary-PART.json`; `--runs N`: medians and ranges of N runs) |
 //! | `chaos [--ledger sim\|anvil] [--schedules N] [--seed S]` | a long run of the chaos suite; replays a failing seed |
-//! | `fuzz [--seeds N\|A..B\|A,B,C] [--steps N] [--ledger sim\|anvil\|both]` | the protocol fuzzer with a hostile peer over more seeds, and every 3-party hostile test |
+//! | `fuzz [--seeds N\|A..B\|A,B,C] [--steps N] [--ledger sim\|anvil\|both]` | the protocol fuzzer with a hostile peer over more seeds |
 //! | `demo [payment\|payments\|dispute\|watchtower\|tictactoe]` | runs `examples/payment_channel.rs` (or `payments.rs`, `dispute.rs`, `watchtower.rs`, `tictactoe.rs`) on a local anvil |
 
 mod bench;

@@ -22,14 +22,15 @@ use crate::util::{Result, root};
 /// Binaries that take the longest (seconds on the 2-vCPU CI machine), started
 /// first so the run does not end waiting on one of them alone.
 const SLOW_FIRST: &[&str] = &[
-    "tests/chaos.rs",       // 126 (its anvil half)
-    "tests/malicious.rs",   // 51
-    "tests/towers.rs",      // 42
-    "tests/consistency.rs", // 35
-    "tests/crash.rs",       // 30
-    "tests/flood.rs",       // 30
+    "tests/chaos.rs",          // 120 (its anvil half)
+    "tests/nparty_hostile.rs", // 100
+    "tests/consistency.rs",    // 35 alone, 85 beside others
+    "tests/malicious.rs",      // 52
+    "tests/towers.rs",         // 42
+    "tests/crash.rs",          // 30
+    "tests/flood.rs",          // 30
+    "tests/fuzz_peer.rs",      // 25
     "tests/payments_attack.rs",
-    "tests/nparty_hostile.rs",
     "tests/watcher_faults.rs",
 ];
 
