@@ -1367,6 +1367,93 @@ async fn a_payment_signed_before_expect_does_not_meet_it() {
     assert_eq!(expected.await.unwrap().amount, u(10));
 }
 
+/// As above, with a restart of Bob between his signature and `expect`:
+/// the signed update comes back staged from the store, and the mark must
+/// still cover it (review of 6c145ff: the mark was kept in memory only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_signed_before_a_restart_does_not_meet_a_later_expectation() {
+    let ledger = Ledger::sim().await;
+    let (mut ps, one) = pair(&ledger).await;
+    let eth = ledger.asset();
+    let alice = ps[0].client.peer_id();
+    let (evil, _evil_in, alice_key) = evil_twin(&ps, 0, 1).await;
+    let bob = ps[1].client.peer_id();
+    let id = one[1].id();
+    let base = one[1].state().state;
+
+    // Alice's twin pays 10; Bob signs (and stores his signature); the twin
+    // holds the commit.
+    let Message::Update(update) = twin_pays_10(&base) else {
+        unreachable!()
+    };
+    let reply = evil
+        .send(bob, &Message::Update(update.clone()))
+        .await
+        .unwrap();
+    let Message::UpdateAccept(accepted) = reply else {
+        panic!("{reply:?}")
+    };
+    let commit = Message::UpdateCommit(perun::wire::UpdateCommit {
+        channel_id: update.channel_id,
+        version: update.state.version,
+        index: 0,
+        signatures: vec![
+            alice_key.sign_hash(update.state.hash()).unwrap(),
+            accepted.signature,
+        ],
+    });
+
+    // Bob restarts (same store).
+    drop(one);
+    let bob_party = ps.remove(1);
+    let bob2 = common::restart(&ledger, bob_party).await;
+    for addr in bob2.client.listen_addrs().await.unwrap() {
+        evil.add_address(bob, addr).await.unwrap();
+    }
+    for addr in evil.listen_addrs().await.unwrap() {
+        bob2.client
+            .add_peer(evil.local_peer_id(), addr)
+            .await
+            .unwrap();
+    }
+    let ch = bob2.client.channel(&id).expect("restored");
+    assert_eq!(
+        ch.state().state.version,
+        base.version,
+        "the payment is not committed yet"
+    );
+
+    // Only now does Bob expect 10 from Alice.
+    let pb = Payments::new(&bob2.client).unwrap();
+    let expected = pb
+        .expect(alice, &eth, u(10), Duration::from_millis(2000))
+        .unwrap();
+
+    // The twin sends the commit it held (retried until it reaches the new
+    // Bob: its old connection went down with his old client).
+    let mut acked = false;
+    for _ in 0..50 {
+        match evil.send(bob, &commit).await {
+            Ok(Message::Ack) => {
+                acked = true;
+                break;
+            }
+            Ok(other) => panic!("commit answered {other:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(acked, "the twin reaches the restarted Bob");
+    ch.wait_for_version(base.version + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let got = expected.await;
+    assert!(
+        matches!(got, Err(Error::NotReceived { arrived, .. }) if arrived.is_zero()),
+        "a payment Bob signed before his restart and before `expect` met the expectation: {got:?}"
+    );
+    drop(ps);
+}
+
 /// Proposal handler that accepts (forwarding the channel) until `stall`
 /// is set; then it sits on each proposal until Bob's handler timeout.
 struct Staller {

@@ -846,8 +846,9 @@ pub(crate) struct ChannelCore {
     /// update it let in at that version. Only that version: an older one
     /// may be committed, and booked only with our next write.
     pub(crate) dropped: watch::Sender<u64>,
-    /// The newest version of a peer's update we signed (0: none since the
-    /// start): an expected payment counts only money in later states.
+    /// The newest version of a peer's update we signed (at a restore: of
+    /// any state we signed): an expected payment counts only money in
+    /// later states.
     pub(crate) answered: std::sync::atomic::AtomicU64,
     /// Created on the first `updates()` call: a channel nobody listens to
     /// costs no buffer (10,000 channels in one client must stay small).
@@ -928,6 +929,9 @@ impl ChannelCore {
         // A restored update still staged: its proposer is not stored, so
         // the commit sweep asks every peer about it `update_wait` from now.
         let signed_at = (machine.phase() == Phase::Updating).then(std::time::Instant::now);
+        // Restored: the newest version we signed, a peer's staged update
+        // included (an expected payment counts only later states).
+        let answered = machine.last_signed().map_or(0, |(v, _)| v);
         Ok(Arc::new(Self {
             id: params.channel_id(),
             index: machine.index(),
@@ -951,7 +955,7 @@ impl ChannelCore {
             phase,
             synced,
             dropped: watch::channel(0).0,
-            answered: std::sync::atomic::AtomicU64::new(0),
+            answered: std::sync::atomic::AtomicU64::new(answered),
             updates: OnceLock::new(),
             events: OnceLock::new(),
             watch_status: watch::channel(WatchStatus::Idle).0,
