@@ -7,7 +7,7 @@
 //! twenty minutes `cargo xtask test` may take. Here the binaries that
 //! `cargo test --no-run` builds run [`jobs`] at a time, each as `cargo
 //! test` runs it (in its package's directory, no arguments), the slow ones
-//! first. A binary's output goes to `target/xtask-test/<name>.log` and is
+//! first. A binary's output goes to `<target>/xtask-test/<name>.log` and is
 //! printed if it fails; every binary runs even after one failed.
 
 use std::collections::VecDeque;
@@ -61,7 +61,9 @@ pub(crate) fn run() -> Result {
         "{} test binaries, {jobs} at a time (PERUN_TEST_JOBS)",
         binaries.len()
     ));
-    let logs = root().join("target").join("xtask-test");
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let logs = target.join("xtask-test");
     std::fs::create_dir_all(&logs).map_err(|e| format!("creating {}: {e}", logs.display()))?;
     let started = Instant::now();
     let failed = run_all(binaries, jobs, &logs);
@@ -105,10 +107,10 @@ fn build() -> Result<Vec<Binary>> {
         return Err(format!("building the tests failed with {}", out.status));
     }
     let root = root();
-    let mut binaries: Vec<Binary> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| binary(line, &root))
-        .collect();
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        binaries.extend(binary(line, &root)?);
+    }
     if binaries.is_empty() {
         return Err("cargo built no test binary".into());
     }
@@ -123,22 +125,24 @@ fn build() -> Result<Vec<Binary>> {
 
 /// The test binary a line of cargo's JSON output announces, if any: an
 /// artifact with an executable, built by the test profile (examples are
-/// built but not run, as with `cargo test`).
-fn binary(line: &str, root: &Path) -> Option<Binary> {
-    if !line.contains(r#""reason":"compiler-artifact""#) {
-        return None;
+/// built but not run, as with `cargo test`). A line that announces one we
+/// cannot read is an error: skipping it would pass without running it.
+fn binary(line: &str, root: &Path) -> Result<Option<Binary>> {
+    if !line.contains(r#""reason":"compiler-artifact""#) || line.contains(r#""executable":null"#) {
+        return Ok(None);
     }
-    let profile = field_object(line, "profile")?;
+    let unreadable = || format!("cannot read cargo's line for a test binary: {line}");
+    let profile = field_object(line, "profile").ok_or_else(unreadable)?;
     if !profile.contains(r#""test":true"#) {
-        return None;
+        return Ok(None);
     }
-    let exe = PathBuf::from(string_field(line, "executable")?);
-    let dir = PathBuf::from(string_field(line, "manifest_path")?)
-        .parent()?
-        .to_path_buf();
-    let src = PathBuf::from(string_field(line, "src_path")?);
+    let field = |key| string_field(line, key).ok_or_else(unreadable);
+    let exe = PathBuf::from(field("executable")?);
+    let manifest = PathBuf::from(field("manifest_path")?);
+    let dir = manifest.parent().ok_or_else(unreadable)?.to_path_buf();
+    let src = PathBuf::from(field("src_path")?);
     let name = src.strip_prefix(root).unwrap_or(&src).display().to_string();
-    Some(Binary { name, exe, dir })
+    Ok(Some(Binary { name, exe, dir }))
 }
 
 /// The value of `"key":"…"` in a line of JSON (cargo's paths carry no
@@ -214,5 +218,41 @@ fn report(name: &str, result: &Result, took: Duration) {
     match result {
         Ok(()) => eprintln!("    ok     {secs:6.1} s  {name}"),
         Err(e) => eprintln!("    FAILED {secs:6.1} s  {name} ({e})"),
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const ROOT: &str = "/w";
+
+    fn line(exe: &str, test: bool) -> String {
+        format!(
+            r#"{{"reason":"compiler-artifact","manifest_path":"/w/wire/Cargo.toml","target":{{"kind":["test"],"src_path":"/w/wire/tests/x.rs","test":true}},"profile":{{"opt_level":"0","test":{test}}},"executable":{exe},"fresh":true}}"#
+        )
+    }
+
+    #[test]
+    fn reads_test_binaries_and_skips_the_rest() {
+        let root = Path::new(ROOT);
+        let b = binary(&line(r#""/w/target/debug/deps/x-1""#, true), root)
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.name, "wire/tests/x.rs");
+        assert_eq!(b.dir, Path::new("/w/wire"));
+        assert_eq!(b.exe, Path::new("/w/target/debug/deps/x-1"));
+        // Built for running, not testing (an example, a bin): not run.
+        assert!(binary(&line(r#""/w/x""#, false), root).unwrap().is_none());
+        assert!(binary(&line("null", true), root).unwrap().is_none());
+        assert!(
+            binary(r#"{"reason":"build-finished"}"#, root)
+                .unwrap()
+                .is_none()
+        );
+        // A test binary whose path we cannot read fails the run.
+        assert!(binary(&line(r#""/w/a\"b""#, true), root).is_err());
     }
 }
