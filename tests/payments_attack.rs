@@ -1233,6 +1233,35 @@ async fn payments_proposed_and_aborted_after_the_timeout_do_not_hold_an_expectat
     );
 }
 
+/// Alice's twin pays Bob 10 on his channel `bobs`, Bob signs, and the twin
+/// keeps the commit (returned) for later.
+async fn twin_pays_10_and_holds_the_commit(
+    evil: &perun::wire::Handle,
+    bob: perun::wire::PeerId,
+    bobs: &Channel,
+    alice_key: &perun::wallet::LocalAccount,
+) -> Message {
+    let Message::Update(update) = twin_pays_10(&bobs.state().state) else {
+        unreachable!()
+    };
+    let reply = evil
+        .send(bob, &Message::Update(update.clone()))
+        .await
+        .unwrap();
+    let Message::UpdateAccept(accepted) = reply else {
+        panic!("{reply:?}")
+    };
+    Message::UpdateCommit(perun::wire::UpdateCommit {
+        channel_id: update.channel_id,
+        version: update.state.version,
+        index: 0,
+        signatures: vec![
+            alice_key.sign_hash(update.state.hash()).unwrap(),
+            accepted.signature,
+        ],
+    })
+}
+
 /// Alice's twin's update paying Bob 10 on `base`.
 fn twin_pays_10(base: &State) -> Message {
     let mut next = base.clone();
@@ -1320,28 +1349,7 @@ async fn a_payment_signed_before_expect_does_not_meet_it() {
     let alice = ps[0].client.peer_id();
     let (evil, _evil_in, alice_key) = evil_twin(&ps, 0, 1).await;
     let bob = ps[1].client.peer_id();
-    // Alice's twin pays 10; Bob signs; the twin holds the commit.
-    let pays = async || {
-        let Message::Update(update) = twin_pays_10(&one[1].state().state) else {
-            unreachable!()
-        };
-        let reply = evil
-            .send(bob, &Message::Update(update.clone()))
-            .await
-            .unwrap();
-        let Message::UpdateAccept(accepted) = reply else {
-            panic!("{reply:?}")
-        };
-        Message::UpdateCommit(perun::wire::UpdateCommit {
-            channel_id: update.channel_id,
-            version: update.state.version,
-            index: 0,
-            signatures: vec![
-                alice_key.sign_hash(update.state.hash()).unwrap(),
-                accepted.signature,
-            ],
-        })
-    };
+    let pays = async || twin_pays_10_and_holds_the_commit(&evil, bob, &one[1], &alice_key).await;
     let commits = async |commit: Message| {
         assert_eq!(evil.send(bob, &commit).await.unwrap(), Message::Ack);
         let v = one[1].state().state.version + 1;
@@ -1383,25 +1391,7 @@ async fn a_payment_signed_before_a_restart_does_not_meet_a_later_expectation() {
 
     // Alice's twin pays 10; Bob signs (and stores his signature); the twin
     // holds the commit.
-    let Message::Update(update) = twin_pays_10(&base) else {
-        unreachable!()
-    };
-    let reply = evil
-        .send(bob, &Message::Update(update.clone()))
-        .await
-        .unwrap();
-    let Message::UpdateAccept(accepted) = reply else {
-        panic!("{reply:?}")
-    };
-    let commit = Message::UpdateCommit(perun::wire::UpdateCommit {
-        channel_id: update.channel_id,
-        version: update.state.version,
-        index: 0,
-        signatures: vec![
-            alice_key.sign_hash(update.state.hash()).unwrap(),
-            accepted.signature,
-        ],
-    });
+    let commit = twin_pays_10_and_holds_the_commit(&evil, bob, &one[1], &alice_key).await;
 
     // Bob restarts (same store).
     drop(one);
