@@ -69,6 +69,23 @@ fn main() {
 
 // ---------------------------------------------------------------- Bob (child)
 
+/// Opens Bob's store, waiting while it is still locked: his failpoint stops
+/// him by running `kill -STOP`, and a child forked for that holds copies of
+/// his files (the store's lock) until it execs. Killed meanwhile, Bob can
+/// leave it behind him for a moment (a CI run's restart failed
+/// `AlreadyOpen` so).
+async fn open_store(path: &str) -> RedbPersister {
+    for _ in 0..100 {
+        match RedbPersister::open(path).await {
+            Err(perun::persistence::Error::AlreadyOpen) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            opened => return opened.unwrap(),
+        }
+    }
+    panic!("{path} still locked after 5 s")
+}
+
 /// Bob's process: a client on redb that takes commands on stdin.
 async fn bob_main() {
     common::init_logs();
@@ -89,7 +106,7 @@ async fn bob_main() {
         .adjudicator(Arc::new(
             EthAdjudicator::connect(&url, &account, cfg).await.unwrap(),
         ))
-        .persister(Arc::new(RedbPersister::open(env("DB")).await.unwrap()))
+        .persister(Arc::new(open_store(&env("DB")).await))
         .proposal_handler(accept_all.clone())
         .update_handler(accept_all)
         .peer(
@@ -221,25 +238,10 @@ impl Bob {
         }
     }
 
-    /// SIGKILLs Bob once his failpoint has stopped him. The failpoint stops
-    /// him by running `kill -STOP` on himself: until that child execs, it
-    /// holds copies of Bob's files, and so his store's lock. Killed before
-    /// he stops, Bob could leave the child behind him, and his restart
-    /// would find the store still open (a CI run failed so).
+    /// SIGKILLs Bob at once: the failpoint's own stop (`kill -STOP`, a
+    /// child process) takes milliseconds, in which his other threads run on
+    /// (at `accepted`, far enough to store the channel).
     fn kill(mut self) {
-        let stat = format!("/proc/{}/stat", self.child.id());
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            let Ok(stat) = std::fs::read_to_string(&stat) else {
-                break;
-            };
-            // "pid (comm) STATE ...": the state follows the last ')'.
-            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
-            if state.is_some_and(|s| s.starts_with(['T', 't'])) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
     }
