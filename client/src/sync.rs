@@ -557,13 +557,7 @@ async fn sweep_commits(shared: &Arc<Shared>) {
                 Some(a) if a == core.index => Vec::new(),
                 Some(a) => core.peers.get(a).copied().into_iter().collect(),
                 // Restored: the proposer is not stored, so every peer.
-                None => core
-                    .peers
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != core.index)
-                    .map(|(_, p)| *p)
-                    .collect(),
+                None => core.others().map(|(_, p)| p).collect(),
             }
         };
         for peer in ask {

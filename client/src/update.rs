@@ -620,10 +620,8 @@ async fn respond_update(
                 })
             });
             if let Some(Err(e)) = valid {
-                warn!(%peer, error = %e, "invalid update");
                 drop(l);
-                crate::deliver::mark_unsynced(shared, core.id, peer);
-                return reject(core, version, RejectKind::Refused, e.to_string());
+                return refuse_invalid(shared, core, peer, version, &e);
             }
             let staged_version = l.machine.staged().map_or(0, |s| s.state.version);
             let mine = l.staged_actor == Some(core.index);
@@ -675,13 +673,8 @@ async fn respond_update(
                 l.note_burnt(v);
                 return reject(core, version, RejectKind::Conflict, e.to_string());
             }
-            warn!(%peer, error = %e, "invalid update");
-            // An honest proposer builds on the state it holds: we may stand
-            // on different states (a third party committed to one of us
-            // only). A `Sync` hands the newer fully signed one across.
             drop(l);
-            crate::deliver::mark_unsynced(shared, core.id, peer);
-            return reject(core, version, RejectKind::Refused, e.to_string());
+            return refuse_invalid(shared, core, peer, version, &e);
         }
         l.staged_actor = Some(u.actor);
         l.announce(core);
@@ -760,6 +753,23 @@ async fn respond_update(
         index: core.index,
         signature: sig,
     })
+}
+
+/// Refuses a peer's update that is no valid move from our state, and syncs
+/// with its proposer: an honest proposer builds on the state it holds, so
+/// we may stand on different states (a third party committed to one of us
+/// only), and a `Sync` hands the newer fully signed one across. Call
+/// without the channel's lock.
+fn refuse_invalid(
+    shared: &Shared,
+    core: &ChannelCore,
+    peer: PeerId,
+    version: u64,
+    e: &perun_channel::Error,
+) -> Message {
+    warn!(%peer, error = %e, "invalid update");
+    crate::deliver::mark_unsynced(shared, core.id, peer);
+    reject(core, version, RejectKind::Refused, e.to_string())
 }
 
 /// Whether we hold, signed, a peer's older update whose commit has not

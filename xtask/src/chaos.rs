@@ -3,8 +3,6 @@
 //! makes. It prints `chaos: N schedules, F chain faults injected, C connections cut (R payment attempts retried), L wei lost`;
 //! a failing schedule names its seed and the command that replays it.
 
-use std::process::Command;
-
 use crate::setup;
 use crate::util::{self, Result};
 
@@ -40,9 +38,8 @@ pub(crate) fn run(args: &[String]) -> Result {
         }
     }
     setup::run()?;
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(util::root())
-        .args(["test", "--quiet", "--test", "chaos"]);
+    let mut cmd = util::cargo_command();
+    cmd.args(["test", "--quiet", "--test", "chaos"]);
     if let Some(l) = &ledger {
         cmd.arg(format!("chaos_{l}"));
         cmd.env("PERUN_CHAOS_LEDGER", l);

@@ -1,15 +1,12 @@
 //! `cargo xtask fuzz [--seeds SPEC] [--steps N] [--ledger sim|anvil|both]`:
 //! the protocol fuzzer (`tests/fuzz_peer.rs`) over more seeds than
 //! `cargo xtask test` runs (`SPEC`: `n`, `a..b` or `a,b,c`; default
-//! `1..51`). A failing seed prints its
-//! violations; `--seeds N` replays it.
-
-use std::process::Command;
+//! `1..51`). A failing seed prints its violations; `--seeds N` replays it.
 
 use crate::setup;
 use crate::util::{self, Result};
 
-/// Parses the flags and runs both suites.
+/// Parses the flags and runs the fuzzer.
 pub(crate) fn run(args: &[String]) -> Result {
     let mut seeds = "1..51".to_string();
     let mut steps: Option<String> = None;
@@ -44,17 +41,16 @@ pub(crate) fn run(args: &[String]) -> Result {
         }
     }
     setup::run()?;
-    let mut fuzz = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    fuzz.current_dir(util::root())
-        .args([
-            "test",
-            "--quiet",
-            "--test",
-            "fuzz_peer",
-            "--",
-            "--nocapture",
-        ])
-        .env("FUZZ_SEEDS", &seeds);
+    let mut fuzz = util::cargo_command();
+    fuzz.args([
+        "test",
+        "--quiet",
+        "--test",
+        "fuzz_peer",
+        "--",
+        "--nocapture",
+    ])
+    .env("FUZZ_SEEDS", &seeds);
     if let Some(n) = &steps {
         fuzz.env("FUZZ_STEPS", n);
     }

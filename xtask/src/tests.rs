@@ -89,8 +89,7 @@ pub(crate) fn run() -> Result {
 /// Builds the test binaries and lists them, slow ones first.
 fn build() -> Result<Vec<Binary>> {
     crate::util::step("cargo test --workspace --all-targets --no-run");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
+    let out = crate::util::cargo_command()
         .args([
             "test",
             "--workspace",
@@ -98,7 +97,6 @@ fn build() -> Result<Vec<Binary>> {
             "--no-run",
             "--message-format=json-render-diagnostics",
         ])
-        .current_dir(root())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .output()

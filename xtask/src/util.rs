@@ -30,8 +30,14 @@ pub(crate) fn run(cmd: &mut Command) -> Result {
     }
 }
 
+/// The cargo that runs xtask, in the workspace root.
+pub(crate) fn cargo_command() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
 /// Runs `cargo <args>` in the workspace root with the cargo that runs xtask.
 pub(crate) fn cargo(args: &[&str]) -> Result {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args).current_dir(root()))
+    run(cargo_command().args(args))
 }
