@@ -433,10 +433,15 @@ impl Anvil {
     }
 
     /// Removes a transaction from the pool (`anvil_dropTransaction`), as a
-    /// node that evicts it would.
-    pub async fn drop_transaction(&self, tx: B256) -> Result<()> {
-        self.rpc("anvil_dropTransaction", serde_json::json!([tx]))
+    /// node that evicts it would; whether it was there to remove. (Reading
+    /// the pool afterwards cannot tell: its sender may have sent it again.)
+    pub async fn drop_transaction(&self, tx: B256) -> Result<bool> {
+        let removed: Option<B256> = self
+            .admin
+            .raw_request("anvil_dropTransaction".into(), (tx,))
             .await
+            .map_err(|e| Error::Anvil(format!("anvil_dropTransaction: {e}")))?;
+        Ok(removed == Some(tx))
     }
 
     /// Sets the base fee of the next block (`anvil_setNextBlockBaseFeePerGas`):
