@@ -3,7 +3,7 @@
 //! | command | does |
 //! |---|---|
 //! | `setup` | installs the pinned npm tools (anvil, solc, OpenZeppelin) into `tools/node_modules` |
-//! | `test` | setup, contract artifacts check, `cargo fmt --check`, clippy with `-D warnings`, every test (test binaries 3 at a time: `PERUN_TEST_JOBS`) |
+//! | `test` | setup, contract artifacts check, `cargo fmt --check`, clippy with `-D warnings`, every test (test binaries 3 at a time: `PERUN_TEST_JOBS`; each killed after 600 s: `PERUN_TEST_TIMEOUT`) |
 //! | `vectors` | regenerates `channel/tests/vectors.json` |
 //! | `contracts [--check]` | rebuilds the contract artifacts (or checks the committed ones) |
 //! | `gas` | measures contract gas on anvil into `target/bench/gas.json` |

@@ -8,7 +8,10 @@
 //! `cargo test --no-run` builds run [`jobs`] at a time, each as `cargo
 //! test` runs it (in its package's directory, no arguments), the slow ones
 //! first. A binary's output goes to `<target>/xtask-test/<name>.log` and is
-//! printed if it fails; every binary runs even after one failed.
+//! printed if it fails; every binary runs even after one failed. A binary
+//! still running after [`timeout`] is killed with every process it started
+//! (anvil, a peer) and counts as failed: a hang fails the run instead of
+//! holding it until CI gives up.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -43,6 +46,16 @@ fn jobs() -> usize {
         .unwrap_or(3)
 }
 
+/// How long one test binary may run: `PERUN_TEST_TIMEOUT` seconds, by
+/// default 600 (the slowest takes about 120 beside others).
+fn timeout() -> Duration {
+    std::env::var("PERUN_TEST_TIMEOUT")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .filter(|&t| t > 0)
+        .map_or(Duration::from_secs(600), Duration::from_secs)
+}
+
 /// One test binary to run.
 struct Binary {
     /// Where it lives in the workspace, e.g. `wire/tests/failures.rs`.
@@ -57,16 +70,18 @@ struct Binary {
 pub(crate) fn run() -> Result {
     let binaries = build()?;
     let jobs = jobs();
+    let timeout = timeout();
     crate::util::step(&format!(
-        "{} test binaries, {jobs} at a time (PERUN_TEST_JOBS)",
-        binaries.len()
+        "{} test binaries, {jobs} at a time (PERUN_TEST_JOBS), each for at most {} s (PERUN_TEST_TIMEOUT)",
+        binaries.len(),
+        timeout.as_secs()
     ));
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let logs = target.join("xtask-test");
     std::fs::create_dir_all(&logs).map_err(|e| format!("creating {}: {e}", logs.display()))?;
     let started = Instant::now();
-    let failed = run_all(binaries, jobs, &logs);
+    let failed = run_all(binaries, jobs, timeout, &logs);
     eprintln!(
         "==> test binaries done in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -160,7 +175,12 @@ fn field_object<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Runs `binaries`, `jobs` at a time; returns the failed ones and their logs.
-fn run_all(binaries: Vec<Binary>, jobs: usize, logs: &Path) -> Vec<(String, PathBuf)> {
+fn run_all(
+    binaries: Vec<Binary>,
+    jobs: usize,
+    timeout: Duration,
+    logs: &Path,
+) -> Vec<(String, PathBuf)> {
     let queue = Mutex::new(VecDeque::from(binaries));
     let failed = Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -169,7 +189,7 @@ fn run_all(binaries: Vec<Binary>, jobs: usize, logs: &Path) -> Vec<(String, Path
                 while let Some(b) = next(&queue) {
                     let log = logs.join(format!("{}.log", b.name.replace('/', "_")));
                     let started = Instant::now();
-                    let result = run_one(&b, &log);
+                    let result = run_one(&b, &log, timeout);
                     let took = started.elapsed();
                     report(&b.name, &result, took);
                     if result.is_err() {
@@ -190,25 +210,82 @@ fn push<T>(list: &Mutex<Vec<T>>, item: T) {
     list.lock().unwrap_or_else(|e| e.into_inner()).push(item);
 }
 
-/// Runs one binary with its output in `log`.
-fn run_one(b: &Binary, log: &Path) -> Result {
+/// Runs one binary with its output in `log`, for at most `timeout`.
+fn run_one(b: &Binary, log: &Path, timeout: Duration) -> Result {
     let out = File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
     let err = out
         .try_clone()
         .map_err(|e| format!("sharing {}: {e}", log.display()))?;
-    let status = Command::new(&b.exe)
+    let mut child = Command::new(&b.exe)
         .current_dir(&b.dir)
         .env("CARGO_MANIFEST_DIR", &b.dir)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .status()
+        .spawn()
         .map_err(|e| format!("could not start {}: {e}", b.exe.display()))?;
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(None) => {
+                kill_tree(child.id());
+                let _ = child.wait();
+                return Err(format!(
+                    "still running after {} s: killed (PERUN_TEST_TIMEOUT)",
+                    timeout.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for {}: {e}", b.exe.display())),
+        }
+    };
     if status.success() {
         Ok(())
     } else {
         Err(format!("{status}"))
     }
+}
+
+/// SIGKILLs `pid` and every process below it (read from `/proc`, so on
+/// Linux; elsewhere only `pid`). Children first found, then all killed at
+/// once, so none is reparented out of reach in between (stopped first).
+fn kill_tree(pid: u32) {
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let _ = Command::new("kill")
+            .args(["-STOP", &tree[i].to_string()])
+            .status();
+        tree.extend(children(tree[i]));
+        i += 1;
+    }
+    let mut kill = Command::new("kill");
+    kill.arg("-KILL");
+    for p in &tree {
+        kill.arg(p.to_string());
+    }
+    let _ = kill.stderr(Stdio::null()).status();
+}
+
+/// The processes whose parent is `pid`, from `/proc/<pid>/stat`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| parent(p) == Some(pid))
+        .collect()
+}
+
+/// A process's parent: the field after the `)` that ends its name in
+/// `/proc/<pid>/stat` is its state, the next one its parent.
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn report(name: &str, result: &Result, took: Duration) {
@@ -252,5 +329,47 @@ mod unit {
         );
         // A test binary whose path we cannot read fails the run.
         assert!(binary(&line(r#""/w/a\"b""#, true), root).is_err());
+    }
+
+    /// A binary past its time is killed with what it started, and fails.
+    #[test]
+    fn a_hung_binary_is_killed_with_its_children() {
+        let dir = std::env::temp_dir().join(format!("xtask-hang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("hang.sh");
+        let pidfile = dir.join("child.pid");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nsleep 300 &\necho $! > {}\nsleep 300\n",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(&script)
+            .status()
+            .unwrap();
+        let b = Binary {
+            name: "hang".into(),
+            exe: script,
+            dir: dir.clone(),
+        };
+        let started = Instant::now();
+        let e = run_one(&b, &dir.join("hang.log"), Duration::from_secs(1)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let child: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            parent(child).is_none()
+        });
+        assert!(gone, "the binary's child {child} is still running");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
