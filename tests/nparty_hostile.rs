@@ -236,6 +236,8 @@ fn timeouts() -> Timeouts {
         request: Duration::from_secs(4),
         update_wait: Duration::from_secs(3),
         sync: Duration::from_secs(6),
+        // Most closes here have Carol silent: fall back to the chain soon.
+        settle_cooperative: Duration::from_secs(3),
         ..common::test_timeouts(Duration::from_secs(30))
     }
 }

@@ -13,7 +13,7 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy_primitives::{Address, U256};
 use futures_util::{SinkExt, StreamExt};
 use perun_adjudicator::testing::{
-    Anvil, NotificationFault, ProxyFaults, RequestFault, ResponseFault, RpcProxy,
+    Anvil, NotificationFault, ProxyFaults, ProxyStats, RequestFault, ResponseFault, RpcProxy,
 };
 use perun_wallet::Account;
 use serde_json::{Value, json};
@@ -336,22 +336,46 @@ async fn disconnects_close_websockets_and_alloy_reconnects() {
 }
 
 /// Subscribes to new heads over a raw websocket and mines `blocks`; returns
-/// the block numbers of the notifications that arrive until none came for
-/// two seconds.
+/// the block numbers of the notifications that arrive. Counted, not timed:
+/// it waits until the proxy has forwarded or dropped a notification of
+/// each block, reads the ones forwarded, and unsubscribes before closing,
+/// so no later round's heads reach this session (on a loaded machine a
+/// pause for silence, and one for the session to end, were not enough).
 async fn heads(anvil: &Anvil, proxy: &RpcProxy, blocks: u64) -> Vec<u64> {
+    let handled =
+        |s: ProxyStats| s.notifications + s.notifications_dropped - s.notifications_duplicated;
+    let before = proxy.stats();
     let mut ws = ws_connect(proxy).await;
     let sub = ws_call(&mut ws, &request(1, "eth_subscribe", json!(["newHeads"]))).await;
-    assert!(sub["result"].is_string(), "{sub}");
+    let id = sub["result"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{sub}"))
+        .to_owned();
     anvil.mine(blocks).await.unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let now = proxy.stats();
+            if handled(now) >= handled(before) + blocks {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the proxy handles a notification of every block");
     let mut got = Vec::new();
-    while let Some(n) = ws_next(&mut ws, Duration::from_secs(2)).await.unwrap() {
+    for _ in before.notifications..after.notifications {
+        let n = ws_next(&mut ws, Duration::from_secs(20))
+            .await
+            .unwrap()
+            .expect("a forwarded notification");
         assert_eq!(n["method"], "eth_subscription", "{n}");
         let hex = n["params"]["result"]["number"].as_str().unwrap();
         got.push(u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap());
     }
-    // Closed, and its session gone, before the next round mines.
+    let unsub = ws_call(&mut ws, &request(2, "eth_unsubscribe", json!([id]))).await;
+    assert_eq!(unsub["result"], true, "{unsub}");
     let _ = ws.close(None).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     got
 }
 

@@ -144,11 +144,9 @@ async fn one_new_subscription_starves_every_stream_on_a_range_limited_node() {
         Some(AdjudicatorEvent::Registered { version: 1, .. }) => {}
         other => panic!("control: X's live event, got {other:?}"),
     }
-    assert_eq!(
-        refused.load(Ordering::SeqCst),
-        0,
-        "no query was too wide so far"
-    );
+    // Not asserted to be 0: a live scan starved on a loaded machine may
+    // fall over 1,000 blocks behind, have one query refused and halve it.
+    let refused_before_y = refused.load(Ordering::SeqCst);
 
     // Y subscribes (a new channel, or a watcher re-subscribing).
     let y = channel();
@@ -165,7 +163,8 @@ async fn one_new_subscription_starves_every_stream_on_a_range_limited_node() {
         "X, watched and caught up, must still get its live events after Y \
          subscribed; got {got:?} (Y got {y_got:?}); eth_getLogs refused {} times: \
          the scanner retries Y's history query from the deployment block, \
-         {} blocks wide, for ever, and delivers nothing to anyone meanwhile",
+         {} blocks wide, for ever, and delivers nothing to anyone meanwhile \
+         ({refused_before_y} refused before Y subscribed)",
         refused.load(Ordering::SeqCst),
         anvil.block_number().await.unwrap() - d.block + 1,
     );

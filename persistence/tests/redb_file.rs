@@ -347,7 +347,18 @@ async fn commit_concurrently(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commits_are_grouped() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let p = Arc::new(RedbPersister::open(db_path(&dir)).await.expect("open"));
+    // Every write on the writer thread, whose batching is what this shows:
+    // a writer that found the store idle would commit alone, and how many
+    // do depends on the machine's load.
+    let opts = RedbOptions {
+        write_on_caller_when_idle: false,
+        ..RedbOptions::default()
+    };
+    let p = Arc::new(
+        RedbPersister::open_with(db_path(&dir), opts)
+            .await
+            .expect("open"),
+    );
     let channels: Vec<TestChannel> = (0..50).map(|s| TestChannel::two_party(200 + s)).collect();
     for ch in &channels {
         p.channel_created(&ch.record()).await.expect("create");
@@ -356,9 +367,8 @@ async fn concurrent_commits_are_grouped() {
     let writes = after.writes - before.writes;
     let txns = after.transactions - before.transactions;
     assert_eq!(writes, 200);
-    // Here 78-97 transactions on a 2-vCPU guest, and 100 once in CI under
-    // load (each task waits for its write, so batches are small unless the
-    // writer is slow): the bound says "shared", not "how much".
+    // Each task waits for its write, so batches are small unless the writer
+    // is slow: the bound says "shared", not "how much".
     assert!(
         txns <= writes * 3 / 4,
         "group commit: {writes} writes in {txns} transactions"
@@ -443,8 +453,10 @@ async fn an_idle_store_writes_on_the_callers_thread() {
         // catches up once 64 entries are behind) goes to the thread; one
         // that finds 64 behind does too, so more than 64 here also shows
         // the thread caught up.
+        // At least half: a loaded machine can leave the thread busy for a
+        // few writes in a row; with the fast path off or broken it is 0.
         let stats = p.stats();
-        assert!(stats.on_caller >= 90, "{stats:?}");
+        assert!(stats.on_caller >= 50, "{stats:?}");
         assert_eq!(stats.writes, 101, "{stats:?}");
         // A read is served by the thread, after the deferred entries.
         let rec = p.load(ch.id()).await.expect("load").expect("present");

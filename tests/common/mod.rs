@@ -305,12 +305,14 @@ impl Default for Options {
     }
 }
 
-/// The timeouts test clients run with: fast polls, a short cooperative settle.
+/// The timeouts test clients run with: fast polls, a cooperative settle
+/// short enough for a silent peer (10 s: at 3 s a loaded machine could see
+/// an answering peer's final update run out and the channel disputed).
 pub fn test_timeouts(funding: Duration) -> Timeouts {
     Timeouts {
         funding,
         dispute_poll: Duration::from_millis(50),
-        settle_cooperative: Duration::from_secs(3),
+        settle_cooperative: Duration::from_secs(10),
         retry_min: Duration::from_millis(50),
         retry_max: Duration::from_secs(2),
         ..Timeouts::default()

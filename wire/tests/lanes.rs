@@ -115,7 +115,15 @@ fn refused(reply: &Reply) -> Option<RefusalCode> {
 async fn bad_frames_on_a_lane_are_refused_under_their_id_and_the_lane_goes_on() {
     init_tracing();
     let read_timeout = Duration::from_millis(300);
-    let (b, mut b_in) = node_with(|c| c.read_timeout = read_timeout).await;
+    // A small frame limit, so that skipping an oversized frame is quick
+    // within `read_timeout` on a loaded machine too (2 MiB through noise
+    // and yamux was not).
+    let max_frame = 16 * 1024;
+    let (b, mut b_in) = node_with(|c| {
+        c.read_timeout = read_timeout;
+        c.max_frame = max_frame;
+    })
+    .await;
     tokio::spawn(async move {
         while let Some(req) = b_in.next().await {
             let (_, _, r) = req.into_parts();
@@ -126,7 +134,7 @@ async fn bad_frames_on_a_lane_are_refused_under_their_id_and_the_lane_goes_on() 
     let control = raw_lane_peer(b.listen_addrs().await.expect("addrs")[0].clone()).await;
     let mut lane = open(&control, b_id).await;
 
-    let valid = |id| encode_tagged(id, &commit(id), 1 << 20).expect("encode");
+    let valid = |id| encode_tagged(id, &commit(id), max_frame).expect("encode");
     write(&mut lane, &valid(1)).await;
     assert_eq!(read_reply(&mut lane).await, Some((1, Ok(Message::Ack))));
 
@@ -134,11 +142,11 @@ async fn bad_frames_on_a_lane_are_refused_under_their_id_and_the_lane_goes_on() 
     let mut garbage = 2u64.to_be_bytes().to_vec();
     garbage.extend_from_slice(&296u32.to_be_bytes());
     garbage.extend_from_slice(&[0xff; 296]);
-    // Over the 1 MiB frame limit: skipped whole, so the lane stays framed.
+    // Over the frame limit: skipped whole, so the lane stays framed.
     let mut oversized = 3u64.to_be_bytes().to_vec();
-    oversized.extend_from_slice(&(2u32 << 20).to_be_bytes());
-    oversized.extend_from_slice(&vec![0u8; 2 << 20]);
-    let reply_as_request = encode_tagged(4, &Message::Ack, 1 << 20).expect("encode");
+    oversized.extend_from_slice(&(2 * max_frame as u32).to_be_bytes());
+    oversized.extend_from_slice(&vec![0u8; 2 * max_frame]);
+    let reply_as_request = encode_tagged(4, &Message::Ack, max_frame).expect("encode");
     for bytes in [&garbage, &oversized, &reply_as_request, &valid(5)] {
         write(&mut lane, bytes).await;
     }
