@@ -342,8 +342,9 @@ async fn disconnects_close_websockets_and_alloy_reconnects() {
 /// so no later round's heads reach this session (on a loaded machine a
 /// pause for silence, and one for the session to end, were not enough).
 async fn heads(anvil: &Anvil, proxy: &RpcProxy, blocks: u64) -> Vec<u64> {
-    let handled =
-        |s: ProxyStats| s.notifications + s.notifications_dropped - s.notifications_duplicated;
+    let handled = |s: ProxyStats| {
+        (s.notifications + s.notifications_dropped).saturating_sub(s.notifications_duplicated)
+    };
     let before = proxy.stats();
     let mut ws = ws_connect(proxy).await;
     let sub = ws_call(&mut ws, &request(1, "eth_subscribe", json!(["newHeads"]))).await;

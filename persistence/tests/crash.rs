@@ -213,8 +213,9 @@ struct Round {
     killed_before_ready: bool,
 }
 
-/// Runs one child, kills it after `delay` (counted from "ready", or from the
-/// start when `before_ready`), and folds what it acknowledged into `seen`.
+/// Runs one child, kills it after `delay` (counted from "ready", from its
+/// first acknowledged commit when `after_ack`, or from the start when
+/// `before_ready`), and folds what it acknowledged into `seen`.
 fn run_child(
     exe: &Path,
     path: &Path,

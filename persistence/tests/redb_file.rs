@@ -448,21 +448,21 @@ async fn an_idle_store_writes_on_the_callers_thread() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ch = TestChannel::two_party(310);
     {
-        let p = committed(&dir, RedbOptions::default(), &ch, 100).await;
+        let p = committed(&dir, RedbOptions::default(), &ch, 300).await;
         // A write that finds the thread busy (after the create, and while it
         // catches up once 64 entries are behind) goes to the thread; one
         // that finds 64 behind does too, so more than 64 here also shows
-        // the thread caught up.
-        // At least half: a loaded machine can leave the thread busy for a
-        // few writes in a row; with the fast path off or broken it is 0.
+        // the thread caught up. At least half: a loaded machine can leave
+        // the thread busy for a few writes in a row; with the fast path off
+        // or broken it is 0, and with no catching up at most 64.
         let stats = p.stats();
-        assert!(stats.on_caller >= 50, "{stats:?}");
-        assert_eq!(stats.writes, 101, "{stats:?}");
+        assert!(stats.on_caller >= 150, "{stats:?}");
+        assert_eq!(stats.writes, 301, "{stats:?}");
         // A read is served by the thread, after the deferred entries.
         let rec = p.load(ch.id()).await.expect("load").expect("present");
-        assert_eq!(rec.current, Some(ch.signed(99)));
+        assert_eq!(rec.current, Some(ch.signed(299)));
     }
-    assert_eq!(current_after_reopen(&dir, &ch).await, Some(ch.signed(99)));
+    assert_eq!(current_after_reopen(&dir, &ch).await, Some(ch.signed(299)));
 }
 
 /// A write refused on the caller's thread (a stale version, as a hostile
