@@ -14,6 +14,7 @@ use alloy_primitives::{Address, B256, Bytes, U256};
 /// Why a call to the node failed (no verdict of the contracts: the call may
 /// succeed if repeated).
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum RpcFailure {
     /// The node did not answer within the configured time.
     #[error("no answer within {0:?}")]
@@ -56,6 +57,7 @@ pub enum RpcFailure {
 
 /// Why a transaction (or its simulation) reverted, decoded from its revert data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RevertReason {
     /// `revert("...")` / `require(cond, "...")`.
     #[error("{0:?}")]
@@ -82,6 +84,7 @@ pub enum RevertReason {
 
 /// Why a funding, dispute or withdrawal operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The params or the state break a channel rule (dimensions, channel id, limits).
     #[error("invalid channel: {0}")]
@@ -402,6 +405,7 @@ impl std::fmt::Display for ProxySide {
 
 /// What is wrong with a message that is not JSON-RPC.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum GarbageReason {
     /// It does not parse as JSON.
     #[error("not JSON: {0}")]
@@ -430,6 +434,7 @@ pub enum GarbageReason {
 
 /// What is wrong with a chain event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BadEventReason {
     /// Its data does not decode as the event's ABI.
     #[error("does not decode: {0}")]

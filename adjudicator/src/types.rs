@@ -377,6 +377,7 @@ impl Dispute {
 
 /// A chain event about one channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AdjudicatorEvent {
     /// A state was registered or refuted.
     Registered {

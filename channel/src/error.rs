@@ -7,6 +7,7 @@ use crate::Phase;
 /// A violated channel rule. Every variant is a reason to refuse a state or
 /// an update; none of them leaves a [`Machine`](crate::Machine) changed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Error {
     /// Number of participants outside `2..=16`.
     #[error("channel needs 2..=16 participants, got {0}")]

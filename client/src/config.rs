@@ -62,6 +62,7 @@ impl Default for Timeouts {
 
 /// A relation between [`Timeouts`] that does not hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TimeoutRule {
     /// `request ≥ handler × 3/2`: a peer waits `request` for an answer that
     /// takes up to `handler` to decide, plus half as much again to store,

@@ -5,6 +5,7 @@ use perun_wire::PeerId;
 
 /// Everything that can go wrong in the client.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A channel rule was violated (by us or by a peer).
     #[error("channel rule: {0}")]
@@ -269,6 +270,7 @@ pub enum Error {
 
 /// Why a forced move will never land.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum MootReason {
     /// The dispute's state is no longer the one the move follows (the other
     /// player moved, or a newer state was registered); it is now `registered`.

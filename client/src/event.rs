@@ -11,6 +11,7 @@ use crate::Error;
 
 /// One thing that happened to a channel, as [`Channel::events`](crate::Channel::events) reports it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum ChannelEvent {
     /// A chain event about the channel (a registration, the conclusion, a
     /// withdrawal), as the watcher received it. Events are hints: the
@@ -87,6 +88,7 @@ pub enum ChannelEvent {
 
 /// An on-chain step the watcher takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WatcherStep {
     /// Read the channel's dispute from the chain.
     Read,

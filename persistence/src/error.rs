@@ -11,6 +11,7 @@ use perun_channel::ChannelId;
 /// that failed this way may or may not be on disk, and the caller must not
 /// treat it as durable.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The channel is not in the store (never created, or removed).
     #[error("unknown channel {0}")]
@@ -180,6 +181,7 @@ impl Error {
 
 /// Why a record read from disk failed its checks.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecordDefect {
     /// The record is stored under a key its params do not hash to.
     #[error("its params hash to {actual}")]

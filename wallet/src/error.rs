@@ -4,6 +4,7 @@ use alloy_primitives::Address;
 
 /// Everything that can go wrong while handling keys and signatures.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A signature was not exactly 65 bytes long.
     #[error("signature must be 65 bytes, got {0}")]

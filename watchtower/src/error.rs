@@ -5,6 +5,7 @@ use perun_channel::ChannelId;
 /// Everything that can go wrong in the tower: the blob scheme, the store
 /// and start-up. The API maps each to a stable code (`api::ApiError`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The blob is longer than [`crate::scheme::MAX_BLOB_LEN`].
     #[error("blob of {len} bytes exceeds the limit of {max}")]

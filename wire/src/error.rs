@@ -6,6 +6,7 @@ use crate::message::Refusal;
 
 /// Everything that can go wrong encoding, decoding, sending or receiving.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A frame's length prefix exceeds the configured maximum.
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]

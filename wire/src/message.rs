@@ -269,6 +269,7 @@ pub struct Refusal {
 
 /// The kinds of [`Refusal`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum RefusalCode {
     /// The frame did not decode or broke a size limit.
     Malformed,
