@@ -288,22 +288,23 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// A process's parent: the field after the `)` that ends its name in
-/// `/proc/<pid>/stat` is its state, the next one its parent.
-fn parent(pid: u32) -> Option<u32> {
+/// A process's state letter and parent, from `/proc/<pid>/stat`: the two
+/// fields after the `)` that ends its name.
+fn stat(pid: u32) -> Option<(String, u32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(1)?.parse().ok()
+    let mut after = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = after.next()?.to_owned();
+    Some((state, after.next()?.parse().ok()?))
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    stat(pid).map(|(_, parent)| parent)
 }
 
 /// Whether `pid` runs: it exists and is not a zombie (dead, not yet reaped).
 #[cfg(test)]
 fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z")
-    })
+    stat(pid).is_some_and(|(state, _)| state != "Z")
 }
 
 fn report(name: &str, result: &Result, took: Duration) {

@@ -359,19 +359,12 @@ impl Anvil {
 
     /// Takes a snapshot of the chain to [`revert`](Self::revert) to.
     pub async fn snapshot(&self) -> Result<U256> {
-        self.admin
-            .raw_request("evm_snapshot".into(), ())
-            .await
-            .map_err(|e| Error::Anvil(format!("evm_snapshot: {e}")))
+        self.call("evm_snapshot", ()).await
     }
 
     /// Drops every block after the snapshot (their transactions are gone too).
     pub async fn revert(&self, snapshot: U256) -> Result<()> {
-        let ok: bool = self
-            .admin
-            .raw_request("evm_revert".into(), (snapshot,))
-            .await
-            .map_err(|e| Error::Anvil(format!("evm_revert: {e}")))?;
+        let ok: bool = self.call("evm_revert", (snapshot,)).await?;
         if !ok {
             return Err(Error::Anvil(format!("no snapshot {snapshot}")));
         }
@@ -394,11 +387,7 @@ impl Anvil {
 
     /// How many transactions wait in the pool.
     pub async fn pending_transactions(&self) -> Result<u64> {
-        let status: serde_json::Value = self
-            .admin
-            .raw_request("txpool_status".into(), ())
-            .await
-            .map_err(|e| Error::Anvil(format!("txpool_status: {e}")))?;
+        let status: serde_json::Value = self.call("txpool_status", ()).await?;
         let pending = &status["pending"];
         pending
             .as_u64()
@@ -411,11 +400,7 @@ impl Anvil {
 
     /// The hashes of the transactions waiting in the pool (pending and queued).
     pub async fn pool_hashes(&self) -> Result<Vec<B256>> {
-        let content: serde_json::Value = self
-            .admin
-            .raw_request("txpool_content".into(), ())
-            .await
-            .map_err(|e| Error::Anvil(format!("txpool_content: {e}")))?;
+        let content: serde_json::Value = self.call("txpool_content", ()).await?;
         let mut hashes = Vec::new();
         for part in ["pending", "queued"] {
             let senders = content[part].as_object().into_iter().flatten();
@@ -437,10 +422,8 @@ impl Anvil {
     /// the pool afterwards cannot tell: its sender may have sent it again.)
     pub async fn drop_transaction(&self, tx: B256) -> Result<bool> {
         let removed: Option<B256> = self
-            .admin
-            .raw_request("anvil_dropTransaction".into(), (tx,))
-            .await
-            .map_err(|e| Error::Anvil(format!("anvil_dropTransaction: {e}")))?;
+            .call("anvil_dropTransaction", serde_json::json!([tx]))
+            .await?;
         Ok(removed == Some(tx))
     }
 
@@ -490,11 +473,21 @@ impl Anvil {
         Miner { gate, task }
     }
 
-    async fn rpc(&self, method: &'static str, params: serde_json::Value) -> Result<()> {
+    /// Calls `method` on the node; its answer.
+    async fn call<P, T>(&self, method: &'static str, params: P) -> Result<T>
+    where
+        P: alloy::rpc::json_rpc::RpcSend,
+        T: alloy::rpc::json_rpc::RpcRecv,
+    {
         self.admin
-            .raw_request::<_, serde_json::Value>(method.into(), params)
+            .raw_request(method.into(), params)
             .await
-            .map_err(|e| Error::Anvil(format!("{method}: {e}")))?;
+            .map_err(|e| Error::Anvil(format!("{method}: {e}")))
+    }
+
+    /// Calls `method` on the node, for its effect.
+    async fn rpc(&self, method: &'static str, params: serde_json::Value) -> Result<()> {
+        self.call::<_, serde_json::Value>(method, params).await?;
         Ok(())
     }
 }

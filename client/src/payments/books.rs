@@ -459,6 +459,14 @@ mod tests {
         U256::from(x)
     }
 
+    /// The asset the expectation tests book in.
+    fn asset() -> Asset {
+        Asset {
+            chainId: u(1),
+            holder: Address::repeat_byte(1),
+        }
+    }
+
     #[test]
     fn picks_the_smallest_channel_that_covers_ties_to_the_lowest_id() {
         let mut b = Books::default();
@@ -511,10 +519,7 @@ mod tests {
     fn earmarks_hold_an_expectation_until_their_version_is_booked() {
         let mut b = Books::default();
         let peer = PeerId::random();
-        let asset = Asset {
-            chainId: u(1),
-            holder: Address::repeat_byte(1),
-        };
+        let asset = asset();
         let since = Instant::now();
         let (ch, other) = (ChannelId::from([1u8; 32]), ChannelId::from([2u8; 32]));
         let (_, _rx) = b
@@ -549,10 +554,7 @@ mod tests {
     fn claims_tell_how_long_they_live_and_wake_waiters_as_they_end() {
         let mut b = Books::default();
         let (peer, stranger) = (PeerId::random(), PeerId::random());
-        let asset = Asset {
-            chainId: u(1),
-            holder: Address::repeat_byte(1),
-        };
+        let asset = asset();
         let ch = ChannelId::from([1u8; 32]);
         let by_now = |b: &Books, p| b.claimed_until(p, &asset, Instant::now());
         assert_eq!(by_now(&b, peer), None);
@@ -585,10 +587,7 @@ mod tests {
     fn an_expectation_takes_only_states_after_it() {
         let mut b = Books::default();
         let peer = PeerId::random();
-        let asset = Asset {
-            chainId: u(1),
-            holder: Address::repeat_byte(1),
-        };
+        let asset = asset();
         let (ch, other) = (ChannelId::repeat_byte(1), ChannelId::repeat_byte(2));
         let (_, mut first) = b
             .expect(peer, asset.clone(), u(10), HashMap::from([(ch, 5)]))
@@ -605,10 +604,7 @@ mod tests {
     fn expectations_fill_oldest_first_and_overflow_is_refused() {
         let mut b = Books::default();
         let peer = PeerId::random();
-        let asset = Asset {
-            chainId: u(1),
-            holder: Address::repeat_byte(1),
-        };
+        let asset = asset();
         let (_, mut first) = b
             .expect(peer, asset.clone(), u(10), HashMap::new())
             .unwrap();
